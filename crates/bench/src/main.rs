@@ -1,0 +1,3 @@
+//! `p2pchat-bench` binary.
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! `p2pchat` binary.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! Discovery server library (filled in by the discovery issue).

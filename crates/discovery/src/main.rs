@@ -1,0 +1,3 @@
+//! `p2pchat-discovery` binary.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! Peer runtime (filled in by the peer issue).

@@ -1,0 +1,463 @@
+//! Identities: a user's Ed25519 identity key and the X25519 key it signs.
+//!
+//! [`Identity`] holds the secrets (zeroized on drop, saved with mode 0600 in a 0700 folder,
+//! refused when either is looser). [`PublicKeys`] is what leaves the machine. This module
+//! also builds the byte strings that get signed, so signer and verifier cannot disagree:
+//! [`registration_transcript`] and [`announce_proof`].
+
+use std::{
+    fs,
+    io::{self, Write},
+    path::{Path, PathBuf},
+};
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::name::Username;
+
+/// The file, inside a user's data dir, that holds the identity secrets.
+pub const IDENTITY_FILE: &str = "identity.key";
+
+const EXCHANGE_KEY_CONTEXT: &[u8] = b"p2pchat x25519 key v1";
+const REGISTRATION_CONTEXT: &[u8] = b"p2pchat registration v1";
+const ANNOUNCE_CONTEXT: &[u8] = b"p2pchat announce v1";
+const SECRET_FILE_LEN: usize = 64;
+
+/// A user's public keys, as bound to their name at the discovery server.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicKeys {
+    /// The Ed25519 identity (verifying) key.
+    pub identity: [u8; 32],
+    /// The X25519 key used for pairwise message keys.
+    pub exchange: [u8; 32],
+    /// The identity key's signature over the exchange key.
+    pub exchange_signature: Signature,
+}
+
+impl std::fmt::Debug for PublicKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublicKeys({})", self.fingerprint())
+    }
+}
+
+/// A key or signature that does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The identity key is not a valid Ed25519 point.
+    #[error("the identity key is not a valid Ed25519 key")]
+    BadIdentityKey,
+    /// The exchange key is not signed by the identity key.
+    #[error("the X25519 key is not signed by the identity key")]
+    BadExchangeSignature,
+    /// A signature does not verify.
+    #[error("the signature does not verify")]
+    BadSignature,
+}
+
+impl PublicKeys {
+    /// The identity key, checked to be a valid point.
+    pub fn identity_key(&self) -> Result<VerifyingKey, KeyError> {
+        VerifyingKey::from_bytes(&self.identity).map_err(|_| KeyError::BadIdentityKey)
+    }
+
+    /// Checks that the identity key signed the exchange key.
+    pub fn verify(&self) -> Result<(), KeyError> {
+        self.identity_key()?
+            .verify_strict(&exchange_key_message(&self.exchange), &self.exchange_signature)
+            .map_err(|_| KeyError::BadExchangeSignature)
+    }
+
+    /// Checks `signature` over `message` with the identity key.
+    pub fn verify_signature(&self, message: &[u8], signature: &Signature) -> Result<(), KeyError> {
+        self.identity_key()?
+            .verify_strict(message, signature)
+            .map_err(|_| KeyError::BadSignature)
+    }
+
+    /// A short human fingerprint of both keys: 8 groups of 4 hex digits.
+    pub fn fingerprint(&self) -> String {
+        let digest = Sha256::new()
+            .chain_update(self.identity)
+            .chain_update(self.exchange)
+            .finalize();
+        digest[..16]
+            .chunks(2)
+            .map(|pair| format!("{:02x}{:02x}", pair[0], pair[1]))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+fn exchange_key_message(exchange: &[u8; 32]) -> Vec<u8> {
+    [EXCHANGE_KEY_CONTEXT, exchange.as_slice()].concat()
+}
+
+/// Appends `part` with a 4-byte big-endian length prefix, so concatenations are unambiguous
+/// ("ab" + "c" never equals "a" + "bc").
+pub(crate) fn push_field(out: &mut Vec<u8>, part: &[u8]) {
+    let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(part);
+}
+
+/// The bytes a client signs to register `user` with `keys` against the server's `nonce`.
+/// The nonce is fresh per connection, so a recorded signature cannot be replayed.
+pub fn registration_transcript(nonce: &[u8; 32], user: &Username, keys: &PublicKeys) -> Vec<u8> {
+    let mut out = Vec::with_capacity(192);
+    push_field(&mut out, REGISTRATION_CONTEXT);
+    push_field(&mut out, nonce);
+    push_field(&mut out, user.as_str().as_bytes());
+    push_field(&mut out, &keys.identity);
+    push_field(&mut out, &keys.exchange);
+    out
+}
+
+/// HMAC-SHA256 under the operator secret over the server's `nonce` and the announcement
+/// `text`: proves the operator without sending the secret.
+pub fn announce_proof(secret: &[u8], nonce: &[u8; 32], text: &str) -> [u8; 32] {
+    let mut message = Vec::with_capacity(text.len() + 64);
+    push_field(&mut message, ANNOUNCE_CONTEXT);
+    push_field(&mut message, nonce);
+    push_field(&mut message, text.as_bytes());
+    // HMAC takes keys of any length, so this cannot fail.
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+    mac.update(&message);
+    mac.finalize().into_bytes().into()
+}
+
+/// Checks an [`announce_proof`] in constant time.
+pub fn verify_announce_proof(secret: &[u8], nonce: &[u8; 32], text: &str, proof: &[u8; 32]) -> bool {
+    let expected = announce_proof(secret, nonce, text);
+    // Constant-time comparison: fold the differences.
+    expected
+        .iter()
+        .zip(proof.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+/// A safety number for the pair: both sides compute the same 30 digits from the two names
+/// and identity keys, in either order. Compare it out of band before trusting a key.
+pub fn safety_number(a: (&Username, &PublicKeys), b: (&Username, &PublicKeys)) -> String {
+    let (first, second) = if (a.0, &a.1.identity) <= (b.0, &b.1.identity) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let mut input = Vec::new();
+    for (user, keys) in [first, second] {
+        push_field(&mut input, user.as_str().as_bytes());
+        push_field(&mut input, &keys.identity);
+        push_field(&mut input, &keys.exchange);
+    }
+    let digest = Sha256::digest(&input);
+    digest
+        .chunks(5)
+        .take(6)
+        .map(|chunk| {
+            let value = chunk.iter().fold(0u64, |acc, byte| (acc << 8) | u64::from(*byte));
+            format!("{:05}", value % 100_000)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Why an identity could not be loaded or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The file or folder is readable by others.
+    #[error("{path} has mode {mode:o}, which lets other users read it; run `chmod {want:o} {path}` and start again")]
+    LoosePermissions {
+        /// The offending path.
+        path: PathBuf,
+        /// Its mode.
+        mode: u32,
+        /// The mode it should have.
+        want: u32,
+    },
+    /// The file is not an identity file.
+    #[error("{path} is not a valid identity file ({reason})")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Reading or writing failed.
+    #[error("cannot access {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// A user's secret keys. Never serialised onto the wire; zeroized on drop.
+pub struct Identity {
+    signing: SigningKey,
+    exchange: x25519_dalek::StaticSecret,
+    public: PublicKeys,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({})", self.public.fingerprint())
+    }
+}
+
+impl Identity {
+    /// A new random identity.
+    pub fn generate() -> Self {
+        let mut seeds = Zeroizing::new([0u8; SECRET_FILE_LEN]);
+        crate::fill_random(seeds.as_mut_slice());
+        Self::from_secret_bytes(&seeds)
+    }
+
+    fn from_secret_bytes(seeds: &[u8; SECRET_FILE_LEN]) -> Self {
+        let mut signing_seed = Zeroizing::new([0u8; 32]);
+        let mut exchange_seed = Zeroizing::new([0u8; 32]);
+        signing_seed.copy_from_slice(&seeds[..32]);
+        exchange_seed.copy_from_slice(&seeds[32..]);
+        let signing = SigningKey::from_bytes(&signing_seed);
+        let exchange = x25519_dalek::StaticSecret::from(*exchange_seed);
+        let exchange_public = x25519_dalek::PublicKey::from(&exchange).to_bytes();
+        let public = PublicKeys {
+            identity: signing.verifying_key().to_bytes(),
+            exchange: exchange_public,
+            exchange_signature: signing.sign(&exchange_key_message(&exchange_public)),
+        };
+        Self {
+            signing,
+            exchange,
+            public,
+        }
+    }
+
+    /// The public half.
+    pub fn public(&self) -> &PublicKeys {
+        &self.public
+    }
+
+    /// Signs `message` with the identity key.
+    pub fn sign(&self, message: &[u8]) -> Signature {
+        self.signing.sign(message)
+    }
+
+    /// X25519 with `peer_exchange`; `None` when the result is all zero (a low-order key).
+    pub(crate) fn diffie_hellman(&self, peer_exchange: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
+        let shared = self
+            .exchange
+            .diffie_hellman(&x25519_dalek::PublicKey::from(*peer_exchange));
+        shared
+            .was_contributory()
+            .then(|| Zeroizing::new(shared.to_bytes()))
+    }
+
+    /// Loads the identity from `dir`, or creates and saves a new one if there is none.
+    /// Returns the identity and whether it was created now.
+    pub fn load_or_create(dir: &Path) -> Result<(Self, bool), IdentityError> {
+        match Self::load(dir) {
+            Ok(identity) => Ok((identity, false)),
+            Err(IdentityError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                let identity = Self::generate();
+                identity.save(dir)?;
+                Ok((identity, true))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Loads the identity from `dir`, refusing a folder or file that others can read.
+    pub fn load(dir: &Path) -> Result<Self, IdentityError> {
+        let path = dir.join(IDENTITY_FILE);
+        let io_error = |source| IdentityError::Io {
+            path: path.clone(),
+            source,
+        };
+        let bytes = Zeroizing::new(fs::read(&path).map_err(io_error)?);
+        check_private(dir, 0o700)?;
+        check_private(&path, 0o600)?;
+        let seeds: &[u8; SECRET_FILE_LEN] =
+            bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| IdentityError::Corrupt {
+                    path: path.clone(),
+                    reason: "wrong length",
+                })?;
+        Ok(Self::from_secret_bytes(seeds))
+    }
+
+    /// Saves the identity in `dir` (created 0700 if missing) as a 0600 file, written to a
+    /// temporary file and renamed, so a crash leaves either the old file or the new one.
+    pub fn save(&self, dir: &Path) -> Result<(), IdentityError> {
+        create_private_dir(dir)?;
+        let path = dir.join(IDENTITY_FILE);
+        let temporary = dir.join(format!("{IDENTITY_FILE}.tmp"));
+        let io_error = |source| IdentityError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut seeds = Zeroizing::new([0u8; SECRET_FILE_LEN]);
+        seeds[..32].copy_from_slice(self.signing.as_bytes());
+        seeds[32..].copy_from_slice(self.exchange.as_bytes());
+        let mut file = open_private_file(&temporary).map_err(io_error)?;
+        file.write_all(seeds.as_slice()).map_err(io_error)?;
+        file.sync_all().map_err(io_error)?;
+        fs::rename(&temporary, &path).map_err(io_error)?;
+        seeds.zeroize();
+        Ok(())
+    }
+}
+
+/// Creates `dir` (and parents) with mode 0700 if missing; an existing folder is left as is
+/// (loading checks it).
+pub fn create_private_dir(dir: &Path) -> Result<(), IdentityError> {
+    let io_error = |source| IdentityError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(io_error)
+}
+
+/// Opens `path` for writing, truncated, created with mode 0600.
+pub fn open_private_file(path: &Path) -> io::Result<fs::File> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(path)?;
+    // An existing file keeps its old mode through `open`; tighten it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
+}
+
+/// Refuses `path` if group or others have any access (mode bits beyond `want`).
+pub fn check_private(path: &Path, want: u32) -> Result<(), IdentityError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let metadata = fs::metadata(path).map_err(|source| IdentityError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(IdentityError::LoosePermissions {
+                path: path.to_path_buf(),
+                mode,
+                want,
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, want);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(text: &str) -> Username {
+        Username::new(text).unwrap()
+    }
+
+    #[test]
+    fn exchange_key_is_signed_and_checked() {
+        let identity = Identity::generate();
+        identity.public().verify().unwrap();
+        let mut forged = identity.public().clone();
+        forged.exchange = *Identity::generate().public().exchange.as_ref();
+        assert_eq!(forged.verify(), Err(KeyError::BadExchangeSignature));
+    }
+
+    #[test]
+    fn registration_signature_binds_nonce_name_and_keys() {
+        let identity = Identity::generate();
+        let nonce = [7u8; 32];
+        let transcript = registration_transcript(&nonce, &name("alice"), identity.public());
+        let signature = identity.sign(&transcript);
+        identity.public().verify_signature(&transcript, &signature).unwrap();
+        let other_nonce = registration_transcript(&[8u8; 32], &name("alice"), identity.public());
+        assert!(identity.public().verify_signature(&other_nonce, &signature).is_err());
+        let other_name = registration_transcript(&nonce, &name("alicf"), identity.public());
+        assert!(identity.public().verify_signature(&other_name, &signature).is_err());
+    }
+
+    #[test]
+    fn saved_identity_loads_back_and_loose_modes_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("alice");
+        let (created, fresh) = Identity::load_or_create(&dir).unwrap();
+        assert!(fresh);
+        let file_mode = fs::metadata(dir.join(IDENTITY_FILE)).unwrap().permissions().mode();
+        assert_eq!(file_mode & 0o777, 0o600);
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        let (loaded, fresh) = Identity::load_or_create(&dir).unwrap();
+        assert!(!fresh);
+        assert_eq!(loaded.public(), created.public());
+
+        fs::set_permissions(dir.join(IDENTITY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(Identity::load(&dir), Err(IdentityError::LoosePermissions { .. })));
+        fs::set_permissions(dir.join(IDENTITY_FILE), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(matches!(Identity::load(&dir), Err(IdentityError::LoosePermissions { .. })));
+    }
+
+    #[test]
+    fn corrupt_identity_file_is_a_clear_error() {
+        let root = tempfile::tempdir().unwrap();
+        create_private_dir(&root.path().join("x")).unwrap();
+        let dir = root.path().join("x");
+        let mut file = open_private_file(&dir.join(IDENTITY_FILE)).unwrap();
+        file.write_all(b"short").unwrap();
+        assert!(matches!(Identity::load(&dir), Err(IdentityError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn safety_number_is_symmetric_and_fingerprint_is_short() {
+        let a = Identity::generate();
+        let b = Identity::generate();
+        let forward = safety_number((&name("a"), a.public()), (&name("b"), b.public()));
+        let backward = safety_number((&name("b"), b.public()), (&name("a"), a.public()));
+        assert_eq!(forward, backward);
+        assert_eq!(forward.len(), 6 * 5 + 5);
+        assert_eq!(a.public().fingerprint().len(), 8 * 4 + 7);
+    }
+
+    #[test]
+    fn announce_proof_checks_secret_nonce_and_text() {
+        let proof = announce_proof(b"secret", &[1; 32], "hello");
+        assert!(verify_announce_proof(b"secret", &[1; 32], "hello", &proof));
+        assert!(!verify_announce_proof(b"other", &[1; 32], "hello", &proof));
+        assert!(!verify_announce_proof(b"secret", &[2; 32], "hello", &proof));
+        assert!(!verify_announce_proof(b"secret", &[1; 32], "hellp", &proof));
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    /// The signed form of an exchange key, for tests that forge keys.
+    pub(crate) fn exchange_message(exchange: &[u8; 32]) -> Vec<u8> {
+        super::exchange_key_message(exchange)
+    }
+}

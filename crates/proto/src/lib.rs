@@ -1,0 +1,55 @@
+//! The p2pchat wire protocol, identities and message sealing.
+//!
+//! - [`name`]: [`Username`], a name that is valid by construction.
+//! - [`msg`]: every message of the control protocol (client ↔ discovery) and the peer
+//!   protocol (client ↔ client).
+//! - [`wire`]: the one place values become bytes: the length-delimited frame codec and the
+//!   postcard body format.
+//! - [`connection`]: [`Connection`], a typed framed stream over any `AsyncRead + AsyncWrite`.
+//! - [`identity`]: [`Identity`] (secret keys, saved 0600) and [`PublicKeys`].
+//! - [`seal`]: [`Channel`], the pairwise Fernet keys and checked open/seal.
+//!
+//! **Architecture Invariant:** this crate is a leaf. It opens no socket and starts no
+//! runtime; the only I/O it does is on a stream handed to [`Connection`] and the identity
+//! file it is asked to read or write.
+
+pub mod connection;
+pub mod identity;
+pub mod msg;
+pub mod name;
+pub mod seal;
+pub mod wire;
+
+pub use connection::{Connection, HandshakeError, RecvError, SendError};
+pub use identity::{Identity, IdentityError, PublicKeys};
+pub use msg::{
+    Envelope, ErrorCode, ErrorReply, Hello, MessageId, PeerMsg, Push, Registration, Reply,
+    Request, RequestFrame, RequestId, ServerMsg, UserInfo,
+};
+pub use name::{Username, UsernameError};
+pub use seal::{Channel, OpenError, Plaintext, ReplayGuard, SealError};
+
+/// Fills `buffer` from the operating system's random source.
+///
+/// A machine that cannot provide randomness cannot run this program safely at all, so this
+/// aborts with a clear message rather than return predictable bytes.
+pub fn fill_random(buffer: &mut [u8]) {
+    if let Err(error) = getrandom::fill(buffer) {
+        panic!("the operating system's random source failed: {error}");
+    }
+}
+
+/// `N` random bytes.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    fill_random(&mut bytes);
+    bytes
+}
+
+/// Milliseconds since the Unix epoch, now (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,410 @@
+//! Every message of both protocols, as plain data.
+//!
+//! Both protocols open with a [`Hello`] each way. Then:
+//! - **control** (client ↔ discovery): the server sends [`ServerMsg::Challenge`]; the client
+//!   sends [`RequestFrame`]s, each with an id, and gets exactly one [`ServerMsg::Response`]
+//!   for each; the server may also send [`ServerMsg::Push`] at any time.
+//! - **peer** (client ↔ client): [`PeerMsg::Hello`] names both users, then the sender sends
+//!   [`PeerMsg::Envelope`]s and the receiver answers each with [`PeerMsg::Ack`] (after it has
+//!   stored the message) or [`PeerMsg::Reject`].
+
+use std::{fmt, net::SocketAddr, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{identity::PublicKeys, name::Username};
+
+/// The protocol name carried in every [`Hello`].
+pub const PROTOCOL_NAME: &str = "p2pchat";
+/// The protocol version carried in every [`Hello`]; peers must match exactly.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The first frame each way on every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always [`PROTOCOL_NAME`] for a p2pchat endpoint.
+    pub protocol: String,
+    /// The sender's [`PROTOCOL_VERSION`].
+    pub version: u32,
+}
+
+impl Hello {
+    /// The hello this build sends.
+    pub fn current() -> Self {
+        Self {
+            protocol: PROTOCOL_NAME.to_owned(),
+            version: PROTOCOL_VERSION,
+        }
+    }
+}
+
+/// Identifies a request on one control connection; the response carries it back.
+pub type RequestId = u64;
+
+/// A message id: 16 random bytes, unique per message, used for acks, de-duplication and
+/// idempotent deposits. Shown and parsed as 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MessageId(pub [u8; 16]);
+
+impl MessageId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        Self(crate::random_bytes())
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({self})")
+    }
+}
+
+/// A string that is not 32 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a message id is 32 hex digits")]
+pub struct MessageIdError;
+
+impl FromStr for MessageId {
+    type Err = MessageIdError;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.len() != 32 || !text.is_ascii() {
+            return Err(MessageIdError);
+        }
+        let mut bytes = [0u8; 16];
+        for (index, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16)
+                .map_err(|_| MessageIdError)?;
+        }
+        Ok(Self(bytes))
+    }
+}
+
+/// A sealed message as it travels and as mailboxes hold it. The header is clear text for
+/// routing; the Fernet `token` repeats it inside, and the receiver checks that the two agree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The message id.
+    pub id: MessageId,
+    /// The sender.
+    pub from: Username,
+    /// The recipient.
+    pub to: Username,
+    /// The Fernet token (URL-safe base64) over the sealed plaintext.
+    pub token: String,
+}
+
+/// One request from a client, with the id its response will carry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    /// Chosen by the client; echoed in the response.
+    pub id: RequestId,
+    /// What the client asks for.
+    pub request: Request,
+}
+
+/// A signed registration: binds `user` to `keys` on first use, proves the key afterwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The name to register.
+    pub user: Username,
+    /// The user's public keys (the X25519 key signed by the identity key).
+    pub keys: PublicKeys,
+    /// The TCP ports the client accepts peer connections on; the server pairs them with the
+    /// address it sees the client connect from.
+    pub listen_ports: Vec<u16>,
+    /// The identity key's signature over [`crate::identity::registration_transcript`] of the
+    /// server's challenge, `user` and `keys`.
+    pub signature: ed25519_dalek::Signature,
+}
+
+/// Requests of the control protocol (client → discovery server).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Register (or re-register) under a name. Answered with [`Reply::Registered`].
+    Register(Registration),
+    /// Keep-alive; refreshes presence. Answered with [`Reply::Pong`].
+    Heartbeat,
+    /// One user's keys, addresses, presence and last-seen time. Answered with [`Reply::User`].
+    Lookup {
+        /// Whom to look up.
+        user: Username,
+    },
+    /// Who is online now. Answered with [`Reply::Users`] (possibly empty).
+    List,
+    /// Leave sealed mail in the recipient's mailbox. Idempotent by envelope id.
+    /// Answered with [`Reply::Deposited`].
+    Deposit {
+        /// The sealed message; `from` must be the registered user.
+        envelope: Envelope,
+    },
+    /// Fetch up to `max` of my waiting messages, oldest first. Answered with [`Reply::Mail`].
+    Fetch {
+        /// The most envelopes wanted (the server may send fewer to fit a frame).
+        max: u32,
+    },
+    /// Delete these messages from my mailbox: I have stored them. Answered with
+    /// [`Reply::Acked`].
+    Ack {
+        /// The ids of the messages to delete.
+        ids: Vec<MessageId>,
+    },
+    /// Refuse mail from `user` at the server. Answered with [`Reply::Done`].
+    Block {
+        /// Whom to block.
+        user: Username,
+    },
+    /// Accept mail from `user` again. Answered with [`Reply::Done`].
+    Unblock {
+        /// Whom to unblock.
+        user: Username,
+    },
+    /// Go offline now (the connection stays open). Answered with [`Reply::Done`].
+    Unregister,
+    /// Operator only: publish an announcement to every connected client. `proof` is
+    /// [`crate::identity::announce_proof`] of the operator secret, the challenge and `text`.
+    /// Answered with [`Reply::Done`].
+    Announce {
+        /// The announcement.
+        text: String,
+        /// Proof of the operator secret.
+        proof: [u8; 32],
+    },
+}
+
+/// What the server knows of one user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// The user.
+    pub user: Username,
+    /// The keys bound to the name.
+    pub keys: PublicKeys,
+    /// Where the user accepts peer connections (empty when offline).
+    pub addresses: Vec<SocketAddr>,
+    /// Whether the user is online now.
+    pub online: bool,
+    /// When the server last heard from the user (milliseconds since the Unix epoch).
+    pub last_seen_ms: Option<u64>,
+}
+
+/// Successful results of the control protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Registration accepted.
+    Registered {
+        /// The address the server sees the client connect from.
+        observed: SocketAddr,
+        /// True when this registration bound the name for the first time.
+        new_binding: bool,
+        /// How often the server expects a heartbeat, in milliseconds.
+        heartbeat_interval_ms: u64,
+        /// After how long without a heartbeat the client is offline, in milliseconds.
+        presence_ttl_ms: u64,
+    },
+    /// Heartbeat answered.
+    Pong,
+    /// Lookup result.
+    User(UserInfo),
+    /// Users online now, sorted by name.
+    Users(Vec<Username>),
+    /// Mail stored (or already stored: deposits are idempotent).
+    Deposited {
+        /// Whether the recipient was online, and so was told at once.
+        recipient_online: bool,
+    },
+    /// Waiting mail, oldest first.
+    Mail {
+        /// The envelopes.
+        envelopes: Vec<Envelope>,
+        /// How many more are waiting after these.
+        remaining: u64,
+    },
+    /// Mail deleted.
+    Acked {
+        /// How many of the ids were in the mailbox.
+        removed: u32,
+    },
+    /// Request carried out, nothing to report.
+    Done,
+}
+
+/// A machine-readable error code; [`ErrorCode::as_str`] is its stable spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The request is malformed or not allowed in this state.
+    BadRequest,
+    /// The other side speaks another protocol version.
+    VersionMismatch,
+    /// The request needs a registration first.
+    NotRegistered,
+    /// The name is bound to other keys.
+    NameTaken,
+    /// A signature does not verify.
+    BadSignature,
+    /// A name is not a valid username.
+    InvalidName,
+    /// No such user is known.
+    UnknownUser,
+    /// The recipient blocks the sender.
+    Blocked,
+    /// The recipient's mailbox is full.
+    MailboxFull,
+    /// A message is larger than allowed.
+    TooLarge,
+    /// Too many requests; slow down.
+    RateLimited,
+    /// Only the operator may do this.
+    Unauthorized,
+    /// The server is at its connection limit.
+    ServerBusy,
+    /// The message is not for this recipient, or its keys are not trusted.
+    Refused,
+    /// The server's storage is unreachable; try again.
+    Unavailable,
+    /// Something went wrong on the server.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, for exhaustive tests and metrics.
+    pub const ALL: [ErrorCode; 16] = [
+        Self::BadRequest,
+        Self::VersionMismatch,
+        Self::NotRegistered,
+        Self::NameTaken,
+        Self::BadSignature,
+        Self::InvalidName,
+        Self::UnknownUser,
+        Self::Blocked,
+        Self::MailboxFull,
+        Self::TooLarge,
+        Self::RateLimited,
+        Self::Unauthorized,
+        Self::ServerBusy,
+        Self::Refused,
+        Self::Unavailable,
+        Self::Internal,
+    ];
+
+    /// The stable snake_case name of the code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::VersionMismatch => "version_mismatch",
+            Self::NotRegistered => "not_registered",
+            Self::NameTaken => "name_taken",
+            Self::BadSignature => "bad_signature",
+            Self::InvalidName => "invalid_name",
+            Self::UnknownUser => "unknown_user",
+            Self::Blocked => "blocked",
+            Self::MailboxFull => "mailbox_full",
+            Self::TooLarge => "too_large",
+            Self::RateLimited => "rate_limited",
+            Self::Unauthorized => "unauthorized",
+            Self::ServerBusy => "server_busy",
+            Self::Refused => "refused",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error reply: a code for programs and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} ({code})")]
+pub struct ErrorReply {
+    /// What kind of error.
+    pub code: ErrorCode,
+    /// A human sentence saying what went wrong and, where it helps, what to do.
+    pub message: String,
+}
+
+impl ErrorReply {
+    /// An error reply with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Messages the server sends without being asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Push {
+    /// Mail is waiting: fetch it. A hint only; clients also fetch on every (re)connect.
+    MailWaiting,
+    /// An announcement from the operator.
+    Announcement {
+        /// The text.
+        text: String,
+        /// When it was published (milliseconds since the Unix epoch).
+        at_ms: u64,
+    },
+    /// A user came online or went offline.
+    Presence {
+        /// Who.
+        user: Username,
+        /// Online now or not.
+        online: bool,
+    },
+}
+
+/// Frames of the control protocol sent by the server (after the [`Hello`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// A fresh nonce to sign in [`Request::Register`] (or prove in [`Request::Announce`]).
+    /// Sent once, right after the hello.
+    Challenge {
+        /// 32 random bytes, new for every connection.
+        nonce: [u8; 32],
+    },
+    /// The one answer to request `id`.
+    Response {
+        /// The request's id.
+        id: RequestId,
+        /// Its result.
+        result: Result<Reply, ErrorReply>,
+    },
+    /// An unsolicited notice.
+    Push(Push),
+    /// The server is closing the connection, and why (bad input, shutdown, idle).
+    Closing(ErrorReply),
+}
+
+/// Frames of the peer protocol (after the [`Hello`]), both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerMsg {
+    /// First frame from the connecting side: who is calling whom.
+    Hello {
+        /// The connecting user.
+        from: Username,
+        /// The user it expects to reach.
+        to: Username,
+    },
+    /// A sealed message.
+    Envelope(Envelope),
+    /// The envelope `id` is stored by the receiver.
+    Ack {
+        /// The envelope's id.
+        id: MessageId,
+    },
+    /// The receiver refuses the envelope `id` (or, with no id, the whole connection).
+    Reject {
+        /// The refused envelope, if any.
+        id: Option<MessageId>,
+        /// Why.
+        error: ErrorReply,
+    },
+}

@@ -1,0 +1,284 @@
+//! All state of the discovery tier: name bindings, presence, offline mailboxes, server-side
+//! block lists and the broadcast channel.
+//!
+//! [`Store`] is the one interface, with two backends:
+//! - [`Store::Redis`] ([`redis_store::RedisStore`]): shared by every discovery instance that
+//!   points at the same Redis, so several instances behave as one server.
+//! - [`Store::Embedded`] ([`embedded::EmbeddedStore`]): the default when no Redis URL is
+//!   given; durable on disk (redb), so a restart loses no mail and no binding. Presence and
+//!   the broadcast channel live in memory there (one process is the whole tier).
+//!
+//! Time is always passed in (`now_ms`, milliseconds since the Unix epoch), so TTLs are
+//! tested without sleeping. Mail is at-least-once: nothing is deleted before it is acked.
+//!
+//! **Architecture Invariant:** only the discovery server depends on this crate; clients
+//! never see a store or its credentials. Envelopes are stored as opaque sealed bytes.
+
+use std::net::SocketAddr;
+
+use proto::{Envelope, MessageId, PublicKeys, Username};
+use serde::{Deserialize, Serialize};
+
+pub mod embedded;
+pub mod redis_store;
+
+pub use embedded::EmbeddedStore;
+pub use redis_store::RedisStore;
+
+/// The Redis pub/sub channel carrying operator announcements as plain UTF-8 text, so that
+/// `PUBLISH p2pchat:announce "text"` from any Redis client announces too.
+pub const ANNOUNCE_CHANNEL: &str = "p2pchat:announce";
+
+/// Limits applied to every mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailLimits {
+    /// The most messages one mailbox holds; a deposit beyond it is refused.
+    pub cap: u64,
+    /// How long mail is kept, in milliseconds (default 30 days).
+    pub ttl_ms: u64,
+}
+
+impl Default for MailLimits {
+    fn default() -> Self {
+        Self {
+            cap: 10_000,
+            ttl_ms: 30 * 24 * 60 * 60 * 1000,
+        }
+    }
+}
+
+/// A name bound to its keys at first registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// The name.
+    pub user: Username,
+    /// The keys it is bound to.
+    pub keys: PublicKeys,
+    /// When it was bound.
+    pub bound_at_ms: u64,
+}
+
+/// The result of [`Store::bind`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindOutcome {
+    /// The name was free and is now bound to the given keys.
+    Created,
+    /// The name was already bound; here is the binding (which may or may not match).
+    Existing(Binding),
+}
+
+/// Where and until when a user is online.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// The user.
+    pub user: Username,
+    /// Identifies the connection that registered; only it may clear this presence, so a
+    /// stale connection closing does not take a newer one offline.
+    pub session: u64,
+    /// Where the user accepts peer connections.
+    pub addresses: Vec<SocketAddr>,
+    /// When the user was last heard from.
+    pub last_seen_ms: u64,
+    /// When the presence lapses without another heartbeat (0 once cleared).
+    pub expires_at_ms: u64,
+}
+
+impl Presence {
+    /// Whether the user is online at `now_ms`.
+    pub fn is_online(&self, now_ms: u64) -> bool {
+        self.expires_at_ms > now_ms
+    }
+}
+
+/// A stored envelope and when it was deposited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMail {
+    /// The sealed message.
+    pub envelope: Envelope,
+    /// When it was deposited.
+    pub deposited_at_ms: u64,
+}
+
+/// The result of [`Store::deposit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DepositOutcome {
+    /// Stored now.
+    Stored,
+    /// A message with this id was already in the mailbox; nothing changed.
+    Duplicate,
+}
+
+/// A batch of mail from [`Store::fetch`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fetched {
+    /// The oldest waiting messages, oldest first.
+    pub mail: Vec<StoredMail>,
+    /// How many more are waiting after these.
+    pub remaining: u64,
+}
+
+/// Events carried between discovery instances (and, for announcements, from any Redis
+/// client).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Broadcast {
+    /// An operator announcement.
+    Announcement {
+        /// The text.
+        text: String,
+    },
+    /// Mail was deposited for `user`: whichever instance holds their connection tells them.
+    MailWaiting {
+        /// The recipient.
+        user: Username,
+    },
+}
+
+/// Store failures. Expected outcomes (a duplicate deposit, an existing binding) are values
+/// of the operations, not errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The recipient's mailbox holds `cap` messages already.
+    #[error("{user}'s mailbox is full ({cap} messages)")]
+    MailboxFull {
+        /// The recipient.
+        user: Username,
+        /// The cap.
+        cap: u64,
+    },
+    /// The recipient blocks the sender.
+    #[error("{recipient} does not accept messages from {sender}")]
+    Blocked {
+        /// The recipient.
+        recipient: Username,
+        /// The sender.
+        sender: Username,
+    },
+    /// Redis failed or is unreachable (the next operation reconnects).
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The embedded database failed.
+    #[error("embedded store: {0}")]
+    Embedded(String),
+    /// A stored value does not decode.
+    #[error("corrupt stored value at {key}: {reason}")]
+    Corrupt {
+        /// Where.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The store of the discovery tier: one of the two backends.
+#[derive(Clone)]
+pub enum Store {
+    /// Shared state in Redis.
+    Redis(RedisStore),
+    /// Durable local state in one process.
+    Embedded(EmbeddedStore),
+}
+
+/// Calls the same method on whichever backend this is.
+macro_rules! dispatch {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            Store::Redis($store) => $call,
+            Store::Embedded($store) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Binds `binding.user` to `binding.keys` if the name is free (atomically).
+    pub async fn bind(&self, binding: &Binding) -> Result<BindOutcome, StoreError> {
+        dispatch!(self, store => store.bind(binding).await)
+    }
+
+    /// The binding of `user`, if any.
+    pub async fn binding(&self, user: &Username) -> Result<Option<Binding>, StoreError> {
+        dispatch!(self, store => store.binding(user).await)
+    }
+
+    /// Records (or refreshes) a presence, replacing any earlier one of the user.
+    pub async fn set_presence(&self, presence: &Presence) -> Result<(), StoreError> {
+        dispatch!(self, store => store.set_presence(presence).await)
+    }
+
+    /// Takes `user` offline at `now_ms` if their presence still belongs to `session`;
+    /// returns whether it did. The last-seen time is kept.
+    pub async fn clear_presence(
+        &self,
+        user: &Username,
+        session: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, store => store.clear_presence(user, session, now_ms).await)
+    }
+
+    /// The last presence recorded for `user` (online or not: see [`Presence::is_online`]).
+    pub async fn presence(&self, user: &Username) -> Result<Option<Presence>, StoreError> {
+        dispatch!(self, store => store.presence(user).await)
+    }
+
+    /// Users online at `now_ms`, sorted by name.
+    pub async fn online_users(&self, now_ms: u64) -> Result<Vec<Username>, StoreError> {
+        dispatch!(self, store => store.online_users(now_ms).await)
+    }
+
+    /// Deposits `envelope` in `envelope.to`'s mailbox: refused if the recipient blocks the
+    /// sender or the mailbox is full; idempotent by envelope id.
+    pub async fn deposit(
+        &self,
+        envelope: &Envelope,
+        now_ms: u64,
+    ) -> Result<DepositOutcome, StoreError> {
+        dispatch!(self, store => store.deposit(envelope, now_ms).await)
+    }
+
+    /// Up to `max` of `user`'s oldest unexpired messages, without deleting them.
+    pub async fn fetch(
+        &self,
+        user: &Username,
+        max: usize,
+        now_ms: u64,
+    ) -> Result<Fetched, StoreError> {
+        dispatch!(self, store => store.fetch(user, max, now_ms).await)
+    }
+
+    /// Deletes the messages `ids` from `user`'s mailbox; returns how many were there.
+    pub async fn ack(&self, user: &Username, ids: &[MessageId]) -> Result<u64, StoreError> {
+        dispatch!(self, store => store.ack(user, ids).await)
+    }
+
+    /// How many messages wait for `user` (expired ones may still be counted until fetched).
+    pub async fn mail_count(&self, user: &Username) -> Result<u64, StoreError> {
+        dispatch!(self, store => store.mail_count(user).await)
+    }
+
+    /// `user` refuses mail from `blocked` from now on.
+    pub async fn block(&self, user: &Username, blocked: &Username) -> Result<(), StoreError> {
+        dispatch!(self, store => store.block(user, blocked).await)
+    }
+
+    /// `user` accepts mail from `blocked` again.
+    pub async fn unblock(&self, user: &Username, blocked: &Username) -> Result<(), StoreError> {
+        dispatch!(self, store => store.unblock(user, blocked).await)
+    }
+
+    /// Whom `user` blocks, sorted by name.
+    pub async fn blocked_by(&self, user: &Username) -> Result<Vec<Username>, StoreError> {
+        dispatch!(self, store => store.blocked_by(user).await)
+    }
+
+    /// Sends `event` to every subscriber of every instance sharing this store.
+    pub async fn publish(&self, event: &Broadcast) -> Result<(), StoreError> {
+        dispatch!(self, store => store.publish(event).await)
+    }
+
+    /// A receiver of every [`Broadcast`] published from now on. With Redis, the underlying
+    /// subscription survives reconnects (it re-subscribes); a lagging receiver loses the
+    /// oldest events, which is acceptable because mail-waiting is only a hint.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Broadcast> {
+        dispatch!(self, store => store.subscribe())
+    }
+}
