@@ -66,7 +66,9 @@ pub enum SendError {
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
     /// The other side is a p2pchat endpoint of another version.
-    #[error("protocol version mismatch: we speak version {ours}, the other side speaks {theirs}; upgrade the older one")]
+    #[error(
+        "protocol version mismatch: we speak version {ours}, the other side speaks {theirs}; upgrade the older one"
+    )]
     VersionMismatch {
         /// Our version.
         ours: u32,
@@ -167,7 +169,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                 Ok(None) => return Err(HandshakeError::Closed),
                 // A body that is not a hello at all is another protocol speaking.
                 Err(RecvError::Malformed(_)) => {
-                    return Err(HandshakeError::WrongProtocol("an unreadable first frame".into()));
+                    return Err(HandshakeError::WrongProtocol(
+                        "an unreadable first frame".into(),
+                    ));
                 }
                 Err(error) => return Err(error.into()),
             };

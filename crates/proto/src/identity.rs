@@ -67,7 +67,10 @@ impl PublicKeys {
     /// Checks that the identity key signed the exchange key.
     pub fn verify(&self) -> Result<(), KeyError> {
         self.identity_key()?
-            .verify_strict(&exchange_key_message(&self.exchange), &self.exchange_signature)
+            .verify_strict(
+                &exchange_key_message(&self.exchange),
+                &self.exchange_signature,
+            )
             .map_err(|_| KeyError::BadExchangeSignature)
     }
 
@@ -131,7 +134,12 @@ pub fn announce_proof(secret: &[u8], nonce: &[u8; 32], text: &str) -> [u8; 32] {
 }
 
 /// Checks an [`announce_proof`] in constant time.
-pub fn verify_announce_proof(secret: &[u8], nonce: &[u8; 32], text: &str, proof: &[u8; 32]) -> bool {
+pub fn verify_announce_proof(
+    secret: &[u8],
+    nonce: &[u8; 32],
+    text: &str,
+    proof: &[u8; 32],
+) -> bool {
     let expected = announce_proof(secret, nonce, text);
     // Constant-time comparison: fold the differences.
     expected
@@ -160,7 +168,9 @@ pub fn safety_number(a: (&Username, &PublicKeys), b: (&Username, &PublicKeys)) -
         .chunks(5)
         .take(6)
         .map(|chunk| {
-            let value = chunk.iter().fold(0u64, |acc, byte| (acc << 8) | u64::from(*byte));
+            let value = chunk
+                .iter()
+                .fold(0u64, |acc, byte| (acc << 8) | u64::from(*byte));
             format!("{:05}", value % 100_000)
         })
         .collect::<Vec<_>>()
@@ -171,7 +181,9 @@ pub fn safety_number(a: (&Username, &PublicKeys), b: (&Username, &PublicKeys)) -
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// The file or folder is readable by others.
-    #[error("{path} has mode {mode:o}, which lets other users read it; run `chmod {want:o} {path}` and start again")]
+    #[error(
+        "{path} has mode {mode:o}, which lets other users read it; run `chmod {want:o} {path}` and start again"
+    )]
     LoosePermissions {
         /// The offending path.
         path: PathBuf,
@@ -385,7 +397,7 @@ mod tests {
         let identity = Identity::generate();
         identity.public().verify().unwrap();
         let mut forged = identity.public().clone();
-        forged.exchange = *Identity::generate().public().exchange.as_ref();
+        forged.exchange = Identity::generate().public().exchange;
         assert_eq!(forged.verify(), Err(KeyError::BadExchangeSignature));
     }
 
@@ -395,11 +407,24 @@ mod tests {
         let nonce = [7u8; 32];
         let transcript = registration_transcript(&nonce, &name("alice"), identity.public());
         let signature = identity.sign(&transcript);
-        identity.public().verify_signature(&transcript, &signature).unwrap();
+        identity
+            .public()
+            .verify_signature(&transcript, &signature)
+            .unwrap();
         let other_nonce = registration_transcript(&[8u8; 32], &name("alice"), identity.public());
-        assert!(identity.public().verify_signature(&other_nonce, &signature).is_err());
+        assert!(
+            identity
+                .public()
+                .verify_signature(&other_nonce, &signature)
+                .is_err()
+        );
         let other_name = registration_transcript(&nonce, &name("alicf"), identity.public());
-        assert!(identity.public().verify_signature(&other_name, &signature).is_err());
+        assert!(
+            identity
+                .public()
+                .verify_signature(&other_name, &signature)
+                .is_err()
+        );
     }
 
     #[test]
@@ -409,18 +434,30 @@ mod tests {
         let dir = root.path().join("alice");
         let (created, fresh) = Identity::load_or_create(&dir).unwrap();
         assert!(fresh);
-        let file_mode = fs::metadata(dir.join(IDENTITY_FILE)).unwrap().permissions().mode();
+        let file_mode = fs::metadata(dir.join(IDENTITY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(file_mode & 0o777, 0o600);
-        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         let (loaded, fresh) = Identity::load_or_create(&dir).unwrap();
         assert!(!fresh);
         assert_eq!(loaded.public(), created.public());
 
         fs::set_permissions(dir.join(IDENTITY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(Identity::load(&dir), Err(IdentityError::LoosePermissions { .. })));
+        assert!(matches!(
+            Identity::load(&dir),
+            Err(IdentityError::LoosePermissions { .. })
+        ));
         fs::set_permissions(dir.join(IDENTITY_FILE), fs::Permissions::from_mode(0o600)).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(matches!(Identity::load(&dir), Err(IdentityError::LoosePermissions { .. })));
+        assert!(matches!(
+            Identity::load(&dir),
+            Err(IdentityError::LoosePermissions { .. })
+        ));
     }
 
     #[test]
@@ -430,7 +467,10 @@ mod tests {
         let dir = root.path().join("x");
         let mut file = open_private_file(&dir.join(IDENTITY_FILE)).unwrap();
         file.write_all(b"short").unwrap();
-        assert!(matches!(Identity::load(&dir), Err(IdentityError::Corrupt { .. })));
+        assert!(matches!(
+            Identity::load(&dir),
+            Err(IdentityError::Corrupt { .. })
+        ));
     }
 
     #[test]

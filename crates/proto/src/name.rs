@@ -106,7 +106,10 @@ mod tests {
     #[test]
     fn refuses_bad_names_with_the_reason() {
         assert_eq!(Username::new(""), Err(UsernameError::Empty));
-        assert_eq!(Username::new(&"a".repeat(33)), Err(UsernameError::TooLong(33)));
+        assert_eq!(
+            Username::new(&"a".repeat(33)),
+            Err(UsernameError::TooLong(33))
+        );
         assert_eq!(Username::new("Alice"), Err(UsernameError::BadChar('A')));
         assert_eq!(Username::new("a;b"), Err(UsernameError::BadChar(';')));
         assert_eq!(Username::new("a b"), Err(UsernameError::BadChar(' ')));
@@ -118,6 +121,9 @@ mod tests {
         let bad = postcard::to_stdvec("a;b").unwrap();
         assert!(postcard::from_bytes::<Username>(&bad).is_err());
         let good = postcard::to_stdvec("bob").unwrap();
-        assert_eq!(postcard::from_bytes::<Username>(&good).unwrap().as_str(), "bob");
+        assert_eq!(
+            postcard::from_bytes::<Username>(&good).unwrap().as_str(),
+            "bob"
+        );
     }
 }

@@ -63,13 +63,17 @@ pub enum SealError {
 pub enum OpenError {
     /// The token does not decrypt under this channel's key: tampered, forged, or sealed for
     /// another pair or direction.
-    #[error("the message does not decrypt with the key shared with {peer}: forged, tampered with, or sealed for someone else")]
+    #[error(
+        "the message does not decrypt with the key shared with {peer}: forged, tampered with, or sealed for someone else"
+    )]
     BadToken {
         /// The expected sender.
         peer: Username,
     },
     /// The token is dated too far in the future.
-    #[error("the message is dated {ahead_secs} s in the future; the sender's or this machine's clock is wrong (they must agree within {MAX_CLOCK_SKEW_SECS} s)")]
+    #[error(
+        "the message is dated {ahead_secs} s in the future; the sender's or this machine's clock is wrong (they must agree within {MAX_CLOCK_SKEW_SECS} s)"
+    )]
     ClockSkew {
         /// How far ahead.
         ahead_secs: u64,
@@ -149,7 +153,11 @@ impl Channel {
             body: body.to_owned(),
         };
         // Encoding plain data into a Vec cannot fail.
-        let bytes = Zeroizing::new(wire::encode(&plaintext).map(|b| b.to_vec()).unwrap_or_default());
+        let bytes = Zeroizing::new(
+            wire::encode(&plaintext)
+                .map(|b| b.to_vec())
+                .unwrap_or_default(),
+        );
         Ok(Envelope {
             id,
             from: self.me.clone(),
@@ -177,8 +185,14 @@ impl Channel {
         let plaintext: Plaintext = wire::decode(&bytes).map_err(|_| OpenError::Malformed)?;
         let checks = [
             ("id", plaintext.id == envelope.id),
-            ("sender", plaintext.from == envelope.from && plaintext.from == self.peer),
-            ("recipient", plaintext.to == envelope.to && plaintext.to == self.me),
+            (
+                "sender",
+                plaintext.from == envelope.from && plaintext.from == self.peer,
+            ),
+            (
+                "recipient",
+                plaintext.to == envelope.to && plaintext.to == self.me,
+            ),
         ];
         match checks.iter().find(|(_, ok)| !ok) {
             Some((field, _)) => Err(OpenError::Mismatch { field }),
@@ -213,7 +227,9 @@ fn direction_key(
 fn token_time(token: &str) -> Option<u64> {
     let bytes = base64::engine::general_purpose::URL_SAFE
         .decode(token.trim_end_matches('='))
-        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token.trim_end_matches('=')))
+        .or_else(|_| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token.trim_end_matches('='))
+        })
         .ok()?;
     let stamp: [u8; 8] = bytes.get(1..9)?.try_into().ok()?;
     Some(u64::from_be_bytes(stamp))
@@ -301,7 +317,10 @@ mod tests {
         let (pair, _, _) = pair("alice", "bob");
         let id = MessageId::random();
         let envelope = pair.alice.seal(id, "hello bob", NOW).unwrap();
-        assert_eq!((envelope.from.as_str(), envelope.to.as_str()), ("alice", "bob"));
+        assert_eq!(
+            (envelope.from.as_str(), envelope.to.as_str()),
+            ("alice", "bob")
+        );
         let opened = pair.bob.open(&envelope, NOW + 5).unwrap();
         assert_eq!(opened.body, "hello bob");
         assert_eq!(opened.id, id);
@@ -315,9 +334,19 @@ mod tests {
     fn both_sides_derive_the_same_keys_per_direction() {
         let (pair, _, _) = pair("alice", "bob");
         let envelope = pair.alice.seal(MessageId::random(), "x", NOW).unwrap();
-        assert!(pair.bob.recv.decrypt_at_time(&envelope.token, None, NOW / 1000).is_ok());
+        assert!(
+            pair.bob
+                .recv
+                .decrypt_at_time(&envelope.token, None, NOW / 1000)
+                .is_ok()
+        );
         // Directions differ: alice's own receive key does not open what she sent.
-        assert!(pair.alice.recv.decrypt_at_time(&envelope.token, None, NOW / 1000).is_err());
+        assert!(
+            pair.alice
+                .recv
+                .decrypt_at_time(&envelope.token, None, NOW / 1000)
+                .is_err()
+        );
     }
 
     #[test]
@@ -328,17 +357,27 @@ mod tests {
         let middle = bytes.len() / 2;
         bytes[middle] = if bytes[middle] == b'A' { b'B' } else { b'A' };
         envelope.token = String::from_utf8(bytes).unwrap();
-        assert!(matches!(pair.bob.open(&envelope, NOW), Err(OpenError::BadToken { .. })));
+        assert!(matches!(
+            pair.bob.open(&envelope, NOW),
+            Err(OpenError::BadToken { .. })
+        ));
     }
 
     #[test]
     fn wrong_pair_cannot_open() {
         let (pair, alice_id, _) = pair("alice", "bob");
         let carol_id = Identity::generate();
-        let carol = Channel::new(&carol_id, &name("carol"), &name("alice"), alice_id.public()).unwrap();
-        let mut envelope = pair.alice.seal(MessageId::random(), "for bob", NOW).unwrap();
+        let carol =
+            Channel::new(&carol_id, &name("carol"), &name("alice"), alice_id.public()).unwrap();
+        let mut envelope = pair
+            .alice
+            .seal(MessageId::random(), "for bob", NOW)
+            .unwrap();
         envelope.to = name("carol");
-        assert!(matches!(carol.open(&envelope, NOW), Err(OpenError::BadToken { .. })));
+        assert!(matches!(
+            carol.open(&envelope, NOW),
+            Err(OpenError::BadToken { .. })
+        ));
     }
 
     #[test]
@@ -347,9 +386,15 @@ mod tests {
         let mut envelope = pair.alice.seal(MessageId::random(), "hello", NOW).unwrap();
         std::mem::swap(&mut envelope.from, &mut envelope.to);
         // Alice receiving her own message "from bob" (a reflection) fails: other direction.
-        assert!(matches!(pair.alice.open(&envelope, NOW), Err(OpenError::BadToken { .. })));
+        assert!(matches!(
+            pair.alice.open(&envelope, NOW),
+            Err(OpenError::BadToken { .. })
+        ));
         // Bob with the header swapped fails the header check.
-        assert!(matches!(pair.bob.open(&envelope, NOW), Err(OpenError::Mismatch { .. })));
+        assert!(matches!(
+            pair.bob.open(&envelope, NOW),
+            Err(OpenError::Mismatch { .. })
+        ));
     }
 
     #[test]
@@ -357,7 +402,10 @@ mod tests {
         let (pair, _, _) = pair("alice", "bob");
         let mut envelope = pair.alice.seal(MessageId::random(), "hello", NOW).unwrap();
         envelope.id = MessageId::random();
-        assert_eq!(pair.bob.open(&envelope, NOW), Err(OpenError::Mismatch { field: "id" }));
+        assert_eq!(
+            pair.bob.open(&envelope, NOW),
+            Err(OpenError::Mismatch { field: "id" })
+        );
     }
 
     #[test]
@@ -368,17 +416,26 @@ mod tests {
         let first = pair.bob.open(&envelope, NOW).unwrap();
         guard.admit(&first, NOW).unwrap();
         let again = pair.bob.open(&envelope, NOW + 1).unwrap();
-        assert_eq!(guard.admit(&again, NOW + 1), Err(OpenError::Replayed(envelope.id)));
+        assert_eq!(
+            guard.admit(&again, NOW + 1),
+            Err(OpenError::Replayed(envelope.id))
+        );
         // Past the window the message is refused as expired, even once pruned.
         guard.prune(NOW + 120_000);
         assert!(guard.is_empty());
-        assert!(matches!(guard.admit(&again, NOW + 120_000), Err(OpenError::Expired { .. })));
+        assert!(matches!(
+            guard.admit(&again, NOW + 120_000),
+            Err(OpenError::Expired { .. })
+        ));
     }
 
     #[test]
     fn future_token_says_the_clock_is_wrong() {
         let (pair, _, _) = pair("alice", "bob");
-        let envelope = pair.alice.seal(MessageId::random(), "from the future", NOW + 600_000).unwrap();
+        let envelope = pair
+            .alice
+            .seal(MessageId::random(), "from the future", NOW + 600_000)
+            .unwrap();
         match pair.bob.open(&envelope, NOW) {
             Err(error @ OpenError::ClockSkew { ahead_secs: 600 }) => {
                 assert!(error.to_string().contains("clock"));
@@ -395,7 +452,11 @@ mod tests {
         let ab_c = Channel::new(&first, &name("ab"), &name("c"), second.public()).unwrap();
         let a_bc = Channel::new(&first, &name("a"), &name("bc"), second.public()).unwrap();
         let envelope = ab_c.seal(MessageId::random(), "x", NOW).unwrap();
-        assert!(a_bc.send.decrypt_at_time(&envelope.token, None, NOW / 1000).is_err());
+        assert!(
+            a_bc.send
+                .decrypt_at_time(&envelope.token, None, NOW / 1000)
+                .is_err()
+        );
     }
 
     #[test]
@@ -404,7 +465,9 @@ mod tests {
         let attacker = Identity::generate();
         let mut keys = attacker.public().clone();
         keys.exchange = [0u8; 32];
-        keys.exchange_signature = attacker.sign(&super::super::identity::tests_support::exchange_message(&keys.exchange));
+        keys.exchange_signature = attacker.sign(
+            &super::super::identity::tests_support::exchange_message(&keys.exchange),
+        );
         assert_eq!(
             Channel::new(&me, &name("me"), &name("evil"), &keys).unwrap_err(),
             SealError::DegenerateKey
@@ -416,7 +479,9 @@ mod tests {
         let (pair, _, _) = pair("alice", "bob");
         let body = "x".repeat(MAX_BODY_LEN + 1);
         assert_eq!(
-            pair.alice.seal(MessageId::random(), &body, NOW).unwrap_err(),
+            pair.alice
+                .seal(MessageId::random(), &body, NOW)
+                .unwrap_err(),
             SealError::TooLong(MAX_BODY_LEN + 1)
         );
     }

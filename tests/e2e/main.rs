@@ -1,0 +1,3 @@
+//! The end-to-end test binary: one module per area, helpers in `tests/lib.rs`.
+
+mod architecture;
