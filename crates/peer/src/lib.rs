@@ -1,1 +1,30 @@
-//! Peer runtime (filled in by the peer issue).
+//! The p2pchat peer runtime: everything a client does except talk to a terminal.
+//!
+//! - [`runtime`]: [`start`] a runtime from a [`Config`]; it returns a [`Client`] (commands:
+//!   send, list, block, mute, whois, trust, history, ...) and [`Events`] (messages,
+//!   delivery results, announcements, warnings) in order. One event loop drives everything.
+//! - [`control`]: the control connection to the discovery server as an actor (register,
+//!   heartbeats, requests matched by id, reconnect with backoff).
+//! - [`delivery`]: sending one message: direct, else the mailbox; [`DeliveryStatus`].
+//! - [`inbox`]: receiving: direct connections and mail share one check-and-store path.
+//! - [`link`]: [`link::PeerLink`], the sending side of the peer protocol.
+//! - [`state`]: [`state::State`], the crash-safe local state (pins, blocks, mutes, history,
+//!   outbox, seen ids, not-yet-shown marks) in one redb file.
+//!
+//! Data dir layout (one folder per user, mode 0700): `identity.key` (0600, see
+//! [`proto::Identity`]) and `state.redb`.
+//!
+//! **Architecture Invariant:** this crate depends on `proto` only among the workspace
+//! crates, and never prints: everything the user should see is an [`Event`].
+
+pub mod control;
+pub mod delivery;
+pub(crate) mod inbox;
+pub mod link;
+pub mod runtime;
+pub mod state;
+
+pub use delivery::DeliveryStatus;
+pub use runtime::{
+    Client, ClientError, Config, Event, Events, SendReport, StartError, Status, WhoisReport, start,
+};

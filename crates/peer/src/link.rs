@@ -1,0 +1,121 @@
+//! [`PeerLink`]: the sending side of the peer protocol.
+//!
+//! A link is one TCP connection to a peer after the hellos: the connecting side sends
+//! [`PeerMsg::Hello`] naming both users, then one [`PeerMsg::Envelope`] at a time, each
+//! answered by [`PeerMsg::Ack`] (stored) or [`PeerMsg::Reject`]. A link can be kept and
+//! reused for the next message to the same peer. The receiving side is in [`crate::inbox`].
+
+use std::{net::SocketAddr, time::Duration};
+
+use proto::{Connection, Envelope, ErrorReply, PeerMsg, Username};
+use tokio::net::TcpStream;
+
+/// Why sending over a link failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The TCP connection could not be made.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The hello exchange failed.
+    #[error(transparent)]
+    Handshake(#[from] proto::HandshakeError),
+    /// Sending failed.
+    #[error(transparent)]
+    Send(#[from] proto::SendError),
+    /// Receiving failed.
+    #[error(transparent)]
+    Recv(#[from] proto::RecvError),
+    /// The peer closed the connection.
+    #[error("the peer closed the connection")]
+    Closed,
+    /// No answer in time.
+    #[error("no answer from the peer within {0:?}")]
+    Timeout(Duration),
+    /// The peer refused the message (or the whole connection).
+    #[error("refused by the peer: {0}")]
+    Rejected(ErrorReply),
+}
+
+impl LinkError {
+    /// True when the peer answered and refused: trying another route would not help.
+    pub fn is_rejection(&self) -> bool {
+        matches!(self, Self::Rejected(_))
+    }
+}
+
+/// An open connection to one peer, ready to carry envelopes.
+#[derive(Debug)]
+pub struct PeerLink {
+    connection: Connection<TcpStream>,
+    peer: Username,
+}
+
+impl PeerLink {
+    /// Connects to `addr`, exchanges hellos and announces `me` → `peer`, all within `timeout`.
+    pub async fn dial(
+        addr: SocketAddr,
+        me: &Username,
+        peer: &Username,
+        timeout: Duration,
+    ) -> Result<Self, LinkError> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| LinkError::Timeout(timeout))?
+            .map_err(|source| LinkError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        let mut connection = Connection::with_limits(stream, proto::wire::MAX_FRAME_LEN, timeout);
+        connection.hello(timeout).await?;
+        connection
+            .send(&PeerMsg::Hello {
+                from: me.clone(),
+                to: peer.clone(),
+            })
+            .await?;
+        Ok(Self {
+            connection,
+            peer: peer.clone(),
+        })
+    }
+
+    /// The peer at the other end.
+    pub fn peer(&self) -> &Username {
+        &self.peer
+    }
+
+    /// Sends `envelope` and waits up to `ack_timeout` for its ack.
+    pub async fn send(
+        &mut self,
+        envelope: &Envelope,
+        ack_timeout: Duration,
+    ) -> Result<(), LinkError> {
+        self.connection
+            .send(&PeerMsg::Envelope(envelope.clone()))
+            .await?;
+        let wait = async {
+            loop {
+                match self.connection.recv::<PeerMsg>().await? {
+                    Some(PeerMsg::Ack { id }) if id == envelope.id => return Ok(()),
+                    Some(PeerMsg::Reject { id, error })
+                        if id.is_none() || id == Some(envelope.id) =>
+                    {
+                        return Err(LinkError::Rejected(error));
+                    }
+                    // A late answer to an earlier message on a reused link: skip it.
+                    Some(PeerMsg::Ack { .. } | PeerMsg::Reject { .. }) => {}
+                    Some(PeerMsg::Hello { .. } | PeerMsg::Envelope(_)) => {
+                        return Err(LinkError::Closed);
+                    }
+                    None => return Err(LinkError::Closed),
+                }
+            }
+        };
+        tokio::time::timeout(ack_timeout, wait)
+            .await
+            .map_err(|_| LinkError::Timeout(ack_timeout))?
+    }
+}

@@ -1,0 +1,1210 @@
+//! The peer runtime: [`start`] returns a [`Client`] (commands) and an [`Events`] stream.
+//!
+//! One task runs the event loop, a `biased` `select!` with cancellation first, over: the P2P
+//! listener (each accepted connection is served by a tracked task, see [`crate::inbox`]),
+//! the control actor's events (online → fetch mail, sync blocks, flush the outbox; pushes:
+//! mail waiting, announcements), the user's commands, results of tracked worker tasks, the
+//! slow mail timer and the mute timer. Slow work (network) never runs on the loop itself:
+//! it is spawned on the [`TaskTracker`] and reports back over an internal channel, so a
+//! misbehaving peer can stall only its own task.
+//!
+//! Outgoing messages are delivered one at a time per recipient (so they arrive in order);
+//! a kept [`PeerLink`] per recipient is reused for the next message.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use proto::{
+    Channel, ErrorReply, Identity, MessageId, PublicKeys, Push, Reply, Request, UserInfo, Username,
+};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    control::{self, ControlConfig, ControlError, ControlEvent, ControlHandle},
+    delivery::{self, DeliveryStatus},
+    inbox,
+    link::PeerLink,
+    state::{HistoryEntry, InboundMessage, OutboxEntry, State, StateError},
+};
+
+/// How long seen ids are remembered, and so the oldest message accepted (mail lives up to
+/// 30 days in a mailbox; this leaves a margin).
+pub const SEEN_RETENTION_MS: u64 = 40 * 24 * 3600 * 1000;
+
+/// Everything the runtime needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The discovery server (`host:port`).
+    pub server: String,
+    /// Who we are.
+    pub user: Username,
+    /// This user's data dir (created 0700 if missing): identity, state.
+    pub data_dir: PathBuf,
+    /// Where the P2P listener binds (port 0: any free port).
+    pub listen: SocketAddr,
+    /// The port to advertise instead of the listener's (tests use a dead port to simulate
+    /// an unreachable peer).
+    pub advertise_port: Option<u16>,
+    /// Heartbeat interval until the server says otherwise.
+    pub heartbeat_interval: Duration,
+    /// How long without a pong before the control connection is dead.
+    pub pong_timeout: Duration,
+    /// How often mail is fetched without a push.
+    pub mail_poll_interval: Duration,
+    /// How long to wait for a direct ack before falling back to the mailbox.
+    pub ack_timeout: Duration,
+    /// How long a direct connection attempt may take.
+    pub connect_timeout: Duration,
+    /// Reconnect backoff, first step.
+    pub backoff_min: Duration,
+    /// Reconnect backoff, cap.
+    pub backoff_max: Duration,
+}
+
+impl Config {
+    /// The defaults of design.md: heartbeat 10 s, pong timeout 10 s, ack timeout 5 s, mail
+    /// re-checked every 60 s, listener on a free port of every interface.
+    pub fn new(server: impl Into<String>, user: Username, data_dir: PathBuf) -> Self {
+        Self {
+            server: server.into(),
+            user,
+            data_dir,
+            listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            advertise_port: None,
+            heartbeat_interval: Duration::from_secs(10),
+            pong_timeout: control::DEFAULT_PONG_TIMEOUT,
+            mail_poll_interval: Duration::from_secs(60),
+            ack_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            backoff_min: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the runtime could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The identity could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] proto::IdentityError),
+    /// The state could not be opened.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The P2P listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Local state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The discovery server could not answer.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// No such user at the server.
+    #[error("no user named {0} is known to the discovery server")]
+    UnknownUser(Username),
+    /// A mute needs a positive number of seconds.
+    #[error("the mute duration must be a positive number of seconds")]
+    BadDuration,
+    /// The user is not muted.
+    #[error("{0} is not muted")]
+    NotMuted(Username),
+    /// The user is not blocked.
+    #[error("{0} is not blocked")]
+    NotBlocked(Username),
+    /// The user is already blocked.
+    #[error("{0} is already blocked")]
+    AlreadyBlocked(Username),
+    /// The command names ourselves.
+    #[error("that would be yourself")]
+    Yourself,
+    /// The server's keys for the user do not verify.
+    #[error("the discovery server returned invalid keys for {user}: {reason}")]
+    BadKeys {
+        /// Whose.
+        user: Username,
+        /// Why.
+        reason: String,
+    },
+    /// The message is too long.
+    #[error("a message has at most {max} bytes (this one has {len})")]
+    TooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The runtime has stopped.
+    #[error("the client is shutting down")]
+    ShuttingDown,
+    /// Not online within the time asked.
+    #[error("not connected to the discovery server: {0}")]
+    NotOnline(String),
+}
+
+/// The connection to the discovery server, as the user sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// First attempt under way.
+    Connecting,
+    /// Registered.
+    Online {
+        /// The address the server sees.
+        observed: SocketAddr,
+    },
+    /// Lost; retrying.
+    Offline {
+        /// Why.
+        reason: String,
+    },
+    /// Refused for good (name bound to another key, ...): the client cannot go on.
+    Fatal(ErrorReply),
+}
+
+/// Everything the user is told about, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A message to show. Call [`Client::mark_shown`] once it is shown; until then it is
+    /// shown again at the next start.
+    Message(InboundMessage),
+    /// A mute ended (timer or `unmute`); `held` messages from `user` follow as
+    /// [`Event::Message`]s.
+    MuteEnded {
+        /// Whose mute.
+        user: Username,
+        /// How many messages arrived meanwhile.
+        held: usize,
+    },
+    /// A message from the outbox got a result in the background.
+    Delivery {
+        /// The message.
+        id: MessageId,
+        /// The recipient.
+        to: Username,
+        /// The result.
+        status: DeliveryStatus,
+    },
+    /// An operator announcement.
+    Announcement {
+        /// The text.
+        text: String,
+        /// When it was published.
+        at_ms: u64,
+    },
+    /// Registered with the discovery server (first time or after a reconnect).
+    Online {
+        /// The address the server sees.
+        observed: SocketAddr,
+    },
+    /// The control connection was lost; reconnecting.
+    Offline {
+        /// Why.
+        reason: String,
+        /// When the next attempt is.
+        retry_in: Duration,
+    },
+    /// Registration refused for good.
+    Fatal(ErrorReply),
+    /// A peer's key differs from the pinned one: its messages are refused until `trust`.
+    KeyChanged {
+        /// Whose key.
+        user: Username,
+        /// The pinned fingerprint.
+        pinned: String,
+        /// The fingerprint now offered.
+        offered: String,
+    },
+    /// An incoming message was refused.
+    Refused {
+        /// The claimed sender.
+        from: Username,
+        /// Why.
+        reason: String,
+    },
+    /// A user came online or went offline (if the server tells).
+    Presence {
+        /// Who.
+        user: Username,
+        /// Online now.
+        online: bool,
+    },
+}
+
+/// What `whois` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WhoisReport {
+    /// Whom.
+    pub user: Username,
+    /// My own fingerprint.
+    pub my_fingerprint: String,
+    /// The fingerprint pinned here, if any.
+    pub pinned_fingerprint: Option<String>,
+    /// The fingerprint the server has now, if it could be asked.
+    pub server_fingerprint: Option<String>,
+    /// The safety number of me and the user (with the pinned keys, else the server's).
+    pub safety_number: Option<String>,
+    /// Whether the server's keys differ from the pinned ones.
+    pub key_changed: bool,
+    /// Online now (per the server).
+    pub online: Option<bool>,
+    /// When the server last heard from the user.
+    pub last_seen_ms: Option<u64>,
+}
+
+/// The result of a `send`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendReport {
+    /// The message id.
+    pub id: MessageId,
+    /// The recipient.
+    pub to: Username,
+    /// What happened.
+    pub status: DeliveryStatus,
+}
+
+type Reply_<T> = oneshot::Sender<Result<T, ClientError>>;
+
+enum Command {
+    Send {
+        to: Username,
+        body: String,
+        reply: Reply_<SendReport>,
+    },
+    List {
+        reply: Reply_<Vec<Username>>,
+    },
+    Block {
+        user: Username,
+        reply: Reply_<()>,
+    },
+    Unblock {
+        user: Username,
+        reply: Reply_<()>,
+    },
+    Blocked {
+        reply: Reply_<Vec<Username>>,
+    },
+    Mute {
+        user: Username,
+        seconds: u64,
+        reply: Reply_<u64>,
+    },
+    Unmute {
+        user: Username,
+        reply: Reply_<()>,
+    },
+    Whois {
+        user: Username,
+        reply: Reply_<WhoisReport>,
+    },
+    Trust {
+        user: Username,
+        reply: Reply_<String>,
+    },
+    History {
+        user: Username,
+        limit: usize,
+        reply: Reply_<Vec<HistoryEntry>>,
+    },
+    Shown {
+        id: MessageId,
+    },
+}
+
+/// Results that tracked tasks report back to the loop.
+pub(crate) enum Internal {
+    /// A message was stored (and acked); show it unless held by a mute.
+    Received(InboundMessage),
+    /// Something to tell the user as is.
+    Notify(Event),
+    /// A delivery attempt finished.
+    Delivered {
+        entry: OutboxEntry,
+        status: DeliveryStatus,
+        link: Option<PeerLink>,
+        reply: Option<Reply_<SendReport>>,
+    },
+    /// A mail fetch finished.
+    FetchDone,
+    /// Mutes changed: re-arm the timer.
+    MutesChanged,
+    /// Keys were re-pinned: retry the user's outbox.
+    Trusted(Username),
+}
+
+/// What every task of one runtime shares.
+pub(crate) struct Context {
+    pub(crate) me: Username,
+    pub(crate) identity: Arc<Identity>,
+    pub(crate) state: State,
+    pub(crate) control: ControlHandle,
+    pub(crate) to_loop: mpsc::UnboundedSender<Internal>,
+    pub(crate) config: Config,
+    channels: Mutex<HashMap<(Username, [u8; 32], [u8; 32]), Arc<Channel>>>,
+}
+
+impl Context {
+    /// The sealing channel with `peer` under `keys` (cached: derivation costs a DH).
+    pub(crate) fn channel(
+        &self,
+        peer: &Username,
+        keys: &PublicKeys,
+    ) -> Result<Arc<Channel>, proto::SealError> {
+        let key = (peer.clone(), keys.identity, keys.exchange);
+        if let Ok(cache) = self.channels.lock()
+            && let Some(channel) = cache.get(&key)
+        {
+            return Ok(channel.clone());
+        }
+        let channel = Arc::new(Channel::new(&self.identity, &self.me, peer, keys)?);
+        if let Ok(mut cache) = self.channels.lock() {
+            cache.insert(key, channel.clone());
+        }
+        Ok(channel)
+    }
+
+    /// Looks `user` up at the server.
+    pub(crate) async fn lookup(&self, user: &Username) -> Result<UserInfo, ClientError> {
+        match self
+            .control
+            .request(Request::Lookup { user: user.clone() })
+            .await
+        {
+            Ok(Reply::User(info)) => Ok(info),
+            Ok(_) => Err(ControlError::Unexpected.into()),
+            Err(error) if error.code() == Some(proto::ErrorCode::UnknownUser) => {
+                Err(ClientError::UnknownUser(user.clone()))
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Tells the user something.
+    pub(crate) fn notify(&self, event: Event) {
+        let _ = self.to_loop.send(Internal::Notify(event));
+    }
+}
+
+/// A handle on a running runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<Status>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    me: Username,
+    fingerprint: String,
+    local_addr: SocketAddr,
+    new_identity: bool,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({})", self.me)
+    }
+}
+
+/// The events of one runtime, in order.
+#[derive(Debug)]
+pub struct Events {
+    receiver: mpsc::UnboundedReceiver<Event>,
+}
+
+impl Events {
+    /// The next event; `None` once the runtime has stopped and all events were taken.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.receiver.recv().await
+    }
+
+    /// An event if one is ready now.
+    pub fn try_recv(&mut self) -> Option<Event> {
+        self.receiver.try_recv().ok()
+    }
+}
+
+/// Starts a runtime: loads (or creates) the identity and state in `config.data_dir`, binds
+/// the P2P listener and connects to the discovery server in the background. Everything
+/// stops when `shutdown` is cancelled (or [`Client::shutdown`] is called).
+pub async fn start(
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(Client, Events), StartError> {
+    proto::identity::create_private_dir(&config.data_dir)?;
+    let (identity, new_identity) = Identity::load_or_create(&config.data_dir)?;
+    let identity = Arc::new(identity);
+    let state = State::open(&config.data_dir)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let tracker = TaskTracker::new();
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let control = control::spawn(
+        ControlConfig {
+            server: config.server.clone(),
+            user: config.user.clone(),
+            listen_port: config.advertise_port.unwrap_or(local_addr.port()),
+            pong_timeout: config.pong_timeout,
+            heartbeat_interval: config.heartbeat_interval,
+            backoff_min: config.backoff_min,
+            backoff_max: config.backoff_max,
+        },
+        identity.clone(),
+        control_tx,
+        shutdown.clone(),
+        &tracker,
+    );
+    let (to_loop, internal_rx) = mpsc::unbounded_channel();
+    let (commands_tx, commands_rx) = mpsc::channel(64);
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (status_tx, status_rx) = watch::channel(Status::Connecting);
+    let fingerprint = identity.public().fingerprint();
+    let context = Arc::new(Context {
+        me: config.user.clone(),
+        identity,
+        state,
+        control,
+        to_loop,
+        config: config.clone(),
+        channels: Mutex::new(HashMap::new()),
+    });
+    let event_loop = EventLoop {
+        context,
+        listener,
+        control_rx,
+        commands_rx,
+        internal_rx,
+        events: events_tx,
+        status: status_tx,
+        tracker: tracker.clone(),
+        shutdown: shutdown.clone(),
+        busy: HashMap::new(),
+        in_flight: HashSet::new(),
+        links: HashMap::new(),
+        fetching: false,
+        fetch_again: false,
+        online: false,
+    };
+    tracker.spawn(event_loop.run());
+    Ok((
+        Client {
+            commands: commands_tx,
+            status: status_rx,
+            shutdown,
+            tracker,
+            me: config.user,
+            fingerprint,
+            local_addr,
+            new_identity,
+        },
+        Events {
+            receiver: events_rx,
+        },
+    ))
+}
+
+impl Client {
+    /// Who this client is.
+    pub fn user(&self) -> &Username {
+        &self.me
+    }
+
+    /// This client's key fingerprint.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Whether the identity was created by this start.
+    pub fn is_new_identity(&self) -> bool {
+        self.new_identity
+    }
+
+    /// The P2P listener's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The connection status now, and its changes.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Waits until registered, at most `timeout`. A fatal refusal returns at once.
+    pub async fn wait_online(&self, timeout: Duration) -> Result<SocketAddr, ClientError> {
+        let mut status = self.status.clone();
+        let wait = async {
+            loop {
+                let current = status.borrow_and_update().clone();
+                match current {
+                    Status::Online { observed } => return Ok(observed),
+                    Status::Fatal(reply) => return Err(ClientError::NotOnline(reply.to_string())),
+                    _ => {}
+                }
+                if status.changed().await.is_err() {
+                    return Err(ClientError::ShuttingDown);
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result,
+            Err(_) => {
+                let reason = match &*self.status.borrow() {
+                    Status::Offline { reason } => reason.clone(),
+                    _ => format!("no registration within {timeout:?}"),
+                };
+                Err(ClientError::NotOnline(reason))
+            }
+        }
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply_<T>) -> Command) -> Result<T, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| ClientError::ShuttingDown)?;
+        answer.await.map_err(|_| ClientError::ShuttingDown)?
+    }
+
+    /// Sends `body` to `to`: directly if possible, else through the mailbox. Returns once
+    /// the message is delivered, queued or failed (a failure that can be retried stays in
+    /// the outbox and is retried on reconnect).
+    pub async fn send(&self, to: &Username, body: &str) -> Result<SendReport, ClientError> {
+        let (to, body) = (to.clone(), body.to_owned());
+        self.call(|reply| Command::Send { to, body, reply }).await
+    }
+
+    /// Users online now.
+    pub async fn list(&self) -> Result<Vec<Username>, ClientError> {
+        self.call(|reply| Command::List { reply }).await
+    }
+
+    /// Blocks `user` here and at the server.
+    pub async fn block(&self, user: &Username) -> Result<(), ClientError> {
+        let user = user.clone();
+        self.call(|reply| Command::Block { user, reply }).await
+    }
+
+    /// Unblocks `user` here and at the server.
+    pub async fn unblock(&self, user: &Username) -> Result<(), ClientError> {
+        let user = user.clone();
+        self.call(|reply| Command::Unblock { user, reply }).await
+    }
+
+    /// The blocked users.
+    pub async fn blocked(&self) -> Result<Vec<Username>, ClientError> {
+        self.call(|reply| Command::Blocked { reply }).await
+    }
+
+    /// Mutes `user` for `seconds`; returns when the mute ends (ms since the epoch).
+    pub async fn mute(&self, user: &Username, seconds: u64) -> Result<u64, ClientError> {
+        let user = user.clone();
+        self.call(|reply| Command::Mute {
+            user,
+            seconds,
+            reply,
+        })
+        .await
+    }
+
+    /// Ends the mute of `user` now; held messages follow as events.
+    pub async fn unmute(&self, user: &Username) -> Result<(), ClientError> {
+        let user = user.clone();
+        self.call(|reply| Command::Unmute { user, reply }).await
+    }
+
+    /// Fingerprints and safety number of `user`.
+    pub async fn whois(&self, user: &Username) -> Result<WhoisReport, ClientError> {
+        let user = user.clone();
+        self.call(|reply| Command::Whois { user, reply }).await
+    }
+
+    /// Pins the keys the server has for `user` now; returns their fingerprint.
+    pub async fn trust(&self, user: &Username) -> Result<String, ClientError> {
+        let user = user.clone();
+        self.call(|reply| Command::Trust { user, reply }).await
+    }
+
+    /// The last `limit` messages with `user`, oldest first.
+    pub async fn history(
+        &self,
+        user: &Username,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, ClientError> {
+        let user = user.clone();
+        self.call(|reply| Command::History { user, limit, reply })
+            .await
+    }
+
+    /// Records that message `id` was shown, so it is not shown again at the next start.
+    pub async fn mark_shown(&self, id: MessageId) {
+        let _ = self.commands.send(Command::Shown { id }).await;
+    }
+
+    /// Stops the runtime and waits (at most `timeout`) for its tasks to finish.
+    pub async fn shutdown(&self, timeout: Duration) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        let _ = tokio::time::timeout(timeout, self.tracker.wait()).await;
+    }
+}
+
+struct Job {
+    entry: OutboxEntry,
+    reply: Option<Reply_<SendReport>>,
+}
+
+struct EventLoop {
+    context: Arc<Context>,
+    listener: TcpListener,
+    control_rx: mpsc::UnboundedReceiver<ControlEvent>,
+    commands_rx: mpsc::Receiver<Command>,
+    internal_rx: mpsc::UnboundedReceiver<Internal>,
+    events: mpsc::UnboundedSender<Event>,
+    status: watch::Sender<Status>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    /// Recipients with a delivery under way, and what waits behind it.
+    busy: HashMap<Username, VecDeque<Job>>,
+    /// Messages being delivered or waiting to be, so an outbox flush does not repeat them.
+    in_flight: HashSet<MessageId>,
+    /// Idle links kept for reuse, per recipient.
+    links: HashMap<Username, PeerLink>,
+    fetching: bool,
+    fetch_again: bool,
+    online: bool,
+}
+
+/// When a wall-clock time (ms since the epoch) comes, as a monotonic instant.
+fn instant_at(wall_ms: u64, now_ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(wall_ms.saturating_sub(now_ms))
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        self.show_unshown_at_start();
+        let mut mail_timer = tokio::time::interval(self.context.config.mail_poll_interval);
+        mail_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut mute_deadline = self.next_mute_deadline();
+        loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, addr)) => {
+                        let context = self.context.clone();
+                        let shutdown = self.shutdown.clone();
+                        self.tracker.spawn(inbox::serve(stream, addr, context, shutdown));
+                    }
+                    Err(error) => {
+                        // Out of file descriptors and the like: wait a little rather than spin.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(event) = self.control_rx.recv() => self.handle_control(event),
+                Some(internal) = self.internal_rx.recv() => {
+                    if self.handle_internal(internal) {
+                        mute_deadline = self.next_mute_deadline();
+                    }
+                }
+                Some(command) = self.commands_rx.recv() => {
+                    if self.handle_command(command) {
+                        mute_deadline = self.next_mute_deadline();
+                    }
+                }
+                _ = mail_timer.tick() => {
+                    if self.online {
+                        self.fetch_mail();
+                        self.flush_outbox(None);
+                    }
+                }
+                () = sleep_until_opt(mute_deadline) => {
+                    self.end_mutes();
+                    mute_deadline = self.next_mute_deadline();
+                }
+            }
+        }
+        tracing::debug!("event loop stopped");
+    }
+
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    fn report_state_error(&self, error: StateError) {
+        tracing::error!(%error, "state error");
+        self.emit(Event::Refused {
+            from: self.context.me.clone(),
+            reason: format!("local state error: {error}"),
+        });
+    }
+
+    fn next_mute_deadline(&self) -> Option<Instant> {
+        match self.context.state.next_mute_end() {
+            Ok(end) => end.map(|end| instant_at(end, proto::now_ms())),
+            Err(error) => {
+                self.report_state_error(error);
+                None
+            }
+        }
+    }
+
+    /// Shows what was stored but not shown before the last exit; releases mutes that ended
+    /// while the client was not running.
+    fn show_unshown_at_start(&mut self) {
+        self.end_mutes();
+        let unshown = match self.context.state.unshown() {
+            Ok(unshown) => unshown,
+            Err(error) => return self.report_state_error(error),
+        };
+        let now = proto::now_ms();
+        let mut released: Vec<Username> = Vec::new();
+        for message in unshown {
+            if !message.while_muted {
+                self.emit(Event::Message(message));
+            } else if !matches!(
+                self.context.state.muted_until(&message.from, now),
+                Ok(Some(_))
+            ) && !released.contains(&message.from)
+            {
+                released.push(message.from.clone());
+            }
+        }
+        for user in released {
+            self.release_held(&user);
+        }
+    }
+
+    fn end_mutes(&mut self) {
+        match self.context.state.take_ended_mutes(proto::now_ms()) {
+            Ok(ended) => ended.iter().for_each(|user| self.release_held(user)),
+            Err(error) => self.report_state_error(error),
+        }
+    }
+
+    /// Shows the messages a mute of `user` held, after a one-line summary.
+    fn release_held(&mut self, user: &Username) {
+        let held: Vec<InboundMessage> = match self.context.state.unshown() {
+            Ok(unshown) => unshown
+                .into_iter()
+                .filter(|message| &message.from == user && message.while_muted)
+                .collect(),
+            Err(error) => return self.report_state_error(error),
+        };
+        self.emit(Event::MuteEnded {
+            user: user.clone(),
+            held: held.len(),
+        });
+        for message in held {
+            self.emit(Event::Message(message));
+        }
+    }
+
+    fn handle_control(&mut self, event: ControlEvent) {
+        match event {
+            ControlEvent::Online { observed, .. } => {
+                self.online = true;
+                self.status.send_replace(Status::Online { observed });
+                self.emit(Event::Online { observed });
+                self.fetch_mail();
+                self.sync_blocks();
+                self.flush_outbox(None);
+            }
+            ControlEvent::Offline { reason, retry_in } => {
+                self.online = false;
+                // Kept links may point at peers that moved; start fresh after a reconnect.
+                self.links.clear();
+                self.status.send_replace(Status::Offline {
+                    reason: reason.clone(),
+                });
+                self.emit(Event::Offline { reason, retry_in });
+            }
+            ControlEvent::Fatal(reply) => {
+                self.online = false;
+                self.status.send_replace(Status::Fatal(reply.clone()));
+                self.emit(Event::Fatal(reply));
+            }
+            ControlEvent::Push(Push::MailWaiting) => self.fetch_mail(),
+            ControlEvent::Push(Push::Announcement { text, at_ms }) => {
+                self.emit(Event::Announcement { text, at_ms });
+            }
+            ControlEvent::Push(Push::Presence { user, online }) => {
+                self.emit(Event::Presence { user, online });
+            }
+        }
+    }
+
+    /// Returns whether mutes changed.
+    fn handle_internal(&mut self, internal: Internal) -> bool {
+        match internal {
+            Internal::Received(message) => {
+                // The mute decision was made when the message was stored.
+                if !message.while_muted {
+                    self.emit(Event::Message(message));
+                }
+            }
+            Internal::Notify(event) => self.emit(event),
+            Internal::Delivered {
+                entry,
+                status,
+                link,
+                reply,
+            } => self.delivered(entry, status, link, reply),
+            Internal::FetchDone => {
+                self.fetching = false;
+                if std::mem::take(&mut self.fetch_again) {
+                    self.fetch_mail();
+                }
+            }
+            Internal::MutesChanged => return true,
+            Internal::Trusted(user) => self.flush_outbox(Some(&user)),
+        }
+        false
+    }
+
+    fn fetch_mail(&mut self) {
+        if self.fetching {
+            self.fetch_again = true;
+            return;
+        }
+        self.fetching = true;
+        let context = self.context.clone();
+        self.tracker.spawn(async move {
+            inbox::fetch_mail(&context).await;
+            let _ = context.to_loop.send(Internal::FetchDone);
+        });
+    }
+
+    fn sync_blocks(&self) {
+        let pending = match self.context.state.unsynced_blocks() {
+            Ok(pending) if !pending.is_empty() => pending,
+            Ok(_) => return,
+            Err(error) => return self.report_state_error(error),
+        };
+        let context = self.context.clone();
+        self.tracker.spawn(async move {
+            for (user, active) in pending {
+                sync_block(&context, &user, active).await;
+            }
+        });
+    }
+
+    fn flush_outbox(&mut self, only: Option<&Username>) {
+        let outbox = match self.context.state.outbox() {
+            Ok(outbox) => outbox,
+            Err(error) => return self.report_state_error(error),
+        };
+        for entry in outbox {
+            if only.is_some_and(|user| user != &entry.to) || self.in_flight.contains(&entry.id) {
+                continue;
+            }
+            self.enqueue(Job { entry, reply: None });
+        }
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        self.in_flight.insert(job.entry.id);
+        match self.busy.get_mut(&job.entry.to) {
+            Some(queue) => queue.push_back(job),
+            None => {
+                self.busy.insert(job.entry.to.clone(), VecDeque::new());
+                self.start_job(job);
+            }
+        }
+    }
+
+    fn start_job(&mut self, job: Job) {
+        let context = self.context.clone();
+        let link = self.links.remove(&job.entry.to);
+        self.tracker.spawn(async move {
+            let (status, link) = delivery::deliver(&context, &job.entry, link).await;
+            let _ = context.to_loop.send(Internal::Delivered {
+                entry: job.entry,
+                status,
+                link,
+                reply: job.reply,
+            });
+        });
+    }
+
+    fn delivered(
+        &mut self,
+        entry: OutboxEntry,
+        status: DeliveryStatus,
+        link: Option<PeerLink>,
+        reply: Option<Reply_<SendReport>>,
+    ) {
+        self.in_flight.remove(&entry.id);
+        let (history_status, keep) = status.to_history();
+        if let Err(error) = self
+            .context
+            .state
+            .finish_attempt(&entry, &history_status, keep)
+        {
+            self.report_state_error(error);
+        }
+        if let Some(link) = link {
+            self.links.insert(entry.to.clone(), link);
+        }
+        let report = SendReport {
+            id: entry.id,
+            to: entry.to.clone(),
+            status,
+        };
+        match reply {
+            Some(reply) => {
+                let _ = reply.send(Ok(report));
+            }
+            // Retries are reported as events, except failures that will be retried again,
+            // which would only repeat the same line at every reconnect.
+            None if !keep => self.emit(Event::Delivery {
+                id: report.id,
+                to: report.to,
+                status: report.status,
+            }),
+            None => {}
+        }
+        let next = self.busy.get_mut(&entry.to).and_then(VecDeque::pop_front);
+        match next {
+            Some(job) => self.start_job(job),
+            None => {
+                self.busy.remove(&entry.to);
+            }
+        }
+    }
+
+    /// Returns whether mutes changed.
+    fn handle_command(&mut self, command: Command) -> bool {
+        let state = &self.context.state;
+        match command {
+            Command::Send { to, body, reply } => {
+                if to == self.context.me {
+                    let _ = reply.send(Err(ClientError::Yourself));
+                } else if body.len() > proto::seal::MAX_BODY_LEN {
+                    let _ = reply.send(Err(ClientError::TooLong {
+                        len: body.len(),
+                        max: proto::seal::MAX_BODY_LEN,
+                    }));
+                } else {
+                    match state.queue_outgoing(&to, &body, proto::now_ms()) {
+                        Ok(entry) => self.enqueue(Job {
+                            entry,
+                            reply: Some(reply),
+                        }),
+                        Err(error) => {
+                            let _ = reply.send(Err(error.into()));
+                        }
+                    }
+                }
+            }
+            Command::Blocked { reply } => {
+                let _ = reply.send(state.blocked().map_err(Into::into));
+            }
+            Command::History { user, limit, reply } => {
+                let _ = reply.send(state.history(&user, limit).map_err(Into::into));
+            }
+            Command::Shown { id } => {
+                if let Err(error) = state.mark_shown(&id) {
+                    self.report_state_error(error);
+                }
+            }
+            Command::Unmute { user, reply } => {
+                let result = match state.unmute(&user) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(ClientError::NotMuted(user.clone())),
+                    Err(error) => Err(error.into()),
+                };
+                let ok = result.is_ok();
+                let _ = reply.send(result);
+                if ok {
+                    self.release_held(&user);
+                    return true;
+                }
+            }
+            Command::Unblock { user, reply } => {
+                let result = match state.unblock(&user) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(ClientError::NotBlocked(user.clone())),
+                    Err(error) => Err(error.into()),
+                };
+                if result.is_ok() && self.online {
+                    let context = self.context.clone();
+                    self.tracker
+                        .spawn(async move { sync_block(&context, &user, false).await });
+                }
+                let _ = reply.send(result);
+            }
+            // The rest need the server (to check the user exists, or for keys): they run as
+            // tracked tasks and report back.
+            command => self.spawn_command(command),
+        }
+        false
+    }
+
+    fn spawn_command(&self, command: Command) {
+        let context = self.context.clone();
+        self.tracker.spawn(async move {
+            match command {
+                Command::List { reply } => {
+                    let result = match context.control.request(Request::List).await {
+                        Ok(Reply::Users(users)) => Ok(users),
+                        Ok(_) => Err(ControlError::Unexpected.into()),
+                        Err(error) => Err(error.into()),
+                    };
+                    let _ = reply.send(result);
+                }
+                Command::Block { user, reply } => {
+                    let _ = reply.send(block(&context, &user).await);
+                }
+                Command::Mute {
+                    user,
+                    seconds,
+                    reply,
+                } => {
+                    let result = mute(&context, &user, seconds).await;
+                    if result.is_ok() {
+                        let _ = context.to_loop.send(Internal::MutesChanged);
+                    }
+                    let _ = reply.send(result);
+                }
+                Command::Whois { user, reply } => {
+                    let _ = reply.send(whois(&context, &user).await);
+                }
+                Command::Trust { user, reply } => {
+                    let result = trust(&context, &user).await;
+                    if result.is_ok() {
+                        let _ = context.to_loop.send(Internal::Trusted(user));
+                    }
+                    let _ = reply.send(result);
+                }
+                // Handled on the loop; never spawned.
+                Command::Send { .. }
+                | Command::Blocked { .. }
+                | Command::History { .. }
+                | Command::Shown { .. }
+                | Command::Unmute { .. }
+                | Command::Unblock { .. } => {}
+            }
+        });
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Checks that `user` exists: pinned here, or known to the server. Offline, a name that is
+/// not pinned is taken on trust (blocking or muting someone is harmless either way).
+async fn check_known(context: &Context, user: &Username) -> Result<(), ClientError> {
+    if user == &context.me {
+        return Err(ClientError::Yourself);
+    }
+    if context.state.pinned(user)?.is_some() {
+        return Ok(());
+    }
+    match context.lookup(user).await {
+        Ok(_) | Err(ClientError::Control(_)) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+async fn block(context: &Context, user: &Username) -> Result<(), ClientError> {
+    check_known(context, user).await?;
+    if !context.state.block(user)? {
+        return Err(ClientError::AlreadyBlocked(user.clone()));
+    }
+    sync_block(context, user, true).await;
+    Ok(())
+}
+
+/// Tells the server about a block or unblock; on success records that it knows. Offline,
+/// the change stays pending and is sent at the next registration.
+async fn sync_block(context: &Context, user: &Username, active: bool) {
+    let request = if active {
+        Request::Block { user: user.clone() }
+    } else {
+        Request::Unblock { user: user.clone() }
+    };
+    match context.control.request(request).await {
+        Ok(_) => {
+            if let Err(error) = context.state.block_synced(user, active) {
+                tracing::error!(%error, "state error");
+            }
+        }
+        Err(error) => tracing::info!(%user, %error, "block change not yet at the server"),
+    }
+}
+
+async fn mute(context: &Context, user: &Username, seconds: u64) -> Result<u64, ClientError> {
+    if seconds == 0 {
+        return Err(ClientError::BadDuration);
+    }
+    check_known(context, user).await?;
+    let until = proto::now_ms().saturating_add(seconds.saturating_mul(1000));
+    context.state.mute(user, until)?;
+    Ok(until)
+}
+
+async fn whois(context: &Context, user: &Username) -> Result<WhoisReport, ClientError> {
+    let pinned = context.state.pinned(user)?;
+    let server = match context.lookup(user).await {
+        Ok(info) => Some(info),
+        Err(ClientError::Control(_)) if pinned.is_some() => None,
+        Err(error) => return Err(error),
+    };
+    let mine = (&context.me, context.identity.public());
+    let shown_keys = pinned.as_ref().or(server.as_ref().map(|info| &info.keys));
+    Ok(WhoisReport {
+        user: user.clone(),
+        my_fingerprint: context.identity.public().fingerprint(),
+        pinned_fingerprint: pinned.as_ref().map(PublicKeys::fingerprint),
+        server_fingerprint: server.as_ref().map(|info| info.keys.fingerprint()),
+        safety_number: shown_keys.map(|keys| proto::identity::safety_number(mine, (user, keys))),
+        key_changed: matches!((&pinned, &server), (Some(pinned), Some(info)) if pinned != &info.keys),
+        online: server.as_ref().map(|info| info.online),
+        last_seen_ms: server.as_ref().and_then(|info| info.last_seen_ms),
+    })
+}
+
+async fn trust(context: &Context, user: &Username) -> Result<String, ClientError> {
+    if user == &context.me {
+        return Err(ClientError::Yourself);
+    }
+    let info = context.lookup(user).await?;
+    info.keys.verify().map_err(|error| ClientError::BadKeys {
+        user: user.clone(),
+        reason: error.to_string(),
+    })?;
+    context.state.repin(user, &info.keys)?;
+    Ok(info.keys.fingerprint())
+}
