@@ -1,3 +1,160 @@
-//! `p2pchat-discovery` binary.
+//! `p2pchat-discovery`: the discovery server binary, a thin shell over [`discovery::serve`].
 
-fn main() {}
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use discovery::{Config, Metrics, operator};
+use store::{EmbeddedStore, MailLimits, RedisStore, Store};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The p2pchat discovery server: tells clients where their peers are and holds their
+/// end-to-end encrypted mail while they are offline.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Address to listen on for clients.
+    #[arg(long, env = "P2PCHAT_LISTEN", default_value = "127.0.0.1:5001")]
+    listen: SocketAddr,
+    /// Redis URL (shared state for several instances); without it, an embedded store in the
+    /// data dir is used.
+    #[arg(long, env = "REDIS_URL")]
+    redis: Option<String>,
+    /// Folder for the embedded store and the operator secret.
+    #[arg(long, env = "P2PCHAT_DISCOVERY_DATA")]
+    data_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this address.
+    #[arg(long, env = "P2PCHAT_METRICS")]
+    metrics: Option<SocketAddr>,
+    /// Seconds between client heartbeats.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_secs: u64,
+    /// Seconds without a heartbeat after which a client is offline.
+    #[arg(long, default_value_t = 30)]
+    presence_ttl_secs: u64,
+    /// Most simultaneous client connections.
+    #[arg(long, default_value_t = 200_000)]
+    max_connections: usize,
+    /// Most messages one mailbox holds.
+    #[arg(long, default_value_t = 10_000)]
+    mail_cap: u64,
+    /// Days mail is kept before it expires.
+    #[arg(long, default_value_t = 30)]
+    mail_ttl_days: u64,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Publish an announcement to every connected client (of every instance), proving the
+    /// operator secret from the data dir.
+    Announce {
+        /// The announcement text.
+        text: String,
+        /// The running server to ask (defaults to the listen address).
+        #[arg(long, env = "P2PCHAT_SERVER")]
+        server: Option<String>,
+    },
+}
+
+fn default_data_dir() -> anyhow::Result<PathBuf> {
+    directories::ProjectDirs::from("", "", "p2pchat-discovery")
+        .map(|dirs| dirs.data_dir().to_path_buf())
+        .context("no home folder to keep data in; pass --data-dir")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let data_dir = match &cli.data_dir {
+        Some(dir) => dir.clone(),
+        None => default_data_dir()?,
+    };
+
+    if let Some(Command::Announce { text, server }) = &cli.command {
+        let secret = operator::load_secret(&data_dir)?;
+        let server = server.clone().unwrap_or_else(|| cli.listen.to_string());
+        operator::announce(&server, &secret, text).await?;
+        println!("announced");
+        return Ok(());
+    }
+
+    let limits = MailLimits {
+        cap: cli.mail_cap,
+        ttl_ms: cli.mail_ttl_days.saturating_mul(24 * 60 * 60 * 1000),
+    };
+    let store = match &cli.redis {
+        Some(url) => Store::Redis(
+            RedisStore::connect(url, limits)
+                .await
+                .with_context(|| format!("cannot use Redis at {url}"))?,
+        ),
+        None => {
+            proto::identity::create_private_dir(&data_dir)?;
+            Store::Embedded(
+                EmbeddedStore::open(&data_dir.join("store.redb"), limits)
+                    .with_context(|| format!("cannot open the store in {}", data_dir.display()))?,
+            )
+        }
+    };
+    let config = Config {
+        heartbeat_interval: Duration::from_secs(cli.heartbeat_secs),
+        presence_ttl: Duration::from_secs(cli.presence_ttl_secs),
+        max_connections: cli.max_connections,
+        operator_secret: Some(operator::load_or_create_secret(&data_dir)?),
+        ..Config::default()
+    };
+    let listener = TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cli.listen))?;
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
+    if let Some(address) = cli.metrics {
+        let metrics_listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot serve metrics on {address}"))?;
+        tokio::spawn(discovery::metrics::serve(
+            metrics_listener,
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        ));
+    }
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    discovery::serve(listener, store, config, metrics, shutdown).await?;
+    Ok(())
+}
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM (what Docker sends).
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

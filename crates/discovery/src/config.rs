@@ -1,0 +1,50 @@
+//! [`Config`]: every knob of the server, with the defaults of design.md §3 and §6.
+
+use std::time::Duration;
+
+/// Server settings. `Config::default()` is what the binary runs with unless told otherwise.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How often clients are asked to send a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// How long a registered client stays online without a heartbeat. A registered
+    /// connection silent for this long is closed.
+    pub presence_ttl: Duration,
+    /// How long a new connection has to complete the hello and register (or announce);
+    /// idle unauthenticated connections are closed after it.
+    pub handshake_timeout: Duration,
+    /// How long one write to a client may take before the client is dropped as stuck.
+    pub write_timeout: Duration,
+    /// The most simultaneous connections; more are told `server_busy` and closed.
+    pub max_connections: usize,
+    /// The largest frame accepted.
+    pub max_frame_len: usize,
+    /// The most mail envelopes sent in one `Fetch` reply (fewer if they would not fit a frame).
+    pub fetch_batch: u32,
+    /// Requests per second one connection may sustain (token bucket); more get `rate_limited`.
+    pub requests_per_second: u32,
+    /// The burst one connection may send above the sustained rate.
+    pub request_burst: u32,
+    /// The operator secret that `announce` must prove; `None` refuses every announcement.
+    pub operator_secret: Option<Vec<u8>>,
+    /// How long a shutdown waits for connections to close.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(10),
+            presence_ttl: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            max_connections: 200_000,
+            max_frame_len: proto::wire::MAX_FRAME_LEN,
+            fetch_batch: 1000,
+            requests_per_second: 20_000,
+            request_burst: 40_000,
+            operator_secret: None,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}

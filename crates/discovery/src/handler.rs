@@ -1,0 +1,476 @@
+//! The control protocol as a state machine: one [`Session`] per connection, fed one request
+//! at a time with the time passed in, answering each with exactly one result.
+//!
+//! It touches the [`Store`] and nothing else: no sockets, no clocks, no tasks. The
+//! connection code in [`crate::server`] only moves frames in and out of it, so every rule of
+//! the protocol (who may do what, in which state, with which error) is tested here with plain
+//! `#[tokio::test]`s over an embedded store.
+
+use std::net::SocketAddr;
+
+use proto::{
+    ErrorCode, ErrorReply, Registration, Reply, Request, UserInfo, Username,
+    identity::{registration_transcript, verify_announce_proof},
+};
+use store::{BindOutcome, Binding, Broadcast, DepositOutcome, Presence, Store, StoreError};
+
+use crate::{config::Config, metrics::Metrics};
+
+/// The largest Fernet token accepted in a deposit: a full-size body sealed, with room to
+/// spare, and well inside a frame.
+pub const MAX_TOKEN_LEN: usize = 48 * 1024;
+/// The budget of one `Fetch` reply in envelope bytes, leaving headroom in a 64 KiB frame.
+const FETCH_REPLY_BUDGET: usize = 56 * 1024;
+
+/// Where a connection is in the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Challenged, not registered: only `Register` and `Announce` are allowed.
+    Unregistered,
+    /// Registered as `user`.
+    Registered {
+        /// The user.
+        user: Username,
+    },
+}
+
+/// What the server tells the rest of the process after a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// This connection is now `user` (route pushes for `user` here).
+    Registered(Username),
+    /// This connection no longer speaks for `user`.
+    Unregistered(Username),
+}
+
+/// One control connection's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    nonce: [u8; 32],
+    session_id: u64,
+    observed: SocketAddr,
+    state: State,
+    listen_ports: Vec<u16>,
+}
+
+/// A request's outcome: the reply to send and what changed.
+pub type Outcome = (Result<Reply, ErrorReply>, Option<Event>);
+
+impl Session {
+    /// A session for a client seen at `observed`, challenged with `nonce`; `session_id`
+    /// tells this connection's presence apart from any later one of the same user.
+    pub fn new(nonce: [u8; 32], session_id: u64, observed: SocketAddr) -> Self {
+        Self {
+            nonce,
+            session_id,
+            observed,
+            state: State::Unregistered,
+            listen_ports: Vec::new(),
+        }
+    }
+
+    /// The protocol state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The registered user, if any.
+    pub fn user(&self) -> Option<&Username> {
+        match &self.state {
+            State::Registered { user } => Some(user),
+            State::Unregistered => None,
+        }
+    }
+
+    /// This connection's presence id.
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    /// Handles one request at `now_ms` and returns its one reply.
+    pub async fn handle(
+        &mut self,
+        request: Request,
+        store: &Store,
+        config: &Config,
+        metrics: &Metrics,
+        now_ms: u64,
+    ) -> Outcome {
+        let outcome = match request {
+            Request::Register(registration) => {
+                self.register(registration, store, config, now_ms).await
+            }
+            Request::Announce { text, proof } => {
+                (self.announce(text, proof, store, config).await, None)
+            }
+            request => match self.user().cloned() {
+                None => (
+                    Err(ErrorReply::new(
+                        ErrorCode::NotRegistered,
+                        "register first: this request needs a registered user",
+                    )),
+                    None,
+                ),
+                Some(me) => {
+                    self.handle_registered(me, request, store, config, metrics, now_ms)
+                        .await
+                }
+            },
+        };
+        match &outcome.0 {
+            Ok(Reply::Registered { .. }) => metrics.registrations.inc(),
+            Ok(_) => {}
+            Err(error) => metrics.error(error.code),
+        }
+        outcome
+    }
+
+    async fn handle_registered(
+        &mut self,
+        me: Username,
+        request: Request,
+        store: &Store,
+        config: &Config,
+        metrics: &Metrics,
+        now_ms: u64,
+    ) -> Outcome {
+        let result = match request {
+            Request::Heartbeat => self
+                .refresh_presence(&me, store, config, now_ms)
+                .await
+                .map(|()| Reply::Pong),
+            Request::Lookup { user } => {
+                metrics.lookups.inc();
+                lookup(&user, store, now_ms).await
+            }
+            Request::List => store
+                .online_users(now_ms)
+                .await
+                .map(Reply::Users)
+                .map_err(store_error),
+            Request::Deposit { envelope } => deposit(&me, envelope, store, metrics, now_ms).await,
+            Request::Fetch { max } => fetch(&me, max.min(config.fetch_batch), store, now_ms).await,
+            Request::Ack { ids } => match store.ack(&me, &ids).await {
+                Ok(removed) => {
+                    metrics.mail_delivered.add(removed);
+                    Ok(Reply::Acked {
+                        removed: u32::try_from(removed).unwrap_or(u32::MAX),
+                    })
+                }
+                Err(error) => Err(store_error(error)),
+            },
+            Request::Block { user } => set_blocked(&me, &user, true, store).await,
+            Request::Unblock { user } => set_blocked(&me, &user, false, store).await,
+            Request::Unregister => {
+                return match store.clear_presence(&me, self.session_id, now_ms).await {
+                    Ok(_) => {
+                        self.state = State::Unregistered;
+                        (Ok(Reply::Done), Some(Event::Unregistered(me)))
+                    }
+                    Err(error) => (Err(store_error(error)), None),
+                };
+            }
+            Request::Register(_) | Request::Announce { .. } => {
+                unreachable!("handled before the registration check")
+            }
+        };
+        (result, None)
+    }
+
+    async fn register(
+        &mut self,
+        registration: Registration,
+        store: &Store,
+        config: &Config,
+        now_ms: u64,
+    ) -> Outcome {
+        let Registration {
+            user,
+            keys,
+            listen_ports,
+            signature,
+        } = registration;
+        if let Some(current) = self.user()
+            && *current != user
+        {
+            return (
+                Err(ErrorReply::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "this connection is registered as {current}; open another connection for {user}"
+                    ),
+                )),
+                None,
+            );
+        }
+        if keys.verify().is_err() {
+            return (
+                Err(ErrorReply::new(
+                    ErrorCode::BadSignature,
+                    "the X25519 key is not signed by the identity key",
+                )),
+                None,
+            );
+        }
+        let transcript = registration_transcript(&self.nonce, &user, &keys);
+        if keys.verify_signature(&transcript, &signature).is_err() {
+            return (
+                Err(ErrorReply::new(
+                    ErrorCode::BadSignature,
+                    "the registration signature does not verify against this connection's challenge",
+                )),
+                None,
+            );
+        }
+        let binding = Binding {
+            user: user.clone(),
+            keys: keys.clone(),
+            bound_at_ms: now_ms,
+        };
+        let new_binding = match store.bind(&binding).await {
+            Ok(BindOutcome::Created) => true,
+            Ok(BindOutcome::Existing(existing)) if existing.keys == keys => false,
+            Ok(BindOutcome::Existing(_)) => {
+                return (
+                    Err(ErrorReply::new(
+                        ErrorCode::NameTaken,
+                        format!("the name {user} is already taken by someone else's key"),
+                    )),
+                    None,
+                );
+            }
+            Err(error) => return (Err(store_error(error)), None),
+        };
+        self.listen_ports = listen_ports;
+        if let Err(error) = self.refresh_presence(&user, store, config, now_ms).await {
+            return (Err(error), None);
+        }
+        let event = (self.user() != Some(&user)).then(|| Event::Registered(user.clone()));
+        self.state = State::Registered { user };
+        (
+            Ok(Reply::Registered {
+                observed: self.observed,
+                new_binding,
+                heartbeat_interval_ms: millis(config.heartbeat_interval),
+                presence_ttl_ms: millis(config.presence_ttl),
+            }),
+            event,
+        )
+    }
+
+    async fn refresh_presence(
+        &self,
+        user: &Username,
+        store: &Store,
+        config: &Config,
+        now_ms: u64,
+    ) -> Result<(), ErrorReply> {
+        let presence = Presence {
+            user: user.clone(),
+            session: self.session_id,
+            addresses: self
+                .listen_ports
+                .iter()
+                .map(|port| SocketAddr::new(self.observed.ip(), *port))
+                .collect(),
+            last_seen_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(millis(config.presence_ttl)),
+        };
+        store.set_presence(&presence).await.map_err(store_error)
+    }
+
+    async fn announce(
+        &self,
+        text: String,
+        proof: [u8; 32],
+        store: &Store,
+        config: &Config,
+    ) -> Result<Reply, ErrorReply> {
+        let authorised = config
+            .operator_secret
+            .as_deref()
+            .is_some_and(|secret| verify_announce_proof(secret, &self.nonce, &text, &proof));
+        if !authorised {
+            return Err(ErrorReply::new(
+                ErrorCode::Unauthorized,
+                "only the operator may announce (the proof of the operator secret is wrong)",
+            ));
+        }
+        if text.trim().is_empty() {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "an announcement needs some text",
+            ));
+        }
+        store
+            .publish(&Broadcast::Announcement { text })
+            .await
+            .map(|()| Reply::Done)
+            .map_err(store_error)
+    }
+}
+
+async fn lookup(user: &Username, store: &Store, now_ms: u64) -> Result<Reply, ErrorReply> {
+    let binding = store
+        .binding(user)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| unknown_user(user))?;
+    let presence = store.presence(user).await.map_err(store_error)?;
+    let online = presence.as_ref().is_some_and(|p| p.is_online(now_ms));
+    Ok(Reply::User(UserInfo {
+        user: user.clone(),
+        keys: binding.keys,
+        addresses: match (&presence, online) {
+            (Some(presence), true) => presence.addresses.clone(),
+            _ => Vec::new(),
+        },
+        online,
+        last_seen_ms: presence.map(|p| p.last_seen_ms),
+    }))
+}
+
+async fn deposit(
+    me: &Username,
+    envelope: proto::Envelope,
+    store: &Store,
+    metrics: &Metrics,
+    now_ms: u64,
+) -> Result<Reply, ErrorReply> {
+    if envelope.from != *me {
+        return Err(ErrorReply::new(
+            ErrorCode::BadRequest,
+            format!(
+                "you are registered as {me} and cannot send mail as {}",
+                envelope.from
+            ),
+        ));
+    }
+    if envelope.token.len() > MAX_TOKEN_LEN {
+        return Err(ErrorReply::new(
+            ErrorCode::TooLarge,
+            format!("a sealed message has at most {MAX_TOKEN_LEN} bytes"),
+        ));
+    }
+    let recipient = envelope.to.clone();
+    if store
+        .binding(&recipient)
+        .await
+        .map_err(store_error)?
+        .is_none()
+    {
+        return Err(unknown_user(&recipient));
+    }
+    match store.deposit(&envelope, now_ms).await {
+        Ok(outcome) => {
+            if outcome == DepositOutcome::Stored {
+                metrics.mail_deposited.inc();
+            }
+            // The push is a hint: if it is lost the recipient still fetches on its timer.
+            if let Err(error) = store
+                .publish(&Broadcast::MailWaiting {
+                    user: recipient.clone(),
+                })
+                .await
+            {
+                tracing::warn!(%error, "could not publish mail-waiting for {recipient}");
+            }
+            let recipient_online = store
+                .presence(&recipient)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|p| p.is_online(now_ms));
+            Ok(Reply::Deposited { recipient_online })
+        }
+        Err(error) => Err(store_error(error)),
+    }
+}
+
+async fn fetch(me: &Username, max: u32, store: &Store, now_ms: u64) -> Result<Reply, ErrorReply> {
+    let max = usize::try_from(max.max(1)).unwrap_or(1);
+    let fetched = store.fetch(me, max, now_ms).await.map_err(store_error)?;
+    let total = fetched.mail.len();
+    let mut budget = FETCH_REPLY_BUDGET;
+    let mut envelopes = Vec::with_capacity(total);
+    for mail in fetched.mail {
+        // Rough encoded size: the token plus ids and names with their length prefixes.
+        let size = mail.envelope.token.len() + 100;
+        if size > budget && !envelopes.is_empty() {
+            break;
+        }
+        budget = budget.saturating_sub(size);
+        envelopes.push(mail.envelope);
+    }
+    let left_out = (total - envelopes.len()) as u64;
+    Ok(Reply::Mail {
+        envelopes,
+        remaining: fetched.remaining + left_out,
+    })
+}
+
+async fn set_blocked(
+    me: &Username,
+    user: &Username,
+    blocked: bool,
+    store: &Store,
+) -> Result<Reply, ErrorReply> {
+    if user == me {
+        return Err(ErrorReply::new(
+            ErrorCode::BadRequest,
+            "you cannot block yourself",
+        ));
+    }
+    if store.binding(user).await.map_err(store_error)?.is_none() {
+        return Err(unknown_user(user));
+    }
+    let result = if blocked {
+        store.block(me, user).await
+    } else {
+        store.unblock(me, user).await
+    };
+    result.map(|()| Reply::Done).map_err(store_error)
+}
+
+fn unknown_user(user: &Username) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::UnknownUser,
+        format!("no user named {user} has ever registered"),
+    )
+}
+
+/// Maps a store failure to the error a client sees.
+pub fn store_error(error: StoreError) -> ErrorReply {
+    match error {
+        StoreError::MailboxFull { user, cap } => ErrorReply::new(
+            ErrorCode::MailboxFull,
+            format!("{user}'s mailbox is full ({cap} messages); try again later"),
+        ),
+        StoreError::Blocked { recipient, sender } => ErrorReply::new(
+            ErrorCode::Blocked,
+            format!("{recipient} does not accept messages from {sender}"),
+        ),
+        StoreError::Redis(error) => {
+            tracing::warn!(%error, "redis request failed");
+            ErrorReply::new(
+                ErrorCode::Unavailable,
+                "the server's storage is unreachable right now; try again shortly",
+            )
+        }
+        error => {
+            tracing::error!(%error, "store failure");
+            ErrorReply::new(
+                ErrorCode::Internal,
+                "the server failed to carry out the request",
+            )
+        }
+    }
+}
+
+fn millis(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+#[path = "handler_tests.rs"]
+mod tests;

@@ -1,0 +1,763 @@
+//! The state machine, request by request and error code by error code, over an embedded
+//! store in a temporary folder, with time passed in.
+
+use std::time::Duration;
+
+use proto::{Channel, Identity, MessageId, identity::announce_proof};
+use store::{EmbeddedStore, MailLimits};
+
+use super::*;
+
+const T0: u64 = 1_790_000_000_000;
+const SECRET: &[u8] = b"operator secret for tests";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    store: Store,
+    config: Config,
+    metrics: Metrics,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self::with_limits(MailLimits::default())
+    }
+
+    fn with_limits(limits: MailLimits) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let store = Store::Embedded(EmbeddedStore::open(&path, limits).unwrap());
+        Self {
+            _dir: dir,
+            path,
+            store,
+            config: Config {
+                operator_secret: Some(SECRET.to_vec()),
+                ..Config::default()
+            },
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// The same data opened by a new store, as after a server restart.
+    fn restart(&mut self) {
+        // Drop the old handle first (by replacing it with a scratch store): redb allows one
+        // open database per file.
+        let scratch = self._dir.path().join("scratch.redb");
+        self.store = Store::Embedded(EmbeddedStore::open(scratch, MailLimits::default()).unwrap());
+        self.store =
+            Store::Embedded(EmbeddedStore::open(&self.path, MailLimits::default()).unwrap());
+    }
+
+    async fn handle(
+        &self,
+        session: &mut Session,
+        request: Request,
+        now: u64,
+    ) -> Result<Reply, ErrorReply> {
+        session
+            .handle(request, &self.store, &self.config, &self.metrics, now)
+            .await
+            .0
+    }
+}
+
+struct Client {
+    name: Username,
+    identity: Identity,
+    session: Session,
+}
+
+fn name(text: &str) -> Username {
+    Username::new(text).unwrap()
+}
+
+fn session() -> Session {
+    Session::new(
+        proto::random_bytes(),
+        rand_id(),
+        "127.0.0.9:40000".parse().unwrap(),
+    )
+}
+
+fn rand_id() -> u64 {
+    u64::from_le_bytes(proto::random_bytes())
+}
+
+fn registration(
+    session: &Session,
+    user: &Username,
+    identity: &Identity,
+    ports: Vec<u16>,
+) -> Request {
+    let transcript = registration_transcript(&session.nonce, user, identity.public());
+    Request::Register(Registration {
+        user: user.clone(),
+        keys: identity.public().clone(),
+        listen_ports: ports,
+        signature: identity.sign(&transcript),
+    })
+}
+
+async fn registered(fixture: &Fixture, user: &str, now: u64) -> Client {
+    let identity = Identity::generate();
+    let mut session = session();
+    let user = name(user);
+    let request = registration(&session, &user, &identity, vec![4000]);
+    let reply = fixture.handle(&mut session, request, now).await.unwrap();
+    assert!(matches!(reply, Reply::Registered { .. }));
+    Client {
+        name: user,
+        identity,
+        session,
+    }
+}
+
+fn sealed(from: &Client, to: &Client, body: &str) -> proto::Envelope {
+    Channel::new(&from.identity, &from.name, &to.name, to.identity.public())
+        .unwrap()
+        .seal(MessageId::random(), body, T0)
+        .unwrap()
+}
+
+fn code(result: Result<Reply, ErrorReply>) -> ErrorCode {
+    result.expect_err("expected an error").code
+}
+
+#[tokio::test]
+async fn first_registration_binds_and_reports_the_observed_address() {
+    let fixture = Fixture::new();
+    let identity = Identity::generate();
+    let mut session = session();
+    let request = registration(&session, &name("alice"), &identity, vec![4000, 4001]);
+    let (result, event) = session
+        .handle(
+            request,
+            &fixture.store,
+            &fixture.config,
+            &fixture.metrics,
+            T0,
+        )
+        .await;
+    assert_eq!(
+        result.unwrap(),
+        Reply::Registered {
+            observed: "127.0.0.9:40000".parse().unwrap(),
+            new_binding: true,
+            heartbeat_interval_ms: 10_000,
+            presence_ttl_ms: 30_000,
+        }
+    );
+    assert_eq!(event, Some(Event::Registered(name("alice"))));
+    assert_eq!(session.user(), Some(&name("alice")));
+    assert_eq!(fixture.metrics.registrations.get(), 1);
+}
+
+#[tokio::test]
+async fn re_registration_after_a_server_restart_proves_the_bound_key() {
+    let mut fixture = Fixture::new();
+    let alice = registered(&fixture, "alice", T0).await;
+    fixture.restart();
+    let mut fresh = session();
+    let request = registration(&fresh, &alice.name, &alice.identity, vec![4000]);
+    match fixture
+        .handle(&mut fresh, request, T0 + 1000)
+        .await
+        .unwrap()
+    {
+        Reply::Registered { new_binding, .. } => assert!(!new_binding),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_bound_name_with_another_key_is_taken() {
+    let fixture = Fixture::new();
+    let _alice = registered(&fixture, "alice", T0).await;
+    let impostor = Identity::generate();
+    let mut session = session();
+    let request = registration(&session, &name("alice"), &impostor, vec![4000]);
+    let error = fixture.handle(&mut session, request, T0).await.unwrap_err();
+    assert_eq!(error.code, ErrorCode::NameTaken);
+    assert!(error.message.contains("alice"));
+    assert_eq!(session.user(), None);
+    assert_eq!(fixture.metrics.errors(ErrorCode::NameTaken), 1);
+}
+
+#[tokio::test]
+async fn a_replayed_registration_signature_is_refused() {
+    let fixture = Fixture::new();
+    let alice = registered(&fixture, "alice", T0).await;
+    // The recorded request was signed over the first session's nonce.
+    let recorded = registration(&alice.session, &alice.name, &alice.identity, vec![4000]);
+    let mut attacker = session();
+    assert_eq!(
+        code(fixture.handle(&mut attacker, recorded, T0).await),
+        ErrorCode::BadSignature
+    );
+}
+
+#[tokio::test]
+async fn an_unsigned_exchange_key_is_refused() {
+    let fixture = Fixture::new();
+    let identity = Identity::generate();
+    let mut session = session();
+    let mut keys = identity.public().clone();
+    keys.exchange = Identity::generate().public().exchange;
+    let transcript = registration_transcript(&session.nonce, &name("mallory"), &keys);
+    let request = Request::Register(Registration {
+        user: name("mallory"),
+        keys,
+        listen_ports: vec![],
+        signature: identity.sign(&transcript),
+    });
+    assert_eq!(
+        code(fixture.handle(&mut session, request, T0).await),
+        ErrorCode::BadSignature
+    );
+}
+
+#[tokio::test]
+async fn registering_another_name_on_the_same_connection_is_a_bad_request() {
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let other = Identity::generate();
+    let request = registration(&alice.session, &name("bob"), &other, vec![]);
+    assert_eq!(
+        code(fixture.handle(&mut alice.session, request, T0).await),
+        ErrorCode::BadRequest
+    );
+}
+
+#[tokio::test]
+async fn every_request_but_register_and_announce_needs_a_registration() {
+    let fixture = Fixture::new();
+    let mut session = session();
+    let requests = [
+        Request::Heartbeat,
+        Request::Lookup { user: name("bob") },
+        Request::List,
+        Request::Fetch { max: 10 },
+        Request::Ack { ids: vec![] },
+        Request::Block { user: name("bob") },
+        Request::Unblock { user: name("bob") },
+        Request::Unregister,
+        Request::Deposit {
+            envelope: proto::Envelope {
+                id: MessageId::random(),
+                from: name("x"),
+                to: name("y"),
+                token: String::new(),
+            },
+        },
+    ];
+    for request in requests {
+        assert_eq!(
+            code(fixture.handle(&mut session, request, T0).await),
+            ErrorCode::NotRegistered
+        );
+    }
+}
+
+#[tokio::test]
+async fn lookup_and_list_follow_presence_and_its_ttl() {
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let _bob = registered(&fixture, "bob", T0).await;
+
+    let lookup = Request::Lookup { user: name("bob") };
+    match fixture
+        .handle(&mut alice.session, lookup.clone(), T0 + 29_000)
+        .await
+        .unwrap()
+    {
+        Reply::User(info) => {
+            assert!(info.online);
+            assert_eq!(info.addresses, vec!["127.0.0.9:4000".parse().unwrap()]);
+            assert_eq!(info.last_seen_ms, Some(T0));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        fixture
+            .handle(&mut alice.session, Request::List, T0 + 29_000)
+            .await
+            .unwrap(),
+        Reply::Users(vec![name("alice"), name("bob")])
+    );
+    // Alice heartbeats, Bob does not: past the 30 s TTL only Alice is online.
+    assert_eq!(
+        fixture
+            .handle(&mut alice.session, Request::Heartbeat, T0 + 20_000)
+            .await
+            .unwrap(),
+        Reply::Pong
+    );
+    match fixture
+        .handle(&mut alice.session, lookup, T0 + 31_000)
+        .await
+        .unwrap()
+    {
+        Reply::User(info) => {
+            assert!(!info.online);
+            assert!(info.addresses.is_empty());
+            assert_eq!(info.last_seen_ms, Some(T0));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        fixture
+            .handle(&mut alice.session, Request::List, T0 + 31_000)
+            .await
+            .unwrap(),
+        Reply::Users(vec![name("alice")])
+    );
+    assert_eq!(
+        code(
+            fixture
+                .handle(
+                    &mut alice.session,
+                    Request::Lookup {
+                        user: name("nobody")
+                    },
+                    T0
+                )
+                .await
+        ),
+        ErrorCode::UnknownUser
+    );
+    assert_eq!(fixture.metrics.lookups.get(), 3);
+}
+
+#[tokio::test]
+async fn an_empty_list_is_a_normal_reply() {
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    assert_eq!(
+        fixture
+            .handle(&mut alice.session, Request::List, T0 + 60_000)
+            .await
+            .unwrap(),
+        Reply::Users(vec![])
+    );
+}
+
+#[tokio::test]
+async fn unregister_goes_offline_at_once_and_needs_registration_again() {
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let mut bob = registered(&fixture, "bob", T0).await;
+    let (result, event) = alice
+        .session
+        .handle(
+            Request::Unregister,
+            &fixture.store,
+            &fixture.config,
+            &fixture.metrics,
+            T0 + 1,
+        )
+        .await;
+    assert_eq!(result.unwrap(), Reply::Done);
+    assert_eq!(event, Some(Event::Unregistered(name("alice"))));
+    assert_eq!(
+        fixture
+            .handle(&mut bob.session, Request::List, T0 + 2)
+            .await
+            .unwrap(),
+        Reply::Users(vec![name("bob")])
+    );
+    assert_eq!(
+        code(
+            fixture
+                .handle(&mut alice.session, Request::Heartbeat, T0 + 3)
+                .await
+        ),
+        ErrorCode::NotRegistered
+    );
+}
+
+#[tokio::test]
+async fn mail_is_deposited_fetched_and_deleted_only_on_ack() {
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let mut bob = registered(&fixture, "bob", T0).await;
+    let mut events = fixture.store.subscribe();
+    let envelope = sealed(&alice, &bob, "hello bob");
+    let deposit = Request::Deposit {
+        envelope: envelope.clone(),
+    };
+    assert_eq!(
+        fixture
+            .handle(&mut alice.session, deposit.clone(), T0)
+            .await
+            .unwrap(),
+        Reply::Deposited {
+            recipient_online: true
+        }
+    );
+    assert_eq!(
+        events.recv().await.unwrap(),
+        Broadcast::MailWaiting { user: name("bob") }
+    );
+    // A retried deposit is not stored twice.
+    fixture
+        .handle(&mut alice.session, deposit, T0)
+        .await
+        .unwrap();
+    assert_eq!(fixture.metrics.mail_deposited.get(), 1);
+
+    for _ in 0..2 {
+        assert_eq!(
+            fixture
+                .handle(&mut bob.session, Request::Fetch { max: 10 }, T0)
+                .await
+                .unwrap(),
+            Reply::Mail {
+                envelopes: vec![envelope.clone()],
+                remaining: 0
+            }
+        );
+    }
+    assert_eq!(
+        fixture
+            .handle(
+                &mut bob.session,
+                Request::Ack {
+                    ids: vec![envelope.id]
+                },
+                T0
+            )
+            .await
+            .unwrap(),
+        Reply::Acked { removed: 1 }
+    );
+    assert_eq!(
+        fixture
+            .handle(&mut bob.session, Request::Fetch { max: 10 }, T0)
+            .await
+            .unwrap(),
+        Reply::Mail {
+            envelopes: vec![],
+            remaining: 0
+        }
+    );
+    assert_eq!(fixture.metrics.mail_delivered.get(), 1);
+}
+
+#[tokio::test]
+async fn deposit_errors_each_have_their_code() {
+    let fixture = Fixture::with_limits(MailLimits {
+        cap: 1,
+        ..MailLimits::default()
+    });
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let mut bob = registered(&fixture, "bob", T0).await;
+    let carol = registered(&fixture, "carol", T0).await;
+
+    // Sending as someone else.
+    let forged = sealed(&carol, &bob, "I am carol");
+    assert_eq!(
+        code(
+            fixture
+                .handle(
+                    &mut alice.session,
+                    Request::Deposit { envelope: forged },
+                    T0
+                )
+                .await
+        ),
+        ErrorCode::BadRequest
+    );
+    // An unknown recipient.
+    let mut nowhere = sealed(&alice, &bob, "x");
+    nowhere.to = name("nobody");
+    assert_eq!(
+        code(
+            fixture
+                .handle(
+                    &mut alice.session,
+                    Request::Deposit { envelope: nowhere },
+                    T0
+                )
+                .await
+        ),
+        ErrorCode::UnknownUser
+    );
+    // Too large.
+    let mut huge = sealed(&alice, &bob, "x");
+    huge.token = "A".repeat(MAX_TOKEN_LEN + 1);
+    assert_eq!(
+        code(
+            fixture
+                .handle(&mut alice.session, Request::Deposit { envelope: huge }, T0)
+                .await
+        ),
+        ErrorCode::TooLarge
+    );
+    // Blocked, then unblocked.
+    assert_eq!(
+        fixture
+            .handle(
+                &mut bob.session,
+                Request::Block {
+                    user: name("alice")
+                },
+                T0
+            )
+            .await
+            .unwrap(),
+        Reply::Done
+    );
+    let first = Request::Deposit {
+        envelope: sealed(&alice, &bob, "one"),
+    };
+    assert_eq!(
+        code(fixture.handle(&mut alice.session, first.clone(), T0).await),
+        ErrorCode::Blocked
+    );
+    fixture
+        .handle(
+            &mut bob.session,
+            Request::Unblock {
+                user: name("alice"),
+            },
+            T0,
+        )
+        .await
+        .unwrap();
+    fixture.handle(&mut alice.session, first, T0).await.unwrap();
+    // Full (the cap is one message).
+    let second = Request::Deposit {
+        envelope: sealed(&alice, &bob, "two"),
+    };
+    let error = fixture
+        .handle(&mut alice.session, second, T0)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code, ErrorCode::MailboxFull);
+    assert!(error.message.contains("bob"));
+}
+
+#[tokio::test]
+async fn block_rules() {
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    assert_eq!(
+        code(
+            fixture
+                .handle(
+                    &mut alice.session,
+                    Request::Block {
+                        user: name("alice")
+                    },
+                    T0
+                )
+                .await
+        ),
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        code(
+            fixture
+                .handle(
+                    &mut alice.session,
+                    Request::Block {
+                        user: name("ghost")
+                    },
+                    T0
+                )
+                .await
+        ),
+        ErrorCode::UnknownUser
+    );
+    assert_eq!(
+        code(
+            fixture
+                .handle(
+                    &mut alice.session,
+                    Request::Unblock {
+                        user: name("ghost")
+                    },
+                    T0
+                )
+                .await
+        ),
+        ErrorCode::UnknownUser
+    );
+}
+
+#[tokio::test]
+async fn a_fetch_reply_fits_in_one_frame() {
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let mut bob = registered(&fixture, "bob", T0).await;
+    let body = "y".repeat(proto::seal::MAX_BODY_LEN);
+    for _ in 0..10 {
+        let request = Request::Deposit {
+            envelope: sealed(&alice, &bob, &body),
+        };
+        fixture
+            .handle(&mut alice.session, request, T0)
+            .await
+            .unwrap();
+    }
+    match fixture
+        .handle(&mut bob.session, Request::Fetch { max: 100 }, T0)
+        .await
+        .unwrap()
+    {
+        reply @ Reply::Mail { .. } => {
+            let Reply::Mail {
+                envelopes,
+                remaining,
+            } = &reply
+            else {
+                unreachable!()
+            };
+            assert!(!envelopes.is_empty() && envelopes.len() < 10);
+            assert_eq!(envelopes.len() as u64 + remaining, 10);
+            let frame = proto::ServerMsg::Response {
+                id: 1,
+                result: Ok(reply.clone()),
+            };
+            assert!(proto::wire::encode(&frame).unwrap().len() <= proto::wire::MAX_FRAME_LEN);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn expired_mail_is_not_fetched() {
+    let fixture = Fixture::with_limits(MailLimits {
+        ttl_ms: Duration::from_secs(3600).as_millis() as u64,
+        ..MailLimits::default()
+    });
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let mut bob = registered(&fixture, "bob", T0).await;
+    let request = Request::Deposit {
+        envelope: sealed(&alice, &bob, "soon gone"),
+    };
+    fixture
+        .handle(&mut alice.session, request, T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        fixture
+            .handle(&mut bob.session, Request::Fetch { max: 10 }, T0 + 3_600_001)
+            .await
+            .unwrap(),
+        Reply::Mail {
+            envelopes: vec![],
+            remaining: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn only_the_operator_can_announce() {
+    let fixture = Fixture::new();
+    let mut events = fixture.store.subscribe();
+    let mut operator = session();
+    let good = announce_proof(SECRET, &operator.nonce, "maintenance at noon");
+    assert_eq!(
+        fixture
+            .handle(
+                &mut operator,
+                Request::Announce {
+                    text: "maintenance at noon".into(),
+                    proof: good
+                },
+                T0
+            )
+            .await
+            .unwrap(),
+        Reply::Done
+    );
+    assert_eq!(
+        events.recv().await.unwrap(),
+        Broadcast::Announcement {
+            text: "maintenance at noon".into()
+        }
+    );
+
+    let forged = announce_proof(b"guess", &operator.nonce, "free pizza");
+    assert_eq!(
+        code(
+            fixture
+                .handle(
+                    &mut operator,
+                    Request::Announce {
+                        text: "free pizza".into(),
+                        proof: forged
+                    },
+                    T0
+                )
+                .await
+        ),
+        ErrorCode::Unauthorized
+    );
+    let empty = announce_proof(SECRET, &operator.nonce, "  ");
+    assert_eq!(
+        code(
+            fixture
+                .handle(
+                    &mut operator,
+                    Request::Announce {
+                        text: "  ".into(),
+                        proof: empty
+                    },
+                    T0
+                )
+                .await
+        ),
+        ErrorCode::BadRequest
+    );
+    let mut no_secret = Fixture::new();
+    no_secret.config.operator_secret = None;
+    let proof = announce_proof(SECRET, &operator.nonce, "x");
+    assert_eq!(
+        code(
+            no_secret
+                .handle(
+                    &mut operator,
+                    Request::Announce {
+                        text: "x".into(),
+                        proof
+                    },
+                    T0
+                )
+                .await
+        ),
+        ErrorCode::Unauthorized
+    );
+}
+
+#[test]
+fn store_failures_map_to_codes() {
+    let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "down");
+    assert_eq!(
+        store_error(StoreError::Redis(io.into())).code,
+        ErrorCode::Unavailable
+    );
+    assert_eq!(
+        store_error(StoreError::Embedded("disk".into())).code,
+        ErrorCode::Internal
+    );
+    assert_eq!(
+        store_error(StoreError::MailboxFull {
+            user: name("a"),
+            cap: 3
+        })
+        .code,
+        ErrorCode::MailboxFull
+    );
+    assert_eq!(
+        store_error(StoreError::Blocked {
+            recipient: name("a"),
+            sender: name("b")
+        })
+        .code,
+        ErrorCode::Blocked
+    );
+}

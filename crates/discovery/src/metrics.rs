@@ -1,0 +1,183 @@
+//! [`Metrics`]: counters the server keeps, rendered as Prometheus text and served over plain
+//! HTTP on `--metrics <addr>`.
+
+use std::{
+    fmt::Write as _,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use proto::ErrorCode;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use tokio_util::sync::CancellationToken;
+
+/// A monotonically increasing count (or, for gauges, one that also goes down).
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Adds `amount`.
+    pub fn add(&self, amount: u64) {
+        self.0.fetch_add(amount, Ordering::Relaxed);
+    }
+
+    /// Subtracts one (gauges only).
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything the server counts.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open client connections (gauge).
+    pub connected: Counter,
+    /// Successful registrations.
+    pub registrations: Counter,
+    /// Lookups served.
+    pub lookups: Counter,
+    /// Mail stored (duplicates excluded).
+    pub mail_deposited: Counter,
+    /// Mail acked by its recipient, and so delivered.
+    pub mail_delivered: Counter,
+    /// Connections refused at the connection limit.
+    pub refused_connections: Counter,
+    errors: [Counter; ErrorCode::ALL.len()],
+}
+
+impl Metrics {
+    /// Counts one error reply (or closing reason) with `code`.
+    pub fn error(&self, code: ErrorCode) {
+        if let Some(index) = ErrorCode::ALL.iter().position(|known| *known == code) {
+            self.errors[index].inc();
+        }
+    }
+
+    /// How many errors with `code` were counted.
+    pub fn errors(&self, code: ErrorCode) -> u64 {
+        ErrorCode::ALL
+            .iter()
+            .position(|known| *known == code)
+            .map_or(0, |index| self.errors[index].get())
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let simple = [
+            (
+                "p2pchat_connected_clients",
+                "gauge",
+                "Open client connections.",
+                &self.connected,
+            ),
+            (
+                "p2pchat_registrations_total",
+                "counter",
+                "Successful registrations.",
+                &self.registrations,
+            ),
+            (
+                "p2pchat_lookups_total",
+                "counter",
+                "Lookups served.",
+                &self.lookups,
+            ),
+            (
+                "p2pchat_mail_deposited_total",
+                "counter",
+                "Mail stored.",
+                &self.mail_deposited,
+            ),
+            (
+                "p2pchat_mail_delivered_total",
+                "counter",
+                "Mail acked by its recipient.",
+                &self.mail_delivered,
+            ),
+            (
+                "p2pchat_refused_connections_total",
+                "counter",
+                "Connections refused at the limit.",
+                &self.refused_connections,
+            ),
+        ];
+        for (name, kind, help, counter) in simple {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                counter.get()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP p2pchat_errors_total Error replies by code.\n# TYPE p2pchat_errors_total counter"
+        );
+        for (code, counter) in ErrorCode::ALL.iter().zip(&self.errors) {
+            let _ = writeln!(
+                out,
+                "p2pchat_errors_total{{code=\"{code}\"}} {}",
+                counter.get()
+            );
+        }
+        out
+    }
+}
+
+/// Serves [`Metrics::render`] to every HTTP request on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    loop {
+        let (mut stream, _) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "metrics accept failed");
+                    continue;
+                }
+            },
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            // Read the request head (bounded in size and time), then answer and close.
+            let mut head = Vec::with_capacity(512);
+            let read_head = async {
+                let mut buffer = [0u8; 512];
+                while head.len() < 8192 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buffer[..n]),
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), read_head).await;
+            let body = metrics.render();
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                stream.write_all(response.as_bytes()),
+            )
+            .await;
+        });
+    }
+}

@@ -1,0 +1,141 @@
+//! The operator: the secret kept in the server's data dir (mode 0600) that proves an
+//! announcement comes from whoever runs the server, and [`announce`], the client side of
+//! `p2pchat-discovery announce <text>`.
+
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use proto::{
+    Connection, ErrorReply, Reply, Request, RequestFrame, ServerMsg,
+    identity::{announce_proof, check_private, create_private_dir, open_private_file},
+};
+use tokio::net::TcpStream;
+
+/// The file in the data dir holding the operator secret.
+pub const OPERATOR_SECRET_FILE: &str = "operator.secret";
+const SECRET_LEN: usize = 32;
+
+/// Why the secret could not be read or the announcement not made.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// The secret file or its folder is unusable.
+    #[error(transparent)]
+    Secret(#[from] proto::IdentityError),
+    /// The secret file is missing: the server has not run with this data dir.
+    #[error("no operator secret at {0}: start the server with this --data-dir first")]
+    Missing(PathBuf),
+    /// Reading or writing the secret file failed.
+    #[error("cannot access {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The server could not be reached or spoke nonsense.
+    #[error("cannot talk to the server at {server}: {reason}")]
+    Connect {
+        /// The address.
+        server: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The server refused the announcement.
+    #[error("the server refused the announcement: {0}")]
+    Refused(ErrorReply),
+}
+
+/// Reads the operator secret from `data_dir`, creating a random one (0600 in a 0700 folder)
+/// on first use.
+pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, OperatorError> {
+    match load_secret(data_dir) {
+        Err(OperatorError::Missing(path)) => {
+            create_private_dir(data_dir)?;
+            let secret: [u8; SECRET_LEN] = proto::random_bytes();
+            let io_error = |source| OperatorError::Io {
+                path: path.clone(),
+                source,
+            };
+            let mut file = open_private_file(&path).map_err(io_error)?;
+            file.write_all(&secret).map_err(io_error)?;
+            file.sync_all().map_err(io_error)?;
+            Ok(secret.to_vec())
+        }
+        other => other,
+    }
+}
+
+/// Reads the operator secret from `data_dir`, refusing a file others can read.
+pub fn load_secret(data_dir: &Path) -> Result<Vec<u8>, OperatorError> {
+    let path = data_dir.join(OPERATOR_SECRET_FILE);
+    match fs::read(&path) {
+        Ok(secret) if secret.len() == SECRET_LEN => {
+            check_private(&path, 0o600)?;
+            Ok(secret)
+        }
+        Ok(_) => Err(OperatorError::Io {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "wrong length"),
+        }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            Err(OperatorError::Missing(path))
+        }
+        Err(source) => Err(OperatorError::Io { path, source }),
+    }
+}
+
+/// Asks the server at `server` to announce `text`, proving the operator `secret`.
+pub async fn announce(server: &str, secret: &[u8], text: &str) -> Result<(), OperatorError> {
+    let failed = |reason: String| OperatorError::Connect {
+        server: server.to_owned(),
+        reason,
+    };
+    let timeout = Duration::from_secs(10);
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(server))
+        .await
+        .map_err(|_| failed("timed out connecting".into()))?
+        .map_err(|error| failed(error.to_string()))?;
+    let mut connection = Connection::new(stream);
+    connection
+        .hello(timeout)
+        .await
+        .map_err(|error| failed(error.to_string()))?;
+    let exchange = async {
+        let nonce = match connection.recv::<ServerMsg>().await {
+            Ok(Some(ServerMsg::Challenge { nonce })) => nonce,
+            Ok(Some(ServerMsg::Closing(reason))) => return Err(OperatorError::Refused(reason)),
+            other => return Err(failed(format!("expected a challenge, got {other:?}"))),
+        };
+        let request = RequestFrame {
+            id: 1,
+            request: Request::Announce {
+                text: text.to_owned(),
+                proof: announce_proof(secret, &nonce, text),
+            },
+        };
+        connection
+            .send(&request)
+            .await
+            .map_err(|error| failed(error.to_string()))?;
+        match connection.recv::<ServerMsg>().await {
+            Ok(Some(ServerMsg::Response {
+                result: Ok(Reply::Done),
+                ..
+            })) => Ok(()),
+            Ok(Some(ServerMsg::Response {
+                result: Err(error), ..
+            })) => Err(OperatorError::Refused(error)),
+            Ok(Some(ServerMsg::Closing(reason))) => Err(OperatorError::Refused(reason)),
+            other => Err(failed(format!("unexpected answer {other:?}"))),
+        }
+    };
+    let result = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| failed("no answer in time".into()))?;
+    connection.close().await;
+    result
+}

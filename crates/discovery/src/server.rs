@@ -1,0 +1,373 @@
+//! The async shell: the accept loop, one actor task per connection, the [`Hub`] that routes
+//! pushes to connected users, and the broadcast fan-out from the store.
+//!
+//! Each connection is one task running one `select!` loop (cancellation first): pushes out,
+//! requests in (each handed to the [`Session`] state machine, its one reply written back),
+//! and the idle deadline. Every write has a timeout; any bad input closes that connection
+//! only, after a `Closing` frame that says why.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use proto::{
+    Connection, ErrorCode, ErrorReply, HandshakeError, Push, RecvError, Reply, RequestFrame,
+    ServerMsg, Username,
+};
+use store::{Broadcast, Store};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, mpsc},
+    time::Instant,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::Config,
+    handler::{Event, Session},
+    limits::TokenBucket,
+    metrics::Metrics,
+};
+
+/// How many pushes may wait for one slow client before new ones are dropped (they are hints
+/// and announcements; mail itself waits in the store).
+const PUSH_QUEUE: usize = 64;
+
+/// Routes pushes to the connections of registered users on this instance.
+#[derive(Debug, Default)]
+pub struct Hub {
+    clients: Mutex<HashMap<Username, (u64, mpsc::Sender<Push>)>>,
+}
+
+impl Hub {
+    fn insert(&self, user: Username, session: u64, sender: mpsc::Sender<Push>) {
+        self.lock().insert(user, (session, sender));
+    }
+
+    fn remove(&self, user: &Username, session: u64) {
+        let mut clients = self.lock();
+        if clients
+            .get(user)
+            .is_some_and(|(current, _)| *current == session)
+        {
+            clients.remove(user);
+        }
+    }
+
+    /// Pushes to `user` if they are connected here; a full queue drops the push.
+    pub fn push(&self, user: &Username, push: Push) {
+        if let Some((_, sender)) = self.lock().get(user) {
+            let _ = sender.try_send(push);
+        }
+    }
+
+    /// Pushes to every registered user connected here.
+    pub fn push_all(&self, push: &Push) {
+        for (_, sender) in self.lock().values() {
+            let _ = sender.try_send(push.clone());
+        }
+    }
+
+    /// How many users are connected here.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no user is connected here.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Username, (u64, mpsc::Sender<Push>)>> {
+        // A panic while holding this lock cannot leave the map inconsistent (every update is
+        // one insert or remove), so a poisoned lock is still usable.
+        self.clients
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// What every connection task shares.
+struct Shared {
+    store: Store,
+    config: Config,
+    metrics: Arc<Metrics>,
+    hub: Hub,
+}
+
+/// Runs the discovery server on `listener` until `shutdown` is cancelled, with fresh metrics.
+pub async fn run(
+    listener: TcpListener,
+    store: Store,
+    config: Config,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    serve(
+        listener,
+        store,
+        config,
+        Arc::new(Metrics::default()),
+        shutdown,
+    )
+    .await
+}
+
+/// Runs the discovery server on `listener`, counting into `metrics`, until `shutdown` is
+/// cancelled; then tells every client, and waits (bounded) for the connections to close.
+pub async fn serve(
+    listener: TcpListener,
+    store: Store,
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let shared = Arc::new(Shared {
+        store,
+        config,
+        metrics,
+        hub: Hub::default(),
+    });
+    let tracker = TaskTracker::new();
+    // Subscribe before accepting anyone, so no event published for a client is missed.
+    let events = shared.store.subscribe();
+    tracker.spawn(fan_out(events, Arc::clone(&shared), shutdown.clone()));
+    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
+    tracing::info!(address = %listener.local_addr()?, "discovery server listening");
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait a moment instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => {
+                let shared = Arc::clone(&shared);
+                let shutdown = shutdown.clone();
+                tracker.spawn(async move {
+                    shared.metrics.connected.inc();
+                    serve_connection(stream, peer, &shared, shutdown).await;
+                    shared.metrics.connected.dec();
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                shared.metrics.refused_connections.inc();
+                shared.metrics.error(ErrorCode::ServerBusy);
+                tracker.spawn(refuse_busy(stream));
+            }
+        }
+    }
+    tracker.close();
+    if tokio::time::timeout(shared.config.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not close within the drain timeout");
+    }
+    tracing::info!("discovery server stopped");
+    Ok(())
+}
+
+/// Forwards store broadcasts to the users connected to this instance.
+async fn fan_out(
+    mut events: tokio::sync::broadcast::Receiver<Broadcast>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            event = events.recv() => event,
+        };
+        match event {
+            Ok(Broadcast::Announcement { text }) => {
+                tracing::info!(%text, "announcement");
+                shared.hub.push_all(&Push::Announcement {
+                    text,
+                    at_ms: proto::now_ms(),
+                });
+            }
+            Ok(Broadcast::MailWaiting { user }) => shared.hub.push(&user, Push::MailWaiting),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "broadcast fan-out lagged; clients re-fetch on their timer"
+                );
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+async fn refuse_busy(stream: TcpStream) {
+    let mut connection = Connection::with_limits(stream, 1024, Duration::from_secs(2));
+    if connection.hello(Duration::from_secs(2)).await.is_ok() {
+        let _ = connection
+            .send(&ServerMsg::Closing(ErrorReply::new(
+                ErrorCode::ServerBusy,
+                "the server is at its connection limit; try again later",
+            )))
+            .await;
+    }
+    connection.close().await;
+}
+
+/// Tells the client why it is being closed (best effort) and counts the reason.
+async fn close_with(
+    connection: &mut Connection<TcpStream>,
+    metrics: &Metrics,
+    code: ErrorCode,
+    message: impl Into<String>,
+) {
+    let reason = ErrorReply::new(code, message);
+    tracing::debug!(%reason, "closing connection");
+    metrics.error(code);
+    let _ = connection.send(&ServerMsg::Closing(reason)).await;
+    connection.close().await;
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    shutdown: CancellationToken,
+) {
+    let config = &shared.config;
+    let metrics = &shared.metrics;
+    let mut connection =
+        Connection::with_limits(stream, config.max_frame_len, config.write_timeout);
+    let handshake_deadline = Instant::now() + config.handshake_timeout;
+
+    let hello = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return,
+        hello = connection.hello(config.handshake_timeout) => hello,
+    };
+    if let Err(error) = hello {
+        tracing::debug!(%peer, %error, "hello failed");
+        let code = match &error {
+            HandshakeError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
+            HandshakeError::Recv(RecvError::FrameTooLarge { .. }) => ErrorCode::TooLarge,
+            HandshakeError::Timeout(_) | HandshakeError::Closed => return,
+            _ => ErrorCode::BadRequest,
+        };
+        close_with(&mut connection, metrics, code, error.to_string()).await;
+        return;
+    }
+
+    let nonce: [u8; 32] = proto::random_bytes();
+    let mut session = Session::new(nonce, u64::from_le_bytes(proto::random_bytes()), peer);
+    if connection
+        .send(&ServerMsg::Challenge { nonce })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let (push_sender, mut pushes) = mpsc::channel::<Push>(PUSH_QUEUE);
+    let mut bucket = TokenBucket::new(
+        config.requests_per_second,
+        config.request_burst,
+        std::time::Instant::now(),
+    );
+    let mut last_activity = Instant::now();
+
+    loop {
+        let deadline = match session.user() {
+            None => handshake_deadline.max(last_activity + config.handshake_timeout),
+            Some(_) => last_activity + config.presence_ttl,
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                close_with(&mut connection, metrics, ErrorCode::Unavailable, "the server is shutting down; reconnect shortly").await;
+                break;
+            }
+            Some(push) = pushes.recv() => {
+                if connection.send(&ServerMsg::Push(push)).await.is_err() {
+                    break;
+                }
+            }
+            frame = connection.recv::<RequestFrame>() => {
+                let RequestFrame { id, request } = match frame {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(RecvError::FrameTooLarge { max }) => {
+                        close_with(&mut connection, metrics, ErrorCode::TooLarge, format!("frames are limited to {max} bytes")).await;
+                        break;
+                    }
+                    Err(RecvError::Malformed(error)) => {
+                        tracing::info!(%peer, %error, "malformed request");
+                        close_with(&mut connection, metrics, ErrorCode::BadRequest, format!("{error} (usernames must match [a-z0-9_-]{{1,32}})")).await;
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "connection failed");
+                        break;
+                    }
+                };
+                last_activity = Instant::now();
+                let result = if bucket.take(std::time::Instant::now()) {
+                    let (result, event) = session
+                        .handle(request, &shared.store, config, metrics, proto::now_ms())
+                        .await;
+                    match event {
+                        Some(Event::Registered(user)) => {
+                            shared.hub.insert(user, session.session_id(), push_sender.clone());
+                        }
+                        Some(Event::Unregistered(user)) => shared.hub.remove(&user, session.session_id()),
+                        None => {}
+                    }
+                    result
+                } else {
+                    metrics.error(ErrorCode::RateLimited);
+                    Err(ErrorReply::new(ErrorCode::RateLimited, "too many requests; slow down"))
+                };
+                let registered_now = matches!(result, Ok(Reply::Registered { .. }));
+                if connection.send(&ServerMsg::Response { id, result }).await.is_err() {
+                    break;
+                }
+                // A freshly registered client learns at once that mail is waiting.
+                if registered_now
+                    && let Some(user) = session.user()
+                    && shared.store.mail_count(user).await.unwrap_or(0) > 0
+                {
+                    shared.hub.push(user, Push::MailWaiting);
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let message = match session.user() {
+                    None => "no registration within the handshake timeout",
+                    Some(_) => "no heartbeat within the presence timeout",
+                };
+                close_with(&mut connection, metrics, ErrorCode::BadRequest, message).await;
+                break;
+            }
+        }
+    }
+
+    if let Some(user) = session.user() {
+        shared.hub.remove(user, session.session_id());
+        if let Err(error) = shared
+            .store
+            .clear_presence(user, session.session_id(), proto::now_ms())
+            .await
+        {
+            tracing::warn!(%error, %user, "could not clear presence; it lapses by its TTL");
+        }
+    }
+}
