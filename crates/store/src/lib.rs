@@ -20,7 +20,10 @@ use proto::{Envelope, MessageId, PublicKeys, Username};
 use serde::{Deserialize, Serialize};
 
 pub mod embedded;
+mod record;
 pub mod redis_store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use embedded::EmbeddedStore;
 pub use redis_store::RedisStore;
@@ -170,7 +173,7 @@ pub enum StoreError {
 }
 
 /// The store of the discovery tier: one of the two backends.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub enum Store {
     /// Shared state in Redis.
     Redis(RedisStore),
@@ -188,7 +191,24 @@ macro_rules! dispatch {
     };
 }
 
+impl From<RedisStore> for Store {
+    fn from(store: RedisStore) -> Self {
+        Store::Redis(store)
+    }
+}
+
+impl From<EmbeddedStore> for Store {
+    fn from(store: EmbeddedStore) -> Self {
+        Store::Embedded(store)
+    }
+}
+
 impl Store {
+    /// The mailbox limits this store applies.
+    pub fn limits(&self) -> MailLimits {
+        dispatch!(self, store => store.limits())
+    }
+
     /// Binds `binding.user` to `binding.keys` if the name is free (atomically).
     pub async fn bind(&self, binding: &Binding) -> Result<BindOutcome, StoreError> {
         dispatch!(self, store => store.bind(binding).await)

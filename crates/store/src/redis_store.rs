@@ -1,1 +1,883 @@
-//! Redis backend (being written).
+//! The Redis backend: [`RedisStore`], shared by every discovery instance pointing at the same
+//! Redis, so several instances behave as one server.
+//!
+//! # Connections
+//!
+//! Commands go through one [`ConnectionManager`] (a multiplexed connection that reconnects
+//! by itself after the connection drops); on top of it every operation retries a bounded
+//! number of times when the error says a reconnect or a retry may help, so a Redis restart
+//! between two operations is invisible to the caller. Every operation is safe to repeat:
+//! deposits are idempotent by message id, acks and block-list changes are set operations,
+//! a repeated bind finds its own binding, and a repeated publish only repeats a hint.
+//!
+//! Pub/sub needs a connection of its own (a subscribed connection cannot run commands). A
+//! subscriber task owns it, forwards every message into a [`tokio::sync::broadcast`]
+//! channel (one Redis subscription however many local subscribers), pings it so a
+//! half-open connection is noticed, and after any loss reconnects with backoff and
+//! subscribes again. Messages published while it is reconnecting are lost, as pub/sub
+//! always allows; that is why mail-waiting is only a hint (design.md §5).
+//!
+//! # Keys
+//!
+//! Everything is under `p2pchat:`, and every per-user key carries the user in a hash tag
+//! (`p2pchat:{alice}:mail`), so all keys of one user land in one Redis Cluster slot and
+//! the multi-key scripts below stay legal on a cluster:
+//!
+//! | Key | Type | Holds |
+//! | --- | --- | --- |
+//! | `p2pchat:{u}:binding` | string | wire-encoded [`Binding`] |
+//! | `p2pchat:{u}:presence` | hash | `session` (decimal), `value` (wire-encoded [`Presence`]) |
+//! | `p2pchat:{u}:mail` | sorted set | message id (16 raw bytes), scored by deposit sequence |
+//! | `p2pchat:{u}:mail:data` | hash | message id → wire-encoded [`StoredMail`] |
+//! | `p2pchat:{u}:mail:seq` | string | the last deposit sequence number |
+//! | `p2pchat:{u}:mail:quarantine` | hash | message id → bytes that did not decode |
+//! | `p2pchat:{u}:blocked` | set | names `u` refuses mail from |
+//! | `p2pchat:online` | sorted set | online names, scored by presence expiry (ms) |
+//!
+//! # Why a sorted set plus a hash for mail (and not a list or a stream)
+//!
+//! At-least-once delivery needs: read without removing, delete an arbitrary acked subset by
+//! id, refuse a second deposit of the same id, and a cap check, all cheaply.
+//! - A list (`LPUSH`/`RPOP`, what the original did) removes on read; `LRANGE` + `LREM`
+//!   would make every ack a linear scan.
+//! - A stream gives order and `XDEL` by entry id, but entry ids are Redis-generated, so
+//!   idempotency by *message* id and ack by message id need a second index anyway, and
+//!   consumer groups' pending lists solve a different problem (many consumers, one log)
+//!   while a mailbox has one reader.
+//! - A sorted set keyed by message id and scored by a per-user sequence gives deposit
+//!   order (times can tie; the sequence cannot), `ZRANGE` batches from the head,
+//!   `ZREM` of any acked subset in one command, and `ZCARD` for the cap; a hash beside it
+//!   holds the bytes, fetched with one `HMGET` per batch.
+//!
+//! A deposit is one Lua script (block list, duplicate id, cap, sequence, insert: atomic), a
+//! fetch is one script (range + values + count: one round trip), an ack is one `MULTI`
+//! with `ZREM` and `HDEL` of the whole batch. Expired mail is deleted when a fetch meets
+//! it; a value that does not decode is logged, moved to the quarantine hash and skipped.
+//! Mailbox keys also get a Redis expiry of TTL + a day, refreshed on every deposit, purely
+//! as garbage collection: the passed-in `now_ms` decides what has expired.
+//!
+//! Presence keeps its expiry inside the value (so `now_ms` decides who is online), plus a
+//! Redis expiry a month after that as garbage collection (the last-seen time outlives the
+//! presence). `p2pchat:online` is a global index (not per user: one key to range over); it
+//! is only ever touched by single-key commands, so it is cluster-safe too.
+//!
+//! **Architecture Invariant:** records are (de)serialised only through [`proto::wire`];
+//! announcements and mail-waiting names travel as plain UTF-8, so `redis-cli PUBLISH
+//! p2pchat:announce "text"` announces.
+
+use std::{future::Future, sync::Arc, sync::LazyLock, time::Duration};
+
+use futures::StreamExt;
+use proto::{Envelope, MessageId, Username, wire};
+use redis::{
+    Client, RedisResult, RetryMethod, Script, Value,
+    aio::{ConnectionManager, ConnectionManagerConfig, PubSub},
+};
+use tokio::{
+    sync::{broadcast, watch},
+    task::JoinHandle,
+};
+
+use crate::{
+    ANNOUNCE_CHANNEL, BindOutcome, Binding, Broadcast, DepositOutcome, Fetched, MailLimits,
+    Presence, StoreError, StoredMail,
+    record::{decode_binding, encode, is_expired},
+};
+
+/// The pub/sub channel carrying "mail waiting" hints; the payload is the recipient's name.
+pub const MAIL_CHANNEL: &str = "p2pchat:mail";
+/// The sorted set of online users, scored by presence expiry.
+pub const ONLINE_KEY: &str = "p2pchat:online";
+
+/// How many times an operation is tried when Redis is unreachable or restarting.
+const RETRY_ATTEMPTS: u32 = 8;
+/// The pause before the second try; it doubles up to [`RETRY_MAX_DELAY`].
+const RETRY_FIRST_DELAY: Duration = Duration::from_millis(10);
+/// The longest pause between two tries.
+const RETRY_MAX_DELAY: Duration = Duration::from_millis(500);
+/// How long one command may wait for its reply.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the subscriber pings its connection, and how long it waits for the answer.
+const PUBSUB_PING_INTERVAL: Duration = Duration::from_secs(5);
+const PUBSUB_PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// How many broadcast events a slow local subscriber may fall behind.
+const BROADCAST_CAPACITY: usize = 1024;
+/// Mailbox keys expire (garbage collection only) this long after their TTL.
+const MAIL_GC_MARGIN_MS: u64 = 24 * 60 * 60 * 1000;
+/// A presence record is kept this long after it lapses, for "last seen".
+const PRESENCE_KEEP_MS: u64 = 30 * 24 * 60 * 60 * 1000;
+/// Entries of [`ONLINE_KEY`] that lapsed this long ago are pruned.
+const ONLINE_PRUNE_AFTER_MS: u64 = 60 * 60 * 1000;
+
+/// Deposit: KEYS = mail order, mail data, sequence, block list; ARGV = id, sender, value,
+/// cap, GC expiry ms. Returns 1 stored, 0 duplicate, -1 blocked, -2 full.
+static DEPOSIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        if redis.call('SISMEMBER', KEYS[4], ARGV[2]) == 1 then return -1 end
+        if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+        if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return -2 end
+        local sequence = redis.call('INCR', KEYS[3])
+        redis.call('ZADD', KEYS[1], sequence, ARGV[1])
+        redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+        redis.call('PEXPIRE', KEYS[1], ARGV[5])
+        redis.call('PEXPIRE', KEYS[2], ARGV[5])
+        redis.call('PEXPIRE', KEYS[3], ARGV[5])
+        return 1
+        ",
+    )
+});
+
+/// Fetch: KEYS = mail order, mail data; ARGV = first and last rank. Returns the mailbox
+/// size, the ids in that rank range, and their values (nil where missing). `HMGET` goes in
+/// chunks because Lua's `unpack` has a stack limit.
+static FETCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local total = redis.call('ZCARD', KEYS[1])
+        local ids = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2])
+        local values = {}
+        for first = 1, #ids, 512 do
+            local last = math.min(first + 511, #ids)
+            local chunk = redis.call('HMGET', KEYS[2], unpack(ids, first, last))
+            for index = 1, #chunk do values[#values + 1] = chunk[index] end
+        end
+        return {total, ids, values}
+        ",
+    )
+});
+
+/// Bind: KEYS = binding; ARGV = value. Returns the existing value, or nil after binding.
+static BIND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local existing = redis.call('GET', KEYS[1])
+        if existing then return existing end
+        redis.call('SET', KEYS[1], ARGV[1])
+        return false
+        ",
+    )
+});
+
+/// Clear presence: KEYS = presence; ARGV = session, cleared value. Returns 1 if the
+/// session still owned the presence (and it is now cleared), else 0.
+static CLEAR_PRESENCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        if redis.call('HGET', KEYS[1], 'session') ~= ARGV[1] then return 0 end
+        redis.call('HSET', KEYS[1], 'value', ARGV[2])
+        return 1
+        ",
+    )
+});
+
+/// Leave the online index: KEYS = online; ARGV = user, the expiry the cleared presence had.
+/// Removes the entry only if it still has that expiry, so a newer session's entry (written
+/// meanwhile, with a later expiry) stays.
+static LEAVE_ONLINE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+        if score and tonumber(score) == tonumber(ARGV[2]) then
+            return redis.call('ZREM', KEYS[1], ARGV[1])
+        end
+        return 0
+        ",
+    )
+});
+
+/// The Redis store: a cheap-to-clone handle; clones share the connections and the
+/// subscriber task, which stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What every clone shares.
+struct Inner {
+    connection: ConnectionManager,
+    limits: MailLimits,
+    events: broadcast::Sender<Broadcast>,
+    subscriptions: watch::Receiver<u64>,
+    subscriber: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+/// The keys of one user's mailbox and block list.
+struct MailKeys {
+    order: String,
+    data: String,
+    sequence: String,
+    quarantine: String,
+    blocked: String,
+}
+
+impl MailKeys {
+    fn new(user: &Username) -> Self {
+        Self {
+            order: user_key(user, "mail"),
+            data: user_key(user, "mail:data"),
+            sequence: user_key(user, "mail:seq"),
+            quarantine: user_key(user, "mail:quarantine"),
+            blocked: user_key(user, "blocked"),
+        }
+    }
+}
+
+/// `p2pchat:{user}:part`: the hash tag keeps all of one user's keys in one cluster slot.
+fn user_key(user: &Username, part: &str) -> String {
+    format!("p2pchat:{{{user}}}:{part}")
+}
+
+/// One mailbox entry a fetch found it must remove.
+struct Removal {
+    id: Vec<u8>,
+    /// `Some(bytes)` moves the value to quarantine (it does not decode); `None` drops it.
+    quarantine: Option<Vec<u8>>,
+}
+
+impl RedisStore {
+    /// Connects to the Redis at `url` (`redis://host:port/db`), subscribes to the broadcast
+    /// channels, and starts the subscriber task. Fails if Redis is not reachable now; after
+    /// that, lost connections are re-established by themselves.
+    pub async fn connect(url: &str, limits: MailLimits) -> Result<Self, StoreError> {
+        let client = Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(3)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1));
+        let connection = ConnectionManager::new_with_config(client.clone(), config).await?;
+        // Subscribe once here, so a subscriber created right after `connect` returns sees
+        // everything published from then on, and a bad URL fails now rather than in a task.
+        let pubsub = subscribe_channels(&client).await?;
+        let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let (subscriptions_sender, subscriptions) = watch::channel(1);
+        let subscriber = tokio::spawn(run_subscriber(
+            client,
+            pubsub,
+            events.clone(),
+            subscriptions_sender,
+        ));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                connection,
+                limits,
+                events,
+                subscriptions,
+                subscriber,
+            }),
+        })
+    }
+
+    /// The limits this store applies.
+    pub fn limits(&self) -> MailLimits {
+        self.inner.limits
+    }
+
+    /// Counts how often the pub/sub connection has (re)subscribed: 1 after `connect`, one
+    /// more after every re-subscription. A health check or a test can wait for it to move.
+    pub fn subscriptions(&self) -> watch::Receiver<u64> {
+        self.inner.subscriptions.clone()
+    }
+
+    /// Runs `attempt` with a connection, again after a short pause when the error says a
+    /// reconnect or retry may help (the connection manager reconnects on such errors), up
+    /// to [`RETRY_ATTEMPTS`] times.
+    async fn with_retry<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        mut attempt: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let mut delay = RETRY_FIRST_DELAY;
+        let mut tries = 1;
+        loop {
+            match attempt(self.inner.connection.clone()).await {
+                Ok(value) => return Ok(value),
+                Err(error)
+                    if tries < RETRY_ATTEMPTS
+                        && !matches!(error.retry_method(), RetryMethod::NoRetry) =>
+                {
+                    tracing::warn!(operation, tries, %error, "redis operation failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX_DELAY);
+                    tries += 1;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Runs one command with retries.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        operation: &'static str,
+        command: &redis::Cmd,
+    ) -> Result<T, StoreError> {
+        self.with_retry(operation, |mut connection| async move {
+            command.query_async(&mut connection).await
+        })
+        .await
+    }
+
+    /// Runs one script invocation (built by `build`) with retries. The invocation is built
+    /// per try because it borrows the script and is consumed by the call.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        operation: &'static str,
+        script: &'static Script,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<T, StoreError> {
+        self.with_retry(operation, |mut connection| {
+            let mut invocation = script.prepare_invoke();
+            for key in keys {
+                invocation.key(*key);
+            }
+            for arg in args {
+                invocation.arg(*arg);
+            }
+            async move { invocation.invoke_async(&mut connection).await }
+        })
+        .await
+    }
+
+    /// See [`crate::Store::bind`].
+    pub async fn bind(&self, binding: &Binding) -> Result<BindOutcome, StoreError> {
+        let key = user_key(&binding.user, "binding");
+        let value = encode(binding)?;
+        let existing: Option<Vec<u8>> = self
+            .invoke("bind", &BIND, &[&key], &[value.as_ref()])
+            .await?;
+        match existing {
+            None => Ok(BindOutcome::Created),
+            Some(bytes) => Ok(BindOutcome::Existing(decode_binding(
+                &binding.user,
+                &bytes,
+            )?)),
+        }
+    }
+
+    /// See [`crate::Store::binding`].
+    pub async fn binding(&self, user: &Username) -> Result<Option<Binding>, StoreError> {
+        let value: Option<Vec<u8>> = self
+            .query("binding", redis::cmd("GET").arg(user_key(user, "binding")))
+            .await?;
+        value.map(|bytes| decode_binding(user, &bytes)).transpose()
+    }
+
+    /// See [`crate::Store::set_presence`].
+    pub async fn set_presence(&self, presence: &Presence) -> Result<(), StoreError> {
+        let key = user_key(&presence.user, "presence");
+        let value = encode(presence)?;
+        let now_ms = presence.last_seen_ms;
+        let keep_ms = presence
+            .expires_at_ms
+            .saturating_sub(now_ms)
+            .saturating_add(PRESENCE_KEEP_MS);
+        let mut pipeline = redis::pipe();
+        // Not `MULTI`: the online index is another cluster slot. The presence hash is the
+        // truth; the index only needs to be right by the next heartbeat.
+        pipeline
+            .cmd("HSET")
+            .arg(&key)
+            .arg("session")
+            .arg(presence.session)
+            .arg("value")
+            .arg(value.as_ref())
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(keep_ms)
+            .ignore()
+            .cmd("ZADD")
+            .arg(ONLINE_KEY)
+            .arg(presence.expires_at_ms)
+            .arg(presence.user.as_str())
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(ONLINE_KEY)
+            .arg("-inf")
+            .arg(format!("({}", now_ms.saturating_sub(ONLINE_PRUNE_AFTER_MS)))
+            .ignore();
+        self.with_retry("set_presence", |mut connection| {
+            let pipeline = &pipeline;
+            async move { pipeline.query_async::<()>(&mut connection).await }
+        })
+        .await
+    }
+
+    /// See [`crate::Store::clear_presence`].
+    pub async fn clear_presence(
+        &self,
+        user: &Username,
+        session: u64,
+        _now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let Some(current) = self.presence(user).await? else {
+            return Ok(false);
+        };
+        if current.session != session {
+            return Ok(false);
+        }
+        let cleared = Presence {
+            expires_at_ms: 0,
+            ..current.clone()
+        };
+        let key = user_key(user, "presence");
+        let value = encode(&cleared)?;
+        let session_text = session.to_string();
+        let owned: i64 = self
+            .invoke(
+                "clear_presence",
+                &CLEAR_PRESENCE,
+                &[&key],
+                &[session_text.as_bytes(), value.as_ref()],
+            )
+            .await?;
+        if owned == 0 {
+            return Ok(false);
+        }
+        let expiry_text = current.expires_at_ms.to_string();
+        let _: i64 = self
+            .invoke(
+                "clear_presence",
+                &LEAVE_ONLINE,
+                &[ONLINE_KEY],
+                &[user.as_str().as_bytes(), expiry_text.as_bytes()],
+            )
+            .await?;
+        Ok(true)
+    }
+
+    /// See [`crate::Store::presence`]. A record that does not decode is logged and reads as
+    /// no presence.
+    pub async fn presence(&self, user: &Username) -> Result<Option<Presence>, StoreError> {
+        let key = user_key(user, "presence");
+        let value: Option<Vec<u8>> = self
+            .query("presence", redis::cmd("HGET").arg(&key).arg("value"))
+            .await?;
+        let Some(bytes) = value else {
+            return Ok(None);
+        };
+        match wire::decode::<Presence>(&bytes) {
+            Ok(presence) => Ok(Some(presence)),
+            Err(error) => {
+                tracing::warn!(%key, %error, "presence does not decode; ignored");
+                Ok(None)
+            }
+        }
+    }
+
+    /// See [`crate::Store::online_users`].
+    pub async fn online_users(&self, now_ms: u64) -> Result<Vec<Username>, StoreError> {
+        let names: Vec<String> = self
+            .query(
+                "online_users",
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(ONLINE_KEY)
+                    .arg(format!("({now_ms}"))
+                    .arg("+inf"),
+            )
+            .await?;
+        let mut users = parse_names(names, ONLINE_KEY);
+        users.sort();
+        Ok(users)
+    }
+
+    /// See [`crate::Store::deposit`].
+    pub async fn deposit(
+        &self,
+        envelope: &Envelope,
+        now_ms: u64,
+    ) -> Result<DepositOutcome, StoreError> {
+        let limits = self.inner.limits;
+        let keys = MailKeys::new(&envelope.to);
+        let value = encode(&StoredMail {
+            envelope: envelope.clone(),
+            deposited_at_ms: now_ms,
+        })?;
+        let cap = limits.cap.to_string();
+        let gc_ms = limits.ttl_ms.saturating_add(MAIL_GC_MARGIN_MS).to_string();
+        let outcome: i64 = self
+            .invoke(
+                "deposit",
+                &DEPOSIT,
+                &[&keys.order, &keys.data, &keys.sequence, &keys.blocked],
+                &[
+                    &envelope.id.0,
+                    envelope.from.as_str().as_bytes(),
+                    value.as_ref(),
+                    cap.as_bytes(),
+                    gc_ms.as_bytes(),
+                ],
+            )
+            .await?;
+        match outcome {
+            1 => Ok(DepositOutcome::Stored),
+            0 => Ok(DepositOutcome::Duplicate),
+            -1 => Err(StoreError::Blocked {
+                recipient: envelope.to.clone(),
+                sender: envelope.from.clone(),
+            }),
+            -2 => Err(StoreError::MailboxFull {
+                user: envelope.to.clone(),
+                cap: limits.cap,
+            }),
+            other => Err(StoreError::Corrupt {
+                key: keys.order,
+                reason: format!("deposit script answered {other}"),
+            }),
+        }
+    }
+
+    /// See [`crate::Store::fetch`]. One round trip per batch; expired mail met on the way is
+    /// deleted and undecodable mail quarantined (one more round trip, only when there is
+    /// some), and the batch is topped up from behind them.
+    pub async fn fetch(
+        &self,
+        user: &Username,
+        max: usize,
+        now_ms: u64,
+    ) -> Result<Fetched, StoreError> {
+        let keys = MailKeys::new(user);
+        let ttl_ms = self.inner.limits.ttl_ms;
+        let mut mail: Vec<StoredMail> = Vec::with_capacity(max.min(4096));
+        loop {
+            if max == 0 {
+                let total = self.mail_count(user).await?;
+                return Ok(Fetched {
+                    mail,
+                    remaining: total,
+                });
+            }
+            // Mail kept so far still sits at ranks 0..mail.len(); read on from behind it.
+            let first = mail.len().to_string();
+            let last = (max - 1).to_string();
+            let (total, ids, values): FetchReply = self
+                .invoke(
+                    "fetch",
+                    &FETCH,
+                    &[&keys.order, &keys.data],
+                    &[first.as_bytes(), last.as_bytes()],
+                )
+                .await?;
+            let mut removals = Vec::new();
+            // The script answers one value per id; a missing one reads as a missing value.
+            let mut values = values.into_iter();
+            for id in ids {
+                match classify(user, &id, values.next().flatten(), ttl_ms, now_ms) {
+                    Entry::Keep(stored) => mail.push(stored),
+                    Entry::Remove(quarantine) => removals.push(Removal { id, quarantine }),
+                }
+            }
+            let removed = removals.len() as u64;
+            if !removals.is_empty() {
+                self.remove_mail(&keys, &removals).await?;
+            }
+            let remaining = total.saturating_sub(removed + mail.len() as u64);
+            let more_behind = (mail.len() + removals.len()) < total as usize;
+            if removals.is_empty() || mail.len() >= max || !more_behind {
+                return Ok(Fetched { mail, remaining });
+            }
+        }
+    }
+
+    /// Deletes expired entries and moves undecodable ones to quarantine, in one `MULTI`.
+    async fn remove_mail(&self, keys: &MailKeys, removals: &[Removal]) -> Result<(), StoreError> {
+        let ids: Vec<&[u8]> = removals
+            .iter()
+            .map(|removal| removal.id.as_slice())
+            .collect();
+        let mut pipeline = redis::pipe();
+        pipeline
+            .atomic()
+            .cmd("ZREM")
+            .arg(&keys.order)
+            .arg(&ids)
+            .ignore()
+            .cmd("HDEL")
+            .arg(&keys.data)
+            .arg(&ids)
+            .ignore();
+        let quarantined: Vec<(&[u8], &[u8])> = removals
+            .iter()
+            .filter_map(|removal| {
+                let bytes = removal.quarantine.as_deref()?;
+                Some((removal.id.as_slice(), bytes))
+            })
+            .collect();
+        if !quarantined.is_empty() {
+            let gc_ms = self.inner.limits.ttl_ms.saturating_add(MAIL_GC_MARGIN_MS);
+            pipeline
+                .cmd("HSET")
+                .arg(&keys.quarantine)
+                .arg(&quarantined)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&keys.quarantine)
+                .arg(gc_ms)
+                .ignore();
+        }
+        self.with_retry("fetch cleanup", |mut connection| {
+            let pipeline = &pipeline;
+            async move { pipeline.query_async::<()>(&mut connection).await }
+        })
+        .await
+    }
+
+    /// See [`crate::Store::ack`]. One `MULTI` (`ZREM` + `HDEL`) for the whole batch.
+    pub async fn ack(&self, user: &Username, ids: &[MessageId]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let keys = MailKeys::new(user);
+        let ids: Vec<&[u8]> = ids.iter().map(|id| id.0.as_slice()).collect();
+        let mut pipeline = redis::pipe();
+        pipeline
+            .atomic()
+            .cmd("ZREM")
+            .arg(&keys.order)
+            .arg(&ids)
+            .ignore()
+            .cmd("HDEL")
+            .arg(&keys.data)
+            .arg(&ids);
+        let (removed,): (u64,) = self
+            .with_retry("ack", |mut connection| {
+                let pipeline = &pipeline;
+                async move { pipeline.query_async(&mut connection).await }
+            })
+            .await?;
+        Ok(removed)
+    }
+
+    /// See [`crate::Store::mail_count`].
+    pub async fn mail_count(&self, user: &Username) -> Result<u64, StoreError> {
+        self.query(
+            "mail_count",
+            redis::cmd("ZCARD").arg(user_key(user, "mail")),
+        )
+        .await
+    }
+
+    /// See [`crate::Store::block`].
+    pub async fn block(&self, user: &Username, blocked: &Username) -> Result<(), StoreError> {
+        self.query(
+            "block",
+            redis::cmd("SADD")
+                .arg(user_key(user, "blocked"))
+                .arg(blocked.as_str()),
+        )
+        .await
+    }
+
+    /// See [`crate::Store::unblock`].
+    pub async fn unblock(&self, user: &Username, blocked: &Username) -> Result<(), StoreError> {
+        self.query(
+            "unblock",
+            redis::cmd("SREM")
+                .arg(user_key(user, "blocked"))
+                .arg(blocked.as_str()),
+        )
+        .await
+    }
+
+    /// See [`crate::Store::blocked_by`].
+    pub async fn blocked_by(&self, user: &Username) -> Result<Vec<Username>, StoreError> {
+        let key = user_key(user, "blocked");
+        let names: Vec<String> = self
+            .query("blocked_by", redis::cmd("SMEMBERS").arg(&key))
+            .await?;
+        let mut users = parse_names(names, &key);
+        users.sort();
+        Ok(users)
+    }
+
+    /// See [`crate::Store::publish`]: a `PUBLISH` on [`ANNOUNCE_CHANNEL`] or
+    /// [`MAIL_CHANNEL`]; every instance's subscriber (this one's too) delivers it.
+    pub async fn publish(&self, event: &Broadcast) -> Result<(), StoreError> {
+        let (channel, payload) = match event {
+            Broadcast::Announcement { text } => (ANNOUNCE_CHANNEL, text.as_str()),
+            Broadcast::MailWaiting { user } => (MAIL_CHANNEL, user.as_str()),
+        };
+        self.query("publish", redis::cmd("PUBLISH").arg(channel).arg(payload))
+            .await
+            .map(|_receivers: u64| ())
+    }
+
+    /// See [`crate::Store::subscribe`].
+    pub fn subscribe(&self) -> broadcast::Receiver<Broadcast> {
+        self.inner.events.subscribe()
+    }
+}
+
+/// The fetch script's answer: mailbox size, ids, values (`None` where missing).
+type FetchReply = (u64, Vec<Vec<u8>>, Vec<Option<Vec<u8>>>);
+
+/// What a fetch does with one mailbox entry.
+enum Entry {
+    /// Deliver it.
+    Keep(StoredMail),
+    /// Remove it; `Some(bytes)` quarantines them.
+    Remove(Option<Vec<u8>>),
+}
+
+/// Decides about one fetched entry, logging anything wrong with it.
+fn classify(user: &Username, id: &[u8], value: Option<Vec<u8>>, ttl_ms: u64, now_ms: u64) -> Entry {
+    let Some(bytes) = value else {
+        tracing::warn!(%user, id = ?id, "mail id without a value; dropped from the mailbox");
+        return Entry::Remove(None);
+    };
+    match wire::decode::<StoredMail>(&bytes) {
+        Ok(stored) if stored.envelope.id.0.as_slice() != id => {
+            tracing::warn!(%user, id = ?id, "stored mail has another id than its key; quarantined");
+            Entry::Remove(Some(bytes))
+        }
+        Ok(stored) if is_expired(&stored, ttl_ms, now_ms) => Entry::Remove(None),
+        Ok(stored) => Entry::Keep(stored),
+        Err(error) => {
+            tracing::warn!(%user, id = ?id, %error, "stored mail does not decode; quarantined");
+            Entry::Remove(Some(bytes))
+        }
+    }
+}
+
+/// Parses names read from `key`, logging and skipping invalid ones.
+fn parse_names(names: Vec<String>, key: &str) -> Vec<Username> {
+    names
+        .into_iter()
+        .filter_map(|name| match Username::new(&name) {
+            Ok(user) => Some(user),
+            Err(error) => {
+                tracing::warn!(key, name, %error, "invalid name stored; skipped");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Opens a pub/sub connection subscribed to both broadcast channels.
+async fn subscribe_channels(client: &Client) -> RedisResult<PubSub> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(&[ANNOUNCE_CHANNEL, MAIL_CHANNEL]).await?;
+    Ok(pubsub)
+}
+
+/// The subscriber task: forwards from `pubsub` until the connection is lost, then
+/// re-subscribes (with backoff while Redis is away) and bumps `subscriptions`. Runs until
+/// aborted by the last store handle's drop.
+async fn run_subscriber(
+    client: Client,
+    pubsub: PubSub,
+    events: broadcast::Sender<Broadcast>,
+    subscriptions: watch::Sender<u64>,
+) {
+    let mut current = Some(pubsub);
+    let mut delay = RETRY_FIRST_DELAY;
+    loop {
+        let pubsub = match current.take() {
+            Some(pubsub) => pubsub,
+            None => {
+                match tokio::time::timeout(CONNECT_TIMEOUT, subscribe_channels(&client)).await {
+                    Ok(Ok(pubsub)) => {
+                        tracing::info!("redis pub/sub re-subscribed");
+                        subscriptions.send_modify(|count| *count += 1);
+                        pubsub
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "redis pub/sub reconnect failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(RETRY_MAX_DELAY);
+                        continue;
+                    }
+                    Err(_elapsed) => {
+                        tracing::debug!("redis pub/sub reconnect timed out; retrying");
+                        continue;
+                    }
+                }
+            }
+        };
+        delay = RETRY_FIRST_DELAY;
+        forward(pubsub, &events).await;
+        tracing::warn!("redis pub/sub connection lost; re-subscribing");
+    }
+}
+
+/// Forwards messages from one pub/sub connection until it closes or stops answering pings.
+async fn forward(pubsub: PubSub, events: &broadcast::Sender<Broadcast>) {
+    let (mut sink, mut stream) = pubsub.split();
+    let mut keepalive = tokio::time::interval(PUBSUB_PING_INTERVAL);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick completes at once; the connection was just proven alive.
+    keepalive.tick().await;
+    loop {
+        tokio::select! {
+            message = stream.next() => match message {
+                Some(message) => {
+                    if let Some(event) = to_broadcast(&message) {
+                        // No local subscriber is fine: then no one needs the event.
+                        let _ = events.send(event);
+                    }
+                }
+                None => return,
+            },
+            _ = keepalive.tick() => {
+                let answer = tokio::time::timeout(PUBSUB_PING_TIMEOUT, sink.ping::<Value>()).await;
+                if !matches!(answer, Ok(Ok(_))) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Turns a pub/sub message into an event; logs and drops anything malformed.
+fn to_broadcast(message: &redis::Msg) -> Option<Broadcast> {
+    let payload = message.get_payload_bytes();
+    match message.get_channel_name() {
+        ANNOUNCE_CHANNEL => {
+            let text = String::from_utf8_lossy(payload);
+            if let std::borrow::Cow::Owned(_) = text {
+                tracing::warn!("announcement is not valid UTF-8; invalid bytes replaced");
+            }
+            Some(Broadcast::Announcement {
+                text: text.into_owned(),
+            })
+        }
+        MAIL_CHANNEL => match std::str::from_utf8(payload)
+            .ok()
+            .and_then(|name| Username::new(name).ok())
+        {
+            Some(user) => Some(Broadcast::MailWaiting { user }),
+            None => {
+                tracing::warn!(payload = ?String::from_utf8_lossy(payload), "mail-waiting hint with an invalid name; dropped");
+                None
+            }
+        },
+        other => {
+            tracing::warn!(channel = other, "message on an unexpected channel; dropped");
+            None
+        }
+    }
+}

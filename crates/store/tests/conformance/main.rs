@@ -1,0 +1,47 @@
+//! The store conformance suite: one set of behaviours ([`suite`]), run against both
+//! backends, plus the tests that only make sense for one backend ([`redis_only`],
+//! [`embedded_only`]). Redis tests start their own `redis-server` on a free port
+//! (`store::testing::RedisServer`), so they need no Redis running beforehand.
+
+mod embedded_only;
+mod redis_only;
+mod suite;
+mod util;
+
+/// Runs every named suite test against a fresh store of each backend.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $name() -> anyhow::Result<()> {
+                    let backend = crate::util::EmbeddedBackend::open()?;
+                    crate::suite::$name(&backend.store).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $name() -> anyhow::Result<()> {
+                    let backend = crate::util::RedisBackend::start().await?;
+                    crate::suite::$name(&backend.store).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    deposit_fetch_ack_keeps_order_and_counts,
+    unacked_mail_comes_back,
+    expired_mail_is_dropped_at_fetch,
+    full_mailbox_refuses_with_typed_error,
+    deposit_is_idempotent_by_message_id,
+    binding_conflict_returns_existing_binding,
+    presence_expires_and_only_its_session_clears_it,
+    online_users_are_sorted_by_name,
+    block_list_refuses_mail_until_unblocked,
+    broadcast_reaches_two_subscribers,
+    mailboxes_drain_in_batches,
+);

@@ -1,0 +1,263 @@
+//! Behaviours specific to the Redis backend: raw publishes, restarts, bad data written
+//! behind the store's back, and what Redis may see.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, ensure};
+use futures::future::try_join_all;
+use proto::{Channel, Identity, MessageId};
+use redis::AsyncCommands;
+use store::{
+    ANNOUNCE_CHANNEL, Binding, Broadcast, MailLimits, Presence, RedisStore, Store,
+    testing::RedisServer,
+};
+
+use crate::util::{EVENT_TIMEOUT, RedisBackend, envelope, ids, next_event, user};
+
+#[tokio::test]
+async fn raw_publish_on_the_announce_channel_is_an_announcement() -> anyhow::Result<()> {
+    let backend = RedisBackend::start().await?;
+    let mut first = backend.store.subscribe();
+    let mut second = backend.store.subscribe();
+    let mut raw = backend.raw().await?;
+    // What `redis-cli PUBLISH p2pchat:announce "..."` sends.
+    let _: u64 = raw
+        .publish(ANNOUNCE_CHANNEL, "server restarts at noon")
+        .await?;
+    // A malformed mail-waiting hint is dropped, and does not stop what follows.
+    let _: u64 = raw
+        .publish(store::redis_store::MAIL_CHANNEL, "Not A Name!")
+        .await?;
+    let _: u64 = raw.publish(store::redis_store::MAIL_CHANNEL, "bob").await?;
+    for receiver in [&mut first, &mut second] {
+        ensure!(
+            next_event(receiver).await?
+                == Broadcast::Announcement {
+                    text: "server restarts at noon".to_owned()
+                }
+        );
+        ensure!(next_event(receiver).await? == Broadcast::MailWaiting { user: user("bob") });
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn operations_and_subscription_survive_a_redis_restart() -> anyhow::Result<()> {
+    let mut backend = RedisBackend::with_server(RedisServer::start_persistent()?).await?;
+    let store = backend.store.clone();
+    let Store::Redis(redis_store) = &store else {
+        anyhow::bail!("not a redis store");
+    };
+    let mut subscriptions = redis_store.subscriptions();
+    let subscribed_before = *subscriptions.borrow_and_update();
+    let mut receiver = store.subscribe();
+
+    let before = envelope("alice", "bob", "before");
+    store.deposit(&before, 1_000).await?;
+
+    // Killed (like a crash) and started again on the same port, between two operations.
+    backend.server.restart()?;
+
+    // The very next operation succeeds: the store reconnects (and retries) by itself.
+    let after = envelope("alice", "bob", "after");
+    store.deposit(&after, 2_000).await?;
+    let fetched = store.fetch(&user("bob"), 10, 3_000).await?;
+    ensure!(ids(&fetched.mail) == vec![before.id, after.id]);
+
+    // The subscriber notices the loss and subscribes again by itself.
+    tokio::time::timeout(
+        EVENT_TIMEOUT,
+        subscriptions.wait_for(|count| *count > subscribed_before),
+    )
+    .await
+    .context("no re-subscription after the restart")??;
+    let event = Broadcast::Announcement {
+        text: "back".to_owned(),
+    };
+    store.publish(&event).await?;
+    ensure!(next_event(&mut receiver).await? == event);
+    Ok(())
+}
+
+#[tokio::test]
+async fn undecodable_mail_is_skipped_and_quarantined() -> anyhow::Result<()> {
+    let backend = RedisBackend::start().await?;
+    let store = &backend.store;
+    let bob = user("bob");
+    let sent: Vec<_> = (0..3)
+        .map(|n| envelope("alice", "bob", &n.to_string()))
+        .collect();
+    for message in &sent {
+        store.deposit(message, 1_000).await?;
+    }
+    // Garbage in place of the middle message, and an id whose value is gone.
+    let mut raw = backend.raw().await?;
+    let _: u64 = raw
+        .hset(
+            "p2pchat:{bob}:mail:data",
+            &sent[1].id.0[..],
+            &b"\xff\xffnot postcard"[..],
+        )
+        .await?;
+    let _: u64 = raw
+        .zadd("p2pchat:{bob}:mail", &b"dangling-id"[..], 1.5)
+        .await?;
+
+    let fetched = store.fetch(&bob, 10, 2_000).await?;
+    ensure!(
+        ids(&fetched.mail) == vec![sent[0].id, sent[2].id],
+        "{fetched:?}"
+    );
+    ensure!(fetched.remaining == 0);
+    ensure!(store.mail_count(&bob).await? == 2);
+    // Kept aside for an operator, not silently lost.
+    let quarantined: BTreeMap<Vec<u8>, Vec<u8>> =
+        raw.hgetall("p2pchat:{bob}:mail:quarantine").await?;
+    ensure!(quarantined.len() == 1 && quarantined.contains_key(&sent[1].id.0[..]));
+
+    // Garbage presence reads as absent rather than failing.
+    let _: u64 = raw
+        .hset("p2pchat:{bob}:presence", "value", "garbage")
+        .await?;
+    ensure!(store.presence(&bob).await?.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn batches_larger_than_a_script_chunk_keep_order() -> anyhow::Result<()> {
+    let server = RedisServer::start()?;
+    let limits = MailLimits {
+        cap: 5_000,
+        ttl_ms: 60_000,
+    };
+    let store: Store = RedisStore::connect(&server.url(), limits).await?.into();
+    let bob = user("bob");
+    let sent: Vec<_> = (0..1_500)
+        .map(|n| envelope("alice", "bob", &n.to_string()))
+        .collect();
+    // Deposited one after another (order is deposit order), but pipelined 100 at a time
+    // would reorder; so sequential here.
+    for message in &sent {
+        store.deposit(message, 1_000).await?;
+    }
+    let batch = store.fetch(&bob, 1_000, 2_000).await?;
+    ensure!(ids(&batch.mail) == sent[..1_000].iter().map(|m| m.id).collect::<Vec<_>>());
+    ensure!(batch.remaining == 500);
+    ensure!(store.ack(&bob, &ids(&batch.mail)).await? == 1_000);
+    let rest = store.fetch(&bob, 1_000, 2_000).await?;
+    ensure!(ids(&rest.mail) == sent[1_000..].iter().map(|m| m.id).collect::<Vec<_>>());
+    // Concurrent acks of disjoint halves.
+    let halves: Vec<Vec<MessageId>> = ids(&rest.mail).chunks(250).map(<[_]>::to_vec).collect();
+    let removed = try_join_all(halves.iter().map(|half| store.ack(&bob, half))).await?;
+    ensure!(removed.iter().sum::<u64>() == 500);
+    Ok(())
+}
+
+/// Every key name and every value in the Redis, whatever its type.
+async fn dump_everything(
+    raw: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(100)
+            .query_async(raw)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut everything = keys.clone();
+    for key in &keys {
+        let kind: String = redis::cmd("TYPE").arg(key).query_async(raw).await?;
+        let values: Vec<Vec<u8>> = match kind.as_str() {
+            "string" => vec![redis::cmd("GET").arg(key).query_async(raw).await?],
+            "hash" => redis::cmd("HGETALL").arg(key).query_async(raw).await?,
+            "set" => redis::cmd("SMEMBERS").arg(key).query_async(raw).await?,
+            "list" => {
+                redis::cmd("LRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(raw)
+                    .await?
+            }
+            "zset" => {
+                redis::cmd("ZRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(raw)
+                    .await?
+            }
+            "none" => Vec::new(),
+            other => anyhow::bail!("unexpected key type {other} at {key:?}"),
+        };
+        everything.extend(values);
+    }
+    Ok(everything)
+}
+
+#[tokio::test]
+async fn redis_holds_no_plaintext() -> anyhow::Result<()> {
+    let backend = RedisBackend::start().await?;
+    let store = &backend.store;
+    let (alice, bob) = (user("alice"), user("bob"));
+    let alice_identity = Identity::generate();
+    let bob_identity = Identity::generate();
+    let channel = Channel::new(&alice_identity, &alice, &bob, bob_identity.public())?;
+    let marker = "MARKER-xyz";
+    let sealed = channel.seal(MessageId::random(), &format!("secret {marker} text"), 1_000)?;
+
+    // Everything a server would store about the two of them.
+    for (name, identity) in [(&alice, &alice_identity), (&bob, &bob_identity)] {
+        store
+            .bind(&Binding {
+                user: name.clone(),
+                keys: identity.public().clone(),
+                bound_at_ms: 1_000,
+            })
+            .await?;
+        store
+            .set_presence(&Presence {
+                user: name.clone(),
+                session: 1,
+                addresses: vec!["127.0.0.1:4000".parse()?],
+                last_seen_ms: 1_000,
+                expires_at_ms: 31_000,
+            })
+            .await?;
+    }
+    store.block(&bob, &user("mallory")).await?;
+    store.deposit(&sealed, 1_000).await?;
+    store.fetch(&bob, 10, 1_000).await?; // a fetch leaves nothing readable behind either
+
+    let mut raw = backend.raw().await?;
+    let everything = dump_everything(&mut raw).await?;
+    // The dump is not vacuous: the ciphertext itself is in there.
+    let token = sealed.token.as_bytes();
+    ensure!(
+        everything.iter().any(|value| contains(value, token)),
+        "the sealed token was not found: the dump misses the mailbox"
+    );
+    for value in &everything {
+        ensure!(
+            !contains(value, marker.as_bytes()),
+            "plaintext marker found in Redis: {:?}",
+            String::from_utf8_lossy(value)
+        );
+    }
+    Ok(())
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}

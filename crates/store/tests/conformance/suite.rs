@@ -1,0 +1,351 @@
+//! The behaviours every backend must have. Each function takes a fresh [`Store`] built with
+//! [`util::LIMITS`]; time is passed in, never slept.
+
+use std::net::SocketAddr;
+
+use anyhow::ensure;
+use store::{BindOutcome, Binding, Broadcast, DepositOutcome, Presence, Store, StoreError};
+
+use crate::util::{LIMITS, envelope, ids, keys, next_event, user};
+
+pub async fn deposit_fetch_ack_keeps_order_and_counts(store: &Store) -> anyhow::Result<()> {
+    let bob = user("bob");
+    let sent: Vec<_> = (0..5)
+        .map(|n| envelope("alice", "bob", &n.to_string()))
+        .collect();
+    for (n, message) in sent.iter().enumerate() {
+        // The same clock for all: order must come from deposit order, not from time.
+        let outcome = store.deposit(message, 1_000 + (n as u64 % 2)).await?;
+        ensure!(outcome == DepositOutcome::Stored);
+    }
+    ensure!(store.mail_count(&bob).await? == 5);
+    ensure!(store.mail_count(&user("alice")).await? == 0);
+
+    let first = store.fetch(&bob, 3, 2_000).await?;
+    ensure!(ids(&first.mail) == sent[..3].iter().map(|m| m.id).collect::<Vec<_>>());
+    ensure!(first.remaining == 2, "remaining {}", first.remaining);
+    ensure!(first.mail[0].envelope == sent[0]);
+    ensure!(first.mail[0].deposited_at_ms == 1_000);
+
+    ensure!(store.ack(&bob, &ids(&first.mail)).await? == 3);
+    ensure!(store.mail_count(&bob).await? == 2);
+
+    let second = store.fetch(&bob, 10, 2_000).await?;
+    ensure!(ids(&second.mail) == sent[3..].iter().map(|m| m.id).collect::<Vec<_>>());
+    ensure!(second.remaining == 0);
+
+    // Acking again, or acking an unknown id, deletes nothing.
+    ensure!(store.ack(&bob, &ids(&first.mail)).await? == 0);
+    ensure!(store.ack(&bob, &[proto::MessageId::random()]).await? == 0);
+    ensure!(store.ack(&bob, &[]).await? == 0);
+
+    ensure!(store.ack(&bob, &ids(&second.mail)).await? == 2);
+    ensure!(store.mail_count(&bob).await? == 0);
+    let empty = store.fetch(&bob, 10, 2_000).await?;
+    ensure!(empty.mail.is_empty() && empty.remaining == 0);
+    Ok(())
+}
+
+pub async fn unacked_mail_comes_back(store: &Store) -> anyhow::Result<()> {
+    let bob = user("bob");
+    let sent = [envelope("alice", "bob", "1"), envelope("carol", "bob", "2")];
+    for message in &sent {
+        store.deposit(message, 1_000).await?;
+    }
+    let first = store.fetch(&bob, 10, 1_100).await?;
+    ensure!(first.mail.len() == 2);
+    // No ack (the client went away): the same mail, in the same order, next time.
+    let again = store.fetch(&bob, 10, 1_200).await?;
+    ensure!(again == first);
+    ensure!(store.mail_count(&bob).await? == 2);
+
+    // A partial ack leaves exactly the rest.
+    store.ack(&bob, &[sent[0].id]).await?;
+    let rest = store.fetch(&bob, 10, 1_300).await?;
+    ensure!(ids(&rest.mail) == vec![sent[1].id]);
+    Ok(())
+}
+
+pub async fn expired_mail_is_dropped_at_fetch(store: &Store) -> anyhow::Result<()> {
+    let bob = user("bob");
+    let ttl = LIMITS.ttl_ms;
+    let old = envelope("alice", "bob", "old");
+    let new = envelope("alice", "bob", "new");
+    store.deposit(&old, 0).await?;
+    store.deposit(&new, 500).await?;
+
+    // Just before the first expires, both are there.
+    let before = store.fetch(&bob, 10, ttl - 1).await?;
+    ensure!(ids(&before.mail) == vec![old.id, new.id]);
+
+    // At its expiry it is dropped (and deleted), the younger one stays.
+    let after = store.fetch(&bob, 10, ttl).await?;
+    ensure!(ids(&after.mail) == vec![new.id]);
+    ensure!(after.remaining == 0);
+    ensure!(store.mail_count(&bob).await? == 1);
+
+    // A batch of one is topped up from behind the expired mail.
+    store
+        .deposit(&envelope("alice", "bob", "newest"), ttl + 400)
+        .await?;
+    let late = store.fetch(&bob, 1, ttl + 500).await?;
+    ensure!(late.mail.len() == 1 && late.mail[0].envelope.token == "token-newest");
+    ensure!(late.remaining == 0);
+    ensure!(store.mail_count(&bob).await? == 1);
+    Ok(())
+}
+
+pub async fn full_mailbox_refuses_with_typed_error(store: &Store) -> anyhow::Result<()> {
+    let bob = user("bob");
+    let mut sent = Vec::new();
+    for n in 0..LIMITS.cap {
+        let message = envelope("alice", "bob", &n.to_string());
+        store.deposit(&message, 1_000).await?;
+        sent.push(message);
+    }
+    let refused = store
+        .deposit(&envelope("alice", "bob", "one too many"), 1_000)
+        .await;
+    match refused {
+        Err(StoreError::MailboxFull { user, cap }) => {
+            ensure!(user == bob && cap == LIMITS.cap);
+        }
+        other => anyhow::bail!("expected MailboxFull, got {other:?}"),
+    }
+    // A retried deposit of mail already in the full mailbox is still just a duplicate.
+    ensure!(store.deposit(&sent[0], 1_000).await? == DepositOutcome::Duplicate);
+    ensure!(store.mail_count(&bob).await? == LIMITS.cap);
+
+    // Room again after an ack.
+    store.ack(&bob, &[sent[0].id]).await?;
+    ensure!(
+        store
+            .deposit(&envelope("alice", "bob", "fits"), 1_000)
+            .await?
+            == DepositOutcome::Stored
+    );
+    Ok(())
+}
+
+pub async fn deposit_is_idempotent_by_message_id(store: &Store) -> anyhow::Result<()> {
+    let bob = user("bob");
+    let message = envelope("alice", "bob", "once");
+    ensure!(store.deposit(&message, 1_000).await? == DepositOutcome::Stored);
+    ensure!(store.deposit(&message, 2_000).await? == DepositOutcome::Duplicate);
+    ensure!(store.mail_count(&bob).await? == 1);
+    let fetched = store.fetch(&bob, 10, 3_000).await?;
+    ensure!(fetched.mail.len() == 1);
+    // The first deposit is the one kept.
+    ensure!(fetched.mail[0].deposited_at_ms == 1_000);
+
+    // Once acked, the id is free again (a new deposit is new mail, not a duplicate).
+    store.ack(&bob, &[message.id]).await?;
+    ensure!(store.deposit(&message, 4_000).await? == DepositOutcome::Stored);
+    Ok(())
+}
+
+pub async fn binding_conflict_returns_existing_binding(store: &Store) -> anyhow::Result<()> {
+    let alice = user("alice");
+    let first = Binding {
+        user: alice.clone(),
+        keys: keys(),
+        bound_at_ms: 1_000,
+    };
+    ensure!(store.binding(&alice).await?.is_none());
+    ensure!(store.bind(&first).await? == BindOutcome::Created);
+    ensure!(store.binding(&alice).await? == Some(first.clone()));
+
+    // Binding again with the same keys finds the binding (the caller sees they match).
+    ensure!(store.bind(&first).await? == BindOutcome::Existing(first.clone()));
+
+    // Someone else's keys: refused by returning the binding that stands.
+    let intruder = Binding {
+        user: alice.clone(),
+        keys: keys(),
+        bound_at_ms: 2_000,
+    };
+    ensure!(store.bind(&intruder).await? == BindOutcome::Existing(first.clone()));
+    ensure!(store.binding(&alice).await? == Some(first));
+
+    // Other names are independent.
+    ensure!(store.binding(&user("bob")).await?.is_none());
+    Ok(())
+}
+
+fn presence(name: &str, session: u64, now_ms: u64, expires_at_ms: u64) -> Presence {
+    Presence {
+        user: user(name),
+        session,
+        addresses: vec![SocketAddr::from(([127, 0, 0, 1], 4000 + session as u16))],
+        last_seen_ms: now_ms,
+        expires_at_ms,
+    }
+}
+
+pub async fn presence_expires_and_only_its_session_clears_it(store: &Store) -> anyhow::Result<()> {
+    let alice = user("alice");
+    ensure!(store.presence(&alice).await?.is_none());
+    let first = presence("alice", 1, 1_000, 31_000);
+    store.set_presence(&first).await?;
+    ensure!(store.presence(&alice).await? == Some(first.clone()));
+    ensure!(store.online_users(30_999).await? == vec![alice.clone()]);
+    // Expired by the passed clock alone.
+    ensure!(store.online_users(31_000).await?.is_empty());
+    ensure!(
+        !store
+            .presence(&alice)
+            .await?
+            .unwrap_or(first.clone())
+            .is_online(31_000)
+    );
+
+    // A heartbeat refreshes it.
+    let refreshed = presence("alice", 1, 20_000, 50_000);
+    store.set_presence(&refreshed).await?;
+    ensure!(store.online_users(31_000).await? == vec![alice.clone()]);
+
+    // A wrong session does not clear it.
+    ensure!(!store.clear_presence(&alice, 2, 21_000).await?);
+    ensure!(store.online_users(21_000).await? == vec![alice.clone()]);
+    ensure!(!store.clear_presence(&user("nobody"), 1, 21_000).await?);
+
+    // Its own session does; the last-seen time is kept.
+    ensure!(store.clear_presence(&alice, 1, 21_000).await?);
+    ensure!(store.online_users(21_000).await?.is_empty());
+    let cleared = store.presence(&alice).await?;
+    ensure!(
+        cleared.as_ref().map(|p| p.last_seen_ms) == Some(20_000),
+        "{cleared:?}"
+    );
+    ensure!(cleared.as_ref().is_some_and(|p| !p.is_online(21_000)));
+
+    // A newer session is not taken offline by the old one closing late.
+    store
+        .set_presence(&presence("alice", 3, 22_000, 52_000))
+        .await?;
+    ensure!(!store.clear_presence(&alice, 1, 22_500).await?);
+    ensure!(store.online_users(22_500).await? == vec![alice]);
+    Ok(())
+}
+
+pub async fn online_users_are_sorted_by_name(store: &Store) -> anyhow::Result<()> {
+    // Registered out of name order, with different expiries.
+    for (n, name) in ["zoe", "alice", "mallory", "bob", "aaron"]
+        .iter()
+        .enumerate()
+    {
+        store
+            .set_presence(&presence(name, n as u64, 1_000, 10_000 + n as u64 * 1_000))
+            .await?;
+    }
+    store.set_presence(&presence("gone", 9, 0, 500)).await?;
+    let online = store.online_users(1_000).await?;
+    let expected: Vec<_> = ["aaron", "alice", "bob", "mallory", "zoe"]
+        .iter()
+        .map(|name| user(name))
+        .collect();
+    ensure!(online == expected, "{online:?}");
+    // zoe (index 0) lapses first.
+    let later = store.online_users(10_500).await?;
+    ensure!(
+        !later.contains(&user("zoe")) && later.len() == 4,
+        "{later:?}"
+    );
+    Ok(())
+}
+
+pub async fn block_list_refuses_mail_until_unblocked(store: &Store) -> anyhow::Result<()> {
+    let bob = user("bob");
+    let alice = user("alice");
+    store.block(&bob, &alice).await?;
+    store.block(&bob, &user("zed")).await?;
+    store.block(&bob, &user("aaron")).await?;
+    store.block(&bob, &alice).await?; // twice is once
+    ensure!(store.blocked_by(&bob).await? == vec![user("aaron"), alice.clone(), user("zed")]);
+    ensure!(store.blocked_by(&alice).await?.is_empty());
+
+    match store
+        .deposit(&envelope("alice", "bob", "spam"), 1_000)
+        .await
+    {
+        Err(StoreError::Blocked { recipient, sender }) => {
+            ensure!(recipient == bob && sender == alice);
+        }
+        other => anyhow::bail!("expected Blocked, got {other:?}"),
+    }
+    ensure!(store.mail_count(&bob).await? == 0);
+    // Others still get through, and the block is one-way.
+    ensure!(
+        store
+            .deposit(&envelope("carol", "bob", "hi"), 1_000)
+            .await?
+            == DepositOutcome::Stored
+    );
+    ensure!(
+        store
+            .deposit(&envelope("bob", "alice", "hi"), 1_000)
+            .await?
+            == DepositOutcome::Stored
+    );
+
+    store.unblock(&bob, &alice).await?;
+    store.unblock(&bob, &user("never-blocked")).await?;
+    ensure!(store.blocked_by(&bob).await? == vec![user("aaron"), user("zed")]);
+    ensure!(
+        store
+            .deposit(&envelope("alice", "bob", "sorry"), 1_000)
+            .await?
+            == DepositOutcome::Stored
+    );
+    ensure!(store.mail_count(&bob).await? == 2);
+    Ok(())
+}
+
+pub async fn broadcast_reaches_two_subscribers(store: &Store) -> anyhow::Result<()> {
+    let mut first = store.subscribe();
+    let mut second = store.subscribe();
+    let announcement = Broadcast::Announcement {
+        text: "maintenance at 22:00 — ünïcode too".to_owned(),
+    };
+    let mail = Broadcast::MailWaiting { user: user("bob") };
+    store.publish(&announcement).await?;
+    store.publish(&mail).await?;
+    for receiver in [&mut first, &mut second] {
+        ensure!(next_event(receiver).await? == announcement);
+        ensure!(next_event(receiver).await? == mail);
+    }
+    Ok(())
+}
+
+pub async fn mailboxes_drain_in_batches(store: &Store) -> anyhow::Result<()> {
+    // Several full mailboxes, drained in odd-sized batches: no mail crosses mailboxes,
+    // nothing is lost or repeated, `remaining` counts down exactly.
+    let users = ["bob", "carol", "dave"];
+    let mut sent = Vec::new();
+    for name in users {
+        for n in 0..LIMITS.cap {
+            let message = envelope("alice", name, &n.to_string());
+            store.deposit(&message, 1_000).await?;
+            sent.push(message);
+        }
+    }
+    for (index, name) in users.iter().enumerate() {
+        let expected: Vec<_> = sent[index * LIMITS.cap as usize..(index + 1) * LIMITS.cap as usize]
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        let mut drained = Vec::new();
+        loop {
+            let batch = store.fetch(&user(name), 7, 2_000).await?;
+            if batch.mail.is_empty() {
+                break;
+            }
+            ensure!(batch.remaining as usize == expected.len() - drained.len() - batch.mail.len());
+            let batch_ids = ids(&batch.mail);
+            ensure!(store.ack(&user(name), &batch_ids).await? == batch_ids.len() as u64);
+            drained.extend(batch_ids);
+        }
+        ensure!(drained == expected);
+    }
+    Ok(())
+}
