@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
         None => {
             proto::identity::create_private_dir(&data_dir)?;
             Store::Embedded(
-                EmbeddedStore::open(&data_dir.join("store.redb"), limits)
+                EmbeddedStore::open(data_dir.join("store.redb"), limits)
                     .with_context(|| format!("cannot open the store in {}", data_dir.display()))?,
             )
         }

@@ -187,6 +187,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         self.framed.get_ref()
     }
 
+    /// The underlying stream, giving up the connection (bytes already buffered are lost).
+    pub fn into_inner(self) -> T {
+        self.framed.into_inner()
+    }
+
     /// Closes the write side after flushing what is buffered (best effort, bounded by the
     /// write timeout).
     pub async fn close(&mut self) {

@@ -1,0 +1,715 @@
+//! The discovery server over real loopback sockets: registration, lookup, mail relay,
+//! announcements, two instances sharing one Redis, and hostile input.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use discovery::{Config, Metrics, operator};
+use proto::{
+    Channel, Connection, Envelope, ErrorCode, ErrorReply, Hello, Identity, MessageId, Push,
+    Registration, Reply, Request, RequestFrame, ServerMsg, Username,
+    identity::registration_transcript,
+};
+use store::{EmbeddedStore, MailLimits, RedisStore, Store, testing::RedisServer};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(10);
+const SECRET: &[u8] = b"the operator secret";
+
+struct Server {
+    address: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    async fn embedded(config: Config) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::Embedded(
+            EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default()).unwrap(),
+        );
+        let mut server = Self::start(store, config).await;
+        server._dir = Some(dir);
+        server
+    }
+
+    async fn redis(redis: &RedisServer) -> Self {
+        let store = Store::Redis(
+            RedisStore::connect(&redis.url(), MailLimits::default())
+                .await
+                .unwrap(),
+        );
+        Self::start(store, config()).await
+    }
+
+    async fn start(store: Store, config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(discovery::serve(
+            listener,
+            store,
+            config,
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        ));
+        Self {
+            address,
+            metrics,
+            shutdown,
+            task,
+            _dir: None,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn config() -> Config {
+    Config {
+        operator_secret: Some(SECRET.to_vec()),
+        ..Config::default()
+    }
+}
+
+fn name(text: &str) -> Username {
+    Username::new(text).unwrap()
+}
+
+/// A minimal control-protocol client that keeps pushes aside while waiting for responses.
+struct Client {
+    user: Username,
+    identity: Identity,
+    connection: Connection<TcpStream>,
+    nonce: [u8; 32],
+    next_id: u64,
+    pushes: Vec<Push>,
+}
+
+impl Client {
+    async fn connect(address: SocketAddr, user: &str) -> Self {
+        Self::connect_as(address, user, Identity::generate()).await
+    }
+
+    async fn connect_as(address: SocketAddr, user: &str, identity: Identity) -> Self {
+        let stream = TcpStream::connect(address).await.unwrap();
+        let mut connection = Connection::new(stream);
+        connection.hello(WAIT).await.unwrap();
+        let nonce = match connection.recv::<ServerMsg>().await.unwrap() {
+            Some(ServerMsg::Challenge { nonce }) => nonce,
+            other => panic!("expected a challenge, got {other:?}"),
+        };
+        Self {
+            user: name(user),
+            identity,
+            connection,
+            nonce,
+            next_id: 1,
+            pushes: Vec::new(),
+        }
+    }
+
+    async fn register(&mut self) -> Result<Reply, ErrorReply> {
+        let transcript = registration_transcript(&self.nonce, &self.user, self.identity.public());
+        let request = Request::Register(Registration {
+            user: self.user.clone(),
+            keys: self.identity.public().clone(),
+            listen_ports: vec![40_000],
+            signature: self.identity.sign(&transcript),
+        });
+        self.request(request).await
+    }
+
+    async fn request(&mut self, request: Request) -> Result<Reply, ErrorReply> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.connection
+            .send(&RequestFrame { id, request })
+            .await
+            .unwrap();
+        loop {
+            match tokio::time::timeout(WAIT, self.connection.recv::<ServerMsg>()).await {
+                Ok(Ok(Some(ServerMsg::Response { id: got, result }))) => {
+                    assert_eq!(got, id, "responses come back with their request's id");
+                    return result;
+                }
+                Ok(Ok(Some(ServerMsg::Push(push)))) => self.pushes.push(push),
+                other => panic!("expected a response, got {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for a push matching `wanted`, keeping the others.
+    async fn push(&mut self, wanted: impl Fn(&Push) -> bool) -> Push {
+        if let Some(index) = self.pushes.iter().position(&wanted) {
+            return self.pushes.remove(index);
+        }
+        loop {
+            match tokio::time::timeout(WAIT, self.connection.recv::<ServerMsg>()).await {
+                Ok(Ok(Some(ServerMsg::Push(push)))) if wanted(&push) => return push,
+                Ok(Ok(Some(ServerMsg::Push(push)))) => self.pushes.push(push),
+                other => panic!("expected a push, got {other:?}"),
+            }
+        }
+    }
+
+    async fn lookup(&mut self, user: &str) -> Result<Reply, ErrorReply> {
+        self.request(Request::Lookup { user: name(user) }).await
+    }
+
+    fn seal_for(&self, to: &impl Keyed, body: &str) -> Envelope {
+        Channel::new(
+            &self.identity,
+            &self.user,
+            to.user(),
+            to.identity().public(),
+        )
+        .unwrap()
+        .seal(MessageId::random(), body, proto::now_ms())
+        .unwrap()
+    }
+
+    /// Reads until the server closes, returning the closing reason it sent, if any.
+    async fn closed_with(connection: &mut Connection<TcpStream>) -> Option<ErrorReply> {
+        let mut reason = None;
+        loop {
+            match tokio::time::timeout(WAIT, connection.recv::<ServerMsg>()).await {
+                Ok(Ok(Some(ServerMsg::Closing(why)))) => reason = Some(why),
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None)) | Ok(Err(_)) => return reason,
+                Err(_) => panic!("the server did not close the connection"),
+            }
+        }
+    }
+}
+
+fn online(reply: Result<Reply, ErrorReply>) -> bool {
+    match reply.unwrap() {
+        Reply::User(info) => info.online,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn two_clients_find_each_other_and_a_third_cannot_take_a_bound_name() {
+    let server = Server::embedded(config()).await;
+    let mut alice = Client::connect(server.address, "alice").await;
+    let mut bob = Client::connect(server.address, "bob").await;
+    assert!(matches!(
+        alice.register().await.unwrap(),
+        Reply::Registered {
+            new_binding: true,
+            ..
+        }
+    ));
+    match bob.register().await.unwrap() {
+        Reply::Registered { observed, .. } => assert_eq!(
+            observed.ip(),
+            bob.connection.get_ref().local_addr().unwrap().ip()
+        ),
+        other => panic!("{other:?}"),
+    }
+    match alice.lookup("bob").await.unwrap() {
+        Reply::User(info) => {
+            assert!(info.online);
+            assert_eq!(&info.keys, bob.identity.public());
+            assert_eq!(info.addresses, vec!["127.0.0.1:40000".parse().unwrap()]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        bob.request(Request::List).await.unwrap(),
+        Reply::Users(vec![name("alice"), name("bob")])
+    );
+
+    let mut mallory = Client::connect(server.address, "alice").await;
+    let error = mallory.register().await.unwrap_err();
+    assert_eq!(error.code, ErrorCode::NameTaken);
+    // The rightful owner is unaffected.
+    assert!(online(bob.lookup("alice").await));
+    assert_eq!(server.metrics.errors(ErrorCode::NameTaken), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn closing_the_connection_is_offline_at_once() {
+    let server = Server::embedded(config()).await;
+    let mut alice = Client::connect(server.address, "alice").await;
+    alice.register().await.unwrap();
+    let mut bob = Client::connect(server.address, "bob").await;
+    bob.register().await.unwrap();
+    drop(alice);
+    // Wait for the server to notice the close (it is immediate, but asynchronous).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while online(bob.lookup("alice").await) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice stayed online"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn mail_for_an_offline_user_is_pushed_on_login_and_deleted_only_after_ack() {
+    let server = Server::embedded(config()).await;
+    let mut bob = Client::connect(server.address, "bob").await;
+    bob.register().await.unwrap();
+    let mut alice = Client::connect(server.address, "alice").await;
+    alice.register().await.unwrap();
+    let bob = bob.disconnect(&mut alice).await;
+
+    let envelope = alice.seal_for(&bob, "while you were out");
+    assert_eq!(
+        alice
+            .request(Request::Deposit {
+                envelope: envelope.clone()
+            })
+            .await
+            .unwrap(),
+        Reply::Deposited {
+            recipient_online: false
+        }
+    );
+
+    // Bob logs in again with his key: he is told at once, fetches, and does not ack.
+    let mut bob = bob.reconnect(server.address).await;
+    assert!(matches!(
+        bob.register().await.unwrap(),
+        Reply::Registered {
+            new_binding: false,
+            ..
+        }
+    ));
+    bob.push(|push| *push == Push::MailWaiting).await;
+    let fetched = bob.request(Request::Fetch { max: 100 }).await.unwrap();
+    assert_eq!(
+        fetched,
+        Reply::Mail {
+            envelopes: vec![envelope.clone()],
+            remaining: 0
+        }
+    );
+    let opened = Channel::new(
+        &bob.identity,
+        &bob.user,
+        &alice.user,
+        alice.identity.public(),
+    )
+    .unwrap()
+    .open(&envelope, proto::now_ms())
+    .unwrap();
+    assert_eq!(opened.body, "while you were out");
+
+    // Not acked: a new connection gets it again.
+    let mut bob = bob
+        .disconnect(&mut alice)
+        .await
+        .reconnect(server.address)
+        .await;
+    bob.register().await.unwrap();
+    assert_eq!(
+        bob.request(Request::Fetch { max: 100 }).await.unwrap(),
+        fetched
+    );
+    assert_eq!(
+        bob.request(Request::Ack {
+            ids: vec![envelope.id]
+        })
+        .await
+        .unwrap(),
+        Reply::Acked { removed: 1 }
+    );
+    assert_eq!(
+        bob.request(Request::Fetch { max: 100 }).await.unwrap(),
+        Reply::Mail {
+            envelopes: vec![],
+            remaining: 0
+        }
+    );
+    assert_eq!(server.metrics.mail_delivered.get(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn mail_for_an_online_user_is_pushed_at_once() {
+    let server = Server::embedded(config()).await;
+    let mut alice = Client::connect(server.address, "alice").await;
+    let mut bob = Client::connect(server.address, "bob").await;
+    alice.register().await.unwrap();
+    bob.register().await.unwrap();
+    let envelope = alice.seal_for(&bob, "now");
+    assert_eq!(
+        alice.request(Request::Deposit { envelope }).await.unwrap(),
+        Reply::Deposited {
+            recipient_online: true
+        }
+    );
+    bob.push(|push| *push == Push::MailWaiting).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_announcement_reaches_every_client() {
+    let server = Server::embedded(config()).await;
+    let mut clients = Vec::new();
+    for user in ["a", "b", "c"] {
+        let mut client = Client::connect(server.address, user).await;
+        client.register().await.unwrap();
+        clients.push(client);
+    }
+    operator::announce(&server.address.to_string(), SECRET, "maintenance at noon")
+        .await
+        .unwrap();
+    for client in &mut clients {
+        let push = client
+            .push(|push| matches!(push, Push::Announcement { .. }))
+            .await;
+        assert!(matches!(push, Push::Announcement { text, .. } if text == "maintenance at noon"));
+    }
+    let refused = operator::announce(&server.address.to_string(), b"wrong", "fake").await;
+    assert!(matches!(
+        refused,
+        Err(operator::OperatorError::Refused(ErrorReply {
+            code: ErrorCode::Unauthorized,
+            ..
+        }))
+    ));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn two_instances_sharing_one_redis_behave_as_one_server() {
+    let redis = RedisServer::start().unwrap();
+    let first = Server::redis(&redis).await;
+    let second = Server::redis(&redis).await;
+    let mut alice = Client::connect(first.address, "alice").await;
+    let mut bob = Client::connect(second.address, "bob").await;
+    alice.register().await.unwrap();
+    bob.register().await.unwrap();
+
+    // Each finds the other across instances.
+    assert!(online(alice.lookup("bob").await));
+    assert!(online(bob.lookup("alice").await));
+    // A name bound through one instance is bound on the other.
+    let mut mallory = Client::connect(second.address, "alice").await;
+    assert_eq!(
+        mallory.register().await.unwrap_err().code,
+        ErrorCode::NameTaken
+    );
+
+    // Mail deposited on the first is pushed to bob on the second.
+    let envelope = alice.seal_for(&bob, "across instances");
+    assert_eq!(
+        alice
+            .request(Request::Deposit {
+                envelope: envelope.clone()
+            })
+            .await
+            .unwrap(),
+        Reply::Deposited {
+            recipient_online: true
+        }
+    );
+    bob.push(|push| *push == Push::MailWaiting).await;
+    assert_eq!(
+        bob.request(Request::Fetch { max: 10 }).await.unwrap(),
+        Reply::Mail {
+            envelopes: vec![envelope],
+            remaining: 0
+        }
+    );
+
+    // An announcement through one instance reaches clients of both, and so does a plain
+    // PUBLISH on the channel from any Redis client.
+    operator::announce(&first.address.to_string(), SECRET, "hello both")
+        .await
+        .unwrap();
+    for client in [&mut alice, &mut bob] {
+        client
+            .push(|push| matches!(push, Push::Announcement { text, .. } if text == "hello both"))
+            .await;
+    }
+    let redis_client = redis::Client::open(redis.url()).unwrap();
+    let mut raw = redis_client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(store::ANNOUNCE_CHANNEL)
+        .arg("from redis-cli")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    for client in [&mut alice, &mut bob] {
+        client
+            .push(
+                |push| matches!(push, Push::Announcement { text, .. } if text == "from redis-cli"),
+            )
+            .await;
+    }
+    first.stop().await;
+    second.stop().await;
+}
+
+/// Sends `bytes` raw after a valid hello and returns the closing reason.
+async fn after_hello_send(address: SocketAddr, bytes: &[u8]) -> Option<ErrorReply> {
+    let stream = TcpStream::connect(address).await.unwrap();
+    let mut connection = Connection::new(stream);
+    connection.hello(WAIT).await.unwrap();
+    assert!(matches!(
+        connection.recv::<ServerMsg>().await.unwrap(),
+        Some(ServerMsg::Challenge { .. })
+    ));
+    let mut stream = connection_into_stream(connection);
+    stream.write_all(bytes).await.unwrap();
+    let mut connection = Connection::new(stream);
+    Client::closed_with(&mut connection).await
+}
+
+fn connection_into_stream(connection: Connection<TcpStream>) -> TcpStream {
+    connection.into_inner()
+}
+
+#[tokio::test]
+async fn hostile_input_gets_a_clear_error_and_a_closed_connection_while_others_carry_on() {
+    let server = Server::embedded(config()).await;
+    let mut alice = Client::connect(server.address, "alice").await;
+    alice.register().await.unwrap();
+    let mut bob = Client::connect(server.address, "bob").await;
+    bob.register().await.unwrap();
+
+    // Garbage bytes framed as a request.
+    let reason = after_hello_send(server.address, &[0, 0, 0, 4, 0xde, 0xad, 0xbe, 0xef])
+        .await
+        .unwrap();
+    assert_eq!(reason.code, ErrorCode::BadRequest);
+    assert!(online(alice.lookup("bob").await));
+
+    // A 4 GiB length prefix.
+    let reason = after_hello_send(server.address, &u32::MAX.to_be_bytes())
+        .await
+        .unwrap();
+    assert_eq!(reason.code, ErrorCode::TooLarge);
+    assert!(online(alice.lookup("bob").await));
+
+    // Garbage instead of a hello.
+    let mut raw = TcpStream::connect(server.address).await.unwrap();
+    raw.write_all(b"\x00\x00\x00\x02zz").await.unwrap();
+    let mut connection = Connection::new(raw);
+    let _ = connection.recv::<Hello>().await; // the server's hello
+    let reason = Client::closed_with(&mut connection).await.unwrap();
+    assert_eq!(reason.code, ErrorCode::BadRequest);
+
+    // A wrong protocol version.
+    let raw = TcpStream::connect(server.address).await.unwrap();
+    let mut connection = Connection::new(raw);
+    connection
+        .send(&Hello {
+            protocol: "p2pchat".into(),
+            version: 99,
+        })
+        .await
+        .unwrap();
+    let _ = connection.recv::<Hello>().await.unwrap();
+    let reason = Client::closed_with(&mut connection).await.unwrap();
+    assert_eq!(reason.code, ErrorCode::VersionMismatch);
+    assert!(reason.message.contains("99"));
+
+    // A bad signature: a clear error reply, and the connection may try again.
+    let mut mallory = Client::connect(server.address, "mallory").await;
+    mallory.nonce = [0; 32];
+    assert_eq!(
+        mallory.register().await.unwrap_err().code,
+        ErrorCode::BadSignature
+    );
+
+    // A name that is not a valid username cannot even be encoded by a client; sent raw, it
+    // is a malformed request.
+    let mut lookup = proto::wire::encode(&RequestFrame {
+        id: 1,
+        request: Request::Lookup { user: name("abc") },
+    })
+    .unwrap()
+    .to_vec();
+    let at = lookup.windows(3).position(|w| w == b"abc").unwrap();
+    lookup[at] = b';';
+    let mut framed = (lookup.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(&lookup);
+    let reason = after_hello_send(server.address, &framed).await.unwrap();
+    assert_eq!(reason.code, ErrorCode::BadRequest);
+
+    // Everyone else still works.
+    assert!(online(alice.lookup("bob").await));
+    assert_eq!(bob.request(Request::Heartbeat).await.unwrap(), Reply::Pong);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn idle_unauthenticated_connections_are_closed() {
+    let server = Server::embedded(Config {
+        handshake_timeout: Duration::from_millis(300),
+        ..config()
+    })
+    .await;
+    let mut silent = Client::connect(server.address, "silent").await;
+    let reason = Client::closed_with(&mut silent.connection).await.unwrap();
+    assert_eq!(reason.code, ErrorCode::BadRequest);
+    assert!(reason.message.contains("registration"));
+    // A connection that never even says hello is closed too.
+    let mut raw = TcpStream::connect(server.address).await.unwrap();
+    let mut sink = Vec::new();
+    tokio::time::timeout(WAIT, raw.read_to_end(&mut sink))
+        .await
+        .unwrap()
+        .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_connection_limit_refuses_with_server_busy() {
+    let server = Server::embedded(Config {
+        max_connections: 1,
+        ..config()
+    })
+    .await;
+    let mut alice = Client::connect(server.address, "alice").await;
+    alice.register().await.unwrap();
+    let raw = TcpStream::connect(server.address).await.unwrap();
+    let mut connection = Connection::new(raw);
+    connection.hello(WAIT).await.unwrap();
+    let reason = Client::closed_with(&mut connection).await.unwrap();
+    assert_eq!(reason.code, ErrorCode::ServerBusy);
+    assert_eq!(
+        alice.request(Request::Heartbeat).await.unwrap(),
+        Reply::Pong
+    );
+    assert_eq!(server.metrics.refused_connections.get(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_flood_is_rate_limited_per_connection() {
+    let server = Server::embedded(Config {
+        requests_per_second: 1,
+        request_burst: 5,
+        ..config()
+    })
+    .await;
+    let mut flooder = Client::connect(server.address, "flood").await;
+    flooder.register().await.unwrap();
+    let mut limited = 0;
+    for _ in 0..20 {
+        if let Err(error) = flooder.request(Request::Heartbeat).await {
+            assert_eq!(error.code, ErrorCode::RateLimited);
+            limited += 1;
+        }
+    }
+    assert!(limited >= 14, "only {limited} of 20 were limited");
+    // Another connection has its own budget.
+    let mut calm = Client::connect(server.address, "calm").await;
+    calm.register().await.unwrap();
+    assert_eq!(calm.request(Request::Heartbeat).await.unwrap(), Reply::Pong);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_are_served_as_prometheus_text() {
+    let server = Server::embedded(config()).await;
+    let mut alice = Client::connect(server.address, "alice").await;
+    alice.register().await.unwrap();
+    alice.lookup("alice").await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(discovery::metrics::serve(
+        listener,
+        Arc::clone(&server.metrics),
+        server.shutdown.clone(),
+    ));
+    let mut http = TcpStream::connect(address).await.unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, http.read_to_string(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"));
+    assert!(response.contains("p2pchat_connected_clients 1"));
+    assert!(response.contains("p2pchat_registrations_total 1"));
+    assert!(response.contains("p2pchat_lookups_total 1"));
+    assert!(response.contains("p2pchat_errors_total{code=\"name_taken\"} 0"));
+    server.stop().await;
+}
+
+impl Client {
+    /// Closes this client's connection and waits until `observer` sees it offline.
+    async fn disconnect(self, observer: &mut Client) -> Offline {
+        let user = self.user.clone();
+        drop(self.connection);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while online(observer.lookup(user.as_str()).await) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{user} stayed online"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Offline {
+            user,
+            identity: self.identity,
+        }
+    }
+}
+
+/// A client whose connection is closed, keeping its identity.
+struct Offline {
+    user: Username,
+    identity: Identity,
+}
+
+impl Offline {
+    async fn reconnect(self, address: SocketAddr) -> Client {
+        Client::connect_as(address, self.user.as_str(), self.identity).await
+    }
+}
+
+/// Anything with a name and an identity, online or not.
+trait Keyed {
+    fn user(&self) -> &Username;
+    fn identity(&self) -> &Identity;
+}
+
+impl Keyed for Client {
+    fn user(&self) -> &Username {
+        &self.user
+    }
+    fn identity(&self) -> &Identity {
+        &self.identity
+    }
+}
+
+impl Keyed for Offline {
+    fn user(&self) -> &Username {
+        &self.user
+    }
+    fn identity(&self) -> &Identity {
+        &self.identity
+    }
+}
