@@ -1,3 +1,390 @@
-//! `p2pchat` binary.
+//! `p2pchat`: the command-line client.
+//!
+//! - `p2pchat [--user NAME]`: interactive (rustyline-async). Incoming messages, announcements
+//!   and warnings print above the prompt through its `SharedWriter`; log lines go to
+//!   `p2pchat.log` in the user's data dir; command history is kept in `command_history`
+//!   there. Without `--user` it asks for the name first.
+//! - `p2pchat send <user> <message>`: exits 0 once delivered or queued, 1 otherwise.
+//! - `p2pchat listen --json`: one JSON object per line per event, flushed per line;
+//!   messages stored but never shown are printed at the next start.
+//!
+//! Parsing lives in [`command`], wording in [`render`]; the runtime is the `peer` crate.
 
-fn main() {}
+mod command;
+mod render;
+
+use std::{
+    io::{BufRead, Write},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use peer::{Client, Config, Event, Events, Status};
+use proto::Username;
+use rustyline_async::{Readline, ReadlineEvent, SharedWriter};
+use tokio_util::sync::CancellationToken;
+
+use crate::command::Command;
+
+/// The p2pchat client: end-to-end encrypted peer-to-peer chat.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The discovery server (host:port).
+    #[arg(
+        long,
+        env = "P2PCHAT_SERVER",
+        default_value = "127.0.0.1:5001",
+        global = true
+    )]
+    server: String,
+    /// Your username ([a-z0-9_-]{1,32}); asked for when missing in interactive mode.
+    #[arg(long, short, env = "P2PCHAT_USER", global = true)]
+    user: Option<String>,
+    /// The data dir (each user gets a folder in it); default: the platform's data dir.
+    #[arg(long, env = "P2PCHAT_HOME", global = true)]
+    home: Option<PathBuf>,
+    /// The port to accept peer connections on (0: any free port).
+    #[arg(long, default_value_t = 0, global = true)]
+    port: u16,
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Send one message and exit: 0 once delivered or queued, 1 otherwise.
+    Send {
+        /// The recipient.
+        to: String,
+        /// The message (several words are joined with spaces).
+        #[arg(required = true, num_args = 1..)]
+        message: Vec<String>,
+    },
+    /// Print received messages and events until stopped (Ctrl-C, SIGTERM).
+    Listen {
+        /// One JSON object per line (the only format for now; kept explicit for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How long a scripted command waits to get online.
+const ONLINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown may take.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("p2pchat: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let interactive = cli.mode.is_none();
+    let user = match &cli.user {
+        Some(name) => Username::new(name).with_context(|| format!("invalid username {name:?}"))?,
+        None if interactive => ask_username()?,
+        None => bail!("--user (or P2PCHAT_USER) is required for scripted commands"),
+    };
+    let home = match &cli.home {
+        Some(home) => home.clone(),
+        None => directories::ProjectDirs::from("", "", "p2pchat")
+            .context("cannot find a data dir for this platform; set P2PCHAT_HOME")?
+            .data_dir()
+            .to_path_buf(),
+    };
+    proto::identity::create_private_dir(&home)?;
+    let data_dir = home.join(user.as_str());
+    proto::identity::create_private_dir(&data_dir)?;
+    init_tracing(interactive, &data_dir)?;
+
+    let mut config = Config::new(cli.server.clone(), user, data_dir.clone());
+    config.listen.set_port(cli.port);
+    let shutdown = CancellationToken::new();
+    let (client, events) = peer::start(config, shutdown.clone())
+        .await
+        .context("cannot start the client")?;
+    let code = match cli.mode {
+        None => interactive_mode(&client, events, &data_dir, &cli.server).await,
+        Some(Mode::Send { to, message }) => send_mode(&client, &to, &message.join(" ")).await,
+        Some(Mode::Listen { json: _ }) => listen_mode(&client, events).await,
+    };
+    client.shutdown(DRAIN_TIMEOUT).await;
+    code
+}
+
+/// Asks for a username on the terminal until a valid one is given.
+fn ask_username() -> anyhow::Result<Username> {
+    let stdin = std::io::stdin();
+    loop {
+        print!("username: ");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            bail!("no username given");
+        }
+        match Username::new(line.trim()) {
+            Ok(user) => return Ok(user),
+            Err(error) => println!("{error}"),
+        }
+    }
+}
+
+fn init_tracing(interactive: bool, data_dir: &Path) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if interactive { "info" } else { "warn" })
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if interactive {
+        // Log lines would garble the prompt: they go to a file in the data dir.
+        let path = data_dir.join("p2pchat.log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .init();
+    } else {
+        builder.with_writer(std::io::stderr).init();
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn send_mode(client: &Client, to: &str, body: &str) -> anyhow::Result<ExitCode> {
+    let to = Username::new(to).with_context(|| format!("invalid recipient {to:?}"))?;
+    if let Err(error) = client.wait_online(ONLINE_TIMEOUT).await {
+        bail!("{error}; message not sent");
+    }
+    let report = client.send(&to, body).await?;
+    if report.status.is_success() {
+        println!("{}: {}", report.id, report.status);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("p2pchat: message to {to} {}", report.status);
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<ExitCode> {
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let mut stdout = std::io::stdout();
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut signal => return Ok(ExitCode::SUCCESS),
+            event = events.recv() => {
+                let Some(event) = event else { return Ok(ExitCode::SUCCESS) };
+                writeln!(stdout, "{}", render::event_json(&event))?;
+                stdout.flush()?;
+                if let Event::Message(message) = &event {
+                    client.mark_shown(message.id).await;
+                }
+                if let Event::Fatal(reply) = event {
+                    eprintln!("p2pchat: cannot register: {reply}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+    }
+}
+
+const HISTORY_FILE: &str = "command_history";
+const HISTORY_MAX: usize = 1000;
+
+fn load_history(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|text| text.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+fn save_history(path: &Path, entries: &std::collections::VecDeque<String>) {
+    let text: String = entries.iter().map(|line| format!("{line}\n")).collect();
+    if let Err(error) = std::fs::write(path, text) {
+        tracing::warn!(%error, "cannot save command history");
+    }
+}
+
+async fn interactive_mode(
+    client: &Client,
+    mut events: Events,
+    data_dir: &Path,
+    server: &str,
+) -> anyhow::Result<ExitCode> {
+    let history_path = data_dir.join(HISTORY_FILE);
+    let (mut readline, mut out) = Readline::new(format!("{}> ", client.user()))?;
+    readline.set_max_history(HISTORY_MAX);
+    readline.set_history_entries(load_history(&history_path));
+    let _ = writeln!(
+        out,
+        "p2pchat: you are {} (key {}{}); server {server}. Type `help` for commands.",
+        client.user(),
+        client.fingerprint(),
+        if client.is_new_identity() {
+            ", new"
+        } else {
+            ""
+        },
+    );
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let mut code = ExitCode::SUCCESS;
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut signal => break,
+            event = events.recv() => {
+                let Some(event) = event else { break };
+                if let Some(text) = render::event_text(&event) {
+                    let _ = writeln!(out, "{text}");
+                }
+                match &event {
+                    Event::Message(message) => client.mark_shown(message.id).await,
+                    Event::Fatal(_) => {
+                        code = ExitCode::FAILURE;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            line = readline.readline() => match line {
+                Ok(ReadlineEvent::Line(line)) => {
+                    let trimmed = line.trim();
+                    if !trimmed.is_empty() {
+                        readline.add_history_entry(trimmed.to_owned());
+                    }
+                    match command::parse(trimmed) {
+                        Ok(Command::Quit) => break,
+                        Ok(Command::Nothing) => {}
+                        Ok(Command::Help) => { let _ = writeln!(out, "{}", command::HELP); }
+                        Ok(command) => {
+                            // Commands that wait on the network run beside the prompt, so
+                            // typing and incoming messages are never held up.
+                            let client = client.clone();
+                            let out = out.clone();
+                            tokio::spawn(execute(client, command, out));
+                        }
+                        Err(error) => { let _ = writeln!(out, "{error}"); }
+                    }
+                }
+                Ok(ReadlineEvent::Eof | ReadlineEvent::Interrupted) => break,
+                Err(error) => {
+                    let _ = writeln!(out, "terminal error: {error}");
+                    break;
+                }
+            },
+        }
+    }
+    let _ = writeln!(out, "bye");
+    let _ = readline.flush();
+    save_history(&history_path, readline.get_history_entries());
+    drop(readline);
+    if let Status::Fatal(reply) = &*client.status().borrow() {
+        eprintln!("p2pchat: cannot register as {}: {reply}", client.user());
+    }
+    Ok(code)
+}
+
+/// Runs one command and prints its result above the prompt.
+async fn execute(client: Client, command: Command, mut out: SharedWriter) {
+    let text = match command {
+        Command::Send { to, body } => match client.send(&to, &body).await {
+            Ok(report) => format!("→ {to}: {}", report.status),
+            Err(error) => format!("not sent: {error}"),
+        },
+        Command::List => match client.list().await {
+            Ok(users) if users.is_empty() => "nobody is online".into(),
+            Ok(users) => format!(
+                "online: {}",
+                users
+                    .iter()
+                    .map(Username::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Err(error) => format!("list failed: {error}"),
+        },
+        Command::Block(user) => match client.block(&user).await {
+            Ok(()) => format!("blocked {user}"),
+            Err(error) => format!("block failed: {error}"),
+        },
+        Command::Unblock(user) => match client.unblock(&user).await {
+            Ok(()) => format!("unblocked {user}"),
+            Err(error) => format!("unblock failed: {error}"),
+        },
+        Command::Blocked => match client.blocked().await {
+            Ok(users) if users.is_empty() => "nobody is blocked".into(),
+            Ok(users) => format!(
+                "blocked: {}",
+                users
+                    .iter()
+                    .map(Username::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Err(error) => format!("blocked failed: {error}"),
+        },
+        Command::Mute { user, seconds } => match client.mute(&user, seconds).await {
+            Ok(_) => format!("muted {user} for {seconds} s (messages are kept and shown after)"),
+            Err(error) => format!("mute failed: {error}"),
+        },
+        Command::Unmute(user) => match client.unmute(&user).await {
+            Ok(()) => String::new(),
+            Err(error) => format!("unmute failed: {error}"),
+        },
+        Command::Whois(user) => match client.whois(&user).await {
+            Ok(report) => render::whois_text(&report),
+            Err(error) => format!("whois failed: {error}"),
+        },
+        Command::Trust(user) => match client.trust(&user).await {
+            Ok(fingerprint) => format!("now trusting {user}'s key {fingerprint}"),
+            Err(error) => format!("trust failed: {error}"),
+        },
+        Command::History { user, limit } => match client.history(&user, limit).await {
+            Ok(lines) if lines.is_empty() => format!("no messages with {user} yet"),
+            Ok(lines) => lines
+                .iter()
+                .map(render::history_line)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Err(error) => format!("history failed: {error}"),
+        },
+        Command::Nothing | Command::Help | Command::Quit => String::new(),
+    };
+    if !text.is_empty() {
+        let _ = writeln!(out, "{text}");
+    }
+}

@@ -1,0 +1,342 @@
+//! The interactive commands, parsed by one pure function: [`parse`].
+//!
+//! Every command of design.md §7: `help`, `list`, `send <user> <message>`, `block <user>`,
+//! `unblock <user>`, `blocked`, `mute <user> <seconds>`, `unmute <user>`, `whois <user>`,
+//! `trust <user>`, `history <user> [n]`, `quit`. Bad forms are a [`ParseError`] that says
+//! what was wrong and shows the usage line.
+
+use proto::{Username, UsernameError};
+
+/// How many history lines `history <user>` shows by default.
+pub const DEFAULT_HISTORY: usize = 20;
+
+/// One parsed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// An empty line: do nothing.
+    Nothing,
+    /// Show the commands.
+    Help,
+    /// Who is online.
+    List,
+    /// Send a message.
+    Send {
+        /// To whom.
+        to: Username,
+        /// The text (inner spacing kept).
+        body: String,
+    },
+    /// Block a user.
+    Block(Username),
+    /// Unblock a user.
+    Unblock(Username),
+    /// Show the blocked users.
+    Blocked,
+    /// Mute a user for some seconds.
+    Mute {
+        /// Whom.
+        user: Username,
+        /// For how long.
+        seconds: u64,
+    },
+    /// End a mute.
+    Unmute(Username),
+    /// Fingerprints and safety number.
+    Whois(Username),
+    /// Re-pin a user's keys.
+    Trust(Username),
+    /// The last messages with a user.
+    History {
+        /// With whom.
+        user: Username,
+        /// How many lines.
+        limit: usize,
+    },
+    /// Leave.
+    Quit,
+}
+
+/// Why a line is not a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// No such command.
+    #[error("unknown command {0:?}; type `help` for the list")]
+    Unknown(String),
+    /// Missing or extra arguments.
+    #[error("usage: {0}")]
+    Usage(&'static str),
+    /// A user name that is not valid.
+    #[error("{name:?} is not a valid username: {reason}")]
+    BadUser {
+        /// The name given.
+        name: String,
+        /// Why.
+        reason: UsernameError,
+    },
+    /// A number that is not a positive integer.
+    #[error("{what} must be a positive whole number (got {got:?})")]
+    BadNumber {
+        /// Which argument.
+        what: &'static str,
+        /// What was given.
+        got: String,
+    },
+}
+
+/// The help text: one line per command.
+pub const HELP: &str = "\
+commands:
+  send <user> <message>   send a message (direct, else to their mailbox)
+  list                    who is online
+  history <user> [n]      the last n messages with <user> (default 20)
+  block <user>            refuse messages and mail from <user>
+  unblock <user>          accept <user> again
+  blocked                 show blocked users
+  mute <user> <seconds>   hide <user>'s messages for a while (kept, shown after)
+  unmute <user>           end a mute now
+  whois <user>            fingerprints and safety number
+  trust <user>            accept <user>'s current key (after checking `whois`)
+  help                    this text
+  quit                    leave (also Ctrl-C, Ctrl-D)";
+
+const USAGE_SEND: &str = "send <user> <message>";
+const USAGE_MUTE: &str = "mute <user> <seconds>";
+const USAGE_HISTORY: &str = "history <user> [n]";
+
+/// Parses one input line.
+pub fn parse(line: &str) -> Result<Command, ParseError> {
+    let line = line.trim();
+    let (word, rest) = split_word(line);
+    let args: Vec<&str> = rest.split_whitespace().collect();
+    match word {
+        "" => Ok(Command::Nothing),
+        "help" | "?" => no_args(&args, "help", Command::Help),
+        "list" => no_args(&args, "list", Command::List),
+        "blocked" => no_args(&args, "blocked", Command::Blocked),
+        "quit" | "exit" => no_args(&args, "quit", Command::Quit),
+        "block" => one_user(&args, "block <user>").map(Command::Block),
+        "unblock" => one_user(&args, "unblock <user>").map(Command::Unblock),
+        "unmute" => one_user(&args, "unmute <user>").map(Command::Unmute),
+        "whois" => one_user(&args, "whois <user>").map(Command::Whois),
+        "trust" => one_user(&args, "trust <user>").map(Command::Trust),
+        "send" | "msg" => {
+            let (name, body) = split_word(rest.trim_start());
+            if name.is_empty() || body.trim().is_empty() {
+                return Err(ParseError::Usage(USAGE_SEND));
+            }
+            Ok(Command::Send {
+                to: user(name)?,
+                body: body.trim().to_owned(),
+            })
+        }
+        "mute" => match args.as_slice() {
+            [name, seconds] => Ok(Command::Mute {
+                user: user(name)?,
+                seconds: positive(seconds, "the number of seconds")?,
+            }),
+            _ => Err(ParseError::Usage(USAGE_MUTE)),
+        },
+        "history" => match args.as_slice() {
+            [name] => Ok(Command::History {
+                user: user(name)?,
+                limit: DEFAULT_HISTORY,
+            }),
+            [name, count] => Ok(Command::History {
+                user: user(name)?,
+                limit: usize::try_from(positive(count, "the number of messages")?)
+                    .unwrap_or(usize::MAX),
+            }),
+            _ => Err(ParseError::Usage(USAGE_HISTORY)),
+        },
+        other => Err(ParseError::Unknown(other.to_owned())),
+    }
+}
+
+/// The first word and the rest (with its leading spaces).
+fn split_word(text: &str) -> (&str, &str) {
+    match text.find(char::is_whitespace) {
+        Some(end) => (&text[..end], &text[end..]),
+        None => (text, ""),
+    }
+}
+
+fn no_args(args: &[&str], usage: &'static str, command: Command) -> Result<Command, ParseError> {
+    if args.is_empty() {
+        Ok(command)
+    } else {
+        Err(ParseError::Usage(usage))
+    }
+}
+
+fn one_user(args: &[&str], usage: &'static str) -> Result<Username, ParseError> {
+    match args {
+        [name] => user(name),
+        _ => Err(ParseError::Usage(usage)),
+    }
+}
+
+fn user(name: &str) -> Result<Username, ParseError> {
+    Username::new(name).map_err(|reason| ParseError::BadUser {
+        name: name.to_owned(),
+        reason,
+    })
+}
+
+fn positive(text: &str, what: &'static str) -> Result<u64, ParseError> {
+    match text.parse::<u64>() {
+        Ok(value) if value > 0 => Ok(value),
+        _ => Err(ParseError::BadNumber {
+            what,
+            got: text.to_owned(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(text: &str) -> Username {
+        Username::new(text).unwrap()
+    }
+
+    #[test]
+    fn every_command_parses() {
+        assert_eq!(parse(""), Ok(Command::Nothing));
+        assert_eq!(parse("   "), Ok(Command::Nothing));
+        assert_eq!(parse("help"), Ok(Command::Help));
+        assert_eq!(parse("?"), Ok(Command::Help));
+        assert_eq!(parse("list"), Ok(Command::List));
+        assert_eq!(parse("blocked"), Ok(Command::Blocked));
+        assert_eq!(parse("quit"), Ok(Command::Quit));
+        assert_eq!(parse("exit"), Ok(Command::Quit));
+        assert_eq!(parse("block bob"), Ok(Command::Block(name("bob"))));
+        assert_eq!(parse("unblock bob"), Ok(Command::Unblock(name("bob"))));
+        assert_eq!(parse("unmute bob"), Ok(Command::Unmute(name("bob"))));
+        assert_eq!(parse("whois bob"), Ok(Command::Whois(name("bob"))));
+        assert_eq!(parse("trust bob"), Ok(Command::Trust(name("bob"))));
+        assert_eq!(
+            parse("mute bob 30"),
+            Ok(Command::Mute {
+                user: name("bob"),
+                seconds: 30
+            })
+        );
+        assert_eq!(
+            parse("history bob"),
+            Ok(Command::History {
+                user: name("bob"),
+                limit: DEFAULT_HISTORY
+            })
+        );
+        assert_eq!(
+            parse("history bob 5"),
+            Ok(Command::History {
+                user: name("bob"),
+                limit: 5
+            })
+        );
+    }
+
+    #[test]
+    fn send_keeps_the_message_text() {
+        assert_eq!(
+            parse("send bob hello there,  bob!"),
+            Ok(Command::Send {
+                to: name("bob"),
+                body: "hello there,  bob!".into()
+            })
+        );
+        assert_eq!(
+            parse("  send   bob   x  "),
+            Ok(Command::Send {
+                to: name("bob"),
+                body: "x".into()
+            })
+        );
+        assert_eq!(
+            parse("msg bob hi"),
+            Ok(Command::Send {
+                to: name("bob"),
+                body: "hi".into()
+            })
+        );
+    }
+
+    #[test]
+    fn missing_and_extra_arguments_show_the_usage() {
+        for (line, usage) in [
+            ("send", USAGE_SEND),
+            ("send bob", USAGE_SEND),
+            ("send bob    ", USAGE_SEND),
+            ("mute", USAGE_MUTE),
+            ("mute bob", USAGE_MUTE),
+            ("mute bob 1 2", USAGE_MUTE),
+            ("history", USAGE_HISTORY),
+            ("history bob 1 2", USAGE_HISTORY),
+            ("block", "block <user>"),
+            ("block a b", "block <user>"),
+            ("unblock", "unblock <user>"),
+            ("unmute", "unmute <user>"),
+            ("whois", "whois <user>"),
+            ("trust", "trust <user>"),
+            ("trust a b", "trust <user>"),
+            ("list all", "list"),
+            ("help me", "help"),
+            ("blocked x", "blocked"),
+            ("quit now", "quit"),
+        ] {
+            assert_eq!(parse(line), Err(ParseError::Usage(usage)), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn bad_names_and_numbers_are_explained() {
+        assert!(matches!(
+            parse("send Bob hi"),
+            Err(ParseError::BadUser {
+                reason: UsernameError::BadChar('B'),
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("block a;b"),
+            Err(ParseError::BadUser { .. })
+        ));
+        assert!(matches!(
+            parse(&format!("whois {}", "x".repeat(33))),
+            Err(ParseError::BadUser {
+                reason: UsernameError::TooLong(33),
+                ..
+            })
+        ));
+        for bad in ["0", "-5", "abc", "1.5", "99999999999999999999999"] {
+            assert!(
+                matches!(
+                    parse(&format!("mute bob {bad}")),
+                    Err(ParseError::BadNumber { .. })
+                ),
+                "{bad}"
+            );
+            assert!(
+                matches!(
+                    parse(&format!("history bob {bad}")),
+                    Err(ParseError::BadNumber { .. })
+                ),
+                "{bad}"
+            );
+        }
+        let error = parse("mute bob 0").unwrap_err().to_string();
+        assert!(error.contains("positive"), "{error}");
+    }
+
+    #[test]
+    fn unknown_commands_are_named() {
+        assert_eq!(parse("dance"), Err(ParseError::Unknown("dance".into())));
+        assert_eq!(
+            parse("SEND bob hi"),
+            Err(ParseError::Unknown("SEND".into()))
+        );
+        assert!(parse("dance").unwrap_err().to_string().contains("help"));
+    }
+}

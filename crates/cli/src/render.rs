@@ -1,0 +1,217 @@
+//! How events and results look: one line of text for people ([`event_text`]), one JSON
+//! object for scripts ([`event_json`]). Pure functions, so the wording is tested.
+
+use peer::{
+    DeliveryStatus, Event, WhoisReport,
+    state::{Direction, HistoryEntry, MessageStatus},
+};
+use serde_json::{Value, json};
+
+/// `HH:MM:SS` (UTC) of a time in milliseconds since the epoch.
+pub fn clock(ms: u64) -> String {
+    let seconds = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}",
+        seconds / 3600 % 24,
+        seconds / 60 % 60,
+        seconds % 60
+    )
+}
+
+/// The text lines for one event (`None`: nothing to show).
+pub fn event_text(event: &Event) -> Option<String> {
+    Some(match event {
+        Event::Message(message) => {
+            let muted = if message.while_muted {
+                " (while muted)"
+            } else {
+                ""
+            };
+            format!(
+                "[{}] {}: {}{muted}",
+                clock(message.sent_at_ms),
+                message.from,
+                message.body
+            )
+        }
+        Event::MuteEnded { user, held: 0 } => format!("{user} is no longer muted"),
+        Event::MuteEnded { user, held: 1 } => {
+            format!("{user} is no longer muted; 1 message from {user} while muted:")
+        }
+        Event::MuteEnded { user, held } => {
+            format!("{user} is no longer muted; {held} messages from {user} while muted:")
+        }
+        Event::Delivery { to, status, .. } => format!("(earlier message to {to}: {status})"),
+        Event::Announcement { text, at_ms } => {
+            format!("*** announcement [{}]: {text}", clock(*at_ms))
+        }
+        Event::Online { observed } => {
+            format!("connected to the discovery server (it sees you at {observed})")
+        }
+        Event::Offline { reason, retry_in } => format!(
+            "lost the discovery server ({reason}); retrying in {:.1} s",
+            retry_in.as_secs_f64()
+        ),
+        Event::Fatal(reply) => format!("cannot register: {reply}"),
+        Event::KeyChanged {
+            user,
+            pinned,
+            offered,
+        } => format!(
+            "!!! WARNING: {user}'s key has CHANGED !!!\n!!! pinned:  {pinned}\n!!! offered: {offered}\n!!! Messages to and from {user} are refused. Check `whois {user}` with {user} in person, then `trust {user}` if the change is genuine."
+        ),
+        Event::Refused { from, reason } => format!("refused a message from {from}: {reason}"),
+        Event::Presence { user, online } => {
+            format!("{user} is {}", if *online { "online" } else { "offline" })
+        }
+    })
+}
+
+fn status_fields(status: &DeliveryStatus) -> (&'static str, Option<&str>) {
+    match status {
+        DeliveryStatus::Delivered => ("delivered", None),
+        DeliveryStatus::Queued { .. } => ("queued", None),
+        DeliveryStatus::Failed { reason, .. } => ("failed", Some(reason)),
+    }
+}
+
+/// The JSON object for one event.
+pub fn event_json(event: &Event) -> Value {
+    match event {
+        Event::Message(message) => json!({
+            "event": "message",
+            "from": message.from.as_str(),
+            "id": message.id.to_string(),
+            "body": message.body,
+            "sent_at_ms": message.sent_at_ms,
+            "received_at_ms": message.received_at_ms,
+            "while_muted": message.while_muted,
+        }),
+        Event::MuteEnded { user, held } => {
+            json!({"event": "mute_ended", "user": user.as_str(), "held": held})
+        }
+        Event::Delivery { id, to, status } => {
+            let (status, reason) = status_fields(status);
+            json!({"event": "delivery", "id": id.to_string(), "to": to.as_str(), "status": status, "reason": reason})
+        }
+        Event::Announcement { text, at_ms } => {
+            json!({"event": "announcement", "text": text, "at_ms": at_ms})
+        }
+        Event::Online { observed } => json!({"event": "online", "observed": observed.to_string()}),
+        Event::Offline { reason, retry_in } => json!({
+            "event": "offline", "reason": reason,
+            "retry_in_ms": u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX),
+        }),
+        Event::Fatal(reply) => {
+            json!({"event": "fatal", "code": reply.code.as_str(), "message": reply.message})
+        }
+        Event::KeyChanged {
+            user,
+            pinned,
+            offered,
+        } => {
+            json!({"event": "key_changed", "user": user.as_str(), "pinned": pinned, "offered": offered})
+        }
+        Event::Refused { from, reason } => {
+            json!({"event": "refused", "from": from.as_str(), "reason": reason})
+        }
+        Event::Presence { user, online } => {
+            json!({"event": "presence", "user": user.as_str(), "online": online})
+        }
+    }
+}
+
+/// One history line.
+pub fn history_line(entry: &HistoryEntry) -> String {
+    let status = match &entry.status {
+        MessageStatus::Received => String::new(),
+        MessageStatus::Pending => " (pending)".into(),
+        MessageStatus::Delivered => " (delivered)".into(),
+        MessageStatus::Queued => " (queued)".into(),
+        MessageStatus::Failed(reason) => format!(" (failed: {reason})"),
+    };
+    let who = match entry.direction {
+        Direction::Incoming => entry.peer.as_str().to_owned(),
+        Direction::Outgoing => format!("you → {}", entry.peer),
+    };
+    format!(
+        "[{}] {who}: {}{status}",
+        clock(entry.sent_at_ms),
+        entry.body
+    )
+}
+
+/// The `whois` lines.
+pub fn whois_text(report: &WhoisReport) -> String {
+    let mut lines = vec![format!("{}:", report.user)];
+    match report.online {
+        Some(true) => lines.push("  online now".into()),
+        Some(false) => lines.push(match report.last_seen_ms {
+            Some(at) => format!("  offline (last seen {} UTC)", clock(at)),
+            None => "  offline".into(),
+        }),
+        None => lines.push("  (discovery server unreachable: showing the pinned key)".into()),
+    }
+    if let Some(pinned) = &report.pinned_fingerprint {
+        lines.push(format!("  pinned key:    {pinned}"));
+    } else {
+        lines.push("  pinned key:    none yet (pinned on first message)".into());
+    }
+    if let Some(server) = &report.server_fingerprint {
+        lines.push(format!("  server's key:  {server}"));
+    }
+    if report.key_changed {
+        lines.push("  !!! the server's key differs from the pinned one: see `trust`".into());
+    }
+    if let Some(number) = &report.safety_number {
+        lines.push(format!("  safety number: {number}"));
+    }
+    lines.push(format!("  your key:      {}", report.my_fingerprint));
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peer::state::InboundMessage;
+    use proto::{MessageId, Username};
+
+    fn name(text: &str) -> Username {
+        Username::new(text).unwrap()
+    }
+
+    #[test]
+    fn messages_render_as_text_and_json() {
+        let message = InboundMessage {
+            id: MessageId([1; 16]),
+            from: name("bob"),
+            body: "hi".into(),
+            sent_at_ms: 3_723_000,
+            received_at_ms: 3_724_000,
+            seq: 1,
+            while_muted: false,
+        };
+        let event = Event::Message(message);
+        assert_eq!(event_text(&event).unwrap(), "[01:02:03] bob: hi");
+        let json = event_json(&event);
+        assert_eq!(json["event"], "message");
+        assert_eq!(json["from"], "bob");
+        assert_eq!(json["body"], "hi");
+        assert_eq!(json["sent_at_ms"], 3_723_000);
+        assert_eq!(json["id"], "01".repeat(16));
+    }
+
+    #[test]
+    fn mute_summaries_count_messages() {
+        let text = |held| {
+            event_text(&Event::MuteEnded {
+                user: name("bob"),
+                held,
+            })
+            .unwrap()
+        };
+        assert_eq!(text(0), "bob is no longer muted");
+        assert!(text(1).ends_with("1 message from bob while muted:"));
+        assert!(text(3).ends_with("3 messages from bob while muted:"));
+    }
+}
