@@ -211,7 +211,7 @@ async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<Exit
                 writeln!(stdout, "{}", render::event_json(&event))?;
                 stdout.flush()?;
                 if let Event::Message(message) = &event {
-                    client.mark_shown(message.id).await;
+                    client.mark_shown(message.id).await?;
                 }
                 if let Event::Fatal(reply) = event {
                     eprintln!("p2pchat: cannot register: {reply}");
@@ -272,7 +272,11 @@ async fn interactive_mode(
                     let _ = writeln!(out, "{text}");
                 }
                 match &event {
-                    Event::Message(message) => client.mark_shown(message.id).await,
+                    Event::Message(message) => {
+                        if let Err(error) = client.mark_shown(message.id).await {
+                            let _ = writeln!(out, "cannot record the message as shown: {error}");
+                        }
+                    }
                     Event::Fatal(_) => {
                         code = ExitCode::FAILURE;
                         break;

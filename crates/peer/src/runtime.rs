@@ -328,6 +328,7 @@ enum Command {
     },
     Shown {
         id: MessageId,
+        reply: Reply_<()>,
     },
 }
 
@@ -663,8 +664,9 @@ impl Client {
     }
 
     /// Records that message `id` was shown, so it is not shown again at the next start.
-    pub async fn mark_shown(&self, id: MessageId) {
-        let _ = self.commands.send(Command::Shown { id }).await;
+    /// Returns once the mark is stored.
+    pub async fn mark_shown(&self, id: MessageId) -> Result<(), ClientError> {
+        self.call(|reply| Command::Shown { id, reply }).await
     }
 
     /// Stops the runtime and waits (at most `timeout`) for its tasks to finish.
@@ -1030,10 +1032,8 @@ impl EventLoop {
             Command::History { user, limit, reply } => {
                 let _ = reply.send(state.history(&user, limit).map_err(Into::into));
             }
-            Command::Shown { id } => {
-                if let Err(error) = state.mark_shown(&id) {
-                    self.report_state_error(error);
-                }
+            Command::Shown { id, reply } => {
+                let _ = reply.send(state.mark_shown(&id).map_err(Into::into));
             }
             Command::Unmute { user, reply } => {
                 let result = match state.unmute(&user) {

@@ -1,0 +1,474 @@
+//! Chat end to end: a real discovery server (in process, embedded store in a tempdir) and
+//! two or three peer runtimes on loopback. Tests wait for events with a timeout, never sleep.
+
+use std::{collections::VecDeque, net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::{Context as _, bail};
+use peer::{Client, Config, DeliveryStatus, Event, Events, state::InboundMessage};
+use proto::Username;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn name(text: &str) -> Username {
+    Username::new(text).expect("test names are valid")
+}
+
+/// A discovery server running in this process.
+struct Server {
+    addr: SocketAddr,
+    token: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Starts a server on `addr` (port 0: any) with the embedded store at `store_path`.
+    async fn start(store_path: &Path, addr: SocketAddr) -> anyhow::Result<Self> {
+        // A restarted server reopens the file the stopped one may still be closing.
+        let store = tokio::time::timeout(WAIT, async {
+            loop {
+                match store::EmbeddedStore::open(store_path, store::MailLimits::default()) {
+                    Ok(store) => return store,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        })
+        .await
+        .context("the embedded store did not reopen")?;
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let token = CancellationToken::new();
+        let task = tokio::spawn(discovery::run(
+            listener,
+            store::Store::Embedded(store),
+            discovery::Config::default(),
+            token.clone(),
+        ));
+        Ok(Self { addr, token, task })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.token.cancel();
+        tokio::time::timeout(WAIT, self.task).await???;
+        Ok(())
+    }
+}
+
+/// One peer runtime and the events it produced but a test has not looked at yet.
+struct Chatter {
+    client: Client,
+    events: Events,
+    token: CancellationToken,
+    messages: VecDeque<InboundMessage>,
+}
+
+fn config(root: &Path, user: &str, server: SocketAddr) -> Config {
+    let mut config = Config::new(server.to_string(), name(user), root.join(user));
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.backoff_min = Duration::from_millis(50);
+    config.backoff_max = Duration::from_millis(400);
+    config.ack_timeout = Duration::from_secs(3);
+    config
+}
+
+impl Chatter {
+    async fn start(config: Config) -> anyhow::Result<Self> {
+        let token = CancellationToken::new();
+        let (client, events) = peer::start(config, token.clone()).await?;
+        client.wait_online(WAIT).await?;
+        Ok(Self {
+            client,
+            events,
+            token,
+            messages: VecDeque::new(),
+        })
+    }
+
+    async fn join(root: &Path, user: &str, server: SocketAddr) -> anyhow::Result<Self> {
+        Self::start(config(root, user, server)).await
+    }
+
+    async fn stop(self) {
+        self.client.shutdown(WAIT).await;
+        drop(self.token);
+    }
+
+    /// Waits for an event `pick` accepts; messages passed on the way are kept (and marked
+    /// shown, as a user interface does once it prints them).
+    async fn wait_for<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&Event) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                let Some(event) = self.events.recv().await else {
+                    bail!("the runtime stopped while waiting for {what}");
+                };
+                if let Event::Message(message) = &event {
+                    self.client.mark_shown(message.id).await?;
+                }
+                if let Some(found) = pick(&event) {
+                    return Ok(found);
+                }
+                if let Event::Message(message) = event {
+                    self.messages.push_back(message);
+                }
+            }
+        })
+        .await;
+        found.with_context(|| format!("timed out waiting for {what}"))?
+    }
+
+    /// The next message shown.
+    async fn message(&mut self) -> anyhow::Result<InboundMessage> {
+        if let Some(message) = self.messages.pop_front() {
+            return Ok(message);
+        }
+        self.wait_for("a message", |event| match event {
+            Event::Message(message) => Some(message.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Asserts the next message shown is `body` from `from`.
+    async fn expect(&mut self, from: &str, body: &str) -> anyhow::Result<InboundMessage> {
+        let message = self.message().await?;
+        assert_eq!(
+            (message.from.as_str(), message.body.as_str()),
+            (from, body),
+            "unexpected message"
+        );
+        Ok(message)
+    }
+
+    async fn send(&self, to: &str, body: &str) -> anyhow::Result<DeliveryStatus> {
+        Ok(self.client.send(&name(to), body).await?.status)
+    }
+}
+
+/// A port nothing listens on.
+async fn dead_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_chat_both_ways() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let server = Server::start(&root.path().join("discovery.redb"), any_port()).await?;
+    let mut alice = Chatter::join(root.path(), "alice", server.addr).await?;
+    let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
+
+    assert_eq!(alice.send("bob", "hi bob").await?, DeliveryStatus::Delivered);
+    let received = bob.expect("alice", "hi bob").await?;
+    assert!(!received.while_muted);
+    assert_eq!(bob.send("alice", "hi alice").await?, DeliveryStatus::Delivered);
+    alice.expect("bob", "hi alice").await?;
+    // The kept link carries the next ones, in order.
+    for index in 0..5 {
+        assert_eq!(alice.send("bob", &format!("n{index}")).await?, DeliveryStatus::Delivered);
+    }
+    for index in 0..5 {
+        bob.expect("alice", &format!("n{index}")).await?;
+    }
+    let users = alice.client.list().await?;
+    assert_eq!(users, vec![name("alice"), name("bob")]);
+    let history = alice.client.history(&name("bob"), 3).await?;
+    assert_eq!(
+        history.iter().map(|line| line.body.as_str()).collect::<Vec<_>>(),
+        ["n2", "n3", "n4"]
+    );
+    // Both sides compute the same safety number.
+    let from_alice = alice.client.whois(&name("bob")).await?;
+    let from_bob = bob.client.whois(&name("alice")).await?;
+    assert_eq!(from_alice.safety_number, from_bob.safety_number);
+    assert!(!from_alice.key_changed);
+    // Sending to yourself or to nobody is a clear error, not a hang.
+    assert!(alice.client.send(&name("alice"), "me").await.is_err());
+    assert!(matches!(
+        alice.send("nobody", "hello?").await?,
+        DeliveryStatus::Failed { will_retry: false, .. }
+    ));
+
+    alice.stop().await;
+    bob.stop().await;
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_recipient_gets_mail_at_login_shown_once() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let server = Server::start(&root.path().join("discovery.redb"), any_port()).await?;
+    let alice = Chatter::join(root.path(), "alice", server.addr).await?;
+    // Bob registers once (binding his name), then leaves.
+    Chatter::join(root.path(), "bob", server.addr).await?.stop().await;
+
+    assert!(matches!(
+        alice.send("bob", "while you were out").await?,
+        DeliveryStatus::Queued { .. }
+    ));
+    let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
+    bob.expect("alice", "while you were out").await?;
+    // Shown once: the next message bob sees is the next one alice sends.
+    assert_eq!(alice.send("bob", "marker").await?, DeliveryStatus::Delivered);
+    bob.expect("alice", "marker").await?;
+    bob.stop().await;
+    // And not again at the next start.
+    let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
+    assert_eq!(alice.send("bob", "second marker").await?, DeliveryStatus::Delivered);
+    bob.expect("alice", "second marker").await?;
+
+    alice.stop().await;
+    bob.stop().await;
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_but_unshown_message_is_shown_at_next_start() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let server = Server::start(&root.path().join("discovery.redb"), any_port()).await?;
+    let alice = Chatter::join(root.path(), "alice", server.addr).await?;
+    let bob = Chatter::join(root.path(), "bob", server.addr).await?;
+    // Bob's runtime stores and acks it, but bob's "screen" never shows it.
+    assert_eq!(alice.send("bob", "do not miss me").await?, DeliveryStatus::Delivered);
+    bob.stop().await;
+    let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
+    bob.expect("alice", "do not miss me").await?;
+
+    alice.stop().await;
+    bob.stop().await;
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_listener_gets_mail_pushed_at_once() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let server = Server::start(&root.path().join("discovery.redb"), any_port()).await?;
+    let alice = Chatter::join(root.path(), "alice", server.addr).await?;
+    let mut bob_config = config(root.path(), "bob", server.addr);
+    bob_config.advertise_port = Some(dead_port().await?);
+    // Only the server's push can bring the mail in time: no slow re-check during the test.
+    bob_config.mail_poll_interval = Duration::from_secs(3600);
+    let mut bob = Chatter::start(bob_config).await?;
+
+    assert_eq!(
+        alice.send("bob", "through the relay").await?,
+        DeliveryStatus::Queued {
+            recipient_online: true
+        }
+    );
+    bob.expect("alice", "through the relay").await?;
+    // Bob can still reach alice directly.
+    assert_eq!(bob.send("alice", "thanks").await?, DeliveryStatus::Delivered);
+
+    alice.stop().await;
+    bob.stop().await;
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_is_enforced_directly_and_for_mail() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let server = Server::start(&root.path().join("discovery.redb"), any_port()).await?;
+    let alice = Chatter::join(root.path(), "alice", server.addr).await?;
+    let carol = Chatter::join(root.path(), "carol", server.addr).await?;
+    let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
+
+    bob.client.block(&name("alice")).await?;
+    assert_eq!(bob.client.blocked().await?, vec![name("alice")]);
+    assert!(bob.client.block(&name("ghost")).await.is_err(), "unknown users are an error");
+    let direct = alice.send("bob", "let me in").await?;
+    assert!(
+        matches!(&direct, DeliveryStatus::Failed { will_retry: false, .. }),
+        "{direct:?}"
+    );
+    assert_eq!(carol.send("bob", "marker 1").await?, DeliveryStatus::Delivered);
+    bob.expect("carol", "marker 1").await?;
+
+    // Offline, the server refuses the mail.
+    bob.stop().await;
+    let mail = alice.send("bob", "let me in later").await?;
+    assert!(
+        matches!(&mail, DeliveryStatus::Failed { will_retry: false, .. }),
+        "{mail:?}"
+    );
+    assert!(matches!(carol.send("bob", "marker 2").await?, DeliveryStatus::Queued { .. }));
+    let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
+    bob.expect("carol", "marker 2").await?;
+
+    // The block survived the restart; unblocking lets alice through again.
+    assert_eq!(bob.client.blocked().await?, vec![name("alice")]);
+    bob.client.unblock(&name("alice")).await?;
+    assert_eq!(alice.send("bob", "friends again").await?, DeliveryStatus::Delivered);
+    bob.expect("alice", "friends again").await?;
+
+    alice.stop().await;
+    bob.stop().await;
+    carol.stop().await;
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mute_hides_and_later_shows() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let server = Server::start(&root.path().join("discovery.redb"), any_port()).await?;
+    let alice = Chatter::join(root.path(), "alice", server.addr).await?;
+    let carol = Chatter::join(root.path(), "carol", server.addr).await?;
+    let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
+
+    assert!(bob.client.mute(&name("alice"), 0).await.is_err());
+    assert!(bob.client.mute(&name("ghost"), 10).await.is_err());
+    // Explicit unmute.
+    bob.client.mute(&name("alice"), 3600).await?;
+    assert_eq!(alice.send("bob", "hidden 1").await?, DeliveryStatus::Delivered);
+    assert_eq!(alice.send("bob", "hidden 2").await?, DeliveryStatus::Delivered);
+    assert_eq!(carol.send("bob", "visible").await?, DeliveryStatus::Delivered);
+    bob.expect("carol", "visible").await?;
+    bob.client.unmute(&name("alice")).await?;
+    let held = bob
+        .wait_for("the mute to end", |event| match event {
+            Event::MuteEnded { user, held } if user.as_str() == "alice" => Some(*held),
+            _ => None,
+        })
+        .await?;
+    assert_eq!(held, 2);
+    assert!(bob.expect("alice", "hidden 1").await?.while_muted);
+    assert!(bob.expect("alice", "hidden 2").await?.while_muted);
+
+    // A mute that runs out by itself.
+    bob.client.mute(&name("alice"), 1).await?;
+    assert_eq!(alice.send("bob", "hidden 3").await?, DeliveryStatus::Delivered);
+    let held = bob
+        .wait_for("the mute to expire", |event| match event {
+            Event::MuteEnded { user, held } if user.as_str() == "alice" => Some(*held),
+            _ => None,
+        })
+        .await?;
+    // The message may arrive just after the second is up, and then it is not held.
+    assert!(held <= 1);
+    bob.expect("alice", "hidden 3").await?;
+    assert!(bob.client.unmute(&name("alice")).await.is_err(), "not muted any more");
+
+    alice.stop().await;
+    bob.stop().await;
+    carol.stop().await;
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_pinned_key_is_refused_until_trusted() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let server = Server::start(&root.path().join("discovery.redb"), any_port()).await?;
+    let mut alice = Chatter::join(root.path(), "alice", server.addr).await?;
+    let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
+    assert_eq!(alice.send("bob", "first").await?, DeliveryStatus::Delivered);
+    bob.expect("alice", "first").await?;
+    assert_eq!(bob.send("alice", "pinned").await?, DeliveryStatus::Delivered);
+    alice.expect("bob", "pinned").await?;
+
+    // Receiver side: bob's pin for alice no longer matches alice's real key.
+    bob.stop().await;
+    let impostor = proto::Identity::generate();
+    {
+        let state = peer::state::State::open(&root.path().join("bob"))?;
+        state.repin(&name("alice"), impostor.public())?;
+    }
+    let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
+    let refused = alice.send("bob", "can you read me").await?;
+    assert!(
+        matches!(&refused, DeliveryStatus::Failed { reason, .. } if reason.contains("refused")),
+        "{refused:?}"
+    );
+    bob.wait_for("a key change warning", |event| match event {
+        Event::KeyChanged { user, .. } if user.as_str() == "alice" => Some(()),
+        _ => None,
+    })
+    .await?;
+    assert!(bob.client.whois(&name("alice")).await?.key_changed);
+    bob.client.trust(&name("alice")).await?;
+    assert!(!bob.client.whois(&name("alice")).await?.key_changed);
+    assert_eq!(alice.send("bob", "now you can").await?, DeliveryStatus::Delivered);
+    bob.expect("alice", "now you can").await?;
+
+    // Sender side: alice's pin for bob is wrong; she refuses to send and keeps the message.
+    alice.stop().await;
+    {
+        let state = peer::state::State::open(&root.path().join("alice"))?;
+        state.repin(&name("bob"), impostor.public())?;
+    }
+    let mut alice = Chatter::join(root.path(), "alice", server.addr).await?;
+    let held = alice.send("bob", "held back").await?;
+    assert!(
+        matches!(&held, DeliveryStatus::Failed { will_retry: true, reason } if reason.contains("key changed")),
+        "{held:?}"
+    );
+    alice
+        .wait_for("a key change warning", |event| match event {
+            Event::KeyChanged { user, .. } if user.as_str() == "bob" => Some(()),
+            _ => None,
+        })
+        .await?;
+    // Trusting bob's real key sends what was held.
+    alice.client.trust(&name("bob")).await?;
+    let delivered = alice
+        .wait_for("the held message's delivery", |event| match event {
+            Event::Delivery { status, .. } => Some(status.clone()),
+            _ => None,
+        })
+        .await?;
+    assert_eq!(delivered, DeliveryStatus::Delivered);
+    bob.expect("alice", "held back").await?;
+
+    alice.stop().await;
+    bob.stop().await;
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_restart_loses_nothing() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let store_path = root.path().join("discovery.redb");
+    let server = Server::start(&store_path, any_port()).await?;
+    let addr = server.addr;
+    let mut alice = Chatter::join(root.path(), "alice", addr).await?;
+    let mut bob = Chatter::join(root.path(), "bob", addr).await?;
+    // Carol is offline with mail waiting across the restart.
+    Chatter::join(root.path(), "carol", addr).await?.stop().await;
+    assert!(matches!(alice.send("carol", "kept by the server").await?, DeliveryStatus::Queued { .. }));
+    assert_eq!(alice.send("bob", "before").await?, DeliveryStatus::Delivered);
+    bob.expect("alice", "before").await?;
+
+    server.stop().await?;
+    alice
+        .wait_for("alice to notice", |event| matches!(event, Event::Offline { .. }).then_some(()))
+        .await?;
+    // With the server gone, the message is kept in the outbox.
+    let during = alice.send("bob", "during").await?;
+    assert!(
+        matches!(&during, DeliveryStatus::Failed { will_retry: true, .. }),
+        "{during:?}"
+    );
+
+    let server = Server::start(&store_path, addr).await?;
+    alice
+        .wait_for("alice to re-register", |event| matches!(event, Event::Online { .. }).then_some(()))
+        .await?;
+    bob.expect("alice", "during").await?;
+    bob.client.wait_online(WAIT).await?;
+    assert_eq!(bob.send("alice", "after").await?, DeliveryStatus::Delivered);
+    alice.expect("bob", "after").await?;
+    let mut carol = Chatter::join(root.path(), "carol", addr).await?;
+    carol.expect("alice", "kept by the server").await?;
+
+    alice.stop().await;
+    bob.stop().await;
+    carol.stop().await;
+    server.stop().await
+}
