@@ -166,14 +166,23 @@ async fn direct_chat_both_ways() -> anyhow::Result<()> {
     let mut alice = Chatter::join(root.path(), "alice", server.addr).await?;
     let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
 
-    assert_eq!(alice.send("bob", "hi bob").await?, DeliveryStatus::Delivered);
+    assert_eq!(
+        alice.send("bob", "hi bob").await?,
+        DeliveryStatus::Delivered
+    );
     let received = bob.expect("alice", "hi bob").await?;
     assert!(!received.while_muted);
-    assert_eq!(bob.send("alice", "hi alice").await?, DeliveryStatus::Delivered);
+    assert_eq!(
+        bob.send("alice", "hi alice").await?,
+        DeliveryStatus::Delivered
+    );
     alice.expect("bob", "hi alice").await?;
     // The kept link carries the next ones, in order.
     for index in 0..5 {
-        assert_eq!(alice.send("bob", &format!("n{index}")).await?, DeliveryStatus::Delivered);
+        assert_eq!(
+            alice.send("bob", &format!("n{index}")).await?,
+            DeliveryStatus::Delivered
+        );
     }
     for index in 0..5 {
         bob.expect("alice", &format!("n{index}")).await?;
@@ -182,7 +191,10 @@ async fn direct_chat_both_ways() -> anyhow::Result<()> {
     assert_eq!(users, vec![name("alice"), name("bob")]);
     let history = alice.client.history(&name("bob"), 3).await?;
     assert_eq!(
-        history.iter().map(|line| line.body.as_str()).collect::<Vec<_>>(),
+        history
+            .iter()
+            .map(|line| line.body.as_str())
+            .collect::<Vec<_>>(),
         ["n2", "n3", "n4"]
     );
     // Both sides compute the same safety number.
@@ -194,7 +206,10 @@ async fn direct_chat_both_ways() -> anyhow::Result<()> {
     assert!(alice.client.send(&name("alice"), "me").await.is_err());
     assert!(matches!(
         alice.send("nobody", "hello?").await?,
-        DeliveryStatus::Failed { will_retry: false, .. }
+        DeliveryStatus::Failed {
+            will_retry: false,
+            ..
+        }
     ));
 
     alice.stop().await;
@@ -208,7 +223,10 @@ async fn offline_recipient_gets_mail_at_login_shown_once() -> anyhow::Result<()>
     let server = Server::start(&root.path().join("discovery.redb"), any_port()).await?;
     let alice = Chatter::join(root.path(), "alice", server.addr).await?;
     // Bob registers once (binding his name), then leaves.
-    Chatter::join(root.path(), "bob", server.addr).await?.stop().await;
+    Chatter::join(root.path(), "bob", server.addr)
+        .await?
+        .stop()
+        .await;
 
     assert!(matches!(
         alice.send("bob", "while you were out").await?,
@@ -217,12 +235,18 @@ async fn offline_recipient_gets_mail_at_login_shown_once() -> anyhow::Result<()>
     let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
     bob.expect("alice", "while you were out").await?;
     // Shown once: the next message bob sees is the next one alice sends.
-    assert_eq!(alice.send("bob", "marker").await?, DeliveryStatus::Delivered);
+    assert_eq!(
+        alice.send("bob", "marker").await?,
+        DeliveryStatus::Delivered
+    );
     bob.expect("alice", "marker").await?;
     bob.stop().await;
     // And not again at the next start.
     let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
-    assert_eq!(alice.send("bob", "second marker").await?, DeliveryStatus::Delivered);
+    assert_eq!(
+        alice.send("bob", "second marker").await?,
+        DeliveryStatus::Delivered
+    );
     bob.expect("alice", "second marker").await?;
 
     alice.stop().await;
@@ -237,7 +261,10 @@ async fn stored_but_unshown_message_is_shown_at_next_start() -> anyhow::Result<(
     let alice = Chatter::join(root.path(), "alice", server.addr).await?;
     let bob = Chatter::join(root.path(), "bob", server.addr).await?;
     // Bob's runtime stores and acks it, but bob's "screen" never shows it.
-    assert_eq!(alice.send("bob", "do not miss me").await?, DeliveryStatus::Delivered);
+    assert_eq!(
+        alice.send("bob", "do not miss me").await?,
+        DeliveryStatus::Delivered
+    );
     bob.stop().await;
     let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
     bob.expect("alice", "do not miss me").await?;
@@ -266,7 +293,10 @@ async fn unreachable_listener_gets_mail_pushed_at_once() -> anyhow::Result<()> {
     );
     bob.expect("alice", "through the relay").await?;
     // Bob can still reach alice directly.
-    assert_eq!(bob.send("alice", "thanks").await?, DeliveryStatus::Delivered);
+    assert_eq!(
+        bob.send("alice", "thanks").await?,
+        DeliveryStatus::Delivered
+    );
 
     alice.stop().await;
     bob.stop().await;
@@ -283,30 +313,54 @@ async fn block_is_enforced_directly_and_for_mail() -> anyhow::Result<()> {
 
     bob.client.block(&name("alice")).await?;
     assert_eq!(bob.client.blocked().await?, vec![name("alice")]);
-    assert!(bob.client.block(&name("ghost")).await.is_err(), "unknown users are an error");
+    assert!(
+        bob.client.block(&name("ghost")).await.is_err(),
+        "unknown users are an error"
+    );
     let direct = alice.send("bob", "let me in").await?;
     assert!(
-        matches!(&direct, DeliveryStatus::Failed { will_retry: false, .. }),
+        matches!(
+            &direct,
+            DeliveryStatus::Failed {
+                will_retry: false,
+                ..
+            }
+        ),
         "{direct:?}"
     );
-    assert_eq!(carol.send("bob", "marker 1").await?, DeliveryStatus::Delivered);
+    assert_eq!(
+        carol.send("bob", "marker 1").await?,
+        DeliveryStatus::Delivered
+    );
     bob.expect("carol", "marker 1").await?;
 
     // Offline, the server refuses the mail.
     bob.stop().await;
     let mail = alice.send("bob", "let me in later").await?;
     assert!(
-        matches!(&mail, DeliveryStatus::Failed { will_retry: false, .. }),
+        matches!(
+            &mail,
+            DeliveryStatus::Failed {
+                will_retry: false,
+                ..
+            }
+        ),
         "{mail:?}"
     );
-    assert!(matches!(carol.send("bob", "marker 2").await?, DeliveryStatus::Queued { .. }));
+    assert!(matches!(
+        carol.send("bob", "marker 2").await?,
+        DeliveryStatus::Queued { .. }
+    ));
     let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
     bob.expect("carol", "marker 2").await?;
 
     // The block survived the restart; unblocking lets alice through again.
     assert_eq!(bob.client.blocked().await?, vec![name("alice")]);
     bob.client.unblock(&name("alice")).await?;
-    assert_eq!(alice.send("bob", "friends again").await?, DeliveryStatus::Delivered);
+    assert_eq!(
+        alice.send("bob", "friends again").await?,
+        DeliveryStatus::Delivered
+    );
     bob.expect("alice", "friends again").await?;
 
     alice.stop().await;
@@ -327,9 +381,18 @@ async fn mute_hides_and_later_shows() -> anyhow::Result<()> {
     assert!(bob.client.mute(&name("ghost"), 10).await.is_err());
     // Explicit unmute.
     bob.client.mute(&name("alice"), 3600).await?;
-    assert_eq!(alice.send("bob", "hidden 1").await?, DeliveryStatus::Delivered);
-    assert_eq!(alice.send("bob", "hidden 2").await?, DeliveryStatus::Delivered);
-    assert_eq!(carol.send("bob", "visible").await?, DeliveryStatus::Delivered);
+    assert_eq!(
+        alice.send("bob", "hidden 1").await?,
+        DeliveryStatus::Delivered
+    );
+    assert_eq!(
+        alice.send("bob", "hidden 2").await?,
+        DeliveryStatus::Delivered
+    );
+    assert_eq!(
+        carol.send("bob", "visible").await?,
+        DeliveryStatus::Delivered
+    );
     bob.expect("carol", "visible").await?;
     bob.client.unmute(&name("alice")).await?;
     let held = bob
@@ -344,7 +407,10 @@ async fn mute_hides_and_later_shows() -> anyhow::Result<()> {
 
     // A mute that runs out by itself.
     bob.client.mute(&name("alice"), 1).await?;
-    assert_eq!(alice.send("bob", "hidden 3").await?, DeliveryStatus::Delivered);
+    assert_eq!(
+        alice.send("bob", "hidden 3").await?,
+        DeliveryStatus::Delivered
+    );
     let held = bob
         .wait_for("the mute to expire", |event| match event {
             Event::MuteEnded { user, held } if user.as_str() == "alice" => Some(*held),
@@ -354,7 +420,10 @@ async fn mute_hides_and_later_shows() -> anyhow::Result<()> {
     // The message may arrive just after the second is up, and then it is not held.
     assert!(held <= 1);
     bob.expect("alice", "hidden 3").await?;
-    assert!(bob.client.unmute(&name("alice")).await.is_err(), "not muted any more");
+    assert!(
+        bob.client.unmute(&name("alice")).await.is_err(),
+        "not muted any more"
+    );
 
     alice.stop().await;
     bob.stop().await;
@@ -370,7 +439,10 @@ async fn changed_pinned_key_is_refused_until_trusted() -> anyhow::Result<()> {
     let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
     assert_eq!(alice.send("bob", "first").await?, DeliveryStatus::Delivered);
     bob.expect("alice", "first").await?;
-    assert_eq!(bob.send("alice", "pinned").await?, DeliveryStatus::Delivered);
+    assert_eq!(
+        bob.send("alice", "pinned").await?,
+        DeliveryStatus::Delivered
+    );
     alice.expect("bob", "pinned").await?;
 
     // Receiver side: bob's pin for alice no longer matches alice's real key.
@@ -394,7 +466,10 @@ async fn changed_pinned_key_is_refused_until_trusted() -> anyhow::Result<()> {
     assert!(bob.client.whois(&name("alice")).await?.key_changed);
     bob.client.trust(&name("alice")).await?;
     assert!(!bob.client.whois(&name("alice")).await?.key_changed);
-    assert_eq!(alice.send("bob", "now you can").await?, DeliveryStatus::Delivered);
+    assert_eq!(
+        alice.send("bob", "now you can").await?,
+        DeliveryStatus::Delivered
+    );
     bob.expect("alice", "now you can").await?;
 
     // Sender side: alice's pin for bob is wrong; she refuses to send and keeps the message.
@@ -440,25 +515,44 @@ async fn discovery_restart_loses_nothing() -> anyhow::Result<()> {
     let mut alice = Chatter::join(root.path(), "alice", addr).await?;
     let mut bob = Chatter::join(root.path(), "bob", addr).await?;
     // Carol is offline with mail waiting across the restart.
-    Chatter::join(root.path(), "carol", addr).await?.stop().await;
-    assert!(matches!(alice.send("carol", "kept by the server").await?, DeliveryStatus::Queued { .. }));
-    assert_eq!(alice.send("bob", "before").await?, DeliveryStatus::Delivered);
+    Chatter::join(root.path(), "carol", addr)
+        .await?
+        .stop()
+        .await;
+    assert!(matches!(
+        alice.send("carol", "kept by the server").await?,
+        DeliveryStatus::Queued { .. }
+    ));
+    assert_eq!(
+        alice.send("bob", "before").await?,
+        DeliveryStatus::Delivered
+    );
     bob.expect("alice", "before").await?;
 
     server.stop().await?;
     alice
-        .wait_for("alice to notice", |event| matches!(event, Event::Offline { .. }).then_some(()))
+        .wait_for("alice to notice", |event| {
+            matches!(event, Event::Offline { .. }).then_some(())
+        })
         .await?;
     // With the server gone, the message is kept in the outbox.
     let during = alice.send("bob", "during").await?;
     assert!(
-        matches!(&during, DeliveryStatus::Failed { will_retry: true, .. }),
+        matches!(
+            &during,
+            DeliveryStatus::Failed {
+                will_retry: true,
+                ..
+            }
+        ),
         "{during:?}"
     );
 
     let server = Server::start(&store_path, addr).await?;
     alice
-        .wait_for("alice to re-register", |event| matches!(event, Event::Online { .. }).then_some(()))
+        .wait_for("alice to re-register", |event| {
+            matches!(event, Event::Online { .. }).then_some(())
+        })
         .await?;
     bob.expect("alice", "during").await?;
     bob.client.wait_online(WAIT).await?;

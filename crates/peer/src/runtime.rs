@@ -332,6 +332,17 @@ enum Command {
     },
 }
 
+/// A finished delivery attempt (boxed: it is much larger than the other messages).
+pub(crate) struct Finished {
+    entry: OutboxEntry,
+    status: DeliveryStatus,
+    link: Option<PeerLink>,
+    reply: Option<Reply_<SendReport>>,
+}
+
+/// Channels cached per peer and key pair.
+type ChannelCache = Mutex<HashMap<(Username, [u8; 32], [u8; 32]), Arc<Channel>>>;
+
 /// Results that tracked tasks report back to the loop.
 pub(crate) enum Internal {
     /// A message was stored (and acked); show it unless held by a mute.
@@ -339,12 +350,7 @@ pub(crate) enum Internal {
     /// Something to tell the user as is.
     Notify(Event),
     /// A delivery attempt finished.
-    Delivered {
-        entry: OutboxEntry,
-        status: DeliveryStatus,
-        link: Option<PeerLink>,
-        reply: Option<Reply_<SendReport>>,
-    },
+    Delivered(Box<Finished>),
     /// A mail fetch finished.
     FetchDone,
     /// Mutes changed: re-arm the timer.
@@ -361,7 +367,7 @@ pub(crate) struct Context {
     pub(crate) control: ControlHandle,
     pub(crate) to_loop: mpsc::UnboundedSender<Internal>,
     pub(crate) config: Config,
-    channels: Mutex<HashMap<(Username, [u8; 32], [u8; 32]), Arc<Channel>>>,
+    channels: ChannelCache,
 }
 
 impl Context {
@@ -873,12 +879,15 @@ impl EventLoop {
                 }
             }
             Internal::Notify(event) => self.emit(event),
-            Internal::Delivered {
-                entry,
-                status,
-                link,
-                reply,
-            } => self.delivered(entry, status, link, reply),
+            Internal::Delivered(finished) => {
+                let Finished {
+                    entry,
+                    status,
+                    link,
+                    reply,
+                } = *finished;
+                self.delivered(entry, status, link, reply);
+            }
             Internal::FetchDone => {
                 self.fetching = false;
                 if std::mem::take(&mut self.fetch_again) {
@@ -947,12 +956,12 @@ impl EventLoop {
         let link = self.links.remove(&job.entry.to);
         self.tracker.spawn(async move {
             let (status, link) = delivery::deliver(&context, &job.entry, link).await;
-            let _ = context.to_loop.send(Internal::Delivered {
+            let _ = context.to_loop.send(Internal::Delivered(Box::new(Finished {
                 entry: job.entry,
                 status,
                 link,
                 reply: job.reply,
-            });
+            })));
         });
     }
 
