@@ -1,208 +1,19 @@
-//! The discovery server over real loopback sockets: registration, lookup, mail relay,
-//! announcements, two instances sharing one Redis, and hostile input.
+//! The server over real loopback sockets: registration, lookup, mail relay, announcements,
+//! two instances sharing one Redis, limits and metrics.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use discovery::{Config, Metrics, operator};
+use discovery::{Config, operator};
 use proto::{
-    Channel, Connection, Envelope, ErrorCode, ErrorReply, Hello, Identity, MessageId, Push,
-    Registration, Reply, Request, RequestFrame, ServerMsg, Username,
-    identity::registration_transcript,
+    Channel, Connection, ErrorCode, ErrorReply, Hello, Push, Reply, Request, RequestFrame,
 };
-use store::{EmbeddedStore, MailLimits, RedisStore, Store, testing::RedisServer};
+use store::testing::RedisServer;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    task::JoinHandle,
 };
-use tokio_util::sync::CancellationToken;
 
-const WAIT: Duration = Duration::from_secs(10);
-const SECRET: &[u8] = b"the operator secret";
-
-struct Server {
-    address: SocketAddr,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-    task: JoinHandle<std::io::Result<()>>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl Server {
-    async fn embedded(config: Config) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::Embedded(
-            EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default()).unwrap(),
-        );
-        let mut server = Self::start(store, config).await;
-        server._dir = Some(dir);
-        server
-    }
-
-    async fn redis(redis: &RedisServer) -> Self {
-        let store = Store::Redis(
-            RedisStore::connect(&redis.url(), MailLimits::default())
-                .await
-                .unwrap(),
-        );
-        Self::start(store, config()).await
-    }
-
-    async fn start(store: Store, config: Config) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(discovery::serve(
-            listener,
-            store,
-            config,
-            Arc::clone(&metrics),
-            shutdown.clone(),
-        ));
-        Self {
-            address,
-            metrics,
-            shutdown,
-            task,
-            _dir: None,
-        }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
-}
-
-fn config() -> Config {
-    Config {
-        operator_secret: Some(SECRET.to_vec()),
-        ..Config::default()
-    }
-}
-
-fn name(text: &str) -> Username {
-    Username::new(text).unwrap()
-}
-
-/// A minimal control-protocol client that keeps pushes aside while waiting for responses.
-struct Client {
-    user: Username,
-    identity: Identity,
-    connection: Connection<TcpStream>,
-    nonce: [u8; 32],
-    next_id: u64,
-    pushes: Vec<Push>,
-}
-
-impl Client {
-    async fn connect(address: SocketAddr, user: &str) -> Self {
-        Self::connect_as(address, user, Identity::generate()).await
-    }
-
-    async fn connect_as(address: SocketAddr, user: &str, identity: Identity) -> Self {
-        let stream = TcpStream::connect(address).await.unwrap();
-        let mut connection = Connection::new(stream);
-        connection.hello(WAIT).await.unwrap();
-        let nonce = match connection.recv::<ServerMsg>().await.unwrap() {
-            Some(ServerMsg::Challenge { nonce }) => nonce,
-            other => panic!("expected a challenge, got {other:?}"),
-        };
-        Self {
-            user: name(user),
-            identity,
-            connection,
-            nonce,
-            next_id: 1,
-            pushes: Vec::new(),
-        }
-    }
-
-    async fn register(&mut self) -> Result<Reply, ErrorReply> {
-        let transcript = registration_transcript(&self.nonce, &self.user, self.identity.public());
-        let request = Request::Register(Registration {
-            user: self.user.clone(),
-            keys: self.identity.public().clone(),
-            listen_ports: vec![40_000],
-            signature: self.identity.sign(&transcript),
-        });
-        self.request(request).await
-    }
-
-    async fn request(&mut self, request: Request) -> Result<Reply, ErrorReply> {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.connection
-            .send(&RequestFrame { id, request })
-            .await
-            .unwrap();
-        loop {
-            match tokio::time::timeout(WAIT, self.connection.recv::<ServerMsg>()).await {
-                Ok(Ok(Some(ServerMsg::Response { id: got, result }))) => {
-                    assert_eq!(got, id, "responses come back with their request's id");
-                    return result;
-                }
-                Ok(Ok(Some(ServerMsg::Push(push)))) => self.pushes.push(push),
-                other => panic!("expected a response, got {other:?}"),
-            }
-        }
-    }
-
-    /// Waits for a push matching `wanted`, keeping the others.
-    async fn push(&mut self, wanted: impl Fn(&Push) -> bool) -> Push {
-        if let Some(index) = self.pushes.iter().position(&wanted) {
-            return self.pushes.remove(index);
-        }
-        loop {
-            match tokio::time::timeout(WAIT, self.connection.recv::<ServerMsg>()).await {
-                Ok(Ok(Some(ServerMsg::Push(push)))) if wanted(&push) => return push,
-                Ok(Ok(Some(ServerMsg::Push(push)))) => self.pushes.push(push),
-                other => panic!("expected a push, got {other:?}"),
-            }
-        }
-    }
-
-    async fn lookup(&mut self, user: &str) -> Result<Reply, ErrorReply> {
-        self.request(Request::Lookup { user: name(user) }).await
-    }
-
-    fn seal_for(&self, to: &impl Keyed, body: &str) -> Envelope {
-        Channel::new(
-            &self.identity,
-            &self.user,
-            to.user(),
-            to.identity().public(),
-        )
-        .unwrap()
-        .seal(MessageId::random(), body, proto::now_ms())
-        .unwrap()
-    }
-
-    /// Reads until the server closes, returning the closing reason it sent, if any.
-    async fn closed_with(connection: &mut Connection<TcpStream>) -> Option<ErrorReply> {
-        let mut reason = None;
-        loop {
-            match tokio::time::timeout(WAIT, connection.recv::<ServerMsg>()).await {
-                Ok(Ok(Some(ServerMsg::Closing(why)))) => reason = Some(why),
-                Ok(Ok(Some(_))) => continue,
-                Ok(Ok(None)) | Ok(Err(_)) => return reason,
-                Err(_) => panic!("the server did not close the connection"),
-            }
-        }
-    }
-}
-
-fn online(reply: Result<Reply, ErrorReply>) -> bool {
-    match reply.unwrap() {
-        Reply::User(info) => info.online,
-        other => panic!("{other:?}"),
-    }
-}
+use crate::util::*;
 
 #[tokio::test]
 async fn two_clients_find_each_other_and_a_third_cannot_take_a_bound_name() {
@@ -467,25 +278,6 @@ async fn two_instances_sharing_one_redis_behave_as_one_server() {
     second.stop().await;
 }
 
-/// Sends `bytes` raw after a valid hello and returns the closing reason.
-async fn after_hello_send(address: SocketAddr, bytes: &[u8]) -> Option<ErrorReply> {
-    let stream = TcpStream::connect(address).await.unwrap();
-    let mut connection = Connection::new(stream);
-    connection.hello(WAIT).await.unwrap();
-    assert!(matches!(
-        connection.recv::<ServerMsg>().await.unwrap(),
-        Some(ServerMsg::Challenge { .. })
-    ));
-    let mut stream = connection_into_stream(connection);
-    stream.write_all(bytes).await.unwrap();
-    let mut connection = Connection::new(stream);
-    Client::closed_with(&mut connection).await
-}
-
-fn connection_into_stream(connection: Connection<TcpStream>) -> TcpStream {
-    connection.into_inner()
-}
-
 #[tokio::test]
 async fn hostile_input_gets_a_clear_error_and_a_closed_connection_while_others_carry_on() {
     let server = Server::embedded(config()).await;
@@ -656,60 +448,4 @@ async fn metrics_are_served_as_prometheus_text() {
     assert!(response.contains("p2pchat_lookups_total 1"));
     assert!(response.contains("p2pchat_errors_total{code=\"name_taken\"} 0"));
     server.stop().await;
-}
-
-impl Client {
-    /// Closes this client's connection and waits until `observer` sees it offline.
-    async fn disconnect(self, observer: &mut Client) -> Offline {
-        let user = self.user.clone();
-        drop(self.connection);
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while online(observer.lookup(user.as_str()).await) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{user} stayed online"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Offline {
-            user,
-            identity: self.identity,
-        }
-    }
-}
-
-/// A client whose connection is closed, keeping its identity.
-struct Offline {
-    user: Username,
-    identity: Identity,
-}
-
-impl Offline {
-    async fn reconnect(self, address: SocketAddr) -> Client {
-        Client::connect_as(address, self.user.as_str(), self.identity).await
-    }
-}
-
-/// Anything with a name and an identity, online or not.
-trait Keyed {
-    fn user(&self) -> &Username;
-    fn identity(&self) -> &Identity;
-}
-
-impl Keyed for Client {
-    fn user(&self) -> &Username {
-        &self.user
-    }
-    fn identity(&self) -> &Identity {
-        &self.identity
-    }
-}
-
-impl Keyed for Offline {
-    fn user(&self) -> &Username {
-        &self.user
-    }
-    fn identity(&self) -> &Identity {
-        &self.identity
-    }
 }
