@@ -148,9 +148,11 @@ fn init_tracing(interactive: bool, data_dir: &Path) -> anyhow::Result<()> {
     if interactive {
         // Log lines would garble the prompt: they go to a file in the data dir.
         let path = data_dir.join("p2pchat.log");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         builder
@@ -233,7 +235,9 @@ fn load_history(path: &Path) -> Vec<String> {
 
 fn save_history(path: &Path, entries: &std::collections::VecDeque<String>) {
     let text: String = entries.iter().map(|line| format!("{line}\n")).collect();
-    if let Err(error) = std::fs::write(path, text) {
+    let written = proto::identity::open_private_file(path)
+        .and_then(|mut file| file.write_all(text.as_bytes()));
+    if let Err(error) = written {
         tracing::warn!(%error, "cannot save command history");
     }
 }
@@ -250,7 +254,7 @@ async fn interactive_mode(
     readline.set_history_entries(load_history(&history_path));
     let _ = writeln!(
         out,
-        "p2pchat: you are {} (key {}{}); server {server}. Type `help` for commands.",
+        "you are {} (key {}{}), server {server}; `help` lists commands",
         client.user(),
         client.fingerprint(),
         if client.is_new_identity() {

@@ -48,10 +48,9 @@ pub fn event_text(event: &Event) -> Option<String> {
         Event::Online { observed } => {
             format!("connected to the discovery server (it sees you at {observed})")
         }
-        Event::Offline { reason, retry_in } => format!(
-            "lost the discovery server ({reason}); retrying in {:.1} s",
-            retry_in.as_secs_f64()
-        ),
+        Event::Offline { reason, .. } => {
+            format!("lost the discovery server ({reason}); reconnecting in the background")
+        }
         Event::Fatal(reply) => format!("cannot register: {reply}"),
         Event::KeyChanged {
             user,

@@ -846,13 +846,19 @@ impl EventLoop {
                 self.flush_outbox(None);
             }
             ControlEvent::Offline { reason, retry_in } => {
+                // The user hears once that the server is gone, not at every retry.
+                let first = self.online || matches!(*self.status.borrow(), Status::Connecting);
                 self.online = false;
                 // Kept links may point at peers that moved; start fresh after a reconnect.
                 self.links.clear();
                 self.status.send_replace(Status::Offline {
                     reason: reason.clone(),
                 });
-                self.emit(Event::Offline { reason, retry_in });
+                if first {
+                    self.emit(Event::Offline { reason, retry_in });
+                } else {
+                    tracing::debug!(%reason, ?retry_in, "still offline");
+                }
             }
             ControlEvent::Fatal(reply) => {
                 self.online = false;

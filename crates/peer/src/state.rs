@@ -217,6 +217,14 @@ impl State {
             }
             Err(error) => return Err(StateError::Database(error.into())),
         };
+        // The history holds plaintext: only the owner may read it (the folder is 0700 too).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let private = std::fs::Permissions::from_mode(0o600);
+            std::fs::set_permissions(&path, private)
+                .map_err(|error| StateError::Database(redb::Error::Io(error)))?;
+        }
         let txn = db.begin_write()?;
         txn.open_table(PINS)?;
         txn.open_table(BLOCKS)?;
