@@ -1,0 +1,640 @@
+//! Direct messages, client to client over loopback TCP, 100-byte bodies.
+//!
+//! Three paths are measured, so the table shows what each layer costs:
+//! - **raw TCP ping-pong** (the reference): 100 bytes out, 100 bytes back, nothing else.
+//! - **protocol path**: the real peer protocol on [`proto`] alone — hellos, then each
+//!   message sealed ([`Channel::seal`]), framed and sent as [`PeerMsg::Envelope`], opened
+//!   and checked by the receiver ([`Channel::open`], [`ReplayGuard`]) and answered with
+//!   [`PeerMsg::Ack`]. No local storage on either side.
+//! - **peer runtime**: [`peer::Client::send`] between two real runtimes registered with a
+//!   real discovery server; it returns when the receiver has stored and acked the message,
+//!   so it includes both runtimes' durable local state (outbox, history, seen ids).
+//!
+//! The throughput reference is the Fernet ceiling: how many seal+open pairs one core does.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::{FutureExt, SinkExt, StreamExt, stream::FuturesUnordered};
+use peer::DeliveryStatus;
+use proto::{
+    Channel, Connection, Envelope, Identity, MessageId, PeerMsg, ReplayGuard, Username,
+    wire::{self, MAX_FRAME_LEN},
+};
+use store::{EmbeddedStore, MailLimits, Store};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    task::JoinHandle,
+};
+use tokio_util::{
+    codec::{FramedRead, FramedWrite},
+    sync::CancellationToken,
+};
+
+use crate::{Bench, BenchError, Row, Target, stats::Latencies};
+
+/// The body of every measured message: 100 bytes.
+pub const BODY: &str = "p2pchat benchmark message, one hundred bytes long: the quick brown fox jumps over the lazy dog. ok!";
+/// How long a hello or an ack may take before the benchmark gives up.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages in flight on the pipelined protocol path.
+const WINDOW: usize = 256;
+/// Runtime sends in flight for the runtime throughput figure.
+const RUNTIME_IN_FLIGHT: usize = 256;
+/// The design's latency targets: p50 within this of raw TCP, p99 under the second.
+const P50_OVER_RAW_US: f64 = 15.0;
+const P99_TARGET_US: f64 = 250.0;
+/// The design's throughput target.
+const THROUGHPUT_TARGET: f64 = 150_000.0;
+
+/// Sample counts and time budgets for one mode.
+struct Sizes {
+    round_trips: usize,
+    round_trip_budget: Duration,
+    runtime_sends: usize,
+    runtime_budget: Duration,
+    pipelined: usize,
+    ceiling_budget: Duration,
+}
+
+fn sizes(bench: &Bench) -> Sizes {
+    bench.mode.pick(
+        Sizes {
+            round_trips: 50_000,
+            round_trip_budget: Duration::from_secs(5),
+            runtime_sends: 5_000,
+            runtime_budget: Duration::from_secs(10),
+            pipelined: 300_000,
+            ceiling_budget: Duration::from_secs(2),
+        },
+        Sizes {
+            round_trips: 200,
+            round_trip_budget: Duration::from_millis(300),
+            runtime_sends: 20,
+            runtime_budget: Duration::from_millis(500),
+            pipelined: 500,
+            ceiling_budget: Duration::from_millis(50),
+        },
+    )
+}
+
+/// Latency rows: raw TCP p50/p99 (the references), then the peer runtime and the protocol
+/// path against them.
+pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
+    let sizes = sizes(bench);
+    let mut raw = raw_ping_pong(sizes.round_trips, sizes.round_trip_budget).await?;
+    let mut protocol = protocol_latency(sizes.round_trips, sizes.round_trip_budget).await?;
+    let pair = RuntimePair::start().await?;
+    let runtime = pair
+        .latency(sizes.runtime_sends, sizes.runtime_budget)
+        .await;
+    pair.stop().await;
+    let mut runtime = runtime?;
+
+    let (raw_p50, raw_p99) = (raw.percentile_us(50.0), raw.percentile_us(99.0));
+    let raw_note = format!(
+        "raw TCP reference: {} round trips of 100 bytes on one loopback connection (tokio, nodelay)",
+        raw.len()
+    );
+    let mut rows = Vec::new();
+    for (label, samples, note) in [
+        (
+            "peer runtime",
+            &mut runtime,
+            "peer::Client::send → Delivered, alice → bob, two runtimes on one discovery server, link kept; includes both sides' durable local state (redb commits with fsync)",
+        ),
+        (
+            "protocol path",
+            &mut protocol,
+            "proto Connection + Channel::seal/open + ReplayGuard, PeerMsg::Envelope → PeerMsg::Ack on loopback TCP; no local storage",
+        ),
+    ] {
+        rows.push(
+            Row::new(
+                format!("direct latency p50 ({label})"),
+                samples.percentile_us(50.0),
+                "µs",
+                Target::AtMost(raw_p50 + P50_OVER_RAW_US),
+            )
+            .with_target_text("raw p50 + 15 µs")
+            .with_reference("raw TCP p50", raw_p50)
+            .with_note(format!("{} samples; {note}; {raw_note}.", samples.len())),
+        );
+        rows.push(
+            Row::new(
+                format!("direct latency p99 ({label})"),
+                samples.percentile_us(99.0),
+                "µs",
+                Target::AtMost(P99_TARGET_US),
+            )
+            .with_reference("raw TCP p99", raw_p99),
+        );
+    }
+    Ok(rows)
+}
+
+/// Throughput rows: the Fernet ceiling (the reference), then the peer runtime and the
+/// pipelined protocol path against it.
+pub async fn throughput_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
+    let sizes = sizes(bench);
+    let ceiling = fernet_ceiling(sizes.ceiling_budget).await?;
+    let protocol = protocol_throughput(sizes.pipelined).await?;
+    let pair = RuntimePair::start().await?;
+    let runtime = pair
+        .throughput(sizes.runtime_sends, sizes.runtime_budget)
+        .await;
+    pair.stop().await;
+    let (runtime_count, runtime_rate) = runtime?;
+    Ok(vec![
+        Row::new(
+            "direct throughput (peer runtime)",
+            runtime_rate,
+            "msg/s",
+            Target::AtLeast(THROUGHPUT_TARGET),
+        )
+        .with_reference("Fernet ceiling", ceiling)
+        .with_note(format!(
+            "{runtime_count} messages, up to {RUNTIME_IN_FLIGHT} Client::send calls in flight; the runtime delivers one message at a time per recipient and commits its local state durably around each. Fernet ceiling: Channel::seal then Channel::open of a 100-byte body in a loop on one thread."
+        )),
+        Row::new(
+            "direct throughput (protocol path, pipelined)",
+            protocol,
+            "msg/s",
+            Target::AtLeast(THROUGHPUT_TARGET),
+        )
+        .with_reference("Fernet ceiling", ceiling)
+        .with_note(format!(
+            "{} messages sealed, sent, opened, checked and acked with up to {WINDOW} in flight on one connection; no local storage.",
+            sizes.pipelined
+        )),
+    ])
+}
+
+/// Round trips of 100 bytes on one loopback TCP connection.
+pub async fn raw_ping_pong(count: usize, budget: Duration) -> Result<Latencies, BenchError> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let address = listener.local_addr()?;
+    let echo: JoinHandle<Result<(), BenchError>> = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        let mut buffer = [0u8; BODY.len()];
+        // Ends when the client closes (read_exact fails with an unexpected end).
+        while stream.read_exact(&mut buffer).await.is_ok() {
+            stream.write_all(&buffer).await?;
+        }
+        Ok(())
+    });
+    let mut stream = TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let mut buffer = [0u8; BODY.len()];
+    let mut latencies = Latencies::with_capacity(count);
+    let started = Instant::now();
+    for round in 0..count + warm_up(count) {
+        if started.elapsed() > budget {
+            break;
+        }
+        let sent = Instant::now();
+        stream.write_all(BODY.as_bytes()).await?;
+        tokio::time::timeout(STEP_TIMEOUT, stream.read_exact(&mut buffer))
+            .await
+            .map_err(|_| BenchError::Timeout("raw echo".into()))??;
+        if round >= warm_up(count) {
+            latencies.record(sent.elapsed());
+        }
+    }
+    drop(stream);
+    echo.await
+        .map_err(|error| BenchError::Protocol(format!("echo task: {error}")))??;
+    Ok(latencies)
+}
+
+/// Round trips not recorded before the measured ones.
+fn warm_up(count: usize) -> usize {
+    (count / 20).min(1000)
+}
+
+/// Both directions of one sealed conversation between two fresh identities.
+struct Conversation {
+    alice: Username,
+    bob: Username,
+    /// Alice's side: seals for bob.
+    sender: Channel,
+    /// Bob's side: opens alice's messages.
+    receiver: Channel,
+}
+
+impl Conversation {
+    fn new() -> Result<Self, BenchError> {
+        let (alice_identity, bob_identity) = (Identity::generate(), Identity::generate());
+        let alice = user("alice");
+        let bob = user("bob");
+        Ok(Self {
+            sender: Channel::new(&alice_identity, &alice, &bob, bob_identity.public())?,
+            receiver: Channel::new(&bob_identity, &bob, &alice, alice_identity.public())?,
+            alice,
+            bob,
+        })
+    }
+
+    fn seal(&self) -> Result<Envelope, BenchError> {
+        Ok(self
+            .sender
+            .seal(MessageId::random(), BODY, proto::now_ms())?)
+    }
+}
+
+/// A name from a literal known to be valid.
+fn user(name: &str) -> Username {
+    Username::new(name).unwrap_or_else(|_| unreachable!("benchmark names are valid"))
+}
+
+/// The receiver's work for one envelope: open, check, remember the id; the id to ack.
+fn accept(
+    receiver: &Channel,
+    guard: &mut ReplayGuard,
+    envelope: &Envelope,
+) -> Result<MessageId, BenchError> {
+    let now = proto::now_ms();
+    let plaintext = receiver.open(envelope, now)?;
+    guard.admit(&plaintext, now)?;
+    Ok(plaintext.id)
+}
+
+/// A fresh replay guard with the window the peer runtime uses.
+fn replay_guard() -> ReplayGuard {
+    ReplayGuard::new(peer::runtime::SEEN_RETENTION_MS)
+}
+
+/// Connects the sending side of the peer protocol: hellos, then [`PeerMsg::Hello`], then
+/// waits for the receiver's "ready" (an ack of the all-zero id).
+async fn dial(
+    address: SocketAddr,
+    conversation: &Conversation,
+) -> Result<Connection<TcpStream>, BenchError> {
+    let stream = TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let mut connection = Connection::new(stream);
+    connection.hello(STEP_TIMEOUT).await?;
+    connection
+        .send(&PeerMsg::Hello {
+            from: conversation.alice.clone(),
+            to: conversation.bob.clone(),
+        })
+        .await?;
+    match recv_peer(&mut connection).await? {
+        PeerMsg::Ack { id } if id == MessageId([0; 16]) => Ok(connection),
+        other => Err(BenchError::Protocol(format!(
+            "expected ready, got {other:?}"
+        ))),
+    }
+}
+
+/// Accepts the receiving side: hellos, [`PeerMsg::Hello`] naming the pair, then "ready".
+async fn answer(
+    listener: &TcpListener,
+    conversation: &Conversation,
+) -> Result<Connection<TcpStream>, BenchError> {
+    let (stream, _) = listener.accept().await?;
+    stream.set_nodelay(true)?;
+    let mut connection = Connection::new(stream);
+    connection.hello(STEP_TIMEOUT).await?;
+    match recv_peer(&mut connection).await? {
+        PeerMsg::Hello { from, to } if from == conversation.alice && to == conversation.bob => {}
+        other => {
+            return Err(BenchError::Protocol(format!(
+                "expected hello, got {other:?}"
+            )));
+        }
+    }
+    connection
+        .send(&PeerMsg::Ack {
+            id: MessageId([0; 16]),
+        })
+        .await?;
+    Ok(connection)
+}
+
+async fn recv_peer(connection: &mut Connection<TcpStream>) -> Result<PeerMsg, BenchError> {
+    tokio::time::timeout(STEP_TIMEOUT, connection.recv::<PeerMsg>())
+        .await
+        .map_err(|_| BenchError::Timeout("peer message".into()))??
+        .ok_or_else(|| BenchError::Protocol("the peer closed the connection".into()))
+}
+
+/// Send → ack round trips on the protocol path, one message at a time.
+pub async fn protocol_latency(count: usize, budget: Duration) -> Result<Latencies, BenchError> {
+    let conversation = Arc::new(Conversation::new()?);
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let address = listener.local_addr()?;
+    let receiving = Arc::clone(&conversation);
+    let receiver: JoinHandle<Result<(), BenchError>> = tokio::spawn(async move {
+        let mut connection = answer(&listener, &receiving).await?;
+        let mut guard = replay_guard();
+        while let Some(message) = connection.recv::<PeerMsg>().await? {
+            let PeerMsg::Envelope(envelope) = message else {
+                return Err(BenchError::Protocol("expected an envelope".into()));
+            };
+            let id = accept(&receiving.receiver, &mut guard, &envelope)?;
+            connection.send(&PeerMsg::Ack { id }).await?;
+        }
+        Ok(())
+    });
+    let mut connection = dial(address, &conversation).await?;
+    let mut latencies = Latencies::with_capacity(count);
+    let started = Instant::now();
+    for round in 0..count + warm_up(count) {
+        if started.elapsed() > budget {
+            break;
+        }
+        let sent = Instant::now();
+        let envelope = conversation.seal()?;
+        connection
+            .send(&PeerMsg::Envelope(envelope.clone()))
+            .await?;
+        match recv_peer(&mut connection).await? {
+            PeerMsg::Ack { id } if id == envelope.id => {}
+            other => {
+                return Err(BenchError::Protocol(format!(
+                    "expected an ack, got {other:?}"
+                )));
+            }
+        }
+        if round >= warm_up(count) {
+            latencies.record(sent.elapsed());
+        }
+    }
+    connection.close().await;
+    drop(connection);
+    receiver
+        .await
+        .map_err(|error| BenchError::Protocol(format!("receiver task: {error}")))??;
+    Ok(latencies)
+}
+
+/// Messages per second on the protocol path with up to [`WINDOW`] unacked messages in
+/// flight: one task seals and writes while reading acks, another opens, checks and acks.
+/// Frames go through the real codec ([`wire::codec`]) and body format ([`wire::encode`]);
+/// the halves are split only because [`Connection`] owns both directions.
+pub async fn protocol_throughput(count: usize) -> Result<f64, BenchError> {
+    let conversation = Arc::new(Conversation::new()?);
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let address = listener.local_addr()?;
+    let receiving = Arc::clone(&conversation);
+    let receiver: JoinHandle<Result<usize, BenchError>> = tokio::spawn(async move {
+        let (read, write) = answer(&listener, &receiving)
+            .await?
+            .into_inner()
+            .into_split();
+        let mut frames = FramedRead::new(read, wire::codec(MAX_FRAME_LEN));
+        let mut acks = FramedWrite::new(write, wire::codec(MAX_FRAME_LEN));
+        let mut guard = replay_guard();
+        let mut received = 0;
+        loop {
+            // Acks are written in batches: flushed only when no more envelopes are ready.
+            let frame = match frames.next().now_or_never() {
+                Some(frame) => frame,
+                None => {
+                    SinkExt::<Bytes>::flush(&mut acks).await?;
+                    frames.next().await
+                }
+            };
+            let Some(frame) = frame else { break };
+            let PeerMsg::Envelope(envelope) = wire::decode::<PeerMsg>(&frame?)? else {
+                return Err(BenchError::Protocol("expected an envelope".into()));
+            };
+            let id = accept(&receiving.receiver, &mut guard, &envelope)?;
+            acks.feed(wire::encode(&PeerMsg::Ack { id })?).await?;
+            received += 1;
+        }
+        SinkExt::<Bytes>::flush(&mut acks).await?;
+        Ok(received)
+    });
+
+    let (read, write) = dial(address, &conversation)
+        .await?
+        .into_inner()
+        .into_split();
+    let mut acks = FramedRead::new(read, wire::codec(MAX_FRAME_LEN));
+    let mut envelopes = FramedWrite::new(write, wire::codec(MAX_FRAME_LEN));
+    let window = Semaphore::new(WINDOW);
+    let acked = AtomicUsize::new(0);
+    let started = Instant::now();
+    let write_all = async {
+        for _ in 0..count {
+            match window.try_acquire() {
+                Ok(permit) => permit.forget(),
+                Err(_) => {
+                    // The window is full: push out what is buffered, then wait for acks.
+                    SinkExt::<Bytes>::flush(&mut envelopes).await?;
+                    window
+                        .acquire()
+                        .await
+                        .map_err(|_| BenchError::Protocol("window closed".into()))?
+                        .forget();
+                }
+            }
+            let envelope = conversation.seal()?;
+            envelopes
+                .feed(wire::encode(&PeerMsg::Envelope(envelope))?)
+                .await?;
+        }
+        SinkExt::<Bytes>::flush(&mut envelopes).await?;
+        Ok::<_, BenchError>(())
+    };
+    let read_acks = async {
+        while acked.load(Ordering::Relaxed) < count {
+            let frame = acks
+                .next()
+                .await
+                .ok_or_else(|| BenchError::Protocol("the receiver closed early".into()))??;
+            match wire::decode::<PeerMsg>(&frame)? {
+                PeerMsg::Ack { .. } => {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                    window.add_permits(1);
+                }
+                other => {
+                    return Err(BenchError::Protocol(format!(
+                        "expected an ack, got {other:?}"
+                    )));
+                }
+            }
+        }
+        Ok::<_, BenchError>(())
+    };
+    let budget = Duration::from_secs(120);
+    let (written, read) =
+        tokio::time::timeout(budget, async { tokio::join!(write_all, read_acks) })
+            .await
+            .map_err(|_| {
+                BenchError::Timeout(format!("{count} pipelined messages in {budget:?}"))
+            })?;
+    written?;
+    read?;
+    let elapsed = started.elapsed();
+    drop(envelopes);
+    drop(acks);
+    let received = receiver
+        .await
+        .map_err(|error| BenchError::Protocol(format!("receiver task: {error}")))??;
+    if received != count {
+        return Err(BenchError::Protocol(format!(
+            "sent {count}, the receiver took {received}"
+        )));
+    }
+    Ok(count as f64 / elapsed.as_secs_f64())
+}
+
+/// Seal+open pairs per second on one thread, for `budget`.
+pub async fn fernet_ceiling(budget: Duration) -> Result<f64, BenchError> {
+    tokio::task::spawn_blocking(move || {
+        let conversation = Conversation::new()?;
+        let started = Instant::now();
+        let mut done = 0u64;
+        // Bounded by time; checked every 256 pairs so the clock is not the cost.
+        while started.elapsed() < budget {
+            for _ in 0..256 {
+                let envelope = conversation.seal()?;
+                let opened = conversation.receiver.open(&envelope, proto::now_ms())?;
+                std::hint::black_box(opened);
+            }
+            done += 256;
+        }
+        Ok(done as f64 / started.elapsed().as_secs_f64())
+    })
+    .await
+    .map_err(|error| BenchError::Protocol(format!("ceiling task: {error}")))?
+}
+
+/// Starts the real discovery server in this process, on a free loopback port, over an
+/// embedded store in `folder` (created); it stops when `shutdown` is cancelled.
+pub async fn in_process_server(
+    folder: &std::path::Path,
+    shutdown: &CancellationToken,
+) -> Result<SocketAddr, BenchError> {
+    std::fs::create_dir_all(folder)?;
+    let store = Store::Embedded(EmbeddedStore::open(
+        folder.join("store.redb"),
+        MailLimits::default(),
+    )?);
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(discovery::run(
+        listener,
+        store,
+        discovery::Config::default(),
+        shutdown.clone(),
+    ));
+    Ok(address)
+}
+
+/// Two peer runtimes (alice, bob) registered with one in-process discovery server, all
+/// state in a temporary folder on disk.
+struct RuntimePair {
+    alice: peer::Client,
+    bob_user: Username,
+    bob: peer::Client,
+    shutdown: CancellationToken,
+    _folder: tempfile::TempDir,
+}
+
+impl RuntimePair {
+    async fn start() -> Result<Self, BenchError> {
+        let folder = tempfile::Builder::new()
+            .prefix("p2pchat-bench-direct-")
+            .tempdir()?;
+        let shutdown = CancellationToken::new();
+        let server = in_process_server(&folder.path().join("discovery"), &shutdown).await?;
+        let mut clients = Vec::new();
+        for name in ["alice", "bob"] {
+            let mut config =
+                peer::Config::new(server.to_string(), user(name), folder.path().join(name));
+            config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+            let (client, mut events) = peer::start(config, shutdown.child_token()).await?;
+            // Events (received messages) are taken and dropped, as a bot would.
+            tokio::spawn(async move { while events.recv().await.is_some() {} });
+            client.wait_online(STEP_TIMEOUT).await?;
+            clients.push(client);
+        }
+        let (Some(bob), Some(alice)) = (clients.pop(), clients.pop()) else {
+            unreachable!("two clients were started")
+        };
+        let pair = Self {
+            alice,
+            bob_user: user("bob"),
+            bob,
+            shutdown,
+            _folder: folder,
+        };
+        // The first message looks bob up, pins his keys and dials him; later ones reuse the link.
+        for _ in 0..3 {
+            pair.send_one().await?;
+        }
+        Ok(pair)
+    }
+
+    async fn send_one(&self) -> Result<(), BenchError> {
+        let report = tokio::time::timeout(STEP_TIMEOUT, self.alice.send(&self.bob_user, BODY))
+            .await
+            .map_err(|_| BenchError::Timeout("a runtime send".into()))??;
+        match report.status {
+            DeliveryStatus::Delivered => Ok(()),
+            other => Err(BenchError::Protocol(format!(
+                "expected a direct delivery, got {other}"
+            ))),
+        }
+    }
+
+    async fn latency(&self, count: usize, budget: Duration) -> Result<Latencies, BenchError> {
+        let mut latencies = Latencies::with_capacity(count);
+        let started = Instant::now();
+        while latencies.len() < count && started.elapsed() < budget {
+            let sent = Instant::now();
+            self.send_one().await?;
+            latencies.record(sent.elapsed());
+        }
+        Ok(latencies)
+    }
+
+    /// Sends up to `count` messages (stopping to start new ones after `budget`) with up to
+    /// [`RUNTIME_IN_FLIGHT`] in flight; returns how many and the rate.
+    async fn throughput(&self, count: usize, budget: Duration) -> Result<(usize, f64), BenchError> {
+        let started = Instant::now();
+        let mut in_flight = FuturesUnordered::new();
+        let (mut started_sends, mut delivered) = (0usize, 0usize);
+        loop {
+            while in_flight.len() < RUNTIME_IN_FLIGHT
+                && started_sends < count
+                && started.elapsed() < budget
+            {
+                in_flight.push(self.send_one());
+                started_sends += 1;
+            }
+            match in_flight.next().await {
+                Some(result) => {
+                    result?;
+                    delivered += 1;
+                }
+                None => break,
+            }
+        }
+        Ok((
+            delivered,
+            delivered as f64 / started.elapsed().as_secs_f64(),
+        ))
+    }
+
+    async fn stop(self) {
+        self.alice.shutdown(Duration::from_secs(3)).await;
+        self.bob.shutdown(Duration::from_secs(3)).await;
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,354 @@
+//! The discovery server under load: N registered clients heartbeating, the server's memory
+//! per client, and lookups per second and their p99 while that load runs, against
+//! `redis-benchmark` GET at the same concurrency.
+//!
+//! The server is a child process (`p2pchat-bench serve-discovery`, the real
+//! [`discovery::serve`]) so its resident memory is its own; its embedded store lives on
+//! tmpfs (`/dev/shm`) because this figure is about connections, not about the `fsync` of
+//! each first-time name binding. The clients come from child processes too
+//! (`p2pchat-bench load-worker`), each from its own loopback source address (127.0.0.2,
+//! 127.0.0.3, ...) so they never run out of ephemeral ports, and each with its own
+//! open-file limit. The lookup clients run in this process.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use proto::{Identity, Reply, Request, Username};
+use tokio::process::Command;
+
+use crate::{
+    Bench, BenchError, Row, Target,
+    control::ControlClient,
+    redis_ref, roles,
+    stats::Latencies,
+    system::{self, LineChild},
+};
+
+/// Concurrent lookup connections (redis-benchmark's default `-c`).
+pub const LOOKUP_CONNECTIONS: usize = 50;
+/// Open files the server keeps for itself besides one per client.
+const SERVER_SPARE_FILES: u64 = 200;
+/// Clients per worker process (each needs one open file per client).
+const CLIENTS_PER_WORKER: usize = 10_000;
+
+/// How big the load is in one mode.
+struct Sizes {
+    clients: usize,
+    heartbeat: Duration,
+    lookup_time: Duration,
+    redis_requests: usize,
+}
+
+/// Measures the four discovery rows (see the module docs).
+pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
+    let hard_limit = system::open_file_hard_limit()?;
+    let goal = bench.clients.unwrap_or(bench.mode.pick(100_000, 200));
+    let file_bound =
+        usize::try_from(hard_limit.saturating_sub(SERVER_SPARE_FILES)).unwrap_or(usize::MAX);
+    let sizes = Sizes {
+        clients: goal.min(file_bound).max(1),
+        heartbeat: bench
+            .mode
+            .pick(Duration::from_secs(10), Duration::from_millis(200)),
+        lookup_time: bench
+            .mode
+            .pick(Duration::from_secs(8), Duration::from_millis(300)),
+        redis_requests: bench.mode.pick(500_000, 2_000),
+    };
+
+    let folder = tempfile::Builder::new()
+        .prefix("p2pchat-bench-discovery-")
+        .tempdir_in(tmpfs_or_temp())?;
+    let server = spawn_server(bench, folder.path(), None, 1_000).await?;
+    let address = server.address;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before = system::rss_kib(server.child.pid()?)?;
+
+    let load = run_load(bench, address, &sizes).await;
+    let rss_after = system::rss_kib(server.child.pid()?);
+    let (mut workers, load) = match load {
+        Ok(load) => load,
+        Err(error) => {
+            server.child.stop(Duration::from_secs(5)).await;
+            return Err(error);
+        }
+    };
+    let lookups = lookup_load(address, sizes.clients, sizes.lookup_time).await;
+    // Still heartbeating after the lookups?
+    let alive_after = worker_status(&mut workers).await.map(|status| status.alive);
+    for worker in workers {
+        worker.stop(Duration::from_secs(10)).await;
+    }
+    server.child.stop(Duration::from_secs(10)).await;
+    let rss_after = rss_after?;
+    let (mut lookups, lookup_failures, lookup_elapsed) = lookups?;
+    let alive_after = alive_after?;
+
+    let redis = redis_ref::start_redis()?;
+    let figures =
+        redis_ref::redis_benchmark(&redis, "get", LOOKUP_CONNECTIONS, 1, sizes.redis_requests)
+            .await?;
+    let get = figures
+        .get("GET")
+        .copied()
+        .ok_or_else(|| BenchError::Child("redis-benchmark printed no GET figure".into()))?;
+
+    let heartbeating = load.answered.min(alive_after);
+    let per_client = rss_after.saturating_sub(rss_before) as f64 / load.registered.max(1) as f64;
+    let lookup_rate = lookups.len() as f64 / lookup_elapsed.as_secs_f64();
+    let mut clients_note = format!(
+        "{} of {} clients registered ({} failed) in {:.1} s from {} worker processes on loopback sources {}..; {} answered a heartbeat (every {:?}) and {} were still connected after the lookups.",
+        load.registered,
+        sizes.clients,
+        load.failed,
+        load.connect_time.as_secs_f64(),
+        load.workers,
+        system::loopback_source(0),
+        load.answered,
+        sizes.heartbeat,
+        alive_after,
+    );
+    if sizes.clients < goal {
+        clients_note.push_str(&format!(
+            " N was capped at {} because this machine's hard open-file limit is {hard_limit} per process (the server holds one descriptor per client) and cannot be raised without CAP_SYS_RESOURCE; with a higher hard limit (`ulimit -Hn`, Docker `--ulimit nofile=`) run `p2pchat-bench discovery --clients {goal}`.",
+            sizes.clients
+        ));
+    }
+    Ok(vec![
+        Row::new(
+            "discovery: connected heartbeating clients",
+            heartbeating as f64,
+            "clients",
+            Target::AtLeast(50_000.0),
+        )
+        .with_target_text("goal 100,000")
+        .with_note(clients_note),
+        Row::new(
+            "discovery: server memory per client",
+            per_client,
+            "KiB",
+            Target::AtMost(8.0),
+        )
+        .with_note(format!(
+            "Server process RSS {rss_before} KiB before the clients, {rss_after} KiB with {} registered and heartbeating.",
+            load.registered
+        )),
+        Row::new(
+            "discovery: lookups/s under that load",
+            lookup_rate,
+            "lookups/s",
+            Target::AtLeast(120_000.0),
+        )
+        .with_reference(format!("redis-benchmark GET -c {LOOKUP_CONNECTIONS}"), get.rps)
+        .with_note(format!(
+            "{LOOKUP_CONNECTIONS} registered connections in this process, one lookup in flight each, random load users, for {:.1} s ({} failed); redis-benchmark run on a fresh redis-server after the load stopped.",
+            lookup_elapsed.as_secs_f64(),
+            lookup_failures
+        )),
+        Row::new(
+            "discovery: lookup p99 under that load",
+            lookups.percentile_us(99.0) / 1000.0,
+            "ms",
+            Target::AtMost(5.0),
+        )
+        .with_reference(format!("redis-benchmark GET -c {LOOKUP_CONNECTIONS} p99"), get.p99_ms),
+    ])
+}
+
+/// `/dev/shm` when it exists (tmpfs), else the temporary folder.
+pub fn tmpfs_or_temp() -> std::path::PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// A discovery server child process and its address.
+pub struct ServerChild {
+    /// The process.
+    pub child: LineChild,
+    /// Where it listens.
+    pub address: SocketAddr,
+}
+
+/// Starts `p2pchat-bench serve-discovery` on the embedded store in `data_dir`, or on Redis.
+pub async fn spawn_server(
+    bench: &Bench,
+    data_dir: &Path,
+    redis: Option<&str>,
+    mail_cap: u64,
+) -> Result<ServerChild, BenchError> {
+    let mut command = Command::new(&bench.exe);
+    command
+        .arg("serve-discovery")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--mail-cap")
+        .arg(mail_cap.to_string());
+    if let Some(url) = redis {
+        command.arg("--redis").arg(url);
+    }
+    let mut child = LineChild::spawn(command, "the discovery server")?;
+    let address = child
+        .expect("listening ", Duration::from_secs(30))
+        .await?
+        .parse()
+        .map_err(|error| BenchError::Child(format!("bad server address: {error}")))?;
+    Ok(ServerChild { child, address })
+}
+
+/// The load once connected.
+struct Load {
+    registered: usize,
+    failed: usize,
+    answered: usize,
+    workers: usize,
+    connect_time: Duration,
+}
+
+/// What a worker says to `status`.
+struct WorkerStatus {
+    alive: usize,
+    answered: usize,
+}
+
+/// Starts the workers, waits until all clients registered and one heartbeat round passed.
+async fn run_load(
+    bench: &Bench,
+    address: SocketAddr,
+    sizes: &Sizes,
+) -> Result<(Vec<LineChild>, Load), BenchError> {
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    let mut first = 0;
+    while first < sizes.clients {
+        let count = CLIENTS_PER_WORKER.min(sizes.clients - first);
+        let mut command = Command::new(&bench.exe);
+        command
+            .arg("load-worker")
+            .arg("--server")
+            .arg(address.to_string())
+            .arg("--first")
+            .arg(first.to_string())
+            .arg("--count")
+            .arg(count.to_string())
+            .arg("--source")
+            .arg(system::loopback_source(workers.len()).to_string())
+            .arg("--heartbeat-ms")
+            .arg(sizes.heartbeat.as_millis().to_string());
+        workers.push(LineChild::spawn(command, "a load worker")?);
+        first += count;
+    }
+    let (mut registered, mut failed) = (0, 0);
+    for worker in &mut workers {
+        let ready = worker.expect("ready ", Duration::from_secs(300)).await?;
+        let mut numbers = ready.split_whitespace().map(str::parse::<usize>);
+        match (numbers.next(), numbers.next()) {
+            (Some(Ok(ok)), Some(Ok(bad))) => {
+                registered += ok;
+                failed += bad;
+            }
+            _ => return Err(BenchError::Child(format!("bad ready line {ready:?}"))),
+        }
+    }
+    let connect_time = started.elapsed();
+    // One full heartbeat round (plus a margin) so every client has been answered.
+    tokio::time::sleep(sizes.heartbeat + sizes.heartbeat / 10 + Duration::from_millis(200)).await;
+    let status = worker_status(&mut workers).await?;
+    let load = Load {
+        registered,
+        failed,
+        answered: status.answered.min(status.alive),
+        workers: workers.len(),
+        connect_time,
+    };
+    Ok((workers, load))
+}
+
+/// Sums every worker's answer to `status`.
+async fn worker_status(workers: &mut [LineChild]) -> Result<WorkerStatus, BenchError> {
+    let mut total = WorkerStatus {
+        alive: 0,
+        answered: 0,
+    };
+    for worker in workers {
+        worker.say("status").await?;
+        let line = worker.expect("status ", Duration::from_secs(30)).await?;
+        let numbers: Vec<usize> = line
+            .split_whitespace()
+            .filter_map(|number| number.parse().ok())
+            .collect();
+        let [alive, answered, _pongs] = numbers[..] else {
+            return Err(BenchError::Child(format!("bad status line {line:?}")));
+        };
+        total.alive += alive;
+        total.answered += answered;
+    }
+    Ok(total)
+}
+
+/// [`LOOKUP_CONNECTIONS`] registered clients each looking up random load users, one
+/// lookup in flight each, for `duration`. Returns the latencies of the answered lookups,
+/// how many failed, and the time taken.
+async fn lookup_load(
+    server: SocketAddr,
+    population: usize,
+    duration: Duration,
+) -> Result<(Latencies, usize, Duration), BenchError> {
+    let identity = Identity::generate();
+    let mut clients = Vec::with_capacity(LOOKUP_CONNECTIONS);
+    for index in 0..LOOKUP_CONNECTIONS {
+        let mut client = ControlClient::connect(server, None).await?;
+        let user = Username::new(&format!("lookup{index}"))
+            .unwrap_or_else(|_| unreachable!("valid by shape"));
+        client.register(&identity, &user).await?;
+        clients.push(client);
+    }
+    let started = Instant::now();
+    let deadline = started + duration;
+    // Bounded in count too: no more than this many per connection, whatever the speed.
+    let max_per_connection = (duration.as_secs_f64() * 1_000_000.0) as usize + 1;
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(index, mut client)| {
+            tokio::spawn(async move {
+                let mut latencies = Latencies::with_capacity(max_per_connection.min(1 << 20));
+                let mut failures = 0usize;
+                let mut random = 0x9E37_79B9_7F4A_7C15u64 ^ (index as u64 + 1);
+                for _ in 0..max_per_connection {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    // xorshift64: a cheap spread over the load users.
+                    random ^= random << 13;
+                    random ^= random >> 7;
+                    random ^= random << 17;
+                    let user = roles::load_user((random % population.max(1) as u64) as usize);
+                    let sent = Instant::now();
+                    match client.request(Request::Lookup { user }).await {
+                        Ok(Reply::User(_)) => latencies.record(sent.elapsed()),
+                        Ok(_) | Err(BenchError::Refused(_)) => failures += 1,
+                        Err(error) => return Err(error),
+                    }
+                }
+                Ok::<_, BenchError>((latencies, failures))
+            })
+        })
+        .collect();
+    let mut all = Latencies::default();
+    let mut failures = 0;
+    for task in tasks {
+        let (latencies, failed) = task
+            .await
+            .map_err(|error| BenchError::Protocol(format!("lookup task: {error}")))??;
+        all.merge(latencies);
+        failures += failed;
+    }
+    Ok((all, failures, started.elapsed()))
+}
