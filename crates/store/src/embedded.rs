@@ -12,13 +12,16 @@
 //! | `bindings` | user | [`Binding`] (wire-encoded) |
 //! | `mail` | (user, sequence) | (message id, [`StoredMail`] wire-encoded) |
 //! | `mail_ids` | (user, message id) | sequence |
-//! | `mailboxes` | user | (message count, next sequence) |
+//! | `mailboxes` | user | (message count, next sequence, stale `mail_ids` entries) |
 //! | `blocks` (multimap) | user | blocked user |
 //! | `quarantine` | (user, sequence) | (message id, undecodable bytes) |
 //!
 //! The per-user sequence orders a mailbox in deposit order (ids are random, times can tie);
 //! `mail_ids` makes deposits idempotent and acks a point lookup; `mailboxes` makes the cap
-//! check O(1). The message id sits beside the encoded mail, so even a value that no longer
+//! check O(1). Removing mail leaves its `mail_ids` entry behind (an entry whose mail row
+//! is gone counts as absent): ids are random, so deleting them one by one would dirty a
+//! different index page per message; instead a mailbox's entries are dropped in one sweep
+//! when it empties, or when stale ones outnumber live ones. The message id sits beside the encoded mail, so even a value that no longer
 //! decodes can be moved to `quarantine` (for an operator to inspect) together with its id.
 //!
 //! # Blocking and durability
@@ -26,7 +29,9 @@
 //! redb transactions block the calling thread (a durable commit waits for `fsync`), so every
 //! operation runs on Tokio's blocking pool via [`tokio::task::spawn_blocking`]; a drain does
 //! one read transaction per fetched batch and one write transaction per acked batch, never
-//! one per message. Deposits, bindings and block-list changes commit durably. Acks commit
+//! one per message. Deposits, the one write that arrives one message at a time from many
+//! senders at once, go to a dedicated writer thread that commits every deposit waiting in
+//! one transaction (group commit), so concurrent deposits share one `fsync`. Deposits, bindings and block-list changes commit durably. Acks commit
 //! durably too: an ack lost in a crash would only bring the mail back, which at-least-once
 //! allows, but the fsync per batch is cheap enough that we do not trade it away.
 //!
@@ -60,8 +65,8 @@ type MailTable = TableDefinition<'static, (&'static str, u64), (&'static [u8; 16
 const MAIL: MailTable = TableDefinition::new("mail");
 /// (user, message id) → sequence in `MAIL`.
 const MAIL_IDS: TableDefinition<(&str, &[u8; 16]), u64> = TableDefinition::new("mail_ids");
-/// User → (messages in the mailbox, next sequence number).
-const MAILBOXES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("mailboxes");
+/// User → (messages in the mailbox, next sequence number, stale `MAIL_IDS` entries).
+const MAILBOXES: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("mailboxes");
 /// User → the users they block.
 const BLOCKS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("blocks");
 /// Mail that no longer decodes, moved out of the mailbox: same shape as `MAIL`.
@@ -86,15 +91,45 @@ impl std::fmt::Debug for EmbeddedStore {
 
 /// What every clone shares.
 struct Inner {
-    db: Database,
+    db: Arc<Database>,
     limits: MailLimits,
+    /// Feeds the deposit writer thread; `None` only while dropping.
+    deposits: Option<std::sync::mpsc::Sender<DepositJob>>,
+    /// The deposit writer thread, joined on drop so the file is closed when the last
+    /// handle goes (a reopen right after must not find it still open).
+    writer: Option<std::thread::JoinHandle<()>>,
     /// Presence by user; a std mutex, never held across an `.await`. A `BTreeMap` so the
     /// online list comes out sorted by name.
     presence: Mutex<BTreeMap<Username, Presence>>,
     events: broadcast::Sender<Broadcast>,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer's loop after its current group.
+        self.deposits.take();
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("embedded store deposit writer panicked");
+        }
+    }
+}
+
+/// One deposit waiting for the writer thread.
+struct DepositJob {
+    recipient: Username,
+    sender: Username,
+    id: [u8; 16],
+    encoded: bytes::Bytes,
+    reply: tokio::sync::oneshot::Sender<Result<DepositDecision, StoreError>>,
+}
+
+/// The most deposits committed in one group.
+const MAX_DEPOSIT_GROUP: usize = 512;
+
 /// What a deposit transaction decided, before it is turned into the public result.
+#[derive(Debug, Clone, Copy)]
 enum DepositDecision {
     Stored,
     Duplicate,
@@ -121,10 +156,21 @@ impl EmbeddedStore {
         create_tables(&txn).map_err(embedded_error)?;
         txn.commit().map_err(embedded_error)?;
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let db = Arc::new(db);
+        let (deposits, jobs) = std::sync::mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("store-deposits".to_owned())
+            .spawn({
+                let db = Arc::clone(&db);
+                move || run_deposit_writer(&db, limits.cap, &jobs)
+            })
+            .map_err(|error| StoreError::Embedded(format!("cannot start the writer: {error}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
                 limits,
+                deposits: Some(deposits),
+                writer: Some(writer),
                 presence: Mutex::new(BTreeMap::new()),
                 events,
             }),
@@ -255,20 +301,22 @@ impl EmbeddedStore {
         };
         let encoded = encode(&mail)?;
         let cap = self.inner.limits.cap;
-        let recipient = envelope.to.clone();
-        let sender = envelope.from.clone();
-        let id = envelope.id.0;
-        let decision = self
-            .blocking(move |inner| {
-                let txn = inner.db.begin_write().map_err(embedded_error)?;
-                let decision = deposit_in(&txn, &recipient, &sender, &id, &encoded, cap)
-                    .map_err(embedded_error)?;
-                if matches!(decision, DepositDecision::Stored) {
-                    txn.commit().map_err(embedded_error)?;
-                }
-                Ok(decision)
-            })
-            .await?;
+        let (reply, decision) = tokio::sync::oneshot::channel();
+        let job = DepositJob {
+            recipient: envelope.to.clone(),
+            sender: envelope.from.clone(),
+            id: envelope.id.0,
+            encoded,
+            reply,
+        };
+        let writer_gone = || StoreError::Embedded("the deposit writer has stopped".to_owned());
+        self.inner
+            .deposits
+            .as_ref()
+            .ok_or_else(writer_gone)?
+            .send(job)
+            .map_err(|_| writer_gone())?;
+        let decision = decision.await.map_err(|_| writer_gone())??;
         match decision {
             DepositDecision::Stored => Ok(DepositOutcome::Stored),
             DepositDecision::Duplicate => Ok(DepositOutcome::Duplicate),
@@ -446,6 +494,67 @@ impl EmbeddedStore {
     }
 }
 
+/// The deposit writer thread: group commit. It takes every deposit waiting (up to
+/// [`MAX_DEPOSIT_GROUP`]) into one write transaction and one durable commit, so concurrent
+/// senders share an `fsync` instead of queueing for one each; a lone deposit still commits
+/// at once. Runs until the store's last handle drops the sending side.
+fn run_deposit_writer(db: &Database, cap: u64, jobs: &std::sync::mpsc::Receiver<DepositJob>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_DEPOSIT_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        match commit_deposits(db, cap, &group) {
+            Ok(decisions) => {
+                for (job, decision) in group.into_iter().zip(decisions) {
+                    // A caller that stopped waiting does not need the answer.
+                    let _ = job.reply.send(Ok(decision));
+                }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                tracing::error!(%message, deposits = group.len(), "deposit group failed");
+                for job in group {
+                    let _ = job.reply.send(Err(StoreError::Embedded(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Runs a group of deposits in one transaction (later ones see earlier ones: a repeated id
+/// in one group is a duplicate) and commits it if anything was stored.
+fn commit_deposits(
+    db: &Database,
+    cap: u64,
+    group: &[DepositJob],
+) -> Result<Vec<DepositDecision>, redb::Error> {
+    let txn = db.begin_write()?;
+    let decisions = group
+        .iter()
+        .map(|job| {
+            deposit_in(
+                &txn,
+                &job.recipient,
+                &job.sender,
+                &job.id,
+                &job.encoded,
+                cap,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if decisions
+        .iter()
+        .any(|decision| matches!(decision, DepositDecision::Stored))
+    {
+        txn.commit()?;
+    }
+    Ok(decisions)
+}
+
 /// Opens every table in `txn`, creating the missing ones.
 fn create_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(BINDINGS)?;
@@ -455,6 +564,51 @@ fn create_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     txn.open_multimap_table(BLOCKS)?;
     txn.open_table(QUARANTINE)?;
     Ok(())
+}
+
+/// Stale `MAIL_IDS` entries of one mailbox tolerated before a sweep (see [`after_removal`]).
+const STALE_ID_SWEEP: u64 = 4096;
+
+/// One row of `MAILBOXES`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mailbox {
+    /// Messages in the mailbox.
+    count: u64,
+    /// The sequence number the next deposit gets (never reused, so a stale id entry can
+    /// never point at newer mail).
+    next_sequence: u64,
+    /// `MAIL_IDS` entries whose mail is gone (acked, expired, quarantined).
+    stale_ids: u64,
+}
+
+impl Mailbox {
+    fn read(
+        table: &impl ReadableTable<&'static str, (u64, u64, u64)>,
+        user: &Username,
+    ) -> Result<Self, redb::Error> {
+        Ok(table
+            .get(user.as_str())?
+            .map_or_else(Self::default, |value| {
+                let (count, next_sequence, stale_ids) = value.value();
+                Self {
+                    count,
+                    next_sequence,
+                    stale_ids,
+                }
+            }))
+    }
+
+    fn write(
+        self,
+        table: &mut redb::Table<&'static str, (u64, u64, u64)>,
+        user: &Username,
+    ) -> Result<(), redb::Error> {
+        table.insert(
+            user.as_str(),
+            (self.count, self.next_sequence, self.stale_ids),
+        )?;
+        Ok(())
+    }
 }
 
 /// The checks and inserts of one deposit, inside `txn`.
@@ -473,39 +627,58 @@ fn deposit_in(
         }
     }
     let mut ids = txn.open_table(MAIL_IDS)?;
-    if ids.get((recipient.as_str(), id))?.is_some() {
-        return Ok(DepositDecision::Duplicate);
-    }
+    let mut mail = txn.open_table(MAIL)?;
+    let stale_entry = match ids
+        .get((recipient.as_str(), id))?
+        .map(|value| value.value())
+    {
+        Some(sequence) if mail.get((recipient.as_str(), sequence))?.is_some() => {
+            return Ok(DepositDecision::Duplicate);
+        }
+        Some(_) => true,
+        None => false,
+    };
     let mut mailboxes = txn.open_table(MAILBOXES)?;
-    let (count, next_sequence) = mailboxes
-        .get(recipient.as_str())?
-        .map_or((0, 0), |value| value.value());
-    if count >= cap {
+    let mut mailbox = Mailbox::read(&mailboxes, recipient)?;
+    if mailbox.count >= cap {
         return Ok(DepositDecision::Full);
     }
-    let mut mail = txn.open_table(MAIL)?;
-    mail.insert((recipient.as_str(), next_sequence), (id, encoded))?;
-    ids.insert((recipient.as_str(), id), next_sequence)?;
-    mailboxes.insert(recipient.as_str(), (count + 1, next_sequence + 1))?;
+    let sequence = mailbox.next_sequence;
+    mail.insert((recipient.as_str(), sequence), (id, encoded))?;
+    ids.insert((recipient.as_str(), id), sequence)?;
+    mailbox.count += 1;
+    mailbox.next_sequence += 1;
+    if stale_entry {
+        // The stale entry was just overwritten by a live one.
+        mailbox.stale_ids = mailbox.stale_ids.saturating_sub(1);
+    }
+    mailbox.write(&mut mailboxes, recipient)?;
     Ok(DepositDecision::Stored)
 }
 
 /// Deletes the acked `ids` of `user` inside `txn`; returns how many were there.
+///
+/// Only the mail rows go now (they sit together, in sequence order, so a batch touches a
+/// few pages); the id index is random by nature, and deleting a thousand random entries
+/// per batch would rewrite most of its pages every time. [`after_removal`] clears it in one
+/// sweep instead.
 fn ack_in(txn: &WriteTransaction, user: &Username, ids: &[MessageId]) -> Result<u64, redb::Error> {
-    let mut id_table = txn.open_table(MAIL_IDS)?;
+    let id_table = txn.open_table(MAIL_IDS)?;
     let mut mail = txn.open_table(MAIL)?;
     let mut removed = 0;
     for id in ids {
         let sequence = id_table
-            .remove((user.as_str(), &id.0))?
+            .get((user.as_str(), &id.0))?
             .map(|value| value.value());
-        if let Some(sequence) = sequence {
-            mail.remove((user.as_str(), sequence))?;
+        if let Some(sequence) = sequence
+            && mail.remove((user.as_str(), sequence))?.is_some()
+        {
             removed += 1;
         }
     }
+    drop((id_table, mail));
     if removed > 0 {
-        decrease_count(txn, user, removed)?;
+        after_removal(txn, user, removed)?;
     }
     Ok(removed)
 }
@@ -516,33 +689,100 @@ fn remove_mail(
     user: &Username,
     removals: &[Removal],
 ) -> Result<(), redb::Error> {
-    let mut id_table = txn.open_table(MAIL_IDS)?;
-    let mut mail = txn.open_table(MAIL)?;
-    let mut quarantine = txn.open_table(QUARANTINE)?;
-    for removal in removals {
-        mail.remove((user.as_str(), removal.sequence))?;
-        id_table.remove((user.as_str(), &removal.id))?;
-        if let Some(bytes) = &removal.quarantine {
-            quarantine.insert(
-                (user.as_str(), removal.sequence),
-                (&removal.id, bytes.as_slice()),
-            )?;
+    {
+        let mut mail = txn.open_table(MAIL)?;
+        let mut quarantine = txn.open_table(QUARANTINE)?;
+        for removal in removals {
+            mail.remove((user.as_str(), removal.sequence))?;
+            if let Some(bytes) = &removal.quarantine {
+                quarantine.insert(
+                    (user.as_str(), removal.sequence),
+                    (&removal.id, bytes.as_slice()),
+                )?;
+            }
         }
     }
-    decrease_count(txn, user, removals.len() as u64)
+    after_removal(txn, user, removals.len() as u64)
 }
 
-/// Lowers `user`'s message count by `by`, keeping the next sequence number.
-fn decrease_count(txn: &WriteTransaction, user: &Username, by: u64) -> Result<(), redb::Error> {
+/// Books `removed` mail rows of `user` as gone, and cleans the id index: all of the
+/// user's entries at once when the mailbox is empty (the usual end of a drain), or the
+/// stale ones when too many have piled up in a mailbox that never empties.
+fn after_removal(txn: &WriteTransaction, user: &Username, removed: u64) -> Result<(), redb::Error> {
     let mut mailboxes = txn.open_table(MAILBOXES)?;
-    let (count, next_sequence) = mailboxes
-        .get(user.as_str())?
-        .map_or((0, 0), |value| value.value());
-    mailboxes.insert(user.as_str(), (count.saturating_sub(by), next_sequence))?;
-    Ok(())
+    let mut mailbox = Mailbox::read(&mailboxes, user)?;
+    mailbox.count = mailbox.count.saturating_sub(removed);
+    mailbox.stale_ids += removed;
+    let id_range = (user.as_str(), &[0u8; 16])..=(user.as_str(), &[0xffu8; 16]);
+    if mailbox.count == 0 {
+        let mut ids = txn.open_table(MAIL_IDS)?;
+        ids.retain_in(id_range, |_, _| false)?;
+        mailbox.stale_ids = 0;
+    } else if mailbox.stale_ids > STALE_ID_SWEEP.max(mailbox.count) {
+        let mut ids = txn.open_table(MAIL_IDS)?;
+        let mail = txn.open_table(MAIL)?;
+        // Keep an entry when its mail row exists, or when that cannot be read (the sweep
+        // is only garbage collection; the next one tries again).
+        ids.retain_in(id_range, |(_, _), sequence| {
+            mail.get((user.as_str(), sequence))
+                .map_or(true, |row| row.is_some())
+        })?;
+        mailbox.stale_ids = 0;
+    }
+    mailbox.write(&mut mailboxes, user)
 }
 
 /// Wraps any redb error.
 fn embedded_error(error: impl Into<redb::Error>) -> StoreError {
     StoreError::Embedded(error.into().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::{Envelope, MessageId, Username};
+    use redb::ReadableTableMetadata;
+
+    use super::*;
+
+    fn user(name: &str) -> Username {
+        Username::new(name).expect("valid test name")
+    }
+
+    fn envelope(label: &str) -> Envelope {
+        Envelope {
+            id: MessageId::random(),
+            from: user("alice"),
+            to: user("bob"),
+            token: format!("token-{label}"),
+        }
+    }
+
+    /// A value that no longer decodes (written behind the store's back) is skipped and
+    /// quarantined; the mail around it is still delivered, and counts stay right.
+    #[tokio::test]
+    async fn undecodable_mail_is_skipped_and_quarantined() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let store = EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default())?;
+        let sent: Vec<_> = (0..3).map(|n| envelope(&n.to_string())).collect();
+        for message in &sent {
+            store.deposit(message, 1_000).await?;
+        }
+        {
+            // Sequence 1 is the middle message.
+            let txn = store.inner.db.begin_write()?;
+            txn.open_table(MAIL)?
+                .insert(("bob", 1), (&sent[1].id.0, &b"\xff\xffgarbage"[..]))?;
+            txn.commit()?;
+        }
+        let bob = user("bob");
+        let fetched = store.fetch(&bob, 10, 2_000).await?;
+        let got: Vec<_> = fetched.mail.iter().map(|m| m.envelope.id).collect();
+        assert_eq!(got, vec![sent[0].id, sent[2].id]);
+        assert_eq!(fetched.remaining, 0);
+        assert_eq!(store.mail_count(&bob).await?, 2);
+        let txn = store.inner.db.begin_read()?;
+        assert_eq!(txn.open_table(QUARANTINE)?.len()?, 1);
+        Ok(())
+    }
 }

@@ -3,6 +3,7 @@
 //! [`embedded_only`]). Redis tests start their own `redis-server` on a free port
 //! (`store::testing::RedisServer`), so they need no Redis running beforehand.
 
+mod drain;
 mod embedded_only;
 mod redis_only;
 mod suite;

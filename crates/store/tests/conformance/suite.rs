@@ -138,9 +138,16 @@ pub async fn deposit_is_idempotent_by_message_id(store: &Store) -> anyhow::Resul
     // The first deposit is the one kept.
     ensure!(fetched.mail[0].deposited_at_ms == 1_000);
 
-    // Once acked, the id is free again (a new deposit is new mail, not a duplicate).
+    // Once acked, the id is free again (a new deposit is new mail, not a duplicate), also
+    // while other mail keeps the mailbox from emptying.
+    let other = envelope("carol", "bob", "other");
+    store.deposit(&other, 3_500).await?;
     store.ack(&bob, &[message.id]).await?;
     ensure!(store.deposit(&message, 4_000).await? == DepositOutcome::Stored);
+    ensure!(store.deposit(&message, 4_100).await? == DepositOutcome::Duplicate);
+    ensure!(store.mail_count(&bob).await? == 2);
+    let fetched = store.fetch(&bob, 10, 5_000).await?;
+    ensure!(ids(&fetched.mail) == vec![other.id, message.id]);
     Ok(())
 }
 
