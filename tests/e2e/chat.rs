@@ -566,3 +566,97 @@ async fn discovery_restart_loses_nothing() -> anyhow::Result<()> {
     carol.stop().await;
     server.stop().await
 }
+
+/// Opens a raw peer-protocol connection to `addr` and says hello as `from` to `to`.
+async fn raw_peer(
+    addr: SocketAddr,
+    from: &str,
+    to: &str,
+) -> anyhow::Result<proto::Connection<tokio::net::TcpStream>> {
+    let mut connection = proto::Connection::new(tokio::net::TcpStream::connect(addr).await?);
+    connection.hello(WAIT).await?;
+    connection
+        .send(&proto::PeerMsg::Hello {
+            from: name(from),
+            to: name(to),
+        })
+        .await?;
+    Ok(connection)
+}
+
+async fn answer(
+    connection: &mut proto::Connection<tokio::net::TcpStream>,
+) -> anyhow::Result<proto::PeerMsg> {
+    tokio::time::timeout(WAIT, connection.recv::<proto::PeerMsg>())
+        .await??
+        .context("the peer closed the connection")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_peers_are_refused_and_retransmissions_shown_once() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+
+    let root = tempfile::tempdir()?;
+    let server = Server::start(&root.path().join("discovery.redb"), any_port()).await?;
+    let alice = Chatter::join(root.path(), "alice", server.addr).await?;
+    let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
+    let bob_addr = SocketAddr::from(([127, 0, 0, 1], bob.client.local_addr().port()));
+
+    // Garbage bytes, then a huge declared frame: the connection is dropped, bob lives on.
+    let mut garbage = tokio::net::TcpStream::connect(bob_addr).await?;
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await?;
+    let mut huge = tokio::net::TcpStream::connect(bob_addr).await?;
+    huge.write_all(&u32::MAX.to_be_bytes()).await?;
+
+    // A hello for someone else is refused.
+    let mut wrong = raw_peer(bob_addr, "alice", "carol").await?;
+    assert!(matches!(
+        answer(&mut wrong).await?,
+        proto::PeerMsg::Reject { id: None, .. }
+    ));
+
+    // A message sealed by alice, sent twice (a retransmission): acked twice, shown once.
+    let alice_identity = proto::Identity::load(&root.path().join("alice"))?;
+    let bob_keys = proto::Identity::load(&root.path().join("bob"))?
+        .public()
+        .clone();
+    let channel = proto::Channel::new(&alice_identity, &name("alice"), &name("bob"), &bob_keys)?;
+    let envelope = channel.seal(proto::MessageId::random(), "once only", proto::now_ms())?;
+    let mut link = raw_peer(bob_addr, "alice", "bob").await?;
+    for _ in 0..2 {
+        link.send(&proto::PeerMsg::Envelope(envelope.clone()))
+            .await?;
+        assert_eq!(
+            answer(&mut link).await?,
+            proto::PeerMsg::Ack { id: envelope.id }
+        );
+    }
+    // An envelope whose sender is not the user who said hello is refused.
+    let mut mallory = raw_peer(bob_addr, "mallory", "bob").await?;
+    mallory
+        .send(&proto::PeerMsg::Envelope(envelope.clone()))
+        .await?;
+    assert!(matches!(
+        answer(&mut mallory).await?,
+        proto::PeerMsg::Reject { id: Some(_), .. }
+    ));
+    // A tampered token is refused.
+    let mut tampered = channel.seal(proto::MessageId::random(), "tampered", proto::now_ms())?;
+    tampered.token.replace_range(20..24, "AAAA");
+    link.send(&proto::PeerMsg::Envelope(tampered)).await?;
+    assert!(matches!(
+        answer(&mut link).await?,
+        proto::PeerMsg::Reject { id: Some(_), .. }
+    ));
+
+    bob.expect("alice", "once only").await?;
+    assert_eq!(
+        alice.send("bob", "still fine").await?,
+        DeliveryStatus::Delivered
+    );
+    bob.expect("alice", "still fine").await?;
+
+    alice.stop().await;
+    bob.stop().await;
+    server.stop().await
+}

@@ -787,6 +787,14 @@ impl EventLoop {
     /// Shows what was stored but not shown before the last exit; releases mutes that ended
     /// while the client was not running.
     fn show_unshown_at_start(&mut self) {
+        // Ids older than the retention are refused on arrival anyway; forget them.
+        if let Err(error) = self
+            .context
+            .state
+            .prune_seen(proto::now_ms(), SEEN_RETENTION_MS)
+        {
+            self.report_state_error(error);
+        }
         self.end_mutes();
         let unshown = match self.context.state.unshown() {
             Ok(unshown) => unshown,
