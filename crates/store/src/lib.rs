@@ -10,6 +10,12 @@
 //!
 //! Time is always passed in (`now_ms`, milliseconds since the Unix epoch), so TTLs are
 //! tested without sleeping. Mail is at-least-once: nothing is deleted before it is acked.
+//! How each backend lays mail out, and why (a Redis sorted set plus a hash, not a list or a
+//! stream), is in the module docs of [`redis_store`] and [`embedded`].
+//!
+//! With the cargo feature `testing`, `store::testing::RedisServer` starts a throw-away
+//! `redis-server` for tests (of this crate and of the crates above it). The conformance
+//! suite in `tests/conformance` runs the same behaviours against both backends.
 //!
 //! **Architecture Invariant:** only the discovery server depends on this crate; clients
 //! never see a store or its credentials. Envelopes are stored as opaque sealed bytes.
