@@ -660,3 +660,29 @@ async fn hostile_peers_are_refused_and_retransmissions_shown_once() -> anyhow::R
     bob.stop().await;
     server.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_key_for_a_taken_name_is_refused_clearly() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let server = Server::start(&root.path().join("discovery.redb"), any_port()).await?;
+    let alice = Chatter::join(root.path(), "alice", server.addr).await?;
+    // Another "alice" with her own new key, from another data dir.
+    let other = root.path().join("elsewhere");
+    let token = CancellationToken::new();
+    let (impostor, _events) = peer::start(config(&other, "alice", server.addr), token).await?;
+    let error = impostor
+        .wait_online(WAIT)
+        .await
+        .expect_err("the name is bound to the first key");
+    assert!(error.to_string().contains("name_taken"), "{error}");
+    assert!(matches!(
+        *impostor.status().borrow(),
+        peer::Status::Fatal(proto::ErrorReply {
+            code: proto::ErrorCode::NameTaken,
+            ..
+        })
+    ));
+    impostor.shutdown(WAIT).await;
+    alice.stop().await;
+    server.stop().await
+}

@@ -41,6 +41,9 @@ use crate::{
 /// 30 days in a mailbox; this leaves a margin).
 pub const SEEN_RETENTION_MS: u64 = 40 * 24 * 3600 * 1000;
 
+/// The most inbound peer connections served at once.
+pub const MAX_INBOUND_CONNECTIONS: usize = 256;
+
 /// Everything the runtime needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -514,6 +517,7 @@ pub async fn start(
         busy: HashMap::new(),
         in_flight: HashSet::new(),
         links: HashMap::new(),
+        inbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_CONNECTIONS)),
         fetching: false,
         fetch_again: false,
         online: false,
@@ -704,6 +708,8 @@ struct EventLoop {
     in_flight: HashSet<MessageId>,
     /// Idle links kept for reuse, per recipient.
     links: HashMap<Username, PeerLink>,
+    /// Caps concurrent inbound peer connections.
+    inbound_slots: Arc<tokio::sync::Semaphore>,
     fetching: bool,
     fetch_again: bool,
     online: bool,
@@ -725,11 +731,19 @@ impl EventLoop {
                 biased;
                 () = self.shutdown.cancelled() => break,
                 accepted = self.listener.accept() => match accepted {
-                    Ok((stream, addr)) => {
-                        let context = self.context.clone();
-                        let shutdown = self.shutdown.clone();
-                        self.tracker.spawn(inbox::serve(stream, addr, context, shutdown));
-                    }
+                    Ok((stream, addr)) => match self.inbound_slots.clone().try_acquire_owned() {
+                        Ok(slot) => {
+                            let context = self.context.clone();
+                            let shutdown = self.shutdown.clone();
+                            self.tracker.spawn(async move {
+                                inbox::serve(stream, addr, context, shutdown).await;
+                                drop(slot);
+                            });
+                        }
+                        // At the cap, new connections are closed at once: a flood of
+                        // connections cannot exhaust this process's file descriptors.
+                        Err(_) => tracing::warn!(%addr, "too many peer connections; refused"),
+                    },
                     Err(error) => {
                         // Out of file descriptors and the like: wait a little rather than spin.
                         tracing::warn!(%error, "accept failed");
