@@ -5,11 +5,21 @@ use std::{collections::BTreeMap, process::Command};
 /// Each workspace crate's normal and build dependencies on other workspace crates.
 fn workspace_edges() -> BTreeMap<String, Vec<String>> {
     let output = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
     let packages = metadata["packages"].as_array().expect("packages");
     let names: Vec<String> = packages
@@ -30,7 +40,10 @@ fn workspace_edges() -> BTreeMap<String, Vec<String>> {
                 .filter(|name| names.iter().any(|known| known == name))
                 .map(str::to_owned)
                 .collect();
-            (package["name"].as_str().unwrap_or_default().to_owned(), dependencies)
+            (
+                package["name"].as_str().unwrap_or_default().to_owned(),
+                dependencies,
+            )
         })
         .collect()
 }
@@ -58,7 +71,15 @@ fn dependency_direction_matches_the_design() {
             );
         }
     }
-    for package in ["proto", "store", "discovery", "peer", "cli", "bench", "tests"] {
+    for package in [
+        "proto",
+        "store",
+        "discovery",
+        "peer",
+        "cli",
+        "bench",
+        "tests",
+    ] {
         assert!(edges.contains_key(package), "crate {package} is missing");
     }
     // Nothing depends on the binaries' crates.

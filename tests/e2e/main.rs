@@ -1,4 +1,12 @@
-//! The end-to-end test binary: one module per area, helpers in `tests/lib.rs`.
+//! The end-to-end test binary, one module per area, helpers in `util`.
+//!
+//! - `architecture`: the dependency direction of design.md §2.
+//! - `chat`: the peer runtime against an in-process discovery server.
+//! - `scripted`: the real binaries, driven through `p2pchat send` and `listen --json`.
+//! - `outages`: discovery and Redis restarts and crashes, counting every message.
 
 mod architecture;
 mod chat;
+mod outages;
+mod scripted;
+mod util;

@@ -5,7 +5,8 @@
 //!   `p2pchat.log` in the user's data dir; command history is kept in `command_history`
 //!   there. Without `--user` it asks for the name first.
 //! - `p2pchat send <user> <message>`: exits 0 once delivered or queued, 1 otherwise.
-//! - `p2pchat listen --json`: one JSON object per line per event, flushed per line;
+//! - `p2pchat listen --json`: one JSON object per line per event, flushed per line; commands
+//!   on standard input (interactive syntax) are answered with `{"event":"result",...}` lines;
 //!   messages stored but never shown are printed at the next start.
 //!
 //! Parsing lives in [`command`], wording in [`render`]; the runtime is the `peer` crate.
@@ -24,7 +25,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use peer::{Client, Config, Event, Events, Status};
 use proto::Username;
-use rustyline_async::{Readline, ReadlineEvent, SharedWriter};
+use rustyline_async::{Readline, ReadlineEvent};
 use tokio_util::sync::CancellationToken;
 
 use crate::command::Command;
@@ -64,7 +65,9 @@ enum Mode {
         #[arg(required = true, num_args = 1..)]
         message: Vec<String>,
     },
-    /// Print received messages and events until stopped (Ctrl-C, SIGTERM).
+    /// Print received messages and events until stopped (Ctrl-C, SIGTERM); commands read
+    /// from standard input (interactive syntax, one per line) are answered with `result`
+    /// lines.
     Listen {
         /// One JSON object per line (the only format for now; kept explicit for scripts).
         #[arg(long)]
@@ -200,16 +203,26 @@ async fn send_mode(client: &Client, to: &str, body: &str) -> anyhow::Result<Exit
     }
 }
 
+/// `listen --json`: every event as one JSON line; commands read from standard input (one
+/// per line, the interactive syntax) run in order, each answered by a `result` line.
 async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<ExitCode> {
     let signal = shutdown_signal();
     tokio::pin!(signal);
+    // Commands run one at a time, in order, in their own task, so a send waiting for its
+    // ack never holds up the events.
+    let (results_tx, mut results) = tokio::sync::mpsc::channel::<serde_json::Value>(16);
+    let executor = tokio::spawn(run_stdin_commands(client.clone(), results_tx));
     let mut stdout = std::io::stdout();
-    loop {
+    let code = loop {
         tokio::select! {
             biased;
-            () = &mut signal => return Ok(ExitCode::SUCCESS),
+            () = &mut signal => break ExitCode::SUCCESS,
+            Some(result) = results.recv() => {
+                writeln!(stdout, "{result}")?;
+                stdout.flush()?;
+            }
             event = events.recv() => {
-                let Some(event) = event else { return Ok(ExitCode::SUCCESS) };
+                let Some(event) = event else { break ExitCode::SUCCESS };
                 writeln!(stdout, "{}", render::event_json(&event))?;
                 stdout.flush()?;
                 if let Event::Message(message) = &event {
@@ -217,9 +230,31 @@ async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<Exit
                 }
                 if let Event::Fatal(reply) = event {
                     eprintln!("p2pchat: cannot register: {reply}");
-                    return Ok(ExitCode::FAILURE);
+                    break ExitCode::FAILURE;
                 }
             }
+        }
+    };
+    executor.abort();
+    Ok(code)
+}
+
+/// Reads commands from standard input until it ends, sending each one's result line.
+/// `quit` ends the input like end-of-file; the listener keeps listening either way.
+async fn run_stdin_commands(client: Client, results: tokio::sync::mpsc::Sender<serde_json::Value>) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let line = line.trim().to_owned();
+        let outcome = match command::parse(&line) {
+            Ok(Command::Nothing) => continue,
+            Ok(Command::Quit) => break,
+            Ok(Command::Help) => Outcome::done(command::HELP.to_owned()),
+            Ok(command) => execute(&client, command).await,
+            Err(error) => Outcome::failed(error.to_string()),
+        };
+        if results.send(outcome.json(&line)).await.is_err() {
+            break;
         }
     }
 }
@@ -302,8 +337,13 @@ async fn interactive_mode(
                             // Commands that wait on the network run beside the prompt, so
                             // typing and incoming messages are never held up.
                             let client = client.clone();
-                            let out = out.clone();
-                            tokio::spawn(execute(client, command, out));
+                            let mut out = out.clone();
+                            tokio::spawn(async move {
+                                let outcome = execute(&client, command).await;
+                                if !outcome.text.is_empty() {
+                                    let _ = writeln!(out, "{}", outcome.text);
+                                }
+                            });
                         }
                         Err(error) => { let _ = writeln!(out, "{error}"); }
                     }
@@ -326,73 +366,152 @@ async fn interactive_mode(
     Ok(code)
 }
 
-/// Runs one command and prints its result above the prompt.
-async fn execute(client: Client, command: Command, mut out: SharedWriter) {
-    let text = match command {
-        Command::Send { to, body } => match client.send(&to, &body).await {
-            Ok(report) => format!("→ {to}: {}", report.status),
-            Err(error) => format!("not sent: {error}"),
-        },
-        Command::List => match client.list().await {
-            Ok(users) if users.is_empty() => "nobody is online".into(),
-            Ok(users) => format!(
-                "online: {}",
-                users
-                    .iter()
-                    .map(Username::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            Err(error) => format!("list failed: {error}"),
-        },
-        Command::Block(user) => match client.block(&user).await {
-            Ok(()) => format!("blocked {user}"),
-            Err(error) => format!("block failed: {error}"),
-        },
-        Command::Unblock(user) => match client.unblock(&user).await {
-            Ok(()) => format!("unblocked {user}"),
-            Err(error) => format!("unblock failed: {error}"),
-        },
-        Command::Blocked => match client.blocked().await {
-            Ok(users) if users.is_empty() => "nobody is blocked".into(),
-            Ok(users) => format!(
-                "blocked: {}",
-                users
-                    .iter()
-                    .map(Username::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            Err(error) => format!("blocked failed: {error}"),
-        },
-        Command::Mute { user, seconds } => match client.mute(&user, seconds).await {
-            Ok(_) => format!("muted {user} for {seconds} s (messages are kept and shown after)"),
-            Err(error) => format!("mute failed: {error}"),
-        },
-        Command::Unmute(user) => match client.unmute(&user).await {
-            Ok(()) => String::new(),
-            Err(error) => format!("unmute failed: {error}"),
-        },
-        Command::Whois(user) => match client.whois(&user).await {
-            Ok(report) => render::whois_text(&report),
-            Err(error) => format!("whois failed: {error}"),
-        },
-        Command::Trust(user) => match client.trust(&user).await {
-            Ok(fingerprint) => format!("now trusting {user}'s key {fingerprint}"),
-            Err(error) => format!("trust failed: {error}"),
-        },
-        Command::History { user, limit } => match client.history(&user, limit).await {
-            Ok(lines) if lines.is_empty() => format!("no messages with {user} yet"),
-            Ok(lines) => lines
-                .iter()
-                .map(render::history_line)
-                .collect::<Vec<_>>()
-                .join("\n"),
-            Err(error) => format!("history failed: {error}"),
-        },
-        Command::Nothing | Command::Help | Command::Quit => String::new(),
+/// What one command did: whether it worked, a sentence for people, and (for `listen
+/// --json`) fields for programs.
+struct Outcome {
+    ok: bool,
+    text: String,
+    fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Outcome {
+    fn done(text: String) -> Self {
+        Self {
+            ok: true,
+            text,
+            fields: serde_json::Map::new(),
+        }
+    }
+
+    fn failed(text: String) -> Self {
+        Self {
+            ok: false,
+            text,
+            fields: serde_json::Map::new(),
+        }
+    }
+
+    /// The JSON object `listen --json` prints for the command `line`.
+    fn json(self, line: &str) -> serde_json::Value {
+        let mut object = self.fields;
+        object.insert("event".into(), "result".into());
+        object.insert("command".into(), line.into());
+        object.insert("ok".into(), self.ok.into());
+        object.insert("text".into(), self.text.into());
+        serde_json::Value::Object(object)
+    }
+}
+
+fn names(users: &[Username]) -> String {
+    users
+        .iter()
+        .map(Username::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Runs one command against the runtime; interactive mode prints the text above the prompt,
+/// `listen --json` prints the whole outcome as a `result` object.
+async fn execute(client: &Client, command: Command) -> Outcome {
+    let result = |outcome: Result<String, peer::ClientError>, what: &str| match outcome {
+        Ok(text) => Outcome::done(text),
+        Err(error) => Outcome::failed(format!("{what} failed: {error}")),
     };
-    if !text.is_empty() {
-        let _ = writeln!(out, "{text}");
+    match command {
+        Command::Send { to, body } => match client.send(&to, &body).await {
+            Ok(report) => {
+                let mut outcome = if report.status.is_success() {
+                    Outcome::done(format!("→ {to}: {}", report.status))
+                } else {
+                    Outcome::failed(format!("→ {to}: {}", report.status))
+                };
+                if let serde_json::Value::Object(fields) = render::event_json(&Event::Delivery {
+                    id: report.id,
+                    to: report.to,
+                    status: report.status,
+                }) {
+                    outcome.fields = fields;
+                    outcome.fields.remove("event");
+                }
+                outcome
+            }
+            Err(error) => Outcome::failed(format!("not sent: {error}")),
+        },
+        Command::List => result(
+            client.list().await.map(|users| {
+                if users.is_empty() {
+                    "nobody is online".into()
+                } else {
+                    format!("online: {}", names(&users))
+                }
+            }),
+            "list",
+        ),
+        Command::Block(user) => result(
+            client
+                .block(&user)
+                .await
+                .map(|()| format!("blocked {user}")),
+            "block",
+        ),
+        Command::Unblock(user) => result(
+            client
+                .unblock(&user)
+                .await
+                .map(|()| format!("unblocked {user}")),
+            "unblock",
+        ),
+        Command::Blocked => result(
+            client.blocked().await.map(|users| {
+                if users.is_empty() {
+                    "nobody is blocked".into()
+                } else {
+                    format!("blocked: {}", names(&users))
+                }
+            }),
+            "blocked",
+        ),
+        Command::Mute { user, seconds } => result(
+            client.mute(&user, seconds).await.map(|_| {
+                format!("muted {user} for {seconds} s (messages are kept and shown after)")
+            }),
+            "mute",
+        ),
+        Command::Unmute(user) => result(
+            client
+                .unmute(&user)
+                .await
+                .map(|()| format!("unmuted {user}")),
+            "unmute",
+        ),
+        Command::Whois(user) => result(
+            client
+                .whois(&user)
+                .await
+                .map(|report| render::whois_text(&report)),
+            "whois",
+        ),
+        Command::Trust(user) => result(
+            client
+                .trust(&user)
+                .await
+                .map(|fingerprint| format!("now trusting {user}'s key {fingerprint}")),
+            "trust",
+        ),
+        Command::History { user, limit } => result(
+            client.history(&user, limit).await.map(|lines| {
+                if lines.is_empty() {
+                    format!("no messages with {user} yet")
+                } else {
+                    lines
+                        .iter()
+                        .map(render::history_line)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }
+            }),
+            "history",
+        ),
+        Command::Nothing | Command::Help | Command::Quit => Outcome::done(String::new()),
     }
 }

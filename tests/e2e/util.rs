@@ -1,0 +1,421 @@
+//! Helpers for the end-to-end tests: the real binaries as child processes on free loopback
+//! ports, each with its own data dir, and a `redis-server` of their own.
+//!
+//! Every wait is for an event with a deadline ([`WAIT`]), never a bare sleep; every child is
+//! killed when its handle drops, so a failing test leaves no process behind.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{OnceLock, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// How long any one expected event may take.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The path of one of the workspace's binaries, built once per test run if missing.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // The test executable is target/<profile>/deps/e2e-…; the binaries sit in
+        // target/<profile>.
+        let exe = std::env::current_exe().expect("current exe");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        if !dir.join("p2pchat").exists() || !dir.join("p2pchat-discovery").exists() {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-p", "cli", "-p", "discovery"])
+                .status()
+                .expect("cargo build runs");
+            assert!(status.success(), "building the binaries failed");
+        }
+        dir
+    });
+    dir.join(name)
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+/// Waits until something accepts TCP connections on `address`.
+pub fn wait_for_port(address: SocketAddr) {
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {address}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until nothing accepts TCP connections on `address`.
+pub fn wait_for_port_closed(address: SocketAddr) {
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{address} still accepts connections"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends SIGTERM to a child (what Docker and Ctrl-C-like shutdowns send).
+fn terminate(child: &Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+}
+
+/// Waits (bounded) for a child to exit; kills it if it does not.
+fn reap(child: &mut Child) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+        }
+    }
+}
+
+/// A running `p2pchat-discovery`.
+pub struct Discovery {
+    /// Where clients connect.
+    pub address: SocketAddr,
+    /// Its data dir (embedded store, operator secret).
+    pub data_dir: PathBuf,
+    redis_url: Option<String>,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Discovery {
+    /// Starts a server with the embedded store.
+    pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts a server on Redis at `url`.
+    pub fn start_with(redis_url: Option<String>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = Self {
+            address: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            data_dir: dir.path().join("discovery"),
+            redis_url,
+            child: None,
+            _dir: dir,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self._dir.path().join("discovery.log")).expect("log");
+        let mut command = Command::new(binary("p2pchat-discovery"));
+        command
+            .arg("--listen")
+            .arg(self.address.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("RUST_LOG", "info")
+            .env_remove("REDIS_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(url) = &self.redis_url {
+            command.arg("--redis").arg(url);
+        }
+        self.child = Some(command.spawn().expect("start p2pchat-discovery"));
+        wait_for_port(self.address);
+    }
+
+    /// Stops it with SIGTERM (graceful) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&child);
+            let status = reap(&mut child);
+            assert!(
+                status.is_some_and(|status| status.success()),
+                "discovery did not shut down cleanly: {status:?}\n{}",
+                self.log()
+            );
+        }
+        wait_for_port_closed(self.address);
+    }
+
+    /// Kills it with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        wait_for_port_closed(self.address);
+    }
+
+    /// Starts it again on the same address with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Starts it again after [`Discovery::kill`] or [`Discovery::stop`].
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+
+    /// `p2pchat-discovery announce <text>` against this server.
+    pub fn announce(&self, text: &str) -> Output {
+        let mut command = Command::new(binary("p2pchat-discovery"));
+        command
+            .args(["--data-dir"])
+            .arg(&self.data_dir)
+            .arg("announce")
+            .arg(text)
+            .arg("--server")
+            .arg(self.address.to_string());
+        run_bounded(command)
+    }
+
+    /// What it has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("discovery.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Discovery {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs a command to completion, killing it if it takes longer than [`WAIT`].
+pub fn run_bounded(mut command: Command) -> Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// One user's side: a name and a data dir that outlives the processes started for it.
+pub struct User {
+    /// The username.
+    pub name: String,
+    /// `P2PCHAT_HOME` for this user's processes.
+    pub home: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl User {
+    /// A new user with an empty data dir.
+    pub fn new(name: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self {
+            name: name.to_owned(),
+            home: dir.path().join("home"),
+            _dir: dir,
+        }
+    }
+
+    fn command(&self, server: &Discovery) -> Command {
+        let mut command = Command::new(binary("p2pchat"));
+        command
+            .env("P2PCHAT_SERVER", server.address.to_string())
+            .env("P2PCHAT_USER", &self.name)
+            .env("P2PCHAT_HOME", &self.home)
+            .env("RUST_LOG", "warn");
+        command
+    }
+
+    /// `p2pchat send <to> <message>`, to completion.
+    pub fn send(&self, server: &Discovery, to: &str, message: &str) -> Output {
+        let mut command = self.command(server);
+        command.args(["send", to, message]);
+        run_bounded(command)
+    }
+
+    /// Starts `p2pchat listen --json`.
+    pub fn listen(&self, server: &Discovery) -> Listener {
+        let mut command = self.command(server);
+        command.args(["listen", "--json"]);
+        Listener::spawn(command)
+    }
+}
+
+/// A running `p2pchat listen --json`, its output lines parsed as they arrive.
+pub struct Listener {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: mpsc::Receiver<Value>,
+    /// Events received but not yet matched by an [`Listener::expect`], in order.
+    unmatched: std::collections::VecDeque<Value>,
+    /// Every event received so far, in order.
+    pub seen: Vec<Value>,
+}
+
+impl Listener {
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start p2pchat listen");
+        let stdout = child.stdout.take().expect("stdout");
+        let stdin = child.stdin.take().expect("stdin");
+        let (sender, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(value) => {
+                        if sender.send(value).is_err() {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        panic!("listen printed a line that is not JSON ({error}): {line}")
+                    }
+                }
+            }
+        });
+        Self {
+            child,
+            stdin,
+            lines,
+            unmatched: std::collections::VecDeque::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Runs one command (interactive syntax) through standard input and returns its
+    /// `result` object.
+    pub fn run(&mut self, line: &str) -> Value {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").expect("write a command");
+        self.stdin.flush().expect("flush");
+        self.expect(&format!("the result of {line:?}"), |event| {
+            event["event"] == "result" && event["command"] == line
+        })
+    }
+
+    /// Runs a command that must succeed; returns its `result` object.
+    pub fn ok(&mut self, line: &str) -> Value {
+        let result = self.run(line);
+        assert_eq!(result["ok"], true, "{line:?} failed: {result}");
+        result
+    }
+
+    /// Waits for the first not-yet-matched event matching `wanted` (it may already have
+    /// arrived while waiting for another) and returns it.
+    pub fn expect(&mut self, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+        if let Some(index) = self.unmatched.iter().position(&wanted) {
+            return self.unmatched.remove(index).expect("index in range");
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(value) => {
+                    self.seen.push(value.clone());
+                    if wanted(&value) {
+                        return value;
+                    }
+                    self.unmatched.push_back(value);
+                }
+                Err(_) => panic!("no {what} within {WAIT:?}; saw {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// Waits until the client is online.
+    pub fn online(&mut self) {
+        self.expect("online event", |event| event["event"] == "online");
+    }
+
+    /// Waits for a message with `body` and returns it.
+    pub fn message(&mut self, body: &str) -> Value {
+        self.expect(&format!("message {body:?}"), |event| {
+            event["event"] == "message" && event["body"] == body
+        })
+    }
+
+    /// Collects every event that arrives within `quiet` of the previous one (used only to
+    /// check that nothing *more* arrives, after the expected events were awaited).
+    pub fn drain_for(&mut self, quiet: Duration) -> Vec<Value> {
+        let mut extra: Vec<Value> = self.unmatched.drain(..).collect();
+        while let Ok(value) = self.lines.recv_timeout(quiet) {
+            self.seen.push(value.clone());
+            extra.push(value);
+        }
+        extra
+    }
+
+    /// Messages seen so far with `body`.
+    pub fn count(&self, body: &str) -> usize {
+        self.seen
+            .iter()
+            .filter(|event| event["event"] == "message" && event["body"] == body)
+            .count()
+    }
+
+    /// Stops it with SIGTERM and waits.
+    pub fn stop(mut self) {
+        terminate(&self.child);
+        reap(&mut self.child);
+    }
+
+    /// Kills it with SIGKILL.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts a scripted command succeeded and printed `wanted` on stdout.
+pub fn assert_sent(output: &Output, wanted: &str) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains(wanted),
+        "expected success with {wanted:?}; status {:?}\nstdout: {stdout}\nstderr: {stderr}",
+        output.status
+    );
+}
