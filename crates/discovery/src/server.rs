@@ -322,9 +322,12 @@ async fn serve_connection(
                 };
                 last_activity = Instant::now();
                 let result = if bucket.take(std::time::Instant::now()) {
-                    let (result, event) = session
-                        .handle(request, &shared.store, config, metrics, proto::now_ms())
-                        .await;
+                    // Boxed: the request future is ~2.5 KiB, and unboxed it would be part of
+                    // every idle connection's task, which is what the server holds per client.
+                    let (result, event) = Box::pin(
+                        session.handle(request, &shared.store, config, metrics, proto::now_ms()),
+                    )
+                    .await;
                     match event {
                         Some(Event::Registered(user)) => {
                             shared.hub.insert(user, session.session_id(), push_sender.clone());

@@ -18,6 +18,11 @@ use crate::{
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the hello exchange may take.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The initial capacity of each of a connection's read and write buffers. Control and peer
+/// messages are a few hundred bytes, and both buffers grow on demand for larger frames (the
+/// codec reserves a frame's declared length), so tokio-util's 8 KiB default only costs
+/// memory: a server holding tens of thousands of idle connections pays it twice for each.
+const INITIAL_BUFFER: usize = 512;
 
 /// Why a frame could not be received. After any of these the connection is unusable and
 /// should be closed; none of them is a reason to stop serving anyone else.
@@ -109,7 +114,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
     /// A connection with an explicit frame limit and write timeout.
     pub fn with_limits(io: T, max_frame_len: usize, write_timeout: Duration) -> Self {
         Self {
-            framed: Framed::new(io, wire::codec(max_frame_len)),
+            framed: Framed::with_capacity(io, wire::codec(max_frame_len), INITIAL_BUFFER),
             max_frame_len,
             write_timeout,
         }
