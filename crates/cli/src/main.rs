@@ -80,17 +80,33 @@ const ONLINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown may take.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("p2pchat: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("p2pchat: {error:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // A read of standard input (`listen`'s command reader) sits in a blocking thread that
+    // nothing can interrupt; the runtime must not wait for it on the way out.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    code
 }
+
+/// How long the runtime waits for leftover blocking work after everything has stopped.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let interactive = cli.mode.is_none();
