@@ -506,6 +506,61 @@ async fn changed_pinned_key_is_refused_until_trusted() -> anyhow::Result<()> {
     server.stop().await
 }
 
+/// Regression: mail sealed under a key other than the pinned one used to be deleted with a
+/// warning. It is kept, sealed, and shown once the user trusts the sender's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_under_a_changed_key_is_held_until_trusted() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let server = Server::start(&root.path().join("discovery.redb"), any_port()).await?;
+    let alice = Chatter::join(root.path(), "alice", server.addr).await?;
+    Chatter::join(root.path(), "bob", server.addr)
+        .await?
+        .stop()
+        .await;
+    // Bob's pin for alice no longer matches alice's real key, and bob is offline.
+    let impostor = proto::Identity::generate();
+    {
+        let state = peer::state::State::open(&root.path().join("bob"))?;
+        state.repin(&name("alice"), impostor.public())?;
+    }
+    for body in ["held 1", "held 2"] {
+        assert!(matches!(
+            alice.send("bob", body).await?,
+            DeliveryStatus::Queued { .. }
+        ));
+    }
+
+    let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
+    for _ in 0..2 {
+        let reason = bob
+            .wait_for("the held-mail notice", |event| match event {
+                Event::Refused { from, reason } if from.as_str() == "alice" => {
+                    Some(reason.clone())
+                }
+                _ => None,
+            })
+            .await?;
+        assert!(reason.contains("kept"), "{reason}");
+    }
+    // Acked at the server and kept here across a restart, never shown before `trust`.
+    bob.stop().await;
+    let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
+    // Held envelopes are sealed: nothing of them is in the history yet.
+    assert!(bob.client.history(&name("alice"), 10).await?.is_empty());
+    bob.client.trust(&name("alice")).await?;
+    bob.expect("alice", "held 1").await?;
+    bob.expect("alice", "held 2").await?;
+    assert_eq!(bob.client.history(&name("alice"), 10).await?.len(), 2);
+    // Shown once: a second trust shows nothing, the next message is the next one shown.
+    bob.client.trust(&name("alice")).await?;
+    assert_eq!(alice.send("bob", "after").await?, DeliveryStatus::Delivered);
+    bob.expect("alice", "after").await?;
+
+    alice.stop().await;
+    bob.stop().await;
+    server.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_restart_loses_nothing() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;

@@ -5,6 +5,11 @@
 //! id, together with the not-yet-shown mark). Only then is the envelope acked (to the peer,
 //! or to the server for mail), and only after the ack is it shown.
 //!
+//! Mail sealed under a sender key that no longer matches the pinned one is not deleted: it
+//! is kept sealed in the `held` table of [`crate::state`] (then acked, so the server stops
+//! offering it) and opened again by [`reopen_held`] once the user runs `trust` for the
+//! sender. A direct message with a changed key is refused to the sender, who sees it.
+//!
 //! A peer that sends garbage, stalls, or floods only occupies its own task: every read has a
 //! timeout and every refusal is answered and logged, never a panic.
 
@@ -28,6 +33,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many envelopes one fetch asks for.
 const FETCH_BATCH: u32 = 64;
+/// The most envelopes held for a `trust` (beyond it, mail under a changed key is refused
+/// and deleted as before): a sender with a new key cannot fill the disk.
+const MAX_HELD: u64 = 10_000;
 
 /// What [`receive`] did with an envelope.
 #[derive(Debug)]
@@ -200,6 +208,29 @@ pub(crate) async fn fetch_mail(context: &Context) {
                     stop = true;
                     break;
                 }
+                // Sealed under the sender's new key: keep it (sealed) for `trust`, then ack.
+                Err(Refusal::KeyChanged) => match context.state.hold(envelope, MAX_HELD) {
+                    Ok(true) => {
+                        context.notify(Event::Refused {
+                            from: envelope.from.clone(),
+                            reason: format!(
+                                "{}; the message is kept and shown once you `trust {}`",
+                                Refusal::KeyChanged,
+                                envelope.from
+                            ),
+                        });
+                        ack.push(envelope.id);
+                    }
+                    Ok(false) => {
+                        report_refusal(context, &envelope.from, &Refusal::KeyChanged);
+                        ack.push(envelope.id);
+                    }
+                    Err(error) => {
+                        tracing::info!(%error, "mail left in the mailbox for later");
+                        stop = true;
+                        break;
+                    }
+                },
                 // Refused for good: delete it from the mailbox, or it comes back forever.
                 Err(refusal) => {
                     report_refusal(context, &envelope.from, &refusal);
@@ -219,6 +250,33 @@ pub(crate) async fn fetch_mail(context: &Context) {
         }
         if stop || remaining == 0 {
             return;
+        }
+    }
+}
+
+/// Opens again the mail held from `from` (after `trust`): what opens now is stored and
+/// shown, what is refused for good is dropped, and what still cannot be opened (the key
+/// changed again, or the server or disk is unavailable) stays held.
+pub(crate) async fn reopen_held(context: &Context, from: &Username) {
+    let held = match context.state.held_from(from) {
+        Ok(held) => held,
+        Err(error) => return tracing::error!(%error, "cannot read held mail"),
+    };
+    for envelope in held {
+        let done = match receive(context, &envelope).await {
+            Ok(Accepted::New(message)) => {
+                let _ = context.to_loop.send(Internal::Received(message));
+                true
+            }
+            Ok(Accepted::Duplicate) => true,
+            Err(Refusal::KeyChanged | Refusal::Transient(_)) => false,
+            Err(refusal) => {
+                report_refusal(context, from, &refusal);
+                true
+            }
+        };
+        if done && let Err(error) = context.state.unhold(&envelope.id) {
+            tracing::error!(%error, "cannot forget held mail");
         }
     }
 }

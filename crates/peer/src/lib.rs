@@ -9,7 +9,7 @@
 //! - [`inbox`]: receiving: direct connections and mail share one check-and-store path.
 //! - [`link`]: [`link::PeerLink`], the sending side of the peer protocol.
 //! - [`state`]: [`state::State`], the crash-safe local state (pins, blocks, mutes, history,
-//!   outbox, seen ids, not-yet-shown marks) in one redb file.
+//!   outbox, seen ids, not-yet-shown marks, mail held under a changed key) in one redb file.
 //!
 //! Data dir layout (one folder per user, mode 0700): `identity.key` (0600, see
 //! [`proto::Identity`]) and `state.redb`.

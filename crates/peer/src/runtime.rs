@@ -358,7 +358,7 @@ pub(crate) enum Internal {
     FetchDone,
     /// Mutes changed: re-arm the timer.
     MutesChanged,
-    /// Keys were re-pinned: retry the user's outbox.
+    /// Keys were re-pinned: retry the user's outbox, open the mail held from them.
     Trusted(Username),
 }
 
@@ -923,7 +923,12 @@ impl EventLoop {
                 }
             }
             Internal::MutesChanged => return true,
-            Internal::Trusted(user) => self.flush_outbox(Some(&user)),
+            Internal::Trusted(user) => {
+                self.flush_outbox(Some(&user));
+                let context = self.context.clone();
+                self.tracker
+                    .spawn(async move { inbox::reopen_held(&context, &user).await });
+            }
         }
         false
     }

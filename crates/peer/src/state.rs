@@ -8,6 +8,9 @@
 //! - `outbox`: message id → [`OutboxEntry`], messages not yet delivered or queued.
 //! - `seen`: message id → when it was first stored (receivers de-duplicate by id).
 //! - `unshown`: message id → [`InboundMessage`], stored but not yet shown to the user.
+//! - `held`: message id → [`Envelope`], mail that arrived sealed under a sender key other
+//!   than the pinned one: acked at the server (so it is not fetched forever) and kept here,
+//!   sealed, until the user `trust`s the sender's new key and it is opened again.
 //! - `meta`: counters (the next history sequence number).
 //!
 //! Every change is one write transaction, so a crash at any point leaves either the state
@@ -19,8 +22,8 @@
 
 use std::path::Path;
 
-use proto::{MessageId, PublicKeys, Username, seal::Plaintext, wire};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use proto::{Envelope, MessageId, PublicKeys, Username, seal::Plaintext, wire};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// The state file's name inside a user's data dir.
@@ -33,6 +36,7 @@ const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("histo
 const OUTBOX: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("outbox");
 const SEEN: TableDefinition<[u8; 16], u64> = TableDefinition::new("seen");
 const UNSHOWN: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("unshown");
+const HELD: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("held");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_SEQ: &str = "next_seq";
 
@@ -233,6 +237,7 @@ impl State {
         txn.open_table(OUTBOX)?;
         txn.open_table(SEEN)?;
         txn.open_table(UNSHOWN)?;
+        txn.open_table(HELD)?;
         txn.open_table(META)?;
         txn.commit()?;
         Ok(Self { db })
@@ -631,6 +636,51 @@ impl State {
         Ok(())
     }
 
+    // ---- held (sealed under a changed key) ----
+
+    /// Keeps `envelope` sealed until its sender is trusted again. Idempotent by message
+    /// id. Returns false (and keeps nothing) when `max` envelopes are held already, so a
+    /// sender with a new key cannot fill the disk.
+    pub fn hold(&self, envelope: &Envelope, max: u64) -> Result<bool, StateError> {
+        let txn = self.db.begin_write()?;
+        let kept = {
+            let mut table = txn.open_table(HELD)?;
+            if table.get(envelope.id.0)?.is_some() {
+                true
+            } else if table.len()? >= max {
+                false
+            } else {
+                table.insert(envelope.id.0, encode(envelope).as_slice())?;
+                true
+            }
+        };
+        txn.commit()?;
+        Ok(kept)
+    }
+
+    /// The envelopes held from `from`.
+    pub fn held_from(&self, from: &Username) -> Result<Vec<Envelope>, StateError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HELD)?;
+        let mut envelopes = Vec::new();
+        for row in table.iter()? {
+            let (_, bytes) = row?;
+            let envelope: Envelope = decode("held", bytes.value())?;
+            if &envelope.from == from {
+                envelopes.push(envelope);
+            }
+        }
+        Ok(envelopes)
+    }
+
+    /// Forgets a held envelope (opened and stored, or refused for good).
+    pub fn unhold(&self, id: &MessageId) -> Result<(), StateError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(HELD)?.remove(id.0)?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// The last `limit` history lines with `peer`, oldest first.
     pub fn history(&self, peer: &Username, limit: usize) -> Result<Vec<HistoryEntry>, StateError> {
         let txn = self.db.begin_read()?;
@@ -791,6 +841,33 @@ mod tests {
             state.history(&bob, 2).unwrap()[0].status,
             MessageStatus::Queued
         );
+    }
+
+    #[test]
+    fn held_envelopes_survive_a_reopen_and_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let envelope = |from: &str| Envelope {
+            id: MessageId::random(),
+            from: name(from),
+            to: name("me"),
+            token: "sealed".to_owned(),
+        };
+        let (first, second, third) = (envelope("alice"), envelope("carol"), envelope("alice"));
+        {
+            let state = State::open(dir.path()).unwrap();
+            assert!(state.hold(&first, 2).unwrap());
+            assert!(state.hold(&first, 2).unwrap(), "holding again is a no-op");
+            assert!(state.hold(&second, 2).unwrap());
+            assert!(!state.hold(&third, 2).unwrap(), "over the cap");
+        }
+        let state = State::open(dir.path()).unwrap();
+        assert_eq!(
+            state.held_from(&name("alice")).unwrap(),
+            vec![first.clone()]
+        );
+        assert_eq!(state.held_from(&name("carol")).unwrap(), vec![second]);
+        state.unhold(&first.id).unwrap();
+        assert!(state.held_from(&name("alice")).unwrap().is_empty());
     }
 
     #[test]
