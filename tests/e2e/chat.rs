@@ -534,9 +534,7 @@ async fn mail_under_a_changed_key_is_held_until_trusted() -> anyhow::Result<()> 
     for _ in 0..2 {
         let reason = bob
             .wait_for("the held-mail notice", |event| match event {
-                Event::Refused { from, reason } if from.as_str() == "alice" => {
-                    Some(reason.clone())
-                }
+                Event::Refused { from, reason } if from.as_str() == "alice" => Some(reason.clone()),
                 _ => None,
             })
             .await?;
