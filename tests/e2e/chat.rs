@@ -9,6 +9,8 @@ use proto::Username;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
+use crate::util::{answer, raw_peer};
+
 const WAIT: Duration = Duration::from_secs(15);
 
 fn name(text: &str) -> Username {
@@ -618,31 +620,6 @@ async fn discovery_restart_loses_nothing() -> anyhow::Result<()> {
     bob.stop().await;
     carol.stop().await;
     server.stop().await
-}
-
-/// Opens a raw peer-protocol connection to `addr` and says hello as `from` to `to`.
-async fn raw_peer(
-    addr: SocketAddr,
-    from: &str,
-    to: &str,
-) -> anyhow::Result<proto::Connection<tokio::net::TcpStream>> {
-    let mut connection = proto::Connection::new(tokio::net::TcpStream::connect(addr).await?);
-    connection.hello(WAIT).await?;
-    connection
-        .send(&proto::PeerMsg::Hello {
-            from: name(from),
-            to: name(to),
-        })
-        .await?;
-    Ok(connection)
-}
-
-async fn answer(
-    connection: &mut proto::Connection<tokio::net::TcpStream>,
-) -> anyhow::Result<proto::PeerMsg> {
-    tokio::time::timeout(WAIT, connection.recv::<proto::PeerMsg>())
-        .await??
-        .context("the peer closed the connection")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,6 +94,82 @@ fn reap(child: &mut Child) -> Option<std::process::ExitStatus> {
     }
 }
 
+/// How a child process is started: directly, or inside a namespace (network namespaces
+/// for `netfaults`, a private mount namespace for `disk`).
+#[derive(Debug, Clone, Default)]
+pub struct Launcher {
+    prefix: Vec<String>,
+}
+
+impl Launcher {
+    /// Started as is, in this test's namespaces.
+    pub fn direct() -> Self {
+        Self::default()
+    }
+
+    /// Started in the network namespace `name` (`ip netns exec`, which execs: the child's
+    /// pid is the program's).
+    pub fn netns(name: &str) -> Self {
+        Self {
+            prefix: ["ip", "netns", "exec", name].map(str::to_owned).to_vec(),
+        }
+    }
+
+    /// Started in the mount namespace of process `pid` (`nsenter` without a fork).
+    pub fn mount_namespace_of(pid: u32) -> Self {
+        Self {
+            prefix: vec![
+                "nsenter".to_owned(),
+                "-t".to_owned(),
+                pid.to_string(),
+                "-m".to_owned(),
+                "--".to_owned(),
+            ],
+        }
+    }
+
+    fn is_direct(&self) -> bool {
+        self.prefix.is_empty()
+    }
+
+    /// A command that runs `program` this way.
+    pub fn command(&self, program: &Path) -> Command {
+        match self.prefix.split_first() {
+            None => Command::new(program),
+            Some((first, rest)) => {
+                let mut command = Command::new(first);
+                command.args(rest).arg(program);
+                command
+            }
+        }
+    }
+}
+
+/// How to start a [`Discovery`] other than the default way.
+#[derive(Debug, Clone)]
+pub struct DiscoveryOptions {
+    /// Where it listens (and clients connect).
+    pub address: SocketAddr,
+    /// How the process is started.
+    pub launcher: Launcher,
+    /// Extra command-line arguments (`--heartbeat-secs 1`, ...).
+    pub args: Vec<String>,
+    /// The data dir; default: a fresh one in a tempdir.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl DiscoveryOptions {
+    /// On a free loopback port, started directly, default settings.
+    pub fn new() -> Self {
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            launcher: Launcher::direct(),
+            args: Vec::new(),
+            data_dir: None,
+        }
+    }
+}
+
 /// A running `p2pchat-discovery`.
 pub struct Discovery {
     /// Where clients connect.
@@ -101,6 +177,8 @@ pub struct Discovery {
     /// Its data dir (embedded store, operator secret).
     pub data_dir: PathBuf,
     redis_url: Option<String>,
+    launcher: Launcher,
+    args: Vec<String>,
     child: Option<Child>,
     _dir: tempfile::TempDir,
 }
@@ -113,11 +191,20 @@ impl Discovery {
 
     /// Starts a server on Redis at `url`.
     pub fn start_with(redis_url: Option<String>) -> Self {
+        Self::start_custom(redis_url, DiscoveryOptions::new())
+    }
+
+    /// Starts a server as `options` say (embedded store unless `redis_url`).
+    pub fn start_custom(redis_url: Option<String>, options: DiscoveryOptions) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut server = Self {
-            address: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            data_dir: dir.path().join("discovery"),
+            address: options.address,
+            data_dir: options
+                .data_dir
+                .unwrap_or_else(|| dir.path().join("discovery")),
             redis_url,
+            launcher: options.launcher,
+            args: options.args,
             child: None,
             _dir: dir,
         };
@@ -127,12 +214,13 @@ impl Discovery {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self._dir.path().join("discovery.log")).expect("log");
-        let mut command = Command::new(binary("p2pchat-discovery"));
+        let mut command = self.launcher.command(&binary("p2pchat-discovery"));
         command
             .arg("--listen")
             .arg(self.address.to_string())
             .arg("--data-dir")
             .arg(&self.data_dir)
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .env_remove("REDIS_URL")
             .stdin(Stdio::null())
@@ -142,7 +230,29 @@ impl Discovery {
             command.arg("--redis").arg(url);
         }
         self.child = Some(command.spawn().expect("start p2pchat-discovery"));
-        wait_for_port(self.address);
+        if self.launcher.is_direct() {
+            wait_for_port(self.address);
+        } else {
+            // Its address may not be reachable from this namespace: wait for its log line.
+            let deadline = Instant::now() + WAIT;
+            while !self.log().contains("discovery server listening") {
+                let exited = self
+                    .child
+                    .as_mut()
+                    .and_then(|child| child.try_wait().ok().flatten());
+                assert!(
+                    exited.is_none() && Instant::now() < deadline,
+                    "discovery did not start ({exited:?}):\n{}",
+                    self.log()
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// The server process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Stops it with SIGTERM (graceful) and waits for it to exit.
@@ -156,7 +266,9 @@ impl Discovery {
                 self.log()
             );
         }
-        wait_for_port_closed(self.address);
+        if self.launcher.is_direct() {
+            wait_for_port_closed(self.address);
+        }
     }
 
     /// Kills it with SIGKILL.
@@ -165,7 +277,9 @@ impl Discovery {
             let _ = child.kill();
             let _ = child.wait();
         }
-        wait_for_port_closed(self.address);
+        if self.launcher.is_direct() {
+            wait_for_port_closed(self.address);
+        }
     }
 
     /// Starts it again on the same address with the same data.
@@ -248,7 +362,11 @@ impl User {
     }
 
     fn command(&self, server: &Discovery) -> Command {
-        let mut command = Command::new(binary("p2pchat"));
+        self.command_via(server, &Launcher::direct())
+    }
+
+    fn command_via(&self, server: &Discovery, launcher: &Launcher) -> Command {
+        let mut command = launcher.command(&binary("p2pchat"));
         command
             .env("P2PCHAT_SERVER", server.address.to_string())
             .env("P2PCHAT_USER", &self.name)
@@ -266,9 +384,41 @@ impl User {
 
     /// Starts `p2pchat listen --json`.
     pub fn listen(&self, server: &Discovery) -> Listener {
-        let mut command = self.command(server);
-        command.args(["listen", "--json"]);
+        self.listen_custom(server, &Launcher::direct(), &[], &[])
+    }
+
+    /// Starts `p2pchat listen --json` via `launcher`, with extra global arguments (before
+    /// `listen`) and environment variables.
+    pub fn listen_custom(
+        &self,
+        server: &Discovery,
+        launcher: &Launcher,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Listener {
+        let mut command = self.command_via(server, launcher);
+        command
+            .args(args)
+            .args(["listen", "--json"])
+            .envs(envs.iter().copied());
         Listener::spawn(command)
+    }
+
+    /// `p2pchat send <to> <message>` via `launcher` with extra environment variables, to
+    /// completion.
+    pub fn send_custom(
+        &self,
+        server: &Discovery,
+        launcher: &Launcher,
+        envs: &[(&str, &str)],
+        to: &str,
+        message: &str,
+    ) -> Output {
+        let mut command = self.command_via(server, launcher);
+        command
+            .args(["send", to, message])
+            .envs(envs.iter().copied());
+        run_bounded(command)
     }
 }
 
@@ -389,6 +539,28 @@ impl Listener {
             .count()
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+
+    /// Messages seen so far, in order, as (from, body).
+    pub fn messages(&self) -> Vec<(String, String)> {
+        self.seen
+            .iter()
+            .filter(|event| event["event"] == "message")
+            .map(|event| {
+                let text = |key: &str| event[key].as_str().unwrap_or_default().to_owned();
+                (text("from"), text("body"))
+            })
+            .collect()
+    }
+
     /// Stops it with SIGTERM and waits.
     pub fn stop(mut self) {
         terminate(&self.child);
@@ -397,6 +569,11 @@ impl Listener {
 
     /// Kills it with SIGKILL.
     pub fn kill(mut self) {
+        self.kill_now();
+    }
+
+    /// Kills it with SIGKILL and waits for it, keeping what it printed (`seen`).
+    pub fn kill_now(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -404,8 +581,7 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill_now();
     }
 }
 
@@ -418,4 +594,83 @@ pub fn assert_sent(output: &Output, wanted: &str) {
         "expected success with {wanted:?}; status {:?}\nstdout: {stdout}\nstderr: {stderr}",
         output.status
     );
+}
+
+/// The resident memory of process `pid` in KiB (`VmRSS` in /proc), 0 if it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Whether the long variants were asked for (`P2PCHAT_LONG_TESTS=1`): bigger counts, more
+/// rounds. The default versions are what CI runs and stay within seconds.
+pub fn long_tests() -> bool {
+    std::env::var("P2PCHAT_LONG_TESTS").is_ok_and(|value| value == "1")
+}
+
+/// `short` normally, `long` with `P2PCHAT_LONG_TESTS=1`.
+pub fn scaled(short: usize, long: usize) -> usize {
+    if long_tests() { long } else { short }
+}
+
+/// Why a root-only test cannot run here, if it cannot: not root, or `program` missing.
+pub fn root_tools_missing(programs: &[&str]) -> Option<String> {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().next().map(str::to_owned))
+        });
+    if uid.as_deref() != Some("0") {
+        return Some("not running as root".to_owned());
+    }
+    for program in programs {
+        let found = Command::new(program)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            return Some(format!("`{program}` is not installed"));
+        }
+    }
+    None
+}
+
+/// Opens a raw peer-protocol connection to `addr` and says hello as `from` to `to`.
+pub async fn raw_peer(
+    addr: SocketAddr,
+    from: &str,
+    to: &str,
+) -> anyhow::Result<proto::Connection<tokio::net::TcpStream>> {
+    let name = |text: &str| proto::Username::new(text);
+    let mut connection = proto::Connection::new(tokio::net::TcpStream::connect(addr).await?);
+    connection.hello(WAIT).await?;
+    connection
+        .send(&proto::PeerMsg::Hello {
+            from: name(from)?,
+            to: name(to)?,
+        })
+        .await?;
+    Ok(connection)
+}
+
+/// The next message from a raw peer connection (an error if it closes or is silent).
+pub async fn answer(
+    connection: &mut proto::Connection<tokio::net::TcpStream>,
+) -> anyhow::Result<proto::PeerMsg> {
+    use anyhow::Context as _;
+    tokio::time::timeout(WAIT, connection.recv::<proto::PeerMsg>())
+        .await??
+        .context("the peer closed the connection")
 }

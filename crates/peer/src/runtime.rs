@@ -518,6 +518,7 @@ pub async fn start(
         in_flight: HashSet::new(),
         links: HashMap::new(),
         inbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_CONNECTIONS)),
+        refused_connections: 0,
         fetching: false,
         fetch_again: false,
         online: false,
@@ -710,6 +711,8 @@ struct EventLoop {
     links: HashMap<Username, PeerLink>,
     /// Caps concurrent inbound peer connections.
     inbound_slots: Arc<tokio::sync::Semaphore>,
+    /// Inbound connections refused at the cap so far.
+    refused_connections: u64,
     fetching: bool,
     fetch_again: bool,
     online: bool,
@@ -741,8 +744,15 @@ impl EventLoop {
                             });
                         }
                         // At the cap, new connections are closed at once: a flood of
-                        // connections cannot exhaust this process's file descriptors.
-                        Err(_) => tracing::warn!(%addr, "too many peer connections; refused"),
+                        // connections cannot exhaust this process's file descriptors. Logged
+                        // at the 1st, 2nd, 4th, 8th... refusal, so the flood cannot flood
+                        // the log either.
+                        Err(_) => {
+                            self.refused_connections += 1;
+                            if self.refused_connections.is_power_of_two() {
+                                tracing::warn!(%addr, total = self.refused_connections, "too many peer connections; refused");
+                            }
+                        }
                     },
                     Err(error) => {
                         // Out of file descriptors and the like: wait a little rather than spin.
