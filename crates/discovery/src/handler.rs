@@ -19,8 +19,9 @@ use crate::{config::Config, metrics::Metrics};
 /// The largest Fernet token accepted in a deposit: a full-size body sealed, with room to
 /// spare, and well inside a frame.
 pub const MAX_TOKEN_LEN: usize = 48 * 1024;
-/// The budget of one `Fetch` reply in envelope bytes, leaving headroom in a 64 KiB frame.
-const FETCH_REPLY_BUDGET: usize = 56 * 1024;
+/// The budget of one `Fetch` reply in encoded envelope bytes: a 64 KiB frame less room for
+/// the response's own fields (tags, request id, lengths, `remaining`: a few dozen bytes).
+const FETCH_REPLY_BUDGET: usize = proto::wire::MAX_FRAME_LEN - 256;
 
 /// Where a connection is in the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -394,12 +395,12 @@ async fn fetch(me: &Username, max: u32, store: &Store, now_ms: u64) -> Result<Re
     let mut budget = FETCH_REPLY_BUDGET;
     let mut envelopes = Vec::with_capacity(total);
     for mail in fetched.mail {
-        // Rough encoded size: the token plus ids and names with their length prefixes.
-        let size = mail.envelope.token.len() + 100;
-        if size > budget && !envelopes.is_empty() {
+        // Envelopes are plain data, so measuring one cannot fail; count a failure as too big.
+        let size = proto::wire::encoded_len(&mail.envelope).unwrap_or(usize::MAX);
+        if size > budget {
             break;
         }
-        budget = budget.saturating_sub(size);
+        budget -= size;
         envelopes.push(mail.envelope);
     }
     let left_out = (total - envelopes.len()) as u64;

@@ -35,6 +35,26 @@ pub fn decode<M: DeserializeOwned>(body: &[u8]) -> Result<M, WireError> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoded_len_is_the_length_of_the_encoding() {
+        let value = (7u64, "some text", vec![1u8; 300], Some(42u32));
+        assert_eq!(encoded_len(&value).unwrap(), encode(&value).unwrap().len());
+    }
+}
+
+/// The encoded size of `value` in bytes, without encoding it into a buffer (used to pack
+/// replies up to the frame limit).
+pub fn encoded_len<M: Serialize + ?Sized>(value: &M) -> Result<usize, WireError> {
+    Ok(postcard::serialize_with_flavor(
+        value,
+        postcard::ser_flavors::Size::default(),
+    )?)
+}
+
 /// The frame codec with a maximum body length of `max_frame_len` bytes.
 pub fn codec(max_frame_len: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()

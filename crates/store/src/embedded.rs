@@ -31,9 +31,12 @@
 //! one read transaction per fetched batch and one write transaction per acked batch, never
 //! one per message. Deposits, the one write that arrives one message at a time from many
 //! senders at once, go to a dedicated writer thread that commits every deposit waiting in
-//! one transaction (group commit), so concurrent deposits share one `fsync`. Deposits, bindings and block-list changes commit durably. Acks commit
-//! durably too: an ack lost in a crash would only bring the mail back, which at-least-once
-//! allows, but the fsync per batch is cheap enough that we do not trade it away.
+//! one transaction (group commit), so concurrent deposits share one `fsync`. Deposits,
+//! bindings and block-list changes commit durably. Acks commit without waiting for the disk:
+//! an ack lost in a crash only brings its mail back, which at-least-once delivery allows
+//! (receivers drop ids they have seen), and the next durable commit persists it; an `fsync`
+//! per acked batch would bound a mailbox drain at the disk's flush rate. Bindings never
+//! change once made, so they are cached in memory after their first read or write.
 //!
 //! **Architecture Invariant:** values are (de)serialised only through [`proto::wire`].
 
@@ -101,7 +104,28 @@ struct Inner {
     /// Presence by user; a std mutex, never held across an `.await`. A `BTreeMap` so the
     /// online list comes out sorted by name.
     presence: Mutex<BTreeMap<Username, Presence>>,
+    /// Bindings already read or written. A binding never changes once made, so this cache
+    /// is never stale, and lookups (the hottest request) never touch the database for a
+    /// known user.
+    bindings: Mutex<std::collections::HashMap<Username, Binding>>,
     events: broadcast::Sender<Broadcast>,
+}
+
+impl Inner {
+    fn cached_binding(&self, user: &Username) -> Option<Binding> {
+        self.bindings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(user)
+            .cloned()
+    }
+
+    fn cache_binding(&self, binding: &Binding) {
+        self.bindings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(binding.user.clone(), binding.clone());
+    }
 }
 
 impl Drop for Inner {
@@ -172,6 +196,7 @@ impl EmbeddedStore {
                 deposits: Some(deposits),
                 writer: Some(writer),
                 presence: Mutex::new(BTreeMap::new()),
+                bindings: Mutex::new(std::collections::HashMap::new()),
                 events,
             }),
         })
@@ -214,12 +239,14 @@ impl EmbeddedStore {
                 existing
             };
             match existing {
-                Some(bytes) => Ok(BindOutcome::Existing(decode_binding(
-                    &binding.user,
-                    &bytes,
-                )?)),
+                Some(bytes) => {
+                    let existing = decode_binding(&binding.user, &bytes)?;
+                    inner.cache_binding(&existing);
+                    Ok(BindOutcome::Existing(existing))
+                }
                 None => {
                     txn.commit().map_err(embedded_error)?;
+                    inner.cache_binding(&binding);
                     Ok(BindOutcome::Created)
                 }
             }
@@ -229,14 +256,21 @@ impl EmbeddedStore {
 
     /// See [`crate::Store::binding`].
     pub async fn binding(&self, user: &Username) -> Result<Option<Binding>, StoreError> {
+        if let Some(binding) = self.inner.cached_binding(user) {
+            return Ok(Some(binding));
+        }
         let user = user.clone();
         self.blocking(move |inner| {
             let txn = inner.db.begin_read().map_err(embedded_error)?;
             let table = txn.open_table(BINDINGS).map_err(embedded_error)?;
             let value = table.get(user.as_str()).map_err(embedded_error)?;
-            value
+            let binding = value
                 .map(|value| decode_binding(&user, value.value()))
-                .transpose()
+                .transpose()?;
+            if let Some(binding) = &binding {
+                inner.cache_binding(binding);
+            }
+            Ok(binding)
         })
         .await
     }
@@ -391,7 +425,11 @@ impl EmbeddedStore {
         .await
     }
 
-    /// See [`crate::Store::ack`]. One write transaction for the whole batch.
+    /// See [`crate::Store::ack`]. One write transaction for the whole batch, committed
+    /// without waiting for the disk: an ack lost in a crash only brings its mail back, which
+    /// at-least-once delivery allows (receivers drop what they have seen), and the next
+    /// durable commit (any deposit or binding) persists it. Waiting for `fsync` per batch
+    /// would bound a mailbox drain at the disk's flush rate.
     pub async fn ack(&self, user: &Username, ids: &[MessageId]) -> Result<u64, StoreError> {
         if ids.is_empty() {
             return Ok(0);
@@ -399,7 +437,9 @@ impl EmbeddedStore {
         let user = user.clone();
         let ids = ids.to_vec();
         self.blocking(move |inner| {
-            let txn = inner.db.begin_write().map_err(embedded_error)?;
+            let mut txn = inner.db.begin_write().map_err(embedded_error)?;
+            txn.set_durability(redb::Durability::None)
+                .map_err(|error| StoreError::Embedded(error.to_string()))?;
             let removed = ack_in(&txn, &user, &ids).map_err(embedded_error)?;
             if removed > 0 {
                 txn.commit().map_err(embedded_error)?;
