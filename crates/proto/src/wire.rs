@@ -35,17 +35,6 @@ pub fn decode<M: DeserializeOwned>(body: &[u8]) -> Result<M, WireError> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn encoded_len_is_the_length_of_the_encoding() {
-        let value = (7u64, "some text", vec![1u8; 300], Some(42u32));
-        assert_eq!(encoded_len(&value).unwrap(), encode(&value).unwrap().len());
-    }
-}
-
 /// The encoded size of `value` in bytes, without encoding it into a buffer (used to pack
 /// replies up to the frame limit).
 pub fn encoded_len<M: Serialize + ?Sized>(value: &M) -> Result<usize, WireError> {
@@ -62,4 +51,15 @@ pub fn codec(max_frame_len: usize) -> LengthDelimitedCodec {
         .length_field_length(4)
         .max_frame_length(max_frame_len)
         .new_codec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoded_len_is_the_length_of_the_encoding() {
+        let value = (7u64, "some text", vec![1u8; 300], Some(42u32));
+        assert_eq!(encoded_len(&value).unwrap(), encode(&value).unwrap().len());
+    }
 }
