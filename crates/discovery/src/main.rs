@@ -28,19 +28,19 @@ struct Cli {
     #[arg(long, env = "P2PCHAT_METRICS")]
     metrics: Option<SocketAddr>,
     /// Seconds between client heartbeats.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "P2PCHAT_HEARTBEAT_SECS", default_value_t = 10)]
     heartbeat_secs: u64,
     /// Seconds without a heartbeat after which a client is offline.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, env = "P2PCHAT_PRESENCE_TTL_SECS", default_value_t = 30)]
     presence_ttl_secs: u64,
     /// Most simultaneous client connections.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, env = "P2PCHAT_MAX_CONNECTIONS", default_value_t = 200_000)]
     max_connections: usize,
     /// Most messages one mailbox holds.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "P2PCHAT_MAIL_CAP", default_value_t = 10_000)]
     mail_cap: u64,
     /// Days mail is kept before it expires.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, env = "P2PCHAT_MAIL_TTL_DAYS", default_value_t = 30)]
     mail_ttl_days: u64,
     #[command(subcommand)]
     command: Option<Command>,
