@@ -1,0 +1,222 @@
+//! The interactive client driven as a person drives it: in tmux, typing with `send-keys` and
+//! reading the screen with `capture-pane`. Two clients chat, list, block, mute and quit, and
+//! a message arriving while a line is half typed leaves the prompt and the typed text intact.
+
+use std::{
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::util::{Discovery, User, WAIT, binary};
+
+/// One tmux session running one interactive `p2pchat`, on a private tmux server socket.
+struct Terminal {
+    socket: String,
+    session: String,
+}
+
+impl Terminal {
+    /// Starts `p2pchat` for `user` in a new 120x40 tmux session; `None` without tmux.
+    fn start(user: &User, server: &Discovery, ask_name: bool) -> Option<Self> {
+        let socket = format!("p2pchat-test-{}-{}", std::process::id(), user.name);
+        let session = user.name.clone();
+        let mut command = format!(
+            "env P2PCHAT_SERVER={} P2PCHAT_HOME={} {}",
+            server.address,
+            user.home.display(),
+            binary("p2pchat").display()
+        );
+        if !ask_name {
+            command.push_str(&format!(" --user {}", user.name));
+        }
+        let started = Command::new("tmux")
+            .args(["-L", &socket, "new-session", "-d", "-x", "120", "-y", "40"])
+            .args(["-s", &session, &command])
+            .status()
+            .ok()?;
+        assert!(started.success(), "tmux could not start a session");
+        Some(Self { socket, session })
+    }
+
+    /// Types `text` and presses Enter.
+    fn type_line(&self, text: &str) {
+        self.keys(&[text]);
+        self.keys(&["Enter"]);
+    }
+
+    /// Types `text` without pressing Enter.
+    fn type_text(&self, text: &str) {
+        let status = Command::new("tmux")
+            .args([
+                "-L",
+                &self.socket,
+                "send-keys",
+                "-l",
+                "-t",
+                &self.session,
+                text,
+            ])
+            .status()
+            .expect("tmux send-keys");
+        assert!(status.success());
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let status = Command::new("tmux")
+            .args(["-L", &self.socket, "send-keys", "-t", &self.session])
+            .args(keys)
+            .status()
+            .expect("tmux send-keys");
+        assert!(status.success());
+    }
+
+    /// The visible screen.
+    fn screen(&self) -> String {
+        let output = Command::new("tmux")
+            .args([
+                "-L",
+                &self.socket,
+                "capture-pane",
+                "-p",
+                "-t",
+                &self.session,
+            ])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Waits until the screen shows `wanted` (the count of times it appears reaches `times`),
+    /// and returns the screen.
+    fn wait_for_n(&self, wanted: &str, times: usize) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let screen = self.screen();
+            if screen.matches(wanted).count() >= times {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the screen never showed {wanted:?} ({times}x):\n{screen}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_for(&self, wanted: &str) -> String {
+        self.wait_for_n(wanted, 1)
+    }
+
+    /// Whether the session (and so the client) is still running.
+    fn running(&self) -> bool {
+        Command::new("tmux")
+            .args(["-L", &self.socket, "has-session", "-t", &self.session])
+            .status()
+            .is_ok_and(|status| status.success())
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .status();
+    }
+}
+
+fn tmux_available() -> bool {
+    Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+#[test]
+fn two_people_chat_list_block_mute_and_quit_in_terminals() {
+    if !tmux_available() {
+        eprintln!("skipped: tmux is not installed (.ci/run installs it)");
+        return;
+    }
+    let server = Discovery::start();
+    let (alice, bob) = (User::new("alice"), User::new("bob"));
+    // Alice is asked for her name, as the original client did.
+    let alice_term = Terminal::start(&alice, &server, true).expect("tmux");
+    alice_term.wait_for("username");
+    alice_term.type_line("alice");
+    alice_term.wait_for("connected to the discovery server");
+    alice_term.wait_for("alice>");
+    let bob_term = Terminal::start(&bob, &server, false).expect("tmux");
+    bob_term.wait_for("connected to the discovery server");
+    bob_term.wait_for("bob>");
+
+    alice_term.type_line("list");
+    alice_term.wait_for("online: alice, bob");
+
+    alice_term.type_line("send bob hello bob");
+    alice_term.wait_for("→ bob: delivered");
+    bob_term.wait_for("alice: hello bob");
+
+    // A message arrives while bob has half a line typed: it prints above the prompt, and
+    // the prompt with bob's unfinished text is still there, intact, on the last line.
+    bob_term.type_text("half-typed");
+    bob_term.wait_for("bob> half-typed");
+    alice_term.type_line("send bob while you type");
+    bob_term.wait_for("alice: while you type");
+    let screen = bob_term.screen();
+    let last = screen
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or_default();
+    assert_eq!(
+        last.trim_end(),
+        "bob> half-typed",
+        "garbled prompt:\n{screen}"
+    );
+    assert!(
+        !screen.contains("half-typedalice"),
+        "garbled line:\n{screen}"
+    );
+    // Finish the line as a reply.
+    bob_term.keys(&["C-u"]);
+    bob_term.type_line("send alice got it");
+    alice_term.wait_for("bob: got it");
+
+    // Block: alice's next message fails with a reason; unblock restores it.
+    bob_term.type_line("block alice");
+    bob_term.wait_for("blocked alice");
+    alice_term.type_line("send bob are you there");
+    alice_term.wait_for("failed");
+    bob_term.type_line("blocked");
+    bob_term.wait_for("blocked: alice");
+    bob_term.type_line("unblock alice");
+    bob_term.wait_for("unblocked alice");
+
+    // Mute: messages are held, then summarised and shown when the mute ends.
+    bob_term.type_line("mute alice 3600");
+    bob_term.wait_for("muted alice for 3600 s");
+    alice_term.type_line("send bob one");
+    alice_term.wait_for_n("→ bob: delivered", 3);
+    alice_term.type_line("send bob two");
+    alice_term.wait_for_n("→ bob: delivered", 4);
+    assert!(
+        !bob_term.screen().contains("alice: one"),
+        "a muted message was shown"
+    );
+    bob_term.type_line("unmute alice");
+    bob_term.wait_for("2 messages from alice while muted");
+    bob_term.wait_for("alice: two (while muted)");
+
+    // A bad command is one clear line, and the client carries on.
+    bob_term.type_line("mute alice 0");
+    bob_term.wait_for("positive");
+
+    alice_term.type_line("quit");
+    let deadline = Instant::now() + WAIT;
+    while alice_term.running() {
+        assert!(Instant::now() < deadline, "alice's client did not quit");
+        thread::sleep(Duration::from_millis(50));
+    }
+    bob_term.type_line("quit");
+}
