@@ -67,7 +67,7 @@ pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = system::rss_kib(server.child.pid()?)?;
 
-    let load = run_load(bench, address, &sizes).await;
+    let load = run_load(bench, &[address], &sizes).await;
     let rss_after = system::rss_kib(server.child.pid()?);
     let (mut workers, load) = match load {
         Ok(load) => load,
@@ -97,6 +97,7 @@ pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
         .ok_or_else(|| BenchError::Child("redis-benchmark printed no GET figure".into()))?;
 
     let heartbeating = load.answered.min(alive_after);
+    let capped = sizes.clients < goal;
     let per_client = rss_after.saturating_sub(rss_before) as f64 / load.registered.max(1) as f64;
     let lookup_rate = lookups.len() as f64 / lookup_elapsed.as_secs_f64();
     let mut clients_note = format!(
@@ -117,7 +118,7 @@ pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
             sizes.clients
         ));
     }
-    Ok(vec![
+    let mut rows = vec![
         Row::new(
             "discovery: connected heartbeating clients",
             heartbeating as f64,
@@ -155,7 +156,114 @@ pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
             Target::AtMost(5.0),
         )
         .with_reference(format!("redis-benchmark GET -c {LOOKUP_CONNECTIONS} p99"), get.p99_ms),
+    ];
+    // One process cannot hold more clients than its open-file limit; the design's answer to
+    // "one instance is not enough" is several instances on one Redis, so measure that too
+    // (and, in smoke mode, keep the path working).
+    if capped || bench.mode.pick(false, true) {
+        rows.extend(tier_rows(bench, goal, file_bound, &sizes).await?);
+    }
+    Ok(rows)
+}
+
+/// The discovery tier: enough instances sharing one Redis to hold `goal` clients when one
+/// process may hold only `per_process`; clients heartbeating, and memory per client summed
+/// over the instances (Redis's own memory is reported beside it, not counted).
+async fn tier_rows(
+    bench: &Bench,
+    goal: usize,
+    per_process: usize,
+    sizes: &Sizes,
+) -> Result<Vec<Row>, BenchError> {
+    // Smoke mode still runs two instances, so the shared-Redis path is exercised.
+    let instances = goal
+        .div_ceil(per_process.min(goal).max(1))
+        .max(bench.mode.pick(1, 2));
+    let per_instance = goal.div_ceil(instances);
+    let redis = redis_ref::start_redis()?;
+    let url = redis.url();
+    let folder = tempfile::Builder::new()
+        .prefix("p2pchat-bench-tier-")
+        .tempdir_in(tmpfs_or_temp())?;
+    let mut servers = Vec::with_capacity(instances);
+    for index in 0..instances {
+        let data_dir = folder.path().join(format!("instance-{index}"));
+        std::fs::create_dir_all(&data_dir)?;
+        servers.push(spawn_server(bench, &data_dir, Some(&url), 1_000).await?);
+    }
+    let mut before = 0u64;
+    for server in &servers {
+        before += system::rss_kib(server.child.pid()?)?;
+    }
+    let tier_sizes = Sizes {
+        clients: goal,
+        heartbeat: sizes.heartbeat,
+        lookup_time: sizes.lookup_time,
+        redis_requests: sizes.redis_requests,
+    };
+    let addresses: Vec<SocketAddr> = servers.iter().map(|server| server.address).collect();
+    let load = run_load(bench, &addresses, &tier_sizes).await;
+    let mut after = 0u64;
+    for server in &servers {
+        after += system::rss_kib(server.child.pid()?).unwrap_or(0);
+    }
+    let redis_memory = redis_used_memory_kib(&redis).await;
+    let outcome = match load {
+        Ok((workers, load)) => {
+            for worker in workers {
+                worker.stop(Duration::from_secs(10)).await;
+            }
+            Ok(load)
+        }
+        Err(error) => Err(error),
+    };
+    for server in servers {
+        server.child.stop(Duration::from_secs(10)).await;
+    }
+    let load = outcome?;
+    let per_client = after.saturating_sub(before) as f64 / load.registered.max(1) as f64;
+    Ok(vec![
+        Row::new(
+            format!("discovery tier ({instances} instances, one Redis): connected heartbeating clients"),
+            load.answered as f64,
+            "clients",
+            Target::AtLeast(50_000.0),
+        )
+        .with_target_text("goal 100,000")
+        .with_note(format!(
+            "{} of {goal} clients registered ({} failed) in {:.1} s, spread over {instances} `discovery::serve` processes sharing one redis-server (at most {per_instance} each: the per-process open-file limit), from {} worker processes; {} answered a heartbeat (every {:?}).",
+            load.registered,
+            load.failed,
+            load.connect_time.as_secs_f64(),
+            load.workers,
+            load.answered,
+            tier_sizes.heartbeat,
+        )),
+        Row::new(
+            "discovery tier: server memory per client",
+            per_client,
+            "KiB",
+            Target::AtMost(8.0),
+        )
+        .with_note(format!(
+            "Summed RSS of the {instances} instances: {before} KiB before, {after} KiB with the clients; Redis itself held {} for their presence and bindings.",
+            redis_memory.map_or_else(|| "an unknown amount".to_owned(), |kib| format!("{kib} KiB")),
+        )),
     ])
+}
+
+/// Redis's `used_memory`, in KiB (`None` if `redis-cli` is missing or says nothing).
+async fn redis_used_memory_kib(redis: &store::testing::RedisServer) -> Option<u64> {
+    let output = Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string(), "info", "memory"])
+        .output()
+        .await
+        .ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|bytes| bytes.trim().parse::<u64>().ok())
+        .map(|bytes| bytes / 1024)
 }
 
 /// `/dev/shm` when it exists (tmpfs), else the temporary folder.
@@ -217,22 +325,29 @@ struct WorkerStatus {
     answered: usize,
 }
 
-/// Starts the workers, waits until all clients registered and one heartbeat round passed.
+/// Starts the workers, `sizes.clients` clients spread evenly over `servers`, waits until all
+/// registered and one heartbeat round passed.
 async fn run_load(
     bench: &Bench,
-    address: SocketAddr,
+    servers: &[SocketAddr],
     sizes: &Sizes,
 ) -> Result<(Vec<LineChild>, Load), BenchError> {
     let started = Instant::now();
     let mut workers = Vec::new();
     let mut first = 0;
+    let per_server = sizes.clients.div_ceil(servers.len().max(1));
     while first < sizes.clients {
-        let count = CLIENTS_PER_WORKER.min(sizes.clients - first);
+        let server = servers[(first / per_server).min(servers.len() - 1)];
+        // A worker never spans two servers.
+        let left_on_server = per_server - first % per_server;
+        let count = CLIENTS_PER_WORKER
+            .min(sizes.clients - first)
+            .min(left_on_server);
         let mut command = Command::new(&bench.exe);
         command
             .arg("load-worker")
             .arg("--server")
-            .arg(address.to_string())
+            .arg(server.to_string())
             .arg("--first")
             .arg(first.to_string())
             .arg("--count")
