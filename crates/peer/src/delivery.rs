@@ -95,8 +95,12 @@ pub(crate) async fn deliver(
     {
         match link.send(&envelope, context.config.ack_timeout).await {
             Ok(()) => return (DeliveryStatus::Delivered, Some(link)),
-            Err(LinkError::Rejected(error)) => return (rejected(error), None),
-            // The peer closed the link or moved: take the full route below.
+            Err(LinkError::Rejected(error)) if error.code != ErrorCode::Unavailable => {
+                return (rejected(error), None);
+            }
+            // The peer closed the link or moved, or cannot take the message now (its disk
+            // is full, its server link is down): take the full route below, which ends in
+            // the mailbox.
             Err(error) => tracing::debug!(%error, "kept link failed"),
         }
     }

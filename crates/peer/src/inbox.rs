@@ -258,10 +258,23 @@ pub(crate) async fn fetch_mail(context: &Context) {
 /// shown, what is refused for good is dropped, and what still cannot be opened (the key
 /// changed again, or the server or disk is unavailable) stays held.
 pub(crate) async fn reopen_held(context: &Context, from: &Username) {
-    let held = match context.state.held_from(from) {
+    let mut held = match context.state.held_from(from) {
         Ok(held) => held,
         Err(error) => return tracing::error!(%error, "cannot read held mail"),
     };
+    // Shown in the order they were written: the time is inside the seal, so peek at it
+    // with the newly trusted keys (what does not open goes last and is dealt with below).
+    let channel = match context.state.pinned(from) {
+        Ok(Some(keys)) => context.channel(from, &keys).ok(),
+        _ => None,
+    };
+    let now = proto::now_ms();
+    held.sort_by_cached_key(|envelope| {
+        channel
+            .as_ref()
+            .and_then(|channel| channel.open(envelope, now).ok())
+            .map_or(u64::MAX, |plaintext| plaintext.sent_at_ms)
+    });
     for envelope in held {
         let done = match receive(context, &envelope).await {
             Ok(Accepted::New(message)) => {
