@@ -3,12 +3,21 @@
 //! - `architecture`: the dependency direction of design.md §2.
 //! - `chat`: the peer runtime against an in-process discovery server.
 //! - `scripted`: the real binaries, driven through `p2pchat send` and `listen --json`.
+//! - `interactive`: the interactive client in tmux, as a person uses it.
 //! - `outages`: discovery and Redis restarts and crashes, counting every message.
 //! - `hostile_peer`: hostile clients against a peer's P2P listener (the real binary).
+//! - `disk`: full disks and unwritable data dirs (root: a tmpfs in a private mount namespace).
+//! - `netfaults`: an unreachable listener and a healing partition, between network
+//!   namespaces (root).
+//!
+//! `P2PCHAT_LONG_TESTS=1` runs the long variants (bigger crowds and floods, more messages).
 
 mod architecture;
 mod chat;
+mod disk;
 mod hostile_peer;
+mod interactive;
+mod netfaults;
 mod outages;
 mod scripted;
 mod util;

@@ -250,11 +250,6 @@ impl Discovery {
         }
     }
 
-    /// The server process's id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// Stops it with SIGTERM (graceful) and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -506,6 +501,27 @@ impl Listener {
                 Err(_) => panic!("no {what} within {WAIT:?}; saw {:#?}", self.seen),
             }
         }
+    }
+
+    /// Waits until the client is online (true) or has exited (false: it could not start,
+    /// e.g. its `--port` was taken meanwhile).
+    pub fn online_or_exited(&mut self) -> bool {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(value) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                self.seen.push(value.clone());
+                if value["event"] == "online" {
+                    return true;
+                }
+                self.unmatched.push_back(value);
+            } else if self.child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+        }
+        panic!(
+            "neither online nor exited within {WAIT:?}; saw {:#?}",
+            self.seen
+        )
     }
 
     /// Waits until the client is online.

@@ -51,6 +51,14 @@ struct Cli {
     /// The port to accept peer connections on (0: any free port).
     #[arg(long, default_value_t = 0, global = true)]
     port: u16,
+    /// Milliseconds without an answer to a heartbeat before the server connection is
+    /// treated as dead (default 10000). For tests of network faults.
+    #[arg(long, env = "P2PCHAT_PONG_TIMEOUT_MS", global = true, hide = true)]
+    pong_timeout_ms: Option<u64>,
+    /// Milliseconds a direct connection attempt to a peer may take (default 3000). For tests
+    /// of network faults.
+    #[arg(long, env = "P2PCHAT_CONNECT_TIMEOUT_MS", global = true, hide = true)]
+    connect_timeout_ms: Option<u64>,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -129,6 +137,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
     let mut config = Config::new(cli.server.clone(), user, data_dir.clone());
     config.listen.set_port(cli.port);
+    if let Some(ms) = cli.pong_timeout_ms {
+        config.pong_timeout = Duration::from_millis(ms.max(1));
+    }
+    if let Some(ms) = cli.connect_timeout_ms {
+        config.connect_timeout = Duration::from_millis(ms.max(1));
+    }
     let shutdown = CancellationToken::new();
     let (client, events) = peer::start(config, shutdown.clone())
         .await

@@ -451,6 +451,13 @@ pub fn store_error(error: StoreError) -> ErrorReply {
             ErrorCode::Blocked,
             format!("{recipient} does not accept messages from {sender}"),
         ),
+        StoreError::StorageFull(detail) => {
+            tracing::error!(%detail, "the store's disk is full");
+            ErrorReply::new(
+                ErrorCode::Unavailable,
+                "the server's storage is full; nothing was stored, try again later",
+            )
+        }
         StoreError::Redis(error) => {
             tracing::warn!(%error, "redis request failed");
             ErrorReply::new(

@@ -744,6 +744,9 @@ fn store_failures_map_to_codes() {
         store_error(StoreError::Embedded("disk".into())).code,
         ErrorCode::Internal
     );
+    let full = store_error(StoreError::StorageFull("no space".into()));
+    assert_eq!(full.code, ErrorCode::Unavailable);
+    assert!(full.message.contains("storage is full"), "{full}");
     assert_eq!(
         store_error(StoreError::MailboxFull {
             user: name("a"),

@@ -555,10 +555,16 @@ fn run_deposit_writer(db: &Database, cap: u64, jobs: &std::sync::mpsc::Receiver<
                 }
             }
             Err(error) => {
+                let full = is_storage_full(&error);
                 let message = error.to_string();
                 tracing::error!(%message, deposits = group.len(), "deposit group failed");
                 for job in group {
-                    let _ = job.reply.send(Err(StoreError::Embedded(message.clone())));
+                    let error = if full {
+                        StoreError::StorageFull(message.clone())
+                    } else {
+                        StoreError::Embedded(message.clone())
+                    };
+                    let _ = job.reply.send(Err(error));
                 }
             }
         }
@@ -772,9 +778,23 @@ fn after_removal(txn: &WriteTransaction, user: &Username, removed: u64) -> Resul
     mailbox.write(&mut mailboxes, user)
 }
 
-/// Wraps any redb error.
+/// Wraps any redb error; a full disk is told apart, so senders hear why.
 fn embedded_error(error: impl Into<redb::Error>) -> StoreError {
-    StoreError::Embedded(error.into().to_string())
+    let error = error.into();
+    if is_storage_full(&error) {
+        StoreError::StorageFull(error.to_string())
+    } else {
+        StoreError::Embedded(error.to_string())
+    }
+}
+
+/// Whether `error` is the disk (or quota) running out of space.
+fn is_storage_full(error: &redb::Error) -> bool {
+    /// ENOSPC and EDQUOT on Linux, for kernels' errors std does not map to `StorageFull`.
+    const NO_SPACE: [i32; 2] = [28, 122];
+    matches!(error, redb::Error::Io(io)
+        if io.kind() == std::io::ErrorKind::StorageFull
+            || io.raw_os_error().is_some_and(|code| NO_SPACE.contains(&code)))
 }
 
 #[cfg(test)]

@@ -168,6 +168,9 @@ pub enum StoreError {
     /// The embedded database failed.
     #[error("embedded store: {0}")]
     Embedded(String),
+    /// The embedded database's disk is full: nothing was written.
+    #[error("embedded store: the disk is full: {0}")]
+    StorageFull(String),
     /// A stored value does not decode.
     #[error("corrupt stored value at {key}: {reason}")]
     Corrupt {
