@@ -1,8 +1,7 @@
 //! Sending one message: direct first, the mailbox as the fallback.
 //!
 //! [`deliver`] looks the recipient up, checks its keys against the pinned ones (pinning on
-//! first use), seals the message, tries each advertised address (or a kept [`PeerLink`])
-//! and waits for the ack; on no route, refusal to connect, timeout or an offline recipient
+//! first use), seals the message, tries each advertised address and waits for the ack; on no route, refusal to connect, timeout or an offline recipient
 //! it deposits the envelope in the recipient's mailbox. The result is a [`DeliveryStatus`].
 
 use std::fmt;
@@ -82,28 +81,13 @@ impl fmt::Display for DeliveryStatus {
     }
 }
 
-/// Delivers `entry`, reusing `link` when given. Returns the result and a link worth keeping.
+/// Delivers `entry` by the full route: lookup, keys, a new link, else the mailbox. Returns
+/// the result and the link it opened, worth keeping for the next messages (a kept link is
+/// driven pipelined by [`crate::outgoing`]).
 pub(crate) async fn deliver(
     context: &Context,
     entry: &OutboxEntry,
-    link: Option<PeerLink>,
 ) -> (DeliveryStatus, Option<PeerLink>) {
-    // A kept link skips the lookup: the keys are pinned and the peer was reachable.
-    if let Some(mut link) = link
-        && let Ok(Some(keys)) = context.state.pinned(&entry.to)
-        && let Ok(envelope) = seal(context, entry, &keys)
-    {
-        match link.send(&envelope, context.config.ack_timeout).await {
-            Ok(()) => return (DeliveryStatus::Delivered, Some(link)),
-            Err(LinkError::Rejected(error)) if error.code != ErrorCode::Unavailable => {
-                return (rejected(error), None);
-            }
-            // The peer closed the link or moved, or cannot take the message now (its disk
-            // is full, its server link is down): take the full route below, which ends in
-            // the mailbox.
-            Err(error) => tracing::debug!(%error, "kept link failed"),
-        }
-    }
     let info = match context.lookup(&entry.to).await {
         Ok(info) => info,
         Err(ClientError::UnknownUser(user)) => {
@@ -154,7 +138,8 @@ pub(crate) async fn deliver(
     (deposit(context, envelope).await, None)
 }
 
-fn rejected(error: proto::ErrorReply) -> DeliveryStatus {
+/// The status of a message the recipient refused.
+pub(crate) fn rejected(error: proto::ErrorReply) -> DeliveryStatus {
     DeliveryStatus::failed(
         format!("refused by the recipient: {}", error.message),
         false,

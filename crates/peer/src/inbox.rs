@@ -1,9 +1,12 @@
 //! Receiving: direct connections ([`serve`]) and the mailbox ([`fetch_mail`]) share one
-//! check-and-store path, [`receive`]:
-//! recipient is me → sender not blocked → sender's pinned keys (pinned on first use from
-//! the server) → open and check the sealed header → not too old → store (de-duplicated by
-//! id, together with the not-yet-shown mark). Only then is the envelope acked (to the peer,
-//! or to the server for mail), and only after the ack is it shown.
+//! check-and-store path: [`check`] (recipient is me → sender not blocked → sender's pinned
+//! keys, pinned on first use from the server → open and check the sealed header → not too
+//! old), then [`store`] (de-duplicated by id, together with the not-yet-shown mark), which
+//! takes a whole batch in one group commit. Only once the batch is durable are its
+//! envelopes acked (to the peer, or to the server for mail), and only after the ack are they
+//! shown. A direct connection reads every envelope already arrived (up to
+//! [`RECEIVE_BATCH`]), checks them, stores them in one commit, then writes all the answers
+//! in one flush: the sender pipelines, so one `fsync` covers many messages.
 //!
 //! Mail sealed under a sender key that no longer matches the pinned one is not deleted: it
 //! is kept sealed in the `held` table of [`crate::state`] (then acked, so the server stops
@@ -15,9 +18,10 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use futures::FutureExt;
 use proto::{
     Connection, Envelope, ErrorCode, ErrorReply, MessageId, OpenError, PeerMsg, PublicKeys, Reply,
-    Request, Username,
+    Request, Username, seal::Plaintext,
 };
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +37,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many envelopes one fetch asks for.
 const FETCH_BATCH: u32 = 64;
+/// The most envelopes read from a direct connection into one stored batch.
+pub(crate) const RECEIVE_BATCH: usize = 1024;
+/// The most token bytes in one batch, so a peer sending maximal frames cannot make one
+/// batch take more than a few MiB of memory.
+const RECEIVE_BATCH_BYTES: usize = 2 << 20;
 /// The most envelopes held for a `trust` (beyond it, mail under a changed key is refused
 /// and deleted as before): a sender with a new key cannot fill the disk.
 const MAX_HELD: u64 = 10_000;
@@ -105,8 +114,51 @@ async fn sender_keys(context: &Context, user: &Username) -> Result<PublicKeys, R
     }
 }
 
+/// An envelope that passed every check, ready to store.
+#[derive(Debug)]
+pub(crate) struct Checked {
+    plaintext: Plaintext,
+    /// Whether its sender was muted when it arrived.
+    muted: bool,
+}
+
 /// Checks and stores one envelope (see the module docs).
 pub(crate) async fn receive(context: &Context, envelope: &Envelope) -> Result<Accepted, Refusal> {
+    let checked = check(context, envelope).await?;
+    store(context, vec![checked])
+        .await?
+        .pop()
+        .ok_or_else(|| Refusal::Transient("nothing stored".into()))
+}
+
+/// Stores checked messages, in order, in one group commit; resolves once durable.
+pub(crate) async fn store(
+    context: &Context,
+    checked: Vec<Checked>,
+) -> Result<Vec<Accepted>, Refusal> {
+    if checked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let messages = checked
+        .into_iter()
+        .map(|checked| (checked.plaintext, checked.muted))
+        .collect();
+    let outcomes = context
+        .state
+        .submit_incoming(messages, proto::now_ms())
+        .await
+        .map_err(|error| Refusal::Transient(error.to_string()))?;
+    Ok(outcomes
+        .into_iter()
+        .map(|outcome| match outcome {
+            StoreOutcome::New(message) => Accepted::New(message),
+            StoreOutcome::Duplicate => Accepted::Duplicate,
+        })
+        .collect())
+}
+
+/// Every check of one envelope short of storing it (see the module docs).
+pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Checked, Refusal> {
     if envelope.to != context.me {
         return Err(Refusal::NotForMe(envelope.to.clone()));
     }
@@ -138,14 +190,7 @@ pub(crate) async fn receive(context: &Context, envelope: &Envelope) -> Result<Ac
         .muted_until(from, now)
         .map_err(transient)?
         .is_some();
-    match context
-        .state
-        .store_incoming(&plaintext, muted, now)
-        .map_err(transient)?
-    {
-        StoreOutcome::New(message) => Ok(Accepted::New(message)),
-        StoreOutcome::Duplicate => Ok(Accepted::Duplicate),
-    }
+    Ok(Checked { plaintext, muted })
 }
 
 /// A token that does not open under the pinned keys is either forged or sealed with new
@@ -194,15 +239,11 @@ pub(crate) async fn fetch_mail(context: &Context) {
             return;
         }
         let mut ack: Vec<MessageId> = Vec::new();
-        let mut new: Vec<InboundMessage> = Vec::new();
+        let mut checked: Vec<(MessageId, Checked)> = Vec::new();
         let mut stop = false;
         for envelope in &envelopes {
-            match receive(context, envelope).await {
-                Ok(Accepted::New(message)) => {
-                    ack.push(envelope.id);
-                    new.push(message);
-                }
-                Ok(Accepted::Duplicate) => ack.push(envelope.id),
+            match check(context, envelope).await {
+                Ok(message) => checked.push((envelope.id, message)),
                 Err(Refusal::Transient(reason)) => {
                     tracing::info!(%reason, "mail left in the mailbox for later");
                     stop = true;
@@ -236,6 +277,22 @@ pub(crate) async fn fetch_mail(context: &Context) {
                     report_refusal(context, &envelope.from, &refusal);
                     ack.push(envelope.id);
                 }
+            }
+        }
+        // The whole fetch is stored in one commit before any of it is acked.
+        let (ids, checked): (Vec<MessageId>, Vec<Checked>) = checked.into_iter().unzip();
+        let mut new: Vec<InboundMessage> = Vec::new();
+        match store(context, checked).await {
+            Ok(accepted) => {
+                ack.extend(ids);
+                new.extend(accepted.into_iter().filter_map(|accepted| match accepted {
+                    Accepted::New(message) => Some(message),
+                    Accepted::Duplicate => None,
+                }));
+            }
+            Err(refusal) => {
+                tracing::info!(%refusal, "mail left in the mailbox for later");
+                stop = true;
             }
         }
         if !ack.is_empty()
@@ -353,46 +410,113 @@ async fn serve_connection(
         Err(_) => return Err("no peer hello in time".into()),
     };
     loop {
-        let envelope = match tokio::time::timeout(IDLE_TIMEOUT, connection.recv::<PeerMsg>()).await
-        {
+        let first = match tokio::time::timeout(IDLE_TIMEOUT, connection.recv::<PeerMsg>()).await {
             Ok(Ok(Some(PeerMsg::Envelope(envelope)))) => envelope,
             Ok(Ok(Some(_))) => return Err("unexpected message from the peer".into()),
             Ok(Ok(None)) | Err(_) => return Ok(()),
             Ok(Err(error)) => return Err(error.to_string()),
         };
+        // Everything that has arrived already joins the batch (`recv` is cancel-safe, so
+        // polling it once loses nothing). How the connection ended, if it did, is kept for
+        // after the batch is answered.
+        let mut batch_bytes = first.token.len();
+        let mut batch = vec![first];
+        let mut ended: Option<Result<(), String>> = None;
+        while batch.len() < RECEIVE_BATCH && batch_bytes < RECEIVE_BATCH_BYTES {
+            match connection.recv::<PeerMsg>().now_or_never() {
+                None => break,
+                Some(Ok(Some(PeerMsg::Envelope(envelope)))) => {
+                    batch_bytes += envelope.token.len();
+                    batch.push(envelope);
+                }
+                Some(Ok(Some(_))) => ended = Some(Err("unexpected message from the peer".into())),
+                Some(Ok(None)) => ended = Some(Ok(())),
+                Some(Err(error)) => ended = Some(Err(error.to_string())),
+            }
+            if ended.is_some() {
+                break;
+            }
+        }
+        let (answers, new) = answer_batch(context, &from, batch).await;
+        for answer in &answers {
+            connection
+                .feed(answer)
+                .await
+                .map_err(|error| error.to_string())?;
+        }
+        connection
+            .flush()
+            .await
+            .map_err(|error| error.to_string())?;
+        // Acked after storing, shown after acking.
+        for message in new {
+            let _ = context.to_loop.send(Internal::Received(message));
+        }
+        if let Some(ended) = ended {
+            return ended;
+        }
+    }
+}
+
+/// Checks a batch of envelopes from `from` (the user who connected), stores what passes in
+/// one commit, and returns one answer per envelope, in order, with the new messages.
+async fn answer_batch(
+    context: &Context,
+    from: &Username,
+    batch: Vec<Envelope>,
+) -> (Vec<PeerMsg>, Vec<InboundMessage>) {
+    let mut answers: Vec<Option<PeerMsg>> = Vec::with_capacity(batch.len());
+    let mut checked: Vec<(usize, MessageId, Checked)> = Vec::new();
+    for envelope in &batch {
         let id = envelope.id;
-        let answer = if envelope.from != from {
-            PeerMsg::Reject {
+        if &envelope.from != from {
+            answers.push(Some(PeerMsg::Reject {
                 id: Some(id),
                 error: ErrorReply::new(
                     ErrorCode::BadRequest,
                     "the envelope's sender is not the user who connected",
                 ),
+            }));
+            continue;
+        }
+        match check(context, envelope).await {
+            Ok(message) => {
+                checked.push((answers.len(), id, message));
+                answers.push(None);
             }
-        } else {
-            match receive(context, &envelope).await {
-                Ok(Accepted::New(message)) => {
-                    connection
-                        .send(&PeerMsg::Ack { id })
-                        .await
-                        .map_err(|error| error.to_string())?;
-                    // Acked after storing, shown after acking.
-                    let _ = context.to_loop.send(Internal::Received(message));
-                    continue;
-                }
-                Ok(Accepted::Duplicate) => PeerMsg::Ack { id },
-                Err(refusal) => {
-                    report_refusal(context, &from, &refusal);
-                    PeerMsg::Reject {
-                        id: Some(id),
-                        error: refusal.to_reply(),
-                    }
-                }
+            Err(refusal) => {
+                report_refusal(context, from, &refusal);
+                answers.push(Some(PeerMsg::Reject {
+                    id: Some(id),
+                    error: refusal.to_reply(),
+                }));
             }
-        };
-        connection
-            .send(&answer)
-            .await
-            .map_err(|error| error.to_string())?;
+        }
     }
+    let mut new = Vec::new();
+    let (places, checked): (Vec<(usize, MessageId)>, Vec<Checked>) = checked
+        .into_iter()
+        .map(|(index, id, message)| ((index, id), message))
+        .unzip();
+    match store(context, checked).await {
+        Ok(accepted) => {
+            for ((index, id), accepted) in places.into_iter().zip(accepted) {
+                if let Accepted::New(message) = accepted {
+                    new.push(message);
+                }
+                answers[index] = Some(PeerMsg::Ack { id });
+            }
+        }
+        Err(refusal) => {
+            report_refusal(context, from, &refusal);
+            let error = refusal.to_reply();
+            for (index, id) in places {
+                answers[index] = Some(PeerMsg::Reject {
+                    id: Some(id),
+                    error: error.clone(),
+                });
+            }
+        }
+    }
+    (answers.into_iter().flatten().collect(), new)
 }

@@ -3,10 +3,13 @@
 //! - [`runtime`]: [`start`] a runtime from a [`Config`]; it returns a [`Client`] (commands:
 //!   send, list, block, mute, whois, trust, history, ...) and [`Events`] (messages,
 //!   delivery results, announcements, warnings) in order. One event loop drives everything.
+//! - [`commit`]: the group-commit writer: one thread commits many state writes per `fsync`;
+//!   a write's [`commit::Ticket`] resolves once durable.
 //! - [`control`]: the control connection to the discovery server as an actor (register,
 //!   heartbeats, requests matched by id, reconnect with backoff).
 //! - [`delivery`]: sending one message: direct, else the mailbox; [`DeliveryStatus`].
 //! - [`inbox`]: receiving: direct connections and mail share one check-and-store path.
+//! - [`outgoing`]: one task per recipient pipelines its messages over a kept link, in order.
 //! - [`link`]: [`link::PeerLink`], the sending side of the peer protocol.
 //! - [`state`]: [`state::State`], the crash-safe local state (pins, blocks, mutes, history,
 //!   outbox, seen ids, not-yet-shown marks, mail held under a changed key) in one redb file.
@@ -17,10 +20,12 @@
 //! **Architecture Invariant:** this crate depends on `proto` only among the workspace
 //! crates, and never prints: everything the user should see is an [`Event`].
 
+pub mod commit;
 pub mod control;
 pub mod delivery;
 pub(crate) mod inbox;
 pub mod link;
+pub(crate) mod outgoing;
 pub mod runtime;
 pub mod state;
 

@@ -1,13 +1,16 @@
 //! [`PeerLink`]: the sending side of the peer protocol.
 //!
 //! A link is one TCP connection to a peer after the hellos: the connecting side sends
-//! [`PeerMsg::Hello`] naming both users, then one [`PeerMsg::Envelope`] at a time, each
-//! answered by [`PeerMsg::Ack`] (stored) or [`PeerMsg::Reject`]. A link can be kept and
-//! reused for the next message to the same peer. The receiving side is in [`crate::inbox`].
+//! [`PeerMsg::Hello`] naming both users, then [`PeerMsg::Envelope`]s, each answered by
+//! [`PeerMsg::Ack`] (stored) or [`PeerMsg::Reject`] with its id. [`PeerLink::send`] sends one
+//! and waits for its answer; a kept link is driven pipelined instead (many envelopes in
+//! flight, answers matched by id) with [`PeerLink::feed`], [`PeerLink::flush`] and
+//! [`PeerLink::next_answer`], by [`crate::outgoing`]. The receiving side is in
+//! [`crate::inbox`].
 
 use std::{net::SocketAddr, time::Duration};
 
-use proto::{Connection, Envelope, ErrorReply, PeerMsg, Username};
+use proto::{Connection, Envelope, ErrorReply, MessageId, PeerMsg, Username};
 use tokio::net::TcpStream;
 
 /// Why sending over a link failed.
@@ -117,5 +120,30 @@ impl PeerLink {
         tokio::time::timeout(ack_timeout, wait)
             .await
             .map_err(|_| LinkError::Timeout(ack_timeout))?
+    }
+
+    /// Buffers `envelope` for sending (written out by [`PeerLink::flush`], or when the
+    /// buffer fills).
+    pub async fn feed(&mut self, envelope: Envelope) -> Result<(), LinkError> {
+        Ok(self.connection.feed(&PeerMsg::Envelope(envelope)).await?)
+    }
+
+    /// Writes out the buffered envelopes.
+    pub async fn flush(&mut self) -> Result<(), LinkError> {
+        Ok(self.connection.flush().await?)
+    }
+
+    /// The next answer: the envelope id it answers and whether it was stored (`Ok`) or
+    /// refused. A refusal of the whole link (no id) is [`LinkError::Rejected`]. Cancel-safe.
+    pub async fn next_answer(&mut self) -> Result<(MessageId, Result<(), ErrorReply>), LinkError> {
+        match self.connection.recv::<PeerMsg>().await? {
+            Some(PeerMsg::Ack { id }) => Ok((id, Ok(()))),
+            Some(PeerMsg::Reject {
+                id: Some(id),
+                error,
+            }) => Ok((id, Err(error))),
+            Some(PeerMsg::Reject { id: None, error }) => Err(LinkError::Rejected(error)),
+            Some(PeerMsg::Hello { .. } | PeerMsg::Envelope(_)) | None => Err(LinkError::Closed),
+        }
     }
 }

@@ -8,14 +8,19 @@
 //! it is spawned on the [`TaskTracker`] and reports back over an internal channel, so a
 //! misbehaving peer can stall only its own task.
 //!
-//! Outgoing messages are delivered one at a time per recipient (so they arrive in order);
-//! a kept [`PeerLink`] per recipient is reused for the next message.
+//! Outgoing messages go to one task per recipient ([`crate::outgoing`]), which keeps a link
+//! and pipelines them over it in order. State writes are group-committed
+//! ([`crate::commit`]): a send's outbox record, the receiver's stored batch and the results
+//! of many messages share commits.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -31,10 +36,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     control::{self, ControlConfig, ControlError, ControlEvent, ControlHandle},
-    delivery::{self, DeliveryStatus},
+    delivery::DeliveryStatus,
     inbox,
-    link::PeerLink,
-    state::{HistoryEntry, InboundMessage, OutboxEntry, State, StateError},
+    outgoing::{self, Job},
+    state::{HistoryEntry, InboundMessage, State, StateError},
 };
 
 /// How long seen ids are remembered, and so the oldest message accepted (mail lives up to
@@ -335,14 +340,6 @@ enum Command {
     },
 }
 
-/// A finished delivery attempt (boxed: it is much larger than the other messages).
-pub(crate) struct Finished {
-    entry: OutboxEntry,
-    status: DeliveryStatus,
-    link: Option<PeerLink>,
-    reply: Option<Reply_<SendReport>>,
-}
-
 /// Channels cached per peer and key pair.
 type ChannelCache = Mutex<HashMap<(Username, [u8; 32], [u8; 32]), Arc<Channel>>>;
 
@@ -352,8 +349,8 @@ pub(crate) enum Internal {
     Received(InboundMessage),
     /// Something to tell the user as is.
     Notify(Event),
-    /// A delivery attempt finished.
-    Delivered(Box<Finished>),
+    /// A message's result is recorded and reported: it may be retried from the outbox again.
+    Finished(MessageId),
     /// A mail fetch finished.
     FetchDone,
     /// Mutes changed: re-arm the timer.
@@ -370,6 +367,8 @@ pub(crate) struct Context {
     pub(crate) control: ControlHandle,
     pub(crate) to_loop: mpsc::UnboundedSender<Internal>,
     pub(crate) config: Config,
+    /// Raised at every reconnect: links kept from an earlier generation are dropped.
+    pub(crate) link_generation: AtomicU64,
     channels: ChannelCache,
 }
 
@@ -412,6 +411,20 @@ impl Context {
     /// Tells the user something.
     pub(crate) fn notify(&self, event: Event) {
         let _ = self.to_loop.send(Internal::Notify(event));
+    }
+
+    /// Logs a local state failure and tells the user.
+    pub(crate) fn report_state_error(&self, error: StateError) {
+        tracing::error!(%error, "state error");
+        self.notify(state_error_event(&self.me, &error));
+    }
+}
+
+/// The event telling the user that local state failed.
+fn state_error_event(me: &Username, error: &StateError) -> Event {
+    Event::Refused {
+        from: me.clone(),
+        reason: format!("local state error: {error}"),
     }
 }
 
@@ -502,6 +515,7 @@ pub async fn start(
         control,
         to_loop,
         config: config.clone(),
+        link_generation: AtomicU64::new(0),
         channels: Mutex::new(HashMap::new()),
     });
     let event_loop = EventLoop {
@@ -514,9 +528,8 @@ pub async fn start(
         status: status_tx,
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
-        busy: HashMap::new(),
+        recipients: HashMap::new(),
         in_flight: HashSet::new(),
-        links: HashMap::new(),
         inbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_CONNECTIONS)),
         refused_connections: 0,
         fetching: false,
@@ -688,11 +701,6 @@ impl Client {
     }
 }
 
-struct Job {
-    entry: OutboxEntry,
-    reply: Option<Reply_<SendReport>>,
-}
-
 struct EventLoop {
     context: Arc<Context>,
     listener: TcpListener,
@@ -703,12 +711,10 @@ struct EventLoop {
     status: watch::Sender<Status>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
-    /// Recipients with a delivery under way, and what waits behind it.
-    busy: HashMap<Username, VecDeque<Job>>,
+    /// The queue of each recipient's delivery task ([`crate::outgoing`]).
+    recipients: HashMap<Username, mpsc::UnboundedSender<Job>>,
     /// Messages being delivered or waiting to be, so an outbox flush does not repeat them.
     in_flight: HashSet<MessageId>,
-    /// Idle links kept for reuse, per recipient.
-    links: HashMap<Username, PeerLink>,
     /// Caps concurrent inbound peer connections.
     inbound_slots: Arc<tokio::sync::Semaphore>,
     /// Inbound connections refused at the cap so far.
@@ -792,10 +798,7 @@ impl EventLoop {
 
     fn report_state_error(&self, error: StateError) {
         tracing::error!(%error, "state error");
-        self.emit(Event::Refused {
-            from: self.context.me.clone(),
-            reason: format!("local state error: {error}"),
-        });
+        self.emit(state_error_event(&self.context.me, &error));
     }
 
     fn next_mute_deadline(&self) -> Option<Instant> {
@@ -882,7 +885,7 @@ impl EventLoop {
                 let first = self.online || matches!(*self.status.borrow(), Status::Connecting);
                 self.online = false;
                 // Kept links may point at peers that moved; start fresh after a reconnect.
-                self.links.clear();
+                self.context.link_generation.fetch_add(1, Ordering::Relaxed);
                 self.status.send_replace(Status::Offline {
                     reason: reason.clone(),
                 });
@@ -917,14 +920,8 @@ impl EventLoop {
                 }
             }
             Internal::Notify(event) => self.emit(event),
-            Internal::Delivered(finished) => {
-                let Finished {
-                    entry,
-                    status,
-                    link,
-                    reply,
-                } = *finished;
-                self.delivered(entry, status, link, reply);
+            Internal::Finished(id) => {
+                self.in_flight.remove(&id);
             }
             Internal::FetchDone => {
                 self.fetching = false;
@@ -979,77 +976,32 @@ impl EventLoop {
             if only.is_some_and(|user| user != &entry.to) || self.in_flight.contains(&entry.id) {
                 continue;
             }
-            self.enqueue(Job { entry, reply: None });
+            self.enqueue(Job {
+                entry,
+                recorded: None,
+                reply: None,
+            });
         }
     }
 
+    /// Hands `job` to its recipient's delivery task (started on first use).
     fn enqueue(&mut self, job: Job) {
         self.in_flight.insert(job.entry.id);
-        match self.busy.get_mut(&job.entry.to) {
-            Some(queue) => queue.push_back(job),
-            None => {
-                self.busy.insert(job.entry.to.clone(), VecDeque::new());
-                self.start_job(job);
-            }
-        }
-    }
-
-    fn start_job(&mut self, job: Job) {
-        let context = self.context.clone();
-        let link = self.links.remove(&job.entry.to);
-        self.tracker.spawn(async move {
-            let (status, link) = delivery::deliver(&context, &job.entry, link).await;
-            let _ = context.to_loop.send(Internal::Delivered(Box::new(Finished {
-                entry: job.entry,
-                status,
-                link,
-                reply: job.reply,
-            })));
+        let to = job.entry.to.clone();
+        let queue = self.recipients.entry(to.clone()).or_insert_with(|| {
+            outgoing::spawn(
+                self.context.clone(),
+                to.clone(),
+                &self.tracker,
+                self.shutdown.clone(),
+            )
         });
-    }
-
-    fn delivered(
-        &mut self,
-        entry: OutboxEntry,
-        status: DeliveryStatus,
-        link: Option<PeerLink>,
-        reply: Option<Reply_<SendReport>>,
-    ) {
-        self.in_flight.remove(&entry.id);
-        let (history_status, keep) = status.to_history();
-        if let Err(error) = self
-            .context
-            .state
-            .finish_attempt(&entry, &history_status, keep)
-        {
-            self.report_state_error(error);
-        }
-        if let Some(link) = link {
-            self.links.insert(entry.to.clone(), link);
-        }
-        let report = SendReport {
-            id: entry.id,
-            to: entry.to.clone(),
-            status,
-        };
-        match reply {
-            Some(reply) => {
-                let _ = reply.send(Ok(report));
-            }
-            // Retries are reported as events, except failures that will be retried again,
-            // which would only repeat the same line at every reconnect.
-            None if !keep => self.emit(Event::Delivery {
-                id: report.id,
-                to: report.to,
-                status: report.status,
-            }),
-            None => {}
-        }
-        let next = self.busy.get_mut(&entry.to).and_then(VecDeque::pop_front);
-        match next {
-            Some(job) => self.start_job(job),
-            None => {
-                self.busy.remove(&entry.to);
+        if let Err(mpsc::error::SendError(job)) = queue.send(job) {
+            // The task has stopped (only at shutdown): the sender hears so.
+            self.in_flight.remove(&job.entry.id);
+            self.recipients.remove(&to);
+            if let Some(reply) = job.reply {
+                let _ = reply.send(Err(ClientError::ShuttingDown));
             }
         }
     }
@@ -1067,15 +1019,15 @@ impl EventLoop {
                         max: proto::seal::MAX_BODY_LEN,
                     }));
                 } else {
-                    match state.queue_outgoing(&to, &body, proto::now_ms()) {
-                        Ok(entry) => self.enqueue(Job {
-                            entry,
-                            reply: Some(reply),
-                        }),
-                        Err(error) => {
-                            let _ = reply.send(Err(error.into()));
-                        }
-                    }
+                    // The outbox record is submitted now (so records keep the order of
+                    // sends) and awaited by the recipient's task before the message leaves.
+                    let entry = state.prepare_outgoing(&to, &body, proto::now_ms());
+                    let recorded = state.submit_outgoing(&entry);
+                    self.enqueue(Job {
+                        entry,
+                        recorded: Some(recorded),
+                        reply: Some(reply),
+                    });
                 }
             }
             Command::Blocked { reply } => {
@@ -1084,8 +1036,13 @@ impl EventLoop {
             Command::History { user, limit, reply } => {
                 let _ = reply.send(state.history(&user, limit).map_err(Into::into));
             }
+            // Answered once the mark is durable (see `State::submit_shown`), without holding
+            // the loop for the commit.
             Command::Shown { id, reply } => {
-                let _ = reply.send(state.mark_shown(&id).map_err(Into::into));
+                let marked = state.submit_shown(&id);
+                self.tracker.spawn(async move {
+                    let _ = reply.send(marked.await.map_err(Into::into));
+                });
             }
             Command::Unmute { user, reply } => {
                 let result = match state.unmute(&user) {

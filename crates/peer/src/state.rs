@@ -13,18 +13,35 @@
 //!   sealed, until the user `trust`s the sender's new key and it is opened again.
 //! - `meta`: counters (the next history sequence number).
 //!
-//! Every change is one write transaction, so a crash at any point leaves either the state
-//! before the change or the state after it: a received message is in `history`, `seen` and
-//! `unshown` together, or in none of them. Time-dependent calls take `now_ms`.
+//! Every change is one unit of a write transaction, so a crash at any point leaves either the
+//! state before the change or the state after it: a received message is in `history`, `seen`
+//! and `unshown` together, or in none of them. Changes are committed by the group-commit
+//! writer ([`crate::commit`]): many changes share one durable commit, and a change is
+//! reported done only once its commit is. The blocking methods (`pin_if_absent`, `block`, ...)
+//! wait for that commit; the hot paths have `submit_*` twins that return a [`Ticket`] to
+//! await, so an async caller never holds a runtime thread for an `fsync`. Reads run
+//! directly (redb readers see the last commit). Time-dependent calls take `now_ms`.
 //!
 //! **Architecture Invariant:** this module does no network I/O and knows nothing of the
 //! runtime; it is plain synchronous storage that the runtime drives.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use proto::{Envelope, MessageId, PublicKeys, Username, seal::Plaintext, wire};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::commit::GroupWriter;
+pub use crate::commit::Ticket;
 
 /// The state file's name inside a user's data dir.
 pub const STATE_FILE: &str = "state.redb";
@@ -60,6 +77,12 @@ pub enum StateError {
         /// Why it does not decode.
         source: wire::WireError,
     },
+    /// The group commit holding this change failed (every change of the group gets this).
+    #[error("state commit failed: {0}")]
+    Commit(String),
+    /// The writer thread has stopped (the runtime is shutting down).
+    #[error("the state writer has stopped")]
+    WriterStopped,
 }
 
 macro_rules! from_redb {
@@ -191,10 +214,17 @@ pub struct BlockRecord {
     pub synced: bool,
 }
 
-/// The client's persistent state. Cheap to share behind an `Arc`: redb serialises writers.
+/// The client's persistent state. Share it behind an `Arc`: every write goes through its one
+/// group-commit writer thread, in the order submitted.
 #[derive(Debug)]
 pub struct State {
-    db: Database,
+    db: Arc<Database>,
+    /// The next history position to hand out. Positions are allocated here, before the write
+    /// commits (an outgoing message needs its own before it is sent), and every write that
+    /// uses one raises the stored counter past it; a position lost to a failed write is a
+    /// harmless gap.
+    next_seq: Arc<AtomicU64>,
+    writer: GroupWriter,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -229,6 +259,11 @@ impl State {
             std::fs::set_permissions(&path, private)
                 .map_err(|error| StateError::Database(redb::Error::Io(error)))?;
         }
+        Self::from_database(db)
+    }
+
+    /// The state over an opened database: creates the missing tables, starts the writer.
+    fn from_database(db: Database) -> Result<Self, StateError> {
         let txn = db.begin_write()?;
         txn.open_table(PINS)?;
         txn.open_table(BLOCKS)?;
@@ -238,9 +273,26 @@ impl State {
         txn.open_table(SEEN)?;
         txn.open_table(UNSHOWN)?;
         txn.open_table(HELD)?;
-        txn.open_table(META)?;
+        let next_seq = txn
+            .open_table(META)?
+            .get(NEXT_SEQ)?
+            .map_or(1, |value| value.value());
         txn.commit()?;
-        Ok(Self { db })
+        let db = Arc::new(db);
+        Ok(Self {
+            writer: GroupWriter::start(db.clone())?,
+            db,
+            next_seq: Arc::new(AtomicU64::new(next_seq)),
+        })
+    }
+
+    /// Runs `work` in the writer's next group commit and waits until it is durable.
+    fn write<T, F>(&self, work: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: Fn(&WriteTransaction) -> Result<T, StateError> + Send + 'static,
+    {
+        self.writer.submit(work).wait()
     }
 
     // ---- pins ----
@@ -261,33 +313,38 @@ impl State {
         user: &Username,
         keys: &PublicKeys,
     ) -> Result<PinOutcome, StateError> {
-        let txn = self.db.begin_write()?;
-        let outcome = {
+        // Most calls find the same keys pinned: answer those without a write.
+        match self.pinned(user)? {
+            Some(pinned) if &pinned == keys => return Ok(PinOutcome::Same),
+            Some(pinned) => return Ok(PinOutcome::Changed { pinned }),
+            None => {}
+        }
+        let (user, keys) = (user.clone(), keys.clone());
+        self.write(move |txn| {
             let mut table = txn.open_table(PINS)?;
             let existing = match table.get(user.as_str())? {
                 Some(bytes) => Some(decode::<PublicKeys>("pins", bytes.value())?),
                 None => None,
             };
-            match existing {
-                Some(pinned) if &pinned == keys => PinOutcome::Same,
+            Ok(match existing {
+                Some(pinned) if pinned == keys => PinOutcome::Same,
                 Some(pinned) => PinOutcome::Changed { pinned },
                 None => {
-                    table.insert(user.as_str(), encode(keys).as_slice())?;
+                    table.insert(user.as_str(), encode(&keys).as_slice())?;
                     PinOutcome::New
                 }
-            }
-        };
-        txn.commit()?;
-        Ok(outcome)
+            })
+        })
     }
 
     /// Pins `keys` for `user`, replacing whatever was pinned (`trust`).
     pub fn repin(&self, user: &Username, keys: &PublicKeys) -> Result<(), StateError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(PINS)?
-            .insert(user.as_str(), encode(keys).as_slice())?;
-        txn.commit()?;
-        Ok(())
+        let (user, keys) = (user.clone(), encode(keys));
+        self.write(move |txn| {
+            txn.open_table(PINS)?
+                .insert(user.as_str(), keys.as_slice())?;
+            Ok(())
+        })
     }
 
     // ---- blocks ----
@@ -303,8 +360,8 @@ impl State {
     }
 
     fn set_block(&self, user: &Username, active: bool) -> Result<bool, StateError> {
-        let txn = self.db.begin_write()?;
-        let changed = {
+        let user = user.clone();
+        self.write(move |txn| {
             let mut table = txn.open_table(BLOCKS)?;
             let current = match table.get(user.as_str())? {
                 Some(bytes) => decode::<BlockRecord>("blocks", bytes.value())?.active,
@@ -317,10 +374,8 @@ impl State {
                 };
                 table.insert(user.as_str(), encode(&record).as_slice())?;
             }
-            current != active
-        };
-        txn.commit()?;
-        Ok(changed)
+            Ok(current != active)
+        })
     }
 
     /// Whether `user` is blocked.
@@ -372,8 +427,8 @@ impl State {
     /// that no longer matches the local record (the user changed their mind meanwhile) is
     /// ignored, so the newer change is still sent.
     pub fn block_synced(&self, user: &Username, active: bool) -> Result<(), StateError> {
-        let txn = self.db.begin_write()?;
-        {
+        let user = user.clone();
+        self.write(move |txn| {
             let mut table = txn.open_table(BLOCKS)?;
             let current = match table.get(user.as_str())? {
                 Some(bytes) => Some(decode::<BlockRecord>("blocks", bytes.value())?),
@@ -392,27 +447,25 @@ impl State {
                 }
                 _ => {}
             }
-        }
-        txn.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     // ---- mutes ----
 
     /// Mutes `user` until `until_ms`.
     pub fn mute(&self, user: &Username, until_ms: u64) -> Result<(), StateError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(MUTES)?.insert(user.as_str(), until_ms)?;
-        txn.commit()?;
-        Ok(())
+        let user = user.clone();
+        self.write(move |txn| {
+            txn.open_table(MUTES)?.insert(user.as_str(), until_ms)?;
+            Ok(())
+        })
     }
 
     /// Ends the mute of `user`. Returns whether there was one.
     pub fn unmute(&self, user: &Username) -> Result<bool, StateError> {
-        let txn = self.db.begin_write()?;
-        let removed = txn.open_table(MUTES)?.remove(user.as_str())?.is_some();
-        txn.commit()?;
-        Ok(removed)
+        let user = user.clone();
+        self.write(move |txn| Ok(txn.open_table(MUTES)?.remove(user.as_str())?.is_some()))
     }
 
     /// When the mute of `user` ends, if it is muted at `now_ms`.
@@ -439,9 +492,8 @@ impl State {
 
     /// Removes every mute that has ended at `now_ms` and returns whose.
     pub fn take_ended_mutes(&self, now_ms: u64) -> Result<Vec<Username>, StateError> {
-        let txn = self.db.begin_write()?;
-        let mut ended = Vec::new();
-        {
+        self.write(move |txn| {
+            let mut ended = Vec::new();
             let mut table = txn.open_table(MUTES)?;
             table.retain(|user, until| {
                 if mute_active(until, now_ms) {
@@ -453,48 +505,59 @@ impl State {
                     false
                 }
             })?;
-        }
-        txn.commit()?;
-        Ok(ended)
+            Ok(ended)
+        })
     }
 
     // ---- outgoing ----
 
-    /// Records a new outgoing message: a pending history line and an outbox entry, together.
+    /// A new outgoing message's outbox entry (id, history position, time), not yet
+    /// recorded: [`State::submit_outgoing`] records it.
+    pub fn prepare_outgoing(&self, to: &Username, body: &str, now_ms: u64) -> OutboxEntry {
+        OutboxEntry {
+            id: MessageId::random(),
+            to: to.clone(),
+            body: body.to_owned(),
+            created_ms: now_ms,
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            attempts: 0,
+            last_error: None,
+        }
+    }
+
+    /// Records a prepared outgoing message: a pending history line and the outbox entry,
+    /// together. Resolves once durable.
+    pub fn submit_outgoing(&self, entry: &OutboxEntry) -> Ticket<()> {
+        let entry = entry.clone();
+        let encoded = encode(&entry);
+        self.writer.submit(move |txn| {
+            raise_next_seq(&mut txn.open_table(META)?, entry.seq)?;
+            let line = HistoryEntry {
+                seq: entry.seq,
+                id: entry.id,
+                direction: Direction::Outgoing,
+                peer: entry.to.clone(),
+                body: entry.body.clone(),
+                sent_at_ms: entry.created_ms,
+                status: MessageStatus::Pending,
+            };
+            txn.open_table(HISTORY)?
+                .insert((entry.to.as_str(), entry.seq), encode(&line).as_slice())?;
+            txn.open_table(OUTBOX)?
+                .insert(entry.id.0, encoded.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Prepares and records a new outgoing message, waiting until it is durable.
     pub fn queue_outgoing(
         &self,
         to: &Username,
         body: &str,
         now_ms: u64,
     ) -> Result<OutboxEntry, StateError> {
-        let txn = self.db.begin_write()?;
-        let entry = {
-            let seq = next_seq(&mut txn.open_table(META)?)?;
-            let entry = OutboxEntry {
-                id: MessageId::random(),
-                to: to.clone(),
-                body: body.to_owned(),
-                created_ms: now_ms,
-                seq,
-                attempts: 0,
-                last_error: None,
-            };
-            let line = HistoryEntry {
-                seq,
-                id: entry.id,
-                direction: Direction::Outgoing,
-                peer: to.clone(),
-                body: body.to_owned(),
-                sent_at_ms: now_ms,
-                status: MessageStatus::Pending,
-            };
-            txn.open_table(HISTORY)?
-                .insert((to.as_str(), seq), encode(&line).as_slice())?;
-            txn.open_table(OUTBOX)?
-                .insert(entry.id.0, encode(&entry).as_slice())?;
-            entry
-        };
-        txn.commit()?;
+        let entry = self.prepare_outgoing(to, body, now_ms);
+        self.submit_outgoing(&entry).wait()?;
         Ok(entry)
     }
 
@@ -512,20 +575,20 @@ impl State {
     }
 
     /// Records the result of an attempt to send `entry`: a final status removes it from the
-    /// outbox; `Failed` with `keep` leaves it there for a retry.
-    pub fn finish_attempt(
+    /// outbox; `Failed` with `keep` leaves it there for a retry. Resolves once durable.
+    pub fn submit_result(
         &self,
         entry: &OutboxEntry,
         status: &MessageStatus,
         keep: bool,
-    ) -> Result<(), StateError> {
-        let txn = self.db.begin_write()?;
-        {
+    ) -> Ticket<()> {
+        let (entry, status) = (entry.clone(), status.clone());
+        self.writer.submit(move |txn| {
             let mut outbox = txn.open_table(OUTBOX)?;
             if keep {
                 let mut kept = entry.clone();
                 kept.attempts = kept.attempts.saturating_add(1);
-                kept.last_error = match status {
+                kept.last_error = match &status {
                     MessageStatus::Failed(reason) => Some(reason.clone()),
                     _ => None,
                 };
@@ -543,29 +606,46 @@ impl State {
                 line.status = status.clone();
                 history.insert(key, encode(&line).as_slice())?;
             }
-        }
-        txn.commit()?;
-        Ok(())
+            Ok(())
+        })
+    }
+
+    /// [`State::submit_result`], waiting until it is durable.
+    pub fn finish_attempt(
+        &self,
+        entry: &OutboxEntry,
+        status: &MessageStatus,
+        keep: bool,
+    ) -> Result<(), StateError> {
+        self.submit_result(entry, status, keep).wait()
     }
 
     // ---- incoming ----
 
-    /// Stores an opened message unless its id was seen before: history, seen id and the
-    /// not-yet-shown mark in one transaction.
-    pub fn store_incoming(
+    /// Stores opened messages, in order, each unless its id was seen before (also earlier
+    /// in the same batch): for each, history, seen id and the not-yet-shown mark, all in one
+    /// commit. Each pair is the message and whether it arrived while its sender was muted.
+    /// Resolves once durable, with one outcome per message.
+    pub fn submit_incoming(
         &self,
-        message: &Plaintext,
-        while_muted: bool,
+        messages: Vec<(Plaintext, bool)>,
         now_ms: u64,
-    ) -> Result<StoreOutcome, StateError> {
-        let txn = self.db.begin_write()?;
-        let outcome = {
+    ) -> Ticket<Vec<StoreOutcome>> {
+        let next_seq = self.next_seq.clone();
+        self.writer.submit(move |txn| {
             let mut seen = txn.open_table(SEEN)?;
-            if seen.get(message.id.0)?.is_some() {
-                StoreOutcome::Duplicate
-            } else {
+            let mut meta = txn.open_table(META)?;
+            let mut history = txn.open_table(HISTORY)?;
+            let mut unshown = txn.open_table(UNSHOWN)?;
+            let mut outcomes = Vec::with_capacity(messages.len());
+            for (message, while_muted) in &messages {
+                if seen.get(message.id.0)?.is_some() {
+                    outcomes.push(StoreOutcome::Duplicate);
+                    continue;
+                }
                 seen.insert(message.id.0, now_ms)?;
-                let seq = next_seq(&mut txn.open_table(META)?)?;
+                let seq = next_seq.fetch_add(1, Ordering::Relaxed);
+                raise_next_seq(&mut meta, seq)?;
                 let line = HistoryEntry {
                     seq,
                     id: message.id,
@@ -575,8 +655,7 @@ impl State {
                     sent_at_ms: message.sent_at_ms,
                     status: MessageStatus::Received,
                 };
-                txn.open_table(HISTORY)?
-                    .insert((message.from.as_str(), seq), encode(&line).as_slice())?;
+                history.insert((message.from.as_str(), seq), encode(&line).as_slice())?;
                 let inbound = InboundMessage {
                     id: message.id,
                     from: message.from.clone(),
@@ -584,15 +663,26 @@ impl State {
                     sent_at_ms: message.sent_at_ms,
                     received_at_ms: now_ms,
                     seq,
-                    while_muted,
+                    while_muted: *while_muted,
                 };
-                txn.open_table(UNSHOWN)?
-                    .insert(message.id.0, encode(&inbound).as_slice())?;
-                StoreOutcome::New(inbound)
+                unshown.insert(message.id.0, encode(&inbound).as_slice())?;
+                outcomes.push(StoreOutcome::New(inbound));
             }
-        };
-        txn.commit()?;
-        Ok(outcome)
+            Ok(outcomes)
+        })
+    }
+
+    /// Stores one opened message (see [`State::submit_incoming`]), waiting until durable.
+    pub fn store_incoming(
+        &self,
+        message: &Plaintext,
+        while_muted: bool,
+        now_ms: u64,
+    ) -> Result<StoreOutcome, StateError> {
+        self.submit_incoming(vec![(message.clone(), while_muted)], now_ms)
+            .wait()?
+            .pop()
+            .ok_or_else(|| StateError::Commit("no outcome for a stored message".into()))
     }
 
     /// Whether a message id was stored before.
@@ -604,15 +694,15 @@ impl State {
     /// Forgets seen ids stored more than `retention_ms` before `now_ms`. Messages older
     /// than that are refused on arrival, so forgetting their ids cannot let a replay in.
     pub fn prune_seen(&self, now_ms: u64, retention_ms: u64) -> Result<u64, StateError> {
-        let txn = self.db.begin_write()?;
-        let mut removed = 0;
-        txn.open_table(SEEN)?.retain(|_, stored_at| {
-            let keep = stored_at.saturating_add(retention_ms) >= now_ms;
-            removed += u64::from(!keep);
-            keep
-        })?;
-        txn.commit()?;
-        Ok(removed)
+        self.write(move |txn| {
+            let mut removed = 0;
+            txn.open_table(SEEN)?.retain(|_, stored_at| {
+                let keep = stored_at.saturating_add(retention_ms) >= now_ms;
+                removed += u64::from(!keep);
+                keep
+            })?;
+            Ok(removed)
+        })
     }
 
     /// Messages stored but not yet shown, in arrival order.
@@ -628,12 +718,26 @@ impl State {
         Ok(messages)
     }
 
-    /// Marks a message as shown.
+    /// Marks a message as shown. Resolves once durable.
+    ///
+    /// This is a write like the others, batched with them, and the runtime answers
+    /// [`crate::Client::mark_shown`] only once it is durable — it is not deferred to "some
+    /// later commit" — so the only window in which a crash re-shows a message is the one
+    /// inherent to showing first and recording second (between the user seeing it and
+    /// this commit, one group commit long), exactly as with a commit of its own. Recording
+    /// before showing would close that window but open a worse one (a crash in between
+    /// hides a message for good), so at-least-once display stays.
+    pub fn submit_shown(&self, id: &MessageId) -> Ticket<()> {
+        let id = *id;
+        self.writer.submit(move |txn| {
+            txn.open_table(UNSHOWN)?.remove(id.0)?;
+            Ok(())
+        })
+    }
+
+    /// [`State::submit_shown`], waiting until it is durable.
     pub fn mark_shown(&self, id: &MessageId) -> Result<(), StateError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(UNSHOWN)?.remove(id.0)?;
-        txn.commit()?;
-        Ok(())
+        self.submit_shown(id).wait()
     }
 
     // ---- held (sealed under a changed key) ----
@@ -642,20 +746,18 @@ impl State {
     /// id. Returns false (and keeps nothing) when `max` envelopes are held already, so a
     /// sender with a new key cannot fill the disk.
     pub fn hold(&self, envelope: &Envelope, max: u64) -> Result<bool, StateError> {
-        let txn = self.db.begin_write()?;
-        let kept = {
+        let (id, encoded) = (envelope.id, encode(envelope));
+        self.write(move |txn| {
             let mut table = txn.open_table(HELD)?;
-            if table.get(envelope.id.0)?.is_some() {
+            Ok(if table.get(id.0)?.is_some() {
                 true
             } else if table.len()? >= max {
                 false
             } else {
-                table.insert(envelope.id.0, encode(envelope).as_slice())?;
+                table.insert(id.0, encoded.as_slice())?;
                 true
-            }
-        };
-        txn.commit()?;
-        Ok(kept)
+            })
+        })
     }
 
     /// The envelopes held from `from`.
@@ -675,10 +777,11 @@ impl State {
 
     /// Forgets a held envelope (opened and stored, or refused for good).
     pub fn unhold(&self, id: &MessageId) -> Result<(), StateError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(HELD)?.remove(id.0)?;
-        txn.commit()?;
-        Ok(())
+        let id = *id;
+        self.write(move |txn| {
+            txn.open_table(HELD)?.remove(id.0)?;
+            Ok(())
+        })
     }
 
     /// The last `limit` history lines with `peer`, oldest first.
@@ -704,10 +807,14 @@ pub fn mute_active(until_ms: u64, now_ms: u64) -> bool {
     now_ms < until_ms
 }
 
-fn next_seq(meta: &mut redb::Table<'_, &str, u64>) -> Result<u64, StateError> {
-    let seq = meta.get(NEXT_SEQ)?.map_or(1, |value| value.value());
-    meta.insert(NEXT_SEQ, seq.saturating_add(1))?;
-    Ok(seq)
+/// Raises the stored next history position past `seq` (used now), so a restart does not
+/// hand it out again.
+fn raise_next_seq(meta: &mut redb::Table<'_, &str, u64>, seq: u64) -> Result<(), StateError> {
+    let stored = meta.get(NEXT_SEQ)?.map_or(1, |value| value.value());
+    if stored <= seq {
+        meta.insert(NEXT_SEQ, seq.saturating_add(1))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

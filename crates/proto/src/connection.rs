@@ -151,6 +151,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
     /// Sends one message and flushes it, failing if the peer does not take it within the
     /// write timeout.
     pub async fn send<M: Serialize + ?Sized>(&mut self, message: &M) -> Result<(), SendError> {
+        let body = self.frame(message)?;
+        match tokio::time::timeout(self.write_timeout, self.framed.send(body)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(SendError::Io(error)),
+            Err(_) => Err(SendError::Timeout(self.write_timeout)),
+        }
+    }
+
+    /// One message's frame body, refused if it exceeds the frame limit.
+    fn frame<M: Serialize + ?Sized>(&self, message: &M) -> Result<Bytes, SendError> {
         let body = wire::encode(message)?;
         if body.len() > self.max_frame_len {
             return Err(SendError::TooLarge {
@@ -158,7 +168,29 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                 max: self.max_frame_len,
             });
         }
-        match tokio::time::timeout(self.write_timeout, self.framed.send(body)).await {
+        Ok(body)
+    }
+
+    /// Buffers one message without flushing it (see [`Connection::flush`]), so a burst of
+    /// messages (acks of a batch, a window of envelopes) leaves in few writes. Waits only
+    /// if the buffer is full, bounded by the write timeout.
+    pub async fn feed<M: Serialize + ?Sized>(&mut self, message: &M) -> Result<(), SendError> {
+        let body = self.frame(message)?;
+        match tokio::time::timeout(self.write_timeout, self.framed.feed(body)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(SendError::Io(error)),
+            Err(_) => Err(SendError::Timeout(self.write_timeout)),
+        }
+    }
+
+    /// Writes out what [`Connection::feed`] buffered, within the write timeout.
+    pub async fn flush(&mut self) -> Result<(), SendError> {
+        match tokio::time::timeout(
+            self.write_timeout,
+            SinkExt::<Bytes>::flush(&mut self.framed),
+        )
+        .await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(SendError::Io(error)),
             Err(_) => Err(SendError::Timeout(self.write_timeout)),

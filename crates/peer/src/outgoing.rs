@@ -1,0 +1,314 @@
+//! Per-recipient delivery: one task per recipient sends that recipient's messages in the
+//! order they were sent, pipelined over one kept [`PeerLink`].
+//!
+//! [`spawn`] starts the task for a recipient and returns the queue the event loop feeds
+//! with [`Job`]s. The task:
+//! - waits until a new message's outbox record is durable (its [`Ticket`]) before the
+//!   envelope leaves, so a message that reached its recipient is always in the outbox or
+//!   history (records of consecutive messages share group commits, so this costs a commit
+//!   per batch, not per message);
+//! - with no kept link, takes the full route for the oldest message ([`delivery::deliver`]:
+//!   lookup, keys, dial, else the mailbox) and keeps the link it opened;
+//! - with a kept link, seals and writes up to [`WINDOW`] envelopes before waiting, then
+//!   matches acks and refusals by id as they come (the receiver stores a batch in one
+//!   commit, then acks all of it). If the link fails or an ack is late, every unacked
+//!   message goes back to the front of the queue, in order, and takes the full route (the
+//!   receiver de-duplicates by id what it had stored already);
+//! - records each result in the outbox and history (group-committed) and answers the
+//!   sender only once that record is durable, in a second task (the reporter), so the
+//!   sending task never waits on a commit for a result.
+//!
+//! Order: envelopes leave in queue order on one connection, and the receiver stores them in
+//! arrival order, so the recipient shows them in the order sent. A retransmission after a
+//! failure re-sends the unacked suffix in order.
+//!
+//! **Architecture Invariant:** this module never writes the state directly: results are
+//! submitted to the group-commit writer and awaited by the reporter.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, atomic::Ordering},
+};
+
+use proto::{ErrorCode, Username};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    delivery::{self, DeliveryStatus},
+    link::{LinkError, PeerLink},
+    runtime::{ClientError, Context, Event, Internal, SendReport},
+    state::{OutboxEntry, Ticket},
+};
+
+/// The most envelopes sent and not yet answered on one link. Bounded so a slow receiver
+/// cannot make the sender buffer without limit, and so the acks of a full window (about
+/// 25 bytes each) always fit in the sender's socket buffer: the receiver's ack writes never
+/// block on a sender that is itself blocked writing envelopes.
+pub const WINDOW: usize = 1024;
+
+/// One message for a recipient's task.
+pub(crate) struct Job {
+    /// The outbox entry.
+    pub(crate) entry: OutboxEntry,
+    /// A new message's outbox record; it must be durable before the envelope leaves.
+    /// `None` for a retry from the outbox (recorded long ago).
+    pub(crate) recorded: Option<Ticket<()>>,
+    /// Who waits for the result (`None`: a retry, reported as an event).
+    pub(crate) reply: Option<oneshot::Sender<Result<SendReport, ClientError>>>,
+}
+
+/// A finished message on its way to the reporter: its result record must be durable first.
+struct Done {
+    job: Job,
+    status: DeliveryStatus,
+    recorded: Ticket<()>,
+}
+
+/// Starts the task (and its reporter) for `to`; both stop when `shutdown` is cancelled or
+/// the returned queue is dropped.
+pub(crate) fn spawn(
+    context: Arc<Context>,
+    to: Username,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> mpsc::UnboundedSender<Job> {
+    let (jobs_tx, jobs) = mpsc::unbounded_channel();
+    let (done_tx, done) = mpsc::unbounded_channel();
+    let reporter_context = context.clone();
+    tracker.spawn(report(reporter_context, done));
+    tracker.spawn(async move {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {}
+            () = run(&context, &to, jobs, &done_tx) => {}
+        }
+    });
+    jobs_tx
+}
+
+/// The sending task: see the module docs.
+async fn run(
+    context: &Context,
+    to: &Username,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    done: &mpsc::UnboundedSender<Done>,
+) {
+    let mut queue: VecDeque<Job> = VecDeque::new();
+    // The kept link and the link generation it was opened in.
+    let mut link: Option<(PeerLink, u64)> = None;
+    loop {
+        if queue.is_empty() {
+            match jobs.recv().await {
+                Some(job) => queue.push_back(job),
+                None => return,
+            }
+        }
+        let generation = context.link_generation.load(Ordering::Relaxed);
+        // A link from before a reconnect may point where the peer no longer is.
+        match link
+            .take()
+            .filter(|(_, opened_in)| *opened_in == generation)
+        {
+            Some((mut kept, opened_in)) => {
+                match pipeline(context, &mut kept, &mut queue, &mut jobs, done).await {
+                    Ok(()) => link = Some((kept, opened_in)),
+                    Err(reason) => {
+                        tracing::debug!(%to, %reason, "kept link failed; unacked messages take the full route");
+                    }
+                }
+            }
+            None => {
+                let Some(job) = queue.pop_front() else {
+                    continue;
+                };
+                let Some(job) = recorded(job).await else {
+                    continue;
+                };
+                let (status, opened) = delivery::deliver(context, &job.entry).await;
+                finish(context, job, status, done);
+                link = opened.map(|opened| (opened, generation));
+            }
+        }
+    }
+}
+
+/// Waits for a new message's outbox record. If it failed, the sender hears the error and
+/// the message is not sent (`None`).
+async fn recorded(mut job: Job) -> Option<Job> {
+    let Some(ticket) = job.recorded.take() else {
+        return Some(job);
+    };
+    match ticket.await {
+        Ok(()) => Some(job),
+        Err(error) => {
+            if let Some(reply) = job.reply.take() {
+                let _ = reply.send(Err(error.into()));
+            }
+            None
+        }
+    }
+}
+
+/// Drives `link` pipelined until the queue is empty and every sent envelope is answered
+/// (`Ok`), or the link fails (`Err`, with every unacked message back at the front of the
+/// queue, in order).
+async fn pipeline(
+    context: &Context,
+    link: &mut PeerLink,
+    queue: &mut VecDeque<Job>,
+    jobs: &mut mpsc::UnboundedReceiver<Job>,
+    done: &mpsc::UnboundedSender<Done>,
+) -> Result<(), String> {
+    let channel = match context.state.pinned(link.peer()) {
+        Ok(Some(keys)) => context
+            .channel(link.peer(), &keys)
+            .map_err(|error| error.to_string())?,
+        Ok(None) => return Err("no keys pinned".into()),
+        Err(error) => return Err(error.to_string()),
+    };
+    let ack_timeout = context.config.ack_timeout;
+    let mut in_flight: VecDeque<(Job, Instant)> = VecDeque::new();
+    let mut jobs_open = true;
+    let result = 'link: loop {
+        // Write as much as the window allows, then flush once.
+        let mut fed = false;
+        while in_flight.len() < WINDOW {
+            let job = match queue.pop_front() {
+                Some(job) => job,
+                None => match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
+            let Some(job) = recorded(job).await else {
+                continue;
+            };
+            // Sealed with the time it was written, so retries keep the original time.
+            let entry = &job.entry;
+            let envelope = match channel.seal(entry.id, &entry.body, entry.created_ms) {
+                Ok(envelope) => envelope,
+                Err(error) => {
+                    let status = DeliveryStatus::Failed {
+                        reason: error.to_string(),
+                        will_retry: false,
+                    };
+                    finish(context, job, status, done);
+                    continue;
+                }
+            };
+            if let Err(error) = link.feed(envelope).await {
+                queue.push_front(job);
+                break 'link Err(error.to_string());
+            }
+            in_flight.push_back((job, Instant::now()));
+            fed = true;
+        }
+        if fed && let Err(error) = link.flush().await {
+            break Err(error.to_string());
+        }
+        let Some((_, oldest)) = in_flight.front() else {
+            break Ok(());
+        };
+        let deadline = *oldest + ack_timeout;
+        tokio::select! {
+            biased;
+            answer = link.next_answer() => match answer {
+                Ok((id, outcome)) => {
+                    // An answer to nothing in flight is a late one from before: skip it.
+                    let Some(index) = in_flight.iter().position(|(job, _)| job.entry.id == id) else {
+                        continue;
+                    };
+                    let Some((job, _)) = in_flight.remove(index) else { continue };
+                    match outcome {
+                        Ok(()) => finish(context, job, DeliveryStatus::Delivered, done),
+                        // The recipient cannot take it now (its server link or disk is
+                        // down): the full route falls back to the mailbox.
+                        Err(error) if error.code == ErrorCode::Unavailable => {
+                            in_flight.insert(index, (job, Instant::now()));
+                            break Err(format!("the peer cannot take messages now: {}", error.message));
+                        }
+                        Err(error) => finish(context, job, delivery::rejected(error), done),
+                    }
+                }
+                // The whole link is refused (blocked): every message on it is.
+                Err(LinkError::Rejected(error)) => {
+                    for (job, _) in in_flight.drain(..) {
+                        finish(context, job, delivery::rejected(error.clone()), done);
+                    }
+                    break Err(format!("refused by the peer: {}", error.message));
+                }
+                Err(error) => break Err(error.to_string()),
+            },
+            job = jobs.recv(), if jobs_open && in_flight.len() < WINDOW => match job {
+                Some(job) => queue.push_back(job),
+                None => jobs_open = false,
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                break Err(LinkError::Timeout(ack_timeout).to_string());
+            }
+        }
+    };
+    if result.is_err() {
+        while let Some((job, _)) = in_flight.pop_back() {
+            queue.push_front(job);
+        }
+    }
+    result
+}
+
+/// Records the result of `job` (group-committed) and hands it to the reporter.
+fn finish(context: &Context, job: Job, status: DeliveryStatus, done: &mpsc::UnboundedSender<Done>) {
+    let (history_status, keep) = status.to_history();
+    let recorded = context
+        .state
+        .submit_result(&job.entry, &history_status, keep);
+    let _ = done.send(Done {
+        job,
+        status,
+        recorded,
+    });
+}
+
+/// The reporter: once a result is durable, tells whoever waits for it, in order.
+async fn report(context: Arc<Context>, mut done: mpsc::UnboundedReceiver<Done>) {
+    while let Some(Done {
+        job,
+        status,
+        recorded,
+    }) = done.recv().await
+    {
+        if let Err(error) = recorded.await {
+            context.report_state_error(error);
+        }
+        let keep = matches!(
+            status,
+            DeliveryStatus::Failed {
+                will_retry: true,
+                ..
+            }
+        );
+        let report = SendReport {
+            id: job.entry.id,
+            to: job.entry.to.clone(),
+            status,
+        };
+        match job.reply {
+            Some(reply) => {
+                let _ = reply.send(Ok(report));
+            }
+            // Retries are reported as events, except failures that will be retried again,
+            // which would only repeat the same line at every reconnect.
+            None if !keep => context.notify(Event::Delivery {
+                id: report.id,
+                to: report.to,
+                status: report.status,
+            }),
+            None => {}
+        }
+        let _ = context.to_loop.send(Internal::Finished(job.entry.id));
+    }
+}
