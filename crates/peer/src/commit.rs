@@ -90,6 +90,24 @@ impl<T> Ticket<T> {
     }
 }
 
+impl<T> Ticket<T> {
+    /// The result if the write is durable already (or failed), else the ticket back.
+    pub fn try_take(mut self) -> Result<Result<T, StateError>, Self> {
+        match self.answer.try_recv() {
+            Ok(result) => Ok(result),
+            Err(oneshot::error::TryRecvError::Empty) => Err(self),
+            Err(oneshot::error::TryRecvError::Closed) => Ok(Err(StateError::WriterStopped)),
+        }
+    }
+
+    /// A ticket that is resolved already, with `result`.
+    pub fn resolved(result: Result<T, StateError>) -> Self {
+        let (reply, answer) = oneshot::channel();
+        let _ = reply.send(result);
+        Self { answer }
+    }
+}
+
 impl<T> Future for Ticket<T> {
     type Output = Result<T, StateError>;
 

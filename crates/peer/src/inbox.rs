@@ -16,7 +16,7 @@
 //! A peer that sends garbage, stalls, or floods only occupies its own task: every read has a
 //! timeout and every refusal is answered and logged, never a panic.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::VecDeque, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::FutureExt;
 use proto::{
@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     runtime::{ClientError, Context, Event, Internal, SEEN_RETENTION_MS},
-    state::{InboundMessage, PinOutcome, StoreOutcome},
+    state::{InboundMessage, PinOutcome, StoreOutcome, Ticket},
 };
 
 /// How long an inbound connection may stay silent before it is closed.
@@ -37,6 +37,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many envelopes one fetch asks for.
 const FETCH_BATCH: u32 = 64;
+/// The most envelopes of one connection read and not yet stored and answered: reading
+/// pauses beyond it.
+const MAX_UNSTORED: usize = 4 * RECEIVE_BATCH;
 /// The most envelopes read from a direct connection into one stored batch.
 pub(crate) const RECEIVE_BATCH: usize = 1024;
 /// The most token bytes in one batch, so a peer sending maximal frames cannot make one
@@ -409,64 +412,142 @@ async fn serve_connection(
         Ok(Err(error)) => return Err(error.to_string()),
         Err(_) => return Err("no peer hello in time".into()),
     };
+    // Batches checked and submitted for storing, oldest first. The connection goes on
+    // reading while they commit, so the next batch is everything that arrived meanwhile
+    // (not just one socket buffer's worth), and many batches share a group commit.
+    let mut pending: VecDeque<Batch> = VecDeque::new();
+    let mut pending_envelopes = 0;
+    let mut ended: Option<Result<(), String>> = None;
     loop {
-        let first = match tokio::time::timeout(IDLE_TIMEOUT, connection.recv::<PeerMsg>()).await {
-            Ok(Ok(Some(PeerMsg::Envelope(envelope)))) => envelope,
-            Ok(Ok(Some(_))) => return Err("unexpected message from the peer".into()),
-            Ok(Ok(None)) | Err(_) => return Ok(()),
-            Ok(Err(error)) => return Err(error.to_string()),
-        };
-        // Everything that has arrived already joins the batch (`recv` is cancel-safe, so
-        // polling it once loses nothing). How the connection ended, if it did, is kept for
-        // after the batch is answered.
-        let mut batch_bytes = first.token.len();
-        let mut batch = vec![first];
-        let mut ended: Option<Result<(), String>> = None;
-        while batch.len() < RECEIVE_BATCH && batch_bytes < RECEIVE_BATCH_BYTES {
-            match connection.recv::<PeerMsg>().now_or_never() {
-                None => break,
-                Some(Ok(Some(PeerMsg::Envelope(envelope)))) => {
-                    batch_bytes += envelope.token.len();
-                    batch.push(envelope);
+        if ended.is_some() && pending.is_empty() {
+            return ended.unwrap_or(Ok(()));
+        }
+        let reading = ended.is_none() && pending_envelopes < MAX_UNSTORED;
+        tokio::select! {
+            biased;
+            stored = next_stored(&mut pending), if !pending.is_empty() => {
+                let (answers, new) = stored;
+                pending_envelopes -= answers.len();
+                for answer in &answers {
+                    connection
+                        .feed(answer)
+                        .await
+                        .map_err(|error| error.to_string())?;
                 }
-                Some(Ok(Some(_))) => ended = Some(Err("unexpected message from the peer".into())),
-                Some(Ok(None)) => ended = Some(Ok(())),
-                Some(Err(error)) => ended = Some(Err(error.to_string())),
+                connection
+                    .flush()
+                    .await
+                    .map_err(|error| error.to_string())?;
+                // Acked after storing, shown after acking.
+                for message in new {
+                    let _ = context.to_loop.send(Internal::Received(message));
+                }
             }
-            if ended.is_some() {
-                break;
+            first = tokio::time::timeout(IDLE_TIMEOUT, connection.recv::<PeerMsg>()), if reading => {
+                let first = match first {
+                    Ok(Ok(Some(PeerMsg::Envelope(envelope)))) => envelope,
+                    Ok(Ok(Some(_))) => {
+                        ended = Some(Err("unexpected message from the peer".into()));
+                        continue;
+                    }
+                    // An idle timeout with batches still committing is not idle.
+                    Err(_) if !pending.is_empty() => continue,
+                    Ok(Ok(None)) | Err(_) => {
+                        ended = Some(Ok(()));
+                        continue;
+                    }
+                    Ok(Err(error)) => {
+                        ended = Some(Err(error.to_string()));
+                        continue;
+                    }
+                };
+                // Everything that has arrived already joins the batch (`recv` is
+                // cancel-safe, so polling it once loses nothing).
+                let mut batch_bytes = first.token.len();
+                let mut batch = vec![first];
+                while batch.len() < RECEIVE_BATCH && batch_bytes < RECEIVE_BATCH_BYTES {
+                    match connection.recv::<PeerMsg>().now_or_never() {
+                        None => break,
+                        Some(Ok(Some(PeerMsg::Envelope(envelope)))) => {
+                            batch_bytes += envelope.token.len();
+                            batch.push(envelope);
+                        }
+                        Some(Ok(Some(_))) => ended = Some(Err("unexpected message from the peer".into())),
+                        Some(Ok(None)) => ended = Some(Ok(())),
+                        Some(Err(error)) => ended = Some(Err(error.to_string())),
+                    }
+                    if ended.is_some() {
+                        break;
+                    }
+                }
+                pending_envelopes += batch.len();
+                pending.push_back(check_batch(context, &from, batch).await);
             }
-        }
-        let (answers, new) = answer_batch(context, &from, batch).await;
-        for answer in &answers {
-            connection
-                .feed(answer)
-                .await
-                .map_err(|error| error.to_string())?;
-        }
-        connection
-            .flush()
-            .await
-            .map_err(|error| error.to_string())?;
-        // Acked after storing, shown after acking.
-        for message in new {
-            let _ = context.to_loop.send(Internal::Received(message));
-        }
-        if let Some(ended) = ended {
-            return ended;
         }
     }
 }
 
-/// Checks a batch of envelopes from `from` (the user who connected), stores what passes in
-/// one commit, and returns one answer per envelope, in order, with the new messages.
-async fn answer_batch(
-    context: &Context,
-    from: &Username,
-    batch: Vec<Envelope>,
-) -> (Vec<PeerMsg>, Vec<InboundMessage>) {
+/// A batch of envelopes checked and submitted for storing: one answer per envelope, those
+/// still waiting for the commit marked by their place.
+struct Batch {
+    answers: Vec<Option<PeerMsg>>,
+    /// For each checked envelope, its place in `answers` and its id.
+    places: Vec<(usize, MessageId)>,
+    /// The commit storing the checked envelopes (`None`: nothing to store).
+    stored: Option<Ticket<Vec<StoreOutcome>>>,
+    /// The sender, for the log if the commit fails.
+    from: Username,
+}
+
+/// Waits for the oldest batch's commit; returns its answers, in order, and the new messages.
+async fn next_stored(pending: &mut VecDeque<Batch>) -> (Vec<PeerMsg>, Vec<InboundMessage>) {
+    let Some(batch) = pending.front_mut() else {
+        return std::future::pending().await;
+    };
+    let result = match batch.stored.as_mut() {
+        Some(ticket) => ticket.await.map(Some),
+        None => Ok(None),
+    };
+    let Some(Batch {
+        mut answers,
+        places,
+        from,
+        ..
+    }) = pending.pop_front()
+    else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut new = Vec::new();
+    match result {
+        Ok(outcomes) => {
+            for ((index, id), outcome) in places.into_iter().zip(outcomes.unwrap_or_default()) {
+                if let StoreOutcome::New(message) = outcome {
+                    new.push(message);
+                }
+                answers[index] = Some(PeerMsg::Ack { id });
+            }
+        }
+        Err(error) => {
+            let refusal = Refusal::Transient(error.to_string());
+            tracing::warn!(%from, %refusal, "incoming messages refused");
+            let error = refusal.to_reply();
+            for (index, id) in places {
+                answers[index] = Some(PeerMsg::Reject {
+                    id: Some(id),
+                    error: error.clone(),
+                });
+            }
+        }
+    }
+    (answers.into_iter().flatten().collect(), new)
+}
+
+/// Checks a batch of envelopes from `from` (the user who connected) and submits what passes
+/// for storing, in one commit.
+async fn check_batch(context: &Context, from: &Username, batch: Vec<Envelope>) -> Batch {
     let mut answers: Vec<Option<PeerMsg>> = Vec::with_capacity(batch.len());
-    let mut checked: Vec<(usize, MessageId, Checked)> = Vec::new();
+    let mut places = Vec::new();
+    let mut checked = Vec::new();
     for envelope in &batch {
         let id = envelope.id;
         if &envelope.from != from {
@@ -481,7 +562,8 @@ async fn answer_batch(
         }
         match check(context, envelope).await {
             Ok(message) => {
-                checked.push((answers.len(), id, message));
+                places.push((answers.len(), id));
+                checked.push((message.plaintext, message.muted));
                 answers.push(None);
             }
             Err(refusal) => {
@@ -493,30 +575,12 @@ async fn answer_batch(
             }
         }
     }
-    let mut new = Vec::new();
-    let (places, checked): (Vec<(usize, MessageId)>, Vec<Checked>) = checked
-        .into_iter()
-        .map(|(index, id, message)| ((index, id), message))
-        .unzip();
-    match store(context, checked).await {
-        Ok(accepted) => {
-            for ((index, id), accepted) in places.into_iter().zip(accepted) {
-                if let Accepted::New(message) = accepted {
-                    new.push(message);
-                }
-                answers[index] = Some(PeerMsg::Ack { id });
-            }
-        }
-        Err(refusal) => {
-            report_refusal(context, from, &refusal);
-            let error = refusal.to_reply();
-            for (index, id) in places {
-                answers[index] = Some(PeerMsg::Reject {
-                    id: Some(id),
-                    error: error.clone(),
-                });
-            }
-        }
+    let stored =
+        (!checked.is_empty()).then(|| context.state.submit_incoming(checked, proto::now_ms()));
+    Batch {
+        answers,
+        places,
+        stored,
+        from: from.clone(),
     }
-    (answers.into_iter().flatten().collect(), new)
 }

@@ -153,6 +153,26 @@ async fn recorded(mut job: Job) -> Option<Job> {
     }
 }
 
+/// `job` and whether it may leave now: true if it has no outbox record to wait for (none,
+/// or durable already; the record is then taken), false if it must wait, or if the record
+/// failed (then [`recorded`] reports it).
+fn ready(mut job: Job) -> (Job, bool) {
+    let Some(ticket) = job.recorded.take() else {
+        return (job, true);
+    };
+    match ticket.try_take() {
+        Ok(Ok(())) => (job, true),
+        Ok(Err(error)) => {
+            job.recorded = Some(Ticket::resolved(Err(error)));
+            (job, false)
+        }
+        Err(ticket) => {
+            job.recorded = Some(ticket);
+            (job, false)
+        }
+    }
+}
+
 /// Drives `link` pipelined until the queue is empty and every sent envelope is answered
 /// (`Ok`), or the link fails (`Err`, with every unacked message back at the front of the
 /// queue, in order).
@@ -184,8 +204,21 @@ async fn pipeline(
                     Err(_) => break,
                 },
             };
-            let Some(job) = recorded(job).await else {
-                continue;
+            // Envelopes already buffered leave before waiting on a commit.
+            let job = match ready(job) {
+                (job, true) => job,
+                (job, false) => {
+                    if std::mem::take(&mut fed)
+                        && let Err(error) = link.flush().await
+                    {
+                        queue.push_front(job);
+                        break 'link Err(error.to_string());
+                    }
+                    match recorded(job).await {
+                        Some(job) => job,
+                        None => continue,
+                    }
+                }
             };
             // Sealed with the time it was written, so retries keep the original time.
             let entry = &job.entry;
