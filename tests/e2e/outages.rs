@@ -37,9 +37,7 @@ fn queued_mail_survives_a_discovery_crash_on_the_embedded_store() {
     let mut server = Discovery::start();
     let alice = User::new("alice");
     let bob = User::new("bob");
-    let mut first = bob.listen(&server);
-    first.online();
-    first.stop();
+    bob.register_and_leave(&server);
     for index in 0..5 {
         assert_sent(
             &alice.send(&server, "bob", &format!("queued {index}")),
@@ -60,9 +58,7 @@ fn queued_mail_survives_a_redis_restart_with_aof() {
     let server = Discovery::start_with(Some(redis.url()));
     let alice = User::new("alice");
     let bob = User::new("bob");
-    let mut first = bob.listen(&server);
-    first.online();
-    first.stop();
+    bob.register_and_leave(&server);
     for index in 0..5 {
         assert_sent(
             &alice.send(&server, "bob", &format!("mail {index}")),
@@ -161,9 +157,7 @@ fn a_recipient_killed_and_restarted_during_a_stream_sees_every_message_once() {
 fn a_sender_killed_right_after_queued_loses_nothing() {
     let server = Discovery::start();
     let (alice, bob) = (User::new("alice"), User::new("bob"));
-    let mut first = bob.listen(&server);
-    first.online();
-    first.stop();
+    bob.register_and_leave(&server);
     let mut alice_bot = alice.listen(&server);
     alice_bot.online();
     assert_eq!(

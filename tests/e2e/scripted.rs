@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::util::{Discovery, User, assert_sent};
+use crate::util::{Discovery, User, assert_failed, assert_sent};
 
 #[test]
 fn a_message_to_a_listening_peer_is_delivered_directly() {
@@ -24,10 +24,7 @@ fn mail_for_an_offline_user_is_queued_and_shown_once_at_login() {
     let server = Discovery::start();
     let alice = User::new("alice");
     let bob = User::new("bob");
-    // Bob registers once, so his name and keys are known, then goes offline.
-    let mut first = bob.listen(&server);
-    first.online();
-    first.stop();
+    bob.register_and_leave(&server);
 
     for body in ["one", "two", "three"] {
         assert_sent(&alice.send(&server, "bob", body), "queued");
@@ -52,10 +49,7 @@ fn mail_for_an_offline_user_is_queued_and_shown_once_at_login() {
 fn a_message_to_a_user_who_never_registered_fails_with_a_reason() {
     let server = Discovery::start();
     let alice = User::new("alice");
-    let output = alice.send(&server, "nobody", "hello?");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("nobody"), "stderr: {stderr}");
+    assert_failed(&alice.send(&server, "nobody", "hello?"), "nobody");
 }
 
 #[test]
@@ -66,19 +60,14 @@ fn a_taken_name_is_refused_with_a_clear_error() {
     listener.online();
     // Someone else, with their own keys, tries to be alice.
     let impostor = User::new("alice");
-    let output = impostor.send(&server, "alice", "it's me");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("taken"), "stderr: {stderr}");
+    assert_failed(&impostor.send(&server, "alice", "it's me"), "taken");
 }
 
 #[test]
 fn bad_input_on_the_command_line_is_a_clear_error() {
     let server = Discovery::start();
     let alice = User::new("Alice");
-    let output = alice.send(&server, "bob", "hi");
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("username"));
+    assert_failed(&alice.send(&server, "bob", "hi"), "username");
 }
 
 #[test]

@@ -51,15 +51,6 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Waits until something accepts TCP connections on `address`.
-pub fn wait_for_port(address: SocketAddr) {
-    let deadline = Instant::now() + WAIT;
-    while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {address}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Waits until nothing accepts TCP connections on `address`.
 pub fn wait_for_port_closed(address: SocketAddr) {
     let deadline = Instant::now() + WAIT;
@@ -208,11 +199,32 @@ impl Discovery {
             child: None,
             _dir: dir,
         };
-        server.spawn();
-        server
+        // A "free" loopback port can be taken by another test between the check and the
+        // bind; the server then exits at once, and a directly started one tries another.
+        for _ in 0..5 {
+            match server.try_spawn() {
+                Ok(()) => return server,
+                Err(error) if server.launcher.is_direct() && server.address.ip().is_loopback() => {
+                    eprintln!(
+                        "discovery could not use {}; trying another port: {error}",
+                        server.address
+                    );
+                    server.address.set_port(free_port());
+                }
+                Err(error) => panic!("discovery did not start on {}: {error}", server.address),
+            }
+        }
+        panic!("discovery did not start on any of 5 free ports");
     }
 
     fn spawn(&mut self) {
+        if let Err(error) = self.try_spawn() {
+            panic!("discovery did not start on {}: {error}", self.address);
+        }
+    }
+
+    /// Starts the process and waits until it listens; `Err` with its log if it exited.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::File::create(self._dir.path().join("discovery.log")).expect("log");
         let mut command = self.launcher.command(&binary("p2pchat-discovery"));
         command
@@ -230,24 +242,26 @@ impl Discovery {
             command.arg("--redis").arg(url);
         }
         self.child = Some(command.spawn().expect("start p2pchat-discovery"));
-        if self.launcher.is_direct() {
-            wait_for_port(self.address);
-        } else {
-            // Its address may not be reachable from this namespace: wait for its log line.
-            let deadline = Instant::now() + WAIT;
-            while !self.log().contains("discovery server listening") {
-                let exited = self
-                    .child
-                    .as_mut()
-                    .and_then(|child| child.try_wait().ok().flatten());
-                assert!(
-                    exited.is_none() && Instant::now() < deadline,
-                    "discovery did not start ({exited:?}):\n{}",
-                    self.log()
-                );
-                thread::sleep(Duration::from_millis(20));
+        // Wait for its own word that it listens (a bare connect could reach another process
+        // that took the port first, and its address may not be reachable from here).
+        let deadline = Instant::now() + WAIT;
+        while !self.log().contains("discovery server listening") {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                return Err(format!("exited with {status}:\n{}", self.log()));
             }
+            assert!(
+                Instant::now() < deadline,
+                "discovery did not start within {WAIT:?}:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// Stops it with SIGTERM (graceful) and waits for it to exit.
@@ -375,6 +389,14 @@ impl User {
         let mut command = self.command(server);
         command.args(["send", to, message]);
         run_bounded(command)
+    }
+
+    /// Registers once (so the name and keys are known to the server and to peers' lookups),
+    /// then goes offline.
+    pub fn register_and_leave(&self, server: &Discovery) {
+        let mut listener = self.listen(server);
+        listener.online();
+        listener.stop();
     }
 
     /// Starts `p2pchat listen --json`.
@@ -599,6 +621,16 @@ impl Drop for Listener {
     fn drop(&mut self) {
         self.kill_now();
     }
+}
+
+/// Asserts a scripted command failed and said something containing `wanted` on stderr.
+pub fn assert_failed(output: &Output, wanted: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains(wanted),
+        "expected a failure mentioning {wanted:?}; status {:?}\nstderr: {stderr}",
+        output.status
+    );
 }
 
 /// Asserts a scripted command succeeded and printed `wanted` on stdout.
