@@ -38,6 +38,16 @@
 //! per acked batch would bound a mailbox drain at the disk's flush rate. Bindings never
 //! change once made, so they are cached in memory after their first read or write.
 //!
+//! # I/O failures
+//!
+//! After a write to the file fails (a full disk), redb refuses everything until the
+//! database is reopened. The database therefore sits behind a `DatabaseHandle` (module
+//! `reopen`) that every operation, and the deposit writer, takes it from: the operation
+//! that failed reports why (a full disk is [`StoreError::StorageFull`]), and a later one
+//! reopens the file, with a backoff while the disk stays full. Nothing committed is lost, and the
+//! in-memory state (presence, cached bindings, the broadcast channel) is kept, so a server
+//! recovers by itself once space is freed.
+//!
 //! **Architecture Invariant:** values are (de)serialised only through [`proto::wire`].
 
 use std::{
@@ -53,6 +63,9 @@ use redb::{
 };
 use tokio::sync::broadcast;
 
+mod reopen;
+
+use self::reopen::{DatabaseHandle, Opener};
 use crate::{
     BindOutcome, Binding, Broadcast, DepositOutcome, Fetched, MailLimits, Presence, StoreError,
     StoredMail,
@@ -94,7 +107,8 @@ impl std::fmt::Debug for EmbeddedStore {
 
 /// What every clone shares.
 struct Inner {
-    db: Arc<Database>,
+    /// The database, reopened after an I/O failure; shared with the deposit writer.
+    db: Arc<DatabaseHandle>,
     limits: MailLimits,
     /// Feeds the deposit writer thread; `None` only while dropping.
     deposits: Option<std::sync::mpsc::Sender<DepositJob>>,
@@ -173,14 +187,23 @@ struct Removal {
 impl EmbeddedStore {
     /// Opens (or creates) the database file at `path`. This blocks briefly (file I/O, and a
     /// repair if the last run crashed), so call it at start-up, not on a busy runtime thread.
+    ///
+    /// After an I/O failure (a full disk) the file is reopened by itself, with a backoff;
+    /// see the module docs.
     pub fn open(path: impl AsRef<Path>, limits: MailLimits) -> Result<Self, StoreError> {
-        let db = Database::create(path.as_ref()).map_err(embedded_error)?;
+        let path = path.as_ref().to_path_buf();
+        Self::open_with(Box::new(move || Database::create(&path)), limits)
+    }
+
+    /// Opens the database with `open`, which also reopens it after an I/O failure.
+    fn open_with(open: Opener, limits: MailLimits) -> Result<Self, StoreError> {
+        let db = open().map_err(embedded_error)?;
         // Create every table once, so read transactions never meet a missing table.
         let txn = db.begin_write().map_err(embedded_error)?;
         create_tables(&txn).map_err(embedded_error)?;
         txn.commit().map_err(embedded_error)?;
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
-        let db = Arc::new(db);
+        let db = Arc::new(DatabaseHandle::new(db, open));
         let (deposits, jobs) = std::sync::mpsc::channel();
         let writer = std::thread::Builder::new()
             .name("store-deposits".to_owned())
@@ -207,24 +230,32 @@ impl EmbeddedStore {
         self.inner.limits
     }
 
-    /// Runs `work` on the blocking pool with the shared state.
+    /// Runs `work` on the blocking pool with the shared state and the current database.
+    /// When `work` fails, the handle checks whether the database needs reopening.
     async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Inner, &Database) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || work(&inner))
-            .await
-            .map_err(|error| StoreError::Embedded(format!("store task failed: {error}")))?
+        tokio::task::spawn_blocking(move || {
+            let db = inner.db.get()?;
+            let result = work(&inner, &db);
+            if let Err(error) = &result {
+                inner.db.after_error(&db, error);
+            }
+            result
+        })
+        .await
+        .map_err(|error| StoreError::Embedded(format!("store task failed: {error}")))?
     }
 
     /// See [`crate::Store::bind`].
     pub async fn bind(&self, binding: &Binding) -> Result<BindOutcome, StoreError> {
         let binding = binding.clone();
         let encoded = encode(&binding)?;
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_write().map_err(embedded_error)?;
+        self.blocking(move |inner, db| {
+            let txn = db.begin_write().map_err(embedded_error)?;
             let existing = {
                 let mut table = txn.open_table(BINDINGS).map_err(embedded_error)?;
                 let existing = table
@@ -246,6 +277,7 @@ impl EmbeddedStore {
                 }
                 None => {
                     txn.commit().map_err(embedded_error)?;
+                    inner.db.committed();
                     inner.cache_binding(&binding);
                     Ok(BindOutcome::Created)
                 }
@@ -260,8 +292,8 @@ impl EmbeddedStore {
             return Ok(Some(binding));
         }
         let user = user.clone();
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_read().map_err(embedded_error)?;
+        self.blocking(move |inner, db| {
+            let txn = db.begin_read().map_err(embedded_error)?;
             let table = txn.open_table(BINDINGS).map_err(embedded_error)?;
             let value = table.get(user.as_str()).map_err(embedded_error)?;
             let binding = value
@@ -375,9 +407,9 @@ impl EmbeddedStore {
     ) -> Result<Fetched, StoreError> {
         let user = user.clone();
         let ttl_ms = self.inner.limits.ttl_ms;
-        self.blocking(move |inner| {
+        self.blocking(move |_, db| {
             let (mail, removals, count) = {
-                let txn = inner.db.begin_read().map_err(embedded_error)?;
+                let txn = db.begin_read().map_err(embedded_error)?;
                 let mailboxes = txn.open_table(MAILBOXES).map_err(embedded_error)?;
                 let count = mailboxes
                     .get(user.as_str())
@@ -415,7 +447,7 @@ impl EmbeddedStore {
             };
             let removed = removals.len() as u64;
             if !removals.is_empty() {
-                let txn = inner.db.begin_write().map_err(embedded_error)?;
+                let txn = db.begin_write().map_err(embedded_error)?;
                 remove_mail(&txn, &user, &removals).map_err(embedded_error)?;
                 txn.commit().map_err(embedded_error)?;
             }
@@ -436,8 +468,8 @@ impl EmbeddedStore {
         }
         let user = user.clone();
         let ids = ids.to_vec();
-        self.blocking(move |inner| {
-            let mut txn = inner.db.begin_write().map_err(embedded_error)?;
+        self.blocking(move |_, db| {
+            let mut txn = db.begin_write().map_err(embedded_error)?;
             txn.set_durability(redb::Durability::None)
                 .map_err(|error| StoreError::Embedded(error.to_string()))?;
             let removed = ack_in(&txn, &user, &ids).map_err(embedded_error)?;
@@ -452,8 +484,8 @@ impl EmbeddedStore {
     /// See [`crate::Store::mail_count`].
     pub async fn mail_count(&self, user: &Username) -> Result<u64, StoreError> {
         let user = user.clone();
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_read().map_err(embedded_error)?;
+        self.blocking(move |_, db| {
+            let txn = db.begin_read().map_err(embedded_error)?;
             let mailboxes = txn.open_table(MAILBOXES).map_err(embedded_error)?;
             let count = mailboxes
                 .get(user.as_str())
@@ -483,8 +515,8 @@ impl EmbeddedStore {
     ) -> Result<(), StoreError> {
         let user = user.clone();
         let blocked = blocked.clone();
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_write().map_err(embedded_error)?;
+        self.blocking(move |inner, db| {
+            let txn = db.begin_write().map_err(embedded_error)?;
             {
                 let mut table = txn.open_multimap_table(BLOCKS).map_err(embedded_error)?;
                 if block {
@@ -494,7 +526,9 @@ impl EmbeddedStore {
                 }
                 .map_err(embedded_error)?;
             }
-            txn.commit().map_err(embedded_error)
+            txn.commit().map_err(embedded_error)?;
+            inner.db.committed();
+            Ok(())
         })
         .await
     }
@@ -502,8 +536,8 @@ impl EmbeddedStore {
     /// See [`crate::Store::blocked_by`].
     pub async fn blocked_by(&self, user: &Username) -> Result<Vec<Username>, StoreError> {
         let user = user.clone();
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_read().map_err(embedded_error)?;
+        self.blocking(move |_, db| {
+            let txn = db.begin_read().map_err(embedded_error)?;
             let table = txn.open_multimap_table(BLOCKS).map_err(embedded_error)?;
             let mut blocked = Vec::new();
             for entry in table.get(user.as_str()).map_err(embedded_error)? {
@@ -538,7 +572,11 @@ impl EmbeddedStore {
 /// [`MAX_DEPOSIT_GROUP`]) into one write transaction and one durable commit, so concurrent
 /// senders share an `fsync` instead of queueing for one each; a lone deposit still commits
 /// at once. Runs until the store's last handle drops the sending side.
-fn run_deposit_writer(db: &Database, cap: u64, jobs: &std::sync::mpsc::Receiver<DepositJob>) {
+fn run_deposit_writer(
+    handle: &DatabaseHandle,
+    cap: u64,
+    jobs: &std::sync::mpsc::Receiver<DepositJob>,
+) {
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_DEPOSIT_GROUP {
@@ -547,24 +585,25 @@ fn run_deposit_writer(db: &Database, cap: u64, jobs: &std::sync::mpsc::Receiver<
                 Err(_) => break,
             }
         }
-        match commit_deposits(db, cap, &group) {
+        let result = handle.get().and_then(|db| {
+            commit_deposits(&db, cap, &group).map_err(|error| {
+                let error = embedded_error(error);
+                handle.after_error(&db, &error);
+                error
+            })
+        });
+        match result {
             Ok(decisions) => {
+                handle.committed();
                 for (job, decision) in group.into_iter().zip(decisions) {
                     // A caller that stopped waiting does not need the answer.
                     let _ = job.reply.send(Ok(decision));
                 }
             }
             Err(error) => {
-                let full = is_storage_full(&error);
-                let message = error.to_string();
-                tracing::error!(%message, deposits = group.len(), "deposit group failed");
+                tracing::error!(%error, deposits = group.len(), "deposit group failed");
                 for job in group {
-                    let error = if full {
-                        StoreError::StorageFull(message.clone())
-                    } else {
-                        StoreError::Embedded(message.clone())
-                    };
-                    let _ = job.reply.send(Err(error));
+                    let _ = job.reply.send(Err(repeat_error(&error)));
                 }
             }
         }
@@ -778,6 +817,16 @@ fn after_removal(txn: &WriteTransaction, user: &Username, removed: u64) -> Resul
     mailbox.write(&mut mailboxes, user)
 }
 
+/// The same error again, for each deposit of a failed group (a [`StoreError`] is not
+/// `Clone`; the writer only meets these two kinds).
+fn repeat_error(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::StorageFull(message) => StoreError::StorageFull(message.clone()),
+        StoreError::Embedded(message) => StoreError::Embedded(message.clone()),
+        other => StoreError::Embedded(other.to_string()),
+    }
+}
+
 /// Wraps any redb error; a full disk is told apart, so senders hear why.
 fn embedded_error(error: impl Into<redb::Error>) -> StoreError {
     let error = error.into();
@@ -817,6 +866,204 @@ mod tests {
         }
     }
 
+    /// A file backend whose writes fail with "no space left" while `full` is set, like a
+    /// disk that fills up and later has space again.
+    #[derive(Debug)]
+    struct FillingDisk {
+        file: redb::backends::FileBackend,
+        full: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl FillingDisk {
+        fn check(&self) -> std::io::Result<()> {
+            if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+                Err(std::io::ErrorKind::StorageFull.into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    type Bound = std::ops::Bound<u64>;
+
+    impl redb::StorageBackend for FillingDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.file.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.file.write(offset, data)
+        }
+        fn close(&self) -> std::io::Result<()> {
+            self.file.close()
+        }
+        fn try_lock_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+            self.file.try_lock_range(start, end)
+        }
+        fn try_lock_shared_range(
+            &self,
+            start: Bound,
+            end: Bound,
+        ) -> Result<bool, redb::BackendError> {
+            self.file.try_lock_shared_range(start, end)
+        }
+        fn lock_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+            self.file.lock_range(start, end)
+        }
+        fn lock_shared_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+            self.file.lock_shared_range(start, end)
+        }
+        fn unlock_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+            self.file.unlock_range(start, end)
+        }
+        fn query_lock_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+            self.file.query_lock_range(start, end)
+        }
+    }
+
+    /// A store on a [`FillingDisk`]: the store, the switch, and how often it was opened.
+    fn store_on_filling_disk(
+        path: std::path::PathBuf,
+    ) -> Result<
+        (
+            EmbeddedStore,
+            Arc<std::sync::atomic::AtomicBool>,
+            Arc<std::sync::atomic::AtomicUsize>,
+        ),
+        StoreError,
+    > {
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opens = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let opener: Opener = Box::new({
+            let (full, opens) = (Arc::clone(&full), Arc::clone(&opens));
+            move || {
+                opens.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)?;
+                let backend = FillingDisk {
+                    file: redb::backends::FileBackend::new(file)?,
+                    full: Arc::clone(&full),
+                };
+                redb::Builder::new().create_with_backend(backend)
+            }
+        });
+        let store = EmbeddedStore::open_with(opener, MailLimits::default())?;
+        Ok((store, full, opens))
+    }
+
+    /// Deposits `message` until the store takes it again after a full disk (bounded).
+    async fn deposit_once_recovered(
+        store: &EmbeddedStore,
+        message: &Envelope,
+    ) -> Result<DepositOutcome, StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match store.deposit(message, 3_000).await {
+                Err(StoreError::StorageFull(_)) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Regression (issue 8): after a write failed on a full disk, redb refused every later
+    /// write until reopened, so a server kept failing deposits after space was freed. Now
+    /// the failing deposit says "the disk is full", the store reopens itself once there is
+    /// space, and nothing stored before is lost or duplicated; in-memory state survives.
+    #[tokio::test]
+    async fn a_full_disk_is_recovered_from_without_a_restart()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let (store, full, _) = store_on_filling_disk(dir.path().join("store.redb"))?;
+        let stored: Vec<_> = (0..3).map(|n| envelope(&n.to_string())).collect();
+        for message in &stored {
+            assert_eq!(store.deposit(message, 1_000).await?, DepositOutcome::Stored);
+        }
+        let presence = Presence {
+            user: user("bob"),
+            session: 7,
+            addresses: Vec::new(),
+            last_seen_ms: 1_000,
+            expires_at_ms: 60_000,
+        };
+        store.set_presence(&presence).await?;
+        let mut events = store.subscribe();
+
+        full.store(true, std::sync::atomic::Ordering::SeqCst);
+        let while_full = envelope("while full");
+        for _ in 0..3 {
+            let error = store
+                .deposit(&while_full, 2_000)
+                .await
+                .expect_err("disk is full");
+            assert!(matches!(error, StoreError::StorageFull(_)), "{error}");
+        }
+
+        full.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            deposit_once_recovered(&store, &while_full).await?,
+            DepositOutcome::Stored
+        );
+        assert_eq!(
+            store.deposit(&while_full, 3_000).await?,
+            DepositOutcome::Duplicate
+        );
+        let bob = user("bob");
+        let fetched = store.fetch(&bob, 10, 4_000).await?;
+        let got: Vec<_> = fetched.mail.iter().map(|m| m.envelope.id).collect();
+        let expected: Vec<_> = stored.iter().chain([&while_full]).map(|m| m.id).collect();
+        assert_eq!(got, expected, "every message once, in deposit order");
+        assert_eq!(store.mail_count(&bob).await?, 4);
+        assert_eq!(store.ack(&bob, &expected).await?, 4);
+        assert_eq!(store.presence(&bob).await?, Some(presence));
+        store
+            .publish(&Broadcast::MailWaiting { user: bob.clone() })
+            .await?;
+        assert_eq!(events.recv().await?, Broadcast::MailWaiting { user: bob });
+        Ok(())
+    }
+
+    /// While the disk stays full, reopening backs off instead of running once per request.
+    #[tokio::test]
+    async fn a_disk_that_stays_full_is_reopened_with_backoff()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let (store, full, opens) = store_on_filling_disk(dir.path().join("store.redb"))?;
+        full.store(true, std::sync::atomic::Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        let mut failures = 0;
+        while started.elapsed() < std::time::Duration::from_millis(500) {
+            let error = store
+                .deposit(&envelope("x"), 1_000)
+                .await
+                .expect_err("full");
+            assert!(matches!(error, StoreError::StorageFull(_)), "{error}");
+            failures += 1;
+        }
+        // Backoff 50, 100, 200, 400 ms: at most four reopens in half a second, plus the
+        // first open.
+        let opens = opens.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(opens <= 5, "{opens} opens for {failures} failed deposits");
+        assert!(failures > 20, "failures are answered at once ({failures})");
+        Ok(())
+    }
+
     /// A value that no longer decodes (written behind the store's back) is skipped and
     /// quarantined; the mail around it is still delivered, and counts stay right.
     #[tokio::test]
@@ -830,7 +1077,7 @@ mod tests {
         }
         {
             // Sequence 1 is the middle message.
-            let txn = store.inner.db.begin_write()?;
+            let txn = store.inner.db.current().expect("open").begin_write()?;
             txn.open_table(MAIL)?
                 .insert(("bob", 1), (&sent[1].id.0, &b"\xff\xffgarbage"[..]))?;
             txn.commit()?;
@@ -841,7 +1088,7 @@ mod tests {
         assert_eq!(got, vec![sent[0].id, sent[2].id]);
         assert_eq!(fetched.remaining, 0);
         assert_eq!(store.mail_count(&bob).await?, 2);
-        let txn = store.inner.db.begin_read()?;
+        let txn = store.inner.db.current().expect("open").begin_read()?;
         assert_eq!(txn.open_table(QUARANTINE)?.len()?, 1);
         Ok(())
     }
