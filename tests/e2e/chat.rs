@@ -109,7 +109,7 @@ impl Chatter {
                     bail!("the runtime stopped while waiting for {what}");
                 };
                 if let Event::Message(message) = &event {
-                    self.client.mark_shown(message.id).await?;
+                    self.client.mark_shown([message]).await?;
                 }
                 if let Some(found) = pick(&event) {
                     return Ok(found);

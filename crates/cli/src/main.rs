@@ -256,7 +256,7 @@ async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<Exit
                 writeln!(stdout, "{}", render::event_json(&event))?;
                 stdout.flush()?;
                 if let Event::Message(message) = &event {
-                    client.mark_shown(message.id).await?;
+                    client.mark_shown([message]).await?;
                 }
                 if let Event::Fatal(reply) = event {
                     eprintln!("p2pchat: cannot register: {reply}");
@@ -342,7 +342,7 @@ async fn interactive_mode(
                 }
                 match &event {
                     Event::Message(message) => {
-                        if let Err(error) = client.mark_shown(message.id).await {
+                        if let Err(error) = client.mark_shown([message]).await {
                             let _ = writeln!(out, "cannot record the message as shown: {error}");
                         }
                     }

@@ -14,9 +14,10 @@
 //!   commit, then acks all of it). If the link fails or an ack is late, every unacked
 //!   message goes back to the front of the queue, in order, and takes the full route (the
 //!   receiver de-duplicates by id what it had stored already);
-//! - records each result in the outbox and history (group-committed) and answers the
-//!   sender only once that record is durable, in a second task (the reporter), so the
-//!   sending task never waits on a commit for a result.
+//! - hands each result to a second task (the reporter), so the sending task never waits on
+//!   a commit for a result. The reporter records every result waiting in one write
+//!   ([`State::submit_results`]: the outbox and history), and answers each sender only once
+//!   that write is durable; results that arrive while it waits form the next write.
 //!
 //! Order: envelopes leave in queue order on one connection, and the receiver stores them in
 //! arrival order, so the recipient shows them in the order sent. A retransmission after a
@@ -24,6 +25,8 @@
 //!
 //! **Architecture Invariant:** this module never writes the state directly: results are
 //! submitted to the group-commit writer and awaited by the reporter.
+//!
+//! [`State::submit_results`]: crate::state::State::submit_results
 
 use std::{
     collections::VecDeque,
@@ -41,7 +44,7 @@ use crate::{
     delivery::{self, DeliveryStatus},
     link::{LinkError, PeerLink},
     runtime::{ClientError, Context, Event, Internal, SendReport},
-    state::{OutboxEntry, Ticket},
+    state::{AttemptResult, OutboxEntry, Ticket},
 };
 
 /// The most envelopes sent and not yet answered on one link. Bounded so a slow receiver
@@ -61,12 +64,15 @@ pub(crate) struct Job {
     pub(crate) reply: Option<oneshot::Sender<Result<SendReport, ClientError>>>,
 }
 
-/// A finished message on its way to the reporter: its result record must be durable first.
+/// A finished message on its way to the reporter, which records its result before
+/// answering.
 struct Done {
     job: Job,
     status: DeliveryStatus,
-    recorded: Ticket<()>,
 }
+
+/// The most results the reporter records in one write.
+const MAX_RESULTS_PER_WRITE: usize = 4096;
 
 /// Starts the task (and its reporter) for `to`; both stop when `shutdown` is cancelled or
 /// the returned queue is dropped.
@@ -129,7 +135,7 @@ async fn run(
                     continue;
                 };
                 let (status, opened) = delivery::deliver(context, &job.entry).await;
-                finish(context, job, status, done);
+                finish(job, status, done);
                 link = opened.map(|opened| (opened, generation));
             }
         }
@@ -229,7 +235,7 @@ async fn pipeline(
                         reason: error.to_string(),
                         will_retry: false,
                     };
-                    finish(context, job, status, done);
+                    finish(job, status, done);
                     continue;
                 }
             };
@@ -257,20 +263,20 @@ async fn pipeline(
                     };
                     let Some((job, _)) = in_flight.remove(index) else { continue };
                     match outcome {
-                        Ok(()) => finish(context, job, DeliveryStatus::Delivered, done),
+                        Ok(()) => finish(job, DeliveryStatus::Delivered, done),
                         // The recipient cannot take it now (its server link or disk is
                         // down): the full route falls back to the mailbox.
                         Err(error) if error.code == ErrorCode::Unavailable => {
                             in_flight.insert(index, (job, Instant::now()));
                             break Err(format!("the peer cannot take messages now: {}", error.message));
                         }
-                        Err(error) => finish(context, job, delivery::rejected(error), done),
+                        Err(error) => finish(job, delivery::rejected(error), done),
                     }
                 }
                 // The whole link is refused (blocked): every message on it is.
                 Err(LinkError::Rejected(error)) => {
                     for (job, _) in in_flight.drain(..) {
-                        finish(context, job, delivery::rejected(error.clone()), done);
+                        finish(job, delivery::rejected(error.clone()), done);
                     }
                     break Err(format!("refused by the peer: {}", error.message));
                 }
@@ -293,55 +299,70 @@ async fn pipeline(
     result
 }
 
-/// Records the result of `job` (group-committed) and hands it to the reporter.
-fn finish(context: &Context, job: Job, status: DeliveryStatus, done: &mpsc::UnboundedSender<Done>) {
-    let (history_status, keep) = status.to_history();
-    let recorded = context
-        .state
-        .submit_result(&job.entry, &history_status, keep);
-    let _ = done.send(Done {
-        job,
-        status,
-        recorded,
-    });
+/// Hands the result of `job` to the reporter, which records it.
+fn finish(job: Job, status: DeliveryStatus, done: &mpsc::UnboundedSender<Done>) {
+    let _ = done.send(Done { job, status });
 }
 
-/// The reporter: once a result is durable, tells whoever waits for it, in order.
+/// The reporter: records every result waiting in one write and, once it is durable, tells
+/// whoever waits for each, in order.
 async fn report(context: Arc<Context>, mut done: mpsc::UnboundedReceiver<Done>) {
-    while let Some(Done {
-        job,
-        status,
-        recorded,
-    }) = done.recv().await
-    {
-        if let Err(error) = recorded.await {
-            context.report_state_error(error);
-        }
-        let keep = matches!(
-            status,
-            DeliveryStatus::Failed {
-                will_retry: true,
-                ..
+    let mut batch: Vec<Done> = Vec::new();
+    while done.recv_many(&mut batch, MAX_RESULTS_PER_WRITE).await > 0 {
+        let attempts = batch
+            .iter()
+            .map(|Done { job, status }| {
+                let (status, keep) = status.to_history();
+                AttemptResult {
+                    entry: job.entry.clone(),
+                    status,
+                    keep,
+                }
+            })
+            .collect();
+        let recorded = match context.state.submit_results(attempts).await {
+            Ok(results) => results,
+            Err(error) => {
+                context.report_state_error(error);
+                Vec::new()
             }
-        );
-        let report = SendReport {
-            id: job.entry.id,
-            to: job.entry.to.clone(),
-            status,
         };
-        match job.reply {
-            Some(reply) => {
-                let _ = reply.send(Ok(report));
+        let mut recorded = recorded.into_iter();
+        for Done { job, status } in batch.drain(..) {
+            if let Some(Err(error)) = recorded.next() {
+                context.report_state_error(error);
             }
-            // Retries are reported as events, except failures that will be retried again,
-            // which would only repeat the same line at every reconnect.
-            None if !keep => context.notify(Event::Delivery {
-                id: report.id,
-                to: report.to,
-                status: report.status,
-            }),
-            None => {}
+            tell(&context, job, status);
         }
-        let _ = context.to_loop.send(Internal::Finished(job.entry.id));
     }
+}
+
+/// Tells whoever waits for `job` its result, and the event loop that it is finished.
+fn tell(context: &Context, job: Job, status: DeliveryStatus) {
+    let keep = matches!(
+        status,
+        DeliveryStatus::Failed {
+            will_retry: true,
+            ..
+        }
+    );
+    let report = SendReport {
+        id: job.entry.id,
+        to: job.entry.to.clone(),
+        status,
+    };
+    match job.reply {
+        Some(reply) => {
+            let _ = reply.send(Ok(report));
+        }
+        // Retries are reported as events, except failures that will be retried again,
+        // which would only repeat the same line at every reconnect.
+        None if !keep => context.notify(Event::Delivery {
+            id: report.id,
+            to: report.to,
+            status: report.status,
+        }),
+        None => {}
+    }
+    let _ = context.to_loop.send(Internal::Finished(job.entry.id));
 }

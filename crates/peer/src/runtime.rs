@@ -335,7 +335,8 @@ enum Command {
         reply: Reply_<Vec<HistoryEntry>>,
     },
     Shown {
-        id: MessageId,
+        /// (id, history position) of each message shown.
+        shown: Vec<(MessageId, u64)>,
         reply: Reply_<()>,
     },
 }
@@ -687,10 +688,19 @@ impl Client {
             .await
     }
 
-    /// Records that message `id` was shown, so it is not shown again at the next start.
-    /// Returns once the mark is stored.
-    pub async fn mark_shown(&self, id: MessageId) -> Result<(), ClientError> {
-        self.call(|reply| Command::Shown { id, reply }).await
+    /// Records that these messages were shown, so they are not shown again at the next
+    /// start: all in one write, so a display that shows many messages at once (everything
+    /// already arrived) marks them with one commit. Call it only once they are shown.
+    /// Returns once the marks are stored.
+    pub async fn mark_shown<'a>(
+        &self,
+        shown: impl IntoIterator<Item = &'a InboundMessage>,
+    ) -> Result<(), ClientError> {
+        let shown = shown
+            .into_iter()
+            .map(|message| (message.id, message.seq))
+            .collect();
+        self.call(|reply| Command::Shown { shown, reply }).await
     }
 
     /// Stops the runtime and waits (at most `timeout`) for its tasks to finish.
@@ -1038,8 +1048,8 @@ impl EventLoop {
             }
             // Answered once the mark is durable (see `State::submit_shown`), without holding
             // the loop for the commit.
-            Command::Shown { id, reply } => {
-                let marked = state.submit_shown(&id);
+            Command::Shown { shown, reply } => {
+                let marked = state.submit_shown(shown);
                 self.tracker.spawn(async move {
                     let _ = reply.send(marked.await.map_err(Into::into));
                 });

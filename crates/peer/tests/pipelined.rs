@@ -69,7 +69,7 @@ async fn pipelined_sends_to_one_recipient_arrive_in_order_each_shown_once() {
             .expect("every message is shown")
             .expect("the runtime is running");
         if let Event::Message(message) = event {
-            bob.mark_shown(message.id).await.unwrap();
+            bob.mark_shown([&message]).await.unwrap();
             shown.push(message.body);
         }
     }
