@@ -235,6 +235,9 @@ async fn send_mode(client: &Client, to: &str, body: &str) -> anyhow::Result<Exit
 
 /// `listen --json`: every event as one JSON line; commands read from standard input (one
 /// per line, the interactive syntax) run in order, each answered by a `result` line.
+/// The most messages `listen` prints before marking them shown (one write).
+const MAX_MARKED_AT_ONCE: usize = 4096;
+
 async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<ExitCode> {
     let signal = shutdown_signal();
     tokio::pin!(signal);
@@ -253,12 +256,32 @@ async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<Exit
             }
             event = events.recv() => {
                 let Some(event) = event else { break ExitCode::SUCCESS };
-                writeln!(stdout, "{}", render::event_json(&event))?;
-                stdout.flush()?;
-                if let Event::Message(message) = &event {
-                    client.mark_shown([message]).await?;
+                // Print every event already here, then mark the printed messages shown in
+                // one write: display costs a commit per burst, not per message. A message
+                // is marked only once printed and flushed, so a crash in between shows it
+                // again at the next start (never hides it).
+                let mut printed = Vec::new();
+                let mut fatal = None;
+                let mut next = Some(event);
+                while let Some(event) = next {
+                    writeln!(stdout, "{}", render::event_json(&event))?;
+                    match event {
+                        Event::Message(message) => printed.push(message),
+                        Event::Fatal(reply) => {
+                            fatal = Some(reply);
+                            break;
+                        }
+                        _ => {}
+                    }
+                    next = (printed.len() < MAX_MARKED_AT_ONCE)
+                        .then(|| events.try_recv())
+                        .flatten();
                 }
-                if let Event::Fatal(reply) = event {
+                stdout.flush()?;
+                if !printed.is_empty() {
+                    client.mark_shown(&printed).await?;
+                }
+                if let Some(reply) = fatal {
                     eprintln!("p2pchat: cannot register: {reply}");
                     break ExitCode::FAILURE;
                 }
