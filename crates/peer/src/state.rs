@@ -257,11 +257,9 @@ pub struct State {
     writer: GroupWriter,
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+fn encode<T: Serialize>(value: &T) -> impl AsRef<[u8]> + Send + 'static {
     // Plain records of strings and integers always encode.
-    wire::encode(value)
-        .map(|bytes| bytes.to_vec())
-        .unwrap_or_default()
+    wire::encode(value).unwrap_or_default()
 }
 
 fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StateError> {
@@ -362,7 +360,7 @@ impl State {
                 Some(pinned) if pinned == keys => PinOutcome::Same,
                 Some(pinned) => PinOutcome::Changed { pinned },
                 None => {
-                    table.insert(user.as_str(), encode(&keys).as_slice())?;
+                    table.insert(user.as_str(), encode(&keys).as_ref())?;
                     PinOutcome::New
                 }
             })
@@ -373,8 +371,7 @@ impl State {
     pub fn repin(&self, user: &Username, keys: &PublicKeys) -> Result<(), StateError> {
         let (user, keys) = (user.clone(), encode(keys));
         self.write(move |txn| {
-            txn.open_table(PINS)?
-                .insert(user.as_str(), keys.as_slice())?;
+            txn.open_table(PINS)?.insert(user.as_str(), keys.as_ref())?;
             Ok(())
         })
     }
@@ -404,7 +401,7 @@ impl State {
                     active,
                     synced: false,
                 };
-                table.insert(user.as_str(), encode(&record).as_slice())?;
+                table.insert(user.as_str(), encode(&record).as_ref())?;
             }
             Ok(current != active)
         })
@@ -475,7 +472,7 @@ impl State {
                         active,
                         synced: true,
                     };
-                    table.insert(user.as_str(), encode(&record).as_slice())?;
+                    table.insert(user.as_str(), encode(&record).as_ref())?;
                 }
                 _ => {}
             }
@@ -574,9 +571,9 @@ impl State {
                 status: MessageStatus::Pending,
             };
             txn.open_table(HISTORY)?
-                .insert((entry.to.as_str(), entry.seq), encode(&line).as_slice())?;
+                .insert((entry.to.as_str(), entry.seq), encode(&line).as_ref())?;
             txn.open_table(OUTBOX)?
-                .insert(entry.seq, encoded.as_slice())?;
+                .insert(entry.seq, encoded.as_ref())?;
             Ok(())
         })
     }
@@ -641,7 +638,7 @@ impl State {
                 };
                 if let Some(mut line) = line {
                     line.status = status.clone();
-                    history.insert(key, encode(&line).as_slice())?;
+                    history.insert(key, encode(&line).as_ref())?;
                 }
                 if *keep {
                     let mut kept = entry.clone();
@@ -650,7 +647,7 @@ impl State {
                         MessageStatus::Failed(reason) => Some(reason.clone()),
                         _ => None,
                     };
-                    outbox.insert(entry.seq, encode(&kept).as_slice())?;
+                    outbox.insert(entry.seq, encode(&kept).as_ref())?;
                 } else {
                     outbox.remove(entry.seq)?;
                 }
@@ -701,6 +698,9 @@ impl State {
             let mut history = txn.open_table(HISTORY)?;
             let mut unshown = txn.open_table(UNSHOWN)?;
             let mut outcomes = Vec::with_capacity(messages.len());
+            // The stored counter is raised once for the whole batch, past its highest
+            // position (positions are handed out in order, so that covers them all).
+            let mut highest_seq = 0;
             for (message, while_muted) in &messages {
                 let seen_key = (message.sent_at_ms, message.id.0);
                 if seen.get(seen_key)?.is_some() {
@@ -709,7 +709,7 @@ impl State {
                 }
                 seen.insert(seen_key, now_ms)?;
                 let seq = next_seq.fetch_add(1, Ordering::Relaxed);
-                raise_next_seq(&mut meta, seq)?;
+                highest_seq = highest_seq.max(seq);
                 let line = HistoryEntry {
                     seq,
                     id: message.id,
@@ -719,7 +719,7 @@ impl State {
                     sent_at_ms: message.sent_at_ms,
                     status: MessageStatus::Received,
                 };
-                history.insert((message.from.as_str(), seq), encode(&line).as_slice())?;
+                history.insert((message.from.as_str(), seq), encode(&line).as_ref())?;
                 let inbound = InboundMessage {
                     id: message.id,
                     from: message.from.clone(),
@@ -729,8 +729,11 @@ impl State {
                     seq,
                     while_muted: *while_muted,
                 };
-                unshown.insert(seq, encode(&inbound).as_slice())?;
+                unshown.insert(seq, encode(&inbound).as_ref())?;
                 outcomes.push(StoreOutcome::New(inbound));
+            }
+            if highest_seq > 0 {
+                raise_next_seq(&mut meta, highest_seq)?;
             }
             Ok(outcomes)
         })
@@ -832,7 +835,7 @@ impl State {
             } else if table.len()? >= max {
                 false
             } else {
-                table.insert(id.0, encoded.as_slice())?;
+                table.insert(id.0, encoded.as_ref())?;
                 true
             })
         })
@@ -1136,20 +1139,20 @@ mod tests {
                     ),
                 ] {
                     history
-                        .insert(("bob", entry.seq), encode(&entry).as_slice())
+                        .insert(("bob", entry.seq), encode(&entry).as_ref())
                         .unwrap();
                 }
                 txn.open_table(META).unwrap().insert(NEXT_SEQ, 4).unwrap();
                 txn.open_table(OUTBOX_V1)
                     .unwrap()
-                    .insert(pending.id.0, encode(&pending).as_slice())
+                    .insert(pending.id.0, encode(&pending).as_ref())
                     .unwrap();
                 let mut seen = txn.open_table(SEEN_V1).unwrap();
                 seen.insert(shown.id.0, 3_500).unwrap();
                 seen.insert(unshown_message.id.0, 4_500).unwrap();
                 txn.open_table(UNSHOWN_V1)
                     .unwrap()
-                    .insert(unshown_message.id.0, encode(&unshown_record).as_slice())
+                    .insert(unshown_message.id.0, encode(&unshown_record).as_ref())
                     .unwrap();
             }
             txn.commit().unwrap();
