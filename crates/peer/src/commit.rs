@@ -10,6 +10,8 @@
 //! ticket. A ticket therefore resolves only once its write is durable, exactly as if it had
 //! committed alone (the same scheme as the discovery store's deposit writer,
 //! `store::embedded::run_deposit_writer`).
+//! [`GroupWriter::submit_shared`] is the same for a write made on behalf of several callers
+//! (the records of a burst of sends): one job, one ticket per caller, all answered alike.
 //!
 //! Failures stay with their cause: if one write of a group fails (a corrupt record), the
 //! group's transaction is aborted and every write of the group runs again in a transaction
@@ -71,6 +73,36 @@ where
         };
         // A caller that stopped waiting does not need the answer; the write stands.
         let _ = self.reply.send(result);
+    }
+}
+
+/// One write whose outcome many waiters share (the records of several sends).
+struct SharedJob<F> {
+    work: F,
+    result: Option<Result<(), String>>,
+    replies: Vec<oneshot::Sender<Result<(), StateError>>>,
+}
+
+impl<F> Job for SharedJob<F>
+where
+    F: Fn(&WriteTransaction) -> Result<(), StateError> + Send,
+{
+    fn apply(&mut self, txn: &WriteTransaction) -> bool {
+        let result = (self.work)(txn).map_err(|error| error.to_string());
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn finish(self: Box<Self>, failure: Option<&str>) {
+        let outcome = match (failure, self.result) {
+            (Some(reason), _) => Err(reason.to_owned()),
+            (None, Some(result)) => result,
+            (None, None) => Err("the write was not run".to_owned()),
+        };
+        for reply in self.replies {
+            let _ = reply.send(outcome.clone().map_err(StateError::Commit));
+        }
     }
 }
 
@@ -159,6 +191,33 @@ impl GroupWriter {
             let _ = jobs.send(job);
         }
         Ticket { answer }
+    }
+}
+
+impl GroupWriter {
+    /// Submits `work` like [`GroupWriter::submit`], with `waiters` tickets that all resolve
+    /// with its outcome (an error as [`StateError::Commit`] with its text): one write job
+    /// for several callers, so a burst of small writes costs one job.
+    pub fn submit_shared<F>(&self, work: F, waiters: usize) -> Vec<Ticket<()>>
+    where
+        F: Fn(&WriteTransaction) -> Result<(), StateError> + Send + 'static,
+    {
+        let (replies, tickets) = (0..waiters)
+            .map(|_| {
+                let (reply, answer) = oneshot::channel();
+                (reply, Ticket { answer })
+            })
+            .unzip();
+        let job = Box::new(SharedJob {
+            work,
+            result: None,
+            replies,
+        });
+        if let Some(jobs) = &self.jobs {
+            // A send error means the thread is gone; the tickets then say so.
+            let _ = jobs.send(job);
+        }
+        tickets
     }
 }
 
@@ -300,6 +359,49 @@ mod tests {
             "the failed write left nothing"
         );
         assert_eq!(table.get(51).unwrap().unwrap().value(), 51);
+    }
+
+    #[test]
+    fn a_shared_write_answers_every_waiter_with_its_outcome() {
+        let db = Arc::new(
+            Database::builder()
+                .create_with_backend(InMemoryBackend::new())
+                .unwrap(),
+        );
+        let writer = GroupWriter::start(db.clone()).unwrap();
+        let stored = writer.submit_shared(
+            |txn| {
+                let mut table = txn.open_table(NUMBERS)?;
+                for key in 0..3u64 {
+                    table.insert(key, key)?;
+                }
+                Ok(())
+            },
+            3,
+        );
+        let refused = writer.submit_shared(
+            |txn| {
+                txn.open_table(NUMBERS)?.insert(7, 7)?;
+                Err(StateError::Commit("refused on purpose".into()))
+            },
+            2,
+        );
+        assert_eq!(stored.len(), 3);
+        for ticket in stored {
+            ticket.wait().unwrap();
+        }
+        for ticket in refused {
+            assert!(
+                matches!(ticket.wait(), Err(StateError::Commit(reason)) if reason.contains("on purpose"))
+            );
+        }
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(NUMBERS).unwrap();
+        assert_eq!(table.get(2).unwrap().unwrap().value(), 2);
+        assert!(
+            table.get(7).unwrap().is_none(),
+            "the refused write left nothing"
+        );
     }
 
     /// An in-memory file whose `fsync` fails on demand.

@@ -39,12 +39,16 @@ use crate::{
     delivery::DeliveryStatus,
     inbox,
     outgoing::{self, Job},
-    state::{HistoryEntry, InboundMessage, State, StateError},
+    state::{HistoryEntry, InboundMessage, OutboxEntry, State, StateError},
 };
 
 /// How long seen ids are remembered, and so the oldest message accepted (mail lives up to
 /// 30 days in a mailbox; this leaves a margin).
 pub const SEEN_RETENTION_MS: u64 = 40 * 24 * 3600 * 1000;
+
+/// The most user commands handled in one turn of the event loop (their sends share one
+/// write job).
+const MAX_COMMANDS_PER_TURN: usize = 1024;
 
 /// The most inbound peer connections served at once.
 pub const MAX_INBOUND_CONNECTIONS: usize = 256;
@@ -531,6 +535,7 @@ pub async fn start(
         shutdown: shutdown.clone(),
         recipients: HashMap::new(),
         in_flight: HashSet::new(),
+        unrecorded: Vec::new(),
         inbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_CONNECTIONS)),
         refused_connections: 0,
         fetching: false,
@@ -725,6 +730,9 @@ struct EventLoop {
     recipients: HashMap<Username, mpsc::UnboundedSender<Job>>,
     /// Messages being delivered or waiting to be, so an outbox flush does not repeat them.
     in_flight: HashSet<MessageId>,
+    /// Sends of this loop turn, not yet recorded: [`EventLoop::record_sends`] records them
+    /// in one write job and hands them to their recipients' tasks.
+    unrecorded: Vec<(OutboxEntry, Reply_<SendReport>)>,
     /// Caps concurrent inbound peer connections.
     inbound_slots: Arc<tokio::sync::Semaphore>,
     /// Inbound connections refused at the cap so far.
@@ -783,7 +791,15 @@ impl EventLoop {
                     }
                 }
                 Some(command) = self.commands_rx.recv() => {
-                    if self.handle_command(command) {
+                    // Commands already waiting are handled in the same turn, so the sends
+                    // among them are recorded by one write job.
+                    let mut mutes_changed = self.handle_command(command);
+                    for _ in 1..MAX_COMMANDS_PER_TURN {
+                        let Ok(command) = self.commands_rx.try_recv() else { break };
+                        mutes_changed |= self.handle_command(command);
+                    }
+                    self.record_sends();
+                    if mutes_changed {
                         mute_deadline = self.next_mute_deadline();
                     }
                 }
@@ -1016,8 +1032,31 @@ impl EventLoop {
         }
     }
 
+    /// Records the sends of this turn (outbox entries and pending history lines, one write
+    /// job) and hands each to its recipient's task, which waits for the record to be
+    /// durable before the message leaves.
+    fn record_sends(&mut self) {
+        if self.unrecorded.is_empty() {
+            return;
+        }
+        let (entries, replies): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.unrecorded).into_iter().unzip();
+        let tickets = self.context.state.submit_outgoing(entries.clone());
+        for ((entry, reply), recorded) in entries.into_iter().zip(replies).zip(tickets) {
+            self.enqueue(Job {
+                entry,
+                recorded: Some(recorded),
+                reply: Some(reply),
+            });
+        }
+    }
+
     /// Returns whether mutes changed.
     fn handle_command(&mut self, command: Command) -> bool {
+        // Writes keep the order of commands: the sends before this one are recorded first.
+        if !matches!(command, Command::Send { .. }) {
+            self.record_sends();
+        }
         let state = &self.context.state;
         match command {
             Command::Send { to, body, reply } => {
@@ -1029,15 +1068,11 @@ impl EventLoop {
                         max: proto::seal::MAX_BODY_LEN,
                     }));
                 } else {
-                    // The outbox record is submitted now (so records keep the order of
-                    // sends) and awaited by the recipient's task before the message leaves.
+                    // The outbox record is submitted at the end of this turn, with the
+                    // other sends of the turn, in order (`record_sends`), and awaited by the
+                    // recipient's task before the message leaves.
                     let entry = state.prepare_outgoing(&to, &body, proto::now_ms());
-                    let recorded = state.submit_outgoing(&entry);
-                    self.enqueue(Job {
-                        entry,
-                        recorded: Some(recorded),
-                        reply: Some(reply),
-                    });
+                    self.unrecorded.push((entry, reply));
                 }
             }
             Command::Blocked { reply } => {

@@ -257,7 +257,7 @@ pub struct State {
     writer: GroupWriter,
 }
 
-fn encode<T: Serialize>(value: &T) -> impl AsRef<[u8]> + Send + 'static {
+fn encode<T: Serialize>(value: &T) -> impl AsRef<[u8]> + Send + 'static + use<T> {
     // Plain records of strings and integers always encode.
     wire::encode(value).unwrap_or_default()
 }
@@ -554,28 +554,40 @@ impl State {
         }
     }
 
-    /// Records a prepared outgoing message: a pending history line and the outbox entry,
-    /// together. Resolves once durable.
-    pub fn submit_outgoing(&self, entry: &OutboxEntry) -> Ticket<()> {
-        let entry = entry.clone();
-        let encoded = encode(&entry);
-        self.writer.submit(move |txn| {
-            raise_next_seq(&mut txn.open_table(META)?, entry.seq)?;
-            let line = HistoryEntry {
-                seq: entry.seq,
-                id: entry.id,
-                direction: Direction::Outgoing,
-                peer: entry.to.clone(),
-                body: entry.body.clone(),
-                sent_at_ms: entry.created_ms,
-                status: MessageStatus::Pending,
-            };
-            txn.open_table(HISTORY)?
-                .insert((entry.to.as_str(), entry.seq), encode(&line).as_ref())?;
-            txn.open_table(OUTBOX)?
-                .insert(entry.seq, encoded.as_ref())?;
+    /// Records prepared outgoing messages, in order, in one write job: for each, a pending
+    /// history line and the outbox entry, together. Returns one ticket per entry; all
+    /// resolve once the write is durable.
+    pub fn submit_outgoing(&self, entries: Vec<OutboxEntry>) -> Vec<Ticket<()>> {
+        let count = entries.len();
+        let records: Vec<(OutboxEntry, _)> = entries
+            .into_iter()
+            .map(|entry| {
+                let encoded = encode(&entry);
+                (entry, encoded)
+            })
+            .collect();
+        let work = move |txn: &WriteTransaction| {
+            let mut history = txn.open_table(HISTORY)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
+            for (entry, encoded) in &records {
+                let line = HistoryEntry {
+                    seq: entry.seq,
+                    id: entry.id,
+                    direction: Direction::Outgoing,
+                    peer: entry.to.clone(),
+                    body: entry.body.clone(),
+                    sent_at_ms: entry.created_ms,
+                    status: MessageStatus::Pending,
+                };
+                history.insert((entry.to.as_str(), entry.seq), encode(&line).as_ref())?;
+                outbox.insert(entry.seq, encoded.as_ref())?;
+            }
+            if let Some(highest) = records.iter().map(|(entry, _)| entry.seq).max() {
+                raise_next_seq(&mut txn.open_table(META)?, highest)?;
+            }
             Ok(())
-        })
+        };
+        self.writer.submit_shared(work, count)
     }
 
     /// Prepares and records a new outgoing message, waiting until it is durable.
@@ -586,7 +598,9 @@ impl State {
         now_ms: u64,
     ) -> Result<OutboxEntry, StateError> {
         let entry = self.prepare_outgoing(to, body, now_ms);
-        self.submit_outgoing(&entry).wait()?;
+        for ticket in self.submit_outgoing(vec![entry.clone()]) {
+            ticket.wait()?;
+        }
         Ok(entry)
     }
 
