@@ -455,12 +455,13 @@ impl Outcome {
     }
 }
 
-fn names(users: &[Username]) -> String {
-    users
-        .iter()
-        .map(Username::as_str)
-        .collect::<Vec<_>>()
-        .join(", ")
+/// `label: a, b, c`, or `empty` when there is nobody.
+fn listing(users: &[Username], label: &str, empty: &str) -> String {
+    if users.is_empty() {
+        return empty.to_owned();
+    }
+    let names: Vec<&str> = users.iter().map(Username::as_str).collect();
+    format!("{label}: {}", names.join(", "))
 }
 
 /// Runs one command against the runtime; interactive mode prints the text above the prompt,
@@ -491,13 +492,10 @@ async fn execute(client: &Client, command: Command) -> Outcome {
             Err(error) => Outcome::failed(format!("not sent: {error}")),
         },
         Command::List => result(
-            client.list().await.map(|users| {
-                if users.is_empty() {
-                    "nobody is online".into()
-                } else {
-                    format!("online: {}", names(&users))
-                }
-            }),
+            client
+                .list()
+                .await
+                .map(|users| listing(&users, "online", "nobody is online")),
             "list",
         ),
         Command::Block(user) => result(
@@ -515,13 +513,10 @@ async fn execute(client: &Client, command: Command) -> Outcome {
             "unblock",
         ),
         Command::Blocked => result(
-            client.blocked().await.map(|users| {
-                if users.is_empty() {
-                    "nobody is blocked".into()
-                } else {
-                    format!("blocked: {}", names(&users))
-                }
-            }),
+            client
+                .blocked()
+                .await
+                .map(|users| listing(&users, "blocked", "nobody is blocked")),
             "blocked",
         ),
         Command::Mute { user, seconds } => result(
