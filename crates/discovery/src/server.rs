@@ -15,7 +15,7 @@ use std::{
 
 use proto::{
     Connection, ErrorCode, ErrorReply, HandshakeError, Push, RecvError, Reply, RequestFrame,
-    ServerMsg, Username,
+    RequestId, SendError, ServerMsg, Username,
 };
 use store::{Broadcast, Store};
 use tokio::{
@@ -240,6 +240,39 @@ async fn close_with(
     connection.close().await;
 }
 
+/// Sends the one response to request `id`. A reply too large for a frame (a `List` of
+/// more online users than fit, a lookup of a user registered with a huge port list) is
+/// refused by the codec before anything is written, so the client gets a `too_large` error
+/// in its place instead of losing its connection with no answer at all.
+async fn send_response(
+    connection: &mut Connection<TcpStream>,
+    metrics: &Metrics,
+    id: RequestId,
+    result: Result<Reply, ErrorReply>,
+) -> Result<(), SendError> {
+    match connection.send(&ServerMsg::Response { id, result }).await {
+        Err(SendError::TooLarge { len, max }) => {
+            tracing::warn!(
+                len,
+                max,
+                "reply too large for a frame; answered with an error"
+            );
+            metrics.error(ErrorCode::TooLarge);
+            let error = ErrorReply::new(
+                ErrorCode::TooLarge,
+                format!("the reply ({len} bytes) does not fit the {max} byte frame limit"),
+            );
+            connection
+                .send(&ServerMsg::Response {
+                    id,
+                    result: Err(error),
+                })
+                .await
+        }
+        other => other,
+    }
+}
+
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -341,7 +374,7 @@ async fn serve_connection(
                     Err(ErrorReply::new(ErrorCode::RateLimited, "too many requests; slow down"))
                 };
                 let registered_now = matches!(result, Ok(Reply::Registered { .. }));
-                if connection.send(&ServerMsg::Response { id, result }).await.is_err() {
+                if send_response(&mut connection, metrics, id, result).await.is_err() {
                     break;
                 }
                 // A freshly registered client learns at once that mail is waiting.

@@ -227,3 +227,59 @@ async fn a_replayed_registration_on_a_new_connection_is_refused() {
     }
     server.stop().await;
 }
+
+/// Regression: a reply too large for one frame (a lookup of a user registered with a huge
+/// port list) made the server drop the asker's connection without any response, breaking
+/// "every request gets exactly one response"; now the asker gets a `too_large` error and
+/// its connection stays usable.
+#[tokio::test]
+async fn a_reply_too_large_for_a_frame_is_answered_with_an_error_not_a_dropped_connection() {
+    let server = Server::embedded(config()).await;
+    let mut mallory = Client::connect(server.address, "mallory").await;
+    let transcript =
+        registration_transcript(&mallory.nonce, &mallory.user, mallory.identity.public());
+    let registration = Request::Register(Registration {
+        user: mallory.user.clone(),
+        keys: mallory.identity.public().clone(),
+        listen_ports: (1..=20_000).collect(),
+        signature: mallory.identity.sign(&transcript),
+    });
+    mallory.request(registration).await.unwrap();
+    let mut alice = Client::connect(server.address, "alice").await;
+    alice.register().await.unwrap();
+    let error = alice.lookup("mallory").await.unwrap_err();
+    assert_eq!(error.code, ErrorCode::TooLarge);
+    // Alice's connection is still there and answers.
+    assert!(online(alice.lookup("alice").await));
+    server.stop().await;
+}
+
+/// Regression: with enough users online, `List`'s reply outgrew the frame and every client
+/// asking for it lost its control connection with no response.
+#[tokio::test]
+async fn a_list_of_more_online_users_than_fit_a_frame_gets_one_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store::Store::Embedded(
+        store::EmbeddedStore::open(dir.path().join("store.redb"), Default::default()).unwrap(),
+    );
+    let now = proto::now_ms();
+    for index in 0..3000 {
+        let user = name(&format!("{index:0>32}"));
+        store
+            .set_presence(&store::Presence {
+                user,
+                session: 1,
+                addresses: Vec::new(),
+                last_seen_ms: now,
+                expires_at_ms: now + 600_000,
+            })
+            .await
+            .unwrap();
+    }
+    let server = Server::start(store, config()).await;
+    let mut alice = Client::connect(server.address, "alice").await;
+    alice.register().await.unwrap();
+    let _one_response = alice.request(Request::List).await;
+    assert!(online(alice.lookup("alice").await));
+    server.stop().await;
+}
