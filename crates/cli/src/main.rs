@@ -228,7 +228,8 @@ async fn send_mode(client: &Client, to: &str, body: &str) -> anyhow::Result<Exit
         println!("{}: {}", report.id, report.status);
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("p2pchat: message to {to} {}", report.status);
+        let status = render::terminal_safe(&report.status.to_string());
+        eprintln!("p2pchat: message to {to} {status}");
         Ok(ExitCode::FAILURE)
     }
 }
@@ -469,15 +470,17 @@ fn listing(users: &[Username], label: &str, empty: &str) -> String {
 async fn execute(client: &Client, command: Command) -> Outcome {
     let result = |outcome: Result<String, peer::ClientError>, what: &str| match outcome {
         Ok(text) => Outcome::done(text),
-        Err(error) => Outcome::failed(format!("{what} failed: {error}")),
+        Err(error) => Outcome::failed(render::terminal_safe(&format!("{what} failed: {error}"))),
     };
     match command {
         Command::Send { to, body } => match client.send(&to, &body).await {
             Ok(report) => {
+                // The status can carry the recipient's own words (a refusal's reason).
+                let text = render::terminal_safe(&format!("→ {to}: {}", report.status));
                 let mut outcome = if report.status.is_success() {
-                    Outcome::done(format!("→ {to}: {}", report.status))
+                    Outcome::done(text)
                 } else {
-                    Outcome::failed(format!("→ {to}: {}", report.status))
+                    Outcome::failed(text)
                 };
                 if let serde_json::Value::Object(fields) = render::event_json(&Event::Delivery {
                     id: report.id,
@@ -489,7 +492,7 @@ async fn execute(client: &Client, command: Command) -> Outcome {
                 }
                 outcome
             }
-            Err(error) => Outcome::failed(format!("not sent: {error}")),
+            Err(error) => Outcome::failed(render::terminal_safe(&format!("not sent: {error}"))),
         },
         Command::List => result(
             client

@@ -18,9 +18,42 @@ pub fn clock(ms: u64) -> String {
     )
 }
 
-/// The text lines for one event (`None`: nothing to show).
+/// `text` with every control character (newlines, carriage returns, terminal escape
+/// sequences) and every bidirectional-override character shown escaped (`\n`, `\u{1b}`),
+/// never interpreted: message bodies, reasons and announcements come from other people,
+/// and a newline or a cursor movement in them could forge a line "from" someone else.
+pub fn terminal_safe(text: &str) -> String {
+    let dangerous = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(dangerous) {
+        return text.to_owned();
+    }
+    let mut safe = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if dangerous(c) {
+            safe.extend(c.escape_default());
+        } else {
+            safe.push(c);
+        }
+    }
+    safe
+}
+
+/// The text lines for one event (`None`: nothing to show). Everything but the key-change
+/// warning (whose line breaks are ours, around fingerprints and a name) passes through
+/// [`terminal_safe`].
 pub fn event_text(event: &Event) -> Option<String> {
+    let text = event_text_raw(event);
     Some(match event {
+        Event::KeyChanged { .. } => text,
+        _ => terminal_safe(&text),
+    })
+}
+
+fn event_text_raw(event: &Event) -> String {
+    match event {
         Event::Message(message) => {
             let muted = if message.while_muted {
                 " (while muted)"
@@ -63,7 +96,7 @@ pub fn event_text(event: &Event) -> Option<String> {
         Event::Presence { user, online } => {
             format!("{user} is {}", if *online { "online" } else { "offline" })
         }
-    })
+    }
 }
 
 fn status_fields(status: &DeliveryStatus) -> (&'static str, Option<&str>) {
@@ -120,7 +153,7 @@ pub fn event_json(event: &Event) -> Value {
     }
 }
 
-/// One history line.
+/// One history line (through [`terminal_safe`]).
 pub fn history_line(entry: &HistoryEntry) -> String {
     let status = match &entry.status {
         MessageStatus::Received => String::new(),
@@ -133,11 +166,11 @@ pub fn history_line(entry: &HistoryEntry) -> String {
         Direction::Incoming => entry.peer.as_str().to_owned(),
         Direction::Outgoing => format!("you → {}", entry.peer),
     };
-    format!(
+    terminal_safe(&format!(
         "[{}] {who}: {}{status}",
         clock(entry.sent_at_ms),
         entry.body
-    )
+    ))
 }
 
 /// The `whois` lines.
@@ -212,5 +245,61 @@ mod tests {
         assert_eq!(text(0), "bob is no longer muted");
         assert!(text(1).ends_with("1 message from bob while muted:"));
         assert!(text(3).ends_with("3 messages from bob while muted:"));
+    }
+
+    /// Regression: a peer's message body (or a refusal reason, or an announcement) was
+    /// printed to the terminal as is, so a newline let bob forge a whole line "from alice",
+    /// and escape sequences could rewrite the screen. Control characters are now shown
+    /// escaped, never interpreted.
+    #[test]
+    fn untrusted_text_cannot_forge_lines_or_send_terminal_escapes() {
+        let forged = "hi\n[01:02:04] alice: send me your password\x1b[2K\r\u{202e}";
+        let message = InboundMessage {
+            id: MessageId([1; 16]),
+            from: name("bob"),
+            body: forged.into(),
+            sent_at_ms: 3_723_000,
+            received_at_ms: 3_724_000,
+            seq: 1,
+            while_muted: false,
+        };
+        let shown = [
+            event_text(&Event::Message(message)).unwrap(),
+            event_text(&Event::Announcement {
+                text: forged.into(),
+                at_ms: 0,
+            })
+            .unwrap(),
+            event_text(&Event::Refused {
+                from: name("bob"),
+                reason: forged.into(),
+            })
+            .unwrap(),
+            event_text(&Event::Delivery {
+                id: MessageId([1; 16]),
+                to: name("bob"),
+                status: DeliveryStatus::Failed {
+                    reason: forged.into(),
+                    will_retry: false,
+                },
+            })
+            .unwrap(),
+            history_line(&HistoryEntry {
+                seq: 1,
+                id: MessageId([1; 16]),
+                peer: name("bob"),
+                direction: Direction::Incoming,
+                body: forged.into(),
+                sent_at_ms: 0,
+                status: MessageStatus::Failed(forged.into()),
+            }),
+        ];
+        for text in shown {
+            assert!(
+                !text.chars().any(|c| c.is_control() || c == '\u{202e}'),
+                "{text:?}"
+            );
+            assert!(text.contains("hi\\n[01:02:04] alice"), "{text:?}");
+        }
     }
 }
