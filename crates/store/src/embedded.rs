@@ -774,11 +774,18 @@ fn remove_mail(
     user: &Username,
     removals: &[Removal],
 ) -> Result<(), redb::Error> {
+    // The rows were read in an earlier transaction: an ack may have deleted some since, and
+    // only the rows deleted here may be booked as removed (counting one twice would let the
+    // count reach zero with mail left, and sweep that mail's ids).
+    let mut removed = 0;
     {
         let mut mail = txn.open_table(MAIL)?;
         let mut quarantine = txn.open_table(QUARANTINE)?;
         for removal in removals {
-            mail.remove((user.as_str(), removal.sequence))?;
+            if mail.remove((user.as_str(), removal.sequence))?.is_none() {
+                continue;
+            }
+            removed += 1;
             if let Some(bytes) = &removal.quarantine {
                 quarantine.insert(
                     (user.as_str(), removal.sequence),
@@ -787,7 +794,10 @@ fn remove_mail(
             }
         }
     }
-    after_removal(txn, user, removals.len() as u64)
+    if removed > 0 {
+        after_removal(txn, user, removed)?;
+    }
+    Ok(())
 }
 
 /// Books `removed` mail rows of `user` as gone, and cleans the id index: all of the
@@ -1090,6 +1100,34 @@ mod tests {
         assert_eq!(store.mail_count(&bob).await?, 2);
         let txn = store.inner.db.current().expect("open").begin_read()?;
         assert_eq!(txn.open_table(QUARANTINE)?.len()?, 1);
+        Ok(())
+    }
+
+    /// Regression: a fetch reads expired mail in one transaction and deletes it in a later
+    /// one; mail acked in between was counted as removed twice, so the mailbox's count
+    /// dropped below its real size, and at zero the id index of the live mail was swept:
+    /// that mail could then never be acked (delivered again and again) nor de-duplicated.
+    #[tokio::test]
+    async fn mail_acked_while_a_fetch_expires_it_is_not_counted_twice()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default())?;
+        let (old, live) = (envelope("old"), envelope("live"));
+        store.deposit(&old, 1_000).await?;
+        store.deposit(&live, 2_000).await?;
+        // A fetch found `old` (sequence 0) expired; before it deletes it, the ack lands.
+        assert_eq!(store.ack(&user("bob"), &[old.id]).await?, 1);
+        let db = store.inner.db.current().expect("open");
+        let txn = db.begin_write()?;
+        let expired = Removal {
+            sequence: 0,
+            id: old.id.0,
+            quarantine: None,
+        };
+        remove_mail(&txn, &user("bob"), &[expired])?;
+        txn.commit()?;
+        assert_eq!(store.mail_count(&user("bob")).await?, 1);
+        assert_eq!(store.ack(&user("bob"), &[live.id]).await?, 1);
         Ok(())
     }
 }
