@@ -303,6 +303,17 @@ impl Session {
                 "an announcement needs some text",
             ));
         }
+        // The same bound as a message body, so the push that carries it always fits a frame.
+        if text.len() > proto::seal::MAX_BODY_LEN {
+            return Err(ErrorReply::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "an announcement has at most {} bytes (this one has {})",
+                    proto::seal::MAX_BODY_LEN,
+                    text.len()
+                ),
+            ));
+        }
         store
             .publish(&Broadcast::Announcement { text })
             .await

@@ -713,6 +713,16 @@ async fn only_the_operator_can_announce() {
         ),
         ErrorCode::BadRequest
     );
+    let long = "x".repeat(proto::seal::MAX_BODY_LEN + 1);
+    let proof = announce_proof(SECRET, &operator.nonce, &long);
+    assert_eq!(
+        code(
+            fixture
+                .handle(&mut operator, Request::Announce { text: long, proof }, T0)
+                .await
+        ),
+        ErrorCode::TooLarge
+    );
     let mut no_secret = Fixture::new();
     no_secret.config.operator_secret = None;
     let proof = announce_proof(SECRET, &operator.nonce, "x");

@@ -195,11 +195,25 @@ async fn fan_out(
         };
         match event {
             Ok(Broadcast::Announcement { text }) => {
-                tracing::info!(%text, "announcement");
-                shared.hub.push_all(&Push::Announcement {
+                let push = Push::Announcement {
                     text,
                     at_ms: proto::now_ms(),
-                });
+                };
+                // Whoever holds Redis access can publish any text on the channel; one too
+                // large for a frame is dropped here, once, rather than refused by every
+                // connection's write. (Announcements are rare: the clone is nothing.)
+                match proto::wire::encoded_len(&ServerMsg::Push(push.clone())) {
+                    Ok(len) if len <= shared.config.max_frame_len => {
+                        tracing::info!(?push, "announcement");
+                        shared.hub.push_all(&push);
+                    }
+                    Ok(len) => tracing::warn!(
+                        len,
+                        max = shared.config.max_frame_len,
+                        "announcement too large for a frame; not pushed"
+                    ),
+                    Err(error) => tracing::warn!(%error, "announcement not encodable; not pushed"),
+                }
             }
             Ok(Broadcast::MailWaiting { user }) => shared.hub.push(&user, Push::MailWaiting),
             Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
@@ -331,8 +345,14 @@ async fn serve_connection(
                 break;
             }
             Some(push) = pushes.recv() => {
-                if connection.send(&ServerMsg::Push(push)).await.is_err() {
-                    break;
+                match connection.send(&ServerMsg::Push(push)).await {
+                    Ok(()) => {}
+                    // Refused before a byte was written: the connection is intact, and a
+                    // push is a notice the client can do without.
+                    Err(SendError::TooLarge { len, max }) => {
+                        tracing::debug!(%peer, len, max, "push too large for a frame; dropped");
+                    }
+                    Err(_) => break,
                 }
             }
             frame = connection.recv::<RequestFrame>() => {

@@ -283,3 +283,36 @@ async fn a_list_of_more_online_users_than_fit_a_frame_gets_one_response() {
     assert!(online(alice.lookup("alice").await));
     server.stop().await;
 }
+
+/// Regression: an announcement published on the store's channel (a `PUBLISH` by whoever
+/// holds Redis access) larger than a frame made every connection's push fail, and the
+/// server closed every connected client; now the push is dropped (logged) and the clients
+/// stay connected.
+#[tokio::test]
+async fn an_announcement_too_large_for_a_frame_does_not_disconnect_everyone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store::Store::Embedded(
+        store::EmbeddedStore::open(dir.path().join("store.redb"), Default::default()).unwrap(),
+    );
+    let server = Server::start(store.clone(), config()).await;
+    let mut alice = Client::connect(server.address, "alice").await;
+    alice.register().await.unwrap();
+    store
+        .publish(&store::Broadcast::Announcement {
+            text: "x".repeat(100 * 1024),
+        })
+        .await
+        .unwrap();
+    store
+        .publish(&store::Broadcast::Announcement {
+            text: "short".into(),
+        })
+        .await
+        .unwrap();
+    let push = alice
+        .push(|push| matches!(push, proto::Push::Announcement { .. }))
+        .await;
+    assert!(matches!(push, proto::Push::Announcement { text, .. } if text == "short"));
+    assert!(online(alice.lookup("alice").await));
+    server.stop().await;
+}
