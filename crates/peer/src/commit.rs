@@ -18,19 +18,29 @@
 //! of its own, so the others still commit and only the failing one reports its error. If the
 //! commit itself fails (the disk), every waiter of that group gets the error.
 //!
+//! A failure of the disk itself (a full disk, most often) makes redb refuse every later read
+//! and write with "previous I/O error" until the database is closed and opened again. A
+//! client must not need a restart for that, so the database sits in a [`DatabaseSlot`]
+//! that readers and the writer take it from: when a commit fails that way, the slot drops
+//! the database, and the first operation after a backoff (50 ms, doubling to 2 s while the
+//! disk stays full) opens the file again (redb repairs it if needed) and carries on with
+//! everything committed before the failure. In between, operations fail at once with the
+//! error that closed it.
+//!
 //! **Architecture Invariant:** nothing here knows the tables; it only orders, groups and
-//! commits closures. Waiting on a [`Ticket`] is the only way a caller learns its write is
-//! durable.
+//! commits closures, and opens the file. Waiting on a [`Ticket`] is the only way a caller
+//! learns its write is durable.
 
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, mpsc},
+    sync::{Arc, Mutex, PoisonError, mpsc},
     task::{Context, Poll},
     thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
-use redb::{Database, WriteTransaction};
+use redb::{Database, DatabaseError, StorageError, TransactionError, WriteTransaction};
 use tokio::sync::oneshot;
 
 use crate::state::StateError;
@@ -38,6 +48,130 @@ use crate::state::StateError;
 /// The most writes committed in one transaction (a bound on the work behind one `fsync`
 /// and on how long the first waiter of a group waits for the last).
 pub const MAX_GROUP: usize = 4096;
+
+/// The first wait before opening again a database that failed.
+pub const REOPEN_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// The longest wait between two attempts to open it again.
+pub const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Opens the database file (again). A closure, so tests can open it over a storage backend
+/// that fails on demand.
+pub type Opener = Box<dyn Fn() -> Result<Database, DatabaseError> + Send + Sync>;
+
+/// The state database, shared by the readers and the writer thread, and opened again after
+/// an I/O failure (see the module documentation).
+pub struct DatabaseSlot {
+    open: Opener,
+    current: Mutex<Current>,
+}
+
+impl std::fmt::Debug for DatabaseSlot {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("DatabaseSlot")
+            .finish_non_exhaustive()
+    }
+}
+
+/// The slot's database, or why there is none just now.
+struct Current {
+    database: Option<Arc<Database>>,
+    /// The error that closed the database, or that the last attempt to open it met.
+    failure: String,
+    /// No attempt to open it is made before this.
+    retry_at: Instant,
+    /// Failures since the last successful commit; sets the backoff.
+    failures: u32,
+}
+
+impl DatabaseSlot {
+    /// A slot over an already opened `database`, which `open` opens again after a failure.
+    pub fn new(database: Database, open: Opener) -> Self {
+        Self {
+            open,
+            current: Mutex::new(Current {
+                database: Some(Arc::new(database)),
+                failure: String::new(),
+                retry_at: Instant::now(),
+                failures: 0,
+            }),
+        }
+    }
+
+    /// The database to run an operation on: the open one, or the file opened again if it
+    /// failed and the backoff has passed. Opening is file I/O (perhaps a repair), but rare.
+    pub fn get(&self) -> Result<Arc<Database>, StateError> {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(database) = &current.database {
+            return Ok(Arc::clone(database));
+        }
+        let now = Instant::now();
+        if now >= current.retry_at {
+            match (self.open)() {
+                Ok(database) => {
+                    tracing::info!("state database opened again after an I/O failure");
+                    let database = Arc::new(database);
+                    current.database = Some(Arc::clone(&database));
+                    return Ok(database);
+                }
+                Err(error) => {
+                    // `DatabaseAlreadyOpen` too: a read that took the failed database just
+                    // before it was dropped still holds the file; it lets go at once.
+                    current.failure = redb::Error::from(error).to_string();
+                    current.retry_at = now + current.next_backoff();
+                    tracing::warn!(failure = %current.failure, "state database could not be opened again; will retry");
+                }
+            }
+        }
+        Err(StateError::Reopening(current.failure.clone()))
+    }
+
+    /// Called by the writer with a commit's failure on `database`: if the database now
+    /// refuses everything for a previous I/O error, it is dropped, to be opened again by a
+    /// later operation.
+    fn after_failure(&self, database: &Arc<Database>, failure: &str) {
+        // `try_begin_write` checks for a latched I/O failure first. The writer thread is the
+        // only writer, so no other write transaction can be open here.
+        let latched = matches!(
+            database.try_begin_write(),
+            Err(TransactionError::Storage(
+                StorageError::PreviousIo | StorageError::DatabaseClosed
+            ))
+        );
+        if !latched {
+            return;
+        }
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current
+            .database
+            .as_ref()
+            .is_some_and(|open| Arc::ptr_eq(open, database))
+        {
+            tracing::error!(%failure, "state database failed an I/O operation; opening it again");
+            current.database = None;
+            current.failure = failure.to_owned();
+            current.retry_at = Instant::now() + current.next_backoff();
+        }
+    }
+
+    /// Called after a successful commit: the disk takes writes again, so the next failure
+    /// starts from the shortest backoff.
+    fn committed(&self) {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        current.failures = 0;
+    }
+}
+
+impl Current {
+    /// Counts a failure and returns the wait before the next attempt to open the file.
+    fn next_backoff(&mut self) -> Duration {
+        let wait = REOPEN_BACKOFF_MIN
+            .saturating_mul(1 << self.failures.min(16))
+            .min(REOPEN_BACKOFF_MAX);
+        self.failures = self.failures.saturating_add(1);
+        wait
+    }
+}
 
 /// One write waiting for the writer thread.
 trait Job: Send {
@@ -159,12 +293,12 @@ pub struct GroupWriter {
 }
 
 impl GroupWriter {
-    /// Starts the writer thread for `db`.
-    pub fn start(db: Arc<Database>) -> Result<Self, StateError> {
+    /// Starts the writer thread for the database in `slot`.
+    pub fn start(slot: Arc<DatabaseSlot>) -> Result<Self, StateError> {
         let (jobs, receiver) = mpsc::channel::<Box<dyn Job>>();
         let thread = std::thread::Builder::new()
             .name("p2pchat-state-writer".into())
-            .spawn(move || run(&db, &receiver))
+            .spawn(move || run(&slot, &receiver))
             .map_err(|error| StateError::Database(redb::Error::Io(error)))?;
         Ok(Self {
             jobs: Some(jobs),
@@ -231,7 +365,7 @@ impl Drop for GroupWriter {
 }
 
 /// The writer thread: group, run, commit, answer; until every handle is gone.
-fn run(db: &Database, jobs: &mpsc::Receiver<Box<dyn Job>>) {
+fn run(slot: &DatabaseSlot, jobs: &mpsc::Receiver<Box<dyn Job>>) {
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -240,20 +374,36 @@ fn run(db: &Database, jobs: &mpsc::Receiver<Box<dyn Job>>) {
                 Err(_) => break,
             }
         }
-        match commit(db, &mut group) {
-            Ok(true) => group.into_iter().for_each(|job| job.finish(None)),
+        let db = match slot.get() {
+            Ok(db) => db,
+            Err(error) => {
+                let reason = error.to_string();
+                group.into_iter().for_each(|job| job.finish(Some(&reason)));
+                continue;
+            }
+        };
+        match commit(&db, &mut group) {
+            Ok(true) => {
+                slot.committed();
+                group.into_iter().for_each(|job| job.finish(None));
+            }
             // One write failed: run each alone, so only the failing one reports an error.
             Ok(false) => {
                 for mut job in group {
-                    match commit(db, std::slice::from_mut(&mut job)) {
+                    match commit(&db, std::slice::from_mut(&mut job)) {
                         Ok(_) => job.finish(None),
-                        Err(error) => job.finish(Some(&error.to_string())),
+                        Err(error) => {
+                            let reason = error.to_string();
+                            slot.after_failure(&db, &reason);
+                            job.finish(Some(&reason));
+                        }
                     }
                 }
             }
             Err(error) => {
                 let reason = error.to_string();
                 tracing::error!(%reason, writes = group.len(), "state commit failed");
+                slot.after_failure(&db, &reason);
                 group.into_iter().for_each(|job| job.finish(Some(&reason)));
             }
         }
@@ -275,13 +425,21 @@ fn commit(db: &Database, group: &mut [Box<dyn Job>]) -> Result<bool, StateError>
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use redb::{ReadableDatabase, TableDefinition, backends::InMemoryBackend};
 
     use super::*;
 
     const NUMBERS: TableDefinition<u64, u64> = TableDefinition::new("numbers");
+
+    /// A slot over `db` that cannot open it again (the tests that need that build their own).
+    fn slot(db: Database) -> Arc<DatabaseSlot> {
+        Arc::new(DatabaseSlot::new(
+            db,
+            Box::new(|| Err(DatabaseError::DatabaseAlreadyOpen)),
+        ))
+    }
 
     fn insert(writer: &GroupWriter, key: u64) -> Ticket<()> {
         writer.submit(move |txn| {
@@ -295,7 +453,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("group.redb");
         {
-            let writer = GroupWriter::start(Arc::new(Database::create(&path).unwrap())).unwrap();
+            let writer = GroupWriter::start(slot(Database::create(&path).unwrap())).unwrap();
             let writer = Arc::new(writer);
             let mut tasks = Vec::new();
             for task in 0..8u64 {
@@ -326,7 +484,7 @@ mod tests {
 
     #[test]
     fn a_failing_write_fails_alone_and_the_rest_of_its_group_commits() {
-        let db = Arc::new(
+        let db = slot(
             Database::builder()
                 .create_with_backend(InMemoryBackend::new())
                 .unwrap(),
@@ -351,7 +509,7 @@ mod tests {
                 assert_eq!(result.unwrap(), key as u64);
             }
         }
-        let txn = db.begin_read().unwrap();
+        let txn = db.get().unwrap().begin_read().unwrap();
         let table = txn.open_table(NUMBERS).unwrap();
         assert_eq!(table.get(49).unwrap().unwrap().value(), 49);
         assert!(
@@ -363,7 +521,7 @@ mod tests {
 
     #[test]
     fn a_shared_write_answers_every_waiter_with_its_outcome() {
-        let db = Arc::new(
+        let db = slot(
             Database::builder()
                 .create_with_backend(InMemoryBackend::new())
                 .unwrap(),
@@ -395,7 +553,7 @@ mod tests {
                 matches!(ticket.wait(), Err(StateError::Commit(reason)) if reason.contains("on purpose"))
             );
         }
-        let txn = db.begin_read().unwrap();
+        let txn = db.get().unwrap().begin_read().unwrap();
         let table = txn.open_table(NUMBERS).unwrap();
         assert_eq!(table.get(2).unwrap().unwrap().value(), 2);
         assert!(
@@ -404,10 +562,10 @@ mod tests {
         );
     }
 
-    /// An in-memory file whose `fsync` fails on demand.
-    #[derive(Debug)]
+    /// An in-memory file whose `fsync` fails on demand; opened again, it is the same file.
+    #[derive(Debug, Clone)]
     struct FailingDisk {
-        inner: InMemoryBackend,
+        inner: Arc<InMemoryBackend>,
         fail_sync: Arc<AtomicBool>,
     }
 
@@ -423,7 +581,7 @@ mod tests {
         }
         fn sync_data(&self) -> Result<(), std::io::Error> {
             if self.fail_sync.load(Ordering::SeqCst) {
-                return Err(std::io::Error::other("disk gone"));
+                return Err(std::io::ErrorKind::StorageFull.into());
             }
             self.inner.sync_data()
         }
@@ -432,15 +590,30 @@ mod tests {
         }
     }
 
+    /// A slot over a [`FailingDisk`] that opens it again: the slot, the switch, and how
+    /// often the file was opened.
+    fn failing_slot() -> (Arc<DatabaseSlot>, Arc<AtomicBool>, Arc<AtomicUsize>) {
+        let disk = FailingDisk {
+            inner: Arc::new(InMemoryBackend::new()),
+            fail_sync: Arc::new(AtomicBool::new(false)),
+        };
+        let fail_sync = disk.fail_sync.clone();
+        let opens = Arc::new(AtomicUsize::new(0));
+        let open: Opener = Box::new({
+            let opens = opens.clone();
+            move || {
+                opens.fetch_add(1, Ordering::SeqCst);
+                Database::builder().create_with_backend(disk.clone())
+            }
+        });
+        let db = open().unwrap();
+        (Arc::new(DatabaseSlot::new(db, open)), fail_sync, opens)
+    }
+
     #[tokio::test]
     async fn a_failing_commit_reports_an_error_to_every_waiter() {
-        let fail_sync = Arc::new(AtomicBool::new(false));
-        let disk = FailingDisk {
-            inner: InMemoryBackend::new(),
-            fail_sync: fail_sync.clone(),
-        };
-        let db = Arc::new(Database::builder().create_with_backend(disk).unwrap());
-        let writer = GroupWriter::start(db).unwrap();
+        let (slot, fail_sync, _) = failing_slot();
+        let writer = GroupWriter::start(slot).unwrap();
         insert(&writer, 1).await.unwrap();
         fail_sync.store(true, Ordering::SeqCst);
         let tickets: Vec<_> = (10..200).map(|key| insert(&writer, key)).collect();
@@ -450,5 +623,72 @@ mod tests {
                 "every waiter hears of the failure"
             );
         }
+    }
+
+    /// Regression (issue 8): after a commit failed on a full disk, redb refused every later
+    /// read and write until the database was opened again, so a client kept failing (and
+    /// refusing every message as "cannot take it now") after space was freed, until it was
+    /// restarted. Now the file is opened again by itself, with everything committed before.
+    #[tokio::test]
+    async fn a_full_disk_is_recovered_from_without_a_restart() {
+        let (slot, fail_sync, opens) = failing_slot();
+        let writer = GroupWriter::start(slot.clone()).unwrap();
+        insert(&writer, 1).await.unwrap();
+        fail_sync.store(true, Ordering::SeqCst);
+        let error = insert(&writer, 2).await.expect_err("the disk is full");
+        assert!(
+            matches!(&error, StateError::Commit(reason) if reason.contains("no storage space")),
+            "{error}"
+        );
+        // While the database is closed, reads fail at once and say why.
+        let closed = slot.get().expect_err("closed after the failure");
+        assert!(matches!(closed, StateError::Reopening(_)), "{closed}");
+
+        fail_sync.store(false, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match insert(&writer, 3).await {
+                Ok(()) => break,
+                Err(error) if std::time::Instant::now() < deadline => {
+                    assert!(
+                        matches!(error, StateError::Commit(_)),
+                        "fails only while reopening: {error}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(error) => panic!("never recovered: {error}"),
+            }
+        }
+        let txn = slot.get().unwrap().begin_read().unwrap();
+        let table = txn.open_table(NUMBERS).unwrap();
+        assert_eq!(table.get(1).unwrap().unwrap().value(), 2, "kept");
+        // Key 2 may or may not be there: its `fsync` failed, not its writes, so the commit
+        // can be durable anyway, as on a real disk. Writers must not rely on either.
+        assert_eq!(table.get(3).unwrap().unwrap().value(), 6, "written after");
+        assert_eq!(
+            opens.load(Ordering::SeqCst),
+            2,
+            "opened once, then once again"
+        );
+    }
+
+    /// While the disk stays full, opening again backs off instead of running once per write.
+    #[tokio::test]
+    async fn a_disk_that_stays_full_is_opened_again_with_backoff() {
+        let (slot, fail_sync, opens) = failing_slot();
+        let writer = GroupWriter::start(slot).unwrap();
+        insert(&writer, 1).await.unwrap();
+        fail_sync.store(true, Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        let mut failures = 0;
+        while started.elapsed() < Duration::from_millis(500) {
+            insert(&writer, 2).await.expect_err("full");
+            failures += 1;
+        }
+        // Backoff 50, 100, 200, 400 ms: at most four attempts in half a second, plus the
+        // first open.
+        let opens = opens.load(Ordering::SeqCst);
+        assert!(opens <= 5, "{opens} opens for {failures} failed writes");
+        assert!(failures > 20, "failures are answered at once ({failures})");
     }
 }

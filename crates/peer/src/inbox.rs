@@ -223,8 +223,19 @@ fn report_refusal(context: &Context, from: &Username, refusal: &Refusal) {
     }
 }
 
+/// How a mail fetch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fetched {
+    /// The mailbox was emptied (or the server could not be asked; the next connection
+    /// fetches again).
+    Done,
+    /// Mail was left in the mailbox because it could not be taken now (local storage
+    /// failing, the sender's keys not to be had): fetch again soon.
+    LeftForLater,
+}
+
 /// Fetches and acks all waiting mail, then shows it.
-pub(crate) async fn fetch_mail(context: &Context) {
+pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
     loop {
         let (envelopes, remaining) = match context
             .control
@@ -235,21 +246,28 @@ pub(crate) async fn fetch_mail(context: &Context) {
                 envelopes,
                 remaining,
             }) => (envelopes, remaining),
-            Ok(_) => return tracing::warn!("unexpected reply to fetch"),
-            Err(error) => return tracing::info!(%error, "mail fetch failed; will retry"),
+            Ok(_) => {
+                tracing::warn!("unexpected reply to fetch");
+                return Fetched::Done;
+            }
+            Err(error) => {
+                tracing::info!(%error, "mail fetch failed; will retry");
+                return Fetched::Done;
+            }
         };
         if envelopes.is_empty() {
-            return;
+            return Fetched::Done;
         }
         let mut ack: Vec<MessageId> = Vec::new();
         let mut checked: Vec<(MessageId, Checked)> = Vec::new();
         let mut stop = false;
+        let mut left_for_later = false;
         for envelope in &envelopes {
             match check(context, envelope).await {
                 Ok(message) => checked.push((envelope.id, message)),
                 Err(Refusal::Transient(reason)) => {
                     tracing::info!(%reason, "mail left in the mailbox for later");
-                    stop = true;
+                    (stop, left_for_later) = (true, true);
                     break;
                 }
                 // Sealed under the sender's new key: keep it (sealed) for `trust`, then ack.
@@ -271,7 +289,7 @@ pub(crate) async fn fetch_mail(context: &Context) {
                     }
                     Err(error) => {
                         tracing::info!(%error, "mail left in the mailbox for later");
-                        stop = true;
+                        (stop, left_for_later) = (true, true);
                         break;
                     }
                 },
@@ -295,7 +313,7 @@ pub(crate) async fn fetch_mail(context: &Context) {
             }
             Err(refusal) => {
                 tracing::info!(%refusal, "mail left in the mailbox for later");
-                stop = true;
+                (stop, left_for_later) = (true, true);
             }
         }
         if !ack.is_empty()
@@ -308,8 +326,11 @@ pub(crate) async fn fetch_mail(context: &Context) {
         for message in new {
             let _ = context.to_loop.send(Internal::Received(message));
         }
+        if left_for_later {
+            return Fetched::LeftForLater;
+        }
         if stop || remaining == 0 {
-            return;
+            return Fetched::Done;
         }
     }
 }

@@ -50,6 +50,11 @@ pub const SEEN_RETENTION_MS: u64 = 40 * 24 * 3600 * 1000;
 /// write job).
 const MAX_COMMANDS_PER_TURN: usize = 1024;
 
+/// The first wait before fetching again mail that was left in the mailbox because it
+/// could not be taken (a full disk, say): sooner than the slow poll, so the mail arrives
+/// soon after the cause goes away.
+const FETCH_RETRY_MIN: Duration = Duration::from_secs(1);
+
 /// The most inbound peer connections served at once.
 pub const MAX_INBOUND_CONNECTIONS: usize = 256;
 
@@ -357,7 +362,7 @@ pub(crate) enum Internal {
     /// A message's result is recorded and reported: it may be retried from the outbox again.
     Finished(MessageId),
     /// A mail fetch finished.
-    FetchDone,
+    FetchDone(inbox::Fetched),
     /// Mutes changed: re-arm the timer.
     MutesChanged,
     /// Keys were re-pinned: retry the user's outbox, open the mail held from them.
@@ -540,6 +545,8 @@ pub async fn start(
         refused_connections: 0,
         fetching: false,
         fetch_again: false,
+        fetch_retry_at: None,
+        fetch_retry_backoff: FETCH_RETRY_MIN,
         online: false,
     };
     tracker.spawn(event_loop.run());
@@ -739,6 +746,11 @@ struct EventLoop {
     refused_connections: u64,
     fetching: bool,
     fetch_again: bool,
+    /// When to fetch again after mail was left in the mailbox (it could not be stored).
+    fetch_retry_at: Option<Instant>,
+    /// The wait before that fetch; doubles while mail keeps being left, up to the poll
+    /// interval.
+    fetch_retry_backoff: Duration,
     online: bool,
 }
 
@@ -807,6 +819,12 @@ impl EventLoop {
                     if self.online {
                         self.fetch_mail();
                         self.flush_outbox(None);
+                    }
+                }
+                () = sleep_until_opt(self.fetch_retry_at) => {
+                    self.fetch_retry_at = None;
+                    if self.online {
+                        self.fetch_mail();
                     }
                 }
                 () = sleep_until_opt(mute_deadline) => {
@@ -949,8 +967,16 @@ impl EventLoop {
             Internal::Finished(id) => {
                 self.in_flight.remove(&id);
             }
-            Internal::FetchDone => {
+            Internal::FetchDone(fetched) => {
                 self.fetching = false;
+                match fetched {
+                    inbox::Fetched::Done => self.fetch_retry_backoff = FETCH_RETRY_MIN,
+                    inbox::Fetched::LeftForLater => {
+                        self.fetch_retry_at = Some(Instant::now() + self.fetch_retry_backoff);
+                        self.fetch_retry_backoff = (self.fetch_retry_backoff * 2)
+                            .min(self.context.config.mail_poll_interval.max(FETCH_RETRY_MIN));
+                    }
+                }
                 if std::mem::take(&mut self.fetch_again) {
                     self.fetch_mail();
                 }
@@ -974,8 +1000,8 @@ impl EventLoop {
         self.fetching = true;
         let context = self.context.clone();
         self.tracker.spawn(async move {
-            inbox::fetch_mail(&context).await;
-            let _ = context.to_loop.send(Internal::FetchDone);
+            let fetched = inbox::fetch_mail(&context).await;
+            let _ = context.to_loop.send(Internal::FetchDone(fetched));
         });
     }
 

@@ -55,8 +55,8 @@ use redb::{
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::commit::GroupWriter;
 pub use crate::commit::Ticket;
+use crate::commit::{DatabaseSlot, GroupWriter, Opener};
 
 /// The result of one attempt to send an outbox entry, for [`State::submit_results`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +110,10 @@ pub enum StateError {
     /// The group commit holding this change failed (every change of the group gets this).
     #[error("state commit failed: {0}")]
     Commit(String),
+    /// The state file failed an I/O operation (a full disk, say) and is closed until it
+    /// opens again, which is retried with a backoff.
+    #[error("{0} (the state file is opened again once the disk takes writes)")]
+    Reopening(String),
     /// The writer thread has stopped (the runtime is shutting down).
     #[error("the state writer has stopped")]
     WriterStopped,
@@ -248,7 +252,7 @@ pub struct BlockRecord {
 /// group-commit writer thread, in the order submitted.
 #[derive(Debug)]
 pub struct State {
-    db: Arc<Database>,
+    db: Arc<DatabaseSlot>,
     /// The next history position to hand out. Positions are allocated here, before the write
     /// commits (an outgoing message needs its own before it is sent), and every write that
     /// uses one raises the stored counter past it; a position lost to a failed write is a
@@ -270,7 +274,9 @@ impl State {
     /// Opens (or creates) the state file in `dir`, which must exist.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         let path = dir.join(STATE_FILE);
-        let db = match Database::create(&path) {
+        let reopen_path = path.clone();
+        let open: Opener = Box::new(move || Database::create(&reopen_path));
+        let db = match open() {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StateError::InUse {
@@ -287,12 +293,12 @@ impl State {
             std::fs::set_permissions(&path, private)
                 .map_err(|error| StateError::Database(redb::Error::Io(error)))?;
         }
-        Self::from_database(db)
+        Self::from_database(db, open)
     }
 
-    /// The state over an opened database: migrates layout 1, creates the missing tables,
-    /// starts the writer.
-    fn from_database(db: Database) -> Result<Self, StateError> {
+    /// The state over an opened database, which `open` opens again after an I/O failure:
+    /// migrates layout 1, creates the missing tables, starts the writer.
+    fn from_database(db: Database, open: Opener) -> Result<Self, StateError> {
         let txn = db.begin_write()?;
         migrate_layout_1(&txn)?;
         txn.open_table(PINS)?;
@@ -308,7 +314,7 @@ impl State {
             .get(NEXT_SEQ)?
             .map_or(1, |value| value.value());
         txn.commit()?;
-        let db = Arc::new(db);
+        let db = Arc::new(DatabaseSlot::new(db, open));
         Ok(Self {
             writer: GroupWriter::start(db.clone())?,
             db,
@@ -329,7 +335,7 @@ impl State {
 
     /// The keys pinned for `user`, if any.
     pub fn pinned(&self, user: &Username) -> Result<Option<PublicKeys>, StateError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(PINS)?;
         match table.get(user.as_str())? {
             Some(bytes) => Ok(Some(decode("pins", bytes.value())?)),
@@ -409,7 +415,7 @@ impl State {
 
     /// Whether `user` is blocked.
     pub fn is_blocked(&self, user: &Username) -> Result<bool, StateError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(BLOCKS)?;
         match table.get(user.as_str())? {
             Some(bytes) => Ok(decode::<BlockRecord>("blocks", bytes.value())?.active),
@@ -419,7 +425,7 @@ impl State {
 
     /// Every block record, sorted by user.
     fn block_records(&self) -> Result<Vec<(Username, BlockRecord)>, StateError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(BLOCKS)?;
         let mut records = Vec::new();
         for row in table.iter()? {
@@ -499,7 +505,7 @@ impl State {
 
     /// When the mute of `user` ends, if it is muted at `now_ms`.
     pub fn muted_until(&self, user: &Username, now_ms: u64) -> Result<Option<u64>, StateError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(MUTES)?;
         Ok(table
             .get(user.as_str())?
@@ -509,7 +515,7 @@ impl State {
 
     /// The earliest end of any mute (expired or not), for the runtime's timer.
     pub fn next_mute_end(&self) -> Result<Option<u64>, StateError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(MUTES)?;
         let mut earliest: Option<u64> = None;
         for row in table.iter()? {
@@ -606,7 +612,7 @@ impl State {
 
     /// The outbox, oldest first.
     pub fn outbox(&self) -> Result<Vec<OutboxEntry>, StateError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(OUTBOX)?;
         let mut entries = Vec::new();
         for row in table.iter()? {
@@ -769,7 +775,7 @@ impl State {
     /// Whether the message with this id, written by its sender at `sent_at_ms`, was stored
     /// before.
     pub fn is_seen(&self, id: &MessageId, sent_at_ms: u64) -> Result<bool, StateError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db.get()?.begin_read()?;
         Ok(txn.open_table(SEEN)?.get((sent_at_ms, id.0))?.is_some())
     }
 
@@ -791,7 +797,7 @@ impl State {
 
     /// Messages stored but not yet shown, in arrival order.
     pub fn unshown(&self) -> Result<Vec<InboundMessage>, StateError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(UNSHOWN)?;
         let mut messages = Vec::new();
         for row in table.iter()? {
@@ -857,7 +863,7 @@ impl State {
 
     /// The envelopes held from `from`.
     pub fn held_from(&self, from: &Username) -> Result<Vec<Envelope>, StateError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(HELD)?;
         let mut envelopes = Vec::new();
         for row in table.iter()? {
@@ -881,7 +887,7 @@ impl State {
 
     /// The last `limit` history lines with `peer`, oldest first.
     pub fn history(&self, peer: &Username, limit: usize) -> Result<Vec<HistoryEntry>, StateError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(HISTORY)?;
         let mut lines = Vec::new();
         for row in table
@@ -1183,7 +1189,7 @@ mod tests {
                 StoreOutcome::Duplicate,
                 "a message shown before the migration is not shown again"
             );
-            let txn = state.db.begin_read().unwrap();
+            let txn = state.db.get().unwrap().begin_read().unwrap();
             let names: Vec<String> = txn
                 .list_tables()
                 .unwrap()
