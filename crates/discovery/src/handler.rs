@@ -204,6 +204,27 @@ impl Session {
                 None,
             );
         }
+        // The server keeps an address per declared port, for as long as the presence
+        // record lives: a bounded, duplicate-free list of real ports.
+        let mut listen_ports = listen_ports;
+        if listen_ports.len() > proto::msg::MAX_LISTEN_PORTS || listen_ports.contains(&0) {
+            return (
+                Err(ErrorReply::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "a registration declares at most {} listening ports, none of them 0",
+                        proto::msg::MAX_LISTEN_PORTS
+                    ),
+                )),
+                None,
+            );
+        }
+        let mut seen = Vec::with_capacity(listen_ports.len());
+        listen_ports.retain(|port| {
+            let new = !seen.contains(port);
+            seen.push(*port);
+            new
+        });
         if keys.verify().is_err() {
             return (
                 Err(ErrorReply::new(

@@ -154,6 +154,31 @@ async fn first_registration_binds_and_reports_the_observed_address() {
     assert_eq!(fixture.metrics.registrations.get(), 1);
 }
 
+/// Regression: the declared listening ports were kept as given, so one registration of
+/// ~60,000 ports (one frame) made the server hold an address for each, in the presence
+/// record, long after the user went offline. Now at most a few real ports, each once.
+#[tokio::test]
+async fn listening_ports_are_bounded_real_and_kept_once() {
+    let fixture = Fixture::new();
+    let identity = Identity::generate();
+    let alice = name("alice");
+    for ports in [vec![1u16; 60_000], vec![4000, 0], (1..=9).collect()] {
+        let mut session = session();
+        let request = registration(&session, &alice, &identity, ports);
+        assert_eq!(
+            code(fixture.handle(&mut session, request, T0).await),
+            ErrorCode::BadRequest
+        );
+    }
+    assert_eq!(fixture.store.presence(&alice).await.unwrap(), None);
+    let mut session = session();
+    let request = registration(&session, &alice, &identity, vec![4000, 4001, 4000]);
+    fixture.handle(&mut session, request, T0).await.unwrap();
+    let presence = fixture.store.presence(&alice).await.unwrap().unwrap();
+    let ports: Vec<u16> = presence.addresses.iter().map(|a| a.port()).collect();
+    assert_eq!(ports, vec![4000, 4001]);
+}
+
 #[tokio::test]
 async fn re_registration_after_a_server_restart_proves_the_bound_key() {
     let mut fixture = Fixture::new();

@@ -14,8 +14,8 @@ use std::{
 };
 
 use proto::{
-    Connection, ErrorCode, ErrorReply, HandshakeError, Push, RecvError, Reply, RequestFrame,
-    RequestId, SendError, ServerMsg, Username,
+    Connection, ErrorCode, ErrorReply, HandshakeError, Push, RecvError, Reply, Request,
+    RequestFrame, RequestId, SendError, ServerMsg, Username,
 };
 use store::{Broadcast, Store};
 use tokio::{
@@ -36,38 +36,109 @@ use crate::{
 /// and announcements; mail itself waits in the store).
 const PUSH_QUEUE: usize = 64;
 
-/// Routes pushes to the connections of registered users on this instance.
+/// What the hub hands a connection's actor.
+#[derive(Debug, Clone)]
+enum Outbound {
+    /// A push to send to the client.
+    Push(Push),
+    /// Another session of this connection's user closed here, and may have taken the
+    /// user's presence with it: write this session's presence again now, not at its next
+    /// heartbeat.
+    RefreshPresence,
+}
+
+/// The connections of one user on this instance: almost always one; more while a client
+/// reconnects before the server has seen its old connection close, or when two processes
+/// run with one identity.
+#[derive(Debug)]
+enum Sessions {
+    One(u64, mpsc::Sender<Outbound>),
+    Many(Vec<(u64, mpsc::Sender<Outbound>)>),
+}
+
+impl Sessions {
+    fn senders(&self) -> impl Iterator<Item = &mpsc::Sender<Outbound>> {
+        let (one, many) = match self {
+            Self::One(_, sender) => (Some(sender), &[][..]),
+            Self::Many(sessions) => (None, &sessions[..]),
+        };
+        one.into_iter().chain(many.iter().map(|(_, sender)| sender))
+    }
+}
+
+/// Routes pushes to the connections of registered users on this instance (every session of
+/// a user gets them).
 #[derive(Debug, Default)]
 pub struct Hub {
-    clients: Mutex<HashMap<Username, (u64, mpsc::Sender<Push>)>>,
+    clients: Mutex<HashMap<Username, Sessions>>,
 }
 
 impl Hub {
-    fn insert(&self, user: Username, session: u64, sender: mpsc::Sender<Push>) {
-        self.lock().insert(user, (session, sender));
+    fn insert(&self, user: Username, session: u64, sender: mpsc::Sender<Outbound>) {
+        let mut clients = self.lock();
+        match clients.remove(&user) {
+            None => {
+                clients.insert(user, Sessions::One(session, sender));
+            }
+            Some(Sessions::One(other, other_sender)) if other != session => {
+                let many = vec![(other, other_sender), (session, sender)];
+                clients.insert(user, Sessions::Many(many));
+            }
+            Some(Sessions::One(..)) => {
+                clients.insert(user, Sessions::One(session, sender));
+            }
+            Some(Sessions::Many(mut many)) => {
+                many.retain(|(other, _)| *other != session);
+                many.push((session, sender));
+                clients.insert(user, Sessions::Many(many));
+            }
+        }
     }
 
+    /// Removes `session` of `user`. If another session of the user is still connected
+    /// here, the most recent one is told to write its presence again (the closing session
+    /// may have owned the presence record and cleared it).
     fn remove(&self, user: &Username, session: u64) {
         let mut clients = self.lock();
-        if clients
-            .get(user)
-            .is_some_and(|(current, _)| *current == session)
-        {
-            clients.remove(user);
+        let Some(sessions) = clients.remove(user) else {
+            return;
+        };
+        let remaining = match sessions {
+            Sessions::One(current, _) if current == session => return,
+            one @ Sessions::One(..) => one,
+            Sessions::Many(mut many) => {
+                many.retain(|(other, _)| *other != session);
+                match many.len() {
+                    0 => return,
+                    1 => {
+                        let (other, sender) = many.remove(0);
+                        Sessions::One(other, sender)
+                    }
+                    _ => Sessions::Many(many),
+                }
+            }
+        };
+        if let Some(latest) = remaining.senders().last() {
+            let _ = latest.try_send(Outbound::RefreshPresence);
         }
+        clients.insert(user.clone(), remaining);
     }
 
     /// Pushes to `user` if they are connected here; a full queue drops the push.
     pub fn push(&self, user: &Username, push: Push) {
-        if let Some((_, sender)) = self.lock().get(user) {
-            let _ = sender.try_send(push);
+        if let Some(sessions) = self.lock().get(user) {
+            for sender in sessions.senders() {
+                let _ = sender.try_send(Outbound::Push(push.clone()));
+            }
         }
     }
 
     /// Pushes to every registered user connected here.
     pub fn push_all(&self, push: &Push) {
-        for (_, sender) in self.lock().values() {
-            let _ = sender.try_send(push.clone());
+        for sessions in self.lock().values() {
+            for sender in sessions.senders() {
+                let _ = sender.try_send(Outbound::Push(push.clone()));
+            }
         }
     }
 
@@ -81,9 +152,10 @@ impl Hub {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Username, (u64, mpsc::Sender<Push>)>> {
-        // A panic while holding this lock cannot leave the map inconsistent (every update is
-        // one insert or remove), so a poisoned lock is still usable.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Username, Sessions>> {
+        // A panic while holding this lock cannot leave the map inconsistent (every update
+        // rebuilds one user's entry before putting it back), so a poisoned lock is still
+        // usable.
         self.clients
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -325,7 +397,7 @@ async fn serve_connection(
     {
         return;
     }
-    let (push_sender, mut pushes) = mpsc::channel::<Push>(PUSH_QUEUE);
+    let (push_sender, mut pushes) = mpsc::channel::<Outbound>(PUSH_QUEUE);
     let mut bucket = TokenBucket::new(
         config.requests_per_second,
         config.request_burst,
@@ -344,8 +416,8 @@ async fn serve_connection(
                 close_with(&mut connection, metrics, ErrorCode::Unavailable, "the server is shutting down; reconnect shortly").await;
                 break;
             }
-            Some(push) = pushes.recv() => {
-                match connection.send(&ServerMsg::Push(push)).await {
+            Some(outbound) = pushes.recv() => match outbound {
+                Outbound::Push(push) => match connection.send(&ServerMsg::Push(push)).await {
                     Ok(()) => {}
                     // Refused before a byte was written: the connection is intact, and a
                     // push is a notice the client can do without.
@@ -353,8 +425,20 @@ async fn serve_connection(
                         tracing::debug!(%peer, len, max, "push too large for a frame; dropped");
                     }
                     Err(_) => break,
+                },
+                Outbound::RefreshPresence => {
+                    if session.user().is_some() {
+                        let now_ms = proto::now_ms();
+                        let (result, _) = Box::pin(
+                            session.handle(Request::Heartbeat, &shared.store, config, metrics, now_ms),
+                        )
+                        .await;
+                        if let Err(error) = result {
+                            tracing::warn!(%peer, %error, "could not write presence again; the next heartbeat will");
+                        }
+                    }
                 }
-            }
+            },
             frame = connection.recv::<RequestFrame>() => {
                 let RequestFrame { id, request } = match frame {
                     Ok(Some(frame)) => frame,

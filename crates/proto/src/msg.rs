@@ -108,6 +108,10 @@ pub struct RequestFrame {
     pub request: Request,
 }
 
+/// The most listening ports one registration may declare (a client listens on one; the
+/// server keeps an address for each, per user).
+pub const MAX_LISTEN_PORTS: usize = 8;
+
 /// A signed registration: binds `user` to `keys` on first use, proves the key afterwards.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
@@ -116,7 +120,7 @@ pub struct Registration {
     /// The user's public keys (the X25519 key signed by the identity key).
     pub keys: PublicKeys,
     /// The TCP ports the client accepts peer connections on; the server pairs them with the
-    /// address it sees the client connect from.
+    /// address it sees the client connect from. At most [`MAX_LISTEN_PORTS`], none of them 0.
     pub listen_ports: Vec<u16>,
     /// The identity key's signature over [`crate::identity::registration_transcript`] of the
     /// server's challenge, `user` and `keys`.

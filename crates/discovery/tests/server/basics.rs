@@ -449,3 +449,81 @@ async fn metrics_are_served_as_prometheus_text() {
     assert!(response.contains("p2pchat_errors_total{code=\"name_taken\"} 0"));
     server.stop().await;
 }
+
+/// A second connection registered as `first`'s user, with `first`'s key (a client that
+/// reconnected before the server saw its old connection close).
+async fn second_session(server: &Server, first: &Client) -> Client {
+    let mut second = Client::connect(server.address, first.user.as_str()).await;
+    let transcript = proto::identity::registration_transcript(
+        &second.nonce,
+        &first.user,
+        first.identity.public(),
+    );
+    let reply = second
+        .request(Request::Register(proto::Registration {
+            user: first.user.clone(),
+            keys: first.identity.public().clone(),
+            listen_ports: vec![40_001],
+            signature: first.identity.sign(&transcript),
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(reply, Reply::Registered { .. }));
+    second
+}
+
+/// Regression: the hub held one session per user, so when a user's newer session ended
+/// (an unregister, or a close seen late), the older one still connected was shown offline
+/// and never got another push (no mail waiting, no announcement) until it reconnected.
+#[tokio::test]
+async fn a_second_session_ending_leaves_the_first_online_and_reachable() {
+    let server = Server::embedded(config()).await;
+    let mut alice = Client::connect(server.address, "alice").await;
+    alice.register().await.unwrap();
+    let mut bob = Client::connect(server.address, "bob").await;
+    bob.register().await.unwrap();
+    let mut second = second_session(&server, &alice).await;
+    assert_eq!(second.request(Request::Unregister).await, Ok(Reply::Done));
+
+    // The remaining session writes its presence again at once (the test client never
+    // heartbeats by itself, so without that alice would stay offline).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !online(bob.lookup("alice").await) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice is connected but shown offline"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    operator::announce(&server.address.to_string(), SECRET, "hello all")
+        .await
+        .unwrap();
+    alice
+        .push(|push| matches!(push, Push::Announcement { text, .. } if text == "hello all"))
+        .await;
+    let envelope = bob.seal_for(&alice, "are you there?");
+    assert_eq!(
+        bob.request(Request::Deposit { envelope }).await.unwrap(),
+        Reply::Deposited {
+            recipient_online: true
+        }
+    );
+    alice.push(|push| *push == Push::MailWaiting).await;
+    server.stop().await;
+}
+
+/// Both sessions of one user get the pushes while both are connected.
+#[tokio::test]
+async fn every_session_of_a_user_gets_its_pushes() {
+    let server = Server::embedded(config()).await;
+    let mut alice = Client::connect(server.address, "alice").await;
+    alice.register().await.unwrap();
+    let mut second = second_session(&server, &alice).await;
+    let mut bob = Client::connect(server.address, "bob").await;
+    bob.register().await.unwrap();
+    let envelope = bob.seal_for(&alice, "hi");
+    bob.request(Request::Deposit { envelope }).await.unwrap();
+    alice.push(|push| *push == Push::MailWaiting).await;
+    second.push(|push| *push == Push::MailWaiting).await;
+    server.stop().await;
+}

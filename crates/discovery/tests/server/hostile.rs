@@ -228,23 +228,48 @@ async fn a_replayed_registration_on_a_new_connection_is_refused() {
     server.stop().await;
 }
 
-/// Regression: a reply too large for one frame (a lookup of a user registered with a huge
-/// port list) made the server drop the asker's connection without any response, breaking
-/// "every request gets exactly one response"; now the asker gets a `too_large` error and
-/// its connection stays usable.
+/// Regression: a reply too large for one frame (a lookup of a user whose presence holds a
+/// huge address list) made the server drop the asker's connection without any response,
+/// breaking "every request gets exactly one response"; now the asker gets a `too_large`
+/// error and its connection stays usable. (Registrations can no longer declare such a
+/// list, so the record is written to the store directly, as an older server could have.)
 #[tokio::test]
 async fn a_reply_too_large_for_a_frame_is_answered_with_an_error_not_a_dropped_connection() {
-    let server = Server::embedded(config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store::Store::Embedded(
+        store::EmbeddedStore::open(dir.path().join("store.redb"), Default::default()).unwrap(),
+    );
+    let server = Server::start(store.clone(), config()).await;
     let mut mallory = Client::connect(server.address, "mallory").await;
     let transcript =
         registration_transcript(&mallory.nonce, &mallory.user, mallory.identity.public());
-    let registration = Request::Register(Registration {
-        user: mallory.user.clone(),
-        keys: mallory.identity.public().clone(),
-        listen_ports: (1..=20_000).collect(),
-        signature: mallory.identity.sign(&transcript),
-    });
-    mallory.request(registration).await.unwrap();
+    let (user, keys) = (mallory.user.clone(), mallory.identity.public().clone());
+    let signature = mallory.identity.sign(&transcript);
+    let registration = |listen_ports| {
+        Request::Register(Registration {
+            user: user.clone(),
+            keys: keys.clone(),
+            listen_ports,
+            signature,
+        })
+    };
+    let refused = registration((1..=20_000).collect());
+    let error = mallory.request(refused).await.unwrap_err();
+    assert_eq!(error.code, ErrorCode::BadRequest, "{error}");
+    mallory.request(registration(vec![40_000])).await.unwrap();
+    let now = proto::now_ms();
+    store
+        .set_presence(&store::Presence {
+            user: mallory.user.clone(),
+            session: 1,
+            addresses: (1..=20_000)
+                .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                .collect(),
+            last_seen_ms: now,
+            expires_at_ms: now + 600_000,
+        })
+        .await
+        .unwrap();
     let mut alice = Client::connect(server.address, "alice").await;
     alice.register().await.unwrap();
     let error = alice.lookup("mallory").await.unwrap_err();
