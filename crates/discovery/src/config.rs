@@ -19,7 +19,8 @@ pub struct Config {
     pub max_connections: usize,
     /// The largest frame accepted.
     pub max_frame_len: usize,
-    /// The most mail envelopes sent in one `Fetch` reply (fewer if they would not fit a frame).
+    /// The most mail envelopes sent in one `Fetch` reply (fewer if they would not fit a
+    /// frame: the store stops reading at the frame's budget).
     pub fetch_batch: u32,
     /// Requests per second one connection may sustain (token bucket); more get `rate_limited`.
     pub requests_per_second: u32,

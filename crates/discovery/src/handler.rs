@@ -422,23 +422,15 @@ async fn deposit(
 
 async fn fetch(me: &Username, max: u32, store: &Store, now_ms: u64) -> Result<Reply, ErrorReply> {
     let max = usize::try_from(max.max(1)).unwrap_or(1);
-    let fetched = store.fetch(me, max, now_ms).await.map_err(store_error)?;
-    let total = fetched.mail.len();
-    let mut budget = FETCH_REPLY_BUDGET;
-    let mut envelopes = Vec::with_capacity(total);
-    for mail in fetched.mail {
-        // Envelopes are plain data, so measuring one cannot fail; count a failure as too big.
-        let size = proto::wire::encoded_len(&mail.envelope).unwrap_or(usize::MAX);
-        if size > budget {
-            break;
-        }
-        budget -= size;
-        envelopes.push(mail.envelope);
-    }
-    let left_out = (total - envelopes.len()) as u64;
+    // The store stops reading once the reply's frame is full, so the batch always fits (a
+    // deposit's token is capped well below a frame, so even a first message alone does).
+    let fetched = store
+        .fetch(me, max, FETCH_REPLY_BUDGET, now_ms)
+        .await
+        .map_err(store_error)?;
     Ok(Reply::Mail {
-        envelopes,
-        remaining: fetched.remaining + left_out,
+        envelopes: fetched.mail.into_iter().map(|mail| mail.envelope).collect(),
+        remaining: fetched.remaining,
     })
 }
 

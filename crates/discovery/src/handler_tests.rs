@@ -652,6 +652,44 @@ async fn a_fetch_reply_fits_in_one_frame() {
     }
 }
 
+/// The store now stops reading at the frame's budget instead of the handler trimming a
+/// batch of up to `fetch_batch`: small messages must still fill the frame (the mailbox
+/// drain depends on it), with `remaining` counting the rest.
+#[tokio::test]
+async fn a_fetch_reply_of_small_messages_fills_the_frame() {
+    let fixture = Fixture::new();
+    let alice = registered(&fixture, "alice", T0).await;
+    let mut bob = registered(&fixture, "bob", T0).await;
+    let sent: Vec<_> = (0..400).map(|_| sealed(&alice, &bob, "hi")).collect();
+    // Straight into the store, all at once: the deposit writer commits them in groups.
+    futures::future::try_join_all(
+        sent.iter()
+            .map(|envelope| fixture.store.deposit(envelope, T0)),
+    )
+    .await
+    .unwrap();
+    let size = proto::wire::encoded_len(&sent[0]).unwrap();
+    let fit = FETCH_REPLY_BUDGET / size;
+    assert!(
+        fit < sent.len(),
+        "the test needs more mail than one frame holds"
+    );
+    match fixture
+        .handle(&mut bob.session, Request::Fetch { max: 1_000 }, T0)
+        .await
+        .unwrap()
+    {
+        Reply::Mail {
+            envelopes,
+            remaining,
+        } => {
+            assert_eq!(envelopes.len(), fit, "{size}-byte envelopes");
+            assert_eq!(remaining, (sent.len() - fit) as u64);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn expired_mail_is_not_fetched() {
     let fixture = Fixture::with_limits(MailLimits {

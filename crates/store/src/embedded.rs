@@ -18,7 +18,11 @@
 //!
 //! The per-user sequence orders a mailbox in deposit order (ids are random, times can tie);
 //! `mail_ids` makes deposits idempotent and acks a point lookup; `mailboxes` makes the cap
-//! check O(1). Removing mail leaves its `mail_ids` entry behind (an entry whose mail row
+//! check O(1). A deposit that finds the mailbox at its cap first deletes the expired mail
+//! at its head (`expire_head`, oldest first, up to the first live message, counted through
+//! the same `remove_mail` as a fetch's removals), so mail no one can fetch never keeps a
+//! mailbox full while its recipient is away. A fetch stops reading at the first message
+//! that does not fit its byte budget. Removing mail leaves its `mail_ids` entry behind (an entry whose mail row
 //! is gone counts as absent): ids are random, so deleting them one by one would dirty a
 //! different index page per message; instead a mailbox's entries are dropped in one sweep
 //! when it empties, or when stale ones outnumber live ones. The message id sits beside the encoded mail, so even a value that no longer
@@ -69,7 +73,7 @@ use self::reopen::{DatabaseHandle, Opener};
 use crate::{
     BindOutcome, Binding, Broadcast, DepositOutcome, Fetched, MailLimits, Presence, StoreError,
     StoredMail,
-    record::{decode_binding, encode, is_expired},
+    record::{Batch, decode_binding, encode, is_expired},
 };
 
 /// Name → wire-encoded [`Binding`].
@@ -160,6 +164,8 @@ struct DepositJob {
     sender: Username,
     id: [u8; 16],
     encoded: bytes::Bytes,
+    /// When the deposit happens: decides which mail at the head of a full mailbox expired.
+    now_ms: u64,
     reply: tokio::sync::oneshot::Sender<Result<DepositDecision, StoreError>>,
 }
 
@@ -209,7 +215,7 @@ impl EmbeddedStore {
             .name("store-deposits".to_owned())
             .spawn({
                 let db = Arc::clone(&db);
-                move || run_deposit_writer(&db, limits.cap, &jobs)
+                move || run_deposit_writer(&db, limits, &jobs)
             })
             .map_err(|error| StoreError::Embedded(format!("cannot start the writer: {error}")))?;
         Ok(Self {
@@ -373,6 +379,7 @@ impl EmbeddedStore {
             sender: envelope.from.clone(),
             id: envelope.id.0,
             encoded,
+            now_ms,
             reply,
         };
         let writer_gone = || StoreError::Embedded("the deposit writer has stopped".to_owned());
@@ -398,17 +405,19 @@ impl EmbeddedStore {
     }
 
     /// See [`crate::Store::fetch`]. Expired mail met on the way is deleted; mail that does
-    /// not decode is logged and moved to quarantine, so neither stops the rest.
+    /// not decode is logged and moved to quarantine, so neither stops the rest. Reading
+    /// stops at the first message that does not fit the batch.
     pub async fn fetch(
         &self,
         user: &Username,
         max: usize,
+        max_bytes: usize,
         now_ms: u64,
     ) -> Result<Fetched, StoreError> {
         let user = user.clone();
         let ttl_ms = self.inner.limits.ttl_ms;
         self.blocking(move |_, db| {
-            let (mail, removals, count) = {
+            let (batch, removals, count) = {
                 let txn = db.begin_read().map_err(embedded_error)?;
                 let mailboxes = txn.open_table(MAILBOXES).map_err(embedded_error)?;
                 let count = mailboxes
@@ -416,34 +425,27 @@ impl EmbeddedStore {
                     .map_err(embedded_error)?
                     .map_or(0, |value| value.value().0);
                 let table = txn.open_table(MAIL).map_err(embedded_error)?;
-                let mut mail = Vec::with_capacity(max.min(count as usize));
+                let mut batch = Batch::new(max, max_bytes);
                 let mut removals = Vec::new();
                 let range = table
                     .range((user.as_str(), 0)..=(user.as_str(), u64::MAX))
                     .map_err(embedded_error)?;
                 for entry in range {
-                    if mail.len() >= max {
+                    if batch.is_full() {
                         break;
                     }
                     let (key, value) = entry.map_err(embedded_error)?;
-                    let (_, sequence) = key.value();
                     let (id, bytes) = value.value();
-                    match wire::decode::<StoredMail>(bytes) {
-                        Ok(stored) if stored.envelope.id.0 != *id => {
-                            tracing::warn!(%user, sequence, "stored mail has a different id than its key; quarantined");
-                            removals.push(Removal { sequence, id: *id, quarantine: Some(bytes.to_vec()) });
+                    match classify(&user, key.value().1, id, bytes, ttl_ms, now_ms) {
+                        Entry::Keep(stored) => {
+                            if !batch.offer(stored) {
+                                break;
+                            }
                         }
-                        Ok(stored) if is_expired(&stored, ttl_ms, now_ms) => {
-                            removals.push(Removal { sequence, id: *id, quarantine: None });
-                        }
-                        Ok(stored) => mail.push(stored),
-                        Err(error) => {
-                            tracing::warn!(%user, sequence, %error, "stored mail does not decode; quarantined");
-                            removals.push(Removal { sequence, id: *id, quarantine: Some(bytes.to_vec()) });
-                        }
+                        Entry::Remove(removal) => removals.push(removal),
                     }
                 }
-                (mail, removals, count)
+                (batch, removals, count)
             };
             let removed = removals.len() as u64;
             if !removals.is_empty() {
@@ -451,8 +453,11 @@ impl EmbeddedStore {
                 remove_mail(&txn, &user, &removals).map_err(embedded_error)?;
                 txn.commit().map_err(embedded_error)?;
             }
-            let remaining = count.saturating_sub(removed + mail.len() as u64);
-            Ok(Fetched { mail, remaining })
+            let remaining = count.saturating_sub(removed + batch.len() as u64);
+            Ok(Fetched {
+                mail: batch.into_mail(),
+                remaining,
+            })
         })
         .await
     }
@@ -574,7 +579,7 @@ impl EmbeddedStore {
 /// at once. Runs until the store's last handle drops the sending side.
 fn run_deposit_writer(
     handle: &DatabaseHandle,
-    cap: u64,
+    limits: MailLimits,
     jobs: &std::sync::mpsc::Receiver<DepositJob>,
 ) {
     while let Ok(first) = jobs.recv() {
@@ -586,7 +591,7 @@ fn run_deposit_writer(
             }
         }
         let result = handle.get().and_then(|db| {
-            commit_deposits(&db, cap, &group).map_err(|error| {
+            commit_deposits(&db, limits, &group).map_err(|error| {
                 let error = embedded_error(error);
                 handle.after_error(&db, &error);
                 error
@@ -614,22 +619,13 @@ fn run_deposit_writer(
 /// in one group is a duplicate) and commits it if anything was stored.
 fn commit_deposits(
     db: &Database,
-    cap: u64,
+    limits: MailLimits,
     group: &[DepositJob],
 ) -> Result<Vec<DepositDecision>, redb::Error> {
     let txn = db.begin_write()?;
     let decisions = group
         .iter()
-        .map(|job| {
-            deposit_in(
-                &txn,
-                &job.recipient,
-                &job.sender,
-                &job.id,
-                &job.encoded,
-                cap,
-            )
-        })
+        .map(|job| deposit_in(&txn, job, limits))
         .collect::<Result<Vec<_>, _>>()?;
     if decisions
         .iter()
@@ -696,49 +692,124 @@ impl Mailbox {
     }
 }
 
-/// The checks and inserts of one deposit, inside `txn`.
+/// The checks and inserts of one deposit, inside `txn`. A mailbox at its cap first loses
+/// the expired mail at its head ([`expire_head`]), so mail no one can fetch any more never
+/// keeps a mailbox full.
 fn deposit_in(
     txn: &WriteTransaction,
-    recipient: &Username,
-    sender: &Username,
-    id: &[u8; 16],
-    encoded: &[u8],
-    cap: u64,
+    job: &DepositJob,
+    limits: MailLimits,
 ) -> Result<DepositDecision, redb::Error> {
+    let (recipient, id) = (&job.recipient, &job.id);
     let blocks = txn.open_multimap_table(BLOCKS)?;
     for blocked in blocks.get(recipient.as_str())? {
-        if blocked?.value() == sender.as_str() {
+        if blocked?.value() == job.sender.as_str() {
             return Ok(DepositDecision::Blocked);
         }
     }
-    let mut ids = txn.open_table(MAIL_IDS)?;
-    let mut mail = txn.open_table(MAIL)?;
-    let stale_entry = match ids
-        .get((recipient.as_str(), id))?
-        .map(|value| value.value())
-    {
-        Some(sequence) if mail.get((recipient.as_str(), sequence))?.is_some() => {
-            return Ok(DepositDecision::Duplicate);
+    let stale_entry = {
+        let ids = txn.open_table(MAIL_IDS)?;
+        let mail = txn.open_table(MAIL)?;
+        match ids
+            .get((recipient.as_str(), id))?
+            .map(|value| value.value())
+        {
+            Some(sequence) if mail.get((recipient.as_str(), sequence))?.is_some() => {
+                return Ok(DepositDecision::Duplicate);
+            }
+            Some(_) => true,
+            None => false,
         }
-        Some(_) => true,
-        None => false,
     };
-    let mut mailboxes = txn.open_table(MAILBOXES)?;
-    let mut mailbox = Mailbox::read(&mailboxes, recipient)?;
-    if mailbox.count >= cap {
-        return Ok(DepositDecision::Full);
+    let mut mailbox = Mailbox::read(&txn.open_table(MAILBOXES)?, recipient)?;
+    if mailbox.count >= limits.cap {
+        // `expire_head` books what it removes in `MAILBOXES` itself; read the row again.
+        if expire_head(txn, recipient, limits.ttl_ms, job.now_ms)? == 0 {
+            return Ok(DepositDecision::Full);
+        }
+        mailbox = Mailbox::read(&txn.open_table(MAILBOXES)?, recipient)?;
+        if mailbox.count >= limits.cap {
+            return Ok(DepositDecision::Full);
+        }
     }
     let sequence = mailbox.next_sequence;
-    mail.insert((recipient.as_str(), sequence), (id, encoded))?;
-    ids.insert((recipient.as_str(), id), sequence)?;
+    txn.open_table(MAIL)?
+        .insert((recipient.as_str(), sequence), (id, &job.encoded[..]))?;
+    txn.open_table(MAIL_IDS)?
+        .insert((recipient.as_str(), id), sequence)?;
     mailbox.count += 1;
     mailbox.next_sequence += 1;
     if stale_entry {
-        // The stale entry was just overwritten by a live one.
+        // The stale entry was just overwritten by a live one (or swept by `expire_head`,
+        // which then reset the stale count to zero already).
         mailbox.stale_ids = mailbox.stale_ids.saturating_sub(1);
     }
-    mailbox.write(&mut mailboxes, recipient)?;
+    mailbox.write(&mut txn.open_table(MAILBOXES)?, recipient)?;
     Ok(DepositDecision::Stored)
+}
+
+/// Deletes the expired mail at the head of `user`'s mailbox, oldest first, up to the first
+/// message that has not expired; returns how many it deleted. It meets the head the way a
+/// fetch would (mail that does not decode is quarantined on the way), and counts through
+/// [`remove_mail`] like a fetch's removals, so the mailbox count stays exact.
+fn expire_head(
+    txn: &WriteTransaction,
+    user: &Username,
+    ttl_ms: u64,
+    now_ms: u64,
+) -> Result<u64, redb::Error> {
+    let mut removals = Vec::new();
+    {
+        let mail = txn.open_table(MAIL)?;
+        for entry in mail.range((user.as_str(), 0)..=(user.as_str(), u64::MAX))? {
+            let (key, value) = entry?;
+            let (id, bytes) = value.value();
+            match classify(user, key.value().1, id, bytes, ttl_ms, now_ms) {
+                Entry::Keep(_) => break,
+                Entry::Remove(removal) => removals.push(removal),
+            }
+        }
+    }
+    remove_mail(txn, user, &removals)
+}
+
+/// What a fetch (or [`expire_head`]) does with one mailbox row.
+enum Entry {
+    /// Deliver it.
+    Keep(StoredMail),
+    /// Take it out of the mailbox: it expired, or it does not decode (then it is
+    /// quarantined).
+    Remove(Removal),
+}
+
+/// Decides about one mailbox row of `user`, logging anything wrong with it.
+fn classify(
+    user: &Username,
+    sequence: u64,
+    id: &[u8; 16],
+    bytes: &[u8],
+    ttl_ms: u64,
+    now_ms: u64,
+) -> Entry {
+    let remove = |quarantine| {
+        Entry::Remove(Removal {
+            sequence,
+            id: *id,
+            quarantine,
+        })
+    };
+    match wire::decode::<StoredMail>(bytes) {
+        Ok(stored) if stored.envelope.id.0 != *id => {
+            tracing::warn!(%user, sequence, "stored mail has a different id than its key; quarantined");
+            remove(Some(bytes.to_vec()))
+        }
+        Ok(stored) if is_expired(&stored, ttl_ms, now_ms) => remove(None),
+        Ok(stored) => Entry::Keep(stored),
+        Err(error) => {
+            tracing::warn!(%user, sequence, %error, "stored mail does not decode; quarantined");
+            remove(Some(bytes.to_vec()))
+        }
+    }
 }
 
 /// Deletes the acked `ids` of `user` inside `txn`; returns how many were there.
@@ -768,12 +839,13 @@ fn ack_in(txn: &WriteTransaction, user: &Username, ids: &[MessageId]) -> Result<
     Ok(removed)
 }
 
-/// Removes what a fetch found expired or undecodable, quarantining the latter.
+/// Removes what a fetch (or a deposit into a full mailbox) found expired or undecodable,
+/// quarantining the latter; returns how many rows it actually deleted.
 fn remove_mail(
     txn: &WriteTransaction,
     user: &Username,
     removals: &[Removal],
-) -> Result<(), redb::Error> {
+) -> Result<u64, redb::Error> {
     // The rows were read in an earlier transaction: an ack may have deleted some since, and
     // only the rows deleted here may be booked as removed (counting one twice would let the
     // count reach zero with mail left, and sweep that mail's ids).
@@ -797,7 +869,7 @@ fn remove_mail(
     if removed > 0 {
         after_removal(txn, user, removed)?;
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// Books `removed` mail rows of `user` as gone, and cleans the id index: all of the
@@ -1035,7 +1107,7 @@ mod tests {
             DepositOutcome::Duplicate
         );
         let bob = user("bob");
-        let fetched = store.fetch(&bob, 10, 4_000).await?;
+        let fetched = store.fetch(&bob, 10, usize::MAX, 4_000).await?;
         let got: Vec<_> = fetched.mail.iter().map(|m| m.envelope.id).collect();
         let expected: Vec<_> = stored.iter().chain([&while_full]).map(|m| m.id).collect();
         assert_eq!(got, expected, "every message once, in deposit order");
@@ -1093,7 +1165,7 @@ mod tests {
             txn.commit()?;
         }
         let bob = user("bob");
-        let fetched = store.fetch(&bob, 10, 2_000).await?;
+        let fetched = store.fetch(&bob, 10, usize::MAX, 2_000).await?;
         let got: Vec<_> = fetched.mail.iter().map(|m| m.envelope.id).collect();
         assert_eq!(got, vec![sent[0].id, sent[2].id]);
         assert_eq!(fetched.remaining, 0);

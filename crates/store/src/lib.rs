@@ -264,14 +264,19 @@ impl Store {
         dispatch!(self, store => store.deposit(envelope, now_ms).await)
     }
 
-    /// Up to `max` of `user`'s oldest unexpired messages, without deleting them.
+    /// `user`'s oldest unexpired messages, without deleting them: at most `max` of them,
+    /// whose envelopes, [`proto::wire`]-encoded, add up to at most `max_bytes` (a caller
+    /// filling one frame passes the frame's room) — but always the oldest one, however
+    /// large. The backends stop reading once the batch is full, so a small budget reads
+    /// little even when `max` is large; [`Fetched::remaining`] counts everything left out.
     pub async fn fetch(
         &self,
         user: &Username,
         max: usize,
+        max_bytes: usize,
         now_ms: u64,
     ) -> Result<Fetched, StoreError> {
-        dispatch!(self, store => store.fetch(user, max, now_ms).await)
+        dispatch!(self, store => store.fetch(user, max, max_bytes, now_ms).await)
     }
 
     /// Deletes the messages `ids` from `user`'s mailbox; returns how many were there.
@@ -279,7 +284,8 @@ impl Store {
         dispatch!(self, store => store.ack(user, ids).await)
     }
 
-    /// How many messages wait for `user` (expired ones may still be counted until fetched).
+    /// How many messages wait for `user` (expired ones may still be counted until a fetch
+    /// meets them, or a deposit finds the mailbox at its cap and drops them).
     pub async fn mail_count(&self, user: &Username) -> Result<u64, StoreError> {
         dispatch!(self, store => store.mail_count(user).await)
     }

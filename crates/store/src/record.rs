@@ -6,6 +6,69 @@ use proto::{Username, wire};
 
 use crate::{Binding, StoreError, StoredMail};
 
+/// At most how many bytes a stored [`StoredMail`] is longer than its envelope encoded
+/// alone: the deposit time, a varint of at most ten bytes, follows the envelope.
+pub(crate) const STORED_MAIL_OVERHEAD: usize = 10;
+
+/// A fetch batch being filled, in mailbox order: at most `max` messages whose envelopes,
+/// wire-encoded, add up to at most the byte budget, except that the first message is
+/// always taken (see [`crate::Store::fetch`]).
+pub(crate) struct Batch {
+    mail: Vec<StoredMail>,
+    max: usize,
+    bytes_left: usize,
+    /// Set once a message did not fit: nothing after it may be taken either.
+    closed: bool,
+}
+
+impl Batch {
+    /// An empty batch of at most `max` messages and `max_bytes` encoded envelope bytes.
+    pub(crate) fn new(max: usize, max_bytes: usize) -> Self {
+        Self {
+            mail: Vec::with_capacity(max.min(1024)),
+            max,
+            bytes_left: max_bytes,
+            closed: false,
+        }
+    }
+
+    /// Takes `stored` if it fits; returns `false` (and closes the batch) if it does not.
+    pub(crate) fn offer(&mut self, stored: StoredMail) -> bool {
+        if self.is_full() {
+            return false;
+        }
+        // Envelopes are plain data, so measuring one cannot fail; count a failure as too big.
+        let size = wire::encoded_len(&stored.envelope).unwrap_or(usize::MAX);
+        if size > self.bytes_left && !self.mail.is_empty() {
+            self.closed = true;
+            return false;
+        }
+        self.bytes_left = self.bytes_left.saturating_sub(size);
+        self.mail.push(stored);
+        true
+    }
+
+    /// Whether no further message may be taken.
+    pub(crate) fn is_full(&self) -> bool {
+        self.closed || self.mail.len() >= self.max
+    }
+
+    /// How many messages it holds.
+    pub(crate) fn len(&self) -> usize {
+        self.mail.len()
+    }
+
+    /// The encoded envelope bytes still free.
+    pub(crate) fn bytes_left(&self) -> usize {
+        self.bytes_left
+    }
+
+    /// The messages taken, oldest first.
+    pub(crate) fn into_mail(self) -> Vec<StoredMail> {
+        self.mail
+    }
+}
+
 /// Whether `mail` is past its time to live at `now_ms`.
 pub(crate) fn is_expired(mail: &StoredMail, ttl_ms: u64, now_ms: u64) -> bool {
     mail.deposited_at_ms.saturating_add(ttl_ms) <= now_ms

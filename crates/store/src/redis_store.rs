@@ -6,7 +6,13 @@
 //! Commands go through one [`ConnectionManager`] (a multiplexed connection that reconnects
 //! by itself after the connection drops); on top of it every operation retries a bounded
 //! number of times when the error says a reconnect or a retry may help, so a Redis restart
-//! between two operations is invisible to the caller. Every operation is safe to repeat:
+//! between two operations is invisible to the caller. The manager reconnects only when the
+//! socket reports an error, and a half-open connection (Redis gone without a FIN or RST:
+//! a partition, a failover behind a virtual IP) reports none; its commands just time out.
+//! So a timed-out reply makes the retry loop swap in a fresh manager (built lazily from the
+//! kept [`Client`] and config) before the next try: one timeout, not one per call forever.
+//! TCP keep-alive and, on Linux, `TCP_USER_TIMEOUT` also let the kernel close such a
+//! connection by itself while it is idle. Every operation is safe to repeat:
 //! deposits are idempotent by message id, acks and block-list changes are set operations,
 //! a repeated bind finds its own binding, and a repeated publish only repeats a hint.
 //!
@@ -50,9 +56,20 @@
 //!   holds the bytes, fetched with one `HMGET` per batch.
 //!
 //! A deposit is one Lua script (block list, duplicate id, cap, sequence, insert: atomic), a
-//! fetch is one script (range + values + count: one round trip), an ack is one `MULTI`
-//! with `ZREM` and `HDEL` of the whole batch. Expired mail is deleted when a fetch meets
-//! it; a value that does not decode is logged, moved to the quarantine hash and skipped.
+//! fetch is one script (range + values + count: one round trip, reading values only up to
+//! the batch's byte budget), an ack is one `MULTI` with `ZREM` and `HDEL` of the whole
+//! batch. Expired mail is deleted when a fetch meets it; a value that does not decode is
+//! logged, moved to the quarantine hash and skipped.
+//!
+//! Expired mail must not keep a mailbox full either (its recipient may be away for longer
+//! than the TTL). The deposit script cannot tell what expired: deposit times live inside
+//! the encoded values, and the sorted set's scores are sequences (times can tie). So when
+//! the script answers "full", [`RedisStore::expire_head`] runs the fetch's read-classify-
+//! remove path on the head of the mailbox, oldest first, up to the first live message,
+//! and the script runs once more. That is sound without being one atomic step: expired
+//! mail never becomes live again, removal is idempotent, and the second run checks the
+//! cap atomically, so a racing deposit can only make it answer "full" again. A mailbox
+//! full of live mail costs one more one-entry read per refused deposit.
 //! Mailbox keys also get a Redis expiry of TTL + a day, refreshed on every deposit, purely
 //! as garbage collection: the passed-in `now_ms` decides what has expired.
 //!
@@ -65,13 +82,18 @@
 //! announcements and mail-waiting names travel as plain UTF-8, so `redis-cli PUBLISH
 //! p2pchat:announce "text"` announces.
 
-use std::{future::Future, sync::Arc, sync::LazyLock, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, LazyLock, PoisonError, RwLock},
+    time::Duration,
+};
 
 use futures::StreamExt;
 use proto::{Envelope, MessageId, Username, wire};
 use redis::{
     Client, RedisResult, RetryMethod, Script, Value,
     aio::{ConnectionManager, ConnectionManagerConfig, PubSub},
+    io::tcp::{TcpSettings, socket2},
 };
 use tokio::{
     sync::{broadcast, watch},
@@ -81,7 +103,7 @@ use tokio::{
 use crate::{
     ANNOUNCE_CHANNEL, BindOutcome, Binding, Broadcast, DepositOutcome, Fetched, MailLimits,
     Presence, StoreError, StoredMail,
-    record::{decode_binding, encode, is_expired},
+    record::{Batch, STORED_MAIL_OVERHEAD, decode_binding, encode, is_expired},
 };
 
 /// The pub/sub channel carrying "mail waiting" hints; the payload is the recipient's name.
@@ -99,9 +121,22 @@ const RETRY_MAX_DELAY: Duration = Duration::from_millis(500);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// TCP keep-alive: the first probe after this much silence, then one per interval, and
+/// the connection is dropped after this many unanswered probes.
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+#[cfg(target_os = "linux")]
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// How long sent data may stay unacknowledged before the kernel drops the connection.
+#[cfg(target_os = "linux")]
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the subscriber pings its connection, and how long it waits for the answer.
 const PUBSUB_PING_INTERVAL: Duration = Duration::from_secs(5);
 const PUBSUB_PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// The most entries [`RedisStore::expire_head`] reads in one round trip...
+const EXPIRE_CHUNK_MAX: usize = 512;
+/// ...and about the most bytes of them.
+const EXPIRE_READ_BUDGET: usize = 256 * 1024;
 /// How many broadcast events a slow local subscriber may fall behind.
 const BROADCAST_CAPACITY: usize = 1024;
 /// Mailbox keys expire (garbage collection only) this long after their TTL.
@@ -130,20 +165,40 @@ static DEPOSIT: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-/// Fetch: KEYS = mail order, mail data; ARGV = first and last rank. Returns the mailbox
-/// size, the ids in that rank range, and their values (nil where missing). `HMGET` goes in
-/// chunks because Lua's `unpack` has a stack limit.
+/// What [`DEPOSIT`] answers when the mailbox is at its cap.
+const DEPOSIT_FULL: i64 = -2;
+
+/// Fetch: KEYS = mail order, mail data; ARGV = first and last rank, byte budget, stored
+/// overhead. Returns the mailbox size, the ids from the first rank on, and their values
+/// (nil where missing): all of the range, or fewer once the values' sizes, each less the
+/// overhead, pass the budget (the value passing it included, so at least one comes back).
+/// Less the overhead, a value never counts more than its envelope does in [`Batch`], so
+/// the script reads at least what the batch takes, and [`Batch`] trims the rest exactly.
+/// `HMGET` goes in chunks growing from 8 to 512 (Lua's `unpack` has a stack limit), so a
+/// batch of a few large values reads few, and one of many small values takes few calls.
 static FETCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
         local total = redis.call('ZCARD', KEYS[1])
         local ids = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2])
+        local budget = tonumber(ARGV[3])
+        local overhead = tonumber(ARGV[4])
         local values = {}
-        for first = 1, #ids, 512 do
-            local last = math.min(first + 511, #ids)
-            local chunk = redis.call('HMGET', KEYS[2], unpack(ids, first, last))
-            for index = 1, #chunk do values[#values + 1] = chunk[index] end
+        local used = 0
+        local chunk = 8
+        while #values < #ids and used <= budget do
+            local first = #values + 1
+            local last = math.min(first + chunk - 1, #ids)
+            local got = redis.call('HMGET', KEYS[2], unpack(ids, first, last))
+            for index = 1, #got do
+                local value = got[index]
+                values[#values + 1] = value
+                if value then used = used + math.max(#value - overhead, 0) end
+                if used > budget then break end
+            end
+            chunk = math.min(chunk * 2, 512)
         end
+        for index = #ids, #values + 1, -1 do ids[index] = nil end
         return {total, ids, values}
         ",
     )
@@ -205,7 +260,12 @@ impl std::fmt::Debug for RedisStore {
 
 /// What every clone shares.
 struct Inner {
-    connection: ConnectionManager,
+    /// Builds a fresh command connection when the current one stops answering.
+    client: Client,
+    /// The settings every command connection is built with.
+    manager_config: ConnectionManagerConfig,
+    /// The current command connection; a std lock, held only to clone or swap it.
+    commands: RwLock<Commands>,
     limits: MailLimits,
     events: broadcast::Sender<Broadcast>,
     subscriptions: watch::Receiver<u64>,
@@ -215,6 +275,55 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.subscriber.abort();
+    }
+}
+
+/// The command connection and which one it is, so that of many operations timing out on
+/// the same dead connection only the first replaces it.
+#[derive(Clone)]
+struct Commands {
+    connection: ConnectionManager,
+    generation: u64,
+}
+
+impl Inner {
+    /// The current command connection (a cheap clone of a shared handle).
+    fn commands(&self) -> Commands {
+        self.commands
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces command connection `generation` (if it is still the current one) with a
+    /// fresh one that connects on first use. Used after a reply timed out: the
+    /// [`ConnectionManager`] reconnects by itself only when the socket reports an error,
+    /// and a half-open connection (Redis gone without a FIN or RST, as after a partition or
+    /// a failover behind a virtual IP) reports nothing, so every command on it would time
+    /// out forever.
+    fn replace_commands(&self, generation: u64) {
+        let mut commands = self
+            .commands
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if commands.generation != generation {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.manager_config.clone(),
+        ) {
+            Ok(connection) => {
+                tracing::warn!("redis stopped answering; replaced the command connection");
+                *commands = Commands {
+                    connection,
+                    generation: generation + 1,
+                };
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot build a new redis command connection");
+            }
+        }
     }
 }
 
@@ -257,27 +366,39 @@ impl RedisStore {
     /// that, lost connections are re-established by themselves.
     pub async fn connect(url: &str, limits: MailLimits) -> Result<Self, StoreError> {
         let client = Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
+        let client = Client::open(
+            client
+                .get_connection_info()
+                .clone()
+                .set_tcp_settings(tcp_settings()),
+        )?;
+        let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(3)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let connection =
+            ConnectionManager::new_with_config(client.clone(), manager_config.clone()).await?;
         // Subscribe once here, so a subscriber created right after `connect` returns sees
         // everything published from then on, and a bad URL fails now rather than in a task.
         let pubsub = subscribe_channels(&client).await?;
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let (subscriptions_sender, subscriptions) = watch::channel(1);
         let subscriber = tokio::spawn(run_subscriber(
-            client,
+            client.clone(),
             pubsub,
             events.clone(),
             subscriptions_sender,
         ));
         Ok(Self {
             inner: Arc::new(Inner {
-                connection,
+                client,
+                manager_config,
+                commands: RwLock::new(Commands {
+                    connection,
+                    generation: 0,
+                }),
                 limits,
                 events,
                 subscriptions,
@@ -299,7 +420,9 @@ impl RedisStore {
 
     /// Runs `attempt` with a connection, again after a short pause when the error says a
     /// reconnect or retry may help (the connection manager reconnects on such errors), up
-    /// to [`RETRY_ATTEMPTS`] times.
+    /// to [`RETRY_ATTEMPTS`] times. A timeout replaces the connection before the next try
+    /// ([`Inner::replace_commands`]), so a half-open connection costs one timeout, not
+    /// every call from then on.
     async fn with_retry<T, F, Fut>(
         &self,
         operation: &'static str,
@@ -312,13 +435,17 @@ impl RedisStore {
         let mut delay = RETRY_FIRST_DELAY;
         let mut tries = 1;
         loop {
-            match attempt(self.inner.connection.clone()).await {
+            let commands = self.inner.commands();
+            match attempt(commands.connection).await {
                 Ok(value) => return Ok(value),
                 Err(error)
                     if tries < RETRY_ATTEMPTS
                         && !matches!(error.retry_method(), RetryMethod::NoRetry) =>
                 {
                     tracing::warn!(operation, tries, %error, "redis operation failed; retrying");
+                    if error.is_timeout() {
+                        self.inner.replace_commands(commands.generation);
+                    }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(RETRY_MAX_DELAY);
                     tries += 1;
@@ -519,20 +646,27 @@ impl RedisStore {
         })?;
         let cap = limits.cap.to_string();
         let gc_ms = limits.ttl_ms.saturating_add(MAIL_GC_MARGIN_MS).to_string();
-        let outcome: i64 = self
-            .invoke(
-                "deposit",
-                &DEPOSIT,
-                &[&keys.order, &keys.data, &keys.sequence, &keys.blocked],
-                &[
-                    &envelope.id.0,
-                    envelope.from.as_str().as_bytes(),
-                    value.as_ref(),
-                    cap.as_bytes(),
-                    gc_ms.as_bytes(),
-                ],
-            )
-            .await?;
+        let script_keys = [
+            keys.order.as_str(),
+            &keys.data,
+            &keys.sequence,
+            &keys.blocked,
+        ];
+        let script_args = [
+            &envelope.id.0[..],
+            envelope.from.as_str().as_bytes(),
+            value.as_ref(),
+            cap.as_bytes(),
+            gc_ms.as_bytes(),
+        ];
+        let deposit_once = || self.invoke::<i64>("deposit", &DEPOSIT, &script_keys, &script_args);
+        let mut outcome = deposit_once().await?;
+        // Full: expired mail may be what fills it (its recipient has not fetched since).
+        // Drop it from the head and try once more; the script checks the cap again
+        // atomically, so a race with other deposits can only make this retry say "full".
+        if outcome == DEPOSIT_FULL && self.expire_head(&envelope.to, &keys, now_ms).await? > 0 {
+            outcome = deposit_once().await?;
+        }
         match outcome {
             1 => Ok(DepositOutcome::Stored),
             0 => Ok(DepositOutcome::Duplicate),
@@ -540,7 +674,7 @@ impl RedisStore {
                 recipient: envelope.to.clone(),
                 sender: envelope.from.clone(),
             }),
-            -2 => Err(StoreError::MailboxFull {
+            DEPOSIT_FULL => Err(StoreError::MailboxFull {
                 user: envelope.to.clone(),
                 cap: limits.cap,
             }),
@@ -551,43 +685,42 @@ impl RedisStore {
         }
     }
 
-    /// See [`crate::Store::fetch`]. One round trip per batch; expired mail met on the way is
-    /// deleted and undecodable mail quarantined (one more round trip, only when there is
-    /// some), and the batch is topped up from behind them.
+    /// See [`crate::Store::fetch`]. One round trip per batch, reading only about the
+    /// batch's byte budget; expired mail met on the way is deleted and undecodable mail
+    /// quarantined (one more round trip, only when there is some), and the batch is topped
+    /// up from behind them.
     pub async fn fetch(
         &self,
         user: &Username,
         max: usize,
+        max_bytes: usize,
         now_ms: u64,
     ) -> Result<Fetched, StoreError> {
         let keys = MailKeys::new(user);
         let ttl_ms = self.inner.limits.ttl_ms;
-        let mut mail: Vec<StoredMail> = Vec::with_capacity(max.min(4096));
+        if max == 0 {
+            let remaining = self.mail_count(user).await?;
+            return Ok(Fetched {
+                mail: Vec::new(),
+                remaining,
+            });
+        }
+        let mut batch = Batch::new(max, max_bytes);
         loop {
-            if max == 0 {
-                let total = self.mail_count(user).await?;
-                return Ok(Fetched {
-                    mail,
-                    remaining: total,
-                });
-            }
-            // Mail kept so far still sits at ranks 0..mail.len(); read on from behind it.
-            let first = mail.len().to_string();
-            let last = (max - 1).to_string();
-            let (total, ids, values): FetchReply = self
-                .invoke(
-                    "fetch",
-                    &FETCH,
-                    &[&keys.order, &keys.data],
-                    &[first.as_bytes(), last.as_bytes()],
-                )
+            // Mail kept so far still sits at ranks 0..batch.len(); read on from behind it.
+            let (total, ids, values) = self
+                .read_mail(&keys, batch.len(), max - 1, batch.bytes_left())
                 .await?;
             let mut removals = Vec::new();
             // The script answers one value per id; a missing one reads as a missing value.
             let mut values = values.into_iter();
             for id in ids {
                 match classify(user, &id, values.next().flatten(), ttl_ms, now_ms) {
-                    Entry::Keep(stored) => mail.push(stored),
+                    Entry::Keep(stored) => {
+                        if !batch.offer(stored) {
+                            break;
+                        }
+                    }
                     Entry::Remove(quarantine) => removals.push(Removal { id, quarantine }),
                 }
             }
@@ -595,12 +728,80 @@ impl RedisStore {
             if !removals.is_empty() {
                 self.remove_mail(&keys, &removals).await?;
             }
-            let remaining = total.saturating_sub(removed + mail.len() as u64);
-            let more_behind = (mail.len() + removals.len()) < total as usize;
-            if removals.is_empty() || mail.len() >= max || !more_behind {
-                return Ok(Fetched { mail, remaining });
+            let remaining = total.saturating_sub(removed + batch.len() as u64);
+            let more_behind = (batch.len() as u64 + removed) < total;
+            if removals.is_empty() || batch.is_full() || !more_behind {
+                return Ok(Fetched {
+                    mail: batch.into_mail(),
+                    remaining,
+                });
             }
         }
+    }
+
+    /// Deletes the expired mail at the head of `user`'s mailbox, oldest first, up to the
+    /// first message that has not expired; returns how many entries it took out. It reads
+    /// the head as a fetch does (undecodable entries met on the way are quarantined, as a
+    /// fetch would) in growing chunks from one entry, so a mailbox full of live mail costs
+    /// one small read per refused deposit.
+    async fn expire_head(
+        &self,
+        user: &Username,
+        keys: &MailKeys,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let ttl_ms = self.inner.limits.ttl_ms;
+        let mut chunk = 1;
+        let mut removed = 0;
+        loop {
+            // Everything removed so far is gone, so the head is always rank 0.
+            let (total, ids, values) = self
+                .read_mail(keys, 0, chunk - 1, EXPIRE_READ_BUDGET)
+                .await?;
+            let read = ids.len();
+            let mut removals = Vec::new();
+            let mut values = values.into_iter();
+            for id in ids {
+                match classify(user, &id, values.next().flatten(), ttl_ms, now_ms) {
+                    Entry::Keep(_) => break,
+                    Entry::Remove(quarantine) => removals.push(Removal { id, quarantine }),
+                }
+            }
+            let reached_live_mail = removals.len() < read;
+            if !removals.is_empty() {
+                self.remove_mail(keys, &removals).await?;
+                removed += removals.len() as u64;
+            }
+            if reached_live_mail || read as u64 >= total {
+                return Ok(removed);
+            }
+            chunk = (chunk * 8).min(EXPIRE_CHUNK_MAX);
+        }
+    }
+
+    /// One [`FETCH`] call: the mailbox size and the entries from rank `first` on, up to
+    /// rank `last` or until about `max_bytes` of envelopes are read.
+    async fn read_mail(
+        &self,
+        keys: &MailKeys,
+        first: usize,
+        last: usize,
+        max_bytes: usize,
+    ) -> Result<FetchReply, StoreError> {
+        let (first, last) = (first.to_string(), last.to_string());
+        let (budget, overhead) = (max_bytes.to_string(), STORED_MAIL_OVERHEAD.to_string());
+        self.invoke(
+            "fetch",
+            &FETCH,
+            &[&keys.order, &keys.data],
+            &[
+                first.as_bytes(),
+                last.as_bytes(),
+                budget.as_bytes(),
+                overhead.as_bytes(),
+            ],
+        )
+        .await
     }
 
     /// Deletes expired entries and moves undecodable ones to quarantine, in one `MULTI`.
@@ -761,6 +962,22 @@ fn classify(user: &Username, id: &[u8], value: Option<Vec<u8>>, ttl_ms: u64, now
             Entry::Remove(Some(bytes))
         }
     }
+}
+
+/// The TCP options of every Redis connection: keep-alive probes, and on Linux a user
+/// timeout, so the kernel itself closes a connection whose peer vanished (and the
+/// connection manager then reconnects), even while no command is waiting on it. Nagle
+/// stays as the redis crate's default has it.
+fn tcp_settings() -> TcpSettings {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL);
+    #[cfg(target_os = "linux")]
+    let keepalive = keepalive.with_retries(TCP_KEEPALIVE_RETRIES);
+    let settings = TcpSettings::default().set_keepalive(keepalive);
+    #[cfg(target_os = "linux")]
+    let settings = settings.set_user_timeout(TCP_USER_TIMEOUT);
+    settings
 }
 
 /// Parses names read from `key`, logging and skipping invalid ones.

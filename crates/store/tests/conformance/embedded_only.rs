@@ -26,7 +26,7 @@ async fn reopened_store_keeps_mail_bindings_and_block_lists() -> anyhow::Result<
         }
         store.block(&bob, &user("mallory")).await?;
         // Half of it fetched and acked before the "restart".
-        let first = store.fetch(&bob, 5, 2_000).await?;
+        let first = store.fetch(&bob, 5, usize::MAX, 2_000).await?;
         store.ack(&bob, &ids(&first.mail)).await?;
     }
     let store: Store = EmbeddedStore::open(&path, LIMITS)?.into();
@@ -34,12 +34,12 @@ async fn reopened_store_keeps_mail_bindings_and_block_lists() -> anyhow::Result<
     ensure!(store.bind(&binding).await? == BindOutcome::Existing(binding));
     ensure!(store.blocked_by(&bob).await? == vec![user("mallory")]);
     ensure!(store.mail_count(&bob).await? == 15);
-    let rest = store.fetch(&bob, 100, 3_000).await?;
+    let rest = store.fetch(&bob, 100, usize::MAX, 3_000).await?;
     ensure!(ids(&rest.mail) == sent[5..].iter().map(|m| m.id).collect::<Vec<_>>());
     // Sequence numbers continue after the reopen: new mail goes behind the old.
     let newer = envelope("alice", "bob", "newer");
     store.deposit(&newer, 4_000).await?;
-    let all = store.fetch(&bob, 100, 4_000).await?;
+    let all = store.fetch(&bob, 100, usize::MAX, 4_000).await?;
     ensure!(all.mail.last().map(|m| m.envelope.id) == Some(newer.id));
     ensure!(store.deposit(&sent[7], 4_000).await? == store::DepositOutcome::Duplicate);
     Ok(())

@@ -38,6 +38,8 @@ conformance!(
     unacked_mail_comes_back,
     expired_mail_is_dropped_at_fetch,
     full_mailbox_refuses_with_typed_error,
+    expired_mail_does_not_keep_a_mailbox_full,
+    a_fetch_stops_at_its_byte_budget,
     deposit_is_idempotent_by_message_id,
     binding_conflict_returns_existing_binding,
     presence_expires_and_only_its_session_clears_it,

@@ -1,7 +1,7 @@
 //! Behaviours specific to the Redis backend: raw publishes, restarts, bad data written
 //! behind the store's back, and what Redis may see.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, ensure};
 use futures::future::try_join_all;
@@ -12,7 +12,38 @@ use store::{
     testing::RedisServer,
 };
 
-use crate::util::{EVENT_TIMEOUT, RedisBackend, envelope, ids, next_event, user};
+use crate::util::{
+    BlackholeProxy, EVENT_TIMEOUT, LIMITS, RedisBackend, envelope, ids, next_event, user,
+};
+
+/// Regression: when the command connection went half-open (Redis stopped answering but
+/// the socket stayed open), every command timed out, redis-rs did not count a timeout as a
+/// dropped connection, and each call retried on the same dead connection eight times
+/// (about 25 s) and failed, forever. A timeout now replaces the connection, so the first
+/// call after the switch succeeds one response timeout (3 s) later.
+#[tokio::test]
+async fn a_half_open_command_connection_is_replaced_after_one_timeout() -> anyhow::Result<()> {
+    let server = RedisServer::start()?;
+    let proxy = BlackholeProxy::start(server.port()).await?;
+    let store: Store = RedisStore::connect(&proxy.url(), LIMITS).await?.into();
+    let bob = user("bob");
+    store
+        .deposit(&envelope("alice", "bob", "before"), 1_000)
+        .await?;
+    proxy.blackhole();
+    let count = tokio::time::timeout(Duration::from_secs(10), store.mail_count(&bob))
+        .await
+        .context("still stuck on the half-open connection after 10 s")??;
+    ensure!(count == 1);
+    // Later calls use the new connection straight away.
+    let after = envelope("alice", "bob", "after");
+    let outcome = tokio::time::timeout(Duration::from_secs(2), store.deposit(&after, 2_000))
+        .await
+        .context("the call after the recovery waited for a timeout again")??;
+    ensure!(outcome == store::DepositOutcome::Stored);
+    ensure!(store.mail_count(&bob).await? == 2);
+    Ok(())
+}
 
 #[tokio::test]
 async fn raw_publish_on_the_announce_channel_is_an_announcement() -> anyhow::Result<()> {
@@ -61,7 +92,7 @@ async fn operations_and_subscription_survive_a_redis_restart() -> anyhow::Result
     // The very next operation succeeds: the store reconnects (and retries) by itself.
     let after = envelope("alice", "bob", "after");
     store.deposit(&after, 2_000).await?;
-    let fetched = store.fetch(&user("bob"), 10, 3_000).await?;
+    let fetched = store.fetch(&user("bob"), 10, usize::MAX, 3_000).await?;
     ensure!(ids(&fetched.mail) == vec![before.id, after.id]);
 
     // The subscriber notices the loss and subscribes again by itself.
@@ -103,7 +134,7 @@ async fn undecodable_mail_is_skipped_and_quarantined() -> anyhow::Result<()> {
         .zadd("p2pchat:{bob}:mail", &b"dangling-id"[..], 1.5)
         .await?;
 
-    let fetched = store.fetch(&bob, 10, 2_000).await?;
+    let fetched = store.fetch(&bob, 10, usize::MAX, 2_000).await?;
     ensure!(
         ids(&fetched.mail) == vec![sent[0].id, sent[2].id],
         "{fetched:?}"
@@ -140,11 +171,11 @@ async fn batches_larger_than_a_script_chunk_keep_order() -> anyhow::Result<()> {
     for message in &sent {
         store.deposit(message, 1_000).await?;
     }
-    let batch = store.fetch(&bob, 1_000, 2_000).await?;
+    let batch = store.fetch(&bob, 1_000, usize::MAX, 2_000).await?;
     ensure!(ids(&batch.mail) == sent[..1_000].iter().map(|m| m.id).collect::<Vec<_>>());
     ensure!(batch.remaining == 500);
     ensure!(store.ack(&bob, &ids(&batch.mail)).await? == 1_000);
-    let rest = store.fetch(&bob, 1_000, 2_000).await?;
+    let rest = store.fetch(&bob, 1_000, usize::MAX, 2_000).await?;
     ensure!(ids(&rest.mail) == sent[1_000..].iter().map(|m| m.id).collect::<Vec<_>>());
     // Concurrent acks of disjoint halves.
     let halves: Vec<Vec<MessageId>> = ids(&rest.mail).chunks(250).map(<[_]>::to_vec).collect();
@@ -236,7 +267,7 @@ async fn redis_holds_no_plaintext() -> anyhow::Result<()> {
     }
     store.block(&bob, &user("mallory")).await?;
     store.deposit(&sealed, 1_000).await?;
-    store.fetch(&bob, 10, 1_000).await?; // a fetch leaves nothing readable behind either
+    store.fetch(&bob, 10, usize::MAX, 1_000).await?; // a fetch leaves nothing readable behind either
 
     let mut raw = backend.raw().await?;
     let everything = dump_everything(&mut raw).await?;

@@ -21,7 +21,7 @@ pub async fn deposit_fetch_ack_keeps_order_and_counts(store: &Store) -> anyhow::
     ensure!(store.mail_count(&bob).await? == 5);
     ensure!(store.mail_count(&user("alice")).await? == 0);
 
-    let first = store.fetch(&bob, 3, 2_000).await?;
+    let first = store.fetch(&bob, 3, usize::MAX, 2_000).await?;
     ensure!(ids(&first.mail) == sent[..3].iter().map(|m| m.id).collect::<Vec<_>>());
     ensure!(first.remaining == 2, "remaining {}", first.remaining);
     ensure!(first.mail[0].envelope == sent[0]);
@@ -30,7 +30,7 @@ pub async fn deposit_fetch_ack_keeps_order_and_counts(store: &Store) -> anyhow::
     ensure!(store.ack(&bob, &ids(&first.mail)).await? == 3);
     ensure!(store.mail_count(&bob).await? == 2);
 
-    let second = store.fetch(&bob, 10, 2_000).await?;
+    let second = store.fetch(&bob, 10, usize::MAX, 2_000).await?;
     ensure!(ids(&second.mail) == sent[3..].iter().map(|m| m.id).collect::<Vec<_>>());
     ensure!(second.remaining == 0);
 
@@ -41,7 +41,7 @@ pub async fn deposit_fetch_ack_keeps_order_and_counts(store: &Store) -> anyhow::
 
     ensure!(store.ack(&bob, &ids(&second.mail)).await? == 2);
     ensure!(store.mail_count(&bob).await? == 0);
-    let empty = store.fetch(&bob, 10, 2_000).await?;
+    let empty = store.fetch(&bob, 10, usize::MAX, 2_000).await?;
     ensure!(empty.mail.is_empty() && empty.remaining == 0);
     Ok(())
 }
@@ -52,16 +52,16 @@ pub async fn unacked_mail_comes_back(store: &Store) -> anyhow::Result<()> {
     for message in &sent {
         store.deposit(message, 1_000).await?;
     }
-    let first = store.fetch(&bob, 10, 1_100).await?;
+    let first = store.fetch(&bob, 10, usize::MAX, 1_100).await?;
     ensure!(first.mail.len() == 2);
     // No ack (the client went away): the same mail, in the same order, next time.
-    let again = store.fetch(&bob, 10, 1_200).await?;
+    let again = store.fetch(&bob, 10, usize::MAX, 1_200).await?;
     ensure!(again == first);
     ensure!(store.mail_count(&bob).await? == 2);
 
     // A partial ack leaves exactly the rest.
     store.ack(&bob, &[sent[0].id]).await?;
-    let rest = store.fetch(&bob, 10, 1_300).await?;
+    let rest = store.fetch(&bob, 10, usize::MAX, 1_300).await?;
     ensure!(ids(&rest.mail) == vec![sent[1].id]);
     Ok(())
 }
@@ -75,11 +75,11 @@ pub async fn expired_mail_is_dropped_at_fetch(store: &Store) -> anyhow::Result<(
     store.deposit(&new, 500).await?;
 
     // Just before the first expires, both are there.
-    let before = store.fetch(&bob, 10, ttl - 1).await?;
+    let before = store.fetch(&bob, 10, usize::MAX, ttl - 1).await?;
     ensure!(ids(&before.mail) == vec![old.id, new.id]);
 
     // At its expiry it is dropped (and deleted), the younger one stays.
-    let after = store.fetch(&bob, 10, ttl).await?;
+    let after = store.fetch(&bob, 10, usize::MAX, ttl).await?;
     ensure!(ids(&after.mail) == vec![new.id]);
     ensure!(after.remaining == 0);
     ensure!(store.mail_count(&bob).await? == 1);
@@ -88,7 +88,7 @@ pub async fn expired_mail_is_dropped_at_fetch(store: &Store) -> anyhow::Result<(
     store
         .deposit(&envelope("alice", "bob", "newest"), ttl + 400)
         .await?;
-    let late = store.fetch(&bob, 1, ttl + 500).await?;
+    let late = store.fetch(&bob, 1, usize::MAX, ttl + 500).await?;
     ensure!(late.mail.len() == 1 && late.mail[0].envelope.token == "token-newest");
     ensure!(late.remaining == 0);
     ensure!(store.mail_count(&bob).await? == 1);
@@ -127,13 +127,116 @@ pub async fn full_mailbox_refuses_with_typed_error(store: &Store) -> anyhow::Res
     Ok(())
 }
 
+/// Regression: mail past its TTL still counted toward the cap (and the embedded store
+/// deleted it only when its recipient fetched), so a user away longer than the TTL was
+/// "mailbox full" to every sender although a fetch would have returned nothing. A deposit
+/// into a full mailbox now first drops the expired mail at its head.
+pub async fn expired_mail_does_not_keep_a_mailbox_full(store: &Store) -> anyhow::Result<()> {
+    let bob = user("bob");
+    let (cap, ttl) = (LIMITS.cap, LIMITS.ttl_ms);
+    let early = cap / 2;
+    for n in 0..cap {
+        let deposited_at = if n < early { 1_000 } else { 1_000 + ttl / 2 };
+        let message = envelope("alice", "bob", &n.to_string());
+        store.deposit(&message, deposited_at).await?;
+    }
+    // The early half has expired, the late half has not: only the early half goes.
+    let later = 1_000 + ttl;
+    let fresh = envelope("carol", "bob", "after the ttl");
+    ensure!(store.deposit(&fresh, later).await? == DepositOutcome::Stored);
+    ensure!(store.mail_count(&bob).await? == cap - early + 1);
+    for n in 1..early {
+        let message = envelope("carol", "bob", &format!("refill {n}"));
+        ensure!(store.deposit(&message, later).await? == DepositOutcome::Stored);
+    }
+    ensure!(store.mail_count(&bob).await? == cap);
+    let refused = store
+        .deposit(&envelope("carol", "bob", "one too many"), later)
+        .await;
+    ensure!(
+        matches!(refused, Err(StoreError::MailboxFull { .. })),
+        "live mail still fills the mailbox: {refused:?}"
+    );
+    let live = store.fetch(&bob, 1_000, usize::MAX, later).await?;
+    ensure!(live.mail.len() as u64 == cap && live.remaining == 0);
+
+    // Long after all of it expired, with no fetch in between: the mailbox empties.
+    let much_later = later + ttl * 10;
+    let last = envelope("dave", "bob", "much later");
+    ensure!(store.deposit(&last, much_later).await? == DepositOutcome::Stored);
+    ensure!(store.mail_count(&bob).await? == 1);
+    ensure!(store.deposit(&last, much_later).await? == DepositOutcome::Duplicate);
+    let fetched = store.fetch(&bob, 1_000, usize::MAX, much_later).await?;
+    ensure!(ids(&fetched.mail) == vec![last.id] && fetched.remaining == 0);
+    ensure!(store.ack(&bob, &[last.id]).await? == 1);
+    ensure!(store.mail_count(&bob).await? == 0);
+    Ok(())
+}
+
+/// Regression: a fetch read up to `max` messages whatever their size (the server asks for
+/// 1,000) and the server then sent only what fit one 64 KiB frame, so a mailbox of large
+/// messages had ~47 MiB read to send one frame. A fetch now stops once its envelopes pass
+/// the byte budget it is given, always returning the oldest message, with `remaining`
+/// exact.
+pub async fn a_fetch_stops_at_its_byte_budget(store: &Store) -> anyhow::Result<()> {
+    const FRAME: usize = 64 * 1024;
+    let bob = user("bob");
+    let (large, size) = deposit_equal_sized(store, 20, 20_000, 1_000).await?;
+    let fetched = store.fetch(&bob, 1_000, FRAME, 2_000).await?;
+    ensure!(
+        ids(&fetched.mail) == ids_of(&large[..FRAME / size]),
+        "{} messages of {size} bytes for a budget of {FRAME}",
+        fetched.mail.len()
+    );
+    ensure!(fetched.remaining == (large.len() - FRAME / size) as u64);
+    // A budget smaller than one message still brings the oldest one.
+    let tiny = store.fetch(&bob, 1_000, 1, 2_000).await?;
+    ensure!(ids(&tiny.mail) == vec![large[0].id] && tiny.remaining == 19);
+
+    // Small messages fill the budget exactly: as many as fit, not fewer.
+    store.ack(&bob, &ids_of(&large)).await?;
+    let (small, size) = deposit_equal_sized(store, 30, 100, 1_000).await?;
+    let fetched = store.fetch(&bob, 1_000, size * 25, 2_000).await?;
+    ensure!(ids(&fetched.mail) == ids_of(&small[..25]) && fetched.remaining == 5);
+
+    // Expired mail met on the way (the five left) takes no room.
+    let late = 1_000 + LIMITS.ttl_ms;
+    let (fresh, size) = deposit_equal_sized(store, 3, 101, late - 1).await?;
+    let fetched = store.fetch(&bob, 1_000, size * 2, late).await?;
+    ensure!(ids(&fetched.mail) == ids_of(&fresh[..2]) && fetched.remaining == 1);
+    Ok(())
+}
+
+/// Deposits `count` messages from alice to bob at `now_ms`, each with a token of
+/// `label_len` digits, so all are the same size; returns them and their encoded size.
+async fn deposit_equal_sized(
+    store: &Store,
+    count: usize,
+    label_len: usize,
+    now_ms: u64,
+) -> anyhow::Result<(Vec<proto::Envelope>, usize)> {
+    let mut sent = Vec::with_capacity(count);
+    for n in 0..count {
+        let message = envelope("alice", "bob", &format!("{n:0>label_len$}"));
+        store.deposit(&message, now_ms).await?;
+        sent.push(message);
+    }
+    let size = proto::wire::encoded_len(&sent[0])?;
+    Ok((sent, size))
+}
+
+/// The ids of `envelopes`, in order.
+fn ids_of(envelopes: &[proto::Envelope]) -> Vec<proto::MessageId> {
+    envelopes.iter().map(|envelope| envelope.id).collect()
+}
+
 pub async fn deposit_is_idempotent_by_message_id(store: &Store) -> anyhow::Result<()> {
     let bob = user("bob");
     let message = envelope("alice", "bob", "once");
     ensure!(store.deposit(&message, 1_000).await? == DepositOutcome::Stored);
     ensure!(store.deposit(&message, 2_000).await? == DepositOutcome::Duplicate);
     ensure!(store.mail_count(&bob).await? == 1);
-    let fetched = store.fetch(&bob, 10, 3_000).await?;
+    let fetched = store.fetch(&bob, 10, usize::MAX, 3_000).await?;
     ensure!(fetched.mail.len() == 1);
     // The first deposit is the one kept.
     ensure!(fetched.mail[0].deposited_at_ms == 1_000);
@@ -146,7 +249,7 @@ pub async fn deposit_is_idempotent_by_message_id(store: &Store) -> anyhow::Resul
     ensure!(store.deposit(&message, 4_000).await? == DepositOutcome::Stored);
     ensure!(store.deposit(&message, 4_100).await? == DepositOutcome::Duplicate);
     ensure!(store.mail_count(&bob).await? == 2);
-    let fetched = store.fetch(&bob, 10, 5_000).await?;
+    let fetched = store.fetch(&bob, 10, usize::MAX, 5_000).await?;
     ensure!(ids(&fetched.mail) == vec![other.id, message.id]);
     Ok(())
 }
@@ -343,7 +446,7 @@ pub async fn mailboxes_drain_in_batches(store: &Store) -> anyhow::Result<()> {
             .collect();
         let mut drained = Vec::new();
         loop {
-            let batch = store.fetch(&user(name), 7, 2_000).await?;
+            let batch = store.fetch(&user(name), 7, usize::MAX, 2_000).await?;
             if batch.mail.is_empty() {
                 break;
             }

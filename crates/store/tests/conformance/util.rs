@@ -1,10 +1,22 @@
-//! Helpers shared by the suite: backends with test limits, names, envelopes, waiting.
+//! Helpers shared by the suite: backends with test limits, names, envelopes, waiting, and
+//! a TCP proxy that can turn a connection half-open.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use proto::{Envelope, Identity, MessageId, Username};
 use store::{Broadcast, EmbeddedStore, MailLimits, RedisStore, Store, testing::RedisServer};
-use tokio::sync::broadcast;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::broadcast,
+    task::JoinHandle,
+};
 
 /// The limits every suite store has: a small cap so "full" is cheap to reach, and a TTL of
 /// one minute of the test's own clock.
@@ -84,4 +96,85 @@ pub async fn next_event(
     receiver: &mut broadcast::Receiver<Broadcast>,
 ) -> anyhow::Result<Broadcast> {
     Ok(tokio::time::timeout(EVENT_TIMEOUT, receiver.recv()).await??)
+}
+
+/// A loopback TCP proxy to a local port. After [`BlackholeProxy::blackhole`], every
+/// connection it accepted before stays open but passes nothing either way, and never
+/// closes: a half-open connection, as after a network partition or a failover behind a
+/// virtual IP. Connections accepted later pass normally.
+pub struct BlackholeProxy {
+    port: u16,
+    /// Bumped by `blackhole`; a connection passes bytes while it is what it was at accept.
+    generation: Arc<AtomicU64>,
+    acceptor: JoinHandle<()>,
+}
+
+impl BlackholeProxy {
+    /// Starts a proxy to `127.0.0.1:target` on a free port.
+    pub async fn start(target: u16) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let generation = Arc::new(AtomicU64::new(0));
+        let shared = Arc::clone(&generation);
+        let acceptor = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let born = shared.load(Ordering::SeqCst);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(relay(client_read, server_write, born, Arc::clone(&shared)));
+                tokio::spawn(relay(server_read, client_write, born, Arc::clone(&shared)));
+            }
+        });
+        Ok(Self {
+            port,
+            generation,
+            acceptor,
+        })
+    }
+
+    /// A Redis URL through the proxy.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Turns every connection open now into a black hole.
+    pub fn blackhole(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for BlackholeProxy {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+/// Copies `from` to `to` while `generation` is still `born`, then swallows everything.
+/// Neither side is ever closed by the proxy, as with a peer that vanished.
+async fn relay(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    born: u64,
+    generation: Arc<AtomicU64>,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => {
+                // Hold `to` open: the other side must not see a close.
+                std::future::pending::<()>().await;
+            }
+            Ok(read) => {
+                if generation.load(Ordering::SeqCst) != born {
+                    continue;
+                }
+                if to.write_all(&buffer[..read]).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
 }
