@@ -128,6 +128,11 @@ pub(crate) async fn deliver(
                 Ok(link) => return (DeliveryStatus::Delivered, Some(link)),
                 // The recipient cannot take it now (its server link is down): use the mailbox.
                 Err(LinkError::Rejected(error)) if error.code == ErrorCode::Unavailable => break,
+                // Someone else answers at this address (the recipient's is stale): not the
+                // recipient's refusal; try its next address, then the mailbox.
+                Err(LinkError::Rejected(error)) if error.code == ErrorCode::UnknownUser => {
+                    tracing::info!(to = %entry.to, %addr, reason = %error.message, "another user at the recipient's address; trying elsewhere");
+                }
                 Err(LinkError::Rejected(error)) => return (rejected(error), None),
                 Err(error) => {
                     tracing::info!(to = %entry.to, %addr, %error, "direct delivery failed; trying the mailbox");

@@ -408,11 +408,13 @@ async fn serve_connection(
     let from = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.recv::<PeerMsg>()).await {
         Ok(Ok(Some(PeerMsg::Hello { from, to }))) => {
             if to != context.me {
+                // Not a refusal by the recipient: the dialer reached the wrong user (a stale
+                // or reused address). `unknown_user` tells it to try elsewhere: the mailbox.
                 let refusal = Refusal::NotForMe(to);
                 let _ = connection
                     .send(&PeerMsg::Reject {
                         id: None,
-                        error: refusal.to_reply(),
+                        error: ErrorReply::new(ErrorCode::UnknownUser, refusal.to_string()),
                     })
                     .await;
                 return Err(refusal.to_string());
@@ -449,20 +451,21 @@ async fn serve_connection(
             stored = next_stored(&mut pending), if !pending.is_empty() => {
                 let (answers, new) = stored;
                 pending_envelopes -= answers.len();
+                let mut written = Ok(());
                 for answer in &answers {
-                    connection
-                        .feed(answer)
-                        .await
-                        .map_err(|error| error.to_string())?;
+                    if written.is_ok() {
+                        written = connection.feed(answer).await;
+                    }
                 }
-                connection
-                    .flush()
-                    .await
-                    .map_err(|error| error.to_string())?;
-                // Acked after storing, shown after acking.
+                if written.is_ok() {
+                    written = connection.flush().await;
+                }
+                // Stored is stored: shown even if the ack could not be written (the
+                // sender's retry is then a duplicate, which is not shown).
                 for message in new {
                     let _ = context.to_loop.send(Internal::Received(message));
                 }
+                written.map_err(|error| error.to_string())?;
             }
             first = tokio::time::timeout(IDLE_TIMEOUT, connection.recv::<PeerMsg>()), if reading => {
                 let first = match first {

@@ -163,6 +163,9 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// The message has no text.
+    #[error("a message needs some text")]
+    EmptyMessage,
     /// The message is too long.
     #[error("a message has at most {max} bytes (this one has {len})")]
     TooLong {
@@ -866,7 +869,7 @@ impl EventLoop {
         {
             self.report_state_error(error);
         }
-        self.end_mutes();
+        let already = self.end_mutes();
         let unshown = match self.context.state.unshown() {
             Ok(unshown) => unshown,
             Err(error) => return self.report_state_error(error),
@@ -880,6 +883,7 @@ impl EventLoop {
                 self.context.state.muted_until(&message.from, now),
                 Ok(Some(_))
             ) && !released.contains(&message.from)
+                && !already.contains(&message.from)
             {
                 released.push(message.from.clone());
             }
@@ -889,14 +893,21 @@ impl EventLoop {
         }
     }
 
-    fn end_mutes(&mut self) {
+    fn end_mutes(&mut self) -> Vec<Username> {
         match self.context.state.take_ended_mutes(proto::now_ms()) {
-            Ok(ended) => ended.iter().for_each(|user| self.release_held(user)),
-            Err(error) => self.report_state_error(error),
+            Ok(ended) => {
+                ended.iter().for_each(|user| self.release_held(user));
+                ended
+            }
+            Err(error) => {
+                self.report_state_error(error);
+                Vec::new()
+            }
         }
     }
 
-    /// Shows the messages a mute of `user` held, after a one-line summary.
+    /// Shows the messages a mute of `user` held, after a one-line summary; unless the user
+    /// has blocked `user` since, in which case they stay in the history, unshown.
     fn release_held(&mut self, user: &Username) {
         let held: Vec<InboundMessage> = match self.context.state.unshown() {
             Ok(unshown) => unshown
@@ -905,6 +916,24 @@ impl EventLoop {
                 .collect(),
             Err(error) => return self.report_state_error(error),
         };
+        match self.context.state.is_blocked(user) {
+            Ok(false) => {}
+            Ok(true) => {
+                // Not shown, and not offered again at every start: marked as handled.
+                let marks = held
+                    .iter()
+                    .map(|message| (message.id, message.seq))
+                    .collect();
+                let marked = self.context.state.submit_shown(marks);
+                self.tracker.spawn(async move {
+                    if let Err(error) = marked.await {
+                        tracing::warn!(%error, "could not mark a blocked user's held messages");
+                    }
+                });
+                return;
+            }
+            Err(error) => return self.report_state_error(error),
+        }
         self.emit(Event::MuteEnded {
             user: user.clone(),
             held: held.len(),
@@ -1088,6 +1117,10 @@ impl EventLoop {
             Command::Send { to, body, reply } => {
                 if to == self.context.me {
                     let _ = reply.send(Err(ClientError::Yourself));
+                } else if body.trim().is_empty() {
+                    // The interactive parser refuses these already; scripts (`p2pchat send
+                    // bob ""`) and library callers get the same answer here.
+                    let _ = reply.send(Err(ClientError::EmptyMessage));
                 } else if body.len() > proto::seal::MAX_BODY_LEN {
                     let _ = reply.send(Err(ClientError::TooLong {
                         len: body.len(),

@@ -717,6 +717,7 @@ impl State {
             let mut meta = txn.open_table(META)?;
             let mut history = txn.open_table(HISTORY)?;
             let mut unshown = txn.open_table(UNSHOWN)?;
+            let mutes = txn.open_table(MUTES)?;
             let mut outcomes = Vec::with_capacity(messages.len());
             // The stored counter is raised once for the whole batch, past its highest
             // position (positions are handed out in order, so that covers them all).
@@ -747,7 +748,11 @@ impl State {
                     sent_at_ms: message.sent_at_ms,
                     received_at_ms: now_ms,
                     seq,
-                    while_muted: *while_muted,
+                    // Decided in the same serialised write as unmute / mute expiry.
+                    while_muted: *while_muted
+                        && mutes
+                            .get(message.from.as_str())?
+                            .is_some_and(|until| mute_active(until.value(), now_ms)),
                 };
                 unshown.insert(seq, encode(&inbound).as_ref())?;
                 outcomes.push(StoreOutcome::New(inbound));
@@ -1259,6 +1264,7 @@ mod tests {
             state.store_incoming(&first, false, 11).unwrap(),
             StoreOutcome::Duplicate
         );
+        state.mute(&name("bob"), 100).unwrap();
         state.store_incoming(&second, true, 12).unwrap();
         let unshown = state.unshown().unwrap();
         assert_eq!(
@@ -1360,6 +1366,38 @@ mod tests {
         assert!(state.unmute(&carol).unwrap());
         assert!(!state.unmute(&carol).unwrap());
         assert_eq!(state.next_mute_end().unwrap(), None);
+    }
+
+    /// Regression: whether a message was held by a mute was decided when it was checked,
+    /// before the write that stored it; a message checked just before an unmute and stored
+    /// just after was neither released by the unmute nor shown on arrival. The store now
+    /// decides in the same write, in order with mute and unmute.
+    #[test]
+    fn a_message_stored_after_its_senders_unmute_is_not_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let alice = name("alice");
+        state.mute(&alice, 10_000).unwrap();
+        let before = plaintext("alice", "checked and stored while muted", 1_000);
+        let StoreOutcome::New(held) = state.store_incoming(&before, true, 1_000).unwrap() else {
+            panic!("stored")
+        };
+        assert!(held.while_muted);
+        assert!(state.unmute(&alice).unwrap());
+        let after = plaintext("alice", "checked while muted, stored after", 1_100);
+        let StoreOutcome::New(shown) = state.store_incoming(&after, true, 1_100).unwrap() else {
+            panic!("stored")
+        };
+        assert!(
+            !shown.while_muted,
+            "the unmute came first: shown on arrival"
+        );
+        state.mute(&alice, 5_000).unwrap();
+        let expired = plaintext("alice", "stored after the mute's end", 6_000);
+        let StoreOutcome::New(late) = state.store_incoming(&expired, true, 6_000).unwrap() else {
+            panic!("stored")
+        };
+        assert!(!late.while_muted, "the mute had ended: shown on arrival");
     }
 
     #[test]
