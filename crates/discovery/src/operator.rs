@@ -4,14 +4,13 @@
 
 use std::{
     fs,
-    io::Write,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use proto::{
     Connection, ErrorReply, Reply, Request, RequestFrame, ServerMsg,
-    identity::{announce_proof, check_private, create_private_dir, open_private_file},
+    identity::{announce_proof, check_private, create_private_dir, write_private_new},
 };
 use tokio::net::TcpStream;
 
@@ -53,17 +52,17 @@ pub enum OperatorError {
 /// on first use.
 pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, OperatorError> {
     match load_secret(data_dir) {
-        Err(OperatorError::Missing(path)) => {
+        Err(OperatorError::Missing(_)) => {
             create_private_dir(data_dir)?;
+            check_private(data_dir, 0o700)?;
             let secret: [u8; SECRET_LEN] = proto::random_bytes();
-            let io_error = |source| OperatorError::Io {
-                path: path.clone(),
-                source,
-            };
-            let mut file = open_private_file(&path).map_err(io_error)?;
-            file.write_all(&secret).map_err(io_error)?;
-            file.sync_all().map_err(io_error)?;
-            Ok(secret.to_vec())
+            // Published whole or not at all; if another process made one meanwhile, its
+            // secret is the one.
+            if write_private_new(data_dir, OPERATOR_SECRET_FILE, &secret)? {
+                Ok(secret.to_vec())
+            } else {
+                load_secret(data_dir)
+            }
         }
         other => other,
     }

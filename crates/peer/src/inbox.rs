@@ -223,6 +223,10 @@ fn report_refusal(context: &Context, from: &Username, refusal: &Refusal) {
     }
 }
 
+/// How far ahead (beyond Fernet's own minute) a mail may be dated and still be left in the
+/// mailbox to open later rather than refused: a sender's clock a few minutes fast.
+const MAIL_CLOCK_WAIT_SECS: u64 = 300;
+
 /// How a mail fetch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fetched {
@@ -267,6 +271,15 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
                 Ok(message) => checked.push((envelope.id, message)),
                 Err(Refusal::Transient(reason)) => {
                     tracing::info!(%reason, "mail left in the mailbox for later");
+                    (stop, left_for_later) = (true, true);
+                    break;
+                }
+                // Dated a little ahead (the sender's clock is fast): it opens in a while, so
+                // it waits in the mailbox instead of being refused and deleted.
+                Err(Refusal::Bad(OpenError::ClockSkew { ahead_secs }))
+                    if ahead_secs <= MAIL_CLOCK_WAIT_SECS =>
+                {
+                    tracing::info!(ahead_secs, from = %envelope.from, "mail dated ahead left in the mailbox until it opens");
                     (stop, left_for_later) = (true, true);
                     break;
                 }

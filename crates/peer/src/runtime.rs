@@ -486,9 +486,12 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<(Client, Events), StartError> {
     proto::identity::create_private_dir(&config.data_dir)?;
+    proto::identity::check_private(&config.data_dir, 0o700)?;
+    // The state file's lock first: a second process on this data dir stops here, before
+    // it could race the first one to create the identity.
+    let state = State::open(&config.data_dir)?;
     let (identity, new_identity) = Identity::load_or_create(&config.data_dir)?;
     let identity = Arc::new(identity);
-    let state = State::open(&config.data_dir)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen {

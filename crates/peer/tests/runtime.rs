@@ -17,11 +17,16 @@ fn name(text: &str) -> Username {
 
 async fn discovery(dir: &std::path::Path, shutdown: &CancellationToken) -> SocketAddr {
     let store = EmbeddedStore::open(dir.join("store.redb"), MailLimits::default()).unwrap();
+    discovery_on(Store::Embedded(store), shutdown).await
+}
+
+/// A discovery server on `store` (which the test may also use behind its back).
+async fn discovery_on(store: Store, shutdown: &CancellationToken) -> SocketAddr {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(discovery::run(
         listener,
-        Store::Embedded(store),
+        store,
         discovery::Config::default(),
         shutdown.clone(),
     ));
@@ -131,7 +136,7 @@ fn shown(events: &[Event]) -> Vec<String> {
 async fn a_message_held_by_a_mute_that_ended_offline_is_shown_once_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let bob_dir = dir.path().join("bob");
-    std::fs::create_dir_all(&bob_dir).unwrap();
+    proto::identity::create_private_dir(&bob_dir).unwrap();
     {
         // Stored while muted a second ago; the mute ended half a second ago.
         let state = peer::state::State::open(&bob_dir).unwrap();
@@ -339,6 +344,60 @@ async fn an_empty_message_is_refused() {
         let error = alice.send(&name("bob"), body).await.unwrap_err();
         assert!(matches!(error, peer::ClientError::EmptyMessage), "{error}");
     }
+    alice.shutdown(Duration::from_secs(2)).await;
+    bob.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Regression: mail dated a little ahead (the sender's clock a few minutes fast) was
+/// refused as a clock error and acked, so the server deleted it though it would have
+/// opened a minute later, while its sender saw "queued". Now it waits in the mailbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_dated_a_little_ahead_waits_in_the_mailbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let store = Store::Embedded(
+        EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default()).unwrap(),
+    );
+    let server = discovery_on(store.clone(), &shutdown).await;
+    let (alice, _alice_events) =
+        peer::start(config(server, "alice", dir.path()), shutdown.child_token())
+            .await
+            .unwrap();
+    let (bob, mut bob_events) =
+        peer::start(config(server, "bob", dir.path()), shutdown.child_token())
+            .await
+            .unwrap();
+    alice.wait_online(Duration::from_secs(10)).await.unwrap();
+    bob.wait_online(Duration::from_secs(10)).await.unwrap();
+    let (alice_identity, _) = Identity::load_or_create(&dir.path().join("alice")).unwrap();
+    let (bob_identity, _) = Identity::load_or_create(&dir.path().join("bob")).unwrap();
+    let channel = proto::Channel::new(
+        &alice_identity,
+        &name("alice"),
+        &name("bob"),
+        bob_identity.public(),
+    )
+    .unwrap();
+    // Two minutes ahead: beyond Fernet's minute, within what a fast clock may be.
+    let ahead = proto::now_ms() + 120_000;
+    let envelope = channel.seal(MessageId::random(), "early", ahead).unwrap();
+    store.deposit(&envelope, proto::now_ms()).await.unwrap();
+    store
+        .publish(&store::Broadcast::MailWaiting { user: name("bob") })
+        .await
+        .unwrap();
+    let events = drain(&mut bob_events, Duration::from_secs(1)).await;
+    assert!(
+        !events
+            .iter()
+            .any(|event| matches!(event, Event::Refused { .. } | Event::Message(_))),
+        "{events:#?}"
+    );
+    assert_eq!(
+        store.mail_count(&name("bob")).await.unwrap(),
+        1,
+        "still in the mailbox"
+    );
     alice.shutdown(Duration::from_secs(2)).await;
     bob.shutdown(Duration::from_secs(2)).await;
 }

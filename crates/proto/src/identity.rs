@@ -15,7 +15,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use crate::name::Username;
 
@@ -273,13 +273,21 @@ impl Identity {
 
     /// Loads the identity from `dir`, or creates and saves a new one if there is none.
     /// Returns the identity and whether it was created now.
+    ///
+    /// Two first starts at once on one data dir end with the same identity: the new file
+    /// is published only if none exists yet ([`write_private_new`]), and the loser loads
+    /// the winner's key instead of running with one that is not on disk.
     pub fn load_or_create(dir: &Path) -> Result<(Self, bool), IdentityError> {
+        create_private_dir(dir)?;
         match Self::load(dir) {
             Ok(identity) => Ok((identity, false)),
             Err(IdentityError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 let identity = Self::generate();
-                identity.save(dir)?;
-                Ok((identity, true))
+                if write_private_new(dir, IDENTITY_FILE, identity.secret_bytes().as_slice())? {
+                    Ok((identity, true))
+                } else {
+                    Ok((Self::load(dir)?, false))
+                }
             }
             Err(error) => Err(error),
         }
@@ -287,13 +295,14 @@ impl Identity {
 
     /// Loads the identity from `dir`, refusing a folder or file that others can read.
     pub fn load(dir: &Path) -> Result<Self, IdentityError> {
+        // The folder first: a loose folder is refused even before its first key exists.
+        check_private(dir, 0o700)?;
         let path = dir.join(IDENTITY_FILE);
         let io_error = |source| IdentityError::Io {
             path: path.clone(),
             source,
         };
         let bytes = Zeroizing::new(fs::read(&path).map_err(io_error)?);
-        check_private(dir, 0o700)?;
         check_private(&path, 0o600)?;
         let seeds: &[u8; SECRET_FILE_LEN] =
             bytes
@@ -308,24 +317,86 @@ impl Identity {
 
     /// Saves the identity in `dir` (created 0700 if missing) as a 0600 file, written to a
     /// temporary file and renamed, so a crash leaves either the old file or the new one.
+    /// Replaces an identity saved before.
     pub fn save(&self, dir: &Path) -> Result<(), IdentityError> {
         create_private_dir(dir)?;
         let path = dir.join(IDENTITY_FILE);
-        let temporary = dir.join(format!("{IDENTITY_FILE}.tmp"));
         let io_error = |source| IdentityError::Io {
             path: path.clone(),
             source,
         };
+        let temporary =
+            write_private_temporary(dir, IDENTITY_FILE, self.secret_bytes().as_slice())?;
+        fs::rename(&temporary, &path).map_err(io_error)?;
+        sync_dir(dir).map_err(io_error)
+    }
+
+    /// The two secret seeds as the identity file holds them.
+    fn secret_bytes(&self) -> Zeroizing<[u8; SECRET_FILE_LEN]> {
         let mut seeds = Zeroizing::new([0u8; SECRET_FILE_LEN]);
         seeds[..32].copy_from_slice(self.signing.as_bytes());
         seeds[32..].copy_from_slice(self.exchange.as_bytes());
-        let mut file = open_private_file(&temporary).map_err(io_error)?;
-        file.write_all(seeds.as_slice()).map_err(io_error)?;
-        file.sync_all().map_err(io_error)?;
-        fs::rename(&temporary, &path).map_err(io_error)?;
-        seeds.zeroize();
-        Ok(())
+        seeds
     }
+}
+
+/// Writes `bytes` to a new 0600 file `dir/name` only if there is none yet, atomically: the
+/// bytes go to a temporary file of this call's own, made durable, then hard-linked in
+/// place (which fails if the name exists) and the folder synced, so a crash or a
+/// concurrent writer never leaves a partial file or replaces another's. Returns whether
+/// this call's file was published (false: one existed, and is left as it was).
+pub fn write_private_new(dir: &Path, name: &str, bytes: &[u8]) -> Result<bool, IdentityError> {
+    let path = dir.join(name);
+    let io_error = |source| IdentityError::Io {
+        path: path.clone(),
+        source,
+    };
+    let temporary = write_private_temporary(dir, name, bytes)?;
+    let linked = fs::hard_link(&temporary, &path);
+    let _ = fs::remove_file(&temporary);
+    match linked {
+        Ok(()) => {
+            sync_dir(dir).map_err(io_error)?;
+            Ok(true)
+        }
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(error) => Err(io_error(error)),
+    }
+}
+
+/// Writes `bytes` durably to a fresh 0600 temporary file beside `dir/name`, named for
+/// this call alone; returns its path.
+fn write_private_temporary(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, IdentityError> {
+    let suffix: [u8; 8] = crate::random_bytes();
+    let temporary = dir.join(format!(
+        ".{name}.{}.{:016x}.tmp",
+        std::process::id(),
+        u64::from_le_bytes(suffix)
+    ));
+    let io_error = |source| IdentityError::Io {
+        path: temporary.clone(),
+        source,
+    };
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&temporary).map_err(io_error)?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    if let Err(error) = written {
+        let _ = fs::remove_file(&temporary);
+        return Err(io_error(error));
+    }
+    Ok(temporary)
+}
+
+/// Makes a folder's entries (a file just renamed or linked into it) durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    fs::File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 /// Creates `dir` (and parents) with mode 0700 if missing; an existing folder is left as is
@@ -458,6 +529,61 @@ mod tests {
             Identity::load(&dir),
             Err(IdentityError::LoosePermissions { .. })
         ));
+    }
+
+    /// Regression: two first starts at once on one data dir each generated a key and
+    /// wrote it through the same temporary file, so one ran (and bound the name) with a
+    /// key that was not the one left on disk: that identity was lost at the next start.
+    #[test]
+    fn concurrent_first_starts_end_with_the_key_on_disk() {
+        for _ in 0..20 {
+            let root = tempfile::tempdir().unwrap();
+            let dir = root.path().join("home");
+            let barrier = std::sync::Barrier::new(2);
+            let results: Vec<_> = std::thread::scope(|scope| {
+                let starts: Vec<_> = (0..2)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            barrier.wait();
+                            Identity::load_or_create(&dir)
+                        })
+                    })
+                    .collect();
+                starts
+                    .into_iter()
+                    .map(|start| start.join().unwrap())
+                    .collect()
+            });
+            let on_disk = Identity::load(&dir).unwrap();
+            let created = results
+                .iter()
+                .filter(|result| matches!(result, Ok((_, true))))
+                .count();
+            assert_eq!(created, 1, "exactly one start created the identity");
+            for result in results {
+                let (identity, _) = result.unwrap();
+                assert_eq!(identity.public(), on_disk.public());
+            }
+            let leftovers = fs::read_dir(&dir).unwrap().count();
+            assert_eq!(leftovers, 1, "no temporary file is left behind");
+        }
+    }
+
+    /// Regression: a loose folder was refused only once it held a key, so the first run
+    /// created the identity (and bound the name) in it and every later run refused it.
+    #[cfg(unix)]
+    #[test]
+    fn a_loose_folder_is_refused_before_the_first_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("home");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(matches!(
+            Identity::load_or_create(&dir),
+            Err(IdentityError::LoosePermissions { mode: 0o755, .. })
+        ));
+        assert!(!dir.join(IDENTITY_FILE).exists());
     }
 
     #[test]

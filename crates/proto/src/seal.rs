@@ -173,18 +173,16 @@ impl Channel {
         let bytes = Zeroizing::new(
             self.recv
                 .decrypt_at_time(&envelope.token, None, now_secs)
-                .map_err(|_| match token_time(&envelope.token) {
-                    Some(stamp) if stamp > now_secs + MAX_CLOCK_SKEW_SECS => OpenError::ClockSkew {
-                        ahead_secs: stamp - now_secs,
-                    },
-                    _ => OpenError::BadToken {
-                        peer: self.peer.clone(),
-                    },
-                })?,
+                .map_err(|_| self.open_failure(&envelope.token, now_secs))?,
         );
         let plaintext: Plaintext = wire::decode(&bytes).map_err(|_| OpenError::Malformed)?;
+        // The token's timestamp is authenticated now; the sealed time must be the one it
+        // was sealed at (`seal` stamps both alike), so a sender cannot date a message
+        // beyond Fernet's future bound inside the plaintext.
+        let stamped = token_time(&envelope.token) == Some(plaintext.sent_at_ms / 1000);
         let checks = [
             ("id", plaintext.id == envelope.id),
+            ("time", stamped),
             (
                 "sender",
                 plaintext.from == envelope.from && plaintext.from == self.peer,
@@ -197,6 +195,27 @@ impl Channel {
         match checks.iter().find(|(_, ok)| !ok) {
             Some((field, _)) => Err(OpenError::Mismatch { field }),
             None => Ok(plaintext),
+        }
+    }
+}
+
+impl Channel {
+    /// Why a token did not open at `now_secs`. Fernet checks the timestamp before the
+    /// HMAC, so a token dated too far ahead says nothing yet about who made it: it is a
+    /// clock problem only if it opens at its own time, and a forgery otherwise.
+    fn open_failure(&self, token: &str, now_secs: u64) -> OpenError {
+        match token_time(token) {
+            Some(stamp)
+                if stamp > now_secs + MAX_CLOCK_SKEW_SECS
+                    && self.recv.decrypt_at_time(token, None, stamp).is_ok() =>
+            {
+                OpenError::ClockSkew {
+                    ahead_secs: stamp - now_secs,
+                }
+            }
+            _ => OpenError::BadToken {
+                peer: self.peer.clone(),
+            },
         }
     }
 }
@@ -442,6 +461,50 @@ mod tests {
             }
             other => panic!("expected a clock error, got {other:?}"),
         }
+    }
+
+    /// Regression: Fernet checks a token's time before its HMAC, so any garbage token
+    /// dated ahead was reported as "your clock is wrong" (and skipped the forgery check)
+    /// instead of as a forgery.
+    #[test]
+    fn a_forged_token_dated_ahead_is_a_forgery_not_a_clock_error() {
+        let (pair, _, _) = pair("alice", "bob");
+        let mut envelope = pair.alice.seal(MessageId::random(), "x", NOW).unwrap();
+        let mut bytes = vec![0x80];
+        bytes.extend_from_slice(&(NOW / 1000 + 600).to_be_bytes());
+        bytes.extend_from_slice(&[0u8; 64]);
+        envelope.token = base64::engine::general_purpose::URL_SAFE.encode(bytes);
+        assert!(matches!(
+            pair.bob.open(&envelope, NOW),
+            Err(OpenError::BadToken { .. })
+        ));
+    }
+
+    /// Regression: the time sealed in the plaintext was not checked against the token's
+    /// authenticated time, so a sender could date a message a year ahead (past Fernet's
+    /// one-minute bound) and it opened, to sort, expire and be remembered by that date.
+    #[test]
+    fn the_sealed_time_must_be_the_tokens_time() {
+        let (pair, _, _) = pair("alice", "bob");
+        let id = MessageId::random();
+        let plaintext = Plaintext {
+            id,
+            from: name("alice"),
+            to: name("bob"),
+            sent_at_ms: NOW + 365 * 24 * 3600 * 1000,
+            body: "from next year".into(),
+        };
+        let bytes = wire::encode(&plaintext).unwrap();
+        let envelope = Envelope {
+            id,
+            from: name("alice"),
+            to: name("bob"),
+            token: pair.alice.send.encrypt_at_time(&bytes, NOW / 1000),
+        };
+        assert_eq!(
+            pair.bob.open(&envelope, NOW),
+            Err(OpenError::Mismatch { field: "time" })
+        );
     }
 
     #[test]
