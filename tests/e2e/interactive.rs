@@ -212,6 +212,30 @@ fn two_people_chat_list_block_mute_and_quit_in_terminals() {
     bob_term.type_line("mute alice 0");
     bob_term.wait_for("positive");
 
+    // Regression: every typed command ran in a task of its own, so a pasted burst of
+    // sends went out (and into the history) in a shuffled order. They arrive in order.
+    let burst: Vec<String> = (1..=20).map(|n| format!("burst {n:02}")).collect();
+    let mut keys: Vec<String> = Vec::new();
+    for body in &burst {
+        keys.push(format!("send bob {body}"));
+        keys.push("Enter".to_owned());
+    }
+    alice_term.keys(&keys.iter().map(String::as_str).collect::<Vec<_>>());
+    // In order, all of them are on the screen once the last is.
+    let screen = bob_term.wait_for(&format!("alice: {}", burst[burst.len() - 1]));
+    let positions: Vec<usize> = burst
+        .iter()
+        .map(|body| {
+            screen
+                .find(&format!("alice: {body}"))
+                .unwrap_or_else(|| panic!("{body} not shown:\n{screen}"))
+        })
+        .collect();
+    assert!(
+        positions.windows(2).all(|pair| pair[0] < pair[1]),
+        "a pasted burst arrived out of order:\n{screen}"
+    );
+
     alice_term.type_line("quit");
     let deadline = Instant::now() + WAIT;
     while alice_term.running() {

@@ -19,7 +19,7 @@ use serde_json::Value;
 /// How long any one expected event may take.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// The path of one of the workspace's binaries, built once per test run if missing.
+/// The path of one of the workspace's binaries, built (if stale) once per test run.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
@@ -31,13 +31,14 @@ pub fn binary(name: &str) -> PathBuf {
             .and_then(Path::parent)
             .expect("target dir")
             .to_path_buf();
-        if !dir.join("p2pchat").exists() || !dir.join("p2pchat-discovery").exists() {
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "-p", "cli", "-p", "discovery"])
-                .status()
-                .expect("cargo build runs");
-            assert!(status.success(), "building the binaries failed");
-        }
+        // Built every time (a no-op when they are fresh): `cargo test` does not rebuild
+        // another package's binaries, so a check for their existence alone ran the suite
+        // against stale binaries after a change.
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--locked", "-p", "cli", "-p", "discovery"])
+            .status()
+            .expect("cargo build runs");
+        assert!(status.success(), "building the binaries failed");
         dir
     });
     dir.join(name)

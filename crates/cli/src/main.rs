@@ -220,10 +220,26 @@ async fn shutdown_signal() {
 
 async fn send_mode(client: &Client, to: &str, body: &str) -> anyhow::Result<ExitCode> {
     let to = Username::new(to).with_context(|| format!("invalid recipient {to:?}"))?;
-    if let Err(error) = client.wait_online(ONLINE_TIMEOUT).await {
+    // Ctrl-C or SIGTERM ends the wait cleanly (the caller then shuts the runtime down,
+    // which finishes its writes), saying what became of the message.
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let online = tokio::select! {
+        biased;
+        () = &mut signal => bail!("interrupted; message not sent"),
+        online = client.wait_online(ONLINE_TIMEOUT) => online,
+    };
+    if let Err(error) = online {
         bail!("{error}; message not sent");
     }
-    let report = client.send(&to, body).await?;
+    let result = client.submit_send(&to, body).await?;
+    let report = tokio::select! {
+        biased;
+        () = &mut signal => bail!(
+            "interrupted; the message is in the outbox and goes out at this user's next start"
+        ),
+        report = result => report?,
+    };
     if report.status.is_success() {
         println!("{}: {}", report.id, report.status);
         Ok(ExitCode::SUCCESS)
@@ -341,6 +357,8 @@ async fn interactive_mode(
     let (mut readline, mut out) = Readline::new(format!("{}> ", client.user()))?;
     readline.set_max_history(HISTORY_MAX);
     readline.set_history_entries(load_history(&history_path));
+    let (commands, ordered) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(run_in_order(client.clone(), ordered, out.clone()));
     let _ = writeln!(
         out,
         "you are {} (key {}{}), server {server}; `help` lists commands",
@@ -387,18 +405,8 @@ async fn interactive_mode(
                         Ok(Command::Quit) => break,
                         Ok(Command::Nothing) => {}
                         Ok(Command::Help) => { let _ = writeln!(out, "{}", command::HELP); }
-                        Ok(command) => {
-                            // Commands that wait on the network run beside the prompt, so
-                            // typing and incoming messages are never held up.
-                            let client = client.clone();
-                            let mut out = out.clone();
-                            tokio::spawn(async move {
-                                let outcome = execute(&client, command).await;
-                                if !outcome.text.is_empty() {
-                                    let _ = writeln!(out, "{}", outcome.text);
-                                }
-                            });
-                        }
+                        // Run beside the prompt, in the order typed (see `run_in_order`).
+                        Ok(command) => { let _ = commands.send(command); }
                         Err(error) => { let _ = writeln!(out, "{error}"); }
                     }
                 }
@@ -467,33 +475,66 @@ fn listing(users: &[Username], label: &str, empty: &str) -> String {
 
 /// Runs one command against the runtime; interactive mode prints the text above the prompt,
 /// `listen --json` prints the whole outcome as a `result` object.
+/// What the user sees of a send's result.
+fn send_outcome(to: &Username, result: Result<peer::SendReport, peer::ClientError>) -> Outcome {
+    match result {
+        Ok(report) => {
+            // The status can carry the recipient's own words (a refusal's reason).
+            let text = render::terminal_safe(&format!("→ {to}: {}", report.status));
+            let mut outcome = if report.status.is_success() {
+                Outcome::done(text)
+            } else {
+                Outcome::failed(text)
+            };
+            if let serde_json::Value::Object(fields) = render::event_json(&Event::Delivery {
+                id: report.id,
+                to: report.to,
+                status: report.status,
+            }) {
+                outcome.fields = fields;
+                outcome.fields.remove("event");
+            }
+            outcome
+        }
+        Err(error) => Outcome::failed(render::terminal_safe(&format!("not sent: {error}"))),
+    }
+}
+
+/// Runs the interactive prompt's commands beside it, in the order they were typed: each
+/// command is taken by the runtime before the next one is, so a pasted burst of `send`s
+/// goes out (and into the history) in order. A send's wait for its result runs on its own,
+/// so a slow delivery holds up neither the prompt nor the commands after it.
+async fn run_in_order(
+    client: Client,
+    mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
+    out: rustyline_async::SharedWriter,
+) {
+    let print = |mut out: rustyline_async::SharedWriter, outcome: Outcome| {
+        if !outcome.text.is_empty() {
+            let _ = writeln!(out, "{}", outcome.text);
+        }
+    };
+    while let Some(command) = commands.recv().await {
+        match command {
+            Command::Send { to, body } => match client.submit_send(&to, &body).await {
+                Ok(result) => {
+                    let out = out.clone();
+                    tokio::spawn(async move { print(out, send_outcome(&to, result.await)) });
+                }
+                Err(error) => print(out.clone(), send_outcome(&to, Err(error))),
+            },
+            command => print(out.clone(), execute(&client, command).await),
+        }
+    }
+}
+
 async fn execute(client: &Client, command: Command) -> Outcome {
     let result = |outcome: Result<String, peer::ClientError>, what: &str| match outcome {
         Ok(text) => Outcome::done(text),
         Err(error) => Outcome::failed(render::terminal_safe(&format!("{what} failed: {error}"))),
     };
     match command {
-        Command::Send { to, body } => match client.send(&to, &body).await {
-            Ok(report) => {
-                // The status can carry the recipient's own words (a refusal's reason).
-                let text = render::terminal_safe(&format!("→ {to}: {}", report.status));
-                let mut outcome = if report.status.is_success() {
-                    Outcome::done(text)
-                } else {
-                    Outcome::failed(text)
-                };
-                if let serde_json::Value::Object(fields) = render::event_json(&Event::Delivery {
-                    id: report.id,
-                    to: report.to,
-                    status: report.status,
-                }) {
-                    outcome.fields = fields;
-                    outcome.fields.remove("event");
-                }
-                outcome
-            }
-            Err(error) => Outcome::failed(render::terminal_safe(&format!("not sent: {error}"))),
-        },
+        Command::Send { to, body } => send_outcome(&to, client.send(&to, &body).await),
         Command::List => result(
             client
                 .list()

@@ -49,3 +49,39 @@ impl Default for Config {
         }
     }
 }
+
+impl Config {
+    /// Refuses settings the server cannot keep its promises with: a presence timeout no
+    /// longer than the heartbeat interval would drop every client between two heartbeats,
+    /// over and over.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.presence_ttl <= self.heartbeat_interval {
+            return Err(format!(
+                "the presence timeout ({} s) must be longer than the heartbeat interval ({} s), \
+                 or every client drops offline between two heartbeats (the defaults are 30 s and 10 s)",
+                self.presence_ttl.as_secs(),
+                self.heartbeat_interval.as_secs()
+            ));
+        }
+        if self.heartbeat_interval.is_zero() {
+            return Err("the heartbeat interval must be at least 1 s".to_owned());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_presence_timeout_must_outlast_the_heartbeat_interval() {
+        assert_eq!(Config::default().validate(), Ok(()));
+        let mut config = Config::default();
+        config.presence_ttl = config.heartbeat_interval;
+        assert!(config.validate().unwrap_err().contains("longer than"));
+        config.heartbeat_interval = Duration::ZERO;
+        config.presence_ttl = Duration::from_secs(5);
+        assert!(config.validate().is_err());
+    }
+}

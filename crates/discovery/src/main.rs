@@ -113,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         operator_secret: Some(operator::load_or_create_secret(&data_dir)?),
         ..Config::default()
     };
+    config.validate().map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;

@@ -54,7 +54,6 @@ pub fn load_or_create_secret(data_dir: &Path) -> Result<Vec<u8>, OperatorError> 
     match load_secret(data_dir) {
         Err(OperatorError::Missing(_)) => {
             create_private_dir(data_dir)?;
-            check_private(data_dir, 0o700)?;
             let secret: [u8; SECRET_LEN] = proto::random_bytes();
             // Published whole or not at all; if another process made one meanwhile, its
             // secret is the one.

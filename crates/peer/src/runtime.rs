@@ -640,8 +640,25 @@ impl Client {
     /// the message is delivered, queued or failed (a failure that can be retried stays in
     /// the outbox and is retried on reconnect).
     pub async fn send(&self, to: &Username, body: &str) -> Result<SendReport, ClientError> {
+        self.submit_send(to, body).await?.await
+    }
+
+    /// [`Client::send`] in two steps: the returned future's creation takes the message
+    /// in line (so messages submitted one after another go out, and are recorded, in that
+    /// order), and awaiting it waits for the message's result. For callers that must not
+    /// wait for one message before taking the next (the interactive prompt).
+    pub async fn submit_send(
+        &self,
+        to: &Username,
+        body: &str,
+    ) -> Result<impl Future<Output = Result<SendReport, ClientError>> + use<>, ClientError> {
         let (to, body) = (to.clone(), body.to_owned());
-        self.call(|reply| Command::Send { to, body, reply }).await
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Send { to, body, reply })
+            .await
+            .map_err(|_| ClientError::ShuttingDown)?;
+        Ok(async move { answer.await.map_err(|_| ClientError::ShuttingDown)? })
     }
 
     /// Users online now.
