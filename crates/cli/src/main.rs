@@ -87,6 +87,8 @@ enum Mode {
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown may take.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long quitting the prompt waits for the commands typed before it.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -358,7 +360,7 @@ async fn interactive_mode(
     readline.set_max_history(HISTORY_MAX);
     readline.set_history_entries(load_history(&history_path));
     let (commands, ordered) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(run_in_order(client.clone(), ordered, out.clone()));
+    let worker = tokio::spawn(run_in_order(client.clone(), ordered, out.clone()));
     let _ = writeln!(
         out,
         "you are {} (key {}{}), server {server}; `help` lists commands",
@@ -418,6 +420,21 @@ async fn interactive_mode(
             },
         }
     }
+    // Commands typed before quitting still run (a send behind a slow `whois` must reach
+    // the outbox, not vanish), bounded so a server that does not answer cannot hold the
+    // exit for long.
+    drop(commands);
+    let mut worker = worker;
+    let quick = tokio::time::timeout(Duration::from_millis(100), &mut worker).await;
+    if quick.is_err() {
+        let _ = writeln!(out, "finishing the commands already typed...");
+    }
+    if quick.is_err() && tokio::time::timeout(QUIT_TIMEOUT, worker).await.is_err() {
+        let _ = writeln!(
+            out,
+            "gave up on commands still waiting for the server (sends already taken are in the outbox)"
+        );
+    }
     let _ = writeln!(out, "bye");
     let _ = readline.flush();
     save_history(&history_path, readline.get_history_entries());
@@ -473,8 +490,6 @@ fn listing(users: &[Username], label: &str, empty: &str) -> String {
     format!("{label}: {}", names.join(", "))
 }
 
-/// Runs one command against the runtime; interactive mode prints the text above the prompt,
-/// `listen --json` prints the whole outcome as a `result` object.
 /// What the user sees of a send's result.
 fn send_outcome(to: &Username, result: Result<peer::SendReport, peer::ClientError>) -> Outcome {
     match result {
@@ -528,6 +543,8 @@ async fn run_in_order(
     }
 }
 
+/// Runs one command against the runtime; interactive mode prints the text above the prompt,
+/// `listen --json` prints the whole outcome as a `result` object.
 async fn execute(client: &Client, command: Command) -> Outcome {
     let result = |outcome: Result<String, peer::ClientError>, what: &str| match outcome {
         Ok(text) => Outcome::done(text),

@@ -16,12 +16,18 @@
 //! A peer that sends garbage, stalls, or floods only occupies its own task: every read has a
 //! timeout and every refusal is answered and logged, never a panic.
 
-use std::{collections::VecDeque, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{HashSet, VecDeque},
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::FutureExt;
 use proto::{
     Connection, Envelope, ErrorCode, ErrorReply, MessageId, OpenError, PeerMsg, PublicKeys, Reply,
-    Request, Username, seal::Plaintext,
+    Request, Username,
+    seal::{MAX_CLOCK_SKEW_SECS, Plaintext},
 };
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -240,6 +246,9 @@ pub(crate) enum Fetched {
 
 /// Fetches and acks all waiting mail, then shows it.
 pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
+    // Mail dated ahead stays at the head of the mailbox, so every later fetch returns it
+    // again: remembered here and passed over, so it cannot hold up the mail behind it.
+    let mut dated_ahead: HashSet<MessageId> = HashSet::new();
     loop {
         let (envelopes, remaining) = match context
             .control
@@ -265,8 +274,17 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
         let mut ack: Vec<MessageId> = Vec::new();
         let mut checked: Vec<(MessageId, Checked)> = Vec::new();
         let mut stop = false;
-        let mut left_for_later = false;
+        let mut left_for_later = !dated_ahead.is_empty();
+        if envelopes
+            .iter()
+            .all(|envelope| dated_ahead.contains(&envelope.id))
+        {
+            return Fetched::LeftForLater;
+        }
         for envelope in &envelopes {
+            if dated_ahead.contains(&envelope.id) {
+                continue;
+            }
             match check(context, envelope).await {
                 Ok(message) => checked.push((envelope.id, message)),
                 Err(Refusal::Transient(reason)) => {
@@ -275,13 +293,14 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
                     break;
                 }
                 // Dated a little ahead (the sender's clock is fast): it opens in a while, so
-                // it waits in the mailbox instead of being refused and deleted.
+                // it waits in the mailbox instead of being refused and deleted, and the
+                // mail behind it is taken meanwhile.
                 Err(Refusal::Bad(OpenError::ClockSkew { ahead_secs }))
-                    if ahead_secs <= MAIL_CLOCK_WAIT_SECS =>
+                    if ahead_secs <= MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS =>
                 {
                     tracing::info!(ahead_secs, from = %envelope.from, "mail dated ahead left in the mailbox until it opens");
-                    (stop, left_for_later) = (true, true);
-                    break;
+                    dated_ahead.insert(envelope.id);
+                    left_for_later = true;
                 }
                 // Sealed under the sender's new key: keep it (sealed) for `trust`, then ack.
                 Err(Refusal::KeyChanged) => match context.state.hold(envelope, MAX_HELD) {
@@ -339,11 +358,12 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
         for message in new {
             let _ = context.to_loop.send(Internal::Received(message));
         }
-        if left_for_later {
-            return Fetched::LeftForLater;
-        }
         if stop || remaining == 0 {
-            return Fetched::Done;
+            return if left_for_later {
+                Fetched::LeftForLater
+            } else {
+                Fetched::Done
+            };
         }
     }
 }

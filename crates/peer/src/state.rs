@@ -71,6 +71,8 @@ pub struct AttemptResult {
 
 /// The state file's name inside a user's data dir.
 pub const STATE_FILE: &str = "state.redb";
+/// The file locked while a process has the data dir's state open.
+pub const LOCK_FILE: &str = "state.lock";
 
 const PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("pins");
 const BLOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocks");
@@ -259,6 +261,9 @@ pub struct State {
     /// harmless gap.
     next_seq: Arc<AtomicU64>,
     writer: GroupWriter,
+    /// Held (locked) while this state is open; declared last, so it is let go only after
+    /// the writer has finished and the database is closed.
+    _instance_lock: std::fs::File,
 }
 
 fn encode<T: Serialize>(value: &T) -> impl AsRef<[u8]> + Send + 'static + use<T> {
@@ -274,15 +279,28 @@ impl State {
     /// Opens (or creates) the state file in `dir`, which must exist.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         let path = dir.join(STATE_FILE);
+        let in_use = || StateError::InUse {
+            path: path.display().to_string(),
+        };
+        // One process per data dir, for the life of this `State`. The database file's own
+        // lock is not enough: it is let go while the file is closed to be opened again
+        // after an I/O failure, and another process must not take the file meanwhile.
+        let io = |error| StateError::Database(redb::Error::Io(error));
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).write(true).truncate(false);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let instance_lock = options.open(dir.join(LOCK_FILE)).map_err(io)?;
+        match instance_lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(in_use()),
+            Err(std::fs::TryLockError::Error(error)) => return Err(io(error)),
+        }
         let reopen_path = path.clone();
         let open: Opener = Box::new(move || Database::create(&reopen_path));
         let db = match open() {
             Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(StateError::InUse {
-                    path: path.display().to_string(),
-                });
-            }
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(in_use()),
             Err(error) => return Err(StateError::Database(error.into())),
         };
         // The history holds plaintext: only the owner may read it (the folder is 0700 too).
@@ -290,15 +308,18 @@ impl State {
         {
             use std::os::unix::fs::PermissionsExt;
             let private = std::fs::Permissions::from_mode(0o600);
-            std::fs::set_permissions(&path, private)
-                .map_err(|error| StateError::Database(redb::Error::Io(error)))?;
+            std::fs::set_permissions(&path, private).map_err(io)?;
         }
-        Self::from_database(db, open)
+        Self::from_database(db, open, instance_lock)
     }
 
     /// The state over an opened database, which `open` opens again after an I/O failure:
     /// migrates layout 1, creates the missing tables, starts the writer.
-    fn from_database(db: Database, open: Opener) -> Result<Self, StateError> {
+    fn from_database(
+        db: Database,
+        open: Opener,
+        instance_lock: std::fs::File,
+    ) -> Result<Self, StateError> {
         let txn = db.begin_write()?;
         migrate_layout_1(&txn)?;
         txn.open_table(PINS)?;
@@ -319,6 +340,7 @@ impl State {
             writer: GroupWriter::start(db.clone())?,
             db,
             next_seq: Arc::new(AtomicU64::new(next_seq)),
+            _instance_lock: instance_lock,
         })
     }
 
@@ -1243,11 +1265,20 @@ mod tests {
     #[test]
     fn a_second_open_of_the_same_file_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = State::open(dir.path()).unwrap();
+        let first = State::open(dir.path()).unwrap();
         assert!(matches!(
             State::open(dir.path()),
             Err(StateError::InUse { .. })
         ));
+        // The data dir is held by its own lock, not only by the database file's, which is
+        // let go while the file is closed to be opened again after an I/O failure.
+        let lock = std::fs::File::open(dir.path().join(LOCK_FILE)).unwrap();
+        assert!(matches!(
+            lock.try_lock(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ));
+        drop(first);
+        State::open(dir.path()).unwrap();
     }
 
     #[test]
