@@ -40,14 +40,33 @@ fn config(server: SocketAddr, user: &str, root: &std::path::Path) -> Config {
     config
 }
 
-/// Every event that arrives within `quiet` (used only to check that nothing *more*
-/// arrives, or to collect a start-up's events).
+/// Every event that arrives within `quiet` of the previous one (used only to check that
+/// nothing *more* arrives, after the expected events were awaited).
 async fn drain(events: &mut peer::Events, quiet: Duration) -> Vec<Event> {
     let mut all = Vec::new();
     while let Ok(Some(event)) = tokio::time::timeout(quiet, events.recv()).await {
         all.push(event);
     }
     all
+}
+
+/// Waits (bounded) for the first event matching `wanted`; returns it and the events
+/// before it.
+async fn until(events: &mut peer::Events, wanted: impl Fn(&Event) -> bool) -> Vec<Event> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(event)) => {
+                let done = wanted(&event);
+                seen.push(event);
+                if done {
+                    return seen;
+                }
+            }
+            _ => panic!("the awaited event never came; saw {seen:#?}"),
+        }
+    }
 }
 
 /// Two runtimes (alice, bob) online on a fresh server.
@@ -157,7 +176,12 @@ async fn a_message_held_by_a_mute_that_ended_offline_is_shown_once_at_start() {
     let (bob, mut events) = peer::start(config(server, "bob", dir.path()), shutdown.clone())
         .await
         .unwrap();
-    let events = drain(&mut events, Duration::from_millis(500)).await;
+    let mut seen = until(&mut events, |event| {
+        matches!(event, Event::MuteEnded { .. })
+    })
+    .await;
+    seen.extend(drain(&mut events, Duration::from_millis(500)).await);
+    let events = seen;
     bob.shutdown(Duration::from_secs(2)).await;
     let mute_ended = events
         .iter()
@@ -392,7 +416,8 @@ async fn mail_dated_a_little_ahead_waits_in_the_mailbox() {
         .publish(&store::Broadcast::MailWaiting { user: name("bob") })
         .await
         .unwrap();
-    let events = drain(&mut bob_events, Duration::from_secs(1)).await;
+    let mut events = until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
+    events.extend(drain(&mut bob_events, Duration::from_millis(500)).await);
     assert_eq!(shown(&events), vec!["on time"], "{events:#?}");
     assert!(
         !events
