@@ -360,7 +360,7 @@ async fn interactive_mode(
     readline.set_max_history(HISTORY_MAX);
     readline.set_history_entries(load_history(&history_path));
     let (commands, ordered) = tokio::sync::mpsc::unbounded_channel();
-    let worker = tokio::spawn(run_in_order(client.clone(), ordered, out.clone()));
+    let mut worker = tokio::spawn(run_in_order(client.clone(), ordered, out.clone()));
     let _ = writeln!(
         out,
         "you are {} (key {}{}), server {server}; `help` lists commands",
@@ -424,16 +424,17 @@ async fn interactive_mode(
     // the outbox, not vanish), bounded so a server that does not answer cannot hold the
     // exit for long.
     drop(commands);
-    let mut worker = worker;
-    let quick = tokio::time::timeout(Duration::from_millis(100), &mut worker).await;
-    if quick.is_err() {
+    if tokio::time::timeout(Duration::from_millis(100), &mut worker)
+        .await
+        .is_err()
+    {
         let _ = writeln!(out, "finishing the commands already typed...");
-    }
-    if quick.is_err() && tokio::time::timeout(QUIT_TIMEOUT, worker).await.is_err() {
-        let _ = writeln!(
-            out,
-            "gave up on commands still waiting for the server (sends already taken are in the outbox)"
-        );
+        if tokio::time::timeout(QUIT_TIMEOUT, worker).await.is_err() {
+            let _ = writeln!(
+                out,
+                "gave up on commands still waiting for the server (sends already taken are in the outbox)"
+            );
+        }
     }
     let _ = writeln!(out, "bye");
     let _ = readline.flush();

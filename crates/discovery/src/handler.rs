@@ -188,7 +188,7 @@ impl Session {
         let Registration {
             user,
             keys,
-            listen_ports,
+            mut listen_ports,
             signature,
         } = registration;
         if let Some(current) = self.user()
@@ -206,7 +206,6 @@ impl Session {
         }
         // The server keeps an address per declared port, for as long as the presence
         // record lives: a bounded, duplicate-free list of real ports.
-        let mut listen_ports = listen_ports;
         if listen_ports.len() > proto::msg::MAX_LISTEN_PORTS || listen_ports.contains(&0) {
             return (
                 Err(ErrorReply::new(

@@ -88,6 +88,14 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
+    // Settings are checked before anything is opened or created.
+    let mut config = Config {
+        heartbeat_interval: Duration::from_secs(cli.heartbeat_secs),
+        presence_ttl: Duration::from_secs(cli.presence_ttl_secs),
+        max_connections: cli.max_connections,
+        ..Config::default()
+    };
+    config.validate().map_err(anyhow::Error::msg)?;
     let limits = MailLimits {
         cap: cli.mail_cap,
         ttl_ms: cli.mail_ttl_days.saturating_mul(24 * 60 * 60 * 1000),
@@ -106,14 +114,7 @@ async fn main() -> anyhow::Result<()> {
             )
         }
     };
-    let config = Config {
-        heartbeat_interval: Duration::from_secs(cli.heartbeat_secs),
-        presence_ttl: Duration::from_secs(cli.presence_ttl_secs),
-        max_connections: cli.max_connections,
-        operator_secret: Some(operator::load_or_create_secret(&data_dir)?),
-        ..Config::default()
-    };
-    config.validate().map_err(anyhow::Error::msg)?;
+    config.operator_secret = Some(operator::load_or_create_secret(&data_dir)?);
     let listener = TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;

@@ -57,6 +57,39 @@ enum Sessions {
 }
 
 impl Sessions {
+    /// These sessions with `session` added (an entry of the same id is replaced).
+    fn with(self, session: u64, sender: mpsc::Sender<Outbound>) -> Self {
+        match self.without(session) {
+            None => Self::One(session, sender),
+            Some(Self::One(other, other_sender)) => {
+                Self::Many(vec![(other, other_sender), (session, sender)])
+            }
+            Some(Self::Many(mut many)) => {
+                many.push((session, sender));
+                Self::Many(many)
+            }
+        }
+    }
+
+    /// These sessions without `session`; `None` if none is left.
+    fn without(self, session: u64) -> Option<Self> {
+        match self {
+            Self::One(current, _) if current == session => None,
+            one @ Self::One(..) => Some(one),
+            Self::Many(mut many) => {
+                many.retain(|(other, _)| *other != session);
+                match many.len() {
+                    0 => None,
+                    1 => {
+                        let (other, sender) = many.remove(0);
+                        Some(Self::One(other, sender))
+                    }
+                    _ => Some(Self::Many(many)),
+                }
+            }
+        }
+    }
+
     fn senders(&self) -> impl Iterator<Item = &mpsc::Sender<Outbound>> {
         let (one, many) = match self {
             Self::One(_, sender) => (Some(sender), &[][..]),
@@ -76,23 +109,11 @@ pub struct Hub {
 impl Hub {
     fn insert(&self, user: Username, session: u64, sender: mpsc::Sender<Outbound>) {
         let mut clients = self.lock();
-        match clients.remove(&user) {
-            None => {
-                clients.insert(user, Sessions::One(session, sender));
-            }
-            Some(Sessions::One(other, other_sender)) if other != session => {
-                let many = vec![(other, other_sender), (session, sender)];
-                clients.insert(user, Sessions::Many(many));
-            }
-            Some(Sessions::One(..)) => {
-                clients.insert(user, Sessions::One(session, sender));
-            }
-            Some(Sessions::Many(mut many)) => {
-                many.retain(|(other, _)| *other != session);
-                many.push((session, sender));
-                clients.insert(user, Sessions::Many(many));
-            }
-        }
+        let sessions = match clients.remove(&user) {
+            Some(sessions) => sessions.with(session, sender),
+            None => Sessions::One(session, sender),
+        };
+        clients.insert(user, sessions);
     }
 
     /// Removes `session` of `user`. If another session of the user is still connected
@@ -100,23 +121,11 @@ impl Hub {
     /// may have owned the presence record and cleared it).
     fn remove(&self, user: &Username, session: u64) {
         let mut clients = self.lock();
-        let Some(sessions) = clients.remove(user) else {
+        let Some(remaining) = clients
+            .remove(user)
+            .and_then(|sessions| sessions.without(session))
+        else {
             return;
-        };
-        let remaining = match sessions {
-            Sessions::One(current, _) if current == session => return,
-            one @ Sessions::One(..) => one,
-            Sessions::Many(mut many) => {
-                many.retain(|(other, _)| *other != session);
-                match many.len() {
-                    0 => return,
-                    1 => {
-                        let (other, sender) = many.remove(0);
-                        Sessions::One(other, sender)
-                    }
-                    _ => Sessions::Many(many),
-                }
-            }
         };
         if let Some(latest) = remaining.senders().last() {
             let _ = latest.try_send(Outbound::RefreshPresence);

@@ -43,7 +43,7 @@ use std::{
 use redb::{Database, DatabaseError, StorageError, TransactionError, WriteTransaction};
 use tokio::sync::oneshot;
 
-use crate::state::StateError;
+use crate::{control::Backoff, state::StateError};
 
 /// The most writes committed in one transaction (a bound on the work behind one `fsync`
 /// and on how long the first waiter of a group waits for the last).
@@ -80,8 +80,8 @@ struct Current {
     failure: String,
     /// No attempt to open it is made before this.
     retry_at: Instant,
-    /// Failures since the last successful commit; sets the backoff.
-    failures: u32,
+    /// The wait before the next attempt; back to the shortest after a successful commit.
+    backoff: Backoff,
 }
 
 impl DatabaseSlot {
@@ -93,7 +93,7 @@ impl DatabaseSlot {
                 database: Some(Arc::new(database)),
                 failure: String::new(),
                 retry_at: Instant::now(),
-                failures: 0,
+                backoff: Backoff::new(REOPEN_BACKOFF_MIN, REOPEN_BACKOFF_MAX),
             }),
         }
     }
@@ -118,7 +118,7 @@ impl DatabaseSlot {
                     // `DatabaseAlreadyOpen` too: a read that took the failed database just
                     // before it was dropped still holds the file; it lets go at once.
                     current.failure = redb::Error::from(error).to_string();
-                    current.retry_at = now + current.next_backoff();
+                    current.retry_at = now + current.backoff.next_delay(0);
                     tracing::warn!(failure = %current.failure, "state database could not be opened again; will retry");
                 }
             }
@@ -150,7 +150,7 @@ impl DatabaseSlot {
             tracing::error!(%failure, "state database failed an I/O operation; opening it again");
             current.database = None;
             current.failure = failure.to_owned();
-            current.retry_at = Instant::now() + current.next_backoff();
+            current.retry_at = Instant::now() + current.backoff.next_delay(0);
         }
     }
 
@@ -158,18 +158,7 @@ impl DatabaseSlot {
     /// starts from the shortest backoff.
     fn committed(&self) {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        current.failures = 0;
-    }
-}
-
-impl Current {
-    /// Counts a failure and returns the wait before the next attempt to open the file.
-    fn next_backoff(&mut self) -> Duration {
-        let wait = REOPEN_BACKOFF_MIN
-            .saturating_mul(1 << self.failures.min(16))
-            .min(REOPEN_BACKOFF_MAX);
-        self.failures = self.failures.saturating_add(1);
-        wait
+        current.backoff.reset();
     }
 }
 

@@ -123,14 +123,6 @@ async fn sender_keys(context: &Context, user: &Username) -> Result<PublicKeys, R
     }
 }
 
-/// An envelope that passed every check, ready to store.
-#[derive(Debug)]
-pub(crate) struct Checked {
-    plaintext: Plaintext,
-    /// Whether its sender was muted when it arrived.
-    muted: bool,
-}
-
 /// Checks and stores one envelope (see the module docs).
 pub(crate) async fn receive(context: &Context, envelope: &Envelope) -> Result<Accepted, Refusal> {
     let checked = check(context, envelope).await?;
@@ -143,18 +135,14 @@ pub(crate) async fn receive(context: &Context, envelope: &Envelope) -> Result<Ac
 /// Stores checked messages, in order, in one group commit; resolves once durable.
 pub(crate) async fn store(
     context: &Context,
-    checked: Vec<Checked>,
+    checked: Vec<Plaintext>,
 ) -> Result<Vec<Accepted>, Refusal> {
     if checked.is_empty() {
         return Ok(Vec::new());
     }
-    let messages = checked
-        .into_iter()
-        .map(|checked| (checked.plaintext, checked.muted))
-        .collect();
     let outcomes = context
         .state
-        .submit_incoming(messages, proto::now_ms())
+        .submit_incoming(checked, proto::now_ms())
         .await
         .map_err(|error| Refusal::Transient(error.to_string()))?;
     Ok(outcomes
@@ -167,7 +155,7 @@ pub(crate) async fn store(
 }
 
 /// Every check of one envelope short of storing it (see the module docs).
-pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Checked, Refusal> {
+pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plaintext, Refusal> {
     if envelope.to != context.me {
         return Err(Refusal::NotForMe(envelope.to.clone()));
     }
@@ -194,12 +182,9 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Chec
         }
         .into());
     }
-    let muted = context
-        .state
-        .muted_until(from, now)
-        .map_err(transient)?
-        .is_some();
-    Ok(Checked { plaintext, muted })
+    // Whether its sender is muted is decided by the write that stores it
+    // (`State::submit_incoming`), in order with mute and unmute.
+    Ok(plaintext)
 }
 
 /// A token that does not open under the pinned keys is either forged or sealed with new
@@ -272,9 +257,10 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
             return Fetched::Done;
         }
         let mut ack: Vec<MessageId> = Vec::new();
-        let mut checked: Vec<(MessageId, Checked)> = Vec::new();
+        let mut checked: Vec<(MessageId, Plaintext)> = Vec::new();
         let mut stop = false;
-        let mut left_for_later = !dated_ahead.is_empty();
+        // Set when a message could not be taken now (mail dated ahead is in `dated_ahead`).
+        let mut left_for_later = false;
         if envelopes
             .iter()
             .all(|envelope| dated_ahead.contains(&envelope.id))
@@ -300,7 +286,6 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
                 {
                     tracing::info!(ahead_secs, from = %envelope.from, "mail dated ahead left in the mailbox until it opens");
                     dated_ahead.insert(envelope.id);
-                    left_for_later = true;
                 }
                 // Sealed under the sender's new key: keep it (sealed) for `trust`, then ack.
                 Err(Refusal::KeyChanged) => match context.state.hold(envelope, MAX_HELD) {
@@ -333,7 +318,7 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
             }
         }
         // The whole fetch is stored in one commit before any of it is acked.
-        let (ids, checked): (Vec<MessageId>, Vec<Checked>) = checked.into_iter().unzip();
+        let (ids, checked): (Vec<MessageId>, Vec<Plaintext>) = checked.into_iter().unzip();
         let mut new: Vec<InboundMessage> = Vec::new();
         match store(context, checked).await {
             Ok(accepted) => {
@@ -359,7 +344,7 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
             let _ = context.to_loop.send(Internal::Received(message));
         }
         if stop || remaining == 0 {
-            return if left_for_later {
+            return if left_for_later || !dated_ahead.is_empty() {
                 Fetched::LeftForLater
             } else {
                 Fetched::Done
@@ -484,15 +469,13 @@ async fn serve_connection(
             stored = next_stored(&mut pending), if !pending.is_empty() => {
                 let (answers, new) = stored;
                 pending_envelopes -= answers.len();
-                let mut written = Ok(());
-                for answer in &answers {
-                    if written.is_ok() {
-                        written = connection.feed(answer).await;
+                let written = async {
+                    for answer in &answers {
+                        connection.feed(answer).await?;
                     }
+                    connection.flush().await
                 }
-                if written.is_ok() {
-                    written = connection.flush().await;
-                }
+                .await;
                 // Stored is stored: shown even if the ack could not be written (the
                 // sender's retry is then a duplicate, which is not shown).
                 for message in new {
@@ -620,7 +603,7 @@ async fn check_batch(context: &Context, from: &Username, batch: Vec<Envelope>) -
         match check(context, envelope).await {
             Ok(message) => {
                 places.push((answers.len(), id));
-                checked.push((message.plaintext, message.muted));
+                checked.push(message);
                 answers.push(None);
             }
             Err(refusal) => {

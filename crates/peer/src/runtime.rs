@@ -552,7 +552,10 @@ pub async fn start(
         fetching: false,
         fetch_again: false,
         fetch_retry_at: None,
-        fetch_retry_backoff: FETCH_RETRY_MIN,
+        fetch_retry: control::Backoff::new(
+            FETCH_RETRY_MIN,
+            config.mail_poll_interval.max(FETCH_RETRY_MIN),
+        ),
         online: false,
     };
     tracker.spawn(event_loop.run());
@@ -773,7 +776,7 @@ struct EventLoop {
     fetch_retry_at: Option<Instant>,
     /// The wait before that fetch; doubles while mail keeps being left, up to the poll
     /// interval.
-    fetch_retry_backoff: Duration,
+    fetch_retry: control::Backoff,
     online: bool,
 }
 
@@ -1019,11 +1022,10 @@ impl EventLoop {
             Internal::FetchDone(fetched) => {
                 self.fetching = false;
                 match fetched {
-                    inbox::Fetched::Done => self.fetch_retry_backoff = FETCH_RETRY_MIN,
+                    inbox::Fetched::Done => self.fetch_retry.reset(),
                     inbox::Fetched::LeftForLater => {
-                        self.fetch_retry_at = Some(Instant::now() + self.fetch_retry_backoff);
-                        self.fetch_retry_backoff = (self.fetch_retry_backoff * 2)
-                            .min(self.context.config.mail_poll_interval.max(FETCH_RETRY_MIN));
+                        let wait = self.fetch_retry.next_delay(0);
+                        self.fetch_retry_at = Some(Instant::now() + wait);
                     }
                 }
                 if std::mem::take(&mut self.fetch_again) {

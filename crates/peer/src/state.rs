@@ -286,11 +286,8 @@ impl State {
         // lock is not enough: it is let go while the file is closed to be opened again
         // after an I/O failure, and another process must not take the file meanwhile.
         let io = |error| StateError::Database(redb::Error::Io(error));
-        let mut options = std::fs::OpenOptions::new();
-        options.create(true).write(true).truncate(false);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let instance_lock = options.open(dir.join(LOCK_FILE)).map_err(io)?;
+        // Truncating the (empty) lock file is harmless even while another process holds it.
+        let instance_lock = proto::identity::open_private_file(&dir.join(LOCK_FILE)).map_err(io)?;
         match instance_lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => return Err(in_use()),
@@ -726,11 +723,13 @@ impl State {
 
     /// Stores opened messages, in order, each unless its id was seen before (also earlier
     /// in the same batch): for each, history, seen id and the not-yet-shown mark, all in one
-    /// commit. Each pair is the message and whether it arrived while its sender was muted.
-    /// Resolves once durable, with one outcome per message.
+    /// commit. Whether a message is held by its sender's mute is decided here, at `now_ms`,
+    /// in the same serialised write order as mute, unmute and the end of a mute, so a
+    /// release never misses a message held by the mute it ends. Resolves once durable, with
+    /// one outcome per message.
     pub fn submit_incoming(
         &self,
-        messages: Vec<(Plaintext, bool)>,
+        messages: Vec<Plaintext>,
         now_ms: u64,
     ) -> Ticket<Vec<StoreOutcome>> {
         let next_seq = self.next_seq.clone();
@@ -744,7 +743,7 @@ impl State {
             // The stored counter is raised once for the whole batch, past its highest
             // position (positions are handed out in order, so that covers them all).
             let mut highest_seq = 0;
-            for (message, while_muted) in &messages {
+            for message in &messages {
                 let seen_key = (message.sent_at_ms, message.id.0);
                 if seen.get(seen_key)?.is_some() {
                     outcomes.push(StoreOutcome::Duplicate);
@@ -770,11 +769,9 @@ impl State {
                     sent_at_ms: message.sent_at_ms,
                     received_at_ms: now_ms,
                     seq,
-                    // Decided in the same serialised write as unmute / mute expiry.
-                    while_muted: *while_muted
-                        && mutes
-                            .get(message.from.as_str())?
-                            .is_some_and(|until| mute_active(until.value(), now_ms)),
+                    while_muted: mutes
+                        .get(message.from.as_str())?
+                        .is_some_and(|until| mute_active(until.value(), now_ms)),
                 };
                 unshown.insert(seq, encode(&inbound).as_ref())?;
                 outcomes.push(StoreOutcome::New(inbound));
@@ -790,10 +787,9 @@ impl State {
     pub fn store_incoming(
         &self,
         message: &Plaintext,
-        while_muted: bool,
         now_ms: u64,
     ) -> Result<StoreOutcome, StateError> {
-        self.submit_incoming(vec![(message.clone(), while_muted)], now_ms)
+        self.submit_incoming(vec![message.clone()], now_ms)
             .wait()?
             .pop()
             .ok_or_else(|| StateError::Commit("no outcome for a stored message".into()))
@@ -1034,7 +1030,7 @@ mod tests {
             state.mute(&bob, 50_000).unwrap();
             queued = state.queue_outgoing(&bob, "hi bob", 2_000).unwrap();
             assert!(matches!(
-                state.store_incoming(&message, false, 3_000).unwrap(),
+                state.store_incoming(&message, 3_000).unwrap(),
                 StoreOutcome::New(_)
             ));
         }
@@ -1092,7 +1088,7 @@ mod tests {
                 .step_by(2)
                 .map(|e| e.id)
                 .collect::<Vec<_>>();
-            let batch = incoming.iter().map(|m| (m.clone(), false)).collect();
+            let batch = incoming.clone();
             let outcomes = state.submit_incoming(batch, 9_000).wait().unwrap();
             assert!(outcomes.iter().all(|o| matches!(o, StoreOutcome::New(_))));
             let unshown = state.unshown().unwrap();
@@ -1114,7 +1110,7 @@ mod tests {
             assert!(state.is_seen(&message.id, message.sent_at_ms).unwrap());
         }
         // Every copy is still a duplicate after the reopen, shown or not.
-        let copies = incoming.iter().map(|m| (m.clone(), false)).collect();
+        let copies = incoming.clone();
         let outcomes = state.submit_incoming(copies, 9_500).wait().unwrap();
         assert!(outcomes.iter().all(|o| *o == StoreOutcome::Duplicate));
         assert_eq!(state.history(&bob, 1_000).unwrap().len(), 600);
@@ -1212,7 +1208,7 @@ mod tests {
             assert!(state.is_seen(&shown.id, 3_000).unwrap());
             assert!(state.is_seen(&unshown_message.id, 4_000).unwrap());
             assert_eq!(
-                state.store_incoming(&shown, false, 5_000).unwrap(),
+                state.store_incoming(&shown, 5_000).unwrap(),
                 StoreOutcome::Duplicate,
                 "a message shown before the migration is not shown again"
             );
@@ -1247,7 +1243,7 @@ mod tests {
             .map(|sent_at| plaintext("bob", "x", sent_at))
             .collect();
         for message in &messages {
-            state.store_incoming(message, false, 10_000).unwrap();
+            state.store_incoming(message, 10_000).unwrap();
         }
         // Retention 800 at 1,000: ids written before 200 go; 200 itself is still accepted
         // on arrival (see `inbox::check`), so it stays.
@@ -1287,16 +1283,16 @@ mod tests {
         let state = State::open(dir.path()).unwrap();
         let first = plaintext("bob", "one", 1);
         let second = plaintext("bob", "two", 2);
-        let StoreOutcome::New(stored) = state.store_incoming(&first, false, 10).unwrap() else {
+        let StoreOutcome::New(stored) = state.store_incoming(&first, 10).unwrap() else {
             panic!("first store must be new");
         };
         assert_eq!(stored.body, "one");
         assert_eq!(
-            state.store_incoming(&first, false, 11).unwrap(),
+            state.store_incoming(&first, 11).unwrap(),
             StoreOutcome::Duplicate
         );
         state.mute(&name("bob"), 100).unwrap();
-        state.store_incoming(&second, true, 12).unwrap();
+        state.store_incoming(&second, 12).unwrap();
         let unshown = state.unshown().unwrap();
         assert_eq!(
             unshown.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
@@ -1307,7 +1303,7 @@ mod tests {
         assert_eq!(state.unshown().unwrap().len(), 1);
         // A duplicate after being shown is still a duplicate: shown once.
         assert_eq!(
-            state.store_incoming(&first, false, 13).unwrap(),
+            state.store_incoming(&first, 13).unwrap(),
             StoreOutcome::Duplicate
         );
         assert_eq!(state.history(&name("bob"), 10).unwrap().len(), 2);
@@ -1410,13 +1406,13 @@ mod tests {
         let alice = name("alice");
         state.mute(&alice, 10_000).unwrap();
         let before = plaintext("alice", "checked and stored while muted", 1_000);
-        let StoreOutcome::New(held) = state.store_incoming(&before, true, 1_000).unwrap() else {
+        let StoreOutcome::New(held) = state.store_incoming(&before, 1_000).unwrap() else {
             panic!("stored")
         };
         assert!(held.while_muted);
         assert!(state.unmute(&alice).unwrap());
         let after = plaintext("alice", "checked while muted, stored after", 1_100);
-        let StoreOutcome::New(shown) = state.store_incoming(&after, true, 1_100).unwrap() else {
+        let StoreOutcome::New(shown) = state.store_incoming(&after, 1_100).unwrap() else {
             panic!("stored")
         };
         assert!(
@@ -1425,7 +1421,7 @@ mod tests {
         );
         state.mute(&alice, 5_000).unwrap();
         let expired = plaintext("alice", "stored after the mute's end", 6_000);
-        let StoreOutcome::New(late) = state.store_incoming(&expired, true, 6_000).unwrap() else {
+        let StoreOutcome::New(late) = state.store_incoming(&expired, 6_000).unwrap() else {
             panic!("stored")
         };
         assert!(!late.while_muted, "the mute had ended: shown on arrival");

@@ -69,6 +69,14 @@ async fn until(events: &mut peer::Events, wanted: impl Fn(&Event) -> bool) -> Ve
     }
 }
 
+/// The channel alice seals with for bob, from the identities their runtimes keep under
+/// `root`: for tests that play alice's side by hand.
+fn alice_to_bob(root: &std::path::Path) -> proto::Channel {
+    let (alice, _) = Identity::load_or_create(&root.join("alice")).unwrap();
+    let (bob, _) = Identity::load_or_create(&root.join("bob")).unwrap();
+    proto::Channel::new(&alice, &name("alice"), &name("bob"), bob.public()).unwrap()
+}
+
 /// Two runtimes (alice, bob) online on a fresh server.
 async fn pair(
     dir: &std::path::Path,
@@ -168,7 +176,7 @@ async fn a_message_held_by_a_mute_that_ended_offline_is_shown_once_at_start() {
             sent_at_ms: now - 1000,
             body: "held while muted".into(),
         };
-        state.store_incoming(&message, true, now - 1000).unwrap();
+        state.store_incoming(&message, now - 1000).unwrap();
     }
     // No server is needed (nothing listens on port 9): the start-up shows what it holds.
     let shutdown = CancellationToken::new();
@@ -199,15 +207,7 @@ async fn a_stored_message_is_shown_even_if_its_ack_cannot_be_written() {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let ((alice, _alice_events), (bob, mut bob_events)) = pair(dir.path(), &shutdown).await;
-    let (alice_identity, _) = Identity::load_or_create(&dir.path().join("alice")).unwrap();
-    let (bob_identity, _) = Identity::load_or_create(&dir.path().join("bob")).unwrap();
-    let channel = proto::Channel::new(
-        &alice_identity,
-        &name("alice"),
-        &name("bob"),
-        bob_identity.public(),
-    )
-    .unwrap();
+    let channel = alice_to_bob(dir.path());
 
     // A raw link as alice: paced envelopes (acked, the acks left unread), then a burst,
     // then gone: closing with unread data resets the connection, so the acks of the
@@ -394,15 +394,7 @@ async fn mail_dated_a_little_ahead_waits_in_the_mailbox() {
             .unwrap();
     alice.wait_online(Duration::from_secs(10)).await.unwrap();
     bob.wait_online(Duration::from_secs(10)).await.unwrap();
-    let (alice_identity, _) = Identity::load_or_create(&dir.path().join("alice")).unwrap();
-    let (bob_identity, _) = Identity::load_or_create(&dir.path().join("bob")).unwrap();
-    let channel = proto::Channel::new(
-        &alice_identity,
-        &name("alice"),
-        &name("bob"),
-        bob_identity.public(),
-    )
-    .unwrap();
+    let channel = alice_to_bob(dir.path());
     // Two minutes ahead: beyond Fernet's minute, within what a fast clock may be.
     let ahead = proto::now_ms() + 120_000;
     let early = channel.seal(MessageId::random(), "early", ahead).unwrap();

@@ -197,9 +197,7 @@ impl Channel {
             None => Ok(plaintext),
         }
     }
-}
 
-impl Channel {
     /// Why a token did not open at `now_secs`. Fernet checks the timestamp before the
     /// HMAC, so a token dated too far ahead says nothing yet about who made it: it is a
     /// clock problem only if it opens at its own time, and a forgery otherwise.

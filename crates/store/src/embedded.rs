@@ -22,8 +22,8 @@
 //! at its head (`expire_head`, oldest first, up to the first live message, counted through
 //! the same `remove_mail` as a fetch's removals), so mail no one can fetch never keeps a
 //! mailbox full while its recipient is away. A fetch stops reading at the first message
-//! that does not fit its byte budget. Removing mail leaves its `mail_ids` entry behind (an entry whose mail row
-//! is gone counts as absent): ids are random, so deleting them one by one would dirty a
+//! that does not fit its byte budget. Removing mail leaves its `mail_ids` entry behind (an
+//! entry whose mail row is gone counts as absent): ids are random, so deleting them one by one would dirty a
 //! different index page per message; instead a mailbox's entries are dropped in one sweep
 //! when it empties, or when stale ones outnumber live ones. The message id sits beside the encoded mail, so even a value that no longer
 //! decodes can be moved to `quarantine` (for an operator to inspect) together with its id.
@@ -722,15 +722,12 @@ fn deposit_in(
         }
     };
     let mut mailbox = Mailbox::read(&txn.open_table(MAILBOXES)?, recipient)?;
-    if mailbox.count >= limits.cap {
+    if mailbox.count >= limits.cap && expire_head(txn, recipient, limits.ttl_ms, job.now_ms)? > 0 {
         // `expire_head` books what it removes in `MAILBOXES` itself; read the row again.
-        if expire_head(txn, recipient, limits.ttl_ms, job.now_ms)? == 0 {
-            return Ok(DepositDecision::Full);
-        }
         mailbox = Mailbox::read(&txn.open_table(MAILBOXES)?, recipient)?;
-        if mailbox.count >= limits.cap {
-            return Ok(DepositDecision::Full);
-        }
+    }
+    if mailbox.count >= limits.cap {
+        return Ok(DepositDecision::Full);
     }
     let sequence = mailbox.next_sequence;
     txn.open_table(MAIL)?
