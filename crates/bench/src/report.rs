@@ -12,6 +12,8 @@ pub enum Target {
     AtMost(f64),
     /// The value must be at least this.
     AtLeast(f64),
+    /// No target: the figure is a reference, or reported for what it shows.
+    Reported,
 }
 
 impl Target {
@@ -19,6 +21,7 @@ impl Target {
     pub fn threshold(self) -> f64 {
         match self {
             Self::AtMost(value) | Self::AtLeast(value) => value,
+            Self::Reported => f64::NAN,
         }
     }
 
@@ -27,6 +30,7 @@ impl Target {
         match self {
             Self::AtMost(limit) => value <= limit,
             Self::AtLeast(floor) => value >= floor,
+            Self::Reported => true,
         }
     }
 }
@@ -214,6 +218,12 @@ fn target_text(row: &Row) -> String {
     let (sign, value) = match row.target {
         Target::AtMost(value) => ("≤", value),
         Target::AtLeast(value) => ("≥", value),
+        Target::Reported => {
+            return row
+                .target_text
+                .clone()
+                .unwrap_or_else(|| "reported".to_owned());
+        }
     };
     let plain = format!("{sign} {} {}", number(value), row.unit);
     match &row.target_text {

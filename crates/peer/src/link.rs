@@ -44,13 +44,6 @@ pub enum LinkError {
     Rejected(ErrorReply),
 }
 
-impl LinkError {
-    /// True when the peer answered and refused: trying another route would not help.
-    pub fn is_rejection(&self) -> bool {
-        matches!(self, Self::Rejected(_))
-    }
-}
-
 /// An open connection to one peer, ready to carry envelopes.
 #[derive(Debug)]
 pub struct PeerLink {

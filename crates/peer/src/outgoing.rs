@@ -3,10 +3,9 @@
 //!
 //! [`spawn`] starts the task for a recipient and returns the queue the event loop feeds
 //! with [`Job`]s. The task:
-//! - waits until a new message's outbox record is durable (its [`Ticket`]) before the
-//!   envelope leaves, so a message that reached its recipient is always in the outbox or
-//!   history (records of consecutive messages share group commits, so this costs a commit
-//!   per batch, not per message);
+//! - sends a new message while its outbox record is still being committed: the record's
+//!   `fsync` runs beside the envelope's trip and the receiver's commit, not before them,
+//!   so a lone message waits for one `fsync` (the receiver's) on its way, not two;
 //! - with no kept link, takes the full route for the oldest message ([`delivery::deliver`]:
 //!   lookup, keys, dial, else the mailbox) and keeps the link it opened;
 //! - with a kept link, seals and writes up to [`WINDOW`] envelopes before waiting, then
@@ -15,9 +14,15 @@
 //!   message goes back to the front of the queue, in order, and takes the full route (the
 //!   receiver de-duplicates by id what it had stored already);
 //! - hands each result to a second task (the reporter), so the sending task never waits on
-//!   a commit for a result. The reporter records every result waiting in one write
-//!   ([`State::submit_results`]: the outbox and history), and answers each sender only once
-//!   that write is durable; results that arrive while it waits form the next write.
+//!   a commit. The reporter waits for the message's outbox record, then answers the sender
+//!   (a message whose record is durable is safe: until its result is durable it stays in
+//!   the outbox, and a retry after a crash is de-duplicated by the recipient) while it
+//!   records every result waiting in one write ([`State::submit_results`]: the outbox and
+//!   history); the event loop hears a message is finished once that write is durable.
+//!
+//! A crash after an envelope left and before its record was durable leaves the message
+//! with its recipient and nowhere at the sender: the send was never answered, so nothing
+//! is retried and nothing is shown twice.
 //!
 //! Order: envelopes leave in queue order on one connection, and the receiver stores them in
 //! arrival order, so the recipient shows them in the order sent. A retransmission after a
@@ -33,6 +38,7 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
+use futures::{StreamExt, stream::FuturesOrdered};
 use proto::{ErrorCode, Username};
 use tokio::{
     sync::{mpsc, oneshot},
@@ -44,7 +50,7 @@ use crate::{
     delivery::{self, DeliveryStatus},
     link::{LinkError, PeerLink},
     runtime::{ClientError, Context, Event, Internal, SendReport},
-    state::{AttemptResult, OutboxEntry, Ticket},
+    state::{AttemptResult, OutboxEntry, StateError, Ticket},
 };
 
 /// The most envelopes sent and not yet answered on one link. Bounded so a slow receiver
@@ -131,50 +137,10 @@ async fn run(
                 let Some(job) = queue.pop_front() else {
                     continue;
                 };
-                let Some(job) = recorded(job).await else {
-                    continue;
-                };
                 let (status, opened) = delivery::deliver(context, &job.entry).await;
                 finish(job, status, done);
                 link = opened.map(|opened| (opened, generation));
             }
-        }
-    }
-}
-
-/// Waits for a new message's outbox record. If it failed, the sender hears the error and
-/// the message is not sent (`None`).
-async fn recorded(mut job: Job) -> Option<Job> {
-    let Some(ticket) = job.recorded.take() else {
-        return Some(job);
-    };
-    match ticket.await {
-        Ok(()) => Some(job),
-        Err(error) => {
-            if let Some(reply) = job.reply.take() {
-                let _ = reply.send(Err(error.into()));
-            }
-            None
-        }
-    }
-}
-
-/// `job` and whether it may leave now: true if it has no outbox record to wait for (none,
-/// or durable already; the record is then taken), false if it must wait, or if the record
-/// failed (then [`recorded`] reports it).
-fn ready(mut job: Job) -> (Job, bool) {
-    let Some(ticket) = job.recorded.take() else {
-        return (job, true);
-    };
-    match ticket.try_take() {
-        Ok(Ok(())) => (job, true),
-        Ok(Err(error)) => {
-            job.recorded = Some(Ticket::resolved(Err(error)));
-            (job, false)
-        }
-        Err(ticket) => {
-            job.recorded = Some(ticket);
-            (job, false)
         }
     }
 }
@@ -209,22 +175,6 @@ async fn pipeline(
                     Ok(job) => job,
                     Err(_) => break,
                 },
-            };
-            // Envelopes already buffered leave before waiting on a commit.
-            let job = match ready(job) {
-                (job, true) => job,
-                (job, false) => {
-                    if std::mem::take(&mut fed)
-                        && let Err(error) = link.flush().await
-                    {
-                        queue.push_front(job);
-                        break 'link Err(error.to_string());
-                    }
-                    match recorded(job).await {
-                        Some(job) => job,
-                        None => continue,
-                    }
-                }
             };
             // Sealed with the time it was written, so retries keep the original time.
             let entry = &job.entry;
@@ -304,65 +254,133 @@ fn finish(job: Job, status: DeliveryStatus, done: &mpsc::UnboundedSender<Done>) 
     let _ = done.send(Done { job, status });
 }
 
-/// The reporter: records every result waiting in one write and, once it is durable, tells
-/// whoever waits for each, in order.
+/// The reporter: see the module docs. Batches are handled in order; a batch's senders are
+/// answered as soon as their outbox records are durable, while its results are still being
+/// committed (`recording`), and the event loop hears a message is finished only once its
+/// result is durable, so an outbox flush never sends it again meanwhile.
 async fn report(context: Arc<Context>, mut done: mpsc::UnboundedReceiver<Done>) {
     let mut batch: Vec<Done> = Vec::new();
-    while done.recv_many(&mut batch, MAX_RESULTS_PER_WRITE).await > 0 {
-        let attempts = batch
-            .iter()
-            .map(|Done { job, status }| {
-                let (status, keep) = status.to_history();
-                AttemptResult {
-                    entry: job.entry.clone(),
-                    status,
-                    keep,
+    let mut recording = FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = recording.next(), if !recording.is_empty() => {}
+            received = done.recv_many(&mut batch, MAX_RESULTS_PER_WRITE) => {
+                if received == 0 {
+                    break;
                 }
-            })
-            .collect();
-        let recorded = match context.state.submit_results(attempts).await {
-            Ok(results) => results,
+                let finishing = record(context.clone(), std::mem::take(&mut batch)).await;
+                recording.push_back(finishing);
+            }
+        }
+    }
+    while recording.next().await.is_some() {}
+}
+
+/// Waits for the outbox records of `batch`, submits its results in one write, answers the
+/// senders whose records are durable, and returns the future that finishes the batch once
+/// the results are durable.
+async fn record(context: Arc<Context>, batch: Vec<Done>) -> impl Future<Output = ()> {
+    let mut finished = Vec::with_capacity(batch.len());
+    for Done { mut job, status } in batch {
+        let record = match job.recorded.take() {
+            Some(ticket) => ticket.await.err(),
+            None => None,
+        };
+        finished.push((job, status, record));
+    }
+    let attempts = finished
+        .iter()
+        .map(|(job, status, _)| {
+            let (status, keep) = status.to_history();
+            AttemptResult {
+                entry: job.entry.clone(),
+                status,
+                keep,
+            }
+        })
+        .collect();
+    let results = context.state.submit_results(attempts);
+    // A message whose record is durable is safe whatever happens to its result: until the
+    // result is durable the message stays in the outbox, and a retry after a crash is
+    // de-duplicated by the recipient. So its sender hears the result now.
+    let mut waiting = Vec::new();
+    for (job, status, record) in finished {
+        match record {
+            None => {
+                let id = job.entry.id;
+                answer(&context, job, Ok(status));
+                waiting.push((id, None));
+            }
+            Some(error) => waiting.push((job.entry.id, Some((job, status, error)))),
+        }
+    }
+    async move {
+        let results = match results.await {
+            Ok(results) => results.into_iter().map(|result| result.err()).collect(),
             Err(error) => {
                 context.report_state_error(error);
                 Vec::new()
             }
         };
-        let mut recorded = recorded.into_iter();
-        for Done { job, status } in batch.drain(..) {
-            if let Some(Err(error)) = recorded.next() {
-                context.report_state_error(error);
+        let mut results = results.into_iter();
+        for (id, unrecorded) in waiting {
+            let result_error = results.next().flatten();
+            match unrecorded {
+                None => {
+                    if let Some(error) = result_error {
+                        context.report_state_error(error);
+                    }
+                }
+                Some((job, status, record_error)) => {
+                    answer_unrecorded(&context, job, status, record_error, result_error);
+                }
             }
-            tell(&context, job, status);
+            let _ = context.to_loop.send(Internal::Finished(id));
         }
     }
 }
 
-/// Tells whoever waits for `job` its result, and the event loop that it is finished.
-fn tell(context: &Context, job: Job, status: DeliveryStatus) {
-    let keep = matches!(
-        status,
-        DeliveryStatus::Failed {
-            will_retry: true,
-            ..
-        }
-    );
-    let report = SendReport {
-        id: job.entry.id,
-        to: job.entry.to.clone(),
-        status,
-    };
-    match job.reply {
-        Some(reply) => {
-            let _ = reply.send(Ok(report));
-        }
-        // Retries are reported as events, except failures that will be retried again,
-        // which would only repeat the same line at every reconnect.
-        None if !keep => context.notify(Event::Delivery {
-            id: report.id,
-            to: report.to,
-            status: report.status,
-        }),
-        None => {}
+/// Answers the sender of a message whose outbox record could not be written (it left
+/// anyway, while the record was being committed). Delivered or queued, the message is
+/// safe with its recipient; the user hears that this client's history lacks it. Failed,
+/// it is kept for a retry only if its result could be written (that write puts it back in
+/// the outbox); otherwise the sender gets the error, as nothing holds the message now.
+fn answer_unrecorded(
+    context: &Context,
+    job: Job,
+    status: DeliveryStatus,
+    record_error: StateError,
+    result_error: Option<StateError>,
+) {
+    if status.is_success() || result_error.is_none() {
+        context.report_state_error(record_error);
+        answer(context, job, Ok(status));
+    } else {
+        answer(context, job, Err(record_error));
     }
-    let _ = context.to_loop.send(Internal::Finished(job.entry.id));
+}
+
+/// Tells whoever waits for `job` its result: the sender of a new message, or (a retry from
+/// the outbox) the user, by an event.
+fn answer(context: &Context, job: Job, result: Result<DeliveryStatus, StateError>) {
+    let (id, to) = (job.entry.id, job.entry.to);
+    match (job.reply, result) {
+        (Some(reply), Ok(status)) => {
+            let _ = reply.send(Ok(SendReport { id, to, status }));
+        }
+        (Some(reply), Err(error)) => {
+            let _ = reply.send(Err(error.into()));
+        }
+        // Failures that will be retried again are not reported: they would only repeat the
+        // same line at every reconnect.
+        (
+            None,
+            Ok(DeliveryStatus::Failed {
+                will_retry: true, ..
+            }),
+        ) => {}
+        (None, Ok(status)) => context.notify(Event::Delivery { id, to, status }),
+        (None, Err(error)) => context.report_state_error(error),
+    }
 }

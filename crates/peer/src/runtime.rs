@@ -1159,8 +1159,19 @@ impl EventLoop {
             Command::Blocked { reply } => {
                 let _ = reply.send(state.blocked().map_err(Into::into));
             }
+            // Read once every write submitted before it is durable: a send's result is
+            // answered before it is recorded (see `crate::outgoing`), and the history must
+            // show it.
             Command::History { user, limit, reply } => {
-                let _ = reply.send(state.history(&user, limit).map_err(Into::into));
+                let written = state.barrier();
+                let context = self.context.clone();
+                self.tracker.spawn(async move {
+                    let result = match written.await {
+                        Ok(()) => context.state.history(&user, limit).map_err(Into::into),
+                        Err(error) => Err(error.into()),
+                    };
+                    let _ = reply.send(result);
+                });
             }
             // Answered once the mark is durable (see `State::submit_shown`), without holding
             // the loop for the commit.

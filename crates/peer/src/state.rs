@@ -908,6 +908,12 @@ impl State {
         })
     }
 
+    /// A ticket that resolves once every write submitted before it is durable (a write
+    /// of nothing, in line behind them).
+    pub fn barrier(&self) -> Ticket<()> {
+        self.writer.submit(|_txn| Ok(()))
+    }
+
     /// The last `limit` history lines with `peer`, oldest first.
     pub fn history(&self, peer: &Username, limit: usize) -> Result<Vec<HistoryEntry>, StateError> {
         let txn = self.db.get()?.begin_read()?;
