@@ -9,16 +9,25 @@ Usage: check_deploy.py REPO BIN_DIR   (BIN_DIR holds the built `p2pchat-discover
    out of the builder is a binary of the workspace; every file copied from the build context
    exists and is not excluded by .dockerignore; the defaults written into `command:` as
    `--flag=${VAR:-default}` are the binary's own defaults.
-2. Live: the stack as `docker compose config` resolves it (no variables set, so the defaults)
-   is started as local processes: each runtime stage's ENV, WORKDIR, ENTRYPOINT (through the
-   real tini) and the service's environment and command. Container paths (volumes, WORKDIR)
-   become temporary folders; container ports and service host names become free loopback
-   ports; files the Dockerfile copies into /usr/local/bin are found on PATH. Then:
-   redis (its `command:`) and discovery come up and pass their healthchecks (which first
-   must fail while nothing listens); every port the discovery service publishes answers; two
-   clients started as `docker compose run client --user NAME ...` chat; the documented
-   `docker compose exec discovery p2pchat-discovery announce` reaches them; SIGTERM stops
-   discovery and a client with exit status 0 within the service's stop_grace_period.
+2. Redis access: Compose refuses to resolve the file without REDIS_PASSWORD (there is no
+   default password); with one set, redis is started with `--requirepass` and exactly that
+   password, and discovery's REDIS_URL carries it; redis is only on internal networks; the
+   client service shares no network with redis, and discovery shares one with each.
+3. Live: the stack as `docker compose config` resolves it (no variables set but a fresh
+   random REDIS_PASSWORD, so the defaults) is started as local processes: each runtime
+   stage's ENV, WORKDIR, ENTRYPOINT (through the real tini) and the service's environment
+   and command. Container paths (volumes, WORKDIR) become temporary folders; container ports
+   and the host names of services on a shared network become free loopback ports (a host
+   name of a service on no shared network is a finding: Docker would not resolve it); files
+   the Dockerfile copies into /usr/local/bin are found on PATH. Then: redis (its `command:`)
+   comes up and passes its healthcheck, and refuses a client without the password
+   (NOAUTH); discovery given no password or a wrong one in REDIS_URL stops at start saying
+   so, without printing the password; discovery as configured comes up and passes
+   its healthchecks (which first must fail while nothing listens); every port the discovery
+   service publishes answers; two clients started as `docker compose run client --user
+   NAME ...` chat; the documented `docker compose exec discovery p2pchat-discovery announce`
+   reaches them; SIGTERM stops discovery and a client with exit status 0 within the
+   service's stop_grace_period.
 
 Exits 1 with every finding printed.
 """
@@ -28,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -38,10 +48,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
 COMPOSE_FILE = "docker-compose.yml"
+# The variable that holds Redis's password; the file must demand it (no default).
+PASSWORD_VARIABLE = "REDIS_PASSWORD"
 WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]"}
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 STARTUP_TIMEOUT = 20.0
@@ -343,6 +356,78 @@ def program_of(argv: list[str]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Redis access
+
+
+def networks_of(service: dict) -> set[str]:
+    """The networks a resolved service is attached to (`default` when it names none)."""
+    networks = service.get("networks")
+    if not networks:
+        return {"default"}
+    return set(networks)
+
+
+def requirepass_of(service: dict) -> str | None:
+    """The value after `--requirepass` in a service's command, if there is one."""
+    command = [str(word) for word in service.get("command") or []]
+    for flag, value in zip(command, command[1:]):
+        if flag == "--requirepass":
+            return value
+    return None
+
+
+def redis_access_checks(
+    unresolved: subprocess.CompletedProcess, resolved: dict, password: str
+) -> None:
+    """Only discovery can reach Redis, and only with the password the operator set."""
+    if unresolved.returncode == 0:
+        finding(
+            f"docker-compose config succeeds without {PASSWORD_VARIABLE}: the file must "
+            f"demand it (${{{PASSWORD_VARIABLE}:?...}}), not fall back to a default"
+        )
+    elif PASSWORD_VARIABLE not in unresolved.stderr:
+        finding(
+            f"docker-compose config fails without {PASSWORD_VARIABLE}, but for another "
+            f"reason:\n{indent(unresolved.stderr)}"
+        )
+    else:
+        ok(f"Compose refuses to start without {PASSWORD_VARIABLE} (no default password)")
+
+    services = resolved["services"]
+    redis, discovery = services["redis"], services["discovery"]
+    required = requirepass_of(redis)
+    if required is None:
+        finding("redis: no --requirepass in its command; any client can use it")
+    elif required != password:
+        finding(f"redis: --requirepass is not the value of {PASSWORD_VARIABLE}")
+    else:
+        ok(f"redis requires the password from {PASSWORD_VARIABLE} (--requirepass)")
+    url = str((discovery.get("environment") or {}).get("REDIS_URL", ""))
+    parts = urlsplit(url)
+    if parts.hostname != "redis" or unquote(parts.password or "") != password:
+        finding(
+            f"discovery: REDIS_URL must be redis://:${{{PASSWORD_VARIABLE}}}@redis:PORT "
+            f"(the password from {PASSWORD_VARIABLE}, host redis)"
+        )
+    else:
+        ok(f"discovery's REDIS_URL carries the password from {PASSWORD_VARIABLE}")
+
+    networks = resolved.get("networks") or {}
+    redis_networks = networks_of(redis)
+    for name in sorted(redis_networks):
+        if not (networks.get(name) or {}).get("internal"):
+            finding(f"redis is on network {name}, which is not `internal: true`")
+    shared = networks_of(services["client"]) & redis_networks
+    if shared:
+        finding(f"client shares network(s) {sorted(shared)} with redis: a client reaches Redis")
+    else:
+        ok(f"client shares no network with redis ({sorted(redis_networks)}, internal)")
+    for other in ("redis", "client"):
+        if not networks_of(discovery) & networks_of(services[other]):
+            finding(f"discovery shares no network with {other}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Live checks
 
 
@@ -381,6 +466,11 @@ class Sandbox:
             if host in WILDCARD_HOSTS or host in LOCAL_HOSTS:
                 return f"127.0.0.1:{self.port(service, port)}"
             if host in self.services:
+                if not networks_of(self.services[service]) & networks_of(self.services[host]):
+                    finding(
+                        f"{service} names {host}:{port}, but shares no network with {host}: "
+                        "Docker would not resolve that name"
+                    )
                 return f"127.0.0.1:{self.port(host, port)}"
             return match.group(0)
 
@@ -562,14 +652,16 @@ def accepts(port: int) -> bool:
         return False
 
 
-def live_checks(repo: Path, bin_dir: Path, resolved: dict, stages: dict[str, Stage]) -> None:
+def live_checks(
+    repo: Path, bin_dir: Path, resolved: dict, stages: dict[str, Stage], password: str
+) -> None:
     services = resolved["services"]
     with tempfile.TemporaryDirectory(prefix="p2pchat-deploy-") as root_name:
         root = Path(root_name)
         sandbox = Sandbox(root, services)
         started: list[Process] = []
         try:
-            live_stack(repo, bin_dir, services, stages, sandbox, root, started)
+            live_stack(repo, bin_dir, services, stages, sandbox, root, started, password)
         finally:
             for process in reversed(started):
                 if process.popen.poll() is None:
@@ -577,7 +669,7 @@ def live_checks(repo: Path, bin_dir: Path, resolved: dict, stages: dict[str, Sta
                     process.popen.wait()
 
 
-def live_stack(repo, bin_dir, services, stages, sandbox, root, started) -> None:
+def live_stack(repo, bin_dir, services, stages, sandbox, root, started, password) -> None:
     # Redis: the image's own server, so only its command is ours; here it is the local
     # redis-server with the same arguments, on a free loopback port, in a temporary folder.
     redis = container_of(sandbox, "redis", services["redis"], stages, bin_dir, repo)
@@ -591,9 +683,23 @@ def live_stack(repo, bin_dir, services, stages, sandbox, root, started) -> None:
     started.append(redis_process)
     if not healthy(redis_process):
         return
+    # What a container without the password gets: nothing but the refusal.
+    anonymous = subprocess.run(
+        [shutil.which("redis-cli"), "-p", str(redis_port), "PUBLISH", "p2pchat:announce", "x"],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    if "NOAUTH" in anonymous.stdout + anonymous.stderr:
+        ok("redis refuses a client without the password (NOAUTH)")
+    else:
+        finding(f"redis accepts a client without the password:\n{indent(anonymous.stdout)}")
+
+    discovery = container_of(sandbox, "discovery", services["discovery"], stages, bin_dir, repo)
+    refused_without_password(discovery, redis_port, password)
 
     # Discovery, exactly as configured; its healthchecks must fail before it listens.
-    discovery = container_of(sandbox, "discovery", services["discovery"], stages, bin_dir, repo)
     for check in discovery.healthchecks:
         if run_check(discovery, check):
             finding(f"discovery healthcheck {check} passes with no server running")
@@ -601,6 +707,7 @@ def live_stack(repo, bin_dir, services, stages, sandbox, root, started) -> None:
     started.append(discovery_process)
     if not healthy(discovery_process):
         return
+    ok("discovery connects to redis with the password from REDIS_URL")
     for port in services["discovery"].get("ports", []):
         if isinstance(port, dict):
             target = int(port["target"])
@@ -659,6 +766,39 @@ def live_stack(repo, bin_dir, services, stages, sandbox, root, started) -> None:
             )
 
 
+def refused_without_password(discovery: Container, redis_port: int, password: str) -> None:
+    """Discovery given no password, or a wrong one, stops at start with Redis's refusal in
+    its output, and without printing the password it was given."""
+    wrong = secrets.token_hex(16)
+    for url, refusal in (
+        (f"redis://127.0.0.1:{redis_port}", "NOAUTH"),
+        (f"redis://:{wrong}@127.0.0.1:{redis_port}", "authentication failed"),
+    ):
+        try:
+            run = subprocess.run(
+                discovery.argv,
+                env={**discovery.env, "REDIS_URL": url},
+                cwd=discovery.cwd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=STARTUP_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            finding(f"discovery with REDIS_URL {url} neither started nor stopped in time")
+            continue
+        output = run.stdout + run.stderr
+        if run.returncode == 0 or refusal not in output:
+            finding(
+                f"discovery with REDIS_URL {url}: exit {run.returncode}, expected a failure "
+                f"saying {refusal!r}:\n{indent(output)}"
+            )
+        elif wrong in output or password in output:
+            finding(f"discovery prints the Redis password when it is refused:\n{indent(output)}")
+        else:
+            ok(f"discovery stops at start on {refusal!r}, without printing the password")
+
+
 def healthy(process: Process) -> bool:
     container = process.container
     if not container.healthchecks:
@@ -675,17 +815,22 @@ def healthy(process: Process) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolved_compose(repo: Path) -> dict:
-    """`docker compose config` with no variables set: the file as Compose would run it by
-    default."""
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")}
-    result = subprocess.run(
+def compose_config(repo: Path, variables: dict[str, str]) -> subprocess.CompletedProcess:
+    """`docker compose config` with only `variables` set."""
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"), **variables}
+    return subprocess.run(
         ["docker-compose", "--file", COMPOSE_FILE, "--profile", "client", "config"],
         cwd=repo,
         env=env,
         capture_output=True,
         text=True,
     )
+
+
+def resolved_compose(repo: Path, password: str) -> dict:
+    """The file as Compose would run it by default: no variables set but the password,
+    which has no default."""
+    result = compose_config(repo, {PASSWORD_VARIABLE: password})
     if result.returncode != 0:
         raise SystemExit(f"docker-compose config failed:\n{result.stderr}")
     return yaml.safe_load(result.stdout)
@@ -694,7 +839,9 @@ def resolved_compose(repo: Path) -> dict:
 def main() -> int:
     repo, bin_dir = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
     raw = yaml.safe_load((repo / COMPOSE_FILE).read_text())
-    resolved = resolved_compose(repo)
+    # A fresh password each run, as an operator makes one: nothing here is a real secret.
+    password = secrets.token_hex(16)
+    resolved = resolved_compose(repo, password)
     dockerfiles = {
         (repo / s["build"].get("context", ".") / s["build"].get("dockerfile", "Dockerfile"))
         for s in raw["services"].values()
@@ -705,8 +852,9 @@ def main() -> int:
         return 1
     stages = parse_dockerfile(dockerfiles.pop())
     static_checks(repo, bin_dir, raw, stages)
+    redis_access_checks(compose_config(repo, {}), resolved, password)
     if not findings:
-        live_checks(repo, bin_dir, resolved, stages)
+        live_checks(repo, bin_dir, resolved, stages, password)
     if findings:
         print(f"check_deploy: {len(findings)} finding(s)", file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use discovery::{Config, Metrics, operator};
-use store::{EmbeddedStore, MailLimits, RedisStore, Store};
+use store::{EmbeddedStore, MailLimits, RedisStore, Store, redis_store::redact_url};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -17,9 +17,10 @@ struct Cli {
     /// Address to listen on for clients.
     #[arg(long, env = "P2PCHAT_LISTEN", default_value = "127.0.0.1:5001")]
     listen: SocketAddr,
-    /// Redis URL (shared state for several instances); without it, an embedded store in the
-    /// data dir is used.
-    #[arg(long, env = "REDIS_URL")]
+    /// Redis URL (shared state for several instances), `redis://:PASSWORD@host:port` for a
+    /// Redis that demands a password; without it, an embedded store in the data dir is used.
+    // The value may hold a password: `--help` must not print it from the environment.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis: Option<String>,
     /// Folder for the embedded store and the operator secret.
     #[arg(long, env = "P2PCHAT_DISCOVERY_DATA")]
@@ -104,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
         Some(url) => Store::Redis(
             RedisStore::connect(url, limits)
                 .await
-                .with_context(|| format!("cannot use Redis at {url}"))?,
+                .with_context(|| format!("cannot use Redis at {}", redact_url(url)))?,
         ),
         None => {
             proto::identity::create_private_dir(&data_dir)?;

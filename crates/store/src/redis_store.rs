@@ -360,10 +360,43 @@ struct Removal {
     quarantine: Option<Vec<u8>>,
 }
 
+/// `url` with its credentials replaced by `***`, fit for logs and error messages:
+/// `redis://:secret@redis:6379/0` → `redis://***@redis:6379/0` (everything before the last
+/// `@` goes, so a password holding `@` or `/` goes whole), and the values of the `pass`
+/// and `user` parameters of a `redis+unix://` URL likewise. It works on text that does not
+/// parse as a URL too, so a malformed URL is shown without its password as well.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    let rest = match rest.rfind('@') {
+        Some(at) => format!("***{}", &rest[at..]),
+        None => rest.to_owned(),
+    };
+    let rest = match rest.split_once('?') {
+        Some((before, query)) => {
+            let parameters: Vec<String> = query
+                .split('&')
+                .map(|parameter| match parameter.split_once('=') {
+                    Some((name @ ("pass" | "user"), _)) => format!("{name}=***"),
+                    _ => parameter.to_owned(),
+                })
+                .collect();
+            format!("{before}?{}", parameters.join("&"))
+        }
+        None => rest,
+    };
+    format!("{scheme}{rest}")
+}
+
 impl RedisStore {
-    /// Connects to the Redis at `url` (`redis://host:port/db`), subscribes to the broadcast
-    /// channels, and starts the subscriber task. Fails if Redis is not reachable now; after
-    /// that, lost connections are re-established by themselves.
+    /// Connects to the Redis at `url` (`redis://host:port/db`, or
+    /// `redis://[user]:password@host:port/db` for a Redis that demands a password; the
+    /// password is percent-decoded), subscribes to the broadcast channels, and starts the
+    /// subscriber task. Fails if Redis is not reachable now, or refuses the credentials
+    /// (`NOAUTH` without a password, `WRONGPASS` with a wrong one); after that, lost
+    /// connections are re-established by themselves, with the same credentials.
     pub async fn connect(url: &str, limits: MailLimits) -> Result<Self, StoreError> {
         let client = Client::open(url)?;
         let client = Client::open(
@@ -1095,6 +1128,35 @@ fn to_broadcast(message: &redis::Msg) -> Option<Broadcast> {
         other => {
             tracing::warn!(channel = other, "message on an unexpected channel; dropped");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redact_url_hides_credentials_and_keeps_the_address() {
+        for (url, shown) in [
+            ("redis://redis:6379", "redis://redis:6379"),
+            ("redis://:secret@redis:6379", "redis://***@redis:6379"),
+            (
+                "redis://app:secret@redis:6379/2",
+                "redis://***@redis:6379/2",
+            ),
+            // The last `@` ends the credentials, whatever the password holds.
+            (
+                "redis://:p@ss/w?rd@redis:6379/0",
+                "redis://***@redis:6379/0",
+            ),
+            ("redis:6379:secret@", "***@"),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=secret&user=app",
+                "redis+unix:///run/redis.sock?db=1&pass=***&user=***",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
         }
     }
 }

@@ -5,6 +5,8 @@
 //! dropped, so tests never depend on a Redis being up already and never share one.
 //! [`RedisServer::stop`] and [`RedisServer::restart`] kill and start it again on the same
 //! port (and, with [`RedisServer::start_persistent`], the same data), for reconnect tests.
+//! [`RedisServer::start_with_password`] starts one that refuses clients without the password
+//! (`requirepass`), as the Compose deployment's does.
 //!
 //! The binary is `redis-server` from `PATH`, or the path in the `REDIS_SERVER` environment
 //! variable.
@@ -33,22 +35,31 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     persistent: bool,
+    /// The `requirepass` password, if the server demands one.
+    password: Option<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// Starts an in-memory server (no RDB snapshots, no AOF) on a free port.
     pub fn start() -> io::Result<Self> {
-        Self::start_with(false)
+        Self::start_with(false, None)
     }
 
     /// Starts a server that keeps its data across [`RedisServer::restart`] (an append-only
     /// file, fsynced on every write, in the server's temporary folder).
     pub fn start_persistent() -> io::Result<Self> {
-        Self::start_with(true)
+        Self::start_with(true, None)
     }
 
-    fn start_with(persistent: bool) -> io::Result<Self> {
+    /// Starts an in-memory server that refuses every command but `AUTH` until a client gives
+    /// `password` (`requirepass`); [`RedisServer::url`] carries the password, as it is (so it
+    /// should need no percent-encoding).
+    pub fn start_with_password(password: &str) -> io::Result<Self> {
+        Self::start_with(false, Some(password.to_owned()))
+    }
+
+    fn start_with(persistent: bool, password: Option<String>) -> io::Result<Self> {
         let mut last_error = None;
         for _ in 0..PORT_ATTEMPTS {
             let mut server = Self {
@@ -57,6 +68,7 @@ impl RedisServer {
                     .prefix("p2pchat-redis-")
                     .tempdir()?,
                 persistent,
+                password: password.clone(),
                 child: None,
             };
             match server.spawn() {
@@ -77,8 +89,18 @@ impl RedisServer {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
     }
 
-    /// A connection URL for the `redis` crate (and `REDIS_URL`).
+    /// A connection URL for the `redis` crate (and `REDIS_URL`), with the password if the
+    /// server demands one.
     pub fn url(&self) -> String {
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}/", self.port),
+            None => self.url_without_password(),
+        }
+    }
+
+    /// A connection URL without credentials, for tests of what a client without the
+    /// password gets.
+    pub fn url_without_password(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
@@ -129,10 +151,13 @@ impl RedisServer {
         } else {
             command.args(["--appendonly", "no"]);
         }
+        if let Some(password) = &self.password {
+            command.arg("--requirepass").arg(password);
+        }
         self.child = Some(command.spawn()?);
         let deadline = Instant::now() + START_DEADLINE;
         loop {
-            if ping(self.addr()) {
+            if ping(self.addr(), self.password.as_deref()) {
                 return Ok(());
             }
             if !self.is_running() {
@@ -174,15 +199,36 @@ pub fn free_port() -> io::Result<u16> {
         .port())
 }
 
-/// Whether a Redis server at `addr` answers `PING` with `+PONG` right now.
-pub fn ping(addr: SocketAddr) -> bool {
+/// Whether a Redis server at `addr` answers `PING` with `+PONG` right now, after `AUTH`
+/// with `password` when one is given.
+pub fn ping(addr: SocketAddr, password: Option<&str>) -> bool {
     let attempt = || -> io::Result<bool> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
         stream.set_read_timeout(Some(Duration::from_millis(500)))?;
-        stream.write_all(b"PING\r\n")?;
-        let mut reply = [0u8; 7];
+        let mut request = Vec::new();
+        let mut expected = Vec::new();
+        if let Some(password) = password {
+            request.extend(resp_command(&["AUTH", password]));
+            expected.extend(b"+OK\r\n");
+        }
+        request.extend(resp_command(&["PING"]));
+        expected.extend(b"+PONG\r\n");
+        stream.write_all(&request)?;
+        let mut reply = vec![0u8; expected.len()];
         stream.read_exact(&mut reply)?;
-        Ok(&reply == b"+PONG\r\n")
+        Ok(reply == expected)
     };
     attempt().unwrap_or(false)
+}
+
+/// `arguments` as one RESP command (an array of bulk strings), so a password may hold any
+/// byte an inline command would split or end on.
+fn resp_command(arguments: &[&str]) -> Vec<u8> {
+    let mut command = format!("*{}\r\n", arguments.len()).into_bytes();
+    for argument in arguments {
+        command.extend(format!("${}\r\n", argument.len()).into_bytes());
+        command.extend(argument.as_bytes());
+        command.extend(b"\r\n");
+    }
+    command
 }

@@ -45,6 +45,53 @@ async fn a_half_open_command_connection_is_replaced_after_one_timeout() -> anyho
     Ok(())
 }
 
+/// The Compose deployment's Redis demands a password (`requirepass`). With the password in
+/// the URL every part of the store works: commands, scripts, and the pub/sub connection
+/// (which authenticates on its own).
+#[tokio::test]
+async fn a_password_protected_redis_works_with_the_password_in_the_url() -> anyhow::Result<()> {
+    let server = RedisServer::start_with_password("correct-horse-battery")?;
+    let backend = RedisBackend::with_server(server).await?;
+    let store = &backend.store;
+    let mut receiver = store.subscribe();
+    let sent = envelope("alice", "bob", "behind a password");
+    store.deposit(&sent, 1_000).await?;
+    let fetched = store.fetch(&user("bob"), 10, usize::MAX, 2_000).await?;
+    ensure!(ids(&fetched.mail) == vec![sent.id]);
+    let announcement = Broadcast::Announcement {
+        text: "still here".to_owned(),
+    };
+    store.publish(&announcement).await?;
+    ensure!(next_event(&mut receiver).await? == announcement);
+    Ok(())
+}
+
+/// A Redis that demands a password refuses a store without it (`NOAUTH`) or with a wrong
+/// one (the `AUTH` fails) at connect, within seconds, and the error says so, so the
+/// discovery server stops at start with the reason instead of failing every request later.
+#[tokio::test]
+async fn a_missing_or_wrong_password_fails_at_connect() -> anyhow::Result<()> {
+    let server = RedisServer::start_with_password("correct-horse-battery")?;
+    let wrong = server.url().replace("correct-horse-battery", "wrong-horse");
+    for (url, expected) in [
+        (server.url_without_password(), "NOAUTH"),
+        (wrong, "authentication failed"),
+    ] {
+        let connected =
+            tokio::time::timeout(Duration::from_secs(10), RedisStore::connect(&url, LIMITS))
+                .await
+                .with_context(|| format!("connecting to {url} did not give up within 10 s"))?;
+        let Err(error) = connected else {
+            anyhow::bail!("connected to {url} without the right password");
+        };
+        ensure!(
+            error.to_string().contains(expected),
+            "{url}: expected {expected}, got: {error}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn raw_publish_on_the_announce_channel_is_an_announcement() -> anyhow::Result<()> {
     let backend = RedisBackend::start().await?;
