@@ -53,9 +53,10 @@ fn dependency_direction_matches_the_design() {
     let edges = workspace_edges();
     let allowed: BTreeMap<&str, &[&str]> = BTreeMap::from([
         ("proto", &[][..]),
-        ("store", &["proto"][..]),
+        ("durable", &[][..]),
+        ("store", &["proto", "durable"][..]),
         ("discovery", &["proto", "store"][..]),
-        ("peer", &["proto"][..]),
+        ("peer", &["proto", "durable"][..]),
         ("cli", &["peer", "proto"][..]),
         ("bench", &["proto", "store", "discovery", "peer"][..]),
         ("tests", &[][..]),
@@ -73,6 +74,7 @@ fn dependency_direction_matches_the_design() {
     }
     for package in [
         "proto",
+        "durable",
         "store",
         "discovery",
         "peer",

@@ -174,37 +174,8 @@ impl PingTracker {
     }
 }
 
-/// Exponential reconnect backoff with jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    /// A backoff from `min` doubling up to `max`.
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            current: min,
-        }
-    }
-
-    /// The next delay: the current step plus up to a quarter of it as jitter (`jitter` in
-    /// `0..=255` chooses how much), then doubles the step.
-    pub fn next_delay(&mut self, jitter: u8) -> Duration {
-        let base = self.current;
-        self.current = (self.current * 2).min(self.max);
-        base + base / 4 * u32::from(jitter) / 255
-    }
-
-    /// Back to the first step after a success.
-    pub fn reset(&mut self) {
-        self.current = self.min;
-    }
-}
+/// Exponential reconnect backoff with jitter (the one doubling backoff of the workspace).
+pub use durable::Backoff;
 
 /// Starts the control actor. Events go to `events`; the actor stops when `shutdown` fires
 /// or after a [`ControlEvent::Fatal`].
@@ -508,19 +479,5 @@ mod tests {
             tracker.on_tick(later + Duration::from_secs(10)),
             PingAction::Dead
         );
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_cap_and_resets() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
-        assert_eq!(backoff.next_delay(0), Duration::from_millis(100));
-        assert_eq!(backoff.next_delay(0), Duration::from_millis(200));
-        assert_eq!(backoff.next_delay(0), Duration::from_millis(350));
-        assert_eq!(
-            backoff.next_delay(255),
-            Duration::from_millis(350) + Duration::from_millis(350) / 4
-        );
-        backoff.reset();
-        assert_eq!(backoff.next_delay(0), Duration::from_millis(100));
     }
 }

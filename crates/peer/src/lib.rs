@@ -3,8 +3,6 @@
 //! - [`runtime`]: [`start`] a runtime from a [`Config`]; it returns a [`Client`] (commands:
 //!   send, list, block, mute, whois, trust, history, ...) and [`Events`] (messages,
 //!   delivery results, announcements, warnings) in order. One event loop drives everything.
-//! - [`commit`]: the group-commit writer: one thread commits many state writes per `fsync`;
-//!   a write's [`commit::Ticket`] resolves once durable.
 //! - [`control`]: the control connection to the discovery server as an actor (register,
 //!   heartbeats, requests matched by id, reconnect with backoff).
 //! - [`delivery`]: sending one message: direct, else the mailbox; [`DeliveryStatus`].
@@ -17,10 +15,9 @@
 //! Data dir layout (one folder per user, mode 0700): `identity.key` (0600, see
 //! [`proto::Identity`]) and `state.redb`.
 //!
-//! **Architecture Invariant:** this crate depends on `proto` only among the workspace
-//! crates, and never prints: everything the user should see is an [`Event`].
+//! **Architecture Invariant:** this crate depends on `proto` and `durable` only among the
+//! workspace crates, and never prints: everything the user should see is an [`Event`].
 
-pub mod commit;
 pub mod control;
 pub mod delivery;
 pub(crate) mod inbox;

@@ -10,7 +10,7 @@
 //!
 //! Outgoing messages go to one task per recipient ([`crate::outgoing`]), which keeps a link
 //! and pipelines them over it in order. State writes are group-committed
-//! ([`crate::commit`]): a send's outbox record, the receiver's stored batch and the results
+//! ([`durable::GroupWriter`]): a send's outbox record, the receiver's stored batch and the results
 //! of many messages share commits.
 
 use std::{

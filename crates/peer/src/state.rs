@@ -30,11 +30,13 @@
 //! Every change is one unit of a write transaction, so a crash at any point leaves either the
 //! state before the change or the state after it: a received message is in `history`, `seen`
 //! and `unshown` together, or in none of them. Changes are committed by the group-commit
-//! writer ([`crate::commit`]): many changes share one durable commit, and a change is
-//! reported done only once its commit is. The blocking methods (`pin_if_absent`, `block`, ...)
-//! wait for that commit; the hot paths have `submit_*` twins that return a [`Ticket`] to
-//! await, so an async caller never holds a runtime thread for an `fsync`. Reads run
-//! directly (redb readers see the last commit). Time-dependent calls take `now_ms`.
+//! writer ([`durable::GroupWriter`]): many changes share one durable commit, and a change is
+//! reported done only once its commit is. Readers and the writer take the database from a
+//! [`durable::DatabaseSlot`], which opens the file again after an I/O failure. The blocking
+//! methods (`pin_if_absent`, `block`, ...) wait for that commit; the hot paths have
+//! `submit_*` twins that return a [`Ticket`] to await, so an async caller never holds a
+//! runtime thread for an `fsync`. Reads run directly (redb readers see the last commit).
+//! Time-dependent calls take `now_ms`.
 //!
 //! **Architecture Invariant:** this module does no network I/O and knows nothing of the
 //! runtime; it is plain synchronous storage that the runtime drives.
@@ -55,8 +57,14 @@ use redb::{
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-pub use crate::commit::Ticket;
-use crate::commit::{DatabaseSlot, GroupWriter, Opener};
+use durable::{DatabaseSlot, GroupWriter, Opener};
+
+/// A submitted state write: resolves once durable (see [`durable::Ticket`]).
+pub type Ticket<T> = durable::Ticket<T, StateError>;
+
+/// The most writes committed in one transaction (a bound on the work behind one `fsync`
+/// and on how long the first waiter of a group waits for the last).
+const MAX_GROUP: usize = 4096;
 
 /// The result of one attempt to send an outbox entry, for [`State::submit_results`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,17 +117,19 @@ pub enum StateError {
         /// Why it does not decode.
         source: wire::WireError,
     },
-    /// The group commit holding this change failed (every change of the group gets this).
-    #[error("state commit failed: {0}")]
-    Commit(String),
-    /// The state file failed an I/O operation (a full disk, say) and is closed until it
-    /// opens again, which is retried with a backoff.
-    #[error("{0} (the state file is opened again once the disk takes writes)")]
-    Reopening(String),
-    /// The writer thread has stopped (the runtime is shutting down).
-    #[error("the state writer has stopped")]
-    WriterStopped,
+    /// The durable write failed: its group's commit (every change of the group gets
+    /// this), the state file closed after an I/O failure until it opens again, or the
+    /// writer stopped (the runtime is shutting down).
+    #[error("state write: {0}")]
+    Durable(#[from] durable::Error),
+    /// A write answered without an outcome for one of its entries.
+    #[error("the state write answered without an outcome")]
+    NoOutcome,
 }
+
+// A job's own database error is not handed to the slot: if it left redb refusing
+// everything, the writer's next transaction meets that and closes the database.
+impl durable::JobError for StateError {}
 
 macro_rules! from_redb {
     ($($kind:ty),*) => {$(
@@ -333,8 +343,10 @@ impl State {
             .map_or(1, |value| value.value());
         txn.commit()?;
         let db = Arc::new(DatabaseSlot::new(db, open));
+        let writer = GroupWriter::start("p2pchat-state-writer", db.clone(), MAX_GROUP)
+            .map_err(|error| StateError::Database(redb::Error::Io(error)))?;
         Ok(Self {
-            writer: GroupWriter::start(db.clone())?,
+            writer,
             db,
             next_seq: Arc::new(AtomicU64::new(next_seq)),
             _instance_lock: instance_lock,
@@ -347,7 +359,7 @@ impl State {
         T: Send + 'static,
         F: Fn(&WriteTransaction) -> Result<T, StateError> + Send + 'static,
     {
-        self.writer.submit(work).wait()
+        self.writer.submit(work).wait_blocking()
     }
 
     // ---- pins ----
@@ -624,7 +636,7 @@ impl State {
     ) -> Result<OutboxEntry, StateError> {
         let entry = self.prepare_outgoing(to, body, now_ms);
         for ticket in self.submit_outgoing(vec![entry.clone()]) {
-            ticket.wait()?;
+            ticket.wait_blocking()?;
         }
         Ok(entry)
     }
@@ -710,13 +722,9 @@ impl State {
             keep,
         };
         self.submit_results(vec![attempt])
-            .wait()?
+            .wait_blocking()?
             .pop()
-            .unwrap_or_else(|| {
-                Err(StateError::Commit(
-                    "no result for a recorded attempt".into(),
-                ))
-            })
+            .unwrap_or_else(|| Err(StateError::NoOutcome))
     }
 
     // ---- incoming ----
@@ -790,9 +798,9 @@ impl State {
         now_ms: u64,
     ) -> Result<StoreOutcome, StateError> {
         self.submit_incoming(vec![message.clone()], now_ms)
-            .wait()?
+            .wait_blocking()?
             .pop()
-            .ok_or_else(|| StateError::Commit("no outcome for a stored message".into()))
+            .ok_or(StateError::NoOutcome)
     }
 
     /// Whether the message with this id, written by its sender at `sent_at_ms`, was stored
@@ -861,7 +869,8 @@ impl State {
 
     /// Marks one message as shown (see [`State::submit_shown`]), waiting until durable.
     pub fn mark_shown(&self, message: &InboundMessage) -> Result<(), StateError> {
-        self.submit_shown(vec![(message.id, message.seq)]).wait()
+        self.submit_shown(vec![(message.id, message.seq)])
+            .wait_blocking()
     }
 
     // ---- held (sealed under a changed key) ----
@@ -1086,7 +1095,7 @@ mod tests {
                     keep: i % 2 == 1,
                 })
                 .collect();
-            let results = state.submit_results(attempts).wait().unwrap();
+            let results = state.submit_results(attempts).wait_blocking().unwrap();
             assert!(results.iter().all(Result::is_ok));
             kept = sent
                 .iter()
@@ -1095,12 +1104,12 @@ mod tests {
                 .map(|e| e.id)
                 .collect::<Vec<_>>();
             let batch = incoming.clone();
-            let outcomes = state.submit_incoming(batch, 9_000).wait().unwrap();
+            let outcomes = state.submit_incoming(batch, 9_000).wait_blocking().unwrap();
             assert!(outcomes.iter().all(|o| matches!(o, StoreOutcome::New(_))));
             let unshown = state.unshown().unwrap();
             state
                 .submit_shown(unshown[..100].iter().map(|m| (m.id, m.seq)).collect())
-                .wait()
+                .wait_blocking()
                 .unwrap();
             shown_ids = unshown[..100].iter().map(|m| m.id).collect::<Vec<_>>();
         }
@@ -1117,7 +1126,10 @@ mod tests {
         }
         // Every copy is still a duplicate after the reopen, shown or not.
         let copies = incoming.clone();
-        let outcomes = state.submit_incoming(copies, 9_500).wait().unwrap();
+        let outcomes = state
+            .submit_incoming(copies, 9_500)
+            .wait_blocking()
+            .unwrap();
         assert!(outcomes.iter().all(|o| *o == StoreOutcome::Duplicate));
         assert_eq!(state.history(&bob, 1_000).unwrap().len(), 600);
     }

@@ -45,12 +45,12 @@
 //! # I/O failures
 //!
 //! After a write to the file fails (a full disk), redb refuses everything until the
-//! database is reopened. The database therefore sits behind a `DatabaseHandle` (module
-//! `reopen`) that every operation, and the deposit writer, takes it from: the operation
-//! that failed reports why (a full disk is [`StoreError::StorageFull`]), and a later one
-//! reopens the file, with a backoff while the disk stays full. Nothing committed is lost, and the
-//! in-memory state (presence, cached bindings, the broadcast channel) is kept, so a server
-//! recovers by itself once space is freed.
+//! database is reopened. The database therefore sits in a [`durable::DatabaseSlot`] that
+//! every operation, and the deposit writer ([`durable::GroupWriter`]), takes it from: the
+//! operation that failed reports why (a full disk is [`StoreError::StorageFull`]), and a
+//! later one reopens the file, with a backoff while the disk stays full. Nothing committed
+//! is lost, and the in-memory state (presence, cached bindings, the broadcast channel) is
+//! kept, so a server recovers by itself once space is freed.
 //!
 //! **Architecture Invariant:** values are (de)serialised only through [`proto::wire`].
 
@@ -60,6 +60,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
+use durable::{Commit, DatabaseSlot, GroupWriter, JobError, Opener};
 use proto::{Envelope, MessageId, Username, wire};
 use redb::{
     Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
@@ -67,9 +68,6 @@ use redb::{
 };
 use tokio::sync::broadcast;
 
-mod reopen;
-
-use self::reopen::{DatabaseHandle, Opener};
 use crate::{
     BindOutcome, Binding, Broadcast, DepositOutcome, Fetched, MailLimits, Presence, StoreError,
     StoredMail,
@@ -112,13 +110,11 @@ impl std::fmt::Debug for EmbeddedStore {
 /// What every clone shares.
 struct Inner {
     /// The database, reopened after an I/O failure; shared with the deposit writer.
-    db: Arc<DatabaseHandle>,
+    db: Arc<DatabaseSlot>,
     limits: MailLimits,
-    /// Feeds the deposit writer thread; `None` only while dropping.
-    deposits: Option<std::sync::mpsc::Sender<DepositJob>>,
     /// The deposit writer thread, joined on drop so the file is closed when the last
     /// handle goes (a reopen right after must not find it still open).
-    writer: Option<std::thread::JoinHandle<()>>,
+    writer: GroupWriter,
     /// Presence by user; a std mutex, never held across an `.await`. A `BTreeMap` so the
     /// online list comes out sorted by name.
     presence: Mutex<BTreeMap<Username, Presence>>,
@@ -146,19 +142,7 @@ impl Inner {
     }
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // Closing the channel ends the writer's loop after its current group.
-        self.deposits.take();
-        if let Some(writer) = self.writer.take()
-            && writer.join().is_err()
-        {
-            tracing::error!("embedded store deposit writer panicked");
-        }
-    }
-}
-
-/// One deposit waiting for the writer thread.
+/// One deposit, as the writer thread runs it.
 struct DepositJob {
     recipient: Username,
     sender: Username,
@@ -166,7 +150,6 @@ struct DepositJob {
     encoded: bytes::Bytes,
     /// When the deposit happens: decides which mail at the head of a full mailbox expired.
     now_ms: u64,
-    reply: tokio::sync::oneshot::Sender<Result<DepositDecision, StoreError>>,
 }
 
 /// The most deposits committed in one group.
@@ -209,21 +192,14 @@ impl EmbeddedStore {
         create_tables(&txn).map_err(embedded_error)?;
         txn.commit().map_err(embedded_error)?;
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
-        let db = Arc::new(DatabaseHandle::new(db, open));
-        let (deposits, jobs) = std::sync::mpsc::channel();
-        let writer = std::thread::Builder::new()
-            .name("store-deposits".to_owned())
-            .spawn({
-                let db = Arc::clone(&db);
-                move || run_deposit_writer(&db, limits, &jobs)
-            })
+        let db = Arc::new(DatabaseSlot::new(db, open));
+        let writer = GroupWriter::start("store-deposits", Arc::clone(&db), MAX_DEPOSIT_GROUP)
             .map_err(|error| StoreError::Embedded(format!("cannot start the writer: {error}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
                 limits,
-                deposits: Some(deposits),
-                writer: Some(writer),
+                writer,
                 presence: Mutex::new(BTreeMap::new()),
                 bindings: Mutex::new(std::collections::HashMap::new()),
                 events,
@@ -237,20 +213,22 @@ impl EmbeddedStore {
     }
 
     /// Runs `work` on the blocking pool with the shared state and the current database.
-    /// When `work` fails, the handle checks whether the database needs reopening.
+    /// When `work` fails on the database, the slot checks whether it needs reopening.
     async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Inner, &Database) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Inner, &Database) -> Result<T, OpError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
-            let db = inner.db.get()?;
+            let db = inner.db.get().map_err(durable_error)?;
             let result = work(&inner, &db);
-            if let Err(error) = &result {
-                inner.db.after_error(&db, error);
+            if let Err(error) = &result
+                && let Some(cause) = error.database_error()
+            {
+                inner.db.after_error(&db, cause);
             }
-            result
+            result.map_err(StoreError::from)
         })
         .await
         .map_err(|error| StoreError::Embedded(format!("store task failed: {error}")))?
@@ -261,17 +239,14 @@ impl EmbeddedStore {
         let binding = binding.clone();
         let encoded = encode(&binding)?;
         self.blocking(move |inner, db| {
-            let txn = db.begin_write().map_err(embedded_error)?;
+            let txn = db.begin_write()?;
             let existing = {
-                let mut table = txn.open_table(BINDINGS).map_err(embedded_error)?;
+                let mut table = txn.open_table(BINDINGS)?;
                 let existing = table
-                    .get(binding.user.as_str())
-                    .map_err(embedded_error)?
+                    .get(binding.user.as_str())?
                     .map(|value| value.value().to_vec());
                 if existing.is_none() {
-                    table
-                        .insert(binding.user.as_str(), encoded.as_ref())
-                        .map_err(embedded_error)?;
+                    table.insert(binding.user.as_str(), encoded.as_ref())?;
                 }
                 existing
             };
@@ -282,7 +257,7 @@ impl EmbeddedStore {
                     Ok(BindOutcome::Existing(existing))
                 }
                 None => {
-                    txn.commit().map_err(embedded_error)?;
+                    txn.commit()?;
                     inner.db.committed();
                     inner.cache_binding(&binding);
                     Ok(BindOutcome::Created)
@@ -299,9 +274,9 @@ impl EmbeddedStore {
         }
         let user = user.clone();
         self.blocking(move |inner, db| {
-            let txn = db.begin_read().map_err(embedded_error)?;
-            let table = txn.open_table(BINDINGS).map_err(embedded_error)?;
-            let value = table.get(user.as_str()).map_err(embedded_error)?;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(BINDINGS)?;
+            let value = table.get(user.as_str())?;
             let binding = value
                 .map(|value| decode_binding(&user, value.value()))
                 .transpose()?;
@@ -372,24 +347,30 @@ impl EmbeddedStore {
             deposited_at_ms: now_ms,
         };
         let encoded = encode(&mail)?;
-        let cap = self.inner.limits.cap;
-        let (reply, decision) = tokio::sync::oneshot::channel();
+        let limits = self.inner.limits;
         let job = DepositJob {
             recipient: envelope.to.clone(),
             sender: envelope.from.clone(),
             id: envelope.id.0,
             encoded,
             now_ms,
-            reply,
         };
-        let writer_gone = || StoreError::Embedded("the deposit writer has stopped".to_owned());
-        self.inner
-            .deposits
-            .as_ref()
-            .ok_or_else(writer_gone)?
-            .send(job)
-            .map_err(|_| writer_gone())?;
-        let decision = decision.await.map_err(|_| writer_gone())??;
+        // Deposits of one group run in one transaction in order (a repeated id in one group
+        // is a duplicate). Only a stored deposit needs the commit: a group of duplicates and
+        // refusals commits nothing.
+        let decision = self
+            .inner
+            .writer
+            .submit_or_skip(move |txn| {
+                let decision = deposit_in(txn, &job, limits)?;
+                let commit = match decision {
+                    DepositDecision::Stored => Commit::Durable,
+                    _ => Commit::Skip,
+                };
+                Ok::<_, OpError>((decision, commit))
+            })
+            .await?;
+        let cap = limits.cap;
         match decision {
             DepositDecision::Stored => Ok(DepositOutcome::Stored),
             DepositDecision::Duplicate => Ok(DepositOutcome::Duplicate),
@@ -418,23 +399,20 @@ impl EmbeddedStore {
         let ttl_ms = self.inner.limits.ttl_ms;
         self.blocking(move |_, db| {
             let (batch, removals, count) = {
-                let txn = db.begin_read().map_err(embedded_error)?;
-                let mailboxes = txn.open_table(MAILBOXES).map_err(embedded_error)?;
+                let txn = db.begin_read()?;
+                let mailboxes = txn.open_table(MAILBOXES)?;
                 let count = mailboxes
-                    .get(user.as_str())
-                    .map_err(embedded_error)?
+                    .get(user.as_str())?
                     .map_or(0, |value| value.value().0);
-                let table = txn.open_table(MAIL).map_err(embedded_error)?;
+                let table = txn.open_table(MAIL)?;
                 let mut batch = Batch::new(max, max_bytes);
                 let mut removals = Vec::new();
-                let range = table
-                    .range((user.as_str(), 0)..=(user.as_str(), u64::MAX))
-                    .map_err(embedded_error)?;
+                let range = table.range((user.as_str(), 0)..=(user.as_str(), u64::MAX))?;
                 for entry in range {
                     if batch.is_full() {
                         break;
                     }
-                    let (key, value) = entry.map_err(embedded_error)?;
+                    let (key, value) = entry?;
                     let (id, bytes) = value.value();
                     match classify(&user, key.value().1, id, bytes, ttl_ms, now_ms) {
                         Entry::Keep(stored) => {
@@ -449,9 +427,9 @@ impl EmbeddedStore {
             };
             let removed = removals.len() as u64;
             if !removals.is_empty() {
-                let txn = db.begin_write().map_err(embedded_error)?;
-                remove_mail(&txn, &user, &removals).map_err(embedded_error)?;
-                txn.commit().map_err(embedded_error)?;
+                let txn = db.begin_write()?;
+                remove_mail(&txn, &user, &removals)?;
+                txn.commit()?;
             }
             let remaining = count.saturating_sub(removed + batch.len() as u64);
             Ok(Fetched {
@@ -474,12 +452,11 @@ impl EmbeddedStore {
         let user = user.clone();
         let ids = ids.to_vec();
         self.blocking(move |_, db| {
-            let mut txn = db.begin_write().map_err(embedded_error)?;
-            txn.set_durability(redb::Durability::None)
-                .map_err(|error| StoreError::Embedded(error.to_string()))?;
-            let removed = ack_in(&txn, &user, &ids).map_err(embedded_error)?;
+            let mut txn = db.begin_write()?;
+            txn.set_durability(redb::Durability::None)?;
+            let removed = ack_in(&txn, &user, &ids)?;
             if removed > 0 {
-                txn.commit().map_err(embedded_error)?;
+                txn.commit()?;
             }
             Ok(removed)
         })
@@ -490,11 +467,10 @@ impl EmbeddedStore {
     pub async fn mail_count(&self, user: &Username) -> Result<u64, StoreError> {
         let user = user.clone();
         self.blocking(move |_, db| {
-            let txn = db.begin_read().map_err(embedded_error)?;
-            let mailboxes = txn.open_table(MAILBOXES).map_err(embedded_error)?;
+            let txn = db.begin_read()?;
+            let mailboxes = txn.open_table(MAILBOXES)?;
             let count = mailboxes
-                .get(user.as_str())
-                .map_err(embedded_error)?
+                .get(user.as_str())?
                 .map_or(0, |value| value.value().0);
             Ok(count)
         })
@@ -521,17 +497,16 @@ impl EmbeddedStore {
         let user = user.clone();
         let blocked = blocked.clone();
         self.blocking(move |inner, db| {
-            let txn = db.begin_write().map_err(embedded_error)?;
+            let txn = db.begin_write()?;
             {
-                let mut table = txn.open_multimap_table(BLOCKS).map_err(embedded_error)?;
+                let mut table = txn.open_multimap_table(BLOCKS)?;
                 if block {
                     table.insert(user.as_str(), blocked.as_str())
                 } else {
                     table.remove(user.as_str(), blocked.as_str())
-                }
-                .map_err(embedded_error)?;
+                }?;
             }
-            txn.commit().map_err(embedded_error)?;
+            txn.commit()?;
             inner.db.committed();
             Ok(())
         })
@@ -542,11 +517,11 @@ impl EmbeddedStore {
     pub async fn blocked_by(&self, user: &Username) -> Result<Vec<Username>, StoreError> {
         let user = user.clone();
         self.blocking(move |_, db| {
-            let txn = db.begin_read().map_err(embedded_error)?;
-            let table = txn.open_multimap_table(BLOCKS).map_err(embedded_error)?;
+            let txn = db.begin_read()?;
+            let table = txn.open_multimap_table(BLOCKS)?;
             let mut blocked = Vec::new();
-            for entry in table.get(user.as_str()).map_err(embedded_error)? {
-                let entry = entry.map_err(embedded_error)?;
+            for entry in table.get(user.as_str())? {
+                let entry = entry?;
                 match Username::new(entry.value()) {
                     Ok(name) => blocked.push(name),
                     Err(error) => {
@@ -571,69 +546,6 @@ impl EmbeddedStore {
     pub fn subscribe(&self) -> broadcast::Receiver<Broadcast> {
         self.inner.events.subscribe()
     }
-}
-
-/// The deposit writer thread: group commit. It takes every deposit waiting (up to
-/// [`MAX_DEPOSIT_GROUP`]) into one write transaction and one durable commit, so concurrent
-/// senders share an `fsync` instead of queueing for one each; a lone deposit still commits
-/// at once. Runs until the store's last handle drops the sending side.
-fn run_deposit_writer(
-    handle: &DatabaseHandle,
-    limits: MailLimits,
-    jobs: &std::sync::mpsc::Receiver<DepositJob>,
-) {
-    while let Ok(first) = jobs.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_DEPOSIT_GROUP {
-            match jobs.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
-            }
-        }
-        let result = handle.get().and_then(|db| {
-            commit_deposits(&db, limits, &group).map_err(|error| {
-                let error = embedded_error(error);
-                handle.after_error(&db, &error);
-                error
-            })
-        });
-        match result {
-            Ok(decisions) => {
-                handle.committed();
-                for (job, decision) in group.into_iter().zip(decisions) {
-                    // A caller that stopped waiting does not need the answer.
-                    let _ = job.reply.send(Ok(decision));
-                }
-            }
-            Err(error) => {
-                tracing::error!(%error, deposits = group.len(), "deposit group failed");
-                for job in group {
-                    let _ = job.reply.send(Err(repeat_error(&error)));
-                }
-            }
-        }
-    }
-}
-
-/// Runs a group of deposits in one transaction (later ones see earlier ones: a repeated id
-/// in one group is a duplicate) and commits it if anything was stored.
-fn commit_deposits(
-    db: &Database,
-    limits: MailLimits,
-    group: &[DepositJob],
-) -> Result<Vec<DepositDecision>, redb::Error> {
-    let txn = db.begin_write()?;
-    let decisions = group
-        .iter()
-        .map(|job| deposit_in(&txn, job, limits))
-        .collect::<Result<Vec<_>, _>>()?;
-    if decisions
-        .iter()
-        .any(|decision| matches!(decision, DepositDecision::Stored))
-    {
-        txn.commit()?;
-    }
-    Ok(decisions)
 }
 
 /// Opens every table in `txn`, creating the missing ones.
@@ -896,33 +808,79 @@ fn after_removal(txn: &WriteTransaction, user: &Username, removed: u64) -> Resul
     mailbox.write(&mut mailboxes, user)
 }
 
-/// The same error again, for each deposit of a failed group (a [`StoreError`] is not
-/// `Clone`; the writer only meets these two kinds).
-fn repeat_error(error: &StoreError) -> StoreError {
-    match error {
-        StoreError::StorageFull(message) => StoreError::StorageFull(message.clone()),
-        StoreError::Embedded(message) => StoreError::Embedded(message.clone()),
-        other => StoreError::Embedded(other.to_string()),
+/// An operation's failure inside the store: the database's (kept whole, so the slot can
+/// tell whether the file failed and keep the cause) or the store's own.
+#[derive(Debug)]
+enum OpError {
+    Durable(durable::Error),
+    Store(StoreError),
+}
+
+impl From<durable::Error> for OpError {
+    fn from(error: durable::Error) -> Self {
+        OpError::Durable(error)
     }
 }
 
-/// Wraps any redb error; a full disk is told apart, so senders hear why.
-fn embedded_error(error: impl Into<redb::Error>) -> StoreError {
-    let error = error.into();
-    if is_storage_full(&error) {
-        StoreError::StorageFull(error.to_string())
+impl From<StoreError> for OpError {
+    fn from(error: StoreError) -> Self {
+        OpError::Store(error)
+    }
+}
+
+macro_rules! from_redb {
+    ($($kind:ty),*) => {$(
+        impl From<$kind> for OpError {
+            fn from(error: $kind) -> Self {
+                OpError::Durable(redb::Error::from(error).into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+impl JobError for OpError {
+    fn database_error(&self) -> Option<&Arc<redb::Error>> {
+        match self {
+            OpError::Durable(durable::Error::Database(cause)) => Some(cause),
+            _ => None,
+        }
+    }
+}
+
+impl From<OpError> for StoreError {
+    fn from(error: OpError) -> Self {
+        match error {
+            OpError::Durable(error) => durable_error(error),
+            OpError::Store(error) => error,
+        }
+    }
+}
+
+/// The store's error for a durable-write failure; a full disk is told apart, so senders
+/// hear why.
+fn durable_error(error: durable::Error) -> StoreError {
+    let message = match &error {
+        durable::Error::Database(cause) => cause.to_string(),
+        other => other.to_string(),
+    };
+    if error.is_storage_full() {
+        StoreError::StorageFull(message)
     } else {
-        StoreError::Embedded(error.to_string())
+        StoreError::Embedded(message)
     }
 }
 
-/// Whether `error` is the disk (or quota) running out of space.
-fn is_storage_full(error: &redb::Error) -> bool {
-    /// ENOSPC and EDQUOT on Linux, for kernels' errors std does not map to `StorageFull`.
-    const NO_SPACE: [i32; 2] = [28, 122];
-    matches!(error, redb::Error::Io(io)
-        if io.kind() == std::io::ErrorKind::StorageFull
-            || io.raw_os_error().is_some_and(|code| NO_SPACE.contains(&code)))
+/// Wraps any redb error met while opening the store.
+fn embedded_error(error: impl Into<redb::Error>) -> StoreError {
+    durable_error(durable::Error::from(error.into()))
 }
 
 #[cfg(test)]
@@ -1115,31 +1073,6 @@ mod tests {
             .publish(&Broadcast::MailWaiting { user: bob.clone() })
             .await?;
         assert_eq!(events.recv().await?, Broadcast::MailWaiting { user: bob });
-        Ok(())
-    }
-
-    /// While the disk stays full, reopening backs off instead of running once per request.
-    #[tokio::test]
-    async fn a_disk_that_stays_full_is_reopened_with_backoff()
-    -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let (store, full, opens) = store_on_filling_disk(dir.path().join("store.redb"))?;
-        full.store(true, std::sync::atomic::Ordering::SeqCst);
-        let started = std::time::Instant::now();
-        let mut failures = 0;
-        while started.elapsed() < std::time::Duration::from_millis(500) {
-            let error = store
-                .deposit(&envelope("x"), 1_000)
-                .await
-                .expect_err("full");
-            assert!(matches!(error, StoreError::StorageFull(_)), "{error}");
-            failures += 1;
-        }
-        // Backoff 50, 100, 200, 400 ms: at most four reopens in half a second, plus the
-        // first open.
-        let opens = opens.load(std::sync::atomic::Ordering::SeqCst);
-        assert!(opens <= 5, "{opens} opens for {failures} failed deposits");
-        assert!(failures > 20, "failures are answered at once ({failures})");
         Ok(())
     }
 

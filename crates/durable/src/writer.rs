@@ -1,0 +1,372 @@
+//! [`GroupWriter`]: one thread makes every write durable, many writes per `fsync`.
+//!
+//! A redb write transaction with [`redb::Durability::Immediate`] (the default) ends in an
+//! `fsync`, which costs milliseconds on a real disk; one commit per write would bound a
+//! process at a few hundred writes a second. So writes are not run by their callers:
+//! [`GroupWriter::submit`] hands a job (a closure over the transaction) to a dedicated
+//! thread and returns a [`Ticket`]. The thread takes every job waiting (up to a maximum),
+//! runs them in one transaction in the order they were submitted, commits once, and only
+//! then answers each ticket. A ticket therefore resolves only once its write is durable,
+//! exactly as if it had committed alone. [`GroupWriter::submit_shared`] is the same for a
+//! job made on behalf of several callers: one job, one ticket per caller, all answered
+//! alike. A job that finds it has nothing to write says so ([`Commit::Skip`], through
+//! [`GroupWriter::submit_or_skip`]); a group where no job wrote is not committed.
+//!
+//! Failures stay with their cause: if one job of a group fails, the group's transaction is
+//! aborted and every job of the group runs again in a transaction of its own, so the others
+//! still commit and only the failing one reports its error. If the commit itself fails
+//! (the disk), every waiter of the group gets that error, and the [`DatabaseSlot`] learns
+//! of it, to open the file again if redb now refuses everything.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, mpsc},
+    task::{Context, Poll, Wake, Waker},
+    thread::JoinHandle,
+};
+
+use redb::{Database, WriteTransaction};
+use tokio::sync::oneshot;
+
+use crate::{DatabaseSlot, Error, JobError};
+
+/// What a job's write asks of its group's commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// The job changed something that must be durable before its ticket resolves.
+    Durable,
+    /// The job changed nothing (a duplicate, a refusal): it needs no commit, and a group
+    /// of such jobs only is not committed. Its ticket resolves once the group is done.
+    Skip,
+}
+
+/// One job waiting for the writer thread.
+trait Job: Send {
+    /// Runs the job in `txn`, keeping its result: what it asks of the commit, or `None`
+    /// if it failed.
+    fn apply(&mut self, txn: &WriteTransaction) -> Option<Commit>;
+    /// The database error behind the job's failure, if it failed with one.
+    fn database_error(&self) -> Option<Arc<redb::Error>>;
+    /// Answers the waiters: the kept result, or `failure` if the commit failed.
+    fn finish(self: Box<Self>, failure: Option<&Error>);
+}
+
+/// A job with one waiter.
+struct SingleJob<T, E, F> {
+    work: F,
+    result: Option<Result<T, E>>,
+    reply: oneshot::Sender<Result<T, E>>,
+}
+
+impl<T, E, F> Job for SingleJob<T, E, F>
+where
+    T: Send,
+    E: JobError,
+    F: Fn(&WriteTransaction) -> Result<(T, Commit), E> + Send,
+{
+    fn apply(&mut self, txn: &WriteTransaction) -> Option<Commit> {
+        match (self.work)(txn) {
+            Ok((value, commit)) => {
+                self.result = Some(Ok(value));
+                Some(commit)
+            }
+            Err(error) => {
+                self.result = Some(Err(error));
+                None
+            }
+        }
+    }
+
+    fn database_error(&self) -> Option<Arc<redb::Error>> {
+        match &self.result {
+            Some(Err(error)) => error.database_error().cloned(),
+            _ => None,
+        }
+    }
+
+    fn finish(self: Box<Self>, failure: Option<&Error>) {
+        let result = match (failure, self.result) {
+            (Some(error), _) => Err(E::from(error.clone())),
+            (None, Some(result)) => result,
+            // Every job of a group that was not committed has run.
+            (None, None) => Err(E::from(Error::WriterStopped)),
+        };
+        // A caller that stopped waiting does not need the answer; the write stands.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// A job whose outcome many waiters share.
+struct SharedJob<E, F> {
+    work: F,
+    result: Option<Result<(), Arc<E>>>,
+    replies: Vec<oneshot::Sender<Result<(), E>>>,
+}
+
+impl<E, F> Job for SharedJob<E, F>
+where
+    E: JobError + std::error::Error + Sync,
+    F: Fn(&WriteTransaction) -> Result<(), E> + Send,
+{
+    fn apply(&mut self, txn: &WriteTransaction) -> Option<Commit> {
+        let result = (self.work)(txn).map_err(Arc::new);
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok.then_some(Commit::Durable)
+    }
+
+    fn database_error(&self) -> Option<Arc<redb::Error>> {
+        match &self.result {
+            Some(Err(error)) => error.database_error().cloned(),
+            _ => None,
+        }
+    }
+
+    fn finish(self: Box<Self>, failure: Option<&Error>) {
+        let outcome = match (failure, self.result) {
+            (Some(error), _) => Err(error.clone()),
+            (None, Some(Ok(()))) => Ok(()),
+            (None, Some(Err(error))) => Err(Error::Shared(error)),
+            (None, None) => Err(Error::WriterStopped),
+        };
+        for reply in self.replies {
+            let _ = reply.send(outcome.clone().map_err(E::from));
+        }
+    }
+}
+
+/// A submitted job: resolves, as a future, once the group holding it is durable, with the
+/// job's result. Dropping it does not cancel the write.
+#[must_use = "a write is durable only once its ticket resolves"]
+pub struct Ticket<T, E = Error> {
+    answer: oneshot::Receiver<Result<T, E>>,
+}
+
+impl<T, E> std::fmt::Debug for Ticket<T, E> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Ticket").finish_non_exhaustive()
+    }
+}
+
+impl<T, E: From<Error>> Ticket<T, E> {
+    /// A ticket that is resolved already, with `result`.
+    pub fn resolved(result: Result<T, E>) -> Self {
+        let (reply, answer) = oneshot::channel();
+        let _ = reply.send(result);
+        Self { answer }
+    }
+
+    /// The result if the write is durable already (or failed), else the ticket back.
+    pub fn try_take(mut self) -> Result<Result<T, E>, Self> {
+        match self.answer.try_recv() {
+            Ok(result) => Ok(result),
+            Err(oneshot::error::TryRecvError::Empty) => Err(self),
+            Err(oneshot::error::TryRecvError::Closed) => Ok(Err(E::from(Error::WriterStopped))),
+        }
+    }
+
+    /// Blocks this thread until the write is durable. Only for synchronous callers: async
+    /// code awaits the ticket instead, so a runtime thread is not held for an `fsync`.
+    pub fn wait_blocking(mut self) -> Result<T, E> {
+        /// Wakes the blocked thread when the answer arrives.
+        struct Unpark(std::thread::Thread);
+        impl Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut context = Context::from_waker(&waker);
+        loop {
+            if let Poll::Ready(result) = Pin::new(&mut self).poll(&mut context) {
+                return result;
+            }
+            // A wake-up that came before this park makes it return at once; a spurious
+            // one only polls again.
+            std::thread::park();
+        }
+    }
+}
+
+impl<T, E: From<Error>> Future for Ticket<T, E> {
+    type Output = Result<T, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.answer)
+            .poll(cx)
+            .map(|answer| answer.unwrap_or_else(|_| Err(E::from(Error::WriterStopped))))
+    }
+}
+
+/// The handle on the writer thread. Dropping it lets the thread commit what was submitted,
+/// then waits for it to end (so the database file is closed when this returns, unless
+/// something else still holds it).
+#[derive(Debug)]
+pub struct GroupWriter {
+    /// Feeds the thread; `None` only while dropping. Unbounded: a submit never blocks its
+    /// caller, and a caller waits on its ticket before submitting more of the same.
+    jobs: Option<mpsc::Sender<Box<dyn Job>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl GroupWriter {
+    /// Starts the writer thread (named `name`) for the database in `slot`, committing up to
+    /// `max_group` jobs at a time (a bound on the work behind one `fsync` and on how long
+    /// the first waiter of a group waits for the last). Fails only if the thread cannot be
+    /// spawned.
+    pub fn start(name: &str, slot: Arc<DatabaseSlot>, max_group: usize) -> std::io::Result<Self> {
+        let (jobs, receiver) = mpsc::channel::<Box<dyn Job>>();
+        let max_group = max_group.max(1);
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || run(&slot, &receiver, max_group))?;
+        Ok(Self {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    /// Submits `work`, to run in a write transaction after everything submitted before it,
+    /// and to be durable before its ticket resolves. It may run more than once (again
+    /// alone, if another job of its group failed), so it must depend only on what it
+    /// captured and on the transaction.
+    pub fn submit<T, E, F>(&self, work: F) -> Ticket<T, E>
+    where
+        T: Send + 'static,
+        E: JobError,
+        F: Fn(&WriteTransaction) -> Result<T, E> + Send + 'static,
+    {
+        self.submit_or_skip(move |txn| work(txn).map(|value| (value, Commit::Durable)))
+    }
+
+    /// Submits `work` like [`GroupWriter::submit`], for a job that may find it has nothing
+    /// to write: it returns its result with what it asks of the commit.
+    pub fn submit_or_skip<T, E, F>(&self, work: F) -> Ticket<T, E>
+    where
+        T: Send + 'static,
+        E: JobError,
+        F: Fn(&WriteTransaction) -> Result<(T, Commit), E> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        self.send(Box::new(SingleJob {
+            work,
+            result: None,
+            reply,
+        }));
+        Ticket { answer }
+    }
+
+    /// Submits `work` like [`GroupWriter::submit`], with `waiters` tickets that all resolve
+    /// with its outcome (a failure of `work` itself as [`Error::Shared`]): one job for
+    /// several callers, so a burst of small writes costs one job.
+    pub fn submit_shared<E, F>(&self, work: F, waiters: usize) -> Vec<Ticket<(), E>>
+    where
+        E: JobError + std::error::Error + Sync,
+        F: Fn(&WriteTransaction) -> Result<(), E> + Send + 'static,
+    {
+        let (replies, tickets) = (0..waiters)
+            .map(|_| {
+                let (reply, answer) = oneshot::channel();
+                (reply, Ticket { answer })
+            })
+            .unzip();
+        self.send(Box::new(SharedJob {
+            work,
+            result: None,
+            replies,
+        }));
+        tickets
+    }
+
+    fn send(&self, job: Box<dyn Job>) {
+        if let Some(jobs) = &self.jobs {
+            // A send error means the thread is gone; the tickets then say so.
+            let _ = jobs.send(job);
+        }
+    }
+}
+
+impl Drop for GroupWriter {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the durable writer thread panicked");
+        }
+    }
+}
+
+/// The writer thread: group, run, commit, answer; until the handle is gone.
+fn run(slot: &DatabaseSlot, jobs: &mpsc::Receiver<Box<dyn Job>>, max_group: usize) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < max_group {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let db = match slot.get() {
+            Ok(db) => db,
+            Err(error) => {
+                group.into_iter().for_each(|job| job.finish(Some(&error)));
+                continue;
+            }
+        };
+        match commit(slot, &db, &mut group) {
+            Ok(true) => group.into_iter().for_each(|job| job.finish(None)),
+            // One job failed: run each alone, so only the failing one reports an error.
+            Ok(false) if group.len() > 1 => {
+                for mut job in group {
+                    match commit(slot, &db, std::slice::from_mut(&mut job)) {
+                        Ok(_) => job.finish(None),
+                        Err(error) => job.finish(Some(&error)),
+                    }
+                }
+            }
+            Ok(false) => group.into_iter().for_each(|job| job.finish(None)),
+            Err(error) => {
+                tracing::error!(%error, jobs = group.len(), "group commit failed");
+                group.into_iter().for_each(|job| job.finish(Some(&error)));
+            }
+        }
+    }
+}
+
+/// Runs `group` in one transaction and commits it if a job asks for it: `Ok(false)`
+/// (aborted) if a job failed. A database error (of a job or of the transaction) is handed
+/// to the slot.
+fn commit(
+    slot: &DatabaseSlot,
+    db: &Arc<Database>,
+    group: &mut [Box<dyn Job>],
+) -> Result<bool, Error> {
+    let failed = |cause: redb::Error| {
+        let cause = Arc::new(cause);
+        slot.after_error(db, &cause);
+        Error::Database(cause)
+    };
+    let txn = db.begin_write().map_err(|error| failed(error.into()))?;
+    let mut needed = false;
+    for job in group.iter_mut() {
+        match job.apply(&txn) {
+            Some(commit) => needed |= commit == Commit::Durable,
+            None => {
+                txn.abort().map_err(|error| failed(error.into()))?;
+                if let Some(cause) = job.database_error() {
+                    slot.after_error(db, &cause);
+                }
+                return Ok(false);
+            }
+        }
+    }
+    if needed {
+        txn.commit().map_err(|error| failed(error.into()))?;
+        slot.committed();
+    } else {
+        txn.abort().map_err(|error| failed(error.into()))?;
+    }
+    Ok(true)
+}

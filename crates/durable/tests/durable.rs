@@ -1,0 +1,498 @@
+//! The writer and the slot against redb over storage backends that count, hold or fail
+//! their `fsync`s on demand.
+
+use std::{
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use durable::{Commit, DatabaseSlot, Error, GroupWriter, JobError, Opener, Ticket};
+use redb::{
+    Database, DatabaseError, ReadableDatabase, StorageBackend, TableDefinition,
+    backends::InMemoryBackend,
+};
+
+const NUMBERS: TableDefinition<u64, u64> = TableDefinition::new("numbers");
+
+/// A job's error in these tests.
+#[derive(Debug, thiserror::Error)]
+enum TestError {
+    #[error(transparent)]
+    Durable(#[from] Error),
+    #[error("database: {0}")]
+    Database(Arc<redb::Error>),
+    #[error("refused on purpose")]
+    Refused,
+}
+
+impl JobError for TestError {
+    fn database_error(&self) -> Option<&Arc<redb::Error>> {
+        match self {
+            TestError::Database(cause) => Some(cause),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! from_redb {
+    ($($kind:ty),*) => {$(
+        impl From<$kind> for TestError {
+            fn from(error: $kind) -> Self {
+                TestError::Database(Arc::new(error.into()))
+            }
+        }
+    )*};
+}
+from_redb!(redb::TableError, redb::StorageError);
+
+/// A slot over `db` that cannot open it again (the tests that need that build their own).
+fn slot(db: Database) -> Arc<DatabaseSlot> {
+    Arc::new(DatabaseSlot::new(
+        db,
+        Box::new(|| Err(DatabaseError::DatabaseAlreadyOpen)),
+    ))
+}
+
+fn in_memory() -> Database {
+    Database::builder()
+        .create_with_backend(InMemoryBackend::new())
+        .unwrap()
+}
+
+fn start(slot: Arc<DatabaseSlot>) -> GroupWriter {
+    GroupWriter::start("durable-test-writer", slot, 4096).unwrap()
+}
+
+fn insert(writer: &GroupWriter, key: u64) -> Ticket<(), TestError> {
+    writer.submit(move |txn| {
+        txn.open_table(NUMBERS)?.insert(key, key * 2)?;
+        Ok(())
+    })
+}
+
+fn value(db: &Database, key: u64) -> Option<u64> {
+    let txn = db.begin_read().unwrap();
+    match txn.open_table(NUMBERS) {
+        Ok(table) => table.get(key).unwrap().map(|value| value.value()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(error) => panic!("{error}"),
+    }
+}
+
+/// An in-memory file that counts its `fsync`s, can hold them until released, and keeps a
+/// copy of what the last one made durable (what a crash would leave).
+#[derive(Debug, Clone, Default)]
+struct SyncedDisk {
+    live: Arc<InMemoryBackend>,
+    syncs: Arc<AtomicUsize>,
+    /// While true, `sync_data` waits (and says it is waiting).
+    hold: Arc<(Mutex<bool>, Condvar)>,
+    waiting: Arc<AtomicBool>,
+    durable_image: Arc<Mutex<Vec<u8>>>,
+}
+
+impl SyncedDisk {
+    fn set_hold(&self, hold: bool) {
+        *self
+            .hold
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = hold;
+        self.hold.1.notify_all();
+    }
+
+    /// Holds `fsync`s until the guard is dropped (also when a test fails, so the writer's
+    /// thread is not left waiting and the test ends).
+    fn hold_syncs(&self) -> impl Drop + use<> {
+        struct Release(SyncedDisk);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                self.0.set_hold(false);
+            }
+        }
+        self.set_hold(true);
+        Release(self.clone())
+    }
+
+    /// A database over a copy of what is durable: the file as a crash would leave it.
+    fn after_crash(&self) -> Database {
+        let image = self.durable_image.lock().unwrap().clone();
+        let disk = InMemoryBackend::new();
+        disk.set_len(image.len() as u64).unwrap();
+        disk.write(0, &image).unwrap();
+        Database::builder().create_with_backend(disk).unwrap()
+    }
+}
+
+impl StorageBackend for SyncedDisk {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.live.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        self.live.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.live.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        let (held, released) = &*self.hold;
+        let mut held = held.lock().unwrap();
+        while *held {
+            self.waiting.store(true, Ordering::SeqCst);
+            held = released.wait(held).unwrap();
+        }
+        self.waiting.store(false, Ordering::SeqCst);
+        self.live.sync_data()?;
+        let mut image = vec![0; self.live.len()? as usize];
+        self.live.read(0, &mut image)?;
+        *self.durable_image.lock().unwrap() = image;
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.live.write(offset, data)
+    }
+}
+
+/// Waits (bounded) until `condition` holds.
+fn wait_for(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn jobs_submitted_while_the_writer_is_busy_share_one_commit() {
+    let disk = SyncedDisk::default();
+    let db = Database::builder()
+        .create_with_backend(disk.clone())
+        .unwrap();
+    let writer = start(slot(db));
+    // What one lone commit costs in `fsync`s.
+    let before = disk.syncs.load(Ordering::SeqCst);
+    insert(&writer, 0).wait_blocking().unwrap();
+    let per_commit = disk.syncs.load(Ordering::SeqCst) - before;
+    assert!(per_commit >= 1);
+
+    // The writer is busy with a commit held at its `fsync` while 200 jobs arrive.
+    let held = disk.hold_syncs();
+    let busy = insert(&writer, 1);
+    wait_for("the first commit's fsync", || {
+        disk.waiting.load(Ordering::SeqCst)
+    });
+    let before = disk.syncs.load(Ordering::SeqCst);
+    let tickets: Vec<_> = (2..202).map(|key| insert(&writer, key)).collect();
+    drop(held);
+    busy.wait_blocking().unwrap();
+    for ticket in tickets {
+        ticket.wait_blocking().unwrap();
+    }
+    let commits = (disk.syncs.load(Ordering::SeqCst) - before) / per_commit;
+    assert!(
+        commits <= 2,
+        "201 jobs took {commits} commits; the 200 that waited share one"
+    );
+    let db = disk.after_crash();
+    for key in 0..202 {
+        assert_eq!(value(&db, key), Some(key * 2));
+    }
+}
+
+#[test]
+fn a_ticket_resolves_only_once_its_write_is_durable() {
+    let disk = SyncedDisk::default();
+    let db = Database::builder()
+        .create_with_backend(disk.clone())
+        .unwrap();
+    let writer = start(slot(db));
+    let held = disk.hold_syncs();
+    let mut ticket = insert(&writer, 7);
+    wait_for("the commit's fsync", || disk.waiting.load(Ordering::SeqCst));
+    // Written but not yet durable: the ticket is still pending.
+    ticket = ticket.try_take().expect_err("not durable yet");
+    assert_eq!(value(&disk.after_crash(), 7), None, "nothing durable yet");
+    drop(held);
+    ticket.wait_blocking().unwrap();
+    // Resolved: a crash now (a copy of what was synced, opened again) keeps the write.
+    assert_eq!(value(&disk.after_crash(), 7), Some(14));
+}
+
+#[test]
+fn a_group_where_no_job_wrote_is_not_committed() {
+    let disk = SyncedDisk::default();
+    let db = Database::builder()
+        .create_with_backend(disk.clone())
+        .unwrap();
+    let writer = start(slot(db));
+    insert(&writer, 1).wait_blocking().unwrap();
+    let before = disk.syncs.load(Ordering::SeqCst);
+    let skipped: Ticket<u64, TestError> = writer.submit_or_skip(|_| Ok((5, Commit::Skip)));
+    assert_eq!(skipped.wait_blocking().unwrap(), 5);
+    assert_eq!(disk.syncs.load(Ordering::SeqCst), before, "no commit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_writes_are_all_durable_after_the_file_is_opened_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("group.redb");
+    {
+        let writer = Arc::new(start(slot(Database::create(&path).unwrap())));
+        let mut tasks = Vec::new();
+        for task in 0..8u64 {
+            let writer = writer.clone();
+            tasks.push(tokio::spawn(async move {
+                let tickets: Vec<_> = (0..250).map(|i| insert(&writer, task * 1000 + i)).collect();
+                for ticket in tickets {
+                    ticket.await.unwrap();
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+    }
+    // The writer is dropped (and joined): the file opens again, with every write in it.
+    let db = Database::create(&path).unwrap();
+    for task in 0..8u64 {
+        for i in 0..250 {
+            let key = task * 1000 + i;
+            assert_eq!(value(&db, key), Some(key * 2));
+        }
+    }
+}
+
+#[test]
+fn a_failing_job_fails_alone_and_the_rest_of_its_group_commits() {
+    let slot = slot(in_memory());
+    let writer = start(slot.clone());
+    let tickets: Vec<_> = (0..100u64)
+        .map(|key| {
+            writer.submit(move |txn| {
+                txn.open_table(NUMBERS)?.insert(key, key)?;
+                if key == 50 {
+                    return Err(TestError::Refused);
+                }
+                Ok(key)
+            })
+        })
+        .collect();
+    for (key, ticket) in tickets.into_iter().enumerate() {
+        let result = ticket.wait_blocking();
+        if key == 50 {
+            assert!(matches!(result, Err(TestError::Refused)), "{result:?}");
+        } else {
+            assert_eq!(result.unwrap(), key as u64);
+        }
+    }
+    let db = slot.get().unwrap();
+    assert_eq!(value(&db, 49), Some(49));
+    assert_eq!(value(&db, 50), None, "the failed job left nothing");
+    assert_eq!(value(&db, 51), Some(51));
+}
+
+#[test]
+fn a_shared_job_answers_every_waiter_with_its_outcome() {
+    let slot = slot(in_memory());
+    let writer = start(slot.clone());
+    let stored = writer.submit_shared::<TestError, _>(
+        |txn| {
+            let mut table = txn.open_table(NUMBERS)?;
+            for key in 0..3u64 {
+                table.insert(key, key)?;
+            }
+            Ok(())
+        },
+        3,
+    );
+    let refused = writer.submit_shared(
+        |txn| {
+            txn.open_table(NUMBERS)?.insert(7, 7)?;
+            Err(TestError::Refused)
+        },
+        2,
+    );
+    assert_eq!(stored.len(), 3);
+    for ticket in stored {
+        ticket.wait_blocking().unwrap();
+    }
+    for ticket in refused {
+        let result = ticket.wait_blocking();
+        assert!(
+            matches!(&result, Err(TestError::Durable(Error::Shared(cause))) if cause.to_string() == "refused on purpose"),
+            "{result:?}"
+        );
+    }
+    let db = slot.get().unwrap();
+    assert_eq!(value(&db, 2), Some(2));
+    assert_eq!(value(&db, 7), None, "the refused job left nothing");
+}
+
+#[test]
+fn tickets_of_a_stopped_writer_say_so() {
+    let ticket: Ticket<(), Error> = Ticket::resolved(Err(Error::WriterStopped));
+    assert!(matches!(ticket.wait_blocking(), Err(Error::WriterStopped)));
+}
+
+/// An in-memory file whose `fsync` fails on demand; opened again, it is the same file.
+#[derive(Debug, Clone)]
+struct FailingDisk {
+    inner: Arc<InMemoryBackend>,
+    fail_sync: Arc<AtomicBool>,
+}
+
+impl StorageBackend for FailingDisk {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        if self.fail_sync.load(Ordering::SeqCst) {
+            return Err(std::io::ErrorKind::StorageFull.into());
+        }
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.inner.write(offset, data)
+    }
+}
+
+/// A slot over a [`FailingDisk`] that opens it again: the slot, the switch, and how often
+/// the file was opened.
+fn failing_slot() -> (Arc<DatabaseSlot>, Arc<AtomicBool>, Arc<AtomicUsize>) {
+    let disk = FailingDisk {
+        inner: Arc::new(InMemoryBackend::new()),
+        fail_sync: Arc::new(AtomicBool::new(false)),
+    };
+    let fail_sync = disk.fail_sync.clone();
+    let opens = Arc::new(AtomicUsize::new(0));
+    let open: Opener = Box::new({
+        let opens = opens.clone();
+        move || {
+            opens.fetch_add(1, Ordering::SeqCst);
+            Database::builder().create_with_backend(disk.clone())
+        }
+    });
+    let db = open().unwrap();
+    (Arc::new(DatabaseSlot::new(db, open)), fail_sync, opens)
+}
+
+#[tokio::test]
+async fn a_failing_commit_reports_its_error_to_every_waiter() {
+    let (slot, fail_sync, _) = failing_slot();
+    let writer = start(slot);
+    insert(&writer, 1).await.unwrap();
+    fail_sync.store(true, Ordering::SeqCst);
+    let tickets: Vec<_> = (10..200).map(|key| insert(&writer, key)).collect();
+    for ticket in tickets {
+        let error = ticket.await.expect_err("the disk is full");
+        assert!(
+            matches!(&error, TestError::Durable(error) if error.is_storage_full()),
+            "every waiter hears of the full disk: {error}"
+        );
+    }
+}
+
+/// After a commit failed on a full disk, redb refuses every later read and write until the
+/// database is opened again; the slot does that by itself, with everything committed
+/// before, once the disk takes writes again.
+#[tokio::test]
+async fn an_io_failure_is_recovered_from_by_opening_the_file_again() {
+    let (slot, fail_sync, opens) = failing_slot();
+    let writer = start(slot.clone());
+    insert(&writer, 1).await.unwrap();
+    fail_sync.store(true, Ordering::SeqCst);
+    let error = insert(&writer, 2).await.expect_err("the disk is full");
+    assert!(
+        matches!(&error, TestError::Durable(Error::Database(cause)) if cause.to_string().contains("no storage space")),
+        "{error}"
+    );
+    // While the database is closed, operations fail at once with the error that closed it.
+    let closed = slot.get().expect_err("closed after the failure");
+    assert!(
+        matches!(&closed, Error::Reopening { .. }) && closed.is_storage_full(),
+        "{closed}"
+    );
+
+    fail_sync.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match insert(&writer, 3).await {
+            Ok(()) => break,
+            Err(TestError::Durable(Error::Reopening { .. })) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(error) => panic!("never recovered: {error}"),
+        }
+    }
+    let db = slot.get().unwrap();
+    assert_eq!(value(&db, 1), Some(2), "kept");
+    // Key 2 may or may not be there: its `fsync` failed, not its writes, so the commit
+    // can be durable anyway, as on a real disk. Writers must not rely on either.
+    assert_eq!(value(&db, 3), Some(6), "written after");
+    assert_eq!(
+        opens.load(Ordering::SeqCst),
+        2,
+        "opened once, then once again"
+    );
+}
+
+/// While the disk stays full, opening again backs off instead of running once per write.
+#[tokio::test]
+async fn a_disk_that_stays_full_is_opened_again_with_backoff() {
+    let (slot, fail_sync, opens) = failing_slot();
+    let writer = start(slot);
+    insert(&writer, 1).await.unwrap();
+    fail_sync.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let mut failures = 0;
+    while started.elapsed() < Duration::from_millis(500) {
+        let error = insert(&writer, 2).await.expect_err("full");
+        assert!(
+            matches!(&error, TestError::Durable(error) if error.is_storage_full()),
+            "{error}"
+        );
+        failures += 1;
+    }
+    // Backoff 50, 100, 200, 400 ms: at most four attempts in half a second, plus the
+    // first open.
+    let opens = opens.load(Ordering::SeqCst);
+    assert!(opens <= 5, "{opens} opens for {failures} failed writes");
+    assert!(failures > 20, "failures are answered at once ({failures})");
+}
+
+/// The file is not opened again while an operation still holds the failed database (it
+/// would still have the file locked).
+#[tokio::test]
+async fn the_file_is_opened_again_only_once_the_failed_database_is_let_go() {
+    let (slot, fail_sync, opens) = failing_slot();
+    let writer = start(slot.clone());
+    insert(&writer, 1).await.unwrap();
+    let held = slot.get().unwrap();
+    fail_sync.store(true, Ordering::SeqCst);
+    insert(&writer, 2).await.expect_err("full");
+    fail_sync.store(false, Ordering::SeqCst);
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        assert!(matches!(slot.get(), Err(Error::Reopening { .. })));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(opens.load(Ordering::SeqCst), 1, "not opened while held");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while slot.get().is_err() {
+        assert!(Instant::now() < deadline, "never opened again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(opens.load(Ordering::SeqCst), 2);
+    insert(&writer, 3).await.unwrap();
+}
