@@ -19,7 +19,7 @@ mod slot;
 mod writer;
 
 pub use slot::{DatabaseSlot, Opener, REOPEN_BACKOFF_MAX, REOPEN_BACKOFF_MIN};
-pub use writer::{Commit, GroupWriter, Ticket};
+pub use writer::{Commit, GroupWriter, LAZY_LINGER, Ticket};
 
 /// Why a durable write (or getting the database for a read) failed. `Clone`, because one
 /// failure answers every waiter of a group; the causes are shared behind an [`Arc`].

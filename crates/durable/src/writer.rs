@@ -12,6 +12,11 @@
 //! alike. A job that finds it has nothing to write says so ([`Commit::Skip`], through
 //! [`GroupWriter::submit_or_skip`]); a group where no job wrote is not committed.
 //!
+//! A job that no caller waits on to go on ([`GroupWriter::submit_lazy`]: the record of a
+//! result already reported, say) does not start a commit of its own at once: it waits up
+//! to [`LAZY_LINGER`] for another job to share the commit with. So a lone message's result
+//! and the next message's record cost one `fsync`, not two in a row.
+//!
 //! Failures stay with their cause: if one job of a group fails, the group's transaction is
 //! aborted and every job of the group runs again in a transaction of its own, so the others
 //! still commit and only the failing one reports its error. If the commit itself fails
@@ -24,6 +29,7 @@ use std::{
     sync::{Arc, mpsc},
     task::{Context, Poll, Wake, Waker},
     thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 use redb::{Database, WriteTransaction};
@@ -39,6 +45,17 @@ pub enum Commit {
     /// The job changed nothing (a duplicate, a refusal): it needs no commit, and a group
     /// of such jobs only is not committed. Its ticket resolves once the group is done.
     Skip,
+}
+
+/// The longest a group of lazy jobs only waits for another job before it is committed
+/// alone: short enough that its tickets still resolve promptly, long enough to cover the
+/// gap between one message's result and the next message's record.
+pub const LAZY_LINGER: Duration = Duration::from_millis(5);
+
+/// A job in the writer's queue, and whether it may wait for company.
+struct Queued {
+    job: Box<dyn Job>,
+    lazy: bool,
 }
 
 /// One job waiting for the writer thread.
@@ -206,7 +223,7 @@ impl<T, E: From<Error>> Future for Ticket<T, E> {
 pub struct GroupWriter {
     /// Feeds the thread; `None` only while dropping. Unbounded: a submit never blocks its
     /// caller, and a caller waits on its ticket before submitting more of the same.
-    jobs: Option<mpsc::Sender<Box<dyn Job>>>,
+    jobs: Option<mpsc::Sender<Queued>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -216,11 +233,22 @@ impl GroupWriter {
     /// the first waiter of a group waits for the last). Fails only if the thread cannot be
     /// spawned.
     pub fn start(name: &str, slot: Arc<DatabaseSlot>, max_group: usize) -> std::io::Result<Self> {
-        let (jobs, receiver) = mpsc::channel::<Box<dyn Job>>();
+        Self::start_with_linger(name, slot, max_group, LAZY_LINGER)
+    }
+
+    /// [`GroupWriter::start`] with lazy jobs waiting up to `linger` for company instead of
+    /// [`LAZY_LINGER`].
+    pub fn start_with_linger(
+        name: &str,
+        slot: Arc<DatabaseSlot>,
+        max_group: usize,
+        linger: Duration,
+    ) -> std::io::Result<Self> {
+        let (jobs, receiver) = mpsc::channel::<Queued>();
         let max_group = max_group.max(1);
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
-            .spawn(move || run(&slot, &receiver, max_group))?;
+            .spawn(move || run(&slot, &receiver, max_group, linger))?;
         Ok(Self {
             jobs: Some(jobs),
             thread: Some(thread),
@@ -248,12 +276,38 @@ impl GroupWriter {
         E: JobError,
         F: Fn(&WriteTransaction) -> Result<(T, Commit), E> + Send + 'static,
     {
+        self.send_single(work, false)
+    }
+
+    /// Submits `work` like [`GroupWriter::submit`], for a write nobody needs to wait on to
+    /// go on: if nothing else is waiting to be written, it waits up to [`LAZY_LINGER`] for
+    /// a job to share its commit with (see the module documentation). Order is kept: it is
+    /// still committed no later than anything submitted after it.
+    pub fn submit_lazy<T, E, F>(&self, work: F) -> Ticket<T, E>
+    where
+        T: Send + 'static,
+        E: JobError,
+        F: Fn(&WriteTransaction) -> Result<T, E> + Send + 'static,
+    {
+        self.send_single(
+            move |txn: &WriteTransaction| work(txn).map(|value| (value, Commit::Durable)),
+            true,
+        )
+    }
+
+    fn send_single<T, E, F>(&self, work: F, lazy: bool) -> Ticket<T, E>
+    where
+        T: Send + 'static,
+        E: JobError,
+        F: Fn(&WriteTransaction) -> Result<(T, Commit), E> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
-        self.send(Box::new(SingleJob {
+        let job = Box::new(SingleJob {
             work,
             result: None,
             reply,
-        }));
+        });
+        self.send(Queued { job, lazy });
         Ticket { answer }
     }
 
@@ -271,15 +325,16 @@ impl GroupWriter {
                 (reply, Ticket { answer })
             })
             .unzip();
-        self.send(Box::new(SharedJob {
+        let job = Box::new(SharedJob {
             work,
             result: None,
             replies,
-        }));
+        });
+        self.send(Queued { job, lazy: false });
         tickets
     }
 
-    fn send(&self, job: Box<dyn Job>) {
+    fn send(&self, job: Queued) {
         if let Some(jobs) = &self.jobs {
             // A send error means the thread is gone; the tickets then say so.
             let _ = jobs.send(job);
@@ -299,15 +354,9 @@ impl Drop for GroupWriter {
 }
 
 /// The writer thread: group, run, commit, answer; until the handle is gone.
-fn run(slot: &DatabaseSlot, jobs: &mpsc::Receiver<Box<dyn Job>>, max_group: usize) {
+fn run(slot: &DatabaseSlot, jobs: &mpsc::Receiver<Queued>, max_group: usize, linger: Duration) {
     while let Ok(first) = jobs.recv() {
-        let mut group = vec![first];
-        while group.len() < max_group {
-            match jobs.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
-            }
-        }
+        let mut group = gather(first, jobs, max_group, linger);
         let db = match slot.get() {
             Ok(db) => db,
             Err(error) => {
@@ -333,6 +382,36 @@ fn run(slot: &DatabaseSlot, jobs: &mpsc::Receiver<Box<dyn Job>>, max_group: usiz
             }
         }
     }
+}
+
+/// The group that starts with `first`: every job waiting, up to `max_group`; while the
+/// group holds lazy jobs only, it also waits up to `linger` for another job.
+fn gather(
+    first: Queued,
+    jobs: &mpsc::Receiver<Queued>,
+    max_group: usize,
+    linger: Duration,
+) -> Vec<Box<dyn Job>> {
+    let mut lazy_only = first.lazy;
+    let mut group = vec![first.job];
+    let mut linger_until: Option<Instant> = None;
+    while group.len() < max_group {
+        let next = match jobs.try_recv() {
+            Ok(next) => next,
+            Err(_) if !lazy_only => break,
+            Err(_) => {
+                let until = *linger_until.get_or_insert_with(|| Instant::now() + linger);
+                match jobs.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                    Ok(next) => next,
+                    // The linger is over, or the handle is gone: commit what there is.
+                    Err(_) => break,
+                }
+            }
+        };
+        lazy_only &= next.lazy;
+        group.push(next.job);
+    }
+    group
 }
 
 /// Runs `group` in one transaction and commits it if a job asks for it: `Ok(false)`

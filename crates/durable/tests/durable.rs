@@ -223,6 +223,48 @@ fn a_ticket_resolves_only_once_its_write_is_durable() {
 }
 
 #[test]
+fn a_lazy_job_shares_the_next_jobs_commit() {
+    let disk = SyncedDisk::default();
+    let db = Database::builder()
+        .create_with_backend(disk.clone())
+        .unwrap();
+    // A linger far longer than the test, so the sharing does not depend on timing.
+    let writer =
+        GroupWriter::start_with_linger("lazy", slot(db), 64, Duration::from_secs(60)).unwrap();
+    insert(&writer, 0).wait_blocking().unwrap();
+    let before = disk.syncs.load(Ordering::SeqCst);
+    let lazy: Ticket<(), TestError> = writer.submit_lazy(|txn| {
+        txn.open_table(NUMBERS)?.insert(1, 2)?;
+        Ok(())
+    });
+    let lazy = lazy.try_take().expect_err("a lazy job waits for company");
+    insert(&writer, 2).wait_blocking().unwrap();
+    lazy.wait_blocking().unwrap();
+    assert_eq!(
+        disk.syncs.load(Ordering::SeqCst) - before,
+        1,
+        "the lazy job and the next one share one fsync"
+    );
+    let db = disk.after_crash();
+    assert_eq!((value(&db, 1), value(&db, 2)), (Some(2), Some(4)));
+}
+
+#[test]
+fn a_lazy_job_alone_is_committed_after_the_linger() {
+    let disk = SyncedDisk::default();
+    let db = Database::builder()
+        .create_with_backend(disk.clone())
+        .unwrap();
+    let writer = start(slot(db));
+    let lazy: Ticket<(), TestError> = writer.submit_lazy(|txn| {
+        txn.open_table(NUMBERS)?.insert(3, 6)?;
+        Ok(())
+    });
+    lazy.wait_blocking().unwrap();
+    assert_eq!(value(&disk.after_crash(), 3), Some(6));
+}
+
+#[test]
 fn a_group_where_no_job_wrote_is_not_committed() {
     let disk = SyncedDisk::default();
     let db = Database::builder()

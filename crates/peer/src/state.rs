@@ -659,14 +659,16 @@ impl State {
     /// attempt: a message whose history line does not decode is left as it was and gets
     /// the error, the others are recorded.
     ///
-    /// A message's outbox record is never inserted and removed in the same commit: the
-    /// envelope leaves only once the record is durable, and a result exists only after it
-    /// left, so the removal always lands in a later commit.
+    /// A lazy write ([`durable::GroupWriter::submit_lazy`]): nobody waits on it to go on
+    /// (the sender was answered already, see [`crate::outgoing`]), so it shares the next
+    /// write's commit, usually the next message's record. A message's outbox record is
+    /// never inserted and removed in the same commit: a result is submitted only once its
+    /// message's record is durable.
     pub fn submit_results(
         &self,
         attempts: Vec<AttemptResult>,
     ) -> Ticket<Vec<Result<(), StateError>>> {
-        self.writer.submit(move |txn| {
+        self.writer.submit_lazy(move |txn| {
             let mut outbox = txn.open_table(OUTBOX)?;
             let mut history = txn.open_table(HISTORY)?;
             let mut results = Vec::with_capacity(attempts.len());
