@@ -2,6 +2,10 @@
 
 use std::time::Duration;
 
+/// The smallest frame limit before registration that still fits a registration with
+/// all its listen ports (about 300 bytes) with room to spare.
+pub const MIN_PREAUTH_FRAME_LEN: usize = 1024;
+
 /// Server settings. `Config::default()` is what the binary runs with unless told otherwise.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -10,15 +14,18 @@ pub struct Config {
     /// How long a registered client stays online without a heartbeat. A registered
     /// connection silent for this long is closed.
     pub presence_ttl: Duration,
-    /// How long a new connection has to complete the hello and register (or announce);
-    /// idle unauthenticated connections are closed after it.
+    /// How long a new connection has to complete the hello and register (or announce),
+    /// counted from accept (or from an `Unregister`); no request extends it.
     pub handshake_timeout: Duration,
     /// How long one write to a client may take before the client is dropped as stuck.
     pub write_timeout: Duration,
     /// The most simultaneous connections; more are told `server_busy` and closed.
     pub max_connections: usize,
-    /// The largest frame accepted.
+    /// The largest frame accepted from a registered client.
     pub max_frame_len: usize,
+    /// The largest frame accepted before registration (a hello, a registration, an
+    /// announcement): small, so unauthenticated connections cost little.
+    pub preauth_max_frame_len: usize,
     /// The most mail envelopes sent in one `Fetch` reply (fewer if they would not fit a
     /// frame: the store stops reading at the frame's budget).
     pub fetch_batch: u32,
@@ -41,6 +48,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             max_connections: 200_000,
             max_frame_len: proto::wire::MAX_FRAME_LEN,
+            preauth_max_frame_len: 4 * 1024,
             fetch_batch: 1000,
             requests_per_second: 20_000,
             request_burst: 40_000,
@@ -66,6 +74,16 @@ impl Config {
         if self.heartbeat_interval.is_zero() {
             return Err("the heartbeat interval must be at least 1 s".to_owned());
         }
+        if self.handshake_timeout.is_zero() {
+            return Err("the handshake timeout must be at least 1 s".to_owned());
+        }
+        if !(MIN_PREAUTH_FRAME_LEN..=self.max_frame_len).contains(&self.preauth_max_frame_len) {
+            return Err(format!(
+                "the frame limit before registration ({} bytes) must be between {MIN_PREAUTH_FRAME_LEN} \
+                 (room for a registration) and the frame limit ({} bytes); the default is 4096",
+                self.preauth_max_frame_len, self.max_frame_len
+            ));
+        }
         Ok(())
     }
 }
@@ -83,5 +101,23 @@ mod tests {
         config.heartbeat_interval = Duration::ZERO;
         config.presence_ttl = Duration::from_secs(5);
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn the_frame_limit_before_registration_fits_a_registration_and_the_frame_limit() {
+        let mut config = Config {
+            preauth_max_frame_len: 100,
+            ..Config::default()
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .contains("before registration")
+        );
+        config.preauth_max_frame_len = config.max_frame_len + 1;
+        assert!(config.validate().is_err());
+        config.preauth_max_frame_len = config.max_frame_len;
+        assert_eq!(config.validate(), Ok(()));
     }
 }

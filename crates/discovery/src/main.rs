@@ -33,6 +33,12 @@ struct Cli {
     /// Seconds without a heartbeat after which a client is offline.
     #[arg(long, env = "P2PCHAT_PRESENCE_TTL_SECS", default_value_t = 30)]
     presence_ttl_secs: u64,
+    /// Seconds a new connection has to register, counted from accept; no request extends it.
+    #[arg(long, env = "P2PCHAT_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    handshake_timeout_secs: u64,
+    /// Largest frame (bytes) accepted before a client registers.
+    #[arg(long, env = "P2PCHAT_PREAUTH_MAX_FRAME", default_value_t = 4096)]
+    preauth_max_frame: usize,
     /// Most simultaneous client connections.
     #[arg(long, env = "P2PCHAT_MAX_CONNECTIONS", default_value_t = 200_000)]
     max_connections: usize,
@@ -92,6 +98,8 @@ async fn main() -> anyhow::Result<()> {
     let mut config = Config {
         heartbeat_interval: Duration::from_secs(cli.heartbeat_secs),
         presence_ttl: Duration::from_secs(cli.presence_ttl_secs),
+        handshake_timeout: Duration::from_secs(cli.handshake_timeout_secs),
+        preauth_max_frame_len: cli.preauth_max_frame,
         max_connections: cli.max_connections,
         ..Config::default()
     };

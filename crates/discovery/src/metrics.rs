@@ -58,6 +58,11 @@ pub struct Metrics {
     pub mail_delivered: Counter,
     /// Connections refused at the connection limit.
     pub refused_connections: Counter,
+    /// Connections closed at the registration deadline (no registration within the
+    /// handshake timeout from accept).
+    pub registration_timeouts: Counter,
+    /// Connections closed for a frame over the limit before registration.
+    pub preauth_oversized_frames: Counter,
     errors: [Counter; ErrorCode::ALL.len()],
 }
 
@@ -116,6 +121,18 @@ impl Metrics {
                 "counter",
                 "Connections refused at the limit.",
                 &self.refused_connections,
+            ),
+            (
+                "p2pchat_registration_timeouts_total",
+                "counter",
+                "Connections closed for not registering within the handshake timeout from accept.",
+                &self.registration_timeouts,
+            ),
+            (
+                "p2pchat_preauth_oversized_frames_total",
+                "counter",
+                "Connections closed for a frame over the limit before registration.",
+                &self.preauth_oversized_frames,
             ),
         ];
         for (name, kind, help, counter) in simple {

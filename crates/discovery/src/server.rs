@@ -376,9 +376,11 @@ async fn serve_connection(
 ) {
     let config = &shared.config;
     let metrics = &shared.metrics;
+    // Until the client registers, its frames are limited to a few KiB and it has one
+    // deadline, counted from accept: no request (not even a refused one) extends it.
     let mut connection =
-        Connection::with_limits(stream, config.max_frame_len, config.write_timeout);
-    let handshake_deadline = Instant::now() + config.handshake_timeout;
+        Connection::with_limits(stream, config.preauth_max_frame_len, config.write_timeout);
+    let mut registration_deadline = Instant::now() + config.handshake_timeout;
 
     let hello = tokio::select! {
         biased;
@@ -416,7 +418,7 @@ async fn serve_connection(
 
     loop {
         let deadline = match session.user() {
-            None => handshake_deadline.max(last_activity + config.handshake_timeout),
+            None => registration_deadline,
             Some(_) => last_activity + config.presence_ttl,
         };
         tokio::select! {
@@ -453,7 +455,13 @@ async fn serve_connection(
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
                     Err(RecvError::FrameTooLarge { max }) => {
-                        close_with(&mut connection, metrics, ErrorCode::TooLarge, format!("frames are limited to {max} bytes")).await;
+                        let message = if session.user().is_some() {
+                            format!("frames are limited to {max} bytes")
+                        } else {
+                            metrics.preauth_oversized_frames.inc();
+                            format!("before registration, frames are limited to {max} bytes")
+                        };
+                        close_with(&mut connection, metrics, ErrorCode::TooLarge, message).await;
                         break;
                     }
                     Err(RecvError::Malformed(error)) => {
@@ -476,9 +484,16 @@ async fn serve_connection(
                     .await;
                     match event {
                         Some(Event::Registered(user)) => {
+                            connection.set_max_frame_len(config.max_frame_len);
                             shared.hub.insert(user, session.session_id(), push_sender.clone());
                         }
-                        Some(Event::Unregistered(user)) => shared.hub.remove(&user, session.session_id()),
+                        Some(Event::Unregistered(user)) => {
+                            // Unregistered again: the limits of a new connection apply,
+                            // with a fresh deadline to register again.
+                            connection.set_max_frame_len(config.preauth_max_frame_len);
+                            registration_deadline = Instant::now() + config.handshake_timeout;
+                            shared.hub.remove(&user, session.session_id());
+                        }
                         None => {}
                     }
                     result
@@ -500,7 +515,10 @@ async fn serve_connection(
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let message = match session.user() {
-                    None => "no registration within the handshake timeout",
+                    None => {
+                        metrics.registration_timeouts.inc();
+                        "no registration within the handshake timeout"
+                    }
                     Some(_) => "no heartbeat within the presence timeout",
                 };
                 close_with(&mut connection, metrics, ErrorCode::BadRequest, message).await;
