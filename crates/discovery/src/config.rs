@@ -19,8 +19,13 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// How long one write to a client may take before the client is dropped as stuck.
     pub write_timeout: Duration,
-    /// The most simultaneous connections; more are told `server_busy` and closed.
+    /// The most simultaneous connections; more are told `server_busy` and closed. The
+    /// server keeps fewer when the open-file limit less [`Config::open_file_reserve`]
+    /// cannot hold this many ([`crate::limits::connection_cap`]).
     pub max_connections: usize,
+    /// Open files kept out of the connection cap: the listener, the store, logs, and the
+    /// `server_busy` refusals in flight (at most half of this reserve at once).
+    pub open_file_reserve: u64,
     /// The largest frame accepted from a registered client.
     pub max_frame_len: usize,
     /// The largest frame accepted before registration (a hello, a registration, an
@@ -47,6 +52,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             max_connections: 200_000,
+            open_file_reserve: 128,
             max_frame_len: proto::wire::MAX_FRAME_LEN,
             preauth_max_frame_len: 4 * 1024,
             fetch_batch: 1000,

@@ -39,9 +39,13 @@ struct Cli {
     /// Largest frame (bytes) accepted before a client registers.
     #[arg(long, env = "P2PCHAT_PREAUTH_MAX_FRAME", default_value_t = 4096)]
     preauth_max_frame: usize,
-    /// Most simultaneous client connections.
+    /// Most simultaneous client connections (fewer if the open-file limit, less the reserve,
+    /// cannot hold them).
     #[arg(long, env = "P2PCHAT_MAX_CONNECTIONS", default_value_t = 200_000)]
     max_connections: usize,
+    /// Open files kept out of the connection cap (listener, store, logs, refusals in flight).
+    #[arg(long, env = "P2PCHAT_OPEN_FILE_RESERVE", default_value_t = 128)]
+    open_file_reserve: u64,
     /// Most messages one mailbox holds.
     #[arg(long, env = "P2PCHAT_MAIL_CAP", default_value_t = 10_000)]
     mail_cap: u64,
@@ -101,9 +105,16 @@ async fn main() -> anyhow::Result<()> {
         handshake_timeout: Duration::from_secs(cli.handshake_timeout_secs),
         preauth_max_frame_len: cli.preauth_max_frame,
         max_connections: cli.max_connections,
+        open_file_reserve: cli.open_file_reserve,
         ..Config::default()
     };
     config.validate().map_err(anyhow::Error::msg)?;
+    // Each connection is a descriptor: take all the hard limit allows (the connection cap
+    // is then set under it, see `serve`).
+    match discovery::limits::raise_open_file_limit() {
+        Ok(limit) => tracing::info!(?limit, "open-file limit raised to the hard limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
     let limits = MailLimits {
         cap: cli.mail_cap,
         ttl_ms: cli.mail_ttl_days.saturating_mul(24 * 60 * 60 * 1000),

@@ -28,9 +28,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::Config,
     handler::{Event, Session},
-    limits::TokenBucket,
+    limits::{self, TokenBucket},
     metrics::Metrics,
 };
+
+/// The first and the longest pause after a failed accept (out of file descriptors and the
+/// like): the failure repeats at once, so the loop backs off instead of spinning, and keeps
+/// serving the connections it has meanwhile.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
 
 /// How many pushes may wait for one slow client before new ones are dropped (they are hints
 /// and announcements; mail itself waits in the store).
@@ -215,7 +220,29 @@ pub async fn serve(
     // Subscribe before accepting anyone, so no event published for a client is missed.
     let events = shared.store.subscribe();
     tracker.spawn(fan_out(events, Arc::clone(&shared), shutdown.clone()));
-    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
+    let config = &shared.config;
+    let open_files = limits::open_file_limit();
+    let cap = limits::connection_cap(config.max_connections, open_files, config.open_file_reserve);
+    shared.metrics.connection_cap.set(cap as u64);
+    if cap < config.max_connections {
+        tracing::warn!(
+            configured = config.max_connections,
+            cap,
+            open_files,
+            reserve = config.open_file_reserve,
+            "the open-file limit holds fewer connections than configured; the cap is lowered"
+        );
+    }
+    tracing::info!(cap, open_files, "connection cap");
+    let permits = Arc::new(Semaphore::new(cap));
+    // Refusals hold a descriptor for up to a few seconds each: they share half the reserve,
+    // and a connection beyond that is closed at once without a word.
+    let refusals = Arc::new(Semaphore::new(
+        usize::try_from(config.open_file_reserve / 2)
+            .unwrap_or(usize::MAX)
+            .max(1),
+    ));
+    let mut accept_backoff = ACCEPT_BACKOFF.0;
     tracing::info!(address = %listener.local_addr()?, "discovery server listening");
 
     loop {
@@ -223,11 +250,22 @@ pub async fn serve(
             biased;
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    accept_backoff = ACCEPT_BACKOFF.0;
+                    accepted
+                }
                 Err(error) => {
-                    // Out of file descriptors and the like: wait a moment instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    shared.metrics.accept_errors.inc();
+                    let failures = shared.metrics.accept_errors.get();
+                    if failures.is_power_of_two() {
+                        tracing::warn!(%error, failures, retry_in = ?accept_backoff, "accept failed; backing off");
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(accept_backoff) => {}
+                    }
+                    accept_backoff = (accept_backoff * 2).min(ACCEPT_BACKOFF.1);
                     continue;
                 }
             },
@@ -247,7 +285,12 @@ pub async fn serve(
             Err(_) => {
                 shared.metrics.refused_connections.inc();
                 shared.metrics.error(ErrorCode::ServerBusy);
-                tracker.spawn(refuse_busy(stream));
+                if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
+                    tracker.spawn(async move {
+                        refuse_busy(stream).await;
+                        drop(permit);
+                    });
+                }
             }
         }
     }

@@ -1,11 +1,15 @@
 //! Abuse limits (issue 12): each test drives one limit with a bounded loop and checks the
 //! refusal a client sees, its metric, and that honest clients keep working.
 
-use std::time::Duration;
+use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
 
 use discovery::Config;
-use proto::{ErrorCode, ErrorReply, Request, RequestFrame, ServerMsg};
-use tokio::time::Instant;
+use proto::{Connection, ErrorCode, ErrorReply, Request, RequestFrame, ServerMsg};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    time::Instant,
+};
 
 use crate::util::*;
 
@@ -82,4 +86,172 @@ async fn frames_before_registration_are_limited_to_a_few_kib() {
     assert!(proto::wire::encoded_len(&envelope).unwrap() > 8 * 1024);
     alice.request(Request::Deposit { envelope }).await.unwrap();
     server.stop().await;
+}
+
+/// A free loopback port (taken for a moment by the OS, then left for the server).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real `p2pchat-discovery` binary, run with an open-file limit of `open_files` (soft
+/// and hard) and umask 022, its log kept.
+struct Process {
+    child: tokio::process::Child,
+    address: SocketAddr,
+    metrics: SocketAddr,
+    log: Option<tokio::task::JoinHandle<String>>,
+}
+
+impl Process {
+    /// Starts the server on `data_dir` and waits until it listens; `Err` with its log if it
+    /// exits first.
+    async fn start(open_files: u64, data_dir: &Path, extra: &[&str]) -> Result<Self, String> {
+        let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#"ulimit -n "$0" && umask 022 && exec "$@""#)
+            .arg(open_files.to_string())
+            .arg(env!("CARGO_BIN_EXE_p2pchat-discovery"))
+            .args(["--listen", &address.to_string()])
+            .args(["--metrics", &metrics.to_string()])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = String::new();
+        let listening = tokio::time::timeout(WAIT, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                log.push_str(&line);
+                log.push('\n');
+                if line.contains("discovery server listening") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .expect("the server neither listened nor exited");
+        if !listening {
+            return Err(log);
+        }
+        // Keep reading the log, so the server never blocks on a full pipe.
+        let log = tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                log.push_str(&line);
+                log.push('\n');
+            }
+            log
+        });
+        Ok(Self {
+            child,
+            address,
+            metrics,
+            log: Some(log),
+        })
+    }
+
+    /// One metric's value from `--metrics`.
+    async fn metric(&self, name: &str) -> u64 {
+        let mut stream = TcpStream::connect(self.metrics).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
+            .await
+            .unwrap()
+            .unwrap();
+        response
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in {response}"))
+    }
+
+    /// Stops the server and returns its log.
+    async fn stop(mut self) -> String {
+        self.child.kill().await.unwrap();
+        let log = self.log.take().unwrap();
+        tokio::time::timeout(WAIT, log).await.unwrap().unwrap()
+    }
+}
+
+/// Connects and says hello; the server's first frame after its hello.
+async fn first_frame(address: SocketAddr) -> (Connection<TcpStream>, ServerMsg) {
+    let stream = TcpStream::connect(address).await.unwrap();
+    let mut connection = Connection::new(stream);
+    connection
+        .hello(WAIT)
+        .await
+        .expect("a hello from the server");
+    let frame = tokio::time::timeout(WAIT, connection.recv::<ServerMsg>())
+        .await
+        .expect("an answer after the hello")
+        .unwrap()
+        .expect("a frame, not a bare close");
+    (connection, frame)
+}
+
+/// Regression: the cap (200,000) ignored the open-file limit (20,000): a crowd exhausted the
+/// descriptors, accept failed ("Too many open files", 471 times), honest clients timed out
+/// and no one was told `server_busy`. Now the cap sits under the limit, and everyone over it
+/// is told `server_busy`.
+#[tokio::test]
+async fn at_the_open_file_limit_new_connections_get_server_busy_not_accept_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Process::start(
+        150,
+        dir.path(),
+        &[
+            "--open-file-reserve",
+            "50",
+            "--handshake-timeout-secs",
+            "60",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(server.metric("p2pchat_connection_cap").await, 100);
+    let mut held = Vec::new();
+    let mut busy = 0;
+    for _ in 0..130 {
+        match first_frame(server.address).await {
+            (connection, ServerMsg::Challenge { .. }) => held.push(connection),
+            (_, ServerMsg::Closing(reason)) if reason.code == ErrorCode::ServerBusy => busy += 1,
+            (_, other) => panic!("expected a challenge or server_busy, got {other:?}"),
+        }
+    }
+    assert_eq!((held.len(), busy), (100, 30));
+
+    // Once the crowd leaves, an honest client gets in (as soon as the server has seen the
+    // crowd's connections close).
+    drop(held);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match first_frame(server.address).await {
+            (_, ServerMsg::Challenge { .. }) => break,
+            (_, ServerMsg::Closing(reason)) if reason.code == ErrorCode::ServerBusy => {
+                assert!(Instant::now() < deadline, "the server stayed busy");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (_, other) => panic!("expected a challenge, got {other:?}"),
+        }
+    }
+    assert!(server.metric("p2pchat_refused_connections_total").await >= 30);
+    assert_eq!(server.metric("p2pchat_accept_errors_total").await, 0);
+    let log = server.stop().await;
+    assert!(!log.contains("accept failed"), "{log}");
 }
