@@ -26,6 +26,9 @@ pub struct Config {
     /// Open files kept out of the connection cap: the listener, the store, logs, and the
     /// `server_busy` refusals in flight (at most half of this reserve at once).
     pub open_file_reserve: u64,
+    /// The most sessions (connections registered as one user) at once on this instance; a
+    /// newer one closes the oldest with `session_limit`.
+    pub max_sessions_per_user: usize,
     /// The largest frame accepted from a registered client.
     pub max_frame_len: usize,
     /// The largest frame accepted before registration (a hello, a registration, an
@@ -53,6 +56,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             max_connections: 200_000,
             open_file_reserve: 128,
+            max_sessions_per_user: 8,
             max_frame_len: proto::wire::MAX_FRAME_LEN,
             preauth_max_frame_len: 4 * 1024,
             fetch_batch: 1000,
@@ -79,6 +83,11 @@ impl Config {
         }
         if self.heartbeat_interval.is_zero() {
             return Err("the heartbeat interval must be at least 1 s".to_owned());
+        }
+        if self.max_sessions_per_user == 0 {
+            return Err(
+                "the session limit per user must be at least 1 (the default is 8)".to_owned(),
+            );
         }
         if self.handshake_timeout.is_zero() {
             return Err("the handshake timeout must be at least 1 s".to_owned());

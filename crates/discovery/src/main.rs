@@ -46,6 +46,9 @@ struct Cli {
     /// Open files kept out of the connection cap (listener, store, logs, refusals in flight).
     #[arg(long, env = "P2PCHAT_OPEN_FILE_RESERVE", default_value_t = 128)]
     open_file_reserve: u64,
+    /// Most sessions of one user at once; a newer one closes the oldest.
+    #[arg(long, env = "P2PCHAT_MAX_SESSIONS_PER_USER", default_value_t = 8)]
+    max_sessions_per_user: usize,
     /// Most messages one mailbox holds.
     #[arg(long, env = "P2PCHAT_MAIL_CAP", default_value_t = 10_000)]
     mail_cap: u64,
@@ -106,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
         preauth_max_frame_len: cli.preauth_max_frame,
         max_connections: cli.max_connections,
         open_file_reserve: cli.open_file_reserve,
+        max_sessions_per_user: cli.max_sessions_per_user,
         ..Config::default()
     };
     config.validate().map_err(anyhow::Error::msg)?;

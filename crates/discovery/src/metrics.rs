@@ -68,6 +68,8 @@ pub struct Metrics {
     pub connection_cap: Counter,
     /// Failed accepts (out of file descriptors and the like); each backs off.
     pub accept_errors: Counter,
+    /// Sessions closed to make room for a newer session of the same user.
+    pub sessions_evicted: Counter,
     /// Connections closed at the registration deadline (no registration within the
     /// handshake timeout from accept).
     pub registration_timeouts: Counter,
@@ -143,6 +145,12 @@ impl Metrics {
                 "counter",
                 "Failed accepts (out of file descriptors and the like), each followed by a back-off.",
                 &self.accept_errors,
+            ),
+            (
+                "p2pchat_sessions_evicted_total",
+                "counter",
+                "Sessions closed to make room for a newer session of the same user over the per-user limit.",
+                &self.sessions_evicted,
             ),
             (
                 "p2pchat_registration_timeouts_total",

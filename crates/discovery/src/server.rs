@@ -52,25 +52,35 @@ enum Outbound {
     RefreshPresence,
 }
 
-/// The connections of one user on this instance: almost always one; more while a client
-/// reconnects before the server has seen its old connection close, or when two processes
-/// run with one identity.
+/// One registered session's entry in the hub.
+#[derive(Debug)]
+struct Route {
+    /// The session's presence id.
+    session: u64,
+    /// Where its pushes go.
+    sender: mpsc::Sender<Outbound>,
+    /// Cancelled when newer sessions of the same user push this one over the per-user
+    /// session limit: the connection then closes with `session_limit`.
+    evict: CancellationToken,
+}
+
+/// The connections of one user on this instance, oldest first: almost always one; more
+/// while a client reconnects before the server has seen its old connection close, or when
+/// several processes run with one identity (at most the per-user session limit).
 #[derive(Debug)]
 enum Sessions {
-    One(u64, mpsc::Sender<Outbound>),
-    Many(Vec<(u64, mpsc::Sender<Outbound>)>),
+    One(Route),
+    Many(Vec<Route>),
 }
 
 impl Sessions {
-    /// These sessions with `session` added (an entry of the same id is replaced).
-    fn with(self, session: u64, sender: mpsc::Sender<Outbound>) -> Self {
-        match self.without(session) {
-            None => Self::One(session, sender),
-            Some(Self::One(other, other_sender)) => {
-                Self::Many(vec![(other, other_sender), (session, sender)])
-            }
+    /// These sessions with `route` added as the newest (an entry of the same id is replaced).
+    fn with(self, route: Route) -> Self {
+        match self.without(route.session) {
+            None => Self::One(route),
+            Some(Self::One(other)) => Self::Many(vec![other, route]),
             Some(Self::Many(mut many)) => {
-                many.push((session, sender));
+                many.push(route);
                 Self::Many(many)
             }
         }
@@ -79,28 +89,39 @@ impl Sessions {
     /// These sessions without `session`; `None` if none is left.
     fn without(self, session: u64) -> Option<Self> {
         match self {
-            Self::One(current, _) if current == session => None,
+            Self::One(current) if current.session == session => None,
             one @ Self::One(..) => Some(one),
             Self::Many(mut many) => {
-                many.retain(|(other, _)| *other != session);
-                match many.len() {
-                    0 => None,
-                    1 => {
-                        let (other, sender) = many.remove(0);
-                        Some(Self::One(other, sender))
-                    }
-                    _ => Some(Self::Many(many)),
-                }
+                many.retain(|route| route.session != session);
+                Self::from_routes(many)
             }
         }
     }
 
-    fn senders(&self) -> impl Iterator<Item = &mpsc::Sender<Outbound>> {
-        let (one, many) = match self {
-            Self::One(_, sender) => (Some(sender), &[][..]),
-            Self::Many(sessions) => (None, &sessions[..]),
-        };
-        one.into_iter().chain(many.iter().map(|(_, sender)| sender))
+    /// These sessions less the oldest beyond `max`, and the ones taken out.
+    fn keeping(self, max: usize) -> (Option<Self>, Vec<Route>) {
+        match self {
+            Self::Many(mut many) if many.len() > max => {
+                let evicted = many.drain(..many.len() - max).collect();
+                (Self::from_routes(many), evicted)
+            }
+            other => (Some(other), Vec::new()),
+        }
+    }
+
+    fn from_routes(mut routes: Vec<Route>) -> Option<Self> {
+        match routes.len() {
+            0 => None,
+            1 => Some(Self::One(routes.remove(0))),
+            _ => Some(Self::Many(routes)),
+        }
+    }
+
+    fn routes(&self) -> &[Route] {
+        match self {
+            Self::One(route) => std::slice::from_ref(route),
+            Self::Many(routes) => routes,
+        }
     }
 }
 
@@ -112,13 +133,23 @@ pub struct Hub {
 }
 
 impl Hub {
-    fn insert(&self, user: Username, session: u64, sender: mpsc::Sender<Outbound>) {
+    /// Adds `route` as the newest session of `user`. Beyond `max_sessions`, the oldest
+    /// sessions are taken out and told to close (their `evict` token is cancelled); returns
+    /// how many.
+    fn insert(&self, user: Username, route: Route, max_sessions: usize) -> usize {
         let mut clients = self.lock();
         let sessions = match clients.remove(&user) {
-            Some(sessions) => sessions.with(session, sender),
-            None => Sessions::One(session, sender),
+            Some(sessions) => sessions.with(route),
+            None => Sessions::One(route),
         };
-        clients.insert(user, sessions);
+        let (kept, evicted) = sessions.keeping(max_sessions.max(1));
+        if let Some(kept) = kept {
+            clients.insert(user, kept);
+        }
+        for route in &evicted {
+            route.evict.cancel();
+        }
+        evicted.len()
     }
 
     /// Removes `session` of `user`. If another session of the user is still connected
@@ -132,8 +163,8 @@ impl Hub {
         else {
             return;
         };
-        if let Some(latest) = remaining.senders().last() {
-            let _ = latest.try_send(Outbound::RefreshPresence);
+        if let Some(latest) = remaining.routes().last() {
+            let _ = latest.sender.try_send(Outbound::RefreshPresence);
         }
         clients.insert(user.clone(), remaining);
     }
@@ -141,8 +172,8 @@ impl Hub {
     /// Pushes to `user` if they are connected here; a full queue drops the push.
     pub fn push(&self, user: &Username, push: Push) {
         if let Some(sessions) = self.lock().get(user) {
-            for sender in sessions.senders() {
-                let _ = sender.try_send(Outbound::Push(push.clone()));
+            for route in sessions.routes() {
+                let _ = route.sender.try_send(Outbound::Push(push.clone()));
             }
         }
     }
@@ -150,8 +181,8 @@ impl Hub {
     /// Pushes to every registered user connected here.
     pub fn push_all(&self, push: &Push) {
         for sessions in self.lock().values() {
-            for sender in sessions.senders() {
-                let _ = sender.try_send(Outbound::Push(push.clone()));
+            for route in sessions.routes() {
+                let _ = route.sender.try_send(Outbound::Push(push.clone()));
             }
         }
     }
@@ -452,6 +483,7 @@ async fn serve_connection(
         return;
     }
     let (push_sender, mut pushes) = mpsc::channel::<Outbound>(PUSH_QUEUE);
+    let evict = CancellationToken::new();
     let mut bucket = TokenBucket::new(
         config.requests_per_second,
         config.request_burst,
@@ -468,6 +500,14 @@ async fn serve_connection(
             biased;
             _ = shutdown.cancelled() => {
                 close_with(&mut connection, metrics, ErrorCode::Unavailable, "the server is shutting down; reconnect shortly").await;
+                break;
+            }
+            _ = evict.cancelled() => {
+                let message = format!(
+                    "a newer login with your name went over the limit of {} sessions at once; this session, the oldest, was closed to make room",
+                    config.max_sessions_per_user
+                );
+                close_with(&mut connection, metrics, ErrorCode::SessionLimit, message).await;
                 break;
             }
             Some(outbound) = pushes.recv() => match outbound {
@@ -528,7 +568,13 @@ async fn serve_connection(
                     match event {
                         Some(Event::Registered(user)) => {
                             connection.set_max_frame_len(config.max_frame_len);
-                            shared.hub.insert(user, session.session_id(), push_sender.clone());
+                            let route = Route {
+                                session: session.session_id(),
+                                sender: push_sender.clone(),
+                                evict: evict.clone(),
+                            };
+                            let evicted = shared.hub.insert(user, route, config.max_sessions_per_user);
+                            metrics.sessions_evicted.add(evicted as u64);
                         }
                         Some(Event::Unregistered(user)) => {
                             // Unregistered again: the limits of a new connection apply,

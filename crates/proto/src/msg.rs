@@ -272,11 +272,15 @@ pub enum ErrorCode {
     Unavailable,
     /// Something went wrong on the server.
     Internal,
+    /// This session was closed because a newer session of the same user went over the
+    /// per-user session limit (the oldest makes room). Added last, so every older code
+    /// keeps its encoding.
+    SessionLimit,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and metrics.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         Self::BadRequest,
         Self::VersionMismatch,
         Self::NotRegistered,
@@ -293,6 +297,7 @@ impl ErrorCode {
         Self::Refused,
         Self::Unavailable,
         Self::Internal,
+        Self::SessionLimit,
     ];
 
     /// The stable snake_case name of the code.
@@ -314,6 +319,7 @@ impl ErrorCode {
             Self::Refused => "refused",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::SessionLimit => "session_limit",
         }
     }
 }

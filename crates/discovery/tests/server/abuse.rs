@@ -1,7 +1,9 @@
 //! Abuse limits (issue 12): each test drives one limit with a bounded loop and checks the
 //! refusal a client sees, its metric, and that honest clients keep working.
 
-use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
+use std::{
+    net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, process::Stdio, time::Duration,
+};
 
 use discovery::Config;
 use proto::{Connection, ErrorCode, ErrorReply, Request, RequestFrame, ServerMsg};
@@ -254,4 +256,39 @@ async fn at_the_open_file_limit_new_connections_get_server_busy_not_accept_error
     assert_eq!(server.metric("p2pchat_accept_errors_total").await, 0);
     let log = server.stop().await;
     assert!(!log.contains("accept failed"), "{log}");
+}
+
+/// Regression: sessions per user were unlimited (10,000 sessions of one user made every
+/// deposit to him fan out 10,000 pushes). Now a session over the limit closes the oldest,
+/// which is told why; the newer ones keep working.
+#[tokio::test]
+async fn a_session_over_the_per_user_limit_closes_the_oldest() {
+    let server = Server::embedded(Config {
+        max_sessions_per_user: 3,
+        ..config()
+    })
+    .await;
+    // One identity, kept on disk: each session loads its own copy, as a process would.
+    let keys = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(keys.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    proto::Identity::generate().save(keys.path()).unwrap();
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        let identity = proto::Identity::load(keys.path()).unwrap();
+        let mut session = Client::connect_as(server.address, "alice", identity).await;
+        session.register().await.unwrap();
+        sessions.push(session);
+    }
+    let mut oldest = sessions.remove(0);
+    let reason = Client::closed_with(&mut oldest.connection)
+        .await
+        .expect("a closing reason");
+    assert_eq!(reason.code, ErrorCode::SessionLimit);
+    assert!(reason.message.contains("limit of 3 sessions"), "{reason}");
+    for session in &mut sessions {
+        assert!(online(session.lookup("alice").await));
+    }
+    assert_eq!(server.metrics.sessions_evicted.get(), 1);
+    assert_eq!(server.metrics.errors(ErrorCode::SessionLimit), 1);
+    server.stop().await;
 }
