@@ -6,6 +6,10 @@ use std::time::Duration;
 /// all its listen ports (about 300 bytes) with room to spare.
 pub const MIN_PREAUTH_FRAME_LEN: usize = 1024;
 
+/// The most names a `List` reply may carry: each takes at most 33 bytes (a length and 32
+/// characters), and the reply's own fields a few dozen, so 1,900 names fit a 64 KiB frame.
+pub const MAX_LIST_LEN: usize = 1900;
+
 /// Server settings. `Config::default()` is what the binary runs with unless told otherwise.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -29,6 +33,9 @@ pub struct Config {
     /// The most sessions (connections registered as one user) at once on this instance; a
     /// newer one closes the oldest with `session_limit`.
     pub max_sessions_per_user: usize,
+    /// The most names in one `List` reply; past it, the first names by order and a count
+    /// of the rest. At most [`MAX_LIST_LEN`], so the reply always fits a 64 KiB frame.
+    pub list_max: usize,
     /// The largest frame accepted from a registered client.
     pub max_frame_len: usize,
     /// The largest frame accepted before registration (a hello, a registration, an
@@ -57,6 +64,7 @@ impl Default for Config {
             max_connections: 200_000,
             open_file_reserve: 128,
             max_sessions_per_user: 8,
+            list_max: 1000,
             max_frame_len: proto::wire::MAX_FRAME_LEN,
             preauth_max_frame_len: 4 * 1024,
             fetch_batch: 1000,
@@ -88,6 +96,12 @@ impl Config {
             return Err(
                 "the session limit per user must be at least 1 (the default is 8)".to_owned(),
             );
+        }
+        if !(1..=MAX_LIST_LEN).contains(&self.list_max) {
+            return Err(format!(
+                "the most names in a list ({}) must be between 1 and {MAX_LIST_LEN} (the default is 1000)",
+                self.list_max
+            ));
         }
         if self.handshake_timeout.is_zero() {
             return Err("the handshake timeout must be at least 1 s".to_owned());
@@ -134,5 +148,24 @@ mod tests {
         assert!(config.validate().is_err());
         config.preauth_max_frame_len = config.max_frame_len;
         assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_most_names_in_a_list_fit_a_frame() {
+        let names = vec![proto::Username::new(&"n".repeat(32)).unwrap(); MAX_LIST_LEN];
+        let reply = proto::Reply::UsersCapped {
+            users: names,
+            more: u64::MAX,
+        };
+        let response = proto::ServerMsg::Response {
+            id: u64::MAX,
+            result: Ok(reply),
+        };
+        assert!(proto::wire::encoded_len(&response).unwrap() <= proto::wire::MAX_FRAME_LEN);
+        let config = Config {
+            list_max: MAX_LIST_LEN + 1,
+            ..Config::default()
+        };
+        assert!(config.validate().unwrap_err().contains("names in a list"));
     }
 }

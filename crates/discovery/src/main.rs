@@ -49,6 +49,9 @@ struct Cli {
     /// Most sessions of one user at once; a newer one closes the oldest.
     #[arg(long, env = "P2PCHAT_MAX_SESSIONS_PER_USER", default_value_t = 8)]
     max_sessions_per_user: usize,
+    /// Most names in one `list` reply (the rest are counted); at most 1900.
+    #[arg(long, env = "P2PCHAT_LIST_MAX", default_value_t = 1000)]
+    list_max: usize,
     /// Most messages one mailbox holds.
     #[arg(long, env = "P2PCHAT_MAIL_CAP", default_value_t = 10_000)]
     mail_cap: u64,
@@ -110,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         max_connections: cli.max_connections,
         open_file_reserve: cli.open_file_reserve,
         max_sessions_per_user: cli.max_sessions_per_user,
+        list_max: cli.list_max,
         ..Config::default()
     };
     config.validate().map_err(anyhow::Error::msg)?;

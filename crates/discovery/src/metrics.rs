@@ -70,6 +70,8 @@ pub struct Metrics {
     pub accept_errors: Counter,
     /// Sessions closed to make room for a newer session of the same user.
     pub sessions_evicted: Counter,
+    /// `List` replies capped at the most names in a list.
+    pub lists_capped: Counter,
     /// Connections closed at the registration deadline (no registration within the
     /// handshake timeout from accept).
     pub registration_timeouts: Counter,
@@ -151,6 +153,12 @@ impl Metrics {
                 "counter",
                 "Sessions closed to make room for a newer session of the same user over the per-user limit.",
                 &self.sessions_evicted,
+            ),
+            (
+                "p2pchat_lists_capped_total",
+                "counter",
+                "List replies capped at the most names in a list (with a count of the rest).",
+                &self.lists_capped,
             ),
             (
                 "p2pchat_registration_timeouts_total",

@@ -139,7 +139,8 @@ pub enum Request {
         /// Whom to look up.
         user: Username,
     },
-    /// Who is online now. Answered with [`Reply::Users`] (possibly empty).
+    /// Who is online now. Answered with [`Reply::Users`] (possibly empty), or, when more are
+    /// online than the server lists at once, [`Reply::UsersCapped`].
     List,
     /// Leave sealed mail in the recipient's mailbox. Idempotent by envelope id.
     /// Answered with [`Reply::Deposited`].
@@ -235,6 +236,15 @@ pub enum Reply {
     },
     /// Request carried out, nothing to report.
     Done,
+    /// The first users online now, sorted by name, when more are online than the server
+    /// lists at once (a reply that always fits a frame). Added last, so every older reply
+    /// keeps its encoding, and a list that fits is still [`Reply::Users`].
+    UsersCapped {
+        /// The first users by name.
+        users: Vec<Username>,
+        /// How many more are online.
+        more: u64,
+    },
 }
 
 /// A machine-readable error code; [`ErrorCode::as_str`] is its stable spelling.
