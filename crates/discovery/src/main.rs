@@ -127,6 +127,10 @@ async fn main() -> anyhow::Result<()> {
         cap: cli.mail_cap,
         ttl_ms: cli.mail_ttl_days.saturating_mul(24 * 60 * 60 * 1000),
     };
+    // The data dir holds the operator secret (and the embedded store): created 0700, and
+    // refused if other users can read it, as the client refuses its own.
+    proto::identity::create_private_dir(&data_dir)?;
+    proto::identity::check_private(&data_dir, 0o700)?;
     let store = match &cli.redis {
         Some(url) => Store::Redis(
             RedisStore::connect(url, limits)
@@ -134,9 +138,12 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot use Redis at {url}"))?,
         ),
         None => {
-            proto::identity::create_private_dir(&data_dir)?;
+            // Created (or tightened) 0600 before redb opens it with the umask's mode.
+            let path = data_dir.join("store.redb");
+            proto::identity::create_private_file(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
             Store::Embedded(
-                EmbeddedStore::open(data_dir.join("store.redb"), limits)
+                EmbeddedStore::open(path, limits)
                     .with_context(|| format!("cannot open the store in {}", data_dir.display()))?,
             )
         }

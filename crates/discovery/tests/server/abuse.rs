@@ -213,10 +213,10 @@ async fn first_frame(address: SocketAddr) -> (Connection<TcpStream>, ServerMsg) 
 /// is told `server_busy`.
 #[tokio::test]
 async fn at_the_open_file_limit_new_connections_get_server_busy_not_accept_errors() {
-    let dir = tempfile::tempdir().unwrap();
+    let parent = tempfile::tempdir().unwrap();
     let server = Process::start(
         150,
-        dir.path(),
+        &parent.path().join("data"),
         &[
             "--open-file-reserve",
             "50",
@@ -290,5 +290,39 @@ async fn a_session_over_the_per_user_limit_closes_the_oldest() {
     }
     assert_eq!(server.metrics.sessions_evicted.get(), 1);
     assert_eq!(server.metrics.errors(ErrorCode::SessionLimit), 1);
+    server.stop().await;
+}
+
+/// Regression: the server accepted an existing 0755 data dir. Now it refuses to start,
+/// saying which folder and what to run.
+#[tokio::test]
+async fn a_data_dir_other_users_can_read_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = match Process::start(1024, dir.path(), &[]).await {
+        Ok(server) => panic!("started on a 0755 data dir: {}", server.stop().await),
+        Err(log) => log,
+    };
+    assert!(log.contains("755") && log.contains("chmod 700"), "{log}");
+    assert!(!dir.path().join("store.redb").exists());
+}
+
+/// Regression: `store.redb` was written 0644 (the umask's mode). Now the data dir is 0700
+/// and every file the server writes in it 0600.
+#[tokio::test]
+async fn every_file_the_server_writes_is_private() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    let server = Process::start(1024, &dir, &[]).await.unwrap();
+    let mode = |name: &str| {
+        std::fs::metadata(dir.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(""), 0o700);
+    assert_eq!(mode("store.redb"), 0o600);
+    assert_eq!(mode("operator.secret"), 0o600);
     server.stop().await;
 }
