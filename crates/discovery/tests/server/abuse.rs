@@ -229,14 +229,15 @@ async fn at_the_open_file_limit_new_connections_get_server_busy_not_accept_error
     assert_eq!(server.metric("p2pchat_connection_cap").await, 100);
     let mut held = Vec::new();
     let mut busy = 0;
-    for _ in 0..130 {
+    // More connections than the 150 descriptors could hold, one after another.
+    for _ in 0..160 {
         match first_frame(server.address).await {
             (connection, ServerMsg::Challenge { .. }) => held.push(connection),
             (_, ServerMsg::Closing(reason)) if reason.code == ErrorCode::ServerBusy => busy += 1,
             (_, other) => panic!("expected a challenge or server_busy, got {other:?}"),
         }
     }
-    assert_eq!((held.len(), busy), (100, 30));
+    assert_eq!((held.len(), busy), (100, 60));
 
     // Once the crowd leaves, an honest client gets in (as soon as the server has seen the
     // crowd's connections close).
@@ -252,7 +253,7 @@ async fn at_the_open_file_limit_new_connections_get_server_busy_not_accept_error
             (_, other) => panic!("expected a challenge, got {other:?}"),
         }
     }
-    assert!(server.metric("p2pchat_refused_connections_total").await >= 30);
+    assert!(server.metric("p2pchat_refused_connections_total").await >= 60);
     assert_eq!(server.metric("p2pchat_accept_errors_total").await, 0);
     let log = server.stop().await;
     assert!(!log.contains("accept failed"), "{log}");
