@@ -189,8 +189,9 @@ async fn direct_chat_both_ways() -> anyhow::Result<()> {
     for index in 0..5 {
         bob.expect("alice", &format!("n{index}")).await?;
     }
-    let users = alice.client.list().await?;
-    assert_eq!(users, vec![name("alice"), name("bob")]);
+    let online = alice.client.list().await?;
+    assert_eq!(online.users, vec![name("alice"), name("bob")]);
+    assert_eq!(online.more, 0);
     let history = alice.client.history(&name("bob"), 3).await?;
     assert_eq!(
         history

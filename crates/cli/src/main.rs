@@ -491,6 +491,15 @@ fn listing(users: &[Username], label: &str, empty: &str) -> String {
     format!("{label}: {}", names.join(", "))
 }
 
+/// `online: a, b, c`, and how many more are online when the server listed only the first.
+fn online_listing(online: &peer::OnlineUsers) -> String {
+    let listed = listing(&online.users, "online", "nobody is online");
+    match online.more {
+        0 => listed,
+        more => format!("{listed} (and {more} more online, not listed)"),
+    }
+}
+
 /// What the user sees of a send's result.
 fn send_outcome(to: &Username, result: Result<peer::SendReport, peer::ClientError>) -> Outcome {
     match result {
@@ -554,10 +563,7 @@ async fn execute(client: &Client, command: Command) -> Outcome {
     match command {
         Command::Send { to, body } => send_outcome(&to, client.send(&to, &body).await),
         Command::List => result(
-            client
-                .list()
-                .await
-                .map(|users| listing(&users, "online", "nobody is online")),
+            client.list().await.map(|online| online_listing(&online)),
             "list",
         ),
         Command::Block(user) => result(
@@ -623,5 +629,25 @@ async fn execute(client: &Client, command: Command) -> Outcome {
             "history",
         ),
         Command::Nothing | Command::Help | Command::Quit => Outcome::done(String::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capped_list_says_how_many_more_are_online() {
+        let name = |text: &str| Username::new(text).unwrap();
+        let online = |users: Vec<Username>, more| peer::OnlineUsers { users, more };
+        assert_eq!(online_listing(&online(vec![], 0)), "nobody is online");
+        assert_eq!(
+            online_listing(&online(vec![name("alice"), name("bob")], 0)),
+            "online: alice, bob"
+        );
+        assert_eq!(
+            online_listing(&online(vec![name("alice")], 4321)),
+            "online: alice (and 4321 more online, not listed)"
+        );
     }
 }

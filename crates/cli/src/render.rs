@@ -233,6 +233,27 @@ mod tests {
         assert_eq!(json["id"], "01".repeat(16));
     }
 
+    /// A session closed at the server's per-user session limit is shown with the server's
+    /// sentence and its code (the peer runtime passes the `Closing` reason through).
+    #[test]
+    fn a_session_closed_at_the_per_user_session_limit_says_why() {
+        let closing = proto::ErrorReply::new(
+            proto::ErrorCode::SessionLimit,
+            "a newer login with your name went over the limit of 8 sessions at once; \
+             this session, the oldest, was closed to make room",
+        );
+        let event = Event::Offline {
+            reason: format!("the server closed the connection: {closing}"),
+            retry_in: std::time::Duration::from_secs(1),
+        };
+        assert_eq!(
+            event_text(&event).unwrap(),
+            "lost the discovery server (the server closed the connection: a newer login with \
+             your name went over the limit of 8 sessions at once; this session, the oldest, was \
+             closed to make room (session_limit)); reconnecting in the background"
+        );
+    }
+
     #[test]
     fn mute_summaries_count_messages() {
         let text = |held| {

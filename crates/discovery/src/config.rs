@@ -2,6 +2,14 @@
 
 use std::time::Duration;
 
+/// The smallest frame limit before registration that still fits a registration with
+/// all its listen ports (about 300 bytes) with room to spare.
+pub const MIN_PREAUTH_FRAME_LEN: usize = 1024;
+
+/// The most names a `List` reply may carry: each takes at most 33 bytes (a length and 32
+/// characters), and the reply's own fields a few dozen, so 1,900 names fit a 64 KiB frame.
+pub const MAX_LIST_LEN: usize = 1900;
+
 /// Server settings. `Config::default()` is what the binary runs with unless told otherwise.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -10,15 +18,29 @@ pub struct Config {
     /// How long a registered client stays online without a heartbeat. A registered
     /// connection silent for this long is closed.
     pub presence_ttl: Duration,
-    /// How long a new connection has to complete the hello and register (or announce);
-    /// idle unauthenticated connections are closed after it.
+    /// How long a new connection has to complete the hello and register (or announce),
+    /// counted from accept (or from an `Unregister`); no request extends it.
     pub handshake_timeout: Duration,
     /// How long one write to a client may take before the client is dropped as stuck.
     pub write_timeout: Duration,
-    /// The most simultaneous connections; more are told `server_busy` and closed.
+    /// The most simultaneous connections; more are told `server_busy` and closed. The
+    /// server keeps fewer when the open-file limit less [`Config::open_file_reserve`]
+    /// cannot hold this many ([`crate::limits::connection_cap`]).
     pub max_connections: usize,
-    /// The largest frame accepted.
+    /// Open files kept out of the connection cap: the listener, the store, logs, and the
+    /// `server_busy` refusals in flight (at most half of this reserve at once).
+    pub open_file_reserve: u64,
+    /// The most sessions (connections registered as one user) at once on this instance; a
+    /// newer one closes the oldest with `session_limit`.
+    pub max_sessions_per_user: usize,
+    /// The most names in one `List` reply; past it, the first names by order and a count
+    /// of the rest. At most [`MAX_LIST_LEN`], so the reply always fits a 64 KiB frame.
+    pub list_max: usize,
+    /// The largest frame accepted from a registered client.
     pub max_frame_len: usize,
+    /// The largest frame accepted before registration (a hello, a registration, an
+    /// announcement): small, so unauthenticated connections cost little.
+    pub preauth_max_frame_len: usize,
     /// The most mail envelopes sent in one `Fetch` reply (fewer if they would not fit a
     /// frame: the store stops reading at the frame's budget).
     pub fetch_batch: u32,
@@ -40,7 +62,11 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             max_connections: 200_000,
+            open_file_reserve: 128,
+            max_sessions_per_user: 8,
+            list_max: 1000,
             max_frame_len: proto::wire::MAX_FRAME_LEN,
+            preauth_max_frame_len: 4 * 1024,
             fetch_batch: 1000,
             requests_per_second: 20_000,
             request_burst: 40_000,
@@ -66,6 +92,27 @@ impl Config {
         if self.heartbeat_interval.is_zero() {
             return Err("the heartbeat interval must be at least 1 s".to_owned());
         }
+        if self.max_sessions_per_user == 0 {
+            return Err(
+                "the session limit per user must be at least 1 (the default is 8)".to_owned(),
+            );
+        }
+        if !(1..=MAX_LIST_LEN).contains(&self.list_max) {
+            return Err(format!(
+                "the most names in a list ({}) must be between 1 and {MAX_LIST_LEN} (the default is 1000)",
+                self.list_max
+            ));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err("the handshake timeout must be at least 1 s".to_owned());
+        }
+        if !(MIN_PREAUTH_FRAME_LEN..=self.max_frame_len).contains(&self.preauth_max_frame_len) {
+            return Err(format!(
+                "the frame limit before registration ({} bytes) must be between {MIN_PREAUTH_FRAME_LEN} \
+                 (room for a registration) and the frame limit ({} bytes); the default is 4096",
+                self.preauth_max_frame_len, self.max_frame_len
+            ));
+        }
         Ok(())
     }
 }
@@ -83,5 +130,42 @@ mod tests {
         config.heartbeat_interval = Duration::ZERO;
         config.presence_ttl = Duration::from_secs(5);
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn the_frame_limit_before_registration_fits_a_registration_and_the_frame_limit() {
+        let mut config = Config {
+            preauth_max_frame_len: 100,
+            ..Config::default()
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .contains("before registration")
+        );
+        config.preauth_max_frame_len = config.max_frame_len + 1;
+        assert!(config.validate().is_err());
+        config.preauth_max_frame_len = config.max_frame_len;
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_most_names_in_a_list_fit_a_frame() {
+        let names = vec![proto::Username::new(&"n".repeat(32)).unwrap(); MAX_LIST_LEN];
+        let reply = proto::Reply::UsersCapped {
+            users: names,
+            more: u64::MAX,
+        };
+        let response = proto::ServerMsg::Response {
+            id: u64::MAX,
+            result: Ok(reply),
+        };
+        assert!(proto::wire::encoded_len(&response).unwrap() <= proto::wire::MAX_FRAME_LEN);
+        let config = Config {
+            list_max: MAX_LIST_LEN + 1,
+            ..Config::default()
+        };
+        assert!(config.validate().unwrap_err().contains("names in a list"));
     }
 }

@@ -147,7 +147,7 @@ impl Session {
             Request::List => store
                 .online_users(now_ms)
                 .await
-                .map(Reply::Users)
+                .map(|users| list_reply(users, config.list_max, metrics))
                 .map_err(store_error),
             Request::Deposit { envelope } => deposit(&me, envelope, store, metrics, now_ms).await,
             Request::Fetch { max } => fetch(&me, max.min(config.fetch_batch), store, now_ms).await,
@@ -340,6 +340,19 @@ impl Session {
             .map(|()| Reply::Done)
             .map_err(store_error)
     }
+}
+
+/// The reply to `List`: every online user sorted by name, or, past `max`, the first `max`
+/// of them and a count of the rest (a reply that always fits a frame).
+fn list_reply(mut users: Vec<Username>, max: usize, metrics: &Metrics) -> Reply {
+    users.sort_unstable();
+    if users.len() <= max {
+        return Reply::Users(users);
+    }
+    metrics.lists_capped.inc();
+    let more = (users.len() - max) as u64;
+    users.truncate(max);
+    Reply::UsersCapped { users, more }
 }
 
 async fn lookup(user: &Username, store: &Store, now_ms: u64) -> Result<Reply, ErrorReply> {

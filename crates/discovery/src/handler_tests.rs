@@ -837,3 +837,33 @@ fn store_failures_map_to_codes() {
         ErrorCode::Blocked
     );
 }
+
+/// Regression: `List` returned every online user, and failed for everyone with `too_large`
+/// once some thousands were online. Past the limit it lists the first names and counts the
+/// rest; at the limit it is the whole list, as before.
+#[tokio::test]
+async fn list_past_its_limit_gives_the_first_names_and_a_count_of_the_rest() {
+    let mut fixture = Fixture::new();
+    fixture.config.list_max = 2;
+    let mut carol = registered(&fixture, "carol", T0).await;
+    let _alice = registered(&fixture, "alice", T0).await;
+    assert_eq!(
+        fixture
+            .handle(&mut carol.session, Request::List, T0)
+            .await
+            .unwrap(),
+        Reply::Users(vec![name("alice"), name("carol")])
+    );
+    let _bob = registered(&fixture, "bob", T0).await;
+    assert_eq!(
+        fixture
+            .handle(&mut carol.session, Request::List, T0)
+            .await
+            .unwrap(),
+        Reply::UsersCapped {
+            users: vec![name("alice"), name("bob")],
+            more: 1
+        }
+    );
+    assert_eq!(fixture.metrics.lists_capped.get(), 1);
+}

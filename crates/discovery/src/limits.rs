@@ -1,4 +1,6 @@
-//! [`TokenBucket`]: the per-connection request rate limit, with time passed in.
+//! Limits with their arithmetic kept pure: [`TokenBucket`], the per-connection request rate
+//! limit, with time passed in; [`connection_cap`], the connection cap under the open-file
+//! limit, and [`raise_open_file_limit`], which the binary calls at start.
 
 use std::time::Instant;
 
@@ -36,11 +38,51 @@ impl TokenBucket {
     }
 }
 
+/// Raises the soft open-file limit to the hard limit and returns the soft limit now in
+/// force (`None` where the platform has none or it cannot be read).
+pub fn raise_open_file_limit() -> std::io::Result<Option<u64>> {
+    rlimit::increase_nofile_limit(rlimit::INFINITY)?;
+    Ok(open_file_limit())
+}
+
+/// The soft open-file limit of this process, if it has one.
+pub fn open_file_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+            Ok((soft, _)) if soft != rlimit::INFINITY => Some(soft),
+            _ => None,
+        }
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// The connection cap the server keeps: the configured one, or less when the open-file
+/// limit (less `reserve` descriptors for the listener, the store, logs and refusals in
+/// flight) cannot hold that many; at least one.
+pub fn connection_cap(configured: usize, open_files: Option<u64>, reserve: u64) -> usize {
+    let room = open_files.map_or(usize::MAX, |limit| {
+        usize::try_from(limit.saturating_sub(reserve)).unwrap_or(usize::MAX)
+    });
+    configured.min(room).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// Regression: the cap was 200,000 under an open-file limit of 20,000, so a crowd
+    /// exhausted the descriptors and the accept loop failed instead of answering `server_busy`.
+    #[test]
+    fn the_connection_cap_leaves_the_reserve_of_the_open_file_limit() {
+        assert_eq!(connection_cap(200_000, Some(20_000), 100), 19_900);
+        assert_eq!(connection_cap(1_000, Some(20_000), 100), 1_000);
+        assert_eq!(connection_cap(1_000, None, 100), 1_000);
+        assert_eq!(connection_cap(1_000, Some(50), 100), 1);
+    }
 
     #[test]
     fn allows_the_burst_then_the_rate() {

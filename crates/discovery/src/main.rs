@@ -34,9 +34,25 @@ struct Cli {
     /// Seconds without a heartbeat after which a client is offline.
     #[arg(long, env = "P2PCHAT_PRESENCE_TTL_SECS", default_value_t = 30)]
     presence_ttl_secs: u64,
-    /// Most simultaneous client connections.
+    /// Seconds a new connection has to register, counted from accept; no request extends it.
+    #[arg(long, env = "P2PCHAT_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    handshake_timeout_secs: u64,
+    /// Largest frame (bytes) accepted before a client registers.
+    #[arg(long, env = "P2PCHAT_PREAUTH_MAX_FRAME", default_value_t = 4096)]
+    preauth_max_frame: usize,
+    /// Most simultaneous client connections (fewer if the open-file limit, less the reserve,
+    /// cannot hold them).
     #[arg(long, env = "P2PCHAT_MAX_CONNECTIONS", default_value_t = 200_000)]
     max_connections: usize,
+    /// Open files kept out of the connection cap (listener, store, logs, refusals in flight).
+    #[arg(long, env = "P2PCHAT_OPEN_FILE_RESERVE", default_value_t = 128)]
+    open_file_reserve: u64,
+    /// Most sessions of one user at once; a newer one closes the oldest.
+    #[arg(long, env = "P2PCHAT_MAX_SESSIONS_PER_USER", default_value_t = 8)]
+    max_sessions_per_user: usize,
+    /// Most names in one `list` reply (the rest are counted); at most 1900.
+    #[arg(long, env = "P2PCHAT_LIST_MAX", default_value_t = 1000)]
+    list_max: usize,
     /// Most messages one mailbox holds.
     #[arg(long, env = "P2PCHAT_MAIL_CAP", default_value_t = 10_000)]
     mail_cap: u64,
@@ -93,14 +109,29 @@ async fn main() -> anyhow::Result<()> {
     let mut config = Config {
         heartbeat_interval: Duration::from_secs(cli.heartbeat_secs),
         presence_ttl: Duration::from_secs(cli.presence_ttl_secs),
+        handshake_timeout: Duration::from_secs(cli.handshake_timeout_secs),
+        preauth_max_frame_len: cli.preauth_max_frame,
         max_connections: cli.max_connections,
+        open_file_reserve: cli.open_file_reserve,
+        max_sessions_per_user: cli.max_sessions_per_user,
+        list_max: cli.list_max,
         ..Config::default()
     };
     config.validate().map_err(anyhow::Error::msg)?;
+    // Each connection is a descriptor: take all the hard limit allows (the connection cap
+    // is then set under it, see `serve`).
+    match discovery::limits::raise_open_file_limit() {
+        Ok(limit) => tracing::info!(?limit, "open-file limit raised to the hard limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
     let limits = MailLimits {
         cap: cli.mail_cap,
         ttl_ms: cli.mail_ttl_days.saturating_mul(24 * 60 * 60 * 1000),
     };
+    // The data dir holds the operator secret (and the embedded store): created 0700, and
+    // refused if other users can read it, as the client refuses its own.
+    proto::identity::create_private_dir(&data_dir)?;
+    proto::identity::check_private(&data_dir, 0o700)?;
     let store = match &cli.redis {
         Some(url) => Store::Redis(
             RedisStore::connect(url, limits)
@@ -108,9 +139,12 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot use Redis at {}", redact_url(url)))?,
         ),
         None => {
-            proto::identity::create_private_dir(&data_dir)?;
+            // Created (or tightened) 0600 before redb opens it with the umask's mode.
+            let path = data_dir.join("store.redb");
+            proto::identity::create_private_file(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
             Store::Embedded(
-                EmbeddedStore::open(data_dir.join("store.redb"), limits)
+                EmbeddedStore::open(path, limits)
                     .with_context(|| format!("cannot open the store in {}", data_dir.display()))?,
             )
         }

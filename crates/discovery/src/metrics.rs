@@ -32,6 +32,11 @@ impl Counter {
         self.0.fetch_add(amount, Ordering::Relaxed);
     }
 
+    /// Sets the value (gauges only).
+    pub fn set(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
     /// Subtracts one (gauges only).
     pub fn dec(&self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
@@ -58,6 +63,20 @@ pub struct Metrics {
     pub mail_delivered: Counter,
     /// Connections refused at the connection limit.
     pub refused_connections: Counter,
+    /// The connection cap in force (gauge): the configured cap, or less under the
+    /// open-file limit.
+    pub connection_cap: Counter,
+    /// Failed accepts (out of file descriptors and the like); each backs off.
+    pub accept_errors: Counter,
+    /// Sessions closed to make room for a newer session of the same user.
+    pub sessions_evicted: Counter,
+    /// `List` replies capped at the most names in a list.
+    pub lists_capped: Counter,
+    /// Connections closed at the registration deadline (no registration within the
+    /// handshake timeout from accept).
+    pub registration_timeouts: Counter,
+    /// Connections closed for a frame over the limit before registration.
+    pub preauth_oversized_frames: Counter,
     errors: [Counter; ErrorCode::ALL.len()],
 }
 
@@ -116,6 +135,42 @@ impl Metrics {
                 "counter",
                 "Connections refused at the limit.",
                 &self.refused_connections,
+            ),
+            (
+                "p2pchat_connection_cap",
+                "gauge",
+                "The connection cap in force (the configured one, or less under the open-file limit).",
+                &self.connection_cap,
+            ),
+            (
+                "p2pchat_accept_errors_total",
+                "counter",
+                "Failed accepts (out of file descriptors and the like), each followed by a back-off.",
+                &self.accept_errors,
+            ),
+            (
+                "p2pchat_sessions_evicted_total",
+                "counter",
+                "Sessions closed to make room for a newer session of the same user over the per-user limit.",
+                &self.sessions_evicted,
+            ),
+            (
+                "p2pchat_lists_capped_total",
+                "counter",
+                "List replies capped at the most names in a list (with a count of the rest).",
+                &self.lists_capped,
+            ),
+            (
+                "p2pchat_registration_timeouts_total",
+                "counter",
+                "Connections closed for not registering within the handshake timeout from accept.",
+                &self.registration_timeouts,
+            ),
+            (
+                "p2pchat_preauth_oversized_frames_total",
+                "counter",
+                "Connections closed for a frame over the limit before registration.",
+                &self.preauth_oversized_frames,
             ),
         ];
         for (name, kind, help, counter) in simple {

@@ -28,9 +28,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::Config,
     handler::{Event, Session},
-    limits::TokenBucket,
+    limits::{self, TokenBucket},
     metrics::Metrics,
 };
+
+/// The first and the longest pause after a failed accept (out of file descriptors and the
+/// like): the failure repeats at once, so the loop backs off instead of spinning, and keeps
+/// serving the connections it has meanwhile.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
 
 /// How many pushes may wait for one slow client before new ones are dropped (they are hints
 /// and announcements; mail itself waits in the store).
@@ -47,25 +52,35 @@ enum Outbound {
     RefreshPresence,
 }
 
-/// The connections of one user on this instance: almost always one; more while a client
-/// reconnects before the server has seen its old connection close, or when two processes
-/// run with one identity.
+/// One registered session's entry in the hub.
+#[derive(Debug)]
+struct Route {
+    /// The session's presence id.
+    session: u64,
+    /// Where its pushes go.
+    sender: mpsc::Sender<Outbound>,
+    /// Cancelled when newer sessions of the same user push this one over the per-user
+    /// session limit: the connection then closes with `session_limit`.
+    evict: CancellationToken,
+}
+
+/// The connections of one user on this instance, oldest first: almost always one; more
+/// while a client reconnects before the server has seen its old connection close, or when
+/// several processes run with one identity (at most the per-user session limit).
 #[derive(Debug)]
 enum Sessions {
-    One(u64, mpsc::Sender<Outbound>),
-    Many(Vec<(u64, mpsc::Sender<Outbound>)>),
+    One(Route),
+    Many(Vec<Route>),
 }
 
 impl Sessions {
-    /// These sessions with `session` added (an entry of the same id is replaced).
-    fn with(self, session: u64, sender: mpsc::Sender<Outbound>) -> Self {
-        match self.without(session) {
-            None => Self::One(session, sender),
-            Some(Self::One(other, other_sender)) => {
-                Self::Many(vec![(other, other_sender), (session, sender)])
-            }
+    /// These sessions with `route` added as the newest (an entry of the same id is replaced).
+    fn with(self, route: Route) -> Self {
+        match self.without(route.session) {
+            None => Self::One(route),
+            Some(Self::One(other)) => Self::Many(vec![other, route]),
             Some(Self::Many(mut many)) => {
-                many.push((session, sender));
+                many.push(route);
                 Self::Many(many)
             }
         }
@@ -74,28 +89,39 @@ impl Sessions {
     /// These sessions without `session`; `None` if none is left.
     fn without(self, session: u64) -> Option<Self> {
         match self {
-            Self::One(current, _) if current == session => None,
+            Self::One(current) if current.session == session => None,
             one @ Self::One(..) => Some(one),
             Self::Many(mut many) => {
-                many.retain(|(other, _)| *other != session);
-                match many.len() {
-                    0 => None,
-                    1 => {
-                        let (other, sender) = many.remove(0);
-                        Some(Self::One(other, sender))
-                    }
-                    _ => Some(Self::Many(many)),
-                }
+                many.retain(|route| route.session != session);
+                Self::from_routes(many)
             }
         }
     }
 
-    fn senders(&self) -> impl Iterator<Item = &mpsc::Sender<Outbound>> {
-        let (one, many) = match self {
-            Self::One(_, sender) => (Some(sender), &[][..]),
-            Self::Many(sessions) => (None, &sessions[..]),
-        };
-        one.into_iter().chain(many.iter().map(|(_, sender)| sender))
+    /// These sessions less the oldest beyond `max`, and the ones taken out.
+    fn keeping(self, max: usize) -> (Option<Self>, Vec<Route>) {
+        match self {
+            Self::Many(mut many) if many.len() > max => {
+                let evicted = many.drain(..many.len() - max).collect();
+                (Self::from_routes(many), evicted)
+            }
+            other => (Some(other), Vec::new()),
+        }
+    }
+
+    fn from_routes(mut routes: Vec<Route>) -> Option<Self> {
+        match routes.len() {
+            0 => None,
+            1 => Some(Self::One(routes.remove(0))),
+            _ => Some(Self::Many(routes)),
+        }
+    }
+
+    fn routes(&self) -> &[Route] {
+        match self {
+            Self::One(route) => std::slice::from_ref(route),
+            Self::Many(routes) => routes,
+        }
     }
 }
 
@@ -107,13 +133,23 @@ pub struct Hub {
 }
 
 impl Hub {
-    fn insert(&self, user: Username, session: u64, sender: mpsc::Sender<Outbound>) {
+    /// Adds `route` as the newest session of `user`. Beyond `max_sessions`, the oldest
+    /// sessions are taken out and told to close (their `evict` token is cancelled); returns
+    /// how many.
+    fn insert(&self, user: Username, route: Route, max_sessions: usize) -> usize {
         let mut clients = self.lock();
         let sessions = match clients.remove(&user) {
-            Some(sessions) => sessions.with(session, sender),
-            None => Sessions::One(session, sender),
+            Some(sessions) => sessions.with(route),
+            None => Sessions::One(route),
         };
-        clients.insert(user, sessions);
+        let (kept, evicted) = sessions.keeping(max_sessions.max(1));
+        if let Some(kept) = kept {
+            clients.insert(user, kept);
+        }
+        for route in &evicted {
+            route.evict.cancel();
+        }
+        evicted.len()
     }
 
     /// Removes `session` of `user`. If another session of the user is still connected
@@ -127,8 +163,8 @@ impl Hub {
         else {
             return;
         };
-        if let Some(latest) = remaining.senders().last() {
-            let _ = latest.try_send(Outbound::RefreshPresence);
+        if let Some(latest) = remaining.routes().last() {
+            let _ = latest.sender.try_send(Outbound::RefreshPresence);
         }
         clients.insert(user.clone(), remaining);
     }
@@ -136,8 +172,8 @@ impl Hub {
     /// Pushes to `user` if they are connected here; a full queue drops the push.
     pub fn push(&self, user: &Username, push: Push) {
         if let Some(sessions) = self.lock().get(user) {
-            for sender in sessions.senders() {
-                let _ = sender.try_send(Outbound::Push(push.clone()));
+            for route in sessions.routes() {
+                let _ = route.sender.try_send(Outbound::Push(push.clone()));
             }
         }
     }
@@ -145,8 +181,8 @@ impl Hub {
     /// Pushes to every registered user connected here.
     pub fn push_all(&self, push: &Push) {
         for sessions in self.lock().values() {
-            for sender in sessions.senders() {
-                let _ = sender.try_send(Outbound::Push(push.clone()));
+            for route in sessions.routes() {
+                let _ = route.sender.try_send(Outbound::Push(push.clone()));
             }
         }
     }
@@ -215,7 +251,29 @@ pub async fn serve(
     // Subscribe before accepting anyone, so no event published for a client is missed.
     let events = shared.store.subscribe();
     tracker.spawn(fan_out(events, Arc::clone(&shared), shutdown.clone()));
-    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
+    let config = &shared.config;
+    let open_files = limits::open_file_limit();
+    let cap = limits::connection_cap(config.max_connections, open_files, config.open_file_reserve);
+    shared.metrics.connection_cap.set(cap as u64);
+    if cap < config.max_connections {
+        tracing::warn!(
+            configured = config.max_connections,
+            cap,
+            open_files,
+            reserve = config.open_file_reserve,
+            "the open-file limit holds fewer connections than configured; the cap is lowered"
+        );
+    }
+    tracing::info!(cap, open_files, "connection cap");
+    let permits = Arc::new(Semaphore::new(cap));
+    // Refusals hold a descriptor for up to a few seconds each: they share half the reserve,
+    // and a connection beyond that is closed at once without a word.
+    let refusals = Arc::new(Semaphore::new(
+        usize::try_from(config.open_file_reserve / 2)
+            .unwrap_or(usize::MAX)
+            .max(1),
+    ));
+    let mut accept_backoff = ACCEPT_BACKOFF.0;
     tracing::info!(address = %listener.local_addr()?, "discovery server listening");
 
     loop {
@@ -223,11 +281,22 @@ pub async fn serve(
             biased;
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    accept_backoff = ACCEPT_BACKOFF.0;
+                    accepted
+                }
                 Err(error) => {
-                    // Out of file descriptors and the like: wait a moment instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    shared.metrics.accept_errors.inc();
+                    let failures = shared.metrics.accept_errors.get();
+                    if failures.is_power_of_two() {
+                        tracing::warn!(%error, failures, retry_in = ?accept_backoff, "accept failed; backing off");
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(accept_backoff) => {}
+                    }
+                    accept_backoff = (accept_backoff * 2).min(ACCEPT_BACKOFF.1);
                     continue;
                 }
             },
@@ -247,7 +316,12 @@ pub async fn serve(
             Err(_) => {
                 shared.metrics.refused_connections.inc();
                 shared.metrics.error(ErrorCode::ServerBusy);
-                tracker.spawn(refuse_busy(stream));
+                if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
+                    tracker.spawn(async move {
+                        refuse_busy(stream).await;
+                        drop(permit);
+                    });
+                }
             }
         }
     }
@@ -376,9 +450,11 @@ async fn serve_connection(
 ) {
     let config = &shared.config;
     let metrics = &shared.metrics;
+    // Until the client registers, its frames are limited to a few KiB and it has one
+    // deadline, counted from accept: no request (not even a refused one) extends it.
     let mut connection =
-        Connection::with_limits(stream, config.max_frame_len, config.write_timeout);
-    let handshake_deadline = Instant::now() + config.handshake_timeout;
+        Connection::with_limits(stream, config.preauth_max_frame_len, config.write_timeout);
+    let mut registration_deadline = Instant::now() + config.handshake_timeout;
 
     let hello = tokio::select! {
         biased;
@@ -407,6 +483,7 @@ async fn serve_connection(
         return;
     }
     let (push_sender, mut pushes) = mpsc::channel::<Outbound>(PUSH_QUEUE);
+    let evict = CancellationToken::new();
     let mut bucket = TokenBucket::new(
         config.requests_per_second,
         config.request_burst,
@@ -416,13 +493,21 @@ async fn serve_connection(
 
     loop {
         let deadline = match session.user() {
-            None => handshake_deadline.max(last_activity + config.handshake_timeout),
+            None => registration_deadline,
             Some(_) => last_activity + config.presence_ttl,
         };
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
                 close_with(&mut connection, metrics, ErrorCode::Unavailable, "the server is shutting down; reconnect shortly").await;
+                break;
+            }
+            _ = evict.cancelled() => {
+                let message = format!(
+                    "a newer login with your name went over the limit of {} sessions at once; this session, the oldest, was closed to make room",
+                    config.max_sessions_per_user
+                );
+                close_with(&mut connection, metrics, ErrorCode::SessionLimit, message).await;
                 break;
             }
             Some(outbound) = pushes.recv() => match outbound {
@@ -453,7 +538,13 @@ async fn serve_connection(
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
                     Err(RecvError::FrameTooLarge { max }) => {
-                        close_with(&mut connection, metrics, ErrorCode::TooLarge, format!("frames are limited to {max} bytes")).await;
+                        let message = if session.user().is_some() {
+                            format!("frames are limited to {max} bytes")
+                        } else {
+                            metrics.preauth_oversized_frames.inc();
+                            format!("before registration, frames are limited to {max} bytes")
+                        };
+                        close_with(&mut connection, metrics, ErrorCode::TooLarge, message).await;
                         break;
                     }
                     Err(RecvError::Malformed(error)) => {
@@ -476,9 +567,22 @@ async fn serve_connection(
                     .await;
                     match event {
                         Some(Event::Registered(user)) => {
-                            shared.hub.insert(user, session.session_id(), push_sender.clone());
+                            connection.set_max_frame_len(config.max_frame_len);
+                            let route = Route {
+                                session: session.session_id(),
+                                sender: push_sender.clone(),
+                                evict: evict.clone(),
+                            };
+                            let evicted = shared.hub.insert(user, route, config.max_sessions_per_user);
+                            metrics.sessions_evicted.add(evicted as u64);
                         }
-                        Some(Event::Unregistered(user)) => shared.hub.remove(&user, session.session_id()),
+                        Some(Event::Unregistered(user)) => {
+                            // Unregistered again: the limits of a new connection apply,
+                            // with a fresh deadline to register again.
+                            connection.set_max_frame_len(config.preauth_max_frame_len);
+                            registration_deadline = Instant::now() + config.handshake_timeout;
+                            shared.hub.remove(&user, session.session_id());
+                        }
                         None => {}
                     }
                     result
@@ -500,7 +604,10 @@ async fn serve_connection(
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let message = match session.user() {
-                    None => "no registration within the handshake timeout",
+                    None => {
+                        metrics.registration_timeouts.inc();
+                        "no registration within the handshake timeout"
+                    }
                     Some(_) => "no heartbeat within the presence timeout",
                 };
                 close_with(&mut connection, metrics, ErrorCode::BadRequest, message).await;

@@ -28,5 +28,6 @@ pub mod state;
 
 pub use delivery::DeliveryStatus;
 pub use runtime::{
-    Client, ClientError, Config, Event, Events, SendReport, StartError, Status, WhoisReport, start,
+    Client, ClientError, Config, Event, Events, OnlineUsers, SendReport, StartError, Status,
+    WhoisReport, start,
 };

@@ -201,6 +201,16 @@ pub enum Status {
     Fatal(ErrorReply),
 }
 
+/// Who is online, as the server lists them: the first users by name, and how many more
+/// are online beyond them (0 when the list is whole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnlineUsers {
+    /// Online users, sorted by name.
+    pub users: Vec<Username>,
+    /// How many more are online than listed.
+    pub more: u64,
+}
+
 /// Everything the user is told about, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -311,7 +321,7 @@ enum Command {
         reply: Reply_<SendReport>,
     },
     List {
-        reply: Reply_<Vec<Username>>,
+        reply: Reply_<OnlineUsers>,
     },
     Block {
         user: Username,
@@ -664,8 +674,8 @@ impl Client {
         Ok(async move { answer.await.map_err(|_| ClientError::ShuttingDown)? })
     }
 
-    /// Users online now.
-    pub async fn list(&self) -> Result<Vec<Username>, ClientError> {
+    /// Users online now (the server may list only the first of them, and count the rest).
+    pub async fn list(&self) -> Result<OnlineUsers, ClientError> {
         self.call(|reply| Command::List { reply }).await
     }
 
@@ -1220,7 +1230,8 @@ impl EventLoop {
             match command {
                 Command::List { reply } => {
                     let result = match context.control.request(Request::List).await {
-                        Ok(Reply::Users(users)) => Ok(users),
+                        Ok(Reply::Users(users)) => Ok(OnlineUsers { users, more: 0 }),
+                        Ok(Reply::UsersCapped { users, more }) => Ok(OnlineUsers { users, more }),
                         Ok(_) => Err(ControlError::Unexpected.into()),
                         Err(error) => Err(error.into()),
                     };

@@ -7,11 +7,11 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::{Framed, LengthDelimitedCodecError};
+use tokio_util::codec::Framed;
 
 use crate::{
     msg::{Hello, PROTOCOL_NAME},
-    wire::{self, MAX_FRAME_LEN, WireError},
+    wire::{self, FrameCodec, FrameTooLarge, MAX_FRAME_LEN, WireError},
 };
 
 /// How long a single write may take before the peer is considered stuck.
@@ -20,7 +20,7 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The initial capacity of each of a connection's read and write buffers. Control and peer
 /// messages are a few hundred bytes, and both buffers grow on demand for larger frames (the
-/// codec reserves a frame's declared length), so tokio-util's 8 KiB default only costs
+/// read buffer only as the frame's bytes arrive), so tokio-util's 8 KiB default only costs
 /// memory: a server holding tens of thousands of idle connections pays it twice for each.
 const INITIAL_BUFFER: usize = 512;
 
@@ -100,8 +100,7 @@ pub enum HandshakeError {
 /// A framed connection carrying postcard-encoded messages.
 #[derive(Debug)]
 pub struct Connection<T> {
-    framed: Framed<T, tokio_util::codec::LengthDelimitedCodec>,
-    max_frame_len: usize,
+    framed: Framed<T, FrameCodec>,
     write_timeout: Duration,
 }
 
@@ -115,9 +114,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
     pub fn with_limits(io: T, max_frame_len: usize, write_timeout: Duration) -> Self {
         Self {
             framed: Framed::with_capacity(io, wire::codec(max_frame_len), INITIAL_BUFFER),
-            max_frame_len,
             write_timeout,
         }
+    }
+
+    /// The largest frame body received or sent.
+    pub fn max_frame_len(&self) -> usize {
+        self.framed.codec().max_frame_len()
+    }
+
+    /// Changes the frame limit for the frames received and sent from now on (a server keeps
+    /// it small until the client has registered).
+    pub fn set_max_frame_len(&mut self, max_frame_len: usize) {
+        self.framed.codec_mut().set_max_frame_len(max_frame_len);
     }
 
     /// Receives the next message: `Ok(None)` on a clean close between frames.
@@ -134,10 +143,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
     fn recv_error(&self, error: io::Error) -> RecvError {
         if error
             .get_ref()
-            .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
+            .is_some_and(|inner| inner.is::<FrameTooLarge>())
         {
             RecvError::FrameTooLarge {
-                max: self.max_frame_len,
+                max: self.max_frame_len(),
             }
         } else if error.kind() == io::ErrorKind::UnexpectedEof
             || error.to_string().contains("bytes remaining on stream")
@@ -162,10 +171,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
     /// One message's frame body, refused if it exceeds the frame limit.
     fn frame<M: Serialize + ?Sized>(&self, message: &M) -> Result<Bytes, SendError> {
         let body = wire::encode(message)?;
-        if body.len() > self.max_frame_len {
+        if body.len() > self.max_frame_len() {
             return Err(SendError::TooLarge {
                 len: body.len(),
-                max: self.max_frame_len,
+                max: self.max_frame_len(),
             });
         }
         Ok(body)

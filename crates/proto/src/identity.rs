@@ -418,8 +418,20 @@ pub fn create_private_dir(dir: &Path) -> Result<(), IdentityError> {
 
 /// Opens `path` for writing, truncated, created with mode 0600.
 pub fn open_private_file(path: &Path) -> io::Result<fs::File> {
+    open_private(path, true)
+}
+
+/// Creates `path` empty with mode 0600 if it is missing, and tightens an existing file to
+/// 0600, leaving its contents alone: for a file another library then opens itself (a
+/// database), which would otherwise create it with the umask's mode (often 0644).
+pub fn create_private_file(path: &Path) -> io::Result<()> {
+    open_private(path, false).map(drop)
+}
+
+/// Opens `path` for writing (truncated or not), created with mode 0600, tightened to 0600.
+fn open_private(path: &Path, truncate: bool) -> io::Result<fs::File> {
     let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create(true).truncate(truncate);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let file = options.open(path)?;
@@ -461,6 +473,23 @@ mod tests {
 
     fn name(text: &str) -> Username {
         Username::new(text).unwrap()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn create_private_file_makes_or_tightens_a_file_to_0600_keeping_its_contents() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        let fresh = root.path().join("fresh");
+        create_private_file(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o600);
+        let loose = root.path().join("loose");
+        fs::write(&loose, b"kept").unwrap();
+        fs::set_permissions(&loose, fs::Permissions::from_mode(0o644)).unwrap();
+        create_private_file(&loose).unwrap();
+        assert_eq!(mode(&loose), 0o600);
+        assert_eq!(fs::read(&loose).unwrap(), b"kept");
     }
 
     #[test]

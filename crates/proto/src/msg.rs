@@ -139,7 +139,8 @@ pub enum Request {
         /// Whom to look up.
         user: Username,
     },
-    /// Who is online now. Answered with [`Reply::Users`] (possibly empty).
+    /// Who is online now. Answered with [`Reply::Users`] (possibly empty), or, when more are
+    /// online than the server lists at once, [`Reply::UsersCapped`].
     List,
     /// Leave sealed mail in the recipient's mailbox. Idempotent by envelope id.
     /// Answered with [`Reply::Deposited`].
@@ -235,6 +236,15 @@ pub enum Reply {
     },
     /// Request carried out, nothing to report.
     Done,
+    /// The first users online now, sorted by name, when more are online than the server
+    /// lists at once (a reply that always fits a frame). Added last, so every older reply
+    /// keeps its encoding, and a list that fits is still [`Reply::Users`].
+    UsersCapped {
+        /// The first users by name.
+        users: Vec<Username>,
+        /// How many more are online.
+        more: u64,
+    },
 }
 
 /// A machine-readable error code; [`ErrorCode::as_str`] is its stable spelling.
@@ -272,11 +282,15 @@ pub enum ErrorCode {
     Unavailable,
     /// Something went wrong on the server.
     Internal,
+    /// This session was closed because a newer session of the same user went over the
+    /// per-user session limit (the oldest makes room). Added last, so every older code
+    /// keeps its encoding.
+    SessionLimit,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and metrics.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         Self::BadRequest,
         Self::VersionMismatch,
         Self::NotRegistered,
@@ -293,6 +307,7 @@ impl ErrorCode {
         Self::Refused,
         Self::Unavailable,
         Self::Internal,
+        Self::SessionLimit,
     ];
 
     /// The stable snake_case name of the code.
@@ -314,6 +329,7 @@ impl ErrorCode {
             Self::Refused => "refused",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::SessionLimit => "session_limit",
         }
     }
 }

@@ -87,6 +87,10 @@ fn every_server_msg() -> Vec<ServerMsg> {
         }),
         Reply::Users(vec![]),
         Reply::Users(vec![name("a"), name("b")]),
+        Reply::UsersCapped {
+            users: vec![name("a")],
+            more: 7,
+        },
         Reply::Deposited {
             recipient_online: false,
         },

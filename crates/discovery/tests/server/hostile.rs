@@ -253,7 +253,8 @@ async fn a_reply_too_large_for_a_frame_is_answered_with_an_error_not_a_dropped_c
             signature,
         })
     };
-    let refused = registration((1..=20_000).collect());
+    // More ports than allowed, in a frame small enough to be read before registration.
+    let refused = registration((1..=100).collect());
     let error = mallory.request(refused).await.unwrap_err();
     assert_eq!(error.code, ErrorCode::BadRequest, "{error}");
     mallory.request(registration(vec![40_000])).await.unwrap();
@@ -280,7 +281,8 @@ async fn a_reply_too_large_for_a_frame_is_answered_with_an_error_not_a_dropped_c
 }
 
 /// Regression: with enough users online, `List`'s reply outgrew the frame and every client
-/// asking for it lost its control connection with no response.
+/// asking for it lost its control connection with no response (later: got `too_large`).
+/// Now it lists the first names that the limit allows and counts the rest.
 #[tokio::test]
 async fn a_list_of_more_online_users_than_fit_a_frame_gets_one_response() {
     let dir = tempfile::tempdir().unwrap();
@@ -304,8 +306,16 @@ async fn a_list_of_more_online_users_than_fit_a_frame_gets_one_response() {
     let server = Server::start(store, config()).await;
     let mut alice = Client::connect(server.address, "alice").await;
     alice.register().await.unwrap();
-    let _one_response = alice.request(Request::List).await;
+    match alice.request(Request::List).await.unwrap() {
+        Reply::UsersCapped { users, more } => {
+            assert_eq!(users.len(), Config::default().list_max);
+            assert!(users.is_sorted());
+            assert_eq!(users.len() as u64 + more, 3001);
+        }
+        other => panic!("expected a capped list, got {other:?}"),
+    }
     assert!(online(alice.lookup("alice").await));
+    assert_eq!(server.metrics.lists_capped.get(), 1);
     server.stop().await;
 }
 

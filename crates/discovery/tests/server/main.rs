@@ -1,5 +1,6 @@
 //! The discovery server over real loopback sockets, one module per area.
 
+mod abuse;
 mod basics;
 mod hostile;
 mod util;
