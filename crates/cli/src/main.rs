@@ -89,6 +89,9 @@ const ONLINE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long quitting the prompt waits for the commands typed before it.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Commands typed and not yet taken by the worker that runs them in order; past this
+/// (a paste of more lines while the server is slow to answer), the prompt waits.
+const TYPED_COMMANDS_QUEUED: usize = 1024;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -359,7 +362,7 @@ async fn interactive_mode(
     let (mut readline, mut out) = Readline::new(format!("{}> ", client.user()))?;
     readline.set_max_history(HISTORY_MAX);
     readline.set_history_entries(load_history(&history_path));
-    let (commands, ordered) = tokio::sync::mpsc::unbounded_channel();
+    let (commands, ordered) = tokio::sync::mpsc::channel(TYPED_COMMANDS_QUEUED);
     let mut worker = tokio::spawn(run_in_order(client.clone(), ordered, out.clone()));
     let _ = writeln!(
         out,
@@ -408,7 +411,8 @@ async fn interactive_mode(
                         Ok(Command::Nothing) => {}
                         Ok(Command::Help) => { let _ = writeln!(out, "{}", command::HELP); }
                         // Run beside the prompt, in the order typed (see `run_in_order`).
-                        Ok(command) => { let _ = commands.send(command); }
+                        // Waits only if the worker is that far behind (back-pressure).
+                        Ok(command) => { let _ = commands.send(command).await; }
                         Err(error) => { let _ = writeln!(out, "{error}"); }
                     }
                 }
@@ -528,10 +532,12 @@ fn send_outcome(to: &Username, result: Result<peer::SendReport, peer::ClientErro
 /// Runs the interactive prompt's commands beside it, in the order they were typed: each
 /// command is taken by the runtime before the next one is, so a pasted burst of `send`s
 /// goes out (and into the history) in order. A send's wait for its result runs on its own,
-/// so a slow delivery holds up neither the prompt nor the commands after it.
+/// in a task this function owns, so a slow delivery holds up neither the prompt nor the
+/// commands after it; once the prompt has quit and every typed command has been taken,
+/// results still awaited are not printed (the messages are in the outbox already).
 async fn run_in_order(
     client: Client,
-    mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
+    mut commands: tokio::sync::mpsc::Receiver<Command>,
     out: rustyline_async::SharedWriter,
 ) {
     let print = |mut out: rustyline_async::SharedWriter, outcome: Outcome| {
@@ -539,12 +545,20 @@ async fn run_in_order(
             let _ = writeln!(out, "{}", outcome.text);
         }
     };
-    while let Some(command) = commands.recv().await {
+    let mut waiting_sends = tokio::task::JoinSet::new();
+    loop {
+        let command = tokio::select! {
+            Some(_) = waiting_sends.join_next(), if !waiting_sends.is_empty() => continue,
+            command = commands.recv() => match command {
+                Some(command) => command,
+                None => break,
+            },
+        };
         match command {
             Command::Send { to, body } => match client.submit_send(&to, &body).await {
                 Ok(result) => {
                     let out = out.clone();
-                    tokio::spawn(async move { print(out, send_outcome(&to, result.await)) });
+                    waiting_sends.spawn(async move { print(out, send_outcome(&to, result.await)) });
                 }
                 Err(error) => print(out.clone(), send_outcome(&to, Err(error))),
             },

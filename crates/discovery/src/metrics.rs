@@ -195,12 +195,20 @@ impl Metrics {
     }
 }
 
-/// Serves [`Metrics::render`] to every HTTP request on `listener` until `shutdown`.
+/// The most metrics requests answered at once; a connection beyond it is closed at once.
+/// Scrapers make one request every few seconds, so this only bounds a flood.
+pub const MAX_METRICS_CONNECTIONS: usize = 16;
+
+/// Serves [`Metrics::render`] to every HTTP request on `listener` until `shutdown`. Each
+/// request is answered by a task this function owns (at most [`MAX_METRICS_CONNECTIONS`]
+/// at once); they end with it.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut answering = tokio::task::JoinSet::new();
     loop {
         let (mut stream, _) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
+            Some(_) = answering.join_next(), if !answering.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -212,8 +220,12 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
                 }
             },
         };
+        if answering.len() >= MAX_METRICS_CONNECTIONS {
+            tracing::debug!("metrics connection refused: too many at once");
+            continue;
+        }
         let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
+        answering.spawn(async move {
             // Read the request head (bounded in size and time), then answer and close.
             let mut head = Vec::with_capacity(512);
             let read_head = async {

@@ -327,3 +327,64 @@ async fn every_file_the_server_writes_is_private() {
     assert_eq!(mode("operator.secret"), 0o600);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_connections_beyond_the_cap_are_closed_and_scrapes_work_again_after() {
+    use discovery::metrics::{self, MAX_METRICS_CONNECTIONS};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(metrics::serve(
+        listener,
+        std::sync::Arc::new(discovery::Metrics::default()),
+        shutdown.clone(),
+    ));
+    let scrape = || async move {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        // A refused connection may be closed before the request is written, or reset.
+        let _ = stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await;
+        let mut response = String::new();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            stream.read_to_string(&mut response),
+        )
+        .await
+        .expect("a metrics response in time");
+        response
+    };
+    // Idle connections that send no request hold every slot.
+    let mut idle = Vec::new();
+    for _ in 0..MAX_METRICS_CONNECTIONS {
+        idle.push(tokio::net::TcpStream::connect(address).await.unwrap());
+    }
+    // Each idle connection has its task once a scrape behind them has been answered or
+    // refused; one more is closed at once, without an answer.
+    let mut refused = false;
+    for _ in 0..50 {
+        if scrape().await.is_empty() {
+            refused = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(refused, "a connection beyond the cap is closed unanswered");
+    // The idle ones leave; scrapes are answered again.
+    drop(idle);
+    let mut answered = false;
+    for _ in 0..200 {
+        if scrape().await.contains("p2pchat_") {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(answered, "scrapes are answered once the crowd has gone");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("the endpoint stops")
+        .unwrap();
+}
