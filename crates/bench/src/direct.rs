@@ -77,7 +77,6 @@ struct Sizes {
     runtime_budget: Duration,
     pipelined: usize,
     ceiling_budget: Duration,
-    disk_syncs: usize,
 }
 
 fn sizes(bench: &Bench) -> Sizes {
@@ -89,7 +88,6 @@ fn sizes(bench: &Bench) -> Sizes {
             runtime_budget: Duration::from_secs(10),
             pipelined: 300_000,
             ceiling_budget: Duration::from_secs(2),
-            disk_syncs: 500,
         },
         Sizes {
             round_trips: 200,
@@ -98,7 +96,6 @@ fn sizes(bench: &Bench) -> Sizes {
             runtime_budget: Duration::from_millis(500),
             pipelined: 500,
             ceiling_budget: Duration::from_millis(50),
-            disk_syncs: 5,
         },
     )
 }
@@ -111,12 +108,11 @@ pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
     let mut raw = raw_ping_pong(sizes.round_trips, sizes.round_trip_budget).await?;
     let mut protocol = protocol_latency(sizes.round_trips, sizes.round_trip_budget).await?;
     let pair = RuntimePair::start().await?;
-    let mut fsync = disk_sync_latency(pair.folder.path(), sizes.disk_syncs)?;
     let runtime = pair
         .latency(sizes.runtime_sends, sizes.runtime_budget)
         .await;
     pair.stop().await;
-    let (mut runtime, mut shown) = runtime?;
+    let (mut runtime, mut shown, mut fsync) = runtime?;
 
     let (raw_p50, raw_p99) = (raw.percentile_us(50.0), raw.percentile_us(99.0));
     let fsync_p50 = fsync.percentile_us(50.0);
@@ -134,7 +130,7 @@ pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
         )
         .with_target_text("reference")
         .with_note(format!(
-            "{} samples: a 4 KiB write at the start of one file, then fdatasync, in the temporary folder the peer-runtime rows keep their state in; p99 {} µs.",
+            "{} samples, one after each peer-runtime send below: a 4 KiB write at the start of one file, then fdatasync, in the temporary folder the runtimes keep their state in; p99 {} µs.",
             fsync.len(),
             crate::report::number(fsync.percentile_us(99.0))
         )),
@@ -192,24 +188,36 @@ pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
     ])
 }
 
-/// Times `count` 4 KiB writes, each followed by `fdatasync`, to one file in `folder`: what
-/// one durable commit costs at least on this disk.
-pub fn disk_sync_latency(folder: &std::path::Path, count: usize) -> Result<Latencies, BenchError> {
-    use std::io::{Seek, SeekFrom, Write};
-    let path = folder.join("fsync-probe");
-    let mut file = std::fs::File::create(&path)?;
-    let block = [0x5a_u8; 4096];
-    let mut latencies = Latencies::with_capacity(count);
-    for _ in 0..count {
-        let started = Instant::now();
-        file.seek(SeekFrom::Start(0))?;
-        file.write_all(&block)?;
-        file.sync_data()?;
-        latencies.record(started.elapsed());
+/// One file in the runtime's folder, written 4 KiB at a time and `fdatasync`ed: what one
+/// durable write costs at least on this disk, sampled between the runtime's sends so both
+/// see the disk as busy (or as quiet) as the other.
+struct DiskProbe {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl DiskProbe {
+    fn create(folder: &std::path::Path) -> Result<Self, BenchError> {
+        let path = folder.join("fsync-probe");
+        let file = std::fs::File::create(&path)?;
+        Ok(Self { file, path })
     }
-    drop(file);
-    std::fs::remove_file(&path)?;
-    Ok(latencies)
+
+    /// One 4 KiB write at the start of the file, then `fdatasync`; how long both took.
+    fn sample(&mut self) -> Result<Duration, BenchError> {
+        use std::os::unix::fs::FileExt;
+        let block = [0x5a_u8; 4096];
+        let started = Instant::now();
+        self.file.write_all_at(&block, 0)?;
+        self.file.sync_data()?;
+        Ok(started.elapsed())
+    }
+}
+
+impl Drop for DiskProbe {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Throughput rows: the Fernet ceiling (the reference), then the peer runtime and the
@@ -678,14 +686,16 @@ impl RuntimePair {
     }
 
     /// Sends one message at a time; returns send → delivered and send → shown (at bob's
-    /// runtime) for each.
+    /// runtime) for each, and a disk probe's write + `fdatasync` taken after each.
     async fn latency(
         &self,
         count: usize,
         budget: Duration,
-    ) -> Result<(Latencies, Latencies), BenchError> {
+    ) -> Result<(Latencies, Latencies, Latencies), BenchError> {
         let mut delivered = Latencies::with_capacity(count);
         let mut shown = Latencies::with_capacity(count);
+        let mut fsync = Latencies::with_capacity(count);
+        let mut probe = DiskProbe::create(self.folder.path())?;
         let mut shown_at = self.shown.lock().await;
         let started = Instant::now();
         while delivered.len() < count && started.elapsed() < budget {
@@ -698,8 +708,9 @@ impl RuntimePair {
                 .map_err(|_| BenchError::Timeout("a delivered message to be shown".into()))?
                 .ok_or_else(|| BenchError::Protocol("the receiving runtime stopped".into()))?;
             shown.record(at.saturating_duration_since(sent));
+            fsync.record(probe.sample()?);
         }
-        Ok((delivered, shown))
+        Ok((delivered, shown, fsync))
     }
 
     /// Sends up to `count` messages (stopping to start new ones after `budget`) with up to
