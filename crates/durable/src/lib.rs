@@ -6,6 +6,8 @@
 //! - [`GroupWriter`] is one thread that runs write jobs (closures over a
 //!   [`redb::WriteTransaction`]) in groups, one commit (one `fsync`) per group, and answers
 //!   each job's [`Ticket`] only once its group is durable.
+//! - `testing` (the `testing` feature, for tests only): `SyncedDisk`, an in-memory file
+//!   whose `fsync`s a test can hold, and the file as a crash would leave it.
 //! - [`Error`] is what the slot and the writer fail with; it keeps the database error that
 //!   caused it. [`JobError`] is the bound on a job's own error type.
 //!
@@ -16,6 +18,8 @@
 use std::{sync::Arc, time::Duration};
 
 mod slot;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod writer;
 
 pub use slot::{DatabaseSlot, Opener, REOPEN_BACKOFF_MAX, REOPEN_BACKOFF_MIN};

@@ -3,13 +3,15 @@
 
 use std::{
     sync::{
-        Arc, Condvar, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use durable::{Commit, DatabaseSlot, Error, GroupWriter, JobError, Opener, Ticket};
+use durable::{
+    Commit, DatabaseSlot, Error, GroupWriter, JobError, Opener, Ticket, testing::SyncedDisk,
+};
 use redb::{
     Database, DatabaseError, ReadableDatabase, StorageBackend, TableDefinition,
     backends::InMemoryBackend,
@@ -82,81 +84,6 @@ fn value(db: &Database, key: u64) -> Option<u64> {
     }
 }
 
-/// An in-memory file that counts its `fsync`s, can hold them until released, and keeps a
-/// copy of what the last one made durable (what a crash would leave).
-#[derive(Debug, Clone, Default)]
-struct SyncedDisk {
-    live: Arc<InMemoryBackend>,
-    syncs: Arc<AtomicUsize>,
-    /// While true, `sync_data` waits (and says it is waiting).
-    hold: Arc<(Mutex<bool>, Condvar)>,
-    waiting: Arc<AtomicBool>,
-    durable_image: Arc<Mutex<Vec<u8>>>,
-}
-
-impl SyncedDisk {
-    fn set_hold(&self, hold: bool) {
-        *self
-            .hold
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = hold;
-        self.hold.1.notify_all();
-    }
-
-    /// Holds `fsync`s until the guard is dropped (also when a test fails, so the writer's
-    /// thread is not left waiting and the test ends).
-    fn hold_syncs(&self) -> impl Drop + use<> {
-        struct Release(SyncedDisk);
-        impl Drop for Release {
-            fn drop(&mut self) {
-                self.0.set_hold(false);
-            }
-        }
-        self.set_hold(true);
-        Release(self.clone())
-    }
-
-    /// A database over a copy of what is durable: the file as a crash would leave it.
-    fn after_crash(&self) -> Database {
-        let image = self.durable_image.lock().unwrap().clone();
-        let disk = InMemoryBackend::new();
-        disk.set_len(image.len() as u64).unwrap();
-        disk.write(0, &image).unwrap();
-        Database::builder().create_with_backend(disk).unwrap()
-    }
-}
-
-impl StorageBackend for SyncedDisk {
-    fn len(&self) -> Result<u64, std::io::Error> {
-        self.live.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-        self.live.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        self.live.set_len(len)
-    }
-    fn sync_data(&self) -> Result<(), std::io::Error> {
-        let (held, released) = &*self.hold;
-        let mut held = held.lock().unwrap();
-        while *held {
-            self.waiting.store(true, Ordering::SeqCst);
-            held = released.wait(held).unwrap();
-        }
-        self.waiting.store(false, Ordering::SeqCst);
-        self.live.sync_data()?;
-        let mut image = vec![0; self.live.len()? as usize];
-        self.live.read(0, &mut image)?;
-        *self.durable_image.lock().unwrap() = image;
-        self.syncs.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        self.live.write(offset, data)
-    }
-}
-
 /// Waits (bounded) until `condition` holds.
 fn wait_for(what: &str, condition: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -174,30 +101,28 @@ fn jobs_submitted_while_the_writer_is_busy_share_one_commit() {
         .unwrap();
     let writer = start(slot(db));
     // What one lone commit costs in `fsync`s.
-    let before = disk.syncs.load(Ordering::SeqCst);
+    let before = disk.syncs();
     insert(&writer, 0).wait_blocking().unwrap();
-    let per_commit = disk.syncs.load(Ordering::SeqCst) - before;
+    let per_commit = disk.syncs() - before;
     assert!(per_commit >= 1);
 
     // The writer is busy with a commit held at its `fsync` while 200 jobs arrive.
     let held = disk.hold_syncs();
     let busy = insert(&writer, 1);
-    wait_for("the first commit's fsync", || {
-        disk.waiting.load(Ordering::SeqCst)
-    });
-    let before = disk.syncs.load(Ordering::SeqCst);
+    wait_for("the first commit's fsync", || disk.is_waiting());
+    let before = disk.syncs();
     let tickets: Vec<_> = (2..202).map(|key| insert(&writer, key)).collect();
     drop(held);
     busy.wait_blocking().unwrap();
     for ticket in tickets {
         ticket.wait_blocking().unwrap();
     }
-    let commits = (disk.syncs.load(Ordering::SeqCst) - before) / per_commit;
+    let commits = (disk.syncs() - before) / per_commit;
     assert!(
         commits <= 2,
         "201 jobs took {commits} commits; the 200 that waited share one"
     );
-    let db = disk.after_crash();
+    let db = disk.after_crash().unwrap();
     for key in 0..202 {
         assert_eq!(value(&db, key), Some(key * 2));
     }
@@ -212,14 +137,18 @@ fn a_ticket_resolves_only_once_its_write_is_durable() {
     let writer = start(slot(db));
     let held = disk.hold_syncs();
     let mut ticket = insert(&writer, 7);
-    wait_for("the commit's fsync", || disk.waiting.load(Ordering::SeqCst));
+    wait_for("the commit's fsync", || disk.is_waiting());
     // Written but not yet durable: the ticket is still pending.
     ticket = ticket.try_take().expect_err("not durable yet");
-    assert_eq!(value(&disk.after_crash(), 7), None, "nothing durable yet");
+    assert_eq!(
+        value(&disk.after_crash().unwrap(), 7),
+        None,
+        "nothing durable yet"
+    );
     drop(held);
     ticket.wait_blocking().unwrap();
     // Resolved: a crash now (a copy of what was synced, opened again) keeps the write.
-    assert_eq!(value(&disk.after_crash(), 7), Some(14));
+    assert_eq!(value(&disk.after_crash().unwrap(), 7), Some(14));
 }
 
 #[test]
@@ -232,7 +161,7 @@ fn a_lazy_job_shares_the_next_jobs_commit() {
     let writer =
         GroupWriter::start_with_linger("lazy", slot(db), 64, Duration::from_secs(60)).unwrap();
     insert(&writer, 0).wait_blocking().unwrap();
-    let before = disk.syncs.load(Ordering::SeqCst);
+    let before = disk.syncs();
     let lazy: Ticket<(), TestError> = writer.submit_lazy(|txn| {
         txn.open_table(NUMBERS)?.insert(1, 2)?;
         Ok(())
@@ -241,11 +170,11 @@ fn a_lazy_job_shares_the_next_jobs_commit() {
     insert(&writer, 2).wait_blocking().unwrap();
     lazy.wait_blocking().unwrap();
     assert_eq!(
-        disk.syncs.load(Ordering::SeqCst) - before,
+        disk.syncs() - before,
         1,
         "the lazy job and the next one share one fsync"
     );
-    let db = disk.after_crash();
+    let db = disk.after_crash().unwrap();
     assert_eq!((value(&db, 1), value(&db, 2)), (Some(2), Some(4)));
 }
 
@@ -261,7 +190,7 @@ fn a_lazy_job_alone_is_committed_after_the_linger() {
         Ok(())
     });
     lazy.wait_blocking().unwrap();
-    assert_eq!(value(&disk.after_crash(), 3), Some(6));
+    assert_eq!(value(&disk.after_crash().unwrap(), 3), Some(6));
 }
 
 #[test]
@@ -272,10 +201,10 @@ fn a_group_where_no_job_wrote_is_not_committed() {
         .unwrap();
     let writer = start(slot(db));
     insert(&writer, 1).wait_blocking().unwrap();
-    let before = disk.syncs.load(Ordering::SeqCst);
+    let before = disk.syncs();
     let skipped: Ticket<u64, TestError> = writer.submit_or_skip(|_| Ok((5, Commit::Skip)));
     assert_eq!(skipped.wait_blocking().unwrap(), 5);
-    assert_eq!(disk.syncs.load(Ordering::SeqCst), before, "no commit");
+    assert_eq!(disk.syncs(), before, "no commit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,8 @@
 //! - [`link`]: [`link::PeerLink`], the sending side of the peer protocol.
 //! - [`state`]: [`state::State`], the crash-safe local state (pins, blocks, mutes, history,
 //!   outbox, seen ids, not-yet-shown marks, mail held under a changed key) in one redb file.
+//! - `testing` (the `testing` feature, for tests only): a runtime whose state is on a
+//!   storage backend the test holds, to see what a crash at a given moment leaves.
 //!
 //! Data dir layout (one folder per user, mode 0700): `identity.key` (0600, see
 //! [`proto::Identity`]) and `state.redb`.
@@ -25,6 +27,8 @@ pub mod link;
 pub(crate) mod outgoing;
 pub mod runtime;
 pub mod state;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use delivery::DeliveryStatus;
 pub use runtime::{

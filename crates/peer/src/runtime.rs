@@ -16,7 +16,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -495,11 +495,21 @@ pub async fn start(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(Client, Events), StartError> {
+    start_with(config, shutdown, State::open).await
+}
+
+/// [`start`] with the state opened by `open_state` (given the data dir), so tests can put it
+/// over a storage backend of their own (`crate::testing`).
+pub(crate) async fn start_with(
+    config: Config,
+    shutdown: CancellationToken,
+    open_state: impl FnOnce(&Path) -> Result<State, StateError>,
+) -> Result<(Client, Events), StartError> {
     proto::identity::create_private_dir(&config.data_dir)?;
     proto::identity::check_private(&config.data_dir, 0o700)?;
     // The state file's lock first: a second process on this data dir stops here, before
     // it could race the first one to create the identity.
-    let state = State::open(&config.data_dir)?;
+    let state = open_state(&config.data_dir)?;
     let (identity, new_identity) = Identity::load_or_create(&config.data_dir)?;
     let identity = Arc::new(identity);
     let listener = TcpListener::bind(config.listen)

@@ -276,6 +276,27 @@ pub struct State {
     _instance_lock: std::fs::File,
 }
 
+/// Locks `dir` for this process, for the life of the returned file. The database file's
+/// own lock is not enough: it is let go while the file is closed to be opened again after
+/// an I/O failure, and another process must not take the file meanwhile.
+fn lock_instance(dir: &Path) -> Result<std::fs::File, StateError> {
+    let io = |error| StateError::Database(redb::Error::Io(error));
+    // Truncating the (empty) lock file is harmless even while another process holds it.
+    let instance_lock = proto::identity::open_private_file(&dir.join(LOCK_FILE)).map_err(io)?;
+    match instance_lock.try_lock() {
+        Ok(()) => Ok(instance_lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(in_use(dir)),
+        Err(std::fs::TryLockError::Error(error)) => Err(io(error)),
+    }
+}
+
+/// The state file of `dir` is in use by another process.
+fn in_use(dir: &Path) -> StateError {
+    StateError::InUse {
+        path: dir.join(STATE_FILE).display().to_string(),
+    }
+}
+
 fn encode<T: Serialize>(value: &T) -> impl AsRef<[u8]> + Send + 'static + use<T> {
     // Plain records of strings and integers always encode.
     wire::encode(value).unwrap_or_default()
@@ -289,25 +310,12 @@ impl State {
     /// Opens (or creates) the state file in `dir`, which must exist.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         let path = dir.join(STATE_FILE);
-        let in_use = || StateError::InUse {
-            path: path.display().to_string(),
-        };
-        // One process per data dir, for the life of this `State`. The database file's own
-        // lock is not enough: it is let go while the file is closed to be opened again
-        // after an I/O failure, and another process must not take the file meanwhile.
-        let io = |error| StateError::Database(redb::Error::Io(error));
-        // Truncating the (empty) lock file is harmless even while another process holds it.
-        let instance_lock = proto::identity::open_private_file(&dir.join(LOCK_FILE)).map_err(io)?;
-        match instance_lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(in_use()),
-            Err(std::fs::TryLockError::Error(error)) => return Err(io(error)),
-        }
+        let instance_lock = lock_instance(dir)?;
         let reopen_path = path.clone();
         let open: Opener = Box::new(move || Database::create(&reopen_path));
         let db = match open() {
             Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(in_use()),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(in_use(dir)),
             Err(error) => return Err(StateError::Database(error.into())),
         };
         // The history holds plaintext: only the owner may read it (the folder is 0700 too).
@@ -315,8 +323,24 @@ impl State {
         {
             use std::os::unix::fs::PermissionsExt;
             let private = std::fs::Permissions::from_mode(0o600);
-            std::fs::set_permissions(&path, private).map_err(io)?;
+            std::fs::set_permissions(&path, private)
+                .map_err(|error| StateError::Database(redb::Error::Io(error)))?;
         }
+        Self::from_database(db, open, instance_lock)
+    }
+
+    /// Opens the state of `dir` (locked as by [`State::open`]) over `backend` instead of
+    /// the file in it, and opens `backend` again after an I/O failure: for tests that hold
+    /// the `fsync`s or keep what a crash would leave (`durable::testing::SyncedDisk`).
+    #[cfg(feature = "testing")]
+    pub fn open_with_backend<B>(dir: &Path, backend: B) -> Result<Self, StateError>
+    where
+        B: redb::StorageBackend + Clone,
+    {
+        let instance_lock = lock_instance(dir)?;
+        let open: Opener =
+            Box::new(move || Database::builder().create_with_backend(backend.clone()));
+        let db = open().map_err(|error| StateError::Database(error.into()))?;
         Self::from_database(db, open, instance_lock)
     }
 
@@ -1031,6 +1055,41 @@ mod tests {
             sent_at_ms,
             body: body.to_owned(),
         }
+    }
+
+    /// A new message's outbox record is in the file only once its ticket resolves: a crash
+    /// before that leaves no trace of it, so nothing is sent again after the restart.
+    #[cfg(feature = "testing")]
+    #[test]
+    fn a_crash_before_an_outbox_record_is_durable_leaves_no_trace_of_it() {
+        use durable::testing::SyncedDisk;
+        let (dir, after_crash) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let disk = SyncedDisk::default();
+        let state = State::open_with_backend(dir.path(), disk.clone()).unwrap();
+        let held = disk.hold_syncs();
+        let entry = state.prepare_outgoing(&name("bob"), "hello", 1_000);
+        let mut tickets = state.submit_outgoing(vec![entry.clone()]);
+        let ticket = tickets.pop().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !disk.is_waiting() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the commit never reached its fsync"
+            );
+            std::thread::yield_now();
+        }
+        let ticket = ticket.try_take().expect_err("not durable yet");
+        // What a crash now leaves, opened again (elsewhere: this state still holds its lock).
+        let crashed = SyncedDisk::from_image(disk.durable_image()).unwrap();
+        let restarted = State::open_with_backend(after_crash.path(), crashed).unwrap();
+        assert_eq!(restarted.outbox().unwrap(), vec![]);
+        assert_eq!(restarted.history(&name("bob"), 10).unwrap(), vec![]);
+        drop(restarted);
+        drop(held);
+        ticket.wait_blocking().unwrap();
+        let durable = SyncedDisk::from_image(disk.durable_image()).unwrap();
+        let restarted = State::open_with_backend(after_crash.path(), durable).unwrap();
+        assert_eq!(restarted.outbox().unwrap(), vec![entry]);
     }
 
     #[test]

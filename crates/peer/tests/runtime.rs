@@ -1,11 +1,17 @@
 //! Real runtimes on a discovery server in this process: many concurrent sends to one
 //! recipient are pipelined over one link, arrive in the order the sender took them, and
-//! are each shown once; and the regressions of delivery and display found since.
+//! are each shown once; a crash of the sender while a message's record is being committed
+//! loses nothing and shows nothing twice; and the regressions of delivery and display found
+//! since.
 
 use std::{net::SocketAddr, time::Duration};
 
 use futures::future::join_all;
-use peer::{Config, DeliveryStatus, Event, state::Direction};
+use peer::{
+    Config, DeliveryStatus, Event,
+    state::{Direction, MessageStatus},
+    testing::{SyncedDisk, start_with_backend},
+};
 use proto::{Connection, Identity, MessageId, PeerMsg, Username};
 use store::{EmbeddedStore, MailLimits, Store};
 use tokio::net::{TcpListener, TcpStream};
@@ -83,15 +89,20 @@ async fn pair(
     shutdown: &CancellationToken,
 ) -> ((peer::Client, peer::Events), (peer::Client, peer::Events)) {
     let server = discovery(dir, shutdown).await;
-    let alice = peer::start(config(server, "alice", dir), shutdown.child_token())
-        .await
-        .unwrap();
-    let bob = peer::start(config(server, "bob", dir), shutdown.child_token())
-        .await
-        .unwrap();
-    alice.0.wait_online(Duration::from_secs(10)).await.unwrap();
-    bob.0.wait_online(Duration::from_secs(10)).await.unwrap();
+    let alice = online(config(server, "alice", dir), shutdown).await;
+    let bob = online(config(server, "bob", dir), shutdown).await;
     (alice, bob)
+}
+
+/// A runtime started from `config`, once online.
+async fn online(config: Config, shutdown: &CancellationToken) -> (peer::Client, peer::Events) {
+    let started = peer::start(config, shutdown.child_token()).await.unwrap();
+    started
+        .0
+        .wait_online(Duration::from_secs(10))
+        .await
+        .unwrap();
+    started
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,4 +435,141 @@ async fn mail_dated_a_little_ahead_waits_in_the_mailbox() {
     );
     alice.shutdown(Duration::from_secs(2)).await;
     bob.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Issue 11: a crash of the sender after an envelope left and before its outbox record was
+/// durable loses nothing and shows nothing twice. The crash is simulated in process, which
+/// is stricter than a SIGKILL (that keeps the page cache): alice's state is on a
+/// [`SyncedDisk`] whose `fsync`s the test holds, and the alice started after the crash
+/// finds only what the last completed `fsync` left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_crash_before_its_record_is_durable_loses_nothing_and_shows_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = discovery(dir.path(), &shutdown).await;
+    let disk = SyncedDisk::default();
+    let alice_config = config(server, "alice", dir.path());
+    let (alice, _alice_events) =
+        start_with_backend(alice_config.clone(), disk.clone(), shutdown.child_token())
+            .await
+            .unwrap();
+    alice.wait_online(Duration::from_secs(10)).await.unwrap();
+    let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+    let bob_name = name("bob");
+
+    // Pins the keys both ways and opens the link the next message takes, which then needs
+    // no state write before it leaves.
+    let warm_up = alice.send(&bob_name, "warm-up").await.unwrap();
+    assert_eq!(warm_up.status, DeliveryStatus::Delivered);
+    let mut at_bob = until(
+        &mut bob_events,
+        |event| matches!(event, Event::Message(message) if message.body == "warm-up"),
+    )
+    .await;
+    // History reads wait for every earlier write: once this answers, the warm-up's result
+    // is durable and alice's writer is idle.
+    let before = alice.history(&bob_name, 10).await.unwrap();
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].status, MessageStatus::Delivered);
+
+    let held = disk.hold_syncs();
+    let sending = alice
+        .submit_send(&bob_name, "in flight at the crash")
+        .await
+        .unwrap();
+    let mut sending = std::pin::pin!(sending);
+    at_bob.extend(
+        until(&mut bob_events, |event| {
+            matches!(event, Event::Message(message) if message.body == "in flight at the crash")
+        })
+        .await,
+    );
+    // The envelope left and was stored by bob while alice's writer is stuck at the
+    // record's `fsync`: the record is not durable, so alice does not answer the send, even
+    // once bob's ack is in (given half a second to arrive).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !disk.is_waiting() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice's writer never reached the record's fsync"
+        );
+        tokio::task::yield_now().await;
+    }
+    let early = tokio::time::timeout(Duration::from_millis(500), sending.as_mut()).await;
+    assert!(early.is_err(), "answered before the record was durable");
+
+    // The crash: alice's disk as the last `fsync` left it is all the next start finds.
+    let image = disk.durable_image();
+    drop(held);
+    // Released, the first runtime (which a real crash would have stopped here) answers
+    // once the record is durable.
+    let report = tokio::time::timeout(Duration::from_secs(10), sending)
+        .await
+        .expect("answered once the record is durable")
+        .unwrap();
+    assert_eq!(report.status, DeliveryStatus::Delivered);
+    alice.shutdown(Duration::from_secs(5)).await;
+
+    // Alice again: the same identity, the state file the crash left.
+    let data_dir = dir.path().join("alice-after-the-crash");
+    proto::identity::create_private_dir(&data_dir).unwrap();
+    let identity = proto::identity::IDENTITY_FILE;
+    std::fs::copy(
+        alice_config.data_dir.join(identity),
+        data_dir.join(identity),
+    )
+    .unwrap();
+    std::fs::write(data_dir.join(peer::state::STATE_FILE), image).unwrap();
+    {
+        let state = peer::state::State::open(&data_dir).unwrap();
+        assert_eq!(state.outbox().unwrap(), vec![], "nothing to send again");
+        let history: Vec<String> = state
+            .history(&bob_name, 10)
+            .unwrap()
+            .into_iter()
+            .map(|line| line.body)
+            .collect();
+        assert_eq!(history, vec!["warm-up"]);
+    }
+    let mut again_config = alice_config;
+    again_config.data_dir = data_dir;
+    let (alice, _alice_events) = online(again_config, &shutdown).await;
+    let report = alice.send(&bob_name, "after the crash").await.unwrap();
+    assert_eq!(report.status, DeliveryStatus::Delivered);
+    at_bob.extend(
+        until(
+            &mut bob_events,
+            |event| matches!(event, Event::Message(message) if message.body == "after the crash"),
+        )
+        .await,
+    );
+    // Nothing more arrives: the message in flight at the crash is not sent again.
+    at_bob.extend(drain(&mut bob_events, Duration::from_millis(500)).await);
+    assert_eq!(
+        shown(&at_bob),
+        vec!["warm-up", "in flight at the crash", "after the crash"],
+        "each shown once: {at_bob:#?}"
+    );
+    let stored: Vec<String> = bob
+        .history(&name("alice"), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|line| line.body)
+        .collect();
+    assert_eq!(
+        stored,
+        vec!["warm-up", "in flight at the crash", "after the crash"]
+    );
+    let sent: Vec<String> = alice
+        .history(&bob_name, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|line| line.body)
+        .collect();
+    assert_eq!(sent, vec!["warm-up", "after the crash"]);
+    alice.shutdown(Duration::from_secs(2)).await;
+    bob.shutdown(Duration::from_secs(2)).await;
+    shutdown.cancel();
 }
