@@ -652,6 +652,7 @@ impl State {
     }
 
     /// Prepares and records a new outgoing message, waiting until it is durable.
+    #[cfg(any(test, feature = "testing"))]
     pub fn queue_outgoing(
         &self,
         to: &Username,
@@ -736,6 +737,7 @@ impl State {
 
     /// Records the result of one attempt (see [`State::submit_results`]), waiting until it
     /// is durable.
+    #[cfg(any(test, feature = "testing"))]
     pub fn finish_attempt(
         &self,
         entry: &OutboxEntry,
@@ -818,6 +820,7 @@ impl State {
     }
 
     /// Stores one opened message (see [`State::submit_incoming`]), waiting until durable.
+    #[cfg(any(test, feature = "testing"))]
     pub fn store_incoming(
         &self,
         message: &Plaintext,
@@ -831,6 +834,7 @@ impl State {
 
     /// Whether the message with this id, written by its sender at `sent_at_ms`, was stored
     /// before.
+    #[cfg(any(test, feature = "testing"))]
     pub fn is_seen(&self, id: &MessageId, sent_at_ms: u64) -> Result<bool, StateError> {
         let txn = self.db.get()?.begin_read()?;
         Ok(txn.open_table(SEEN)?.get((sent_at_ms, id.0))?.is_some())
@@ -894,6 +898,7 @@ impl State {
     }
 
     /// Marks one message as shown (see [`State::submit_shown`]), waiting until durable.
+    #[cfg(any(test, feature = "testing"))]
     pub fn mark_shown(&self, message: &InboundMessage) -> Result<(), StateError> {
         self.submit_shown(vec![(message.id, message.seq)])
             .wait_blocking()
