@@ -61,10 +61,19 @@ pub async fn serve_discovery(options: ServeOptions) -> Result<(), BenchError> {
     println!("listening {}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_eof(shutdown.clone()));
+    // The load's clients come from a handful of loopback addresses (10,000 clients on each),
+    // standing for as many machines: the per-IP limits would refuse them, so they are
+    // lifted here; the rest of the configuration is the default.
+    let config = Config {
+        per_ip_connections: usize::MAX,
+        per_ip_requests_per_second: u32::MAX,
+        per_ip_request_burst: u32::MAX,
+        ..Config::default()
+    };
     discovery::serve(
         listener,
         store,
-        Config::default(),
+        config,
         Arc::new(Metrics::default()),
         shutdown,
     )

@@ -48,6 +48,14 @@ pub struct Config {
     pub requests_per_second: u32,
     /// The burst one connection may send above the sustained rate.
     pub request_burst: u32,
+    /// The most connections from one source IP address at once; more are told
+    /// `server_busy` and closed. Generous, so an office behind one NAT address works.
+    pub per_ip_connections: usize,
+    /// Requests per second all connections from one source IP address may sustain
+    /// together (one token bucket per address); more get `rate_limited`.
+    pub per_ip_requests_per_second: u32,
+    /// The burst one source IP address may send above its sustained rate.
+    pub per_ip_request_burst: u32,
     /// The operator secret that `announce` must prove; `None` refuses every announcement.
     pub operator_secret: Option<Vec<u8>>,
     /// How long a shutdown waits for connections to close.
@@ -70,6 +78,9 @@ impl Default for Config {
             fetch_batch: 1000,
             requests_per_second: 20_000,
             request_burst: 40_000,
+            per_ip_connections: 256,
+            per_ip_requests_per_second: 2_000,
+            per_ip_request_burst: 4_000,
             operator_secret: None,
             drain_timeout: Duration::from_secs(5),
         }
@@ -102,6 +113,13 @@ impl Config {
                 "the most names in a list ({}) must be between 1 and {MAX_LIST_LEN} (the default is 1000)",
                 self.list_max
             ));
+        }
+        if self.per_ip_connections == 0 || self.per_ip_requests_per_second == 0 {
+            return Err(
+                "the per-IP limits (connections, requests per second) must be at least 1 \
+                 (the defaults are 256 and 2000)"
+                    .to_owned(),
+            );
         }
         if self.handshake_timeout.is_zero() {
             return Err("the handshake timeout must be at least 1 s".to_owned());

@@ -8,6 +8,8 @@
 //!   mail-waiting) to this instance's clients.
 //! - [`config`]: [`Config`], timeouts and limits.
 //! - [`metrics`]: [`Metrics`], Prometheus text on `--metrics`.
+//! - [`limits`]: the token bucket and the connection cap under the open-file limit;
+//!   [`per_ip`]: the limits per source IP address.
 //! - [`operator`]: the operator secret in the data dir, and the `announce` client.
 //!
 //! **Architecture Invariant:** the server never sees plaintext: it stores and forwards
@@ -18,6 +20,7 @@ pub mod handler;
 pub mod limits;
 pub mod metrics;
 pub mod operator;
+pub mod per_ip;
 pub mod server;
 
 pub use config::Config;

@@ -50,6 +50,20 @@ struct Cli {
     /// Most sessions of one user at once; a newer one closes the oldest.
     #[arg(long, env = "P2PCHAT_MAX_SESSIONS_PER_USER", default_value_t = 8)]
     max_sessions_per_user: usize,
+    /// Most connections from one source IP address at once (an office behind one NAT
+    /// address shares it).
+    #[arg(long, env = "P2PCHAT_PER_IP_CONNECTIONS", default_value_t = 256)]
+    per_ip_connections: usize,
+    /// Requests per second all connections from one source IP address may sustain together.
+    #[arg(
+        long,
+        env = "P2PCHAT_PER_IP_REQUESTS_PER_SECOND",
+        default_value_t = 2_000
+    )]
+    per_ip_requests_per_second: u32,
+    /// Requests one source IP address may send at once above its sustained rate.
+    #[arg(long, env = "P2PCHAT_PER_IP_REQUEST_BURST", default_value_t = 4_000)]
+    per_ip_request_burst: u32,
     /// Most names in one `list` reply (the rest are counted); at most 1900.
     #[arg(long, env = "P2PCHAT_LIST_MAX", default_value_t = 1000)]
     list_max: usize,
@@ -115,6 +129,9 @@ async fn main() -> anyhow::Result<()> {
         open_file_reserve: cli.open_file_reserve,
         max_sessions_per_user: cli.max_sessions_per_user,
         list_max: cli.list_max,
+        per_ip_connections: cli.per_ip_connections,
+        per_ip_requests_per_second: cli.per_ip_requests_per_second,
+        per_ip_request_burst: cli.per_ip_request_burst,
         ..Config::default()
     };
     config.validate().map_err(anyhow::Error::msg)?;

@@ -77,6 +77,10 @@ pub struct Metrics {
     pub registration_timeouts: Counter,
     /// Connections closed for a frame over the limit before registration.
     pub preauth_oversized_frames: Counter,
+    /// Connections refused at the per-IP connection limit.
+    pub per_ip_refused_connections: Counter,
+    /// Requests refused at the per-IP request rate.
+    pub per_ip_rate_limited: Counter,
     errors: [Counter; ErrorCode::ALL.len()],
 }
 
@@ -171,6 +175,18 @@ impl Metrics {
                 "counter",
                 "Connections closed for a frame over the limit before registration.",
                 &self.preauth_oversized_frames,
+            ),
+            (
+                "p2pchat_per_ip_refused_connections_total",
+                "counter",
+                "Connections refused at the per-IP connection limit.",
+                &self.per_ip_refused_connections,
+            ),
+            (
+                "p2pchat_per_ip_rate_limited_total",
+                "counter",
+                "Requests refused at the per-IP request rate (all connections of one address together).",
+                &self.per_ip_rate_limited,
             ),
         ];
         for (name, kind, help, counter) in simple {

@@ -30,6 +30,7 @@ use crate::{
     handler::{Event, Session},
     limits::{self, TokenBucket},
     metrics::Metrics,
+    per_ip::{IpSlot, PerIp, PerIpLimits},
 };
 
 /// The first and the longest pause after a failed accept (out of file descriptors and the
@@ -213,6 +214,7 @@ struct Shared {
     config: Config,
     metrics: Arc<Metrics>,
     hub: Hub,
+    per_ip: Arc<PerIp>,
 }
 
 /// Runs the discovery server on `listener` until `shutdown` is cancelled, with fresh metrics.
@@ -241,11 +243,17 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let per_ip = PerIp::new(PerIpLimits {
+        connections: config.per_ip_connections,
+        requests_per_second: config.per_ip_requests_per_second,
+        request_burst: config.per_ip_request_burst,
+    });
     let shared = Arc::new(Shared {
         store,
         config,
         metrics,
         hub: Hub::default(),
+        per_ip,
     });
     let tracker = TaskTracker::new();
     // Subscribe before accepting anyone, so no event published for a client is missed.
@@ -302,23 +310,43 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        let Some(slot) = shared.per_ip.connect(peer.ip(), std::time::Instant::now()) else {
+            shared.metrics.per_ip_refused_connections.inc();
+            shared.metrics.error(ErrorCode::ServerBusy);
+            let message = format!(
+                "too many connections from your address (the limit is {} at once); close some or try again later",
+                shared.config.per_ip_connections
+            );
+            if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
+                tracker.spawn(async move {
+                    refuse_busy(stream, message).await;
+                    drop(permit);
+                });
+            }
+            continue;
+        };
         match Arc::clone(&permits).try_acquire_owned() {
             Ok(permit) => {
                 let shared = Arc::clone(&shared);
                 let shutdown = shutdown.clone();
                 tracker.spawn(async move {
                     shared.metrics.connected.inc();
-                    serve_connection(stream, peer, &shared, shutdown).await;
+                    serve_connection(stream, peer, &slot, &shared, shutdown).await;
                     shared.metrics.connected.dec();
-                    drop(permit);
+                    drop((permit, slot));
                 });
             }
             Err(_) => {
+                drop(slot);
                 shared.metrics.refused_connections.inc();
                 shared.metrics.error(ErrorCode::ServerBusy);
                 if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
                     tracker.spawn(async move {
-                        refuse_busy(stream).await;
+                        refuse_busy(
+                            stream,
+                            "the server is at its connection limit; try again later".to_owned(),
+                        )
+                        .await;
                         drop(permit);
                     });
                 }
@@ -382,13 +410,14 @@ async fn fan_out(
     }
 }
 
-async fn refuse_busy(stream: TcpStream) {
+/// Tells a connection over a connection limit `server_busy`, with `message`, and closes it.
+async fn refuse_busy(stream: TcpStream, message: String) {
     let mut connection = Connection::with_limits(stream, 1024, Duration::from_secs(2));
     if connection.hello(Duration::from_secs(2)).await.is_ok() {
         let _ = connection
             .send(&ServerMsg::Closing(ErrorReply::new(
                 ErrorCode::ServerBusy,
-                "the server is at its connection limit; try again later",
+                message,
             )))
             .await;
     }
@@ -445,6 +474,7 @@ async fn send_response(
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
+    slot: &IpSlot,
     shared: &Shared,
     shutdown: CancellationToken,
 ) {
@@ -558,7 +588,12 @@ async fn serve_connection(
                     }
                 };
                 last_activity = Instant::now();
-                let result = if bucket.take(std::time::Instant::now()) {
+                let now = std::time::Instant::now();
+                // The connection's own bucket first: a connection over its own rate does
+                // not spend its address's shared budget.
+                let within_connection = bucket.take(now);
+                let within_address = within_connection && slot.take_request(now);
+                let result = if within_address {
                     // Boxed: the request future is ~2.5 KiB, and unboxed it would be part of
                     // every idle connection's task, which is what the server holds per client.
                     let (result, event) = Box::pin(
@@ -586,6 +621,14 @@ async fn serve_connection(
                         None => {}
                     }
                     result
+                } else if within_connection {
+                    metrics.per_ip_rate_limited.inc();
+                    metrics.error(ErrorCode::RateLimited);
+                    let message = format!(
+                        "too many requests from your address (the limit is {} a second for all its connections together); slow down",
+                        config.per_ip_requests_per_second
+                    );
+                    Err(ErrorReply::new(ErrorCode::RateLimited, message))
                 } else {
                     metrics.error(ErrorCode::RateLimited);
                     Err(ErrorReply::new(ErrorCode::RateLimited, "too many requests; slow down"))

@@ -2,7 +2,11 @@
 //! refusal a client sees, its metric, and that honest clients keep working.
 
 use std::{
-    net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, process::Stdio, time::Duration,
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    process::Stdio,
+    time::Duration,
 };
 
 use discovery::Config;
@@ -194,6 +198,11 @@ impl Process {
 /// Connects and says hello; the server's first frame after its hello.
 async fn first_frame(address: SocketAddr) -> (Connection<TcpStream>, ServerMsg) {
     let stream = TcpStream::connect(address).await.unwrap();
+    first_frame_over(stream).await
+}
+
+/// Says hello on `stream`; the server's first frame after its hello.
+async fn first_frame_over(stream: TcpStream) -> (Connection<TcpStream>, ServerMsg) {
     let mut connection = Connection::new(stream);
     connection
         .hello(WAIT)
@@ -387,4 +396,95 @@ async fn metrics_connections_beyond_the_cap_are_closed_and_scrapes_work_again_af
         .await
         .expect("the endpoint stops")
         .unwrap();
+}
+
+/// The loopback address 127.0.0.`last`, a client machine of its own.
+fn source(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+/// One address holds at most its per-IP share of connections: one more is told
+/// `server_busy` (naming the address's limit) while another address connects and registers;
+/// once the crowd leaves, the address connects again (its count went back down).
+#[tokio::test]
+async fn connections_from_one_address_are_limited_and_given_back() {
+    let server = Server::embedded(Config {
+        per_ip_connections: 3,
+        handshake_timeout: Duration::from_secs(60),
+        ..config()
+    })
+    .await;
+    let mut crowd = Vec::new();
+    for _ in 0..3 {
+        match first_frame_over(connect_from(server.address, source(2)).await).await {
+            (connection, ServerMsg::Challenge { .. }) => crowd.push(connection),
+            (_, other) => panic!("expected a challenge, got {other:?}"),
+        }
+    }
+    match first_frame_over(connect_from(server.address, source(2)).await).await {
+        (_, ServerMsg::Closing(reason)) => {
+            assert_eq!(reason.code, ErrorCode::ServerBusy);
+            assert!(reason.message.contains("from your address"), "{reason}");
+            assert!(reason.message.contains("3 at once"), "{reason}");
+        }
+        (_, other) => panic!("expected server_busy, got {other:?}"),
+    }
+    // Another address is not affected.
+    let mut honest = Client::connect_from(server.address, source(3), "honest").await;
+    honest.register().await.unwrap();
+    assert_eq!(server.metrics.per_ip_refused_connections.get(), 1);
+    assert_eq!(server.metrics.errors(ErrorCode::ServerBusy), 1);
+
+    // The crowd leaves: as soon as the server has seen it go, the address connects again.
+    drop(crowd);
+    let deadline = Instant::now() + WAIT;
+    let mut back = Vec::new();
+    while back.len() < 3 {
+        match first_frame_over(connect_from(server.address, source(2)).await).await {
+            (connection, ServerMsg::Challenge { .. }) => back.push(connection),
+            (_, ServerMsg::Closing(reason)) if reason.code == ErrorCode::ServerBusy => {
+                assert!(Instant::now() < deadline, "the address stayed at its limit");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (_, other) => panic!("expected a challenge, got {other:?}"),
+        }
+    }
+    server.stop().await;
+}
+
+/// All connections of one address share one request budget: spread over two connections,
+/// requests past it are refused `rate_limited` (naming the per-address limit), while a
+/// client from another address keeps working.
+#[tokio::test]
+async fn requests_from_one_address_share_one_rate() {
+    let server = Server::embedded(Config {
+        per_ip_requests_per_second: 1,
+        per_ip_request_burst: 6,
+        ..config()
+    })
+    .await;
+    let mut alice = Client::connect_from(server.address, source(2), "alice").await;
+    let mut bob = Client::connect_from(server.address, source(2), "bob").await;
+    alice.register().await.unwrap();
+    bob.register().await.unwrap();
+    let mut refusal = None;
+    for round in 0..10 {
+        let client = if round % 2 == 0 { &mut alice } else { &mut bob };
+        if let Err(error) = client.lookup("alice").await {
+            refusal = Some(error);
+            break;
+        }
+    }
+    let refusal = refusal.expect("the address's shared budget ran out");
+    assert_eq!(refusal.code, ErrorCode::RateLimited);
+    assert!(refusal.message.contains("from your address"), "{refusal}");
+    assert!(server.metrics.per_ip_rate_limited.get() >= 1);
+
+    // Another address has its own budget.
+    let mut carol = Client::connect_from(server.address, source(3), "carol").await;
+    carol.register().await.unwrap();
+    for _ in 0..4 {
+        assert!(online(carol.lookup("alice").await));
+    }
+    server.stop().await;
 }

@@ -1,6 +1,10 @@
 //! Helpers: an in-process server on a free port and a minimal control-protocol client.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use discovery::{Config, Metrics};
 use proto::{
@@ -10,7 +14,7 @@ use proto::{
 use store::{EmbeddedStore, MailLimits, RedisStore, Store, testing::RedisServer};
 use tokio::{
     io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     task::JoinHandle,
 };
 use tokio_util::sync::CancellationToken;
@@ -105,6 +109,17 @@ impl Client {
 
     pub async fn connect_as(address: SocketAddr, user: &str, identity: Identity) -> Self {
         let stream = TcpStream::connect(address).await.unwrap();
+        Self::over(stream, user, identity).await
+    }
+
+    /// Connects from the loopback address `source` (127.0.0.2, 127.0.0.3, ...), as a
+    /// client from another machine would.
+    pub async fn connect_from(address: SocketAddr, source: IpAddr, user: &str) -> Self {
+        let stream = connect_from(address, source).await;
+        Self::over(stream, user, Identity::generate()).await
+    }
+
+    async fn over(stream: TcpStream, user: &str, identity: Identity) -> Self {
         let mut connection = Connection::new(stream);
         connection.hello(WAIT).await.unwrap();
         let nonce = match connection.recv::<ServerMsg>().await.unwrap() {
@@ -193,6 +208,13 @@ impl Client {
             }
         }
     }
+}
+
+/// A connection to `address` from the local address `source` (any port).
+pub async fn connect_from(address: SocketAddr, source: IpAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    socket.connect(address).await.unwrap()
 }
 
 pub fn online(reply: Result<Reply, ErrorReply>) -> bool {
