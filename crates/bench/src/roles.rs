@@ -68,6 +68,7 @@ pub async fn serve_discovery(options: ServeOptions) -> Result<(), BenchError> {
         per_ip_connections: usize::MAX,
         per_ip_requests_per_second: u32::MAX,
         per_ip_request_burst: u32::MAX,
+        per_ip_new_names_per_hour: u32::MAX,
         ..Config::default()
     };
     discovery::serve(

@@ -56,6 +56,9 @@ pub struct Config {
     pub per_ip_requests_per_second: u32,
     /// The burst one source IP address may send above its sustained rate.
     pub per_ip_request_burst: u32,
+    /// The most new names (first registrations of a name) one source IP address may bind
+    /// in an hour; more get `rate_limited`. A name already bound re-registers freely.
+    pub per_ip_new_names_per_hour: u32,
     /// The operator secret that `announce` must prove; `None` refuses every announcement.
     pub operator_secret: Option<Vec<u8>>,
     /// How long a shutdown waits for connections to close.
@@ -81,6 +84,7 @@ impl Default for Config {
             per_ip_connections: 256,
             per_ip_requests_per_second: 2_000,
             per_ip_request_burst: 4_000,
+            per_ip_new_names_per_hour: 100,
             operator_secret: None,
             drain_timeout: Duration::from_secs(5),
         }

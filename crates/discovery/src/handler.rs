@@ -6,7 +6,7 @@
 //! the protocol (who may do what, in which state, with which error) is tested here with plain
 //! `#[tokio::test]`s over an embedded store.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use proto::{
     ErrorCode, ErrorReply, Registration, Reply, Request, UserInfo, Username,
@@ -14,7 +14,7 @@ use proto::{
 };
 use store::{BindOutcome, Binding, Broadcast, DepositOutcome, Presence, Store, StoreError};
 
-use crate::{config::Config, metrics::Metrics};
+use crate::{config::Config, metrics::Metrics, per_ip::PerIp};
 
 /// The largest Fernet token accepted in a deposit: a full-size body sealed, with room to
 /// spare, and well inside a frame.
@@ -52,6 +52,9 @@ pub struct Session {
     observed: SocketAddr,
     state: State,
     listen_ports: Vec<u16>,
+    /// The per-IP limits this session's address counts against (new names per hour);
+    /// `None` limits nothing.
+    per_ip: Option<Arc<PerIp>>,
 }
 
 /// A request's outcome: the reply to send and what changed.
@@ -67,7 +70,15 @@ impl Session {
             observed,
             state: State::Unregistered,
             listen_ports: Vec::new(),
+            per_ip: None,
         }
+    }
+
+    /// This session, with the new names it binds counted against its address's per-IP limit
+    /// in `per_ip`.
+    pub fn limited_by(mut self, per_ip: Arc<PerIp>) -> Self {
+        self.per_ip = Some(per_ip);
+        self
     }
 
     /// The protocol state.
@@ -99,7 +110,8 @@ impl Session {
     ) -> Outcome {
         let outcome = match request {
             Request::Register(registration) => {
-                self.register(registration, store, config, now_ms).await
+                self.register(registration, store, config, metrics, now_ms)
+                    .await
             }
             Request::Announce { text, proof } => {
                 (self.announce(text, proof, store, config).await, None)
@@ -183,6 +195,7 @@ impl Session {
         registration: Registration,
         store: &Store,
         config: &Config,
+        metrics: &Metrics,
         now_ms: u64,
     ) -> Outcome {
         let Registration {
@@ -243,13 +256,43 @@ impl Session {
                 None,
             );
         }
+        // Only a new name counts against the address's hourly budget: once it is spent, a
+        // name already bound (to any key) still goes on to the binding below.
+        let ip = self.observed.ip();
+        if let Some(per_ip) = &self.per_ip
+            && !per_ip.may_bind_name(ip, now_ms)
+        {
+            match store.binding(&user).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    metrics.per_ip_names_refused.inc();
+                    return (
+                        Err(ErrorReply::new(
+                            ErrorCode::RateLimited,
+                            format!(
+                                "too many new names from your address (the limit is {} an hour); \
+                                 try again later, or register a name you already have",
+                                config.per_ip_new_names_per_hour
+                            ),
+                        )),
+                        None,
+                    );
+                }
+                Err(error) => return (Err(store_error(error)), None),
+            }
+        }
         let binding = Binding {
             user: user.clone(),
             keys: keys.clone(),
             bound_at_ms: now_ms,
         };
         let new_binding = match store.bind(&binding).await {
-            Ok(BindOutcome::Created) => true,
+            Ok(BindOutcome::Created) => {
+                if let Some(per_ip) = &self.per_ip {
+                    per_ip.count_new_name(ip, now_ms);
+                }
+                true
+            }
             Ok(BindOutcome::Existing(existing)) if existing.keys == keys => false,
             Ok(BindOutcome::Existing(_)) => {
                 return (

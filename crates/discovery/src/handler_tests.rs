@@ -867,3 +867,65 @@ async fn list_past_its_limit_gives_the_first_names_and_a_count_of_the_rest() {
     );
     assert_eq!(fixture.metrics.lists_capped.get(), 1);
 }
+
+/// Past its hourly budget of new names, an address is refused a new name with
+/// `rate_limited`, while a name already bound re-registers and another address binds freely;
+/// an hour later the address binds again.
+#[tokio::test]
+async fn new_names_from_one_address_are_limited_per_hour() {
+    use crate::per_ip::{PerIp, PerIpLimits};
+    let fixture = Fixture::new();
+    let per_ip = PerIp::new(PerIpLimits {
+        connections: 10,
+        requests_per_second: 1000,
+        request_burst: 1000,
+        new_names_per_hour: 2,
+    });
+    let office: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+    let elsewhere: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+    // The server holds a slot per connection; so does this test.
+    let _connections = [
+        per_ip.connect(office.ip(), std::time::Instant::now(), T0),
+        per_ip.connect(elsewhere.ip(), std::time::Instant::now(), T0),
+    ];
+    let limited_session = |observed: SocketAddr| {
+        Session::new(proto::random_bytes(), rand_id(), observed).limited_by(Arc::clone(&per_ip))
+    };
+    let register = |observed: SocketAddr, user: &str, identity: &Identity, now: u64| {
+        let mut session = limited_session(observed);
+        let request = registration(&session, &name(user), identity, vec![4000]);
+        let fixture = &fixture;
+        async move { fixture.handle(&mut session, request, now).await }
+    };
+    let alice = Identity::generate();
+    register(office, "alice", &alice, T0).await.unwrap();
+    register(office, "bob", &Identity::generate(), T0)
+        .await
+        .unwrap();
+    let refused = register(office, "carol", &Identity::generate(), T0 + 1)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::RateLimited);
+    assert!(
+        refused.message.contains("new names from your address"),
+        "{refused}"
+    );
+    assert_eq!(fixture.metrics.per_ip_names_refused.get(), 1);
+    // A name already bound re-registers past the budget (and is not taken by another key).
+    register(office, "alice", &alice, T0 + 2).await.unwrap();
+    assert_eq!(
+        register(office, "alice", &Identity::generate(), T0 + 2)
+            .await
+            .unwrap_err()
+            .code,
+        ErrorCode::NameTaken
+    );
+    // Another address has its own budget.
+    register(elsewhere, "dave", &Identity::generate(), T0 + 3)
+        .await
+        .unwrap();
+    // An hour after the first new name, the office binds again.
+    register(office, "carol", &Identity::generate(), T0 + 60 * 60 * 1000)
+        .await
+        .unwrap();
+}

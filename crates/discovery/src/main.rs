@@ -64,6 +64,9 @@ struct Cli {
     /// Requests one source IP address may send at once above its sustained rate.
     #[arg(long, env = "P2PCHAT_PER_IP_REQUEST_BURST", default_value_t = 4_000)]
     per_ip_request_burst: u32,
+    /// New names (first registrations) one source IP address may bind in an hour.
+    #[arg(long, env = "P2PCHAT_PER_IP_NEW_NAMES_PER_HOUR", default_value_t = 100)]
+    per_ip_new_names_per_hour: u32,
     /// Most names in one `list` reply (the rest are counted); at most 1900.
     #[arg(long, env = "P2PCHAT_LIST_MAX", default_value_t = 1000)]
     list_max: usize,
@@ -132,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
         per_ip_connections: cli.per_ip_connections,
         per_ip_requests_per_second: cli.per_ip_requests_per_second,
         per_ip_request_burst: cli.per_ip_request_burst,
+        per_ip_new_names_per_hour: cli.per_ip_new_names_per_hour,
         ..Config::default()
     };
     config.validate().map_err(anyhow::Error::msg)?;

@@ -81,6 +81,8 @@ pub struct Metrics {
     pub per_ip_refused_connections: Counter,
     /// Requests refused at the per-IP request rate.
     pub per_ip_rate_limited: Counter,
+    /// Registrations of a new name refused at the per-IP limit of new names per hour.
+    pub per_ip_names_refused: Counter,
     errors: [Counter; ErrorCode::ALL.len()],
 }
 
@@ -187,6 +189,12 @@ impl Metrics {
                 "counter",
                 "Requests refused at the per-IP request rate (all connections of one address together).",
                 &self.per_ip_rate_limited,
+            ),
+            (
+                "p2pchat_per_ip_names_refused_total",
+                "counter",
+                "Registrations of a new name refused at the per-IP limit of new names per hour.",
+                &self.per_ip_names_refused,
             ),
         ];
         for (name, kind, help, counter) in simple {

@@ -247,6 +247,7 @@ pub async fn serve(
         connections: config.per_ip_connections,
         requests_per_second: config.per_ip_requests_per_second,
         request_burst: config.per_ip_request_burst,
+        new_names_per_hour: config.per_ip_new_names_per_hour,
     });
     let shared = Arc::new(Shared {
         store,
@@ -310,7 +311,11 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let Some(slot) = shared.per_ip.connect(peer.ip(), std::time::Instant::now()) else {
+        let Some(slot) =
+            shared
+                .per_ip
+                .connect(peer.ip(), std::time::Instant::now(), proto::now_ms())
+        else {
             shared.metrics.per_ip_refused_connections.inc();
             shared.metrics.error(ErrorCode::ServerBusy);
             let message = format!(
@@ -504,7 +509,8 @@ async fn serve_connection(
     }
 
     let nonce: [u8; 32] = proto::random_bytes();
-    let mut session = Session::new(nonce, u64::from_le_bytes(proto::random_bytes()), peer);
+    let mut session = Session::new(nonce, u64::from_le_bytes(proto::random_bytes()), peer)
+        .limited_by(Arc::clone(&shared.per_ip));
     if connection
         .send(&ServerMsg::Challenge { nonce })
         .await

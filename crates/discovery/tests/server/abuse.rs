@@ -488,3 +488,33 @@ async fn requests_from_one_address_share_one_rate() {
     }
     server.stop().await;
 }
+
+/// Past its hourly budget of new names, an address is refused a new name with
+/// `rate_limited` (counted), while its existing names reconnect and another address binds
+/// new names; closing and reopening connections does not reset the budget.
+#[tokio::test]
+async fn new_names_from_one_address_are_limited() {
+    let server = Server::embedded(Config {
+        per_ip_new_names_per_hour: 2,
+        ..config()
+    })
+    .await;
+    let mut alice = Client::connect_from(server.address, source(2), "alice").await;
+    alice.register().await.unwrap();
+    let mut bob = Client::connect_from(server.address, source(2), "bob").await;
+    bob.register().await.unwrap();
+    let alice = alice.disconnect(&mut bob).await;
+    drop(bob);
+    let mut squatter = Client::connect_from(server.address, source(2), "carol").await;
+    let refused = squatter.register().await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::RateLimited);
+    assert!(refused.message.contains("2 an hour"), "{refused}");
+    assert_eq!(server.metrics.per_ip_names_refused.get(), 1);
+    // Alice's name is hers already: she registers again from the same address.
+    let mut alice = alice.reconnect_from(server.address, source(2)).await;
+    alice.register().await.unwrap();
+    // Another address binds a new name.
+    let mut carol = Client::connect_from(server.address, source(3), "carol").await;
+    carol.register().await.unwrap();
+    server.stop().await;
+}

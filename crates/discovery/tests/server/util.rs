@@ -273,6 +273,12 @@ impl Offline {
     pub async fn reconnect(self, address: SocketAddr) -> Client {
         Client::connect_as(address, self.user.as_str(), self.identity).await
     }
+
+    /// Reconnects from the loopback address `source`.
+    pub async fn reconnect_from(self, address: SocketAddr, source: IpAddr) -> Client {
+        let stream = connect_from(address, source).await;
+        Client::over(stream, self.user.as_str(), self.identity).await
+    }
 }
 
 /// Anything with a name and an identity, online or not.
