@@ -272,10 +272,9 @@ async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<Exit
         tokio::select! {
             biased;
             () = &mut signal => break ExitCode::SUCCESS,
-            Some(result) = results.recv() => {
-                writeln!(stdout, "{result}")?;
-                stdout.flush()?;
-            }
+            // Events first: an event the runtime emitted before it ran a command is printed
+            // before that command's result (a bot that sees a result has seen what came
+            // before it).
             event = events.recv() => {
                 let Some(event) = event else { break ExitCode::SUCCESS };
                 // Print every event already here, then mark the printed messages shown in
@@ -307,6 +306,10 @@ async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<Exit
                     eprintln!("p2pchat: cannot register: {reply}");
                     break ExitCode::FAILURE;
                 }
+            }
+            Some(result) = results.recv() => {
+                writeln!(stdout, "{result}")?;
+                stdout.flush()?;
             }
         }
     };

@@ -469,6 +469,13 @@ async fn serve_connection(
             stored = next_stored(&mut pending), if !pending.is_empty() => {
                 let (answers, new) = stored;
                 pending_envelopes -= answers.len();
+                // Stored is stored: handed over to be shown before the ack is written, so
+                // the sender hears *delivered* only once the message is on its way to the
+                // screen, and shown even if the ack cannot be written (the sender's retry
+                // is then a duplicate, which is not shown).
+                for message in new {
+                    let _ = context.to_loop.send(Internal::Received(message));
+                }
                 let written = async {
                     for answer in &answers {
                         connection.feed(answer).await?;
@@ -476,11 +483,6 @@ async fn serve_connection(
                     connection.flush().await
                 }
                 .await;
-                // Stored is stored: shown even if the ack could not be written (the
-                // sender's retry is then a duplicate, which is not shown).
-                for message in new {
-                    let _ = context.to_loop.send(Internal::Received(message));
-                }
                 written.map_err(|error| error.to_string())?;
             }
             first = tokio::time::timeout(IDLE_TIMEOUT, connection.recv::<PeerMsg>()), if reading => {
