@@ -40,9 +40,11 @@ use crate::{
     state::{InboundMessage, PinOutcome, StoreOutcome, Ticket},
 };
 
-/// How long an inbound connection may stay silent before it is closed.
+/// How long an inbound connection that has delivered envelopes may stay silent before it
+/// is closed (the sender keeps its link for the next message).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the hellos may take.
+/// How long the hellos may take, and then how long until the first envelope: a peer that
+/// says hello and nothing more holds one of the inbound slots for no longer than this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many envelopes one fetch asks for.
 const FETCH_BATCH: u32 = 64;
@@ -552,6 +554,7 @@ async fn serve_connection(
     let mut pending: VecDeque<Batch> = VecDeque::new();
     let mut pending_envelopes = 0;
     let mut ended: Option<Result<(), String>> = None;
+    let mut idle_timeout = HANDSHAKE_TIMEOUT;
     loop {
         if ended.is_some() && pending.is_empty() {
             return ended.unwrap_or(Ok(()));
@@ -576,9 +579,12 @@ async fn serve_connection(
                 }
                 written.map_err(|error| error.to_string())?;
             }
-            first = tokio::time::timeout(IDLE_TIMEOUT, connection.recv::<PeerMsg>()), if reading => {
+            first = tokio::time::timeout(idle_timeout, connection.recv::<PeerMsg>()), if reading => {
                 let first = match first {
-                    Ok(Ok(Some(PeerMsg::Envelope(envelope)))) => envelope,
+                    Ok(Ok(Some(PeerMsg::Envelope(envelope)))) => {
+                        idle_timeout = IDLE_TIMEOUT;
+                        envelope
+                    }
                     Ok(Ok(Some(_))) => {
                         ended = Some(Err("unexpected message from the peer".into()));
                         continue;

@@ -658,3 +658,27 @@ async fn junk_claiming_a_sender_pins_nothing_shows_nothing_and_is_looked_up_once
     alice.shutdown(Duration::from_secs(2)).await;
     bob.shutdown(Duration::from_secs(2)).await;
 }
+
+/// Regression (issue 12): a peer that said hello and then nothing held an inbound slot for
+/// the 120 s idle timeout, while the docs promise 5 s. Now it is closed after 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_silent_after_its_hello_is_closed_within_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let ((alice, _alice_events), (bob, _bob_events)) = pair(dir.path(), &shutdown).await;
+    let stream = TcpStream::connect(bob.local_addr()).await.unwrap();
+    let mut connection = Connection::new(stream);
+    connection.hello(Duration::from_secs(5)).await.unwrap();
+    let hello = PeerMsg::Hello {
+        from: name("alice"),
+        to: name("bob"),
+    };
+    connection.send(&hello).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(15), connection.recv::<PeerMsg>()).await;
+    assert!(
+        matches!(closed, Ok(Ok(None) | Err(_))),
+        "still open 15 s after a hello with nothing after it: {closed:?}"
+    );
+    alice.shutdown(Duration::from_secs(2)).await;
+    bob.shutdown(Duration::from_secs(2)).await;
+}
