@@ -446,12 +446,13 @@ fn forged_misaddressed_and_replayed_envelopes_are_refused_or_shown_once() {
         PeerMsg::Ack { id: real.id }
     );
     scene.bob_bot.message("replay me");
-    for _ in 0..3 {
-        let refusal = scene
-            .bob_bot
-            .expect("a refusal event", |event| event["event"] == "refused");
-        assert_eq!(refusal["from"], "alice", "{refusal}");
-    }
+    // None of the three opened, so none proves it came from alice: they are refused to
+    // the sender and counted in bob's log, never shown as refusals "from alice". Bob
+    // shows events in the order he handled the envelopes, so any would be seen by now.
+    let refusals: Vec<&serde_json::Value> = (scene.bob_bot.seen.iter())
+        .filter(|event| event["event"] == "refused")
+        .collect();
+    assert!(refusals.is_empty(), "{refusals:?}");
     drop(link);
 
     // Bob is SIGKILLed and comes back; the replay, on a new connection, is acked (so the

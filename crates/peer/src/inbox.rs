@@ -1,7 +1,7 @@
 //! Receiving: direct connections ([`serve`]) and the mailbox ([`fetch_mail`]) share one
 //! check-and-store path: [`check`] (recipient is me → sender not blocked → sender's pinned
-//! keys, pinned on first use from the server → open and check the sealed header → not too
-//! old), then [`store`] (de-duplicated by id, together with the not-yet-shown mark), which
+//! keys, or else the server's → open and check the sealed header, and only then pin the
+//! server's keys → not too old), then [`store`] (de-duplicated by id, together with the not-yet-shown mark), which
 //! takes a whole batch in one group commit. Only once the batch is durable are its
 //! envelopes acked (to the peer, or to the server for mail), and only after the ack are they
 //! shown. A direct connection reads every envelope already arrived (up to
@@ -14,13 +14,16 @@
 //! sender. A direct message with a changed key is refused to the sender, who sees it.
 //!
 //! A peer that sends garbage, stalls, or floods only occupies its own task: every read has a
-//! timeout and every refusal is answered and logged, never a panic.
+//! timeout and every refusal is answered and logged, never a panic. An envelope that does
+//! not open (or is not for me) proves nothing about its claimed sender: it pins nothing, is
+//! counted rather than shown, and the server is asked about that sender at most once per
+//! [`SERVER_KEYS_TTL`] ([`ServerKeys`]).
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::SocketAddr,
-    sync::Arc,
-    time::Duration,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
 };
 
 use futures::FutureExt;
@@ -37,9 +40,11 @@ use crate::{
     state::{InboundMessage, PinOutcome, StoreOutcome, Ticket},
 };
 
-/// How long an inbound connection may stay silent before it is closed.
+/// How long an inbound connection that has delivered envelopes may stay silent before it
+/// is closed (the sender keeps its link for the next message).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the hellos may take.
+/// How long the hellos may take, and then how long until the first envelope: a peer that
+/// says hello and nothing more holds one of the inbound slots for no longer than this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many envelopes one fetch asks for.
 const FETCH_BATCH: u32 = 64;
@@ -95,31 +100,85 @@ impl Refusal {
     }
 }
 
-/// The keys to open `user`'s messages with: pinned, or fetched from the server and pinned
-/// now (trust on first use).
-async fn sender_keys(context: &Context, user: &Username) -> Result<PublicKeys, Refusal> {
-    let transient = |error: crate::state::StateError| Refusal::Transient(error.to_string());
-    if let Some(keys) = context.state.pinned(user).map_err(transient)? {
+/// How long the server's answer about a sender's keys is reused: long enough that a flood
+/// of junk claiming one sender costs one lookup, short enough that a real key change is
+/// seen within seconds.
+const SERVER_KEYS_TTL: Duration = Duration::from_secs(10);
+/// The most senders whose server keys are remembered (beyond it, the oldest answers go).
+const SERVER_KEYS_CAP: usize = 1024;
+
+/// The server's recent answers about senders' keys (`None`: no such user, or keys that do
+/// not verify), each with when it was fetched. Time is passed in, so the rules are tested
+/// without a runtime.
+#[derive(Debug, Default)]
+pub(crate) struct ServerKeys {
+    answers: std::sync::Mutex<HashMap<Username, (Option<PublicKeys>, Instant)>>,
+}
+
+impl ServerKeys {
+    /// The answer about `user` fetched within [`SERVER_KEYS_TTL`] of `now`, if any.
+    fn get(&self, user: &Username, now: Instant) -> Option<Option<PublicKeys>> {
+        let answers = self.answers.lock().ok()?;
+        let (keys, fetched) = answers.get(user)?;
+        (now.saturating_duration_since(*fetched) < SERVER_KEYS_TTL).then(|| keys.clone())
+    }
+
+    /// Remembers the server's answer about `user`, fetched at `now`.
+    fn insert(&self, user: &Username, keys: Option<PublicKeys>, now: Instant) {
+        let Ok(mut answers) = self.answers.lock() else {
+            return;
+        };
+        if answers.len() >= SERVER_KEYS_CAP && !answers.contains_key(user) {
+            answers.retain(|_, (_, fetched)| {
+                now.saturating_duration_since(*fetched) < SERVER_KEYS_TTL
+            });
+            if answers.len() >= SERVER_KEYS_CAP {
+                answers.clear();
+            }
+        }
+        answers.insert(user.clone(), (keys, now));
+    }
+}
+
+/// The keys the server has for `user` (`None`: unknown, or keys that do not verify), asked
+/// at most once per [`SERVER_KEYS_TTL`].
+async fn server_keys(context: &Context, user: &Username) -> Result<Option<PublicKeys>, Refusal> {
+    if let Some(keys) = context.server_keys.get(user, Instant::now()) {
         return Ok(keys);
     }
-    let info = match context.lookup(user).await {
-        Ok(info) => info,
-        Err(ClientError::UnknownUser(_)) => {
-            return Err(Refusal::Bad(OpenError::BadToken { peer: user.clone() }));
-        }
+    let keys = match context.lookup(user).await {
+        Ok(info) => info.keys.verify().is_ok().then_some(info.keys),
+        Err(ClientError::UnknownUser(_)) => None,
         Err(error) => return Err(Refusal::Transient(error.to_string())),
     };
-    info.keys
-        .verify()
-        .map_err(|_| Refusal::Bad(OpenError::BadToken { peer: user.clone() }))?;
-    match context
-        .state
-        .pin_if_absent(user, &info.keys)
-        .map_err(transient)?
-    {
-        PinOutcome::New | PinOutcome::Same => Ok(info.keys),
-        // Pinned meanwhile by another task: use what is pinned.
-        PinOutcome::Changed { pinned } => Ok(pinned),
+    context
+        .server_keys
+        .insert(user, keys.clone(), Instant::now());
+    Ok(keys)
+}
+
+/// Where the keys to open a sender's message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeySource {
+    /// Pinned here: a message opened under them before.
+    Pinned,
+    /// The server's, not pinned yet: pinned once a message opens under them.
+    Server,
+}
+
+/// The keys to open `user`'s messages with: pinned, or else the server's (which
+/// [`check`] pins only once a message opens under them: trust on first authenticated use).
+async fn sender_keys(
+    context: &Context,
+    user: &Username,
+) -> Result<(PublicKeys, KeySource), Refusal> {
+    let transient = |error: crate::state::StateError| Refusal::Transient(error.to_string());
+    if let Some(keys) = context.state.pinned(user).map_err(transient)? {
+        return Ok((keys, KeySource::Pinned));
+    }
+    match server_keys(context, user).await? {
+        Some(keys) => Ok((keys, KeySource::Server)),
+        None => Err(Refusal::Bad(OpenError::BadToken { peer: user.clone() })),
     }
 }
 
@@ -164,18 +223,30 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
     if context.state.is_blocked(from).map_err(transient)? {
         return Err(Refusal::Blocked);
     }
-    let keys = sender_keys(context, from).await?;
+    let (keys, source) = sender_keys(context, from).await?;
     let channel = context
         .channel(from, &keys)
         .map_err(|_| Refusal::KeyChanged)?;
     let now = proto::now_ms();
     let plaintext = match channel.open(envelope, now) {
         Ok(plaintext) => plaintext,
-        Err(OpenError::BadToken { .. }) => {
+        Err(OpenError::BadToken { .. }) if source == KeySource::Pinned => {
             return Err(key_change_or_forgery(context, from, &keys).await);
         }
         Err(error) => return Err(error.into()),
     };
+    // Opened: the message is authentic under these keys, so they may be pinned now.
+    if source == KeySource::Server {
+        match context
+            .state
+            .pin_if_absent(from, &keys)
+            .map_err(transient)?
+        {
+            PinOutcome::New | PinOutcome::Same => {}
+            // Pinned meanwhile, by another task, to other keys: those rule.
+            PinOutcome::Changed { .. } => return Err(Refusal::KeyChanged),
+        }
+    }
     if plaintext.sent_at_ms.saturating_add(SEEN_RETENTION_MS) < now {
         return Err(OpenError::Expired {
             window_secs: SEEN_RETENTION_MS / 1000,
@@ -189,13 +260,15 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
 
 /// A token that does not open under the pinned keys is either forged or sealed with new
 /// keys. Asking the server tells the two apart, so a real key change is reported loudly.
+/// The server is asked at most once per [`SERVER_KEYS_TTL`] per sender, so forgeries cost no
+/// lookup each.
 async fn key_change_or_forgery(context: &Context, from: &Username, pinned: &PublicKeys) -> Refusal {
-    match context.lookup(from).await {
-        Ok(info) if &info.keys != pinned => {
+    match server_keys(context, from).await {
+        Ok(Some(keys)) if &keys != pinned => {
             context.notify(Event::KeyChanged {
                 user: from.clone(),
                 pinned: pinned.fingerprint(),
-                offered: info.keys.fingerprint(),
+                offered: keys.fingerprint(),
             });
             Refusal::KeyChanged
         }
@@ -203,7 +276,29 @@ async fn key_change_or_forgery(context: &Context, from: &Username, pinned: &Publ
     }
 }
 
+impl Refusal {
+    /// Whether the envelope was refused before anything in it authenticated (it did not
+    /// open, or its clear header is not for me): anyone can send it under any name.
+    fn is_unauthenticated(&self) -> bool {
+        matches!(
+            self,
+            Self::NotForMe(_) | Self::Bad(OpenError::BadToken { .. })
+        )
+    }
+}
+
+/// Logs a refusal and tells the user, except that an unauthenticated refusal only counts
+/// (logged at the 1st, 2nd, 4th... one): naming its claimed sender would let anyone make
+/// the user see refusals "from" whomever they like, and a flood of them would flood the
+/// log.
 fn report_refusal(context: &Context, from: &Username, refusal: &Refusal) {
+    if refusal.is_unauthenticated() {
+        let total = context.unauthenticated.fetch_add(1, Ordering::Relaxed) + 1;
+        if total.is_power_of_two() {
+            tracing::warn!(claimed_sender = %from, %refusal, total, "unauthenticated envelopes refused");
+        }
+        return;
+    }
     tracing::warn!(%from, %refusal, "incoming message refused");
     // Blocked senders are refused silently: that is the point of blocking.
     if !matches!(refusal, Refusal::Blocked | Refusal::Transient(_)) {
@@ -459,6 +554,7 @@ async fn serve_connection(
     let mut pending: VecDeque<Batch> = VecDeque::new();
     let mut pending_envelopes = 0;
     let mut ended: Option<Result<(), String>> = None;
+    let mut idle_timeout = HANDSHAKE_TIMEOUT;
     loop {
         if ended.is_some() && pending.is_empty() {
             return ended.unwrap_or(Ok(()));
@@ -485,9 +581,12 @@ async fn serve_connection(
                 .await;
                 written.map_err(|error| error.to_string())?;
             }
-            first = tokio::time::timeout(IDLE_TIMEOUT, connection.recv::<PeerMsg>()), if reading => {
+            first = tokio::time::timeout(idle_timeout, connection.recv::<PeerMsg>()), if reading => {
                 let first = match first {
-                    Ok(Ok(Some(PeerMsg::Envelope(envelope)))) => envelope,
+                    Ok(Ok(Some(PeerMsg::Envelope(envelope)))) => {
+                        idle_timeout = IDLE_TIMEOUT;
+                        envelope
+                    }
                     Ok(Ok(Some(_))) => {
                         ended = Some(Err("unexpected message from the peer".into()));
                         continue;
@@ -624,5 +723,48 @@ async fn check_batch(context: &Context, from: &Username, batch: Vec<Envelope>) -
         places,
         stored,
         from: from.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(text: &str) -> Username {
+        Username::new(text).unwrap()
+    }
+
+    #[test]
+    fn server_keys_are_reused_until_the_ttl_then_asked_again() {
+        let cache = ServerKeys::default();
+        let keys = proto::Identity::generate().public().clone();
+        let start = Instant::now();
+        assert_eq!(cache.get(&name("bob"), start), None);
+        cache.insert(&name("bob"), Some(keys.clone()), start);
+        cache.insert(&name("nobody"), None, start);
+        let within = start + SERVER_KEYS_TTL - Duration::from_millis(1);
+        assert_eq!(cache.get(&name("bob"), within), Some(Some(keys)));
+        assert_eq!(cache.get(&name("nobody"), within), Some(None));
+        assert_eq!(cache.get(&name("bob"), start + SERVER_KEYS_TTL), None);
+    }
+
+    #[test]
+    fn server_keys_stay_bounded() {
+        let cache = ServerKeys::default();
+        let now = Instant::now();
+        for index in 0..SERVER_KEYS_CAP * 3 {
+            cache.insert(&name(&format!("user{index}")), None, now);
+        }
+        assert!(cache.answers.lock().unwrap().len() <= SERVER_KEYS_CAP);
+    }
+
+    #[test]
+    fn only_refusals_before_authentication_are_unauthenticated() {
+        let forged = Refusal::Bad(OpenError::BadToken { peer: name("bob") });
+        assert!(forged.is_unauthenticated());
+        assert!(Refusal::NotForMe(name("carol")).is_unauthenticated());
+        assert!(!Refusal::KeyChanged.is_unauthenticated());
+        assert!(!Refusal::Bad(OpenError::Replayed(MessageId::random())).is_unauthenticated());
+        assert!(!Refusal::Blocked.is_unauthenticated());
     }
 }

@@ -393,6 +393,13 @@ pub(crate) struct Context {
     /// Raised at every reconnect: links kept from an earlier generation are dropped.
     pub(crate) link_generation: AtomicU64,
     channels: ChannelCache,
+    /// The server's keys for senders not pinned or not matching the pinned keys, kept
+    /// briefly so junk claiming one sender costs one lookup, not one per envelope (see
+    /// [`inbox`]).
+    pub(crate) server_keys: inbox::ServerKeys,
+    /// Envelopes refused before anything in them authenticated: counted, and logged at the
+    /// 1st, 2nd, 4th, 8th... (never shown as an event naming the claimed sender).
+    pub(crate) unauthenticated: AtomicU64,
 }
 
 impl Context {
@@ -553,6 +560,8 @@ pub(crate) async fn start_with(
         config: config.clone(),
         link_generation: AtomicU64::new(0),
         channels: Mutex::new(HashMap::new()),
+        server_keys: inbox::ServerKeys::default(),
+        unauthenticated: AtomicU64::new(0),
     });
     let event_loop = EventLoop {
         context,

@@ -573,3 +573,112 @@ async fn a_sender_crash_before_its_record_is_durable_loses_nothing_and_shows_not
     bob.shutdown(Duration::from_secs(2)).await;
     shutdown.cancel();
 }
+
+/// Regression (issue 12): envelopes that do not open, claiming to be from alice, pinned the
+/// server's keys for her before any of her messages authenticated, showed one refusal
+/// "from alice" each, and cost one server lookup each. Now they pin nothing, show nothing,
+/// and cost one lookup in all; alice's real message afterwards pins her keys and is shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_claiming_a_sender_pins_nothing_shows_nothing_and_is_looked_up_once() {
+    const JUNK: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let store = EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default()).unwrap();
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let metrics = std::sync::Arc::new(discovery::Metrics::default());
+    tokio::spawn(discovery::serve(
+        listener,
+        Store::Embedded(store),
+        discovery::Config::default(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let (alice, _alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
+    let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+    let (bob_identity, _) = Identity::load_or_create(&dir.path().join("bob")).unwrap();
+    let mallory = Identity::generate();
+    let forger = proto::Channel::new(
+        &mallory,
+        &name("alice"),
+        &name("bob"),
+        bob_identity.public(),
+    )
+    .unwrap();
+
+    let stream = TcpStream::connect(bob.local_addr()).await.unwrap();
+    let mut connection = Connection::new(stream);
+    connection.hello(Duration::from_secs(5)).await.unwrap();
+    let hello = PeerMsg::Hello {
+        from: name("alice"),
+        to: name("bob"),
+    };
+    connection.send(&hello).await.unwrap();
+    let lookups_before = metrics.lookups.get();
+    for index in 0..JUNK {
+        let envelope = forger
+            .seal(
+                MessageId::random(),
+                &format!("junk {index}"),
+                proto::now_ms(),
+            )
+            .unwrap();
+        connection.send(&PeerMsg::Envelope(envelope)).await.unwrap();
+    }
+    for _ in 0..JUNK {
+        let answer = tokio::time::timeout(Duration::from_secs(20), connection.recv::<PeerMsg>())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(answer, Some(PeerMsg::Reject { .. })), "{answer:?}");
+    }
+    let lookups = metrics.lookups.get() - lookups_before;
+    assert!(lookups <= 1, "{lookups} lookups for {JUNK} junk envelopes");
+    let whois = bob.whois(&name("alice")).await.unwrap();
+    assert_eq!(whois.pinned_fingerprint, None, "junk pinned alice's keys");
+
+    // Alice's real message: opens, pins her keys, is shown; nothing before it was shown.
+    let real = alice_to_bob(dir.path())
+        .seal(MessageId::random(), "real", proto::now_ms())
+        .unwrap();
+    connection.send(&PeerMsg::Envelope(real)).await.unwrap();
+    let seen = until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
+    assert_eq!(shown(&seen), ["real"]);
+    assert!(
+        !seen
+            .iter()
+            .any(|event| matches!(event, Event::Refused { .. })),
+        "{seen:#?}"
+    );
+    let whois = bob.whois(&name("alice")).await.unwrap();
+    assert!(
+        whois.pinned_fingerprint.is_some(),
+        "alice's keys not pinned"
+    );
+    alice.shutdown(Duration::from_secs(2)).await;
+    bob.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Regression (issue 12): a peer that said hello and then nothing held an inbound slot for
+/// the 120 s idle timeout, while the docs promise 5 s. Now it is closed after 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_silent_after_its_hello_is_closed_within_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let ((alice, _alice_events), (bob, _bob_events)) = pair(dir.path(), &shutdown).await;
+    let stream = TcpStream::connect(bob.local_addr()).await.unwrap();
+    let mut connection = Connection::new(stream);
+    connection.hello(Duration::from_secs(5)).await.unwrap();
+    let hello = PeerMsg::Hello {
+        from: name("alice"),
+        to: name("bob"),
+    };
+    connection.send(&hello).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(15), connection.recv::<PeerMsg>()).await;
+    assert!(
+        matches!(closed, Ok(Ok(None) | Err(_))),
+        "still open 15 s after a hello with nothing after it: {closed:?}"
+    );
+    alice.shutdown(Duration::from_secs(2)).await;
+    bob.shutdown(Duration::from_secs(2)).await;
+}
