@@ -574,7 +574,8 @@ pub(crate) async fn start_with(
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
         recipients: HashMap::new(),
-        in_flight: HashSet::new(),
+        in_flight: HashMap::new(),
+        flush_after_finish: HashSet::new(),
         unrecorded: Vec::new(),
         inbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_CONNECTIONS)),
         refused_connections: 0,
@@ -791,7 +792,11 @@ struct EventLoop {
     /// The queue of each recipient's delivery task ([`crate::outgoing`]).
     recipients: HashMap<Username, mpsc::UnboundedSender<Job>>,
     /// Messages being delivered or waiting to be, so an outbox flush does not repeat them.
-    in_flight: HashSet<MessageId>,
+    in_flight: HashMap<MessageId, Username>,
+    /// Recipients whose outbox flush passed over a message still in flight: flushed again
+    /// when it finishes (its result is answered before it is recorded, so a `trust` right
+    /// after a refusal can come before the message is finished; it must still go).
+    flush_after_finish: HashSet<Username>,
     /// Sends of this loop turn, not yet recorded: [`EventLoop::record_sends`] records them
     /// in one write job and hands them to their recipients' tasks.
     unrecorded: Vec<(OutboxEntry, Reply_<SendReport>)>,
@@ -1046,7 +1051,11 @@ impl EventLoop {
             }
             Internal::Notify(event) => self.emit(event),
             Internal::Finished(id) => {
-                self.in_flight.remove(&id);
+                if let Some(to) = self.in_flight.remove(&id)
+                    && self.flush_after_finish.remove(&to)
+                {
+                    self.flush_outbox(Some(&to));
+                }
             }
             Internal::FetchDone(fetched) => {
                 self.fetching = false;
@@ -1105,7 +1114,11 @@ impl EventLoop {
             Err(error) => return self.report_state_error(error),
         };
         for entry in outbox {
-            if only.is_some_and(|user| user != &entry.to) || self.in_flight.contains(&entry.id) {
+            if only.is_some_and(|user| user != &entry.to) {
+                continue;
+            }
+            if self.in_flight.contains_key(&entry.id) {
+                self.flush_after_finish.insert(entry.to);
                 continue;
             }
             self.enqueue(Job {
@@ -1118,7 +1131,7 @@ impl EventLoop {
 
     /// Hands `job` to its recipient's delivery task (started on first use).
     fn enqueue(&mut self, job: Job) {
-        self.in_flight.insert(job.entry.id);
+        self.in_flight.insert(job.entry.id, job.entry.to.clone());
         let to = job.entry.to.clone();
         let queue = self.recipients.entry(to.clone()).or_insert_with(|| {
             outgoing::spawn(
