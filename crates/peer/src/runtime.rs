@@ -575,7 +575,7 @@ pub(crate) async fn start_with(
         shutdown: shutdown.clone(),
         recipients: HashMap::new(),
         in_flight: HashMap::new(),
-        flush_after_finish: HashSet::new(),
+        passed_over: HashMap::new(),
         unrecorded: Vec::new(),
         inbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_CONNECTIONS)),
         refused_connections: 0,
@@ -793,10 +793,11 @@ struct EventLoop {
     recipients: HashMap<Username, mpsc::UnboundedSender<Job>>,
     /// Messages being delivered or waiting to be, so an outbox flush does not repeat them.
     in_flight: HashMap<MessageId, Username>,
-    /// Recipients whose outbox flush passed over a message still in flight: flushed again
-    /// when it finishes (its result is answered before it is recorded, so a `trust` right
-    /// after a refusal can come before the message is finished; it must still go).
-    flush_after_finish: HashSet<Username>,
+    /// Messages still in flight that an outbox flush passed over, by recipient: once the
+    /// last of a recipient's has finished, that recipient's outbox is flushed again, once
+    /// (a result is answered before it is recorded, so a `trust` right after a refusal can
+    /// come before the refused message is finished; it must still go).
+    passed_over: HashMap<Username, HashSet<MessageId>>,
     /// Sends of this loop turn, not yet recorded: [`EventLoop::record_sends`] records them
     /// in one write job and hands them to their recipients' tasks.
     unrecorded: Vec<(OutboxEntry, Reply_<SendReport>)>,
@@ -1052,8 +1053,11 @@ impl EventLoop {
             Internal::Notify(event) => self.emit(event),
             Internal::Finished(id) => {
                 if let Some(to) = self.in_flight.remove(&id)
-                    && self.flush_after_finish.remove(&to)
+                    && let Some(waiting) = self.passed_over.get_mut(&to)
+                    && waiting.remove(&id)
+                    && waiting.is_empty()
                 {
+                    self.passed_over.remove(&to);
                     self.flush_outbox(Some(&to));
                 }
             }
@@ -1118,7 +1122,10 @@ impl EventLoop {
                 continue;
             }
             if self.in_flight.contains_key(&entry.id) {
-                self.flush_after_finish.insert(entry.to);
+                self.passed_over
+                    .entry(entry.to)
+                    .or_default()
+                    .insert(entry.id);
                 continue;
             }
             self.enqueue(Job {
