@@ -537,6 +537,17 @@ pub fn store_error(error: StoreError) -> ErrorReply {
                 "the server's storage is full; nothing was stored, try again later",
             )
         }
+        StoreError::NotReplicated { wanted, reached } => {
+            tracing::warn!(
+                wanted,
+                reached,
+                "a write did not reach its replicas in time"
+            );
+            ErrorReply::new(
+                ErrorCode::Unavailable,
+                "the server's storage could not confirm a safe copy right now; try again shortly",
+            )
+        }
         StoreError::Redis(error) => {
             tracing::warn!(%error, "redis request failed");
             ErrorReply::new(

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use discovery::{Config, Metrics, operator};
-use store::{EmbeddedStore, MailLimits, RedisStore, Store, redis_store::redact_url};
+use store::{EmbeddedStore, MailLimits, RedisOptions, RedisStore, Store, redis_store::redact_urls};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -18,10 +18,16 @@ struct Cli {
     #[arg(long, env = "P2PCHAT_LISTEN", default_value = "127.0.0.1:5001")]
     listen: SocketAddr,
     /// Redis URL (shared state for several instances), `redis://:PASSWORD@host:port` for a
-    /// Redis that demands a password; without it, an embedded store in the data dir is used.
+    /// Redis that demands a password; for a Redis Cluster, one node's URL or several,
+    /// comma-separated (cluster mode is detected). Without it, an embedded store in the
+    /// data dir is used.
     // The value may hold a password: `--help` must not print it from the environment.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis: Option<String>,
+    /// Replicas a deposit must reach before it counts as queued (`WAIT`); default 1 on a
+    /// Redis Cluster, 0 on a single Redis.
+    #[arg(long, env = "P2PCHAT_REDIS_REPLICAS")]
+    redis_replicas: Option<u32>,
     /// Folder for the embedded store and the operator secret.
     #[arg(long, env = "P2PCHAT_DISCOVERY_DATA")]
     data_dir: Option<PathBuf>,
@@ -155,9 +161,15 @@ async fn main() -> anyhow::Result<()> {
     proto::identity::check_private(&data_dir, 0o700)?;
     let store = match &cli.redis {
         Some(url) => Store::Redis(
-            RedisStore::connect(url, limits)
-                .await
-                .with_context(|| format!("cannot use Redis at {}", redact_url(url)))?,
+            RedisStore::connect_with(
+                url,
+                limits,
+                RedisOptions {
+                    replicas: cli.redis_replicas,
+                },
+            )
+            .await
+            .with_context(|| format!("cannot use Redis at {}", redact_urls(url)))?,
         ),
         None => {
             // Created (or tightened) 0600 before redb opens it with the umask's mode.

@@ -32,7 +32,7 @@ pub mod redis_store;
 pub mod testing;
 
 pub use embedded::EmbeddedStore;
-pub use redis_store::RedisStore;
+pub use redis_store::{RedisOptions, RedisStore};
 
 /// The Redis pub/sub channel carrying operator announcements as plain UTF-8 text, so that
 /// `PUBLISH p2pchat:announce "text"` from any Redis client announces too.
@@ -165,6 +165,20 @@ pub enum StoreError {
     /// Redis failed or is unreachable (the next operation reconnects).
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Too few replicas confirmed a write in time (a failover may be under way, or a
+    /// replica is down): it may be on the master alone, so it is not reported done; trying
+    /// again is safe, as every such write is idempotent.
+    #[error("redis: {reached} of {wanted} replicas confirmed the write in time")]
+    NotReplicated {
+        /// How many replicas were asked for.
+        wanted: u32,
+        /// How many confirmed.
+        reached: u32,
+    },
+    /// The Redis configuration cannot work (no URL, several URLs for a server that is not
+    /// a cluster node, ...).
+    #[error("redis configuration: {0}")]
+    Config(String),
     /// The embedded database failed.
     #[error("embedded store: {0}")]
     Embedded(String),

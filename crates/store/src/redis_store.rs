@@ -91,8 +91,11 @@ use std::{
 use futures::StreamExt;
 use proto::{Envelope, MessageId, Username, wire};
 use redis::{
-    Client, RedisResult, RetryMethod, Script, Value,
-    aio::{ConnectionManager, ConnectionManagerConfig, PubSub},
+    Client, Cmd, ProtocolVersion, PushInfo, PushKind, RedisFuture, RedisResult, RetryMethod,
+    Script, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, PubSub},
+    cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig},
+    cluster_async::ClusterConnection,
     io::tcp::{TcpSettings, socket2},
 };
 use tokio::{
@@ -148,9 +151,11 @@ const ONLINE_PRUNE_AFTER_MS: u64 = 60 * 60 * 1000;
 
 /// Deposit: KEYS = mail order, mail data, sequence, block list; ARGV = id, sender, value,
 /// cap, GC expiry ms. Returns 1 stored, 0 duplicate, -1 blocked, -2 full.
-static DEPOSIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+static DEPOSIT: LazyLock<Script> = LazyLock::new(|| Script::new(DEPOSIT_SOURCE));
+
+/// The source of [`DEPOSIT`], also sent as a plain `EVAL` when the deposit must reach a
+/// replica (see [`RedisStore::invoke_replicated`]).
+const DEPOSIT_SOURCE: &str = r"
         if redis.call('SISMEMBER', KEYS[4], ARGV[2]) == 1 then return -1 end
         if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
         if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return -2 end
@@ -161,9 +166,7 @@ static DEPOSIT: LazyLock<Script> = LazyLock::new(|| {
         redis.call('PEXPIRE', KEYS[2], ARGV[5])
         redis.call('PEXPIRE', KEYS[3], ARGV[5])
         return 1
-        ",
-    )
-});
+        ";
 
 /// What [`DEPOSIT`] answers when the mailbox is at its cap.
 const DEPOSIT_FULL: i64 = -2;
@@ -205,13 +208,36 @@ static FETCH: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// Bind: KEYS = binding; ARGV = value. Returns the existing value, or nil after binding.
-static BIND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+static BIND: LazyLock<Script> = LazyLock::new(|| Script::new(BIND_SOURCE));
+
+/// The source of [`BIND`].
+const BIND_SOURCE: &str = r"
         local existing = redis.call('GET', KEYS[1])
         if existing then return existing end
         redis.call('SET', KEYS[1], ARGV[1])
         return false
+        ";
+
+/// Presence on a cluster: KEYS = presence, routes; ARGV = session, value, keep ms,
+/// instance, presence expiry ms, prune-before ms. Writes the presence as the single-server
+/// pipeline does, names this instance as a route to the user (valued by the presence's
+/// expiry), and drops routes that lapsed before the prune time (an instance that died
+/// without clearing its route).
+static SET_PRESENCE_ROUTED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        redis.call('HSET', KEYS[1], 'session', ARGV[1], 'value', ARGV[2])
+        redis.call('PEXPIRE', KEYS[1], ARGV[3])
+        redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
+        local routes = redis.call('HGETALL', KEYS[2])
+        local prune_before = tonumber(ARGV[6])
+        for index = 1, #routes, 2 do
+            if tonumber(routes[index + 1]) < prune_before then
+                redis.call('HDEL', KEYS[2], routes[index])
+            end
+        end
+        redis.call('PEXPIRE', KEYS[2], ARGV[3])
+        return 1
         ",
     )
 });
@@ -244,7 +270,7 @@ static LEAVE_ONLINE: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// The Redis store: a cheap-to-clone handle; clones share the connections and the
-/// subscriber task, which stops when the last clone is dropped.
+/// subscriber, which stops when the last clone is dropped.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
@@ -254,27 +280,134 @@ impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
             .field("limits", &self.inner.limits)
+            .field("cluster", &self.is_cluster())
+            .field("replicas", &self.inner.replicas)
             .finish_non_exhaustive()
     }
 }
 
+/// How a [`RedisStore`] is run, beyond the URL and the mailbox limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RedisOptions {
+    /// How many replicas a deposit (and a first binding) must have reached before it is
+    /// reported done (`WAIT`); when fewer confirm within a second the operation fails with
+    /// [`StoreError::NotReplicated`] and the client tries again. `None` picks 1 on a
+    /// cluster (whose masters are expected to have replicas) and 0 on a single server.
+    pub replicas: Option<u32>,
+}
+
+/// How long a write waits for its replicas to confirm it.
+const REPLICA_WAIT: Duration = Duration::from_secs(1);
+
 /// What every clone shares.
 struct Inner {
-    /// Builds a fresh command connection when the current one stops answering.
-    client: Client,
-    /// The settings every command connection is built with.
-    manager_config: ConnectionManagerConfig,
+    /// How fresh command connections are built, and which kind of Redis this is.
+    backend: Backend,
     /// The current command connection; a std lock, held only to clone or swap it.
     commands: RwLock<Commands>,
     limits: MailLimits,
+    /// How many replicas a replicated write waits for (0: none).
+    replicas: u32,
     events: broadcast::Sender<Broadcast>,
     subscriptions: watch::Receiver<u64>,
-    subscriber: JoinHandle<()>,
+    /// The task that owns the single server's pub/sub connection (none on a cluster,
+    /// where the pub/sub connection below delivers into `events` itself).
+    subscriber: Option<JoinHandle<()>>,
+    /// The cluster's pub/sub connection, kept open for as long as the store lives.
+    _cluster_pubsub: Option<ClusterConnection>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.subscriber.abort();
+        if let Some(subscriber) = &self.subscriber {
+            subscriber.abort();
+        }
+    }
+}
+
+/// The two kinds of Redis deployment, with what it takes to build a command connection.
+enum Backend {
+    /// One server (possibly with replicas behind it).
+    Single {
+        client: Client,
+        manager_config: ConnectionManagerConfig,
+    },
+    /// A Redis Cluster: every key is routed to the master of its slot.
+    Cluster {
+        client: ClusterClient,
+        /// This instance's sharded channel, which its users' routes name.
+        instance: Instance,
+    },
+}
+
+/// One discovery instance on a cluster: its random id (written into the route records of
+/// the users it holds sessions of) and the sharded channel it listens on.
+#[derive(Debug, Clone)]
+struct Instance {
+    id: String,
+}
+
+impl Instance {
+    fn random() -> Self {
+        let bytes = MessageId::random().0;
+        let id = bytes
+            .iter()
+            .fold(String::with_capacity(32), |mut id, byte| {
+                use std::fmt::Write;
+                let _ = write!(id, "{byte:02x}");
+                id
+            });
+        Self { id }
+    }
+
+    fn channel(&self) -> String {
+        instance_channel(&self.id)
+    }
+}
+
+/// The sharded pub/sub channel of the instance `id`: `p2pchat:instance:{id}:push` (the
+/// hash tag puts it on one slot, so it lives on one master and its replicas).
+fn instance_channel(id: &str) -> String {
+    format!("p2pchat:instance:{{{id}}}:push")
+}
+
+/// A command connection to either kind of deployment; both multiplex many callers over
+/// their sockets and are cheap to clone.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, command: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(connection) => connection.req_packed_command(command),
+            Connection::Cluster(connection) => connection.req_packed_command(command),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+            Connection::Cluster(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(connection) => connection.get_db(),
+            Connection::Cluster(connection) => connection.get_db(),
+        }
     }
 }
 
@@ -282,7 +415,7 @@ impl Drop for Inner {
 /// the same dead connection only the first replaces it.
 #[derive(Clone)]
 struct Commands {
-    connection: ConnectionManager,
+    connection: Connection,
     generation: u64,
 }
 
@@ -300,7 +433,7 @@ impl Inner {
     /// [`ConnectionManager`] reconnects by itself only when the socket reports an error,
     /// and a half-open connection (Redis gone without a FIN or RST, as after a partition or
     /// a failover behind a virtual IP) reports nothing, so every command on it would time
-    /// out forever.
+    /// out forever. On a cluster the fresh connection also reads the slot map anew.
     fn replace_commands(&self, generation: u64) {
         let mut commands = self
             .commands
@@ -309,10 +442,17 @@ impl Inner {
         if commands.generation != generation {
             return;
         }
-        match ConnectionManager::new_lazy_with_config(
-            self.client.clone(),
-            self.manager_config.clone(),
-        ) {
+        let connection = match &self.backend {
+            Backend::Single {
+                client,
+                manager_config,
+            } => ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
+                .map(Connection::Single),
+            Backend::Cluster { client, .. } => Ok(Connection::Cluster(
+                client.get_pending_async_connection_with_config(cluster_config()),
+            )),
+        };
+        match connection {
             Ok(connection) => {
                 tracing::warn!("redis stopped answering; replaced the command connection");
                 *commands = Commands {
@@ -390,21 +530,72 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}{rest}")
 }
 
+/// [`redact_url`] of each URL in a comma-separated list, for the error of a failed
+/// connection to a cluster's nodes.
+pub fn redact_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| redact_url(url.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl RedisStore {
-    /// Connects to the Redis at `url` (`redis://host:port/db`, or
-    /// `redis://[user]:password@host:port/db` for a Redis that demands a password; the
-    /// password is percent-decoded), subscribes to the broadcast channels, and starts the
-    /// subscriber task. Fails if Redis is not reachable now, or refuses the credentials
-    /// (`NOAUTH` without a password, `WRONGPASS` with a wrong one); after that, lost
-    /// connections are re-established by themselves, with the same credentials.
+    /// Connects with the default [`RedisOptions`]; see [`RedisStore::connect_with`].
     pub async fn connect(url: &str, limits: MailLimits) -> Result<Self, StoreError> {
-        let client = Client::open(url)?;
-        let client = Client::open(
-            client
-                .get_connection_info()
-                .clone()
-                .set_tcp_settings(tcp_settings()),
-        )?;
+        Self::connect_with(url, limits, RedisOptions::default()).await
+    }
+
+    /// Connects to the Redis at `urls`: one URL (`redis://host:port/db`, or
+    /// `redis://[user]:password@host:port/db` for a Redis that demands a password; the
+    /// password is percent-decoded), or several separated by commas, the nodes of one Redis
+    /// Cluster. The first node that answers says whether it runs in cluster mode
+    /// (`INFO cluster`); if it does, the store runs in cluster mode (every key routed to
+    /// its slot's master, sharded pub/sub for mail-waiting hints), else as on one server,
+    /// and several URLs for a server that is not a cluster node are refused. Subscribes to
+    /// the broadcast channels before it returns. Fails if no node is reachable now, or one
+    /// refuses the credentials (`NOAUTH` without a password, `WRONGPASS` with a wrong
+    /// one); after that, lost connections are re-established by themselves, with the same
+    /// credentials.
+    pub async fn connect_with(
+        urls: &str,
+        limits: MailLimits,
+        options: RedisOptions,
+    ) -> Result<Self, StoreError> {
+        let urls = split_urls(urls)?;
+        let mut clients = Vec::with_capacity(urls.len());
+        for url in &urls {
+            let client = Client::open(*url)?;
+            clients.push(Client::open(
+                client
+                    .get_connection_info()
+                    .clone()
+                    .set_tcp_settings(tcp_settings()),
+            )?);
+        }
+        let (cluster, first) = probe_cluster_mode(&clients).await?;
+        if !cluster && clients.len() > 1 {
+            return Err(StoreError::Config(format!(
+                "{} Redis URLs were given, but {} is not a cluster node (cluster_enabled:0): give one URL for a single server, or the nodes of a cluster",
+                clients.len(),
+                redact_url(urls[first])
+            )));
+        }
+        if cluster {
+            Self::connect_cluster(&urls, limits, options).await
+        } else {
+            let Some(client) = clients.into_iter().next() else {
+                return Err(StoreError::Config("no Redis URL given".to_owned()));
+            };
+            Self::connect_single(client, limits, options).await
+        }
+    }
+
+    /// [`RedisStore::connect_with`] on one server.
+    async fn connect_single(
+        client: Client,
+        limits: MailLimits,
+        options: RedisOptions,
+    ) -> Result<Self, StoreError> {
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -424,20 +615,103 @@ impl RedisStore {
             events.clone(),
             subscriptions_sender,
         ));
+        let replicas = options.replicas.unwrap_or(0);
+        tracing::info!(replicas, "redis backend: a single server");
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
-                manager_config,
+                backend: Backend::Single {
+                    client,
+                    manager_config,
+                },
                 commands: RwLock::new(Commands {
-                    connection,
+                    connection: Connection::Single(connection),
                     generation: 0,
                 }),
                 limits,
+                replicas,
                 events,
                 subscriptions,
-                subscriber,
+                subscriber: Some(subscriber),
+                _cluster_pubsub: None,
             }),
         })
+    }
+
+    /// [`RedisStore::connect_with`] on a cluster. Commands go through one cluster
+    /// connection (a multiplexed connection per node, the slot map refreshed on `MOVED` and
+    /// after failures); pub/sub through a second one speaking RESP3, whose pushes are
+    /// turned into events right where they arrive, and which subscribes again by itself
+    /// after a reconnect or a change of the slot map: the announcement channel
+    /// (`SUBSCRIBE`: a cluster carries classic pub/sub to every node) and this instance's
+    /// own sharded channel (`SSUBSCRIBE`), which the route records of its users name.
+    async fn connect_cluster(
+        urls: &[&str],
+        limits: MailLimits,
+        options: RedisOptions,
+    ) -> Result<Self, StoreError> {
+        let builder = || {
+            ClusterClientBuilder::new(urls.iter().copied())
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(RESPONSE_TIMEOUT)
+                .tcp_settings(tcp_settings())
+                .retries(CLUSTER_RETRIES)
+                .min_retry_wait(50)
+                .max_retry_wait(500)
+        };
+        let client = builder().build()?;
+        let connection = client.get_async_connection().await?;
+
+        let instance = Instance::random();
+        let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let (subscriptions_sender, subscriptions) = watch::channel(0);
+        let push_events = events.clone();
+        let channel = instance.channel();
+        let push_channel = channel.clone();
+        let pubsub_client = builder()
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(move |push: PushInfo| {
+                handle_cluster_push(push, &push_channel, &push_events, &subscriptions_sender);
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .build()?;
+        let mut pubsub = pubsub_client.get_async_connection().await?;
+        pubsub.subscribe(ANNOUNCE_CHANNEL).await?;
+        pubsub.ssubscribe(&channel).await?;
+        let replicas = options.replicas.unwrap_or(1);
+        tracing::info!(
+            nodes = urls.len(),
+            replicas,
+            instance = %instance.id,
+            "redis backend: cluster mode"
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                backend: Backend::Cluster { client, instance },
+                commands: RwLock::new(Commands {
+                    connection: Connection::Cluster(connection),
+                    generation: 0,
+                }),
+                limits,
+                replicas,
+                events,
+                subscriptions,
+                subscriber: None,
+                _cluster_pubsub: Some(pubsub),
+            }),
+        })
+    }
+
+    /// Whether this store runs on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.backend, Backend::Cluster { .. })
+    }
+
+    /// This instance's route on a cluster: the id its users' route records name.
+    fn instance(&self) -> Option<&Instance> {
+        match &self.inner.backend {
+            Backend::Cluster { instance, .. } => Some(instance),
+            Backend::Single { .. } => None,
+        }
     }
 
     /// The limits this store applies.
@@ -446,7 +720,8 @@ impl RedisStore {
     }
 
     /// Counts how often the pub/sub connection has (re)subscribed: 1 after `connect`, one
-    /// more after every re-subscription. A health check or a test can wait for it to move.
+    /// more after every re-subscription (on a cluster: of this instance's sharded channel).
+    /// A health check or a test can wait for it to move.
     pub fn subscriptions(&self) -> watch::Receiver<u64> {
         self.inner.subscriptions.clone()
     }
@@ -462,7 +737,7 @@ impl RedisStore {
         mut attempt: F,
     ) -> Result<T, StoreError>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(Connection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let mut delay = RETRY_FIRST_DELAY;
@@ -522,12 +797,54 @@ impl RedisStore {
         .await
     }
 
+    /// Runs the script `source` (as a plain `EVAL`, so a master new after a failover needs
+    /// no script cache) and then `WAIT`s for [`RedisOptions::replicas`] replicas, both in one
+    /// pipeline on the connection to the keys' master: `WAIT` covers the writes of the
+    /// connection it runs on, which are then this script's and any before it. Fails with
+    /// [`StoreError::NotReplicated`] when too few replicas confirm within
+    /// [`REPLICA_WAIT`]; the write may then be on the master alone, and the caller's retry
+    /// (every replicated script is idempotent) writes it again or finds it there.
+    /// With no replicas asked for, it is [`RedisStore::invoke`].
+    async fn invoke_replicated<T: redis::FromRedisValue>(
+        &self,
+        operation: &'static str,
+        script: &'static Script,
+        source: &'static str,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<T, StoreError> {
+        let wanted = self.inner.replicas;
+        if wanted == 0 {
+            return self.invoke(operation, script, keys, args).await;
+        }
+        let mut pipeline = redis::pipe();
+        pipeline
+            .cmd("EVAL")
+            .arg(source)
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args)
+            .cmd("WAIT")
+            .arg(wanted)
+            .arg(u64::try_from(REPLICA_WAIT.as_millis()).unwrap_or(u64::MAX));
+        let (value, reached): (T, u32) = self
+            .with_retry(operation, |mut connection| {
+                let pipeline = &pipeline;
+                async move { pipeline.query_async(&mut connection).await }
+            })
+            .await?;
+        if reached < wanted {
+            return Err(StoreError::NotReplicated { wanted, reached });
+        }
+        Ok(value)
+    }
+
     /// See [`crate::Store::bind`].
     pub async fn bind(&self, binding: &Binding) -> Result<BindOutcome, StoreError> {
         let key = user_key(&binding.user, "binding");
         let value = encode(binding)?;
         let existing: Option<Vec<u8>> = self
-            .invoke("bind", &BIND, &[&key], &[value.as_ref()])
+            .invoke_replicated("bind", &BIND, BIND_SOURCE, &[&key], &[value.as_ref()])
             .await?;
         match existing {
             None => Ok(BindOutcome::Created),
@@ -555,6 +872,50 @@ impl RedisStore {
             .expires_at_ms
             .saturating_sub(now_ms)
             .saturating_add(PRESENCE_KEEP_MS);
+        let online_since = format!("({}", now_ms.saturating_sub(ONLINE_PRUNE_AFTER_MS));
+        if let Some(instance) = self.instance() {
+            // A cluster: two steps, the user's slot first (presence and route: the truth),
+            // then the online index's slot; each is idempotent, and the index only needs to
+            // be right by the next heartbeat.
+            let keep_text = keep_ms.to_string();
+            let session_text = presence.session.to_string();
+            let expiry_text = presence.expires_at_ms.to_string();
+            let prune_text = now_ms.saturating_sub(ONLINE_PRUNE_AFTER_MS).to_string();
+            let routes = user_key(&presence.user, "routes");
+            let _: i64 = self
+                .invoke(
+                    "set_presence",
+                    &SET_PRESENCE_ROUTED,
+                    &[&key, &routes],
+                    &[
+                        session_text.as_bytes(),
+                        value.as_ref(),
+                        keep_text.as_bytes(),
+                        instance.id.as_bytes(),
+                        expiry_text.as_bytes(),
+                        prune_text.as_bytes(),
+                    ],
+                )
+                .await?;
+            let mut pipeline = redis::pipe();
+            pipeline
+                .cmd("ZADD")
+                .arg(ONLINE_KEY)
+                .arg(presence.expires_at_ms)
+                .arg(presence.user.as_str())
+                .ignore()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(ONLINE_KEY)
+                .arg("-inf")
+                .arg(&online_since)
+                .ignore();
+            return self
+                .with_retry("set_presence", |mut connection| {
+                    let pipeline = &pipeline;
+                    async move { pipeline.query_async::<()>(&mut connection).await }
+                })
+                .await;
+        }
         let mut pipeline = redis::pipe();
         // Not `MULTI`: the online index is another cluster slot. The presence hash is the
         // truth; the index only needs to be right by the next heartbeat.
@@ -578,7 +939,7 @@ impl RedisStore {
             .cmd("ZREMRANGEBYSCORE")
             .arg(ONLINE_KEY)
             .arg("-inf")
-            .arg(format!("({}", now_ms.saturating_sub(ONLINE_PRUNE_AFTER_MS)))
+            .arg(&online_since)
             .ignore();
         self.with_retry("set_presence", |mut connection| {
             let pipeline = &pipeline;
@@ -617,6 +978,18 @@ impl RedisStore {
             .await?;
         if owned == 0 {
             return Ok(false);
+        }
+        if let Some(instance) = self.instance() {
+            // The user's slot first (presence, then this instance's route), the online
+            // index's slot last; each step is idempotent.
+            let _: u64 = self
+                .query(
+                    "clear_presence",
+                    redis::cmd("HDEL")
+                        .arg(user_key(user, "routes"))
+                        .arg(&instance.id),
+                )
+                .await?;
         }
         let expiry_text = current.expires_at_ms.to_string();
         let _: i64 = self
@@ -692,7 +1065,15 @@ impl RedisStore {
             cap.as_bytes(),
             gc_ms.as_bytes(),
         ];
-        let deposit_once = || self.invoke::<i64>("deposit", &DEPOSIT, &script_keys, &script_args);
+        let deposit_once = || {
+            self.invoke_replicated::<i64>(
+                "deposit",
+                &DEPOSIT,
+                DEPOSIT_SOURCE,
+                &script_keys,
+                &script_args,
+            )
+        };
         let mut outcome = deposit_once().await?;
         // Full: expired mail may be what fills it (its recipient has not fetched since).
         // Drop it from the head and try once more; the script checks the cap again
@@ -949,15 +1330,40 @@ impl RedisStore {
     }
 
     /// See [`crate::Store::publish`]: a `PUBLISH` on [`ANNOUNCE_CHANNEL`] or
-    /// [`MAIL_CHANNEL`]; every instance's subscriber (this one's too) delivers it.
+    /// [`MAIL_CHANNEL`]; every instance's subscriber (this one's too) delivers it. On a
+    /// cluster, announcements go the same way (a cluster carries classic pub/sub to every
+    /// node), but a mail-waiting hint goes only where the recipient has a session: one
+    /// `SPUBLISH` on the sharded channel of each instance named in the recipient's route
+    /// record (`p2pchat:{user}:routes`), none when they are nowhere online.
     pub async fn publish(&self, event: &Broadcast) -> Result<(), StoreError> {
         let (channel, payload) = match event {
             Broadcast::Announcement { text } => (ANNOUNCE_CHANNEL, text.as_str()),
+            Broadcast::MailWaiting { user } if self.is_cluster() => {
+                return self.publish_routed(user).await;
+            }
             Broadcast::MailWaiting { user } => (MAIL_CHANNEL, user.as_str()),
         };
         self.query("publish", redis::cmd("PUBLISH").arg(channel).arg(payload))
             .await
             .map(|_receivers: u64| ())
+    }
+
+    /// A mail-waiting hint for `user` on a cluster, to each instance their routes name.
+    async fn publish_routed(&self, user: &Username) -> Result<(), StoreError> {
+        let routes: Vec<String> = self
+            .query("publish", redis::cmd("HKEYS").arg(user_key(user, "routes")))
+            .await?;
+        for instance in routes {
+            let _receivers: u64 = self
+                .query(
+                    "publish",
+                    redis::cmd("SPUBLISH")
+                        .arg(instance_channel(&instance))
+                        .arg(user.as_str()),
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     /// See [`crate::Store::subscribe`].
@@ -1085,7 +1491,7 @@ async fn forward(pubsub: PubSub, events: &broadcast::Sender<Broadcast>) {
         tokio::select! {
             message = stream.next() => match message {
                 Some(message) => {
-                    if let Some(event) = to_broadcast(&message) {
+                    if let Some(event) = to_broadcast(&message, MAIL_CHANNEL) {
                         // No local subscriber is fine: then no one needs the event.
                         let _ = events.send(event);
                     }
@@ -1102,8 +1508,9 @@ async fn forward(pubsub: PubSub, events: &broadcast::Sender<Broadcast>) {
     }
 }
 
-/// Turns a pub/sub message into an event; logs and drops anything malformed.
-fn to_broadcast(message: &redis::Msg) -> Option<Broadcast> {
+/// Turns a pub/sub message into an event, reading `mail_channel` as the channel of
+/// mail-waiting hints; logs and drops anything malformed.
+fn to_broadcast(message: &redis::Msg, mail_channel: &str) -> Option<Broadcast> {
     let payload = message.get_payload_bytes();
     match message.get_channel_name() {
         ANNOUNCE_CHANNEL => {
@@ -1115,7 +1522,7 @@ fn to_broadcast(message: &redis::Msg) -> Option<Broadcast> {
                 text: text.into_owned(),
             })
         }
-        MAIL_CHANNEL => match std::str::from_utf8(payload)
+        channel if channel == mail_channel => match std::str::from_utf8(payload)
             .ok()
             .and_then(|name| Username::new(name).ok())
         {
@@ -1130,6 +1537,99 @@ fn to_broadcast(message: &redis::Msg) -> Option<Broadcast> {
             None
         }
     }
+}
+
+/// What a cluster pub/sub push means: a message on the announcement channel or on this
+/// instance's `channel` becomes an event; a confirmed subscription of `channel` (at
+/// connect, and again after every reconnect or slot-map change) counts in
+/// `subscriptions`; anything else is logged.
+fn handle_cluster_push(
+    push: PushInfo,
+    channel: &str,
+    events: &broadcast::Sender<Broadcast>,
+    subscriptions: &watch::Sender<u64>,
+) {
+    match push.kind {
+        PushKind::Message | PushKind::SMessage => {
+            if let Some(message) = redis::Msg::from_push_info(push)
+                && let Some(event) = to_broadcast(&message, channel)
+            {
+                // No local subscriber is fine: then no one needs the event.
+                let _ = events.send(event);
+            }
+        }
+        PushKind::SSubscribe => {
+            subscriptions.send_modify(|count| *count += 1);
+            if *subscriptions.borrow() > 1 {
+                tracing::info!("redis cluster: this instance's push channel re-subscribed");
+            }
+        }
+        PushKind::Disconnection => {
+            tracing::warn!("redis cluster: a pub/sub connection was lost; it re-subscribes");
+        }
+        kind => tracing::debug!(?kind, "redis cluster push"),
+    }
+}
+
+/// How many times the cluster connection itself retries a request (moving to the new
+/// master of a slot after `MOVED`, reconnecting) before the store's own retries see it.
+const CLUSTER_RETRIES: u32 = 3;
+
+/// The settings of a cluster command connection built after a timeout.
+fn cluster_config() -> ClusterConfig {
+    ClusterConfig::new()
+        .set_connection_timeout(CONNECT_TIMEOUT)
+        .set_response_timeout(RESPONSE_TIMEOUT)
+}
+
+/// The URLs in `urls`, separated by commas (blanks around each ignored); an error names
+/// what is wrong without printing a password.
+fn split_urls(urls: &str) -> Result<Vec<&str>, StoreError> {
+    let list: Vec<&str> = urls.split(',').map(str::trim).collect();
+    if list.iter().all(|url| url.is_empty()) {
+        return Err(StoreError::Config("no Redis URL given".to_owned()));
+    }
+    if list.iter().any(|url| url.is_empty()) {
+        return Err(StoreError::Config(format!(
+            "an empty URL in the comma-separated list {}",
+            redact_urls(urls)
+        )));
+    }
+    Ok(list)
+}
+
+/// Asks the nodes, in order, until one answers `INFO cluster`; returns whether it runs in
+/// cluster mode and which one answered. Fails with the last node's error if none does.
+async fn probe_cluster_mode(clients: &[Client]) -> Result<(bool, usize), StoreError> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
+    let mut last_error = None;
+    for (index, client) in clients.iter().enumerate() {
+        let attempt = async {
+            let mut connection = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            redis::cmd("INFO")
+                .arg("cluster")
+                .query_async::<String>(&mut connection)
+                .await
+        };
+        match attempt.await {
+            Ok(info) => {
+                let cluster = info.lines().any(|line| line.trim() == "cluster_enabled:1");
+                return Ok((cluster, index));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "a Redis node did not answer; trying the next");
+                last_error = Some(error);
+            }
+        }
+    }
+    Err(last_error.map_or_else(
+        || StoreError::Config("no Redis URL given".to_owned()),
+        StoreError::Redis,
+    ))
 }
 
 #[cfg(test)]

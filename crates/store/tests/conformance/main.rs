@@ -1,8 +1,11 @@
-//! The store conformance suite: one set of behaviours ([`suite`]), run against both
-//! backends, plus the tests that only make sense for one backend ([`redis_only`],
-//! [`embedded_only`]). Redis tests start their own `redis-server` on a free port
-//! (`store::testing::RedisServer`), so they need no Redis running beforehand.
+//! The store conformance suite: one set of behaviours ([`suite`]), run against the
+//! embedded backend, one Redis server, and a Redis Cluster of 3 masters with a replica
+//! each, plus the tests that only make sense for one of them ([`redis_only`],
+//! [`cluster_only`], [`embedded_only`]). Redis tests start their own `redis-server`s on
+//! free ports (`store::testing::RedisServer`, `store::testing::RedisCluster`), so they
+//! need no Redis running beforehand.
 
+mod cluster_only;
 mod drain;
 mod embedded_only;
 mod redis_only;
@@ -26,6 +29,15 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $name() -> anyhow::Result<()> {
                     let backend = crate::util::RedisBackend::start().await?;
+                    crate::suite::$name(&backend.store).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $name() -> anyhow::Result<()> {
+                    let backend = crate::util::ClusterBackend::start().await?;
                     crate::suite::$name(&backend.store).await
                 }
             )*

@@ -232,7 +232,7 @@ async fn batches_larger_than_a_script_chunk_keep_order() -> anyhow::Result<()> {
 }
 
 /// Every key name and every value in the Redis, whatever its type.
-async fn dump_everything(
+pub async fn dump_everything(
     raw: &mut redis::aio::MultiplexedConnection,
 ) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut keys: Vec<Vec<u8>> = Vec::new();
@@ -285,7 +285,17 @@ async fn dump_everything(
 #[tokio::test]
 async fn redis_holds_no_plaintext() -> anyhow::Result<()> {
     let backend = RedisBackend::start().await?;
-    let store = &backend.store;
+    let raw = backend.raw().await?;
+    store_holds_no_plaintext(&backend.store, vec![raw]).await
+}
+
+/// Stores everything a server would about two users (bindings, presence, a block, a sealed
+/// message, fetched once), then reads every key and value on every node of `raw`: the
+/// sealed token is there, its plaintext is nowhere.
+pub async fn store_holds_no_plaintext(
+    store: &Store,
+    raw: Vec<redis::aio::MultiplexedConnection>,
+) -> anyhow::Result<()> {
     let (alice, bob) = (user("alice"), user("bob"));
     let alice_identity = Identity::generate();
     let bob_identity = Identity::generate();
@@ -316,8 +326,10 @@ async fn redis_holds_no_plaintext() -> anyhow::Result<()> {
     store.deposit(&sealed, 1_000).await?;
     store.fetch(&bob, 10, usize::MAX, 1_000).await?; // a fetch leaves nothing readable behind either
 
-    let mut raw = backend.raw().await?;
-    let everything = dump_everything(&mut raw).await?;
+    let mut everything = Vec::new();
+    for mut node in raw {
+        everything.extend(dump_everything(&mut node).await?);
+    }
     // The dump is not vacuous: the ciphertext itself is in there.
     let token = sealed.token.as_bytes();
     ensure!(

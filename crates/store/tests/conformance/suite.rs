@@ -418,6 +418,11 @@ pub async fn broadcast_reaches_two_subscribers(store: &Store) -> anyhow::Result<
         text: "maintenance at 22:00 — ünïcode too".to_owned(),
     };
     let mail = Broadcast::MailWaiting { user: user("bob") };
+    // Bob has a session here: on a cluster, a mail-waiting hint goes only to the instances
+    // his route record names, and setting his presence names this one.
+    store
+        .set_presence(&presence("bob", 1, 1_000, 31_000))
+        .await?;
     store.publish(&announcement).await?;
     store.publish(&mail).await?;
     for receiver in [&mut first, &mut second] {

@@ -10,7 +10,10 @@ use std::{
 };
 
 use proto::{Envelope, Identity, MessageId, Username};
-use store::{Broadcast, EmbeddedStore, MailLimits, RedisStore, Store, testing::RedisServer};
+use store::{
+    Broadcast, EmbeddedStore, MailLimits, RedisStore, Store,
+    testing::{RedisCluster, RedisServer},
+};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -63,6 +66,49 @@ impl RedisBackend {
     pub async fn raw(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
         let client = redis::Client::open(self.server.url())?;
         Ok(client.get_multiplexed_async_connection().await?)
+    }
+}
+
+/// A Redis store on its own test cluster of 3 masters and 3 replicas (killed when this is
+/// dropped).
+pub struct ClusterBackend {
+    pub store: Store,
+    pub cluster: RedisCluster,
+}
+
+impl ClusterBackend {
+    pub async fn start() -> anyhow::Result<Self> {
+        let cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
+        let store = RedisStore::connect(&cluster.url(), LIMITS).await?;
+        anyhow::ensure!(store.is_cluster(), "the store did not detect the cluster");
+        Ok(Self {
+            store: store.into(),
+            cluster,
+        })
+    }
+
+    /// Another store (another discovery instance) on the same cluster.
+    pub async fn another_store(&self) -> anyhow::Result<Store> {
+        Ok(RedisStore::connect(&self.cluster.url(), LIMITS)
+            .await?
+            .into())
+    }
+
+    /// A plain connection to each node, allowed to read on replicas too (`READONLY`).
+    pub async fn raw_nodes(&self) -> anyhow::Result<Vec<redis::aio::MultiplexedConnection>> {
+        let mut connections = Vec::new();
+        for index in 0..self.cluster.len() {
+            let Some(url) = self.cluster.node_url(index) else {
+                continue;
+            };
+            let client = redis::Client::open(url)?;
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            redis::cmd("READONLY")
+                .query_async::<()>(&mut connection)
+                .await?;
+            connections.push(connection);
+        }
+        Ok(connections)
     }
 }
 
