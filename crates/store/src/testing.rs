@@ -350,6 +350,18 @@ impl RedisCluster {
         }
     }
 
+    /// Starts node `index` again after [`RedisCluster::kill`], with its cluster state file,
+    /// as a supervisor restarts a crashed process: a master that was replaced rejoins as a
+    /// replica of its successor. Waits until the whole cluster is healthy again, every
+    /// master with a replica in sync.
+    pub fn restart(&mut self, index: usize) -> io::Result<()> {
+        match self.nodes.get_mut(index) {
+            Some(node) => node.restart()?,
+            None => return Err(io::Error::other(format!("no node {index}"))),
+        }
+        self.wait_until(|cluster| cluster.is_healthy(None))
+    }
+
     /// Waits until a node other than `dead` serves `key`'s slot as master and the cluster
     /// is whole again (`cluster_state:ok` on every live node).
     pub fn wait_for_failover(&self, key: &str, dead: usize) -> io::Result<()> {

@@ -209,9 +209,10 @@ async fn a_deposit_short_of_its_replicas_is_not_reported_stored() -> anyhow::Res
 }
 
 /// Deposits to one offline user stream in from four senders; the master holding his slot
-/// is SIGKILLed in the middle, and its replica is promoted. Every deposit is retried until
-/// it is reported done, as a client's outbox does; afterwards the mailbox holds every
-/// message exactly once, in the order each sender sent them.
+/// is SIGKILLed in the middle, its replica is promoted, and the dead node is restarted (it
+/// rejoins as the new master's replica). Every deposit is retried until it is reported
+/// done, as a client's outbox does; afterwards the mailbox holds every message exactly
+/// once, in the order each sender sent them.
 #[tokio::test]
 async fn a_masters_death_loses_no_reported_deposit() -> anyhow::Result<()> {
     const SENDERS: usize = 4;
@@ -269,15 +270,24 @@ async fn a_masters_death_loses_no_reported_deposit() -> anyhow::Result<()> {
         at_kill < SENDERS * PER_SENDER,
         "the streams ended before the kill"
     );
-    for stream in streams {
-        stream.await??;
-    }
+    // Meanwhile the replica is promoted; the new master has no replica of its own, so
+    // deposits to bob stay refused (they could not reach a replica) until the dead node
+    // is back, as a replica of its successor.
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.wait_for_failover("p2pchat:{bob}:mail", master)?;
+        cluster.restart(master)?;
         Ok::<_, std::io::Error>(cluster)
     })
     .await??;
     ensure!(cluster.master_of("p2pchat:{bob}:mail")? != master);
+    let mut refusals = 0;
+    for stream in streams {
+        refusals += stream.await??;
+    }
+    ensure!(
+        refusals > 0,
+        "no deposit was refused: the kill came too late to test much"
+    );
 
     let fetched = store.fetch(&bob, 10_000, usize::MAX, 2_000).await?;
     let got = ids(&fetched.mail);
