@@ -11,15 +11,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::util::{answer, raw_peer};
 
-const WAIT: Duration = Duration::from_secs(15);
+pub(crate) const WAIT: Duration = Duration::from_secs(15);
 
-fn name(text: &str) -> Username {
+pub(crate) fn name(text: &str) -> Username {
     Username::new(text).expect("test names are valid")
 }
 
 /// A discovery server running in this process.
-struct Server {
-    addr: SocketAddr,
+pub(crate) struct Server {
+    pub(crate) addr: SocketAddr,
     token: CancellationToken,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -38,19 +38,24 @@ impl Server {
         })
         .await
         .context("the embedded store did not reopen")?;
+        Self::start_on(store::Store::Embedded(store), addr).await
+    }
+
+    /// Starts a server on `addr` (port 0: any) with `store`.
+    pub(crate) async fn start_on(store: store::Store, addr: SocketAddr) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let token = CancellationToken::new();
         let task = tokio::spawn(discovery::run(
             listener,
-            store::Store::Embedded(store),
+            store,
             discovery::Config::default(),
             token.clone(),
         ));
         Ok(Self { addr, token, task })
     }
 
-    async fn stop(self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
         self.token.cancel();
         tokio::time::timeout(WAIT, self.task).await???;
         Ok(())
@@ -58,14 +63,14 @@ impl Server {
 }
 
 /// One peer runtime and the events it produced but a test has not looked at yet.
-struct Chatter {
-    client: Client,
+pub(crate) struct Chatter {
+    pub(crate) client: Client,
     events: Events,
     token: CancellationToken,
     messages: VecDeque<InboundMessage>,
 }
 
-fn config(root: &Path, user: &str, server: SocketAddr) -> Config {
+pub(crate) fn config(root: &Path, user: &str, server: SocketAddr) -> Config {
     let mut config = Config::new(server.to_string(), name(user), root.join(user));
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.backoff_min = Duration::from_millis(50);
@@ -75,7 +80,7 @@ fn config(root: &Path, user: &str, server: SocketAddr) -> Config {
 }
 
 impl Chatter {
-    async fn start(config: Config) -> anyhow::Result<Self> {
+    pub(crate) async fn start(config: Config) -> anyhow::Result<Self> {
         let token = CancellationToken::new();
         let (client, events) = peer::start(config, token.clone()).await?;
         client.wait_online(WAIT).await?;
@@ -87,18 +92,18 @@ impl Chatter {
         })
     }
 
-    async fn join(root: &Path, user: &str, server: SocketAddr) -> anyhow::Result<Self> {
+    pub(crate) async fn join(root: &Path, user: &str, server: SocketAddr) -> anyhow::Result<Self> {
         Self::start(config(root, user, server)).await
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.client.shutdown(WAIT).await;
         drop(self.token);
     }
 
     /// Waits for an event `pick` accepts; messages passed on the way are kept (and marked
     /// shown, as a user interface does once it prints them).
-    async fn wait_for<T>(
+    pub(crate) async fn wait_for<T>(
         &mut self,
         what: &str,
         mut pick: impl FnMut(&Event) -> Option<T>,
@@ -124,7 +129,7 @@ impl Chatter {
     }
 
     /// The next message shown.
-    async fn message(&mut self) -> anyhow::Result<InboundMessage> {
+    pub(crate) async fn message(&mut self) -> anyhow::Result<InboundMessage> {
         if let Some(message) = self.messages.pop_front() {
             return Ok(message);
         }
@@ -136,7 +141,11 @@ impl Chatter {
     }
 
     /// Asserts the next message shown is `body` from `from`.
-    async fn expect(&mut self, from: &str, body: &str) -> anyhow::Result<InboundMessage> {
+    pub(crate) async fn expect(
+        &mut self,
+        from: &str,
+        body: &str,
+    ) -> anyhow::Result<InboundMessage> {
         let message = self.message().await?;
         assert_eq!(
             (message.from.as_str(), message.body.as_str()),
@@ -146,18 +155,18 @@ impl Chatter {
         Ok(message)
     }
 
-    async fn send(&self, to: &str, body: &str) -> anyhow::Result<DeliveryStatus> {
+    pub(crate) async fn send(&self, to: &str, body: &str) -> anyhow::Result<DeliveryStatus> {
         Ok(self.client.send(&name(to), body).await?.status)
     }
 }
 
 /// A port nothing listens on.
-async fn dead_port() -> anyhow::Result<u16> {
+pub(crate) async fn dead_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     Ok(listener.local_addr()?.port())
 }
 
-fn any_port() -> SocketAddr {
+pub(crate) fn any_port() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 

@@ -2,6 +2,8 @@
 //!
 //! - `architecture`: the dependency direction of design.md §2.
 //! - `chat`: the peer runtime against an in-process discovery server.
+//! - `cluster`: two discovery instances on a test-started Redis Cluster (3 masters, 3
+//!   replicas), and a master SIGKILLed in the middle of a stream of deposits.
 //! - `scripted`: the real binaries, driven through `p2pchat send` and `listen --json`.
 //! - `interactive`: the interactive client in tmux, as a person uses it.
 //! - `outages`: discovery and Redis restarts and crashes, counting every message.
@@ -14,6 +16,7 @@
 
 mod architecture;
 mod chat;
+mod cluster;
 mod disk;
 mod hostile_peer;
 mod interactive;
