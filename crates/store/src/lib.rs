@@ -3,7 +3,9 @@
 //!
 //! [`Store`] is the one interface, with two backends:
 //! - [`Store::Redis`] ([`redis_store::RedisStore`]): shared by every discovery instance that
-//!   points at the same Redis, so several instances behave as one server.
+//!   points at the same Redis, so several instances behave as one server; on one Redis
+//!   server or on a Redis Cluster (detected at connect), where every key is routed to its
+//!   user's slot and mail-waiting hints go only to the instances holding the recipient.
 //! - [`Store::Embedded`] ([`embedded::EmbeddedStore`]): the default when no Redis URL is
 //!   given; durable on disk (redb), so a restart loses no mail and no binding. Presence and
 //!   the broadcast channel live in memory there (one process is the whole tier).
@@ -14,8 +16,10 @@
 //! stream), is in the module docs of [`redis_store`] and [`embedded`].
 //!
 //! With the cargo feature `testing`, `store::testing::RedisServer` starts a throw-away
-//! `redis-server` for tests (of this crate and of the crates above it). The conformance
-//! suite in `tests/conformance` runs the same behaviours against both backends.
+//! `redis-server` for tests (of this crate and of the crates above it), and
+//! `store::testing::RedisCluster` a throw-away cluster of 3 masters and 3 replicas. The
+//! conformance suite in `tests/conformance` runs the same behaviours against the embedded
+//! backend, one Redis server and a cluster.
 //!
 //! **Architecture Invariant:** only the discovery server depends on this crate; clients
 //! never see a store or its credentials. Envelopes are stored as opaque sealed bytes.
@@ -319,7 +323,9 @@ impl Store {
         dispatch!(self, store => store.blocked_by(user).await)
     }
 
-    /// Sends `event` to every subscriber of every instance sharing this store.
+    /// Sends `event` to every subscriber of every instance sharing this store; on a Redis
+    /// Cluster, a [`Broadcast::MailWaiting`] only to the instances whose presence writes
+    /// for the recipient are still in force (those that hold the recipient's sessions).
     pub async fn publish(&self, event: &Broadcast) -> Result<(), StoreError> {
         dispatch!(self, store => store.publish(event).await)
     }

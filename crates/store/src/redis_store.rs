@@ -1,44 +1,79 @@
 //! The Redis backend: [`RedisStore`], shared by every discovery instance pointing at the same
-//! Redis, so several instances behave as one server.
+//! Redis, so several instances behave as one server; on one Redis server, or on a Redis
+//! Cluster when the first node that answers reports `cluster_enabled:1`
+//! ([`RedisStore::connect_with`] takes one URL or several, comma-separated).
 //!
 //! # Connections
 //!
-//! Commands go through one [`ConnectionManager`] (a multiplexed connection that reconnects
-//! by itself after the connection drops); on top of it every operation retries a bounded
+//! On one server, commands go through one [`ConnectionManager`] (a multiplexed connection
+//! that reconnects by itself after the connection drops); on a cluster, through one
+//! [`ClusterConnection`] (a multiplexed connection per node, every command routed to the
+//! master of its key's slot, the slot map read again after `MOVED` or a failure). On top of
+//! either, every operation retries a bounded
 //! number of times when the error says a reconnect or a retry may help, so a Redis restart
 //! between two operations is invisible to the caller. The manager reconnects only when the
 //! socket reports an error, and a half-open connection (Redis gone without a FIN or RST:
 //! a partition, a failover behind a virtual IP) reports none; its commands just time out.
-//! So a timed-out reply makes the retry loop swap in a fresh manager (built lazily from the
-//! kept [`Client`] and config) before the next try: one timeout, not one per call forever.
+//! So a timed-out reply makes the retry loop swap in a fresh connection (built lazily from
+//! the kept client and config) before the next try: one timeout, not one per call forever.
 //! TCP keep-alive and, on Linux, `TCP_USER_TIMEOUT` also let the kernel close such a
 //! connection by itself while it is idle. Every operation is safe to repeat:
 //! deposits are idempotent by message id, acks and block-list changes are set operations,
 //! a repeated bind finds its own binding, and a repeated publish only repeats a hint.
 //!
-//! Pub/sub needs a connection of its own (a subscribed connection cannot run commands). A
-//! subscriber task owns it, forwards every message into a [`tokio::sync::broadcast`]
-//! channel (one Redis subscription however many local subscribers), pings it so a
-//! half-open connection is noticed, and after any loss reconnects with backoff and
-//! subscribes again. Messages published while it is reconnecting are lost, as pub/sub
-//! always allows; that is why mail-waiting is only a hint (design.md §5).
+//! Pub/sub needs a connection of its own (a subscribed connection cannot run commands). On
+//! one server a subscriber task owns it, forwards every message into a
+//! [`tokio::sync::broadcast`] channel (one Redis subscription however many local
+//! subscribers), pings it so a half-open connection is noticed, and after any loss
+//! reconnects with backoff and subscribes again. On a cluster it is a second cluster
+//! connection speaking RESP3, whose push messages go into the same channel where they
+//! arrive, and which subscribes again by itself after a reconnect or a slot-map change.
+//! Messages published while a subscription is being re-made are lost, as pub/sub always
+//! allows; that is why mail-waiting is only a hint (clients also fetch on every reconnect
+//! and on a slow timer).
+//!
+//! # Replicas
+//!
+//! With [`RedisOptions::replicas`] above 0 (the default on a cluster: 1), a deposit and a
+//! first binding are reported done only once that many replicas have them: the script runs
+//! as `EVAL` followed by `WAIT` in one pipeline, on the connection to the keys' master, and
+//! fewer confirmations within a second are [`StoreError::NotReplicated`] (the client sees
+//! `unavailable` and sends again from its outbox). So a master SIGKILLed right after it
+//! answered loses no mail reported queued; and a master without a live replica (just
+//! promoted, its old master not back yet) refuses deposits until a replica is in sync.
 //!
 //! # Keys
 //!
 //! Everything is under `p2pchat:`, and every per-user key carries the user in a hash tag
 //! (`p2pchat:{alice}:mail`), so all keys of one user land in one Redis Cluster slot and
-//! the multi-key scripts below stay legal on a cluster:
+//! the multi-key scripts below stay legal on a cluster. The layout is the same on one
+//! server and on a cluster (the routes key is written on a cluster only), so data moved
+//! from one to the other (e.g. with `redis-cli --cluster import`) needs no conversion:
 //!
 //! | Key | Type | Holds |
 //! | --- | --- | --- |
 //! | `p2pchat:{u}:binding` | string | wire-encoded [`Binding`] |
 //! | `p2pchat:{u}:presence` | hash | `session` (decimal), `value` (wire-encoded [`Presence`]) |
+//! | `p2pchat:{u}:routes` | hash | (cluster) instance id → expiry (ms) of `u`'s presence written by that instance |
 //! | `p2pchat:{u}:mail` | sorted set | message id (16 raw bytes), scored by deposit sequence |
 //! | `p2pchat:{u}:mail:data` | hash | message id → wire-encoded [`StoredMail`] |
 //! | `p2pchat:{u}:mail:seq` | string | the last deposit sequence number |
 //! | `p2pchat:{u}:mail:quarantine` | hash | message id → bytes that did not decode |
 //! | `p2pchat:{u}:blocked` | set | names `u` refuses mail from |
 //! | `p2pchat:online` | sorted set | online names, scored by presence expiry (ms) |
+//!
+//! Channels: [`ANNOUNCE_CHANNEL`] (classic pub/sub, which a cluster carries to every node;
+//! every instance subscribes), [`MAIL_CHANNEL`] (one server only: every instance
+//! subscribes, the payload is the recipient's name) and, on a cluster,
+//! `p2pchat:instance:{id}:push`, one sharded channel per instance (`SSUBSCRIBE`d by that
+//! instance alone, on the master of its slot). A mail-waiting hint on a cluster is an
+//! `SPUBLISH` of the recipient's name to each instance named in the recipient's routes, so
+//! no instance subscribes to every user's hints; a presence write adds its instance to the
+//! routes (dropping routes lapsed an hour ago, left by instances that died), and clearing
+//! the presence removes it. An operation over two slots is separate steps in a stated
+//! order, each idempotent: a presence write does the user's slot (presence and route) and
+//! then the online index; clearing it, the presence, then the route, then the index; a
+//! deposit stores the mail and then publishes the hint.
 //!
 //! # Why a sorted set plus a hash for mail (and not a list or a stream)
 //!

@@ -1,4 +1,5 @@
-//! Test support (cargo feature `testing`): a throw-away `redis-server` per test.
+//! Test support (cargo feature `testing`): a throw-away `redis-server` per test, or a
+//! throw-away Redis Cluster ([`RedisCluster`]: six of them, 3 masters and 3 replicas).
 //!
 //! [`RedisServer::start`] spawns `redis-server` on a free loopback port with its working
 //! directory in a fresh temporary folder, waits until it answers `PING`, and kills it when
