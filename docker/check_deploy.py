@@ -13,6 +13,12 @@ Usage: check_deploy.py REPO BIN_DIR   (BIN_DIR holds the built `p2pchat-discover
    default password); with one set, redis is started with `--requirepass` and exactly that
    password, and discovery's REDIS_URL carries it; redis is only on internal networks; the
    client service shares no network with redis, and discovery shares one with each.
+   docker-compose.cluster.yml likewise: it too demands REDIS_PASSWORD; its six Redis nodes
+   run in cluster mode with `--requirepass` and `--masterauth`, on internal networks only,
+   none shared with the client; every URL in discovery's REDIS_URL names a node and carries
+   the password; its discovery and client services equal docker-compose.yml's but for
+   REDIS_URL, P2PCHAT_REDIS_REPLICAS (a flag the binary has) and `depends_on`. (Its stack
+   is not started here: the store and end-to-end tests run real clusters.)
 3. Live: the stack as `docker compose config` resolves it (no variables set but a fresh
    random REDIS_PASSWORD, so the defaults) is started as local processes: each runtime
    stage's ENV, WORKDIR, ENTRYPOINT (through the real tini) and the service's environment
@@ -428,6 +434,96 @@ def redis_access_checks(
 
 
 # ---------------------------------------------------------------------------------------------
+# The Redis Cluster file
+
+CLUSTER_FILE = "docker-compose.cluster.yml"
+# What the cluster file's discovery service may change from the single-Redis file's.
+CLUSTER_ONLY_ENVIRONMENT = {"REDIS_URL", "P2PCHAT_REDIS_REPLICAS"}
+
+
+def cluster_checks(repo: Path, bin_dir: Path, main_resolved: dict, password: str) -> None:
+    """The cluster file: Redis demands the password and only discovery reaches it, as in
+    the single-Redis file; REDIS_URL names cluster nodes with the password; and its
+    discovery and client services are the single-Redis file's but for what a cluster
+    changes (they are repeated there, since Compose cannot `extends` a service with
+    `depends_on`)."""
+    unresolved = compose_config(repo, {}, CLUSTER_FILE)
+    if unresolved.returncode == 0:
+        finding(f"{CLUSTER_FILE}: resolves without {PASSWORD_VARIABLE}; it must demand it")
+    result = compose_config(repo, {PASSWORD_VARIABLE: password}, CLUSTER_FILE)
+    if result.returncode != 0:
+        finding(f"{CLUSTER_FILE}: docker-compose config failed:\n{indent(result.stderr)}")
+        return
+    resolved = yaml.safe_load(result.stdout)
+    services = resolved["services"]
+    networks = resolved.get("networks") or {}
+    nodes = {
+        name: service
+        for name, service in services.items()
+        if str(service.get("image", "")).startswith("redis") and name != "redis-cluster-init"
+    }
+    if len(nodes) < 6:
+        finding(f"{CLUSTER_FILE}: {len(nodes)} Redis nodes; 3 masters with a replica each need 6")
+    client_networks = networks_of(services["client"])
+    for name, node in sorted(nodes.items()):
+        command = " ".join(str(word) for word in node.get("command") or [])
+        auth = (node.get("environment") or {}).get("REDISCLI_AUTH")
+        for flag in ("--cluster-enabled yes", "--requirepass", "--masterauth"):
+            if flag not in command:
+                finding(f"{CLUSTER_FILE}: {name} runs without {flag}")
+        if auth != password:
+            finding(f"{CLUSTER_FILE}: {name}'s REDISCLI_AUTH is not {PASSWORD_VARIABLE}")
+        for network in sorted(networks_of(node)):
+            if not (networks.get(network) or {}).get("internal"):
+                finding(f"{CLUSTER_FILE}: {name} is on network {network}, not internal")
+        if networks_of(node) & client_networks:
+            finding(f"{CLUSTER_FILE}: the client shares a network with {name}")
+    discovery = services["discovery"]
+    environment = discovery.get("environment") or {}
+    urls = str(environment.get("REDIS_URL", "")).split(",")
+    for url in urls:
+        parts = urlsplit(url.strip())
+        if parts.hostname not in nodes or unquote(parts.password or "") != password:
+            finding(
+                f"{CLUSTER_FILE}: discovery's REDIS_URL entry {parts.hostname!r} is not a "
+                f"Redis node with the password from {PASSWORD_VARIABLE}"
+            )
+    usage = subprocess.run(
+        [str(bin_dir / "p2pchat-discovery"), "--help"],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"]},
+    ).stdout
+    if "P2PCHAT_REDIS_REPLICAS" in environment and "--redis-replicas" not in usage:
+        finding("p2pchat-discovery has no --redis-replicas for P2PCHAT_REDIS_REPLICAS")
+    main_services = main_resolved["services"]
+    for name in ("discovery", "client"):
+        ours = {key: value for key, value in services[name].items() if key != "depends_on"}
+        theirs = {
+            key: value for key, value in main_services[name].items() if key != "depends_on"
+        }
+        if name == "discovery":
+            for side in (ours, theirs):
+                side["environment"] = {
+                    key: value
+                    for key, value in (side.get("environment") or {}).items()
+                    if key not in CLUSTER_ONLY_ENVIRONMENT
+                }
+        if ours != theirs:
+            changed = sorted(
+                key for key in set(ours) | set(theirs) if ours.get(key) != theirs.get(key)
+            )
+            finding(
+                f"{CLUSTER_FILE}: service {name} differs from {COMPOSE_FILE}'s in {changed}"
+            )
+    if not findings:
+        ok(
+            f"{CLUSTER_FILE}: {len(nodes)} nodes demanding the password on an internal "
+            "network, REDIS_URL names them, discovery and client as in the single-Redis file"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # Live checks
 
 
@@ -815,11 +911,13 @@ def healthy(process: Process) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def compose_config(repo: Path, variables: dict[str, str]) -> subprocess.CompletedProcess:
-    """`docker compose config` with only `variables` set."""
+def compose_config(
+    repo: Path, variables: dict[str, str], file: str = COMPOSE_FILE
+) -> subprocess.CompletedProcess:
+    """`docker compose config` of `file` with only `variables` set."""
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"), **variables}
     return subprocess.run(
-        ["docker-compose", "--file", COMPOSE_FILE, "--profile", "client", "config"],
+        ["docker-compose", "--file", file, "--profile", "client", "config"],
         cwd=repo,
         env=env,
         capture_output=True,
@@ -853,6 +951,7 @@ def main() -> int:
     stages = parse_dockerfile(dockerfiles.pop())
     static_checks(repo, bin_dir, raw, stages)
     redis_access_checks(compose_config(repo, {}), resolved, password)
+    cluster_checks(repo, bin_dir, resolved, password)
     if not findings:
         live_checks(repo, bin_dir, resolved, stages, password)
     if findings:

@@ -1,16 +1,20 @@
 //! Discovery instances on a Redis Cluster of 3 masters and 3 replicas (test-started local
 //! `redis-server`s): chat, relayed mail and announcements across two instances, and a
-//! master's death in the middle of a stream of deposits. The servers run in this process
-//! over `store::Store::Redis`; the clients are peer runtimes, as in `chat`.
+//! master's death in the middle of a stream of deposits. The servers are the real binary
+//! and in-process ones over `store::Store::Redis`; the clients are peer runtimes, as in
+//! `chat`.
 
 use std::{collections::HashSet, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use peer::{DeliveryStatus, Event};
 use proto::MessageId;
-use store::{Broadcast, RedisStore, Store, testing::RedisCluster};
+use store::{RedisStore, Store, testing::RedisCluster};
 
-use crate::chat::{Chatter, Server, WAIT, any_port, config, dead_port, name};
+use crate::{
+    chat::{Chatter, Server, WAIT, any_port, config, dead_port, name},
+    util::Discovery,
+};
 
 /// A store on `cluster` with the default limits, as a discovery instance has.
 async fn cluster_store(cluster: &RedisCluster) -> anyhow::Result<Store> {
@@ -27,10 +31,18 @@ async fn start_cluster() -> anyhow::Result<RedisCluster> {
 async fn two_instances_on_a_cluster_chat_relay_mail_and_announce() -> anyhow::Result<()> {
     let cluster = start_cluster().await?;
     let root = tempfile::tempdir()?;
-    let first = Server::start_on(cluster_store(&cluster).await?, any_port()).await?;
+    // One instance is the real binary, given every node's URL; the other runs in process.
+    let urls = cluster.url();
+    let first = tokio::task::spawn_blocking(move || Discovery::start_with(Some(urls))).await?;
+    ensure!(
+        first.log().contains("redis backend: cluster mode"),
+        "no word of cluster mode at start:\n{}",
+        first.log()
+    );
+    let first_addr = first.address;
     let second = Server::start_on(cluster_store(&cluster).await?, any_port()).await?;
 
-    let mut alice = Chatter::join(root.path(), "alice", first.addr).await?;
+    let mut alice = Chatter::join(root.path(), "alice", first_addr).await?;
     let mut bob = Chatter::join(root.path(), "bob", second.addr).await?;
     // Found through the cluster, delivered directly.
     assert_eq!(
@@ -63,17 +75,17 @@ async fn two_instances_on_a_cluster_chat_relay_mail_and_announce() -> anyhow::Re
             recipient_online: false
         }
     );
-    let mut dave = Chatter::join(root.path(), "dave", first.addr).await?;
+    let mut dave = Chatter::join(root.path(), "dave", first_addr).await?;
     dave.expect("alice", "while you were away").await?;
 
-    // An announcement (as a raw publish by whoever holds Redis access) reaches the
-    // clients of both instances.
-    let operator = cluster_store(&cluster).await?;
-    operator
-        .publish(&Broadcast::Announcement {
-            text: "maintenance at noon".to_owned(),
-        })
-        .await?;
+    // The operator's announcement, made at one instance, reaches the clients of both.
+    let first = tokio::task::spawn_blocking(move || {
+        let output = first.announce("maintenance at noon");
+        (first, output)
+    })
+    .await?;
+    let (first, output) = first;
+    ensure!(output.status.success(), "announce failed: {output:?}");
     for chatter in [&mut alice, &mut bob] {
         let text = chatter
             .wait_for("the announcement", |event| match event {
@@ -87,7 +99,7 @@ async fn two_instances_on_a_cluster_chat_relay_mail_and_announce() -> anyhow::Re
     for chatter in [alice, bob, carol, dave] {
         chatter.stop().await;
     }
-    first.stop().await?;
+    drop(first);
     second.stop().await
 }
 
