@@ -699,6 +699,7 @@ impl RedisStore {
         let instance = Instance::random();
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let (subscriptions_sender, subscriptions) = watch::channel(0);
+        let subscribed = subscriptions_sender.clone();
         let push_events = events.clone();
         let channel = instance.channel();
         let push_channel = channel.clone();
@@ -712,6 +713,9 @@ impl RedisStore {
         let mut pubsub = pubsub_client.get_async_connection().await?;
         pubsub.subscribe(ANNOUNCE_CHANNEL).await?;
         pubsub.ssubscribe(&channel).await?;
+        // The confirmation may or may not have come through the push sender by now; either
+        // way the count starts at one, as on a single server.
+        subscribed.send_modify(|count| *count = (*count).max(1));
         let replicas = options.replicas.unwrap_or(1);
         tracing::info!(
             nodes = urls.len(),
