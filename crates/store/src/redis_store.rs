@@ -1673,7 +1673,34 @@ async fn probe_cluster_mode(clients: &[Client]) -> Result<(bool, usize), StoreEr
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{StoreError, redact_url, redact_urls, split_urls};
+
+    #[test]
+    fn url_lists_split_on_commas_and_refuse_empty_entries() {
+        assert_eq!(
+            split_urls(" redis://a:1 ,redis://b:2").ok(),
+            Some(vec!["redis://a:1", "redis://b:2"])
+        );
+        for bad in [
+            "",
+            " ",
+            ",",
+            "redis://a:1,,redis://b:2",
+            "redis://:secret@a:1,",
+        ] {
+            match split_urls(bad) {
+                Err(StoreError::Config(reason)) => {
+                    assert!(reason.contains("URL"), "{bad:?}: {reason}");
+                    assert!(!reason.contains("secret"), "{bad:?}: {reason}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            redact_urls("redis://:one@a:1, redis://:two@b:2"),
+            "redis://***@a:1,redis://***@b:2"
+        );
+    }
 
     #[test]
     fn redact_url_hides_credentials_and_keeps_the_address() {

@@ -274,23 +274,42 @@ impl RedisCluster {
     /// Starts the six nodes, creates the cluster, and waits until every node reports all
     /// slots served (`cluster_state:ok`) and every master has its replica in sync.
     pub fn start() -> io::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// [`RedisCluster::start`] with every node demanding `password` of clients
+    /// (`requirepass`) and giving it to its master (`masterauth`), as the Compose cluster's
+    /// nodes do; [`RedisCluster::url`] carries it.
+    pub fn start_with_password(password: &str) -> io::Result<Self> {
+        Self::start_with(Some(password))
+    }
+
+    fn start_with(password: Option<&str>) -> io::Result<Self> {
         let mut nodes = Vec::with_capacity(CLUSTER_MASTERS * 2);
         for _ in 0..CLUSTER_MASTERS * 2 {
-            nodes.push(RedisServer::start_with_args(false, None, |_port| {
-                Ok(vec![
-                    "--cluster-enabled".into(),
-                    "yes".into(),
-                    "--cluster-config-file".into(),
-                    "nodes.conf".into(),
-                    "--cluster-node-timeout".into(),
-                    CLUSTER_NODE_TIMEOUT_MS.to_string(),
-                    // A replica takes over however long it was cut off from its master.
-                    "--cluster-replica-validity-factor".into(),
-                    "0".into(),
-                    "--cluster-port".into(),
-                    free_port()?.to_string(),
-                ])
-            })?);
+            nodes.push(RedisServer::start_with_args(
+                false,
+                password.map(str::to_owned),
+                |_port| {
+                    let mut args: Vec<String> = password
+                        .map(|password| vec!["--masterauth".into(), password.to_owned()])
+                        .unwrap_or_default();
+                    args.extend([
+                        "--cluster-enabled".into(),
+                        "yes".into(),
+                        "--cluster-config-file".into(),
+                        "nodes.conf".into(),
+                        "--cluster-node-timeout".into(),
+                        CLUSTER_NODE_TIMEOUT_MS.to_string(),
+                        // A replica takes over however long it was cut off from its master.
+                        "--cluster-replica-validity-factor".into(),
+                        "0".into(),
+                        "--cluster-port".into(),
+                        free_port()?.to_string(),
+                    ]);
+                    Ok(args)
+                },
+            )?);
         }
         let cluster = Self { nodes };
         cluster.create()?;
@@ -384,6 +403,10 @@ impl RedisCluster {
     fn create(&self) -> io::Result<()> {
         let binary = std::env::var_os("REDIS_CLI").unwrap_or_else(|| "redis-cli".into());
         let mut command = Command::new(binary);
+        if let Some(password) = self.nodes.first().and_then(|node| node.password.as_deref()) {
+            // Not `-a`: that would put the password on the command line.
+            command.env("REDISCLI_AUTH", password);
+        }
         command.args(["--cluster", "create"]);
         for node in &self.nodes {
             command.arg(node.addr().to_string());

@@ -14,7 +14,7 @@ use anyhow::{Context, bail, ensure};
 use proto::{Envelope, MessageId};
 use store::{
     Broadcast, DepositOutcome, MailLimits, Presence, RedisOptions, RedisStore, Store, StoreError,
-    testing::RedisServer,
+    testing::{RedisCluster, RedisServer},
 };
 
 use crate::{
@@ -83,6 +83,35 @@ async fn one_node_is_enough_to_find_the_cluster() -> anyhow::Result<()> {
         ensure!(store.mail_count(&user(name)).await? == 1, "{name}");
     }
     ensure!(store.online_users(2_000).await?.len() == names.len());
+    Ok(())
+}
+
+/// The Compose cluster's nodes demand a password: with it in the URLs, commands, scripts and
+/// both kinds of push (announcements, routed mail-waiting hints) work.
+#[tokio::test]
+async fn a_password_protected_cluster_works_with_the_password_in_the_urls() -> anyhow::Result<()> {
+    let cluster =
+        tokio::task::spawn_blocking(|| RedisCluster::start_with_password("correct-horse-battery"))
+            .await??;
+    ensure!(cluster.url().contains("correct-horse-battery@"));
+    let store: Store = RedisStore::connect(&cluster.url(), LIMITS).await?.into();
+    let mut events = store.subscribe();
+    store.set_presence(&presence("bob", 1)).await?;
+    let sent = envelope("alice", "bob", "behind a password");
+    store.deposit(&sent, 1_000).await?;
+    let mail = Broadcast::MailWaiting { user: user("bob") };
+    let announcement = Broadcast::Announcement {
+        text: "hello".to_owned(),
+    };
+    store.publish(&mail).await?;
+    store.publish(&announcement).await?;
+    ensure!(next_event(&mut events).await? == mail);
+    ensure!(next_event(&mut events).await? == announcement);
+    let fetched = store.fetch(&user("bob"), 10, usize::MAX, 2_000).await?;
+    ensure!(ids(&fetched.mail) == vec![sent.id]);
+    // Without the password, connecting fails at once.
+    let bare = cluster.url().replace(":correct-horse-battery@", "");
+    ensure!(RedisStore::connect(&bare, LIMITS).await.is_err());
     Ok(())
 }
 
