@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use anyhow::ensure;
 use store::{BindOutcome, Binding, Broadcast, DepositOutcome, Presence, Store, StoreError};
 
-use crate::util::{LIMITS, envelope, ids, keys, next_event, user};
+use crate::util::{LIMITS, envelope, expect_events, ids, keys, user};
 
 pub async fn deposit_fetch_ack_keeps_order_and_counts(store: &Store) -> anyhow::Result<()> {
     let bob = user("bob");
@@ -426,8 +426,7 @@ pub async fn broadcast_reaches_two_subscribers(store: &Store) -> anyhow::Result<
     store.publish(&announcement).await?;
     store.publish(&mail).await?;
     for receiver in [&mut first, &mut second] {
-        ensure!(next_event(receiver).await? == announcement);
-        ensure!(next_event(receiver).await? == mail);
+        expect_events(receiver, &[announcement.clone(), mail.clone()]).await?;
     }
     Ok(())
 }

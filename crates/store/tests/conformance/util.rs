@@ -144,6 +144,27 @@ pub async fn next_event(
     Ok(tokio::time::timeout(EVENT_TIMEOUT, receiver.recv()).await??)
 }
 
+/// The next events on `receiver`, as many as `expected` holds, checked against it in any
+/// order: on a cluster, an announcement (classic pub/sub, carried over the cluster bus) and
+/// a mail-waiting hint (sharded pub/sub, straight from a shard's master) arrive on
+/// different connections, so their order is not kept.
+pub async fn expect_events(
+    receiver: &mut broadcast::Receiver<Broadcast>,
+    expected: &[Broadcast],
+) -> anyhow::Result<()> {
+    let mut got = Vec::with_capacity(expected.len());
+    for _ in expected {
+        got.push(next_event(receiver).await?);
+    }
+    for event in expected {
+        let Some(index) = got.iter().position(|seen| seen == event) else {
+            anyhow::bail!("expected {event:?} among {got:?}");
+        };
+        got.swap_remove(index);
+    }
+    Ok(())
+}
+
 /// A loopback TCP proxy to a local port. After [`BlackholeProxy::blackhole`], every
 /// connection it accepted before stays open but passes nothing either way, and never
 /// closes: a half-open connection, as after a network partition or a failover behind a
