@@ -453,7 +453,9 @@ async fn changed_pinned_key_is_refused_until_trusted() -> anyhow::Result<()> {
     let impostor = proto::Identity::generate();
     {
         let state = peer::state::State::open(&root.path().join("bob"))?;
-        state.repin(&name("alice"), impostor.public())?;
+        state
+            .repin(&name("alice"), impostor.public())
+            .wait_blocking()?;
     }
     let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
     let refused = alice.send("bob", "can you read me").await?;
@@ -479,7 +481,9 @@ async fn changed_pinned_key_is_refused_until_trusted() -> anyhow::Result<()> {
     alice.stop().await;
     {
         let state = peer::state::State::open(&root.path().join("alice"))?;
-        state.repin(&name("bob"), impostor.public())?;
+        state
+            .repin(&name("bob"), impostor.public())
+            .wait_blocking()?;
     }
     let mut alice = Chatter::join(root.path(), "alice", server.addr).await?;
     let held = alice.send("bob", "held back").await?;
@@ -524,7 +528,9 @@ async fn mail_under_a_changed_key_is_held_until_trusted() -> anyhow::Result<()> 
     let impostor = proto::Identity::generate();
     {
         let state = peer::state::State::open(&root.path().join("bob"))?;
-        state.repin(&name("alice"), impostor.public())?;
+        state
+            .repin(&name("alice"), impostor.public())
+            .wait_blocking()?;
     }
     for body in ["held 1", "held 2"] {
         assert!(matches!(

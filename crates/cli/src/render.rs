@@ -93,6 +93,7 @@ fn event_text_raw(event: &Event) -> String {
             "!!! WARNING: {user}'s key has CHANGED !!!\n!!! pinned:  {pinned}\n!!! offered: {offered}\n!!! Messages to and from {user} are refused. Check `whois {user}` with {user} in person, then `trust {user}` if the change is genuine."
         ),
         Event::Refused { from, reason } => format!("refused a message from {from}: {reason}"),
+        Event::StateError { error } => format!("local state error: {error}"),
         Event::Presence { user, online } => {
             format!("{user} is {}", if *online { "online" } else { "offline" })
         }
@@ -147,6 +148,7 @@ pub fn event_json(event: &Event) -> Value {
         Event::Refused { from, reason } => {
             json!({"event": "refused", "from": from.as_str(), "reason": reason})
         }
+        Event::StateError { error } => json!({"event": "state_error", "error": error}),
         Event::Presence { user, online } => {
             json!({"event": "presence", "user": user.as_str(), "online": online})
         }

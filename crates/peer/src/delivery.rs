@@ -4,82 +4,16 @@
 //! first use), seals the message, tries each advertised address and waits for the ack; on no route, refusal to connect, timeout or an offline recipient
 //! it deposits the envelope in the recipient's mailbox. The result is a [`DeliveryStatus`].
 
-use std::fmt;
-
 use proto::{Envelope, ErrorCode, PublicKeys, Reply, Request};
 
+pub use crate::api::DeliveryStatus;
 use crate::{
+    api::{ClientError, Event},
+    context::Context,
     control::ControlError,
     link::{LinkError, PeerLink},
-    runtime::{ClientError, Context, Event},
-    state::{MessageStatus, OutboxEntry, PinOutcome},
+    state::{OutboxEntry, PinOutcome},
 };
-
-/// What became of a message, as the sender sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeliveryStatus {
-    /// The recipient acked it directly.
-    Delivered,
-    /// It is in the recipient's mailbox.
-    Queued {
-        /// Whether the recipient is online (and so was told at once).
-        recipient_online: bool,
-    },
-    /// It was not delivered.
-    Failed {
-        /// Why, for the user.
-        reason: String,
-        /// Whether it stays in the outbox and is retried (on reconnect, on `trust`).
-        will_retry: bool,
-    },
-}
-
-impl DeliveryStatus {
-    fn failed(reason: impl Into<String>, will_retry: bool) -> Self {
-        Self::Failed {
-            reason: reason.into(),
-            will_retry,
-        }
-    }
-
-    /// The history status, and whether the message stays in the outbox.
-    pub fn to_history(&self) -> (MessageStatus, bool) {
-        match self {
-            Self::Delivered => (MessageStatus::Delivered, false),
-            Self::Queued { .. } => (MessageStatus::Queued, false),
-            Self::Failed { reason, will_retry } => {
-                (MessageStatus::Failed(reason.clone()), *will_retry)
-            }
-        }
-    }
-
-    /// Delivered or queued: the message is safe.
-    pub fn is_success(&self) -> bool {
-        !matches!(self, Self::Failed { .. })
-    }
-}
-
-impl fmt::Display for DeliveryStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Delivered => f.write_str("delivered"),
-            Self::Queued {
-                recipient_online: true,
-            } => f.write_str("queued (recipient unreachable directly; relayed by the server)"),
-            Self::Queued {
-                recipient_online: false,
-            } => f.write_str("queued (recipient offline)"),
-            Self::Failed {
-                reason,
-                will_retry: true,
-            } => write!(f, "failed: {reason} (kept in the outbox, will retry)"),
-            Self::Failed {
-                reason,
-                will_retry: false,
-            } => write!(f, "failed: {reason}"),
-        }
-    }
-}
 
 /// Delivers `entry` by the full route: lookup, keys, a new link, else the mailbox. Returns
 /// the result and the link it opened, worth keeping for the next messages (a kept link is
@@ -103,7 +37,7 @@ pub(crate) async fn deliver(
             );
         }
     };
-    let keys = match check_keys(context, entry, &info.keys) {
+    let keys = match check_keys(context, entry, &info.keys).await {
         Ok(keys) => keys,
         Err(status) => return (status, None),
     };
@@ -152,7 +86,7 @@ pub(crate) fn rejected(error: proto::ErrorReply) -> DeliveryStatus {
 }
 
 /// Verifies the server's keys and compares them with the pinned ones (pinning on first use).
-fn check_keys(
+async fn check_keys(
     context: &Context,
     entry: &OutboxEntry,
     offered: &PublicKeys,
@@ -163,14 +97,16 @@ fn check_keys(
             false,
         ));
     }
-    match context.state.pin_if_absent(&entry.to, offered) {
+    match context.state.pin_if_absent(&entry.to, offered).await {
         Ok(PinOutcome::New | PinOutcome::Same) => Ok(offered.clone()),
         Ok(PinOutcome::Changed { pinned }) => {
-            context.notify(Event::KeyChanged {
-                user: entry.to.clone(),
-                pinned: pinned.fingerprint(),
-                offered: offered.fingerprint(),
-            });
+            context
+                .notify(Event::KeyChanged {
+                    user: entry.to.clone(),
+                    pinned: pinned.fingerprint(),
+                    offered: offered.fingerprint(),
+                })
+                .await;
             Err(DeliveryStatus::failed(
                 format!(
                     "{}'s key changed; NOT sent. Compare fingerprints with `whois {}` and run `trust {}` if the change is genuine",

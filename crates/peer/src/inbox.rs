@@ -17,10 +17,10 @@
 //! timeout and every refusal is answered and logged, never a panic. An envelope that does
 //! not open (or is not for me) proves nothing about its claimed sender: it pins nothing, is
 //! counted rather than shown, and the server is asked about that sender at most once per
-//! [`SERVER_KEYS_TTL`] ([`ServerKeys`]).
+//! [`crate::context::SERVER_KEYS_TTL`] ([`ServerKeys`]).
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashSet, VecDeque},
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
@@ -36,7 +36,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    runtime::{ClientError, Context, Event, Internal, SEEN_RETENTION_MS},
+    api::{ClientError, Event, SEEN_RETENTION_MS},
+    context::Context,
+    core::{Fetched, Report},
     state::{InboundMessage, PinOutcome, StoreOutcome, Ticket},
 };
 
@@ -100,48 +102,8 @@ impl Refusal {
     }
 }
 
-/// How long the server's answer about a sender's keys is reused: long enough that a flood
-/// of junk claiming one sender costs one lookup, short enough that a real key change is
-/// seen within seconds.
-const SERVER_KEYS_TTL: Duration = Duration::from_secs(10);
-/// The most senders whose server keys are remembered (beyond it, the oldest answers go).
-const SERVER_KEYS_CAP: usize = 1024;
-
-/// The server's recent answers about senders' keys (`None`: no such user, or keys that do
-/// not verify), each with when it was fetched. Time is passed in, so the rules are tested
-/// without a runtime.
-#[derive(Debug, Default)]
-pub(crate) struct ServerKeys {
-    answers: std::sync::Mutex<HashMap<Username, (Option<PublicKeys>, Instant)>>,
-}
-
-impl ServerKeys {
-    /// The answer about `user` fetched within [`SERVER_KEYS_TTL`] of `now`, if any.
-    fn get(&self, user: &Username, now: Instant) -> Option<Option<PublicKeys>> {
-        let answers = self.answers.lock().ok()?;
-        let (keys, fetched) = answers.get(user)?;
-        (now.saturating_duration_since(*fetched) < SERVER_KEYS_TTL).then(|| keys.clone())
-    }
-
-    /// Remembers the server's answer about `user`, fetched at `now`.
-    fn insert(&self, user: &Username, keys: Option<PublicKeys>, now: Instant) {
-        let Ok(mut answers) = self.answers.lock() else {
-            return;
-        };
-        if answers.len() >= SERVER_KEYS_CAP && !answers.contains_key(user) {
-            answers.retain(|_, (_, fetched)| {
-                now.saturating_duration_since(*fetched) < SERVER_KEYS_TTL
-            });
-            if answers.len() >= SERVER_KEYS_CAP {
-                answers.clear();
-            }
-        }
-        answers.insert(user.clone(), (keys, now));
-    }
-}
-
 /// The keys the server has for `user` (`None`: unknown, or keys that do not verify), asked
-/// at most once per [`SERVER_KEYS_TTL`].
+/// at most once per [`crate::context::SERVER_KEYS_TTL`].
 async fn server_keys(context: &Context, user: &Username) -> Result<Option<PublicKeys>, Refusal> {
     if let Some(keys) = context.server_keys.get(user, Instant::now()) {
         return Ok(keys);
@@ -240,6 +202,7 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
         match context
             .state
             .pin_if_absent(from, &keys)
+            .await
             .map_err(transient)?
         {
             PinOutcome::New | PinOutcome::Same => {}
@@ -260,16 +223,18 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
 
 /// A token that does not open under the pinned keys is either forged or sealed with new
 /// keys. Asking the server tells the two apart, so a real key change is reported loudly.
-/// The server is asked at most once per [`SERVER_KEYS_TTL`] per sender, so forgeries cost no
+/// The server is asked at most once per [`crate::context::SERVER_KEYS_TTL`] per sender, so forgeries cost no
 /// lookup each.
 async fn key_change_or_forgery(context: &Context, from: &Username, pinned: &PublicKeys) -> Refusal {
     match server_keys(context, from).await {
         Ok(Some(keys)) if &keys != pinned => {
-            context.notify(Event::KeyChanged {
-                user: from.clone(),
-                pinned: pinned.fingerprint(),
-                offered: keys.fingerprint(),
-            });
+            context
+                .notify(Event::KeyChanged {
+                    user: from.clone(),
+                    pinned: pinned.fingerprint(),
+                    offered: keys.fingerprint(),
+                })
+                .await;
             Refusal::KeyChanged
         }
         _ => Refusal::Bad(OpenError::BadToken { peer: from.clone() }),
@@ -291,7 +256,7 @@ impl Refusal {
 /// (logged at the 1st, 2nd, 4th... one): naming its claimed sender would let anyone make
 /// the user see refusals "from" whomever they like, and a flood of them would flood the
 /// log.
-fn report_refusal(context: &Context, from: &Username, refusal: &Refusal) {
+async fn report_refusal(context: &Context, from: &Username, refusal: &Refusal) {
     if refusal.is_unauthenticated() {
         let total = context.unauthenticated.fetch_add(1, Ordering::Relaxed) + 1;
         if total.is_power_of_two() {
@@ -302,27 +267,18 @@ fn report_refusal(context: &Context, from: &Username, refusal: &Refusal) {
     tracing::warn!(%from, %refusal, "incoming message refused");
     // Blocked senders are refused silently: that is the point of blocking.
     if !matches!(refusal, Refusal::Blocked | Refusal::Transient(_)) {
-        context.notify(Event::Refused {
-            from: from.clone(),
-            reason: refusal.to_string(),
-        });
+        context
+            .notify(Event::Refused {
+                from: from.clone(),
+                reason: refusal.to_string(),
+            })
+            .await;
     }
 }
 
 /// How far ahead (beyond Fernet's own minute) a mail may be dated and still be left in the
 /// mailbox to open later rather than refused: a sender's clock a few minutes fast.
 const MAIL_CLOCK_WAIT_SECS: u64 = 300;
-
-/// How a mail fetch ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Fetched {
-    /// The mailbox was emptied (or the server could not be asked; the next connection
-    /// fetches again).
-    Done,
-    /// Mail was left in the mailbox because it could not be taken now (local storage
-    /// failing, the sender's keys not to be had): fetch again soon.
-    LeftForLater,
-}
 
 /// Fetches and acks all waiting mail, then shows it.
 pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
@@ -383,20 +339,22 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
                     dated_ahead.insert(envelope.id);
                 }
                 // Sealed under the sender's new key: keep it (sealed) for `trust`, then ack.
-                Err(Refusal::KeyChanged) => match context.state.hold(envelope, MAX_HELD) {
+                Err(Refusal::KeyChanged) => match context.state.hold(envelope, MAX_HELD).await {
                     Ok(true) => {
-                        context.notify(Event::Refused {
-                            from: envelope.from.clone(),
-                            reason: format!(
-                                "{}; the message is kept and shown once you `trust {}`",
-                                Refusal::KeyChanged,
-                                envelope.from
-                            ),
-                        });
+                        context
+                            .notify(Event::Refused {
+                                from: envelope.from.clone(),
+                                reason: format!(
+                                    "{}; the message is kept and shown once you `trust {}`",
+                                    Refusal::KeyChanged,
+                                    envelope.from
+                                ),
+                            })
+                            .await;
                         ack.push(envelope.id);
                     }
                     Ok(false) => {
-                        report_refusal(context, &envelope.from, &Refusal::KeyChanged);
+                        report_refusal(context, &envelope.from, &Refusal::KeyChanged).await;
                         ack.push(envelope.id);
                     }
                     Err(error) => {
@@ -407,7 +365,7 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
                 },
                 // Refused for good: delete it from the mailbox, or it comes back forever.
                 Err(refusal) => {
-                    report_refusal(context, &envelope.from, &refusal);
+                    report_refusal(context, &envelope.from, &refusal).await;
                     ack.push(envelope.id);
                 }
             }
@@ -436,7 +394,7 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
             stop = true;
         }
         for message in new {
-            let _ = context.to_loop.send(Internal::Received(message));
+            context.report(Report::Received(message)).await;
         }
         if stop || remaining == 0 {
             return if left_for_later || !dated_ahead.is_empty() {
@@ -472,17 +430,17 @@ pub(crate) async fn reopen_held(context: &Context, from: &Username) {
     for envelope in held {
         let done = match receive(context, &envelope).await {
             Ok(Accepted::New(message)) => {
-                let _ = context.to_loop.send(Internal::Received(message));
+                context.report(Report::Received(message)).await;
                 true
             }
             Ok(Accepted::Duplicate) => true,
             Err(Refusal::KeyChanged | Refusal::Transient(_)) => false,
             Err(refusal) => {
-                report_refusal(context, from, &refusal);
+                report_refusal(context, from, &refusal).await;
                 true
             }
         };
-        if done && let Err(error) = context.state.unhold(&envelope.id) {
+        if done && let Err(error) = context.state.unhold(&envelope.id).await {
             tracing::error!(%error, "cannot forget held mail");
         }
     }
@@ -570,7 +528,7 @@ async fn serve_connection(
                 // screen, and shown even if the ack cannot be written (the sender's retry
                 // is then a duplicate, which is not shown).
                 for message in new {
-                    let _ = context.to_loop.send(Internal::Received(message));
+                    context.report(Report::Received(message)).await;
                 }
                 let written = async {
                     for answer in &answers {
@@ -708,7 +666,7 @@ async fn check_batch(context: &Context, from: &Username, batch: Vec<Envelope>) -
                 answers.push(None);
             }
             Err(refusal) => {
-                report_refusal(context, from, &refusal);
+                report_refusal(context, from, &refusal).await;
                 answers.push(Some(PeerMsg::Reject {
                     id: Some(id),
                     error: refusal.to_reply(),
@@ -732,30 +690,6 @@ mod tests {
 
     fn name(text: &str) -> Username {
         Username::new(text).unwrap()
-    }
-
-    #[test]
-    fn server_keys_are_reused_until_the_ttl_then_asked_again() {
-        let cache = ServerKeys::default();
-        let keys = proto::Identity::generate().public().clone();
-        let start = Instant::now();
-        assert_eq!(cache.get(&name("bob"), start), None);
-        cache.insert(&name("bob"), Some(keys.clone()), start);
-        cache.insert(&name("nobody"), None, start);
-        let within = start + SERVER_KEYS_TTL - Duration::from_millis(1);
-        assert_eq!(cache.get(&name("bob"), within), Some(Some(keys)));
-        assert_eq!(cache.get(&name("nobody"), within), Some(None));
-        assert_eq!(cache.get(&name("bob"), start + SERVER_KEYS_TTL), None);
-    }
-
-    #[test]
-    fn server_keys_stay_bounded() {
-        let cache = ServerKeys::default();
-        let now = Instant::now();
-        for index in 0..SERVER_KEYS_CAP * 3 {
-            cache.insert(&name(&format!("user{index}")), None, now);
-        }
-        assert!(cache.answers.lock().unwrap().len() <= SERVER_KEYS_CAP);
     }
 
     #[test]

@@ -20,12 +20,16 @@
 //! **Architecture Invariant:** this crate depends on `proto` and `durable` only among the
 //! workspace crates, and never prints: everything the user should see is an [`Event`].
 
+pub mod api;
+pub(crate) mod context;
 pub mod control;
+pub(crate) mod core;
 pub mod delivery;
 pub(crate) mod inbox;
 pub mod link;
 pub(crate) mod outgoing;
 pub mod runtime;
+pub(crate) mod shell;
 pub mod state;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -47,9 +47,11 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    delivery::{self, DeliveryStatus},
+    api::{ClientError, DeliveryStatus, Event, SendReport},
+    context::Context,
+    core::{RECIPIENT_QUEUE, Report},
+    delivery,
     link::{LinkError, PeerLink},
-    runtime::{ClientError, Context, Event, Internal, SendReport},
     state::{AttemptResult, OutboxEntry, StateError, Ticket},
 };
 
@@ -80,16 +82,21 @@ struct Done {
 /// The most results the reporter records in one write.
 const MAX_RESULTS_PER_WRITE: usize = 4096;
 
+/// How many finished messages may wait for the reporter: beyond it, the sending task waits.
+const DONE_QUEUED: usize = WINDOW;
+
 /// Starts the task (and its reporter) for `to`; both stop when `shutdown` is cancelled or
-/// the returned queue is dropped.
+/// the returned queue is dropped (then the task ends once it has finished what it was
+/// given). The queue holds [`RECIPIENT_QUEUE`] jobs: the core hands no more than that to
+/// one task at a time, so a `try_send` to it never finds it full.
 pub(crate) fn spawn(
     context: Arc<Context>,
     to: Username,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
-) -> mpsc::UnboundedSender<Job> {
-    let (jobs_tx, jobs) = mpsc::unbounded_channel();
-    let (done_tx, done) = mpsc::unbounded_channel();
+) -> mpsc::Sender<Job> {
+    let (jobs_tx, jobs) = mpsc::channel(RECIPIENT_QUEUE);
+    let (done_tx, done) = mpsc::channel(DONE_QUEUED);
     let reporter_context = context.clone();
     tracker.spawn(report(reporter_context, done));
     tracker.spawn(async move {
@@ -106,8 +113,8 @@ pub(crate) fn spawn(
 async fn run(
     context: &Context,
     to: &Username,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
-    done: &mpsc::UnboundedSender<Done>,
+    mut jobs: mpsc::Receiver<Job>,
+    done: &mpsc::Sender<Done>,
 ) {
     let mut queue: VecDeque<Job> = VecDeque::new();
     // The kept link and the link generation it was opened in.
@@ -138,7 +145,7 @@ async fn run(
                     continue;
                 };
                 let (status, opened) = delivery::deliver(context, &job.entry).await;
-                finish(job, status, done);
+                finish(job, status, done).await;
                 link = opened.map(|opened| (opened, generation));
             }
         }
@@ -152,8 +159,8 @@ async fn pipeline(
     context: &Context,
     link: &mut PeerLink,
     queue: &mut VecDeque<Job>,
-    jobs: &mut mpsc::UnboundedReceiver<Job>,
-    done: &mpsc::UnboundedSender<Done>,
+    jobs: &mut mpsc::Receiver<Job>,
+    done: &mpsc::Sender<Done>,
 ) -> Result<(), String> {
     let channel = match context.state.pinned(link.peer()) {
         Ok(Some(keys)) => context
@@ -185,7 +192,7 @@ async fn pipeline(
                         reason: error.to_string(),
                         will_retry: false,
                     };
-                    finish(job, status, done);
+                    finish(job, status, done).await;
                     continue;
                 }
             };
@@ -213,20 +220,20 @@ async fn pipeline(
                     };
                     let Some((job, _)) = in_flight.remove(index) else { continue };
                     match outcome {
-                        Ok(()) => finish(job, DeliveryStatus::Delivered, done),
+                        Ok(()) => finish(job, DeliveryStatus::Delivered, done).await,
                         // The recipient cannot take it now (its server link or disk is
                         // down): the full route falls back to the mailbox.
                         Err(error) if error.code == ErrorCode::Unavailable => {
                             in_flight.insert(index, (job, Instant::now()));
                             break Err(format!("the peer cannot take messages now: {}", error.message));
                         }
-                        Err(error) => finish(job, delivery::rejected(error), done),
+                        Err(error) => finish(job, delivery::rejected(error), done).await,
                     }
                 }
                 // The whole link is refused (blocked): every message on it is.
                 Err(LinkError::Rejected(error)) => {
                     for (job, _) in in_flight.drain(..) {
-                        finish(job, delivery::rejected(error.clone()), done);
+                        finish(job, delivery::rejected(error.clone()), done).await;
                     }
                     break Err(format!("refused by the peer: {}", error.message));
                 }
@@ -250,15 +257,15 @@ async fn pipeline(
 }
 
 /// Hands the result of `job` to the reporter, which records it.
-fn finish(job: Job, status: DeliveryStatus, done: &mpsc::UnboundedSender<Done>) {
-    let _ = done.send(Done { job, status });
+async fn finish(job: Job, status: DeliveryStatus, done: &mpsc::Sender<Done>) {
+    let _ = done.send(Done { job, status }).await;
 }
 
 /// The reporter: see the module docs. Batches are handled in order; a batch's senders are
 /// answered as soon as their outbox records are durable, while its results are still being
 /// committed (`recording`), and the event loop hears a message is finished only once its
 /// result is durable, so an outbox flush never sends it again meanwhile.
-async fn report(context: Arc<Context>, mut done: mpsc::UnboundedReceiver<Done>) {
+async fn report(context: Arc<Context>, mut done: mpsc::Receiver<Done>) {
     let mut batch: Vec<Done> = Vec::new();
     let mut recording = FuturesOrdered::new();
     loop {
@@ -309,7 +316,7 @@ async fn record(context: Arc<Context>, batch: Vec<Done>) -> impl Future<Output =
         match record {
             None => {
                 let id = job.entry.id;
-                answer(&context, job, Ok(status));
+                answer(&context, job, Ok(status)).await;
                 waiting.push((id, None));
             }
             Some(error) => waiting.push((job.entry.id, Some((job, status, error)))),
@@ -319,7 +326,7 @@ async fn record(context: Arc<Context>, batch: Vec<Done>) -> impl Future<Output =
         let results = match results.await {
             Ok(results) => results.into_iter().map(|result| result.err()).collect(),
             Err(error) => {
-                context.report_state_error(error);
+                context.report_state_error(error).await;
                 Vec::new()
             }
         };
@@ -329,14 +336,14 @@ async fn record(context: Arc<Context>, batch: Vec<Done>) -> impl Future<Output =
             match unrecorded {
                 None => {
                     if let Some(error) = result_error {
-                        context.report_state_error(error);
+                        context.report_state_error(error).await;
                     }
                 }
                 Some((job, status, record_error)) => {
-                    answer_unrecorded(&context, job, status, record_error, result_error);
+                    answer_unrecorded(&context, job, status, record_error, result_error).await;
                 }
             }
-            let _ = context.to_loop.send(Internal::Finished(id));
+            context.report(Report::Finished(id)).await;
         }
     }
 }
@@ -346,7 +353,7 @@ async fn record(context: Arc<Context>, batch: Vec<Done>) -> impl Future<Output =
 /// safe with its recipient; the user hears that this client's history lacks it. Failed,
 /// it is kept for a retry only if its result could be written (that write puts it back in
 /// the outbox); otherwise the sender gets the error, as nothing holds the message now.
-fn answer_unrecorded(
+async fn answer_unrecorded(
     context: &Context,
     job: Job,
     status: DeliveryStatus,
@@ -354,16 +361,16 @@ fn answer_unrecorded(
     result_error: Option<StateError>,
 ) {
     if status.is_success() || result_error.is_none() {
-        context.report_state_error(record_error);
-        answer(context, job, Ok(status));
+        context.report_state_error(record_error).await;
+        answer(context, job, Ok(status)).await;
     } else {
-        answer(context, job, Err(record_error));
+        answer(context, job, Err(record_error)).await;
     }
 }
 
 /// Tells whoever waits for `job` its result: the sender of a new message, or (a retry from
 /// the outbox) the user, by an event.
-fn answer(context: &Context, job: Job, result: Result<DeliveryStatus, StateError>) {
+async fn answer(context: &Context, job: Job, result: Result<DeliveryStatus, StateError>) {
     let (id, to) = (job.entry.id, job.entry.to);
     match (job.reply, result) {
         (Some(reply), Ok(status)) => {
@@ -380,7 +387,7 @@ fn answer(context: &Context, job: Job, result: Result<DeliveryStatus, StateError
                 will_retry: true, ..
             }),
         ) => {}
-        (None, Ok(status)) => context.notify(Event::Delivery { id, to, status }),
-        (None, Err(error)) => context.report_state_error(error),
+        (None, Ok(status)) => context.notify(Event::Delivery { id, to, status }).await,
+        (None, Err(error)) => context.report_state_error(error).await,
     }
 }
