@@ -56,7 +56,7 @@ use crate::{
 
 /// The most messages handed to one recipient's task and not yet finished (the capacity of
 /// its queue); more wait in the core, in order.
-pub(crate) const RECIPIENT_QUEUE: usize = 2 * crate::outgoing::WINDOW;
+pub(crate) const RECIPIENT_QUEUE: usize = 2 * crate::link::WINDOW;
 
 /// How long a recipient's task (and the link it keeps) lives with nothing to send.
 pub(crate) const RECIPIENT_IDLE: Duration = Duration::from_secs(90);

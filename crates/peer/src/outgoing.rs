@@ -51,15 +51,9 @@ use crate::{
     context::Context,
     core::{RECIPIENT_QUEUE, Report},
     delivery,
-    link::{LinkError, PeerLink},
+    link::{LinkError, PeerLink, WINDOW},
     state::{AttemptResult, OutboxEntry, StateError, Ticket},
 };
-
-/// The most envelopes sent and not yet answered on one link. Bounded so a slow receiver
-/// cannot make the sender buffer without limit, and so the acks of a full window (about
-/// 25 bytes each) always fit in the sender's socket buffer: the receiver's ack writes never
-/// block on a sender that is itself blocked writing envelopes.
-pub const WINDOW: usize = 1024;
 
 /// One message for a recipient's task.
 pub(crate) struct Job {
