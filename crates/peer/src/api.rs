@@ -172,7 +172,7 @@ pub struct OnlineUsers {
 /// Everything the user is told about, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A message to show. Call [`Client::mark_shown`] once it is shown; until then it is
+    /// A message to show. Call [`crate::Client::mark_shown`] once it is shown; until then it is
     /// shown again at the next start.
     Message(InboundMessage),
     /// A mute ended (timer or `unmute`); `held` messages from `user` follow as

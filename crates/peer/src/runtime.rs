@@ -63,7 +63,7 @@ impl std::fmt::Debug for Client {
 }
 
 /// The events of one runtime, in order. Take them: while the application leaves
-/// [`EVENTS_QUEUED`] of them untaken, the runtime takes no new input (messages, commands)
+/// 4,096 of them untaken, the runtime takes no new input (messages, commands)
 /// until there is room, except the marks of [`Client::mark_shown`].
 #[derive(Debug)]
 pub struct Events {
