@@ -3,10 +3,11 @@
 //! tells the user about. Every other module of the crate may use these; this one uses only
 //! `proto`, [`crate::control`] and [`crate::state`]'s records.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use proto::{ErrorReply, MessageId, Username};
 
+pub use crate::reason::{FailureReason, RefusalReason};
 use crate::{
     control::{self, ControlError},
     state::{InboundMessage, MessageStatus, StateError},
@@ -224,10 +225,11 @@ pub enum Event {
     },
     /// An incoming message was refused.
     Refused {
-        /// The claimed sender.
+        /// The sender (it authenticated: refusals of envelopes that prove nothing about
+        /// their sender are counted, never told).
         from: Username,
         /// Why.
-        reason: String,
+        reason: RefusalReason,
     },
     /// The local state could not be read or written (the disk is full or failing): what
     /// was being done is kept for later where it can be, and the user should know.
@@ -288,19 +290,16 @@ pub enum DeliveryStatus {
     },
     /// It was not delivered.
     Failed {
-        /// Why, for the user.
-        reason: String,
+        /// Why.
+        reason: FailureReason,
         /// Whether it stays in the outbox and is retried (on reconnect, on `trust`).
         will_retry: bool,
     },
 }
 
 impl DeliveryStatus {
-    pub(crate) fn failed(reason: impl Into<String>, will_retry: bool) -> Self {
-        Self::Failed {
-            reason: reason.into(),
-            will_retry,
-        }
+    pub(crate) fn failed(reason: FailureReason, will_retry: bool) -> Self {
+        Self::Failed { reason, will_retry }
     }
 
     /// The history status, and whether the message stays in the outbox.
@@ -317,27 +316,5 @@ impl DeliveryStatus {
     /// Delivered or queued: the message is safe.
     pub fn is_success(&self) -> bool {
         !matches!(self, Self::Failed { .. })
-    }
-}
-
-impl fmt::Display for DeliveryStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Delivered => f.write_str("delivered"),
-            Self::Queued {
-                recipient_online: true,
-            } => f.write_str("queued (recipient unreachable directly; relayed by the server)"),
-            Self::Queued {
-                recipient_online: false,
-            } => f.write_str("queued (recipient offline)"),
-            Self::Failed {
-                reason,
-                will_retry: true,
-            } => write!(f, "failed: {reason} (kept in the outbox, will retry)"),
-            Self::Failed {
-                reason,
-                will_retry: false,
-            } => write!(f, "failed: {reason}"),
-        }
     }
 }

@@ -39,7 +39,8 @@ use crate::{
     api::{ClientError, Event, SEEN_RETENTION_MS},
     context::Context,
     core::{Fetched, Report},
-    state::{InboundMessage, PinOutcome, StoreOutcome, Ticket},
+    reason::RefusalReason,
+    state::{InboundMessage, PinOutcome, StateError, StoreOutcome, Ticket},
 };
 
 /// How long an inbound connection that has delivered envelopes may stay silent before it
@@ -88,7 +89,50 @@ pub(crate) enum Refusal {
     Bad(#[from] OpenError),
     /// Cannot decide now (server unreachable, local storage failing): try again later.
     #[error("cannot take the message now: {0}")]
-    Transient(String),
+    Transient(Unavailable),
+}
+
+/// Why a message cannot be taken now.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Unavailable {
+    /// The server cannot be asked for the sender's keys.
+    #[error("the discovery server cannot be asked for the sender's keys: {0}")]
+    Server(ClientError),
+    /// The local state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The state write answered without an outcome.
+    #[error("the state write answered without an outcome")]
+    NoOutcome,
+}
+
+/// Why an inbound peer connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionEnded {
+    /// The hellos failed.
+    #[error(transparent)]
+    Handshake(#[from] proto::HandshakeError),
+    /// Reading failed.
+    #[error(transparent)]
+    Recv(#[from] proto::RecvError),
+    /// Writing the answers failed.
+    #[error(transparent)]
+    Send(#[from] proto::SendError),
+    /// The dialer reached the wrong user (a stale or reused address).
+    #[error("the peer wanted {0}, not me")]
+    NotForMe(Username),
+    /// The dialer is blocked.
+    #[error("{0} is blocked")]
+    Blocked(Username),
+    /// The first message was not a hello.
+    #[error("the first message was not a hello")]
+    NoHello,
+    /// No hello within the handshake timeout.
+    #[error("no peer hello in time")]
+    HelloTimeout,
+    /// A message other than an envelope after the hello.
+    #[error("unexpected message from the peer")]
+    Unexpected,
 }
 
 impl Refusal {
@@ -111,7 +155,7 @@ async fn server_keys(context: &Context, user: &Username) -> Result<Option<Public
     let keys = match context.lookup(user).await {
         Ok(info) => info.keys.verify().is_ok().then_some(info.keys),
         Err(ClientError::UnknownUser(_)) => None,
-        Err(error) => return Err(Refusal::Transient(error.to_string())),
+        Err(error) => return Err(Refusal::Transient(Unavailable::Server(error))),
     };
     context
         .server_keys
@@ -134,7 +178,7 @@ async fn sender_keys(
     context: &Context,
     user: &Username,
 ) -> Result<(PublicKeys, KeySource), Refusal> {
-    let transient = |error: crate::state::StateError| Refusal::Transient(error.to_string());
+    let transient = |error: StateError| Refusal::Transient(error.into());
     if let Some(keys) = context.state.pinned(user).map_err(transient)? {
         return Ok((keys, KeySource::Pinned));
     }
@@ -150,7 +194,7 @@ pub(crate) async fn receive(context: &Context, envelope: &Envelope) -> Result<Ac
     store(context, vec![checked])
         .await?
         .pop()
-        .ok_or_else(|| Refusal::Transient("nothing stored".into()))
+        .ok_or(Refusal::Transient(Unavailable::NoOutcome))
 }
 
 /// Stores checked messages, in order, in one group commit; resolves once durable.
@@ -165,7 +209,7 @@ pub(crate) async fn store(
         .state
         .submit_incoming(checked, proto::now_ms())
         .await
-        .map_err(|error| Refusal::Transient(error.to_string()))?;
+        .map_err(|error| Refusal::Transient(error.into()))?;
     Ok(outcomes
         .into_iter()
         .map(|outcome| match outcome {
@@ -181,7 +225,7 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
         return Err(Refusal::NotForMe(envelope.to.clone()));
     }
     let from = &envelope.from;
-    let transient = |error: crate::state::StateError| Refusal::Transient(error.to_string());
+    let transient = |error: StateError| Refusal::Transient(error.into());
     if context.state.is_blocked(from).map_err(transient)? {
         return Err(Refusal::Blocked);
     }
@@ -244,6 +288,18 @@ async fn key_change_or_forgery(context: &Context, from: &Username, pinned: &Publ
 impl Refusal {
     /// Whether the envelope was refused before anything in it authenticated (it did not
     /// open, or its clear header is not for me): anyone can send it under any name.
+    /// The reason told to the user, for the refusals told at all: blocked senders are
+    /// refused silently (that is the point of blocking), and what cannot be taken now is
+    /// taken later.
+    fn told(&self) -> Option<RefusalReason> {
+        match self {
+            Self::NotForMe(to) => Some(RefusalReason::NotForMe(to.clone())),
+            Self::Bad(error) => Some(RefusalReason::Unopenable(error.clone())),
+            Self::KeyChanged => Some(RefusalReason::KeyChanged { held: false }),
+            Self::Blocked | Self::Transient(_) => None,
+        }
+    }
+
     fn is_unauthenticated(&self) -> bool {
         matches!(
             self,
@@ -265,12 +321,11 @@ async fn report_refusal(context: &Context, from: &Username, refusal: &Refusal) {
         return;
     }
     tracing::warn!(%from, %refusal, "incoming message refused");
-    // Blocked senders are refused silently: that is the point of blocking.
-    if !matches!(refusal, Refusal::Blocked | Refusal::Transient(_)) {
+    if let Some(reason) = refusal.told() {
         context
             .notify(Event::Refused {
                 from: from.clone(),
-                reason: refusal.to_string(),
+                reason,
             })
             .await;
     }
@@ -279,6 +334,42 @@ async fn report_refusal(context: &Context, from: &Username, refusal: &Refusal) {
 /// How far ahead (beyond Fernet's own minute) a mail may be dated and still be left in the
 /// mailbox to open later rather than refused: a sender's clock a few minutes fast.
 const MAIL_CLOCK_WAIT_SECS: u64 = 300;
+
+/// What becomes of one mail, given its check.
+#[derive(Debug)]
+pub(crate) enum MailVerdict {
+    /// Store it (then ack it).
+    Store(Plaintext),
+    /// It cannot be taken now (the server or the disk is failing): leave it and the mail
+    /// behind it in the mailbox, and fetch again soon.
+    LeaveForLater(Refusal),
+    /// Dated a little ahead (the sender's clock is fast): it opens in a while, so it waits
+    /// in the mailbox, passed over, instead of being refused and deleted, and the mail
+    /// behind it is taken meanwhile.
+    DatedAhead {
+        /// How far ahead.
+        ahead_secs: u64,
+    },
+    /// Sealed under the sender's new key: keep it sealed for `trust`, then ack it.
+    Hold,
+    /// Refused for good: ack it (delete it from the mailbox, or it comes back forever).
+    Refuse(Refusal),
+}
+
+/// The mailbox's rule for one mail (see [`MailVerdict`]).
+pub(crate) fn mail_verdict(checked: Result<Plaintext, Refusal>) -> MailVerdict {
+    match checked {
+        Ok(message) => MailVerdict::Store(message),
+        Err(refusal @ Refusal::Transient(_)) => MailVerdict::LeaveForLater(refusal),
+        Err(Refusal::Bad(OpenError::ClockSkew { ahead_secs }))
+            if ahead_secs <= MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS =>
+        {
+            MailVerdict::DatedAhead { ahead_secs }
+        }
+        Err(Refusal::KeyChanged) => MailVerdict::Hold,
+        Err(refusal) => MailVerdict::Refuse(refusal),
+    }
+}
 
 /// Fetches and acks all waiting mail, then shows it.
 pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
@@ -322,33 +413,23 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
             if dated_ahead.contains(&envelope.id) {
                 continue;
             }
-            match check(context, envelope).await {
-                Ok(message) => checked.push((envelope.id, message)),
-                Err(Refusal::Transient(reason)) => {
+            match mail_verdict(check(context, envelope).await) {
+                MailVerdict::Store(message) => checked.push((envelope.id, message)),
+                MailVerdict::LeaveForLater(reason) => {
                     tracing::info!(%reason, "mail left in the mailbox for later");
                     (stop, left_for_later) = (true, true);
                     break;
                 }
-                // Dated a little ahead (the sender's clock is fast): it opens in a while, so
-                // it waits in the mailbox instead of being refused and deleted, and the
-                // mail behind it is taken meanwhile.
-                Err(Refusal::Bad(OpenError::ClockSkew { ahead_secs }))
-                    if ahead_secs <= MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS =>
-                {
+                MailVerdict::DatedAhead { ahead_secs } => {
                     tracing::info!(ahead_secs, from = %envelope.from, "mail dated ahead left in the mailbox until it opens");
                     dated_ahead.insert(envelope.id);
                 }
-                // Sealed under the sender's new key: keep it (sealed) for `trust`, then ack.
-                Err(Refusal::KeyChanged) => match context.state.hold(envelope, MAX_HELD).await {
+                MailVerdict::Hold => match context.state.hold(envelope, MAX_HELD).await {
                     Ok(true) => {
                         context
                             .notify(Event::Refused {
                                 from: envelope.from.clone(),
-                                reason: format!(
-                                    "{}; the message is kept and shown once you `trust {}`",
-                                    Refusal::KeyChanged,
-                                    envelope.from
-                                ),
+                                reason: RefusalReason::KeyChanged { held: true },
                             })
                             .await;
                         ack.push(envelope.id);
@@ -363,8 +444,7 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
                         break;
                     }
                 },
-                // Refused for good: delete it from the mailbox, or it comes back forever.
-                Err(refusal) => {
+                MailVerdict::Refuse(refusal) => {
                     report_refusal(context, &envelope.from, &refusal).await;
                     ack.push(envelope.id);
                 }
@@ -471,24 +551,21 @@ pub(crate) async fn serve(
 async fn serve_connection(
     connection: &mut Connection<TcpStream>,
     context: &Context,
-) -> Result<(), String> {
-    connection
-        .hello(HANDSHAKE_TIMEOUT)
-        .await
-        .map_err(|error| error.to_string())?;
+) -> Result<(), ConnectionEnded> {
+    connection.hello(HANDSHAKE_TIMEOUT).await?;
     let from = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.recv::<PeerMsg>()).await {
         Ok(Ok(Some(PeerMsg::Hello { from, to }))) => {
             if to != context.me {
                 // Not a refusal by the recipient: the dialer reached the wrong user (a stale
                 // or reused address). `unknown_user` tells it to try elsewhere: the mailbox.
-                let refusal = Refusal::NotForMe(to);
+                let refusal = Refusal::NotForMe(to.clone());
                 let _ = connection
                     .send(&PeerMsg::Reject {
                         id: None,
                         error: ErrorReply::new(ErrorCode::UnknownUser, refusal.to_string()),
                     })
                     .await;
-                return Err(refusal.to_string());
+                return Err(ConnectionEnded::NotForMe(to));
             }
             if context.state.is_blocked(&from).unwrap_or(false) {
                 let _ = connection
@@ -497,21 +574,21 @@ async fn serve_connection(
                         error: Refusal::Blocked.to_reply(),
                     })
                     .await;
-                return Err(format!("{from} is blocked"));
+                return Err(ConnectionEnded::Blocked(from));
             }
             from
         }
-        Ok(Ok(Some(_))) => return Err("the first message was not a hello".into()),
+        Ok(Ok(Some(_))) => return Err(ConnectionEnded::NoHello),
         Ok(Ok(None)) => return Ok(()),
-        Ok(Err(error)) => return Err(error.to_string()),
-        Err(_) => return Err("no peer hello in time".into()),
+        Ok(Err(error)) => return Err(error.into()),
+        Err(_) => return Err(ConnectionEnded::HelloTimeout),
     };
     // Batches checked and submitted for storing, oldest first. The connection goes on
     // reading while they commit, so the next batch is everything that arrived meanwhile
     // (not just one socket buffer's worth), and many batches share a group commit.
     let mut pending: VecDeque<Batch> = VecDeque::new();
     let mut pending_envelopes = 0;
-    let mut ended: Option<Result<(), String>> = None;
+    let mut ended: Option<Result<(), ConnectionEnded>> = None;
     let mut idle_timeout = HANDSHAKE_TIMEOUT;
     loop {
         if ended.is_some() && pending.is_empty() {
@@ -537,7 +614,7 @@ async fn serve_connection(
                     connection.flush().await
                 }
                 .await;
-                written.map_err(|error| error.to_string())?;
+                written?;
             }
             first = tokio::time::timeout(idle_timeout, connection.recv::<PeerMsg>()), if reading => {
                 let first = match first {
@@ -546,7 +623,7 @@ async fn serve_connection(
                         envelope
                     }
                     Ok(Ok(Some(_))) => {
-                        ended = Some(Err("unexpected message from the peer".into()));
+                        ended = Some(Err(ConnectionEnded::Unexpected));
                         continue;
                     }
                     // An idle timeout with batches still committing is not idle.
@@ -556,7 +633,7 @@ async fn serve_connection(
                         continue;
                     }
                     Ok(Err(error)) => {
-                        ended = Some(Err(error.to_string()));
+                        ended = Some(Err(error.into()));
                         continue;
                     }
                 };
@@ -571,9 +648,9 @@ async fn serve_connection(
                             batch_bytes += envelope.token.len();
                             batch.push(envelope);
                         }
-                        Some(Ok(Some(_))) => ended = Some(Err("unexpected message from the peer".into())),
+                        Some(Ok(Some(_))) => ended = Some(Err(ConnectionEnded::Unexpected)),
                         Some(Ok(None)) => ended = Some(Ok(())),
-                        Some(Err(error)) => ended = Some(Err(error.to_string())),
+                        Some(Err(error)) => ended = Some(Err(error.into())),
                     }
                     if ended.is_some() {
                         break;
@@ -627,7 +704,7 @@ async fn next_stored(pending: &mut VecDeque<Batch>) -> (Vec<PeerMsg>, Vec<Inboun
             }
         }
         Err(error) => {
-            let refusal = Refusal::Transient(error.to_string());
+            let refusal = Refusal::Transient(error.into());
             tracing::warn!(%from, %refusal, "incoming messages refused");
             let error = refusal.to_reply();
             for (index, id) in places {
@@ -690,6 +767,62 @@ mod tests {
 
     fn name(text: &str) -> Username {
         Username::new(text).unwrap()
+    }
+
+    #[test]
+    fn mail_is_stored_held_left_or_refused_by_its_check() {
+        let plaintext = Plaintext {
+            id: MessageId::random(),
+            from: name("bob"),
+            to: name("alice"),
+            sent_at_ms: 1,
+            body: "hi".into(),
+        };
+        assert!(matches!(mail_verdict(Ok(plaintext)), MailVerdict::Store(_)));
+        assert!(matches!(
+            mail_verdict(Err(Refusal::Transient(Unavailable::NoOutcome))),
+            MailVerdict::LeaveForLater(_)
+        ));
+        assert!(matches!(
+            mail_verdict(Err(Refusal::KeyChanged)),
+            MailVerdict::Hold
+        ));
+        // A few minutes fast waits in the mailbox; far ahead is refused for good.
+        let ahead =
+            |ahead_secs| mail_verdict(Err(Refusal::Bad(OpenError::ClockSkew { ahead_secs })));
+        assert!(matches!(
+            ahead(MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS),
+            MailVerdict::DatedAhead { .. }
+        ));
+        assert!(matches!(
+            ahead(MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS + 1),
+            MailVerdict::Refuse(_)
+        ));
+        assert!(matches!(
+            mail_verdict(Err(Refusal::Bad(OpenError::Replayed(MessageId::random())))),
+            MailVerdict::Refuse(_)
+        ));
+        assert!(matches!(
+            mail_verdict(Err(Refusal::Blocked)),
+            MailVerdict::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn a_blocked_sender_hears_blocked_and_a_transient_failure_asks_for_a_retry() {
+        assert_eq!(Refusal::Blocked.to_reply().code, ErrorCode::Blocked);
+        assert_eq!(
+            Refusal::Transient(Unavailable::NoOutcome).to_reply().code,
+            ErrorCode::Unavailable
+        );
+        assert_eq!(Refusal::KeyChanged.to_reply().code, ErrorCode::Refused);
+        // Blocked senders are refused silently; what cannot be taken now is not told.
+        assert_eq!(Refusal::Blocked.told(), None);
+        assert_eq!(Refusal::Transient(Unavailable::NoOutcome).told(), None);
+        assert_eq!(
+            Refusal::KeyChanged.told(),
+            Some(RefusalReason::KeyChanged { held: false })
+        );
     }
 
     #[test]

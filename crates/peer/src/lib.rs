@@ -34,13 +34,14 @@ pub mod delivery;
 pub(crate) mod inbox;
 pub mod link;
 pub(crate) mod outgoing;
+pub mod reason;
 pub mod runtime;
 pub(crate) mod shell;
 pub mod state;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use delivery::DeliveryStatus;
+pub use api::{DeliveryStatus, FailureReason, RefusalReason};
 pub use runtime::{
     Client, ClientError, Config, Event, Events, OnlineUsers, SendReport, StartError, Status,
     WhoisReport, start,

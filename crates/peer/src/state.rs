@@ -59,6 +59,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use durable::{DatabaseSlot, GroupWriter, Opener};
 
+use crate::reason::FailureReason;
+
 /// A submitted state write: resolves once durable (see [`durable::Ticket`]).
 pub type Ticket<T> = durable::Ticket<T, StateError>;
 
@@ -167,8 +169,10 @@ pub enum MessageStatus {
     Delivered,
     /// In the recipient's mailbox.
     Queued,
+    /// Not delivered, as worded by a version that stored reasons as text.
+    FailedAsText(String),
     /// Not delivered, for this reason.
-    Failed(String),
+    Failed(FailureReason),
 }
 
 /// One line of the local history.
@@ -205,7 +209,7 @@ pub struct OutboxEntry {
     pub seq: u64,
     /// How many attempts failed so far.
     pub attempts: u32,
-    /// The last failure, if any.
+    /// The last failure's code ([`FailureReason::code`]), if any.
     pub last_error: Option<String>,
 }
 
@@ -726,7 +730,8 @@ impl State {
                     let mut kept = entry.clone();
                     kept.attempts = kept.attempts.saturating_add(1);
                     kept.last_error = match status {
-                        MessageStatus::Failed(reason) => Some(reason.clone()),
+                        MessageStatus::Failed(reason) => Some(reason.code().to_owned()),
+                        MessageStatus::FailedAsText(reason) => Some(reason.clone()),
                         _ => None,
                     };
                     outbox.insert(entry.seq, encode(&kept).as_ref())?;
@@ -1163,7 +1168,9 @@ mod tests {
                     status: if i % 2 == 0 {
                         MessageStatus::Delivered
                     } else {
-                        MessageStatus::Failed("offline".into())
+                        MessageStatus::Failed(FailureReason::MailboxUnreachable {
+                            detail: "offline".into(),
+                        })
                     },
                     keep: i % 2 == 1,
                 })
@@ -1412,7 +1419,9 @@ mod tests {
         let first = state.queue_outgoing(&bob, "one", 1).unwrap();
         let second = state.queue_outgoing(&bob, "two", 2).unwrap();
         assert_eq!(state.outbox().unwrap(), vec![first.clone(), second.clone()]);
-        let failed = MessageStatus::Failed("server unreachable".into());
+        let failed = MessageStatus::Failed(FailureReason::ServerUnreachable {
+            detail: "no answer".into(),
+        });
         state.finish_attempt(&first, &failed, true).unwrap();
         state
             .finish_attempt(&second, &MessageStatus::Delivered, false)
@@ -1421,7 +1430,7 @@ mod tests {
         assert_eq!(outbox.len(), 1);
         assert_eq!(outbox[0].id, first.id);
         assert_eq!(outbox[0].attempts, 1);
-        assert_eq!(outbox[0].last_error.as_deref(), Some("server unreachable"));
+        assert_eq!(outbox[0].last_error.as_deref(), Some("server_unreachable"));
         let history = state.history(&bob, 10).unwrap();
         assert_eq!(history[0].status, failed);
         assert_eq!(history[1].status, MessageStatus::Delivered);
@@ -1587,5 +1596,23 @@ mod tests {
         state.block_synced(&mallory, false).wait_blocking().unwrap();
         assert!(state.unsynced_blocks().unwrap().is_empty());
         assert!(state.blocked().unwrap().is_empty());
+    }
+
+    /// History lines written when reasons were stored as text still read, as text.
+    #[test]
+    fn a_failure_stored_as_text_by_an_earlier_version_still_reads() {
+        #[derive(Serialize)]
+        enum Earlier {
+            _Received,
+            _Pending,
+            _Delivered,
+            _Queued,
+            Failed(String),
+        }
+        let bytes = wire::encode(&Earlier::Failed("server unreachable".into())).unwrap();
+        assert_eq!(
+            wire::decode::<MessageStatus>(&bytes).unwrap(),
+            MessageStatus::FailedAsText("server unreachable".into())
+        );
     }
 }
