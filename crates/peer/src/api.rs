@@ -77,6 +77,9 @@ pub enum StartError {
     /// The state could not be opened.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The start was interrupted (the runtime is shutting down).
+    #[error("the start was interrupted")]
+    Interrupted,
     /// The P2P listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Listen {

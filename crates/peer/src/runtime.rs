@@ -97,14 +97,23 @@ pub async fn start(
 pub(crate) async fn start_with(
     config: Config,
     shutdown: CancellationToken,
-    open_state: impl FnOnce(&Path) -> Result<State, StateError>,
+    open_state: impl FnOnce(&Path) -> Result<State, StateError> + Send + 'static,
 ) -> Result<(Client, Events), StartError> {
-    proto::identity::create_private_dir(&config.data_dir)?;
-    proto::identity::check_private(&config.data_dir, 0o700)?;
-    // The state file's lock first: a second process on this data dir stops here, before
-    // it could race the first one to create the identity.
-    let state = open_state(&config.data_dir)?;
-    let (identity, new_identity) = Identity::load_or_create(&config.data_dir)?;
+    // Opening the state commits (creating tables, migrating) and creating an identity
+    // syncs a file: off the runtime's threads.
+    let data_dir = config.data_dir.clone();
+    let opened = tokio::task::spawn_blocking(move || {
+        proto::identity::create_private_dir(&data_dir)?;
+        proto::identity::check_private(&data_dir, 0o700)?;
+        // The state file's lock first: a second process on this data dir stops here,
+        // before it could race the first one to create the identity.
+        let state = open_state(&data_dir)?;
+        let (identity, new_identity) = Identity::load_or_create(&data_dir)?;
+        Ok::<_, StartError>((state, identity, new_identity))
+    })
+    .await
+    .map_err(|_| StartError::Interrupted)?;
+    let (state, identity, new_identity) = opened?;
     let identity = Arc::new(identity);
     let listener = TcpListener::bind(config.listen)
         .await
