@@ -1,6 +1,11 @@
-//! The dependency direction of design.md §2, read from the crates' manifests.
+//! The dependency direction between the crates, read from their manifests, and between the
+//! modules of the peer runtime, read from its sources.
 
-use std::{collections::BTreeMap, process::Command};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    process::Command,
+};
 
 /// Each workspace crate's normal and build dependencies on other workspace crates.
 fn workspace_edges() -> BTreeMap<String, Vec<String>> {
@@ -68,7 +73,7 @@ fn dependency_direction_matches_the_design() {
         for dependency in dependencies {
             assert!(
                 permitted.contains(&dependency.as_str()),
-                "{package} must not depend on {dependency} (design.md §2)"
+                "{package} must not depend on {dependency} (ARCHITECTURE.md)"
             );
         }
     }
@@ -95,4 +100,131 @@ fn dependency_direction_matches_the_design() {
             }
         }
     }
+}
+
+/// The `crate::` modules a source file's code (not its comments or tests) refers to.
+fn module_references(source: &str, modules: &BTreeSet<String>) -> BTreeSet<String> {
+    let code: String = source
+        .split("#[cfg(test)]\nmod tests")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .map(|line| line.split("//").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut found = BTreeSet::new();
+    let mut note = |name: &str| {
+        let name = name.trim().split("::").next().unwrap_or_default().trim();
+        if modules.contains(name) {
+            found.insert(name.to_owned());
+        }
+    };
+    for (index, _) in code.match_indices("crate::") {
+        let rest = &code[index + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // `use crate::{a::X, b::{Y, Z}, c}`: the names at the group's top level.
+            let mut depth = 0;
+            let mut item = String::new();
+            for character in group.chars() {
+                match character {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        note(&item);
+                        item.clear();
+                        continue;
+                    }
+                    _ => {}
+                }
+                item.push(character);
+            }
+            note(&item);
+        } else {
+            let name: String = rest
+                .chars()
+                .take_while(|character| character.is_ascii_alphanumeric() || *character == '_')
+                .collect();
+            note(&name);
+        }
+    }
+    found
+}
+
+/// The peer runtime's modules import one another without a cycle: the client API types,
+/// the shell, the core, the state and the links each sit in a module of their own, and no
+/// module imports from a module that imports it.
+#[test]
+fn peer_modules_import_one_another_without_a_cycle() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/peer/src");
+    let sources: BTreeMap<String, String> = std::fs::read_dir(&src)
+        .expect("peer sources")
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let module = name.strip_suffix(".rs")?.to_owned();
+            (module != "lib").then(|| (module, std::fs::read_to_string(entry.path()).ok()))
+        })
+        .map(|(module, source)| (module, source.expect("readable source")))
+        .collect();
+    let modules: BTreeSet<String> = sources.keys().cloned().collect();
+    for module in [
+        "api", "core", "shell", "state", "link", "context", "runtime",
+    ] {
+        assert!(
+            modules.contains(module),
+            "crates/peer/src/{module}.rs is missing"
+        );
+    }
+    let edges: BTreeMap<&str, BTreeSet<String>> = sources
+        .iter()
+        .map(|(module, source)| {
+            let mut references = module_references(source, &modules);
+            references.remove(module);
+            (module.as_str(), references)
+        })
+        .collect();
+    // The core is pure: it never reaches the modules that do I/O.
+    for io in [
+        "shell", "runtime", "context", "inbox", "outgoing", "delivery",
+    ] {
+        assert!(
+            !edges["core"].contains(io),
+            "the core must not import {io}: {:?}",
+            edges["core"]
+        );
+    }
+    // Depth-first search for a cycle.
+    fn visit<'a>(
+        module: &'a str,
+        edges: &'a BTreeMap<&str, BTreeSet<String>>,
+        path: &mut Vec<&'a str>,
+        done: &mut BTreeSet<&'a str>,
+    ) {
+        if let Some(start) = path.iter().position(|seen| *seen == module) {
+            panic!("import cycle: {:?} → {module}", &path[start..]);
+        }
+        if done.contains(module) {
+            return;
+        }
+        path.push(module);
+        for next in &edges[module] {
+            visit(next.as_str(), edges, path, done);
+        }
+        path.pop();
+        done.insert(module);
+    }
+    let mut done = BTreeSet::new();
+    for module in edges.keys() {
+        visit(module, &edges, &mut Vec::new(), &mut done);
+    }
+}
+
+#[test]
+fn module_references_reads_use_groups_and_paths() {
+    let modules: BTreeSet<String> = ["a", "b", "c", "d"].map(str::to_owned).into();
+    let source =
+        "use crate::{a::X, b::{Y, Z}};\n// crate::d in a comment\nfn f() { crate::c::g(); }";
+    let found = module_references(source, &modules);
+    assert_eq!(found, ["a", "b", "c"].map(str::to_owned).into());
 }

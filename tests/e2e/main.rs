@@ -8,6 +8,8 @@
 //! - `interactive`: the interactive client in tmux, as a person uses it.
 //! - `outages`: discovery and Redis restarts and crashes, counting every message.
 //! - `hostile_peer`: hostile clients against a peer's P2P listener (the real binary).
+//! - `hostile_server`: hostile clients against the real discovery server while two real
+//!   users chat.
 //! - `disk`: full disks and unwritable data dirs (root: a tmpfs in a private mount namespace).
 //! - `netfaults`: an unreachable listener and a healing partition, between network
 //!   namespaces (root).
@@ -19,6 +21,7 @@ mod chat;
 mod cluster;
 mod disk;
 mod hostile_peer;
+mod hostile_server;
 mod interactive;
 mod netfaults;
 mod outages;

@@ -680,7 +680,7 @@ impl RuntimePair {
         match report.status {
             DeliveryStatus::Delivered => Ok(()),
             other => Err(BenchError::Protocol(format!(
-                "expected a direct delivery, got {other}"
+                "expected a direct delivery, got {other:?}"
             ))),
         }
     }

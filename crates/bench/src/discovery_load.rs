@@ -415,11 +415,31 @@ async fn lookup_load(
     population: usize,
     duration: Duration,
 ) -> Result<(Latencies, usize, Duration), BenchError> {
+    let population = population.max(1);
+    lookup_load_of(
+        server,
+        "lookup",
+        move |random| roles::load_user(random % population),
+        duration,
+    )
+    .await
+}
+
+/// [`LOOKUP_CONNECTIONS`] clients registered as `{prefix}0`, `{prefix}1`, ... (with a new
+/// key: a prefix serves one call), each looking up `pick(r)` for random numbers `r`, one
+/// lookup in flight each, for `duration`. Returns the latencies of the answered lookups,
+/// how many failed, and the time taken.
+pub async fn lookup_load_of(
+    server: SocketAddr,
+    prefix: &str,
+    pick: impl Fn(usize) -> Username + Clone + Send + 'static,
+    duration: Duration,
+) -> Result<(Latencies, usize, Duration), BenchError> {
     let identity = Identity::generate();
     let mut clients = Vec::with_capacity(LOOKUP_CONNECTIONS);
     for index in 0..LOOKUP_CONNECTIONS {
         let mut client = ControlClient::connect(server, None).await?;
-        let user = Username::new(&format!("lookup{index}"))
+        let user = Username::new(&format!("{prefix}{index}"))
             .unwrap_or_else(|_| unreachable!("valid by shape"));
         client.register(&identity, &user).await?;
         clients.push(client);
@@ -432,6 +452,7 @@ async fn lookup_load(
         .into_iter()
         .enumerate()
         .map(|(index, mut client)| {
+            let pick = pick.clone();
             tokio::spawn(async move {
                 let mut latencies = Latencies::with_capacity(max_per_connection.min(1 << 20));
                 let mut failures = 0usize;
@@ -444,7 +465,7 @@ async fn lookup_load(
                     random ^= random << 13;
                     random ^= random >> 7;
                     random ^= random << 17;
-                    let user = roles::load_user((random % population.max(1) as u64) as usize);
+                    let user = pick(random as usize);
                     let sent = Instant::now();
                     match client.request(Request::Lookup { user }).await {
                         Ok(Reply::User(_)) => latencies.record(sent.elapsed()),

@@ -8,6 +8,7 @@
 //! - [`Group`]: the figures that share one setup (one `p2pchat-bench <group>` subcommand
 //!   each); [`run_group`] measures one, [`run_all`] every one.
 //! - [`direct`]: direct messages (latency, throughput) vs raw TCP and the Fernet ceiling.
+//! - [`attack`]: lookup p99 under attack (silent sockets, a deposit flood) vs without it.
 //! - [`discovery_load`]: N heartbeating clients, server memory per client, lookups under
 //!   that load vs `redis-benchmark` GET.
 //! - [`mailbox`]: draining 100,000 queued messages (embedded store, Redis) vs
@@ -24,6 +25,7 @@
 
 use std::path::PathBuf;
 
+pub mod attack;
 pub mod client;
 pub mod control;
 pub mod direct;
@@ -127,6 +129,9 @@ pub enum Group {
     /// N heartbeating discovery clients, server memory per client, lookups/s and p99 under
     /// that load vs `redis-benchmark` GET.
     Discovery,
+    /// Lookup p99 while thousands of sockets sit unregistered and one registered client
+    /// floods deposits, vs the same lookups without the attack.
+    Attack,
     /// Mailbox drain of 100,000 messages on the embedded store.
     MailboxEmbedded,
     /// Mailbox drain of 100,000 messages on Redis.
@@ -137,10 +142,11 @@ pub enum Group {
 
 impl Group {
     /// Every group, in table order.
-    pub const ALL: [Group; 6] = [
+    pub const ALL: [Group; 7] = [
         Self::DirectLatency,
         Self::DirectThroughput,
         Self::Discovery,
+        Self::Attack,
         Self::MailboxEmbedded,
         Self::MailboxRedis,
         Self::Client,
@@ -152,6 +158,7 @@ impl Group {
             Self::DirectLatency => "direct-latency",
             Self::DirectThroughput => "direct-throughput",
             Self::Discovery => "discovery",
+            Self::Attack => "attack",
             Self::MailboxEmbedded => "mailbox-embedded",
             Self::MailboxRedis => "mailbox-redis",
             Self::Client => "client",
@@ -165,6 +172,7 @@ pub async fn run_group(group: Group, bench: &Bench) -> Result<Vec<Row>, BenchErr
         Group::DirectLatency => direct::latency_rows(bench).await,
         Group::DirectThroughput => direct::throughput_rows(bench).await,
         Group::Discovery => discovery_load::rows(bench).await,
+        Group::Attack => attack::rows(bench).await,
         Group::MailboxEmbedded => mailbox::rows(bench, mailbox::Backend::Embedded).await,
         Group::MailboxRedis => mailbox::rows(bench, mailbox::Backend::Redis).await,
         Group::Client => client::rows(bench).await,

@@ -39,6 +39,8 @@ enum Command {
     DirectThroughput,
     /// Heartbeating clients, server memory per client, lookups/s and p99 vs redis GET.
     Discovery,
+    /// Lookup p99 under attack (silent sockets, a deposit flood) vs without it.
+    Attack,
     /// Mailbox drain on the embedded store vs redis-benchmark -P 32.
     MailboxEmbedded,
     /// Mailbox drain on Redis vs redis-benchmark -P 32.
@@ -122,6 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DirectLatency => Some(Group::DirectLatency),
         Command::DirectThroughput => Some(Group::DirectThroughput),
         Command::Discovery => Some(Group::Discovery),
+        Command::Attack => Some(Group::Attack),
         Command::MailboxEmbedded => Some(Group::MailboxEmbedded),
         Command::MailboxRedis => Some(Group::MailboxRedis),
         Command::Client => Some(Group::Client),

@@ -246,10 +246,14 @@ async fn send_mode(client: &Client, to: &str, body: &str) -> anyhow::Result<Exit
         report = result => report?,
     };
     if report.status.is_success() {
-        println!("{}: {}", report.id, report.status);
+        println!(
+            "{}: {}",
+            report.id,
+            render::status_text(&to, &report.status)
+        );
         Ok(ExitCode::SUCCESS)
     } else {
-        let status = render::terminal_safe(&report.status.to_string());
+        let status = render::terminal_safe(&render::status_text(&to, &report.status));
         eprintln!("p2pchat: message to {to} {status}");
         Ok(ExitCode::FAILURE)
     }
@@ -512,7 +516,10 @@ fn send_outcome(to: &Username, result: Result<peer::SendReport, peer::ClientErro
     match result {
         Ok(report) => {
             // The status can carry the recipient's own words (a refusal's reason).
-            let text = render::terminal_safe(&format!("→ {to}: {}", report.status));
+            let text = render::terminal_safe(&format!(
+                "→ {to}: {}",
+                render::status_text(to, &report.status)
+            ));
             let mut outcome = if report.status.is_success() {
                 Outcome::done(text)
             } else {

@@ -2,9 +2,10 @@
 //! object for scripts ([`event_json`]). Pure functions, so the wording is tested.
 
 use peer::{
-    DeliveryStatus, Event, WhoisReport,
+    DeliveryStatus, Event, FailureReason, RefusalReason, WhoisReport,
     state::{Direction, HistoryEntry, MessageStatus},
 };
+use proto::Username;
 use serde_json::{Value, json};
 
 /// `HH:MM:SS` (UTC) of a time in milliseconds since the epoch.
@@ -41,6 +42,70 @@ pub fn terminal_safe(text: &str) -> String {
     safe
 }
 
+/// A send's result to `to`, in words (may carry the recipient's or the server's own
+/// words: pass it through [`terminal_safe`]).
+pub fn status_text(to: &Username, status: &DeliveryStatus) -> String {
+    match status {
+        DeliveryStatus::Delivered => "delivered".into(),
+        DeliveryStatus::Queued {
+            recipient_online: true,
+        } => "queued (recipient unreachable directly; relayed by the server)".into(),
+        DeliveryStatus::Queued {
+            recipient_online: false,
+        } => "queued (recipient offline)".into(),
+        DeliveryStatus::Failed {
+            reason,
+            will_retry: true,
+        } => format!(
+            "failed: {} (kept in the outbox, will retry)",
+            failure_text(to, reason)
+        ),
+        DeliveryStatus::Failed {
+            reason,
+            will_retry: false,
+        } => format!("failed: {}", failure_text(to, reason)),
+    }
+}
+
+/// Why a message to `to` was not delivered, in words.
+pub fn failure_text(to: &Username, reason: &FailureReason) -> String {
+    match reason {
+        FailureReason::UnknownUser => format!("no user named {to}"),
+        FailureReason::ServerUnreachable { detail } => {
+            format!("discovery server unreachable: {detail}")
+        }
+        FailureReason::InvalidKeys { detail } => {
+            format!("the server's keys for {to} are invalid: {detail}")
+        }
+        FailureReason::KeyChanged => format!(
+            "{to}'s key changed; NOT sent. Compare fingerprints with `whois {to}` and run `trust {to}` if the change is genuine"
+        ),
+        FailureReason::RefusedByRecipient { message, .. } => {
+            format!("refused by the recipient: {message}")
+        }
+        FailureReason::MailboxRefused { message, .. } => message.clone(),
+        FailureReason::MailboxUnreachable { detail } => {
+            format!("recipient unreachable and {detail}")
+        }
+        FailureReason::UnexpectedReply => "unexpected reply from the server".into(),
+        FailureReason::Seal { detail } => format!("cannot seal the message: {detail}"),
+        FailureReason::LocalState { detail } => format!("local state error: {detail}"),
+    }
+}
+
+/// Why a message from `from` was refused, in words.
+pub fn refusal_text(from: &Username, reason: &RefusalReason) -> String {
+    const KEY_CHANGED: &str = "the sender's key does not match the key pinned for them; refused";
+    match reason {
+        RefusalReason::KeyChanged { held: false } => KEY_CHANGED.into(),
+        RefusalReason::KeyChanged { held: true } => {
+            format!("{KEY_CHANGED}; the message is kept and shown once you `trust {from}`")
+        }
+        RefusalReason::Unopenable(error) => error.to_string(),
+        RefusalReason::NotForMe(to) => format!("the message is addressed to {to}, not to me"),
+    }
+}
+
 /// The text lines for one event (`None`: nothing to show). Everything but the key-change
 /// warning (whose line breaks are ours, around fingerprints and a name) passes through
 /// [`terminal_safe`].
@@ -74,7 +139,9 @@ fn event_text_raw(event: &Event) -> String {
         Event::MuteEnded { user, held } => {
             format!("{user} is no longer muted; {held} messages from {user} while muted:")
         }
-        Event::Delivery { to, status, .. } => format!("(earlier message to {to}: {status})"),
+        Event::Delivery { to, status, .. } => {
+            format!("(earlier message to {to}: {})", status_text(to, status))
+        }
         Event::Announcement { text, at_ms } => {
             format!("*** announcement [{}]: {text}", clock(*at_ms))
         }
@@ -92,18 +159,31 @@ fn event_text_raw(event: &Event) -> String {
         } => format!(
             "!!! WARNING: {user}'s key has CHANGED !!!\n!!! pinned:  {pinned}\n!!! offered: {offered}\n!!! Messages to and from {user} are refused. Check `whois {user}` with {user} in person, then `trust {user}` if the change is genuine."
         ),
-        Event::Refused { from, reason } => format!("refused a message from {from}: {reason}"),
+        Event::Refused { from, reason } => {
+            format!(
+                "refused a message from {from}: {}",
+                refusal_text(from, reason)
+            )
+        }
+        Event::StateError { error } => format!("local state error: {error}"),
         Event::Presence { user, online } => {
             format!("{user} is {}", if *online { "online" } else { "offline" })
         }
     }
 }
 
-fn status_fields(status: &DeliveryStatus) -> (&'static str, Option<&str>) {
+fn status_fields(
+    to: &Username,
+    status: &DeliveryStatus,
+) -> (&'static str, Option<String>, Option<&'static str>) {
     match status {
-        DeliveryStatus::Delivered => ("delivered", None),
-        DeliveryStatus::Queued { .. } => ("queued", None),
-        DeliveryStatus::Failed { reason, .. } => ("failed", Some(reason)),
+        DeliveryStatus::Delivered => ("delivered", None, None),
+        DeliveryStatus::Queued { .. } => ("queued", None, None),
+        DeliveryStatus::Failed { reason, .. } => (
+            "failed",
+            Some(failure_text(to, reason)),
+            Some(reason.code()),
+        ),
     }
 }
 
@@ -123,8 +203,8 @@ pub fn event_json(event: &Event) -> Value {
             json!({"event": "mute_ended", "user": user.as_str(), "held": held})
         }
         Event::Delivery { id, to, status } => {
-            let (status, reason) = status_fields(status);
-            json!({"event": "delivery", "id": id.to_string(), "to": to.as_str(), "status": status, "reason": reason})
+            let (status, reason, code) = status_fields(to, status);
+            json!({"event": "delivery", "id": id.to_string(), "to": to.as_str(), "status": status, "reason": reason, "reason_code": code})
         }
         Event::Announcement { text, at_ms } => {
             json!({"event": "announcement", "text": text, "at_ms": at_ms})
@@ -145,8 +225,9 @@ pub fn event_json(event: &Event) -> Value {
             json!({"event": "key_changed", "user": user.as_str(), "pinned": pinned, "offered": offered})
         }
         Event::Refused { from, reason } => {
-            json!({"event": "refused", "from": from.as_str(), "reason": reason})
+            json!({"event": "refused", "from": from.as_str(), "reason": refusal_text(from, reason)})
         }
+        Event::StateError { error } => json!({"event": "state_error", "error": error}),
         Event::Presence { user, online } => {
             json!({"event": "presence", "user": user.as_str(), "online": online})
         }
@@ -160,7 +241,10 @@ pub fn history_line(entry: &HistoryEntry) -> String {
         MessageStatus::Pending => " (pending)".into(),
         MessageStatus::Delivered => " (delivered)".into(),
         MessageStatus::Queued => " (queued)".into(),
-        MessageStatus::Failed(reason) => format!(" (failed: {reason})"),
+        MessageStatus::Failed(reason) => {
+            format!(" (failed: {})", failure_text(&entry.peer, reason))
+        }
+        MessageStatus::FailedAsText(reason) => format!(" (failed: {reason})"),
     };
     let who = match entry.direction {
         Direction::Incoming => entry.peer.as_str().to_owned(),
@@ -291,16 +375,14 @@ mod tests {
                 at_ms: 0,
             })
             .unwrap(),
-            event_text(&Event::Refused {
-                from: name("bob"),
-                reason: forged.into(),
-            })
-            .unwrap(),
             event_text(&Event::Delivery {
                 id: MessageId([1; 16]),
                 to: name("bob"),
                 status: DeliveryStatus::Failed {
-                    reason: forged.into(),
+                    reason: FailureReason::RefusedByRecipient {
+                        code: proto::ErrorCode::Refused,
+                        message: forged.into(),
+                    },
                     will_retry: false,
                 },
             })
@@ -312,7 +394,7 @@ mod tests {
                 direction: Direction::Incoming,
                 body: forged.into(),
                 sent_at_ms: 0,
-                status: MessageStatus::Failed(forged.into()),
+                status: MessageStatus::FailedAsText(forged.into()),
             }),
         ];
         for text in shown {

@@ -59,6 +59,12 @@ pub struct Config {
     /// The most new names (first registrations of a name) one source IP address may bind
     /// in an hour; more get `rate_limited`. A name already bound re-registers freely.
     pub per_ip_new_names_per_hour: u32,
+    /// Deposits one user may make a minute into other users' mailboxes (all the user's
+    /// sessions on this instance together); more get `rate_limited`.
+    pub deposits_per_minute: u32,
+    /// Bytes of sealed messages one user may deposit an hour into other users' mailboxes;
+    /// more get `rate_limited`.
+    pub deposit_bytes_per_hour: u64,
     /// The operator secret that `announce` must prove; `None` refuses every announcement.
     pub operator_secret: Option<Vec<u8>>,
     /// How long a shutdown waits for connections to close.
@@ -85,6 +91,8 @@ impl Default for Config {
             per_ip_requests_per_second: 2_000,
             per_ip_request_burst: 4_000,
             per_ip_new_names_per_hour: 100,
+            deposits_per_minute: 600,
+            deposit_bytes_per_hour: 64 << 20,
             operator_secret: None,
             drain_timeout: Duration::from_secs(5),
         }

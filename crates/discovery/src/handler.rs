@@ -14,7 +14,12 @@ use proto::{
 };
 use store::{BindOutcome, Binding, Broadcast, DepositOutcome, Presence, Store, StoreError};
 
-use crate::{config::Config, metrics::Metrics, per_ip::PerIp};
+use crate::{
+    config::Config,
+    metrics::Metrics,
+    per_ip::PerIp,
+    per_sender::{OverBudget, PerSender},
+};
 
 /// The largest Fernet token accepted in a deposit: a full-size body sealed, with room to
 /// spare, and well inside a frame.
@@ -55,6 +60,8 @@ pub struct Session {
     /// The per-IP limits this session's address counts against (new names per hour);
     /// `None` limits nothing.
     per_ip: Option<Arc<PerIp>>,
+    /// The deposit budgets this session's user counts against; `None` limits nothing.
+    deposits: Option<Arc<PerSender>>,
 }
 
 /// A request's outcome: the reply to send and what changed.
@@ -71,7 +78,15 @@ impl Session {
             state: State::Unregistered,
             listen_ports: Vec::new(),
             per_ip: None,
+            deposits: None,
         }
+    }
+
+    /// This session, with the new names it binds counted against its address's per-IP limit
+    /// in `per_ip`.
+    pub fn with_deposit_budgets(mut self, deposits: Arc<PerSender>) -> Self {
+        self.deposits = Some(deposits);
+        self
     }
 
     /// This session, with the new names it binds counted against its address's per-IP limit
@@ -161,7 +176,16 @@ impl Session {
                 .await
                 .map(|users| list_reply(users, config.list_max, metrics))
                 .map_err(store_error),
-            Request::Deposit { envelope } => deposit(&me, envelope, store, metrics, now_ms).await,
+            Request::Deposit { envelope } => {
+                if let Some(deposits) = &self.deposits
+                    && let Err(over) =
+                        deposits.take(&me, envelope.token.len() as u64, std::time::Instant::now())
+                {
+                    metrics.deposits_over_budget.inc();
+                    return (Err(over_budget(over, config)), None);
+                }
+                deposit(&me, envelope, store, metrics, now_ms).await
+            }
             Request::Fetch { max } => fetch(&me, max.min(config.fetch_batch), store, now_ms).await,
             Request::Ack { ids } => match store.ack(&me, &ids).await {
                 Ok(removed) => {
@@ -416,6 +440,30 @@ async fn lookup(user: &Username, store: &Store, now_ms: u64) -> Result<Reply, Er
         online,
         last_seen_ms: presence.map(|p| p.last_seen_ms),
     }))
+}
+
+/// The refusal of a deposit over its sender's budget, with when to try again.
+fn over_budget(over: OverBudget, config: &Config) -> ErrorReply {
+    let message = match over {
+        OverBudget::Messages { retry_after } => format!(
+            "too many messages into mailboxes (the limit is {} a minute); try again in {} s",
+            config.deposits_per_minute,
+            retry_after.as_secs().max(1)
+        ),
+        OverBudget::Bytes { retry_after } => {
+            let limit = config.deposit_bytes_per_hour;
+            let limit = if limit >= 1 << 20 {
+                format!("{} MiB", limit >> 20)
+            } else {
+                format!("{} KiB", limit >> 10)
+            };
+            format!(
+                "too many bytes into mailboxes (the limit is {limit} an hour); try again in {} s",
+                retry_after.as_secs().max(1)
+            )
+        }
+    };
+    ErrorReply::new(ErrorCode::RateLimited, message)
 }
 
 async fn deposit(

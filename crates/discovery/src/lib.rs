@@ -9,7 +9,8 @@
 //! - [`config`]: [`Config`], timeouts and limits.
 //! - [`metrics`]: [`Metrics`], Prometheus text on `--metrics`.
 //! - [`limits`]: the token bucket and the connection cap under the open-file limit;
-//!   [`per_ip`]: the limits per source IP address.
+//!   [`per_ip`]: the limits per source IP address; [`per_sender`]: each user's deposit
+//!   budget.
 //! - [`operator`]: the operator secret in the data dir, and the `announce` client.
 //!
 //! **Architecture Invariant:** the server never sees plaintext: it stores and forwards
@@ -21,6 +22,7 @@ pub mod limits;
 pub mod metrics;
 pub mod operator;
 pub mod per_ip;
+pub mod per_sender;
 pub mod server;
 
 pub use config::Config;

@@ -24,6 +24,35 @@ impl TokenBucket {
         }
     }
 
+    /// A full bucket at `now` refilled with `per_minute` tokens a minute, holding a
+    /// minute's worth.
+    pub fn per_minute(per_minute: u32, now: Instant) -> Self {
+        let burst = f64::from(per_minute.max(1));
+        Self {
+            rate: burst / 60.0,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes one token at `now`; when the bucket is empty, how long until it holds one.
+    pub fn take_or_wait(&mut self, now: Instant) -> Result<(), std::time::Duration> {
+        if self.take(now) {
+            return Ok(());
+        }
+        let missing = 1.0 - self.tokens;
+        Err(std::time::Duration::from_secs_f64(
+            (missing / self.rate.max(f64::MIN_POSITIVE)).min(86_400.0),
+        ))
+    }
+
+    /// Whether the bucket is full at `now` (it would be the same as a new one).
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+
     /// Takes one token at `now`; false when the bucket is empty.
     pub fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

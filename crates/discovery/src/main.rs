@@ -73,6 +73,12 @@ struct Cli {
     /// New names (first registrations) one source IP address may bind in an hour.
     #[arg(long, env = "P2PCHAT_PER_IP_NEW_NAMES_PER_HOUR", default_value_t = 100)]
     per_ip_new_names_per_hour: u32,
+    /// Deposits one user may make a minute into other users' mailboxes.
+    #[arg(long, env = "P2PCHAT_DEPOSITS_PER_MINUTE", default_value_t = 600)]
+    deposits_per_minute: u32,
+    /// Bytes of sealed messages one user may deposit an hour into other users' mailboxes.
+    #[arg(long, env = "P2PCHAT_DEPOSIT_BYTES_PER_HOUR", default_value_t = 64 << 20)]
+    deposit_bytes_per_hour: u64,
     /// Most names in one `list` reply (the rest are counted); at most 1900.
     #[arg(long, env = "P2PCHAT_LIST_MAX", default_value_t = 1000)]
     list_max: usize,
@@ -142,6 +148,8 @@ async fn main() -> anyhow::Result<()> {
         per_ip_requests_per_second: cli.per_ip_requests_per_second,
         per_ip_request_burst: cli.per_ip_request_burst,
         per_ip_new_names_per_hour: cli.per_ip_new_names_per_hour,
+        deposits_per_minute: cli.deposits_per_minute,
+        deposit_bytes_per_hour: cli.deposit_bytes_per_hour,
         ..Config::default()
     };
     config.validate().map_err(anyhow::Error::msg)?;

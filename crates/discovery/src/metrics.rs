@@ -83,6 +83,8 @@ pub struct Metrics {
     pub per_ip_rate_limited: Counter,
     /// Registrations of a new name refused at the per-IP limit of new names per hour.
     pub per_ip_names_refused: Counter,
+    /// Deposits refused over their sender's budget (messages a minute or bytes an hour).
+    pub deposits_over_budget: Counter,
     errors: [Counter; ErrorCode::ALL.len()],
 }
 
@@ -195,6 +197,12 @@ impl Metrics {
                 "counter",
                 "Registrations of a new name refused at the per-IP limit of new names per hour.",
                 &self.per_ip_names_refused,
+            ),
+            (
+                "p2pchat_deposits_over_budget_total",
+                "counter",
+                "Deposits refused over their sender's budget (messages a minute or bytes an hour into others' mailboxes).",
+                &self.deposits_over_budget,
             ),
         ];
         for (name, kind, help, counter) in simple {

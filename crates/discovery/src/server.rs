@@ -31,6 +31,7 @@ use crate::{
     limits::{self, TokenBucket},
     metrics::Metrics,
     per_ip::{IpSlot, PerIp, PerIpLimits},
+    per_sender::{DepositLimits, PerSender},
 };
 
 /// The first and the longest pause after a failed accept (out of file descriptors and the
@@ -215,6 +216,7 @@ struct Shared {
     metrics: Arc<Metrics>,
     hub: Hub,
     per_ip: Arc<PerIp>,
+    deposits: Arc<PerSender>,
 }
 
 /// Runs the discovery server on `listener` until `shutdown` is cancelled, with fresh metrics.
@@ -249,12 +251,17 @@ pub async fn serve(
         request_burst: config.per_ip_request_burst,
         new_names_per_hour: config.per_ip_new_names_per_hour,
     });
+    let deposits = Arc::new(PerSender::new(DepositLimits {
+        per_minute: config.deposits_per_minute,
+        bytes_per_hour: config.deposit_bytes_per_hour,
+    }));
     let shared = Arc::new(Shared {
         store,
         config,
         metrics,
         hub: Hub::default(),
         per_ip,
+        deposits,
     });
     let tracker = TaskTracker::new();
     // Subscribe before accepting anyone, so no event published for a client is missed.
@@ -510,7 +517,8 @@ async fn serve_connection(
 
     let nonce: [u8; 32] = proto::random_bytes();
     let mut session = Session::new(nonce, u64::from_le_bytes(proto::random_bytes()), peer)
-        .limited_by(Arc::clone(&shared.per_ip));
+        .limited_by(Arc::clone(&shared.per_ip))
+        .with_deposit_budgets(Arc::clone(&shared.deposits));
     if connection
         .send(&ServerMsg::Challenge { nonce })
         .await

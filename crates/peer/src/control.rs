@@ -178,11 +178,12 @@ impl PingTracker {
 pub use durable::Backoff;
 
 /// Starts the control actor. Events go to `events`; the actor stops when `shutdown` fires
-/// or after a [`ControlEvent::Fatal`].
+/// or after a [`ControlEvent::Fatal`]. When `events` is full the actor waits for room (the
+/// runtime is behind; the actor's requests and heartbeats wait with it).
 pub fn spawn(
     config: ControlConfig,
     identity: Arc<Identity>,
-    events: mpsc::UnboundedSender<ControlEvent>,
+    events: mpsc::Sender<ControlEvent>,
     shutdown: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
 ) -> ControlHandle {
@@ -196,7 +197,7 @@ pub fn spawn(
 async fn run(
     config: ControlConfig,
     identity: Arc<Identity>,
-    events: mpsc::UnboundedSender<ControlEvent>,
+    events: mpsc::Sender<ControlEvent>,
     mut requests: mpsc::Receiver<(Request, Pending)>,
     shutdown: CancellationToken,
 ) {
@@ -205,10 +206,12 @@ async fn run(
         let reason = match connect(&config, &identity, &shutdown).await {
             Ok(Some((connection, heartbeat, observed, new_binding))) => {
                 backoff.reset();
-                let _ = events.send(ControlEvent::Online {
-                    observed,
-                    new_binding,
-                });
+                let _ = events
+                    .send(ControlEvent::Online {
+                        observed,
+                        new_binding,
+                    })
+                    .await;
                 session(
                     connection,
                     heartbeat,
@@ -222,7 +225,7 @@ async fn run(
             Ok(None) => return,
             Err(ConnectError::Fatal(reply)) => {
                 tracing::error!(%reply, "registration refused");
-                let _ = events.send(ControlEvent::Fatal(reply));
+                let _ = events.send(ControlEvent::Fatal(reply)).await;
                 return;
             }
             Err(ConnectError::Retry(reason)) => reason,
@@ -232,7 +235,9 @@ async fn run(
         }
         let retry_in = backoff.next_delay(proto::random_bytes::<1>()[0]);
         tracing::info!(%reason, ?retry_in, "discovery server connection lost");
-        let _ = events.send(ControlEvent::Offline { reason, retry_in });
+        let _ = events
+            .send(ControlEvent::Offline { reason, retry_in })
+            .await;
         // While offline, requests fail at once instead of waiting for the reconnect.
         let wait = tokio::time::sleep(retry_in);
         tokio::pin!(wait);
@@ -376,7 +381,7 @@ async fn session(
     mut connection: Connection<TcpStream>,
     heartbeat: Duration,
     config: &ControlConfig,
-    events: &mpsc::UnboundedSender<ControlEvent>,
+    events: &mpsc::Sender<ControlEvent>,
     requests: &mut mpsc::Receiver<(Request, Pending)>,
     shutdown: &CancellationToken,
 ) -> String {
@@ -410,7 +415,7 @@ async fn session(
                     }
                 }
                 Ok(Some(ServerMsg::Push(push))) => {
-                    let _ = events.send(ControlEvent::Push(push));
+                    let _ = events.send(ControlEvent::Push(push)).await;
                 }
                 Ok(Some(ServerMsg::Closing(reply))) => break format!("the server closed the connection: {reply}"),
                 Ok(Some(ServerMsg::Challenge { .. })) => {}

@@ -1,85 +1,25 @@
 //! Sending one message: direct first, the mailbox as the fallback.
 //!
 //! [`deliver`] looks the recipient up, checks its keys against the pinned ones (pinning on
-//! first use), seals the message, tries each advertised address and waits for the ack; on no route, refusal to connect, timeout or an offline recipient
-//! it deposits the envelope in the recipient's mailbox. The result is a [`DeliveryStatus`].
+//! first use), seals the message, tries each advertised address and waits for the ack; on
+//! no route, refusal to connect, timeout or an offline recipient it deposits the envelope in
+//! the recipient's mailbox. The result is a [`DeliveryStatus`].
+//!
+//! The route's decisions are pure functions of what each step returned ([`after_lookup`],
+//! [`after_keys`], [`after_dial`], [`after_deposit`]), unit-tested below without a socket;
+//! [`deliver`] only runs the steps they ask for.
 
-use std::fmt;
+use proto::{ErrorCode, PublicKeys, Reply, Request, UserInfo};
 
-use proto::{Envelope, ErrorCode, PublicKeys, Reply, Request};
-
+pub use crate::api::DeliveryStatus;
 use crate::{
+    api::{ClientError, Event},
+    context::Context,
     control::ControlError,
     link::{LinkError, PeerLink},
-    runtime::{ClientError, Context, Event},
-    state::{MessageStatus, OutboxEntry, PinOutcome},
+    reason::FailureReason,
+    state::{OutboxEntry, PinOutcome, StateError},
 };
-
-/// What became of a message, as the sender sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeliveryStatus {
-    /// The recipient acked it directly.
-    Delivered,
-    /// It is in the recipient's mailbox.
-    Queued {
-        /// Whether the recipient is online (and so was told at once).
-        recipient_online: bool,
-    },
-    /// It was not delivered.
-    Failed {
-        /// Why, for the user.
-        reason: String,
-        /// Whether it stays in the outbox and is retried (on reconnect, on `trust`).
-        will_retry: bool,
-    },
-}
-
-impl DeliveryStatus {
-    fn failed(reason: impl Into<String>, will_retry: bool) -> Self {
-        Self::Failed {
-            reason: reason.into(),
-            will_retry,
-        }
-    }
-
-    /// The history status, and whether the message stays in the outbox.
-    pub fn to_history(&self) -> (MessageStatus, bool) {
-        match self {
-            Self::Delivered => (MessageStatus::Delivered, false),
-            Self::Queued { .. } => (MessageStatus::Queued, false),
-            Self::Failed { reason, will_retry } => {
-                (MessageStatus::Failed(reason.clone()), *will_retry)
-            }
-        }
-    }
-
-    /// Delivered or queued: the message is safe.
-    pub fn is_success(&self) -> bool {
-        !matches!(self, Self::Failed { .. })
-    }
-}
-
-impl fmt::Display for DeliveryStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Delivered => f.write_str("delivered"),
-            Self::Queued {
-                recipient_online: true,
-            } => f.write_str("queued (recipient unreachable directly; relayed by the server)"),
-            Self::Queued {
-                recipient_online: false,
-            } => f.write_str("queued (recipient offline)"),
-            Self::Failed {
-                reason,
-                will_retry: true,
-            } => write!(f, "failed: {reason} (kept in the outbox, will retry)"),
-            Self::Failed {
-                reason,
-                will_retry: false,
-            } => write!(f, "failed: {reason}"),
-        }
-    }
-}
 
 /// Delivers `entry` by the full route: lookup, keys, a new link, else the mailbox. Returns
 /// the result and the link it opened, worth keeping for the next messages (a kept link is
@@ -88,122 +28,162 @@ pub(crate) async fn deliver(
     context: &Context,
     entry: &OutboxEntry,
 ) -> (DeliveryStatus, Option<PeerLink>) {
-    let info = match context.lookup(&entry.to).await {
+    let info = match after_lookup(context.lookup(&entry.to).await) {
         Ok(info) => info,
-        Err(ClientError::UnknownUser(user)) => {
-            return (
-                DeliveryStatus::failed(format!("no user named {user}"), false),
-                None,
-            );
-        }
-        Err(error) => {
-            return (
-                DeliveryStatus::failed(format!("discovery server unreachable: {error}"), true),
-                None,
-            );
-        }
-    };
-    let keys = match check_keys(context, entry, &info.keys) {
-        Ok(keys) => keys,
         Err(status) => return (status, None),
     };
-    let envelope = match seal(context, entry, &keys) {
+    let verified = info.keys.verify().map_err(|error| error.to_string());
+    let pinned = match verified {
+        Ok(()) => Some(context.state.pin_if_absent(&entry.to, &info.keys).await),
+        Err(_) => None,
+    };
+    if let Some(Ok(PinOutcome::Changed { pinned })) = &pinned {
+        context
+            .notify(Event::KeyChanged {
+                user: entry.to.clone(),
+                pinned: pinned.fingerprint(),
+                offered: info.keys.fingerprint(),
+            })
+            .await;
+    }
+    if let Err(status) = after_keys(verified, pinned) {
+        return (status, None);
+    }
+    let envelope = match seal(context, entry, &info.keys) {
         Ok(envelope) => envelope,
         Err(status) => return (status, None),
     };
-    if info.online {
-        for addr in &info.addresses {
-            let attempt = async {
-                let mut link = PeerLink::dial(
-                    *addr,
-                    &context.me,
-                    &entry.to,
-                    context.config.connect_timeout,
-                )
-                .await?;
-                link.send(&envelope, context.config.ack_timeout).await?;
-                Ok::<_, LinkError>(link)
-            };
-            match attempt.await {
-                Ok(link) => return (DeliveryStatus::Delivered, Some(link)),
-                // The recipient cannot take it now (its server link is down): use the mailbox.
-                Err(LinkError::Rejected(error)) if error.code == ErrorCode::Unavailable => break,
-                // Someone else answers at this address (the recipient's is stale): not the
-                // recipient's refusal; try its next address, then the mailbox.
-                Err(LinkError::Rejected(error)) if error.code == ErrorCode::UnknownUser => {
-                    tracing::info!(to = %entry.to, %addr, reason = %error.message, "another user at the recipient's address; trying elsewhere");
-                }
-                Err(LinkError::Rejected(error)) => return (rejected(error), None),
-                Err(error) => {
-                    tracing::info!(to = %entry.to, %addr, %error, "direct delivery failed; trying the mailbox");
+    for addr in direct_addresses(&info) {
+        let attempt = async {
+            let mut link = PeerLink::dial(
+                *addr,
+                &context.me,
+                &entry.to,
+                context.config.connect_timeout,
+            )
+            .await?;
+            link.send(&envelope, context.config.ack_timeout).await?;
+            Ok::<_, LinkError>(link)
+        };
+        let result = attempt.await;
+        match after_dial(&result) {
+            Dialled::Delivered => {
+                return (DeliveryStatus::Delivered, result.ok());
+            }
+            Dialled::Failed(status) => return (status, None),
+            Dialled::NextAddress => {
+                if let Err(error) = &result {
+                    tracing::info!(to = %entry.to, %addr, %error, "not delivered at this address; trying the next, then the mailbox");
                 }
             }
+            Dialled::Mailbox => break,
         }
     }
-    (deposit(context, envelope).await, None)
+    let deposited = context.control.request(Request::Deposit { envelope }).await;
+    (after_deposit(deposited), None)
 }
 
-/// The status of a message the recipient refused.
-pub(crate) fn rejected(error: proto::ErrorReply) -> DeliveryStatus {
-    DeliveryStatus::failed(
-        format!("refused by the recipient: {}", error.message),
-        false,
-    )
-}
-
-/// Verifies the server's keys and compares them with the pinned ones (pinning on first use).
-fn check_keys(
-    context: &Context,
-    entry: &OutboxEntry,
-    offered: &PublicKeys,
-) -> Result<PublicKeys, DeliveryStatus> {
-    if let Err(error) = offered.verify() {
-        return Err(DeliveryStatus::failed(
-            format!("the server's keys for {} are invalid: {error}", entry.to),
-            false,
-        ));
-    }
-    match context.state.pin_if_absent(&entry.to, offered) {
-        Ok(PinOutcome::New | PinOutcome::Same) => Ok(offered.clone()),
-        Ok(PinOutcome::Changed { pinned }) => {
-            context.notify(Event::KeyChanged {
-                user: entry.to.clone(),
-                pinned: pinned.fingerprint(),
-                offered: offered.fingerprint(),
-            });
-            Err(DeliveryStatus::failed(
-                format!(
-                    "{}'s key changed; NOT sent. Compare fingerprints with `whois {}` and run `trust {}` if the change is genuine",
-                    entry.to, entry.to, entry.to
-                ),
-                true,
-            ))
+/// What a lookup of the recipient means for the route: go on with what the server knows,
+/// or stop with this status (no such user: failed for good; the server unreachable: failed,
+/// kept in the outbox for a retry).
+pub(crate) fn after_lookup(
+    lookup: Result<UserInfo, ClientError>,
+) -> Result<UserInfo, DeliveryStatus> {
+    match lookup {
+        Ok(info) => Ok(info),
+        Err(ClientError::UnknownUser(_)) => {
+            Err(DeliveryStatus::failed(FailureReason::UnknownUser, false))
         }
         Err(error) => Err(DeliveryStatus::failed(
-            format!("local state error: {error}"),
+            FailureReason::ServerUnreachable {
+                detail: error.to_string(),
+            },
             true,
         )),
     }
 }
 
-fn seal(
-    context: &Context,
-    entry: &OutboxEntry,
-    keys: &PublicKeys,
-) -> Result<Envelope, DeliveryStatus> {
-    let channel = context
-        .channel(&entry.to, keys)
-        .map_err(|error| DeliveryStatus::failed(error.to_string(), false))?;
-    // Sealed with the time it was written, so retries keep the original time.
-    channel
-        .seal(entry.id, &entry.body, entry.created_ms)
-        .map_err(|error| DeliveryStatus::failed(error.to_string(), false))
+/// What the server's keys for the recipient mean: `verified` (the keys verify; else why
+/// not) and, for keys that verify, how pinning them went. Keys that do not verify fail for
+/// good; keys other than the pinned ones hold the message (failed, kept for a retry after
+/// `trust`); a state failure keeps it for a retry.
+pub(crate) fn after_keys(
+    verified: Result<(), String>,
+    pinned: Option<Result<PinOutcome, StateError>>,
+) -> Result<(), DeliveryStatus> {
+    if let Err(detail) = verified {
+        return Err(DeliveryStatus::failed(
+            FailureReason::InvalidKeys { detail },
+            false,
+        ));
+    }
+    match pinned {
+        Some(Ok(PinOutcome::New | PinOutcome::Same)) => Ok(()),
+        Some(Ok(PinOutcome::Changed { .. })) => {
+            Err(DeliveryStatus::failed(FailureReason::KeyChanged, true))
+        }
+        Some(Err(error)) => Err(DeliveryStatus::failed(
+            FailureReason::LocalState {
+                detail: error.to_string(),
+            },
+            true,
+        )),
+        None => Err(DeliveryStatus::failed(
+            FailureReason::LocalState {
+                detail: "the keys were not checked".into(),
+            },
+            true,
+        )),
+    }
 }
 
-async fn deposit(context: &Context, envelope: Envelope) -> DeliveryStatus {
-    match context.control.request(Request::Deposit { envelope }).await {
+/// The addresses to try directly: the advertised ones while the recipient is online, none
+/// otherwise (straight to the mailbox).
+pub(crate) fn direct_addresses(info: &UserInfo) -> &[std::net::SocketAddr] {
+    if info.online { &info.addresses } else { &[] }
+}
+
+/// What to do after a direct attempt at one address.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Dialled {
+    /// Acked: delivered.
+    Delivered,
+    /// Try the recipient's next address (then the mailbox).
+    NextAddress,
+    /// Go to the mailbox now.
+    Mailbox,
+    /// Stop with this status.
+    Failed(DeliveryStatus),
+}
+
+/// What a direct attempt's outcome means: acked is delivered; a recipient that cannot take
+/// messages now (its own server link is down) sends the message to the mailbox; another
+/// user answering at the address (a stale address) or a connection that fails or times out
+/// moves on to the next address; any other refusal is the recipient's, and final.
+pub(crate) fn after_dial<T>(outcome: &Result<T, LinkError>) -> Dialled {
+    match outcome {
+        Ok(_) => Dialled::Delivered,
+        Err(LinkError::Rejected(error)) if error.code == ErrorCode::Unavailable => Dialled::Mailbox,
+        Err(LinkError::Rejected(error)) if error.code == ErrorCode::UnknownUser => {
+            Dialled::NextAddress
+        }
+        Err(LinkError::Rejected(error)) => Dialled::Failed(rejected(error.clone())),
+        Err(_) => Dialled::NextAddress,
+    }
+}
+
+/// The status of a message the recipient refused.
+pub(crate) fn rejected(error: proto::ErrorReply) -> DeliveryStatus {
+    DeliveryStatus::failed(FailureReason::refused(error), false)
+}
+
+/// What the server's answer to a deposit means: queued, or failed (kept for a retry unless
+/// the refusal is final: the mailbox is full, the server is busy or failing, or this client
+/// is not registered now are all worth a retry).
+pub(crate) fn after_deposit(deposited: Result<Reply, ControlError>) -> DeliveryStatus {
+    match deposited {
         Ok(Reply::Deposited { recipient_online }) => DeliveryStatus::Queued { recipient_online },
-        Ok(_) => DeliveryStatus::failed("unexpected reply from the server", true),
+        Ok(_) => DeliveryStatus::failed(FailureReason::UnexpectedReply, true),
         Err(ControlError::Refused(reply)) => {
             let retry = matches!(
                 reply.code,
@@ -213,8 +193,176 @@ async fn deposit(context: &Context, envelope: Envelope) -> DeliveryStatus {
                     | ErrorCode::Internal
                     | ErrorCode::NotRegistered
             );
-            DeliveryStatus::failed(reply.message, retry)
+            DeliveryStatus::failed(
+                FailureReason::MailboxRefused {
+                    code: reply.code,
+                    message: reply.message,
+                },
+                retry,
+            )
         }
-        Err(error) => DeliveryStatus::failed(format!("recipient unreachable and {error}"), true),
+        Err(error) => DeliveryStatus::failed(
+            FailureReason::MailboxUnreachable {
+                detail: error.to_string(),
+            },
+            true,
+        ),
+    }
+}
+
+fn seal(
+    context: &Context,
+    entry: &OutboxEntry,
+    keys: &PublicKeys,
+) -> Result<proto::Envelope, DeliveryStatus> {
+    let sealing = |error: proto::SealError| {
+        DeliveryStatus::failed(
+            FailureReason::Seal {
+                detail: error.to_string(),
+            },
+            false,
+        )
+    };
+    let channel = context.channel(&entry.to, keys).map_err(sealing)?;
+    // Sealed with the time it was written, so retries keep the original time.
+    channel
+        .seal(entry.id, &entry.body, entry.created_ms)
+        .map_err(sealing)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::SocketAddr, time::Duration};
+
+    use proto::{ErrorReply, Username};
+
+    use super::*;
+
+    fn info(online: bool) -> UserInfo {
+        UserInfo {
+            user: Username::new("bob").unwrap(),
+            keys: proto::Identity::generate().public().clone(),
+            online,
+            addresses: vec![SocketAddr::from(([127, 0, 0, 1], 7000))],
+            last_seen_ms: None,
+        }
+    }
+
+    fn refused(code: ErrorCode) -> LinkError {
+        LinkError::Rejected(ErrorReply::new(code, "no"))
+    }
+
+    #[test]
+    fn an_unknown_recipient_fails_for_good_and_an_unreachable_server_is_retried() {
+        let unknown = after_lookup(Err(ClientError::UnknownUser(Username::new("bob").unwrap())));
+        assert_eq!(
+            unknown.unwrap_err(),
+            DeliveryStatus::failed(FailureReason::UnknownUser, false)
+        );
+        let offline = after_lookup(Err(ClientError::Control(ControlError::Timeout(
+            Duration::from_secs(1),
+        ))));
+        assert!(matches!(
+            offline.unwrap_err(),
+            DeliveryStatus::Failed {
+                reason: FailureReason::ServerUnreachable { .. },
+                will_retry: true
+            }
+        ));
+    }
+
+    #[test]
+    fn an_offline_recipient_goes_straight_to_the_mailbox() {
+        assert!(direct_addresses(&info(false)).is_empty());
+        assert_eq!(direct_addresses(&info(true)).len(), 1);
+    }
+
+    #[test]
+    fn keys_that_do_not_verify_fail_and_changed_keys_hold_the_message_until_trust() {
+        assert!(matches!(
+            after_keys(Err("bad signature".into()), None),
+            Err(DeliveryStatus::Failed {
+                reason: FailureReason::InvalidKeys { .. },
+                will_retry: false
+            })
+        ));
+        let pinned = proto::Identity::generate().public().clone();
+        assert_eq!(
+            after_keys(Ok(()), Some(Ok(PinOutcome::Changed { pinned }))),
+            Err(DeliveryStatus::failed(FailureReason::KeyChanged, true))
+        );
+        assert_eq!(after_keys(Ok(()), Some(Ok(PinOutcome::New))), Ok(()));
+        assert_eq!(after_keys(Ok(()), Some(Ok(PinOutcome::Same))), Ok(()));
+    }
+
+    #[test]
+    fn direct_first_then_the_mailbox() {
+        let acked: Result<(), LinkError> = Ok(());
+        assert_eq!(after_dial(&acked), Dialled::Delivered);
+        // The recipient's own server link is down: the mailbox, now.
+        assert_eq!(
+            after_dial::<()>(&Err(refused(ErrorCode::Unavailable))),
+            Dialled::Mailbox
+        );
+        // Someone else at a stale address, or no connection: the next address.
+        assert_eq!(
+            after_dial::<()>(&Err(refused(ErrorCode::UnknownUser))),
+            Dialled::NextAddress
+        );
+        assert_eq!(
+            after_dial::<()>(&Err(LinkError::Timeout(Duration::from_secs(5)))),
+            Dialled::NextAddress
+        );
+        // The recipient's refusal is final.
+        assert!(matches!(
+            after_dial::<()>(&Err(refused(ErrorCode::Blocked))),
+            Dialled::Failed(DeliveryStatus::Failed {
+                reason: FailureReason::RefusedByRecipient {
+                    code: ErrorCode::Blocked,
+                    ..
+                },
+                will_retry: false
+            })
+        ));
+    }
+
+    #[test]
+    fn a_deposit_is_queued_or_kept_for_a_retry_unless_refused_for_good() {
+        assert_eq!(
+            after_deposit(Ok(Reply::Deposited {
+                recipient_online: false
+            })),
+            DeliveryStatus::Queued {
+                recipient_online: false
+            }
+        );
+        let refusal = |code| after_deposit(Err(ControlError::Refused(ErrorReply::new(code, "no"))));
+        for code in [
+            ErrorCode::MailboxFull,
+            ErrorCode::RateLimited,
+            ErrorCode::Unavailable,
+        ] {
+            assert!(matches!(
+                refusal(code),
+                DeliveryStatus::Failed {
+                    will_retry: true,
+                    ..
+                }
+            ));
+        }
+        assert!(matches!(
+            refusal(ErrorCode::Blocked),
+            DeliveryStatus::Failed {
+                will_retry: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            after_deposit(Err(ControlError::Offline("closed".into()))),
+            DeliveryStatus::Failed {
+                reason: FailureReason::MailboxUnreachable { .. },
+                will_retry: true
+            }
+        ));
     }
 }

@@ -17,10 +17,10 @@
 //! timeout and every refusal is answered and logged, never a panic. An envelope that does
 //! not open (or is not for me) proves nothing about its claimed sender: it pins nothing, is
 //! counted rather than shown, and the server is asked about that sender at most once per
-//! [`SERVER_KEYS_TTL`] ([`ServerKeys`]).
+//! [`crate::context::SERVER_KEYS_TTL`] ([`ServerKeys`]).
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashSet, VecDeque},
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
@@ -36,8 +36,11 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    runtime::{ClientError, Context, Event, Internal, SEEN_RETENTION_MS},
-    state::{InboundMessage, PinOutcome, StoreOutcome, Ticket},
+    api::{ClientError, Event, SEEN_RETENTION_MS},
+    context::Context,
+    core::{Fetched, Report},
+    reason::RefusalReason,
+    state::{InboundMessage, PinOutcome, StateError, StoreOutcome, Ticket},
 };
 
 /// How long an inbound connection that has delivered envelopes may stay silent before it
@@ -86,7 +89,50 @@ pub(crate) enum Refusal {
     Bad(#[from] OpenError),
     /// Cannot decide now (server unreachable, local storage failing): try again later.
     #[error("cannot take the message now: {0}")]
-    Transient(String),
+    Transient(Unavailable),
+}
+
+/// Why a message cannot be taken now.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Unavailable {
+    /// The server cannot be asked for the sender's keys.
+    #[error("the discovery server cannot be asked for the sender's keys: {0}")]
+    Server(ClientError),
+    /// The local state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The state write answered without an outcome.
+    #[error("the state write answered without an outcome")]
+    NoOutcome,
+}
+
+/// Why an inbound peer connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionEnded {
+    /// The hellos failed.
+    #[error(transparent)]
+    Handshake(#[from] proto::HandshakeError),
+    /// Reading failed.
+    #[error(transparent)]
+    Recv(#[from] proto::RecvError),
+    /// Writing the answers failed.
+    #[error(transparent)]
+    Send(#[from] proto::SendError),
+    /// The dialer reached the wrong user (a stale or reused address).
+    #[error("the peer wanted {0}, not me")]
+    NotForMe(Username),
+    /// The dialer is blocked.
+    #[error("{0} is blocked")]
+    Blocked(Username),
+    /// The first message was not a hello.
+    #[error("the first message was not a hello")]
+    NoHello,
+    /// No hello within the handshake timeout.
+    #[error("no peer hello in time")]
+    HelloTimeout,
+    /// A message other than an envelope after the hello.
+    #[error("unexpected message from the peer")]
+    Unexpected,
 }
 
 impl Refusal {
@@ -100,48 +146,8 @@ impl Refusal {
     }
 }
 
-/// How long the server's answer about a sender's keys is reused: long enough that a flood
-/// of junk claiming one sender costs one lookup, short enough that a real key change is
-/// seen within seconds.
-const SERVER_KEYS_TTL: Duration = Duration::from_secs(10);
-/// The most senders whose server keys are remembered (beyond it, the oldest answers go).
-const SERVER_KEYS_CAP: usize = 1024;
-
-/// The server's recent answers about senders' keys (`None`: no such user, or keys that do
-/// not verify), each with when it was fetched. Time is passed in, so the rules are tested
-/// without a runtime.
-#[derive(Debug, Default)]
-pub(crate) struct ServerKeys {
-    answers: std::sync::Mutex<HashMap<Username, (Option<PublicKeys>, Instant)>>,
-}
-
-impl ServerKeys {
-    /// The answer about `user` fetched within [`SERVER_KEYS_TTL`] of `now`, if any.
-    fn get(&self, user: &Username, now: Instant) -> Option<Option<PublicKeys>> {
-        let answers = self.answers.lock().ok()?;
-        let (keys, fetched) = answers.get(user)?;
-        (now.saturating_duration_since(*fetched) < SERVER_KEYS_TTL).then(|| keys.clone())
-    }
-
-    /// Remembers the server's answer about `user`, fetched at `now`.
-    fn insert(&self, user: &Username, keys: Option<PublicKeys>, now: Instant) {
-        let Ok(mut answers) = self.answers.lock() else {
-            return;
-        };
-        if answers.len() >= SERVER_KEYS_CAP && !answers.contains_key(user) {
-            answers.retain(|_, (_, fetched)| {
-                now.saturating_duration_since(*fetched) < SERVER_KEYS_TTL
-            });
-            if answers.len() >= SERVER_KEYS_CAP {
-                answers.clear();
-            }
-        }
-        answers.insert(user.clone(), (keys, now));
-    }
-}
-
 /// The keys the server has for `user` (`None`: unknown, or keys that do not verify), asked
-/// at most once per [`SERVER_KEYS_TTL`].
+/// at most once per [`crate::context::SERVER_KEYS_TTL`].
 async fn server_keys(context: &Context, user: &Username) -> Result<Option<PublicKeys>, Refusal> {
     if let Some(keys) = context.server_keys.get(user, Instant::now()) {
         return Ok(keys);
@@ -149,7 +155,7 @@ async fn server_keys(context: &Context, user: &Username) -> Result<Option<Public
     let keys = match context.lookup(user).await {
         Ok(info) => info.keys.verify().is_ok().then_some(info.keys),
         Err(ClientError::UnknownUser(_)) => None,
-        Err(error) => return Err(Refusal::Transient(error.to_string())),
+        Err(error) => return Err(Refusal::Transient(Unavailable::Server(error))),
     };
     context
         .server_keys
@@ -172,7 +178,7 @@ async fn sender_keys(
     context: &Context,
     user: &Username,
 ) -> Result<(PublicKeys, KeySource), Refusal> {
-    let transient = |error: crate::state::StateError| Refusal::Transient(error.to_string());
+    let transient = |error: StateError| Refusal::Transient(error.into());
     if let Some(keys) = context.state.pinned(user).map_err(transient)? {
         return Ok((keys, KeySource::Pinned));
     }
@@ -188,7 +194,7 @@ pub(crate) async fn receive(context: &Context, envelope: &Envelope) -> Result<Ac
     store(context, vec![checked])
         .await?
         .pop()
-        .ok_or_else(|| Refusal::Transient("nothing stored".into()))
+        .ok_or(Refusal::Transient(Unavailable::NoOutcome))
 }
 
 /// Stores checked messages, in order, in one group commit; resolves once durable.
@@ -203,7 +209,7 @@ pub(crate) async fn store(
         .state
         .submit_incoming(checked, proto::now_ms())
         .await
-        .map_err(|error| Refusal::Transient(error.to_string()))?;
+        .map_err(|error| Refusal::Transient(error.into()))?;
     Ok(outcomes
         .into_iter()
         .map(|outcome| match outcome {
@@ -219,7 +225,7 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
         return Err(Refusal::NotForMe(envelope.to.clone()));
     }
     let from = &envelope.from;
-    let transient = |error: crate::state::StateError| Refusal::Transient(error.to_string());
+    let transient = |error: StateError| Refusal::Transient(error.into());
     if context.state.is_blocked(from).map_err(transient)? {
         return Err(Refusal::Blocked);
     }
@@ -240,6 +246,7 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
         match context
             .state
             .pin_if_absent(from, &keys)
+            .await
             .map_err(transient)?
         {
             PinOutcome::New | PinOutcome::Same => {}
@@ -260,16 +267,18 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
 
 /// A token that does not open under the pinned keys is either forged or sealed with new
 /// keys. Asking the server tells the two apart, so a real key change is reported loudly.
-/// The server is asked at most once per [`SERVER_KEYS_TTL`] per sender, so forgeries cost no
+/// The server is asked at most once per [`crate::context::SERVER_KEYS_TTL`] per sender, so forgeries cost no
 /// lookup each.
 async fn key_change_or_forgery(context: &Context, from: &Username, pinned: &PublicKeys) -> Refusal {
     match server_keys(context, from).await {
         Ok(Some(keys)) if &keys != pinned => {
-            context.notify(Event::KeyChanged {
-                user: from.clone(),
-                pinned: pinned.fingerprint(),
-                offered: keys.fingerprint(),
-            });
+            context
+                .notify(Event::KeyChanged {
+                    user: from.clone(),
+                    pinned: pinned.fingerprint(),
+                    offered: keys.fingerprint(),
+                })
+                .await;
             Refusal::KeyChanged
         }
         _ => Refusal::Bad(OpenError::BadToken { peer: from.clone() }),
@@ -279,6 +288,18 @@ async fn key_change_or_forgery(context: &Context, from: &Username, pinned: &Publ
 impl Refusal {
     /// Whether the envelope was refused before anything in it authenticated (it did not
     /// open, or its clear header is not for me): anyone can send it under any name.
+    /// The reason told to the user, for the refusals told at all: blocked senders are
+    /// refused silently (that is the point of blocking), and what cannot be taken now is
+    /// taken later.
+    fn told(&self) -> Option<RefusalReason> {
+        match self {
+            Self::NotForMe(to) => Some(RefusalReason::NotForMe(to.clone())),
+            Self::Bad(error) => Some(RefusalReason::Unopenable(error.clone())),
+            Self::KeyChanged => Some(RefusalReason::KeyChanged { held: false }),
+            Self::Blocked | Self::Transient(_) => None,
+        }
+    }
+
     fn is_unauthenticated(&self) -> bool {
         matches!(
             self,
@@ -291,7 +312,7 @@ impl Refusal {
 /// (logged at the 1st, 2nd, 4th... one): naming its claimed sender would let anyone make
 /// the user see refusals "from" whomever they like, and a flood of them would flood the
 /// log.
-fn report_refusal(context: &Context, from: &Username, refusal: &Refusal) {
+async fn report_refusal(context: &Context, from: &Username, refusal: &Refusal) {
     if refusal.is_unauthenticated() {
         let total = context.unauthenticated.fetch_add(1, Ordering::Relaxed) + 1;
         if total.is_power_of_two() {
@@ -300,12 +321,13 @@ fn report_refusal(context: &Context, from: &Username, refusal: &Refusal) {
         return;
     }
     tracing::warn!(%from, %refusal, "incoming message refused");
-    // Blocked senders are refused silently: that is the point of blocking.
-    if !matches!(refusal, Refusal::Blocked | Refusal::Transient(_)) {
-        context.notify(Event::Refused {
-            from: from.clone(),
-            reason: refusal.to_string(),
-        });
+    if let Some(reason) = refusal.told() {
+        context
+            .notify(Event::Refused {
+                from: from.clone(),
+                reason,
+            })
+            .await;
     }
 }
 
@@ -313,15 +335,40 @@ fn report_refusal(context: &Context, from: &Username, refusal: &Refusal) {
 /// mailbox to open later rather than refused: a sender's clock a few minutes fast.
 const MAIL_CLOCK_WAIT_SECS: u64 = 300;
 
-/// How a mail fetch ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Fetched {
-    /// The mailbox was emptied (or the server could not be asked; the next connection
-    /// fetches again).
-    Done,
-    /// Mail was left in the mailbox because it could not be taken now (local storage
-    /// failing, the sender's keys not to be had): fetch again soon.
-    LeftForLater,
+/// What becomes of one mail, given its check.
+#[derive(Debug)]
+pub(crate) enum MailVerdict {
+    /// Store it (then ack it).
+    Store(Plaintext),
+    /// It cannot be taken now (the server or the disk is failing): leave it and the mail
+    /// behind it in the mailbox, and fetch again soon.
+    LeaveForLater(Refusal),
+    /// Dated a little ahead (the sender's clock is fast): it opens in a while, so it waits
+    /// in the mailbox, passed over, instead of being refused and deleted, and the mail
+    /// behind it is taken meanwhile.
+    DatedAhead {
+        /// How far ahead.
+        ahead_secs: u64,
+    },
+    /// Sealed under the sender's new key: keep it sealed for `trust`, then ack it.
+    Hold,
+    /// Refused for good: ack it (delete it from the mailbox, or it comes back forever).
+    Refuse(Refusal),
+}
+
+/// The mailbox's rule for one mail (see [`MailVerdict`]).
+pub(crate) fn mail_verdict(checked: Result<Plaintext, Refusal>) -> MailVerdict {
+    match checked {
+        Ok(message) => MailVerdict::Store(message),
+        Err(refusal @ Refusal::Transient(_)) => MailVerdict::LeaveForLater(refusal),
+        Err(Refusal::Bad(OpenError::ClockSkew { ahead_secs }))
+            if ahead_secs <= MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS =>
+        {
+            MailVerdict::DatedAhead { ahead_secs }
+        }
+        Err(Refusal::KeyChanged) => MailVerdict::Hold,
+        Err(refusal) => MailVerdict::Refuse(refusal),
+    }
 }
 
 /// Fetches and acks all waiting mail, then shows it.
@@ -366,37 +413,29 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
             if dated_ahead.contains(&envelope.id) {
                 continue;
             }
-            match check(context, envelope).await {
-                Ok(message) => checked.push((envelope.id, message)),
-                Err(Refusal::Transient(reason)) => {
+            match mail_verdict(check(context, envelope).await) {
+                MailVerdict::Store(message) => checked.push((envelope.id, message)),
+                MailVerdict::LeaveForLater(reason) => {
                     tracing::info!(%reason, "mail left in the mailbox for later");
                     (stop, left_for_later) = (true, true);
                     break;
                 }
-                // Dated a little ahead (the sender's clock is fast): it opens in a while, so
-                // it waits in the mailbox instead of being refused and deleted, and the
-                // mail behind it is taken meanwhile.
-                Err(Refusal::Bad(OpenError::ClockSkew { ahead_secs }))
-                    if ahead_secs <= MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS =>
-                {
+                MailVerdict::DatedAhead { ahead_secs } => {
                     tracing::info!(ahead_secs, from = %envelope.from, "mail dated ahead left in the mailbox until it opens");
                     dated_ahead.insert(envelope.id);
                 }
-                // Sealed under the sender's new key: keep it (sealed) for `trust`, then ack.
-                Err(Refusal::KeyChanged) => match context.state.hold(envelope, MAX_HELD) {
+                MailVerdict::Hold => match context.state.hold(envelope, MAX_HELD).await {
                     Ok(true) => {
-                        context.notify(Event::Refused {
-                            from: envelope.from.clone(),
-                            reason: format!(
-                                "{}; the message is kept and shown once you `trust {}`",
-                                Refusal::KeyChanged,
-                                envelope.from
-                            ),
-                        });
+                        context
+                            .notify(Event::Refused {
+                                from: envelope.from.clone(),
+                                reason: RefusalReason::KeyChanged { held: true },
+                            })
+                            .await;
                         ack.push(envelope.id);
                     }
                     Ok(false) => {
-                        report_refusal(context, &envelope.from, &Refusal::KeyChanged);
+                        report_refusal(context, &envelope.from, &Refusal::KeyChanged).await;
                         ack.push(envelope.id);
                     }
                     Err(error) => {
@@ -405,9 +444,8 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
                         break;
                     }
                 },
-                // Refused for good: delete it from the mailbox, or it comes back forever.
-                Err(refusal) => {
-                    report_refusal(context, &envelope.from, &refusal);
+                MailVerdict::Refuse(refusal) => {
+                    report_refusal(context, &envelope.from, &refusal).await;
                     ack.push(envelope.id);
                 }
             }
@@ -436,7 +474,7 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
             stop = true;
         }
         for message in new {
-            let _ = context.to_loop.send(Internal::Received(message));
+            context.report(Report::Received(message)).await;
         }
         if stop || remaining == 0 {
             return if left_for_later || !dated_ahead.is_empty() {
@@ -472,17 +510,17 @@ pub(crate) async fn reopen_held(context: &Context, from: &Username) {
     for envelope in held {
         let done = match receive(context, &envelope).await {
             Ok(Accepted::New(message)) => {
-                let _ = context.to_loop.send(Internal::Received(message));
+                context.report(Report::Received(message)).await;
                 true
             }
             Ok(Accepted::Duplicate) => true,
             Err(Refusal::KeyChanged | Refusal::Transient(_)) => false,
             Err(refusal) => {
-                report_refusal(context, from, &refusal);
+                report_refusal(context, from, &refusal).await;
                 true
             }
         };
-        if done && let Err(error) = context.state.unhold(&envelope.id) {
+        if done && let Err(error) = context.state.unhold(&envelope.id).await {
             tracing::error!(%error, "cannot forget held mail");
         }
     }
@@ -513,24 +551,21 @@ pub(crate) async fn serve(
 async fn serve_connection(
     connection: &mut Connection<TcpStream>,
     context: &Context,
-) -> Result<(), String> {
-    connection
-        .hello(HANDSHAKE_TIMEOUT)
-        .await
-        .map_err(|error| error.to_string())?;
+) -> Result<(), ConnectionEnded> {
+    connection.hello(HANDSHAKE_TIMEOUT).await?;
     let from = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.recv::<PeerMsg>()).await {
         Ok(Ok(Some(PeerMsg::Hello { from, to }))) => {
             if to != context.me {
                 // Not a refusal by the recipient: the dialer reached the wrong user (a stale
                 // or reused address). `unknown_user` tells it to try elsewhere: the mailbox.
-                let refusal = Refusal::NotForMe(to);
+                let refusal = Refusal::NotForMe(to.clone());
                 let _ = connection
                     .send(&PeerMsg::Reject {
                         id: None,
                         error: ErrorReply::new(ErrorCode::UnknownUser, refusal.to_string()),
                     })
                     .await;
-                return Err(refusal.to_string());
+                return Err(ConnectionEnded::NotForMe(to));
             }
             if context.state.is_blocked(&from).unwrap_or(false) {
                 let _ = connection
@@ -539,21 +574,21 @@ async fn serve_connection(
                         error: Refusal::Blocked.to_reply(),
                     })
                     .await;
-                return Err(format!("{from} is blocked"));
+                return Err(ConnectionEnded::Blocked(from));
             }
             from
         }
-        Ok(Ok(Some(_))) => return Err("the first message was not a hello".into()),
+        Ok(Ok(Some(_))) => return Err(ConnectionEnded::NoHello),
         Ok(Ok(None)) => return Ok(()),
-        Ok(Err(error)) => return Err(error.to_string()),
-        Err(_) => return Err("no peer hello in time".into()),
+        Ok(Err(error)) => return Err(error.into()),
+        Err(_) => return Err(ConnectionEnded::HelloTimeout),
     };
     // Batches checked and submitted for storing, oldest first. The connection goes on
     // reading while they commit, so the next batch is everything that arrived meanwhile
     // (not just one socket buffer's worth), and many batches share a group commit.
     let mut pending: VecDeque<Batch> = VecDeque::new();
     let mut pending_envelopes = 0;
-    let mut ended: Option<Result<(), String>> = None;
+    let mut ended: Option<Result<(), ConnectionEnded>> = None;
     let mut idle_timeout = HANDSHAKE_TIMEOUT;
     loop {
         if ended.is_some() && pending.is_empty() {
@@ -570,7 +605,7 @@ async fn serve_connection(
                 // screen, and shown even if the ack cannot be written (the sender's retry
                 // is then a duplicate, which is not shown).
                 for message in new {
-                    let _ = context.to_loop.send(Internal::Received(message));
+                    context.report(Report::Received(message)).await;
                 }
                 let written = async {
                     for answer in &answers {
@@ -579,7 +614,7 @@ async fn serve_connection(
                     connection.flush().await
                 }
                 .await;
-                written.map_err(|error| error.to_string())?;
+                written?;
             }
             first = tokio::time::timeout(idle_timeout, connection.recv::<PeerMsg>()), if reading => {
                 let first = match first {
@@ -588,7 +623,7 @@ async fn serve_connection(
                         envelope
                     }
                     Ok(Ok(Some(_))) => {
-                        ended = Some(Err("unexpected message from the peer".into()));
+                        ended = Some(Err(ConnectionEnded::Unexpected));
                         continue;
                     }
                     // An idle timeout with batches still committing is not idle.
@@ -598,7 +633,7 @@ async fn serve_connection(
                         continue;
                     }
                     Ok(Err(error)) => {
-                        ended = Some(Err(error.to_string()));
+                        ended = Some(Err(error.into()));
                         continue;
                     }
                 };
@@ -613,9 +648,9 @@ async fn serve_connection(
                             batch_bytes += envelope.token.len();
                             batch.push(envelope);
                         }
-                        Some(Ok(Some(_))) => ended = Some(Err("unexpected message from the peer".into())),
+                        Some(Ok(Some(_))) => ended = Some(Err(ConnectionEnded::Unexpected)),
                         Some(Ok(None)) => ended = Some(Ok(())),
-                        Some(Err(error)) => ended = Some(Err(error.to_string())),
+                        Some(Err(error)) => ended = Some(Err(error.into())),
                     }
                     if ended.is_some() {
                         break;
@@ -669,7 +704,7 @@ async fn next_stored(pending: &mut VecDeque<Batch>) -> (Vec<PeerMsg>, Vec<Inboun
             }
         }
         Err(error) => {
-            let refusal = Refusal::Transient(error.to_string());
+            let refusal = Refusal::Transient(error.into());
             tracing::warn!(%from, %refusal, "incoming messages refused");
             let error = refusal.to_reply();
             for (index, id) in places {
@@ -708,7 +743,7 @@ async fn check_batch(context: &Context, from: &Username, batch: Vec<Envelope>) -
                 answers.push(None);
             }
             Err(refusal) => {
-                report_refusal(context, from, &refusal);
+                report_refusal(context, from, &refusal).await;
                 answers.push(Some(PeerMsg::Reject {
                     id: Some(id),
                     error: refusal.to_reply(),
@@ -735,27 +770,59 @@ mod tests {
     }
 
     #[test]
-    fn server_keys_are_reused_until_the_ttl_then_asked_again() {
-        let cache = ServerKeys::default();
-        let keys = proto::Identity::generate().public().clone();
-        let start = Instant::now();
-        assert_eq!(cache.get(&name("bob"), start), None);
-        cache.insert(&name("bob"), Some(keys.clone()), start);
-        cache.insert(&name("nobody"), None, start);
-        let within = start + SERVER_KEYS_TTL - Duration::from_millis(1);
-        assert_eq!(cache.get(&name("bob"), within), Some(Some(keys)));
-        assert_eq!(cache.get(&name("nobody"), within), Some(None));
-        assert_eq!(cache.get(&name("bob"), start + SERVER_KEYS_TTL), None);
+    fn mail_is_stored_held_left_or_refused_by_its_check() {
+        let plaintext = Plaintext {
+            id: MessageId::random(),
+            from: name("bob"),
+            to: name("alice"),
+            sent_at_ms: 1,
+            body: "hi".into(),
+        };
+        assert!(matches!(mail_verdict(Ok(plaintext)), MailVerdict::Store(_)));
+        assert!(matches!(
+            mail_verdict(Err(Refusal::Transient(Unavailable::NoOutcome))),
+            MailVerdict::LeaveForLater(_)
+        ));
+        assert!(matches!(
+            mail_verdict(Err(Refusal::KeyChanged)),
+            MailVerdict::Hold
+        ));
+        // A few minutes fast waits in the mailbox; far ahead is refused for good.
+        let ahead =
+            |ahead_secs| mail_verdict(Err(Refusal::Bad(OpenError::ClockSkew { ahead_secs })));
+        assert!(matches!(
+            ahead(MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS),
+            MailVerdict::DatedAhead { .. }
+        ));
+        assert!(matches!(
+            ahead(MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS + 1),
+            MailVerdict::Refuse(_)
+        ));
+        assert!(matches!(
+            mail_verdict(Err(Refusal::Bad(OpenError::Replayed(MessageId::random())))),
+            MailVerdict::Refuse(_)
+        ));
+        assert!(matches!(
+            mail_verdict(Err(Refusal::Blocked)),
+            MailVerdict::Refuse(_)
+        ));
     }
 
     #[test]
-    fn server_keys_stay_bounded() {
-        let cache = ServerKeys::default();
-        let now = Instant::now();
-        for index in 0..SERVER_KEYS_CAP * 3 {
-            cache.insert(&name(&format!("user{index}")), None, now);
-        }
-        assert!(cache.answers.lock().unwrap().len() <= SERVER_KEYS_CAP);
+    fn a_blocked_sender_hears_blocked_and_a_transient_failure_asks_for_a_retry() {
+        assert_eq!(Refusal::Blocked.to_reply().code, ErrorCode::Blocked);
+        assert_eq!(
+            Refusal::Transient(Unavailable::NoOutcome).to_reply().code,
+            ErrorCode::Unavailable
+        );
+        assert_eq!(Refusal::KeyChanged.to_reply().code, ErrorCode::Refused);
+        // Blocked senders are refused silently; what cannot be taken now is not told.
+        assert_eq!(Refusal::Blocked.told(), None);
+        assert_eq!(Refusal::Transient(Unavailable::NoOutcome).told(), None);
+        assert_eq!(
+            Refusal::KeyChanged.told(),
+            Some(RefusalReason::KeyChanged { held: false })
+        );
     }
 
     #[test]

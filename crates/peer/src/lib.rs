@@ -2,7 +2,13 @@
 //!
 //! - [`runtime`]: [`start`] a runtime from a [`Config`]; it returns a [`Client`] (commands:
 //!   send, list, block, mute, whois, trust, history, ...) and [`Events`] (messages,
-//!   delivery results, announcements, warnings) in order. One event loop drives everything.
+//!   delivery results, announcements, warnings) in order.
+//! - [`api`]: the public types ([`Config`], [`Event`], [`DeliveryStatus`], [`ClientError`]...).
+//! - `core`: the event loop's rules as an I/O-free state machine (inputs and the time in,
+//!   actions out), unit-tested without a runtime, socket or disk.
+//! - `shell`: the one task that owns the loop's I/O (listener, channels, tasks, state
+//!   writes), feeds the core and does what it says; every channel bounded.
+//! - `context`: what the tasks share.
 //! - [`control`]: the control connection to the discovery server as an actor (register,
 //!   heartbeats, requests matched by id, reconnect with backoff).
 //! - [`delivery`]: sending one message: direct, else the mailbox; [`DeliveryStatus`].
@@ -20,17 +26,22 @@
 //! **Architecture Invariant:** this crate depends on `proto` and `durable` only among the
 //! workspace crates, and never prints: everything the user should see is an [`Event`].
 
+pub mod api;
+pub(crate) mod context;
 pub mod control;
+pub(crate) mod core;
 pub mod delivery;
 pub(crate) mod inbox;
 pub mod link;
 pub(crate) mod outgoing;
+pub mod reason;
 pub mod runtime;
+pub(crate) mod shell;
 pub mod state;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use delivery::DeliveryStatus;
+pub use api::{DeliveryStatus, FailureReason, RefusalReason};
 pub use runtime::{
     Client, ClientError, Config, Event, Events, OnlineUsers, SendReport, StartError, Status,
     WhoisReport, start,

@@ -13,6 +13,12 @@ use std::{net::SocketAddr, time::Duration};
 use proto::{Connection, Envelope, ErrorReply, MessageId, PeerMsg, Username};
 use tokio::net::TcpStream;
 
+/// The most envelopes sent and not yet answered on one link. Bounded so a slow receiver
+/// cannot make the sender buffer without limit, and so the acks of a full window (about
+/// 25 bytes each) always fit in the sender's socket buffer: the receiver's ack writes never
+/// block on a sender that is itself blocked writing envelopes.
+pub const WINDOW: usize = 1024;
+
 /// Why sending over a link failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {

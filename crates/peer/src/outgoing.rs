@@ -36,10 +36,11 @@
 use std::{
     collections::VecDeque,
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use futures::{StreamExt, stream::FuturesOrdered};
-use proto::{ErrorCode, Username};
+use proto::{ErrorCode, ErrorReply, Username};
 use tokio::{
     sync::{mpsc, oneshot},
     time::Instant,
@@ -47,17 +48,14 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    delivery::{self, DeliveryStatus},
-    link::{LinkError, PeerLink},
-    runtime::{ClientError, Context, Event, Internal, SendReport},
+    api::{ClientError, DeliveryStatus, Event, SendReport},
+    context::Context,
+    core::{RECIPIENT_QUEUE, Report},
+    delivery,
+    link::{LinkError, PeerLink, WINDOW},
+    reason::FailureReason,
     state::{AttemptResult, OutboxEntry, StateError, Ticket},
 };
-
-/// The most envelopes sent and not yet answered on one link. Bounded so a slow receiver
-/// cannot make the sender buffer without limit, and so the acks of a full window (about
-/// 25 bytes each) always fit in the sender's socket buffer: the receiver's ack writes never
-/// block on a sender that is itself blocked writing envelopes.
-pub const WINDOW: usize = 1024;
 
 /// One message for a recipient's task.
 pub(crate) struct Job {
@@ -80,16 +78,44 @@ struct Done {
 /// The most results the reporter records in one write.
 const MAX_RESULTS_PER_WRITE: usize = 4096;
 
+/// Why a kept link was given up (its unacked messages take the full route).
+#[derive(Debug, thiserror::Error)]
+enum LinkEnded {
+    /// Sending or receiving failed, or an ack was late.
+    #[error(transparent)]
+    Link(LinkError),
+    /// The recipient cannot take messages now (its server link or disk is down).
+    #[error("the peer cannot take messages now: {0}")]
+    PeerUnavailable(ErrorReply),
+    /// The recipient refused the whole link.
+    #[error("refused by the peer: {0}")]
+    Refused(ErrorReply),
+    /// No keys are pinned for the peer (the full route pins them).
+    #[error("no keys pinned for the peer")]
+    NoKeys,
+    /// The pinned keys could not be read.
+    #[error(transparent)]
+    State(StateError),
+    /// No channel could be derived from the pinned keys.
+    #[error(transparent)]
+    Seal(proto::SealError),
+}
+
+/// How many finished messages may wait for the reporter: beyond it, the sending task waits.
+const DONE_QUEUED: usize = WINDOW;
+
 /// Starts the task (and its reporter) for `to`; both stop when `shutdown` is cancelled or
-/// the returned queue is dropped.
+/// the returned queue is dropped (then the task ends once it has finished what it was
+/// given). The queue holds [`RECIPIENT_QUEUE`] jobs: the core hands no more than that to
+/// one task at a time, so a `try_send` to it never finds it full.
 pub(crate) fn spawn(
     context: Arc<Context>,
     to: Username,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
-) -> mpsc::UnboundedSender<Job> {
-    let (jobs_tx, jobs) = mpsc::unbounded_channel();
-    let (done_tx, done) = mpsc::unbounded_channel();
+) -> mpsc::Sender<Job> {
+    let (jobs_tx, jobs) = mpsc::channel(RECIPIENT_QUEUE);
+    let (done_tx, done) = mpsc::channel(DONE_QUEUED);
     let reporter_context = context.clone();
     tracker.spawn(report(reporter_context, done));
     tracker.spawn(async move {
@@ -106,8 +132,8 @@ pub(crate) fn spawn(
 async fn run(
     context: &Context,
     to: &Username,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
-    done: &mpsc::UnboundedSender<Done>,
+    mut jobs: mpsc::Receiver<Job>,
+    done: &mpsc::Sender<Done>,
 ) {
     let mut queue: VecDeque<Job> = VecDeque::new();
     // The kept link and the link generation it was opened in.
@@ -138,7 +164,7 @@ async fn run(
                     continue;
                 };
                 let (status, opened) = delivery::deliver(context, &job.entry).await;
-                finish(job, status, done);
+                finish(job, status, done).await;
                 link = opened.map(|opened| (opened, generation));
             }
         }
@@ -152,23 +178,23 @@ async fn pipeline(
     context: &Context,
     link: &mut PeerLink,
     queue: &mut VecDeque<Job>,
-    jobs: &mut mpsc::UnboundedReceiver<Job>,
-    done: &mpsc::UnboundedSender<Done>,
-) -> Result<(), String> {
+    jobs: &mut mpsc::Receiver<Job>,
+    done: &mpsc::Sender<Done>,
+) -> Result<(), LinkEnded> {
     let channel = match context.state.pinned(link.peer()) {
         Ok(Some(keys)) => context
             .channel(link.peer(), &keys)
-            .map_err(|error| error.to_string())?,
-        Ok(None) => return Err("no keys pinned".into()),
-        Err(error) => return Err(error.to_string()),
+            .map_err(LinkEnded::Seal)?,
+        Ok(None) => return Err(LinkEnded::NoKeys),
+        Err(error) => return Err(LinkEnded::State(error)),
     };
     let ack_timeout = context.config.ack_timeout;
-    let mut in_flight: VecDeque<(Job, Instant)> = VecDeque::new();
+    let mut in_flight = Window::default();
     let mut jobs_open = true;
     let result = 'link: loop {
         // Write as much as the window allows, then flush once.
         let mut fed = false;
-        while in_flight.len() < WINDOW {
+        while !in_flight.is_full() {
             let job = match queue.pop_front() {
                 Some(job) => job,
                 None => match jobs.try_recv() {
@@ -181,84 +207,128 @@ async fn pipeline(
             let envelope = match channel.seal(entry.id, &entry.body, entry.created_ms) {
                 Ok(envelope) => envelope,
                 Err(error) => {
-                    let status = DeliveryStatus::Failed {
-                        reason: error.to_string(),
-                        will_retry: false,
+                    let reason = FailureReason::Seal {
+                        detail: error.to_string(),
                     };
-                    finish(job, status, done);
+                    let status = DeliveryStatus::failed(reason, false);
+                    finish(job, status, done).await;
                     continue;
                 }
             };
             if let Err(error) = link.feed(envelope).await {
                 queue.push_front(job);
-                break 'link Err(error.to_string());
+                break 'link Err(LinkEnded::Link(error));
             }
-            in_flight.push_back((job, Instant::now()));
+            in_flight.push(job, Instant::now());
             fed = true;
         }
         if fed && let Err(error) = link.flush().await {
-            break Err(error.to_string());
+            break Err(LinkEnded::Link(error));
         }
-        let Some((_, oldest)) = in_flight.front() else {
+        let Some(deadline) = in_flight.deadline(ack_timeout) else {
             break Ok(());
         };
-        let deadline = *oldest + ack_timeout;
         tokio::select! {
             biased;
             answer = link.next_answer() => match answer {
                 Ok((id, outcome)) => {
                     // An answer to nothing in flight is a late one from before: skip it.
-                    let Some(index) = in_flight.iter().position(|(job, _)| job.entry.id == id) else {
+                    let Some((index, job)) = in_flight.take(&id) else {
                         continue;
                     };
-                    let Some((job, _)) = in_flight.remove(index) else { continue };
                     match outcome {
-                        Ok(()) => finish(job, DeliveryStatus::Delivered, done),
+                        Ok(()) => finish(job, DeliveryStatus::Delivered, done).await,
                         // The recipient cannot take it now (its server link or disk is
                         // down): the full route falls back to the mailbox.
                         Err(error) if error.code == ErrorCode::Unavailable => {
-                            in_flight.insert(index, (job, Instant::now()));
-                            break Err(format!("the peer cannot take messages now: {}", error.message));
+                            in_flight.put_back(index, job, Instant::now());
+                            break Err(LinkEnded::PeerUnavailable(error));
                         }
-                        Err(error) => finish(job, delivery::rejected(error), done),
+                        Err(error) => finish(job, delivery::rejected(error), done).await,
                     }
                 }
                 // The whole link is refused (blocked): every message on it is.
                 Err(LinkError::Rejected(error)) => {
-                    for (job, _) in in_flight.drain(..) {
-                        finish(job, delivery::rejected(error.clone()), done);
+                    for job in in_flight.drain() {
+                        finish(job, delivery::rejected(error.clone()), done).await;
                     }
-                    break Err(format!("refused by the peer: {}", error.message));
+                    break Err(LinkEnded::Refused(error));
                 }
-                Err(error) => break Err(error.to_string()),
+                Err(error) => break Err(LinkEnded::Link(error)),
             },
-            job = jobs.recv(), if jobs_open && in_flight.len() < WINDOW => match job {
+            job = jobs.recv(), if jobs_open && !in_flight.is_full() => match job {
                 Some(job) => queue.push_back(job),
                 None => jobs_open = false,
             },
             () = tokio::time::sleep_until(deadline) => {
-                break Err(LinkError::Timeout(ack_timeout).to_string());
+                break Err(LinkEnded::Link(LinkError::Timeout(ack_timeout)));
             }
         }
     };
     if result.is_err() {
-        while let Some((job, _)) = in_flight.pop_back() {
-            queue.push_front(job);
-        }
+        in_flight.requeue(queue);
     }
     result
 }
 
+/// The envelopes sent on a kept link and not yet answered, oldest first, each with when it
+/// was sent. Answers may come in any order; whatever is still unanswered when the link
+/// fails goes back to the front of the queue in the order it was sent, so the recipient
+/// still gets a recipient's messages in the order they were written.
+#[derive(Default)]
+struct Window {
+    sent: VecDeque<(Job, Instant)>,
+}
+
+impl Window {
+    /// Whether [`WINDOW`] envelopes wait for answers.
+    fn is_full(&self) -> bool {
+        self.sent.len() >= WINDOW
+    }
+
+    fn push(&mut self, job: Job, at: Instant) {
+        self.sent.push_back((job, at));
+    }
+
+    /// The message `id` answered, and its place (`None`: a late answer to nothing here).
+    fn take(&mut self, id: &proto::MessageId) -> Option<(usize, Job)> {
+        let index = self.sent.iter().position(|(job, _)| &job.entry.id == id)?;
+        self.sent.remove(index).map(|(job, _)| (index, job))
+    }
+
+    /// Puts back a message taken at `index` (its answer means it must go again).
+    fn put_back(&mut self, index: usize, job: Job, at: Instant) {
+        self.sent.insert(index.min(self.sent.len()), (job, at));
+    }
+
+    /// When the oldest unanswered message's ack is late.
+    fn deadline(&self, ack_timeout: Duration) -> Option<Instant> {
+        self.sent.front().map(|(_, at)| *at + ack_timeout)
+    }
+
+    /// Every unanswered message, oldest first (the whole link was refused).
+    fn drain(&mut self) -> impl Iterator<Item = Job> + '_ {
+        self.sent.drain(..).map(|(job, _)| job)
+    }
+
+    /// Puts every unanswered message back at the front of `queue`, in the order sent.
+    fn requeue(&mut self, queue: &mut VecDeque<Job>) {
+        while let Some((job, _)) = self.sent.pop_back() {
+            queue.push_front(job);
+        }
+    }
+}
+
 /// Hands the result of `job` to the reporter, which records it.
-fn finish(job: Job, status: DeliveryStatus, done: &mpsc::UnboundedSender<Done>) {
-    let _ = done.send(Done { job, status });
+async fn finish(job: Job, status: DeliveryStatus, done: &mpsc::Sender<Done>) {
+    let _ = done.send(Done { job, status }).await;
 }
 
 /// The reporter: see the module docs. Batches are handled in order; a batch's senders are
 /// answered as soon as their outbox records are durable, while its results are still being
 /// committed (`recording`), and the event loop hears a message is finished only once its
 /// result is durable, so an outbox flush never sends it again meanwhile.
-async fn report(context: Arc<Context>, mut done: mpsc::UnboundedReceiver<Done>) {
+async fn report(context: Arc<Context>, mut done: mpsc::Receiver<Done>) {
     let mut batch: Vec<Done> = Vec::new();
     let mut recording = FuturesOrdered::new();
     loop {
@@ -309,7 +379,7 @@ async fn record(context: Arc<Context>, batch: Vec<Done>) -> impl Future<Output =
         match record {
             None => {
                 let id = job.entry.id;
-                answer(&context, job, Ok(status));
+                answer(&context, job, Ok(status)).await;
                 waiting.push((id, None));
             }
             Some(error) => waiting.push((job.entry.id, Some((job, status, error)))),
@@ -319,7 +389,7 @@ async fn record(context: Arc<Context>, batch: Vec<Done>) -> impl Future<Output =
         let results = match results.await {
             Ok(results) => results.into_iter().map(|result| result.err()).collect(),
             Err(error) => {
-                context.report_state_error(error);
+                context.report_state_error(error).await;
                 Vec::new()
             }
         };
@@ -329,14 +399,14 @@ async fn record(context: Arc<Context>, batch: Vec<Done>) -> impl Future<Output =
             match unrecorded {
                 None => {
                     if let Some(error) = result_error {
-                        context.report_state_error(error);
+                        context.report_state_error(error).await;
                     }
                 }
                 Some((job, status, record_error)) => {
-                    answer_unrecorded(&context, job, status, record_error, result_error);
+                    answer_unrecorded(&context, job, status, record_error, result_error).await;
                 }
             }
-            let _ = context.to_loop.send(Internal::Finished(id));
+            context.report(Report::Finished(id)).await;
         }
     }
 }
@@ -346,7 +416,7 @@ async fn record(context: Arc<Context>, batch: Vec<Done>) -> impl Future<Output =
 /// safe with its recipient; the user hears that this client's history lacks it. Failed,
 /// it is kept for a retry only if its result could be written (that write puts it back in
 /// the outbox); otherwise the sender gets the error, as nothing holds the message now.
-fn answer_unrecorded(
+async fn answer_unrecorded(
     context: &Context,
     job: Job,
     status: DeliveryStatus,
@@ -354,16 +424,16 @@ fn answer_unrecorded(
     result_error: Option<StateError>,
 ) {
     if status.is_success() || result_error.is_none() {
-        context.report_state_error(record_error);
-        answer(context, job, Ok(status));
+        context.report_state_error(record_error).await;
+        answer(context, job, Ok(status)).await;
     } else {
-        answer(context, job, Err(record_error));
+        answer(context, job, Err(record_error)).await;
     }
 }
 
 /// Tells whoever waits for `job` its result: the sender of a new message, or (a retry from
 /// the outbox) the user, by an event.
-fn answer(context: &Context, job: Job, result: Result<DeliveryStatus, StateError>) {
+async fn answer(context: &Context, job: Job, result: Result<DeliveryStatus, StateError>) {
     let (id, to) = (job.entry.id, job.entry.to);
     match (job.reply, result) {
         (Some(reply), Ok(status)) => {
@@ -380,7 +450,83 @@ fn answer(context: &Context, job: Job, result: Result<DeliveryStatus, StateError
                 will_retry: true, ..
             }),
         ) => {}
-        (None, Ok(status)) => context.notify(Event::Delivery { id, to, status }),
-        (None, Err(error)) => context.report_state_error(error),
+        (None, Ok(status)) => context.notify(Event::Delivery { id, to, status }).await,
+        (None, Err(error)) => context.report_state_error(error).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::MessageId;
+
+    use super::*;
+
+    fn job(seq: u64) -> Job {
+        Job {
+            entry: OutboxEntry {
+                id: MessageId::random(),
+                to: Username::new("bob").unwrap(),
+                body: format!("message {seq}"),
+                created_ms: 1,
+                seq,
+                attempts: 0,
+                last_error: None,
+            },
+            recorded: None,
+            reply: None,
+        }
+    }
+
+    fn seqs(queue: &VecDeque<Job>) -> Vec<u64> {
+        queue.iter().map(|job| job.entry.seq).collect()
+    }
+
+    #[test]
+    fn after_a_failure_the_unanswered_go_first_in_the_order_sent() {
+        let now = Instant::now();
+        let mut window = Window::default();
+        let jobs: Vec<Job> = (1..=5).map(job).collect();
+        let ids: Vec<_> = jobs.iter().map(|job| job.entry.id).collect();
+        for job in jobs {
+            window.push(job, now);
+        }
+        // Answers come out of order; a late answer to nothing here is skipped.
+        assert_eq!(window.take(&ids[2]).map(|(_, job)| job.entry.seq), Some(3));
+        assert!(window.take(&MessageId::random()).is_none());
+        assert_eq!(window.take(&ids[0]).map(|(_, job)| job.entry.seq), Some(1));
+        let mut queue: VecDeque<Job> = [job(6), job(7)].into();
+        window.requeue(&mut queue);
+        assert_eq!(seqs(&queue), vec![2, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn a_message_put_back_keeps_its_place() {
+        let now = Instant::now();
+        let mut window = Window::default();
+        let jobs: Vec<Job> = (1..=3).map(job).collect();
+        let second = jobs[1].entry.id;
+        for job in jobs {
+            window.push(job, now);
+        }
+        let (index, taken) = window.take(&second).unwrap();
+        window.put_back(index, taken, now);
+        let mut queue = VecDeque::new();
+        window.requeue(&mut queue);
+        assert_eq!(seqs(&queue), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn the_oldest_unanswered_message_sets_the_ack_deadline_and_the_window_is_bounded() {
+        let start = Instant::now();
+        let timeout = Duration::from_secs(5);
+        let mut window = Window::default();
+        assert_eq!(window.deadline(timeout), None);
+        window.push(job(1), start);
+        window.push(job(2), start + Duration::from_secs(1));
+        assert_eq!(window.deadline(timeout), Some(start + timeout));
+        while !window.is_full() {
+            window.push(job(3), start);
+        }
+        assert_eq!(window.sent.len(), WINDOW);
     }
 }

@@ -32,11 +32,11 @@
 //! and `unshown` together, or in none of them. Changes are committed by the group-commit
 //! writer ([`durable::GroupWriter`]): many changes share one durable commit, and a change is
 //! reported done only once its commit is. Readers and the writer take the database from a
-//! [`durable::DatabaseSlot`], which opens the file again after an I/O failure. The blocking
-//! methods (`pin_if_absent`, `block`, ...) wait for that commit; the hot paths have
-//! `submit_*` twins that return a [`Ticket`] to await, so an async caller never holds a
-//! runtime thread for an `fsync`. Reads run directly (redb readers see the last commit).
-//! Time-dependent calls take `now_ms`.
+//! [`durable::DatabaseSlot`], which opens the file again after an I/O failure. Every write
+//! is submitted when it is called and returns a [`Ticket`] that resolves once durable
+//! (`pin_if_absent`, which reads first, is an `async fn`): nothing here blocks a thread on an
+//! `fsync`, and writes are committed in the order they were called. Reads run directly
+//! (redb readers see the last commit). Time-dependent calls take `now_ms`.
 //!
 //! **Architecture Invariant:** this module does no network I/O and knows nothing of the
 //! runtime; it is plain synchronous storage that the runtime drives.
@@ -58,6 +58,8 @@ use redb::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use durable::{DatabaseSlot, GroupWriter, Opener};
+
+use crate::reason::FailureReason;
 
 /// A submitted state write: resolves once durable (see [`durable::Ticket`]).
 pub type Ticket<T> = durable::Ticket<T, StateError>;
@@ -167,8 +169,10 @@ pub enum MessageStatus {
     Delivered,
     /// In the recipient's mailbox.
     Queued,
+    /// Not delivered, as worded by a version that stored reasons as text.
+    FailedAsText(String),
     /// Not delivered, for this reason.
-    Failed(String),
+    Failed(FailureReason),
 }
 
 /// One line of the local history.
@@ -205,7 +209,7 @@ pub struct OutboxEntry {
     pub seq: u64,
     /// How many attempts failed so far.
     pub attempts: u32,
-    /// The last failure, if any.
+    /// The last failure's code ([`FailureReason::code`]), if any.
     pub last_error: Option<String>,
 }
 
@@ -377,13 +381,13 @@ impl State {
         })
     }
 
-    /// Runs `work` in the writer's next group commit and waits until it is durable.
-    fn write<T, F>(&self, work: F) -> Result<T, StateError>
+    /// Runs `work` in the writer's next group commit; the ticket resolves once durable.
+    fn write<T, F>(&self, work: F) -> Ticket<T>
     where
         T: Send + 'static,
         F: Fn(&WriteTransaction) -> Result<T, StateError> + Send + 'static,
     {
-        self.writer.submit(work).wait_blocking()
+        self.writer.submit(work)
     }
 
     // ---- pins ----
@@ -399,7 +403,7 @@ impl State {
     }
 
     /// Pins `keys` for `user` unless other keys are pinned already.
-    pub fn pin_if_absent(
+    pub async fn pin_if_absent(
         &self,
         user: &Username,
         keys: &PublicKeys,
@@ -426,10 +430,11 @@ impl State {
                 }
             })
         })
+        .await
     }
 
     /// Pins `keys` for `user`, replacing whatever was pinned (`trust`).
-    pub fn repin(&self, user: &Username, keys: &PublicKeys) -> Result<(), StateError> {
+    pub fn repin(&self, user: &Username, keys: &PublicKeys) -> Ticket<()> {
         let (user, keys) = (user.clone(), encode(keys));
         self.write(move |txn| {
             txn.open_table(PINS)?.insert(user.as_str(), keys.as_ref())?;
@@ -440,16 +445,16 @@ impl State {
     // ---- blocks ----
 
     /// Blocks `user` (not yet confirmed by the server). Returns false if already blocked.
-    pub fn block(&self, user: &Username) -> Result<bool, StateError> {
+    pub fn block(&self, user: &Username) -> Ticket<bool> {
         self.set_block(user, true)
     }
 
     /// Unblocks `user` (the server still has to be told). Returns false if not blocked.
-    pub fn unblock(&self, user: &Username) -> Result<bool, StateError> {
+    pub fn unblock(&self, user: &Username) -> Ticket<bool> {
         self.set_block(user, false)
     }
 
-    fn set_block(&self, user: &Username, active: bool) -> Result<bool, StateError> {
+    fn set_block(&self, user: &Username, active: bool) -> Ticket<bool> {
         let user = user.clone();
         self.write(move |txn| {
             let mut table = txn.open_table(BLOCKS)?;
@@ -516,7 +521,7 @@ impl State {
     /// Records that the server confirmed `user` as `active` (blocked or not). A confirmation
     /// that no longer matches the local record (the user changed their mind meanwhile) is
     /// ignored, so the newer change is still sent.
-    pub fn block_synced(&self, user: &Username, active: bool) -> Result<(), StateError> {
+    pub fn block_synced(&self, user: &Username, active: bool) -> Ticket<()> {
         let user = user.clone();
         self.write(move |txn| {
             let mut table = txn.open_table(BLOCKS)?;
@@ -544,7 +549,7 @@ impl State {
     // ---- mutes ----
 
     /// Mutes `user` until `until_ms`.
-    pub fn mute(&self, user: &Username, until_ms: u64) -> Result<(), StateError> {
+    pub fn mute(&self, user: &Username, until_ms: u64) -> Ticket<()> {
         let user = user.clone();
         self.write(move |txn| {
             txn.open_table(MUTES)?.insert(user.as_str(), until_ms)?;
@@ -553,7 +558,7 @@ impl State {
     }
 
     /// Ends the mute of `user`. Returns whether there was one.
-    pub fn unmute(&self, user: &Username) -> Result<bool, StateError> {
+    pub fn unmute(&self, user: &Username) -> Ticket<bool> {
         let user = user.clone();
         self.write(move |txn| Ok(txn.open_table(MUTES)?.remove(user.as_str())?.is_some()))
     }
@@ -568,20 +573,23 @@ impl State {
             .filter(|until| mute_active(*until, now_ms)))
     }
 
-    /// The earliest end of any mute (expired or not), for the runtime's timer.
-    pub fn next_mute_end(&self) -> Result<Option<u64>, StateError> {
+    /// Every mute (ended or not): user and the millisecond it ends.
+    pub fn mutes(&self) -> Result<Vec<(Username, u64)>, StateError> {
         let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(MUTES)?;
-        let mut earliest: Option<u64> = None;
+        let mut mutes = Vec::new();
         for row in table.iter()? {
-            let (_, until) = row?;
-            earliest = Some(earliest.map_or(until.value(), |e| e.min(until.value())));
+            let (user, until) = row?;
+            // A name that no longer validates is skipped rather than fatal.
+            if let Ok(user) = Username::new(user.value()) {
+                mutes.push((user, until.value()));
+            }
         }
-        Ok(earliest)
+        Ok(mutes)
     }
 
     /// Removes every mute that has ended at `now_ms` and returns whose.
-    pub fn take_ended_mutes(&self, now_ms: u64) -> Result<Vec<Username>, StateError> {
+    pub fn take_ended_mutes(&self, now_ms: u64) -> Ticket<Vec<Username>> {
         self.write(move |txn| {
             let mut ended = Vec::new();
             let mut table = txn.open_table(MUTES)?;
@@ -722,7 +730,8 @@ impl State {
                     let mut kept = entry.clone();
                     kept.attempts = kept.attempts.saturating_add(1);
                     kept.last_error = match status {
-                        MessageStatus::Failed(reason) => Some(reason.clone()),
+                        MessageStatus::Failed(reason) => Some(reason.code().to_owned()),
+                        MessageStatus::FailedAsText(reason) => Some(reason.clone()),
                         _ => None,
                     };
                     outbox.insert(entry.seq, encode(&kept).as_ref())?;
@@ -843,7 +852,7 @@ impl State {
     /// Forgets the ids of messages written more than `retention_ms` before `now_ms` (one
     /// range delete). Messages that old are refused on arrival, so forgetting their ids
     /// cannot let a copy in.
-    pub fn prune_seen(&self, now_ms: u64, retention_ms: u64) -> Result<u64, StateError> {
+    pub fn prune_seen(&self, now_ms: u64, retention_ms: u64) -> Ticket<u64> {
         let oldest_kept = now_ms.saturating_sub(retention_ms);
         self.write(move |txn| {
             let mut removed = 0;
@@ -909,7 +918,7 @@ impl State {
     /// Keeps `envelope` sealed until its sender is trusted again. Idempotent by message
     /// id. Returns false (and keeps nothing) when `max` envelopes are held already, so a
     /// sender with a new key cannot fill the disk.
-    pub fn hold(&self, envelope: &Envelope, max: u64) -> Result<bool, StateError> {
+    pub fn hold(&self, envelope: &Envelope, max: u64) -> Ticket<bool> {
         let (id, encoded) = (envelope.id, encode(envelope));
         self.write(move |txn| {
             let mut table = txn.open_table(HELD)?;
@@ -940,7 +949,7 @@ impl State {
     }
 
     /// Forgets a held envelope (opened and stored, or refused for good).
-    pub fn unhold(&self, id: &MessageId) -> Result<(), StateError> {
+    pub fn unhold(&self, id: &MessageId) -> Ticket<()> {
         let id = *id;
         self.write(move |txn| {
             txn.open_table(HELD)?.remove(id.0)?;
@@ -1106,9 +1115,12 @@ mod tests {
         let queued;
         {
             let state = State::open(dir.path()).unwrap();
-            assert_eq!(state.pin_if_absent(&bob, &keys).unwrap(), PinOutcome::New);
-            assert!(state.block(&name("mallory")).unwrap());
-            state.mute(&bob, 50_000).unwrap();
+            assert_eq!(
+                futures::executor::block_on(state.pin_if_absent(&bob, &keys)).unwrap(),
+                PinOutcome::New
+            );
+            assert!(state.block(&name("mallory")).wait_blocking().unwrap());
+            state.mute(&bob, 50_000).wait_blocking().unwrap();
             queued = state.queue_outgoing(&bob, "hi bob", 2_000).unwrap();
             assert!(matches!(
                 state.store_incoming(&message, 3_000).unwrap(),
@@ -1156,7 +1168,9 @@ mod tests {
                     status: if i % 2 == 0 {
                         MessageStatus::Delivered
                     } else {
-                        MessageStatus::Failed("offline".into())
+                        MessageStatus::Failed(FailureReason::MailboxUnreachable {
+                            detail: "offline".into(),
+                        })
                     },
                     keep: i % 2 == 1,
                 })
@@ -1331,13 +1345,13 @@ mod tests {
         }
         // Retention 800 at 1,000: ids written before 200 go; 200 itself is still accepted
         // on arrival (see `inbox::check`), so it stays.
-        assert_eq!(state.prune_seen(1_000, 800).unwrap(), 2);
+        assert_eq!(state.prune_seen(1_000, 800).wait_blocking().unwrap(), 2);
         let seen: Vec<bool> = messages
             .iter()
             .map(|m| state.is_seen(&m.id, m.sent_at_ms).unwrap())
             .collect();
         assert_eq!(seen, [false, false, true, true, true]);
-        assert_eq!(state.prune_seen(1_000, 800).unwrap(), 0);
+        assert_eq!(state.prune_seen(1_000, 800).wait_blocking().unwrap(), 0);
         // The stored messages themselves are not pruned.
         assert_eq!(state.history(&name("bob"), 10).unwrap().len(), 5);
     }
@@ -1375,7 +1389,7 @@ mod tests {
             state.store_incoming(&first, 11).unwrap(),
             StoreOutcome::Duplicate
         );
-        state.mute(&name("bob"), 100).unwrap();
+        state.mute(&name("bob"), 100).wait_blocking().unwrap();
         state.store_incoming(&second, 12).unwrap();
         let unshown = state.unshown().unwrap();
         assert_eq!(
@@ -1392,7 +1406,7 @@ mod tests {
         );
         assert_eq!(state.history(&name("bob"), 10).unwrap().len(), 2);
         // Pruning forgets only ids of messages written before the retention.
-        assert_eq!(state.prune_seen(3, 1).unwrap(), 1);
+        assert_eq!(state.prune_seen(3, 1).wait_blocking().unwrap(), 1);
         assert!(!state.is_seen(&first.id, first.sent_at_ms).unwrap());
         assert!(state.is_seen(&second.id, second.sent_at_ms).unwrap());
     }
@@ -1405,7 +1419,9 @@ mod tests {
         let first = state.queue_outgoing(&bob, "one", 1).unwrap();
         let second = state.queue_outgoing(&bob, "two", 2).unwrap();
         assert_eq!(state.outbox().unwrap(), vec![first.clone(), second.clone()]);
-        let failed = MessageStatus::Failed("server unreachable".into());
+        let failed = MessageStatus::Failed(FailureReason::ServerUnreachable {
+            detail: "no answer".into(),
+        });
         state.finish_attempt(&first, &failed, true).unwrap();
         state
             .finish_attempt(&second, &MessageStatus::Delivered, false)
@@ -1414,7 +1430,7 @@ mod tests {
         assert_eq!(outbox.len(), 1);
         assert_eq!(outbox[0].id, first.id);
         assert_eq!(outbox[0].attempts, 1);
-        assert_eq!(outbox[0].last_error.as_deref(), Some("server unreachable"));
+        assert_eq!(outbox[0].last_error.as_deref(), Some("server_unreachable"));
         let history = state.history(&bob, 10).unwrap();
         assert_eq!(history[0].status, failed);
         assert_eq!(history[1].status, MessageStatus::Delivered);
@@ -1445,10 +1461,16 @@ mod tests {
         let (first, second, third) = (envelope("alice"), envelope("carol"), envelope("alice"));
         {
             let state = State::open(dir.path()).unwrap();
-            assert!(state.hold(&first, 2).unwrap());
-            assert!(state.hold(&first, 2).unwrap(), "holding again is a no-op");
-            assert!(state.hold(&second, 2).unwrap());
-            assert!(!state.hold(&third, 2).unwrap(), "over the cap");
+            assert!(state.hold(&first, 2).wait_blocking().unwrap());
+            assert!(
+                state.hold(&first, 2).wait_blocking().unwrap(),
+                "holding again is a no-op"
+            );
+            assert!(state.hold(&second, 2).wait_blocking().unwrap());
+            assert!(
+                !state.hold(&third, 2).wait_blocking().unwrap(),
+                "over the cap"
+            );
         }
         let state = State::open(dir.path()).unwrap();
         assert_eq!(
@@ -1456,7 +1478,7 @@ mod tests {
             vec![first.clone()]
         );
         assert_eq!(state.held_from(&name("carol")).unwrap(), vec![second]);
-        state.unhold(&first.id).unwrap();
+        state.unhold(&first.id).wait_blocking().unwrap();
         assert!(state.held_from(&name("alice")).unwrap().is_empty());
     }
 
@@ -1466,17 +1488,29 @@ mod tests {
         let state = State::open(dir.path()).unwrap();
         let bob = name("bob");
         let carol = name("carol");
-        state.mute(&bob, 10_000).unwrap();
-        state.mute(&carol, 20_000).unwrap();
-        assert_eq!(state.next_mute_end().unwrap(), Some(10_000));
+        state.mute(&bob, 10_000).wait_blocking().unwrap();
+        state.mute(&carol, 20_000).wait_blocking().unwrap();
+        assert_eq!(
+            state.mutes().unwrap(),
+            vec![(bob.clone(), 10_000), (carol.clone(), 20_000)]
+        );
         assert_eq!(state.muted_until(&bob, 9_999).unwrap(), Some(10_000));
         assert_eq!(state.muted_until(&bob, 10_000).unwrap(), None);
-        assert!(state.take_ended_mutes(9_999).unwrap().is_empty());
-        assert_eq!(state.take_ended_mutes(10_000).unwrap(), vec![bob.clone()]);
-        assert_eq!(state.next_mute_end().unwrap(), Some(20_000));
-        assert!(state.unmute(&carol).unwrap());
-        assert!(!state.unmute(&carol).unwrap());
-        assert_eq!(state.next_mute_end().unwrap(), None);
+        assert!(
+            state
+                .take_ended_mutes(9_999)
+                .wait_blocking()
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            state.take_ended_mutes(10_000).wait_blocking().unwrap(),
+            vec![bob.clone()]
+        );
+        assert_eq!(state.mutes().unwrap(), vec![(carol.clone(), 20_000)]);
+        assert!(state.unmute(&carol).wait_blocking().unwrap());
+        assert!(!state.unmute(&carol).wait_blocking().unwrap());
+        assert_eq!(state.mutes().unwrap(), vec![]);
     }
 
     /// Regression: whether a message was held by a mute was decided when it was checked,
@@ -1488,13 +1522,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(dir.path()).unwrap();
         let alice = name("alice");
-        state.mute(&alice, 10_000).unwrap();
+        state.mute(&alice, 10_000).wait_blocking().unwrap();
         let before = plaintext("alice", "checked and stored while muted", 1_000);
         let StoreOutcome::New(held) = state.store_incoming(&before, 1_000).unwrap() else {
             panic!("stored")
         };
         assert!(held.while_muted);
-        assert!(state.unmute(&alice).unwrap());
+        assert!(state.unmute(&alice).wait_blocking().unwrap());
         let after = plaintext("alice", "checked while muted, stored after", 1_100);
         let StoreOutcome::New(shown) = state.store_incoming(&after, 1_100).unwrap() else {
             panic!("stored")
@@ -1503,7 +1537,7 @@ mod tests {
             !shown.while_muted,
             "the unmute came first: shown on arrival"
         );
-        state.mute(&alice, 5_000).unwrap();
+        state.mute(&alice, 5_000).wait_blocking().unwrap();
         let expired = plaintext("alice", "stored after the mute's end", 6_000);
         let StoreOutcome::New(late) = state.store_incoming(&expired, 6_000).unwrap() else {
             panic!("stored")
@@ -1518,16 +1552,22 @@ mod tests {
         let bob = name("bob");
         let first = Identity::generate().public().clone();
         let second = Identity::generate().public().clone();
-        assert_eq!(state.pin_if_absent(&bob, &first).unwrap(), PinOutcome::New);
-        assert_eq!(state.pin_if_absent(&bob, &first).unwrap(), PinOutcome::Same);
         assert_eq!(
-            state.pin_if_absent(&bob, &second).unwrap(),
+            futures::executor::block_on(state.pin_if_absent(&bob, &first)).unwrap(),
+            PinOutcome::New
+        );
+        assert_eq!(
+            futures::executor::block_on(state.pin_if_absent(&bob, &first)).unwrap(),
+            PinOutcome::Same
+        );
+        assert_eq!(
+            futures::executor::block_on(state.pin_if_absent(&bob, &second)).unwrap(),
             PinOutcome::Changed {
                 pinned: first.clone()
             }
         );
         assert_eq!(state.pinned(&bob).unwrap(), Some(first));
-        state.repin(&bob, &second).unwrap();
+        state.repin(&bob, &second).wait_blocking().unwrap();
         assert_eq!(state.pinned(&bob).unwrap(), Some(second));
     }
 
@@ -1536,25 +1576,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(dir.path()).unwrap();
         let mallory = name("mallory");
-        assert!(state.block(&mallory).unwrap());
-        assert!(!state.block(&mallory).unwrap());
+        assert!(state.block(&mallory).wait_blocking().unwrap());
+        assert!(!state.block(&mallory).wait_blocking().unwrap());
         assert!(state.is_blocked(&mallory).unwrap());
         assert_eq!(
             state.unsynced_blocks().unwrap(),
             vec![(mallory.clone(), true)]
         );
-        state.block_synced(&mallory, true).unwrap();
+        state.block_synced(&mallory, true).wait_blocking().unwrap();
         assert!(state.unsynced_blocks().unwrap().is_empty());
-        assert!(state.unblock(&mallory).unwrap());
+        assert!(state.unblock(&mallory).wait_blocking().unwrap());
         assert!(!state.is_blocked(&mallory).unwrap());
         // A stale confirmation (of the block) does not hide the pending unblock.
-        state.block_synced(&mallory, true).unwrap();
+        state.block_synced(&mallory, true).wait_blocking().unwrap();
         assert_eq!(
             state.unsynced_blocks().unwrap(),
             vec![(mallory.clone(), false)]
         );
-        state.block_synced(&mallory, false).unwrap();
+        state.block_synced(&mallory, false).wait_blocking().unwrap();
         assert!(state.unsynced_blocks().unwrap().is_empty());
         assert!(state.blocked().unwrap().is_empty());
+    }
+
+    /// History lines written when reasons were stored as text still read, as text.
+    #[test]
+    fn a_failure_stored_as_text_by_an_earlier_version_still_reads() {
+        #[derive(Serialize)]
+        enum Earlier {
+            _Received,
+            _Pending,
+            _Delivered,
+            _Queued,
+            Failed(String),
+        }
+        let bytes = wire::encode(&Earlier::Failed("server unreachable".into())).unwrap();
+        assert_eq!(
+            wire::decode::<MessageStatus>(&bytes).unwrap(),
+            MessageStatus::FailedAsText("server unreachable".into())
+        );
     }
 }

@@ -179,7 +179,10 @@ async fn a_message_held_by_a_mute_that_ended_offline_is_shown_once_at_start() {
         // Stored while muted a second ago; the mute ended half a second ago.
         let state = peer::state::State::open(&bob_dir).unwrap();
         let now = proto::now_ms();
-        state.mute(&name("alice"), now - 500).unwrap();
+        state
+            .mute(&name("alice"), now - 500)
+            .wait_blocking()
+            .unwrap();
         let message = proto::seal::Plaintext {
             id: MessageId::random(),
             from: name("alice"),

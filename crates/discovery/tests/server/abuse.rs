@@ -10,7 +10,7 @@ use std::{
 };
 
 use discovery::Config;
-use proto::{Connection, ErrorCode, ErrorReply, Request, RequestFrame, ServerMsg};
+use proto::{Connection, ErrorCode, ErrorReply, Reply, Request, RequestFrame, ServerMsg};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
@@ -516,5 +516,88 @@ async fn new_names_from_one_address_are_limited() {
     // Another address binds a new name.
     let mut carol = Client::connect_from(server.address, source(3), "carol").await;
     carol.register().await.unwrap();
+    server.stop().await;
+}
+
+/// Past its budget of deposits a minute, a sender is refused with `rate_limited` and when
+/// to try again (counted), across all of its sessions, while another sender's mail to the
+/// same mailbox is taken; a byte budget an hour works the same way.
+#[tokio::test]
+async fn deposits_beyond_a_senders_budget_are_refused_with_when_to_retry() {
+    let server = Server::embedded(Config {
+        deposits_per_minute: 5,
+        ..config()
+    })
+    .await;
+    // One identity, two sessions (two processes of one user).
+    let keys = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(keys.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    proto::Identity::generate().save(keys.path()).unwrap();
+    let session = || proto::Identity::load(keys.path()).unwrap();
+    let mut mallory = Client::connect_as(server.address, "mallory", session()).await;
+    let mut mallory_again = Client::connect_as(server.address, "mallory", session()).await;
+    let mut alice = Client::connect(server.address, "alice").await;
+    let bob = Client::connect(server.address, "bob").await;
+    mallory.register().await.unwrap();
+    mallory_again.register().await.unwrap();
+    alice.register().await.unwrap();
+    let mut bob = bob;
+    bob.register().await.unwrap();
+    let mut refusal = None;
+    for round in 0..20 {
+        let client = if round % 2 == 0 {
+            &mut mallory
+        } else {
+            &mut mallory_again
+        };
+        let envelope = client.seal_for(&bob, "buy now");
+        match client.request(Request::Deposit { envelope }).await {
+            Ok(Reply::Deposited { .. }) => {}
+            Ok(other) => panic!("unexpected reply {other:?}"),
+            Err(error) => {
+                refusal = Some((round, error));
+                break;
+            }
+        }
+    }
+    let (round, refusal) = refusal.expect("the sender's budget ran out");
+    assert_eq!(round, 5, "five a minute, both sessions together");
+    assert_eq!(refusal.code, ErrorCode::RateLimited);
+    assert!(refusal.message.contains("try again in"), "{refusal}");
+    assert_eq!(server.metrics.deposits_over_budget.get(), 1);
+
+    // Another sender's mail to the same mailbox is taken.
+    let envelope = alice.seal_for(&bob, "lunch?");
+    assert!(matches!(
+        alice.request(Request::Deposit { envelope }).await,
+        Ok(Reply::Deposited { .. })
+    ));
+    server.stop().await;
+
+    let server = Server::embedded(Config {
+        // Two sealed 8 KiB messages fit, a third does not.
+        deposit_bytes_per_hour: 28 * 1024,
+        ..config()
+    })
+    .await;
+    let mut mallory = Client::connect(server.address, "mallory").await;
+    let mut bob = Client::connect(server.address, "bob").await;
+    mallory.register().await.unwrap();
+    bob.register().await.unwrap();
+    let big = "x".repeat(8 * 1024);
+    for _ in 0..2 {
+        let envelope = mallory.seal_for(&bob, &big);
+        mallory
+            .request(Request::Deposit { envelope })
+            .await
+            .unwrap();
+    }
+    let envelope = mallory.seal_for(&bob, &big);
+    let refusal = mallory
+        .request(Request::Deposit { envelope })
+        .await
+        .unwrap_err();
+    assert_eq!(refusal.code, ErrorCode::RateLimited);
+    assert!(refusal.message.contains("an hour"), "{refusal}");
     server.stop().await;
 }

@@ -1,0 +1,178 @@
+//! [`Context`]: what the runtime's tasks share (identity, state, the control handle, the
+//! way back to the event loop), and [`ServerKeys`], the short-lived cache of the server's
+//! answers about senders' keys.
+//!
+//! **Architecture Invariant:** the task modules ([`crate::delivery`], [`crate::inbox`],
+//! [`crate::outgoing`]) and the shell import this module; it imports none of them.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
+
+use proto::{Channel, Identity, PublicKeys, Reply, Request, UserInfo, Username};
+use tokio::sync::mpsc;
+
+use crate::{
+    api::{ClientError, Config, Event},
+    control::{ControlError, ControlHandle},
+    core::Report,
+    state::{State, StateError},
+};
+
+/// Channels cached per peer and key pair.
+type ChannelCache = Mutex<HashMap<(Username, [u8; 32], [u8; 32]), Arc<Channel>>>;
+
+/// The capacity of the tasks' channel to the event loop. Full, a task waits: the loop is
+/// behind (its events are not being read), and the task's peer or fetch waits with it.
+pub(crate) const REPORTS_QUEUED: usize = 1024;
+
+/// What every task of one runtime shares.
+pub(crate) struct Context {
+    pub(crate) me: Username,
+    pub(crate) identity: Arc<Identity>,
+    pub(crate) state: State,
+    pub(crate) control: ControlHandle,
+    pub(crate) to_loop: mpsc::Sender<Report>,
+    pub(crate) config: Config,
+    /// Raised at every reconnect: links kept from an earlier generation are dropped.
+    pub(crate) link_generation: AtomicU64,
+    pub(crate) channels: ChannelCache,
+    /// The server's keys for senders not pinned or not matching the pinned keys, kept
+    /// briefly so junk claiming one sender costs one lookup, not one per envelope (see
+    /// [`crate::inbox`]).
+    pub(crate) server_keys: ServerKeys,
+    /// Envelopes refused before anything in them authenticated: counted, and logged at the
+    /// 1st, 2nd, 4th, 8th... (never shown as an event naming the claimed sender).
+    pub(crate) unauthenticated: AtomicU64,
+}
+
+impl Context {
+    /// The sealing channel with `peer` under `keys` (cached: derivation costs a DH).
+    pub(crate) fn channel(
+        &self,
+        peer: &Username,
+        keys: &PublicKeys,
+    ) -> Result<Arc<Channel>, proto::SealError> {
+        let key = (peer.clone(), keys.identity, keys.exchange);
+        if let Ok(cache) = self.channels.lock()
+            && let Some(channel) = cache.get(&key)
+        {
+            return Ok(channel.clone());
+        }
+        let channel = Arc::new(Channel::new(&self.identity, &self.me, peer, keys)?);
+        if let Ok(mut cache) = self.channels.lock() {
+            cache.insert(key, channel.clone());
+        }
+        Ok(channel)
+    }
+
+    /// Looks `user` up at the server.
+    pub(crate) async fn lookup(&self, user: &Username) -> Result<UserInfo, ClientError> {
+        match self
+            .control
+            .request(Request::Lookup { user: user.clone() })
+            .await
+        {
+            Ok(Reply::User(info)) => Ok(info),
+            Ok(_) => Err(ControlError::Unexpected.into()),
+            Err(error) if error.code() == Some(proto::ErrorCode::UnknownUser) => {
+                Err(ClientError::UnknownUser(user.clone()))
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Reports to the event loop (waits while its queue is full; a stopped loop drops it).
+    pub(crate) async fn report(&self, report: Report) {
+        let _ = self.to_loop.send(report).await;
+    }
+
+    /// Tells the user something.
+    pub(crate) async fn notify(&self, event: Event) {
+        self.report(Report::Notify(event)).await;
+    }
+
+    /// Logs a local state failure and tells the user.
+    pub(crate) async fn report_state_error(&self, error: StateError) {
+        tracing::error!(%error, "state error");
+        self.notify(Event::StateError {
+            error: error.to_string(),
+        })
+        .await;
+    }
+}
+
+/// How long the server's answer about a sender's keys is reused: long enough that a flood
+/// of junk claiming one sender costs one lookup, short enough that a real key change is
+/// seen within seconds.
+pub(crate) const SERVER_KEYS_TTL: Duration = Duration::from_secs(10);
+/// The most senders whose server keys are remembered (beyond it, the oldest answers go).
+const SERVER_KEYS_CAP: usize = 1024;
+
+/// The server's recent answers about senders' keys (`None`: no such user, or keys that do
+/// not verify), each with when it was fetched. Time is passed in, so the rules are tested
+/// without a runtime.
+#[derive(Debug, Default)]
+pub(crate) struct ServerKeys {
+    answers: Mutex<HashMap<Username, (Option<PublicKeys>, Instant)>>,
+}
+
+impl ServerKeys {
+    /// The answer about `user` fetched within [`SERVER_KEYS_TTL`] of `now`, if any.
+    pub(crate) fn get(&self, user: &Username, now: Instant) -> Option<Option<PublicKeys>> {
+        let answers = self.answers.lock().ok()?;
+        let (keys, fetched) = answers.get(user)?;
+        (now.saturating_duration_since(*fetched) < SERVER_KEYS_TTL).then(|| keys.clone())
+    }
+
+    /// Remembers the server's answer about `user`, fetched at `now`.
+    pub(crate) fn insert(&self, user: &Username, keys: Option<PublicKeys>, now: Instant) {
+        let Ok(mut answers) = self.answers.lock() else {
+            return;
+        };
+        if answers.len() >= SERVER_KEYS_CAP && !answers.contains_key(user) {
+            answers.retain(|_, (_, fetched)| {
+                now.saturating_duration_since(*fetched) < SERVER_KEYS_TTL
+            });
+            if answers.len() >= SERVER_KEYS_CAP {
+                answers.clear();
+            }
+        }
+        answers.insert(user.clone(), (keys, now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(text: &str) -> Username {
+        Username::new(text).unwrap()
+    }
+
+    #[test]
+    fn server_keys_are_reused_until_the_ttl_then_asked_again() {
+        let cache = ServerKeys::default();
+        let keys = proto::Identity::generate().public().clone();
+        let start = Instant::now();
+        assert_eq!(cache.get(&name("bob"), start), None);
+        cache.insert(&name("bob"), Some(keys.clone()), start);
+        cache.insert(&name("nobody"), None, start);
+        let within = start + SERVER_KEYS_TTL - Duration::from_millis(1);
+        assert_eq!(cache.get(&name("bob"), within), Some(Some(keys)));
+        assert_eq!(cache.get(&name("nobody"), within), Some(None));
+        assert_eq!(cache.get(&name("bob"), start + SERVER_KEYS_TTL), None);
+    }
+
+    #[test]
+    fn server_keys_stay_bounded() {
+        let cache = ServerKeys::default();
+        let now = Instant::now();
+        for index in 0..SERVER_KEYS_CAP * 3 {
+            cache.insert(&name(&format!("user{index}")), None, now);
+        }
+        assert!(cache.answers.lock().unwrap().len() <= SERVER_KEYS_CAP);
+    }
+}
