@@ -36,7 +36,7 @@ pub mod redis_store;
 pub mod testing;
 
 pub use embedded::EmbeddedStore;
-pub use redis_store::{RedisOptions, RedisStore};
+pub use redis_store::{RedisConfigError, RedisOptions, RedisStore};
 
 /// The Redis pub/sub channel carrying operator announcements as plain UTF-8 text, so that
 /// `PUBLISH p2pchat:announce "text"` from any Redis client announces too.
@@ -179,10 +179,10 @@ pub enum StoreError {
         /// How many confirmed.
         reached: u32,
     },
-    /// The Redis configuration cannot work (no URL, several URLs for a server that is not
-    /// a cluster node, ...).
+    /// The Redis URLs cannot work (none, an empty one, several for a server that is not a
+    /// cluster node).
     #[error("redis configuration: {0}")]
-    Config(String),
+    Config(#[from] redis_store::RedisConfigError),
     /// The embedded database failed.
     #[error("embedded store: {0}")]
     Embedded(String),

@@ -331,6 +331,30 @@ pub struct RedisOptions {
     pub replicas: Option<u32>,
 }
 
+/// Why a Redis URL list cannot work; the URLs it shows have their passwords redacted.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisConfigError {
+    /// The list is empty.
+    #[error("no Redis URL given")]
+    NoUrl,
+    /// One entry of a comma-separated list is empty.
+    #[error("an empty URL in the comma-separated list {list}")]
+    EmptyUrl {
+        /// The list, redacted.
+        list: String,
+    },
+    /// Several URLs were given for a server that does not run in cluster mode.
+    #[error(
+        "{count} Redis URLs were given, but {url} is not a cluster node (cluster_enabled:0): give one URL for a single server, or the nodes of a cluster"
+    )]
+    NotACluster {
+        /// How many URLs.
+        count: usize,
+        /// The node that answered, redacted.
+        url: String,
+    },
+}
+
 /// How long a write waits for its replicas to confirm it.
 const REPLICA_WAIT: Duration = Duration::from_secs(1);
 
@@ -609,17 +633,17 @@ impl RedisStore {
         }
         let (cluster, first) = probe_cluster_mode(&clients).await?;
         if !cluster && clients.len() > 1 {
-            return Err(StoreError::Config(format!(
-                "{} Redis URLs were given, but {} is not a cluster node (cluster_enabled:0): give one URL for a single server, or the nodes of a cluster",
-                clients.len(),
-                redact_url(urls[first])
-            )));
+            return Err(RedisConfigError::NotACluster {
+                count: clients.len(),
+                url: redact_url(urls[first]),
+            }
+            .into());
         }
         if cluster {
             Self::connect_cluster(&urls, limits, options).await
         } else {
             let Some(client) = clients.into_iter().next() else {
-                return Err(StoreError::Config("no Redis URL given".to_owned()));
+                return Err(RedisConfigError::NoUrl.into());
             };
             Self::connect_single(client, limits, options).await
         }
@@ -1626,13 +1650,13 @@ fn cluster_config() -> ClusterConfig {
 fn split_urls(urls: &str) -> Result<Vec<&str>, StoreError> {
     let list: Vec<&str> = urls.split(',').map(str::trim).collect();
     if list.iter().all(|url| url.is_empty()) {
-        return Err(StoreError::Config("no Redis URL given".to_owned()));
+        return Err(RedisConfigError::NoUrl.into());
     }
     if list.iter().any(|url| url.is_empty()) {
-        return Err(StoreError::Config(format!(
-            "an empty URL in the comma-separated list {}",
-            redact_urls(urls)
-        )));
+        return Err(RedisConfigError::EmptyUrl {
+            list: redact_urls(urls),
+        }
+        .into());
     }
     Ok(list)
 }
@@ -1665,15 +1689,12 @@ async fn probe_cluster_mode(clients: &[Client]) -> Result<(bool, usize), StoreEr
             }
         }
     }
-    Err(last_error.map_or_else(
-        || StoreError::Config("no Redis URL given".to_owned()),
-        StoreError::Redis,
-    ))
+    Err(last_error.map_or_else(|| RedisConfigError::NoUrl.into(), StoreError::Redis))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{StoreError, redact_url, redact_urls, split_urls};
+    use super::{RedisConfigError, StoreError, redact_url, redact_urls, split_urls};
 
     #[test]
     fn url_lists_split_on_commas_and_refuse_empty_entries() {
@@ -1689,7 +1710,10 @@ mod tests {
             "redis://:secret@a:1,",
         ] {
             match split_urls(bad) {
-                Err(StoreError::Config(reason)) => {
+                Err(StoreError::Config(
+                    error @ (RedisConfigError::NoUrl | RedisConfigError::EmptyUrl { .. }),
+                )) => {
+                    let reason = error.to_string();
                     assert!(reason.contains("URL"), "{bad:?}: {reason}");
                     assert!(!reason.contains("secret"), "{bad:?}: {reason}");
                 }

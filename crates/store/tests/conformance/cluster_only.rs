@@ -13,7 +13,8 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use proto::{Envelope, MessageId};
 use store::{
-    Broadcast, DepositOutcome, MailLimits, Presence, RedisOptions, RedisStore, Store, StoreError,
+    Broadcast, DepositOutcome, MailLimits, Presence, RedisConfigError, RedisOptions, RedisStore,
+    Store, StoreError,
     testing::{RedisCluster, RedisServer},
 };
 
@@ -42,7 +43,9 @@ async fn bad_url_lists_are_refused_with_a_clear_error() -> anyhow::Result<()> {
     let server = RedisServer::start()?;
     for urls in ["", " , ", &format!("{},", server.url())] {
         match RedisStore::connect(urls, LIMITS).await {
-            Err(StoreError::Config(reason)) => ensure!(reason.contains("URL"), "{reason}"),
+            Err(StoreError::Config(
+                error @ (RedisConfigError::NoUrl | RedisConfigError::EmptyUrl { .. }),
+            )) => ensure!(error.to_string().contains("URL"), "{error}"),
             other => bail!("{urls:?}: expected a configuration error, got {other:?}"),
         }
     }
@@ -50,7 +53,8 @@ async fn bad_url_lists_are_refused_with_a_clear_error() -> anyhow::Result<()> {
     let second = RedisServer::start_with_password("hunter2-secret")?;
     let urls = format!("{},{}", second.url(), server.url());
     match RedisStore::connect(&urls, LIMITS).await {
-        Err(StoreError::Config(reason)) => {
+        Err(StoreError::Config(error @ RedisConfigError::NotACluster { count: 2, .. })) => {
+            let reason = error.to_string();
             ensure!(reason.contains("not a cluster node"), "{reason}");
             ensure!(!reason.contains("hunter2"), "{reason}");
         }
