@@ -1,4 +1,4 @@
-//! The dependency direction of design.md §2, read from the crates' manifests.
+//! The dependency direction of ARCHITECTURE.md, read from the crates' manifests.
 
 use std::{collections::BTreeMap, process::Command};
 
@@ -68,7 +68,7 @@ fn dependency_direction_matches_the_design() {
         for dependency in dependencies {
             assert!(
                 permitted.contains(&dependency.as_str()),
-                "{package} must not depend on {dependency} (design.md §2)"
+                "{package} must not depend on {dependency} (ARCHITECTURE.md)"
             );
         }
     }

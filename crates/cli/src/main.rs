@@ -3,10 +3,15 @@
 //! - `p2pchat [--user NAME]`: interactive (rustyline-async). Incoming messages, announcements
 //!   and warnings print above the prompt through its `SharedWriter`; log lines go to
 //!   `p2pchat.log` in the user's data dir; command history is kept in `command_history`
-//!   there. Without `--user` it asks for the name first.
-//! - `p2pchat send <user> <message>`: exits 0 once delivered or queued, 1 otherwise.
-//! - `p2pchat listen --json`: one JSON object per line per event, flushed per line; commands
-//!   on standard input (interactive syntax) are answered with `{"event":"result",...}` lines;
+//!   there. Without `--user` it asks for the name first. `chat <user>` opens a conversation:
+//!   the prompt names the user and plain lines go to them; a message from anyone else rings
+//!   the terminal's bell.
+//! - `p2pchat send <user> <message>`: exits 0 once delivered or queued, [`EXIT_KEPT`] when
+//!   the message is kept in the outbox and will go out (do not send it again), 1 when it
+//!   was not sent or failed for good.
+//! - `p2pchat listen [--json]`: one line per event, flushed per line (JSON objects with
+//!   `--json`, else the interactive client's lines); commands on standard input
+//!   (interactive syntax) are answered with `{"event":"result",...}` lines (with `--json`);
 //!   messages stored but never shown are printed at the next start.
 //!
 //! Parsing lives in [`command`], wording in [`render`]; the runtime is the `peer` crate.
@@ -32,7 +37,7 @@ use crate::command::Command;
 
 /// The p2pchat client: end-to-end encrypted peer-to-peer chat.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "p2pchat", version, about)]
 struct Cli {
     /// The discovery server (host:port).
     #[arg(
@@ -45,7 +50,8 @@ struct Cli {
     /// Your username ([a-z0-9_-]{1,32}); asked for when missing in interactive mode.
     #[arg(long, short, env = "P2PCHAT_USER", global = true)]
     user: Option<String>,
-    /// The data dir (each user gets a folder in it); default: the platform's data dir.
+    /// The data dir (each user gets a folder in it); default: the platform's data dir
+    /// (`~/.local/share/p2pchat` on Linux), printed at start.
     #[arg(long, env = "P2PCHAT_HOME", global = true)]
     home: Option<PathBuf>,
     /// The port to accept peer connections on (0: any free port).
@@ -65,7 +71,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Mode {
-    /// Send one message and exit: 0 once delivered or queued, 1 otherwise.
+    /// Send one message and exit: 0 once delivered or queued; 3 when it is kept in the
+    /// outbox and will go out at this user's next start (do not send it again); 1 when it
+    /// was not sent (nothing kept) or failed for good.
     Send {
         /// The recipient.
         to: String,
@@ -74,14 +82,19 @@ enum Mode {
         message: Vec<String>,
     },
     /// Print received messages and events until stopped (Ctrl-C, SIGTERM); commands read
-    /// from standard input (interactive syntax, one per line) are answered with `result`
-    /// lines.
+    /// from standard input (interactive syntax, one per line) are answered too.
     Listen {
-        /// One JSON object per line (the only format for now; kept explicit for scripts).
+        /// One JSON object per line, commands answered with `result` objects (for scripts);
+        /// without it, the lines the interactive client shows.
         #[arg(long)]
         json: bool,
     },
 }
+
+/// `p2pchat send`'s exit code for a message kept in the outbox: it goes out at this user's
+/// next start (of any mode), so a script must not send it again. Distinct from 1 (not
+/// sent, or failed for good) and 2 (bad command line).
+const EXIT_KEPT: u8 = 3;
 
 /// How long a scripted command waits to get online.
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -152,10 +165,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (client, events) = peer::start(config, shutdown.clone())
         .await
         .context("cannot start the client")?;
+    let look = render::Look::for_stdout(Some(client.local_addr().port()));
     let code = match cli.mode {
-        None => interactive_mode(&client, events, &data_dir, &cli.server).await,
+        None => interactive_mode(&client, events, &data_dir, &cli.server, look).await,
         Some(Mode::Send { to, message }) => send_mode(&client, &to, &message.join(" ")).await,
-        Some(Mode::Listen { json: _ }) => listen_mode(&client, events).await,
+        Some(Mode::Listen { json }) => listen_mode(&client, events, json, look).await,
     };
     client.shutdown(DRAIN_TIMEOUT).await;
     code
@@ -240,33 +254,56 @@ async fn send_mode(client: &Client, to: &str, body: &str) -> anyhow::Result<Exit
     let result = client.submit_send(&to, body).await?;
     let report = tokio::select! {
         biased;
-        () = &mut signal => bail!(
-            "interrupted; the message is in the outbox and goes out at this user's next start"
-        ),
+        () = &mut signal => {
+            eprintln!(
+                "p2pchat: interrupted; the message is in the outbox and goes out at this \
+                 user's next start (do not send it again)"
+            );
+            return Ok(ExitCode::from(EXIT_KEPT));
+        }
         report = result => report?,
     };
-    if report.status.is_success() {
-        println!("{}: {}", report.id, report.status);
-        Ok(ExitCode::SUCCESS)
-    } else {
-        let status = render::terminal_safe(&report.status.to_string());
-        eprintln!("p2pchat: message to {to} {status}");
-        Ok(ExitCode::FAILURE)
+    let status = render::terminal_safe(&report.status.to_string());
+    match &report.status {
+        status_now if status_now.is_success() => {
+            println!("{}: {status}", report.id);
+            Ok(ExitCode::SUCCESS)
+        }
+        peer::DeliveryStatus::Failed {
+            will_retry: true, ..
+        } => {
+            eprintln!(
+                "p2pchat: message {} to {to} {status}; it goes out at this user's next start \
+                 (do not send it again)",
+                report.id
+            );
+            Ok(ExitCode::from(EXIT_KEPT))
+        }
+        _ => {
+            eprintln!("p2pchat: message to {to} {status}");
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 
-/// `listen --json`: every event as one JSON line; commands read from standard input (one
-/// per line, the interactive syntax) run in order, each answered by a `result` line.
+/// `listen`: every event as one line (a JSON object with `--json`); commands read from
+/// standard input (one per line, the interactive syntax) run in order, each answered by a
+/// result (a `result` object with `--json`, else its text).
 /// The most messages `listen` prints before marking them shown (one write).
 const MAX_MARKED_AT_ONCE: usize = 4096;
 
-async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<ExitCode> {
+async fn listen_mode(
+    client: &Client,
+    mut events: Events,
+    json: bool,
+    look: render::Look,
+) -> anyhow::Result<ExitCode> {
     let signal = shutdown_signal();
     tokio::pin!(signal);
     // Commands run one at a time, in order, in their own task, so a send waiting for its
     // ack never holds up the events.
-    let (results_tx, mut results) = tokio::sync::mpsc::channel::<serde_json::Value>(16);
-    let executor = tokio::spawn(run_stdin_commands(client.clone(), results_tx));
+    let (results_tx, mut results) = tokio::sync::mpsc::channel::<(String, Outcome)>(16);
+    let executor = tokio::spawn(run_stdin_commands(client.clone(), results_tx, look.clone()));
     let mut stdout = std::io::stdout();
     let code = loop {
         tokio::select! {
@@ -285,7 +322,11 @@ async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<Exit
                 let mut fatal = None;
                 let mut next = Some(event);
                 while let Some(event) = next {
-                    writeln!(stdout, "{}", render::event_json(&event))?;
+                    if json {
+                        writeln!(stdout, "{}", render::event_json(&event))?;
+                    } else if let Some(text) = render::event_text(&event, &look, proto::now_ms()) {
+                        writeln!(stdout, "{text}")?;
+                    }
                     match event {
                         Event::Message(message) => printed.push(message),
                         Event::Fatal(reply) => {
@@ -307,8 +348,12 @@ async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<Exit
                     break ExitCode::FAILURE;
                 }
             }
-            Some(result) = results.recv() => {
-                writeln!(stdout, "{result}")?;
+            Some((line, outcome)) = results.recv() => {
+                if json {
+                    writeln!(stdout, "{}", outcome.json(&line))?;
+                } else if !outcome.text.is_empty() {
+                    writeln!(stdout, "{}", outcome.text)?;
+                }
                 stdout.flush()?;
             }
         }
@@ -317,21 +362,42 @@ async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<Exit
     Ok(code)
 }
 
-/// Reads commands from standard input until it ends, sending each one's result line.
-/// `quit` ends the input like end-of-file; the listener keeps listening either way.
-async fn run_stdin_commands(client: Client, results: tokio::sync::mpsc::Sender<serde_json::Value>) {
+/// Reads commands from standard input until it ends, sending each one's line and outcome.
+/// `quit` ends the input like end-of-file; the listener keeps listening either way. A
+/// conversation opened here (`chat <user>`) works as at the prompt.
+async fn run_stdin_commands(
+    client: Client,
+    results: tokio::sync::mpsc::Sender<(String, Outcome)>,
+    look: render::Look,
+) {
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut conversation = None;
     while let Ok(Some(line)) = lines.next_line().await {
         let line = line.trim().to_owned();
-        let outcome = match command::parse(&line) {
+        let outcome = match command::parse(&line, conversation.as_ref()) {
             Ok(Command::Nothing) => continue,
             Ok(Command::Quit) => break,
             Ok(Command::Help) => Outcome::done(command::HELP.to_owned()),
-            Ok(command) => execute(&client, command).await,
+            Ok(Command::Open(user)) => {
+                let outcome = Outcome::done(format!("talking to {user}"))
+                    .with("conversation", user.as_str().into());
+                conversation = Some(user);
+                outcome
+            }
+            Ok(Command::Close) => {
+                conversation = None;
+                Outcome::done("no conversation open".to_owned())
+                    .with("conversation", serde_json::Value::Null)
+            }
+            Ok(Command::OpenAndSend { to, body }) => {
+                conversation = Some(to.clone());
+                execute(&client, Command::Send { to, body }, &look).await
+            }
+            Ok(command) => execute(&client, command, &look).await,
             Err(error) => Outcome::failed(error.to_string()),
         };
-        if results.send(outcome.json(&line)).await.is_err() {
+        if results.send((line, outcome)).await.is_err() {
             break;
         }
     }
@@ -355,21 +421,49 @@ fn save_history(path: &Path, entries: &std::collections::VecDeque<String>) {
     }
 }
 
+/// The prompt: who you are, and whom plain lines go to.
+fn prompt(me: &Username, conversation: Option<&Username>) -> String {
+    match conversation {
+        Some(peer) => format!("{me} → {peer}> "),
+        None => format!("{me}> "),
+    }
+}
+
+/// Whether a message from `from` rings the bell: it does unless it belongs to the open
+/// conversation (which the user is looking at).
+fn rings_bell(conversation: Option<&Username>, from: &Username) -> bool {
+    conversation != Some(from)
+}
+
 async fn interactive_mode(
     client: &Client,
     mut events: Events,
     data_dir: &Path,
     server: &str,
+    look: render::Look,
 ) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal as _;
     let history_path = data_dir.join(HISTORY_FILE);
-    let (mut readline, mut out) = Readline::new(format!("{}> ", client.user()))?;
+    let mut conversation: Option<Username> = None;
+    let (mut readline, mut out) = Readline::new(prompt(client.user(), None))?;
     readline.set_max_history(HISTORY_MAX);
     readline.set_history_entries(load_history(&history_path));
+    let bell = if std::io::stdout().is_terminal() {
+        "\x07"
+    } else {
+        ""
+    };
     let (commands, ordered) = tokio::sync::mpsc::channel(TYPED_COMMANDS_QUEUED);
-    let mut worker = tokio::spawn(run_in_order(client.clone(), ordered, out.clone()));
+    let mut worker = tokio::spawn(run_in_order(
+        client.clone(),
+        ordered,
+        out.clone(),
+        look.clone(),
+    ));
     let _ = writeln!(
         out,
-        "you are {} (key {}{}), server {server}; `help` lists commands",
+        "you are {} (key {}{}), data in {}, server {server}; `help` lists commands, \
+         `chat <user>` opens a conversation",
         client.user(),
         client.fingerprint(),
         if client.is_new_identity() {
@@ -377,6 +471,7 @@ async fn interactive_mode(
         } else {
             ""
         },
+        data_dir.display(),
     );
     let signal = shutdown_signal();
     tokio::pin!(signal);
@@ -387,8 +482,12 @@ async fn interactive_mode(
             () = &mut signal => break,
             event = events.recv() => {
                 let Some(event) = event else { break };
-                if let Some(text) = render::event_text(&event) {
-                    let _ = writeln!(out, "{text}");
+                if let Some(text) = render::event_text(&event, &look, proto::now_ms()) {
+                    let ring = match &event {
+                        Event::Message(message) => rings_bell(conversation.as_ref(), &message.from),
+                        _ => false,
+                    };
+                    let _ = writeln!(out, "{}{text}", if ring { bell } else { "" });
                 }
                 match &event {
                     Event::Message(message) => {
@@ -409,9 +508,31 @@ async fn interactive_mode(
                     if !trimmed.is_empty() {
                         readline.add_history_entry(trimmed.to_owned());
                     }
-                    match command::parse(trimmed) {
+                    let mut command = command::parse(trimmed, conversation.as_ref());
+                    // Opening a conversation changes the prompt here; `msg` then sends.
+                    if let Ok(Command::Open(user) | Command::OpenAndSend { to: user, .. }) = &command {
+                        let _ = readline.update_prompt(&prompt(client.user(), Some(user)));
+                        if conversation.as_ref() != Some(user) {
+                            let _ = writeln!(
+                                out,
+                                "talking to {user}: plain lines go to {user}; /close leaves, /help lists commands"
+                            );
+                        }
+                        conversation = Some(user.clone());
+                    }
+                    if let Ok(Command::OpenAndSend { to, body }) = command {
+                        command = Ok(Command::Send { to, body });
+                    }
+                    match command {
                         Ok(Command::Quit) => break,
-                        Ok(Command::Nothing) => {}
+                        Ok(Command::Nothing | Command::Open(_)) => {}
+                        Ok(Command::Close) => {
+                            let _ = readline.update_prompt(&prompt(client.user(), None));
+                            match conversation.take() {
+                                Some(user) => { let _ = writeln!(out, "left the conversation with {user}"); }
+                                None => { let _ = writeln!(out, "no conversation is open"); }
+                            }
+                        }
                         Ok(Command::Help) => { let _ = writeln!(out, "{}", command::HELP); }
                         // Run beside the prompt, in the order typed (see `run_in_order`).
                         // Waits only if the worker is that far behind (back-pressure).
@@ -478,6 +599,20 @@ impl Outcome {
         }
     }
 
+    /// This outcome with the field `name` set to `value`.
+    fn with(mut self, name: &str, value: serde_json::Value) -> Self {
+        self.fields.insert(name.to_owned(), value);
+        self
+    }
+
+    /// This outcome with every field of the object `fields` (anything else adds nothing).
+    fn with_all(mut self, fields: serde_json::Value) -> Self {
+        if let serde_json::Value::Object(fields) = fields {
+            self.fields.extend(fields);
+        }
+        self
+    }
+
     /// The JSON object `listen --json` prints for the command `line`.
     fn json(self, line: &str) -> serde_json::Value {
         let mut object = self.fields;
@@ -508,25 +643,28 @@ fn online_listing(online: &peer::OnlineUsers) -> String {
 }
 
 /// What the user sees of a send's result.
-fn send_outcome(to: &Username, result: Result<peer::SendReport, peer::ClientError>) -> Outcome {
+fn send_outcome(
+    to: &Username,
+    result: Result<peer::SendReport, peer::ClientError>,
+    look: &render::Look,
+) -> Outcome {
     match result {
         Ok(report) => {
-            // The status can carry the recipient's own words (a refusal's reason).
-            let text = render::terminal_safe(&format!("→ {to}: {}", report.status));
-            let mut outcome = if report.status.is_success() {
+            let text = render::sent_text(to, &report.status, look);
+            let outcome = if report.status.is_success() {
                 Outcome::done(text)
             } else {
                 Outcome::failed(text)
             };
-            if let serde_json::Value::Object(fields) = render::event_json(&Event::Delivery {
+            let mut fields = render::event_json(&Event::Delivery {
                 id: report.id,
                 to: report.to,
                 status: report.status,
-            }) {
-                outcome.fields = fields;
-                outcome.fields.remove("event");
+            });
+            if let serde_json::Value::Object(fields) = &mut fields {
+                fields.remove("event");
             }
-            outcome
+            outcome.with_all(fields)
         }
         Err(error) => Outcome::failed(render::terminal_safe(&format!("not sent: {error}"))),
     }
@@ -542,6 +680,7 @@ async fn run_in_order(
     client: Client,
     mut commands: tokio::sync::mpsc::Receiver<Command>,
     out: rustyline_async::SharedWriter,
+    look: render::Look,
 ) {
     let print = |mut out: rustyline_async::SharedWriter, outcome: Outcome| {
         if !outcome.text.is_empty() {
@@ -561,91 +700,94 @@ async fn run_in_order(
             Command::Send { to, body } => match client.submit_send(&to, &body).await {
                 Ok(result) => {
                     let out = out.clone();
-                    waiting_sends.spawn(async move { print(out, send_outcome(&to, result.await)) });
+                    let look = look.clone();
+                    waiting_sends
+                        .spawn(async move { print(out, send_outcome(&to, result.await, &look)) });
                 }
-                Err(error) => print(out.clone(), send_outcome(&to, Err(error))),
+                Err(error) => print(out.clone(), send_outcome(&to, Err(error), &look)),
             },
-            command => print(out.clone(), execute(&client, command).await),
+            command => print(out.clone(), execute(&client, command, &look).await),
         }
     }
 }
 
 /// Runs one command against the runtime; interactive mode prints the text above the prompt,
-/// `listen --json` prints the whole outcome as a `result` object.
-async fn execute(client: &Client, command: Command) -> Outcome {
-    let result = |outcome: Result<String, peer::ClientError>, what: &str| match outcome {
-        Ok(text) => Outcome::done(text),
-        Err(error) => Outcome::failed(render::terminal_safe(&format!("{what} failed: {error}"))),
+/// `listen --json` prints the whole outcome as a `result` object, its fields structured.
+async fn execute(client: &Client, command: Command, look: &render::Look) -> Outcome {
+    let failed = |error: peer::ClientError, what: &str| {
+        Outcome::failed(render::terminal_safe(&format!("{what} failed: {error}")))
+    };
+    let done = |result: Result<(), peer::ClientError>, what: &str, text: String| match result {
+        Ok(()) => Outcome::done(text),
+        Err(error) => failed(error, what),
     };
     match command {
-        Command::Send { to, body } => send_outcome(&to, client.send(&to, &body).await),
-        Command::List => result(
-            client.list().await.map(|online| online_listing(&online)),
-            "list",
-        ),
-        Command::Block(user) => result(
-            client
-                .block(&user)
-                .await
-                .map(|()| format!("blocked {user}")),
+        Command::Send { to, body } => send_outcome(&to, client.send(&to, &body).await, look),
+        Command::List => match client.list().await {
+            Ok(online) => {
+                Outcome::done(online_listing(&online)).with_all(render::online_json(&online))
+            }
+            Err(error) => failed(error, "list"),
+        },
+        Command::Block(user) => done(
+            client.block(&user).await,
             "block",
+            format!("blocked {user}"),
         ),
-        Command::Unblock(user) => result(
-            client
-                .unblock(&user)
-                .await
-                .map(|()| format!("unblocked {user}")),
+        Command::Unblock(user) => done(
+            client.unblock(&user).await,
             "unblock",
+            format!("unblocked {user}"),
         ),
-        Command::Blocked => result(
-            client
-                .blocked()
-                .await
-                .map(|users| listing(&users, "blocked", "nobody is blocked")),
-            "blocked",
-        ),
-        Command::Mute { user, seconds } => result(
-            client.mute(&user, seconds).await.map(|_| {
-                format!("muted {user} for {seconds} s (messages are kept and shown after)")
-            }),
+        Command::Blocked => match client.blocked().await {
+            Ok(users) => Outcome::done(listing(&users, "blocked", "nobody is blocked"))
+                .with_all(render::users_json(&users)),
+            Err(error) => failed(error, "blocked"),
+        },
+        Command::Mute { user, seconds } => done(
+            client.mute(&user, seconds).await.map(|_| ()),
             "mute",
+            format!("muted {user} for {seconds} s (messages are kept and shown after)"),
         ),
-        Command::Unmute(user) => result(
-            client
-                .unmute(&user)
-                .await
-                .map(|()| format!("unmuted {user}")),
+        Command::Unmute(user) => done(
+            client.unmute(&user).await,
             "unmute",
+            format!("unmuted {user}"),
         ),
-        Command::Whois(user) => result(
-            client
-                .whois(&user)
-                .await
-                .map(|report| render::whois_text(&report)),
-            "whois",
-        ),
-        Command::Trust(user) => result(
-            client
-                .trust(&user)
-                .await
-                .map(|fingerprint| format!("now trusting {user}'s key {fingerprint}")),
-            "trust",
-        ),
-        Command::History { user, limit } => result(
-            client.history(&user, limit).await.map(|lines| {
-                if lines.is_empty() {
+        Command::Whois(user) => match client.whois(&user).await {
+            Ok(report) => Outcome::done(render::whois_text(&report, look, proto::now_ms()))
+                .with_all(render::whois_json(&report)),
+            Err(error) => failed(error, "whois"),
+        },
+        Command::Trust(user) => match client.trust(&user).await {
+            Ok(fingerprint) => Outcome::done(format!("now trusting {user}'s key {fingerprint}"))
+                .with("user", user.as_str().into())
+                .with("fingerprint", fingerprint.into()),
+            Err(error) => failed(error, "trust"),
+        },
+        Command::History { user, limit } => match client.history(&user, limit).await {
+            Ok(lines) => {
+                let now_ms = proto::now_ms();
+                let text = if lines.is_empty() {
                     format!("no messages with {user} yet")
                 } else {
                     lines
                         .iter()
-                        .map(render::history_line)
+                        .map(|entry| render::history_line(entry, look, now_ms))
                         .collect::<Vec<_>>()
                         .join("\n")
-                }
-            }),
-            "history",
-        ),
-        Command::Nothing | Command::Help | Command::Quit => Outcome::done(String::new()),
+                };
+                Outcome::done(text).with_all(render::history_json(&user, &lines))
+            }
+            Err(error) => failed(error, "history"),
+        },
+        // Conversations belong to whoever reads the lines (the prompt, `listen`'s reader).
+        Command::Nothing
+        | Command::Help
+        | Command::Quit
+        | Command::Open(_)
+        | Command::OpenAndSend { .. }
+        | Command::Close => Outcome::done(String::new()),
     }
 }
 
@@ -666,5 +808,26 @@ mod tests {
             online_listing(&online(vec![name("alice")], 4321)),
             "online: alice (and 4321 more online, not listed)"
         );
+    }
+
+    #[test]
+    fn the_prompt_names_the_open_conversation() {
+        let (alice, bob) = (
+            Username::new("alice").unwrap(),
+            Username::new("bob").unwrap(),
+        );
+        assert_eq!(prompt(&alice, None), "alice> ");
+        assert_eq!(prompt(&alice, Some(&bob)), "alice → bob> ");
+    }
+
+    #[test]
+    fn only_messages_outside_the_open_conversation_ring_the_bell() {
+        let (bob, carol) = (
+            Username::new("bob").unwrap(),
+            Username::new("carol").unwrap(),
+        );
+        assert!(!rings_bell(Some(&bob), &bob));
+        assert!(rings_bell(Some(&bob), &carol));
+        assert!(rings_bell(None, &bob));
     }
 }
