@@ -1,6 +1,7 @@
 //! The interactive client driven as a person drives it: in tmux, typing with `send-keys` and
 //! reading the screen with `capture-pane`. Two clients chat, list, block, mute and quit, and
-//! a message arriving while a line is half typed leaves the prompt and the typed text intact.
+//! a message arriving while a line is half typed leaves the prompt and the typed text intact;
+//! a conversation is opened, used and left, with times shown in the local time zone.
 
 use std::{
     process::Command,
@@ -9,6 +10,20 @@ use std::{
 };
 
 use crate::util::{Discovery, User, WAIT, binary};
+
+/// An hour-and-minute in a zone `offset_minutes` east of UTC, `ms` after the epoch.
+fn clock_at(ms: u64, offset_minutes: i64) -> String {
+    let minutes =
+        (i64::try_from(ms / 60_000).expect("a time") + offset_minutes).rem_euclid(24 * 60);
+    format!("{:02}:{:02}", minutes / 60, minutes % 60)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
 
 /// One tmux session running one interactive `p2pchat`, on a private tmux server socket.
 struct Terminal {
@@ -19,10 +34,22 @@ struct Terminal {
 impl Terminal {
     /// Starts `p2pchat` for `user` in a new 120x40 tmux session; `None` without tmux.
     fn start(user: &User, server: &Discovery, ask_name: bool) -> Option<Self> {
-        let socket = format!("p2pchat-test-{}-{}", std::process::id(), user.name);
+        Self::start_with_env(user, server, ask_name, "")
+    }
+
+    /// [`Terminal::start`] with extra `NAME=value` words for `env` (no quoting: plain values).
+    fn start_with_env(user: &User, server: &Discovery, ask_name: bool, env: &str) -> Option<Self> {
+        // One tmux server per terminal: tests run in parallel and share user names.
+        static TERMINALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let terminal = TERMINALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let socket = format!(
+            "p2pchat-test-{}-{terminal}-{}",
+            std::process::id(),
+            user.name
+        );
         let session = user.name.clone();
         let mut command = format!(
-            "env P2PCHAT_SERVER={} P2PCHAT_HOME={} {}",
+            "env {env} P2PCHAT_SERVER={} P2PCHAT_HOME={} {}",
             server.address,
             user.home.display(),
             binary("p2pchat").display()
@@ -119,8 +146,10 @@ impl Terminal {
 
 impl Drop for Terminal {
     fn drop(&mut self) {
+        // The server is gone already when the client quit by itself.
         let _ = Command::new("tmux")
             .args(["-L", &self.socket, "kill-server"])
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }
@@ -243,4 +272,62 @@ fn two_people_chat_list_block_mute_and_quit_in_terminals() {
         thread::sleep(Duration::from_millis(50));
     }
     bob_term.type_line("quit");
+}
+
+/// A conversation opened with `chat`, used with plain lines, and left with `/close`; the
+/// prompt names the other user; incoming times are local (here `TZ` 5:45 east of UTC, so
+/// UTC's clock would be wrong on the screen).
+#[test]
+fn a_conversation_is_opened_used_and_left_with_local_times() {
+    if !tmux_available() {
+        eprintln!("skipped: tmux is not installed (.ci/run installs it)");
+        return;
+    }
+    let server = Discovery::start();
+    let (alice, bob) = (User::new("alice"), User::new("bob"));
+    let mut bob_bot = bob.listen(&server);
+    bob_bot.online();
+    let alice_term = Terminal::start_with_env(&alice, &server, false, "TZ=NPT-5:45").expect("tmux");
+    alice_term.wait_for("connected to the discovery server");
+    alice_term.wait_for("peers connect to you on port");
+    alice_term.wait_for("alice>");
+
+    alice_term.type_line("chat bob");
+    alice_term.wait_for("talking to bob");
+    alice_term.wait_for("alice → bob>");
+    // Plain lines, even one that starts with a command's name, go to bob.
+    alice_term.type_line("hello from a conversation");
+    bob_bot.message("hello from a conversation");
+    alice_term.type_line("list of things to bring");
+    bob_bot.message("list of things to bring");
+    // Commands keep working with their `/`.
+    alice_term.type_line("/list");
+    alice_term.wait_for("online: alice, bob");
+
+    let before = now_ms();
+    bob_bot.ok("send alice hi alice");
+    let after = now_ms();
+    let screen = alice_term.wait_for("bob: hi alice");
+    let local = [clock_at(before, 5 * 60 + 45), clock_at(after, 5 * 60 + 45)];
+    assert!(
+        local
+            .iter()
+            .any(|clock| screen.contains(&format!("[{clock}] bob: hi alice"))),
+        "not shown in local time ({local:?}):\n{screen}"
+    );
+
+    alice_term.type_line("/close");
+    alice_term.wait_for("left the conversation with bob");
+    // The prompt is alice's alone again, and a plain word is a command again.
+    alice_term.type_line("list");
+    alice_term.wait_for_n("online: alice, bob", 2);
+    let screen = alice_term.screen();
+    let last = screen
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or_default();
+    assert_eq!(last.trim_end(), "alice>", "{screen}");
+    assert_eq!(bob_bot.count("list"), 0);
+    alice_term.type_line("/quit");
 }
