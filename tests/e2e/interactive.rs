@@ -139,6 +139,7 @@ impl Terminal {
     fn running(&self) -> bool {
         Command::new("tmux")
             .args(["-L", &self.socket, "has-session", "-t", &self.session])
+            .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|status| status.success())
     }

@@ -1,10 +1,16 @@
 //! The real binaries driven as scripts and bots drive them: `p2pchat send` and
 //! `p2pchat listen --json` against a `p2pchat-discovery` process.
 
-use std::{process::Command, time::Duration};
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
 
 use crate::util::{
-    Discovery, DiscoveryOptions, User, assert_failed, assert_sent, binary, run_bounded,
+    Discovery, DiscoveryOptions, User, WAIT, assert_failed, assert_sent, binary, run_bounded,
 };
 
 #[test]
@@ -354,4 +360,62 @@ fn announce_options_go_anywhere_and_an_oversized_one_is_named() {
         let output = run_bounded(command);
         assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), name);
     }
+}
+
+/// Without `--json`, `listen` prints the lines a person reads (it printed the same JSON).
+#[test]
+fn listen_without_json_prints_lines_for_people() {
+    let server = Discovery::start();
+    let (alice, bob) = (User::new("alice"), User::new("bob"));
+    let mut child = Command::new(binary("p2pchat"))
+        .env("P2PCHAT_SERVER", server.address.to_string())
+        .env("P2PCHAT_USER", &bob.name)
+        .env("P2PCHAT_HOME", &bob.home)
+        .env("RUST_LOG", "warn")
+        .arg("listen")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start p2pchat listen");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // Killed however the test ends.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = KillOnDrop(child);
+    let (sender, lines) = mpsc::channel::<String>();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |wanted: &str| {
+        let deadline = Instant::now() + WAIT;
+        while !seen.iter().any(|line: &String| line.contains(wanted)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("never printed {wanted:?}; printed {seen:?}"),
+            }
+        }
+        seen.clone()
+    };
+    wait_for("connected to the discovery server");
+    writeln!(stdin, "list").expect("write a command");
+    wait_for("online: bob");
+    assert_sent(&alice.send(&server, "bob", "hi bob"), "delivered");
+    let printed = wait_for("alice: hi bob");
+    assert!(
+        printed.iter().all(|line| !line.starts_with('{')),
+        "JSON without --json: {printed:?}"
+    );
 }

@@ -706,6 +706,14 @@ async fn run_in_order(
                 }
                 Err(error) => print(out.clone(), send_outcome(&to, Err(error), &look)),
             },
+            // The end of a mute is told by the runtime's event, with the held messages
+            // right after it; the command's own "unmuted" line would land among them.
+            Command::Unmute(user) => {
+                let outcome = execute(&client, Command::Unmute(user), &look).await;
+                if !outcome.ok {
+                    print(out.clone(), outcome);
+                }
+            }
             command => print(out.clone(), execute(&client, command, &look).await),
         }
     }
