@@ -298,6 +298,8 @@ async fn listen_mode(
     json: bool,
     look: render::Look,
 ) -> anyhow::Result<ExitCode> {
+    // A `result`'s text is data for a program: never coloured, even on a terminal.
+    let look = if json { look.without_colour() } else { look };
     let signal = shutdown_signal();
     tokio::pin!(signal);
     // Commands run one at a time, in order, in their own task, so a send waiting for its

@@ -53,6 +53,14 @@ impl Look {
         Self::new(TimeZone::system(), colour, peer_port)
     }
 
+    /// This look without colour (for text that goes into JSON).
+    pub fn without_colour(self) -> Self {
+        Self {
+            colour: false,
+            ..self
+        }
+    }
+
     /// A time in milliseconds since the epoch, as `HH:MM` in this look's time zone when it
     /// falls on the same local day as `now_ms`, else `YYYY-MM-DD HH:MM`. A time out of the
     /// calendar's range (a peer's clock can claim anything) is `??:??`.
