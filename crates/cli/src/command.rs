@@ -97,6 +97,50 @@ pub enum ParseError {
     },
 }
 
+/// Every command word, for completion.
+pub const COMMANDS: &[&str] = &[
+    "block", "blocked", "chat", "close", "help", "history", "list", "msg", "mute", "query", "quit",
+    "send", "trust", "unblock", "unmute", "whois",
+];
+
+/// Whether the command `word` (without its `/`) takes a user name as its first argument.
+pub fn takes_user(word: &str) -> bool {
+    matches!(
+        word,
+        "block"
+            | "chat"
+            | "history"
+            | "msg"
+            | "mute"
+            | "query"
+            | "send"
+            | "trust"
+            | "unblock"
+            | "unmute"
+            | "whois"
+    )
+}
+
+/// The user a parsed command names, if any (to learn names for completion).
+pub fn named_user(command: &Command) -> Option<&Username> {
+    match command {
+        Command::Send { to, .. } | Command::OpenAndSend { to, .. } | Command::Open(to) => Some(to),
+        Command::Block(user)
+        | Command::Unblock(user)
+        | Command::Unmute(user)
+        | Command::Whois(user)
+        | Command::Trust(user)
+        | Command::Mute { user, .. }
+        | Command::History { user, .. } => Some(user),
+        Command::Nothing
+        | Command::Help
+        | Command::List
+        | Command::Blocked
+        | Command::Close
+        | Command::Quit => None,
+    }
+}
+
 /// The help text: one line per command.
 pub const HELP: &str = "\
 commands (each also with a leading /, as in /list):
@@ -341,6 +385,22 @@ mod tests {
         ] {
             assert_eq!(parse(&format!("/{line}")), parse(line), "{line}");
             assert!(parse(line).is_ok(), "{line}");
+        }
+    }
+
+    /// The completion list and `takes_user` agree with the parser.
+    #[test]
+    fn every_completed_command_word_is_a_command() {
+        for word in COMMANDS {
+            let line = if takes_user(word) {
+                format!("{word} bob")
+            } else {
+                (*word).to_owned()
+            };
+            assert!(
+                !matches!(parse(&line), Err(ParseError::Unknown(_))),
+                "{word}"
+            );
         }
     }
 

@@ -1,7 +1,8 @@
 //! `p2pchat`: the command-line client.
 //!
-//! - `p2pchat [--user NAME]`: interactive (rustyline-async). Incoming messages, announcements
-//!   and warnings print above the prompt through its `SharedWriter`; log lines go to
+//! - `p2pchat [--user NAME]`: interactive (rustyline, see [`editor`]). Incoming messages,
+//!   announcements and warnings print above the prompt through its [`editor::Screen`]; Tab
+//!   completes commands and names; log lines go to
 //!   `p2pchat.log` in the user's data dir; command history is kept in `command_history`
 //!   there. Without `--user` it asks for the name first. `chat <user>` opens a conversation:
 //!   the prompt names the user and plain lines go to them; a message from anyone else rings
@@ -17,6 +18,7 @@
 //! Parsing lives in [`command`], wording in [`render`]; the runtime is the `peer` crate.
 
 mod command;
+mod editor;
 mod render;
 
 use std::{
@@ -30,7 +32,6 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use peer::{Client, Config, Event, Events, Status};
 use proto::Username;
-use rustyline_async::{Readline, ReadlineEvent};
 use tokio_util::sync::CancellationToken;
 
 use crate::command::Command;
@@ -414,7 +415,7 @@ fn load_history(path: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn save_history(path: &Path, entries: &std::collections::VecDeque<String>) {
+fn save_history(path: &Path, entries: &[String]) {
     let text: String = entries.iter().map(|line| format!("{line}\n")).collect();
     let written = proto::identity::open_private_file(path)
         .and_then(|mut file| file.write_all(text.as_bytes()));
@@ -423,18 +424,26 @@ fn save_history(path: &Path, entries: &std::collections::VecDeque<String>) {
     }
 }
 
-/// The prompt: who you are, and whom plain lines go to.
-fn prompt(me: &Username, conversation: Option<&Username>) -> String {
-    match conversation {
-        Some(peer) => format!("{me} → {peer}> "),
-        None => format!("{me}> "),
-    }
-}
-
 /// Whether a message from `from` rings the bell: it does unless it belongs to the open
 /// conversation (which the user is looking at).
 fn rings_bell(conversation: Option<&Username>, from: &Username) -> bool {
     conversation != Some(from)
+}
+
+/// The user an event is about, if any (to learn names for completion).
+fn event_user(event: &Event) -> Option<&Username> {
+    match event {
+        Event::Message(message) => Some(&message.from),
+        Event::MuteEnded { user, .. }
+        | Event::KeyChanged { user, .. }
+        | Event::Presence { user, .. } => Some(user),
+        Event::Delivery { to, .. } => Some(to),
+        Event::Refused { from, .. } => Some(from),
+        Event::Announcement { .. }
+        | Event::Online { .. }
+        | Event::Offline { .. }
+        | Event::Fatal(_) => None,
+    }
 }
 
 async fn interactive_mode(
@@ -446,10 +455,22 @@ async fn interactive_mode(
 ) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal as _;
     let history_path = data_dir.join(HISTORY_FILE);
+    let mut history = load_history(&history_path);
+    history.drain(..history.len().saturating_sub(HISTORY_MAX));
+    let names = editor::Names::default();
+    // A few lines typed ahead at most; the editor waits past that.
+    let (typed_tx, mut typed) = tokio::sync::mpsc::channel(16);
+    let line_editor = editor::Editor::start(
+        client.user().clone(),
+        history,
+        HISTORY_MAX,
+        names.clone(),
+        typed_tx,
+    )?;
+    let out = line_editor.screen.clone();
+    // The conversation as the lines typed so far left it (the editor keeps its own copy,
+    // for the prompt).
     let mut conversation: Option<Username> = None;
-    let (mut readline, mut out) = Readline::new(prompt(client.user(), None))?;
-    readline.set_max_history(HISTORY_MAX);
-    readline.set_history_entries(load_history(&history_path));
     let bell = if std::io::stdout().is_terminal() {
         "\x07"
     } else {
@@ -461,11 +482,11 @@ async fn interactive_mode(
         ordered,
         out.clone(),
         look.clone(),
+        names.clone(),
     ));
-    let _ = writeln!(
-        out,
+    out.line(format!(
         "you are {} (key {}{}), data in {}, server {server}; `help` lists commands, \
-         `chat <user>` opens a conversation",
+         `chat <user>` opens a conversation, Tab completes",
         client.user(),
         client.fingerprint(),
         if client.is_new_identity() {
@@ -474,27 +495,31 @@ async fn interactive_mode(
             ""
         },
         data_dir.display(),
-    );
+    ));
     let signal = shutdown_signal();
     tokio::pin!(signal);
     let mut code = ExitCode::SUCCESS;
+    let mut quit_typed = false;
     loop {
         tokio::select! {
             biased;
             () = &mut signal => break,
             event = events.recv() => {
                 let Some(event) = event else { break };
+                if let Some(user) = event_user(&event) {
+                    names.learn(user);
+                }
                 if let Some(text) = render::event_text(&event, &look, proto::now_ms()) {
                     let ring = match &event {
                         Event::Message(message) => rings_bell(conversation.as_ref(), &message.from),
                         _ => false,
                     };
-                    let _ = writeln!(out, "{}{text}", if ring { bell } else { "" });
+                    out.line(format!("{}{text}", if ring { bell } else { "" }));
                 }
                 match &event {
                     Event::Message(message) => {
                         if let Err(error) = client.mark_shown([message]).await {
-                            let _ = writeln!(out, "cannot record the message as shown: {error}");
+                            out.line(format!("cannot record the message as shown: {error}"));
                         }
                     }
                     Event::Fatal(_) => {
@@ -504,50 +529,46 @@ async fn interactive_mode(
                     _ => {}
                 }
             }
-            line = readline.readline() => match line {
-                Ok(ReadlineEvent::Line(line)) => {
-                    let trimmed = line.trim();
-                    if !trimmed.is_empty() {
-                        readline.add_history_entry(trimmed.to_owned());
-                    }
-                    let mut command = command::parse(trimmed, conversation.as_ref());
-                    // Opening a conversation changes the prompt here; `msg` then sends.
-                    if let Ok(Command::Open(user) | Command::OpenAndSend { to: user, .. }) = &command {
-                        let _ = readline.update_prompt(&prompt(client.user(), Some(user)));
-                        if conversation.as_ref() != Some(user) {
-                            let _ = writeln!(
-                                out,
+            line = typed.recv() => {
+                let Some(editor::Typed { command }) = line else { break };
+                let command = match command {
+                    Ok(Command::Open(user)) => {
+                        if conversation.as_ref() != Some(&user) {
+                            out.line(format!(
                                 "talking to {user}: plain lines go to {user}; /close leaves, /help lists commands"
-                            );
+                            ));
                         }
-                        conversation = Some(user.clone());
+                        conversation = Some(user);
+                        continue;
                     }
-                    if let Ok(Command::OpenAndSend { to, body }) = command {
-                        command = Ok(Command::Send { to, body });
-                    }
-                    match command {
-                        Ok(Command::Quit) => break,
-                        Ok(Command::Nothing | Command::Open(_)) => {}
-                        Ok(Command::Close) => {
-                            let _ = readline.update_prompt(&prompt(client.user(), None));
-                            match conversation.take() {
-                                Some(user) => { let _ = writeln!(out, "left the conversation with {user}"); }
-                                None => { let _ = writeln!(out, "no conversation is open"); }
-                            }
+                    Ok(Command::OpenAndSend { to, body }) => {
+                        if conversation.as_ref() != Some(&to) {
+                            out.line(format!(
+                                "talking to {to}: plain lines go to {to}; /close leaves, /help lists commands"
+                            ));
                         }
-                        Ok(Command::Help) => { let _ = writeln!(out, "{}", command::HELP); }
-                        // Run beside the prompt, in the order typed (see `run_in_order`).
-                        // Waits only if the worker is that far behind (back-pressure).
-                        Ok(command) => { let _ = commands.send(command).await; }
-                        Err(error) => { let _ = writeln!(out, "{error}"); }
+                        conversation = Some(to.clone());
+                        Ok(Command::Send { to, body })
                     }
+                    other => other,
+                };
+                match command {
+                    Ok(Command::Quit) => {
+                        quit_typed = true;
+                        break;
+                    }
+                    Ok(Command::Nothing | Command::Open(_) | Command::OpenAndSend { .. }) => {}
+                    Ok(Command::Close) => match conversation.take() {
+                        Some(user) => out.line(format!("left the conversation with {user}")),
+                        None => out.line("no conversation is open"),
+                    },
+                    Ok(Command::Help) => out.line(command::HELP),
+                    // Run beside the prompt, in the order typed (see `run_in_order`).
+                    // Waits only if the worker is that far behind (back-pressure).
+                    Ok(command) => { let _ = commands.send(command).await; }
+                    Err(error) => out.line(error.to_string()),
                 }
-                Ok(ReadlineEvent::Eof | ReadlineEvent::Interrupted) => break,
-                Err(error) => {
-                    let _ = writeln!(out, "terminal error: {error}");
-                    break;
-                }
-            },
+            }
         }
     }
     // Commands typed before quitting still run (a send behind a slow `whois` must reach
@@ -558,18 +579,19 @@ async fn interactive_mode(
         .await
         .is_err()
     {
-        let _ = writeln!(out, "finishing the commands already typed...");
+        out.line("finishing the commands already typed...");
         if tokio::time::timeout(QUIT_TIMEOUT, worker).await.is_err() {
-            let _ = writeln!(
-                out,
-                "gave up on commands still waiting for the server (sends already taken are in the outbox)"
+            out.line(
+                "gave up on commands still waiting for the server (sends already taken are in the outbox)",
             );
         }
     }
-    let _ = writeln!(out, "bye");
-    let _ = readline.flush();
-    save_history(&history_path, readline.get_history_entries());
-    drop(readline);
+    out.line("bye");
+    save_history(&history_path, &line_editor.history());
+    if !quit_typed {
+        // The editor may be reading a line in raw mode (a signal, a fatal refusal).
+        line_editor.restore_terminal();
+    }
     if let Status::Fatal(reply) = &*client.status().borrow() {
         eprintln!("p2pchat: cannot register as {}: {reply}", client.user());
     }
@@ -681,12 +703,13 @@ fn send_outcome(
 async fn run_in_order(
     client: Client,
     mut commands: tokio::sync::mpsc::Receiver<Command>,
-    out: rustyline_async::SharedWriter,
+    out: editor::Screen,
     look: render::Look,
+    names: editor::Names,
 ) {
-    let print = |mut out: rustyline_async::SharedWriter, outcome: Outcome| {
+    let print = |out: editor::Screen, outcome: Outcome| {
         if !outcome.text.is_empty() {
-            let _ = writeln!(out, "{}", outcome.text);
+            out.line(outcome.text);
         }
     };
     let mut waiting_sends = tokio::task::JoinSet::new();
@@ -715,6 +738,22 @@ async fn run_in_order(
                 if !outcome.ok {
                     print(out.clone(), outcome);
                 }
+            }
+            Command::List => {
+                let outcome = execute(&client, Command::List, &look).await;
+                // Everyone listed can be completed from now on.
+                if let Some(users) = outcome
+                    .fields
+                    .get("users")
+                    .and_then(|users| users.as_array())
+                {
+                    for user in users.iter().filter_map(|user| user.as_str()) {
+                        if let Ok(user) = Username::new(user) {
+                            names.learn(&user);
+                        }
+                    }
+                }
+                print(out.clone(), outcome);
             }
             command => print(out.clone(), execute(&client, command, &look).await),
         }
@@ -818,16 +857,6 @@ mod tests {
             online_listing(&online(vec![name("alice")], 4321)),
             "online: alice (and 4321 more online, not listed)"
         );
-    }
-
-    #[test]
-    fn the_prompt_names_the_open_conversation() {
-        let (alice, bob) = (
-            Username::new("alice").unwrap(),
-            Username::new("bob").unwrap(),
-        );
-        assert_eq!(prompt(&alice, None), "alice> ");
-        assert_eq!(prompt(&alice, Some(&bob)), "alice → bob> ");
     }
 
     #[test]
