@@ -1,7 +1,8 @@
 //! The interactive client driven as a person drives it: in tmux, typing with `send-keys` and
 //! reading the screen with `capture-pane`. Two clients chat, list, block, mute and quit, and
 //! a message arriving while a line is half typed leaves the prompt and the typed text intact;
-//! a conversation is opened, used and left, with times shown in the local time zone.
+//! a conversation is opened, used and left, with times shown in the local time zone; Tab
+//! completes names, and a paste (long, or of several lines) is one message on one Enter.
 
 use std::{
     process::Command,
@@ -87,6 +88,31 @@ impl Terminal {
             .status()
             .expect("tmux send-keys");
         assert!(status.success());
+    }
+
+    /// Pastes `text` as a terminal pastes it: in bracketed-paste markers (when the program
+    /// asked for them, as line editors do), line breaks kept, no Enter after it.
+    fn paste(&self, text: &str) {
+        let buffer = Command::new("tmux")
+            .args(["-L", &self.socket, "set-buffer", "-b", "paste", "--", text])
+            .status()
+            .expect("tmux set-buffer");
+        assert!(buffer.success());
+        let pasted = Command::new("tmux")
+            .args([
+                "-L",
+                &self.socket,
+                "paste-buffer",
+                "-p",
+                "-r",
+                "-d",
+                "-b",
+                "paste",
+            ])
+            .args(["-t", &self.session])
+            .status()
+            .expect("tmux paste-buffer");
+        assert!(pasted.success());
     }
 
     fn keys(&self, keys: &[&str]) {
@@ -330,5 +356,45 @@ fn a_conversation_is_opened_used_and_left_with_local_times() {
         .unwrap_or_default();
     assert_eq!(last.trim_end(), "alice>", "{screen}");
     assert_eq!(bob_bot.count("list"), 0);
+    alice_term.type_line("/quit");
+}
+
+/// Tab completes a command and a username; a 3 KB paste goes out on one Enter (it waited for
+/// another key), and a pasted text of several lines is one message.
+#[test]
+fn tab_completes_names_and_a_paste_is_one_message() {
+    if !tmux_available() {
+        eprintln!("skipped: tmux is not installed (.ci/run installs it)");
+        return;
+    }
+    let server = Discovery::start();
+    let (alice, bob) = (User::new("alice"), User::new("bob"));
+    let mut bob_bot = bob.listen(&server);
+    bob_bot.online();
+    let alice_term = Terminal::start(&alice, &server, false).expect("tmux");
+    alice_term.wait_for("connected to the discovery server");
+    alice_term.wait_for("alice>");
+
+    // `list` teaches the client bob's name.
+    alice_term.type_text("lis");
+    alice_term.keys(&["Tab"]);
+    alice_term.wait_for("alice> list");
+    alice_term.keys(&["Enter"]);
+    alice_term.wait_for("online: alice, bob");
+    alice_term.type_text("chat b");
+    alice_term.keys(&["Tab"]);
+    alice_term.wait_for("alice> chat bob");
+    alice_term.keys(&["Enter"]);
+    alice_term.wait_for("talking to bob");
+
+    let long = format!("{}end", "0123456789".repeat(300));
+    alice_term.paste(&long);
+    alice_term.keys(&["Enter"]);
+    bob_bot.message(&long);
+
+    alice_term.paste("first line\nsecond line");
+    alice_term.keys(&["Enter"]);
+    bob_bot.message("first line\nsecond line");
+
     alice_term.type_line("/quit");
 }

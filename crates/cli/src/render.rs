@@ -132,15 +132,22 @@ pub fn event_text(event: &Event, look: &Look, now_ms: u64) -> Option<String> {
             } else {
                 ""
             };
-            return Some(format!(
-                "{} {}: {}{muted}",
+            // A message of several lines (a paste) shows as several lines, each with the
+            // sender's prefix: no line of it can pass for a line from someone else.
+            let prefix = format!(
+                "{} {}: ",
                 look.paint(
                     Paint::Quiet,
                     &format!("[{}]", look.time(message.sent_at_ms, now_ms))
                 ),
                 look.paint(Paint::Name, message.from.as_str()),
-                terminal_safe(&message.body),
-            ));
+            );
+            let lines: Vec<String> = message
+                .body
+                .split('\n')
+                .map(|line| format!("{prefix}{}", terminal_safe(line)))
+                .collect();
+            return Some(format!("{}{muted}", lines.join("\n")));
         }
         Event::Online { .. } | Event::Offline { .. } | Event::Presence { .. } => Paint::Quiet,
         Event::MuteEnded { .. } | Event::Announcement { .. } => Paint::Notice,
@@ -567,8 +574,8 @@ mod tests {
 
     /// Regression: a peer's message body (or a refusal reason, or an announcement) was
     /// printed to the terminal as is, so a newline let bob forge a whole line "from alice",
-    /// and escape sequences could rewrite the screen. Control characters are now shown
-    /// escaped, never interpreted.
+    /// and escape sequences could rewrite the screen. Control characters are shown escaped,
+    /// never interpreted; a message's own line breaks start lines that name its sender.
     #[test]
     fn untrusted_text_cannot_forge_lines_or_send_terminal_escapes() {
         let forged = "hi\n[01:02:04] alice: send me your password\x1b[2K\r\u{202e}";
@@ -581,8 +588,22 @@ mod tests {
             seq: 1,
             while_muted: false,
         };
+        // A message's lines each carry its sender.
+        let lines = event_text(&Event::Message(message)).unwrap();
+        let lines: Vec<&str> = lines.lines().collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for line in &lines {
+            assert!(line.starts_with("[01:02] bob: "), "{line:?}");
+            assert!(
+                !line.chars().any(|c| c.is_control() || c == '\u{202e}'),
+                "{line:?}"
+            );
+        }
+        assert!(
+            lines[1].starts_with("[01:02] bob: [01:02:04] alice"),
+            "{lines:?}"
+        );
         let shown = [
-            event_text(&Event::Message(message)).unwrap(),
             event_text(&Event::Announcement {
                 text: forged.into(),
                 at_ms: 0,
