@@ -360,7 +360,8 @@ fn a_conversation_is_opened_used_and_left_with_local_times() {
 }
 
 /// Tab completes a command and a username; a 3 KB paste goes out on one Enter (it waited for
-/// another key), and a pasted text of several lines is one message.
+/// another key), and a pasted text of several lines is one message, as is one typed with
+/// Alt-Enter between its lines.
 #[test]
 fn tab_completes_names_and_a_paste_is_one_message() {
     if !tmux_available() {
@@ -395,6 +396,13 @@ fn tab_completes_names_and_a_paste_is_one_message() {
     alice_term.paste("first line\nsecond line");
     alice_term.keys(&["Enter"]);
     bob_bot.message("first line\nsecond line");
+
+    // Alt-Enter breaks the line without sending it.
+    alice_term.type_text("typed one");
+    alice_term.keys(&["M-Enter"]);
+    alice_term.type_text("typed two");
+    alice_term.keys(&["Enter"]);
+    bob_bot.message("typed one\ntyped two");
 
     alice_term.type_line("/quit");
 }

@@ -5,7 +5,7 @@
 //! lacks: a completion hook (Tab completes commands and the names this client has seen), an
 //! [`ExternalPrinter`] that prints above the prompt and redraws it with the half-typed line
 //! intact, and bracketed paste (a pasted text, newlines included, is one line, inserted at
-//! once). Its `buffer-redux` feature keeps the bytes read past one line for the next
+//! once; Alt-Enter inserts a line break). Its `buffer-redux` feature keeps the bytes read past one line for the next
 //! `readline`: without it, lines typed or pasted ahead (a burst of commands) were lost.
 //!
 //! - [`Editor::start`] starts the thread. It reads a line, parses it with
@@ -214,6 +214,11 @@ impl Editor {
         for line in &history {
             let _ = editor.add_history_entry(line.as_str());
         }
+        // Alt-Enter starts a new line in the message instead of sending it.
+        editor.bind_sequence(
+            rustyline::KeyEvent(rustyline::KeyCode::Enter, rustyline::Modifiers::ALT),
+            rustyline::Cmd::Newline,
+        );
         let printer = editor
             .create_external_printer()
             .ok()
