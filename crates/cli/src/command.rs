@@ -159,7 +159,8 @@ commands (each also with a leading /, as in /list):
   whois <user>            fingerprints and safety number
   trust <user>            accept <user>'s current key (after checking `whois`)
   help                    this text
-  quit                    leave (also Ctrl-C, Ctrl-D)";
+  quit                    leave (also Ctrl-C, Ctrl-D)
+Tab completes commands and names; Alt-Enter types a line break in a message.";
 
 const USAGE_SEND: &str = "send <user> <message>";
 const USAGE_MSG: &str = "msg <user> <message>";

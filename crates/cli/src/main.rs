@@ -265,25 +265,26 @@ async fn send_mode(client: &Client, to: &str, body: &str) -> anyhow::Result<Exit
         report = result => report?,
     };
     let status = render::terminal_safe(&report.status.to_string());
-    match &report.status {
-        status_now if status_now.is_success() => {
-            println!("{}: {status}", report.id);
-            Ok(ExitCode::SUCCESS)
-        }
+    let kept = matches!(
+        report.status,
         peer::DeliveryStatus::Failed {
-            will_retry: true, ..
-        } => {
-            eprintln!(
-                "p2pchat: message {} to {to} {status}; it goes out at this user's next start \
-                 (do not send it again)",
-                report.id
-            );
-            Ok(ExitCode::from(EXIT_KEPT))
+            will_retry: true,
+            ..
         }
-        _ => {
-            eprintln!("p2pchat: message to {to} {status}");
-            Ok(ExitCode::FAILURE)
-        }
+    );
+    if report.status.is_success() {
+        println!("{}: {status}", report.id);
+        Ok(ExitCode::SUCCESS)
+    } else if kept {
+        eprintln!(
+            "p2pchat: message {} to {to} {status}; it goes out at this user's next start \
+             (do not send it again)",
+            report.id
+        );
+        Ok(ExitCode::from(EXIT_KEPT))
+    } else {
+        eprintln!("p2pchat: message to {to} {status}");
+        Ok(ExitCode::FAILURE)
     }
 }
 
