@@ -302,7 +302,7 @@ fn two_people_chat_list_block_mute_and_quit_in_terminals() {
 }
 
 /// A conversation opened with `chat`, used with plain lines, and left with `/close`; the
-/// prompt names the other user; incoming times are local (here `TZ` 5:45 east of UTC, so
+/// prompt names the other user; `chats` counts the messages that came before it was open; incoming times are local (here `TZ` 5:45 east of UTC, so
 /// UTC's clock would be wrong on the screen).
 #[test]
 fn a_conversation_is_opened_used_and_left_with_local_times() {
@@ -319,8 +319,18 @@ fn a_conversation_is_opened_used_and_left_with_local_times() {
     alice_term.wait_for("peers connect to you on port");
     alice_term.wait_for("alice>");
 
+    // Two messages before the conversation is open: `chats` counts them unread.
+    bob_bot.ok("send alice first");
+    bob_bot.ok("send alice second");
+    alice_term.wait_for("bob: second");
+    alice_term.type_line("chats");
+    alice_term.wait_for(", 2 unread");
+
     alice_term.type_line("chat bob");
     alice_term.wait_for("talking to bob");
+    alice_term.type_line("/chats");
+    alice_term.wait_for_n("bob: last message", 2);
+    assert_eq!(alice_term.screen().matches("unread").count(), 1);
     alice_term.wait_for("alice → bob>");
     // Plain lines, even one that starts with a command's name, go to bob.
     alice_term.type_line("hello from a conversation");

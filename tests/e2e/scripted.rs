@@ -242,8 +242,8 @@ fn send_exit_codes_tell_sent_from_kept_from_failed() {
     assert_eq!(bob_bot.count("two"), 1, "{:?}", bob_bot.messages());
 }
 
-/// `list`, `blocked`, `whois` and `history` answer `listen --json` with fields, not only
-/// text; a conversation opened on standard input takes plain lines as messages.
+/// `list`, `blocked`, `whois`, `history` and `chats` answer `listen --json` with fields, not
+/// only text; a conversation opened on standard input takes plain lines as messages.
 #[test]
 fn listen_json_results_have_structured_fields() {
     let server = Discovery::start();
@@ -316,6 +316,19 @@ fn listen_json_results_have_structured_fields() {
             .all(|message| message["id"].as_str().map(str::len) == Some(32)
                 && message["sent_at_ms"].as_u64().is_some())
     );
+
+    // `chats`: read while open; unread once closed; `history` reads it again.
+    let chats = alice_bot.ok("/chats");
+    assert_eq!(chats["chats"][0]["user"], "bob", "{chats}");
+    assert_eq!(chats["chats"][0]["unread"], 0, "{chats}");
+    alice_bot.ok("/close");
+    bob_bot.ok("send alice later");
+    alice_bot.message("later");
+    let chats = alice_bot.ok("chats");
+    assert_eq!(chats["chats"][0]["unread"], 1, "{chats}");
+    assert!(chats["chats"][0]["last_ms"].as_u64().is_some(), "{chats}");
+    alice_bot.ok("history bob 1");
+    assert_eq!(alice_bot.ok("chats")["chats"][0]["unread"], 0);
 
     alice_bot.ok("/block bob");
     assert_eq!(

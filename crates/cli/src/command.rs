@@ -1,9 +1,9 @@
 //! The interactive commands, parsed by one pure function: [`parse`].
 //!
 //! The commands: `help`, `list`, `send <user> <message>`, `chat <user>` (`query`), `msg
-//! <user> <message>`, `chat` alone (`close`), `block <user>`, `unblock <user>`, `blocked`,
-//! `mute <user> <seconds>`, `unmute <user>`, `whois <user>`, `trust <user>`, `history
-//! <user> [n]`, `quit`. Each also works with a leading `/`. With a conversation open, a line
+//! <user> <message>`, `chat` alone (`close`), `chats`, `block <user>`, `unblock <user>`,
+//! `blocked`, `mute <user> <seconds>`, `unmute <user>`, `whois <user>`, `trust <user>`,
+//! `history <user> [n]`, `quit`. Each also works with a leading `/`. With a conversation open, a line
 //! without a leading `/` is a message to that user (a leading `//` sends a line that starts
 //! with `/`), so a message is never taken for a command. Bad forms are a [`ParseError`] that
 //! says what was wrong and shows the usage line.
@@ -66,6 +66,8 @@ pub enum Command {
     },
     /// Leave the open conversation.
     Close,
+    /// The conversations, with unread counts.
+    Chats,
     /// Leave.
     Quit,
 }
@@ -99,8 +101,8 @@ pub enum ParseError {
 
 /// Every command word, for completion.
 pub const COMMANDS: &[&str] = &[
-    "block", "blocked", "chat", "close", "help", "history", "list", "msg", "mute", "query", "quit",
-    "send", "trust", "unblock", "unmute", "whois",
+    "block", "blocked", "chat", "chats", "close", "help", "history", "list", "msg", "mute",
+    "query", "quit", "send", "trust", "unblock", "unmute", "whois",
 ];
 
 /// Whether the command `word` (without its `/`) takes a user name as its first argument.
@@ -137,6 +139,7 @@ pub fn named_user(command: &Command) -> Option<&Username> {
         | Command::List
         | Command::Blocked
         | Command::Close
+        | Command::Chats
         | Command::Quit => None,
     }
 }
@@ -148,6 +151,7 @@ commands (each also with a leading /, as in /list):
   msg <user> <message>    open a conversation with <user> and send a message
   chat                    leave the conversation (also /close); in a conversation,
                           commands need their leading /, and // sends a line starting with /
+  chats                   conversations, the latest first, with unread counts
   send <user> <message>   send a message (direct, else to their mailbox)
   list                    who is online
   history <user> [n]      the last n messages with <user> (default 20)
@@ -219,6 +223,7 @@ pub fn parse(line: &str, open: Option<&Username>) -> Result<Command, ParseError>
             _ => Err(ParseError::Usage("query <user>")),
         },
         "close" => no_args(&args, "close", Command::Close),
+        "chats" => no_args(&args, "chats", Command::Chats),
         "mute" => match args.as_slice() {
             [name, seconds] => Ok(Command::Mute {
                 user: user(name)?,
@@ -381,6 +386,7 @@ mod tests {
             "send bob hi",
             "msg bob hi",
             "chat bob",
+            "chats",
             "chat",
             "close",
         ] {

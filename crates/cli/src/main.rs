@@ -17,6 +17,7 @@
 //!
 //! Parsing lives in [`command`], wording in [`render`]; the runtime is the `peer` crate.
 
+mod chats;
 mod command;
 mod editor;
 mod render;
@@ -25,6 +26,7 @@ use std::{
     io::{BufRead, Write},
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -170,7 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let code = match cli.mode {
         None => interactive_mode(&client, events, &data_dir, &cli.server, look).await,
         Some(Mode::Send { to, message }) => send_mode(&client, &to, &message.join(" ")).await,
-        Some(Mode::Listen { json }) => listen_mode(&client, events, json, look).await,
+        Some(Mode::Listen { json }) => listen_mode(&client, events, &data_dir, json, look).await,
     };
     client.shutdown(DRAIN_TIMEOUT).await;
     code
@@ -297,6 +299,7 @@ const MAX_MARKED_AT_ONCE: usize = 4096;
 async fn listen_mode(
     client: &Client,
     mut events: Events,
+    client_data_dir: &Path,
     json: bool,
     look: render::Look,
 ) -> anyhow::Result<ExitCode> {
@@ -307,7 +310,14 @@ async fn listen_mode(
     // Commands run one at a time, in order, in their own task, so a send waiting for its
     // ack never holds up the events.
     let (results_tx, mut results) = tokio::sync::mpsc::channel::<(String, Outcome)>(16);
-    let executor = tokio::spawn(run_stdin_commands(client.clone(), results_tx, look.clone()));
+    let chats_path = client_data_dir.join(chats::CHATS_FILE);
+    let chats = Arc::new(Mutex::new(chats::Chats::load(&chats_path)));
+    let executor = tokio::spawn(run_stdin_commands(
+        client.clone(),
+        results_tx,
+        look.clone(),
+        Arc::clone(&chats),
+    ));
     let mut stdout = std::io::stdout();
     let code = loop {
         tokio::select! {
@@ -332,7 +342,10 @@ async fn listen_mode(
                         writeln!(stdout, "{text}")?;
                     }
                     match event {
-                        Event::Message(message) => printed.push(message),
+                        Event::Message(message) => {
+                            lock(&chats).received(&message.from, message.sent_at_ms);
+                            printed.push(message);
+                        }
                         Event::Fatal(reply) => {
                             fatal = Some(reply);
                             break;
@@ -363,7 +376,17 @@ async fn listen_mode(
         }
     };
     executor.abort();
+    if let Err(error) = lock(&chats).save(&chats_path) {
+        tracing::warn!(%error, "cannot save the conversations' unread counts");
+    }
     Ok(code)
+}
+
+/// The shared conversations, whatever a panic elsewhere left in them (counts only).
+fn lock(chats: &Mutex<chats::Chats>) -> std::sync::MutexGuard<'_, chats::Chats> {
+    chats
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Reads commands from standard input until it ends, sending each one's line and outcome.
@@ -373,29 +396,31 @@ async fn run_stdin_commands(
     client: Client,
     results: tokio::sync::mpsc::Sender<(String, Outcome)>,
     look: render::Look,
+    chats: Arc<Mutex<chats::Chats>>,
 ) {
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut conversation = None;
     while let Ok(Some(line)) = lines.next_line().await {
         let line = line.trim().to_owned();
-        let outcome = match command::parse(&line, conversation.as_ref()) {
+        let open = lock(&chats).open_user().cloned();
+        let command = command::parse(&line, open.as_ref());
+        if let Ok(command) = &command {
+            lock(&chats).note(command, proto::now_ms());
+        }
+        let outcome = match command {
             Ok(Command::Nothing) => continue,
             Ok(Command::Quit) => break,
             Ok(Command::Help) => Outcome::done(command::HELP.to_owned()),
-            Ok(Command::Open(user)) => {
-                let outcome = Outcome::done(format!("talking to {user}"))
-                    .with("conversation", user.as_str().into());
-                conversation = Some(user);
-                outcome
-            }
-            Ok(Command::Close) => {
-                conversation = None;
-                Outcome::done("no conversation open".to_owned())
-                    .with("conversation", serde_json::Value::Null)
+            Ok(Command::Open(user)) => Outcome::done(format!("talking to {user}"))
+                .with("conversation", user.as_str().into()),
+            Ok(Command::Close) => Outcome::done("no conversation open".to_owned())
+                .with("conversation", serde_json::Value::Null),
+            Ok(Command::Chats) => {
+                let chats = lock(&chats);
+                Outcome::done(render::chats_text(&chats.list(), &look, proto::now_ms()))
+                    .with_all(chats.json())
             }
             Ok(Command::OpenAndSend { to, body }) => {
-                conversation = Some(to.clone());
                 execute(&client, Command::Send { to, body }, &look).await
             }
             Ok(command) => execute(&client, command, &look).await,
@@ -469,9 +494,10 @@ async fn interactive_mode(
         typed_tx,
     )?;
     let out = line_editor.screen.clone();
-    // The conversation as the lines typed so far left it (the editor keeps its own copy,
-    // for the prompt).
-    let mut conversation: Option<Username> = None;
+    // The conversations, and the one open as the lines typed so far left it (the editor
+    // keeps its own copy, for the prompt).
+    let chats_path = data_dir.join(chats::CHATS_FILE);
+    let mut chats = chats::Chats::load(&chats_path);
     let bell = if std::io::stdout().is_terminal() {
         "\x07"
     } else {
@@ -510,9 +536,12 @@ async fn interactive_mode(
                 if let Some(user) = event_user(&event) {
                     names.learn(user);
                 }
+                if let Event::Message(message) = &event {
+                    chats.received(&message.from, message.sent_at_ms);
+                }
                 if let Some(text) = render::event_text(&event, &look, proto::now_ms()) {
                     let ring = match &event {
-                        Event::Message(message) => rings_bell(conversation.as_ref(), &message.from),
+                        Event::Message(message) => rings_bell(chats.open_user(), &message.from),
                         _ => false,
                     };
                     out.line(format!("{}{text}", if ring { bell } else { "" }));
@@ -532,25 +561,19 @@ async fn interactive_mode(
             }
             line = typed.recv() => {
                 let Some(editor::Typed { command }) = line else { break };
+                let was_open = chats.open_user().cloned();
+                if let Ok(command) = &command {
+                    chats.note(command, proto::now_ms());
+                }
+                if let Ok(Command::Open(user) | Command::OpenAndSend { to: user, .. }) = &command
+                    && was_open.as_ref() != Some(user)
+                {
+                    out.line(format!(
+                        "talking to {user}: plain lines go to {user}; /close leaves, /help lists commands"
+                    ));
+                }
                 let command = match command {
-                    Ok(Command::Open(user)) => {
-                        if conversation.as_ref() != Some(&user) {
-                            out.line(format!(
-                                "talking to {user}: plain lines go to {user}; /close leaves, /help lists commands"
-                            ));
-                        }
-                        conversation = Some(user);
-                        continue;
-                    }
-                    Ok(Command::OpenAndSend { to, body }) => {
-                        if conversation.as_ref() != Some(&to) {
-                            out.line(format!(
-                                "talking to {to}: plain lines go to {to}; /close leaves, /help lists commands"
-                            ));
-                        }
-                        conversation = Some(to.clone());
-                        Ok(Command::Send { to, body })
-                    }
+                    Ok(Command::OpenAndSend { to, body }) => Ok(Command::Send { to, body }),
                     other => other,
                 };
                 match command {
@@ -559,10 +582,13 @@ async fn interactive_mode(
                         break;
                     }
                     Ok(Command::Nothing | Command::Open(_) | Command::OpenAndSend { .. }) => {}
-                    Ok(Command::Close) => match conversation.take() {
+                    Ok(Command::Close) => match was_open {
                         Some(user) => out.line(format!("left the conversation with {user}")),
                         None => out.line("no conversation is open"),
                     },
+                    Ok(Command::Chats) => {
+                        out.line(render::chats_text(&chats.list(), &look, proto::now_ms()));
+                    }
                     Ok(Command::Help) => out.line(command::HELP),
                     // Run beside the prompt, in the order typed (see `run_in_order`).
                     // Waits only if the worker is that far behind (back-pressure).
@@ -589,6 +615,9 @@ async fn interactive_mode(
     }
     out.line("bye");
     save_history(&history_path, &line_editor.history());
+    if let Err(error) = chats.save(&chats_path) {
+        tracing::warn!(%error, "cannot save the conversations' unread counts");
+    }
     if !quit_typed {
         // The editor may be reading a line in raw mode (a signal, a fatal refusal).
         line_editor.restore_terminal();
@@ -837,7 +866,8 @@ async fn execute(client: &Client, command: Command, look: &render::Look) -> Outc
         | Command::Quit
         | Command::Open(_)
         | Command::OpenAndSend { .. }
-        | Command::Close => Outcome::done(String::new()),
+        | Command::Close
+        | Command::Chats => Outcome::done(String::new()),
     }
 }
 

@@ -11,6 +11,8 @@ use peer::{
 use proto::Username;
 use serde_json::{Value, json};
 
+use crate::chats::Chat;
+
 /// How lines are shown on this screen: the time zone of their times, colour or not, and the
 /// port this client takes peer connections on (for the connect line).
 #[derive(Debug, Clone)]
@@ -323,6 +325,27 @@ pub fn whois_text(report: &WhoisReport, look: &Look, now_ms: u64) -> String {
     lines.join("\n")
 }
 
+/// `chats`' lines at `now_ms`: one per conversation, the latest first.
+pub fn chats_text(chats: &[(&str, Chat)], look: &Look, now_ms: u64) -> String {
+    if chats.is_empty() {
+        return "no conversations yet".to_owned();
+    }
+    chats
+        .iter()
+        .map(|(user, chat)| {
+            let unread = match chat.unread {
+                0 => String::new(),
+                count => format!(", {count} unread"),
+            };
+            format!(
+                "{user}: last message {}{unread}",
+                look.time(chat.last_ms, now_ms)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// `list`'s fields: `users` (names, sorted) and `more` (online, not listed).
 pub fn online_json(online: &OnlineUsers) -> Value {
     json!({
@@ -504,6 +527,31 @@ mod tests {
             "connected to the discovery server (it sees you at 127.0.0.1; peers connect to you on port 40123)"
         );
         assert!(!text.contains("56698"));
+    }
+
+    #[test]
+    fn chats_show_the_latest_first_with_unread_counts() {
+        let chats = [
+            (
+                "bob",
+                Chat {
+                    unread: 2,
+                    last_ms: 3_600_000,
+                },
+            ),
+            (
+                "carol",
+                Chat {
+                    unread: 0,
+                    last_ms: 60_000,
+                },
+            ),
+        ];
+        assert_eq!(
+            chats_text(&chats, &plain(), 3_700_000),
+            "bob: last message 01:00, 2 unread\ncarol: last message 00:01"
+        );
+        assert_eq!(chats_text(&[], &plain(), 0), "no conversations yet");
     }
 
     #[test]
