@@ -484,8 +484,11 @@ async fn interactive_mode(
     let mut history = load_history(&history_path);
     history.drain(..history.len().saturating_sub(HISTORY_MAX));
     let names = editor::Names::default();
-    // A few lines typed ahead at most; the editor waits past that.
-    let (typed_tx, mut typed) = tokio::sync::mpsc::channel(16);
+    // Lines typed ahead and not yet taken; past this the editor waits. Generous on
+    // purpose: a line printed above the prompt waits for the editor to take it (rustyline's
+    // printer holds one), and the editor takes it only while it reads, so the editor must
+    // not wait for this loop while this loop prints; that needs this many lines typed ahead.
+    let (typed_tx, mut typed) = tokio::sync::mpsc::channel(TYPED_COMMANDS_QUEUED);
     let line_editor = editor::Editor::start(
         client.user().clone(),
         history,
