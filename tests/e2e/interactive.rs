@@ -38,7 +38,7 @@ impl Terminal {
         Self::start_with_env(user, server, ask_name, "")
     }
 
-    /// [`Terminal::start`] with extra `NAME=value` words for `env` (no quoting: plain values).
+    /// [`Terminal::start`] with extra words for `env` (`NAME=value`, `-u NAME`; no quoting).
     fn start_with_env(user: &User, server: &Discovery, ask_name: bool, env: &str) -> Option<Self> {
         // One tmux server per terminal: tests run in parallel and share user names.
         static TERMINALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -135,6 +135,16 @@ impl Terminal {
                 "-t",
                 &self.session,
             ])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The visible screen with its colours, as terminal escape sequences.
+    fn screen_with_colours(&self) -> String {
+        let output = Command::new("tmux")
+            .args(["-L", &self.socket, "capture-pane", "-p", "-e"])
+            .args(["-t", &self.session])
             .output()
             .expect("tmux capture-pane");
         String::from_utf8_lossy(&output.stdout).into_owned()
@@ -314,7 +324,8 @@ fn a_conversation_is_opened_used_and_left_with_local_times() {
     let (alice, bob) = (User::new("alice"), User::new("bob"));
     let mut bob_bot = bob.listen(&server);
     bob_bot.online();
-    let alice_term = Terminal::start_with_env(&alice, &server, false, "TZ=NPT-5:45").expect("tmux");
+    let alice_term =
+        Terminal::start_with_env(&alice, &server, false, "-u NO_COLOR TZ=NPT-5:45").expect("tmux");
     alice_term.wait_for("connected to the discovery server");
     alice_term.wait_for("peers connect to you on port");
     alice_term.wait_for("alice>");
@@ -345,6 +356,12 @@ fn a_conversation_is_opened_used_and_left_with_local_times() {
     bob_bot.ok("send alice hi alice");
     let after = now_ms();
     let screen = alice_term.wait_for("bob: hi alice");
+    // A terminal gets colour: the sender's name in cyan.
+    assert!(
+        alice_term.screen_with_colours().contains("36m"),
+        "no colour:\n{:?}",
+        alice_term.screen_with_colours()
+    );
     let local = [clock_at(before, 5 * 60 + 45), clock_at(after, 5 * 60 + 45)];
     assert!(
         local
@@ -369,7 +386,8 @@ fn a_conversation_is_opened_used_and_left_with_local_times() {
     alice_term.type_line("/quit");
 }
 
-/// Tab completes a command and a username; a 3 KB paste goes out on one Enter (it waited for
+/// Tab completes a command and a username; `NO_COLOR` turns colour off; a 3 KB paste goes out
+/// on one Enter (it waited for
 /// another key), and a pasted text of several lines is one message, as is one typed with
 /// Alt-Enter between its lines.
 #[test]
@@ -382,7 +400,7 @@ fn tab_completes_names_and_a_paste_is_one_message() {
     let (alice, bob) = (User::new("alice"), User::new("bob"));
     let mut bob_bot = bob.listen(&server);
     bob_bot.online();
-    let alice_term = Terminal::start(&alice, &server, false).expect("tmux");
+    let alice_term = Terminal::start_with_env(&alice, &server, false, "NO_COLOR=1").expect("tmux");
     alice_term.wait_for("connected to the discovery server");
     alice_term.wait_for("alice>");
 
@@ -402,6 +420,15 @@ fn tab_completes_names_and_a_paste_is_one_message() {
     alice_term.paste(&long);
     alice_term.keys(&["Enter"]);
     bob_bot.message(&long);
+
+    // NO_COLOR: not one colour on the screen.
+    bob_bot.ok("send alice plain please");
+    alice_term.wait_for("bob: plain please");
+    assert!(
+        !alice_term.screen_with_colours().contains("36m"),
+        "colour despite NO_COLOR:\n{:?}",
+        alice_term.screen_with_colours()
+    );
 
     alice_term.paste("first line\nsecond line");
     alice_term.keys(&["Enter"]);
