@@ -1,6 +1,6 @@
 //! The end-to-end test binary, one module per area, helpers in `util`.
 //!
-//! - `architecture`: the dependency direction of design.md §2.
+//! - `architecture`: the dependency direction of ARCHITECTURE.md.
 //! - `chat`: the peer runtime against an in-process discovery server.
 //! - `scripted`: the real binaries, driven through `p2pchat send` and `listen --json`.
 //! - `interactive`: the interactive client in tmux, as a person uses it.
