@@ -10,8 +10,37 @@ use std::{
 };
 
 use crate::util::{
-    Discovery, DiscoveryOptions, User, WAIT, assert_failed, assert_sent, binary, run_bounded,
+    Discovery, DiscoveryOptions, Launcher, User, WAIT, assert_failed, assert_sent, binary,
+    free_port, run_bounded,
 };
+
+/// `--listen` puts the peer listener on one address and port; with `--port` as well it is
+/// a usage error.
+#[test]
+fn the_peer_listener_binds_where_listen_says() {
+    let server = Discovery::start();
+    let alice = User::new("alice");
+    let bob = User::new("bob");
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut bob_listener =
+        bob.listen_custom(&server, &Launcher::direct(), &["--listen", &address], &[]);
+    bob_listener.online();
+    std::net::TcpStream::connect(&address).expect("bob listens where --listen says");
+    assert_sent(&alice.send(&server, "bob", "on a chosen port"), "delivered");
+    bob_listener.message("on a chosen port");
+    bob_listener.stop();
+
+    let mut both = Command::new(binary("p2pchat"));
+    both.args([
+        "--listen", &address, "--port", "7000", "--user", "alice", "send", "bob", "x",
+    ]);
+    let output = run_bounded(both);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("cannot be used with"),
+        "{output:?}"
+    );
+}
 
 #[test]
 fn a_message_to_a_listening_peer_is_delivered_directly() {

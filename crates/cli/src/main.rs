@@ -57,9 +57,18 @@ struct Cli {
     /// (`~/.local/share/p2pchat` on Linux), printed at start.
     #[arg(long, env = "P2PCHAT_HOME", global = true)]
     home: Option<PathBuf>,
-    /// The port to accept peer connections on (0: any free port).
+    /// The port to accept peer connections on, on every interface (0: any free port).
     #[arg(long, default_value_t = 0, global = true)]
     port: u16,
+    /// The address to accept peer connections on (`host:port`; default `0.0.0.0:<--port>`,
+    /// every interface), e.g. `127.0.0.1:0` to take peers from this machine only.
+    #[arg(
+        long,
+        env = "P2PCHAT_PEER_LISTEN",
+        global = true,
+        conflicts_with = "port"
+    )]
+    listen: Option<std::net::SocketAddr>,
     /// Milliseconds without an answer to a heartbeat before the server connection is
     /// treated as dead (default 10000). For tests of network faults.
     #[arg(long, env = "P2PCHAT_PONG_TIMEOUT_MS", global = true, hide = true)]
@@ -157,7 +166,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_tracing(interactive, &data_dir)?;
 
     let mut config = Config::new(cli.server.clone(), user, data_dir.clone());
-    config.listen.set_port(cli.port);
+    config.listen = cli
+        .listen
+        .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], cli.port)));
     if let Some(ms) = cli.pong_timeout_ms {
         config.pong_timeout = Duration::from_millis(ms.max(1));
     }
