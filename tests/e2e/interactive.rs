@@ -1,6 +1,8 @@
 //! The interactive client driven as a person drives it: in tmux, typing with `send-keys` and
 //! reading the screen with `capture-pane`. Two clients chat, list, block, mute and quit, and
-//! a message arriving while a line is half typed leaves the prompt and the typed text intact.
+//! a message arriving while a line is half typed leaves the prompt and the typed text intact;
+//! a conversation is opened, used and left, with times shown in the local time zone; Tab
+//! completes names, and a paste (long, or of several lines) is one message on one Enter.
 
 use std::{
     process::Command,
@@ -9,6 +11,20 @@ use std::{
 };
 
 use crate::util::{Discovery, User, WAIT, binary};
+
+/// An hour-and-minute in a zone `offset_minutes` east of UTC, `ms` after the epoch.
+fn clock_at(ms: u64, offset_minutes: i64) -> String {
+    let minutes =
+        (i64::try_from(ms / 60_000).expect("a time") + offset_minutes).rem_euclid(24 * 60);
+    format!("{:02}:{:02}", minutes / 60, minutes % 60)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
 
 /// One tmux session running one interactive `p2pchat`, on a private tmux server socket.
 struct Terminal {
@@ -19,10 +35,22 @@ struct Terminal {
 impl Terminal {
     /// Starts `p2pchat` for `user` in a new 120x40 tmux session; `None` without tmux.
     fn start(user: &User, server: &Discovery, ask_name: bool) -> Option<Self> {
-        let socket = format!("p2pchat-test-{}-{}", std::process::id(), user.name);
+        Self::start_with_env(user, server, ask_name, "")
+    }
+
+    /// [`Terminal::start`] with extra words for `env` (`NAME=value`, `-u NAME`; no quoting).
+    fn start_with_env(user: &User, server: &Discovery, ask_name: bool, env: &str) -> Option<Self> {
+        // One tmux server per terminal: tests run in parallel and share user names.
+        static TERMINALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let terminal = TERMINALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let socket = format!(
+            "p2pchat-test-{}-{terminal}-{}",
+            std::process::id(),
+            user.name
+        );
         let session = user.name.clone();
         let mut command = format!(
-            "env P2PCHAT_SERVER={} P2PCHAT_HOME={} {}",
+            "env {env} P2PCHAT_SERVER={} P2PCHAT_HOME={} {}",
             server.address,
             user.home.display(),
             binary("p2pchat").display()
@@ -62,6 +90,31 @@ impl Terminal {
         assert!(status.success());
     }
 
+    /// Pastes `text` as a terminal pastes it: in bracketed-paste markers (when the program
+    /// asked for them, as line editors do), line breaks kept, no Enter after it.
+    fn paste(&self, text: &str) {
+        let buffer = Command::new("tmux")
+            .args(["-L", &self.socket, "set-buffer", "-b", "paste", "--", text])
+            .status()
+            .expect("tmux set-buffer");
+        assert!(buffer.success());
+        let pasted = Command::new("tmux")
+            .args([
+                "-L",
+                &self.socket,
+                "paste-buffer",
+                "-p",
+                "-r",
+                "-d",
+                "-b",
+                "paste",
+            ])
+            .args(["-t", &self.session])
+            .status()
+            .expect("tmux paste-buffer");
+        assert!(pasted.success());
+    }
+
     fn keys(&self, keys: &[&str]) {
         let status = Command::new("tmux")
             .args(["-L", &self.socket, "send-keys", "-t", &self.session])
@@ -82,6 +135,16 @@ impl Terminal {
                 "-t",
                 &self.session,
             ])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The visible screen with its colours, as terminal escape sequences.
+    fn screen_with_colours(&self) -> String {
+        let output = Command::new("tmux")
+            .args(["-L", &self.socket, "capture-pane", "-p", "-e"])
+            .args(["-t", &self.session])
             .output()
             .expect("tmux capture-pane");
         String::from_utf8_lossy(&output.stdout).into_owned()
@@ -112,6 +175,7 @@ impl Terminal {
     fn running(&self) -> bool {
         Command::new("tmux")
             .args(["-L", &self.socket, "has-session", "-t", &self.session])
+            .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|status| status.success())
     }
@@ -119,8 +183,10 @@ impl Terminal {
 
 impl Drop for Terminal {
     fn drop(&mut self) {
+        // The server is gone already when the client quit by itself.
         let _ = Command::new("tmux")
             .args(["-L", &self.socket, "kill-server"])
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }
@@ -243,4 +309,137 @@ fn two_people_chat_list_block_mute_and_quit_in_terminals() {
         thread::sleep(Duration::from_millis(50));
     }
     bob_term.type_line("quit");
+}
+
+/// A conversation opened with `chat`, used with plain lines, and left with `/close`; the
+/// prompt names the other user; `chats` counts the messages that came before it was open; incoming times are local (here `TZ` 5:45 east of UTC, so
+/// UTC's clock would be wrong on the screen).
+#[test]
+fn a_conversation_is_opened_used_and_left_with_local_times() {
+    if !tmux_available() {
+        eprintln!("skipped: tmux is not installed (.ci/run installs it)");
+        return;
+    }
+    let server = Discovery::start();
+    let (alice, bob) = (User::new("alice"), User::new("bob"));
+    let mut bob_bot = bob.listen(&server);
+    bob_bot.online();
+    let alice_term =
+        Terminal::start_with_env(&alice, &server, false, "-u NO_COLOR TZ=NPT-5:45").expect("tmux");
+    alice_term.wait_for("connected to the discovery server");
+    alice_term.wait_for("peers connect to you on port");
+    alice_term.wait_for("alice>");
+
+    // Two messages before the conversation is open: `chats` counts them unread.
+    bob_bot.ok("send alice first");
+    bob_bot.ok("send alice second");
+    alice_term.wait_for("bob: second");
+    alice_term.type_line("chats");
+    alice_term.wait_for(", 2 unread");
+
+    alice_term.type_line("chat bob");
+    alice_term.wait_for("talking to bob");
+    alice_term.type_line("/chats");
+    alice_term.wait_for_n("bob: last message", 2);
+    assert_eq!(alice_term.screen().matches("unread").count(), 1);
+    alice_term.wait_for("alice → bob>");
+    // Plain lines, even one that starts with a command's name, go to bob.
+    alice_term.type_line("hello from a conversation");
+    bob_bot.message("hello from a conversation");
+    alice_term.type_line("list of things to bring");
+    bob_bot.message("list of things to bring");
+    // Commands keep working with their `/`.
+    alice_term.type_line("/list");
+    alice_term.wait_for("online: alice, bob");
+
+    let before = now_ms();
+    bob_bot.ok("send alice hi alice");
+    let after = now_ms();
+    let screen = alice_term.wait_for("bob: hi alice");
+    // A terminal gets colour: the sender's name in cyan.
+    assert!(
+        alice_term.screen_with_colours().contains("36m"),
+        "no colour:\n{:?}",
+        alice_term.screen_with_colours()
+    );
+    let local = [clock_at(before, 5 * 60 + 45), clock_at(after, 5 * 60 + 45)];
+    assert!(
+        local
+            .iter()
+            .any(|clock| screen.contains(&format!("[{clock}] bob: hi alice"))),
+        "not shown in local time ({local:?}):\n{screen}"
+    );
+
+    alice_term.type_line("/close");
+    alice_term.wait_for("left the conversation with bob");
+    // The prompt is alice's alone again, and a plain word is a command again.
+    alice_term.type_line("list");
+    alice_term.wait_for_n("online: alice, bob", 2);
+    let screen = alice_term.screen();
+    let last = screen
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or_default();
+    assert_eq!(last.trim_end(), "alice>", "{screen}");
+    assert_eq!(bob_bot.count("list"), 0);
+    alice_term.type_line("/quit");
+}
+
+/// Tab completes a command and a username; `NO_COLOR` turns colour off; a 3 KB paste goes out
+/// on one Enter (it waited for
+/// another key), and a pasted text of several lines is one message, as is one typed with
+/// Alt-Enter between its lines.
+#[test]
+fn tab_completes_names_and_a_paste_is_one_message() {
+    if !tmux_available() {
+        eprintln!("skipped: tmux is not installed (.ci/run installs it)");
+        return;
+    }
+    let server = Discovery::start();
+    let (alice, bob) = (User::new("alice"), User::new("bob"));
+    let mut bob_bot = bob.listen(&server);
+    bob_bot.online();
+    let alice_term = Terminal::start_with_env(&alice, &server, false, "NO_COLOR=1").expect("tmux");
+    alice_term.wait_for("connected to the discovery server");
+    alice_term.wait_for("alice>");
+
+    // `list` teaches the client bob's name.
+    alice_term.type_text("lis");
+    alice_term.keys(&["Tab"]);
+    alice_term.wait_for("alice> list");
+    alice_term.keys(&["Enter"]);
+    alice_term.wait_for("online: alice, bob");
+    alice_term.type_text("chat b");
+    alice_term.keys(&["Tab"]);
+    alice_term.wait_for("alice> chat bob");
+    alice_term.keys(&["Enter"]);
+    alice_term.wait_for("talking to bob");
+
+    let long = format!("{}end", "0123456789".repeat(300));
+    alice_term.paste(&long);
+    alice_term.keys(&["Enter"]);
+    bob_bot.message(&long);
+
+    // NO_COLOR: not one colour on the screen.
+    bob_bot.ok("send alice plain please");
+    alice_term.wait_for("bob: plain please");
+    assert!(
+        !alice_term.screen_with_colours().contains("36m"),
+        "colour despite NO_COLOR:\n{:?}",
+        alice_term.screen_with_colours()
+    );
+
+    alice_term.paste("first line\nsecond line");
+    alice_term.keys(&["Enter"]);
+    bob_bot.message("first line\nsecond line");
+
+    // Alt-Enter breaks the line without sending it.
+    alice_term.type_text("typed one");
+    alice_term.keys(&["M-Enter"]);
+    alice_term.type_text("typed two");
+    alice_term.keys(&["Enter"]);
+    bob_bot.message("typed one\ntyped two");
+
+    alice_term.type_line("/quit");
 }

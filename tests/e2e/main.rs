@@ -1,6 +1,6 @@
 //! The end-to-end test binary, one module per area, helpers in `util`.
 //!
-//! - `architecture`: the dependency direction of design.md §2.
+//! - `architecture`: the dependency direction of ARCHITECTURE.md.
 //! - `chat`: the peer runtime against an in-process discovery server.
 //! - `cluster`: two discovery instances on a test-started Redis Cluster (3 masters, 3
 //!   replicas), and a master SIGKILLed in the middle of a stream of deposits.

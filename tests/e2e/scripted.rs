@@ -1,9 +1,46 @@
 //! The real binaries driven as scripts and bots drive them: `p2pchat send` and
 //! `p2pchat listen --json` against a `p2pchat-discovery` process.
 
-use std::time::Duration;
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
 
-use crate::util::{Discovery, User, assert_failed, assert_sent};
+use crate::util::{
+    Discovery, DiscoveryOptions, Launcher, User, WAIT, assert_failed, assert_sent, binary,
+    free_port, run_bounded,
+};
+
+/// `--listen` puts the peer listener on one address and port; with `--port` as well it is
+/// a usage error.
+#[test]
+fn the_peer_listener_binds_where_listen_says() {
+    let server = Discovery::start();
+    let alice = User::new("alice");
+    let bob = User::new("bob");
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut bob_listener =
+        bob.listen_custom(&server, &Launcher::direct(), &["--listen", &address], &[]);
+    bob_listener.online();
+    std::net::TcpStream::connect(&address).expect("bob listens where --listen says");
+    assert_sent(&alice.send(&server, "bob", "on a chosen port"), "delivered");
+    bob_listener.message("on a chosen port");
+    bob_listener.stop();
+
+    let mut both = Command::new(binary("p2pchat"));
+    both.args([
+        "--listen", &address, "--port", "7000", "--user", "alice", "send", "bob", "x",
+    ]);
+    let output = run_bounded(both);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("cannot be used with"),
+        "{output:?}"
+    );
+}
 
 #[test]
 fn a_message_to_a_listening_peer_is_delivered_directly() {
@@ -116,7 +153,7 @@ fn two_bots_chat_both_ways_through_standard_input() {
             .find(|line| line.contains("safety number"))
             .map(str::to_owned)
     };
-    let alice_view = alice_bot.ok("whois bob");
+    let alice_view = alice_bot.ok("/whois bob");
     let bob_view = bob_bot.ok("whois alice");
     assert!(
         number(alice_view["text"].as_str().unwrap()).is_some(),
@@ -191,4 +228,236 @@ fn mute_holds_messages_and_shows_them_when_it_ends() {
     for body in ["one", "two", "three"] {
         assert_eq!(bob_bot.message(body)["while_muted"], true);
     }
+}
+
+/// `p2pchat send`'s exit codes: 0 delivered or queued; 3 kept in the outbox (it goes out
+/// later: a script must not send it again); 1 failed for good. Regression: a message kept
+/// for retry exited 1 like a failure, and a script that resent it sent it twice.
+#[test]
+fn send_exit_codes_tell_sent_from_kept_from_failed() {
+    let mut options = DiscoveryOptions::new();
+    options.args = vec!["--mail-cap".into(), "1".into()];
+    let server = Discovery::start_custom(None, options);
+    let (alice, bob) = (User::new("alice"), User::new("bob"));
+    bob.register_and_leave(&server);
+
+    let queued = alice.send(&server, "bob", "one");
+    assert_sent(&queued, "queued");
+    assert_eq!(queued.status.code(), Some(0));
+
+    // Bob's mailbox holds one message: the next is kept in alice's outbox.
+    let kept = alice.send(&server, "bob", "two");
+    let stderr = String::from_utf8_lossy(&kept.stderr);
+    assert_eq!(kept.status.code(), Some(3), "{kept:?}");
+    assert!(stderr.contains("do not send it again"), "{stderr}");
+
+    let failed = alice.send(&server, "nobody", "hello?");
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    assert_failed(&failed, "nobody");
+
+    // The kept message goes out by itself once alice runs again and bob has room: once.
+    let mut bob_bot = bob.listen(&server);
+    bob_bot.message("one");
+    let mut alice_bot = alice.listen(&server);
+    alice_bot.online();
+    bob_bot.message("two");
+    // One process per data dir at a time.
+    alice_bot.stop();
+    let delivered = alice.send(&server, "bob", "three");
+    assert_sent(&delivered, "delivered");
+    assert_eq!(delivered.status.code(), Some(0));
+    bob_bot.message("three");
+    bob_bot.drain_for(Duration::from_millis(500));
+    assert_eq!(bob_bot.count("two"), 1, "{:?}", bob_bot.messages());
+}
+
+/// `list`, `blocked`, `whois`, `history` and `chats` answer `listen --json` with fields, not
+/// only text; a conversation opened on standard input takes plain lines as messages.
+#[test]
+fn listen_json_results_have_structured_fields() {
+    let server = Discovery::start();
+    let (alice, bob) = (User::new("alice"), User::new("bob"));
+    let mut alice_bot = alice.listen(&server);
+    let mut bob_bot = bob.listen(&server);
+    alice_bot.online();
+    bob_bot.online();
+
+    let list = alice_bot.ok("/list");
+    assert_eq!(list["users"], serde_json::json!(["alice", "bob"]), "{list}");
+    assert_eq!(list["more"], 0);
+
+    // A conversation: plain lines go to bob, `/` commands still work, `/close` leaves.
+    let opened = alice_bot.ok("chat bob");
+    assert_eq!(opened["conversation"], "bob");
+    assert_eq!(
+        alice_bot.ok("list is not a command here")["status"],
+        "delivered"
+    );
+    bob_bot.message("list is not a command here");
+    assert_eq!(alice_bot.ok("//slash first")["status"], "delivered");
+    bob_bot.message("/slash first");
+    let closed = alice_bot.ok("/close");
+    assert_eq!(closed["conversation"], serde_json::Value::Null);
+    assert_eq!(
+        alice_bot.ok("msg bob opened and sent")["status"],
+        "delivered"
+    );
+    bob_bot.message("opened and sent");
+    // `msg` left the conversation with bob open: commands take their `/` from here on.
+    assert_eq!(bob_bot.ok("send alice back")["status"], "delivered");
+    alice_bot.message("back");
+
+    let whois = alice_bot.ok("/whois bob");
+    assert_eq!(whois["user"], "bob");
+    assert_eq!(whois["online"], true);
+    assert!(whois["pinned_fingerprint"].is_string(), "{whois}");
+    assert!(whois["my_fingerprint"].is_string(), "{whois}");
+    assert_eq!(whois["key_changed"], false);
+    let bob_whois = bob_bot.ok("whois alice");
+    assert!(whois["safety_number"].is_string(), "{whois}");
+    assert_eq!(whois["safety_number"], bob_whois["safety_number"]);
+
+    let history = alice_bot.ok("/history bob 10");
+    assert_eq!(history["user"], "bob");
+    let messages = history["messages"].as_array().expect("messages");
+    let bodies: Vec<(&str, &str, &str)> = messages
+        .iter()
+        .map(|message| {
+            (
+                message["direction"].as_str().unwrap_or_default(),
+                message["body"].as_str().unwrap_or_default(),
+                message["status"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            ("outgoing", "list is not a command here", "delivered"),
+            ("outgoing", "/slash first", "delivered"),
+            ("outgoing", "opened and sent", "delivered"),
+            ("incoming", "back", "received"),
+        ]
+    );
+    assert!(
+        messages
+            .iter()
+            .all(|message| message["id"].as_str().map(str::len) == Some(32)
+                && message["sent_at_ms"].as_u64().is_some())
+    );
+
+    // `chats`: read while open; unread once closed; `history` reads it again.
+    let chats = alice_bot.ok("/chats");
+    assert_eq!(chats["chats"][0]["user"], "bob", "{chats}");
+    assert_eq!(chats["chats"][0]["unread"], 0, "{chats}");
+    alice_bot.ok("/close");
+    bob_bot.ok("send alice later");
+    alice_bot.message("later");
+    let chats = alice_bot.ok("chats");
+    assert_eq!(chats["chats"][0]["unread"], 1, "{chats}");
+    assert!(chats["chats"][0]["last_ms"].as_u64().is_some(), "{chats}");
+    alice_bot.ok("history bob 1");
+    assert_eq!(alice_bot.ok("chats")["chats"][0]["unread"], 0);
+
+    alice_bot.ok("/block bob");
+    assert_eq!(
+        alice_bot.ok("/blocked")["users"],
+        serde_json::json!(["bob"])
+    );
+}
+
+/// `p2pchat-discovery announce` takes `--data-dir` after the subcommand too, and an
+/// announcement too large for the server is named as such (it said "cannot talk to the
+/// server"). Both programs' `--version` name the programs.
+#[test]
+fn announce_options_go_anywhere_and_an_oversized_one_is_named() {
+    let server = Discovery::start();
+    let announce = |text: &str| {
+        let mut command = Command::new(binary("p2pchat-discovery"));
+        command
+            .arg("announce")
+            .arg(text)
+            .arg("--data-dir")
+            .arg(&server.data_dir)
+            .arg("--server")
+            .arg(server.address.to_string());
+        run_bounded(command)
+    };
+    let output = announce("options after the subcommand");
+    assert!(output.status.success(), "{output:?}");
+    let output = announce(&"x".repeat(100_000));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("too large"),
+        "{stderr}"
+    );
+    assert!(server.log().contains("options after the subcommand"));
+
+    for (program, name) in [
+        ("p2pchat", "p2pchat 0.1.0"),
+        ("p2pchat-discovery", "p2pchat-discovery 0.1.0"),
+    ] {
+        let mut command = Command::new(binary(program));
+        command.arg("--version");
+        let output = run_bounded(command);
+        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), name);
+    }
+}
+
+/// Without `--json`, `listen` prints the lines a person reads (it printed the same JSON).
+#[test]
+fn listen_without_json_prints_lines_for_people() {
+    let server = Discovery::start();
+    let (alice, bob) = (User::new("alice"), User::new("bob"));
+    let mut child = Command::new(binary("p2pchat"))
+        .env("P2PCHAT_SERVER", server.address.to_string())
+        .env("P2PCHAT_USER", &bob.name)
+        .env("P2PCHAT_HOME", &bob.home)
+        .env("RUST_LOG", "warn")
+        .arg("listen")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start p2pchat listen");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // Killed however the test ends.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = KillOnDrop(child);
+    let (sender, lines) = mpsc::channel::<String>();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |wanted: &str| {
+        let deadline = Instant::now() + WAIT;
+        while !seen.iter().any(|line: &String| line.contains(wanted)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("never printed {wanted:?}; printed {seen:?}"),
+            }
+        }
+        seen.clone()
+    };
+    wait_for("connected to the discovery server");
+    writeln!(stdin, "list").expect("write a command");
+    wait_for("online: bob");
+    assert_sent(&alice.send(&server, "bob", "hi bob"), "delivered");
+    let printed = wait_for("alice: hi bob");
+    assert!(
+        printed.iter().all(|line| !line.starts_with('{')),
+        "JSON without --json: {printed:?}"
+    );
 }

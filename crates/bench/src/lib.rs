@@ -1,4 +1,4 @@
-//! `p2pchat-bench`: the figures of design.md §8, each beside a reference measured in the same
+//! `p2pchat-bench`: the project's performance figures, each beside a reference measured in the same
 //! run on the same machine.
 //!
 //! Every figure runs the project's real code: the real codec and sealing ([`proto`]), the

@@ -1,4 +1,4 @@
-//! `p2pchat-bench`: prints the benchmark table of design.md §8 (see the `bench` library).
+//! `p2pchat-bench`: prints the benchmark table (see the `bench` library).
 //!
 //! `p2pchat-bench all` measures every figure; `p2pchat-bench <group>` one group; `--json`
 //! prints JSON instead of markdown; `--smoke` (or `smoke`) runs everything tiny. The hidden

@@ -53,7 +53,7 @@ pub struct Row {
     pub value: Option<f64>,
     /// The unit of `value`, the target and the reference.
     pub unit: &'static str,
-    /// What design.md §8 asks for.
+    /// What the project asks of the figure.
     pub target: Target,
     /// How the target reads in the table when it is not a plain number (e.g. "raw + 15 µs").
     pub target_text: Option<String>,

@@ -1,9 +1,12 @@
 //! The interactive commands, parsed by one pure function: [`parse`].
 //!
-//! Every command of design.md §7: `help`, `list`, `send <user> <message>`, `block <user>`,
-//! `unblock <user>`, `blocked`, `mute <user> <seconds>`, `unmute <user>`, `whois <user>`,
-//! `trust <user>`, `history <user> [n]`, `quit`. Bad forms are a [`ParseError`] that says
-//! what was wrong and shows the usage line.
+//! The commands: `help`, `list`, `send <user> <message>`, `chat <user>` (`query`), `msg
+//! <user> <message>`, `chat` alone (`close`), `chats`, `block <user>`, `unblock <user>`,
+//! `blocked`, `mute <user> <seconds>`, `unmute <user>`, `whois <user>`, `trust <user>`,
+//! `history <user> [n]`, `quit`. Each also works with a leading `/`. With a conversation open, a line
+//! without a leading `/` is a message to that user (a leading `//` sends a line that starts
+//! with `/`), so a message is never taken for a command. Bad forms are a [`ParseError`] that
+//! says what was wrong and shows the usage line.
 
 use proto::{Username, UsernameError};
 
@@ -52,6 +55,19 @@ pub enum Command {
         /// How many lines.
         limit: usize,
     },
+    /// Open a conversation: plain lines go to this user from now on.
+    Open(Username),
+    /// Open a conversation with `to` and send it `body` (`msg`).
+    OpenAndSend {
+        /// To whom.
+        to: Username,
+        /// The text (inner spacing kept).
+        body: String,
+    },
+    /// Leave the open conversation.
+    Close,
+    /// The conversations, with unread counts.
+    Chats,
     /// Leave.
     Quit,
 }
@@ -83,9 +99,59 @@ pub enum ParseError {
     },
 }
 
+/// Every command word, for completion.
+pub const COMMANDS: &[&str] = &[
+    "block", "blocked", "chat", "chats", "close", "help", "history", "list", "msg", "mute",
+    "query", "quit", "send", "trust", "unblock", "unmute", "whois",
+];
+
+/// Whether the command `word` (without its `/`) takes a user name as its first argument.
+pub fn takes_user(word: &str) -> bool {
+    matches!(
+        word,
+        "block"
+            | "chat"
+            | "history"
+            | "msg"
+            | "mute"
+            | "query"
+            | "send"
+            | "trust"
+            | "unblock"
+            | "unmute"
+            | "whois"
+    )
+}
+
+/// The user a parsed command names, if any (to learn names for completion).
+pub fn named_user(command: &Command) -> Option<&Username> {
+    match command {
+        Command::Send { to, .. } | Command::OpenAndSend { to, .. } | Command::Open(to) => Some(to),
+        Command::Block(user)
+        | Command::Unblock(user)
+        | Command::Unmute(user)
+        | Command::Whois(user)
+        | Command::Trust(user)
+        | Command::Mute { user, .. }
+        | Command::History { user, .. } => Some(user),
+        Command::Nothing
+        | Command::Help
+        | Command::List
+        | Command::Blocked
+        | Command::Close
+        | Command::Chats
+        | Command::Quit => None,
+    }
+}
+
 /// The help text: one line per command.
 pub const HELP: &str = "\
-commands:
+commands (each also with a leading /, as in /list):
+  chat <user>             open a conversation: plain lines then go to <user> (also /query)
+  msg <user> <message>    open a conversation with <user> and send a message
+  chat                    leave the conversation (also /close); in a conversation,
+                          commands need their leading /, and // sends a line starting with /
+  chats                   conversations, the latest first, with unread counts
   send <user> <message>   send a message (direct, else to their mailbox)
   list                    who is online
   history <user> [n]      the last n messages with <user> (default 20)
@@ -97,15 +163,38 @@ commands:
   whois <user>            fingerprints and safety number
   trust <user>            accept <user>'s current key (after checking `whois`)
   help                    this text
-  quit                    leave (also Ctrl-C, Ctrl-D)";
+  quit                    leave (also Ctrl-C, Ctrl-D)
+Tab completes commands and names; Alt-Enter types a line break in a message.";
 
 const USAGE_SEND: &str = "send <user> <message>";
+const USAGE_MSG: &str = "msg <user> <message>";
+const USAGE_CHAT: &str = "chat [<user>]";
 const USAGE_MUTE: &str = "mute <user> <seconds>";
 const USAGE_HISTORY: &str = "history <user> [n]";
 
-/// Parses one input line.
-pub fn parse(line: &str) -> Result<Command, ParseError> {
+/// Parses one input line, typed with the conversation `open` (if any): a line without a
+/// leading `/` is then a message to that user.
+pub fn parse(line: &str, open: Option<&Username>) -> Result<Command, ParseError> {
     let line = line.trim();
+    if let Some(to) = open {
+        // `//text` is the message `/text`; `/command` is a command; anything else is text.
+        let message = match line.strip_prefix('/') {
+            Some(rest) if rest.starts_with('/') => Some(rest),
+            Some(_) => None,
+            None => Some(line),
+        };
+        if let Some(body) = message {
+            return Ok(if body.is_empty() {
+                Command::Nothing
+            } else {
+                Command::Send {
+                    to: to.clone(),
+                    body: body.to_owned(),
+                }
+            });
+        }
+    }
+    let line = line.strip_prefix('/').unwrap_or(line);
     let (word, rest) = split_word(line);
     let args: Vec<&str> = rest.split_whitespace().collect();
     match word {
@@ -119,16 +208,22 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
         "unmute" => one_user(&args, "unmute <user>").map(Command::Unmute),
         "whois" => one_user(&args, "whois <user>").map(Command::Whois),
         "trust" => one_user(&args, "trust <user>").map(Command::Trust),
-        "send" | "msg" => {
-            let (name, body) = split_word(rest.trim_start());
-            if name.is_empty() || body.trim().is_empty() {
-                return Err(ParseError::Usage(USAGE_SEND));
-            }
-            Ok(Command::Send {
-                to: user(name)?,
-                body: body.trim().to_owned(),
-            })
+        "send" => {
+            let (to, body) = user_and_text(rest, USAGE_SEND)?;
+            Ok(Command::Send { to, body })
         }
+        "msg" => {
+            let (to, body) = user_and_text(rest, USAGE_MSG)?;
+            Ok(Command::OpenAndSend { to, body })
+        }
+        "chat" | "query" => match args.as_slice() {
+            [] if word == "chat" => Ok(Command::Close),
+            [name] => Ok(Command::Open(user(name)?)),
+            _ if word == "chat" => Err(ParseError::Usage(USAGE_CHAT)),
+            _ => Err(ParseError::Usage("query <user>")),
+        },
+        "close" => no_args(&args, "close", Command::Close),
+        "chats" => no_args(&args, "chats", Command::Chats),
         "mute" => match args.as_slice() {
             [name, seconds] => Ok(Command::Mute {
                 user: user(name)?,
@@ -158,6 +253,15 @@ fn split_word(text: &str) -> (&str, &str) {
         Some(end) => (&text[..end], &text[end..]),
         None => (text, ""),
     }
+}
+
+/// A user name and a message text (inner spacing kept), or the usage line.
+fn user_and_text(rest: &str, usage: &'static str) -> Result<(Username, String), ParseError> {
+    let (name, body) = split_word(rest.trim_start());
+    if name.is_empty() || body.trim().is_empty() {
+        return Err(ParseError::Usage(usage));
+    }
+    Ok((user(name)?, body.trim().to_owned()))
 }
 
 fn no_args(args: &[&str], usage: &'static str, command: Command) -> Result<Command, ParseError> {
@@ -198,6 +302,11 @@ mod tests {
 
     fn name(text: &str) -> Username {
         Username::new(text).unwrap()
+    }
+
+    /// A line typed with no conversation open.
+    fn parse(line: &str) -> Result<Command, ParseError> {
+        super::parse(line, None)
     }
 
     #[test]
@@ -256,11 +365,91 @@ mod tests {
         );
         assert_eq!(
             parse("msg bob hi"),
-            Ok(Command::Send {
+            Ok(Command::OpenAndSend {
                 to: name("bob"),
                 body: "hi".into()
             })
         );
+    }
+
+    #[test]
+    fn every_command_also_works_with_a_leading_slash() {
+        for line in [
+            "help",
+            "list",
+            "blocked",
+            "quit",
+            "block bob",
+            "whois bob",
+            "mute bob 5",
+            "history bob 3",
+            "send bob hi",
+            "msg bob hi",
+            "chat bob",
+            "chats",
+            "chat",
+            "close",
+        ] {
+            assert_eq!(parse(&format!("/{line}")), parse(line), "{line}");
+            assert!(parse(line).is_ok(), "{line}");
+        }
+    }
+
+    /// The completion list and `takes_user` agree with the parser.
+    #[test]
+    fn every_completed_command_word_is_a_command() {
+        for word in COMMANDS {
+            let line = if takes_user(word) {
+                format!("{word} bob")
+            } else {
+                (*word).to_owned()
+            };
+            assert!(
+                !matches!(parse(&line), Err(ParseError::Unknown(_))),
+                "{word}"
+            );
+        }
+    }
+
+    #[test]
+    fn conversations_open_and_close() {
+        assert_eq!(parse("chat bob"), Ok(Command::Open(name("bob"))));
+        assert_eq!(parse("/query bob"), Ok(Command::Open(name("bob"))));
+        assert_eq!(parse("chat"), Ok(Command::Close));
+        assert_eq!(parse("/close"), Ok(Command::Close));
+        assert_eq!(parse("chat a b"), Err(ParseError::Usage(USAGE_CHAT)));
+        assert_eq!(parse("query"), Err(ParseError::Usage("query <user>")));
+        assert_eq!(parse("msg bob"), Err(ParseError::Usage(USAGE_MSG)));
+        assert!(matches!(parse("chat Bob"), Err(ParseError::BadUser { .. })));
+    }
+
+    /// In a conversation a plain line is a message, whatever its first word; commands
+    /// need their `/`; `//` escapes a leading slash.
+    #[test]
+    fn in_a_conversation_plain_lines_are_messages() {
+        let bob = name("bob");
+        let typed = |line: &str| super::parse(line, Some(&bob));
+        let message = |body: &str| {
+            Ok(Command::Send {
+                to: name("bob"),
+                body: body.into(),
+            })
+        };
+        assert_eq!(typed("hello there,  bob"), message("hello there,  bob"));
+        assert_eq!(typed("list"), message("list"));
+        assert_eq!(typed("quit"), message("quit"));
+        assert_eq!(
+            typed("//etc/passwd is a path"),
+            message("/etc/passwd is a path")
+        );
+        assert_eq!(typed("/list"), Ok(Command::List));
+        assert_eq!(typed("/quit"), Ok(Command::Quit));
+        assert_eq!(typed("/close"), Ok(Command::Close));
+        assert_eq!(typed("/chat carol"), Ok(Command::Open(name("carol"))));
+        assert_eq!(typed("   "), Ok(Command::Nothing));
+        assert_eq!(typed("//"), message("/"));
+        assert_eq!(typed("/"), Ok(Command::Nothing));
+        assert_eq!(typed("/dance"), Err(ParseError::Unknown("dance".into())));
     }
 
     #[test]

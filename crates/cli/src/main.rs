@@ -1,23 +1,32 @@
 //! `p2pchat`: the command-line client.
 //!
-//! - `p2pchat [--user NAME]`: interactive (rustyline-async). Incoming messages, announcements
-//!   and warnings print above the prompt through its `SharedWriter`; log lines go to
+//! - `p2pchat [--user NAME]`: interactive (rustyline, see [`editor`]). Incoming messages,
+//!   announcements and warnings print above the prompt through its [`editor::Screen`]; Tab
+//!   completes commands and names; log lines go to
 //!   `p2pchat.log` in the user's data dir; command history is kept in `command_history`
-//!   there. Without `--user` it asks for the name first.
-//! - `p2pchat send <user> <message>`: exits 0 once delivered or queued, 1 otherwise.
-//! - `p2pchat listen --json`: one JSON object per line per event, flushed per line; commands
-//!   on standard input (interactive syntax) are answered with `{"event":"result",...}` lines;
+//!   there. Without `--user` it asks for the name first. `chat <user>` opens a conversation:
+//!   the prompt names the user and plain lines go to them; a message from anyone else rings
+//!   the terminal's bell.
+//! - `p2pchat send <user> <message>`: exits 0 once delivered or queued, [`EXIT_KEPT`] when
+//!   the message is kept in the outbox and will go out (do not send it again), 1 when it
+//!   was not sent or failed for good.
+//! - `p2pchat listen [--json]`: one line per event, flushed per line (JSON objects with
+//!   `--json`, else the interactive client's lines); commands on standard input
+//!   (interactive syntax) are answered with `{"event":"result",...}` lines (with `--json`);
 //!   messages stored but never shown are printed at the next start.
 //!
 //! Parsing lives in [`command`], wording in [`render`]; the runtime is the `peer` crate.
 
+mod chats;
 mod command;
+mod editor;
 mod render;
 
 use std::{
     io::{BufRead, Write},
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -25,14 +34,13 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use peer::{Client, Config, Event, Events, Status};
 use proto::Username;
-use rustyline_async::{Readline, ReadlineEvent};
 use tokio_util::sync::CancellationToken;
 
 use crate::command::Command;
 
 /// The p2pchat client: end-to-end encrypted peer-to-peer chat.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "p2pchat", version, about)]
 struct Cli {
     /// The discovery server (host:port).
     #[arg(
@@ -45,12 +53,22 @@ struct Cli {
     /// Your username ([a-z0-9_-]{1,32}); asked for when missing in interactive mode.
     #[arg(long, short, env = "P2PCHAT_USER", global = true)]
     user: Option<String>,
-    /// The data dir (each user gets a folder in it); default: the platform's data dir.
+    /// The data dir (each user gets a folder in it); default: the platform's data dir
+    /// (`~/.local/share/p2pchat` on Linux), printed at start.
     #[arg(long, env = "P2PCHAT_HOME", global = true)]
     home: Option<PathBuf>,
-    /// The port to accept peer connections on (0: any free port).
+    /// The port to accept peer connections on, on every interface (0: any free port).
     #[arg(long, default_value_t = 0, global = true)]
     port: u16,
+    /// The address to accept peer connections on (`host:port`; default `0.0.0.0:<--port>`,
+    /// every interface), e.g. `127.0.0.1:0` to take peers from this machine only.
+    #[arg(
+        long,
+        env = "P2PCHAT_PEER_LISTEN",
+        global = true,
+        conflicts_with = "port"
+    )]
+    listen: Option<std::net::SocketAddr>,
     /// Milliseconds without an answer to a heartbeat before the server connection is
     /// treated as dead (default 10000). For tests of network faults.
     #[arg(long, env = "P2PCHAT_PONG_TIMEOUT_MS", global = true, hide = true)]
@@ -65,7 +83,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Mode {
-    /// Send one message and exit: 0 once delivered or queued, 1 otherwise.
+    /// Send one message and exit: 0 once delivered or queued; 3 when it is kept in the
+    /// outbox and will go out at this user's next start (do not send it again); 1 when it
+    /// was not sent (nothing kept) or failed for good.
     Send {
         /// The recipient.
         to: String,
@@ -74,14 +94,19 @@ enum Mode {
         message: Vec<String>,
     },
     /// Print received messages and events until stopped (Ctrl-C, SIGTERM); commands read
-    /// from standard input (interactive syntax, one per line) are answered with `result`
-    /// lines.
+    /// from standard input (interactive syntax, one per line) are answered too.
     Listen {
-        /// One JSON object per line (the only format for now; kept explicit for scripts).
+        /// One JSON object per line, commands answered with `result` objects (for scripts);
+        /// without it, the lines the interactive client shows.
         #[arg(long)]
         json: bool,
     },
 }
+
+/// `p2pchat send`'s exit code for a message kept in the outbox: it goes out at this user's
+/// next start (of any mode), so a script must not send it again. Distinct from 1 (not
+/// sent, or failed for good) and 2 (bad command line).
+const EXIT_KEPT: u8 = 3;
 
 /// How long a scripted command waits to get online.
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,7 +166,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_tracing(interactive, &data_dir)?;
 
     let mut config = Config::new(cli.server.clone(), user, data_dir.clone());
-    config.listen.set_port(cli.port);
+    config.listen = cli
+        .listen
+        .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], cli.port)));
     if let Some(ms) = cli.pong_timeout_ms {
         config.pong_timeout = Duration::from_millis(ms.max(1));
     }
@@ -152,10 +179,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (client, events) = peer::start(config, shutdown.clone())
         .await
         .context("cannot start the client")?;
+    let look = render::Look::for_stdout(Some(client.local_addr().port()));
     let code = match cli.mode {
-        None => interactive_mode(&client, events, &data_dir, &cli.server).await,
+        None => interactive_mode(&client, events, &data_dir, &cli.server, look).await,
         Some(Mode::Send { to, message }) => send_mode(&client, &to, &message.join(" ")).await,
-        Some(Mode::Listen { json: _ }) => listen_mode(&client, events).await,
+        Some(Mode::Listen { json }) => listen_mode(&client, events, &data_dir, json, look).await,
     };
     client.shutdown(DRAIN_TIMEOUT).await;
     code
@@ -240,37 +268,67 @@ async fn send_mode(client: &Client, to: &str, body: &str) -> anyhow::Result<Exit
     let result = client.submit_send(&to, body).await?;
     let report = tokio::select! {
         biased;
-        () = &mut signal => bail!(
-            "interrupted; the message is in the outbox and goes out at this user's next start"
-        ),
+        () = &mut signal => {
+            eprintln!(
+                "p2pchat: interrupted; the message is in the outbox and goes out at this \
+                 user's next start (do not send it again)"
+            );
+            return Ok(ExitCode::from(EXIT_KEPT));
+        }
         report = result => report?,
     };
+    let status = render::terminal_safe(&render::status_text(&to, &report.status));
+    let kept = matches!(
+        report.status,
+        peer::DeliveryStatus::Failed {
+            will_retry: true,
+            ..
+        }
+    );
     if report.status.is_success() {
-        println!(
-            "{}: {}",
-            report.id,
-            render::status_text(&to, &report.status)
-        );
+        println!("{}: {status}", report.id);
         Ok(ExitCode::SUCCESS)
+    } else if kept {
+        eprintln!(
+            "p2pchat: message {} to {to} {status}; it goes out at this user's next start \
+             (do not send it again)",
+            report.id
+        );
+        Ok(ExitCode::from(EXIT_KEPT))
     } else {
-        let status = render::terminal_safe(&render::status_text(&to, &report.status));
         eprintln!("p2pchat: message to {to} {status}");
         Ok(ExitCode::FAILURE)
     }
 }
 
-/// `listen --json`: every event as one JSON line; commands read from standard input (one
-/// per line, the interactive syntax) run in order, each answered by a `result` line.
+/// `listen`: every event as one line (a JSON object with `--json`); commands read from
+/// standard input (one per line, the interactive syntax) run in order, each answered by a
+/// result (a `result` object with `--json`, else its text).
 /// The most messages `listen` prints before marking them shown (one write).
 const MAX_MARKED_AT_ONCE: usize = 4096;
 
-async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<ExitCode> {
+async fn listen_mode(
+    client: &Client,
+    mut events: Events,
+    client_data_dir: &Path,
+    json: bool,
+    look: render::Look,
+) -> anyhow::Result<ExitCode> {
+    // A `result`'s text is data for a program: never coloured, even on a terminal.
+    let look = if json { look.without_colour() } else { look };
     let signal = shutdown_signal();
     tokio::pin!(signal);
     // Commands run one at a time, in order, in their own task, so a send waiting for its
     // ack never holds up the events.
-    let (results_tx, mut results) = tokio::sync::mpsc::channel::<serde_json::Value>(16);
-    let executor = tokio::spawn(run_stdin_commands(client.clone(), results_tx));
+    let (results_tx, mut results) = tokio::sync::mpsc::channel::<(String, Outcome)>(16);
+    let chats_path = client_data_dir.join(chats::CHATS_FILE);
+    let chats = Arc::new(Mutex::new(chats::Chats::load(&chats_path)));
+    let executor = tokio::spawn(run_stdin_commands(
+        client.clone(),
+        results_tx,
+        look.clone(),
+        Arc::clone(&chats),
+    ));
     let mut stdout = std::io::stdout();
     let code = loop {
         tokio::select! {
@@ -289,9 +347,16 @@ async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<Exit
                 let mut fatal = None;
                 let mut next = Some(event);
                 while let Some(event) = next {
-                    writeln!(stdout, "{}", render::event_json(&event))?;
+                    if json {
+                        writeln!(stdout, "{}", render::event_json(&event))?;
+                    } else if let Some(text) = render::event_text(&event, &look, proto::now_ms()) {
+                        writeln!(stdout, "{text}")?;
+                    }
                     match event {
-                        Event::Message(message) => printed.push(message),
+                        Event::Message(message) => {
+                            lock(&chats).received(&message.from, message.sent_at_ms);
+                            printed.push(message);
+                        }
                         Event::Fatal(reply) => {
                             fatal = Some(reply);
                             break;
@@ -311,31 +376,68 @@ async fn listen_mode(client: &Client, mut events: Events) -> anyhow::Result<Exit
                     break ExitCode::FAILURE;
                 }
             }
-            Some(result) = results.recv() => {
-                writeln!(stdout, "{result}")?;
+            Some((line, outcome)) = results.recv() => {
+                if json {
+                    writeln!(stdout, "{}", outcome.json(&line))?;
+                } else if !outcome.text.is_empty() {
+                    writeln!(stdout, "{}", outcome.text)?;
+                }
                 stdout.flush()?;
             }
         }
     };
     executor.abort();
+    if let Err(error) = lock(&chats).save(&chats_path) {
+        tracing::warn!(%error, "cannot save the conversations' unread counts");
+    }
     Ok(code)
 }
 
-/// Reads commands from standard input until it ends, sending each one's result line.
-/// `quit` ends the input like end-of-file; the listener keeps listening either way.
-async fn run_stdin_commands(client: Client, results: tokio::sync::mpsc::Sender<serde_json::Value>) {
+/// The shared conversations, whatever a panic elsewhere left in them (counts only).
+fn lock(chats: &Mutex<chats::Chats>) -> std::sync::MutexGuard<'_, chats::Chats> {
+    chats
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads commands from standard input until it ends, sending each one's line and outcome.
+/// `quit` ends the input like end-of-file; the listener keeps listening either way. A
+/// conversation opened here (`chat <user>`) works as at the prompt.
+async fn run_stdin_commands(
+    client: Client,
+    results: tokio::sync::mpsc::Sender<(String, Outcome)>,
+    look: render::Look,
+    chats: Arc<Mutex<chats::Chats>>,
+) {
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let line = line.trim().to_owned();
-        let outcome = match command::parse(&line) {
+        let open = lock(&chats).open_user().cloned();
+        let command = command::parse(&line, open.as_ref());
+        if let Ok(command) = &command {
+            lock(&chats).note(command, proto::now_ms());
+        }
+        let outcome = match command {
             Ok(Command::Nothing) => continue,
             Ok(Command::Quit) => break,
             Ok(Command::Help) => Outcome::done(command::HELP.to_owned()),
-            Ok(command) => execute(&client, command).await,
+            Ok(Command::Open(user)) => Outcome::done(format!("talking to {user}"))
+                .with("conversation", user.as_str().into()),
+            Ok(Command::Close) => Outcome::done("no conversation open".to_owned())
+                .with("conversation", serde_json::Value::Null),
+            Ok(Command::Chats) => {
+                let chats = lock(&chats);
+                Outcome::done(render::chats_text(&chats.list(), &look, proto::now_ms()))
+                    .with_all(chats.json())
+            }
+            Ok(Command::OpenAndSend { to, body }) => {
+                execute(&client, Command::Send { to, body }, &look).await
+            }
+            Ok(command) => execute(&client, command, &look).await,
             Err(error) => Outcome::failed(error.to_string()),
         };
-        if results.send(outcome.json(&line)).await.is_err() {
+        if results.send((line, outcome)).await.is_err() {
             break;
         }
     }
@@ -350,7 +452,7 @@ fn load_history(path: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn save_history(path: &Path, entries: &std::collections::VecDeque<String>) {
+fn save_history(path: &Path, entries: &[String]) {
     let text: String = entries.iter().map(|line| format!("{line}\n")).collect();
     let written = proto::identity::open_private_file(path)
         .and_then(|mut file| file.write_all(text.as_bytes()));
@@ -359,21 +461,74 @@ fn save_history(path: &Path, entries: &std::collections::VecDeque<String>) {
     }
 }
 
+/// Whether a message from `from` rings the bell: it does unless it belongs to the open
+/// conversation (which the user is looking at).
+fn rings_bell(conversation: Option<&Username>, from: &Username) -> bool {
+    conversation != Some(from)
+}
+
+/// The user an event is about, if any (to learn names for completion).
+fn event_user(event: &Event) -> Option<&Username> {
+    match event {
+        Event::Message(message) => Some(&message.from),
+        Event::MuteEnded { user, .. }
+        | Event::KeyChanged { user, .. }
+        | Event::Presence { user, .. } => Some(user),
+        Event::Delivery { to, .. } => Some(to),
+        Event::Refused { from, .. } => Some(from),
+        Event::Announcement { .. }
+        | Event::Online { .. }
+        | Event::Offline { .. }
+        | Event::Fatal(_)
+        | Event::StateError { .. } => None,
+    }
+}
+
 async fn interactive_mode(
     client: &Client,
     mut events: Events,
     data_dir: &Path,
     server: &str,
+    look: render::Look,
 ) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal as _;
     let history_path = data_dir.join(HISTORY_FILE);
-    let (mut readline, mut out) = Readline::new(format!("{}> ", client.user()))?;
-    readline.set_max_history(HISTORY_MAX);
-    readline.set_history_entries(load_history(&history_path));
+    let mut history = load_history(&history_path);
+    history.drain(..history.len().saturating_sub(HISTORY_MAX));
+    let names = editor::Names::default();
+    // Lines typed ahead and not yet taken; past this the editor waits. Generous on
+    // purpose: a line printed above the prompt waits for the editor to take it (rustyline's
+    // printer holds one), and the editor takes it only while it reads, so the editor must
+    // not wait for this loop while this loop prints; that needs this many lines typed ahead.
+    let (typed_tx, mut typed) = tokio::sync::mpsc::channel(TYPED_COMMANDS_QUEUED);
+    let line_editor = editor::Editor::start(
+        client.user().clone(),
+        history,
+        HISTORY_MAX,
+        names.clone(),
+        typed_tx,
+    )?;
+    let out = line_editor.screen.clone();
+    // The conversations, and the one open as the lines typed so far left it (the editor
+    // keeps its own copy, for the prompt).
+    let chats_path = data_dir.join(chats::CHATS_FILE);
+    let mut chats = chats::Chats::load(&chats_path);
+    let bell = if std::io::stdout().is_terminal() {
+        "\x07"
+    } else {
+        ""
+    };
     let (commands, ordered) = tokio::sync::mpsc::channel(TYPED_COMMANDS_QUEUED);
-    let mut worker = tokio::spawn(run_in_order(client.clone(), ordered, out.clone()));
-    let _ = writeln!(
-        out,
-        "you are {} (key {}{}), server {server}; `help` lists commands",
+    let mut worker = tokio::spawn(run_in_order(
+        client.clone(),
+        ordered,
+        out.clone(),
+        look.clone(),
+        names.clone(),
+    ));
+    out.line(format!(
+        "you are {} (key {}{}), data in {}, server {server}; `help` lists commands, \
+         `chat <user>` opens a conversation, Tab completes",
         client.user(),
         client.fingerprint(),
         if client.is_new_identity() {
@@ -381,23 +536,35 @@ async fn interactive_mode(
         } else {
             ""
         },
-    );
+        data_dir.display(),
+    ));
     let signal = shutdown_signal();
     tokio::pin!(signal);
     let mut code = ExitCode::SUCCESS;
+    let mut quit_typed = false;
     loop {
         tokio::select! {
             biased;
             () = &mut signal => break,
             event = events.recv() => {
                 let Some(event) = event else { break };
-                if let Some(text) = render::event_text(&event) {
-                    let _ = writeln!(out, "{text}");
+                if let Some(user) = event_user(&event) {
+                    names.learn(user);
+                }
+                if let Event::Message(message) = &event {
+                    chats.received(&message.from, message.sent_at_ms);
+                }
+                if let Some(text) = render::event_text(&event, &look, proto::now_ms()) {
+                    let ring = match &event {
+                        Event::Message(message) => rings_bell(chats.open_user(), &message.from),
+                        _ => false,
+                    };
+                    out.line(format!("{}{text}", if ring { bell } else { "" }));
                 }
                 match &event {
                     Event::Message(message) => {
                         if let Err(error) = client.mark_shown([message]).await {
-                            let _ = writeln!(out, "cannot record the message as shown: {error}");
+                            out.line(format!("cannot record the message as shown: {error}"));
                         }
                     }
                     Event::Fatal(_) => {
@@ -407,28 +574,43 @@ async fn interactive_mode(
                     _ => {}
                 }
             }
-            line = readline.readline() => match line {
-                Ok(ReadlineEvent::Line(line)) => {
-                    let trimmed = line.trim();
-                    if !trimmed.is_empty() {
-                        readline.add_history_entry(trimmed.to_owned());
-                    }
-                    match command::parse(trimmed) {
-                        Ok(Command::Quit) => break,
-                        Ok(Command::Nothing) => {}
-                        Ok(Command::Help) => { let _ = writeln!(out, "{}", command::HELP); }
-                        // Run beside the prompt, in the order typed (see `run_in_order`).
-                        // Waits only if the worker is that far behind (back-pressure).
-                        Ok(command) => { let _ = commands.send(command).await; }
-                        Err(error) => { let _ = writeln!(out, "{error}"); }
-                    }
+            line = typed.recv() => {
+                let Some(editor::Typed { command }) = line else { break };
+                let was_open = chats.open_user().cloned();
+                if let Ok(command) = &command {
+                    chats.note(command, proto::now_ms());
                 }
-                Ok(ReadlineEvent::Eof | ReadlineEvent::Interrupted) => break,
-                Err(error) => {
-                    let _ = writeln!(out, "terminal error: {error}");
-                    break;
+                if let Ok(Command::Open(user) | Command::OpenAndSend { to: user, .. }) = &command
+                    && was_open.as_ref() != Some(user)
+                {
+                    out.line(format!(
+                        "talking to {user}: plain lines go to {user}; /close leaves, /help lists commands"
+                    ));
                 }
-            },
+                let command = match command {
+                    Ok(Command::OpenAndSend { to, body }) => Ok(Command::Send { to, body }),
+                    other => other,
+                };
+                match command {
+                    Ok(Command::Quit) => {
+                        quit_typed = true;
+                        break;
+                    }
+                    Ok(Command::Nothing | Command::Open(_) | Command::OpenAndSend { .. }) => {}
+                    Ok(Command::Close) => match was_open {
+                        Some(user) => out.line(format!("left the conversation with {user}")),
+                        None => out.line("no conversation is open"),
+                    },
+                    Ok(Command::Chats) => {
+                        out.line(render::chats_text(&chats.list(), &look, proto::now_ms()));
+                    }
+                    Ok(Command::Help) => out.line(command::HELP),
+                    // Run beside the prompt, in the order typed (see `run_in_order`).
+                    // Waits only if the worker is that far behind (back-pressure).
+                    Ok(command) => { let _ = commands.send(command).await; }
+                    Err(error) => out.line(error.to_string()),
+                }
+            }
         }
     }
     // Commands typed before quitting still run (a send behind a slow `whois` must reach
@@ -439,18 +621,22 @@ async fn interactive_mode(
         .await
         .is_err()
     {
-        let _ = writeln!(out, "finishing the commands already typed...");
+        out.line("finishing the commands already typed...");
         if tokio::time::timeout(QUIT_TIMEOUT, worker).await.is_err() {
-            let _ = writeln!(
-                out,
-                "gave up on commands still waiting for the server (sends already taken are in the outbox)"
+            out.line(
+                "gave up on commands still waiting for the server (sends already taken are in the outbox)",
             );
         }
     }
-    let _ = writeln!(out, "bye");
-    let _ = readline.flush();
-    save_history(&history_path, readline.get_history_entries());
-    drop(readline);
+    out.line("bye");
+    save_history(&history_path, &line_editor.history());
+    if let Err(error) = chats.save(&chats_path) {
+        tracing::warn!(%error, "cannot save the conversations' unread counts");
+    }
+    if !quit_typed {
+        // The editor may be reading a line in raw mode (a signal, a fatal refusal).
+        line_editor.restore_terminal();
+    }
     if let Status::Fatal(reply) = &*client.status().borrow() {
         eprintln!("p2pchat: cannot register as {}: {reply}", client.user());
     }
@@ -480,6 +666,20 @@ impl Outcome {
             text,
             fields: serde_json::Map::new(),
         }
+    }
+
+    /// This outcome with the field `name` set to `value`.
+    fn with(mut self, name: &str, value: serde_json::Value) -> Self {
+        self.fields.insert(name.to_owned(), value);
+        self
+    }
+
+    /// This outcome with every field of the object `fields` (anything else adds nothing).
+    fn with_all(mut self, fields: serde_json::Value) -> Self {
+        if let serde_json::Value::Object(fields) = fields {
+            self.fields.extend(fields);
+        }
+        self
     }
 
     /// The JSON object `listen --json` prints for the command `line`.
@@ -512,28 +712,28 @@ fn online_listing(online: &peer::OnlineUsers) -> String {
 }
 
 /// What the user sees of a send's result.
-fn send_outcome(to: &Username, result: Result<peer::SendReport, peer::ClientError>) -> Outcome {
+fn send_outcome(
+    to: &Username,
+    result: Result<peer::SendReport, peer::ClientError>,
+    look: &render::Look,
+) -> Outcome {
     match result {
         Ok(report) => {
-            // The status can carry the recipient's own words (a refusal's reason).
-            let text = render::terminal_safe(&format!(
-                "→ {to}: {}",
-                render::status_text(to, &report.status)
-            ));
-            let mut outcome = if report.status.is_success() {
+            let text = render::sent_text(to, &report.status, look);
+            let outcome = if report.status.is_success() {
                 Outcome::done(text)
             } else {
                 Outcome::failed(text)
             };
-            if let serde_json::Value::Object(fields) = render::event_json(&Event::Delivery {
+            let mut fields = render::event_json(&Event::Delivery {
                 id: report.id,
                 to: report.to,
                 status: report.status,
-            }) {
-                outcome.fields = fields;
-                outcome.fields.remove("event");
+            });
+            if let serde_json::Value::Object(fields) = &mut fields {
+                fields.remove("event");
             }
-            outcome
+            outcome.with_all(fields)
         }
         Err(error) => Outcome::failed(render::terminal_safe(&format!("not sent: {error}"))),
     }
@@ -548,11 +748,13 @@ fn send_outcome(to: &Username, result: Result<peer::SendReport, peer::ClientErro
 async fn run_in_order(
     client: Client,
     mut commands: tokio::sync::mpsc::Receiver<Command>,
-    out: rustyline_async::SharedWriter,
+    out: editor::Screen,
+    look: render::Look,
+    names: editor::Names,
 ) {
-    let print = |mut out: rustyline_async::SharedWriter, outcome: Outcome| {
+    let print = |out: editor::Screen, outcome: Outcome| {
         if !outcome.text.is_empty() {
-            let _ = writeln!(out, "{}", outcome.text);
+            out.line(outcome.text);
         }
     };
     let mut waiting_sends = tokio::task::JoinSet::new();
@@ -568,91 +770,119 @@ async fn run_in_order(
             Command::Send { to, body } => match client.submit_send(&to, &body).await {
                 Ok(result) => {
                     let out = out.clone();
-                    waiting_sends.spawn(async move { print(out, send_outcome(&to, result.await)) });
+                    let look = look.clone();
+                    waiting_sends
+                        .spawn(async move { print(out, send_outcome(&to, result.await, &look)) });
                 }
-                Err(error) => print(out.clone(), send_outcome(&to, Err(error))),
+                Err(error) => print(out.clone(), send_outcome(&to, Err(error), &look)),
             },
-            command => print(out.clone(), execute(&client, command).await),
+            // The end of a mute is told by the runtime's event, with the held messages
+            // right after it; the command's own "unmuted" line would land among them.
+            Command::Unmute(user) => {
+                let outcome = execute(&client, Command::Unmute(user), &look).await;
+                if !outcome.ok {
+                    print(out.clone(), outcome);
+                }
+            }
+            Command::List => {
+                let outcome = execute(&client, Command::List, &look).await;
+                // Everyone listed can be completed from now on.
+                if let Some(users) = outcome
+                    .fields
+                    .get("users")
+                    .and_then(|users| users.as_array())
+                {
+                    for user in users.iter().filter_map(|user| user.as_str()) {
+                        if let Ok(user) = Username::new(user) {
+                            names.learn(&user);
+                        }
+                    }
+                }
+                print(out.clone(), outcome);
+            }
+            command => print(out.clone(), execute(&client, command, &look).await),
         }
     }
 }
 
 /// Runs one command against the runtime; interactive mode prints the text above the prompt,
-/// `listen --json` prints the whole outcome as a `result` object.
-async fn execute(client: &Client, command: Command) -> Outcome {
-    let result = |outcome: Result<String, peer::ClientError>, what: &str| match outcome {
-        Ok(text) => Outcome::done(text),
-        Err(error) => Outcome::failed(render::terminal_safe(&format!("{what} failed: {error}"))),
+/// `listen --json` prints the whole outcome as a `result` object, its fields structured.
+async fn execute(client: &Client, command: Command, look: &render::Look) -> Outcome {
+    let failed = |error: peer::ClientError, what: &str| {
+        Outcome::failed(render::terminal_safe(&format!("{what} failed: {error}")))
+    };
+    let done = |result: Result<(), peer::ClientError>, what: &str, text: String| match result {
+        Ok(()) => Outcome::done(text),
+        Err(error) => failed(error, what),
     };
     match command {
-        Command::Send { to, body } => send_outcome(&to, client.send(&to, &body).await),
-        Command::List => result(
-            client.list().await.map(|online| online_listing(&online)),
-            "list",
-        ),
-        Command::Block(user) => result(
-            client
-                .block(&user)
-                .await
-                .map(|()| format!("blocked {user}")),
+        Command::Send { to, body } => send_outcome(&to, client.send(&to, &body).await, look),
+        Command::List => match client.list().await {
+            Ok(online) => {
+                Outcome::done(online_listing(&online)).with_all(render::online_json(&online))
+            }
+            Err(error) => failed(error, "list"),
+        },
+        Command::Block(user) => done(
+            client.block(&user).await,
             "block",
+            format!("blocked {user}"),
         ),
-        Command::Unblock(user) => result(
-            client
-                .unblock(&user)
-                .await
-                .map(|()| format!("unblocked {user}")),
+        Command::Unblock(user) => done(
+            client.unblock(&user).await,
             "unblock",
+            format!("unblocked {user}"),
         ),
-        Command::Blocked => result(
-            client
-                .blocked()
-                .await
-                .map(|users| listing(&users, "blocked", "nobody is blocked")),
-            "blocked",
-        ),
-        Command::Mute { user, seconds } => result(
-            client.mute(&user, seconds).await.map(|_| {
-                format!("muted {user} for {seconds} s (messages are kept and shown after)")
-            }),
+        Command::Blocked => match client.blocked().await {
+            Ok(users) => Outcome::done(listing(&users, "blocked", "nobody is blocked"))
+                .with_all(render::users_json(&users)),
+            Err(error) => failed(error, "blocked"),
+        },
+        Command::Mute { user, seconds } => done(
+            client.mute(&user, seconds).await.map(|_| ()),
             "mute",
+            format!("muted {user} for {seconds} s (messages are kept and shown after)"),
         ),
-        Command::Unmute(user) => result(
-            client
-                .unmute(&user)
-                .await
-                .map(|()| format!("unmuted {user}")),
+        Command::Unmute(user) => done(
+            client.unmute(&user).await,
             "unmute",
+            format!("unmuted {user}"),
         ),
-        Command::Whois(user) => result(
-            client
-                .whois(&user)
-                .await
-                .map(|report| render::whois_text(&report)),
-            "whois",
-        ),
-        Command::Trust(user) => result(
-            client
-                .trust(&user)
-                .await
-                .map(|fingerprint| format!("now trusting {user}'s key {fingerprint}")),
-            "trust",
-        ),
-        Command::History { user, limit } => result(
-            client.history(&user, limit).await.map(|lines| {
-                if lines.is_empty() {
+        Command::Whois(user) => match client.whois(&user).await {
+            Ok(report) => Outcome::done(render::whois_text(&report, look, proto::now_ms()))
+                .with_all(render::whois_json(&report)),
+            Err(error) => failed(error, "whois"),
+        },
+        Command::Trust(user) => match client.trust(&user).await {
+            Ok(fingerprint) => Outcome::done(format!("now trusting {user}'s key {fingerprint}"))
+                .with("user", user.as_str().into())
+                .with("fingerprint", fingerprint.into()),
+            Err(error) => failed(error, "trust"),
+        },
+        Command::History { user, limit } => match client.history(&user, limit).await {
+            Ok(lines) => {
+                let now_ms = proto::now_ms();
+                let text = if lines.is_empty() {
                     format!("no messages with {user} yet")
                 } else {
                     lines
                         .iter()
-                        .map(render::history_line)
+                        .map(|entry| render::history_line(entry, look, now_ms))
                         .collect::<Vec<_>>()
                         .join("\n")
-                }
-            }),
-            "history",
-        ),
-        Command::Nothing | Command::Help | Command::Quit => Outcome::done(String::new()),
+                };
+                Outcome::done(text).with_all(render::history_json(&user, &lines))
+            }
+            Err(error) => failed(error, "history"),
+        },
+        // Conversations belong to whoever reads the lines (the prompt, `listen`'s reader).
+        Command::Nothing
+        | Command::Help
+        | Command::Quit
+        | Command::Open(_)
+        | Command::OpenAndSend { .. }
+        | Command::Close
+        | Command::Chats => Outcome::done(String::new()),
     }
 }
 
@@ -673,5 +903,16 @@ mod tests {
             online_listing(&online(vec![name("alice")], 4321)),
             "online: alice (and 4321 more online, not listed)"
         );
+    }
+
+    #[test]
+    fn only_messages_outside_the_open_conversation_ring_the_bell() {
+        let (bob, carol) = (
+            Username::new("bob").unwrap(),
+            Username::new("carol").unwrap(),
+        );
+        assert!(!rings_bell(Some(&bob), &bob));
+        assert!(rings_bell(Some(&bob), &carol));
+        assert!(rings_bell(None, &bob));
     }
 }

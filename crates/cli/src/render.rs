@@ -1,22 +1,103 @@
-//! How events and results look: one line of text for people ([`event_text`]), one JSON
-//! object for scripts ([`event_json`]). Pure functions, so the wording is tested.
+//! How events and results look: lines of text for people ([`event_text`], [`history_line`],
+//! [`whois_text`]), JSON objects for scripts ([`event_json`], [`online_json`],
+//! [`whois_json`], [`history_json`]). Pure functions of their inputs (the time zone, the
+//! time now and whether to colour are in a [`Look`]), so the wording is tested.
 
+use jiff::{Timestamp, tz::TimeZone};
 use peer::{
-    DeliveryStatus, Event, FailureReason, RefusalReason, WhoisReport,
+    DeliveryStatus, Event, FailureReason, OnlineUsers, RefusalReason, WhoisReport,
     state::{Direction, HistoryEntry, MessageStatus},
 };
 use proto::Username;
 use serde_json::{Value, json};
 
-/// `HH:MM:SS` (UTC) of a time in milliseconds since the epoch.
-pub fn clock(ms: u64) -> String {
-    let seconds = ms / 1000;
-    format!(
-        "{:02}:{:02}:{:02}",
-        seconds / 3600 % 24,
-        seconds / 60 % 60,
-        seconds % 60
-    )
+use crate::chats::Chat;
+
+/// How lines are shown on this screen: the time zone of their times, colour or not, and the
+/// port this client takes peer connections on (for the connect line).
+#[derive(Debug, Clone)]
+pub struct Look {
+    zone: TimeZone,
+    colour: bool,
+    peer_port: Option<u16>,
+}
+
+/// What a painted piece of text is, which decides its colour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Paint {
+    /// Times and connection notices: dim.
+    Quiet,
+    /// A sender's name: bold cyan.
+    Name,
+    /// Failures, refusals, key changes: bold red.
+    Warning,
+    /// Announcements and the end of a mute: yellow.
+    Notice,
+}
+
+impl Look {
+    /// Times in `zone`, colour if `colour`, the connect line naming `peer_port` if given.
+    pub fn new(zone: TimeZone, colour: bool, peer_port: Option<u16>) -> Self {
+        Self {
+            zone,
+            colour,
+            peer_port,
+        }
+    }
+
+    /// For standard output: times in the system's time zone (`TZ` first, as the C library
+    /// does), colour only when standard output is a terminal and `NO_COLOR` is unset or
+    /// empty (no-color.org).
+    pub fn for_stdout(peer_port: Option<u16>) -> Self {
+        use std::io::IsTerminal as _;
+        let colour = std::io::stdout().is_terminal()
+            && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
+        Self::new(TimeZone::system(), colour, peer_port)
+    }
+
+    /// This look without colour (for text that goes into JSON).
+    pub fn without_colour(self) -> Self {
+        Self {
+            colour: false,
+            ..self
+        }
+    }
+
+    /// A time in milliseconds since the epoch, as `HH:MM` in this look's time zone when it
+    /// falls on the same local day as `now_ms`, else `YYYY-MM-DD HH:MM`. A time out of the
+    /// calendar's range (a peer's clock can claim anything) is `??:??`.
+    pub fn time(&self, at_ms: u64, now_ms: u64) -> String {
+        let local = |ms: u64| {
+            let ms = i64::try_from(ms).ok()?;
+            let at = Timestamp::from_millisecond(ms).ok()?;
+            Some(at.to_zoned_datetime(self.zone.clone()))
+        };
+        let Some(at) = local(at_ms) else {
+            return "??:??".to_owned();
+        };
+        let clock = format!("{:02}:{:02}", at.hour(), at.minute());
+        match local(now_ms) {
+            Some(now) if now.date() == at.date() => clock,
+            _ => format!("{:04}-{:02}-{:02} {clock}", at.year(), at.month(), at.day()),
+        }
+    }
+
+    /// `text` in the colour of `paint` (every line of it), or as is without colour.
+    fn paint(&self, paint: Paint, text: &str) -> String {
+        if !self.colour {
+            return text.to_owned();
+        }
+        let start = match paint {
+            Paint::Quiet => "\x1b[2m",
+            Paint::Name => "\x1b[1;36m",
+            Paint::Warning => "\x1b[1;31m",
+            Paint::Notice => "\x1b[33m",
+        };
+        text.lines()
+            .map(|line| format!("{start}{line}\x1b[0m"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 /// `text` with every control character (newlines, carriage returns, terminal escape
@@ -106,32 +187,65 @@ pub fn refusal_text(from: &Username, reason: &RefusalReason) -> String {
     }
 }
 
-/// The text lines for one event (`None`: nothing to show). Everything but the key-change
-/// warning (whose line breaks are ours, around fingerprints and a name) passes through
-/// [`terminal_safe`].
-pub fn event_text(event: &Event) -> Option<String> {
-    let text = event_text_raw(event);
-    Some(match event {
-        Event::KeyChanged { .. } => text,
-        _ => terminal_safe(&text),
-    })
-}
-
-fn event_text_raw(event: &Event) -> String {
-    match event {
+/// The text lines for one event at `now_ms` (`None`: nothing to show). Everything but the
+/// key-change warning (whose line breaks are ours, around fingerprints and a name) passes
+/// through [`terminal_safe`] before it is painted.
+pub fn event_text(event: &Event, look: &Look, now_ms: u64) -> Option<String> {
+    let paint = match event {
         Event::Message(message) => {
             let muted = if message.while_muted {
                 " (while muted)"
             } else {
                 ""
             };
-            format!(
-                "[{}] {}: {}{muted}",
-                clock(message.sent_at_ms),
-                message.from,
-                message.body
-            )
+            // A message of several lines (a paste) shows as several lines, each with the
+            // sender's prefix: no line of it can pass for a line from someone else.
+            let prefix = format!(
+                "{} {}: ",
+                look.paint(
+                    Paint::Quiet,
+                    &format!("[{}]", look.time(message.sent_at_ms, now_ms))
+                ),
+                look.paint(Paint::Name, message.from.as_str()),
+            );
+            let lines: Vec<String> = message
+                .body
+                .split('\n')
+                .map(|line| format!("{prefix}{}", terminal_safe(line)))
+                .collect();
+            return Some(format!("{}{muted}", lines.join("\n")));
         }
+        Event::Online { .. } | Event::Offline { .. } | Event::Presence { .. } => Paint::Quiet,
+        Event::MuteEnded { .. } | Event::Announcement { .. } => Paint::Notice,
+        Event::Delivery { status, .. } if status.is_success() => Paint::Quiet,
+        Event::Delivery { .. }
+        | Event::Fatal(_)
+        | Event::KeyChanged { .. }
+        | Event::Refused { .. }
+        | Event::StateError { .. } => Paint::Warning,
+    };
+    let text = event_text_raw(event, look, now_ms);
+    let text = match event {
+        Event::KeyChanged { .. } => text,
+        _ => terminal_safe(&text),
+    };
+    Some(look.paint(paint, &text))
+}
+
+/// The line of a message this client sent, once its result is known (`→ bob: delivered`).
+pub fn sent_text(to: &Username, status: &DeliveryStatus, look: &Look) -> String {
+    // The status can carry the recipient's own words (a refusal's reason).
+    let text = terminal_safe(&format!("→ {to}: {}", status_text(to, status)));
+    if status.is_success() {
+        text
+    } else {
+        look.paint(Paint::Warning, &text)
+    }
+}
+
+fn event_text_raw(event: &Event, look: &Look, now_ms: u64) -> String {
+    match event {
+        Event::Message(message) => format!("{}: {}", message.from, message.body),
         Event::MuteEnded { user, held: 0 } => format!("{user} is no longer muted"),
         Event::MuteEnded { user, held: 1 } => {
             format!("{user} is no longer muted; 1 message from {user} while muted:")
@@ -143,11 +257,20 @@ fn event_text_raw(event: &Event) -> String {
             format!("(earlier message to {to}: {})", status_text(to, status))
         }
         Event::Announcement { text, at_ms } => {
-            format!("*** announcement [{}]: {text}", clock(*at_ms))
+            format!("*** announcement [{}]: {text}", look.time(*at_ms, now_ms))
         }
-        Event::Online { observed } => {
-            format!("connected to the discovery server (it sees you at {observed})")
-        }
+        // The server sees the control connection's source port, which is not where peers
+        // connect: the port shown is the peer listener's.
+        Event::Online { observed } => match look.peer_port {
+            Some(port) => format!(
+                "connected to the discovery server (it sees you at {}; peers connect to you on port {port})",
+                observed.ip()
+            ),
+            None => format!(
+                "connected to the discovery server (it sees you at {})",
+                observed.ip()
+            ),
+        },
         Event::Offline { reason, .. } => {
             format!("lost the discovery server ({reason}); reconnecting in the background")
         }
@@ -234,8 +357,8 @@ pub fn event_json(event: &Event) -> Value {
     }
 }
 
-/// One history line (through [`terminal_safe`]).
-pub fn history_line(entry: &HistoryEntry) -> String {
+/// One history line at `now_ms` (through [`terminal_safe`]).
+pub fn history_line(entry: &HistoryEntry, look: &Look, now_ms: u64) -> String {
     let status = match &entry.status {
         MessageStatus::Received => String::new(),
         MessageStatus::Pending => " (pending)".into(),
@@ -252,18 +375,18 @@ pub fn history_line(entry: &HistoryEntry) -> String {
     };
     terminal_safe(&format!(
         "[{}] {who}: {}{status}",
-        clock(entry.sent_at_ms),
+        look.time(entry.sent_at_ms, now_ms),
         entry.body
     ))
 }
 
-/// The `whois` lines.
-pub fn whois_text(report: &WhoisReport) -> String {
+/// The `whois` lines at `now_ms`.
+pub fn whois_text(report: &WhoisReport, look: &Look, now_ms: u64) -> String {
     let mut lines = vec![format!("{}:", report.user)];
     match report.online {
         Some(true) => lines.push("  online now".into()),
         Some(false) => lines.push(match report.last_seen_ms {
-            Some(at) => format!("  offline (last seen {} UTC)", clock(at)),
+            Some(at) => format!("  offline (last seen {})", look.time(at, now_ms)),
             None => "  offline".into(),
         }),
         None => lines.push("  (discovery server unreachable: showing the pinned key)".into()),
@@ -286,6 +409,86 @@ pub fn whois_text(report: &WhoisReport) -> String {
     lines.join("\n")
 }
 
+/// `chats`' lines at `now_ms`: one per conversation, the latest first.
+pub fn chats_text(chats: &[(&str, Chat)], look: &Look, now_ms: u64) -> String {
+    if chats.is_empty() {
+        return "no conversations yet".to_owned();
+    }
+    chats
+        .iter()
+        .map(|(user, chat)| {
+            let unread = match chat.unread {
+                0 => String::new(),
+                count => format!(", {count} unread"),
+            };
+            format!(
+                "{user}: last message {}{unread}",
+                look.time(chat.last_ms, now_ms)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `list`'s fields: `users` (names, sorted) and `more` (online, not listed).
+pub fn online_json(online: &OnlineUsers) -> Value {
+    json!({
+        "users": online.users.iter().map(Username::as_str).collect::<Vec<_>>(),
+        "more": online.more,
+    })
+}
+
+/// `blocked`'s fields: `users`.
+pub fn users_json(users: &[Username]) -> Value {
+    json!({ "users": users.iter().map(Username::as_str).collect::<Vec<_>>() })
+}
+
+/// `whois`'s fields, one per line of [`whois_text`] (`null` where the text says "none" or
+/// "unreachable").
+pub fn whois_json(report: &WhoisReport) -> Value {
+    json!({
+        "user": report.user.as_str(),
+        "online": report.online,
+        "last_seen_ms": report.last_seen_ms,
+        "pinned_fingerprint": report.pinned_fingerprint,
+        "server_fingerprint": report.server_fingerprint,
+        "key_changed": report.key_changed,
+        "safety_number": report.safety_number,
+        "my_fingerprint": report.my_fingerprint,
+    })
+}
+
+/// `history`'s fields: `user` and `messages`, oldest first, each with `id`, `direction`
+/// (`incoming`, `outgoing`), `body`, `sent_at_ms`, `status` (`received`, `pending`,
+/// `delivered`, `queued`, `failed`) and `reason` (a failure's, else `null`).
+pub fn history_json(user: &Username, entries: &[HistoryEntry]) -> Value {
+    let messages: Vec<Value> = entries
+        .iter()
+        .map(|entry| {
+            let (status, reason) = match &entry.status {
+                MessageStatus::Received => ("received", None),
+                MessageStatus::Pending => ("pending", None),
+                MessageStatus::Delivered => ("delivered", None),
+                MessageStatus::Queued => ("queued", None),
+                MessageStatus::Failed(reason) => ("failed", Some(failure_text(user, reason))),
+                MessageStatus::FailedAsText(reason) => ("failed", Some(reason.clone())),
+            };
+            json!({
+                "id": entry.id.to_string(),
+                "direction": match entry.direction {
+                    Direction::Incoming => "incoming",
+                    Direction::Outgoing => "outgoing",
+                },
+                "body": entry.body,
+                "sent_at_ms": entry.sent_at_ms,
+                "status": status,
+                "reason": reason,
+            })
+        })
+        .collect();
+    json!({ "user": user.as_str(), "messages": messages })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,6 +497,16 @@ mod tests {
 
     fn name(text: &str) -> Username {
         Username::new(text).unwrap()
+    }
+
+    /// UTC, no colour, no peer port.
+    fn plain() -> Look {
+        Look::new(TimeZone::UTC, false, None)
+    }
+
+    /// The event's text on a plain look at 01:02:04 UTC on 1970-01-01.
+    fn event_text(event: &Event) -> Option<String> {
+        super::event_text(event, &plain(), 3_724_000)
     }
 
     #[test]
@@ -308,7 +521,7 @@ mod tests {
             while_muted: false,
         };
         let event = Event::Message(message);
-        assert_eq!(event_text(&event).unwrap(), "[01:02:03] bob: hi");
+        assert_eq!(event_text(&event).unwrap(), "[01:02] bob: hi");
         let json = event_json(&event);
         assert_eq!(json["event"], "message");
         assert_eq!(json["from"], "bob");
@@ -338,6 +551,158 @@ mod tests {
         );
     }
 
+    /// Times are local (the zone of `TZ`), with the date when not today.
+    #[test]
+    fn times_are_local_with_the_date_when_not_today() {
+        // 2026-12-02 09:30 UTC; "now" is 10:00 UTC the same day.
+        let at = 1_796_203_800_000;
+        let now = at + 30 * 60 * 1000;
+        assert_eq!(plain().time(at, now), "09:30");
+        let kolkata = Look::new(TimeZone::posix("IST-5:30").unwrap(), false, None);
+        assert_eq!(kolkata.time(at, now), "15:00");
+        let new_york = Look::new(
+            TimeZone::posix("EST5EDT,M3.2.0,M11.1.0").unwrap(),
+            false,
+            None,
+        );
+        assert_eq!(new_york.time(at, now), "04:30");
+        // The day before, locally.
+        assert_eq!(plain().time(at - 24 * 3600 * 1000, now), "2026-12-01 09:30");
+        // A peer's clock can claim anything.
+        assert_eq!(plain().time(u64::MAX, now), "??:??");
+    }
+
+    #[test]
+    fn colour_is_added_only_when_asked_and_never_inside_untrusted_text() {
+        let message = Event::Message(InboundMessage {
+            id: MessageId([1; 16]),
+            from: name("bob"),
+            body: "hi".into(),
+            sent_at_ms: 3_723_000,
+            received_at_ms: 3_724_000,
+            seq: 1,
+            while_muted: false,
+        });
+        let coloured = Look::new(TimeZone::UTC, true, None);
+        let text = super::event_text(&message, &coloured, 3_724_000).unwrap();
+        assert_eq!(text, "\x1b[2m[01:02]\x1b[0m \x1b[1;36mbob\x1b[0m: hi");
+        assert!(!event_text(&message).unwrap().contains('\x1b'));
+        let failed = DeliveryStatus::Failed {
+            reason: FailureReason::RefusedByRecipient {
+                code: proto::ErrorCode::Refused,
+                message: "\x1b[2Jgone".into(),
+            },
+            will_retry: false,
+        };
+        let line = sent_text(&name("bob"), &failed, &coloured);
+        assert!(
+            line.starts_with("\x1b[1;31m") && line.contains("\\u{1b}[2Jgone"),
+            "{line:?}"
+        );
+    }
+
+    /// Regression: the connect line showed the control connection's source port as if
+    /// peers could reach this client there.
+    #[test]
+    fn the_connect_line_names_the_peer_port_not_the_control_connection_port() {
+        let event = Event::Online {
+            observed: "127.0.0.1:56698".parse().unwrap(),
+        };
+        let look = Look::new(TimeZone::UTC, false, Some(40_123));
+        let text = super::event_text(&event, &look, 0).unwrap();
+        assert_eq!(
+            text,
+            "connected to the discovery server (it sees you at 127.0.0.1; peers connect to you on port 40123)"
+        );
+        assert!(!text.contains("56698"));
+    }
+
+    #[test]
+    fn chats_show_the_latest_first_with_unread_counts() {
+        let chats = [
+            (
+                "bob",
+                Chat {
+                    unread: 2,
+                    last_ms: 3_600_000,
+                },
+            ),
+            (
+                "carol",
+                Chat {
+                    unread: 0,
+                    last_ms: 60_000,
+                },
+            ),
+        ];
+        assert_eq!(
+            chats_text(&chats, &plain(), 3_700_000),
+            "bob: last message 01:00, 2 unread\ncarol: last message 00:01"
+        );
+        assert_eq!(chats_text(&[], &plain(), 0), "no conversations yet");
+    }
+
+    #[test]
+    fn results_have_structured_fields() {
+        let online = OnlineUsers {
+            users: vec![name("alice"), name("bob")],
+            more: 3,
+        };
+        assert_eq!(
+            online_json(&online),
+            json!({"users": ["alice", "bob"], "more": 3})
+        );
+        let report = WhoisReport {
+            user: name("bob"),
+            my_fingerprint: "mine".into(),
+            pinned_fingerprint: None,
+            server_fingerprint: Some("theirs".into()),
+            safety_number: Some("12345".into()),
+            key_changed: false,
+            online: Some(false),
+            last_seen_ms: Some(7),
+        };
+        let whois = whois_json(&report);
+        assert_eq!(whois["pinned_fingerprint"], Value::Null);
+        assert_eq!(whois["server_fingerprint"], "theirs");
+        assert_eq!(whois["online"], false);
+        assert_eq!(whois["last_seen_ms"], 7);
+        let entry = |direction, status| HistoryEntry {
+            seq: 1,
+            id: MessageId([2; 16]),
+            peer: name("bob"),
+            direction,
+            body: "hey".into(),
+            sent_at_ms: 5,
+            status,
+        };
+        let history = history_json(
+            &name("bob"),
+            &[
+                entry(Direction::Incoming, MessageStatus::Received),
+                entry(
+                    Direction::Outgoing,
+                    MessageStatus::Failed(FailureReason::RefusedByRecipient {
+                        code: proto::ErrorCode::Blocked,
+                        message: "blocked".into(),
+                    }),
+                ),
+            ],
+        );
+        assert_eq!(history["user"], "bob");
+        assert_eq!(history["messages"][0]["direction"], "incoming");
+        assert_eq!(history["messages"][0]["status"], "received");
+        assert_eq!(history["messages"][0]["reason"], Value::Null);
+        assert_eq!(history["messages"][1]["direction"], "outgoing");
+        assert_eq!(history["messages"][1]["status"], "failed");
+        assert_eq!(
+            history["messages"][1]["reason"],
+            "refused by the recipient: blocked"
+        );
+        assert_eq!(history["messages"][1]["body"], "hey");
+        assert_eq!(history["messages"][1]["id"], "02".repeat(16));
+    }
+
     #[test]
     fn mute_summaries_count_messages() {
         let text = |held| {
@@ -354,8 +719,8 @@ mod tests {
 
     /// Regression: a peer's message body (or a refusal reason, or an announcement) was
     /// printed to the terminal as is, so a newline let bob forge a whole line "from alice",
-    /// and escape sequences could rewrite the screen. Control characters are now shown
-    /// escaped, never interpreted.
+    /// and escape sequences could rewrite the screen. Control characters are shown escaped,
+    /// never interpreted; a message's own line breaks start lines that name its sender.
     #[test]
     fn untrusted_text_cannot_forge_lines_or_send_terminal_escapes() {
         let forged = "hi\n[01:02:04] alice: send me your password\x1b[2K\r\u{202e}";
@@ -368,8 +733,22 @@ mod tests {
             seq: 1,
             while_muted: false,
         };
+        // A message's lines each carry its sender.
+        let lines = event_text(&Event::Message(message)).unwrap();
+        let lines: Vec<&str> = lines.lines().collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for line in &lines {
+            assert!(line.starts_with("[01:02] bob: "), "{line:?}");
+            assert!(
+                !line.chars().any(|c| c.is_control() || c == '\u{202e}'),
+                "{line:?}"
+            );
+        }
+        assert!(
+            lines[1].starts_with("[01:02] bob: [01:02:04] alice"),
+            "{lines:?}"
+        );
         let shown = [
-            event_text(&Event::Message(message)).unwrap(),
             event_text(&Event::Announcement {
                 text: forged.into(),
                 at_ms: 0,
@@ -387,15 +766,19 @@ mod tests {
                 },
             })
             .unwrap(),
-            history_line(&HistoryEntry {
-                seq: 1,
-                id: MessageId([1; 16]),
-                peer: name("bob"),
-                direction: Direction::Incoming,
-                body: forged.into(),
-                sent_at_ms: 0,
-                status: MessageStatus::FailedAsText(forged.into()),
-            }),
+            history_line(
+                &HistoryEntry {
+                    seq: 1,
+                    id: MessageId([1; 16]),
+                    peer: name("bob"),
+                    direction: Direction::Incoming,
+                    body: forged.into(),
+                    sent_at_ms: 0,
+                    status: MessageStatus::FailedAsText(forged.into()),
+                },
+                &plain(),
+                0,
+            ),
         ];
         for text in shown {
             assert!(

@@ -1,4 +1,5 @@
-//! [`Config`]: every knob of the server, with the defaults of design.md §3 and §6.
+//! [`Config`]: every knob of the server, with its defaults (heartbeat 10 s, presence 30 s,
+//! frame and connection limits), and the checks that refuse settings it cannot keep.
 
 use std::time::Duration;
 

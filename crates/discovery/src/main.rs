@@ -12,10 +12,15 @@ use tokio_util::sync::CancellationToken;
 /// The p2pchat discovery server: tells clients where their peers are and holds their
 /// end-to-end encrypted mail while they are offline.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "p2pchat-discovery", version, about)]
 struct Cli {
-    /// Address to listen on for clients.
-    #[arg(long, env = "P2PCHAT_LISTEN", default_value = "127.0.0.1:5001")]
+    /// Address to listen on for clients (`0.0.0.0:5001` for clients on other machines).
+    #[arg(
+        long,
+        env = "P2PCHAT_LISTEN",
+        default_value = "127.0.0.1:5001",
+        global = true
+    )]
     listen: SocketAddr,
     /// Redis URL (shared state for several instances), `redis://:PASSWORD@host:port` for a
     /// Redis that demands a password; for a Redis Cluster, one node's URL or several,
@@ -29,7 +34,7 @@ struct Cli {
     #[arg(long, env = "P2PCHAT_REDIS_REPLICAS")]
     redis_replicas: Option<u32>,
     /// Folder for the embedded store and the operator secret.
-    #[arg(long, env = "P2PCHAT_DISCOVERY_DATA")]
+    #[arg(long, env = "P2PCHAT_DISCOVERY_DATA", global = true)]
     data_dir: Option<PathBuf>,
     /// Serve Prometheus metrics over HTTP on this address.
     #[arg(long, env = "P2PCHAT_METRICS")]

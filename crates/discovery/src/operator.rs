@@ -46,6 +46,19 @@ pub enum OperatorError {
     /// The server refused the announcement.
     #[error("the server refused the announcement: {0}")]
     Refused(ErrorReply),
+    /// The announcement is larger than a server takes before registration, and the server
+    /// closed the connection on it.
+    #[error(
+        "the announcement is too large: {len} bytes as sent, and the server takes at most \
+         {limit} bytes before registration (unless its --preauth-max-frame says more); \
+         shorten the text"
+    )]
+    TooLarge {
+        /// The request's encoded size.
+        len: usize,
+        /// The default limit of the server.
+        limit: usize,
+    },
 }
 
 /// Reads the operator secret from `data_dir`, creating a random one (0600 in a 0700 folder)
@@ -114,6 +127,18 @@ pub async fn announce(server: &str, secret: &[u8], text: &str) -> Result<(), Ope
                 text: text.to_owned(),
                 proof: announce_proof(secret, &nonce, text),
             },
+        };
+        // A server closes the connection on a frame over its limit before reading it, so
+        // the write or the read after it fails without the server's reason: a request over
+        // the default limit is named as the cause.
+        let limit = crate::Config::default().preauth_max_frame_len;
+        let len = proto::wire::encoded_len(&request).unwrap_or(usize::MAX);
+        let failed = |reason: String| {
+            if len > limit {
+                OperatorError::TooLarge { len, limit }
+            } else {
+                failed(reason)
+            }
         };
         connection
             .send(&request)

@@ -399,7 +399,11 @@ async fn fan_out(
                 // connection's write. (Announcements are rare: the clone is nothing.)
                 match proto::wire::encoded_len(&ServerMsg::Push(push.clone())) {
                     Ok(len) if len <= shared.config.max_frame_len => {
-                        tracing::info!(?push, "announcement");
+                        if let Push::Announcement { text, .. } = &push {
+                            // Debug-formatted: the text is quoted and its control
+                            // characters escaped, so it cannot forge log lines.
+                            tracing::info!(text = ?text, len, "announcement pushed to every client");
+                        }
                         shared.hub.push_all(&push);
                     }
                     Ok(len) => tracing::warn!(
@@ -616,6 +620,9 @@ async fn serve_connection(
                     .await;
                     match event {
                         Some(Event::Registered(user)) => {
+                            // Names and addresses only: no key, challenge or signature.
+                            let new_binding = matches!(result, Ok(Reply::Registered { new_binding: true, .. }));
+                            tracing::info!(%user, %peer, new_binding, "registered");
                             connection.set_max_frame_len(config.max_frame_len);
                             let route = Route {
                                 session: session.session_id(),
@@ -626,6 +633,7 @@ async fn serve_connection(
                             metrics.sessions_evicted.add(evicted as u64);
                         }
                         Some(Event::Unregistered(user)) => {
+                            tracing::info!(%user, %peer, "unregistered");
                             // Unregistered again: the limits of a new connection apply,
                             // with a fresh deadline to register again.
                             connection.set_max_frame_len(config.preauth_max_frame_len);
@@ -660,14 +668,19 @@ async fn serve_connection(
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
-                let message = match session.user() {
+                // A silent registered client is no longer registered (it registers again on
+                // its next connection); one that never registered broke the handshake rules.
+                let (code, message) = match session.user() {
                     None => {
                         metrics.registration_timeouts.inc();
-                        "no registration within the handshake timeout"
+                        (ErrorCode::BadRequest, "no registration within the handshake timeout")
                     }
-                    Some(_) => "no heartbeat within the presence timeout",
+                    Some(user) => {
+                        tracing::info!(%user, %peer, "no heartbeat within the presence timeout; closed");
+                        (ErrorCode::NotRegistered, "no heartbeat within the presence timeout; register again")
+                    }
                 };
-                close_with(&mut connection, metrics, ErrorCode::BadRequest, message).await;
+                close_with(&mut connection, metrics, code, message).await;
                 break;
             }
         }

@@ -48,7 +48,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// The defaults of design.md: heartbeat 10 s, pong timeout 10 s, ack timeout 5 s, mail
+    /// The defaults: heartbeat 10 s, pong timeout 10 s, ack timeout 5 s, mail
     /// re-checked every 60 s, listener on a free port of every interface.
     pub fn new(server: impl Into<String>, user: Username, data_dir: PathBuf) -> Self {
         Self {

@@ -373,6 +373,27 @@ async fn idle_unauthenticated_connections_are_closed() {
     server.stop().await;
 }
 
+/// Regression: a registered client that stopped sending heartbeats was closed with
+/// `bad_request`, as if it had sent something malformed; it is no longer registered, and the
+/// code says so.
+#[tokio::test]
+async fn a_silent_registered_client_is_closed_as_not_registered() {
+    let server = Server::embedded(Config {
+        presence_ttl: Duration::from_millis(300),
+        ..config()
+    })
+    .await;
+    let mut silent = Client::connect(server.address, "silent").await;
+    assert!(matches!(
+        silent.register().await,
+        Ok(Reply::Registered { .. })
+    ));
+    let reason = Client::closed_with(&mut silent.connection).await.unwrap();
+    assert_eq!(reason.code, ErrorCode::NotRegistered);
+    assert!(reason.message.contains("heartbeat"), "{reason}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn the_connection_limit_refuses_with_server_busy() {
     let server = Server::embedded(Config {

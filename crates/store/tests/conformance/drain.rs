@@ -1,4 +1,4 @@
-//! A rough drain measurement, not a timed test (design.md §8: numbers belong to
+//! A rough drain measurement, not a timed test (numbers belong to
 //! `p2pchat-bench`): `cargo test --release -p store -- --ignored --nocapture drain`.
 //! It fills one mailbox with 100,000 messages and drains it in batches of 1,000, fetch then
 //! ack, and prints the rate; it asserts only that everything came out once, in order.
