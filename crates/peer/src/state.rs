@@ -230,6 +230,45 @@ pub struct InboundMessage {
     pub seq: u64,
     /// Whether it arrived while the sender was muted.
     pub while_muted: bool,
+    /// Whether it came from the mailbox (the sender could not reach this client directly,
+    /// or it was offline), not over a direct connection.
+    pub via_mailbox: bool,
+}
+
+/// [`InboundMessage`] as stored before it said whether it came from the mailbox: read as
+/// not from the mailbox.
+#[derive(Serialize, Deserialize)]
+struct InboundMessageWithoutRoute {
+    id: MessageId,
+    from: Username,
+    body: String,
+    sent_at_ms: u64,
+    received_at_ms: u64,
+    seq: u64,
+    while_muted: bool,
+}
+
+/// Decodes a stored [`InboundMessage`], of this layout or of the one before it.
+fn decode_inbound(table: &'static str, bytes: &[u8]) -> Result<InboundMessage, StateError> {
+    match wire::decode::<InboundMessage>(bytes) {
+        Ok(message) => Ok(message),
+        Err(error) => match wire::decode::<InboundMessageWithoutRoute>(bytes) {
+            Ok(old) => Ok(InboundMessage {
+                id: old.id,
+                from: old.from,
+                body: old.body,
+                sent_at_ms: old.sent_at_ms,
+                received_at_ms: old.received_at_ms,
+                seq: old.seq,
+                while_muted: old.while_muted,
+                via_mailbox: false,
+            }),
+            Err(_) => Err(StateError::Corrupt {
+                table,
+                source: error,
+            }),
+        },
+    }
 }
 
 /// What storing a received message did.
@@ -776,6 +815,7 @@ impl State {
         &self,
         messages: Vec<Plaintext>,
         now_ms: u64,
+        via_mailbox: bool,
     ) -> Ticket<Vec<StoreOutcome>> {
         let next_seq = self.next_seq.clone();
         self.writer.submit(move |txn| {
@@ -817,6 +857,7 @@ impl State {
                     while_muted: mutes
                         .get(message.from.as_str())?
                         .is_some_and(|until| mute_active(until.value(), now_ms)),
+                    via_mailbox,
                 };
                 unshown.insert(seq, encode(&inbound).as_ref())?;
                 outcomes.push(StoreOutcome::New(inbound));
@@ -835,7 +876,7 @@ impl State {
         message: &Plaintext,
         now_ms: u64,
     ) -> Result<StoreOutcome, StateError> {
-        self.submit_incoming(vec![message.clone()], now_ms)
+        self.submit_incoming(vec![message.clone()], now_ms, false)
             .wait_blocking()?
             .pop()
             .ok_or(StateError::NoOutcome)
@@ -872,7 +913,7 @@ impl State {
         let mut messages = Vec::new();
         for row in table.iter()? {
             let (_, bytes) = row?;
-            messages.push(decode::<InboundMessage>("unshown", bytes.value())?);
+            messages.push(decode_inbound("unshown", bytes.value())?);
         }
         Ok(messages)
     }
@@ -895,7 +936,7 @@ impl State {
             let mut unshown = txn.open_table(UNSHOWN)?;
             for (id, seq) in &shown {
                 let stored = match unshown.get(seq)? {
-                    Some(bytes) => decode::<InboundMessage>("unshown", bytes.value())?.id,
+                    Some(bytes) => decode_inbound("unshown", bytes.value())?.id,
                     None => continue,
                 };
                 if stored == *id {
@@ -1006,7 +1047,7 @@ fn migrate_layout_1(txn: &WriteTransaction) -> Result<(), StateError> {
         let mut unshown = txn.open_table(UNSHOWN)?;
         for row in txn.open_table(UNSHOWN_V1)?.iter()? {
             let (_, bytes) = row?;
-            let message: InboundMessage = decode("unshown", bytes.value())?;
+            let message = decode_inbound("unshown", bytes.value())?;
             unshown.insert(message.seq, bytes.value())?;
         }
         let mut stored_at: HashMap<[u8; 16], u64> = HashMap::new();
@@ -1184,7 +1225,10 @@ mod tests {
                 .map(|e| e.id)
                 .collect::<Vec<_>>();
             let batch = incoming.clone();
-            let outcomes = state.submit_incoming(batch, 9_000).wait_blocking().unwrap();
+            let outcomes = state
+                .submit_incoming(batch, 9_000, false)
+                .wait_blocking()
+                .unwrap();
             assert!(outcomes.iter().all(|o| matches!(o, StoreOutcome::New(_))));
             let unshown = state.unshown().unwrap();
             state
@@ -1207,7 +1251,7 @@ mod tests {
         // Every copy is still a duplicate after the reopen, shown or not.
         let copies = incoming.clone();
         let outcomes = state
-            .submit_incoming(copies, 9_500)
+            .submit_incoming(copies, 9_500, false)
             .wait_blocking()
             .unwrap();
         assert!(outcomes.iter().all(|o| *o == StoreOutcome::Duplicate));
@@ -1237,6 +1281,17 @@ mod tests {
             sent_at_ms: unshown_message.sent_at_ms,
             received_at_ms: 4_500,
             seq: 3,
+            while_muted: false,
+            via_mailbox: false,
+        };
+        // As layout 1 stored it: before messages said whether they came from the mailbox.
+        let unshown_stored = InboundMessageWithoutRoute {
+            id: unshown_record.id,
+            from: unshown_record.from.clone(),
+            body: unshown_record.body.clone(),
+            sent_at_ms: unshown_record.sent_at_ms,
+            received_at_ms: unshown_record.received_at_ms,
+            seq: unshown_record.seq,
             while_muted: false,
         };
         {
@@ -1293,7 +1348,7 @@ mod tests {
                 seen.insert(unshown_message.id.0, 4_500).unwrap();
                 txn.open_table(UNSHOWN_V1)
                     .unwrap()
-                    .insert(unshown_message.id.0, encode(&unshown_record).as_ref())
+                    .insert(unshown_message.id.0, encode(&unshown_stored).as_ref())
                     .unwrap();
             }
             txn.commit().unwrap();
