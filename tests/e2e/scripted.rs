@@ -54,6 +54,7 @@ fn a_message_to_a_listening_peer_is_delivered_directly() {
     let message = bob_listener.message("hello bob");
     assert_eq!(message["from"], "alice");
     assert_eq!(message["id"].as_str().map(str::len), Some(32));
+    assert_eq!(message["via_mailbox"], false);
 }
 
 #[test]
@@ -68,7 +69,10 @@ fn mail_for_an_offline_user_is_queued_and_shown_once_at_login() {
     }
     let mut bob_listener = bob.listen(&server);
     for body in ["one", "two", "three"] {
-        assert_eq!(bob_listener.message(body)["from"], "alice");
+        let message = bob_listener.message(body);
+        assert_eq!(message["from"], "alice");
+        // Marked as mail that waited in the mailbox (`[offline]` on a terminal).
+        assert_eq!(message["via_mailbox"], true);
     }
     bob_listener.stop();
 

@@ -198,10 +198,16 @@ pub fn event_text(event: &Event, look: &Look, now_ms: u64) -> Option<String> {
             } else {
                 ""
             };
+            // Mail that waited in the mailbox says so, as the original client did.
+            let offline = if message.via_mailbox {
+                format!("{} ", look.paint(Paint::Quiet, "[offline]"))
+            } else {
+                String::new()
+            };
             // A message of several lines (a paste) shows as several lines, each with the
             // sender's prefix: no line of it can pass for a line from someone else.
             let prefix = format!(
-                "{} {}: ",
+                "{} {offline}{}: ",
                 look.paint(
                     Paint::Quiet,
                     &format!("[{}]", look.time(message.sent_at_ms, now_ms))
@@ -321,6 +327,7 @@ pub fn event_json(event: &Event) -> Value {
             "sent_at_ms": message.sent_at_ms,
             "received_at_ms": message.received_at_ms,
             "while_muted": message.while_muted,
+            "via_mailbox": message.via_mailbox,
         }),
         Event::MuteEnded { user, held } => {
             json!({"event": "mute_ended", "user": user.as_str(), "held": held})
@@ -519,9 +526,16 @@ mod tests {
             received_at_ms: 3_724_000,
             seq: 1,
             while_muted: false,
+            via_mailbox: false,
         };
-        let event = Event::Message(message);
+        let event = Event::Message(message.clone());
         assert_eq!(event_text(&event).unwrap(), "[01:02] bob: hi");
+        let mail = Event::Message(InboundMessage {
+            via_mailbox: true,
+            ..message
+        });
+        assert_eq!(event_text(&mail).unwrap(), "[01:02] [offline] bob: hi");
+        assert_eq!(event_json(&mail)["via_mailbox"], true);
         let json = event_json(&event);
         assert_eq!(json["event"], "message");
         assert_eq!(json["from"], "bob");
@@ -582,6 +596,7 @@ mod tests {
             received_at_ms: 3_724_000,
             seq: 1,
             while_muted: false,
+            via_mailbox: false,
         });
         let coloured = Look::new(TimeZone::UTC, true, None);
         let text = super::event_text(&message, &coloured, 3_724_000).unwrap();
@@ -732,6 +747,7 @@ mod tests {
             received_at_ms: 3_724_000,
             seq: 1,
             while_muted: false,
+            via_mailbox: false,
         };
         // A message's lines each carry its sender.
         let lines = event_text(&Event::Message(message)).unwrap();

@@ -830,6 +830,7 @@ mod tests {
             received_at_ms: 2,
             seq,
             while_muted,
+            via_mailbox: false,
         }
     }
 

@@ -189,9 +189,13 @@ async fn sender_keys(
 }
 
 /// Checks and stores one envelope (see the module docs).
-pub(crate) async fn receive(context: &Context, envelope: &Envelope) -> Result<Accepted, Refusal> {
+pub(crate) async fn receive(
+    context: &Context,
+    envelope: &Envelope,
+    via_mailbox: bool,
+) -> Result<Accepted, Refusal> {
     let checked = check(context, envelope).await?;
-    store(context, vec![checked])
+    store(context, vec![checked], via_mailbox)
         .await?
         .pop()
         .ok_or(Refusal::Transient(Unavailable::NoOutcome))
@@ -201,13 +205,14 @@ pub(crate) async fn receive(context: &Context, envelope: &Envelope) -> Result<Ac
 pub(crate) async fn store(
     context: &Context,
     checked: Vec<Plaintext>,
+    via_mailbox: bool,
 ) -> Result<Vec<Accepted>, Refusal> {
     if checked.is_empty() {
         return Ok(Vec::new());
     }
     let outcomes = context
         .state
-        .submit_incoming(checked, proto::now_ms())
+        .submit_incoming(checked, proto::now_ms(), via_mailbox)
         .await
         .map_err(|error| Refusal::Transient(error.into()))?;
     Ok(outcomes
@@ -453,7 +458,7 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
         // The whole fetch is stored in one commit before any of it is acked.
         let (ids, checked): (Vec<MessageId>, Vec<Plaintext>) = checked.into_iter().unzip();
         let mut new: Vec<InboundMessage> = Vec::new();
-        match store(context, checked).await {
+        match store(context, checked, true).await {
             Ok(accepted) => {
                 ack.extend(ids);
                 new.extend(accepted.into_iter().filter_map(|accepted| match accepted {
@@ -508,7 +513,7 @@ pub(crate) async fn reopen_held(context: &Context, from: &Username) {
             .map_or(u64::MAX, |plaintext| plaintext.sent_at_ms)
     });
     for envelope in held {
-        let done = match receive(context, &envelope).await {
+        let done = match receive(context, &envelope, true).await {
             Ok(Accepted::New(message)) => {
                 context.report(Report::Received(message)).await;
                 true
@@ -751,8 +756,11 @@ async fn check_batch(context: &Context, from: &Username, batch: Vec<Envelope>) -
             }
         }
     }
-    let stored =
-        (!checked.is_empty()).then(|| context.state.submit_incoming(checked, proto::now_ms()));
+    let stored = (!checked.is_empty()).then(|| {
+        context
+            .state
+            .submit_incoming(checked, proto::now_ms(), false)
+    });
     Batch {
         answers,
         places,

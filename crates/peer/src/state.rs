@@ -7,8 +7,8 @@
 //! - `history`: (peer, sequence) → [`HistoryEntry`], both directions, in order.
 //! - `outbox_by_seq`: history sequence → [`OutboxEntry`], messages not yet delivered or
 //!   queued.
-//! - `seen_by_sent_at`: (time the sender wrote it, message id) → when it was first stored
-//!   (receivers de-duplicate by id).
+//! - `seen_by_sender`: (time the sender wrote it, message id, sender) → when it was first
+//!   stored (receivers de-duplicate by sender and id: two senders may use one id).
 //! - `unshown_by_seq`: history sequence → [`InboundMessage`], stored but not yet shown.
 //! - `held`: message id → [`Envelope`], mail that arrived sealed under a sender key other
 //!   than the pinned one: acked at the server (so it is not fetched forever) and kept here,
@@ -18,14 +18,16 @@
 //! The hot tables are keyed so that a batch of messages appends to the same few B-tree
 //! pages instead of dirtying one 4 KiB page per message (redb copies every page a commit
 //! touches): `outbox_by_seq` and `unshown_by_seq` by the history sequence, which only grows;
-//! `seen_by_sent_at` by the time the sender wrote the message, which grows in each sender's
-//! stream, then the id. A lookup by id stays one point read, because a copy of a message
+//! `seen_by_sender` by the time the sender wrote the message, which grows in each sender's
+//! stream, then the id and the sender. A lookup by id stays one point read, because a copy of a message
 //! (a retransmission, a replay, mail fetched again) carries the same sealed `sent_at_ms` as
 //! the original; and pruning is one range delete of the keys older than the retention, the
 //! same bound beyond which [`crate::inbox`] refuses a message anyway. Layout 1 (files written
 //! before this layout) keyed these three tables by message id under the names `outbox`,
 //! `seen` and `unshown`; [`State::open`] copies such tables into the new ones once, in the
-//! same transaction that deletes them ([`migrate_layout_1`]).
+//! same transaction that deletes them ([`migrate_layout_1`]). Layout 2 keyed seen ids
+//! without their sender (`seen_by_sent_at`); [`migrate_layout_2`] moves them to
+//! `seen_by_sender` the same way.
 //!
 //! Every change is one unit of a write transaction, so a crash at any point leaves either the
 //! state before the change or the state after it: a received message is in `history`, `seen`
@@ -89,7 +91,9 @@ const BLOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocks");
 const MUTES: TableDefinition<&str, u64> = TableDefinition::new("mutes");
 const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox_by_seq");
-const SEEN: TableDefinition<(u64, [u8; 16]), u64> = TableDefinition::new("seen_by_sent_at");
+const SEEN: TableDefinition<(u64, [u8; 16], &str), u64> = TableDefinition::new("seen_by_sender");
+/// Layout 2's seen ids, keyed without their sender: migrated at open, then deleted.
+const SEEN_V2: TableDefinition<(u64, [u8; 16]), u64> = TableDefinition::new("seen_by_sent_at");
 const UNSHOWN: TableDefinition<u64, &[u8]> = TableDefinition::new("unshown_by_seq");
 /// Layout 1's tables, keyed by message id: migrated at open, then deleted.
 const OUTBOX_V1: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("outbox");
@@ -230,6 +234,45 @@ pub struct InboundMessage {
     pub seq: u64,
     /// Whether it arrived while the sender was muted.
     pub while_muted: bool,
+    /// Whether it came from the mailbox (the sender could not reach this client directly,
+    /// or it was offline), not over a direct connection.
+    pub via_mailbox: bool,
+}
+
+/// [`InboundMessage`] as stored before it said whether it came from the mailbox: read as
+/// not from the mailbox.
+#[derive(Serialize, Deserialize)]
+struct InboundMessageWithoutRoute {
+    id: MessageId,
+    from: Username,
+    body: String,
+    sent_at_ms: u64,
+    received_at_ms: u64,
+    seq: u64,
+    while_muted: bool,
+}
+
+/// Decodes a stored [`InboundMessage`], of this layout or of the one before it.
+fn decode_inbound(table: &'static str, bytes: &[u8]) -> Result<InboundMessage, StateError> {
+    match wire::decode::<InboundMessage>(bytes) {
+        Ok(message) => Ok(message),
+        Err(error) => match wire::decode::<InboundMessageWithoutRoute>(bytes) {
+            Ok(old) => Ok(InboundMessage {
+                id: old.id,
+                from: old.from,
+                body: old.body,
+                sent_at_ms: old.sent_at_ms,
+                received_at_ms: old.received_at_ms,
+                seq: old.seq,
+                while_muted: old.while_muted,
+                via_mailbox: false,
+            }),
+            Err(_) => Err(StateError::Corrupt {
+                table,
+                source: error,
+            }),
+        },
+    }
 }
 
 /// What storing a received message did.
@@ -357,6 +400,7 @@ impl State {
     ) -> Result<Self, StateError> {
         let txn = db.begin_write()?;
         migrate_layout_1(&txn)?;
+        migrate_layout_2(&txn)?;
         txn.open_table(PINS)?;
         txn.open_table(BLOCKS)?;
         txn.open_table(MUTES)?;
@@ -776,6 +820,7 @@ impl State {
         &self,
         messages: Vec<Plaintext>,
         now_ms: u64,
+        via_mailbox: bool,
     ) -> Ticket<Vec<StoreOutcome>> {
         let next_seq = self.next_seq.clone();
         self.writer.submit(move |txn| {
@@ -789,7 +834,7 @@ impl State {
             // position (positions are handed out in order, so that covers them all).
             let mut highest_seq = 0;
             for message in &messages {
-                let seen_key = (message.sent_at_ms, message.id.0);
+                let seen_key = (message.sent_at_ms, message.id.0, message.from.as_str());
                 if seen.get(seen_key)?.is_some() {
                     outcomes.push(StoreOutcome::Duplicate);
                     continue;
@@ -817,6 +862,7 @@ impl State {
                     while_muted: mutes
                         .get(message.from.as_str())?
                         .is_some_and(|until| mute_active(until.value(), now_ms)),
+                    via_mailbox,
                 };
                 unshown.insert(seq, encode(&inbound).as_ref())?;
                 outcomes.push(StoreOutcome::New(inbound));
@@ -835,18 +881,26 @@ impl State {
         message: &Plaintext,
         now_ms: u64,
     ) -> Result<StoreOutcome, StateError> {
-        self.submit_incoming(vec![message.clone()], now_ms)
+        self.submit_incoming(vec![message.clone()], now_ms, false)
             .wait_blocking()?
             .pop()
             .ok_or(StateError::NoOutcome)
     }
 
-    /// Whether the message with this id, written by its sender at `sent_at_ms`, was stored
+    /// Whether the message of `from` with this id, written at `sent_at_ms`, was stored
     /// before.
     #[cfg(any(test, feature = "testing"))]
-    pub fn is_seen(&self, id: &MessageId, sent_at_ms: u64) -> Result<bool, StateError> {
+    pub fn is_seen(
+        &self,
+        from: &Username,
+        id: &MessageId,
+        sent_at_ms: u64,
+    ) -> Result<bool, StateError> {
         let txn = self.db.get()?.begin_read()?;
-        Ok(txn.open_table(SEEN)?.get((sent_at_ms, id.0))?.is_some())
+        Ok(txn
+            .open_table(SEEN)?
+            .get((sent_at_ms, id.0, from.as_str()))?
+            .is_some())
     }
 
     /// Forgets the ids of messages written more than `retention_ms` before `now_ms` (one
@@ -857,7 +911,7 @@ impl State {
         self.write(move |txn| {
             let mut removed = 0;
             txn.open_table(SEEN)?
-                .retain_in(..(oldest_kept, [0; 16]), |_, _| {
+                .retain_in(..(oldest_kept, [0; 16], ""), |_, _| {
                     removed += 1;
                     false
                 })?;
@@ -872,7 +926,7 @@ impl State {
         let mut messages = Vec::new();
         for row in table.iter()? {
             let (_, bytes) = row?;
-            messages.push(decode::<InboundMessage>("unshown", bytes.value())?);
+            messages.push(decode_inbound("unshown", bytes.value())?);
         }
         Ok(messages)
     }
@@ -895,7 +949,7 @@ impl State {
             let mut unshown = txn.open_table(UNSHOWN)?;
             for (id, seq) in &shown {
                 let stored = match unshown.get(seq)? {
-                    Some(bytes) => decode::<InboundMessage>("unshown", bytes.value())?.id,
+                    Some(bytes) => decode_inbound("unshown", bytes.value())?.id,
                     None => continue,
                 };
                 if stored == *id {
@@ -1006,7 +1060,7 @@ fn migrate_layout_1(txn: &WriteTransaction) -> Result<(), StateError> {
         let mut unshown = txn.open_table(UNSHOWN)?;
         for row in txn.open_table(UNSHOWN_V1)?.iter()? {
             let (_, bytes) = row?;
-            let message: InboundMessage = decode("unshown", bytes.value())?;
+            let message = decode_inbound("unshown", bytes.value())?;
             unshown.insert(message.seq, bytes.value())?;
         }
         let mut stored_at: HashMap<[u8; 16], u64> = HashMap::new();
@@ -1014,7 +1068,7 @@ fn migrate_layout_1(txn: &WriteTransaction) -> Result<(), StateError> {
             let (id, at) = row?;
             stored_at.insert(id.value(), at.value());
         }
-        let mut seen = txn.open_table(SEEN)?;
+        let mut seen = txn.open_table(SEEN_V2)?;
         for row in txn.open_table(HISTORY)?.iter()? {
             let (_, bytes) = row?;
             let line: HistoryEntry = decode("history", bytes.value())?;
@@ -1034,6 +1088,48 @@ fn migrate_layout_1(txn: &WriteTransaction) -> Result<(), StateError> {
     txn.delete_table(SEEN_V1)?;
     txn.delete_table(UNSHOWN_V1)?;
     tracing::info!(tables = ?old, "state file migrated to layout 2 (keyed by sequence and time)");
+    Ok(())
+}
+
+/// Copies layout 2's seen ids (keyed by the time the sender wrote the message and its id)
+/// into the table keyed by its sender too, then deletes the old table, all in `txn`. Two
+/// senders may use one id: keyed without the sender, a message from one could make the
+/// other's, with the same id and millisecond, pass for a copy and vanish. A seen row has no
+/// sender; the message's incoming history line (stored in the same commit, never removed)
+/// names it, so the history is read once.
+fn migrate_layout_2(txn: &WriteTransaction) -> Result<(), StateError> {
+    let present = txn
+        .list_tables()?
+        .any(|table| table.name() == SEEN_V2.name());
+    if !present {
+        return Ok(());
+    }
+    let mut senders: HashMap<[u8; 16], Username> = HashMap::new();
+    for row in txn.open_table(HISTORY)?.iter()? {
+        let (_, bytes) = row?;
+        let line: HistoryEntry = decode("history", bytes.value())?;
+        if line.direction == Direction::Incoming {
+            senders.insert(line.id.0, line.peer);
+        }
+    }
+    let mut moved = 0u64;
+    {
+        let mut seen = txn.open_table(SEEN)?;
+        for row in txn.open_table(SEEN_V2)?.iter()? {
+            let (key, at) = row?;
+            let ((sent_at_ms, id), at) = (key.value(), at.value());
+            // A seen id without a history line cannot exist (both are written in one
+            // commit); should one, it is kept without a sender, still pruned in time.
+            let sender = senders.get(&id).map_or("", Username::as_str);
+            seen.insert((sent_at_ms, id, sender), at)?;
+            moved += 1;
+        }
+    }
+    txn.delete_table(SEEN_V2)?;
+    tracing::info!(
+        moved,
+        "state file migrated to layout 3 (seen ids keyed by their sender)"
+    );
     Ok(())
 }
 
@@ -1132,7 +1228,11 @@ mod tests {
         assert_eq!(state.blocked().unwrap(), vec![name("mallory")]);
         assert_eq!(state.muted_until(&bob, 10_000).unwrap(), Some(50_000));
         assert_eq!(state.outbox().unwrap(), vec![queued.clone()]);
-        assert!(state.is_seen(&message.id, message.sent_at_ms).unwrap());
+        assert!(
+            state
+                .is_seen(&message.from, &message.id, message.sent_at_ms)
+                .unwrap()
+        );
         assert_eq!(state.unshown().unwrap().len(), 1);
         let history = state.history(&bob, 10).unwrap();
         assert_eq!(history.len(), 2);
@@ -1184,7 +1284,10 @@ mod tests {
                 .map(|e| e.id)
                 .collect::<Vec<_>>();
             let batch = incoming.clone();
-            let outcomes = state.submit_incoming(batch, 9_000).wait_blocking().unwrap();
+            let outcomes = state
+                .submit_incoming(batch, 9_000, false)
+                .wait_blocking()
+                .unwrap();
             assert!(outcomes.iter().all(|o| matches!(o, StoreOutcome::New(_))));
             let unshown = state.unshown().unwrap();
             state
@@ -1202,12 +1305,16 @@ mod tests {
         assert!(unshown.iter().all(|m| !shown_ids.contains(&m.id)));
         assert_eq!(unshown[0].body, "in 100", "still in arrival order");
         for message in &incoming {
-            assert!(state.is_seen(&message.id, message.sent_at_ms).unwrap());
+            assert!(
+                state
+                    .is_seen(&message.from, &message.id, message.sent_at_ms)
+                    .unwrap()
+            );
         }
         // Every copy is still a duplicate after the reopen, shown or not.
         let copies = incoming.clone();
         let outcomes = state
-            .submit_incoming(copies, 9_500)
+            .submit_incoming(copies, 9_500, false)
             .wait_blocking()
             .unwrap();
         assert!(outcomes.iter().all(|o| *o == StoreOutcome::Duplicate));
@@ -1237,6 +1344,17 @@ mod tests {
             sent_at_ms: unshown_message.sent_at_ms,
             received_at_ms: 4_500,
             seq: 3,
+            while_muted: false,
+            via_mailbox: false,
+        };
+        // As layout 1 stored it: before messages said whether they came from the mailbox.
+        let unshown_stored = InboundMessageWithoutRoute {
+            id: unshown_record.id,
+            from: unshown_record.from.clone(),
+            body: unshown_record.body.clone(),
+            sent_at_ms: unshown_record.sent_at_ms,
+            received_at_ms: unshown_record.received_at_ms,
+            seq: unshown_record.seq,
             while_muted: false,
         };
         {
@@ -1293,7 +1411,7 @@ mod tests {
                 seen.insert(unshown_message.id.0, 4_500).unwrap();
                 txn.open_table(UNSHOWN_V1)
                     .unwrap()
-                    .insert(unshown_message.id.0, encode(&unshown_record).as_ref())
+                    .insert(unshown_message.id.0, encode(&unshown_stored).as_ref())
                     .unwrap();
             }
             txn.commit().unwrap();
@@ -1303,8 +1421,12 @@ mod tests {
             let state = State::open(dir.path()).unwrap();
             assert_eq!(state.outbox().unwrap(), vec![pending.clone()]);
             assert_eq!(state.unshown().unwrap(), vec![unshown_record.clone()]);
-            assert!(state.is_seen(&shown.id, 3_000).unwrap());
-            assert!(state.is_seen(&unshown_message.id, 4_000).unwrap());
+            assert!(state.is_seen(&shown.from, &shown.id, 3_000).unwrap());
+            assert!(
+                state
+                    .is_seen(&unshown_message.from, &unshown_message.id, 4_000)
+                    .unwrap()
+            );
             assert_eq!(
                 state.store_incoming(&shown, 5_000).unwrap(),
                 StoreOutcome::Duplicate,
@@ -1348,7 +1470,7 @@ mod tests {
         assert_eq!(state.prune_seen(1_000, 800).wait_blocking().unwrap(), 2);
         let seen: Vec<bool> = messages
             .iter()
-            .map(|m| state.is_seen(&m.id, m.sent_at_ms).unwrap())
+            .map(|m| state.is_seen(&m.from, &m.id, m.sent_at_ms).unwrap())
             .collect();
         assert_eq!(seen, [false, false, true, true, true]);
         assert_eq!(state.prune_seen(1_000, 800).wait_blocking().unwrap(), 0);
@@ -1407,8 +1529,16 @@ mod tests {
         assert_eq!(state.history(&name("bob"), 10).unwrap().len(), 2);
         // Pruning forgets only ids of messages written before the retention.
         assert_eq!(state.prune_seen(3, 1).wait_blocking().unwrap(), 1);
-        assert!(!state.is_seen(&first.id, first.sent_at_ms).unwrap());
-        assert!(state.is_seen(&second.id, second.sent_at_ms).unwrap());
+        assert!(
+            !state
+                .is_seen(&first.from, &first.id, first.sent_at_ms)
+                .unwrap()
+        );
+        assert!(
+            state
+                .is_seen(&second.from, &second.id, second.sent_at_ms)
+                .unwrap()
+        );
     }
 
     #[test]
@@ -1613,6 +1743,80 @@ mod tests {
         assert_eq!(
             wire::decode::<MessageStatus>(&bytes).unwrap(),
             MessageStatus::FailedAsText("server unreachable".into())
+        );
+    }
+
+    /// Regression: seen ids were keyed without their sender, so a message from one sender
+    /// made another sender's message with the same id and millisecond pass for a copy.
+    #[test]
+    fn two_senders_may_use_one_id_and_each_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let from_mallory = plaintext("mallory", "first, with alice's id", 5_000);
+        let from_alice = Plaintext {
+            from: name("alice"),
+            body: "the real one".into(),
+            ..from_mallory.clone()
+        };
+        let outcomes = state
+            .submit_incoming(
+                vec![from_mallory.clone(), from_alice.clone(), from_alice.clone()],
+                6_000,
+                false,
+            )
+            .wait_blocking()
+            .unwrap();
+        assert!(matches!(outcomes[0], StoreOutcome::New(_)));
+        assert!(matches!(outcomes[1], StoreOutcome::New(_)), "{outcomes:?}");
+        assert_eq!(outcomes[2], StoreOutcome::Duplicate);
+        assert!(
+            state
+                .is_seen(&from_alice.from, &from_alice.id, from_alice.sent_at_ms)
+                .unwrap()
+        );
+    }
+
+    /// A layout 2 file (seen ids without their sender) opens with every seen id keyed by
+    /// the sender its history line names: a copy of a stored message is still a copy.
+    #[test]
+    fn layout_2_seen_ids_are_migrated_with_their_senders() {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = plaintext("bob", "before the upgrade", 3_000);
+        {
+            let state = State::open(dir.path()).unwrap();
+            state
+                .submit_incoming(vec![stored.clone()], 3_500, false)
+                .wait_blocking()
+                .unwrap();
+        }
+        // Turn the file back into layout 2: the seen row without its sender.
+        {
+            let db = Database::create(dir.path().join(STATE_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(SEEN).unwrap();
+            txn.open_table(SEEN_V2)
+                .unwrap()
+                .insert((stored.sent_at_ms, stored.id.0), 3_500)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let state = State::open(dir.path()).unwrap();
+        assert!(
+            state
+                .is_seen(&stored.from, &stored.id, stored.sent_at_ms)
+                .unwrap()
+        );
+        let again = state
+            .submit_incoming(vec![stored.clone()], 4_000, false)
+            .wait_blocking()
+            .unwrap();
+        assert_eq!(again, vec![StoreOutcome::Duplicate]);
+        let txn = state.db.get().unwrap().begin_read().unwrap();
+        assert!(
+            txn.list_tables()
+                .unwrap()
+                .all(|table| table.name() != SEEN_V2.name()),
+            "the old table is gone"
         );
     }
 }
