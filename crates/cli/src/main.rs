@@ -182,7 +182,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let look = render::Look::for_stdout(Some(client.local_addr().port()));
     let code = match cli.mode {
         None => interactive_mode(&client, events, &data_dir, &cli.server, look).await,
-        Some(Mode::Send { to, message }) => send_mode(&client, &to, &message.join(" ")).await,
+        Some(Mode::Send { to, message }) => {
+            // Nothing here shows events: let them go, so the runtime never waits for room
+            // for them (messages that arrive meanwhile stay unshown, for the next start).
+            drop(events);
+            send_mode(&client, &to, &message.join(" ")).await
+        }
         Some(Mode::Listen { json }) => listen_mode(&client, events, &data_dir, json, look).await,
     };
     client.shutdown(DRAIN_TIMEOUT).await;

@@ -149,7 +149,9 @@ pub(crate) enum Write {
         /// Who waits.
         reply: ReplyId,
     },
-    /// Mark messages shown.
+    /// Mark messages shown. Its result goes straight to who waits (not through
+    /// [`Report::Committed`]): an application that marks what it showed before it takes
+    /// more events must be answered even while the loop waits for it to take them.
     Shown {
         /// (id, history position).
         shown: Vec<(MessageId, u64)>,
@@ -182,13 +184,6 @@ pub(crate) enum Committed {
         reply: ReplyId,
         /// The result.
         result: Result<bool, StateError>,
-    },
-    /// [`Write::Shown`].
-    Shown {
-        /// Who waits, if anyone.
-        reply: Option<ReplyId>,
-        /// The result.
-        result: Result<(), StateError>,
     },
 }
 
@@ -615,16 +610,6 @@ impl Core {
                 Err(error) => self
                     .actions
                     .push_back(Action::Answer(reply, Err(error.into()))),
-            },
-            Committed::Shown { reply, result } => match reply {
-                Some(reply) => self
-                    .actions
-                    .push_back(Action::Answer(reply, result.map_err(Into::into))),
-                None => {
-                    if let Err(error) = result {
-                        tracing::warn!(%error, "could not mark a blocked user's held messages");
-                    }
-                }
             },
         }
         let _ = now;

@@ -24,13 +24,18 @@ use crate::{
 /// Delivers `entry` by the full route: lookup, keys, a new link, else the mailbox. Returns
 /// the result and the link it opened, worth keeping for the next messages (a kept link is
 /// driven pipelined by [`crate::outgoing`]).
+///
+/// `try_direct`: whether to try the recipient's addresses at all (see [`DirectBackoff`]).
+/// The third value says whether a direct attempt was made and failed (the message then
+/// went to the mailbox).
 pub(crate) async fn deliver(
     context: &Context,
     entry: &OutboxEntry,
-) -> (DeliveryStatus, Option<PeerLink>) {
+    try_direct: bool,
+) -> (DeliveryStatus, Option<PeerLink>, bool) {
     let info = match after_lookup(context.lookup(&entry.to).await) {
         Ok(info) => info,
-        Err(status) => return (status, None),
+        Err(status) => return (status, None, false),
     };
     let verified = info.keys.verify().map_err(|error| error.to_string());
     let pinned = match verified {
@@ -47,13 +52,19 @@ pub(crate) async fn deliver(
             .await;
     }
     if let Err(status) = after_keys(verified, pinned) {
-        return (status, None);
+        return (status, None, false);
     }
     let envelope = match seal(context, entry, &info.keys) {
         Ok(envelope) => envelope,
-        Err(status) => return (status, None),
+        Err(status) => return (status, None, false),
     };
-    for addr in direct_addresses(&info) {
+    let addresses = if try_direct {
+        direct_addresses(&info)
+    } else {
+        &[]
+    };
+    let direct_failed = !addresses.is_empty();
+    for addr in addresses {
         let attempt = async {
             let mut link = PeerLink::dial(
                 *addr,
@@ -68,9 +79,9 @@ pub(crate) async fn deliver(
         let result = attempt.await;
         match after_dial(&result) {
             Dialled::Delivered => {
-                return (DeliveryStatus::Delivered, result.ok());
+                return (DeliveryStatus::Delivered, result.ok(), false);
             }
-            Dialled::Failed(status) => return (status, None),
+            Dialled::Failed(status) => return (status, None, false),
             Dialled::NextAddress => {
                 if let Err(error) = &result {
                     tracing::info!(to = %entry.to, %addr, %error, "not delivered at this address; trying the next, then the mailbox");
@@ -80,7 +91,42 @@ pub(crate) async fn deliver(
         }
     }
     let deposited = context.control.request(Request::Deposit { envelope }).await;
-    (after_deposit(deposited), None)
+    (after_deposit(deposited), None, direct_failed)
+}
+
+/// When to try a recipient directly again after a direct attempt failed (no answer, no
+/// connection, or the peer cannot take messages now): until then its messages go straight
+/// to the mailbox, so a peer that is unreachable, or reachable but stalled, costs one
+/// connect timeout per while, not one per message. The wait doubles from
+/// [`DIRECT_RETRY_MIN`] to [`DIRECT_RETRY_MAX`] while attempts keep failing; a success or
+/// a reconnect to the server starts it over. Time is passed in.
+#[derive(Debug, Default)]
+pub(crate) struct DirectBackoff {
+    until: Option<std::time::Instant>,
+    wait: std::time::Duration,
+}
+
+/// The first wait after a failed direct attempt.
+pub(crate) const DIRECT_RETRY_MIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// The longest wait.
+pub(crate) const DIRECT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl DirectBackoff {
+    /// Whether to try directly at `now`.
+    pub(crate) fn allowed(&self, now: std::time::Instant) -> bool {
+        self.until.is_none_or(|until| now >= until)
+    }
+
+    /// A direct attempt failed at `now`.
+    pub(crate) fn failed(&mut self, now: std::time::Instant) {
+        self.wait = (self.wait * 2).clamp(DIRECT_RETRY_MIN, DIRECT_RETRY_MAX);
+        self.until = Some(now + self.wait);
+    }
+
+    /// A direct attempt succeeded, or the links start over: try directly again now.
+    pub(crate) fn reset(&mut self) {
+        *self = Self::default();
+    }
 }
 
 /// What a lookup of the recipient means for the route: go on with what the server knows,
@@ -324,6 +370,26 @@ mod tests {
                 will_retry: false
             })
         ));
+    }
+
+    #[test]
+    fn after_a_failed_direct_attempt_the_mailbox_is_used_for_a_while_that_grows() {
+        let start = std::time::Instant::now();
+        let mut backoff = DirectBackoff::default();
+        assert!(backoff.allowed(start));
+        backoff.failed(start);
+        assert!(!backoff.allowed(start + DIRECT_RETRY_MIN - Duration::from_millis(1)));
+        assert!(backoff.allowed(start + DIRECT_RETRY_MIN));
+        let again = start + DIRECT_RETRY_MIN;
+        backoff.failed(again);
+        assert!(!backoff.allowed(again + DIRECT_RETRY_MIN));
+        assert!(backoff.allowed(again + DIRECT_RETRY_MIN * 2));
+        for _ in 0..10 {
+            backoff.failed(again);
+        }
+        assert!(backoff.allowed(again + DIRECT_RETRY_MAX));
+        backoff.reset();
+        assert!(backoff.allowed(again));
     }
 
     #[test]

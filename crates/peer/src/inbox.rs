@@ -594,6 +594,8 @@ async fn serve_connection(
     let mut pending: VecDeque<Batch> = VecDeque::new();
     let mut pending_envelopes = 0;
     let mut ended: Option<Result<(), ConnectionEnded>> = None;
+    // Set once writing the answers failed: nothing more is written.
+    let mut write_failed = false;
     let mut idle_timeout = HANDSHAKE_TIMEOUT;
     loop {
         if ended.is_some() && pending.is_empty() {
@@ -612,14 +614,22 @@ async fn serve_connection(
                 for message in new {
                     context.report(Report::Received(message)).await;
                 }
-                let written = async {
-                    for answer in &answers {
-                        connection.feed(answer).await?;
+                // Once a write failed the connection is done, but the batches still
+                // committing are stored all the same: each is still handed over to be shown
+                // (the sender's retry of it is a duplicate, which is not shown).
+                if !write_failed {
+                    let written = async {
+                        for answer in &answers {
+                            connection.feed(answer).await?;
+                        }
+                        connection.flush().await
                     }
-                    connection.flush().await
+                    .await;
+                    if let Err(error) = written {
+                        write_failed = true;
+                        ended = Some(Err(error.into()));
+                    }
                 }
-                .await;
-                written?;
             }
             first = tokio::time::timeout(idle_timeout, connection.recv::<PeerMsg>()), if reading => {
                 let first = match first {

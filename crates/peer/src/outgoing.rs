@@ -7,7 +7,10 @@
 //!   `fsync` runs beside the envelope's trip and the receiver's commit, not before them,
 //!   so a lone message waits for one `fsync` (the receiver's) on its way, not two;
 //! - with no kept link, takes the full route for the oldest message ([`delivery::deliver`]:
-//!   lookup, keys, dial, else the mailbox) and keeps the link it opened;
+//!   lookup, keys, dial, else the mailbox) and keeps the link it opened; after a direct
+//!   attempt failed, the next messages go straight to the mailbox for a while
+//!   ([`delivery::DirectBackoff`]), so an unreachable or stalled peer costs one connect
+//!   timeout per while, not one per message;
 //! - with a kept link, seals and writes up to [`WINDOW`] envelopes before waiting, then
 //!   matches acks and refusals by id as they come (the receiver stores a batch in one
 //!   commit, then acks all of it). If the link fails or an ack is late, every unacked
@@ -138,6 +141,9 @@ async fn run(
     let mut queue: VecDeque<Job> = VecDeque::new();
     // The kept link and the link generation it was opened in.
     let mut link: Option<(PeerLink, u64)> = None;
+    // When to try the recipient directly again, and the link generation it was set in.
+    let mut direct = delivery::DirectBackoff::default();
+    let mut direct_generation = context.link_generation.load(Ordering::Relaxed);
     loop {
         if queue.is_empty() {
             match jobs.recv().await {
@@ -163,7 +169,19 @@ async fn run(
                 let Some(job) = queue.pop_front() else {
                     continue;
                 };
-                let (status, opened) = delivery::deliver(context, &job.entry).await;
+                // After a reconnect the recipient may be reachable again.
+                if direct_generation != generation {
+                    direct.reset();
+                    direct_generation = generation;
+                }
+                let try_direct = direct.allowed(std::time::Instant::now());
+                let (status, opened, direct_failed) =
+                    delivery::deliver(context, &job.entry, try_direct).await;
+                if direct_failed {
+                    direct.failed(std::time::Instant::now());
+                } else if opened.is_some() {
+                    direct.reset();
+                }
                 finish(job, status, done).await;
                 link = opened.map(|opened| (opened, generation));
             }

@@ -62,9 +62,10 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// The events of one runtime, in order. Take them: while the application leaves
-/// 4,096 of them untaken, the runtime takes no new input (messages, commands)
-/// until there is room, except the marks of [`Client::mark_shown`].
+/// The events of one runtime, in order. Take them, or drop this: while the application
+/// leaves 4,096 of them untaken, the runtime takes no new input (messages, commands) until
+/// there is room, except the marks of [`Client::mark_shown`]. Once it is dropped, events
+/// are discarded (messages not marked shown are offered again at the next start).
 #[derive(Debug)]
 pub struct Events {
     receiver: mpsc::Receiver<Event>,

@@ -461,12 +461,24 @@ impl Shell {
                     }
                 });
             }
+            // Answered by the task itself, not through the reports: see `Write::Shown`.
             Write::Shown { shown, reply } => {
                 let marked = state.submit_shown(shown);
-                self.report_when(async move {
-                    Committed::Shown {
-                        reply,
-                        result: marked.await,
+                let reply = match reply.and_then(|reply| self.waiting.remove(&reply)) {
+                    Some(Waiting::Done(reply)) => Some(reply),
+                    _ => None,
+                };
+                self.tracker.spawn(async move {
+                    let result = marked.await;
+                    match reply {
+                        Some(reply) => {
+                            let _ = reply.send(result.map_err(Into::into));
+                        }
+                        None => {
+                            if let Err(error) = result {
+                                tracing::warn!(%error, "could not mark a blocked user's held messages");
+                            }
+                        }
                     }
                 });
             }

@@ -685,3 +685,88 @@ async fn a_peer_silent_after_its_hello_is_closed_within_the_handshake_timeout() 
     alice.shutdown(Duration::from_secs(2)).await;
     bob.shutdown(Duration::from_secs(2)).await;
 }
+
+/// An application that does not take its events holds its runtime back instead of making it
+/// buffer without bound: past the events queue, the recipient stops reading, the sender's
+/// messages wait (or go to the mailbox), and once the events are taken every message
+/// arrives, in order, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_not_taken_hold_the_runtime_back_and_lose_nothing() {
+    const COUNT: usize = 6_000;
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    // Messages bob cannot take go to his mailbox: let all of them in at once.
+    let store = EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default()).unwrap();
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(discovery::run(
+        listener,
+        Store::Embedded(store),
+        discovery::Config {
+            deposits_per_minute: u32::MAX,
+            deposit_bytes_per_hour: u64::MAX,
+            ..discovery::Config::default()
+        },
+        shutdown.clone(),
+    ));
+    let mut alice_config = config(server, "alice", dir.path());
+    alice_config.ack_timeout = Duration::from_secs(1);
+    let (alice, _alice_events) = online(alice_config, &shutdown).await;
+    let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+    let _ = drain(&mut bob_events, Duration::from_millis(100)).await;
+
+    let bob_name = name("bob");
+    let mut results = Vec::new();
+    for index in 0..COUNT {
+        let result = alice
+            .submit_send(&bob_name, &format!("message {index}"))
+            .await
+            .unwrap();
+        results.push(tokio::spawn(result));
+    }
+    // Bob's application takes nothing for a while: more than the queue holds has been sent.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Then it takes everything, marking what it shows in batches, as a display does.
+    let mut shown: Vec<String> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while shown.len() < COUNT {
+        let first = match tokio::time::timeout_at(deadline, bob_events.recv()).await {
+            Ok(Some(event)) => event,
+            _ => panic!("only {} of {COUNT} messages arrived", shown.len()),
+        };
+        let mut batch = vec![first];
+        while let Some(event) = bob_events.try_recv() {
+            batch.push(event);
+            if batch.len() >= 1024 {
+                break;
+            }
+        }
+        let messages: Vec<_> = batch
+            .into_iter()
+            .filter_map(|event| match event {
+                Event::Message(message) => Some(message),
+                _ => None,
+            })
+            .collect();
+        bob.mark_shown(&messages).await.unwrap();
+        shown.extend(messages.into_iter().map(|message| message.body));
+    }
+    // Each once (the ones that went through the mailbox may come in another order than the
+    // ones that went directly).
+    let mut sorted = shown.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), COUNT, "each message once");
+    for result in results {
+        let report = result.await.unwrap().unwrap();
+        assert!(report.status.is_success(), "{report:?}");
+    }
+    let extra = drain(&mut bob_events, Duration::from_millis(500)).await;
+    assert!(
+        !extra.iter().any(|event| matches!(event, Event::Message(_))),
+        "nothing twice: {extra:?}"
+    );
+    alice.shutdown(Duration::from_secs(2)).await;
+    bob.shutdown(Duration::from_secs(2)).await;
+}
