@@ -26,8 +26,8 @@ use crate::{
 /// driven pipelined by [`crate::outgoing`]).
 ///
 /// `try_direct`: whether to try the recipient's addresses at all (see [`DirectBackoff`]).
-/// The third value says whether a direct attempt was made and failed (the message then
-/// went to the mailbox).
+/// The third value says whether a direct attempt failed without an answer (no connection,
+/// a timeout): the message then went to the mailbox.
 pub(crate) async fn deliver(
     context: &Context,
     entry: &OutboxEntry,
@@ -63,7 +63,9 @@ pub(crate) async fn deliver(
     } else {
         &[]
     };
-    let direct_failed = !addresses.is_empty();
+    // Set when an attempt cost a timeout or a failed connection (a refusal is a quick
+    // answer from a reachable peer, and costs nothing to try again).
+    let mut direct_failed = false;
     for addr in addresses {
         let attempt = async {
             let mut link = PeerLink::dial(
@@ -77,6 +79,9 @@ pub(crate) async fn deliver(
             Ok::<_, LinkError>(link)
         };
         let result = attempt.await;
+        if matches!(&result, Err(error) if !matches!(error, LinkError::Rejected(_))) {
+            direct_failed = true;
+        }
         match after_dial(&result) {
             Dialled::Delivered => {
                 return (DeliveryStatus::Delivered, result.ok(), false);
@@ -94,8 +99,8 @@ pub(crate) async fn deliver(
     (after_deposit(deposited), None, direct_failed)
 }
 
-/// When to try a recipient directly again after a direct attempt failed (no answer, no
-/// connection, or the peer cannot take messages now): until then its messages go straight
+/// When to try a recipient directly again after a direct attempt failed (no connection, or
+/// no answer in time; not a refusal, which is a quick answer): until then its messages go straight
 /// to the mailbox, so a peer that is unreachable, or reachable but stalled, costs one
 /// connect timeout per while, not one per message. The wait doubles from
 /// [`DIRECT_RETRY_MIN`] to [`DIRECT_RETRY_MAX`] while attempts keep failing; a success or
