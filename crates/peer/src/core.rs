@@ -420,9 +420,8 @@ impl Core {
     }
 
     /// The end of a turn of commands: their sends are recorded, in one write.
-    pub(crate) fn end_turn(&mut self, now: Now) {
+    pub(crate) fn end_turn(&mut self) {
         self.record_sends();
-        let _ = now;
     }
 
     fn record_sends(&mut self) {
@@ -532,7 +531,7 @@ impl Core {
                     .push_back(Action::ReadOutbox(Some(user.clone())));
                 self.actions.push_back(Action::ReopenHeld(user));
             }
-            Report::Committed(committed) => self.committed(committed, now),
+            Report::Committed(committed) => self.committed(committed),
         }
     }
 
@@ -559,7 +558,7 @@ impl Core {
         }
     }
 
-    fn committed(&mut self, committed: Committed, now: Now) {
+    fn committed(&mut self, committed: Committed) {
         match committed {
             Committed::PruneSeen(result) => {
                 if let Err(error) = result {
@@ -612,7 +611,6 @@ impl Core {
                     .push_back(Action::Answer(reply, Err(error.into()))),
             },
         }
-        let _ = now;
     }
 
     /// What [`Action::ReadOutbox`] found: every entry not in flight is handed on; an entry
@@ -752,17 +750,12 @@ impl Core {
         self.actions.push_back(Action::Emit(event));
     }
 
-    fn state_error(&mut self, error: &StateError) {
+    /// Tells the user that the local state failed (also for reads the shell did itself).
+    pub(crate) fn state_error(&mut self, error: &StateError) {
         tracing::error!(%error, "state error");
         self.emit(Event::StateError {
             error: error.to_string(),
         });
-    }
-
-    /// The address the server sees, when online (for tests and diagnostics).
-    #[cfg(test)]
-    fn is_online(&self) -> bool {
-        self.online()
     }
 }
 
@@ -867,7 +860,7 @@ mod tests {
             entry: good[1].clone(),
             reply: 5,
         });
-        core.end_turn(now);
+        core.end_turn();
         let actions = drain(&mut core);
         let refused: Vec<_> = actions
             .iter()
@@ -918,7 +911,7 @@ mod tests {
             entry: first.clone(),
             reply: 1,
         });
-        core.end_turn(now);
+        core.end_turn();
         drain(&mut core);
         // A flush while the message is in flight does not send it again.
         core.outbox_read(None, Ok(vec![first.clone()]));
@@ -986,7 +979,7 @@ mod tests {
                 .iter()
                 .any(|a| matches!(a, Action::Emit(Event::Offline { .. })))
         );
-        assert!(!core.is_online());
+        assert!(!core.online());
     }
 
     #[test]

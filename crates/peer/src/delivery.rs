@@ -105,16 +105,25 @@ pub(crate) async fn deliver(
 /// connect timeout per while, not one per message. The wait doubles from
 /// [`DIRECT_RETRY_MIN`] to [`DIRECT_RETRY_MAX`] while attempts keep failing; a success or
 /// a reconnect to the server starts it over. Time is passed in.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct DirectBackoff {
     until: Option<std::time::Instant>,
-    wait: std::time::Duration,
+    wait: durable::Backoff,
 }
 
 /// The first wait after a failed direct attempt.
 pub(crate) const DIRECT_RETRY_MIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// The longest wait.
 pub(crate) const DIRECT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Default for DirectBackoff {
+    fn default() -> Self {
+        Self {
+            until: None,
+            wait: durable::Backoff::new(DIRECT_RETRY_MIN, DIRECT_RETRY_MAX),
+        }
+    }
+}
 
 impl DirectBackoff {
     /// Whether to try directly at `now`.
@@ -124,13 +133,13 @@ impl DirectBackoff {
 
     /// A direct attempt failed at `now`.
     pub(crate) fn failed(&mut self, now: std::time::Instant) {
-        self.wait = (self.wait * 2).clamp(DIRECT_RETRY_MIN, DIRECT_RETRY_MAX);
-        self.until = Some(now + self.wait);
+        self.until = Some(now + self.wait.next_delay(0));
     }
 
     /// A direct attempt succeeded, or the links start over: try directly again now.
     pub(crate) fn reset(&mut self) {
-        *self = Self::default();
+        self.until = None;
+        self.wait.reset();
     }
 }
 

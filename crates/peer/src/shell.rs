@@ -215,7 +215,7 @@ impl Shell {
                 Some(Shown { shown, reply }) = self.channels.shown.recv() => {
                     let reply = self.wait(Waiting::Done(reply));
                     self.core.command(core::Command::Shown { shown, reply });
-                    self.core.end_turn(now());
+                    self.core.end_turn();
                 }
                 accepted = self.listener.accept(), if !paused => match accepted {
                     Ok((stream, addr)) => match self.inbound_slots.clone().try_acquire_owned() {
@@ -256,7 +256,7 @@ impl Shell {
                         let Ok(command) = self.channels.commands.try_recv() else { break };
                         self.command(command);
                     }
-                    self.core.end_turn(now());
+                    self.core.end_turn();
                 }
                 () = tokio::time::sleep_until(deadline), if !paused => self.core.timeout(now()),
             }
@@ -273,12 +273,7 @@ impl Shell {
             .and_then(|mutes| Ok((mutes, state.unshown()?)));
         match read {
             Ok((mutes, unshown)) => self.core.start(now(), mutes, unshown),
-            Err(error) => {
-                tracing::error!(%error, "state error");
-                self.emit(Event::StateError {
-                    error: error.to_string(),
-                });
-            }
+            Err(error) => self.core.state_error(&error),
         }
         self.act();
     }
@@ -497,12 +492,7 @@ impl Shell {
         let pending = match self.context.state.unsynced_blocks() {
             Ok(pending) if !pending.is_empty() => pending,
             Ok(_) => return,
-            Err(error) => {
-                tracing::error!(%error, "state error");
-                return self.emit(Event::StateError {
-                    error: error.to_string(),
-                });
-            }
+            Err(error) => return self.core.state_error(&error),
         };
         let context = self.context.clone();
         self.tracker.spawn(async move {

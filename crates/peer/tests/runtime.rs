@@ -28,14 +28,18 @@ async fn discovery(dir: &std::path::Path, shutdown: &CancellationToken) -> Socke
 
 /// A discovery server on `store` (which the test may also use behind its back).
 async fn discovery_on(store: Store, shutdown: &CancellationToken) -> SocketAddr {
+    discovery_with(store, discovery::Config::default(), shutdown).await
+}
+
+/// A discovery server on `store` with `config`.
+async fn discovery_with(
+    store: Store,
+    config: discovery::Config,
+    shutdown: &CancellationToken,
+) -> SocketAddr {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
     let address = listener.local_addr().unwrap();
-    tokio::spawn(discovery::run(
-        listener,
-        store,
-        discovery::Config::default(),
-        shutdown.clone(),
-    ));
+    tokio::spawn(discovery::run(listener, store, config, shutdown.clone()));
     address
 }
 
@@ -697,18 +701,12 @@ async fn events_not_taken_hold_the_runtime_back_and_lose_nothing() {
     let shutdown = CancellationToken::new();
     // Messages bob cannot take go to his mailbox: let all of them in at once.
     let store = EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default()).unwrap();
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
-    let server = listener.local_addr().unwrap();
-    tokio::spawn(discovery::run(
-        listener,
-        Store::Embedded(store),
-        discovery::Config {
-            deposits_per_minute: u32::MAX,
-            deposit_bytes_per_hour: u64::MAX,
-            ..discovery::Config::default()
-        },
-        shutdown.clone(),
-    ));
+    let unlimited = discovery::Config {
+        deposits_per_minute: u32::MAX,
+        deposit_bytes_per_hour: u64::MAX,
+        ..discovery::Config::default()
+    };
+    let server = discovery_with(Store::Embedded(store), unlimited, &shutdown).await;
     let mut alice_config = config(server, "alice", dir.path());
     alice_config.ack_timeout = Duration::from_secs(1);
     let (alice, _alice_events) = online(alice_config, &shutdown).await;
