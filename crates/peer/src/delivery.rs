@@ -26,8 +26,8 @@ use crate::{
 /// driven pipelined by [`crate::outgoing`]).
 ///
 /// `try_direct`: whether to try the recipient's addresses at all (see [`DirectBackoff`]).
-/// The third value says whether a direct attempt failed without an answer (no connection,
-/// a timeout): the message then went to the mailbox.
+/// The third value says whether a direct attempt timed out (see [`LinkError::timed_out`]):
+/// the message then went to the mailbox.
 pub(crate) async fn deliver(
     context: &Context,
     entry: &OutboxEntry,
@@ -63,8 +63,9 @@ pub(crate) async fn deliver(
     } else {
         &[]
     };
-    // Set when an attempt cost a timeout or a failed connection (a refusal is a quick
-    // answer from a reachable peer, and costs nothing to try again).
+    // Set when an attempt cost a timeout (a refusal, or a connection refused or closed at
+    // once, as by a peer at its connection cap, is a quick answer, and costs little to
+    // try again).
     let mut direct_failed = false;
     for addr in addresses {
         let attempt = async {
@@ -79,7 +80,7 @@ pub(crate) async fn deliver(
             Ok::<_, LinkError>(link)
         };
         let result = attempt.await;
-        if matches!(&result, Err(error) if !matches!(error, LinkError::Rejected(_))) {
+        if matches!(&result, Err(error) if error.timed_out()) {
             direct_failed = true;
         }
         match after_dial(&result) {
@@ -99,8 +100,9 @@ pub(crate) async fn deliver(
     (after_deposit(deposited), None, direct_failed)
 }
 
-/// When to try a recipient directly again after a direct attempt failed (no connection, or
-/// no answer in time; not a refusal, which is a quick answer): until then its messages go straight
+/// When to try a recipient directly again after a direct attempt timed out (no connection
+/// or no answer in time; not a refusal or a connection refused or closed at once, which
+/// are quick answers): until then its messages go straight
 /// to the mailbox, so a peer that is unreachable, or reachable but stalled, costs one
 /// connect timeout per while, not one per message. The wait doubles from
 /// [`DIRECT_RETRY_MIN`] to [`DIRECT_RETRY_MAX`] while attempts keep failing; a success or
@@ -404,6 +406,27 @@ mod tests {
         assert!(backoff.allowed(again + DIRECT_RETRY_MAX));
         backoff.reset();
         assert!(backoff.allowed(again));
+    }
+
+    #[test]
+    fn only_an_attempt_that_waited_out_a_timeout_starts_the_backoff() {
+        let io = |kind| LinkError::Connect {
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            source: std::io::Error::from(kind),
+        };
+        assert!(LinkError::Timeout(Duration::from_secs(5)).timed_out());
+        assert!(
+            LinkError::Handshake(proto::HandshakeError::Timeout(Duration::from_secs(5)))
+                .timed_out()
+        );
+        assert!(io(std::io::ErrorKind::TimedOut).timed_out());
+        assert!(io(std::io::ErrorKind::HostUnreachable).timed_out());
+        // Quick answers: a refusal, a refused connection, one closed at once (a peer at its
+        // connection cap).
+        assert!(!refused(ErrorCode::Unavailable).timed_out());
+        assert!(!io(std::io::ErrorKind::ConnectionRefused).timed_out());
+        assert!(!LinkError::Closed.timed_out());
+        assert!(!LinkError::Handshake(proto::HandshakeError::Closed).timed_out());
     }
 
     #[test]

@@ -50,6 +50,35 @@ pub enum LinkError {
     Rejected(ErrorReply),
 }
 
+impl LinkError {
+    /// Whether the attempt ended by waiting out a timeout (no connection, no hello or no
+    /// answer in time), as against a quick answer: a refusal, a closed or refused
+    /// connection. Only the first kind costs the sender a wait worth avoiding next time.
+    pub fn timed_out(&self) -> bool {
+        fn io_timed_out(error: &std::io::Error) -> bool {
+            matches!(
+                error.kind(),
+                std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+            )
+        }
+        match self {
+            Self::Timeout(_)
+            | Self::Handshake(proto::HandshakeError::Timeout(_))
+            | Self::Handshake(proto::HandshakeError::Send(proto::SendError::Timeout(_)))
+            | Self::Send(proto::SendError::Timeout(_)) => true,
+            Self::Connect { source, .. } => io_timed_out(source),
+            Self::Send(proto::SendError::Io(source))
+            | Self::Recv(proto::RecvError::Io(source))
+            | Self::Handshake(proto::HandshakeError::Recv(proto::RecvError::Io(source))) => {
+                io_timed_out(source)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// An open connection to one peer, ready to carry envelopes.
 #[derive(Debug)]
 pub struct PeerLink {

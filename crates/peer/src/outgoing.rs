@@ -8,7 +8,7 @@
 //!   so a lone message waits for one `fsync` (the receiver's) on its way, not two;
 //! - with no kept link, takes the full route for the oldest message ([`delivery::deliver`]:
 //!   lookup, keys, dial, else the mailbox) and keeps the link it opened; after a direct
-//!   attempt failed, the next messages go straight to the mailbox for a while
+//!   attempt timed out, the next messages go straight to the mailbox for a while
 //!   ([`delivery::DirectBackoff`]), so an unreachable or stalled peer costs one connect
 //!   timeout per while, not one per message;
 //! - with a kept link, seals and writes up to [`WINDOW`] envelopes before waiting, then
