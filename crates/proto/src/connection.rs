@@ -1,5 +1,6 @@
 //! [`Connection`]: one framed stream, generic over `AsyncRead + AsyncWrite`, that sends and
-//! receives typed messages. It owns the framing; callers only see messages.
+//! receives typed messages. It owns the framing and, once a handshake of
+//! [`crate::noise`] has run, the encryption; callers only see messages.
 
 use std::{io, time::Duration};
 
@@ -10,7 +11,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::Framed;
 
 use crate::{
+    Identity,
     msg::{Hello, PROTOCOL_NAME},
+    noise::{self, Cipher, Handshake, NoiseError, Secured, ServerKey},
     wire::{self, FrameCodec, FrameTooLarge, MAX_FRAME_LEN, WireError},
 };
 
@@ -40,6 +43,9 @@ pub enum RecvError {
     /// The connection closed in the middle of a frame.
     #[error("connection closed in the middle of a frame")]
     Truncated,
+    /// A frame failed authentication: changed, cut, replayed or not from the other side.
+    #[error("a frame failed authentication (changed or forged on the way)")]
+    Unauthentic,
     /// The socket failed.
     #[error("connection error: {0}")]
     Io(#[source] io::Error),
@@ -59,6 +65,9 @@ pub enum SendError {
     /// The message could not be encoded.
     #[error(transparent)]
     Encode(#[from] WireError),
+    /// The message could not be encrypted.
+    #[error("cannot encrypt the message: {0}")]
+    Encrypt(NoiseError),
     /// The peer did not take the bytes in time.
     #[error("peer did not read within {0:?}")]
     Timeout(Duration),
@@ -89,6 +98,12 @@ pub enum HandshakeError {
     /// The other side closed the connection.
     #[error("connection closed during the hello")]
     Closed,
+    /// The Noise handshake failed: the other side does not hold the key it was expected to
+    /// (a redirected or impersonated peer), or the bytes were changed on the way.
+    #[error(
+        "the secure handshake failed (the other side does not hold the expected key, or the connection was tampered with): {0}"
+    )]
+    Noise(#[from] NoiseError),
     /// Receiving failed.
     #[error(transparent)]
     Recv(#[from] RecvError),
@@ -102,6 +117,10 @@ pub enum HandshakeError {
 pub struct Connection<T> {
     framed: Framed<T, FrameCodec>,
     write_timeout: Duration,
+    /// The largest message body, before encryption.
+    max_frame_len: usize,
+    /// Set once a handshake finished: every frame from then on is sealed.
+    cipher: Option<Cipher>,
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
@@ -115,18 +134,31 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         Self {
             framed: Framed::with_capacity(io, wire::codec(max_frame_len), INITIAL_BUFFER),
             write_timeout,
+            max_frame_len,
+            cipher: None,
         }
     }
 
-    /// The largest frame body received or sent.
+    /// The largest message body received or sent (before encryption).
     pub fn max_frame_len(&self) -> usize {
-        self.framed.codec().max_frame_len()
+        self.max_frame_len
     }
 
     /// Changes the frame limit for the frames received and sent from now on (a server keeps
     /// it small until the client has registered).
     pub fn set_max_frame_len(&mut self, max_frame_len: usize) {
-        self.framed.codec_mut().set_max_frame_len(max_frame_len);
+        self.max_frame_len = max_frame_len;
+        let on_wire = if self.cipher.is_some() {
+            noise::sealed_len(max_frame_len)
+        } else {
+            max_frame_len
+        };
+        self.framed.codec_mut().set_max_frame_len(on_wire);
+    }
+
+    /// Whether a handshake has run: every frame is encrypted and authenticated.
+    pub fn is_secured(&self) -> bool {
+        self.cipher.is_some()
     }
 
     /// Receives the next message: `Ok(None)` on a clean close between frames.
@@ -135,8 +167,32 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
     pub async fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>, RecvError> {
         match self.framed.next().await {
             None => Ok(None),
-            Some(Ok(body)) => Ok(Some(wire::decode(&body)?)),
+            Some(Ok(body)) => match self.cipher.as_mut() {
+                None => Ok(Some(wire::decode(&body)?)),
+                Some(cipher) => {
+                    let plain = cipher.open(&body).map_err(|_| RecvError::Unauthentic)?;
+                    Ok(Some(wire::decode(&plain)?))
+                }
+            },
             Some(Err(error)) => Err(self.recv_error(error)),
+        }
+    }
+
+    /// Receives one frame body as it is on the wire (a handshake message).
+    async fn recv_raw(&mut self) -> Result<Option<Bytes>, RecvError> {
+        match self.framed.next().await {
+            None => Ok(None),
+            Some(Ok(body)) => Ok(Some(body.freeze())),
+            Some(Err(error)) => Err(self.recv_error(error)),
+        }
+    }
+
+    /// Sends one frame body as it is (a handshake message) and flushes it.
+    async fn send_raw(&mut self, body: Bytes) -> Result<(), SendError> {
+        match tokio::time::timeout(self.write_timeout, self.framed.send(body)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(SendError::Io(error)),
+            Err(_) => Err(SendError::Timeout(self.write_timeout)),
         }
     }
 
@@ -161,23 +217,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
     /// write timeout.
     pub async fn send<M: Serialize + ?Sized>(&mut self, message: &M) -> Result<(), SendError> {
         let body = self.frame(message)?;
-        match tokio::time::timeout(self.write_timeout, self.framed.send(body)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(SendError::Io(error)),
-            Err(_) => Err(SendError::Timeout(self.write_timeout)),
-        }
+        self.send_raw(body).await
     }
 
-    /// One message's frame body, refused if it exceeds the frame limit.
-    fn frame<M: Serialize + ?Sized>(&self, message: &M) -> Result<Bytes, SendError> {
+    /// One message's frame body (sealed once secured), refused if the message exceeds the
+    /// frame limit.
+    fn frame<M: Serialize + ?Sized>(&mut self, message: &M) -> Result<Bytes, SendError> {
         let body = wire::encode(message)?;
-        if body.len() > self.max_frame_len() {
+        if body.len() > self.max_frame_len {
             return Err(SendError::TooLarge {
                 len: body.len(),
-                max: self.max_frame_len(),
+                max: self.max_frame_len,
             });
         }
-        Ok(body)
+        match self.cipher.as_mut() {
+            None => Ok(body),
+            Some(cipher) => cipher.seal(&body).map_err(SendError::Encrypt),
+        }
     }
 
     /// Buffers one message without flushing it (see [`Connection::flush`]), so a burst of
@@ -206,24 +262,99 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         }
     }
 
-    /// Exchanges [`Hello`]s: sends ours, then checks theirs, all within `timeout`.
+    /// Exchanges [`Hello`]s: sends ours, then checks theirs, all within `timeout`. The
+    /// handshakes below start with it; on its own it is for tests of the plain exchange.
     pub async fn hello(&mut self, timeout: Duration) -> Result<(), HandshakeError> {
-        let exchange = async {
-            self.send(&Hello::current()).await?;
-            let theirs: Hello = match self.recv().await {
-                Ok(Some(hello)) => hello,
+        tokio::time::timeout(timeout, self.exchange_hellos())
+            .await
+            .map_err(|_| HandshakeError::Timeout(timeout))?
+    }
+
+    async fn exchange_hellos(&mut self) -> Result<(), HandshakeError> {
+        self.send(&Hello::current()).await?;
+        let theirs: Hello = match self.recv().await {
+            Ok(Some(hello)) => hello,
+            Ok(None) => return Err(HandshakeError::Closed),
+            // A body that is not a hello at all is another protocol speaking.
+            Err(RecvError::Malformed(_)) => {
+                return Err(HandshakeError::WrongProtocol(
+                    "an unreadable first frame".into(),
+                ));
+            }
+            Err(error) => return Err(error.into()),
+        };
+        check_hello(&theirs)
+    }
+
+    /// The client side of a control connection: hellos, then the Noise NX handshake, all
+    /// within `timeout`. Returns the server's key ([`Secured::remote_static`]), which the
+    /// caller checks against its pin before sending anything that matters.
+    pub async fn client_handshake(&mut self, timeout: Duration) -> Result<Secured, HandshakeError> {
+        self.secure(timeout, Handshake::control_client()?).await
+    }
+
+    /// The server side of a control connection, with the server's `key`.
+    pub async fn server_handshake(
+        &mut self,
+        key: &ServerKey,
+        timeout: Duration,
+    ) -> Result<Secured, HandshakeError> {
+        self.secure(timeout, Handshake::control_server(key)?).await
+    }
+
+    /// The dialling side of a peer link: `me`, to the user whose exchange key is `peer`.
+    /// Only the holder of that key can finish the handshake.
+    pub async fn dial_handshake(
+        &mut self,
+        me: &Identity,
+        peer: &[u8; 32],
+        timeout: Duration,
+    ) -> Result<Secured, HandshakeError> {
+        let handshake = Handshake::peer_dialer(&me.exchange_secret(), peer)?;
+        self.secure(timeout, handshake).await
+    }
+
+    /// The accepting side of a peer link. The dialer's exchange key is
+    /// [`Secured::remote_static`]: the caller checks it against the user it claims to be.
+    pub async fn accept_handshake(
+        &mut self,
+        me: &Identity,
+        timeout: Duration,
+    ) -> Result<Secured, HandshakeError> {
+        let handshake = Handshake::peer_acceptor(&me.exchange_secret())?;
+        self.secure(timeout, handshake).await
+    }
+
+    /// Hellos, then the two handshake messages (the initiator writes first), then every
+    /// frame is sealed.
+    async fn secure(
+        &mut self,
+        timeout: Duration,
+        mut handshake: Handshake,
+    ) -> Result<Secured, HandshakeError> {
+        let run = async {
+            self.exchange_hellos().await?;
+            let initiator = handshake.is_initiator();
+            if initiator {
+                let first = handshake.write()?;
+                self.send_raw(first).await?;
+            }
+            let message = match self.recv_raw().await {
+                Ok(Some(message)) => message,
                 Ok(None) => return Err(HandshakeError::Closed),
-                // A body that is not a hello at all is another protocol speaking.
-                Err(RecvError::Malformed(_)) => {
-                    return Err(HandshakeError::WrongProtocol(
-                        "an unreadable first frame".into(),
-                    ));
-                }
                 Err(error) => return Err(error.into()),
             };
-            check_hello(&theirs)
+            handshake.read(&message)?;
+            if !initiator {
+                let second = handshake.write()?;
+                self.send_raw(second).await?;
+            }
+            let (cipher, secured) = handshake.finish()?;
+            self.cipher = Some(cipher);
+            self.set_max_frame_len(self.max_frame_len);
+            Ok(secured)
         };
-        tokio::time::timeout(timeout, exchange)
+        tokio::time::timeout(timeout, run)
             .await
             .map_err(|_| HandshakeError::Timeout(timeout))?
     }

@@ -261,6 +261,11 @@ impl Identity {
         self.signing.sign(message)
     }
 
+    /// The exchange key's secret, for the peer links' Noise handshake.
+    pub(crate) fn exchange_secret(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.exchange.to_bytes())
+    }
+
     /// X25519 with `peer_exchange`; `None` when the result is all zero (a low-order key).
     pub(crate) fn diffie_hellman(&self, peer_exchange: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
         let shared = self

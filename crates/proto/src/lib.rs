@@ -6,17 +6,20 @@
 //! - [`wire`]: the one place values become bytes: the length-delimited frame codec and the
 //!   postcard body format.
 //! - [`connection`]: [`Connection`], a typed framed stream over any `AsyncRead + AsyncWrite`.
+//! - [`noise`]: the Noise handshakes and transport encryption every connection runs (through
+//!   `snow`), and the discovery server's key ([`ServerKey`]).
 //! - [`identity`]: [`Identity`] (secret keys, saved 0600) and [`PublicKeys`].
 //! - [`seal`]: [`Channel`], the pairwise Fernet keys and checked open/seal.
 //!
 //! **Architecture Invariant:** this crate is a leaf. It opens no socket and starts no
 //! runtime; the only I/O it does is on a stream handed to [`Connection`] and the identity
-//! file it is asked to read or write.
+//! and server key files it is asked to read or write.
 
 pub mod connection;
 pub mod identity;
 pub mod msg;
 pub mod name;
+pub mod noise;
 pub mod seal;
 pub mod wire;
 
@@ -27,6 +30,7 @@ pub use msg::{
     RequestFrame, RequestId, ServerMsg, UserInfo,
 };
 pub use name::{Username, UsernameError};
+pub use noise::{Fingerprint, Secured, ServerKey, ServerPublicKey};
 pub use seal::{Channel, OpenError, Plaintext, ReplayGuard, SealError};
 
 /// Fills `buffer` from the operating system's random source.

@@ -16,8 +16,9 @@ use crate::{identity::PublicKeys, name::Username};
 
 /// The protocol name carried in every [`Hello`].
 pub const PROTOCOL_NAME: &str = "p2pchat";
-/// The protocol version carried in every [`Hello`]; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version carried in every [`Hello`]; peers must match exactly. Version 2:
+/// every connection runs a Noise handshake after the hellos ([`crate::noise`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The first frame each way on every connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
