@@ -68,6 +68,9 @@ pub struct Config {
     pub deposit_bytes_per_hour: u64,
     /// The operator secret that `announce` must prove; `None` refuses every announcement.
     pub operator_secret: Option<Vec<u8>>,
+    /// The server's static key: every control connection is a Noise handshake with it, and
+    /// clients pin it. Instances that share one store share one key (`--key-file`).
+    pub server_key: std::sync::Arc<proto::ServerKey>,
     /// How long a shutdown waits for connections to close.
     pub drain_timeout: Duration,
 }
@@ -95,6 +98,7 @@ impl Default for Config {
             deposits_per_minute: 600,
             deposit_bytes_per_hour: 64 << 20,
             operator_secret: None,
+            server_key: std::sync::Arc::new(proto::ServerKey::generate()),
             drain_timeout: Duration::from_secs(5),
         }
     }

@@ -53,6 +53,8 @@ pub enum Event {
 #[derive(Debug)]
 pub struct Session {
     nonce: [u8; 32],
+    /// The connection's Noise handshake hash, bound into the registration signature.
+    channel: [u8; 32],
     session_id: u64,
     observed: SocketAddr,
     state: State,
@@ -73,6 +75,7 @@ impl Session {
     pub fn new(nonce: [u8; 32], session_id: u64, observed: SocketAddr) -> Self {
         Self {
             nonce,
+            channel: [0; 32],
             session_id,
             observed,
             state: State::Unregistered,
@@ -82,8 +85,15 @@ impl Session {
         }
     }
 
-    /// This session, with the new names it binds counted against its address's per-IP limit
-    /// in `per_ip`.
+    /// This session, on the connection whose Noise handshake hash is `channel`: a
+    /// registration must be signed for this connection
+    /// ([`proto::identity::registration_transcript`]).
+    pub fn bound_to(mut self, channel: [u8; 32]) -> Self {
+        self.channel = channel;
+        self
+    }
+
+    /// This session, with its user's deposits counted against the budgets in `deposits`.
     pub fn with_deposit_budgets(mut self, deposits: Arc<PerSender>) -> Self {
         self.deposits = Some(deposits);
         self
@@ -270,7 +280,7 @@ impl Session {
                 None,
             );
         }
-        let transcript = registration_transcript(&self.nonce, &user, &keys);
+        let transcript = registration_transcript(&self.nonce, &self.channel, &user, &keys);
         if keys.verify_signature(&transcript, &signature).is_err() {
             return (
                 Err(ErrorReply::new(

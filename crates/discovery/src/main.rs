@@ -33,9 +33,14 @@ struct Cli {
     /// Redis Cluster, 0 on a single Redis.
     #[arg(long, env = "P2PCHAT_REDIS_REPLICAS")]
     redis_replicas: Option<u32>,
-    /// Folder for the embedded store and the operator secret.
+    /// Folder for the embedded store, the operator secret and the server key.
     #[arg(long, env = "P2PCHAT_DISCOVERY_DATA", global = true)]
     data_dir: Option<PathBuf>,
+    /// The server's key file (created 0600 on first start); default `server.key` in the
+    /// data dir. Instances that share one Redis must share one key file, so clients see
+    /// one server.
+    #[arg(long, env = "P2PCHAT_SERVER_KEY_FILE", global = true)]
+    key_file: Option<PathBuf>,
     /// Serve Prometheus metrics over HTTP on this address.
     #[arg(long, env = "P2PCHAT_METRICS")]
     metrics: Option<SocketAddr>,
@@ -108,6 +113,15 @@ enum Command {
         #[arg(long, env = "P2PCHAT_SERVER")]
         server: Option<String>,
     },
+    /// Print the server key's fingerprint (creating the key if there is none yet): what
+    /// clients are given with `--server-key` to pin it up front.
+    Key,
+}
+
+/// The server key from `path`, created if missing.
+fn load_server_key(path: &std::path::Path) -> anyhow::Result<(proto::ServerKey, bool)> {
+    proto::ServerKey::load_or_create(path)
+        .with_context(|| format!("cannot use the server key file {}", path.display()))
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -131,12 +145,31 @@ async fn main() -> anyhow::Result<()> {
         None => default_data_dir()?,
     };
 
-    if let Some(Command::Announce { text, server }) = &cli.command {
-        let secret = operator::load_secret(&data_dir)?;
-        let server = server.clone().unwrap_or_else(|| cli.listen.to_string());
-        operator::announce(&server, &secret, text).await?;
-        println!("announced");
-        return Ok(());
+    let key_file = cli
+        .key_file
+        .clone()
+        .unwrap_or_else(|| data_dir.join(proto::noise::SERVER_KEY_FILE));
+    match &cli.command {
+        Some(Command::Announce { text, server }) => {
+            let secret = operator::load_secret(&data_dir)?;
+            let server = server.clone().unwrap_or_else(|| cli.listen.to_string());
+            // The operator's own key file, when there is one here, names the server.
+            let expected = proto::ServerKey::load(&key_file)
+                .ok()
+                .map(|key| key.public());
+            operator::announce(&server, &secret, text, expected).await?;
+            println!("announced");
+            return Ok(());
+        }
+        Some(Command::Key) => {
+            let (key, created) = load_server_key(&key_file)?;
+            if created {
+                eprintln!("created a new server key in {}", key_file.display());
+            }
+            println!("{}", key.public().fingerprint());
+            return Ok(());
+        }
+        None => {}
     }
 
     // Settings are checked before anything is opened or created.
@@ -196,6 +229,14 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     config.operator_secret = Some(operator::load_or_create_secret(&data_dir)?);
+    let (server_key, created) = load_server_key(&key_file)?;
+    tracing::info!(
+        fingerprint = %server_key.public(),
+        file = %key_file.display(),
+        created,
+        "server key: clients pin it on first contact, or are given it with --server-key"
+    );
+    config.server_key = Arc::new(server_key);
     let listener = TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;

@@ -99,8 +99,15 @@ pub fn load_secret(data_dir: &Path) -> Result<Vec<u8>, OperatorError> {
     }
 }
 
-/// Asks the server at `server` to announce `text`, proving the operator `secret`.
-pub async fn announce(server: &str, secret: &[u8], text: &str) -> Result<(), OperatorError> {
+/// Asks the server at `server` to announce `text`, proving the operator `secret`. With
+/// `expected`, the server must present that key (the operator's own instance's key file),
+/// so the announcement goes nowhere else.
+pub async fn announce(
+    server: &str,
+    secret: &[u8],
+    text: &str,
+    expected: Option<proto::ServerPublicKey>,
+) -> Result<(), OperatorError> {
     let failed = |reason: String| OperatorError::Connect {
         server: server.to_owned(),
         reason,
@@ -111,10 +118,18 @@ pub async fn announce(server: &str, secret: &[u8], text: &str) -> Result<(), Ope
         .map_err(|_| failed("timed out connecting".into()))?
         .map_err(|error| failed(error.to_string()))?;
     let mut connection = Connection::new(stream);
-    connection
-        .hello(timeout)
+    let secured = connection
+        .client_handshake(timeout)
         .await
         .map_err(|error| failed(error.to_string()))?;
+    let presented = proto::ServerPublicKey(secured.remote_static);
+    if let Some(expected) = expected
+        && presented != expected
+    {
+        return Err(failed(format!(
+            "the server presents key {presented}, not this data dir's key {expected}; is another server at that address?"
+        )));
+    }
     let exchange = async {
         let nonce = match connection.recv::<ServerMsg>().await {
             Ok(Some(ServerMsg::Challenge { nonce })) => nonce,

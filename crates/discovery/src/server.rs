@@ -330,8 +330,9 @@ pub async fn serve(
                 shared.config.per_ip_connections
             );
             if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
+                let key = Arc::clone(&shared.config.server_key);
                 tracker.spawn(async move {
-                    refuse_busy(stream, message).await;
+                    refuse_busy(stream, key, message).await;
                     drop(permit);
                 });
             }
@@ -353,9 +354,11 @@ pub async fn serve(
                 shared.metrics.refused_connections.inc();
                 shared.metrics.error(ErrorCode::ServerBusy);
                 if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
+                    let key = Arc::clone(&shared.config.server_key);
                     tracker.spawn(async move {
                         refuse_busy(
                             stream,
+                            key,
                             "the server is at its connection limit; try again later".to_owned(),
                         )
                         .await;
@@ -427,9 +430,13 @@ async fn fan_out(
 }
 
 /// Tells a connection over a connection limit `server_busy`, with `message`, and closes it.
-async fn refuse_busy(stream: TcpStream, message: String) {
+async fn refuse_busy(stream: TcpStream, key: Arc<proto::ServerKey>, message: String) {
     let mut connection = Connection::with_limits(stream, 1024, Duration::from_secs(2));
-    if connection.hello(Duration::from_secs(2)).await.is_ok() {
+    if connection
+        .server_handshake(&key, Duration::from_secs(2))
+        .await
+        .is_ok()
+    {
         let _ = connection
             .send(&ServerMsg::Closing(ErrorReply::new(
                 ErrorCode::ServerBusy,
@@ -502,25 +509,36 @@ async fn serve_connection(
         Connection::with_limits(stream, config.preauth_max_frame_len, config.write_timeout);
     let mut registration_deadline = Instant::now() + config.handshake_timeout;
 
-    let hello = tokio::select! {
+    let handshake = tokio::select! {
         biased;
         _ = shutdown.cancelled() => return,
-        hello = connection.hello(config.handshake_timeout) => hello,
+        handshake = connection.server_handshake(&config.server_key, config.handshake_timeout) => handshake,
     };
-    if let Err(error) = hello {
-        tracing::debug!(%peer, %error, "hello failed");
-        let code = match &error {
-            HandshakeError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
-            HandshakeError::Recv(RecvError::FrameTooLarge { .. }) => ErrorCode::TooLarge,
-            HandshakeError::Timeout(_) | HandshakeError::Closed => return,
-            _ => ErrorCode::BadRequest,
-        };
-        close_with(&mut connection, metrics, code, error.to_string()).await;
-        return;
-    }
+    let secured = match handshake {
+        Ok(secured) => secured,
+        Err(error) => {
+            tracing::debug!(%peer, %error, "handshake failed");
+            let code = match &error {
+                HandshakeError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
+                HandshakeError::Recv(RecvError::FrameTooLarge { .. }) => ErrorCode::TooLarge,
+                // Nothing more can be said on a connection whose handshake failed half-way
+                // (the other side expects encrypted frames, or is gone).
+                HandshakeError::Timeout(_)
+                | HandshakeError::Closed
+                | HandshakeError::Noise(_)
+                | HandshakeError::Send(_) => return,
+                _ => ErrorCode::BadRequest,
+            };
+            if !connection.is_secured() {
+                close_with(&mut connection, metrics, code, error.to_string()).await;
+            }
+            return;
+        }
+    };
 
     let nonce: [u8; 32] = proto::random_bytes();
     let mut session = Session::new(nonce, u64::from_le_bytes(proto::random_bytes()), peer)
+        .bound_to(secured.handshake_hash)
         .limited_by(Arc::clone(&shared.per_ip))
         .with_deposit_budgets(Arc::clone(&shared.deposits));
     if connection
@@ -593,6 +611,11 @@ async fn serve_connection(
                             format!("before registration, frames are limited to {max} bytes")
                         };
                         close_with(&mut connection, metrics, ErrorCode::TooLarge, message).await;
+                        break;
+                    }
+                    Err(RecvError::Unauthentic) => {
+                        tracing::info!(%peer, "a frame failed authentication");
+                        close_with(&mut connection, metrics, ErrorCode::BadRequest, "a frame failed authentication (changed on the way, or not from this connection's client)").await;
                         break;
                     }
                     Err(RecvError::Malformed(error)) => {

@@ -364,6 +364,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         self.framed.get_ref()
     }
 
+    /// The underlying stream, for writing bytes past the framing (tests of how the other
+    /// side takes a broken stream). Anything fed and not flushed is written after them.
+    pub fn get_mut(&mut self) -> &mut T {
+        self.framed.get_mut()
+    }
+
+    /// Sends `body` as one message body as it is, not encoded (sealed once secured): for
+    /// tests of how the other side takes a body that is not a valid message.
+    pub async fn send_body(&mut self, body: &[u8]) -> Result<(), SendError> {
+        let body = match self.cipher.as_mut() {
+            None => Bytes::copy_from_slice(body),
+            Some(cipher) => cipher.seal(body).map_err(SendError::Encrypt)?,
+        };
+        self.send_raw(body).await
+    }
+
     /// The underlying stream, giving up the connection (bytes already buffered are lost).
     pub fn into_inner(self) -> T {
         self.framed.into_inner()

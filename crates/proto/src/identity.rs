@@ -23,7 +23,7 @@ use crate::name::Username;
 pub const IDENTITY_FILE: &str = "identity.key";
 
 const EXCHANGE_KEY_CONTEXT: &[u8] = b"p2pchat x25519 key v1";
-const REGISTRATION_CONTEXT: &[u8] = b"p2pchat registration v1";
+const REGISTRATION_CONTEXT: &[u8] = b"p2pchat registration v2";
 const ANNOUNCE_CONTEXT: &[u8] = b"p2pchat announce v1";
 const SECRET_FILE_LEN: usize = 64;
 
@@ -107,12 +107,22 @@ pub(crate) fn push_field(out: &mut Vec<u8>, part: &[u8]) {
     out.extend_from_slice(part);
 }
 
-/// The bytes a client signs to register `user` with `keys` against the server's `nonce`.
-/// The nonce is fresh per connection, so a recorded signature cannot be replayed.
-pub fn registration_transcript(nonce: &[u8; 32], user: &Username, keys: &PublicKeys) -> Vec<u8> {
-    let mut out = Vec::with_capacity(192);
+/// The bytes a client signs to register `user` with `keys` against the server's `nonce`,
+/// on the connection whose Noise handshake hash is `channel`
+/// ([`crate::Secured::handshake_hash`]). The nonce is fresh per connection, so a recorded
+/// signature cannot be replayed; the channel binds it to this encrypted connection, so a
+/// server the client was tricked into trusting cannot pass the signature on to the real
+/// one.
+pub fn registration_transcript(
+    nonce: &[u8; 32],
+    channel: &[u8; 32],
+    user: &Username,
+    keys: &PublicKeys,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(232);
     push_field(&mut out, REGISTRATION_CONTEXT);
     push_field(&mut out, nonce);
+    push_field(&mut out, channel);
     push_field(&mut out, user.as_str().as_bytes());
     push_field(&mut out, &keys.identity);
     push_field(&mut out, &keys.exchange);
@@ -507,23 +517,35 @@ mod tests {
     }
 
     #[test]
-    fn registration_signature_binds_nonce_name_and_keys() {
+    fn registration_signature_binds_nonce_channel_name_and_keys() {
         let identity = Identity::generate();
         let nonce = [7u8; 32];
-        let transcript = registration_transcript(&nonce, &name("alice"), identity.public());
+        let channel = [9u8; 32];
+        let transcript =
+            registration_transcript(&nonce, &channel, &name("alice"), identity.public());
         let signature = identity.sign(&transcript);
         identity
             .public()
             .verify_signature(&transcript, &signature)
             .unwrap();
-        let other_nonce = registration_transcript(&[8u8; 32], &name("alice"), identity.public());
+        let other_channel =
+            registration_transcript(&nonce, &[1u8; 32], &name("alice"), identity.public());
+        assert!(
+            identity
+                .public()
+                .verify_signature(&other_channel, &signature)
+                .is_err()
+        );
+        let other_nonce =
+            registration_transcript(&[8u8; 32], &channel, &name("alice"), identity.public());
         assert!(
             identity
                 .public()
                 .verify_signature(&other_nonce, &signature)
                 .is_err()
         );
-        let other_name = registration_transcript(&nonce, &name("alicf"), identity.public());
+        let other_name =
+            registration_transcript(&nonce, &channel, &name("alicf"), identity.public());
         assert!(
             identity
                 .public()

@@ -205,9 +205,9 @@ async fn first_frame(address: SocketAddr) -> (Connection<TcpStream>, ServerMsg) 
 async fn first_frame_over(stream: TcpStream) -> (Connection<TcpStream>, ServerMsg) {
     let mut connection = Connection::new(stream);
     connection
-        .hello(WAIT)
+        .client_handshake(WAIT)
         .await
-        .expect("a hello from the server");
+        .expect("a handshake with the server");
     let frame = tokio::time::timeout(WAIT, connection.recv::<ServerMsg>())
         .await
         .expect("an answer after the hello")

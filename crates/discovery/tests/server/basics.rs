@@ -184,7 +184,7 @@ async fn an_announcement_reaches_every_client() {
         client.register().await.unwrap();
         clients.push(client);
     }
-    operator::announce(&server.address.to_string(), SECRET, "maintenance at noon")
+    operator::announce(&server.address.to_string(), SECRET, "maintenance at noon", None)
         .await
         .unwrap();
     for client in &mut clients {
@@ -193,7 +193,15 @@ async fn an_announcement_reaches_every_client() {
             .await;
         assert!(matches!(push, Push::Announcement { text, .. } if text == "maintenance at noon"));
     }
-    let refused = operator::announce(&server.address.to_string(), b"wrong", "fake").await;
+    // Another server's key expected: refused before anything is sent.
+    let elsewhere = Some(proto::ServerKey::generate().public());
+    let refused =
+        operator::announce(&server.address.to_string(), SECRET, "elsewhere", elsewhere).await;
+    assert!(
+        matches!(&refused, Err(operator::OperatorError::Connect { reason, .. }) if reason.contains("presents key")),
+        "{refused:?}"
+    );
+    let refused = operator::announce(&server.address.to_string(), b"wrong", "fake", None).await;
     assert!(matches!(
         refused,
         Err(operator::OperatorError::Refused(ErrorReply {
@@ -248,7 +256,7 @@ async fn two_instances_sharing_one_redis_behave_as_one_server() {
 
     // An announcement through one instance reaches clients of both, and so does a plain
     // PUBLISH on the channel from any Redis client.
-    operator::announce(&first.address.to_string(), SECRET, "hello both")
+    operator::announce(&first.address.to_string(), SECRET, "hello both", None)
         .await
         .unwrap();
     for client in [&mut alice, &mut bob] {
@@ -286,7 +294,7 @@ async fn hostile_input_gets_a_clear_error_and_a_closed_connection_while_others_c
     let mut bob = Client::connect(server.address, "bob").await;
     bob.register().await.unwrap();
 
-    // Garbage bytes framed as a request.
+    // Garbage bytes framed as a request (not sealed: they fail authentication).
     let reason = after_hello_send(server.address, &[0, 0, 0, 4, 0xde, 0xad, 0xbe, 0xef])
         .await
         .unwrap();
@@ -341,9 +349,7 @@ async fn hostile_input_gets_a_clear_error_and_a_closed_connection_while_others_c
     .to_vec();
     let at = lookup.windows(3).position(|w| w == b"abc").unwrap();
     lookup[at] = b';';
-    let mut framed = (lookup.len() as u32).to_be_bytes().to_vec();
-    framed.extend_from_slice(&lookup);
-    let reason = after_hello_send(server.address, &framed).await.unwrap();
+    let reason = after_hello_send_body(server.address, &lookup).await.unwrap();
     assert_eq!(reason.code, ErrorCode::BadRequest);
 
     // Everyone else still works.
@@ -405,7 +411,7 @@ async fn the_connection_limit_refuses_with_server_busy() {
     alice.register().await.unwrap();
     let raw = TcpStream::connect(server.address).await.unwrap();
     let mut connection = Connection::new(raw);
-    connection.hello(WAIT).await.unwrap();
+    connection.client_handshake(WAIT).await.unwrap();
     let reason = Client::closed_with(&mut connection).await.unwrap();
     assert_eq!(reason.code, ErrorCode::ServerBusy);
     assert_eq!(
@@ -477,6 +483,7 @@ async fn second_session(server: &Server, first: &Client) -> Client {
     let mut second = Client::connect(server.address, first.user.as_str()).await;
     let transcript = proto::identity::registration_transcript(
         &second.nonce,
+        &second.channel,
         &first.user,
         first.identity.public(),
     );
@@ -516,7 +523,7 @@ async fn a_second_session_ending_leaves_the_first_online_and_reachable() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    operator::announce(&server.address.to_string(), SECRET, "hello all")
+    operator::announce(&server.address.to_string(), SECRET, "hello all", None)
         .await
         .unwrap();
     alice
@@ -547,4 +554,32 @@ async fn every_session_of_a_user_gets_its_pushes() {
     alice.push(|push| *push == Push::MailWaiting).await;
     second.push(|push| *push == Push::MailWaiting).await;
     server.stop().await;
+}
+
+#[tokio::test]
+async fn the_server_presents_its_key_and_instances_sharing_a_key_file_present_one() {
+    let key = Arc::new(proto::ServerKey::generate());
+    let first = Server::embedded(Config {
+        server_key: Arc::clone(&key),
+        ..config()
+    })
+    .await;
+    let second = Server::embedded(Config {
+        server_key: Arc::clone(&key),
+        ..config()
+    })
+    .await;
+    let other = Server::embedded(config()).await;
+    let alice = Client::connect(first.address, "alice").await;
+    let bob = Client::connect(second.address, "bob").await;
+    let carol = Client::connect(other.address, "carol").await;
+    assert_eq!(alice.server_key, key.public().0);
+    assert_eq!(bob.server_key, key.public().0);
+    assert_ne!(carol.server_key, key.public().0);
+    // Each connection is its own channel: a registration signed on one is worthless on
+    // another (see `hostile::a_replayed_registration_on_a_new_connection_is_refused`).
+    assert_ne!(alice.channel, bob.channel);
+    for server in [first, second, other] {
+        server.stop().await;
+    }
 }

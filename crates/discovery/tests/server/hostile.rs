@@ -213,7 +213,12 @@ async fn a_replayed_registration_on_a_new_connection_is_refused() {
     let mut alice = Client::connect(server.address, "alice").await;
     alice.register().await.unwrap();
     // An eavesdropper recorded alice's registration (signed over her connection's nonce).
-    let transcript = registration_transcript(&alice.nonce, &alice.user, alice.identity.public());
+    let transcript = registration_transcript(
+        &alice.nonce,
+        &alice.channel,
+        &alice.user,
+        alice.identity.public(),
+    );
     let recorded = Request::Register(Registration {
         user: alice.user.clone(),
         keys: alice.identity.public().clone(),
@@ -245,7 +250,7 @@ async fn a_reply_too_large_for_a_frame_is_answered_with_an_error_not_a_dropped_c
     let server = Server::start(store.clone(), config()).await;
     let mut mallory = Client::connect(server.address, "mallory").await;
     let transcript =
-        registration_transcript(&mallory.nonce, &mallory.user, mallory.identity.public());
+        registration_transcript(&mallory.nonce, &mallory.channel, &mallory.user, mallory.identity.public());
     let (user, keys) = (mallory.user.clone(), mallory.identity.public().clone());
     let signature = mallory.identity.sign(&transcript);
     let registration = |listen_ports| {

@@ -98,6 +98,10 @@ pub struct Client {
     pub identity: Identity,
     pub connection: Connection<TcpStream>,
     pub nonce: [u8; 32],
+    /// The connection's handshake hash, signed into the registration.
+    pub channel: [u8; 32],
+    /// The key the server presented.
+    pub server_key: [u8; 32],
     pub next_id: u64,
     pub pushes: Vec<Push>,
 }
@@ -121,7 +125,7 @@ impl Client {
 
     async fn over(stream: TcpStream, user: &str, identity: Identity) -> Self {
         let mut connection = Connection::new(stream);
-        connection.hello(WAIT).await.unwrap();
+        let secured = connection.client_handshake(WAIT).await.unwrap();
         let nonce = match connection.recv::<ServerMsg>().await.unwrap() {
             Some(ServerMsg::Challenge { nonce }) => nonce,
             other => panic!("expected a challenge, got {other:?}"),
@@ -131,13 +135,20 @@ impl Client {
             identity,
             connection,
             nonce,
+            channel: secured.handshake_hash,
+            server_key: secured.remote_static,
             next_id: 1,
             pushes: Vec::new(),
         }
     }
 
     pub async fn register(&mut self) -> Result<Reply, ErrorReply> {
-        let transcript = registration_transcript(&self.nonce, &self.user, self.identity.public());
+        let transcript = registration_transcript(
+            &self.nonce,
+            &self.channel,
+            &self.user,
+            self.identity.public(),
+        );
         let request = Request::Register(Registration {
             user: self.user.clone(),
             keys: self.identity.public().clone(),
@@ -224,23 +235,31 @@ pub fn online(reply: Result<Reply, ErrorReply>) -> bool {
     }
 }
 
-/// Sends `bytes` raw after a valid hello and returns the closing reason.
+/// Writes `bytes` raw onto the stream after a valid handshake (so they are not a sealed
+/// frame) and returns the closing reason.
 pub async fn after_hello_send(address: SocketAddr, bytes: &[u8]) -> Option<ErrorReply> {
+    let mut connection = after_handshake(address).await;
+    connection.get_mut().write_all(bytes).await.unwrap();
+    Client::closed_with(&mut connection).await
+}
+
+/// Sends `body` as one sealed message body after a valid handshake (an authentic frame
+/// that is not a valid request) and returns the closing reason.
+pub async fn after_hello_send_body(address: SocketAddr, body: &[u8]) -> Option<ErrorReply> {
+    let mut connection = after_handshake(address).await;
+    connection.send_body(body).await.unwrap();
+    Client::closed_with(&mut connection).await
+}
+
+async fn after_handshake(address: SocketAddr) -> Connection<TcpStream> {
     let stream = TcpStream::connect(address).await.unwrap();
     let mut connection = Connection::new(stream);
-    connection.hello(WAIT).await.unwrap();
+    connection.client_handshake(WAIT).await.unwrap();
     assert!(matches!(
         connection.recv::<ServerMsg>().await.unwrap(),
         Some(ServerMsg::Challenge { .. })
     ));
-    let mut stream = connection_into_stream(connection);
-    stream.write_all(bytes).await.unwrap();
-    let mut connection = Connection::new(stream);
-    Client::closed_with(&mut connection).await
-}
-
-fn connection_into_stream(connection: Connection<TcpStream>) -> TcpStream {
-    connection.into_inner()
+    connection
 }
 
 impl Client {
