@@ -676,21 +676,29 @@ async fn hostile_peers_are_refused_and_retransmissions_shown_once() -> anyhow::R
     let mut huge = tokio::net::TcpStream::connect(bob_addr).await?;
     huge.write_all(&u32::MAX.to_be_bytes()).await?;
 
-    // A hello for someone else is refused.
-    let mut wrong = raw_peer(bob_addr, "alice", "carol").await?;
+    let alice_identity = proto::Identity::load(&root.path().join("alice"))?;
+    let bob_keys = proto::Identity::load(&root.path().join("bob"))?
+        .public()
+        .clone();
+    // A dial for someone else (carol's key) at bob's address: bob cannot finish a
+    // handshake meant for another key, so nothing is sent.
+    let carol_keys = proto::Identity::generate().public().clone();
+    assert!(
+        raw_peer(bob_addr, &alice_identity, "alice", "carol", &carol_keys)
+            .await
+            .is_err()
+    );
+    // A hello for someone else, with bob's key, is refused.
+    let mut wrong = raw_peer(bob_addr, &alice_identity, "alice", "carol", &bob_keys).await?;
     assert!(matches!(
         answer(&mut wrong).await?,
         proto::PeerMsg::Reject { id: None, .. }
     ));
 
     // A message sealed by alice, sent twice (a retransmission): acked twice, shown once.
-    let alice_identity = proto::Identity::load(&root.path().join("alice"))?;
-    let bob_keys = proto::Identity::load(&root.path().join("bob"))?
-        .public()
-        .clone();
     let channel = proto::Channel::new(&alice_identity, &name("alice"), &name("bob"), &bob_keys)?;
     let envelope = channel.seal(proto::MessageId::random(), "once only", proto::now_ms())?;
-    let mut link = raw_peer(bob_addr, "alice", "bob").await?;
+    let mut link = raw_peer(bob_addr, &alice_identity, "alice", "bob", &bob_keys).await?;
     for _ in 0..2 {
         link.send(&proto::PeerMsg::Envelope(envelope.clone()))
             .await?;
@@ -699,15 +707,26 @@ async fn hostile_peers_are_refused_and_retransmissions_shown_once() -> anyhow::R
             proto::PeerMsg::Ack { id: envelope.id }
         );
     }
-    // An envelope whose sender is not the user who said hello is refused.
-    let mut mallory = raw_peer(bob_addr, "mallory", "bob").await?;
-    mallory
+    // Someone claiming alice's name without her key is refused before any envelope.
+    let mallory_identity = proto::Identity::generate();
+    let mut mallory = raw_peer(bob_addr, &mallory_identity, "alice", "bob", &bob_keys).await?;
+    assert!(matches!(
+        answer(&mut mallory).await?,
+        proto::PeerMsg::Reject { id: None, .. }
+    ));
+    // An envelope whose sender is not the user who said hello is refused: carol (registered,
+    // with her own key) forwards alice's envelope.
+    let carol = Chatter::join(root.path(), "carol", server.addr).await?;
+    let carol_identity = proto::Identity::load(&root.path().join("carol"))?;
+    let mut forwarder = raw_peer(bob_addr, &carol_identity, "carol", "bob", &bob_keys).await?;
+    forwarder
         .send(&proto::PeerMsg::Envelope(envelope.clone()))
         .await?;
     assert!(matches!(
-        answer(&mut mallory).await?,
+        answer(&mut forwarder).await?,
         proto::PeerMsg::Reject { id: Some(_), .. }
     ));
+    carol.stop().await;
     // A tampered token is refused.
     let mut tampered = channel.seal(proto::MessageId::random(), "tampered", proto::now_ms())?;
     tampered.token.replace_range(20..24, "AAAA");

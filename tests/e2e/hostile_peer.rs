@@ -320,36 +320,24 @@ fn a_flood_of_envelopes_on_one_connection_does_not_starve_other_peers() {
     };
 
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    // Everything written as fast as the socket takes it, acks read as they come.
+    // Everything written as fast as the link takes it: windows of a full sender window
+    // (what a real sender keeps in flight), each written at once, then its answers read.
+    let (alice, bob_keys) = (scene.identity(0), scene.bob_keys());
     let flooder = runtime.spawn(async move {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let connection = raw_peer(bob_addr, "alice", "bob").await?;
-        let (mut reader, mut writer) = tokio::io::split(connection.into_inner());
-        let writing = tokio::spawn(async move {
-            for envelope in envelopes {
-                let body = proto::wire::encode(&PeerMsg::Envelope(envelope))?;
-                writer
-                    .write_all(&u32::try_from(body.len())?.to_be_bytes())
-                    .await?;
-                writer.write_all(&body).await?;
-            }
-            anyhow::Ok(writer)
-        });
+        let mut connection = raw_peer(bob_addr, &alice, "alice", "bob", &bob_keys).await?;
         let (mut acked, mut rejected) = (0_usize, 0_usize);
-        while acked + rejected < flood {
-            let frame = tokio::time::timeout(WAIT, async {
-                let length = reader.read_u32().await?;
-                let mut body = vec![0_u8; usize::try_from(length)?];
-                reader.read_exact(&mut body).await?;
-                anyhow::Ok(body)
-            })
-            .await??;
-            match proto::wire::decode::<PeerMsg>(&frame)? {
-                PeerMsg::Ack { .. } => acked += 1,
-                _ => rejected += 1,
+        for window in envelopes.chunks(peer::link::WINDOW) {
+            for envelope in window {
+                connection.feed(&PeerMsg::Envelope(envelope.clone())).await?;
+            }
+            connection.flush().await?;
+            for _ in window {
+                match answer(&mut connection).await? {
+                    PeerMsg::Ack { .. } => acked += 1,
+                    _ => rejected += 1,
+                }
             }
         }
-        let _writer = writing.await??;
         anyhow::Ok((acked, rejected))
     });
 
@@ -410,7 +398,7 @@ fn forged_misaddressed_and_replayed_envelopes_are_refused_or_shown_once() {
         other => panic!("expected a reject of {id:?}, got {other:?}"),
     };
     let mut link = runtime
-        .block_on(raw_peer(bob_addr, "alice", "bob"))
+        .block_on(raw_peer(bob_addr, &alice, "alice", "bob", &bob_keys))
         .expect("link as alice");
     let mut exchange = |envelope: &Envelope| {
         runtime.block_on(async {
@@ -464,7 +452,7 @@ fn forged_misaddressed_and_replayed_envelopes_are_refused_or_shown_once() {
     let bob_addr = scene.bob_addr();
     let replayed = runtime
         .block_on(async {
-            let mut link = raw_peer(bob_addr, "alice", "bob").await?;
+            let mut link = raw_peer(bob_addr, &alice, "alice", "bob", &bob_keys).await?;
             link.send(&PeerMsg::Envelope(real.clone())).await?;
             answer(&mut link).await
         })

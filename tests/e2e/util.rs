@@ -696,15 +696,20 @@ pub fn root_tools_missing(programs: &[&str]) -> Option<String> {
     None
 }
 
-/// Opens a raw peer-protocol connection to `addr` and says hello as `from` to `to`.
+/// Opens a raw peer-protocol connection to `addr` as the holder of `identity` (the Noise
+/// handshake, expecting `to_keys` at the other end) and says hello as `from` to `to`.
 pub async fn raw_peer(
     addr: SocketAddr,
+    identity: &proto::Identity,
     from: &str,
     to: &str,
+    to_keys: &proto::PublicKeys,
 ) -> anyhow::Result<proto::Connection<tokio::net::TcpStream>> {
     let name = |text: &str| proto::Username::new(text);
     let mut connection = proto::Connection::new(tokio::net::TcpStream::connect(addr).await?);
-    connection.hello(WAIT).await?;
+    connection
+        .dial_handshake(identity, &to_keys.exchange, WAIT)
+        .await?;
     connection
         .send(&proto::PeerMsg::Hello {
             from: name(from)?,

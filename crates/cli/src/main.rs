@@ -77,6 +77,11 @@ struct Cli {
     /// of network faults.
     #[arg(long, env = "P2PCHAT_CONNECT_TIMEOUT_MS", global = true, hide = true)]
     connect_timeout_ms: Option<u64>,
+    /// The discovery server's key fingerprint, as `p2pchat-discovery key` prints it: the
+    /// server must present this key, and it is pinned. Without it, the key the server
+    /// presents at first contact is pinned, and a later change is refused.
+    #[arg(long, env = "P2PCHAT_SERVER_KEY", global = true)]
+    server_key: Option<proto::Fingerprint>,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -101,6 +106,10 @@ enum Mode {
         #[arg(long)]
         json: bool,
     },
+    /// Accept the key the discovery server presents now, replacing the one pinned for it
+    /// (after its key changed and you checked the new fingerprint with the operator). With
+    /// --server-key, only that key is accepted.
+    TrustServer,
 }
 
 /// `p2pchat send`'s exit code for a message kept in the outbox: it goes out at this user's
@@ -165,7 +174,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     proto::identity::create_private_dir(&data_dir)?;
     init_tracing(interactive, &data_dir)?;
 
+    if let Some(Mode::TrustServer) = cli.mode {
+        return trust_server(&cli.server, &data_dir, cli.server_key).await;
+    }
     let mut config = Config::new(cli.server.clone(), user, data_dir.clone());
+    config.server_key = cli.server_key;
     config.listen = cli
         .listen
         .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], cli.port)));
@@ -189,9 +202,41 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             send_mode(&client, &to, &message.join(" ")).await
         }
         Some(Mode::Listen { json }) => listen_mode(&client, events, &data_dir, json, look).await,
+        Some(Mode::TrustServer) => unreachable!("handled before the runtime starts"),
     };
     client.shutdown(DRAIN_TIMEOUT).await;
     code
+}
+
+/// `p2pchat trust-server`: shows the key the server presents and pins it.
+async fn trust_server(
+    server: &str,
+    data_dir: &Path,
+    expected: Option<proto::Fingerprint>,
+) -> anyhow::Result<ExitCode> {
+    let presented = peer::server_trust::presented_key(server, ONLINE_TIMEOUT)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if let Some(expected) = expected
+        && !presented.matches(&expected)
+    {
+        bail!(
+            "the server at {server} presents key {presented}, not {expected}; nothing was pinned"
+        );
+    }
+    let trust = peer::server_trust::ServerTrust::new(data_dir, None);
+    match trust.replace(server, presented).await? {
+        Some(before) if before == presented => {
+            println!("the server at {server} presents key {presented}, already pinned")
+        }
+        Some(before) => println!(
+            "pinned key {presented} for the server at {server} (was {before}); compare it with the fingerprint the operator gives (`p2pchat-discovery key`)"
+        ),
+        None => println!(
+            "pinned key {presented} for the server at {server}; compare it with the fingerprint the operator gives (`p2pchat-discovery key`)"
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Asks for a username on the terminal until a valid one is given.
@@ -377,7 +422,7 @@ async fn listen_mode(
                     client.mark_shown(&printed).await?;
                 }
                 if let Some(reply) = fatal {
-                    eprintln!("p2pchat: cannot register: {reply}");
+                    eprintln!("p2pchat: {}", render::fatal_text(&reply));
                     break ExitCode::FAILURE;
                 }
             }
@@ -643,7 +688,11 @@ async fn interactive_mode(
         line_editor.restore_terminal();
     }
     if let Status::Fatal(reply) = &*client.status().borrow() {
-        eprintln!("p2pchat: cannot register as {}: {reply}", client.user());
+        if reply.code == proto::ErrorCode::ServerKeyChanged {
+            eprintln!("p2pchat: {}", reply.message);
+        } else {
+            eprintln!("p2pchat: cannot register as {}: {reply}", client.user());
+        }
     }
     Ok(code)
 }

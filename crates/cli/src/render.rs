@@ -123,6 +123,16 @@ pub fn terminal_safe(text: &str) -> String {
     safe
 }
 
+/// Why the client cannot go on with the server: a changed server key is said as it is
+/// (it names both fingerprints and what to do); any other refusal is of the registration.
+pub fn fatal_text(reply: &proto::ErrorReply) -> String {
+    if reply.code == proto::ErrorCode::ServerKeyChanged {
+        reply.message.clone()
+    } else {
+        format!("cannot register: {reply}")
+    }
+}
+
 /// A send's result to `to`, in words (may carry the recipient's or the server's own
 /// words: pass it through [`terminal_safe`]).
 pub fn status_text(to: &Username, status: &DeliveryStatus) -> String {
@@ -280,7 +290,7 @@ fn event_text_raw(event: &Event, look: &Look, now_ms: u64) -> String {
         Event::Offline { reason, .. } => {
             format!("lost the discovery server ({reason}); reconnecting in the background")
         }
-        Event::Fatal(reply) => format!("cannot register: {reply}"),
+        Event::Fatal(reply) => fatal_text(reply),
         Event::KeyChanged {
             user,
             pinned,

@@ -45,6 +45,9 @@ pub struct Config {
     pub backoff_min: Duration,
     /// Reconnect backoff, cap.
     pub backoff_max: Duration,
+    /// The server key's fingerprint, given up front (`--server-key`): the server must
+    /// present it, and it is pinned. Without it, the key is pinned on first contact.
+    pub server_key: Option<proto::Fingerprint>,
 }
 
 impl Config {
@@ -64,6 +67,7 @@ impl Config {
             connect_timeout: Duration::from_secs(3),
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(10),
+            server_key: None,
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The control connection to the discovery server, as an actor.
 //!
-//! [`spawn`] starts one task that owns the connection: it connects, exchanges hellos,
-//! answers the challenge with a signed registration, then multiplexes requests from any
+//! [`spawn`] starts one task that owns the connection: it connects, runs the Noise
+//! handshake and checks the server's key against the pin ([`crate::server_trust`]; a
+//! changed key is fatal and nothing is sent), answers the challenge with a registration
+//! signed for this connection, then multiplexes requests from any
 //! number of [`ControlHandle`]s (matched to responses by id), sends heartbeats and forwards
 //! server pushes as [`ControlEvent`]s. When the connection dies (closed, error, or no pong in
 //! time) every pending request fails with [`ControlError::Offline`] and the task reconnects
@@ -14,6 +16,7 @@ use proto::{
     Connection, ErrorCode, ErrorReply, Identity, Push, Registration, Reply, Request, RequestFrame,
     RequestId, ServerMsg, Username, identity::registration_transcript,
 };
+use crate::server_trust::{ServerKeyError, ServerTrust};
 use tokio::{
     net::TcpStream,
     sync::{mpsc, oneshot},
@@ -97,6 +100,8 @@ pub struct ControlConfig {
     pub backoff_min: Duration,
     /// Reconnect backoff bounds.
     pub backoff_max: Duration,
+    /// The server keys this client trusts.
+    pub trust: ServerTrust,
 }
 
 type Pending = oneshot::Sender<Result<Reply, ControlError>>;
@@ -279,8 +284,8 @@ async fn connect(
             })?;
         let _ = stream.set_nodelay(true);
         let mut connection = Connection::new(stream);
-        connection
-            .hello(REQUEST_TIMEOUT)
+        let secured = connection
+            .client_handshake(REQUEST_TIMEOUT)
             .await
             .map_err(|error| match error {
                 proto::HandshakeError::VersionMismatch { .. }
@@ -289,6 +294,19 @@ async fn connect(
                     error.to_string(),
                 )),
                 other => ConnectError::Retry(other.to_string()),
+            })?;
+        // Nothing is sent before the server's key is the one trusted for this address.
+        let presented = proto::ServerPublicKey(secured.remote_static);
+        config
+            .trust
+            .check(&config.server, presented)
+            .await
+            .map_err(|error| match error {
+                ServerKeyError::File { .. } => ConnectError::Retry(error.to_string()),
+                refused => ConnectError::Fatal(ErrorReply::new(
+                    ErrorCode::ServerKeyChanged,
+                    refused.to_string(),
+                )),
             })?;
         let nonce = match recv_timed(&mut connection).await? {
             ServerMsg::Challenge { nonce } => nonce,
@@ -300,7 +318,12 @@ async fn connect(
             }
         };
         let keys = identity.public().clone();
-        let signature = identity.sign(&registration_transcript(&nonce, &config.user, &keys));
+        let signature = identity.sign(&registration_transcript(
+            &nonce,
+            &secured.handshake_hash,
+            &config.user,
+            &keys,
+        ));
         let register = RequestFrame {
             id: 0,
             request: Request::Register(Registration {

@@ -71,8 +71,10 @@ pub(crate) async fn deliver(
         let attempt = async {
             let mut link = PeerLink::dial(
                 *addr,
+                &context.identity,
                 &context.me,
                 &entry.to,
+                &info.keys,
                 context.config.connect_timeout,
             )
             .await?;

@@ -133,6 +133,9 @@ enum ConnectionEnded {
     /// A message other than an envelope after the hello.
     #[error("unexpected message from the peer")]
     Unexpected,
+    /// The dialer's key is not the claimed user's.
+    #[error("the peer claiming to be {0} does not hold their key: {1}")]
+    NotTheirKey(Username, Refusal),
 }
 
 impl Refusal {
@@ -186,6 +189,40 @@ async fn sender_keys(
         Some(keys) => Ok((keys, KeySource::Server)),
         None => Err(Refusal::Bad(OpenError::BadToken { peer: user.clone() })),
     }
+}
+
+/// Checks that `key`, the exchange key a dialer proved in the handshake, is `from`'s:
+/// the pinned key, or else the server's (verified). A pinned key that differs while the
+/// server's matches is a key change (told to the user, refused until `trust`); any other
+/// mismatch is someone else using the name, refused and counted like a forged envelope.
+async fn check_dialer(context: &Context, from: &Username, key: &[u8; 32]) -> Result<(), Refusal> {
+    let (keys, source) = sender_keys(context, from).await?;
+    if &keys.exchange == key {
+        return Ok(());
+    }
+    let refusal = match source {
+        KeySource::Pinned => match server_keys(context, from).await {
+            Ok(Some(offered)) if &offered.exchange == key => {
+                context
+                    .notify(Event::KeyChanged {
+                        user: from.clone(),
+                        pinned: keys.fingerprint(),
+                        offered: offered.fingerprint(),
+                    })
+                    .await;
+                Refusal::KeyChanged
+            }
+            _ => Refusal::Bad(OpenError::BadToken { peer: from.clone() }),
+        },
+        KeySource::Server => Refusal::Bad(OpenError::BadToken { peer: from.clone() }),
+    };
+    if matches!(refusal, Refusal::Bad(_)) {
+        let total = context.unauthenticated.fetch_add(1, Ordering::Relaxed) + 1;
+        if total.is_power_of_two() {
+            tracing::warn!(claimed_sender = %from, total, "a peer connection under a name whose key it does not hold refused");
+        }
+    }
+    Err(refusal)
 }
 
 /// Checks and stores one envelope (see the module docs).
@@ -557,7 +594,9 @@ async fn serve_connection(
     connection: &mut Connection<TcpStream>,
     context: &Context,
 ) -> Result<(), ConnectionEnded> {
-    connection.hello(HANDSHAKE_TIMEOUT).await?;
+    let secured = connection
+        .accept_handshake(&context.identity, HANDSHAKE_TIMEOUT)
+        .await?;
     let from = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.recv::<PeerMsg>()).await {
         Ok(Ok(Some(PeerMsg::Hello { from, to }))) => {
             if to != context.me {
@@ -580,6 +619,17 @@ async fn serve_connection(
                     })
                     .await;
                 return Err(ConnectionEnded::Blocked(from));
+            }
+            // The dialer proved it holds the exchange key in `secured`: it must be the key
+            // of the user it claims to be, before any envelope moves.
+            if let Err(refusal) = check_dialer(context, &from, &secured.remote_static).await {
+                let _ = connection
+                    .send(&PeerMsg::Reject {
+                        id: None,
+                        error: refusal.to_reply(),
+                    })
+                    .await;
+                return Err(ConnectionEnded::NotTheirKey(from, refusal));
             }
             from
         }

@@ -9,19 +9,23 @@
 //! - `shell`: the one task that owns the loop's I/O (listener, channels, tasks, state
 //!   writes), feeds the core and does what it says; every channel bounded.
 //! - `context`: what the tasks share.
-//! - [`control`]: the control connection to the discovery server as an actor (register,
-//!   heartbeats, requests matched by id, reconnect with backoff).
+//! - [`control`]: the control connection to the discovery server as an actor (a Noise
+//!   handshake with the server's key, register, heartbeats, requests matched by id,
+//!   reconnect with backoff).
+//! - [`server_trust`]: the server keys pinned per address (`known_servers`), checked at
+//!   every connect.
 //! - [`delivery`]: sending one message: direct, else the mailbox; [`DeliveryStatus`].
 //! - [`inbox`]: receiving: direct connections and mail share one check-and-store path.
 //! - [`outgoing`]: one task per recipient pipelines its messages over a kept link, in order.
-//! - [`link`]: [`link::PeerLink`], the sending side of the peer protocol.
+//! - [`link`]: [`link::PeerLink`], the sending side of the peer protocol (a Noise handshake
+//!   that only the recipient's key can finish).
 //! - [`state`]: [`state::State`], the crash-safe local state (pins, blocks, mutes, history,
 //!   outbox, seen ids, not-yet-shown marks, mail held under a changed key) in one redb file.
 //! - `testing` (the `testing` feature, for tests only): a runtime whose state is on a
 //!   storage backend the test holds, to see what a crash at a given moment leaves.
 //!
 //! Data dir layout (one folder per user, mode 0700): `identity.key` (0600, see
-//! [`proto::Identity`]) and `state.redb`.
+//! [`proto::Identity`]), `state.redb` and `known_servers` (0600, see [`server_trust`]).
 //!
 //! **Architecture Invariant:** this crate depends on `proto` and `durable` only among the
 //! workspace crates, and never prints: everything the user should see is an [`Event`].
@@ -36,6 +40,7 @@ pub mod link;
 pub(crate) mod outgoing;
 pub mod reason;
 pub mod runtime;
+pub mod server_trust;
 pub(crate) mod shell;
 pub mod state;
 #[cfg(feature = "testing")]

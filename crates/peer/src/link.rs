@@ -1,6 +1,8 @@
 //! [`PeerLink`]: the sending side of the peer protocol.
 //!
-//! A link is one TCP connection to a peer after the hellos: the connecting side sends
+//! A link is one TCP connection to a peer after the hellos and a Noise handshake (IK: the
+//! dialer must know the recipient's exchange key, so only the recipient can answer, and
+//! every frame after it, acks included, is encrypted and authenticated): the connecting side sends
 //! [`PeerMsg::Hello`] naming both users, then [`PeerMsg::Envelope`]s, each answered by
 //! [`PeerMsg::Ack`] (stored) or [`PeerMsg::Reject`] with its id. [`PeerLink::send`] sends one
 //! and waits for its answer; a kept link is driven pipelined instead (many envelopes in
@@ -10,7 +12,9 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use proto::{Connection, Envelope, ErrorReply, MessageId, PeerMsg, Username};
+use proto::{
+    Connection, Envelope, ErrorReply, Identity, MessageId, PeerMsg, PublicKeys, Username,
+};
 use tokio::net::TcpStream;
 
 /// The most envelopes sent and not yet answered on one link. Bounded so a slow receiver
@@ -87,11 +91,16 @@ pub struct PeerLink {
 }
 
 impl PeerLink {
-    /// Connects to `addr`, exchanges hellos and announces `me` → `peer`, all within `timeout`.
+    /// Connects to `addr`, runs the Noise handshake as `identity` with the holder of
+    /// `peer_keys`' exchange key and announces `me` → `peer`, all within `timeout`. Anyone
+    /// else at the address (a stale address, a redirection) cannot finish the handshake:
+    /// the dial fails and nothing is sent.
     pub async fn dial(
         addr: SocketAddr,
+        identity: &Identity,
         me: &Username,
         peer: &Username,
+        peer_keys: &PublicKeys,
         timeout: Duration,
     ) -> Result<Self, LinkError> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
@@ -100,7 +109,9 @@ impl PeerLink {
             .map_err(|source| LinkError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         let mut connection = Connection::with_limits(stream, proto::wire::MAX_FRAME_LEN, timeout);
-        connection.hello(timeout).await?;
+        connection
+            .dial_handshake(identity, &peer_keys.exchange, timeout)
+            .await?;
         connection
             .send(&PeerMsg::Hello {
                 from: me.clone(),

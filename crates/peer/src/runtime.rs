@@ -137,6 +137,7 @@ pub(crate) async fn start_with(
             heartbeat_interval: config.heartbeat_interval,
             backoff_min: config.backoff_min,
             backoff_max: config.backoff_max,
+            trust: crate::server_trust::ServerTrust::new(&config.data_dir, config.server_key),
         },
         identity.clone(),
         control_tx,

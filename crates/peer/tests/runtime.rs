@@ -81,6 +81,20 @@ async fn until(events: &mut peer::Events, wanted: impl Fn(&Event) -> bool) -> Ve
 
 /// The channel alice seals with for bob, from the identities their runtimes keep under
 /// `root`: for tests that play alice's side by hand.
+/// A raw peer link from alice (her key, from her data dir under `root`) to bob at `addr`,
+/// after the Noise handshake and before any hello.
+async fn raw_link_as_alice(root: &std::path::Path, addr: SocketAddr) -> Connection<TcpStream> {
+    let (alice, _) = Identity::load_or_create(&root.join("alice")).unwrap();
+    let (bob, _) = Identity::load_or_create(&root.join("bob")).unwrap();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut connection = Connection::new(stream);
+    connection
+        .dial_handshake(&alice, &bob.public().exchange, Duration::from_secs(5))
+        .await
+        .unwrap();
+    connection
+}
+
 fn alice_to_bob(root: &std::path::Path) -> proto::Channel {
     let (alice, _) = Identity::load_or_create(&root.join("alice")).unwrap();
     let (bob, _) = Identity::load_or_create(&root.join("bob")).unwrap();
@@ -230,9 +244,7 @@ async fn a_stored_message_is_shown_even_if_its_ack_cannot_be_written() {
     // A raw link as alice: paced envelopes (acked, the acks left unread), then a burst,
     // then gone: closing with unread data resets the connection, so the acks of the
     // burst, stored meanwhile, cannot be written.
-    let stream = TcpStream::connect(bob.local_addr()).await.unwrap();
-    let mut connection = Connection::new(stream);
-    connection.hello(Duration::from_secs(5)).await.unwrap();
+    let mut connection = raw_link_as_alice(dir.path(), bob.local_addr()).await;
     let hello = PeerMsg::Hello {
         from: name("alice"),
         to: name("bob"),
@@ -613,9 +625,7 @@ async fn junk_claiming_a_sender_pins_nothing_shows_nothing_and_is_looked_up_once
     )
     .unwrap();
 
-    let stream = TcpStream::connect(bob.local_addr()).await.unwrap();
-    let mut connection = Connection::new(stream);
-    connection.hello(Duration::from_secs(5)).await.unwrap();
+    let mut connection = raw_link_as_alice(dir.path(), bob.local_addr()).await;
     let hello = PeerMsg::Hello {
         from: name("alice"),
         to: name("bob"),
@@ -673,9 +683,7 @@ async fn a_peer_silent_after_its_hello_is_closed_within_the_handshake_timeout() 
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let ((alice, _alice_events), (bob, _bob_events)) = pair(dir.path(), &shutdown).await;
-    let stream = TcpStream::connect(bob.local_addr()).await.unwrap();
-    let mut connection = Connection::new(stream);
-    connection.hello(Duration::from_secs(5)).await.unwrap();
+    let mut connection = raw_link_as_alice(dir.path(), bob.local_addr()).await;
     let hello = PeerMsg::Hello {
         from: name("alice"),
         to: name("bob"),

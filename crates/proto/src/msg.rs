@@ -287,11 +287,15 @@ pub enum ErrorCode {
     /// per-user session limit (the oldest makes room). Added last, so every older code
     /// keeps its encoding.
     SessionLimit,
+    /// The discovery server presented a key other than the one this client pinned (or was
+    /// given) for its address; nothing was sent. Said by a client to its user, never on
+    /// the wire.
+    ServerKeyChanged,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and metrics.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         Self::BadRequest,
         Self::VersionMismatch,
         Self::NotRegistered,
@@ -309,6 +313,7 @@ impl ErrorCode {
         Self::Unavailable,
         Self::Internal,
         Self::SessionLimit,
+        Self::ServerKeyChanged,
     ];
 
     /// The stable snake_case name of the code.
@@ -331,6 +336,7 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
             Self::SessionLimit => "session_limit",
+            Self::ServerKeyChanged => "server_key_changed",
         }
     }
 }
