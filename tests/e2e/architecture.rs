@@ -186,7 +186,13 @@ fn peer_modules_import_one_another_without_a_cycle() {
         .collect();
     // The core is pure: it never reaches the modules that do I/O.
     for io in [
-        "shell", "runtime", "context", "inbox", "outgoing", "delivery", "server_trust",
+        "shell",
+        "runtime",
+        "context",
+        "inbox",
+        "outgoing",
+        "delivery",
+        "server_trust",
     ] {
         assert!(
             !edges["core"].contains(io),

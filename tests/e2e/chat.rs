@@ -29,7 +29,7 @@ pub(crate) struct Server {
 
 impl Server {
     /// Starts a server on `addr` (port 0: any) with the embedded store at `store_path`.
-    async fn start(store_path: &Path, addr: SocketAddr) -> anyhow::Result<Self> {
+    pub(crate) async fn start(store_path: &Path, addr: SocketAddr) -> anyhow::Result<Self> {
         // A restarted server reopens the file the stopped one may still be closing.
         let store = tokio::time::timeout(WAIT, async {
             loop {
@@ -41,18 +41,33 @@ impl Server {
         })
         .await
         .context("the embedded store did not reopen")?;
-        Self::start_on(store::Store::Embedded(store), addr).await
+        // The key file beside the store, as the binary keeps it in its data dir: a
+        // restarted server presents the same key, so its clients go on trusting it.
+        let key_file = store_path.with_extension("key");
+        let (key, _) = proto::ServerKey::load_or_create(&key_file)?;
+        Self::start_keyed(store::Store::Embedded(store), addr, key).await
     }
 
-    /// Starts a server on `addr` (port 0: any) with `store`.
+    /// Starts a server on `addr` (port 0: any) with `store` and a new key.
     pub(crate) async fn start_on(store: store::Store, addr: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_keyed(store, addr, proto::ServerKey::generate()).await
+    }
+
+    async fn start_keyed(
+        store: store::Store,
+        addr: SocketAddr,
+        key: proto::ServerKey,
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let token = CancellationToken::new();
         let task = tokio::spawn(discovery::run(
             listener,
             store,
-            discovery::Config::default(),
+            discovery::Config {
+                server_key: std::sync::Arc::new(key),
+                ..discovery::Config::default()
+            },
             token.clone(),
         ));
         Ok(Self { addr, token, task })

@@ -328,7 +328,9 @@ fn a_flood_of_envelopes_on_one_connection_does_not_starve_other_peers() {
         let (mut acked, mut rejected) = (0_usize, 0_usize);
         for window in envelopes.chunks(peer::link::WINDOW) {
             for envelope in window {
-                connection.feed(&PeerMsg::Envelope(envelope.clone())).await?;
+                connection
+                    .feed(&PeerMsg::Envelope(envelope.clone()))
+                    .await?;
             }
             connection.flush().await?;
             for _ in window {

@@ -11,6 +11,8 @@
 //! - `hostile_server`: hostile clients against the real discovery server while two real
 //!   users chat.
 //! - `disk`: full disks and unwritable data dirs (root: a tmpfs in a private mount namespace).
+//! - `onpath`: an attacker on the path (recording, changing replies, redirecting a peer's
+//!   address, replaying acks), and a server whose key changed.
 //! - `netfaults`: an unreachable listener and a healing partition, between network
 //!   namespaces (root).
 //!
@@ -24,6 +26,7 @@ mod hostile_peer;
 mod hostile_server;
 mod interactive;
 mod netfaults;
+mod onpath;
 mod outages;
 mod scripted;
 mod util;

@@ -422,6 +422,13 @@ impl User {
         Listener::spawn(command)
     }
 
+    /// `p2pchat <args>` with extra environment variables, to completion.
+    pub fn run(&self, server: &Discovery, envs: &[(&str, &str)], args: &[&str]) -> Output {
+        let mut command = self.command(server);
+        command.args(args).envs(envs.iter().copied());
+        run_bounded(command)
+    }
+
     /// `p2pchat send <to> <message>` via `launcher` with extra environment variables, to
     /// completion.
     pub fn send_custom(

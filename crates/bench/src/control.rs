@@ -24,12 +24,15 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct ControlClient {
     connection: Connection<TcpStream>,
     nonce: [u8; 32],
+    /// The connection's handshake hash, signed into the registration.
+    channel: [u8; 32],
     next_id: RequestId,
 }
 
 impl ControlClient {
     /// Connects to `server` (from `source` when given, else the default loopback address),
-    /// exchanges hellos and reads the challenge.
+    /// runs the Noise handshake (accepting the server's key: the bench started the server)
+    /// and reads the challenge.
     pub async fn connect(server: SocketAddr, source: Option<Ipv4Addr>) -> Result<Self, BenchError> {
         let socket = TcpSocket::new_v4()?;
         if let Some(source) = source {
@@ -40,7 +43,7 @@ impl ControlClient {
             .map_err(|_| BenchError::Timeout(format!("connecting to {server}")))??;
         stream.set_nodelay(true)?;
         let mut connection = Connection::new(stream);
-        connection.hello(REPLY_TIMEOUT).await?;
+        let secured = connection.client_handshake(REPLY_TIMEOUT).await?;
         let nonce = match timeout_recv(&mut connection).await? {
             ServerMsg::Challenge { nonce } => nonce,
             other => {
@@ -52,6 +55,7 @@ impl ControlClient {
         Ok(Self {
             connection,
             nonce,
+            channel: secured.handshake_hash,
             next_id: 1,
         })
     }
@@ -63,7 +67,12 @@ impl ControlClient {
         user: &Username,
     ) -> Result<(), BenchError> {
         let keys = identity.public().clone();
-        let signature = identity.sign(&registration_transcript(&self.nonce, user, &keys));
+        let signature = identity.sign(&registration_transcript(
+            &self.nonce,
+            &self.channel,
+            user,
+            &keys,
+        ));
         let request = Request::Register(Registration {
             user: user.clone(),
             keys,

@@ -305,6 +305,9 @@ fn warm_up(count: usize) -> usize {
 struct Conversation {
     alice: Username,
     bob: Username,
+    /// Both users' identities, for the links' Noise handshakes.
+    alice_identity: Identity,
+    bob_identity: Identity,
     /// Alice's side: seals for bob.
     sender: Channel,
     /// Bob's side: opens alice's messages.
@@ -321,6 +324,8 @@ impl Conversation {
             receiver: Channel::new(&bob_identity, &bob, &alice, alice_identity.public())?,
             alice,
             bob,
+            alice_identity,
+            bob_identity,
         })
     }
 
@@ -362,7 +367,13 @@ async fn dial(
     let stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
     let mut connection = Connection::new(stream);
-    connection.hello(STEP_TIMEOUT).await?;
+    connection
+        .dial_handshake(
+            &conversation.alice_identity,
+            &conversation.bob_identity.public().exchange,
+            STEP_TIMEOUT,
+        )
+        .await?;
     connection
         .send(&PeerMsg::Hello {
             from: conversation.alice.clone(),
@@ -385,7 +396,12 @@ async fn answer(
     let (stream, _) = listener.accept().await?;
     stream.set_nodelay(true)?;
     let mut connection = Connection::new(stream);
-    connection.hello(STEP_TIMEOUT).await?;
+    let secured = connection
+        .accept_handshake(&conversation.bob_identity, STEP_TIMEOUT)
+        .await?;
+    if secured.remote_static != conversation.alice_identity.public().exchange {
+        return Err(BenchError::Protocol("the dialer is not alice".into()));
+    }
     match recv_peer(&mut connection).await? {
         PeerMsg::Hello { from, to } if from == conversation.alice && to == conversation.bob => {}
         other => {

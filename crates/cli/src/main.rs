@@ -79,9 +79,9 @@ struct Cli {
     connect_timeout_ms: Option<u64>,
     /// The discovery server's key fingerprint, as `p2pchat-discovery key` prints it: the
     /// server must present this key, and it is pinned. Without it, the key the server
-    /// presents at first contact is pinned, and a later change is refused.
+    /// presents at first contact is pinned, and a later change is refused. Empty: none.
     #[arg(long, env = "P2PCHAT_SERVER_KEY", global = true)]
-    server_key: Option<proto::Fingerprint>,
+    server_key: Option<String>,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -156,6 +156,11 @@ fn main() -> ExitCode {
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Empty is none: Compose passes the variable through whether it is set or not.
+    let server_key = match cli.server_key.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => Some(text.parse::<proto::Fingerprint>()?),
+    };
     let interactive = cli.mode.is_none();
     let user = match &cli.user {
         Some(name) => Username::new(name).with_context(|| format!("invalid username {name:?}"))?,
@@ -175,10 +180,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_tracing(interactive, &data_dir)?;
 
     if let Some(Mode::TrustServer) = cli.mode {
-        return trust_server(&cli.server, &data_dir, cli.server_key).await;
+        return trust_server(&cli.server, &data_dir, server_key).await;
     }
     let mut config = Config::new(cli.server.clone(), user, data_dir.clone());
-    config.server_key = cli.server_key;
+    config.server_key = server_key;
     config.listen = cli
         .listen
         .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], cli.port)));

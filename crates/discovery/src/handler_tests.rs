@@ -91,7 +91,8 @@ fn registration(
     identity: &Identity,
     ports: Vec<u16>,
 ) -> Request {
-    let transcript = registration_transcript(&session.nonce, &session.channel, user, identity.public());
+    let transcript =
+        registration_transcript(&session.nonce, &session.channel, user, identity.public());
     Request::Register(Registration {
         user: user.clone(),
         keys: identity.public().clone(),
@@ -230,7 +231,8 @@ async fn an_unsigned_exchange_key_is_refused() {
     let mut session = session();
     let mut keys = identity.public().clone();
     keys.exchange = Identity::generate().public().exchange;
-    let transcript = registration_transcript(&session.nonce, &session.channel, &name("mallory"), &keys);
+    let transcript =
+        registration_transcript(&session.nonce, &session.channel, &name("mallory"), &keys);
     let request = Request::Register(Registration {
         user: name("mallory"),
         keys,

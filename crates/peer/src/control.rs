@@ -12,11 +12,11 @@
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
+use crate::server_trust::{ServerKeyError, ServerTrust};
 use proto::{
     Connection, ErrorCode, ErrorReply, Identity, Push, Registration, Reply, Request, RequestFrame,
     RequestId, ServerMsg, Username, identity::registration_transcript,
 };
-use crate::server_trust::{ServerKeyError, ServerTrust};
 use tokio::{
     net::TcpStream,
     sync::{mpsc, oneshot},

@@ -12,9 +12,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use proto::{
-    Connection, Envelope, ErrorReply, Identity, MessageId, PeerMsg, PublicKeys, Username,
-};
+use proto::{Connection, Envelope, ErrorReply, Identity, MessageId, PeerMsg, PublicKeys, Username};
 use tokio::net::TcpStream;
 
 /// The most envelopes sent and not yet answered on one link. Bounded so a slow receiver

@@ -94,9 +94,16 @@ impl ServerTrust {
         blocking(move || this.check_now(&address, presented)).await
     }
 
-    fn check_now(&self, address: &str, presented: ServerPublicKey) -> Result<Trusted, ServerKeyError> {
+    fn check_now(
+        &self,
+        address: &str,
+        presented: ServerPublicKey,
+    ) -> Result<Trusted, ServerKeyError> {
         let mut pins = self.read()?;
-        let pinned = pins.iter().find(|(at, _)| at == address).map(|(_, key)| *key);
+        let pinned = pins
+            .iter()
+            .find(|(at, _)| at == address)
+            .map(|(_, key)| *key);
         if let Some(expected) = self.expected {
             if !presented.matches(&expected) {
                 return Err(ServerKeyError::NotExpected {
@@ -139,7 +146,10 @@ impl ServerTrust {
         let address = address.to_owned();
         blocking(move || {
             let mut pins = this.read()?;
-            let before = pins.iter().find(|(at, _)| *at == address).map(|(_, key)| *key);
+            let before = pins
+                .iter()
+                .find(|(at, _)| *at == address)
+                .map(|(_, key)| *key);
             pins.retain(|(at, _)| *at != address);
             pins.push((address, presented));
             this.write(&pins)?;

@@ -368,14 +368,13 @@ impl ServerKey {
             source,
         })?);
         identity::check_private(path, 0o600)?;
-        let secret: [u8; 32] =
-            bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| IdentityError::Corrupt {
-                    path: path.to_path_buf(),
-                    reason: "wrong length",
-                })?;
+        let secret: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| IdentityError::Corrupt {
+                path: path.to_path_buf(),
+                reason: "wrong length",
+            })?;
         Ok(Self::from_secret(Zeroizing::new(secret)))
     }
 }
@@ -399,7 +398,15 @@ mod tests {
     #[test]
     fn frames_of_every_size_round_trip_and_grow_by_one_tag_per_chunk() {
         let (mut client, mut server) = pair();
-        for len in [0, 1, 100, MAX_CHUNK, MAX_CHUNK + 1, 2 * MAX_CHUNK, 64 * 1024 + 3] {
+        for len in [
+            0,
+            1,
+            100,
+            MAX_CHUNK,
+            MAX_CHUNK + 1,
+            2 * MAX_CHUNK,
+            64 * 1024 + 3,
+        ] {
             let plain = vec![7u8; len];
             let sealed = client.seal(&plain).unwrap();
             assert_eq!(sealed.len(), sealed_len(len), "{len}");

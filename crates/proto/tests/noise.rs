@@ -51,7 +51,9 @@ fn recorded() -> (
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|window| window == needle)
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
 }
 
 #[tokio::test]
@@ -81,7 +83,10 @@ async fn a_control_connection_authenticates_the_server_and_hides_every_frame() {
         assert!(!contains(bytes, b"alice"), "a name crossed in clear");
         assert!(!contains(bytes, b"secret-token-body"));
         assert!(!contains(bytes, &sent.id.0), "an id crossed in clear");
-        assert!(!contains(bytes, &proto::wire::encode(&PeerMsg::Ack { id: sent.id }).unwrap()));
+        assert!(!contains(
+            bytes,
+            &proto::wire::encode(&PeerMsg::Ack { id: sent.id }).unwrap()
+        ));
     }
 }
 
@@ -113,7 +118,10 @@ async fn a_peer_link_finishes_only_with_the_holder_of_the_expected_key() {
             result
         }
     );
-    assert!(accepted.is_err(), "mallory cannot read a handshake meant for bob");
+    assert!(
+        accepted.is_err(),
+        "mallory cannot read a handshake meant for bob"
+    );
     assert!(
         matches!(
             dialled,
@@ -155,7 +163,8 @@ async fn frames_up_to_the_limit_cross_sealed_and_a_changed_byte_ends_the_connect
     let flip = tokio::spawn(async move {
         let (mut near_read, mut near_write) = tokio::io::split(near);
         let (mut far_read, mut far_write) = tokio::io::split(far);
-        let back = tokio::spawn(async move { tokio::io::copy(&mut near_read, &mut far_write).await });
+        let back =
+            tokio::spawn(async move { tokio::io::copy(&mut near_read, &mut far_write).await });
         let mut seen = 0usize;
         let mut buffer = [0u8; 4096];
         loop {

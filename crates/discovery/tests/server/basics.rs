@@ -184,9 +184,14 @@ async fn an_announcement_reaches_every_client() {
         client.register().await.unwrap();
         clients.push(client);
     }
-    operator::announce(&server.address.to_string(), SECRET, "maintenance at noon", None)
-        .await
-        .unwrap();
+    operator::announce(
+        &server.address.to_string(),
+        SECRET,
+        "maintenance at noon",
+        None,
+    )
+    .await
+    .unwrap();
     for client in &mut clients {
         let push = client
             .push(|push| matches!(push, Push::Announcement { .. }))
@@ -349,7 +354,9 @@ async fn hostile_input_gets_a_clear_error_and_a_closed_connection_while_others_c
     .to_vec();
     let at = lookup.windows(3).position(|w| w == b"abc").unwrap();
     lookup[at] = b';';
-    let reason = after_hello_send_body(server.address, &lookup).await.unwrap();
+    let reason = after_hello_send_body(server.address, &lookup)
+        .await
+        .unwrap();
     assert_eq!(reason.code, ErrorCode::BadRequest);
 
     // Everyone else still works.

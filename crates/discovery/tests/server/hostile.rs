@@ -249,8 +249,12 @@ async fn a_reply_too_large_for_a_frame_is_answered_with_an_error_not_a_dropped_c
     );
     let server = Server::start(store.clone(), config()).await;
     let mut mallory = Client::connect(server.address, "mallory").await;
-    let transcript =
-        registration_transcript(&mallory.nonce, &mallory.channel, &mallory.user, mallory.identity.public());
+    let transcript = registration_transcript(
+        &mallory.nonce,
+        &mallory.channel,
+        &mallory.user,
+        mallory.identity.public(),
+    );
     let (user, keys) = (mallory.user.clone(), mallory.identity.public().clone());
     let signature = mallory.identity.sign(&transcript);
     let registration = |listen_ports| {
