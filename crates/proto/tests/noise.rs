@@ -21,12 +21,11 @@ fn envelope(token: String) -> Envelope {
     }
 }
 
+/// What a recording forwarder saw: the bytes each way, once both sides are gone.
+type Recorder = tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)>;
+
 /// A pair of streams joined through a forwarder that records every byte each way.
-fn recorded() -> (
-    DuplexStream,
-    DuplexStream,
-    tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)>,
-) {
+fn recorded() -> (DuplexStream, DuplexStream, Recorder) {
     let (left, mut left_far) = tokio::io::duplex(1 << 20);
     let (right, mut right_far) = tokio::io::duplex(1 << 20);
     let recorder = tokio::spawn(async move {
