@@ -30,6 +30,7 @@ pub mod client;
 pub mod control;
 pub mod direct;
 pub mod discovery_load;
+pub mod handshake;
 pub mod mailbox;
 pub mod redis_ref;
 pub mod report;
@@ -126,6 +127,8 @@ pub enum Group {
     /// Direct throughput (peer runtime, and the bare protocol path pipelined) vs the
     /// Fernet seal+open ceiling on one core.
     DirectThroughput,
+    /// The Noise handshakes (control connection, peer link) vs one X25519 operation.
+    Handshake,
     /// N heartbeating discovery clients, server memory per client, lookups/s and p99 under
     /// that load vs `redis-benchmark` GET.
     Discovery,
@@ -142,9 +145,10 @@ pub enum Group {
 
 impl Group {
     /// Every group, in table order.
-    pub const ALL: [Group; 7] = [
+    pub const ALL: [Group; 8] = [
         Self::DirectLatency,
         Self::DirectThroughput,
+        Self::Handshake,
         Self::Discovery,
         Self::Attack,
         Self::MailboxEmbedded,
@@ -157,6 +161,7 @@ impl Group {
         match self {
             Self::DirectLatency => "direct-latency",
             Self::DirectThroughput => "direct-throughput",
+            Self::Handshake => "handshake",
             Self::Discovery => "discovery",
             Self::Attack => "attack",
             Self::MailboxEmbedded => "mailbox-embedded",
@@ -171,6 +176,7 @@ pub async fn run_group(group: Group, bench: &Bench) -> Result<Vec<Row>, BenchErr
     match group {
         Group::DirectLatency => direct::latency_rows(bench).await,
         Group::DirectThroughput => direct::throughput_rows(bench).await,
+        Group::Handshake => handshake::rows(bench).await,
         Group::Discovery => discovery_load::rows(bench).await,
         Group::Attack => attack::rows(bench).await,
         Group::MailboxEmbedded => mailbox::rows(bench, mailbox::Backend::Embedded).await,

@@ -37,6 +37,8 @@ enum Command {
     DirectLatency,
     /// Direct throughput vs the Fernet seal+open ceiling.
     DirectThroughput,
+    /// Noise handshakes (control connection, peer link) vs one X25519 operation.
+    Handshake,
     /// Heartbeating clients, server memory per client, lookups/s and p99 vs redis GET.
     Discovery,
     /// Lookup p99 under attack (silent sockets, a deposit flood) vs without it.
@@ -123,6 +125,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::All | Command::Smoke => None,
         Command::DirectLatency => Some(Group::DirectLatency),
         Command::DirectThroughput => Some(Group::DirectThroughput),
+        Command::Handshake => Some(Group::Handshake),
         Command::Discovery => Some(Group::Discovery),
         Command::Attack => Some(Group::Attack),
         Command::MailboxEmbedded => Some(Group::MailboxEmbedded),

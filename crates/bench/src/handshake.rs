@@ -1,0 +1,106 @@
+//! What opening a connection costs in cryptography: the Noise handshake of the control
+//! connection (NX: the server proves its key) and of a peer link (IK: both users' keys),
+//! each from the first hello to the first sealed frame, over an in-memory stream (no
+//! network in the figure), beside one X25519 Diffie-Hellman measured in the same run.
+//! NX costs each side three X25519 scalar multiplications (an ephemeral key and two
+//! Diffie-Hellmans), six in all; IK five each, ten in all: the rows show how close the
+//! whole handshake, both sides on one machine, comes to that floor.
+
+use std::time::{Duration, Instant};
+
+use proto::{Connection, Identity, ServerKey};
+
+use crate::{Bench, BenchError, Row, Target, stats::Latencies};
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The handshake rows: control, peer link, and the X25519 reference.
+pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
+    let count = bench.mode.pick(2_000, 20);
+    let mut x25519 = x25519_operations(count * 4);
+    let mut control = handshakes(count, Kind::Control).await?;
+    let mut peer = handshakes(count, Kind::Peer).await?;
+    let x25519_p50 = x25519.percentile_us(50.0);
+    let note = |latencies: &Latencies, what: &str| {
+        format!(
+            "{} handshakes, one after another on one thread pair: {what}, from the hellos to the first sealed frame each way, over tokio's in-memory duplex stream; X25519 reference: one StaticSecret::diffie_hellman, {} samples.",
+            latencies.len(),
+            x25519.len()
+        )
+    };
+    let control_note = note(
+        &control,
+        "Noise_NX_25519_ChaChaPoly_SHA256 (client ↔ discovery)",
+    );
+    let peer_note = note(&peer, "Noise_IK_25519_ChaChaPoly_SHA256 (peer link)");
+    Ok(vec![
+        Row::new(
+            "handshake: control connection p50 (Noise NX)",
+            control.percentile_us(50.0),
+            "µs",
+            Target::Reported,
+        )
+        .with_reference("one X25519 p50", x25519_p50)
+        .with_note(control_note),
+        Row::new(
+            "handshake: peer link p50 (Noise IK)",
+            peer.percentile_us(50.0),
+            "µs",
+            Target::Reported,
+        )
+        .with_reference("one X25519 p50", x25519_p50)
+        .with_note(peer_note),
+    ])
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Control,
+    Peer,
+}
+
+/// `count` handshakes of `kind`, each timed from start to both sides secured and one
+/// frame sent each way.
+async fn handshakes(count: usize, kind: Kind) -> Result<Latencies, BenchError> {
+    let server_key = ServerKey::generate();
+    let (alice, bob) = (Identity::generate(), Identity::generate());
+    let mut latencies = Latencies::with_capacity(count);
+    for _ in 0..count {
+        let (near, far) = tokio::io::duplex(4096);
+        let (mut dialer, mut acceptor) = (Connection::new(near), Connection::new(far));
+        let started = Instant::now();
+        let (dialled, accepted) = match kind {
+            Kind::Control => tokio::join!(
+                dialer.client_handshake(STEP_TIMEOUT),
+                acceptor.server_handshake(&server_key, STEP_TIMEOUT)
+            ),
+            Kind::Peer => tokio::join!(
+                dialer.dial_handshake(&alice, &bob.public().exchange, STEP_TIMEOUT),
+                acceptor.accept_handshake(&bob, STEP_TIMEOUT)
+            ),
+        };
+        dialled?;
+        accepted?;
+        dialer.send(&1u8).await?;
+        let _: Option<u8> = acceptor.recv().await?;
+        acceptor.send(&2u8).await?;
+        let _: Option<u8> = dialer.recv().await?;
+        latencies.record(started.elapsed());
+    }
+    Ok(latencies)
+}
+
+/// `count` X25519 operations, each timed.
+fn x25519_operations(count: usize) -> Latencies {
+    let secret = x25519_dalek::StaticSecret::from(proto::random_bytes::<32>());
+    let other = x25519_dalek::StaticSecret::from(proto::random_bytes::<32>());
+    let public = x25519_dalek::PublicKey::from(&other);
+    let mut latencies = Latencies::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        let shared = secret.diffie_hellman(std::hint::black_box(&public));
+        std::hint::black_box(shared);
+        latencies.record(started.elapsed());
+    }
+    latencies
+}
