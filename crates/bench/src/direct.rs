@@ -24,9 +24,7 @@ use std::{
 
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use peer::DeliveryStatus;
-use proto::{
-    Channel, Connection, Envelope, Identity, MessageId, PeerMsg, ReplayGuard, Username,
-};
+use proto::{Channel, Connection, Envelope, Identity, MessageId, PeerMsg, ReplayGuard, Username};
 use store::{EmbeddedStore, MailLimits, Store};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -532,10 +530,7 @@ pub async fn protocol_throughput(count: usize) -> Result<f64, BenchError> {
                     }
                 }
                 answer = if acked < sent {
-                    connection
-                        .recv::<PeerMsg>()
-                        .now_or_never()
-                        .transpose()?
+                    connection.recv::<PeerMsg>().now_or_never().transpose()?
                 } else {
                     None
                 };
