@@ -336,6 +336,22 @@ async fn hostile_input_gets_a_clear_error_and_a_closed_connection_while_others_c
     assert_eq!(reason.code, ErrorCode::VersionMismatch);
     assert!(reason.message.contains("99"));
 
+    // A client of the previous version (plain TCP, before the Noise transports) is told
+    // to upgrade, not left waiting for a handshake it cannot do.
+    let raw = TcpStream::connect(server.address).await.unwrap();
+    let mut connection = Connection::new(raw);
+    connection
+        .send(&Hello {
+            protocol: "p2pchat".into(),
+            version: proto::msg::PROTOCOL_VERSION - 1,
+        })
+        .await
+        .unwrap();
+    let _ = connection.recv::<Hello>().await.unwrap();
+    let reason = Client::closed_with(&mut connection).await.unwrap();
+    assert_eq!(reason.code, ErrorCode::VersionMismatch);
+    assert!(reason.message.contains("upgrade"), "{reason}");
+
     // A bad signature: a clear error reply, and the connection may try again.
     let mut mallory = Client::connect(server.address, "mallory").await;
     mallory.nonce = [0; 32];
