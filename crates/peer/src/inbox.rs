@@ -13,6 +13,11 @@
 //! offering it) and opened again by [`reopen_held`] once the user runs `trust` for the
 //! sender. A direct message with a changed key is refused to the sender, who sees it.
 //!
+//! A direct connection starts with the Noise handshake under my exchange key; the dialer's
+//! proven key must be the key of the user its hello names (pinned, or else the server's)
+//! before any envelope is read ([`check_dialer`]): a connection from anyone else under that
+//! name is refused, a key change is told to the user.
+//!
 //! A peer that sends garbage, stalls, or floods only occupies its own task: every read has a
 //! timeout and every refusal is answered and logged, never a panic. An envelope that does
 //! not open (or is not for me) proves nothing about its claimed sender: it pins nothing, is
