@@ -23,7 +23,7 @@ pub mod wire;
 pub use connection::{Connection, HandshakeError, RecvError, SendError};
 pub use identity::{Identity, IdentityError, PublicKeys};
 pub use msg::{
-    Envelope, ErrorCode, ErrorReply, Hello, MessageId, PeerMsg, Push, Registration, Reply, Request,
+    Envelope, ErrorCode, ErrorReply, Hello, MailRef, MessageId, PeerMsg, Push, Registration, Reply, Request,
     RequestFrame, RequestId, ServerMsg, UserInfo,
 };
 pub use name::{Username, UsernameError};

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use proto::{
-    Connection, Envelope, ErrorCode, ErrorReply, HandshakeError, Hello, Identity, MessageId,
+    Connection, Envelope, ErrorCode, ErrorReply, HandshakeError, Hello, Identity, MailRef, MessageId,
     PeerMsg, Push, RecvError, Registration, Reply, Request, RequestFrame, ServerMsg, UserInfo,
     Username, msg::PROTOCOL_VERSION, wire,
 };
@@ -48,6 +48,12 @@ fn every_request() -> Vec<Request> {
         Request::Announce {
             text: "maintenance at noon".into(),
             proof: [9; 32],
+        },
+        Request::AckMail {
+            mail: vec![MailRef {
+                from: name("alice"),
+                id: MessageId::random(),
+            }],
         },
     ]
 }
