@@ -90,6 +90,9 @@ struct Cli {
     /// Most messages one mailbox holds.
     #[arg(long, env = "P2PCHAT_MAIL_CAP", default_value_t = 10_000)]
     mail_cap: u64,
+    /// Most bytes of stored mail one mailbox holds (64 MiB).
+    #[arg(long, env = "P2PCHAT_MAIL_MAX_BYTES", default_value_t = 64 << 20)]
+    mail_max_bytes: u64,
     /// Days mail is kept before it expires.
     #[arg(long, env = "P2PCHAT_MAIL_TTL_DAYS", default_value_t = 30)]
     mail_ttl_days: u64,
@@ -166,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let limits = MailLimits {
         cap: cli.mail_cap,
+        max_bytes: cli.mail_max_bytes,
         ttl_ms: cli.mail_ttl_days.saturating_mul(24 * 60 * 60 * 1000),
     };
     // The data dir holds the operator secret (and the embedded store): created 0700, and

@@ -23,8 +23,8 @@ pub mod wire;
 pub use connection::{Connection, HandshakeError, RecvError, SendError};
 pub use identity::{Identity, IdentityError, PublicKeys};
 pub use msg::{
-    Envelope, ErrorCode, ErrorReply, Hello, MailRef, MessageId, PeerMsg, Push, Registration, Reply, Request,
-    RequestFrame, RequestId, ServerMsg, UserInfo,
+    Envelope, ErrorCode, ErrorReply, Hello, MailRef, MessageId, PeerMsg, Push, Registration, Reply,
+    Request, RequestFrame, RequestId, ServerMsg, UserInfo,
 };
 pub use name::{Username, UsernameError};
 pub use seal::{Channel, OpenError, Plaintext, ReplayGuard, SealError};

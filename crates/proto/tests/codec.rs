@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use proto::{
-    Connection, Envelope, ErrorCode, ErrorReply, HandshakeError, Hello, Identity, MailRef, MessageId,
-    PeerMsg, Push, RecvError, Registration, Reply, Request, RequestFrame, ServerMsg, UserInfo,
-    Username, msg::PROTOCOL_VERSION, wire,
+    Connection, Envelope, ErrorCode, ErrorReply, HandshakeError, Hello, Identity, MailRef,
+    MessageId, PeerMsg, Push, RecvError, Registration, Reply, Request, RequestFrame, ServerMsg,
+    UserInfo, Username, msg::PROTOCOL_VERSION, wire,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

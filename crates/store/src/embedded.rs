@@ -91,8 +91,7 @@ type MailTable = TableDefinition<'static, (&'static str, u64), (&'static [u8; 16
 /// (user, sequence) → (message id, wire-encoded [`StoredMail`]).
 const MAIL: MailTable = TableDefinition::new("mail");
 /// (user, message id, sender) → sequence in `MAIL`: mail identity is (sender, id).
-const MAIL_KEYS: TableDefinition<(&str, &[u8; 16], &str), u64> =
-    TableDefinition::new("mail_keys");
+const MAIL_KEYS: TableDefinition<(&str, &[u8; 16], &str), u64> = TableDefinition::new("mail_keys");
 /// User → (messages in the mailbox, next sequence number, stale `MAIL_KEYS` entries, bytes
 /// of stored mail).
 const MAILBOX_TOTALS: TableDefinition<&str, (u64, u64, u64, u64)> =
@@ -592,7 +591,10 @@ fn record_layout(txn: &WriteTransaction) -> Result<(), redb::Error> {
 /// records its layout or has no layout 1 tables (a new file).
 fn migrate_layout_1(txn: &WriteTransaction) -> Result<(), StoreError> {
     let recorded = (|| -> Result<Option<u64>, redb::Error> {
-        Ok(txn.open_table(META)?.get("layout")?.map(|value| value.value()))
+        Ok(txn
+            .open_table(META)?
+            .get("layout")?
+            .map(|value| value.value()))
     })()
     .map_err(embedded_error)?;
     if recorded.is_some() {
@@ -650,7 +652,10 @@ fn migrate_layout_1(txn: &WriteTransaction) -> Result<(), StoreError> {
         Ok(mail)
     };
     let mail = migrate().map_err(embedded_error)?;
-    tracing::info!(mail, "store file migrated to layout 2 (mail keyed by sender and id, mailbox bytes counted)");
+    tracing::info!(
+        mail,
+        "store file migrated to layout 2 (mail keyed by sender and id, mailbox bytes counted)"
+    );
     Ok(())
 }
 
@@ -733,8 +738,7 @@ fn deposit_in(
     let stale_entry = {
         let keys = txn.open_table(MAIL_KEYS)?;
         let mail = txn.open_table(MAIL)?;
-        match keys.get(key)?.map(|value| value.value())
-        {
+        match keys.get(key)?.map(|value| value.value()) {
             Some(sequence) if mail.get((recipient.as_str(), sequence))?.is_some() => {
                 return Ok(DepositDecision::Duplicate);
             }

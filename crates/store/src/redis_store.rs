@@ -1293,9 +1293,8 @@ impl RedisStore {
             for key in ids {
                 match classify(user, &key, values.next().flatten(), ttl_ms, now_ms) {
                     Entry::Keep(stored, migrate) => {
-                        let new_key = migrate.then(|| {
-                            mail_key(&stored.envelope.from, &stored.envelope.id)
-                        });
+                        let new_key =
+                            migrate.then(|| mail_key(&stored.envelope.from, &stored.envelope.id));
                         if !batch.offer(stored) {
                             break;
                         }
@@ -1531,7 +1530,13 @@ enum Entry {
 }
 
 /// Decides about one fetched entry under mail key `key`, logging anything wrong with it.
-fn classify(user: &Username, key: &[u8], value: Option<Vec<u8>>, ttl_ms: u64, now_ms: u64) -> Entry {
+fn classify(
+    user: &Username,
+    key: &[u8],
+    value: Option<Vec<u8>>,
+    ttl_ms: u64,
+    now_ms: u64,
+) -> Entry {
     let Some(bytes) = value else {
         tracing::warn!(%user, key = ?key, "mail key without a value; dropped from the mailbox");
         return Entry::Remove(RemovalAction::Delete);

@@ -3,8 +3,7 @@
 use anyhow::ensure;
 use redb::TableDefinition;
 use store::{
-    BindOutcome, Binding, DepositOutcome, EmbeddedStore, MailLimits, Store, StoreError,
-    StoredMail,
+    BindOutcome, Binding, DepositOutcome, EmbeddedStore, MailLimits, Store, StoreError, StoredMail,
 };
 
 use crate::util::{LIMITS, envelope, ids, keys, refs, user};

@@ -173,7 +173,11 @@ async fn mail_of_the_old_layout_is_read_and_migrated_on_first_fetch() -> anyhow:
             deposited_at_ms: 1_000,
         })?;
         let _: u64 = raw
-            .zadd("p2pchat:{bob}:mail", &message.id.0[..], sequence as f64 + 1.0)
+            .zadd(
+                "p2pchat:{bob}:mail",
+                &message.id.0[..],
+                sequence as f64 + 1.0,
+            )
             .await?;
         let _: u64 = raw
             .hset("p2pchat:{bob}:mail:data", &message.id.0[..], value.as_ref())
@@ -189,7 +193,10 @@ async fn mail_of_the_old_layout_is_read_and_migrated_on_first_fetch() -> anyhow:
     ensure!(ids(&fetched.mail) == vec![old[0].id, old[1].id, old[0].id]);
     let members: Vec<Vec<u8>> = raw.zrange("p2pchat:{bob}:mail", 0, -1).await?;
     let new_key = |message: &proto::Envelope| [&message.id.0[..], b"alice"].concat();
-    ensure!(members == vec![new_key(&old[1]), new_key(&old[0])], "{members:?}");
+    ensure!(
+        members == vec![new_key(&old[1]), new_key(&old[0])],
+        "{members:?}"
+    );
     ensure!(store.deposit(&old[1], 2_500).await? == store::DepositOutcome::Duplicate);
     // The client acks by sender and id, and each message goes once.
     ensure!(store.ack(&bob, &refs(&fetched.mail[..2])).await? == 2);

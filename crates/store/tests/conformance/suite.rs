@@ -36,7 +36,18 @@ pub async fn deposit_fetch_ack_keeps_order_and_counts(store: &Store) -> anyhow::
 
     // Acking again, or acking an unknown id, deletes nothing.
     ensure!(store.ack(&bob, &refs(&first.mail)).await? == 0);
-    ensure!(store.ack(&bob, &[proto::MailRef { from: user("alice"), id: proto::MessageId::random() }]).await? == 0);
+    ensure!(
+        store
+            .ack(
+                &bob,
+                &[proto::MailRef {
+                    from: user("alice"),
+                    id: proto::MessageId::random()
+                }]
+            )
+            .await?
+            == 0
+    );
     ensure!(store.ack(&bob, &[]).await? == 0);
 
     ensure!(store.ack(&bob, &refs(&second.mail)).await? == 2);
@@ -276,7 +287,12 @@ pub async fn mail_identity_is_sender_and_id(store: &Store) -> anyhow::Result<()>
     ensure!(got == vec![from_alice.clone(), from_mallory.clone()]);
 
     // Acking mallory's message leaves alice's, although the ids are equal.
-    ensure!(store.ack(&bob, &refs_of(std::slice::from_ref(&from_mallory))).await? == 1);
+    ensure!(
+        store
+            .ack(&bob, &refs_of(std::slice::from_ref(&from_mallory)))
+            .await?
+            == 1
+    );
     let fetched = store.fetch(&bob, 10, usize::MAX, 3_000).await?;
     ensure!(fetched.mail.len() == 1 && fetched.mail[0].envelope == from_alice);
     ensure!(store.ack(&bob, &refs(&fetched.mail)).await? == 1);
