@@ -13,6 +13,9 @@
 //! - `held`: message id → [`Envelope`], mail that arrived sealed under a sender key other
 //!   than the pinned one: acked at the server (so it is not fetched forever) and kept here,
 //!   sealed, until the user `trust`s the sender's new key and it is opened again.
+//! - `early`: (when it opens, sender, message id) → [`Envelope`], mail dated ahead (its
+//!   sender's clock is fast): acked at the server, so it never holds up the mail behind it,
+//!   and kept here, sealed, until its time comes and it is opened and shown.
 //! - `meta`: counters (the next history sequence number).
 //!
 //! The hot tables are keyed so that a batch of messages appends to the same few B-tree
@@ -100,6 +103,7 @@ const OUTBOX_V1: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("outbox
 const SEEN_V1: TableDefinition<[u8; 16], u64> = TableDefinition::new("seen");
 const UNSHOWN_V1: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("unshown");
 const HELD: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("held");
+const EARLY: TableDefinition<(u64, &str, [u8; 16]), &[u8]> = TableDefinition::new("early");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_SEQ: &str = "next_seq";
 
@@ -409,6 +413,7 @@ impl State {
         txn.open_table(SEEN)?;
         txn.open_table(UNSHOWN)?;
         txn.open_table(HELD)?;
+        txn.open_table(EARLY)?;
         let next_seq = txn
             .open_table(META)?
             .get(NEXT_SEQ)?
@@ -1007,6 +1012,60 @@ impl State {
         let id = *id;
         self.write(move |txn| {
             txn.open_table(HELD)?.remove(id.0)?;
+            Ok(())
+        })
+    }
+
+    // ---- early (dated ahead) ----
+
+    /// Keeps `envelope`, which opens at `opens_at_ms`, sealed until then. Idempotent by
+    /// (sender, id) and time (a copy of a message carries the same time). Returns false
+    /// (and keeps nothing) when `max` envelopes are kept already, so a sender dating mail
+    /// ahead cannot fill the disk.
+    pub fn keep_early(&self, envelope: &Envelope, opens_at_ms: u64, max: u64) -> Ticket<bool> {
+        let (from, id, encoded) = (envelope.from.clone(), envelope.id, encode(envelope));
+        self.write(move |txn| {
+            let mut table = txn.open_table(EARLY)?;
+            let key = (opens_at_ms, from.as_str(), id.0);
+            Ok(if table.get(key)?.is_some() {
+                true
+            } else if table.len()? >= max {
+                false
+            } else {
+                table.insert(key, encoded.as_ref())?;
+                true
+            })
+        })
+    }
+
+    /// At most `max` kept early envelopes whose time has come at `now_ms`, soonest first,
+    /// each with the time it was kept for (to [`State::forget_early`] it by).
+    pub fn early_due(&self, now_ms: u64, max: usize) -> Result<Vec<(u64, Envelope)>, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        let table = txn.open_table(EARLY)?;
+        let mut due = Vec::new();
+        for row in table.range((0, "", [0; 16])..(now_ms.saturating_add(1), "", [0; 16]))? {
+            if due.len() >= max {
+                break;
+            }
+            let (key, bytes) = row?;
+            due.push((key.value().0, decode("early", bytes.value())?));
+        }
+        Ok(due)
+    }
+
+    /// Whether any early envelope is kept (due or not).
+    pub fn has_early(&self) -> Result<bool, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        Ok(!txn.open_table(EARLY)?.is_empty()?)
+    }
+
+    /// Forgets a kept early envelope (opened and stored, held, or refused for good).
+    pub fn forget_early(&self, opens_at_ms: u64, envelope: &Envelope) -> Ticket<()> {
+        let (from, id) = (envelope.from.clone(), envelope.id);
+        self.write(move |txn| {
+            txn.open_table(EARLY)?
+                .remove((opens_at_ms, from.as_str(), id.0))?;
             Ok(())
         })
     }
