@@ -887,7 +887,7 @@ mod tests {
             mail_verdict(Err(Refusal::KeyChanged)),
             MailVerdict::Hold
         ));
-        // A few minutes fast waits in the mailbox; far ahead is refused for good.
+        // A few minutes fast is kept until it opens; far ahead is refused for good.
         let ahead =
             |ahead_secs| mail_verdict(Err(Refusal::Bad(OpenError::ClockSkew { ahead_secs })));
         assert!(matches!(

@@ -18,7 +18,7 @@
 //! the kept client and config) before the next try: one timeout, not one per call forever.
 //! TCP keep-alive and, on Linux, `TCP_USER_TIMEOUT` also let the kernel close such a
 //! connection by itself while it is idle. Every operation is safe to repeat:
-//! deposits are idempotent by message id, acks and block-list changes are set operations,
+//! deposits are idempotent by (sender, id), acks and block-list changes are set operations,
 //! a repeated bind finds its own binding, and a repeated publish only repeats a hint.
 //!
 //! Pub/sub needs a connection of its own (a subscribed connection cannot run commands). On
@@ -96,10 +96,10 @@
 //! - A list (`LPUSH`/`RPOP`, what the original did) removes on read; `LRANGE` + `LREM`
 //!   would make every ack a linear scan.
 //! - A stream gives order and `XDEL` by entry id, but entry ids are Redis-generated, so
-//!   idempotency by *message* id and ack by message id need a second index anyway, and
+//!   idempotency by (sender, message id) and acks by it need a second index anyway, and
 //!   consumer groups' pending lists solve a different problem (many consumers, one log)
 //!   while a mailbox has one reader.
-//! - A sorted set keyed by message id and scored by a per-user sequence gives deposit
+//! - A sorted set keyed by mail key (id and sender) and scored by a per-user sequence gives deposit
 //!   order (times can tie; the sequence cannot), `ZRANGE` batches from the head,
 //!   `ZREM` of any acked subset in one command, and `ZCARD` for the cap; a hash beside it
 //!   holds the bytes, fetched with one `HMGET` per batch.
