@@ -209,8 +209,8 @@ async fn drain(
                 break;
             }
             batches += 1;
-            let ids = envelopes.iter().map(|envelope| envelope.id).collect();
-            client.send(Request::Ack { ids }).await?;
+            let mail = envelopes.iter().map(proto::MailRef::of).collect();
+            client.send(Request::AckMail { mail }).await?;
             if remaining > 0 {
                 client.send(Request::Fetch { max: FETCH_MAX }).await?;
             }

@@ -53,7 +53,8 @@ async fn reopened_store_keeps_mail_bindings_and_block_lists() -> anyhow::Result<
 /// bytes count toward the byte cap.
 #[tokio::test]
 async fn a_layout_1_file_is_migrated_at_open() -> anyhow::Result<()> {
-    const MAIL: TableDefinition<(&str, u64), (&[u8; 16], &[u8])> = TableDefinition::new("mail");
+    type MailRow = (&'static [u8; 16], &'static [u8]);
+    const MAIL: TableDefinition<(&str, u64), MailRow> = TableDefinition::new("mail");
     const MAIL_IDS: TableDefinition<(&str, &[u8; 16]), u64> = TableDefinition::new("mail_ids");
     const MAILBOXES: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("mailboxes");
     let dir = tempfile::tempdir()?;
