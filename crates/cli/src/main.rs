@@ -377,7 +377,7 @@ async fn listen_mode(
                     client.mark_shown(&printed).await?;
                 }
                 if let Some(reply) = fatal {
-                    eprintln!("p2pchat: cannot register: {reply}");
+                    eprintln!("p2pchat: {}", render::fatal_text(&reply));
                     break ExitCode::FAILURE;
                 }
             }
@@ -643,7 +643,7 @@ async fn interactive_mode(
         line_editor.restore_terminal();
     }
     if let Status::Fatal(reply) = &*client.status().borrow() {
-        eprintln!("p2pchat: cannot register as {}: {reply}", client.user());
+        eprintln!("p2pchat ({}): {}", client.user(), render::fatal_text(reply));
     }
     Ok(code)
 }

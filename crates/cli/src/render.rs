@@ -187,6 +187,18 @@ pub fn refusal_text(from: &Username, reason: &RefusalReason) -> String {
     }
 }
 
+/// Why the client stopped talking to the server for good: signed out by a newer login of
+/// the same user, or refused at registration.
+pub fn fatal_text(reply: &proto::ErrorReply) -> String {
+    match reply.code {
+        proto::ErrorCode::SessionLimit => format!(
+            "signed out: {reply}; not reconnecting (start p2pchat again to sign in here, \
+             which closes your oldest session)"
+        ),
+        _ => format!("cannot register: {reply}"),
+    }
+}
+
 /// The text lines for one event at `now_ms` (`None`: nothing to show). Everything but the
 /// key-change warning (whose line breaks are ours, around fingerprints and a name) passes
 /// through [`terminal_safe`] before it is painted.
@@ -280,7 +292,7 @@ fn event_text_raw(event: &Event, look: &Look, now_ms: u64) -> String {
         Event::Offline { reason, .. } => {
             format!("lost the discovery server ({reason}); reconnecting in the background")
         }
-        Event::Fatal(reply) => format!("cannot register: {reply}"),
+        Event::Fatal(reply) => fatal_text(reply),
         Event::KeyChanged {
             user,
             pinned,
@@ -545,7 +557,8 @@ mod tests {
     }
 
     /// A session closed at the server's per-user session limit is shown with the server's
-    /// sentence and its code (the peer runtime passes the `Closing` reason through).
+    /// sentence and its code, and says that it does not reconnect by itself (the peer
+    /// runtime stops on it, so sessions of one user do not keep closing one another).
     #[test]
     fn a_session_closed_at_the_per_user_session_limit_says_why() {
         let closing = proto::ErrorReply::new(
@@ -553,15 +566,17 @@ mod tests {
             "a newer login with your name went over the limit of 8 sessions at once; \
              this session, the oldest, was closed to make room",
         );
-        let event = Event::Offline {
-            reason: format!("the server closed the connection: {closing}"),
-            retry_in: std::time::Duration::from_secs(1),
-        };
         assert_eq!(
-            event_text(&event).unwrap(),
-            "lost the discovery server (the server closed the connection: a newer login with \
-             your name went over the limit of 8 sessions at once; this session, the oldest, was \
-             closed to make room (session_limit)); reconnecting in the background"
+            event_text(&Event::Fatal(closing)).unwrap(),
+            "signed out: a newer login with your name went over the limit of 8 sessions at \
+             once; this session, the oldest, was closed to make room (session_limit); not \
+             reconnecting (start p2pchat again to sign in here, which closes your oldest \
+             session)"
+        );
+        let refused = proto::ErrorReply::new(proto::ErrorCode::NameTaken, "taken");
+        assert_eq!(
+            event_text(&Event::Fatal(refused)).unwrap(),
+            "cannot register: taken (name_taken)"
         );
     }
 

@@ -822,3 +822,70 @@ async fn events_not_taken_hold_the_runtime_back_and_lose_nothing() {
     alice.shutdown(Duration::from_secs(2)).await;
     bob.shutdown(Duration::from_secs(2)).await;
 }
+
+/// Issue 12: a session closed at the per-user session limit reconnected at once and closed
+/// another session of the same identity, which did the same, so more processes of one
+/// identity than the limit evicted one another forever. Now the closed one is told why
+/// (`session_limit`, as a fatal event) and does not reconnect: the sessions settle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_over_the_per_user_limit_settle_instead_of_evicting_one_another() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let store = Store::Embedded(
+        EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default()).unwrap(),
+    );
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let metrics = std::sync::Arc::new(discovery::Metrics::default());
+    let server_config = discovery::Config {
+        max_sessions_per_user: 2,
+        ..discovery::Config::default()
+    };
+    tokio::spawn(discovery::serve(
+        listener,
+        store,
+        server_config,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    // Three processes of one identity, each with its own data dir holding a copy of it.
+    let roots: Vec<_> = (0..3)
+        .map(|n| dir.path().join(format!("device{n}")))
+        .collect();
+    let (first, mut first_events) = online(config(server, "alice", &roots[0]), &shutdown).await;
+    for root in &roots[1..] {
+        let alice = root.join("alice");
+        std::fs::create_dir_all(&alice).unwrap();
+        std::fs::set_permissions(&alice, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let key = proto::identity::IDENTITY_FILE;
+        std::fs::copy(roots[0].join("alice").join(key), alice.join(key)).unwrap();
+    }
+    let (second, _second_events) = online(config(server, "alice", &roots[1]), &shutdown).await;
+    let (third, _third_events) = online(config(server, "alice", &roots[2]), &shutdown).await;
+
+    // The oldest is signed out, and told why.
+    let events = until(&mut first_events, |event| matches!(event, Event::Fatal(_))).await;
+    let Some(Event::Fatal(reply)) = events.last() else {
+        unreachable!("`until` returns the awaited event last");
+    };
+    assert_eq!(reply.code, proto::ErrorCode::SessionLimit, "{reply}");
+    // It stays out: for a while (many reconnect backoffs), no session closes another.
+    let more = drain(&mut first_events, Duration::from_secs(3)).await;
+    assert!(
+        !more
+            .iter()
+            .any(|event| matches!(event, Event::Online { .. })),
+        "{more:#?}"
+    );
+    assert_eq!(metrics.sessions_evicted.get(), 1);
+    for client in [&second, &third] {
+        assert!(matches!(
+            &*client.status().borrow(),
+            peer::Status::Online { .. }
+        ));
+    }
+    for client in [first, second, third] {
+        client.shutdown(Duration::from_secs(2)).await;
+    }
+}
