@@ -200,6 +200,7 @@ impl Session {
             Request::Ack { ids } => {
                 // Mail identity is (sender, id): an id alone names the messages of the last
                 // fetch with that id, which is what the client that sends it has stored.
+                let ids: std::collections::HashSet<_> = ids.into_iter().collect();
                 let mail: Vec<MailRef> = std::mem::take(&mut self.last_fetched)
                     .into_iter()
                     .filter(|fetched| ids.contains(&fetched.id))

@@ -1671,6 +1671,42 @@ mod tests {
         assert!(state.held_from(&name("alice")).unwrap().is_empty());
     }
 
+    /// Mail dated ahead is kept by (time, sender, id): two senders' messages with one id
+    /// are both kept, a copy is kept once, the cap holds, and it comes out once due.
+    #[test]
+    fn early_envelopes_come_out_when_due_and_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let envelope = |from: &str, id: MessageId| Envelope {
+            id,
+            from: name(from),
+            to: name("me"),
+            token: "sealed".to_owned(),
+        };
+        let id = MessageId::random();
+        let (alice, carol) = (envelope("alice", id), envelope("carol", id));
+        let later = envelope("dave", MessageId::random());
+        {
+            let state = State::open(dir.path()).unwrap();
+            assert!(state.keep_early(&alice, 5_000, 2).wait_blocking().unwrap());
+            assert!(state.keep_early(&alice, 5_000, 2).wait_blocking().unwrap());
+            assert!(state.keep_early(&carol, 5_000, 2).wait_blocking().unwrap());
+            assert!(!state.keep_early(&later, 9_000, 2).wait_blocking().unwrap());
+        }
+        let state = State::open(dir.path()).unwrap();
+        assert!(state.has_early().unwrap());
+        assert!(state.early_due(4_999, 10).unwrap().is_empty());
+        let due = state.early_due(5_000, 10).unwrap();
+        assert_eq!(due, vec![(5_000, alice.clone()), (5_000, carol.clone())]);
+        assert_eq!(state.early_due(5_000, 1).unwrap().len(), 1);
+        state.forget_early(5_000, &alice).wait_blocking().unwrap();
+        assert_eq!(
+            state.early_due(u64::MAX, 10).unwrap(),
+            vec![(5_000, carol.clone())]
+        );
+        state.forget_early(5_000, &carol).wait_blocking().unwrap();
+        assert!(!state.has_early().unwrap());
+    }
+
     #[test]
     fn mutes_end_at_their_time() {
         let dir = tempfile::tempdir().unwrap();

@@ -1310,12 +1310,13 @@ impl RedisStore {
             }
             let removed = removals.len() as u64;
             if !removals.is_empty() || !migrations.is_empty() {
+                // Migrations keep their entries' ranks; only removals make room to read on.
                 removals.append(&mut migrations);
                 self.remove_mail(&keys, &removals).await?;
             }
             let remaining = total.saturating_sub(removed + batch.len() as u64);
             let more_behind = (batch.len() as u64 + removed) < total;
-            if removals.is_empty() || batch.is_full() || !more_behind {
+            if removed == 0 || batch.is_full() || !more_behind {
                 return Ok(Fetched {
                     mail: batch.into_mail(),
                     remaining,
