@@ -9,7 +9,7 @@
 //! in one flush: the sender pipelines, so one `fsync` covers many messages.
 //!
 //! Mail sealed under a sender key that no longer matches the pinned one is not deleted: it
-//! is kept sealed in the `held` table of [`crate::state`] (then acked, so the server stops
+//! is kept sealed in the `held_by_sender` table of [`crate::state`] (then acked, so the server stops
 //! offering it) and opened again by [`reopen_held`] once the user runs `trust` for the
 //! sender. A direct message with a changed key is refused to the sender, who sees it.
 //!
@@ -607,7 +607,7 @@ pub(crate) async fn reopen_held(context: &Context, from: &Username) {
                 true
             }
         };
-        if done && let Err(error) = context.state.unhold(&envelope.id).await {
+        if done && let Err(error) = context.state.unhold(&envelope).await {
             tracing::error!(%error, "cannot forget held mail");
         }
     }
