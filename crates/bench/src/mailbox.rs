@@ -40,6 +40,7 @@ pub async fn rows(bench: &Bench, backend: Backend) -> Result<Vec<Row>, BenchErro
     let count = bench.mode.pick(100_000, 500);
     let limits = MailLimits {
         cap: count as u64 + 1_000,
+        max_bytes: 64 << 20,
         ..MailLimits::default()
     };
     let bob = Username::new("bob").unwrap_or_else(|_| unreachable!("valid"));
@@ -208,8 +209,8 @@ async fn drain(
                 break;
             }
             batches += 1;
-            let ids = envelopes.iter().map(|envelope| envelope.id).collect();
-            client.send(Request::Ack { ids }).await?;
+            let mail = envelopes.iter().map(proto::MailRef::of).collect();
+            client.send(Request::AckMail { mail }).await?;
             if remaining > 0 {
                 client.send(Request::Fetch { max: FETCH_MAX }).await?;
             }

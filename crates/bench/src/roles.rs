@@ -48,6 +48,7 @@ pub async fn serve_discovery(options: ServeOptions) -> Result<(), BenchError> {
     system::raise_open_file_limit()?;
     let limits = MailLimits {
         cap: options.mail_cap,
+        max_bytes: 64 << 20,
         ..MailLimits::default()
     };
     let store = match &options.redis {

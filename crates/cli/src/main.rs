@@ -693,11 +693,7 @@ async fn interactive_mode(
         line_editor.restore_terminal();
     }
     if let Status::Fatal(reply) = &*client.status().borrow() {
-        if reply.code == proto::ErrorCode::ServerKeyChanged {
-            eprintln!("p2pchat: {}", reply.message);
-        } else {
-            eprintln!("p2pchat: cannot register as {}: {reply}", client.user());
-        }
+        eprintln!("p2pchat ({}): {}", client.user(), render::fatal_text(reply));
     }
     Ok(code)
 }

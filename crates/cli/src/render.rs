@@ -123,16 +123,6 @@ pub fn terminal_safe(text: &str) -> String {
     safe
 }
 
-/// Why the client cannot go on with the server: a changed server key is said as it is
-/// (it names both fingerprints and what to do); any other refusal is of the registration.
-pub fn fatal_text(reply: &proto::ErrorReply) -> String {
-    if reply.code == proto::ErrorCode::ServerKeyChanged {
-        reply.message.clone()
-    } else {
-        format!("cannot register: {reply}")
-    }
-}
-
 /// A send's result to `to`, in words (may carry the recipient's or the server's own
 /// words: pass it through [`terminal_safe`]).
 pub fn status_text(to: &Username, status: &DeliveryStatus) -> String {
@@ -194,6 +184,21 @@ pub fn refusal_text(from: &Username, reason: &RefusalReason) -> String {
         }
         RefusalReason::Unopenable(error) => error.to_string(),
         RefusalReason::NotForMe(to) => format!("the message is addressed to {to}, not to me"),
+    }
+}
+
+/// Why the client stopped talking to the server for good: the server presented another
+/// key than the one pinned for it, a newer login of the same user signed this one out, or
+/// the registration was refused.
+pub fn fatal_text(reply: &proto::ErrorReply) -> String {
+    match reply.code {
+        // Said as it is: it names both fingerprints and what to do.
+        proto::ErrorCode::ServerKeyChanged => reply.message.clone(),
+        proto::ErrorCode::SessionLimit => format!(
+            "signed out: {reply}; not reconnecting (start p2pchat again to sign in here, \
+             which closes your oldest session)"
+        ),
+        _ => format!("cannot register: {reply}"),
     }
 }
 
@@ -555,7 +560,8 @@ mod tests {
     }
 
     /// A session closed at the server's per-user session limit is shown with the server's
-    /// sentence and its code (the peer runtime passes the `Closing` reason through).
+    /// sentence and its code, and says that it does not reconnect by itself (the peer
+    /// runtime stops on it, so sessions of one user do not keep closing one another).
     #[test]
     fn a_session_closed_at_the_per_user_session_limit_says_why() {
         let closing = proto::ErrorReply::new(
@@ -563,15 +569,17 @@ mod tests {
             "a newer login with your name went over the limit of 8 sessions at once; \
              this session, the oldest, was closed to make room",
         );
-        let event = Event::Offline {
-            reason: format!("the server closed the connection: {closing}"),
-            retry_in: std::time::Duration::from_secs(1),
-        };
         assert_eq!(
-            event_text(&event).unwrap(),
-            "lost the discovery server (the server closed the connection: a newer login with \
-             your name went over the limit of 8 sessions at once; this session, the oldest, was \
-             closed to make room (session_limit)); reconnecting in the background"
+            event_text(&Event::Fatal(closing)).unwrap(),
+            "signed out: a newer login with your name went over the limit of 8 sessions at \
+             once; this session, the oldest, was closed to make room (session_limit); not \
+             reconnecting (start p2pchat again to sign in here, which closes your oldest \
+             session)"
+        );
+        let refused = proto::ErrorReply::new(proto::ErrorCode::NameTaken, "taken");
+        assert_eq!(
+            event_text(&Event::Fatal(refused)).unwrap(),
+            "cannot register: taken (name_taken)"
         );
     }
 

@@ -9,7 +9,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use proto::{
-    ErrorCode, ErrorReply, Registration, Reply, Request, UserInfo, Username,
+    ErrorCode, ErrorReply, MailRef, Registration, Reply, Request, UserInfo, Username,
     identity::{registration_transcript, verify_announce_proof},
 };
 use store::{BindOutcome, Binding, Broadcast, DepositOutcome, Presence, Store, StoreError};
@@ -64,6 +64,9 @@ pub struct Session {
     per_ip: Option<Arc<PerIp>>,
     /// The deposit budgets this session's user counts against; `None` limits nothing.
     deposits: Option<Arc<PerSender>>,
+    /// The mail sent in this connection's last `Mail` reply, until the next ack: what a
+    /// [`Request::Ack`] of ids alone (the older form of [`Request::AckMail`]) refers to.
+    last_fetched: Vec<MailRef>,
 }
 
 /// A request's outcome: the reply to send and what changed.
@@ -82,6 +85,7 @@ impl Session {
             listen_ports: Vec::new(),
             per_ip: None,
             deposits: None,
+            last_fetched: Vec::new(),
         }
     }
 
@@ -196,16 +200,27 @@ impl Session {
                 }
                 deposit(&me, envelope, store, metrics, now_ms).await
             }
-            Request::Fetch { max } => fetch(&me, max.min(config.fetch_batch), store, now_ms).await,
-            Request::Ack { ids } => match store.ack(&me, &ids).await {
-                Ok(removed) => {
-                    metrics.mail_delivered.add(removed);
-                    Ok(Reply::Acked {
-                        removed: u32::try_from(removed).unwrap_or(u32::MAX),
-                    })
+            Request::Fetch { max } => {
+                let reply = fetch(&me, max.min(config.fetch_batch), store, now_ms).await;
+                if let Ok(Reply::Mail { envelopes, .. }) = &reply {
+                    self.last_fetched = envelopes.iter().map(MailRef::of).collect();
                 }
-                Err(error) => Err(store_error(error)),
-            },
+                reply
+            }
+            Request::Ack { ids } => {
+                // Mail identity is (sender, id): an id alone names the messages of the last
+                // fetch with that id, which is what the client that sends it has stored.
+                let ids: std::collections::HashSet<_> = ids.into_iter().collect();
+                let mail: Vec<MailRef> = std::mem::take(&mut self.last_fetched)
+                    .into_iter()
+                    .filter(|fetched| ids.contains(&fetched.id))
+                    .collect();
+                ack(&me, &mail, store, metrics).await
+            }
+            Request::AckMail { mail } => {
+                self.last_fetched = Vec::new();
+                ack(&me, &mail, store, metrics).await
+            }
             Request::Block { user } => set_blocked(&me, &user, true, store).await,
             Request::Unblock { user } => set_blocked(&me, &user, false, store).await,
             Request::Unregister => {
@@ -452,6 +467,15 @@ async fn lookup(user: &Username, store: &Store, now_ms: u64) -> Result<Reply, Er
     }))
 }
 
+/// A byte limit in words: whole MiB from 1 MiB up, else KiB.
+fn byte_size(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}
+
 /// The refusal of a deposit over its sender's budget, with when to try again.
 fn over_budget(over: OverBudget, config: &Config) -> ErrorReply {
     let message = match over {
@@ -460,18 +484,11 @@ fn over_budget(over: OverBudget, config: &Config) -> ErrorReply {
             config.deposits_per_minute,
             retry_after.as_secs().max(1)
         ),
-        OverBudget::Bytes { retry_after } => {
-            let limit = config.deposit_bytes_per_hour;
-            let limit = if limit >= 1 << 20 {
-                format!("{} MiB", limit >> 20)
-            } else {
-                format!("{} KiB", limit >> 10)
-            };
-            format!(
-                "too many bytes into mailboxes (the limit is {limit} an hour); try again in {} s",
-                retry_after.as_secs().max(1)
-            )
-        }
+        OverBudget::Bytes { retry_after } => format!(
+            "too many bytes into mailboxes (the limit is {} an hour); try again in {} s",
+            byte_size(config.deposit_bytes_per_hour),
+            retry_after.as_secs().max(1)
+        ),
     };
     ErrorReply::new(ErrorCode::RateLimited, message)
 }
@@ -529,8 +546,27 @@ async fn deposit(
                 .is_some_and(|p| p.is_online(now_ms));
             Ok(Reply::Deposited { recipient_online })
         }
-        Err(error) => Err(store_error(error)),
+        Err(error) => {
+            if matches!(error, StoreError::MailboxBytesFull { .. }) {
+                metrics.mailbox_bytes_full.inc();
+            }
+            Err(store_error(error))
+        }
     }
+}
+
+/// Deletes `mail` from `me`'s mailbox: it is delivered.
+async fn ack(
+    me: &Username,
+    mail: &[MailRef],
+    store: &Store,
+    metrics: &Metrics,
+) -> Result<Reply, ErrorReply> {
+    let removed = store.ack(me, mail).await.map_err(store_error)?;
+    metrics.mail_delivered.add(removed);
+    Ok(Reply::Acked {
+        removed: u32::try_from(removed).unwrap_or(u32::MAX),
+    })
 }
 
 async fn fetch(me: &Username, max: u32, store: &Store, now_ms: u64) -> Result<Reply, ErrorReply> {
@@ -583,6 +619,13 @@ pub fn store_error(error: StoreError) -> ErrorReply {
         StoreError::MailboxFull { user, cap } => ErrorReply::new(
             ErrorCode::MailboxFull,
             format!("{user}'s mailbox is full ({cap} messages); try again later"),
+        ),
+        StoreError::MailboxBytesFull { user, max_bytes } => ErrorReply::new(
+            ErrorCode::MailboxFull,
+            format!(
+                "{user}'s mailbox is full ({} of mail); try again later",
+                byte_size(max_bytes)
+            ),
         ),
         StoreError::Blocked { recipient, sender } => ErrorReply::new(
             ErrorCode::Blocked,

@@ -931,3 +931,147 @@ async fn new_names_from_one_address_are_limited_per_hour() {
         .await
         .unwrap();
 }
+
+/// Seals `body` from `from` to `to` under the message id `id`.
+fn sealed_with_id(from: &Client, to: &Client, id: MessageId, body: &str) -> proto::Envelope {
+    Channel::new(&from.identity, &from.name, &to.name, to.identity.public())
+        .unwrap()
+        .seal(id, body, T0)
+        .unwrap()
+}
+
+/// Regression (issue 12): a second sender's deposit reusing another sender's message id
+/// was answered `Deposited` and silently dropped. Mail identity is (sender, id): both are
+/// stored and fetched, a sender's retransmission is still stored once, and an ack by
+/// (sender, id) takes only that sender's message; the older ack by id alone takes the
+/// messages of the last fetch with that id.
+#[tokio::test]
+async fn a_second_sender_reusing_an_id_is_stored_and_acks_name_the_sender() {
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let mut mallory = registered(&fixture, "mallory", T0).await;
+    let mut bob = registered(&fixture, "bob", T0).await;
+    let id = MessageId::random();
+    let from_alice = sealed_with_id(&alice, &bob, id, "hello bob");
+    let from_mallory = sealed_with_id(&mallory, &bob, id, "same id");
+    for (sender, envelope) in [(&mut alice, &from_alice), (&mut mallory, &from_mallory)] {
+        // Each deposited twice: the retransmission is stored once.
+        for _ in 0..2 {
+            let deposit = Request::Deposit {
+                envelope: envelope.clone(),
+            };
+            let reply = fixture.handle(&mut sender.session, deposit, T0).await;
+            assert!(matches!(reply, Ok(Reply::Deposited { .. })), "{reply:?}");
+        }
+    }
+    assert_eq!(
+        fixture.metrics.mail_deposited.get(),
+        2,
+        "both senders' mail, once each"
+    );
+    let fetch = Request::Fetch { max: 10 };
+    assert_eq!(
+        fixture.handle(&mut bob.session, fetch.clone(), T0).await,
+        Ok(Reply::Mail {
+            envelopes: vec![from_alice.clone(), from_mallory.clone()],
+            remaining: 0
+        })
+    );
+    let ack_mallory = Request::AckMail {
+        mail: vec![MailRef::of(&from_mallory)],
+    };
+    assert_eq!(
+        fixture.handle(&mut bob.session, ack_mallory, T0).await,
+        Ok(Reply::Acked { removed: 1 })
+    );
+    assert_eq!(
+        fixture.handle(&mut bob.session, fetch.clone(), T0).await,
+        Ok(Reply::Mail {
+            envelopes: vec![from_alice.clone()],
+            remaining: 0
+        })
+    );
+    // The older form: an id alone names what the last fetch sent with that id.
+    let legacy_ack = Request::Ack { ids: vec![id] };
+    assert_eq!(
+        fixture
+            .handle(&mut bob.session, legacy_ack.clone(), T0)
+            .await,
+        Ok(Reply::Acked { removed: 1 })
+    );
+    assert_eq!(
+        fixture.handle(&mut bob.session, fetch, T0).await,
+        Ok(Reply::Mail {
+            envelopes: vec![],
+            remaining: 0
+        })
+    );
+    assert_eq!(
+        fixture.handle(&mut bob.session, legacy_ack, T0).await,
+        Ok(Reply::Acked { removed: 0 })
+    );
+}
+
+/// Issue 12: a mailbox holds at most its byte cap of mail; a deposit past it is
+/// `mailbox_full` in words, counted in its own metric, and an ack makes room again.
+#[tokio::test]
+async fn a_mailbox_past_its_byte_cap_is_full_until_mail_is_acked() {
+    let fixture = Fixture::with_limits(MailLimits {
+        max_bytes: 40 * 1024,
+        ..MailLimits::default()
+    });
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let mut bob = registered(&fixture, "bob", T0).await;
+    let body = "x".repeat(10 * 1024);
+    let mut refused = None;
+    for _ in 0..10 {
+        let envelope = sealed(&alice, &bob, &body);
+        let deposit = Request::Deposit {
+            envelope: envelope.clone(),
+        };
+        match fixture.handle(&mut alice.session, deposit, T0).await {
+            Ok(Reply::Deposited { .. }) => {}
+            Err(error) => {
+                refused = Some((envelope, error));
+                break;
+            }
+            Ok(other) => panic!("unexpected reply {other:?}"),
+        }
+    }
+    let (envelope, error) = refused.expect("the byte cap refuses within ten messages");
+    assert_eq!(error.code, ErrorCode::MailboxFull);
+    assert!(
+        error
+            .message
+            .contains("bob's mailbox is full (40 KiB of mail)"),
+        "{}",
+        error.message
+    );
+    assert_eq!(fixture.metrics.mailbox_bytes_full.get(), 1);
+    assert_eq!(fixture.metrics.errors(ErrorCode::MailboxFull), 1);
+    assert!(
+        fixture
+            .metrics
+            .render()
+            .contains("p2pchat_mailbox_bytes_full_total 1")
+    );
+
+    let Ok(Reply::Mail { envelopes, .. }) = fixture
+        .handle(&mut bob.session, Request::Fetch { max: 1 }, T0)
+        .await
+    else {
+        panic!("fetch failed");
+    };
+    let ack = Request::AckMail {
+        mail: envelopes.iter().map(MailRef::of).collect(),
+    };
+    assert_eq!(
+        fixture.handle(&mut bob.session, ack, T0).await,
+        Ok(Reply::Acked { removed: 1 })
+    );
+    let retry = Request::Deposit { envelope };
+    assert!(matches!(
+        fixture.handle(&mut alice.session, retry, T0).await,
+        Ok(Reply::Deposited { .. })
+    ));
+}

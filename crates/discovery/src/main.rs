@@ -95,6 +95,9 @@ struct Cli {
     /// Most messages one mailbox holds.
     #[arg(long, env = "P2PCHAT_MAIL_CAP", default_value_t = 10_000)]
     mail_cap: u64,
+    /// Most bytes of stored mail one mailbox holds (64 MiB; at least 64 KiB).
+    #[arg(long, env = "P2PCHAT_MAIL_MAX_BYTES", default_value_t = 64 << 20)]
+    mail_max_bytes: u64,
     /// Days mail is kept before it expires.
     #[arg(long, env = "P2PCHAT_MAIL_TTL_DAYS", default_value_t = 30)]
     mail_ttl_days: u64,
@@ -191,6 +194,15 @@ async fn main() -> anyhow::Result<()> {
         ..Config::default()
     };
     config.validate().map_err(anyhow::Error::msg)?;
+    // A mailbox must hold at least one message of the largest size, or such a message
+    // would be refused as "full" forever and retried by its sender forever.
+    anyhow::ensure!(
+        cli.mail_max_bytes >= proto::wire::MAX_FRAME_LEN as u64,
+        "the mailbox byte cap ({} bytes) must be at least {} bytes (one message of the \
+         largest size); the default is 67108864 (64 MiB)",
+        cli.mail_max_bytes,
+        proto::wire::MAX_FRAME_LEN
+    );
     // Each connection is a descriptor: take all the hard limit allows (the connection cap
     // is then set under it, see `serve`).
     match discovery::limits::raise_open_file_limit() {
@@ -199,6 +211,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let limits = MailLimits {
         cap: cli.mail_cap,
+        max_bytes: cli.mail_max_bytes,
         ttl_ms: cli.mail_ttl_days.saturating_mul(24 * 60 * 60 * 1000),
     };
     // The data dir holds the operator secret (and the embedded store): created 0700, and

@@ -85,6 +85,8 @@ pub struct Metrics {
     pub per_ip_names_refused: Counter,
     /// Deposits refused over their sender's budget (messages a minute or bytes an hour).
     pub deposits_over_budget: Counter,
+    /// Deposits refused at the recipient's mailbox byte cap.
+    pub mailbox_bytes_full: Counter,
     errors: [Counter; ErrorCode::ALL.len()],
 }
 
@@ -203,6 +205,12 @@ impl Metrics {
                 "counter",
                 "Deposits refused over their sender's budget (messages a minute or bytes an hour into others' mailboxes).",
                 &self.deposits_over_budget,
+            ),
+            (
+                "p2pchat_mailbox_bytes_full_total",
+                "counter",
+                "Deposits refused at the recipient's mailbox byte cap.",
+                &self.mailbox_bytes_full,
             ),
         ];
         for (name, kind, help, counter) in simple {

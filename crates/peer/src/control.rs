@@ -7,7 +7,10 @@
 //! number of [`ControlHandle`]s (matched to responses by id), sends heartbeats and forwards
 //! server pushes as [`ControlEvent`]s. When the connection dies (closed, error, or no pong in
 //! time) every pending request fails with [`ControlError::Offline`] and the task reconnects
-//! with [`Backoff`], registering again. The pure pieces, [`PingTracker`] and [`Backoff`],
+//! with [`Backoff`], registering again. A session the server closes with `session_limit`
+//! (a newer login of the same user went over the per-user limit) is not reconnected: that
+//! would close another session of the user, which would reconnect in turn, and so on
+//! forever; the actor reports it as [`ControlEvent::Fatal`] and stops. The pure pieces, [`PingTracker`] and [`Backoff`],
 //! take time as an argument.
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
@@ -76,7 +79,8 @@ pub enum ControlEvent {
         /// When the next attempt is.
         retry_in: Duration,
     },
-    /// Registration was refused for good (name bound to other keys, bad signature):
+    /// Registration was refused for good (name bound to other keys, bad signature), or the
+    /// server closed this session for a newer login of the same user (`session_limit`):
     /// the actor stops.
     Fatal(ErrorReply),
     /// A server push.
@@ -217,7 +221,7 @@ async fn run(
                         new_binding,
                     })
                     .await;
-                session(
+                match session(
                     connection,
                     heartbeat,
                     &config,
@@ -226,6 +230,14 @@ async fn run(
                     &shutdown,
                 )
                 .await
+                {
+                    SessionEnd::Lost(reason) => reason,
+                    SessionEnd::Replaced(reply) => {
+                        tracing::warn!(%reply, "closed for a newer login of this user; not reconnecting");
+                        let _ = events.send(ControlEvent::Fatal(reply)).await;
+                        return;
+                    }
+                }
             }
             Ok(None) => return,
             Err(ConnectError::Fatal(reply)) => {
@@ -399,7 +411,24 @@ async fn recv_timed(connection: &mut Connection<TcpStream>) -> Result<ServerMsg,
     }
 }
 
-/// Serves one registered connection until it dies; returns why.
+/// How a registered connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SessionEnd {
+    /// Lost (closed, failed, silent, shutting down): why, in one line. Reconnect.
+    Lost(String),
+    /// Closed by the server for a newer login of the same user: do not reconnect.
+    Replaced(ErrorReply),
+}
+
+/// What a `Closing` from the server means for this session.
+fn after_closing(reply: ErrorReply) -> SessionEnd {
+    match reply.code {
+        ErrorCode::SessionLimit => SessionEnd::Replaced(reply),
+        _ => SessionEnd::Lost(format!("the server closed the connection: {reply}")),
+    }
+}
+
+/// Serves one registered connection until it ends; returns how.
 async fn session(
     mut connection: Connection<TcpStream>,
     heartbeat: Duration,
@@ -407,7 +436,7 @@ async fn session(
     events: &mpsc::Sender<ControlEvent>,
     requests: &mut mpsc::Receiver<(Request, Pending)>,
     shutdown: &CancellationToken,
-) -> String {
+) -> SessionEnd {
     let mut pending: HashMap<RequestId, Pending> = HashMap::new();
     let mut next_id: RequestId = 1;
     let mut ping = PingTracker::new(config.pong_timeout);
@@ -440,7 +469,15 @@ async fn session(
                 Ok(Some(ServerMsg::Push(push))) => {
                     let _ = events.send(ControlEvent::Push(push)).await;
                 }
-                Ok(Some(ServerMsg::Closing(reply))) => break format!("the server closed the connection: {reply}"),
+                Ok(Some(ServerMsg::Closing(reply))) => match after_closing(reply) {
+                    SessionEnd::Lost(reason) => break reason,
+                    replaced @ SessionEnd::Replaced(_) => {
+                        for (_, pending) in pending.drain() {
+                            let _ = pending.send(Err(ControlError::Offline("closed for a newer login".into())));
+                        }
+                        return replaced;
+                    }
+                },
                 Ok(Some(ServerMsg::Challenge { .. })) => {}
                 Ok(None) => break "the server closed the connection".to_owned(),
                 Err(error) => break format!("connection error: {error}"),
@@ -475,7 +512,7 @@ async fn session(
     for (_, reply) in pending.drain() {
         let _ = reply.send(Err(ControlError::Offline(reason.clone())));
     }
-    reason
+    SessionEnd::Lost(reason)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -488,6 +525,29 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 12: a session closed for a newer login reconnected at once and closed another
+    /// session of the same user, which did the same: nine processes of one identity
+    /// evicted one another forever. Only `session_limit` ends the session for good; any
+    /// other closing reason is a loss to reconnect after.
+    #[test]
+    fn only_a_session_limit_closing_stops_reconnecting() {
+        let replaced = ErrorReply::new(ErrorCode::SessionLimit, "a newer login");
+        assert_eq!(
+            after_closing(replaced.clone()),
+            SessionEnd::Replaced(replaced)
+        );
+        for code in [
+            ErrorCode::NotRegistered,
+            ErrorCode::ServerBusy,
+            ErrorCode::Unavailable,
+        ] {
+            assert!(matches!(
+                after_closing(ErrorReply::new(code, "x")),
+                SessionEnd::Lost(reason) if reason.starts_with("the server closed the connection")
+            ));
+        }
+    }
 
     #[test]
     fn ping_tracker_declares_death_only_after_the_timeout() {

@@ -9,7 +9,7 @@
 //! in one flush: the sender pipelines, so one `fsync` covers many messages.
 //!
 //! Mail sealed under a sender key that no longer matches the pinned one is not deleted: it
-//! is kept sealed in the `held` table of [`crate::state`] (then acked, so the server stops
+//! is kept sealed in the `held_by_sender` table of [`crate::state`] (then acked, so the server stops
 //! offering it) and opened again by [`reopen_held`] once the user runs `trust` for the
 //! sender. A direct message with a changed key is refused to the sender, who sees it.
 //!
@@ -18,6 +18,12 @@
 //! before any envelope is read ([`check_dialer`]): a connection from anyone else under that
 //! name is refused, a key change is told to the user.
 //!
+//! Mail dated a little ahead (its sender's clock is fast) is authentic but cannot open yet.
+//! It is kept sealed in the `early` table (then acked), and every fetch first opens the
+//! kept mail whose time has come ([`open_early`]). The server's fetch has no cursor, so
+//! mail left in the mailbox would come back at its head on every fetch: one sender's mail
+//! dated ahead would hold up everyone's mail behind it until it opened.
+//!
 //! A peer that sends garbage, stalls, or floods only occupies its own task: every read has a
 //! timeout and every refusal is answered and logged, never a panic. An envelope that does
 //! not open (or is not for me) proves nothing about its claimed sender: it pins nothing, is
@@ -25,7 +31,7 @@
 //! [`crate::context::SERVER_KEYS_TTL`] ([`ServerKeys`]).
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::VecDeque,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
@@ -33,8 +39,8 @@ use std::{
 
 use futures::FutureExt;
 use proto::{
-    Connection, Envelope, ErrorCode, ErrorReply, MessageId, OpenError, PeerMsg, PublicKeys, Reply,
-    Request, Username,
+    Connection, Envelope, ErrorCode, ErrorReply, MailRef, MessageId, OpenError, PeerMsg,
+    PublicKeys, Reply, Request, Username,
     seal::{MAX_CLOCK_SKEW_SECS, Plaintext},
 };
 use tokio::net::TcpStream;
@@ -67,6 +73,11 @@ const RECEIVE_BATCH_BYTES: usize = 2 << 20;
 /// The most envelopes held for a `trust` (beyond it, mail under a changed key is refused
 /// and deleted as before): a sender with a new key cannot fill the disk.
 const MAX_HELD: u64 = 10_000;
+/// The most envelopes kept to open later because they are dated ahead (beyond it, such
+/// mail is refused and deleted): a sender dating mail ahead cannot fill the disk.
+const MAX_EARLY: u64 = 10_000;
+/// How many kept early envelopes one fetch opens, at most.
+const EARLY_BATCH: usize = 256;
 
 /// What [`receive`] did with an envelope.
 #[derive(Debug)]
@@ -390,9 +401,9 @@ pub(crate) enum MailVerdict {
     /// It cannot be taken now (the server or the disk is failing): leave it and the mail
     /// behind it in the mailbox, and fetch again soon.
     LeaveForLater(Refusal),
-    /// Dated a little ahead (the sender's clock is fast): it opens in a while, so it waits
-    /// in the mailbox, passed over, instead of being refused and deleted, and the mail
-    /// behind it is taken meanwhile.
+    /// Dated a little ahead (the sender's clock is fast): it opens in a while, so it is
+    /// kept sealed here and acked, instead of being refused and deleted, or left in the
+    /// mailbox where it would hold up the mail behind it.
     DatedAhead {
         /// How far ahead.
         ahead_secs: u64,
@@ -418,11 +429,69 @@ pub(crate) fn mail_verdict(checked: Result<Plaintext, Refusal>) -> MailVerdict {
     }
 }
 
-/// Fetches and acks all waiting mail, then shows it.
+/// When mail `ahead_secs` ahead of now opens: once it is within Fernet's allowance.
+fn opens_at_ms(now_ms: u64, ahead_secs: u64) -> u64 {
+    now_ms.saturating_add(
+        ahead_secs
+            .saturating_sub(MAX_CLOCK_SKEW_SECS)
+            .saturating_mul(1000),
+    )
+}
+
+/// Opens, stores and shows the kept early mail whose time has come (see the module docs).
+pub(crate) async fn open_early(context: &Context) {
+    let due = match context.state.early_due(proto::now_ms(), EARLY_BATCH) {
+        Ok(due) => due,
+        Err(error) => return tracing::error!(%error, "cannot read the mail kept until its time"),
+    };
+    for (opens_at_ms, envelope) in due {
+        let done = match receive(context, &envelope, true).await {
+            Ok(Accepted::New(message)) => {
+                context.report(Report::Received(message)).await;
+                true
+            }
+            Ok(Accepted::Duplicate) => true,
+            // Still a moment early (the time is kept to the second), or not possible now.
+            Err(Refusal::Bad(OpenError::ClockSkew { .. }) | Refusal::Transient(_)) => false,
+            Err(Refusal::KeyChanged) => match context.state.hold(&envelope, MAX_HELD).await {
+                Ok(held) => {
+                    let reason = RefusalReason::KeyChanged { held };
+                    context
+                        .notify(Event::Refused {
+                            from: envelope.from.clone(),
+                            reason,
+                        })
+                        .await;
+                    true
+                }
+                Err(_) => false,
+            },
+            Err(refusal) => {
+                report_refusal(context, &envelope.from, &refusal).await;
+                true
+            }
+        };
+        if done && let Err(error) = context.state.forget_early(opens_at_ms, &envelope).await {
+            tracing::error!(%error, "cannot forget mail kept until its time");
+        }
+    }
+}
+
+/// Opens the kept early mail that is due, then fetches and acks all waiting mail, and
+/// shows it. While early mail is kept, the answer is [`Fetched::LeftForLater`], so the
+/// runtime fetches again soon and shows it once its time comes.
 pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
-    // Mail dated ahead stays at the head of the mailbox, so every later fetch returns it
-    // again: remembered here and passed over, so it cannot hold up the mail behind it.
-    let mut dated_ahead: HashSet<MessageId> = HashSet::new();
+    open_early(context).await;
+    let fetched = fetch_mailbox(context).await;
+    if context.state.has_early().unwrap_or(true) {
+        Fetched::LeftForLater
+    } else {
+        fetched
+    }
+}
+
+/// Fetches and acks all waiting mail, then shows it.
+async fn fetch_mailbox(context: &Context) -> Fetched {
     loop {
         let (envelopes, remaining) = match context
             .control
@@ -445,31 +514,41 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
         if envelopes.is_empty() {
             return Fetched::Done;
         }
-        let mut ack: Vec<MessageId> = Vec::new();
-        let mut checked: Vec<(MessageId, Plaintext)> = Vec::new();
+        let mut ack: Vec<MailRef> = Vec::new();
+        let mut checked: Vec<(MailRef, Plaintext)> = Vec::new();
         let mut stop = false;
-        // Set when a message could not be taken now (mail dated ahead is in `dated_ahead`).
+        // Set when a message could not be taken now.
         let mut left_for_later = false;
-        if envelopes
-            .iter()
-            .all(|envelope| dated_ahead.contains(&envelope.id))
-        {
-            return Fetched::LeftForLater;
-        }
         for envelope in &envelopes {
-            if dated_ahead.contains(&envelope.id) {
-                continue;
-            }
             match mail_verdict(check(context, envelope).await) {
-                MailVerdict::Store(message) => checked.push((envelope.id, message)),
+                MailVerdict::Store(message) => checked.push((MailRef::of(envelope), message)),
                 MailVerdict::LeaveForLater(reason) => {
                     tracing::info!(%reason, "mail left in the mailbox for later");
                     (stop, left_for_later) = (true, true);
                     break;
                 }
                 MailVerdict::DatedAhead { ahead_secs } => {
-                    tracing::info!(ahead_secs, from = %envelope.from, "mail dated ahead left in the mailbox until it opens");
-                    dated_ahead.insert(envelope.id);
+                    let opens_at = opens_at_ms(proto::now_ms(), ahead_secs);
+                    match context
+                        .state
+                        .keep_early(envelope, opens_at, MAX_EARLY)
+                        .await
+                    {
+                        Ok(true) => {
+                            tracing::info!(ahead_secs, from = %envelope.from, "mail dated ahead kept until it opens");
+                            ack.push(MailRef::of(envelope));
+                        }
+                        Ok(false) => {
+                            let refusal = Refusal::Bad(OpenError::ClockSkew { ahead_secs });
+                            report_refusal(context, &envelope.from, &refusal).await;
+                            ack.push(MailRef::of(envelope));
+                        }
+                        Err(error) => {
+                            tracing::info!(%error, "mail left in the mailbox for later");
+                            (stop, left_for_later) = (true, true);
+                            break;
+                        }
+                    }
                 }
                 MailVerdict::Hold => match context.state.hold(envelope, MAX_HELD).await {
                     Ok(true) => {
@@ -479,11 +558,11 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
                                 reason: RefusalReason::KeyChanged { held: true },
                             })
                             .await;
-                        ack.push(envelope.id);
+                        ack.push(MailRef::of(envelope));
                     }
                     Ok(false) => {
                         report_refusal(context, &envelope.from, &Refusal::KeyChanged).await;
-                        ack.push(envelope.id);
+                        ack.push(MailRef::of(envelope));
                     }
                     Err(error) => {
                         tracing::info!(%error, "mail left in the mailbox for later");
@@ -493,16 +572,16 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
                 },
                 MailVerdict::Refuse(refusal) => {
                     report_refusal(context, &envelope.from, &refusal).await;
-                    ack.push(envelope.id);
+                    ack.push(MailRef::of(envelope));
                 }
             }
         }
         // The whole fetch is stored in one commit before any of it is acked.
-        let (ids, checked): (Vec<MessageId>, Vec<Plaintext>) = checked.into_iter().unzip();
+        let (refs, checked): (Vec<MailRef>, Vec<Plaintext>) = checked.into_iter().unzip();
         let mut new: Vec<InboundMessage> = Vec::new();
         match store(context, checked, true).await {
             Ok(accepted) => {
-                ack.extend(ids);
+                ack.extend(refs);
                 new.extend(accepted.into_iter().filter_map(|accepted| match accepted {
                     Accepted::New(message) => Some(message),
                     Accepted::Duplicate => None,
@@ -514,7 +593,10 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
             }
         }
         if !ack.is_empty()
-            && let Err(error) = context.control.request(Request::Ack { ids: ack }).await
+            && let Err(error) = context
+                .control
+                .request(Request::AckMail { mail: ack })
+                .await
         {
             // Stored already; the server sends them again and they are de-duplicated.
             tracing::info!(%error, "mail ack failed");
@@ -524,7 +606,7 @@ pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
             context.report(Report::Received(message)).await;
         }
         if stop || remaining == 0 {
-            return if left_for_later || !dated_ahead.is_empty() {
+            return if left_for_later {
                 Fetched::LeftForLater
             } else {
                 Fetched::Done
@@ -567,7 +649,7 @@ pub(crate) async fn reopen_held(context: &Context, from: &Username) {
                 true
             }
         };
-        if done && let Err(error) = context.state.unhold(&envelope.id).await {
+        if done && let Err(error) = context.state.unhold(&envelope).await {
             tracing::error!(%error, "cannot forget held mail");
         }
     }
@@ -860,7 +942,7 @@ mod tests {
             mail_verdict(Err(Refusal::KeyChanged)),
             MailVerdict::Hold
         ));
-        // A few minutes fast waits in the mailbox; far ahead is refused for good.
+        // A few minutes fast is kept until it opens; far ahead is refused for good.
         let ahead =
             |ahead_secs| mail_verdict(Err(Refusal::Bad(OpenError::ClockSkew { ahead_secs })));
         assert!(matches!(

@@ -10,9 +10,12 @@
 //! - `seen_by_sender`: (time the sender wrote it, message id, sender) → when it was first
 //!   stored (receivers de-duplicate by sender and id: two senders may use one id).
 //! - `unshown_by_seq`: history sequence → [`InboundMessage`], stored but not yet shown.
-//! - `held`: message id → [`Envelope`], mail that arrived sealed under a sender key other
-//!   than the pinned one: acked at the server (so it is not fetched forever) and kept here,
+//! - `held_by_sender`: (sender, message id) → [`Envelope`], mail that arrived sealed under a
+//!   sender key other than the pinned one: acked at the server (so it is not fetched forever) and kept here,
 //!   sealed, until the user `trust`s the sender's new key and it is opened again.
+//! - `early`: (when it opens, sender, message id) → [`Envelope`], mail dated ahead (its
+//!   sender's clock is fast): acked at the server, so it never holds up the mail behind it,
+//!   and kept here, sealed, until its time comes and it is opened and shown.
 //! - `meta`: counters (the next history sequence number).
 //!
 //! The hot tables are keyed so that a batch of messages appends to the same few B-tree
@@ -27,7 +30,9 @@
 //! `seen` and `unshown`; [`State::open`] copies such tables into the new ones once, in the
 //! same transaction that deletes them ([`migrate_layout_1`]). Layout 2 keyed seen ids
 //! without their sender (`seen_by_sent_at`); [`migrate_layout_2`] moves them to
-//! `seen_by_sender` the same way.
+//! `seen_by_sender` the same way. Layouts up to 3 keyed held mail by id alone (`held`), so
+//! a second sender's held message with the same id was taken for the first and lost;
+//! [`migrate_held`] moves it to `held_by_sender`.
 //!
 //! Every change is one unit of a write transaction, so a crash at any point leaves either the
 //! state before the change or the state after it: a received message is in `history`, `seen`
@@ -99,7 +104,10 @@ const UNSHOWN: TableDefinition<u64, &[u8]> = TableDefinition::new("unshown_by_se
 const OUTBOX_V1: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("outbox");
 const SEEN_V1: TableDefinition<[u8; 16], u64> = TableDefinition::new("seen");
 const UNSHOWN_V1: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("unshown");
-const HELD: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("held");
+const HELD: TableDefinition<(&str, [u8; 16]), &[u8]> = TableDefinition::new("held_by_sender");
+/// Layouts up to 3's held mail, keyed by id alone: migrated at open, then deleted.
+const HELD_V3: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("held");
+const EARLY: TableDefinition<(u64, &str, [u8; 16]), &[u8]> = TableDefinition::new("early");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_SEQ: &str = "next_seq";
 
@@ -401,6 +409,7 @@ impl State {
         let txn = db.begin_write()?;
         migrate_layout_1(&txn)?;
         migrate_layout_2(&txn)?;
+        migrate_held(&txn)?;
         txn.open_table(PINS)?;
         txn.open_table(BLOCKS)?;
         txn.open_table(MUTES)?;
@@ -409,6 +418,7 @@ impl State {
         txn.open_table(SEEN)?;
         txn.open_table(UNSHOWN)?;
         txn.open_table(HELD)?;
+        txn.open_table(EARLY)?;
         let next_seq = txn
             .open_table(META)?
             .get(NEXT_SEQ)?
@@ -969,19 +979,20 @@ impl State {
 
     // ---- held (sealed under a changed key) ----
 
-    /// Keeps `envelope` sealed until its sender is trusted again. Idempotent by message
-    /// id. Returns false (and keeps nothing) when `max` envelopes are held already, so a
+    /// Keeps `envelope` sealed until its sender is trusted again. Idempotent by (sender,
+    /// message id). Returns false (and keeps nothing) when `max` envelopes are held already, so a
     /// sender with a new key cannot fill the disk.
     pub fn hold(&self, envelope: &Envelope, max: u64) -> Ticket<bool> {
-        let (id, encoded) = (envelope.id, encode(envelope));
+        let (from, id, encoded) = (envelope.from.clone(), envelope.id, encode(envelope));
         self.write(move |txn| {
             let mut table = txn.open_table(HELD)?;
-            Ok(if table.get(id.0)?.is_some() {
+            let key = (from.as_str(), id.0);
+            Ok(if table.get(key)?.is_some() {
                 true
             } else if table.len()? >= max {
                 false
             } else {
-                table.insert(id.0, encoded.as_ref())?;
+                table.insert(key, encoded.as_ref())?;
                 true
             })
         })
@@ -992,21 +1003,72 @@ impl State {
         let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(HELD)?;
         let mut envelopes = Vec::new();
-        for row in table.iter()? {
+        for row in table.range((from.as_str(), [0; 16])..=(from.as_str(), [0xff; 16]))? {
             let (_, bytes) = row?;
-            let envelope: Envelope = decode("held", bytes.value())?;
-            if &envelope.from == from {
-                envelopes.push(envelope);
-            }
+            envelopes.push(decode("held", bytes.value())?);
         }
         Ok(envelopes)
     }
 
     /// Forgets a held envelope (opened and stored, or refused for good).
-    pub fn unhold(&self, id: &MessageId) -> Ticket<()> {
-        let id = *id;
+    pub fn unhold(&self, envelope: &Envelope) -> Ticket<()> {
+        let (from, id) = (envelope.from.clone(), envelope.id);
         self.write(move |txn| {
-            txn.open_table(HELD)?.remove(id.0)?;
+            txn.open_table(HELD)?.remove((from.as_str(), id.0))?;
+            Ok(())
+        })
+    }
+
+    // ---- early (dated ahead) ----
+
+    /// Keeps `envelope`, which opens at `opens_at_ms`, sealed until then. Idempotent by
+    /// (sender, id) and time (a copy of a message carries the same time). Returns false
+    /// (and keeps nothing) when `max` envelopes are kept already, so a sender dating mail
+    /// ahead cannot fill the disk.
+    pub fn keep_early(&self, envelope: &Envelope, opens_at_ms: u64, max: u64) -> Ticket<bool> {
+        let (from, id, encoded) = (envelope.from.clone(), envelope.id, encode(envelope));
+        self.write(move |txn| {
+            let mut table = txn.open_table(EARLY)?;
+            let key = (opens_at_ms, from.as_str(), id.0);
+            Ok(if table.get(key)?.is_some() {
+                true
+            } else if table.len()? >= max {
+                false
+            } else {
+                table.insert(key, encoded.as_ref())?;
+                true
+            })
+        })
+    }
+
+    /// At most `max` kept early envelopes whose time has come at `now_ms`, soonest first,
+    /// each with the time it was kept for (to [`State::forget_early`] it by).
+    pub fn early_due(&self, now_ms: u64, max: usize) -> Result<Vec<(u64, Envelope)>, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        let table = txn.open_table(EARLY)?;
+        let mut due = Vec::new();
+        for row in table.range((0, "", [0; 16])..(now_ms.saturating_add(1), "", [0; 16]))? {
+            if due.len() >= max {
+                break;
+            }
+            let (key, bytes) = row?;
+            due.push((key.value().0, decode("early", bytes.value())?));
+        }
+        Ok(due)
+    }
+
+    /// Whether any early envelope is kept (due or not).
+    pub fn has_early(&self) -> Result<bool, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        Ok(!txn.open_table(EARLY)?.is_empty()?)
+    }
+
+    /// Forgets a kept early envelope (opened and stored, held, or refused for good).
+    pub fn forget_early(&self, opens_at_ms: u64, envelope: &Envelope) -> Ticket<()> {
+        let (from, id) = (envelope.from.clone(), envelope.id);
+        self.write(move |txn| {
+            txn.open_table(EARLY)?
+                .remove((opens_at_ms, from.as_str(), id.0))?;
             Ok(())
         })
     }
@@ -1097,6 +1159,33 @@ fn migrate_layout_1(txn: &WriteTransaction) -> Result<(), StateError> {
 /// other's, with the same id and millisecond, pass for a copy and vanish. A seen row has no
 /// sender; the message's incoming history line (stored in the same commit, never removed)
 /// names it, so the history is read once.
+/// Moves held mail keyed by id alone (`held`) to `held_by_sender`, keyed by its sender and
+/// id (each held value is the whole envelope, sender included), and deletes the old table.
+fn migrate_held(txn: &WriteTransaction) -> Result<(), StateError> {
+    let present = txn
+        .list_tables()?
+        .any(|table| table.name() == HELD_V3.name());
+    if !present {
+        return Ok(());
+    }
+    let mut moved = 0u64;
+    {
+        let mut held = txn.open_table(HELD)?;
+        for row in txn.open_table(HELD_V3)?.iter()? {
+            let (_, bytes) = row?;
+            let envelope: Envelope = decode("held", bytes.value())?;
+            held.insert((envelope.from.as_str(), envelope.id.0), bytes.value())?;
+            moved += 1;
+        }
+    }
+    txn.delete_table(HELD_V3)?;
+    tracing::info!(
+        moved,
+        "state file migrated to layout 4 (held mail keyed by its sender)"
+    );
+    Ok(())
+}
+
 fn migrate_layout_2(txn: &WriteTransaction) -> Result<(), StateError> {
     let present = txn
         .list_tables()?
@@ -1608,8 +1697,44 @@ mod tests {
             vec![first.clone()]
         );
         assert_eq!(state.held_from(&name("carol")).unwrap(), vec![second]);
-        state.unhold(&first.id).wait_blocking().unwrap();
+        state.unhold(&first).wait_blocking().unwrap();
         assert!(state.held_from(&name("alice")).unwrap().is_empty());
+    }
+
+    /// Mail dated ahead is kept by (time, sender, id): two senders' messages with one id
+    /// are both kept, a copy is kept once, the cap holds, and it comes out once due.
+    #[test]
+    fn early_envelopes_come_out_when_due_and_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let envelope = |from: &str, id: MessageId| Envelope {
+            id,
+            from: name(from),
+            to: name("me"),
+            token: "sealed".to_owned(),
+        };
+        let id = MessageId::random();
+        let (alice, carol) = (envelope("alice", id), envelope("carol", id));
+        let later = envelope("dave", MessageId::random());
+        {
+            let state = State::open(dir.path()).unwrap();
+            assert!(state.keep_early(&alice, 5_000, 2).wait_blocking().unwrap());
+            assert!(state.keep_early(&alice, 5_000, 2).wait_blocking().unwrap());
+            assert!(state.keep_early(&carol, 5_000, 2).wait_blocking().unwrap());
+            assert!(!state.keep_early(&later, 9_000, 2).wait_blocking().unwrap());
+        }
+        let state = State::open(dir.path()).unwrap();
+        assert!(state.has_early().unwrap());
+        assert!(state.early_due(4_999, 10).unwrap().is_empty());
+        let due = state.early_due(5_000, 10).unwrap();
+        assert_eq!(due, vec![(5_000, alice.clone()), (5_000, carol.clone())]);
+        assert_eq!(state.early_due(5_000, 1).unwrap().len(), 1);
+        state.forget_early(5_000, &alice).wait_blocking().unwrap();
+        assert_eq!(
+            state.early_due(u64::MAX, 10).unwrap(),
+            vec![(5_000, carol.clone())]
+        );
+        state.forget_early(5_000, &carol).wait_blocking().unwrap();
+        assert!(!state.has_early().unwrap());
     }
 
     #[test]
@@ -1816,6 +1941,58 @@ mod tests {
             txn.list_tables()
                 .unwrap()
                 .all(|table| table.name() != SEEN_V2.name()),
+            "the old table is gone"
+        );
+    }
+
+    /// Regression (issue 12): held mail was keyed by id alone, so a second sender's held
+    /// message reusing an id passed for the first one ("held already") and was acked and
+    /// lost. Held mail is keyed by (sender, id), and a file of the older layout is migrated.
+    #[test]
+    fn held_mail_is_keyed_by_sender_and_an_older_file_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let envelope = |from: &str, id: MessageId| Envelope {
+            id,
+            from: name(from),
+            to: name("me"),
+            token: format!("sealed by {from}"),
+        };
+        let id = MessageId::random();
+        let (alice, carol) = (envelope("alice", id), envelope("carol", id));
+        let old = envelope("dave", MessageId::random());
+        {
+            let state = State::open(dir.path()).unwrap();
+            assert!(state.hold(&alice, 10).wait_blocking().unwrap());
+            assert!(state.hold(&carol, 10).wait_blocking().unwrap());
+        }
+        // A row as the older layout wrote it, keyed by id alone.
+        {
+            let db = Database::create(dir.path().join(STATE_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(HELD_V3)
+                .unwrap()
+                .insert(old.id.0, encode(&old).as_ref())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let state = State::open(dir.path()).unwrap();
+        assert_eq!(
+            state.held_from(&name("alice")).unwrap(),
+            vec![alice.clone()]
+        );
+        assert_eq!(
+            state.held_from(&name("carol")).unwrap(),
+            vec![carol.clone()]
+        );
+        assert_eq!(state.held_from(&name("dave")).unwrap(), vec![old]);
+        state.unhold(&alice).wait_blocking().unwrap();
+        assert!(state.held_from(&name("alice")).unwrap().is_empty());
+        assert_eq!(state.held_from(&name("carol")).unwrap(), vec![carol]);
+        let txn = state.db.get().unwrap().begin_read().unwrap();
+        assert!(
+            txn.list_tables()
+                .unwrap()
+                .all(|table| table.name() != HELD_V3.name()),
             "the old table is gone"
         );
     }

@@ -404,29 +404,21 @@ async fn an_empty_message_is_refused() {
 
 /// Regression: mail dated a little ahead (the sender's clock a few minutes fast) was
 /// refused as a clock error and acked, so the server deleted it though it would have
-/// opened a minute later, while its sender saw "queued". Now it waits in the mailbox, and
-/// the mail behind it is taken meanwhile.
+/// opened a minute later, while its sender saw "queued". Now it is kept sealed (and acked,
+/// so it holds up no mail behind it), and shown once its time comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mail_dated_a_little_ahead_waits_in_the_mailbox() {
+async fn mail_dated_a_little_ahead_is_kept_and_shown_when_its_time_comes() {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let store = Store::Embedded(
         EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default()).unwrap(),
     );
     let server = discovery_on(store.clone(), &shutdown).await;
-    let (alice, _alice_events) =
-        peer::start(config(server, "alice", dir.path()), shutdown.child_token())
-            .await
-            .unwrap();
-    let (bob, mut bob_events) =
-        peer::start(config(server, "bob", dir.path()), shutdown.child_token())
-            .await
-            .unwrap();
-    alice.wait_online(Duration::from_secs(10)).await.unwrap();
-    bob.wait_online(Duration::from_secs(10)).await.unwrap();
+    let (alice, _alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
+    let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
     let channel = alice_to_bob(dir.path());
-    // Two minutes ahead: beyond Fernet's minute, within what a fast clock may be.
-    let ahead = proto::now_ms() + 120_000;
+    // 65 s ahead: beyond Fernet's minute, so it opens some 5 s from now.
+    let ahead = proto::now_ms() + 65_000;
     let early = channel.seal(MessageId::random(), "early", ahead).unwrap();
     store.deposit(&early, proto::now_ms()).await.unwrap();
     // Mail behind it is not held up.
@@ -438,22 +430,84 @@ async fn mail_dated_a_little_ahead_waits_in_the_mailbox() {
         .publish(&store::Broadcast::MailWaiting { user: name("bob") })
         .await
         .unwrap();
-    let mut events = until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
-    events.extend(drain(&mut bob_events, Duration::from_millis(500)).await);
+    let events = until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
     assert_eq!(shown(&events), vec!["on time"], "{events:#?}");
+    // Then the early one, once it opens, and no refusal on the way.
+    let events = until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
+    assert_eq!(shown(&events), vec!["early"], "{events:#?}");
     assert!(
         !events
             .iter()
             .any(|event| matches!(event, Event::Refused { .. })),
         "{events:#?}"
     );
-    assert_eq!(
-        store.mail_count(&name("bob")).await.unwrap(),
-        1,
-        "the early one is still in the mailbox"
-    );
+    assert_eq!(store.mail_count(&name("bob")).await.unwrap(), 0);
     alice.shutdown(Duration::from_secs(2)).await;
     bob.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Regression (issue 12): 64 messages from a stranger dated 300 s ahead filled every fetch
+/// (the fetch has no cursor, and mail dated ahead was left at the head of the mailbox), so
+/// an honest message behind them was held back for minutes. Now it is shown promptly: the
+/// deadline here is generous, far below the 300 s the stranger's mail waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_mail_dated_ahead_never_holds_up_other_senders_mail() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let store = Store::Embedded(
+        EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default()).unwrap(),
+    );
+    let server = discovery_on(store.clone(), &shutdown).await;
+    let (mallory, _mallory_events) = online(config(server, "mallory", dir.path()), &shutdown).await;
+    let (alice, _alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
+    let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+    let (mallory_identity, _) = Identity::load_or_create(&dir.path().join("mallory")).unwrap();
+    let (bob_identity, _) = Identity::load_or_create(&dir.path().join("bob")).unwrap();
+    let from_mallory = proto::Channel::new(
+        &mallory_identity,
+        &name("mallory"),
+        &name("bob"),
+        bob_identity.public(),
+    )
+    .unwrap();
+    let ahead = proto::now_ms() + 300_000;
+    for n in 0..64 {
+        let early = from_mallory
+            .seal(MessageId::random(), &format!("from the future {n}"), ahead)
+            .unwrap();
+        store.deposit(&early, proto::now_ms()).await.unwrap();
+    }
+    let honest = alice_to_bob(dir.path())
+        .seal(MessageId::random(), "honest", proto::now_ms())
+        .unwrap();
+    store.deposit(&honest, proto::now_ms()).await.unwrap();
+    store
+        .publish(&store::Broadcast::MailWaiting { user: name("bob") })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, bob_events.recv()).await {
+            Ok(Some(event)) => {
+                let done = matches!(&event, Event::Message(message) if message.body == "honest");
+                seen.push(event);
+                if done {
+                    break;
+                }
+            }
+            _ => panic!("the honest message was not shown within 10 s; saw {seen:#?}"),
+        }
+    }
+    assert!(
+        shown(&seen).iter().all(|body| body == "honest"),
+        "{seen:#?}"
+    );
+    // Mallory's mail is not lost: kept sealed here, out of the mailbox.
+    assert_eq!(store.mail_count(&name("bob")).await.unwrap(), 0);
+    for client in [mallory, alice, bob] {
+        client.shutdown(Duration::from_secs(2)).await;
+    }
 }
 
 /// Issue 11: a crash of the sender after an envelope left and before its outbox record was
@@ -775,4 +829,71 @@ async fn events_not_taken_hold_the_runtime_back_and_lose_nothing() {
     );
     alice.shutdown(Duration::from_secs(2)).await;
     bob.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Issue 12: a session closed at the per-user session limit reconnected at once and closed
+/// another session of the same identity, which did the same, so more processes of one
+/// identity than the limit evicted one another forever. Now the closed one is told why
+/// (`session_limit`, as a fatal event) and does not reconnect: the sessions settle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_over_the_per_user_limit_settle_instead_of_evicting_one_another() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let store = Store::Embedded(
+        EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default()).unwrap(),
+    );
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let metrics = std::sync::Arc::new(discovery::Metrics::default());
+    let server_config = discovery::Config {
+        max_sessions_per_user: 2,
+        ..discovery::Config::default()
+    };
+    tokio::spawn(discovery::serve(
+        listener,
+        store,
+        server_config,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    // Three processes of one identity, each with its own data dir holding a copy of it.
+    let roots: Vec<_> = (0..3)
+        .map(|n| dir.path().join(format!("device{n}")))
+        .collect();
+    let (first, mut first_events) = online(config(server, "alice", &roots[0]), &shutdown).await;
+    for root in &roots[1..] {
+        let alice = root.join("alice");
+        std::fs::create_dir_all(&alice).unwrap();
+        std::fs::set_permissions(&alice, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let key = proto::identity::IDENTITY_FILE;
+        std::fs::copy(roots[0].join("alice").join(key), alice.join(key)).unwrap();
+    }
+    let (second, _second_events) = online(config(server, "alice", &roots[1]), &shutdown).await;
+    let (third, _third_events) = online(config(server, "alice", &roots[2]), &shutdown).await;
+
+    // The oldest is signed out, and told why.
+    let events = until(&mut first_events, |event| matches!(event, Event::Fatal(_))).await;
+    let Some(Event::Fatal(reply)) = events.last() else {
+        unreachable!("`until` returns the awaited event last");
+    };
+    assert_eq!(reply.code, proto::ErrorCode::SessionLimit, "{reply}");
+    // It stays out: for a while (many reconnect backoffs), no session closes another.
+    let more = drain(&mut first_events, Duration::from_secs(3)).await;
+    assert!(
+        !more
+            .iter()
+            .any(|event| matches!(event, Event::Online { .. })),
+        "{more:#?}"
+    );
+    assert_eq!(metrics.sessions_evicted.get(), 1);
+    for client in [&second, &third] {
+        assert!(matches!(
+            &*client.status().borrow(),
+            peer::Status::Online { .. }
+        ));
+    }
+    for client in [first, second, third] {
+        client.shutdown(Duration::from_secs(2)).await;
+    }
 }

@@ -26,8 +26,8 @@ pub mod wire;
 pub use connection::{Connection, HandshakeError, RecvError, SendError};
 pub use identity::{Identity, IdentityError, PublicKeys};
 pub use msg::{
-    Envelope, ErrorCode, ErrorReply, Hello, MessageId, PeerMsg, Push, Registration, Reply, Request,
-    RequestFrame, RequestId, ServerMsg, UserInfo,
+    Envelope, ErrorCode, ErrorReply, Hello, MailRef, MessageId, PeerMsg, Push, Registration, Reply,
+    Request, RequestFrame, RequestId, ServerMsg, UserInfo,
 };
 pub use name::{Username, UsernameError};
 pub use noise::{Fingerprint, Secured, ServerKey, ServerPublicKey};

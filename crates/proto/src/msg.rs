@@ -86,6 +86,26 @@ impl FromStr for MessageId {
     }
 }
 
+/// Names one message in a mailbox: mail is identified by its sender and id together, so a
+/// second sender reusing another's id is a different message, never a duplicate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MailRef {
+    /// Who sent it.
+    pub from: Username,
+    /// Its id.
+    pub id: MessageId,
+}
+
+impl MailRef {
+    /// The reference to `envelope`.
+    pub fn of(envelope: &Envelope) -> Self {
+        Self {
+            from: envelope.from.clone(),
+            id: envelope.id,
+        }
+    }
+}
+
 /// A sealed message as it travels and as mailboxes hold it. The header is clear text for
 /// routing; the Fernet `token` repeats it inside, and the receiver checks that the two agree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,7 +163,7 @@ pub enum Request {
     /// Who is online now. Answered with [`Reply::Users`] (possibly empty), or, when more are
     /// online than the server lists at once, [`Reply::UsersCapped`].
     List,
-    /// Leave sealed mail in the recipient's mailbox. Idempotent by envelope id.
+    /// Leave sealed mail in the recipient's mailbox. Idempotent by (sender, envelope id).
     /// Answered with [`Reply::Deposited`].
     Deposit {
         /// The sealed message; `from` must be the registered user.
@@ -154,8 +174,10 @@ pub enum Request {
         /// The most envelopes wanted (the server may send fewer to fit a frame).
         max: u32,
     },
-    /// Delete these messages from my mailbox: I have stored them. Answered with
-    /// [`Reply::Acked`].
+    /// The older form of [`Request::AckMail`], naming messages by id alone. The server
+    /// resolves each id against the envelopes it sent this connection in its last
+    /// [`Reply::Mail`] (that is what a client acks), and deletes those messages. Answered
+    /// with [`Reply::Acked`].
     Ack {
         /// The ids of the messages to delete.
         ids: Vec<MessageId>,
@@ -180,6 +202,13 @@ pub enum Request {
         text: String,
         /// Proof of the operator secret.
         proof: [u8; 32],
+    },
+    /// Delete these messages from my mailbox: I have stored them. Each is named by its
+    /// sender and id (mail identity). Added last, so every older request keeps its
+    /// encoding. Answered with [`Reply::Acked`].
+    AckMail {
+        /// The messages to delete.
+        mail: Vec<MailRef>,
     },
 }
 

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use proto::{
-    Connection, Envelope, ErrorCode, ErrorReply, HandshakeError, Hello, Identity, MessageId,
-    PeerMsg, Push, RecvError, Registration, Reply, Request, RequestFrame, ServerMsg, UserInfo,
-    Username, msg::PROTOCOL_VERSION, wire,
+    Connection, Envelope, ErrorCode, ErrorReply, HandshakeError, Hello, Identity, MailRef,
+    MessageId, PeerMsg, Push, RecvError, Registration, Reply, Request, RequestFrame, ServerMsg,
+    UserInfo, Username, msg::PROTOCOL_VERSION, wire,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -48,6 +48,12 @@ fn every_request() -> Vec<Request> {
         Request::Announce {
             text: "maintenance at noon".into(),
             proof: [9; 32],
+        },
+        Request::AckMail {
+            mail: vec![MailRef {
+                from: name("alice"),
+                id: MessageId::random(),
+            }],
         },
     ]
 }

@@ -11,14 +11,23 @@
 //! | --- | --- | --- |
 //! | `bindings` | user | [`Binding`] (wire-encoded) |
 //! | `mail` | (user, sequence) | (message id, [`StoredMail`] wire-encoded) |
-//! | `mail_ids` | (user, message id) | sequence |
-//! | `mailboxes` | user | (message count, next sequence, stale `mail_ids` entries) |
+//! | `mail_keys` | (user, message id, sender) | sequence |
+//! | `mailbox_totals` | user | (message count, next sequence, stale `mail_keys` entries, bytes) |
 //! | `blocks` (multimap) | user | blocked user |
 //! | `quarantine` | (user, sequence) | (message id, undecodable bytes) |
+//! | `meta` | `"layout"` | the layout version (2) |
 //!
 //! The per-user sequence orders a mailbox in deposit order (ids are random, times can tie);
-//! `mail_ids` makes deposits idempotent and acks a point lookup; `mailboxes` makes the cap
-//! check O(1). A deposit that finds the mailbox at its cap first deletes the expired mail
+//! `mail_keys` makes deposits idempotent by (sender, id), the mail's identity, and acks a
+//! point lookup; `mailbox_totals` makes both cap checks (messages and bytes) O(1). A
+//! message's bytes are its stored value's length; every removal (ack, expiry, quarantine)
+//! gives them back in the same transaction.
+//!
+//! Layout 1 (files written before `meta` existed) keyed the id index by (user, id) alone in
+//! `mail_ids` and kept no byte count in `mailboxes`. [`EmbeddedStore::open`] migrates such a
+//! file once, in one transaction: it reads every stored mail row, keys it by its sender in
+//! `mail_keys`, sums each mailbox's bytes into `mailbox_totals`, deletes the old tables
+//! and records layout 2; a crash before the commit leaves layout 1 to migrate again. A deposit that finds the mailbox at its cap first deletes the expired mail
 //! at its head (`expire_head`, oldest first, up to the first live message, counted through
 //! the same `remove_mail` as a fetch's removals), so mail no one can fetch never keeps a
 //! mailbox full while its recipient is away. A fetch stops reading at the first message
@@ -61,10 +70,10 @@ use std::{
 };
 
 use durable::{Commit, DatabaseSlot, GroupWriter, JobError, Opener};
-use proto::{Envelope, MessageId, Username, wire};
+use proto::{Envelope, MailRef, Username, wire};
 use redb::{
     Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
-    TableDefinition, WriteTransaction,
+    TableDefinition, TableHandle, WriteTransaction,
 };
 use tokio::sync::broadcast;
 
@@ -81,10 +90,20 @@ type MailTable = TableDefinition<'static, (&'static str, u64), (&'static [u8; 16
 
 /// (user, sequence) → (message id, wire-encoded [`StoredMail`]).
 const MAIL: MailTable = TableDefinition::new("mail");
-/// (user, message id) → sequence in `MAIL`.
-const MAIL_IDS: TableDefinition<(&str, &[u8; 16]), u64> = TableDefinition::new("mail_ids");
-/// User → (messages in the mailbox, next sequence number, stale `MAIL_IDS` entries).
-const MAILBOXES: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("mailboxes");
+/// (user, message id, sender) → sequence in `MAIL`: mail identity is (sender, id).
+const MAIL_KEYS: TableDefinition<(&str, &[u8; 16], &str), u64> = TableDefinition::new("mail_keys");
+/// User → (messages in the mailbox, next sequence number, stale `MAIL_KEYS` entries, bytes
+/// of stored mail).
+const MAILBOX_TOTALS: TableDefinition<&str, (u64, u64, u64, u64)> =
+    TableDefinition::new("mailbox_totals");
+/// `"layout"` → the layout version of this file ([`LAYOUT`]).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Layout 1's id index, keyed without the sender: migrated at open, then deleted.
+const MAIL_IDS_V1: TableDefinition<(&str, &[u8; 16]), u64> = TableDefinition::new("mail_ids");
+/// Layout 1's mailbox rows, without bytes: migrated at open, then deleted.
+const MAILBOXES_V1: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("mailboxes");
+/// The layout this build writes.
+const LAYOUT: u64 = 2;
 /// User → the users they block.
 const BLOCKS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("blocks");
 /// Mail that no longer decodes, moved out of the mailbox: same shape as `MAIL`.
@@ -147,6 +166,7 @@ struct DepositJob {
     recipient: Username,
     sender: Username,
     id: [u8; 16],
+    /// The stored value; its length is what the message costs against the byte cap.
     encoded: bytes::Bytes,
     /// When the deposit happens: decides which mail at the head of a full mailbox expired.
     now_ms: u64,
@@ -162,6 +182,7 @@ enum DepositDecision {
     Duplicate,
     Blocked,
     Full,
+    FullBytes,
 }
 
 /// One message a fetch found it must remove from the mailbox.
@@ -187,9 +208,12 @@ impl EmbeddedStore {
     /// Opens the database with `open`, which also reopens it after an I/O failure.
     fn open_with(open: Opener, limits: MailLimits) -> Result<Self, StoreError> {
         let db = open().map_err(embedded_error)?;
-        // Create every table once, so read transactions never meet a missing table.
+        // Migrate an older layout, and create every table once, so read transactions never
+        // meet a missing table.
         let txn = db.begin_write().map_err(embedded_error)?;
+        migrate_layout_1(&txn)?;
         create_tables(&txn).map_err(embedded_error)?;
+        record_layout(&txn).map_err(embedded_error)?;
         txn.commit().map_err(embedded_error)?;
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let db = Arc::new(DatabaseSlot::new(db, open));
@@ -382,6 +406,10 @@ impl EmbeddedStore {
                 user: envelope.to.clone(),
                 cap,
             }),
+            DepositDecision::FullBytes => Err(StoreError::MailboxBytesFull {
+                user: envelope.to.clone(),
+                max_bytes: limits.max_bytes,
+            }),
         }
     }
 
@@ -400,10 +428,7 @@ impl EmbeddedStore {
         self.blocking(move |_, db| {
             let (batch, removals, count) = {
                 let txn = db.begin_read()?;
-                let mailboxes = txn.open_table(MAILBOXES)?;
-                let count = mailboxes
-                    .get(user.as_str())?
-                    .map_or(0, |value| value.value().0);
+                let count = Mailbox::read(&txn.open_table(MAILBOX_TOTALS)?, &user)?.count;
                 let table = txn.open_table(MAIL)?;
                 let mut batch = Batch::new(max, max_bytes);
                 let mut removals = Vec::new();
@@ -445,16 +470,16 @@ impl EmbeddedStore {
     /// at-least-once delivery allows (receivers drop what they have seen), and the next
     /// durable commit (any deposit or binding) persists it. Waiting for `fsync` per batch
     /// would bound a mailbox drain at the disk's flush rate.
-    pub async fn ack(&self, user: &Username, ids: &[MessageId]) -> Result<u64, StoreError> {
-        if ids.is_empty() {
+    pub async fn ack(&self, user: &Username, mail: &[MailRef]) -> Result<u64, StoreError> {
+        if mail.is_empty() {
             return Ok(0);
         }
         let user = user.clone();
-        let ids = ids.to_vec();
+        let mail = mail.to_vec();
         self.blocking(move |_, db| {
             let mut txn = db.begin_write()?;
             txn.set_durability(redb::Durability::None)?;
-            let removed = ack_in(&txn, &user, &ids)?;
+            let removed = ack_in(&txn, &user, &mail)?;
             if removed > 0 {
                 txn.commit()?;
             }
@@ -468,11 +493,7 @@ impl EmbeddedStore {
         let user = user.clone();
         self.blocking(move |_, db| {
             let txn = db.begin_read()?;
-            let mailboxes = txn.open_table(MAILBOXES)?;
-            let count = mailboxes
-                .get(user.as_str())?
-                .map_or(0, |value| value.value().0);
-            Ok(count)
+            Ok(Mailbox::read(&txn.open_table(MAILBOX_TOTALS)?, &user)?.count)
         })
         .await
     }
@@ -552,14 +573,93 @@ impl EmbeddedStore {
 fn create_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(BINDINGS)?;
     txn.open_table(MAIL)?;
-    txn.open_table(MAIL_IDS)?;
-    txn.open_table(MAILBOXES)?;
+    txn.open_table(MAIL_KEYS)?;
+    txn.open_table(MAILBOX_TOTALS)?;
+    txn.open_table(META)?;
     txn.open_multimap_table(BLOCKS)?;
     txn.open_table(QUARANTINE)?;
     Ok(())
 }
 
-/// Stale `MAIL_IDS` entries of one mailbox tolerated before a sweep (see [`after_removal`]).
+/// Records in `txn` that the file has this build's [`LAYOUT`].
+fn record_layout(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    txn.open_table(META)?.insert("layout", LAYOUT)?;
+    Ok(())
+}
+
+/// Migrates a layout 1 file (see the module docs) inside `txn`; does nothing to a file that
+/// records its layout or has no layout 1 tables (a new file).
+fn migrate_layout_1(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let recorded = (|| -> Result<Option<u64>, redb::Error> {
+        Ok(txn
+            .open_table(META)?
+            .get("layout")?
+            .map(|value| value.value()))
+    })()
+    .map_err(embedded_error)?;
+    if recorded.is_some() {
+        return Ok(());
+    }
+    let has_layout_1 = txn
+        .list_tables()
+        .map_err(embedded_error)?
+        .any(|table| table.name() == "mailboxes");
+    if !has_layout_1 {
+        return Ok(());
+    }
+    let migrate = || -> Result<u64, redb::Error> {
+        let old: Vec<(String, (u64, u64, u64))> = txn
+            .open_table(MAILBOXES_V1)?
+            .iter()?
+            .map(|row| row.map(|(user, totals)| (user.value().to_owned(), totals.value())))
+            .collect::<Result<_, _>>()?;
+        let mut mail = 0;
+        for (user, (count, next_sequence, _)) in &old {
+            let mut bytes = 0;
+            let mut keys = Vec::new();
+            for row in txn
+                .open_table(MAIL)?
+                .range((user.as_str(), 0)..=(user.as_str(), u64::MAX))?
+            {
+                let (key, value) = row?;
+                let (id, stored) = value.value();
+                bytes += stored.len() as u64;
+                // A row that does not decode has no sender to key it by; the next fetch
+                // quarantines it, as it would have before.
+                if let Ok(decoded) = wire::decode::<StoredMail>(stored) {
+                    keys.push((*id, decoded.envelope.from, key.value().1));
+                }
+            }
+            let mut index = txn.open_table(MAIL_KEYS)?;
+            for (id, sender, sequence) in &keys {
+                index.insert((user.as_str(), id, sender.as_str()), sequence)?;
+            }
+            mail += keys.len() as u64;
+            let totals = Mailbox {
+                count: *count,
+                next_sequence: *next_sequence,
+                stale_ids: 0,
+                bytes,
+            };
+            let mut table = txn.open_table(MAILBOX_TOTALS)?;
+            table.insert(
+                user.as_str(),
+                (totals.count, totals.next_sequence, 0, totals.bytes),
+            )?;
+        }
+        txn.delete_table(MAILBOXES_V1)?;
+        txn.delete_table(MAIL_IDS_V1)?;
+        Ok(mail)
+    };
+    let mail = migrate().map_err(embedded_error)?;
+    tracing::info!(
+        mail,
+        "store file migrated to layout 2 (mail keyed by sender and id, mailbox bytes counted)"
+    );
+    Ok(())
+}
+
+/// Stale `MAIL_KEYS` entries of one mailbox tolerated before a sweep (see [`after_removal`]).
 const STALE_ID_SWEEP: u64 = 4096;
 
 /// One row of `MAILBOXES`.
@@ -570,49 +670,65 @@ struct Mailbox {
     /// The sequence number the next deposit gets (never reused, so a stale id entry can
     /// never point at newer mail).
     next_sequence: u64,
-    /// `MAIL_IDS` entries whose mail is gone (acked, expired, quarantined).
+    /// `MAIL_KEYS` entries whose mail is gone (acked, expired, quarantined).
     stale_ids: u64,
+    /// Bytes of the stored values of the mail in the mailbox (checked against the byte cap).
+    bytes: u64,
 }
 
 impl Mailbox {
     fn read(
-        table: &impl ReadableTable<&'static str, (u64, u64, u64)>,
+        table: &impl ReadableTable<&'static str, (u64, u64, u64, u64)>,
         user: &Username,
     ) -> Result<Self, redb::Error> {
         Ok(table
             .get(user.as_str())?
             .map_or_else(Self::default, |value| {
-                let (count, next_sequence, stale_ids) = value.value();
+                let (count, next_sequence, stale_ids, bytes) = value.value();
                 Self {
                     count,
                     next_sequence,
                     stale_ids,
+                    bytes,
                 }
             }))
     }
 
     fn write(
         self,
-        table: &mut redb::Table<&'static str, (u64, u64, u64)>,
+        table: &mut redb::Table<&'static str, (u64, u64, u64, u64)>,
         user: &Username,
     ) -> Result<(), redb::Error> {
         table.insert(
             user.as_str(),
-            (self.count, self.next_sequence, self.stale_ids),
+            (self.count, self.next_sequence, self.stale_ids, self.bytes),
         )?;
         Ok(())
     }
+
+    /// Whether a message of `bytes` more fits under `limits`: `None` if it does, else the
+    /// refusal.
+    fn refuses(&self, bytes: u64, limits: MailLimits) -> Option<DepositDecision> {
+        if self.count >= limits.cap {
+            Some(DepositDecision::Full)
+        } else if self.bytes.saturating_add(bytes) > limits.max_bytes {
+            Some(DepositDecision::FullBytes)
+        } else {
+            None
+        }
+    }
 }
 
-/// The checks and inserts of one deposit, inside `txn`. A mailbox at its cap first loses
-/// the expired mail at its head ([`expire_head`]), so mail no one can fetch any more never
-/// keeps a mailbox full.
+/// The checks and inserts of one deposit, inside `txn`. A mailbox at either cap (messages
+/// or bytes) first loses the expired mail at its head ([`expire_head`]), so mail no one can
+/// fetch any more never keeps a mailbox full.
 fn deposit_in(
     txn: &WriteTransaction,
     job: &DepositJob,
     limits: MailLimits,
 ) -> Result<DepositDecision, redb::Error> {
-    let (recipient, id) = (&job.recipient, &job.id);
+    let (recipient, id, sender) = (&job.recipient, &job.id, job.sender.as_str());
+    let key = (recipient.as_str(), id, sender);
     let blocks = txn.open_multimap_table(BLOCKS)?;
     for blocked in blocks.get(recipient.as_str())? {
         if blocked?.value() == job.sender.as_str() {
@@ -620,12 +736,9 @@ fn deposit_in(
         }
     }
     let stale_entry = {
-        let ids = txn.open_table(MAIL_IDS)?;
+        let keys = txn.open_table(MAIL_KEYS)?;
         let mail = txn.open_table(MAIL)?;
-        match ids
-            .get((recipient.as_str(), id))?
-            .map(|value| value.value())
-        {
+        match keys.get(key)?.map(|value| value.value()) {
             Some(sequence) if mail.get((recipient.as_str(), sequence))?.is_some() => {
                 return Ok(DepositDecision::Duplicate);
             }
@@ -633,27 +746,30 @@ fn deposit_in(
             None => false,
         }
     };
-    let mut mailbox = Mailbox::read(&txn.open_table(MAILBOXES)?, recipient)?;
-    if mailbox.count >= limits.cap && expire_head(txn, recipient, limits.ttl_ms, job.now_ms)? > 0 {
-        // `expire_head` books what it removes in `MAILBOXES` itself; read the row again.
-        mailbox = Mailbox::read(&txn.open_table(MAILBOXES)?, recipient)?;
+    let size = job.encoded.len() as u64;
+    let mut mailbox = Mailbox::read(&txn.open_table(MAILBOX_TOTALS)?, recipient)?;
+    if mailbox.refuses(size, limits).is_some()
+        && expire_head(txn, recipient, limits.ttl_ms, job.now_ms)? > 0
+    {
+        // `expire_head` books what it removes in `MAILBOX_TOTALS` itself; read the row again.
+        mailbox = Mailbox::read(&txn.open_table(MAILBOX_TOTALS)?, recipient)?;
     }
-    if mailbox.count >= limits.cap {
-        return Ok(DepositDecision::Full);
+    if let Some(refusal) = mailbox.refuses(size, limits) {
+        return Ok(refusal);
     }
     let sequence = mailbox.next_sequence;
     txn.open_table(MAIL)?
         .insert((recipient.as_str(), sequence), (id, &job.encoded[..]))?;
-    txn.open_table(MAIL_IDS)?
-        .insert((recipient.as_str(), id), sequence)?;
+    txn.open_table(MAIL_KEYS)?.insert(key, sequence)?;
     mailbox.count += 1;
+    mailbox.bytes += size;
     mailbox.next_sequence += 1;
     if stale_entry {
         // The stale entry was just overwritten by a live one (or swept by `expire_head`,
         // which then reset the stale count to zero already).
         mailbox.stale_ids = mailbox.stale_ids.saturating_sub(1);
     }
-    mailbox.write(&mut txn.open_table(MAILBOXES)?, recipient)?;
+    mailbox.write(&mut txn.open_table(MAILBOX_TOTALS)?, recipient)?;
     Ok(DepositDecision::Stored)
 }
 
@@ -721,29 +837,30 @@ fn classify(
     }
 }
 
-/// Deletes the acked `ids` of `user` inside `txn`; returns how many were there.
+/// Deletes the acked `mail` of `user` inside `txn`; returns how many were there.
 ///
 /// Only the mail rows go now (they sit together, in sequence order, so a batch touches a
 /// few pages); the id index is random by nature, and deleting a thousand random entries
 /// per batch would rewrite most of its pages every time. [`after_removal`] clears it in one
 /// sweep instead.
-fn ack_in(txn: &WriteTransaction, user: &Username, ids: &[MessageId]) -> Result<u64, redb::Error> {
-    let id_table = txn.open_table(MAIL_IDS)?;
+fn ack_in(txn: &WriteTransaction, user: &Username, acked: &[MailRef]) -> Result<u64, redb::Error> {
+    let keys = txn.open_table(MAIL_KEYS)?;
     let mut mail = txn.open_table(MAIL)?;
-    let mut removed = 0;
-    for id in ids {
-        let sequence = id_table
-            .get((user.as_str(), &id.0))?
+    let (mut removed, mut bytes) = (0, 0);
+    for acked in acked {
+        let sequence = keys
+            .get((user.as_str(), &acked.id.0, acked.from.as_str()))?
             .map(|value| value.value());
         if let Some(sequence) = sequence
-            && mail.remove((user.as_str(), sequence))?.is_some()
+            && let Some(row) = mail.remove((user.as_str(), sequence))?
         {
             removed += 1;
+            bytes += row.value().1.len() as u64;
         }
     }
-    drop((id_table, mail));
+    drop((keys, mail));
     if removed > 0 {
-        after_removal(txn, user, removed)?;
+        after_removal(txn, user, removed, bytes)?;
     }
     Ok(removed)
 }
@@ -758,15 +875,17 @@ fn remove_mail(
     // The rows were read in an earlier transaction: an ack may have deleted some since, and
     // only the rows deleted here may be booked as removed (counting one twice would let the
     // count reach zero with mail left, and sweep that mail's ids).
-    let mut removed = 0;
+    let (mut removed, mut bytes) = (0, 0);
     {
         let mut mail = txn.open_table(MAIL)?;
         let mut quarantine = txn.open_table(QUARANTINE)?;
         for removal in removals {
-            if mail.remove((user.as_str(), removal.sequence))?.is_none() {
+            let Some(row) = mail.remove((user.as_str(), removal.sequence))? else {
                 continue;
-            }
+            };
             removed += 1;
+            bytes += row.value().1.len() as u64;
+            drop(row);
             if let Some(bytes) = &removal.quarantine {
                 quarantine.insert(
                     (user.as_str(), removal.sequence),
@@ -776,30 +895,39 @@ fn remove_mail(
         }
     }
     if removed > 0 {
-        after_removal(txn, user, removed)?;
+        after_removal(txn, user, removed, bytes)?;
     }
     Ok(removed)
 }
 
-/// Books `removed` mail rows of `user` as gone, and cleans the id index: all of the
+/// Books `removed` mail rows of `user`, `bytes` long together, as gone (their bytes go back
+/// to the byte cap), and cleans the key index: all of the
 /// user's entries at once when the mailbox is empty (the usual end of a drain), or the
 /// stale ones when too many have piled up in a mailbox that never empties.
-fn after_removal(txn: &WriteTransaction, user: &Username, removed: u64) -> Result<(), redb::Error> {
-    let mut mailboxes = txn.open_table(MAILBOXES)?;
+fn after_removal(
+    txn: &WriteTransaction,
+    user: &Username,
+    removed: u64,
+    bytes: u64,
+) -> Result<(), redb::Error> {
+    let mut mailboxes = txn.open_table(MAILBOX_TOTALS)?;
     let mut mailbox = Mailbox::read(&mailboxes, user)?;
     mailbox.count = mailbox.count.saturating_sub(removed);
+    mailbox.bytes = mailbox.bytes.saturating_sub(bytes);
     mailbox.stale_ids += removed;
-    let id_range = (user.as_str(), &[0u8; 16])..=(user.as_str(), &[0xffu8; 16]);
+    // Usernames are ASCII, so a sender of U+10FFFF sorts after every real one.
+    let key_range = (user.as_str(), &[0u8; 16], "")..=(user.as_str(), &[0xffu8; 16], "\u{10FFFF}");
     if mailbox.count == 0 {
-        let mut ids = txn.open_table(MAIL_IDS)?;
-        ids.retain_in(id_range, |_, _| false)?;
+        let mut keys = txn.open_table(MAIL_KEYS)?;
+        keys.retain_in(key_range, |_, _| false)?;
         mailbox.stale_ids = 0;
+        mailbox.bytes = 0;
     } else if mailbox.stale_ids > STALE_ID_SWEEP.max(mailbox.count) {
-        let mut ids = txn.open_table(MAIL_IDS)?;
+        let mut keys = txn.open_table(MAIL_KEYS)?;
         let mail = txn.open_table(MAIL)?;
         // Keep an entry when its mail row exists, or when that cannot be read (the sweep
         // is only garbage collection; the next one tries again).
-        ids.retain_in(id_range, |(_, _), sequence| {
+        keys.retain_in(key_range, |_, sequence| {
             mail.get((user.as_str(), sequence))
                 .map_or(true, |row| row.is_some())
         })?;
@@ -885,7 +1013,7 @@ fn embedded_error(error: impl Into<redb::Error>) -> StoreError {
 
 #[cfg(test)]
 mod tests {
-    use proto::{Envelope, MessageId, Username};
+    use proto::{Envelope, MailRef, MessageId, Username};
     use redb::ReadableTableMetadata;
 
     use super::*;
@@ -1067,7 +1195,14 @@ mod tests {
         let expected: Vec<_> = stored.iter().chain([&while_full]).map(|m| m.id).collect();
         assert_eq!(got, expected, "every message once, in deposit order");
         assert_eq!(store.mail_count(&bob).await?, 4);
-        assert_eq!(store.ack(&bob, &expected).await?, 4);
+        let acked: Vec<_> = expected
+            .iter()
+            .map(|&id| MailRef {
+                from: user("alice"),
+                id,
+            })
+            .collect();
+        assert_eq!(store.ack(&bob, &acked).await?, 4);
         assert_eq!(store.presence(&bob).await?, Some(presence));
         store
             .publish(&Broadcast::MailWaiting { user: bob.clone() })
@@ -1118,7 +1253,7 @@ mod tests {
         store.deposit(&old, 1_000).await?;
         store.deposit(&live, 2_000).await?;
         // A fetch found `old` (sequence 0) expired; before it deletes it, the ack lands.
-        assert_eq!(store.ack(&user("bob"), &[old.id]).await?, 1);
+        assert_eq!(store.ack(&user("bob"), &[MailRef::of(&old)]).await?, 1);
         let db = store.inner.db.current().expect("open");
         let txn = db.begin_write()?;
         let expired = Removal {
@@ -1129,7 +1264,7 @@ mod tests {
         remove_mail(&txn, &user("bob"), &[expired])?;
         txn.commit()?;
         assert_eq!(store.mail_count(&user("bob")).await?, 1);
-        assert_eq!(store.ack(&user("bob"), &[live.id]).await?, 1);
+        assert_eq!(store.ack(&user("bob"), &[MailRef::of(&live)]).await?, 1);
         Ok(())
     }
 }

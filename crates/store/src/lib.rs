@@ -26,7 +26,7 @@
 
 use std::net::SocketAddr;
 
-use proto::{Envelope, MessageId, PublicKeys, Username};
+use proto::{Envelope, MailRef, PublicKeys, Username};
 use serde::{Deserialize, Serialize};
 
 pub mod embedded;
@@ -47,6 +47,10 @@ pub const ANNOUNCE_CHANNEL: &str = "p2pchat:announce";
 pub struct MailLimits {
     /// The most messages one mailbox holds; a deposit beyond it is refused.
     pub cap: u64,
+    /// The most bytes of stored mail (each message counted as its stored value: the
+    /// wire-encoded envelope and its deposit time) one mailbox holds; a deposit that would
+    /// pass it is refused. Default 64 MiB.
+    pub max_bytes: u64,
     /// How long mail is kept, in milliseconds (default 30 days).
     pub ttl_ms: u64,
 }
@@ -55,6 +59,7 @@ impl Default for MailLimits {
     fn default() -> Self {
         Self {
             cap: 10_000,
+            max_bytes: 64 << 20,
             ttl_ms: 30 * 24 * 60 * 60 * 1000,
         }
     }
@@ -117,7 +122,8 @@ pub struct StoredMail {
 pub enum DepositOutcome {
     /// Stored now.
     Stored,
-    /// A message with this id was already in the mailbox; nothing changed.
+    /// A message from this sender with this id was already in the mailbox; nothing
+    /// changed.
     Duplicate,
 }
 
@@ -157,6 +163,14 @@ pub enum StoreError {
         user: Username,
         /// The cap.
         cap: u64,
+    },
+    /// The recipient's mailbox would pass its byte cap with this message.
+    #[error("{user}'s mailbox is full ({max_bytes} bytes)")]
+    MailboxBytesFull {
+        /// The recipient.
+        user: Username,
+        /// The byte cap.
+        max_bytes: u64,
     },
     /// The recipient blocks the sender.
     #[error("{recipient} does not accept messages from {sender}")]
@@ -273,7 +287,8 @@ impl Store {
     }
 
     /// Deposits `envelope` in `envelope.to`'s mailbox: refused if the recipient blocks the
-    /// sender or the mailbox is full; idempotent by envelope id.
+    /// sender or the mailbox is full (by count or by bytes); idempotent by (sender, id):
+    /// mail identity is the pair, so another sender's message with the same id is stored.
     pub async fn deposit(
         &self,
         envelope: &Envelope,
@@ -297,9 +312,10 @@ impl Store {
         dispatch!(self, store => store.fetch(user, max, max_bytes, now_ms).await)
     }
 
-    /// Deletes the messages `ids` from `user`'s mailbox; returns how many were there.
-    pub async fn ack(&self, user: &Username, ids: &[MessageId]) -> Result<u64, StoreError> {
-        dispatch!(self, store => store.ack(user, ids).await)
+    /// Deletes the messages `mail` from `user`'s mailbox, giving their bytes back to the
+    /// byte cap; returns how many were there.
+    pub async fn ack(&self, user: &Username, mail: &[MailRef]) -> Result<u64, StoreError> {
+        dispatch!(self, store => store.ack(user, mail).await)
     }
 
     /// How many messages wait for `user` (expired ones may still be counted until a fetch

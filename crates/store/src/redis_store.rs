@@ -18,7 +18,7 @@
 //! the kept client and config) before the next try: one timeout, not one per call forever.
 //! TCP keep-alive and, on Linux, `TCP_USER_TIMEOUT` also let the kernel close such a
 //! connection by itself while it is idle. Every operation is safe to repeat:
-//! deposits are idempotent by message id, acks and block-list changes are set operations,
+//! deposits are idempotent by (sender, id), acks and block-list changes are set operations,
 //! a repeated bind finds its own binding, and a repeated publish only repeats a hint.
 //!
 //! Pub/sub needs a connection of its own (a subscribed connection cannot run commands). On
@@ -55,10 +55,11 @@
 //! | `p2pchat:{u}:binding` | string | wire-encoded [`Binding`] |
 //! | `p2pchat:{u}:presence` | hash | `session` (decimal), `value` (wire-encoded [`Presence`]) |
 //! | `p2pchat:{u}:routes` | hash | (cluster) instance id → expiry (ms) of `u`'s presence written by that instance |
-//! | `p2pchat:{u}:mail` | sorted set | message id (16 raw bytes), scored by deposit sequence |
-//! | `p2pchat:{u}:mail:data` | hash | message id → wire-encoded [`StoredMail`] |
+//! | `p2pchat:{u}:mail` | sorted set | mail key, scored by deposit sequence |
+//! | `p2pchat:{u}:mail:data` | hash | mail key → wire-encoded [`StoredMail`] |
 //! | `p2pchat:{u}:mail:seq` | string | the last deposit sequence number |
-//! | `p2pchat:{u}:mail:quarantine` | hash | message id → bytes that did not decode |
+//! | `p2pchat:{u}:mail:bytes` | string | bytes of the stored values in the mailbox (the byte cap's count) |
+//! | `p2pchat:{u}:mail:quarantine` | hash | mail key → bytes that did not decode |
 //! | `p2pchat:{u}:blocked` | set | names `u` refuses mail from |
 //! | `p2pchat:online` | sorted set | online names, scored by presence expiry (ms) |
 //!
@@ -75,6 +76,19 @@
 //! then the online index; clearing it, the presence, then the route, then the index; a
 //! deposit stores the mail and then publishes the hint.
 //!
+//! A **mail key** is the message id (16 raw bytes) followed by the sender's name: mail
+//! identity is (sender, id), so another sender reusing an id is another message, while the
+//! same sender's retransmission finds its key and is a duplicate. Mailboxes written before
+//! this layout hold keys of the id alone (16 bytes). They stay readable and are migrated on
+//! first touch: a fetch that meets such an entry returns it and, in the same cleanup
+//! script as its removals, moves it to its new key at the same sequence (when the new key
+//! exists already, a retransmission stored after the upgrade, the old copy is dropped).
+//! Acks name the new key only; an entry fetched before the upgrade and acked after it is
+//! offered once more, migrated, and de-duplicated by the client. Such old entries were
+//! never counted in `mail:bytes` (its removals clamp at zero, and an empty mailbox resets
+//! it), so a mailbox from before the upgrade may hold more than the byte cap until it is
+//! drained once.
+//!
 //! # Why a sorted set plus a hash for mail (and not a list or a stream)
 //!
 //! At-least-once delivery needs: read without removing, delete an arbitrary acked subset by
@@ -82,18 +96,19 @@
 //! - A list (`LPUSH`/`RPOP`, what the original did) removes on read; `LRANGE` + `LREM`
 //!   would make every ack a linear scan.
 //! - A stream gives order and `XDEL` by entry id, but entry ids are Redis-generated, so
-//!   idempotency by *message* id and ack by message id need a second index anyway, and
+//!   idempotency by (sender, message id) and acks by it need a second index anyway, and
 //!   consumer groups' pending lists solve a different problem (many consumers, one log)
 //!   while a mailbox has one reader.
-//! - A sorted set keyed by message id and scored by a per-user sequence gives deposit
+//! - A sorted set keyed by mail key (id and sender) and scored by a per-user sequence gives deposit
 //!   order (times can tie; the sequence cannot), `ZRANGE` batches from the head,
 //!   `ZREM` of any acked subset in one command, and `ZCARD` for the cap; a hash beside it
 //!   holds the bytes, fetched with one `HMGET` per batch.
 //!
-//! A deposit is one Lua script (block list, duplicate id, cap, sequence, insert: atomic), a
-//! fetch is one script (range + values + count: one round trip, reading values only up to
-//! the batch's byte budget), an ack is one `MULTI` with `ZREM` and `HDEL` of the whole
-//! batch. Expired mail is deleted when a fetch meets it; a value that does not decode is
+//! A deposit is one Lua script (block list, duplicate key, count cap, byte cap, sequence,
+//! insert, byte count: atomic), a fetch is one script (range + values + count: one round
+//! trip, reading values only up to the batch's byte budget), an ack is one script
+//! ([`REMOVE`]: `ZREM`, `HDEL` and the byte count of the whole batch, atomic, so an ack and
+//! a fetch's cleanup racing for one entry give its bytes back once). Expired mail is deleted when a fetch meets it; a value that does not decode is
 //! logged, moved to the quarantine hash and skipped.
 //!
 //! Expired mail must not keep a mailbox full either (its recipient may be away for longer
@@ -124,7 +139,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use proto::{Envelope, MessageId, Username, wire};
+use proto::{Envelope, MailRef, MessageId, Username, wire};
 use redis::{
     Client, Cmd, ProtocolVersion, PushInfo, PushKind, RedisFuture, RedisResult, RetryMethod,
     Script, Value,
@@ -184,8 +199,9 @@ const PRESENCE_KEEP_MS: u64 = 30 * 24 * 60 * 60 * 1000;
 /// Entries of [`ONLINE_KEY`] that lapsed this long ago are pruned.
 const ONLINE_PRUNE_AFTER_MS: u64 = 60 * 60 * 1000;
 
-/// Deposit: KEYS = mail order, mail data, sequence, block list; ARGV = id, sender, value,
-/// cap, GC expiry ms. Returns 1 stored, 0 duplicate, -1 blocked, -2 full.
+/// Deposit: KEYS = mail order, mail data, sequence, block list, byte count; ARGV = mail key,
+/// sender, value, cap, GC expiry ms, byte cap. Returns 1 stored, 0 duplicate, -1 blocked,
+/// -2 full (messages), -3 full (bytes).
 static DEPOSIT: LazyLock<Script> = LazyLock::new(|| Script::new(DEPOSIT_SOURCE));
 
 /// The source of [`DEPOSIT`], also sent as a plain `EVAL` when the deposit must reach a
@@ -194,17 +210,70 @@ const DEPOSIT_SOURCE: &str = r"
         if redis.call('SISMEMBER', KEYS[4], ARGV[2]) == 1 then return -1 end
         if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
         if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return -2 end
+        local bytes = tonumber(redis.call('GET', KEYS[5]) or '0')
+        if bytes + #ARGV[3] > tonumber(ARGV[6]) then return -3 end
         local sequence = redis.call('INCR', KEYS[3])
         redis.call('ZADD', KEYS[1], sequence, ARGV[1])
         redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+        redis.call('INCRBY', KEYS[5], #ARGV[3])
         redis.call('PEXPIRE', KEYS[1], ARGV[5])
         redis.call('PEXPIRE', KEYS[2], ARGV[5])
         redis.call('PEXPIRE', KEYS[3], ARGV[5])
+        redis.call('PEXPIRE', KEYS[5], ARGV[5])
         return 1
         ";
 
-/// What [`DEPOSIT`] answers when the mailbox is at its cap.
+/// What [`DEPOSIT`] answers when the mailbox is at its message cap.
 const DEPOSIT_FULL: i64 = -2;
+/// What [`DEPOSIT`] answers when the message would pass the mailbox's byte cap.
+const DEPOSIT_FULL_BYTES: i64 = -3;
+
+/// Removal: KEYS = mail order, mail data, byte count, quarantine; ARGV = GC expiry ms, then
+/// triples (action, mail key, new key): `d` deletes the entry, `q` moves its value to
+/// quarantine, `m` moves an old-layout entry to its new key at the same sequence (or drops
+/// it when the new key exists). Deleted and quarantined values give their bytes back (the
+/// count never goes below zero, and is reset when the mailbox empties). Returns how many
+/// entries had a value to delete.
+static REMOVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local removed = 0
+        local freed = 0
+        for index = 2, #ARGV, 3 do
+            local action, key, target = ARGV[index], ARGV[index + 1], ARGV[index + 2]
+            local value = redis.call('HGET', KEYS[2], key)
+            if action == 'm' then
+                local score = redis.call('ZSCORE', KEYS[1], key)
+                if value and score then
+                    redis.call('ZREM', KEYS[1], key)
+                    redis.call('HDEL', KEYS[2], key)
+                    if redis.call('HEXISTS', KEYS[2], target) == 0 then
+                        redis.call('ZADD', KEYS[1], score, target)
+                        redis.call('HSET', KEYS[2], target, value)
+                    end
+                end
+            else
+                redis.call('ZREM', KEYS[1], key)
+                if value then
+                    redis.call('HDEL', KEYS[2], key)
+                    removed = removed + 1
+                    freed = freed + #value
+                    if action == 'q' then
+                        redis.call('HSET', KEYS[4], key, value)
+                        redis.call('PEXPIRE', KEYS[4], ARGV[1])
+                    end
+                end
+            end
+        end
+        if redis.call('ZCARD', KEYS[1]) == 0 then
+            redis.call('DEL', KEYS[3])
+        elseif freed > 0 and redis.call('DECRBY', KEYS[3], freed) < 0 then
+            redis.call('DEL', KEYS[3])
+        end
+        return removed
+        ",
+    )
+});
 
 /// Fetch: KEYS = mail order, mail data; ARGV = first and last rank, byte budget, stored
 /// overhead. Returns the mailbox size, the ids from the first rank on, and their values
@@ -531,6 +600,7 @@ struct MailKeys {
     order: String,
     data: String,
     sequence: String,
+    bytes: String,
     quarantine: String,
     blocked: String,
 }
@@ -541,10 +611,19 @@ impl MailKeys {
             order: user_key(user, "mail"),
             data: user_key(user, "mail:data"),
             sequence: user_key(user, "mail:seq"),
+            bytes: user_key(user, "mail:bytes"),
             quarantine: user_key(user, "mail:quarantine"),
             blocked: user_key(user, "blocked"),
         }
     }
+}
+
+/// The mail key of a message (see the module docs): its id, then its sender's name.
+fn mail_key(from: &Username, id: &MessageId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16 + from.as_str().len());
+    key.extend_from_slice(&id.0);
+    key.extend_from_slice(from.as_str().as_bytes());
+    key
 }
 
 /// `p2pchat:{user}:part`: the hash tag keeps all of one user's keys in one cluster slot.
@@ -552,11 +631,21 @@ fn user_key(user: &Username, part: &str) -> String {
     format!("p2pchat:{{{user}}}:{part}")
 }
 
-/// One mailbox entry a fetch found it must remove.
+/// One mailbox entry a fetch found it must remove (or, from an older layout, move).
 struct Removal {
-    id: Vec<u8>,
-    /// `Some(bytes)` moves the value to quarantine (it does not decode); `None` drops it.
-    quarantine: Option<Vec<u8>>,
+    /// Its mail key.
+    key: Vec<u8>,
+    action: RemovalAction,
+}
+
+/// What [`REMOVE`] does with one entry.
+enum RemovalAction {
+    /// Delete it (acked, expired, or a key without a value).
+    Delete,
+    /// Move its value, which does not decode, to quarantine.
+    Quarantine,
+    /// Move it from its old-layout key to this mail key.
+    Migrate(Vec<u8>),
 }
 
 /// `url` with its credentials replaced by `***`, fit for logs and error messages:
@@ -1114,19 +1203,23 @@ impl RedisStore {
             deposited_at_ms: now_ms,
         })?;
         let cap = limits.cap.to_string();
+        let max_bytes = limits.max_bytes.to_string();
         let gc_ms = limits.ttl_ms.saturating_add(MAIL_GC_MARGIN_MS).to_string();
+        let key = mail_key(&envelope.from, &envelope.id);
         let script_keys = [
             keys.order.as_str(),
             &keys.data,
             &keys.sequence,
             &keys.blocked,
+            &keys.bytes,
         ];
         let script_args = [
-            &envelope.id.0[..],
+            key.as_slice(),
             envelope.from.as_str().as_bytes(),
             value.as_ref(),
             cap.as_bytes(),
             gc_ms.as_bytes(),
+            max_bytes.as_bytes(),
         ];
         let deposit_once = || {
             self.invoke_replicated::<i64>(
@@ -1141,7 +1234,9 @@ impl RedisStore {
         // Full: expired mail may be what fills it (its recipient has not fetched since).
         // Drop it from the head and try once more; the script checks the cap again
         // atomically, so a race with other deposits can only make this retry say "full".
-        if outcome == DEPOSIT_FULL && self.expire_head(&envelope.to, &keys, now_ms).await? > 0 {
+        if (outcome == DEPOSIT_FULL || outcome == DEPOSIT_FULL_BYTES)
+            && self.expire_head(&envelope.to, &keys, now_ms).await? > 0
+        {
             outcome = deposit_once().await?;
         }
         match outcome {
@@ -1154,6 +1249,10 @@ impl RedisStore {
             DEPOSIT_FULL => Err(StoreError::MailboxFull {
                 user: envelope.to.clone(),
                 cap: limits.cap,
+            }),
+            DEPOSIT_FULL_BYTES => Err(StoreError::MailboxBytesFull {
+                user: envelope.to.clone(),
+                max_bytes: limits.max_bytes,
             }),
             other => Err(StoreError::Corrupt {
                 key: keys.order,
@@ -1188,26 +1287,36 @@ impl RedisStore {
             let (total, ids, values) = self
                 .read_mail(&keys, batch.len(), max - 1, batch.bytes_left())
                 .await?;
-            let mut removals = Vec::new();
+            let (mut removals, mut migrations) = (Vec::new(), Vec::new());
             // The script answers one value per id; a missing one reads as a missing value.
             let mut values = values.into_iter();
-            for id in ids {
-                match classify(user, &id, values.next().flatten(), ttl_ms, now_ms) {
-                    Entry::Keep(stored) => {
+            for key in ids {
+                match classify(user, &key, values.next().flatten(), ttl_ms, now_ms) {
+                    Entry::Keep(stored, migrate) => {
+                        let new_key =
+                            migrate.then(|| mail_key(&stored.envelope.from, &stored.envelope.id));
                         if !batch.offer(stored) {
                             break;
                         }
+                        if let Some(new_key) = new_key {
+                            migrations.push(Removal {
+                                key,
+                                action: RemovalAction::Migrate(new_key),
+                            });
+                        }
                     }
-                    Entry::Remove(quarantine) => removals.push(Removal { id, quarantine }),
+                    Entry::Remove(action) => removals.push(Removal { key, action }),
                 }
             }
             let removed = removals.len() as u64;
-            if !removals.is_empty() {
+            if !removals.is_empty() || !migrations.is_empty() {
+                // Migrations keep their entries' ranks; only removals make room to read on.
+                removals.append(&mut migrations);
                 self.remove_mail(&keys, &removals).await?;
             }
             let remaining = total.saturating_sub(removed + batch.len() as u64);
             let more_behind = (batch.len() as u64 + removed) < total;
-            if removals.is_empty() || batch.is_full() || !more_behind {
+            if removed == 0 || batch.is_full() || !more_behind {
                 return Ok(Fetched {
                     mail: batch.into_mail(),
                     remaining,
@@ -1238,10 +1347,10 @@ impl RedisStore {
             let read = ids.len();
             let mut removals = Vec::new();
             let mut values = values.into_iter();
-            for id in ids {
-                match classify(user, &id, values.next().flatten(), ttl_ms, now_ms) {
-                    Entry::Keep(_) => break,
-                    Entry::Remove(quarantine) => removals.push(Removal { id, quarantine }),
+            for key in ids {
+                match classify(user, &key, values.next().flatten(), ttl_ms, now_ms) {
+                    Entry::Keep(..) => break,
+                    Entry::Remove(action) => removals.push(Removal { key, action }),
                 }
             }
             let reached_live_mail = removals.len() < read;
@@ -1281,73 +1390,48 @@ impl RedisStore {
         .await
     }
 
-    /// Deletes expired entries and moves undecodable ones to quarantine, in one `MULTI`.
-    async fn remove_mail(&self, keys: &MailKeys, removals: &[Removal]) -> Result<(), StoreError> {
-        let ids: Vec<&[u8]> = removals
-            .iter()
-            .map(|removal| removal.id.as_slice())
-            .collect();
-        let mut pipeline = redis::pipe();
-        pipeline
-            .atomic()
-            .cmd("ZREM")
-            .arg(&keys.order)
-            .arg(&ids)
-            .ignore()
-            .cmd("HDEL")
-            .arg(&keys.data)
-            .arg(&ids)
-            .ignore();
-        let quarantined: Vec<(&[u8], &[u8])> = removals
-            .iter()
-            .filter_map(|removal| {
-                let bytes = removal.quarantine.as_deref()?;
-                Some((removal.id.as_slice(), bytes))
-            })
-            .collect();
-        if !quarantined.is_empty() {
-            let gc_ms = self.inner.limits.ttl_ms.saturating_add(MAIL_GC_MARGIN_MS);
-            pipeline
-                .cmd("HSET")
-                .arg(&keys.quarantine)
-                .arg(&quarantined)
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(&keys.quarantine)
-                .arg(gc_ms)
-                .ignore();
+    /// Deletes expired entries, moves undecodable ones to quarantine and old-layout ones to
+    /// their mail keys, in one [`REMOVE`] call; returns how many entries it deleted.
+    async fn remove_mail(&self, keys: &MailKeys, removals: &[Removal]) -> Result<u64, StoreError> {
+        let gc_ms = self
+            .inner
+            .limits
+            .ttl_ms
+            .saturating_add(MAIL_GC_MARGIN_MS)
+            .to_string();
+        let mut args: Vec<&[u8]> = Vec::with_capacity(1 + 3 * removals.len());
+        args.push(gc_ms.as_bytes());
+        for removal in removals {
+            let (action, extra): (&[u8], &[u8]) = match &removal.action {
+                RemovalAction::Delete => (b"d", b""),
+                RemovalAction::Quarantine => (b"q", b""),
+                RemovalAction::Migrate(new_key) => (b"m", new_key),
+            };
+            args.extend([action, removal.key.as_slice(), extra]);
         }
-        self.with_retry("fetch cleanup", |mut connection| {
-            let pipeline = &pipeline;
-            async move { pipeline.query_async::<()>(&mut connection).await }
-        })
+        self.invoke(
+            "remove mail",
+            &REMOVE,
+            &[&keys.order, &keys.data, &keys.bytes, &keys.quarantine],
+            &args,
+        )
         .await
     }
 
-    /// See [`crate::Store::ack`]. One `MULTI` (`ZREM` + `HDEL`) for the whole batch.
-    pub async fn ack(&self, user: &Username, ids: &[MessageId]) -> Result<u64, StoreError> {
-        if ids.is_empty() {
+    /// See [`crate::Store::ack`]. One [`REMOVE`] call for the whole batch, which gives the
+    /// acked bytes back to the byte cap in the same step.
+    pub async fn ack(&self, user: &Username, mail: &[MailRef]) -> Result<u64, StoreError> {
+        if mail.is_empty() {
             return Ok(0);
         }
-        let keys = MailKeys::new(user);
-        let ids: Vec<&[u8]> = ids.iter().map(|id| id.0.as_slice()).collect();
-        let mut pipeline = redis::pipe();
-        pipeline
-            .atomic()
-            .cmd("ZREM")
-            .arg(&keys.order)
-            .arg(&ids)
-            .ignore()
-            .cmd("HDEL")
-            .arg(&keys.data)
-            .arg(&ids);
-        let (removed,): (u64,) = self
-            .with_retry("ack", |mut connection| {
-                let pipeline = &pipeline;
-                async move { pipeline.query_async(&mut connection).await }
+        let removals: Vec<Removal> = mail
+            .iter()
+            .map(|acked| Removal {
+                key: mail_key(&acked.from, &acked.id),
+                action: RemovalAction::Delete,
             })
-            .await?;
-        Ok(removed)
+            .collect();
+        self.remove_mail(&MailKeys::new(user), &removals).await
     }
 
     /// See [`crate::Store::mail_count`].
@@ -1440,28 +1524,37 @@ type FetchReply = (u64, Vec<Vec<u8>>, Vec<Option<Vec<u8>>>);
 
 /// What a fetch does with one mailbox entry.
 enum Entry {
-    /// Deliver it.
-    Keep(StoredMail),
-    /// Remove it; `Some(bytes)` quarantines them.
-    Remove(Option<Vec<u8>>),
+    /// Deliver it; `true` when its key is of the old layout (the id alone), to migrate.
+    Keep(StoredMail, bool),
+    /// Remove it (delete or quarantine).
+    Remove(RemovalAction),
 }
 
-/// Decides about one fetched entry, logging anything wrong with it.
-fn classify(user: &Username, id: &[u8], value: Option<Vec<u8>>, ttl_ms: u64, now_ms: u64) -> Entry {
+/// Decides about one fetched entry under mail key `key`, logging anything wrong with it.
+fn classify(
+    user: &Username,
+    key: &[u8],
+    value: Option<Vec<u8>>,
+    ttl_ms: u64,
+    now_ms: u64,
+) -> Entry {
     let Some(bytes) = value else {
-        tracing::warn!(%user, id = ?id, "mail id without a value; dropped from the mailbox");
-        return Entry::Remove(None);
+        tracing::warn!(%user, key = ?key, "mail key without a value; dropped from the mailbox");
+        return Entry::Remove(RemovalAction::Delete);
     };
     match wire::decode::<StoredMail>(&bytes) {
-        Ok(stored) if stored.envelope.id.0.as_slice() != id => {
-            tracing::warn!(%user, id = ?id, "stored mail has another id than its key; quarantined");
-            Entry::Remove(Some(bytes))
+        Ok(stored) if is_expired(&stored, ttl_ms, now_ms) => Entry::Remove(RemovalAction::Delete),
+        Ok(stored) if key == mail_key(&stored.envelope.from, &stored.envelope.id) => {
+            Entry::Keep(stored, false)
         }
-        Ok(stored) if is_expired(&stored, ttl_ms, now_ms) => Entry::Remove(None),
-        Ok(stored) => Entry::Keep(stored),
+        Ok(stored) if key == stored.envelope.id.0.as_slice() => Entry::Keep(stored, true),
+        Ok(_) => {
+            tracing::warn!(%user, key = ?key, "stored mail has another sender or id than its key; quarantined");
+            Entry::Remove(RemovalAction::Quarantine)
+        }
         Err(error) => {
-            tracing::warn!(%user, id = ?id, %error, "stored mail does not decode; quarantined");
-            Entry::Remove(Some(bytes))
+            tracing::warn!(%user, key = ?key, %error, "stored mail does not decode; quarantined");
+            Entry::Remove(RemovalAction::Quarantine)
         }
     }
 }

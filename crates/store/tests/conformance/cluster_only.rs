@@ -271,6 +271,7 @@ async fn a_masters_death_loses_no_reported_deposit() -> anyhow::Result<()> {
     // Room for every message (the suite's cap is 50).
     let limits = MailLimits {
         cap: 10_000,
+        max_bytes: 64 << 20,
         ..LIMITS
     };
     let store: Store = RedisStore::connect(&cluster.url(), limits).await?.into();

@@ -9,12 +9,13 @@ use anyhow::ensure;
 use futures::{StreamExt, TryStreamExt, stream};
 use store::{EmbeddedStore, MailLimits, RedisStore, Store, testing::RedisServer};
 
-use crate::util::{envelope, ids, user};
+use crate::util::{envelope, refs, user};
 
 const MESSAGES: usize = 100_000;
 const BATCH: usize = 1_000;
 const LIMITS: MailLimits = MailLimits {
     cap: MESSAGES as u64,
+    max_bytes: 64 << 20,
     ttl_ms: 60_000,
 };
 
@@ -42,7 +43,7 @@ async fn fill_and_drain(store: &Store, label: &str, concurrency: usize) -> anyho
             break;
         }
         let ack_started = Instant::now();
-        drained += store.ack(&bob, &ids(&batch.mail)).await?;
+        drained += store.ack(&bob, &refs(&batch.mail)).await?;
         acking += ack_started.elapsed();
     }
     let elapsed = started.elapsed();

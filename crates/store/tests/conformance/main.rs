@@ -53,6 +53,8 @@ conformance!(
     expired_mail_does_not_keep_a_mailbox_full,
     a_fetch_stops_at_its_byte_budget,
     deposit_is_idempotent_by_message_id,
+    mail_identity_is_sender_and_id,
+    mailbox_byte_cap_refuses_and_acks_give_bytes_back,
     binding_conflict_returns_existing_binding,
     presence_expires_and_only_its_session_clears_it,
     online_users_are_sorted_by_name,

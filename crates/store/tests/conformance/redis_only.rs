@@ -13,7 +13,7 @@ use store::{
 };
 
 use crate::util::{
-    BlackholeProxy, EVENT_TIMEOUT, LIMITS, RedisBackend, envelope, ids, next_event, user,
+    BlackholeProxy, EVENT_TIMEOUT, LIMITS, RedisBackend, envelope, ids, next_event, refs, user,
 };
 
 /// Regression: when the command connection went half-open (Redis stopped answering but
@@ -158,6 +158,54 @@ async fn operations_and_subscription_survive_a_redis_restart() -> anyhow::Result
 }
 
 #[tokio::test]
+async fn mail_of_the_old_layout_is_read_and_migrated_on_first_fetch() -> anyhow::Result<()> {
+    let backend = RedisBackend::start().await?;
+    let store = &backend.store;
+    let bob = user("bob");
+    let old: Vec<_> = (0..2)
+        .map(|n| envelope("alice", "bob", &n.to_string()))
+        .collect();
+    // Written as the layout before mail keys did: members and fields of the id alone.
+    let mut raw = backend.raw().await?;
+    for (sequence, message) in old.iter().enumerate() {
+        let value = proto::wire::encode(&store::StoredMail {
+            envelope: message.clone(),
+            deposited_at_ms: 1_000,
+        })?;
+        let _: u64 = raw
+            .zadd(
+                "p2pchat:{bob}:mail",
+                &message.id.0[..],
+                sequence as f64 + 1.0,
+            )
+            .await?;
+        let _: u64 = raw
+            .hset("p2pchat:{bob}:mail:data", &message.id.0[..], value.as_ref())
+            .await?;
+    }
+    let _: () = raw.set("p2pchat:{bob}:mail:seq", 2).await?;
+    // The sender retransmits the first before the recipient fetches: stored under its new
+    // key, then merged with the old copy when the fetch migrates it.
+    ensure!(store.deposit(&old[0], 1_500).await? == store::DepositOutcome::Stored);
+    ensure!(store.mail_count(&bob).await? == 3);
+
+    let fetched = store.fetch(&bob, 10, usize::MAX, 2_000).await?;
+    ensure!(ids(&fetched.mail) == vec![old[0].id, old[1].id, old[0].id]);
+    let members: Vec<Vec<u8>> = raw.zrange("p2pchat:{bob}:mail", 0, -1).await?;
+    let new_key = |message: &proto::Envelope| [&message.id.0[..], b"alice"].concat();
+    ensure!(
+        members == vec![new_key(&old[1]), new_key(&old[0])],
+        "{members:?}"
+    );
+    ensure!(store.deposit(&old[1], 2_500).await? == store::DepositOutcome::Duplicate);
+    // The client acks by sender and id, and each message goes once.
+    ensure!(store.ack(&bob, &refs(&fetched.mail[..2])).await? == 2);
+    ensure!(store.mail_count(&bob).await? == 0);
+    ensure!(!raw.exists::<_, bool>("p2pchat:{bob}:mail:bytes").await?);
+    Ok(())
+}
+
+#[tokio::test]
 async fn undecodable_mail_is_skipped_and_quarantined() -> anyhow::Result<()> {
     let backend = RedisBackend::start().await?;
     let store = &backend.store;
@@ -170,10 +218,11 @@ async fn undecodable_mail_is_skipped_and_quarantined() -> anyhow::Result<()> {
     }
     // Garbage in place of the middle message, and an id whose value is gone.
     let mut raw = backend.raw().await?;
+    let middle_key = [&sent[1].id.0[..], b"alice"].concat();
     let _: u64 = raw
         .hset(
             "p2pchat:{bob}:mail:data",
-            &sent[1].id.0[..],
+            &middle_key,
             &b"\xff\xffnot postcard"[..],
         )
         .await?;
@@ -191,7 +240,7 @@ async fn undecodable_mail_is_skipped_and_quarantined() -> anyhow::Result<()> {
     // Kept aside for an operator, not silently lost.
     let quarantined: BTreeMap<Vec<u8>, Vec<u8>> =
         raw.hgetall("p2pchat:{bob}:mail:quarantine").await?;
-    ensure!(quarantined.len() == 1 && quarantined.contains_key(&sent[1].id.0[..]));
+    ensure!(quarantined.len() == 1 && quarantined.contains_key(&middle_key));
 
     // Garbage presence reads as absent rather than failing.
     let _: u64 = raw
@@ -206,6 +255,7 @@ async fn batches_larger_than_a_script_chunk_keep_order() -> anyhow::Result<()> {
     let server = RedisServer::start()?;
     let limits = MailLimits {
         cap: 5_000,
+        max_bytes: 64 << 20,
         ttl_ms: 60_000,
     };
     let store: Store = RedisStore::connect(&server.url(), limits).await?.into();
@@ -221,11 +271,12 @@ async fn batches_larger_than_a_script_chunk_keep_order() -> anyhow::Result<()> {
     let batch = store.fetch(&bob, 1_000, usize::MAX, 2_000).await?;
     ensure!(ids(&batch.mail) == sent[..1_000].iter().map(|m| m.id).collect::<Vec<_>>());
     ensure!(batch.remaining == 500);
-    ensure!(store.ack(&bob, &ids(&batch.mail)).await? == 1_000);
+    ensure!(store.ack(&bob, &refs(&batch.mail)).await? == 1_000);
     let rest = store.fetch(&bob, 1_000, usize::MAX, 2_000).await?;
     ensure!(ids(&rest.mail) == sent[1_000..].iter().map(|m| m.id).collect::<Vec<_>>());
     // Concurrent acks of disjoint halves.
-    let halves: Vec<Vec<MessageId>> = ids(&rest.mail).chunks(250).map(<[_]>::to_vec).collect();
+    let halves: Vec<Vec<proto::MailRef>> =
+        refs(&rest.mail).chunks(250).map(<[_]>::to_vec).collect();
     let removed = try_join_all(halves.iter().map(|half| store.ack(&bob, half))).await?;
     ensure!(removed.iter().sum::<u64>() == 500);
     Ok(())

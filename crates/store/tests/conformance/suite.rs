@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use anyhow::ensure;
 use store::{BindOutcome, Binding, Broadcast, DepositOutcome, Presence, Store, StoreError};
 
-use crate::util::{LIMITS, envelope, expect_events, ids, keys, user};
+use crate::util::{LIMITS, envelope, expect_events, ids, keys, refs, refs_of, user};
 
 pub async fn deposit_fetch_ack_keeps_order_and_counts(store: &Store) -> anyhow::Result<()> {
     let bob = user("bob");
@@ -27,7 +27,7 @@ pub async fn deposit_fetch_ack_keeps_order_and_counts(store: &Store) -> anyhow::
     ensure!(first.mail[0].envelope == sent[0]);
     ensure!(first.mail[0].deposited_at_ms == 1_000);
 
-    ensure!(store.ack(&bob, &ids(&first.mail)).await? == 3);
+    ensure!(store.ack(&bob, &refs(&first.mail)).await? == 3);
     ensure!(store.mail_count(&bob).await? == 2);
 
     let second = store.fetch(&bob, 10, usize::MAX, 2_000).await?;
@@ -35,11 +35,22 @@ pub async fn deposit_fetch_ack_keeps_order_and_counts(store: &Store) -> anyhow::
     ensure!(second.remaining == 0);
 
     // Acking again, or acking an unknown id, deletes nothing.
-    ensure!(store.ack(&bob, &ids(&first.mail)).await? == 0);
-    ensure!(store.ack(&bob, &[proto::MessageId::random()]).await? == 0);
+    ensure!(store.ack(&bob, &refs(&first.mail)).await? == 0);
+    ensure!(
+        store
+            .ack(
+                &bob,
+                &[proto::MailRef {
+                    from: user("alice"),
+                    id: proto::MessageId::random()
+                }]
+            )
+            .await?
+            == 0
+    );
     ensure!(store.ack(&bob, &[]).await? == 0);
 
-    ensure!(store.ack(&bob, &ids(&second.mail)).await? == 2);
+    ensure!(store.ack(&bob, &refs(&second.mail)).await? == 2);
     ensure!(store.mail_count(&bob).await? == 0);
     let empty = store.fetch(&bob, 10, usize::MAX, 2_000).await?;
     ensure!(empty.mail.is_empty() && empty.remaining == 0);
@@ -60,7 +71,7 @@ pub async fn unacked_mail_comes_back(store: &Store) -> anyhow::Result<()> {
     ensure!(store.mail_count(&bob).await? == 2);
 
     // A partial ack leaves exactly the rest.
-    store.ack(&bob, &[sent[0].id]).await?;
+    store.ack(&bob, &[proto::MailRef::of(&sent[0])]).await?;
     let rest = store.fetch(&bob, 10, usize::MAX, 1_300).await?;
     ensure!(ids(&rest.mail) == vec![sent[1].id]);
     Ok(())
@@ -117,7 +128,7 @@ pub async fn full_mailbox_refuses_with_typed_error(store: &Store) -> anyhow::Res
     ensure!(store.mail_count(&bob).await? == LIMITS.cap);
 
     // Room again after an ack.
-    store.ack(&bob, &[sent[0].id]).await?;
+    store.ack(&bob, &[proto::MailRef::of(&sent[0])]).await?;
     ensure!(
         store
             .deposit(&envelope("alice", "bob", "fits"), 1_000)
@@ -168,7 +179,7 @@ pub async fn expired_mail_does_not_keep_a_mailbox_full(store: &Store) -> anyhow:
     ensure!(store.deposit(&last, much_later).await? == DepositOutcome::Duplicate);
     let fetched = store.fetch(&bob, 1_000, usize::MAX, much_later).await?;
     ensure!(ids(&fetched.mail) == vec![last.id] && fetched.remaining == 0);
-    ensure!(store.ack(&bob, &[last.id]).await? == 1);
+    ensure!(store.ack(&bob, &[proto::MailRef::of(&last)]).await? == 1);
     ensure!(store.mail_count(&bob).await? == 0);
     Ok(())
 }
@@ -194,7 +205,7 @@ pub async fn a_fetch_stops_at_its_byte_budget(store: &Store) -> anyhow::Result<(
     ensure!(ids(&tiny.mail) == vec![large[0].id] && tiny.remaining == 19);
 
     // Small messages fill the budget exactly: as many as fit, not fewer.
-    store.ack(&bob, &ids_of(&large)).await?;
+    store.ack(&bob, &refs_of(&large)).await?;
     let (small, size) = deposit_equal_sized(store, 30, 100, 1_000).await?;
     let fetched = store.fetch(&bob, 1_000, size * 25, 2_000).await?;
     ensure!(ids(&fetched.mail) == ids_of(&small[..25]) && fetched.remaining == 5);
@@ -245,12 +256,107 @@ pub async fn deposit_is_idempotent_by_message_id(store: &Store) -> anyhow::Resul
     // while other mail keeps the mailbox from emptying.
     let other = envelope("carol", "bob", "other");
     store.deposit(&other, 3_500).await?;
-    store.ack(&bob, &[message.id]).await?;
+    store.ack(&bob, &[proto::MailRef::of(&message)]).await?;
     ensure!(store.deposit(&message, 4_000).await? == DepositOutcome::Stored);
     ensure!(store.deposit(&message, 4_100).await? == DepositOutcome::Duplicate);
     ensure!(store.mail_count(&bob).await? == 2);
     let fetched = store.fetch(&bob, 10, usize::MAX, 5_000).await?;
     ensure!(ids(&fetched.mail) == vec![other.id, message.id]);
+    Ok(())
+}
+
+/// Regression (issue 12): mail was de-duplicated by (recipient, id), so a second sender
+/// reusing another sender's id got "deposited" and the message was silently dropped. Mail
+/// identity is (sender, id): both are stored, each sender's retransmission is still a
+/// duplicate, and an ack names the sender too, so it takes only that sender's message.
+pub async fn mail_identity_is_sender_and_id(store: &Store) -> anyhow::Result<()> {
+    let bob = user("bob");
+    let from_alice = envelope("alice", "bob", "alice's");
+    let from_mallory = proto::Envelope {
+        from: user("mallory"),
+        token: "token-mallory's".to_owned(),
+        ..from_alice.clone()
+    };
+    ensure!(store.deposit(&from_alice, 1_000).await? == DepositOutcome::Stored);
+    ensure!(store.deposit(&from_mallory, 1_100).await? == DepositOutcome::Stored);
+    ensure!(store.deposit(&from_alice, 1_200).await? == DepositOutcome::Duplicate);
+    ensure!(store.deposit(&from_mallory, 1_300).await? == DepositOutcome::Duplicate);
+    ensure!(store.mail_count(&bob).await? == 2);
+    let fetched = store.fetch(&bob, 10, usize::MAX, 2_000).await?;
+    let got: Vec<_> = fetched.mail.iter().map(|m| m.envelope.clone()).collect();
+    ensure!(got == vec![from_alice.clone(), from_mallory.clone()]);
+
+    // Acking mallory's message leaves alice's, although the ids are equal.
+    ensure!(
+        store
+            .ack(&bob, &refs_of(std::slice::from_ref(&from_mallory)))
+            .await?
+            == 1
+    );
+    let fetched = store.fetch(&bob, 10, usize::MAX, 3_000).await?;
+    ensure!(fetched.mail.len() == 1 && fetched.mail[0].envelope == from_alice);
+    ensure!(store.ack(&bob, &refs(&fetched.mail)).await? == 1);
+    ensure!(store.mail_count(&bob).await? == 0);
+    Ok(())
+}
+
+/// Issue 12: the count cap alone let one mailbox hold 10,000 × 48 KiB. A deposit that would
+/// pass the byte cap is refused with a typed error while the count cap is far off; other
+/// mailboxes are unaffected; acks give the bytes back, so the same message then fits.
+pub async fn mailbox_byte_cap_refuses_and_acks_give_bytes_back(
+    store: &Store,
+) -> anyhow::Result<()> {
+    let (bob, carol) = (user("bob"), user("carol"));
+    // About 40 KiB each: the 1 MiB cap is reached after some 26, far below 50 messages.
+    let big = |label: &str, to: &str| proto::Envelope {
+        token: format!("{label}-{}", "x".repeat(40 * 1024)),
+        ..envelope("alice", to, label)
+    };
+    let mut stored = Vec::new();
+    let refused = loop {
+        ensure!(
+            (stored.len() as u64) < LIMITS.cap,
+            "the byte cap never refused a deposit"
+        );
+        let message = big(&stored.len().to_string(), "bob");
+        match store.deposit(&message, 1_000).await {
+            Ok(DepositOutcome::Stored) => stored.push(message),
+            Ok(DepositOutcome::Duplicate) => anyhow::bail!("a fresh id is no duplicate"),
+            Err(StoreError::MailboxBytesFull { user, max_bytes }) => {
+                ensure!(user == bob && max_bytes == LIMITS.max_bytes);
+                break message;
+            }
+            Err(other) => return Err(other.into()),
+        }
+    };
+    let size = refused.token.len() as u64;
+    ensure!(stored.len() as u64 >= LIMITS.max_bytes / (size + 200) - 1);
+    ensure!((stored.len() as u64 + 1) * size > LIMITS.max_bytes - LIMITS.max_bytes / 50);
+    ensure!(store.mail_count(&bob).await? == stored.len() as u64);
+    // Refused again while nothing changes, and a small message still fits the slack.
+    ensure!(matches!(
+        store.deposit(&refused, 1_100).await,
+        Err(StoreError::MailboxBytesFull { .. })
+    ));
+    // Another user's mailbox is unaffected.
+    ensure!(store.deposit(&big("to carol", "carol"), 1_200).await? == DepositOutcome::Stored);
+    ensure!(store.mail_count(&carol).await? == 1);
+
+    // An ack gives its bytes back: the refused message fits now, and then it is full again.
+    ensure!(store.ack(&bob, &refs_of(&stored[..1])).await? == 1);
+    ensure!(store.deposit(&refused, 1_300).await? == DepositOutcome::Stored);
+    ensure!(matches!(
+        store.deposit(&big("again", "bob"), 1_400).await,
+        Err(StoreError::MailboxBytesFull { .. })
+    ));
+    // Acking everything empties the count: as many fit again as at first.
+    let fetched = store.fetch(&bob, 1_000, usize::MAX, 2_000).await?;
+    ensure!(store.ack(&bob, &refs(&fetched.mail)).await? == stored.len() as u64);
+    ensure!(store.mail_count(&bob).await? == 0);
+    for (n, _) in stored.iter().enumerate() {
+        let message = big(&format!("refill {n}"), "bob");
+        ensure!(store.deposit(&message, 1_500).await? == DepositOutcome::Stored);
+    }
     Ok(())
 }
 
@@ -456,7 +562,7 @@ pub async fn mailboxes_drain_in_batches(store: &Store) -> anyhow::Result<()> {
             }
             ensure!(batch.remaining as usize == expected.len() - drained.len() - batch.mail.len());
             let batch_ids = ids(&batch.mail);
-            ensure!(store.ack(&user(name), &batch_ids).await? == batch_ids.len() as u64);
+            ensure!(store.ack(&user(name), &refs(&batch.mail)).await? == batch_ids.len() as u64);
             drained.extend(batch_ids);
         }
         ensure!(drained == expected);

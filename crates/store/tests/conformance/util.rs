@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use proto::{Envelope, Identity, MessageId, Username};
+use proto::{Envelope, Identity, MailRef, MessageId, Username};
 use store::{
     Broadcast, EmbeddedStore, MailLimits, RedisStore, Store,
     testing::{RedisCluster, RedisServer},
@@ -21,10 +21,11 @@ use tokio::{
     task::JoinHandle,
 };
 
-/// The limits every suite store has: a small cap so "full" is cheap to reach, and a TTL of
-/// one minute of the test's own clock.
+/// The limits every suite store has: small caps (50 messages, 1 MiB) so "full" is cheap to
+/// reach, and a TTL of one minute of the test's own clock.
 pub const LIMITS: MailLimits = MailLimits {
     cap: 50,
+    max_bytes: 1 << 20,
     ttl_ms: 60_000,
 };
 
@@ -135,6 +136,18 @@ pub fn keys() -> proto::PublicKeys {
 /// The ids of `mail`, in order.
 pub fn ids(mail: &[store::StoredMail]) -> Vec<MessageId> {
     mail.iter().map(|stored| stored.envelope.id).collect()
+}
+
+/// The references (sender, id) that ack `mail`.
+pub fn refs(mail: &[store::StoredMail]) -> Vec<MailRef> {
+    mail.iter()
+        .map(|stored| MailRef::of(&stored.envelope))
+        .collect()
+}
+
+/// The references (sender, id) that ack `sent`.
+pub fn refs_of(sent: &[Envelope]) -> Vec<MailRef> {
+    sent.iter().map(MailRef::of).collect()
 }
 
 /// The next event on `receiver`, failing after [`EVENT_TIMEOUT`].
