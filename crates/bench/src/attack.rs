@@ -105,7 +105,8 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let flood = tokio::spawn(flood_deposits(server, stop.clone()));
-    let attacked = discovery_load::lookup_load_of(&[server], "attacked", targets, lookup_time).await;
+    let attacked =
+        discovery_load::lookup_load_of(&[server], "attacked", targets, lookup_time).await;
     stop.cancel();
     while attack.join_next().await.is_some() {}
     let (deposited, over_budget) = flood

@@ -210,7 +210,13 @@ pub async fn tier_rows(bench: &Bench, redis: &Redis) -> Result<Vec<Row>, BenchEr
 
     let per_client =
         tier.rss_after.saturating_sub(tier.rss_before) as f64 / tier.load.registered.max(1) as f64;
-    let redis_memory: u64 = tier.idle.after.redis.iter().map(|node| node.used_memory_kib).sum();
+    let redis_memory: u64 = tier
+        .idle
+        .after
+        .redis
+        .iter()
+        .map(|node| node.used_memory_kib)
+        .sum();
     let lookup_rate = tier.lookups.len() as f64 / tier.lookup_elapsed.as_secs_f64();
     let load = &tier.load;
     Ok(vec![
@@ -294,7 +300,10 @@ async fn measure_tier(
     let addresses: Vec<SocketAddr> = servers.iter().map(|server| server.address).collect();
     let (workers, load) = run_load(bench, &addresses, sizes).await?;
     let measured = async {
-        let worker_pids: Vec<u32> = workers.iter().filter_map(|worker| worker.pid().ok()).collect();
+        let worker_pids: Vec<u32> = workers
+            .iter()
+            .filter_map(|worker| worker.pid().ok())
+            .collect();
         let pids = Pids {
             servers: &server_pids,
             workers: &worker_pids,
@@ -391,7 +400,11 @@ impl Window {
         let mut masters = Vec::new();
         let (mut redis_cores, mut replica_cores, mut commands) = (0.0, 0.0, 0u64);
         for after in &self.after.redis {
-            let Some(before) = self.before.redis.iter().find(|node| node.port == after.port)
+            let Some(before) = self
+                .before
+                .redis
+                .iter()
+                .find(|node| node.port == after.port)
             else {
                 continue;
             };

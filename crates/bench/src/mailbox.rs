@@ -183,7 +183,9 @@ async fn fill(
     .try_collect::<Vec<_>>();
     tokio::time::timeout(FILL_BUDGET, deposits)
         .await
-        .map_err(|_| BenchError::Timeout(format!("filling the mailbox within {FILL_BUDGET:?}")))??;
+        .map_err(|_| {
+            BenchError::Timeout(format!("filling the mailbox within {FILL_BUDGET:?}"))
+        })??;
     let queued = store.mail_count(&binding.user).await?;
     if queued != envelopes.len() as u64 {
         return Err(BenchError::Protocol(format!(

@@ -145,7 +145,10 @@ impl NodeStats {
             .args(["-p", &port.to_string(), "info", "everything"])
             .kill_on_drop(true)
             .output();
-        let output = tokio::time::timeout(NODE_STATS_TIMEOUT, read).await.ok()?.ok()?;
+        let output = tokio::time::timeout(NODE_STATS_TIMEOUT, read)
+            .await
+            .ok()?
+            .ok()?;
         let text = String::from_utf8_lossy(&output.stdout);
         let field = |name: &str| {
             text.lines()

@@ -52,7 +52,11 @@ pub fn cpu_seconds(pid: u32) -> Result<f64, BenchError> {
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
     // After the name, field 3 (state) is index 0, so fields 14 and 15 are 11 and 12.
-    let ticks = |index: usize| fields.get(index).and_then(|field| field.parse::<u64>().ok());
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|field| field.parse::<u64>().ok())
+    };
     match (ticks(11), ticks(12)) {
         (Some(user), Some(system)) => Ok((user + system) as f64 / USER_HZ),
         _ => Err(BenchError::Protocol(format!(

@@ -116,7 +116,10 @@
 //! writes the index: one key would put every heartbeat's index write on one cluster node.
 //! The buckets' hash tags spread them over the slots, so over the masters. Each bucket is
 //! only ever touched by single-key commands, so it is cluster-safe; `list` reads every
-//! bucket and merges.
+//! bucket and merges. An index written as one `p2pchat:online` key (the layout before the
+//! buckets) is not read: every user still online is in a bucket again by their next
+//! heartbeat, so after an upgrade `list` is short for one heartbeat interval (longer while
+//! instances of both layouts run side by side), and the old key may be deleted.
 //!
 //! **Architecture Invariant:** records are (de)serialised only through [`proto::wire`];
 //! announcements and mail-waiting names travel as plain UTF-8, so `redis-cli PUBLISH

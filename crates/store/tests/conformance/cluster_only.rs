@@ -174,7 +174,10 @@ async fn the_online_index_is_spread_over_the_masters() -> anyhow::Result<()> {
     for name in &names {
         store.set_presence(&presence(name, 1)).await?;
         let key = store::redis_store::online_key(&user(name));
-        ensure!(key.starts_with(store::redis_store::ONLINE_KEY_PREFIX), "{key}");
+        ensure!(
+            key.starts_with(store::redis_store::ONLINE_KEY_PREFIX),
+            "{key}"
+        );
         masters.insert(backend.cluster.master_of(&key)?);
     }
     ensure!(
