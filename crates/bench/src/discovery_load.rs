@@ -9,6 +9,10 @@
 //! (`p2pchat-bench load-worker`), each from its own loopback source address (127.0.0.2,
 //! 127.0.0.3, ...) so they never run out of ephemeral ports, and each with its own
 //! open-file limit. The lookup clients run in this process.
+//!
+//! [`tier_rows`] is the same load over several instances sharing one Redis deployment
+//! (enough of them to hold the goal under the per-process open-file limit), with where the
+//! CPU went; the `cluster` group runs it on one Redis and on a Redis Cluster.
 
 use std::{
     net::SocketAddr,

@@ -10,7 +10,8 @@
 //! - [`direct`]: direct messages (latency, throughput) vs raw TCP and the Fernet ceiling.
 //! - [`attack`]: lookup p99 under attack (silent sockets, a deposit flood) vs without it.
 //! - [`discovery_load`]: N heartbeating clients, server memory per client, lookups under
-//!   that load vs `redis-benchmark` GET.
+//!   that load vs `redis-benchmark` GET; the tier of several instances on one Redis
+//!   deployment.
 //! - [`mailbox`]: draining 100,000 queued messages (embedded store, Redis) vs
 //!   `redis-benchmark -P 32`.
 //! - [`cluster`]: the discovery tier (several instances on one store: clients, memory,
