@@ -85,7 +85,7 @@ async fn measure(
 ) -> Result<Measured, BenchError> {
     let targets = |index: usize| lookup_name(index % LOOKUP_CONNECTIONS);
     let (quiet, _, _) =
-        discovery_load::lookup_load_of(server, "lookup", targets, lookup_time).await?;
+        discovery_load::lookup_load_of(&[server], "lookup", targets, lookup_time).await?;
 
     let stop = CancellationToken::new();
     let connections = Arc::new(AtomicUsize::new(0));
@@ -105,7 +105,8 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let flood = tokio::spawn(flood_deposits(server, stop.clone()));
-    let attacked = discovery_load::lookup_load_of(server, "attacked", targets, lookup_time).await;
+    let attacked =
+        discovery_load::lookup_load_of(&[server], "attacked", targets, lookup_time).await;
     stop.cancel();
     while attack.join_next().await.is_some() {}
     let (deposited, over_budget) = flood

@@ -9,6 +9,10 @@
 //! (`p2pchat-bench load-worker`), each from its own loopback source address (127.0.0.2,
 //! 127.0.0.3, ...) so they never run out of ephemeral ports, and each with its own
 //! open-file limit. The lookup clients run in this process.
+//!
+//! [`tier_rows`] is the same load over several instances sharing one Redis deployment
+//! (enough of them to hold the goal under the per-process open-file limit), with where the
+//! CPU went; the `cluster` group runs it on one Redis and on a Redis Cluster.
 
 use std::{
     net::SocketAddr,
@@ -22,7 +26,8 @@ use tokio::process::Command;
 use crate::{
     Bench, BenchError, Row, Target,
     control::ControlClient,
-    redis_ref, roles,
+    redis_ref::{self, Redis},
+    roles,
     stats::Latencies,
     system::{self, LineChild},
 };
@@ -31,6 +36,8 @@ use crate::{
 pub const LOOKUP_CONNECTIONS: usize = 50;
 /// Open files the server keeps for itself besides one per client.
 const SERVER_SPARE_FILES: u64 = 200;
+/// How long every client of a load may take to connect and register.
+const READY_BUDGET: Duration = Duration::from_secs(300);
 /// Clients per worker process (each needs one open file per client).
 const CLIENTS_PER_WORKER: usize = 10_000;
 
@@ -42,22 +49,36 @@ struct Sizes {
     redis_requests: usize,
 }
 
-/// Measures the four discovery rows (see the module docs).
-pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
+/// The clients asked for (`goal`), how many one process may hold (`per_process`: the
+/// hard open-file limit less the server's spare files) and that hard limit.
+fn client_bounds(bench: &Bench) -> Result<(usize, usize, u64), BenchError> {
     let hard_limit = system::open_file_hard_limit()?;
     let goal = bench.clients.unwrap_or(bench.mode.pick(100_000, 200));
-    let file_bound =
+    let per_process =
         usize::try_from(hard_limit.saturating_sub(SERVER_SPARE_FILES)).unwrap_or(usize::MAX);
-    let sizes = Sizes {
-        clients: goal.min(file_bound).max(1),
-        heartbeat: bench
-            .mode
-            .pick(Duration::from_secs(10), Duration::from_millis(200)),
-        lookup_time: bench
-            .mode
-            .pick(Duration::from_secs(8), Duration::from_millis(300)),
-        redis_requests: bench.mode.pick(500_000, 2_000),
-    };
+    Ok((goal.max(1), per_process.max(1), hard_limit))
+}
+
+impl Sizes {
+    /// The load of one mode with `clients` clients.
+    fn of(bench: &Bench, clients: usize) -> Self {
+        Self {
+            clients,
+            heartbeat: bench
+                .mode
+                .pick(Duration::from_secs(10), Duration::from_millis(200)),
+            lookup_time: bench
+                .mode
+                .pick(Duration::from_secs(8), Duration::from_millis(300)),
+            redis_requests: bench.mode.pick(500_000, 2_000),
+        }
+    }
+}
+
+/// Measures the four discovery rows (see the module docs).
+pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
+    let (goal, per_process, hard_limit) = client_bounds(bench)?;
+    let sizes = Sizes::of(bench, goal.min(per_process));
 
     let folder = tempfile::Builder::new()
         .prefix("p2pchat-bench-discovery-")
@@ -76,7 +97,7 @@ pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
             return Err(error);
         }
     };
-    let lookups = lookup_load(address, sizes.clients, sizes.lookup_time).await;
+    let lookups = lookup_load(&[address], sizes.clients, sizes.lookup_time).await;
     // Still heartbeating after the lookups?
     let alive_after = worker_status(&mut workers).await.map(|status| status.alive);
     for worker in workers {
@@ -97,7 +118,6 @@ pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
         .ok_or_else(|| BenchError::Child("redis-benchmark printed no GET figure".into()))?;
 
     let heartbeating = load.answered.min(alive_after);
-    let capped = sizes.clients < goal;
     let per_client = rss_after.saturating_sub(rss_before) as f64 / load.registered.max(1) as f64;
     let lookup_rate = lookups.len() as f64 / lookup_elapsed.as_secs_f64();
     let mut clients_note = format!(
@@ -114,11 +134,11 @@ pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
     );
     if sizes.clients < goal {
         clients_note.push_str(&format!(
-            " N was capped at {} because this machine's hard open-file limit is {hard_limit} per process (the server holds one descriptor per client) and cannot be raised without CAP_SYS_RESOURCE; with a higher hard limit (`ulimit -Hn`, Docker `--ulimit nofile=`) run `p2pchat-bench discovery --clients {goal}`.",
+            " N was capped at {} because this machine's hard open-file limit is {hard_limit} per process (the server holds one descriptor per client) and cannot be raised without CAP_SYS_RESOURCE; with a higher hard limit (`ulimit -Hn`, Docker `--ulimit nofile=`) run `p2pchat-bench discovery --clients {goal}`. The `tier` rows (`p2pchat-bench cluster`) hold {goal} over several instances.",
             sizes.clients
         ));
     }
-    let mut rows = vec![
+    Ok(vec![
         Row::new(
             "discovery: connected heartbeating clients",
             heartbeating as f64,
@@ -156,31 +176,22 @@ pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
             Target::AtMost(5.0),
         )
         .with_reference(format!("redis-benchmark GET -c {LOOKUP_CONNECTIONS} p99"), get.p99_ms),
-    ];
-    // One process cannot hold more clients than its open-file limit; the design's answer to
-    // "one instance is not enough" is several instances on one Redis, so measure that too
-    // (and, in smoke mode, keep the path working).
-    if capped || bench.mode.pick(false, true) {
-        rows.extend(tier_rows(bench, goal, file_bound, &sizes).await?);
-    }
-    Ok(rows)
+    ])
 }
 
-/// The discovery tier: enough instances sharing one Redis to hold `goal` clients when one
-/// process may hold only `per_process`; clients heartbeating, and memory per client summed
-/// over the instances (Redis's own memory is reported beside it, not counted).
-async fn tier_rows(
-    bench: &Bench,
-    goal: usize,
-    per_process: usize,
-    sizes: &Sizes,
-) -> Result<Vec<Row>, BenchError> {
-    // Smoke mode still runs two instances, so the shared-Redis path is exercised.
-    let instances = goal
-        .div_ceil(per_process.min(goal).max(1))
-        .max(bench.mode.pick(1, 2));
+/// The discovery tier on `redis`: enough instances sharing it to hold the goal of clients
+/// when one process may hold only its open-file limit's worth (at least two, so the shared
+/// path is always exercised); clients heartbeating, memory per client summed over the
+/// instances (the Redis nodes' own memory is reported beside it, not counted), then lookups
+/// spread over the instances. Where the CPU went (each Redis node, the instances, the load
+/// workers, this process's lookup clients) is measured over a window of heartbeats alone
+/// and over the lookups, and given in the notes.
+pub async fn tier_rows(bench: &Bench, redis: &Redis) -> Result<Vec<Row>, BenchError> {
+    let (goal, per_process, _) = client_bounds(bench)?;
+    let instances = goal.div_ceil(per_process.min(goal)).max(2);
     let per_instance = goal.div_ceil(instances);
-    let redis = redis_ref::start_redis()?;
+    let sizes = Sizes::of(bench, goal);
+    let label = redis.kind().label();
     let url = redis.url();
     let folder = tempfile::Builder::new()
         .prefix("p2pchat-bench-tier-")
@@ -189,81 +200,252 @@ async fn tier_rows(
     for index in 0..instances {
         let data_dir = folder.path().join(format!("instance-{index}"));
         std::fs::create_dir_all(&data_dir)?;
-        servers.push(spawn_server(bench, &data_dir, Some(&url), 1_000).await?);
-    }
-    let mut before = 0u64;
-    for server in &servers {
-        before += system::rss_kib(server.child.pid()?)?;
-    }
-    let tier_sizes = Sizes {
-        clients: goal,
-        heartbeat: sizes.heartbeat,
-        lookup_time: sizes.lookup_time,
-        redis_requests: sizes.redis_requests,
-    };
-    let addresses: Vec<SocketAddr> = servers.iter().map(|server| server.address).collect();
-    let load = run_load(bench, &addresses, &tier_sizes).await;
-    let mut after = 0u64;
-    for server in &servers {
-        after += system::rss_kib(server.child.pid()?).unwrap_or(0);
-    }
-    let redis_memory = redis_used_memory_kib(&redis).await;
-    let outcome = match load {
-        Ok((workers, load)) => {
-            for worker in workers {
-                worker.stop(Duration::from_secs(10)).await;
+        match spawn_server(bench, &data_dir, Some(&url), 1_000).await {
+            Ok(server) => servers.push(server),
+            Err(error) => {
+                stop_servers(servers).await;
+                return Err(error);
             }
-            Ok(load)
         }
-        Err(error) => Err(error),
-    };
-    for server in servers {
-        server.child.stop(Duration::from_secs(10)).await;
     }
-    let load = outcome?;
-    let per_client = after.saturating_sub(before) as f64 / load.registered.max(1) as f64;
+    let measured = measure_tier(bench, redis, &servers, &sizes).await;
+    stop_servers(servers).await;
+    let mut tier = measured?;
+
+    let per_client =
+        tier.rss_after.saturating_sub(tier.rss_before) as f64 / tier.load.registered.max(1) as f64;
+    let redis_memory: u64 = tier
+        .idle
+        .after
+        .redis
+        .iter()
+        .map(|node| node.used_memory_kib)
+        .sum();
+    let lookup_rate = tier.lookups.len() as f64 / tier.lookup_elapsed.as_secs_f64();
+    let load = &tier.load;
     Ok(vec![
         Row::new(
-            format!("discovery tier ({instances} instances, one Redis): connected heartbeating clients"),
+            format!("discovery tier ({instances} instances, {label}): connected heartbeating clients"),
             load.answered as f64,
             "clients",
             Target::AtLeast(50_000.0),
         )
         .with_target_text("goal 100,000")
         .with_note(format!(
-            "{} of {goal} clients registered ({} failed) in {:.1} s, spread over {instances} `discovery::serve` processes sharing one redis-server (at most {per_instance} each: the per-process open-file limit), from {} worker processes; {} answered a heartbeat (every {:?}).",
+            "{} of {goal} clients registered ({} failed) in {:.1} s, spread over {instances} `discovery::serve` processes sharing {label} (at most {per_instance} each: the per-process open-file limit), from {} worker processes; {} answered a heartbeat (every {:?}). While they only heartbeated ({:.1} s): {}.",
             load.registered,
             load.failed,
             load.connect_time.as_secs_f64(),
             load.workers,
             load.answered,
-            tier_sizes.heartbeat,
+            sizes.heartbeat,
+            tier.idle.seconds(),
+            tier.idle.describe(),
         )),
         Row::new(
-            "discovery tier: server memory per client",
+            format!("discovery tier ({label}): server memory per client"),
             per_client,
             "KiB",
             Target::AtMost(8.0),
         )
         .with_note(format!(
-            "Summed RSS of the {instances} instances: {before} KiB before, {after} KiB with the clients; Redis itself held {} for their presence and bindings.",
-            redis_memory.map_or_else(|| "an unknown amount".to_owned(), |kib| format!("{kib} KiB")),
+            "Summed RSS of the {instances} instances: {} KiB before, {} KiB with the clients; the Redis nodes held {redis_memory} KiB in all (`used_memory`, replicas included) for presence and bindings.",
+            tier.rss_before, tier.rss_after,
         )),
+        Row::new(
+            format!("discovery tier ({label}): lookups/s under that load"),
+            lookup_rate,
+            "lookups/s",
+            Target::AtLeast(120_000.0),
+        )
+        .with_note(format!(
+            "{LOOKUP_CONNECTIONS} registered connections in this process spread over the {instances} instances, one lookup in flight each, random load users, for {:.1} s ({} failed), the heartbeats going on. During the lookups: {}.",
+            tier.lookup_elapsed.as_secs_f64(),
+            tier.lookup_failures,
+            tier.busy.describe(),
+        )),
+        Row::new(
+            format!("discovery tier ({label}): lookup p99 under that load"),
+            tier.lookups.percentile_us(99.0) / 1000.0,
+            "ms",
+            Target::AtMost(5.0),
+        ),
     ])
 }
 
-/// Redis's `used_memory`, in KiB (`None` if `redis-cli` is missing or says nothing).
-async fn redis_used_memory_kib(redis: &store::testing::RedisServer) -> Option<u64> {
-    let output = Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string(), "info", "memory"])
-        .output()
-        .await
-        .ok()?;
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .find_map(|line| line.strip_prefix("used_memory:"))
-        .and_then(|bytes| bytes.trim().parse::<u64>().ok())
-        .map(|bytes| bytes / 1024)
+/// What [`measure_tier`] saw.
+struct Tier {
+    load: Load,
+    rss_before: u64,
+    rss_after: u64,
+    /// Heartbeats alone, for one interval after the first round.
+    idle: Window,
+    /// The lookups (heartbeats going on).
+    busy: Window,
+    lookups: Latencies,
+    lookup_failures: usize,
+    lookup_elapsed: Duration,
+}
+
+/// Loads the started `servers`, then measures a heartbeat-only window and the lookups.
+async fn measure_tier(
+    bench: &Bench,
+    redis: &Redis,
+    servers: &[ServerChild],
+    sizes: &Sizes,
+) -> Result<Tier, BenchError> {
+    let mut rss_before = 0u64;
+    let mut server_pids = Vec::with_capacity(servers.len());
+    for server in servers {
+        let pid = server.child.pid()?;
+        rss_before += system::rss_kib(pid)?;
+        server_pids.push(pid);
+    }
+    let addresses: Vec<SocketAddr> = servers.iter().map(|server| server.address).collect();
+    let (workers, load) = run_load(bench, &addresses, sizes).await?;
+    let measured = async {
+        let worker_pids: Vec<u32> = workers
+            .iter()
+            .filter_map(|worker| worker.pid().ok())
+            .collect();
+        let pids = Pids {
+            servers: &server_pids,
+            workers: &worker_pids,
+        };
+        let mut rss_after = 0u64;
+        for pid in &server_pids {
+            rss_after += system::rss_kib(*pid).unwrap_or(0);
+        }
+        let idle_start = Usage::now(redis, &pids).await;
+        tokio::time::sleep(sizes.heartbeat).await;
+        let idle = Window {
+            before: idle_start,
+            after: Usage::now(redis, &pids).await,
+        };
+        let busy_start = Usage::now(redis, &pids).await;
+        let (lookups, lookup_failures, lookup_elapsed) =
+            lookup_load(&addresses, sizes.clients, sizes.lookup_time).await?;
+        let busy = Window {
+            before: busy_start,
+            after: Usage::now(redis, &pids).await,
+        };
+        Ok::<_, BenchError>(Tier {
+            load,
+            rss_before,
+            rss_after,
+            idle,
+            busy,
+            lookups,
+            lookup_failures,
+            lookup_elapsed,
+        })
+    }
+    .await;
+    for worker in workers {
+        worker.stop(Duration::from_secs(10)).await;
+    }
+    measured
+}
+
+/// Stops every server, each within a bounded wait.
+async fn stop_servers(servers: Vec<ServerChild>) {
+    for server in servers {
+        server.child.stop(Duration::from_secs(10)).await;
+    }
+}
+
+/// The processes whose CPU a [`Usage`] sums.
+struct Pids<'a> {
+    servers: &'a [u32],
+    workers: &'a [u32],
+}
+
+/// CPU used so far by each part of the tier, and when it was read.
+struct Usage {
+    at: Instant,
+    redis: Vec<redis_ref::NodeStats>,
+    servers: f64,
+    workers: f64,
+    this: f64,
+}
+
+impl Usage {
+    async fn now(redis: &Redis, pids: &Pids<'_>) -> Self {
+        Self {
+            redis: redis.node_stats().await,
+            at: Instant::now(),
+            servers: system::cpu_seconds_of(pids.servers),
+            workers: system::cpu_seconds_of(pids.workers),
+            this: system::cpu_seconds(std::process::id()).unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// Two [`Usage`] readings: what each part used in between.
+struct Window {
+    before: Usage,
+    after: Usage,
+}
+
+impl Window {
+    fn seconds(&self) -> f64 {
+        self.after
+            .at
+            .duration_since(self.before.at)
+            .as_secs_f64()
+            .max(1e-3)
+    }
+
+    /// "redis: 0.41 cores, 61,000 commands/s (masters 0.20 / 0.08 / 0.07 cores, ...)",
+    /// CPU in cores (CPU seconds per second).
+    fn describe(&self) -> String {
+        let seconds = self.seconds();
+        let cores = |before: f64, after: f64| (after - before).max(0.0) / seconds;
+        let mut masters = Vec::new();
+        let (mut redis_cores, mut replica_cores, mut commands) = (0.0, 0.0, 0u64);
+        for after in &self.after.redis {
+            let Some(before) = self
+                .before
+                .redis
+                .iter()
+                .find(|node| node.port == after.port)
+            else {
+                continue;
+            };
+            let node_cores = cores(before.cpu_seconds, after.cpu_seconds);
+            let node_commands = after.commands.saturating_sub(before.commands);
+            redis_cores += node_cores;
+            commands += node_commands;
+            if after.master {
+                masters.push((node_cores, node_commands));
+            } else {
+                replica_cores += node_cores;
+            }
+        }
+        masters.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let per_master = masters
+            .iter()
+            .map(|(node_cores, node_commands)| {
+                format!(
+                    "{node_cores:.2} cores / {} commands/s",
+                    crate::report::number(*node_commands as f64 / seconds)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let split = if masters.len() > 1 {
+            format!(" (masters, busiest first: {per_master}; replicas {replica_cores:.2} cores)")
+        } else {
+            String::new()
+        };
+        format!(
+            "Redis {redis_cores:.2} cores and {} commands/s{split}; discovery instances {:.2} cores; load workers {:.2} cores; this process (the lookup clients) {:.2} cores",
+            crate::report::number(commands as f64 / seconds),
+            cores(self.before.servers, self.after.servers),
+            cores(self.before.workers, self.after.workers),
+            cores(self.before.this, self.after.this),
+        )
+    }
 }
 
 /// `/dev/shm` when it exists (tmpfs), else the temporary folder.
@@ -360,8 +542,11 @@ async fn run_load(
         first += count;
     }
     let (mut registered, mut failed) = (0, 0);
+    // One deadline for all of them, so the wait is bounded whatever the number of workers.
+    let deadline = Instant::now() + READY_BUDGET;
     for worker in &mut workers {
-        let ready = worker.expect("ready ", Duration::from_secs(300)).await?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ready = worker.expect("ready ", left).await?;
         let mut numbers = ready.split_whitespace().map(str::parse::<usize>);
         match (numbers.next(), numbers.next()) {
             (Some(Ok(ok)), Some(Ok(bad))) => {
@@ -411,13 +596,13 @@ async fn worker_status(workers: &mut [LineChild]) -> Result<WorkerStatus, BenchE
 /// lookup in flight each, for `duration`. Returns the latencies of the answered lookups,
 /// how many failed, and the time taken.
 async fn lookup_load(
-    server: SocketAddr,
+    servers: &[SocketAddr],
     population: usize,
     duration: Duration,
 ) -> Result<(Latencies, usize, Duration), BenchError> {
     let population = population.max(1);
     lookup_load_of(
-        server,
+        servers,
         "lookup",
         move |random| roles::load_user(random % population),
         duration,
@@ -426,19 +611,20 @@ async fn lookup_load(
 }
 
 /// [`LOOKUP_CONNECTIONS`] clients registered as `{prefix}0`, `{prefix}1`, ... (with a new
-/// key: a prefix serves one call), each looking up `pick(r)` for random numbers `r`, one
+/// key: a prefix serves one call), connection `i` to `servers[i % servers.len()]`, each
+/// looking up `pick(r)` for random numbers `r`, one
 /// lookup in flight each, for `duration`. Returns the latencies of the answered lookups,
 /// how many failed, and the time taken.
 pub async fn lookup_load_of(
-    server: SocketAddr,
+    servers: &[SocketAddr],
     prefix: &str,
     pick: impl Fn(usize) -> Username + Clone + Send + 'static,
     duration: Duration,
 ) -> Result<(Latencies, usize, Duration), BenchError> {
     let identity = Identity::generate();
     let mut clients = Vec::with_capacity(LOOKUP_CONNECTIONS);
-    for index in 0..LOOKUP_CONNECTIONS {
-        let mut client = ControlClient::connect(server, None).await?;
+    for (index, server) in (0..LOOKUP_CONNECTIONS).zip(servers.iter().cycle()) {
+        let mut client = ControlClient::connect(*server, None).await?;
         let user = Username::new(&format!("{prefix}{index}"))
             .unwrap_or_else(|_| unreachable!("valid by shape"));
         client.register(&identity, &user).await?;

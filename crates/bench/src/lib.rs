@@ -10,9 +10,12 @@
 //! - [`direct`]: direct messages (latency, throughput) vs raw TCP and the Fernet ceiling.
 //! - [`attack`]: lookup p99 under attack (silent sockets, a deposit flood) vs without it.
 //! - [`discovery_load`]: N heartbeating clients, server memory per client, lookups under
-//!   that load vs `redis-benchmark` GET.
+//!   that load vs `redis-benchmark` GET; the tier of several instances on one Redis
+//!   deployment.
 //! - [`mailbox`]: draining 100,000 queued messages (embedded store, Redis) vs
 //!   `redis-benchmark -P 32`.
+//! - [`cluster`]: the discovery tier (several instances on one store: clients, memory,
+//!   lookups, where the CPU goes) and the drain, on one Redis beside a Redis Cluster.
 //! - [`client`]: the `p2pchat` binary's idle memory and start-up to prompt.
 //! - [`roles`]: the child processes the benchmarks start (`serve-discovery`, `load-worker`).
 //! - [`control`], [`redis_ref`], [`stats`], [`system`], [`report`]: the helpers.
@@ -27,6 +30,7 @@ use std::path::PathBuf;
 
 pub mod attack;
 pub mod client;
+pub mod cluster;
 pub mod control;
 pub mod direct;
 pub mod discovery_load;
@@ -139,12 +143,17 @@ pub enum Group {
     MailboxEmbedded,
     /// Mailbox drain of 100,000 messages on Redis.
     MailboxRedis,
+    /// The discovery tier (several instances sharing the store: clients, memory, lookups)
+    /// and the mailbox drain, on one Redis beside a Redis Cluster of 3 masters + 3
+    /// replicas.
+    Cluster,
     /// `p2pchat` idle memory and start-up to prompt.
     Client,
 }
 
 impl Group {
-    /// Every group, in table order.
+    /// Every group, in table order. [`Group::MailboxRedis`] is left out: its row is
+    /// [`Group::Cluster`]'s drain on one Redis.
     pub const ALL: [Group; 8] = [
         Self::DirectLatency,
         Self::DirectThroughput,
@@ -152,7 +161,7 @@ impl Group {
         Self::Discovery,
         Self::Attack,
         Self::MailboxEmbedded,
-        Self::MailboxRedis,
+        Self::Cluster,
         Self::Client,
     ];
 
@@ -166,6 +175,7 @@ impl Group {
             Self::Attack => "attack",
             Self::MailboxEmbedded => "mailbox-embedded",
             Self::MailboxRedis => "mailbox-redis",
+            Self::Cluster => "cluster",
             Self::Client => "client",
         }
     }
@@ -180,7 +190,10 @@ pub async fn run_group(group: Group, bench: &Bench) -> Result<Vec<Row>, BenchErr
         Group::Discovery => discovery_load::rows(bench).await,
         Group::Attack => attack::rows(bench).await,
         Group::MailboxEmbedded => mailbox::rows(bench, mailbox::Backend::Embedded).await,
-        Group::MailboxRedis => mailbox::rows(bench, mailbox::Backend::Redis).await,
+        Group::MailboxRedis => {
+            mailbox::rows(bench, mailbox::Backend::Redis(redis_ref::RedisKind::One)).await
+        }
+        Group::Cluster => cluster::rows(bench).await,
         Group::Client => client::rows(bench).await,
     }
 }

@@ -1,7 +1,9 @@
 //! Mailbox drain: 100,000 sealed messages queued for one user, drained by that user's
 //! login over the real control protocol (register, then `Fetch` and `Ack` until empty)
-//! against the real discovery server, on the embedded store and on Redis; against
-//! `redis-benchmark -P 32` LPUSH/RPOP on this machine.
+//! against the real discovery server, on the embedded store, on one Redis and on a Redis
+//! Cluster; against `redis-benchmark -P 32` LPUSH/RPOP on this machine (on a cluster, the
+//! `cluster` group sets the same row on one Redis as the reference instead: one user's
+//! mailbox is one slot, so `redis-benchmark` on one node says nothing new).
 //!
 //! The mailbox is filled through the store's own `deposit` (not timed). For the embedded
 //! store it is filled on tmpfs and the file is then copied to disk, because filling means
@@ -18,7 +20,11 @@ use proto::{Channel, Envelope, Identity, MessageId, Reply, Request, Username};
 use store::{Binding, EmbeddedStore, MailLimits, RedisStore, Store};
 
 use crate::{
-    Bench, BenchError, Row, Target, control::ControlClient, direct::BODY, discovery_load, redis_ref,
+    Bench, BenchError, Row, Target,
+    control::ControlClient,
+    direct::BODY,
+    discovery_load,
+    redis_ref::{self, Redis, RedisKind},
 };
 
 /// Which store the server uses.
@@ -26,12 +32,14 @@ use crate::{
 pub enum Backend {
     /// The embedded (redb) store in a folder on disk.
     Embedded,
-    /// Redis.
-    Redis,
+    /// Redis: one server or a cluster.
+    Redis(RedisKind),
 }
 
 /// Envelopes asked for per fetch (the server may send fewer to fit a frame).
 const FETCH_MAX: u32 = 1_000;
+/// How long filling the mailbox may take before the benchmark gives up.
+const FILL_BUDGET: Duration = Duration::from_secs(300);
 /// How long the drain may take before the benchmark gives up.
 const DRAIN_BUDGET: Duration = Duration::from_secs(180);
 
@@ -56,7 +64,7 @@ pub async fn rows(bench: &Bench, backend: Backend) -> Result<Vec<Row>, BenchErro
         .prefix("p2pchat-bench-mailbox-")
         .tempdir()?;
     let redis = match backend {
-        Backend::Redis => Some(redis_ref::start_redis()?),
+        Backend::Redis(kind) => Some(Redis::start(kind).await?),
         Backend::Embedded => None,
     };
     let fill_started = Instant::now();
@@ -89,13 +97,36 @@ pub async fn rows(bench: &Bench, backend: Backend) -> Result<Vec<Row>, BenchErro
     server.child.stop(Duration::from_secs(10)).await;
     let (drained, batches, elapsed) = drained?;
 
-    // The reference: on the same Redis for the Redis row, on a fresh one otherwise.
-    let reference_redis = match redis {
-        Some(redis) => redis,
+    let (name, target) = match backend {
+        Backend::Embedded => ("mailbox drain (embedded store)".to_owned(), 150_000.0),
+        Backend::Redis(RedisKind::One) => ("mailbox drain (Redis)".to_owned(), 100_000.0),
+        Backend::Redis(kind) => (format!("mailbox drain ({})", kind.label()), 100_000.0),
+    };
+    let row = Row::new(
+        format!("{name}, {count} messages"),
+        drained as f64 / elapsed.as_secs_f64(),
+        "msg/s",
+        Target::AtLeast(target),
+    );
+    let note = format!(
+        "{drained} messages drained in {batches} fetch+ack round trips ({:.0} per batch) in {:.2} s (filled in {:.1} s, not timed)",
+        drained as f64 / batches.max(1) as f64,
+        elapsed.as_secs_f64(),
+        fill_time.as_secs_f64(),
+    );
+    // The reference: on the same Redis for the Redis row, on a fresh one for the embedded
+    // store; none on a cluster (see the module docs).
+    let reference = match redis {
+        Some(Redis::One(server)) => server,
+        Some(Redis::Cluster(_)) => {
+            return Ok(vec![row.with_note(format!(
+                "{note}; bob's mailbox is one slot, so one master serves the whole drain."
+            ))]);
+        }
         None => redis_ref::start_redis()?,
     };
     let figures = redis_ref::redis_benchmark(
-        &reference_redis,
+        &reference,
         "lpush,rpop",
         50,
         32,
@@ -107,27 +138,13 @@ pub async fn rows(bench: &Bench, backend: Backend) -> Result<Vec<Row>, BenchErro
         .copied()
         .ok_or_else(|| BenchError::Child("redis-benchmark printed no RPOP figure".into()))?;
     let lpush = figures.get("LPUSH").map_or(f64::NAN, |figure| figure.rps);
-
-    let (name, target) = match backend {
-        Backend::Embedded => ("mailbox drain (embedded store)", 150_000.0),
-        Backend::Redis => ("mailbox drain (Redis)", 100_000.0),
-    };
     Ok(vec![
-        Row::new(
-            format!("{name}, {count} messages"),
-            drained as f64 / elapsed.as_secs_f64(),
-            "msg/s",
-            Target::AtLeast(target),
-        )
-        .with_reference("redis-benchmark -P 32 RPOP", rpop.rps)
-        .with_note(format!(
-            "{drained} messages drained in {batches} fetch+ack round trips ({:.0} per batch) in {:.2} s (filled in {:.1} s, not timed); redis-benchmark -c 50 -P 32: LPUSH {} /s, RPOP {} /s.",
-            drained as f64 / batches.max(1) as f64,
-            elapsed.as_secs_f64(),
-            fill_time.as_secs_f64(),
-            crate::report::number(lpush),
-            crate::report::number(rpop.rps),
-        )),
+        row.with_reference("redis-benchmark -P 32 RPOP", rpop.rps)
+            .with_note(format!(
+                "{note}; redis-benchmark -c 50 -P 32: LPUSH {} /s, RPOP {} /s.",
+                crate::report::number(lpush),
+                crate::report::number(rpop.rps),
+            )),
     ])
 }
 
@@ -158,14 +175,18 @@ async fn fill(
 ) -> Result<(), BenchError> {
     store.bind(binding).await?;
     let now = proto::now_ms();
-    futures::stream::iter(
+    let deposits = futures::stream::iter(
         envelopes
             .iter()
             .map(|envelope| store.deposit(envelope, now)),
     )
     .buffer_unordered(concurrency)
-    .try_collect::<Vec<_>>()
-    .await?;
+    .try_collect::<Vec<_>>();
+    tokio::time::timeout(FILL_BUDGET, deposits)
+        .await
+        .map_err(|_| {
+            BenchError::Timeout(format!("filling the mailbox within {FILL_BUDGET:?}"))
+        })??;
     let queued = store.mail_count(&binding.user).await?;
     if queued != envelopes.len() as u64 {
         return Err(BenchError::Protocol(format!(

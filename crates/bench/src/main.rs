@@ -47,6 +47,9 @@ enum Command {
     MailboxEmbedded,
     /// Mailbox drain on Redis vs redis-benchmark -P 32.
     MailboxRedis,
+    /// Discovery tier (clients, memory, lookups) and mailbox drain: one Redis beside a
+    /// Redis Cluster of 3 masters + 3 replicas.
+    Cluster,
     /// p2pchat idle memory and start-up to prompt.
     Client,
     /// (internal) Run a discovery server until standard input closes.
@@ -130,6 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Attack => Some(Group::Attack),
         Command::MailboxEmbedded => Some(Group::MailboxEmbedded),
         Command::MailboxRedis => Some(Group::MailboxRedis),
+        Command::Cluster => Some(Group::Cluster),
         Command::Client => Some(Group::Client),
     };
     let smoke = cli.smoke || matches!(cli.command, Command::Smoke);

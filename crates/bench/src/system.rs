@@ -39,6 +39,37 @@ pub fn rss_kib(pid: u32) -> Result<u64, BenchError> {
         .ok_or_else(|| BenchError::Protocol(format!("no VmRSS in /proc/{pid}/status")))
 }
 
+/// Kernel clock ticks per second in `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// The CPU time process `pid` has used so far, user + system, in seconds (fields 14 and 15
+/// of `/proc/<pid>/stat`).
+pub fn cpu_seconds(pid: u32) -> Result<f64, BenchError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // After the name, field 3 (state) is index 0, so fields 14 and 15 are 11 and 12.
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|field| field.parse::<u64>().ok())
+    };
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => Ok((user + system) as f64 / USER_HZ),
+        _ => Err(BenchError::Protocol(format!(
+            "no CPU times in /proc/{pid}/stat"
+        ))),
+    }
+}
+
+/// The CPU time of every process in `pids` still running, summed, in seconds.
+pub fn cpu_seconds_of(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|pid| cpu_seconds(*pid).ok()).sum()
+}
+
 /// The processes below `pid` (children, grandchildren, ...), from `/proc/<pid>/task/*/children`.
 pub fn descendants(pid: u32) -> Vec<u32> {
     let mut found = Vec::new();
@@ -196,6 +227,12 @@ mod tests {
         assert_eq!(loopback_source(1), Ipv4Addr::new(127, 0, 0, 3));
         assert_eq!(loopback_source(300), Ipv4Addr::new(127, 0, 1, 46));
         assert!(loopback_source(7).is_loopback());
+    }
+
+    #[test]
+    fn own_cpu_time_is_readable() {
+        let spent = cpu_seconds(std::process::id()).unwrap();
+        assert!(spent.is_finite() && spent >= 0.0);
     }
 
     #[test]

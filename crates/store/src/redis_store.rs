@@ -61,7 +61,7 @@
 //! | `p2pchat:{u}:mail:bytes` | string | bytes of the stored values in the mailbox (the byte cap's count) |
 //! | `p2pchat:{u}:mail:quarantine` | hash | mail key → bytes that did not decode |
 //! | `p2pchat:{u}:blocked` | set | names `u` refuses mail from |
-//! | `p2pchat:online` | sorted set | online names, scored by presence expiry (ms) |
+//! | `p2pchat:online:{b}` | sorted set | online index bucket `b` (0–15): the online names whose bucket is `b`, scored by presence expiry (ms) |
 //!
 //! Channels: [`ANNOUNCE_CHANNEL`] (classic pub/sub, which a cluster carries to every node;
 //! every instance subscribes), [`MAIL_CHANNEL`] (one server only: every instance
@@ -73,8 +73,8 @@
 //! routes (dropping routes lapsed an hour ago, left by instances that died), and clearing
 //! the presence removes it. An operation over two slots is separate steps in a stated
 //! order, each idempotent: a presence write does the user's slot (presence and route) and
-//! then the online index; clearing it, the presence, then the route, then the index; a
-//! deposit stores the mail and then publishes the hint.
+//! then the user's online index bucket; clearing it, the presence, then the route, then the
+//! bucket; a deposit stores the mail and then publishes the hint.
 //!
 //! A **mail key** is the message id (16 raw bytes) followed by the sender's name: mail
 //! identity is (sender, id), so another sender reusing an id is another message, while the
@@ -125,8 +125,16 @@
 //!
 //! Presence keeps its expiry inside the value (so `now_ms` decides who is online), plus a
 //! Redis expiry a month after that as garbage collection (the last-seen time outlives the
-//! presence). `p2pchat:online` is a global index (not per user: one key to range over); it
-//! is only ever touched by single-key commands, so it is cluster-safe too.
+//! presence). The online index (who is online, for `list`) is not per user, so `list` reads
+//! a few keys rather than every user's; it is split into [`ONLINE_BUCKETS`] sorted sets,
+//! a user's bucket fixed by a hash of the name ([`online_key`]), because every heartbeat
+//! writes the index: one key would put every heartbeat's index write on one cluster node.
+//! The buckets' hash tags spread them over the slots, so over the masters. Each bucket is
+//! only ever touched by single-key commands, so it is cluster-safe; `list` reads every
+//! bucket and merges. An index written as one `p2pchat:online` key (the layout before the
+//! buckets) is not read: every user still online is in a bucket again by their next
+//! heartbeat, so after an upgrade `list` is short for one heartbeat interval (longer while
+//! instances of both layouts run side by side), and the old key may be deleted.
 //!
 //! **Architecture Invariant:** records are (de)serialised only through [`proto::wire`];
 //! announcements and mail-waiting names travel as plain UTF-8, so `redis-cli PUBLISH
@@ -161,8 +169,29 @@ use crate::{
 
 /// The pub/sub channel carrying "mail waiting" hints; the payload is the recipient's name.
 pub const MAIL_CHANNEL: &str = "p2pchat:mail";
-/// The sorted set of online users, scored by presence expiry.
-pub const ONLINE_KEY: &str = "p2pchat:online";
+/// How many sorted sets the online index is split into (see the module docs).
+pub const ONLINE_BUCKETS: u32 = 16;
+/// What every online index bucket's key starts with (`p2pchat:online:{3}`).
+pub const ONLINE_KEY_PREFIX: &str = "p2pchat:online:";
+
+/// The key of online index bucket `bucket`; its hash tag is the bucket's number, so the
+/// buckets land in different slots.
+fn online_bucket_key(bucket: u32) -> String {
+    format!("{ONLINE_KEY_PREFIX}{{{bucket}}}")
+}
+
+/// The online index bucket `user` is in: FNV-1a of the name, modulo [`ONLINE_BUCKETS`]
+/// (spelled out, not `std`'s hasher, because every instance of every version must agree).
+pub fn online_key(user: &Username) -> String {
+    let hash = user
+        .as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    // The remainder is below ONLINE_BUCKETS, a u32.
+    online_bucket_key((hash % u64::from(ONLINE_BUCKETS)) as u32)
+}
 
 /// How many times an operation is tried when Redis is unreachable or restarting.
 const RETRY_ATTEMPTS: u32 = 8;
@@ -196,7 +225,7 @@ const BROADCAST_CAPACITY: usize = 1024;
 const MAIL_GC_MARGIN_MS: u64 = 24 * 60 * 60 * 1000;
 /// A presence record is kept this long after it lapses, for "last seen".
 const PRESENCE_KEEP_MS: u64 = 30 * 24 * 60 * 60 * 1000;
-/// Entries of [`ONLINE_KEY`] that lapsed this long ago are pruned.
+/// Entries of the online index that lapsed this long ago are pruned.
 const ONLINE_PRUNE_AFTER_MS: u64 = 60 * 60 * 1000;
 
 /// Deposit: KEYS = mail order, mail data, sequence, block list, byte count; ARGV = mail key,
@@ -358,7 +387,8 @@ static CLEAR_PRESENCE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-/// Leave the online index: KEYS = online; ARGV = user, the expiry the cleared presence had.
+/// Leave the online index: KEYS = the user's online index bucket; ARGV = user, the expiry
+/// the cleared presence had.
 /// Removes the entry only if it still has that expiry, so a newer session's entry (written
 /// meanwhile, with a later expiry) stays.
 static LEAVE_ONLINE: LazyLock<Script> = LazyLock::new(|| {
@@ -1025,10 +1055,11 @@ impl RedisStore {
             .saturating_sub(now_ms)
             .saturating_add(PRESENCE_KEEP_MS);
         let online_since = format!("({}", now_ms.saturating_sub(ONLINE_PRUNE_AFTER_MS));
+        let online = online_key(&presence.user);
         if let Some(instance) = self.instance() {
             // A cluster: two steps, the user's slot first (presence and route: the truth),
-            // then the online index's slot; each is idempotent, and the index only needs to
-            // be right by the next heartbeat.
+            // then the slot of the user's online index bucket; each is idempotent, and the
+            // index only needs to be right by the next heartbeat.
             let keep_text = keep_ms.to_string();
             let session_text = presence.session.to_string();
             let expiry_text = presence.expires_at_ms.to_string();
@@ -1052,12 +1083,12 @@ impl RedisStore {
             let mut pipeline = redis::pipe();
             pipeline
                 .cmd("ZADD")
-                .arg(ONLINE_KEY)
+                .arg(&online)
                 .arg(presence.expires_at_ms)
                 .arg(presence.user.as_str())
                 .ignore()
                 .cmd("ZREMRANGEBYSCORE")
-                .arg(ONLINE_KEY)
+                .arg(&online)
                 .arg("-inf")
                 .arg(&online_since)
                 .ignore();
@@ -1069,8 +1100,8 @@ impl RedisStore {
                 .await;
         }
         let mut pipeline = redis::pipe();
-        // Not `MULTI`: the online index is another cluster slot. The presence hash is the
-        // truth; the index only needs to be right by the next heartbeat.
+        // Not `MULTI`: the online index bucket is another cluster slot. The presence hash is
+        // the truth; the index only needs to be right by the next heartbeat.
         pipeline
             .cmd("HSET")
             .arg(&key)
@@ -1084,12 +1115,12 @@ impl RedisStore {
             .arg(keep_ms)
             .ignore()
             .cmd("ZADD")
-            .arg(ONLINE_KEY)
+            .arg(&online)
             .arg(presence.expires_at_ms)
             .arg(presence.user.as_str())
             .ignore()
             .cmd("ZREMRANGEBYSCORE")
-            .arg(ONLINE_KEY)
+            .arg(&online)
             .arg("-inf")
             .arg(&online_since)
             .ignore();
@@ -1132,8 +1163,8 @@ impl RedisStore {
             return Ok(false);
         }
         if let Some(instance) = self.instance() {
-            // The user's slot first (presence, then this instance's route), the online
-            // index's slot last; each step is idempotent.
+            // The user's slot first (presence, then this instance's route), the slot of the
+            // user's online index bucket last; each step is idempotent.
             let _: u64 = self
                 .query(
                     "clear_presence",
@@ -1148,7 +1179,7 @@ impl RedisStore {
             .invoke(
                 "clear_presence",
                 &LEAVE_ONLINE,
-                &[ONLINE_KEY],
+                &[&online_key(user)],
                 &[user.as_str().as_bytes(), expiry_text.as_bytes()],
             )
             .await?;
@@ -1174,18 +1205,28 @@ impl RedisStore {
         }
     }
 
-    /// See [`crate::Store::online_users`].
+    /// See [`crate::Store::online_users`]. Reads every online index bucket (one command
+    /// each, all in flight at once: on a cluster they are different slots) and merges.
     pub async fn online_users(&self, now_ms: u64) -> Result<Vec<Username>, StoreError> {
-        let names: Vec<String> = self
-            .query(
-                "online_users",
-                redis::cmd("ZRANGEBYSCORE")
-                    .arg(ONLINE_KEY)
-                    .arg(format!("({now_ms}"))
-                    .arg("+inf"),
-            )
-            .await?;
-        let mut users = parse_names(names, ONLINE_KEY);
+        let after = format!("({now_ms}");
+        let reads = (0..ONLINE_BUCKETS).map(|bucket| {
+            let key = online_bucket_key(bucket);
+            let after = &after;
+            async move {
+                let names: Vec<String> = self
+                    .query(
+                        "online_users",
+                        redis::cmd("ZRANGEBYSCORE").arg(&key).arg(after).arg("+inf"),
+                    )
+                    .await?;
+                Ok::<_, StoreError>(parse_names(names, &key))
+            }
+        });
+        let mut users: Vec<Username> = futures::future::try_join_all(reads)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
         users.sort();
         Ok(users)
     }

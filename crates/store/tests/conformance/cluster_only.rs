@@ -118,7 +118,7 @@ async fn a_password_protected_cluster_works_with_the_password_in_the_urls() -> a
     Ok(())
 }
 
-/// Every key but the online index carries its user in a hash tag, so one user's keys share
+/// Every key but the online index's buckets carries its user in a hash tag, so one user's keys share
 /// one slot; and the users above are spread over more than one master.
 #[tokio::test]
 async fn every_key_is_tagged_by_its_user() -> anyhow::Result<()> {
@@ -152,7 +152,7 @@ async fn every_key_is_tagged_by_its_user() -> anyhow::Result<()> {
     }
     ensure!(!keys.is_empty());
     for key in keys {
-        if key == store::redis_store::ONLINE_KEY {
+        if key.starts_with(store::redis_store::ONLINE_KEY_PREFIX) {
             continue;
         }
         let tagged = names
@@ -160,6 +160,33 @@ async fn every_key_is_tagged_by_its_user() -> anyhow::Result<()> {
             .any(|name| key.starts_with(&format!("p2pchat:{{{name}}}:")));
         ensure!(tagged, "key {key} is not tagged by its user");
     }
+    Ok(())
+}
+
+/// Heartbeats' writes to the online index do not all land on one master: the users'
+/// buckets sit on several, and `online_users` still finds every user across them.
+#[tokio::test]
+async fn the_online_index_is_spread_over_the_masters() -> anyhow::Result<()> {
+    let backend = ClusterBackend::start().await?;
+    let store = &backend.store;
+    let names: Vec<String> = (0..32).map(|index| format!("user{index}")).collect();
+    let mut masters = HashSet::new();
+    for name in &names {
+        store.set_presence(&presence(name, 1)).await?;
+        let key = store::redis_store::online_key(&user(name));
+        ensure!(
+            key.starts_with(store::redis_store::ONLINE_KEY_PREFIX),
+            "{key}"
+        );
+        masters.insert(backend.cluster.master_of(&key)?);
+    }
+    ensure!(
+        masters.len() > 1,
+        "every online index bucket of 32 users is on one master"
+    );
+    let mut expected: Vec<_> = names.iter().map(|name| user(name)).collect();
+    expected.sort();
+    ensure!(store.online_users(2_000).await? == expected);
     Ok(())
 }
 
