@@ -30,9 +30,9 @@ pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
     };
     let control_note = note(
         &control,
-        "Noise_NX_25519_ChaChaPoly_SHA256 (client ↔ discovery)",
+        "Noise_NX_25519_AESGCM_SHA256 (client ↔ discovery)",
     );
-    let peer_note = note(&peer, "Noise_IK_25519_ChaChaPoly_SHA256 (peer link)");
+    let peer_note = note(&peer, "Noise_IK_25519_AESGCM_SHA256 (peer link)");
     Ok(vec![
         Row::new(
             "handshake: control connection p50 (Noise NX)",
