@@ -25,7 +25,13 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// messages are a few hundred bytes, and both buffers grow on demand for larger frames (the
 /// read buffer only as the frame's bytes arrive), so tokio-util's 8 KiB default only costs
 /// memory: a server holding tens of thousands of idle connections pays it twice for each.
-const INITIAL_BUFFER: usize = 512;
+/// An idle client's sealed heartbeat and pong are a few dozen bytes, its registration about
+/// 200.
+const INITIAL_BUFFER: usize = 256;
+/// How many bytes of fed frames are buffered before they are written out without a flush
+/// (independent of the buffer's initial size, so a batch of acks still leaves in few
+/// writes).
+const WRITE_BATCH: usize = 512;
 
 /// Why a frame could not be received. After any of these the connection is unusable and
 /// should be closed; none of them is a reason to stop serving anyone else.
@@ -131,8 +137,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
 
     /// A connection with an explicit frame limit and write timeout.
     pub fn with_limits(io: T, max_frame_len: usize, write_timeout: Duration) -> Self {
+        let mut framed = Framed::with_capacity(io, wire::codec(max_frame_len), INITIAL_BUFFER);
+        framed.set_backpressure_boundary(WRITE_BATCH);
         Self {
-            framed: Framed::with_capacity(io, wire::codec(max_frame_len), INITIAL_BUFFER),
+            framed,
             write_timeout,
             max_frame_len,
             cipher: None,

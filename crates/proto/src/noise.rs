@@ -71,12 +71,13 @@ impl Cipher {
     /// Seals one frame body (as one or more transport messages).
     pub fn seal(&mut self, plain: &[u8]) -> Result<Bytes, NoiseError> {
         let mut out = vec![0u8; sealed_len(plain.len())];
-        let mut written = 0;
-        let mut chunks: Vec<&[u8]> = plain.chunks(MAX_CHUNK).collect();
-        if chunks.is_empty() {
-            chunks.push(&[]);
+        if plain.is_empty() {
+            let written = self.0.write_message(&[], &mut out)?;
+            out.truncate(written);
+            return Ok(Bytes::from(out));
         }
-        for chunk in chunks {
+        let mut written = 0;
+        for chunk in plain.chunks(MAX_CHUNK) {
             written += self.0.write_message(chunk, &mut out[written..])?;
         }
         out.truncate(written);
