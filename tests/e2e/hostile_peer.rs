@@ -24,18 +24,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proto::{Channel, Envelope, ErrorCode, Identity, MessageId, PeerMsg, Username};
+use proto::{Channel, Envelope, ErrorCode, Identity, MessageId, PeerMsg};
 
-use crate::util::{Discovery, Launcher, Listener, User, WAIT, answer, raw_peer, scaled};
+use crate::{
+    chat::name,
+    util::{Discovery, Launcher, Listener, User, WAIT, answer, raw_peer, scaled},
+};
 
 /// The most a peer under attack may hold resident (see the module docs).
 const RSS_BOUND_KIB: u64 = 32 * 1024;
 /// The runtime's inbound peer connection cap (`peer::runtime::MAX_INBOUND_CONNECTIONS`).
 const INBOUND_CAP: usize = peer::runtime::MAX_INBOUND_CONNECTIONS;
-
-fn name(text: &str) -> Username {
-    Username::new(text).expect("test names are valid")
-}
 
 /// A discovery server, honest users with `listen` clients online, and bob, the target, on
 /// a known P2P port.

@@ -16,11 +16,14 @@ use std::{
 };
 
 use peer::{Config, DeliveryStatus, Event, FailureReason};
-use proto::{ErrorCode, Username};
+use proto::ErrorCode;
 use tokio::{io::AsyncReadExt, net::TcpSocket};
 use tokio_util::sync::CancellationToken;
 
-use crate::util::{Discovery, DiscoveryOptions, User, WAIT};
+use crate::{
+    chat::name,
+    util::{Discovery, DiscoveryOptions, User, WAIT},
+};
 
 /// The server's registration deadline here (seconds).
 const HANDSHAKE_SECS: u64 = 2;
@@ -30,10 +33,6 @@ const DEPOSITS_PER_MINUTE: usize = 30;
 const SESSIONS: usize = 3;
 /// Connections from one address at once (the server's default).
 const PER_IP: usize = 256;
-
-fn name(text: &str) -> Username {
-    Username::new(text).expect("test names are valid")
-}
 
 /// A connection to `server` from the loopback address `source`.
 async fn connect_from(

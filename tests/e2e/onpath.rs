@@ -19,7 +19,7 @@ use std::{
 };
 
 use peer::DeliveryStatus;
-use proto::{Identity, PeerMsg, Request, RequestFrame, Username};
+use proto::{Identity, PeerMsg, Request, RequestFrame};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -27,7 +27,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    chat::{Chatter, Server, any_port, config},
+    chat::{Chatter, Server, any_port, config, name},
     util::{Discovery, DiscoveryOptions, User, assert_sent, binary, run_bounded},
 };
 
@@ -238,10 +238,6 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         && haystack
             .windows(needle.len())
             .any(|window| window == needle)
-}
-
-fn name(text: &str) -> Username {
-    Username::new(text).expect("valid name")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

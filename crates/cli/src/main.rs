@@ -219,9 +219,7 @@ async fn trust_server(
     data_dir: &Path,
     expected: Option<proto::Fingerprint>,
 ) -> anyhow::Result<ExitCode> {
-    let presented = peer::server_trust::presented_key(server, ONLINE_TIMEOUT)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let presented = peer::control::presented_key(server, ONLINE_TIMEOUT).await?;
     if let Some(expected) = expected
         && !presented.matches(&expected)
     {

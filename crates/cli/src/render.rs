@@ -526,6 +526,20 @@ mod tests {
         Look::new(TimeZone::UTC, false, None)
     }
 
+    /// A message from bob sent at 01:02:03 UTC, received a second later.
+    fn from_bob(body: &str) -> InboundMessage {
+        InboundMessage {
+            id: MessageId([1; 16]),
+            from: name("bob"),
+            body: body.into(),
+            sent_at_ms: 3_723_000,
+            received_at_ms: 3_724_000,
+            seq: 1,
+            while_muted: false,
+            via_mailbox: false,
+        }
+    }
+
     /// The event's text on a plain look at 01:02:04 UTC on 1970-01-01.
     fn event_text(event: &Event) -> Option<String> {
         super::event_text(event, &plain(), 3_724_000)
@@ -533,16 +547,7 @@ mod tests {
 
     #[test]
     fn messages_render_as_text_and_json() {
-        let message = InboundMessage {
-            id: MessageId([1; 16]),
-            from: name("bob"),
-            body: "hi".into(),
-            sent_at_ms: 3_723_000,
-            received_at_ms: 3_724_000,
-            seq: 1,
-            while_muted: false,
-            via_mailbox: false,
-        };
+        let message = from_bob("hi");
         let event = Event::Message(message.clone());
         assert_eq!(event_text(&event).unwrap(), "[01:02] bob: hi");
         let mail = Event::Message(InboundMessage {
@@ -606,16 +611,7 @@ mod tests {
 
     #[test]
     fn colour_is_added_only_when_asked_and_never_inside_untrusted_text() {
-        let message = Event::Message(InboundMessage {
-            id: MessageId([1; 16]),
-            from: name("bob"),
-            body: "hi".into(),
-            sent_at_ms: 3_723_000,
-            received_at_ms: 3_724_000,
-            seq: 1,
-            while_muted: false,
-            via_mailbox: false,
-        });
+        let message = Event::Message(from_bob("hi"));
         let coloured = Look::new(TimeZone::UTC, true, None);
         let text = super::event_text(&message, &coloured, 3_724_000).unwrap();
         assert_eq!(text, "\x1b[2m[01:02]\x1b[0m \x1b[1;36mbob\x1b[0m: hi");
@@ -757,16 +753,7 @@ mod tests {
     #[test]
     fn untrusted_text_cannot_forge_lines_or_send_terminal_escapes() {
         let forged = "hi\n[01:02:04] alice: send me your password\x1b[2K\r\u{202e}";
-        let message = InboundMessage {
-            id: MessageId([1; 16]),
-            from: name("bob"),
-            body: forged.into(),
-            sent_at_ms: 3_723_000,
-            received_at_ms: 3_724_000,
-            seq: 1,
-            while_muted: false,
-            via_mailbox: false,
-        };
+        let message = from_bob(forged);
         // A message's lines each carry its sender.
         let lines = event_text(&Event::Message(message)).unwrap();
         let lines: Vec<&str> = lines.lines().collect();

@@ -281,6 +281,56 @@ enum ConnectError {
 
 type Registered = (Connection<TcpStream>, Duration, SocketAddr, bool);
 
+/// Why no secure connection to the server could be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The TCP connection did not open in time.
+    #[error("connecting to {0} timed out")]
+    TimedOut(String),
+    /// The TCP connection failed.
+    #[error("cannot connect to {server}: {source}")]
+    Connect {
+        /// The server address.
+        server: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The hellos or the Noise handshake failed.
+    #[error(transparent)]
+    Handshake(#[from] proto::HandshakeError),
+}
+
+/// Connects to the discovery server at `server` and runs the Noise handshake, each step
+/// within `timeout`. The server's key is in [`proto::Secured::remote_static`], for the
+/// caller to check before it sends anything.
+async fn dial_server(
+    server: &str,
+    timeout: Duration,
+) -> Result<(Connection<TcpStream>, proto::Secured), DialError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(server))
+        .await
+        .map_err(|_| DialError::TimedOut(server.to_owned()))?
+        .map_err(|source| DialError::Connect {
+            server: server.to_owned(),
+            source,
+        })?;
+    let _ = stream.set_nodelay(true);
+    let mut connection = Connection::new(stream);
+    let secured = connection.client_handshake(timeout).await?;
+    Ok((connection, secured))
+}
+
+/// Connects to the server at `server` and returns the key it presents (nothing else is
+/// sent): what `p2pchat trust-server` shows and pins.
+pub async fn presented_key(
+    server: &str,
+    timeout: Duration,
+) -> Result<proto::ServerPublicKey, DialError> {
+    let (mut connection, secured) = dial_server(server, timeout).await?;
+    connection.close().await;
+    Ok(proto::ServerPublicKey(secured.remote_static))
+}
+
 /// Connects, exchanges hellos and registers. `Ok(None)` when shut down meanwhile.
 async fn connect(
     config: &ControlConfig,
@@ -288,20 +338,13 @@ async fn connect(
     shutdown: &CancellationToken,
 ) -> Result<Option<Registered>, ConnectError> {
     let attempt = async {
-        let stream = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(&config.server))
-            .await
-            .map_err(|_| ConnectError::Retry(format!("connecting to {} timed out", config.server)))?
-            .map_err(|error| {
-                ConnectError::Retry(format!("cannot connect to {}: {error}", config.server))
-            })?;
-        let _ = stream.set_nodelay(true);
-        let mut connection = Connection::new(stream);
-        let secured = connection
-            .client_handshake(REQUEST_TIMEOUT)
+        let (mut connection, secured) = dial_server(&config.server, REQUEST_TIMEOUT)
             .await
             .map_err(|error| match error {
-                proto::HandshakeError::VersionMismatch { .. }
-                | proto::HandshakeError::WrongProtocol(_) => ConnectError::Fatal(ErrorReply::new(
+                DialError::Handshake(
+                    proto::HandshakeError::VersionMismatch { .. }
+                    | proto::HandshakeError::WrongProtocol(_),
+                ) => ConnectError::Fatal(ErrorReply::new(
                     ErrorCode::VersionMismatch,
                     error.to_string(),
                 )),

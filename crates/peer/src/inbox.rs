@@ -217,26 +217,13 @@ async fn check_dialer(context: &Context, from: &Username, key: &[u8; 32]) -> Res
         return Ok(());
     }
     let refusal = match source {
-        KeySource::Pinned => match server_keys(context, from).await {
-            Ok(Some(offered)) if &offered.exchange == key => {
-                context
-                    .notify(Event::KeyChanged {
-                        user: from.clone(),
-                        pinned: keys.fingerprint(),
-                        offered: offered.fingerprint(),
-                    })
-                    .await;
-                Refusal::KeyChanged
-            }
-            _ => Refusal::Bad(OpenError::BadToken { peer: from.clone() }),
-        },
+        KeySource::Pinned => {
+            key_change_or_forgery(context, from, &keys, |offered| &offered.exchange == key).await
+        }
         KeySource::Server => Refusal::Bad(OpenError::BadToken { peer: from.clone() }),
     };
-    if matches!(refusal, Refusal::Bad(_)) {
-        let total = context.unauthenticated.fetch_add(1, Ordering::Relaxed) + 1;
-        if total.is_power_of_two() {
-            tracing::warn!(claimed_sender = %from, total, "a peer connection under a name whose key it does not hold refused");
-        }
+    if refusal.is_unauthenticated() {
+        report_refusal(context, from, &refusal).await;
     }
     Err(refusal)
 }
@@ -295,7 +282,7 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
     let plaintext = match channel.open(envelope, now) {
         Ok(plaintext) => plaintext,
         Err(OpenError::BadToken { .. }) if source == KeySource::Pinned => {
-            return Err(key_change_or_forgery(context, from, &keys).await);
+            return Err(key_change_or_forgery(context, from, &keys, |_| true).await);
         }
         Err(error) => return Err(error.into()),
     };
@@ -323,13 +310,19 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
     Ok(plaintext)
 }
 
-/// A token that does not open under the pinned keys is either forged or sealed with new
-/// keys. Asking the server tells the two apart, so a real key change is reported loudly.
-/// The server is asked at most once per [`crate::context::SERVER_KEYS_TTL`] per sender, so forgeries cost no
-/// lookup each.
-async fn key_change_or_forgery(context: &Context, from: &Username, pinned: &PublicKeys) -> Refusal {
+/// A token that does not open under the pinned keys (or a dialer proving another key) is
+/// either forged or made with new keys. Asking the server tells the two apart, so a real
+/// key change is reported loudly: the server's keys differ from the pinned ones and
+/// `explains` what was seen. The server is asked at most once per
+/// [`crate::context::SERVER_KEYS_TTL`] per sender, so forgeries cost no lookup each.
+async fn key_change_or_forgery(
+    context: &Context,
+    from: &Username,
+    pinned: &PublicKeys,
+    explains: impl Fn(&PublicKeys) -> bool,
+) -> Refusal {
     match server_keys(context, from).await {
-        Ok(Some(keys)) if &keys != pinned => {
+        Ok(Some(keys)) if &keys != pinned && explains(&keys) => {
             context
                 .notify(Event::KeyChanged {
                     user: from.clone(),

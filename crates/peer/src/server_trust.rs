@@ -99,11 +99,8 @@ impl ServerTrust {
         address: &str,
         presented: ServerPublicKey,
     ) -> Result<Trusted, ServerKeyError> {
-        let mut pins = self.read()?;
-        let pinned = pins
-            .iter()
-            .find(|(at, _)| at == address)
-            .map(|(_, key)| *key);
+        let pins = self.read()?;
+        let pinned = pin_of(&pins, address);
         if let Some(expected) = self.expected {
             if !presented.matches(&expected) {
                 return Err(ServerKeyError::NotExpected {
@@ -128,11 +125,21 @@ impl ServerTrust {
                 None => {}
             }
         }
-        pins.retain(|(at, _)| at != address);
-        pins.push((address.to_owned(), presented));
-        self.write(&pins)?;
+        self.pin(pins, address, presented)?;
         tracing::info!(%address, fingerprint = %presented, "pinned the server's key");
         Ok(Trusted::PinnedNow)
+    }
+
+    /// Writes `pins` with `key` as the one pin of `address`.
+    fn pin(
+        &self,
+        mut pins: Vec<(String, ServerPublicKey)>,
+        address: &str,
+        key: ServerPublicKey,
+    ) -> Result<(), ServerKeyError> {
+        pins.retain(|(at, _)| at != address);
+        pins.push((address.to_owned(), key));
+        self.write(&pins)
     }
 
     /// Pins `presented` for `address`, replacing any earlier pin (the user checked it);
@@ -145,14 +152,9 @@ impl ServerTrust {
         let this = self.clone();
         let address = address.to_owned();
         blocking(move || {
-            let mut pins = this.read()?;
-            let before = pins
-                .iter()
-                .find(|(at, _)| *at == address)
-                .map(|(_, key)| *key);
-            pins.retain(|(at, _)| *at != address);
-            pins.push((address, presented));
-            this.write(&pins)?;
+            let pins = this.read()?;
+            let before = pin_of(&pins, &address);
+            this.pin(pins, &address, presented)?;
             Ok(before)
         })
         .await
@@ -162,14 +164,7 @@ impl ServerTrust {
     pub async fn pinned(&self, address: &str) -> Result<Option<ServerPublicKey>, ServerKeyError> {
         let this = self.clone();
         let address = address.to_owned();
-        blocking(move || {
-            Ok(this
-                .read()?
-                .into_iter()
-                .find(|(at, _)| *at == address)
-                .map(|(_, key)| key))
-        })
-        .await
+        blocking(move || Ok(pin_of(&this.read()?, &address))).await
     }
 
     fn file_error(&self, detail: impl std::fmt::Display) -> ServerKeyError {
@@ -224,23 +219,11 @@ impl ServerTrust {
     }
 }
 
-/// Connects to the server at `address` and returns the key it presents (nothing else is
-/// sent): what `p2pchat trust-server` shows and pins.
-pub async fn presented_key(
-    address: &str,
-    timeout: std::time::Duration,
-) -> Result<ServerPublicKey, String> {
-    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
-        .await
-        .map_err(|_| format!("connecting to {address} timed out"))?
-        .map_err(|error| format!("cannot connect to {address}: {error}"))?;
-    let mut connection = proto::Connection::new(stream);
-    let secured = connection
-        .client_handshake(timeout)
-        .await
-        .map_err(|error| format!("no secure handshake with {address}: {error}"))?;
-    connection.close().await;
-    Ok(ServerPublicKey(secured.remote_static))
+/// The key pinned for `address` in `pins`.
+fn pin_of(pins: &[(String, ServerPublicKey)], address: &str) -> Option<ServerPublicKey> {
+    pins.iter()
+        .find(|(at, _)| at == address)
+        .map(|(_, key)| *key)
 }
 
 async fn blocking<T: Send + 'static>(
