@@ -9,7 +9,10 @@
 //! - [`noise`]: the Noise handshakes and transport encryption every connection runs (through
 //!   `snow`), and the discovery server's key ([`ServerKey`]).
 //! - [`identity`]: [`Identity`] (secret keys, saved 0600) and [`PublicKeys`].
-//! - [`seal`]: [`Channel`], the pairwise Fernet keys and checked open/seal.
+//! - [`ratchet`]: messages sealed by vodozemac's Olm double ratchet ([`ratchet::Sessions`],
+//!   [`ratchet::OwnAccount`]) and the signed keys published to start sessions.
+//! - [`seal`]: the checked [`Plaintext`] every message seals, and [`Channel`], the static
+//!   pairwise Fernet channel from before the ratchet (kept to open older mail).
 //!
 //! **Architecture Invariant:** this crate is a leaf. It opens no socket and starts no
 //! runtime; the only I/O it does is on a stream handed to [`Connection`] and the identity
@@ -20,6 +23,7 @@ pub mod identity;
 pub mod msg;
 pub mod name;
 pub mod noise;
+pub mod ratchet;
 pub mod seal;
 pub mod wire;
 

@@ -210,6 +210,17 @@ pub enum Request {
         /// The messages to delete.
         mail: Vec<MailRef>,
     },
+    /// Publish my Olm key, new one-time keys and my fallback key, each signed by my
+    /// identity (see [`crate::ratchet`]). Answered with [`Reply::PreKeyCount`]. With no
+    /// new keys, it only asks how many are left.
+    PublishPreKeys(crate::ratchet::PreKeys),
+    /// Claim one of `user`'s one-time keys (removed at the server as it is handed out), or
+    /// their fallback key when none is left, to start a session. Answered with
+    /// [`Reply::PreKey`], or [`ErrorCode::NoPreKeys`].
+    ClaimPreKey {
+        /// Whose key.
+        user: Username,
+    },
 }
 
 /// What the server knows of one user.
@@ -275,6 +286,13 @@ pub enum Reply {
         /// How many more are online.
         more: u64,
     },
+    /// How many of my one-time keys the server holds now.
+    PreKeyCount {
+        /// Unclaimed one-time keys.
+        one_time: u32,
+    },
+    /// A claimed key to start a session with.
+    PreKey(crate::ratchet::PreKeyBundle),
 }
 
 /// A machine-readable error code; [`ErrorCode::as_str`] is its stable spelling.
@@ -320,11 +338,17 @@ pub enum ErrorCode {
     /// given) for its address; nothing was sent. Said by a client to its user, never on
     /// the wire.
     ServerKeyChanged,
+    /// The user has published no keys to start an encrypted session with (their client
+    /// predates the ratchet, or has not connected since): the message waits in the outbox.
+    NoPreKeys,
+    /// A peer could not open a message: it has no session the message belongs to (lost, or
+    /// replaced). The sender starts a new session and sends it again.
+    NoSession,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and metrics.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 20] = [
         Self::BadRequest,
         Self::VersionMismatch,
         Self::NotRegistered,
@@ -343,6 +367,8 @@ impl ErrorCode {
         Self::Internal,
         Self::SessionLimit,
         Self::ServerKeyChanged,
+        Self::NoPreKeys,
+        Self::NoSession,
     ];
 
     /// The stable snake_case name of the code.
@@ -366,6 +392,8 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::SessionLimit => "session_limit",
             Self::ServerKeyChanged => "server_key_changed",
+            Self::NoPreKeys => "no_prekeys",
+            Self::NoSession => "no_session",
         }
     }
 }

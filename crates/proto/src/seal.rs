@@ -56,6 +56,9 @@ pub enum SealError {
     /// The body is too long.
     #[error("a message has at most {MAX_BODY_LEN} bytes (this one has {0})")]
     TooLong(usize),
+    /// No ratchet session with the peer is started yet (see [`crate::ratchet`]).
+    #[error("no encrypted session with the peer is started yet")]
+    NoSession,
 }
 
 /// Why a sealed message was refused.
@@ -90,6 +93,14 @@ pub enum OpenError {
     /// The message id was already opened.
     #[error("message {0} was already received (replay or retransmission)")]
     Replayed(MessageId),
+    /// A ratchet message that no session with its sender opens: the recipient lost the
+    /// session (a restored backup, a new device), or it was never started. The sender
+    /// starts a new one.
+    #[error("no encrypted session with {peer} opens this message (the session was lost or replaced)")]
+    NoSession {
+        /// The sender.
+        peer: Username,
+    },
     /// The message is older than the replay window.
     #[error("the message is older than the {window_secs} s replay window")]
     Expired {

@@ -80,7 +80,9 @@ use tokio::sync::broadcast;
 use crate::{
     BindOutcome, Binding, Broadcast, DepositOutcome, Fetched, MailLimits, Presence, StoreError,
     StoredMail,
-    record::{Batch, decode_binding, encode, is_expired},
+    record::{
+        Batch, PreKeyOwner, decode_binding, decode_prekey, encode, is_expired, prekey_bundle,
+    },
 };
 
 /// Name → wire-encoded [`Binding`].
@@ -105,6 +107,10 @@ const MAILBOXES_V1: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::ne
 /// The layout this build writes.
 const LAYOUT: u64 = 2;
 /// User → the users they block.
+/// Each user's signed Olm key and fallback key ([`crate::record::PreKeyOwner`]).
+const PREKEY_OWNERS: TableDefinition<&str, &[u8]> = TableDefinition::new("prekey_owners");
+/// Each user's one-time keys, by user and a position that grows with every key added.
+const ONE_TIME_KEYS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("one_time_keys");
 const BLOCKS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("blocks");
 /// Mail that no longer decodes, moved out of the mailbox: same shape as `MAIL`.
 const QUARANTINE: MailTable = TableDefinition::new("quarantine");
@@ -534,6 +540,108 @@ impl EmbeddedStore {
         .await
     }
 
+    /// See [`crate::Store::publish_prekeys`]: one durable transaction.
+    pub async fn publish_prekeys(
+        &self,
+        user: &Username,
+        prekeys: &proto::ratchet::PreKeys,
+    ) -> Result<u32, StoreError> {
+        let user = user.clone();
+        let prekeys = prekeys.clone();
+        let owner = encode(&PreKeyOwner {
+            olm_key: prekeys.olm_key.clone(),
+            fallback: prekeys.fallback.clone(),
+        })?;
+        self.blocking(move |inner, db| {
+            let txn = db.begin_write()?;
+            let count = {
+                let mut owners = txn.open_table(PREKEY_OWNERS)?;
+                let mut keys = txn.open_table(ONE_TIME_KEYS)?;
+                let previous = owners
+                    .get(user.as_str())?
+                    .map(|value| decode_prekey::<PreKeyOwner>(&user, "prekeys", value.value()))
+                    .transpose()?;
+                let range = (user.as_str(), 0)..=(user.as_str(), u64::MAX);
+                let mut stored: Vec<(u64, proto::ratchet::SignedKey)> = Vec::new();
+                for row in keys.range(range.clone())? {
+                    let (key, value) = row?;
+                    stored.push((
+                        key.value().1,
+                        decode_prekey(&user, "one-time key", value.value())?,
+                    ));
+                }
+                if previous.is_some_and(|previous| previous.olm_key.key != prekeys.olm_key.key) {
+                    for (position, _) in stored.drain(..) {
+                        keys.remove((user.as_str(), position))?;
+                    }
+                }
+                owners.insert(user.as_str(), owner.as_ref())?;
+                let mut next = stored.last().map_or(0, |(position, _)| position + 1);
+                for key in &prekeys.one_time {
+                    if stored.iter().any(|(_, old)| old.key == key.key) {
+                        continue;
+                    }
+                    keys.insert((user.as_str(), next), encode(key)?.as_ref())?;
+                    stored.push((next, key.clone()));
+                    next += 1;
+                }
+                let excess = stored
+                    .len()
+                    .saturating_sub(proto::ratchet::MAX_ONE_TIME_KEYS);
+                for (position, _) in stored.drain(..excess) {
+                    keys.remove((user.as_str(), position))?;
+                }
+                u32::try_from(stored.len()).unwrap_or(u32::MAX)
+            };
+            txn.commit()?;
+            inner.db.committed();
+            Ok(count)
+        })
+        .await
+    }
+
+    /// See [`crate::Store::claim_prekey`]: one durable transaction.
+    pub async fn claim_prekey(
+        &self,
+        user: &Username,
+    ) -> Result<Option<proto::ratchet::PreKeyBundle>, StoreError> {
+        let user = user.clone();
+        self.blocking(move |inner, db| {
+            let txn = db.begin_write()?;
+            let (bundle, claimed) = {
+                let owners = txn.open_table(PREKEY_OWNERS)?;
+                let Some(owner) = owners
+                    .get(user.as_str())?
+                    .map(|value| decode_prekey::<PreKeyOwner>(&user, "prekeys", value.value()))
+                    .transpose()?
+                else {
+                    return Ok(None);
+                };
+                let mut keys = txn.open_table(ONE_TIME_KEYS)?;
+                let first = keys
+                    .range((user.as_str(), 0)..=(user.as_str(), u64::MAX))?
+                    .next()
+                    .transpose()?
+                    .map(|(key, value)| (key.value().1, value.value().to_vec()));
+                let one_time = match first {
+                    Some((position, bytes)) => {
+                        keys.remove((user.as_str(), position))?;
+                        Some(decode_prekey(&user, "one-time key", &bytes)?)
+                    }
+                    None => None,
+                };
+                let claimed = one_time.is_some();
+                (prekey_bundle(owner, one_time), claimed)
+            };
+            if claimed {
+                txn.commit()?;
+                inner.db.committed();
+            }
+            Ok(bundle)
+        })
+        .await
+    }
+
     /// See [`crate::Store::blocked_by`].
     pub async fn blocked_by(&self, user: &Username) -> Result<Vec<Username>, StoreError> {
         let user = user.clone();
@@ -578,6 +686,8 @@ fn create_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(META)?;
     txn.open_multimap_table(BLOCKS)?;
     txn.open_table(QUARANTINE)?;
+    txn.open_table(PREKEY_OWNERS)?;
+    txn.open_table(ONE_TIME_KEYS)?;
     Ok(())
 }
 

@@ -324,6 +324,28 @@ impl Store {
         dispatch!(self, store => store.mail_count(user).await)
     }
 
+    /// Stores `user`'s published keys (already verified against their binding): the Olm
+    /// key and fallback key replace the stored ones (a new Olm key also drops the one-time
+    /// keys of the old one), new one-time keys join the queue (keys already there are not
+    /// added twice; beyond [`proto::ratchet::MAX_ONE_TIME_KEYS`] the oldest go). Returns
+    /// how many one-time keys are stored now.
+    pub async fn publish_prekeys(
+        &self,
+        user: &Username,
+        prekeys: &proto::ratchet::PreKeys,
+    ) -> Result<u32, StoreError> {
+        dispatch!(self, store => store.publish_prekeys(user, prekeys).await)
+    }
+
+    /// Hands out `user`'s oldest one-time key, removing it in the same atomic step, or
+    /// their fallback key when none is left; `None` when they published nothing.
+    pub async fn claim_prekey(
+        &self,
+        user: &Username,
+    ) -> Result<Option<proto::ratchet::PreKeyBundle>, StoreError> {
+        dispatch!(self, store => store.claim_prekey(user).await)
+    }
+
     /// `user` refuses mail from `blocked` from now on.
     pub async fn block(&self, user: &Username, blocked: &Username) -> Result<(), StoreError> {
         dispatch!(self, store => store.block(user, blocked).await)

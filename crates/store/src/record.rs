@@ -91,3 +91,39 @@ pub(crate) fn decode_binding(user: &Username, bytes: &[u8]) -> Result<Binding, S
         reason: error.to_string(),
     })
 }
+
+/// The part of a user's published keys that is replaced, not consumed: their signed Olm
+/// key and fallback key (the one-time keys are stored one per entry, each handed out once).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PreKeyOwner {
+    pub(crate) olm_key: proto::ratchet::SignedKey,
+    pub(crate) fallback: Option<proto::ratchet::SignedKey>,
+}
+
+/// Decodes a stored prekey record (`what` names it in the error).
+pub(crate) fn decode_prekey<T: serde::de::DeserializeOwned>(
+    user: &Username,
+    what: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    wire::decode(bytes).map_err(|error| StoreError::Corrupt {
+        key: format!("{what} of {user}"),
+        reason: error.to_string(),
+    })
+}
+
+/// The bundle a claim hands out: a one-time key if one was left, else the fallback key.
+pub(crate) fn prekey_bundle(
+    owner: PreKeyOwner,
+    one_time: Option<proto::ratchet::SignedKey>,
+) -> Option<proto::ratchet::PreKeyBundle> {
+    let (prekey, fallback) = match one_time {
+        Some(key) => (key, false),
+        None => (owner.fallback?, true),
+    };
+    Some(proto::ratchet::PreKeyBundle {
+        olm_key: owner.olm_key,
+        prekey,
+        fallback,
+    })
+}

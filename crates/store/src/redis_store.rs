@@ -164,7 +164,10 @@ use tokio::{
 use crate::{
     ANNOUNCE_CHANNEL, BindOutcome, Binding, Broadcast, DepositOutcome, Fetched, MailLimits,
     Presence, StoreError, StoredMail,
-    record::{Batch, STORED_MAIL_OVERHEAD, decode_binding, encode, is_expired},
+    record::{
+        Batch, PreKeyOwner, STORED_MAIL_OVERHEAD, decode_binding, decode_prekey, encode,
+        is_expired, prekey_bundle,
+    },
 };
 
 /// The pub/sub channel carrying "mail waiting" hints; the payload is the recipient's name.
@@ -349,6 +352,45 @@ const BIND_SOURCE: &str = r"
         if existing then return existing end
         redis.call('SET', KEYS[1], ARGV[1])
         return false
+        ";
+
+/// Publish prekeys: KEYS = the user's prekey owner hash, their one-time key list; ARGV =
+/// owner record, Olm key, the most one-time keys kept, then each new one-time key. A new
+/// Olm key drops the old key's one-time keys; a key already listed is not added again;
+/// beyond the most kept, the oldest go. Returns how many are listed.
+static PUBLISH_PREKEYS: LazyLock<Script> = LazyLock::new(|| Script::new(PUBLISH_PREKEYS_SOURCE));
+
+/// The source of [`PUBLISH_PREKEYS`].
+const PUBLISH_PREKEYS_SOURCE: &str = r"
+        local old = redis.call('HGET', KEYS[1], 'olm')
+        if old and old ~= ARGV[2] then redis.call('DEL', KEYS[2]) end
+        redis.call('HSET', KEYS[1], 'record', ARGV[1], 'olm', ARGV[2])
+        for index = 4, #ARGV do
+            if not redis.call('LPOS', KEYS[2], ARGV[index]) then
+                redis.call('RPUSH', KEYS[2], ARGV[index])
+            end
+        end
+        local count = redis.call('LLEN', KEYS[2])
+        local most = tonumber(ARGV[3])
+        if count > most then
+            redis.call('LTRIM', KEYS[2], count - most, -1)
+            count = most
+        end
+        return count
+        ";
+
+/// Claim a prekey: KEYS = the user's prekey owner hash, their one-time key list. Returns
+/// nil when the user published nothing, else the owner record and, when one was left, the
+/// oldest one-time key, popped in the same step.
+static CLAIM_PREKEY: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_PREKEY_SOURCE));
+
+/// The source of [`CLAIM_PREKEY`].
+const CLAIM_PREKEY_SOURCE: &str = r"
+        local record = redis.call('HGET', KEYS[1], 'record')
+        if not record then return false end
+        local key = redis.call('LPOP', KEYS[2])
+        if key then return {record, key} end
+        return {record}
         ";
 
 /// Presence on a cluster: KEYS = presence, routes; ARGV = session, value, keep ms,
@@ -654,6 +696,11 @@ fn mail_key(from: &Username, id: &MessageId) -> Vec<u8> {
     key.extend_from_slice(&id.0);
     key.extend_from_slice(from.as_str().as_bytes());
     key
+}
+
+/// The keys of `user`'s prekey owner hash and one-time key list (one slot).
+fn prekey_keys(user: &Username) -> (String, String) {
+    (user_key(user, "prekeys"), user_key(user, "prekeys:one_time"))
 }
 
 /// `p2pchat:{user}:part`: the hash tag keeps all of one user's keys in one cluster slot.
@@ -1504,6 +1551,68 @@ impl RedisStore {
                 .arg(blocked.as_str()),
         )
         .await
+    }
+
+    /// See [`crate::Store::publish_prekeys`]: one script on the user's slot, replicated
+    /// like a deposit (a key published on a master alone could be lost, and then claimed
+    /// from nowhere).
+    pub async fn publish_prekeys(
+        &self,
+        user: &Username,
+        prekeys: &proto::ratchet::PreKeys,
+    ) -> Result<u32, StoreError> {
+        let owner = encode(&PreKeyOwner {
+            olm_key: prekeys.olm_key.clone(),
+            fallback: prekeys.fallback.clone(),
+        })?;
+        let most = proto::ratchet::MAX_ONE_TIME_KEYS.to_string();
+        let keys = prekeys
+            .one_time
+            .iter()
+            .map(encode)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut args: Vec<&[u8]> = vec![owner.as_ref(), &prekeys.olm_key.key, most.as_bytes()];
+        args.extend(keys.iter().map(|key| key.as_ref()));
+        let (owner_key, list_key) = prekey_keys(user);
+        self.invoke_replicated(
+            "publish_prekeys",
+            &PUBLISH_PREKEYS,
+            PUBLISH_PREKEYS_SOURCE,
+            &[&owner_key, &list_key],
+            &args,
+        )
+        .await
+    }
+
+    /// See [`crate::Store::claim_prekey`]: one script on the user's slot, replicated (a
+    /// claim lost in a failover would hand the same one-time key out twice, and the second
+    /// session could never open).
+    pub async fn claim_prekey(
+        &self,
+        user: &Username,
+    ) -> Result<Option<proto::ratchet::PreKeyBundle>, StoreError> {
+        let (owner_key, list_key) = prekey_keys(user);
+        let found: Option<Vec<Vec<u8>>> = self
+            .invoke_replicated(
+                "claim_prekey",
+                &CLAIM_PREKEY,
+                CLAIM_PREKEY_SOURCE,
+                &[&owner_key, &list_key],
+                &[],
+            )
+            .await?;
+        let Some(mut parts) = found else {
+            return Ok(None);
+        };
+        let one_time = match parts.len() {
+            2 => Some(decode_prekey(user, "one-time key", &parts.remove(1))?),
+            _ => None,
+        };
+        let owner: PreKeyOwner = match parts.first() {
+            Some(bytes) => decode_prekey(user, "prekeys", bytes)?,
+            None => return Ok(None),
+        };
+        Ok(prekey_bundle(owner, one_time))
     }
 
     /// See [`crate::Store::blocked_by`].

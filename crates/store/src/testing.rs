@@ -220,8 +220,8 @@ pub fn ping(addr: SocketAddr, password: Option<&str>) -> bool {
     let attempt = || -> io::Result<bool> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
         stream.set_read_timeout(Some(Duration::from_millis(500)))?;
-        let mut request = Vec::new();
-        let mut expected = Vec::new();
+        let mut request: Vec<u8> = Vec::new();
+        let mut expected: Vec<u8> = Vec::new();
         if let Some(password) = password {
             request.extend(resp_command(&["AUTH", password]));
             expected.extend(b"+OK\r\n");

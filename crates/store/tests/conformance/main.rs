@@ -61,4 +61,5 @@ conformance!(
     block_list_refuses_mail_until_unblocked,
     broadcast_reaches_two_subscribers,
     mailboxes_drain_in_batches,
+    prekeys_are_claimed_once_each_then_the_fallback,
 );

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
 use store::{BindOutcome, Binding, Broadcast, DepositOutcome, Presence, Store, StoreError};
 
 use crate::util::{LIMITS, envelope, expect_events, ids, keys, refs, refs_of, user};
@@ -567,5 +567,59 @@ pub async fn mailboxes_drain_in_batches(store: &Store) -> anyhow::Result<()> {
         }
         ensure!(drained == expected);
     }
+    Ok(())
+}
+
+/// A user's Olm account publishing `published` one-time keys already stored.
+fn prekeys(
+    identity: &proto::Identity,
+    account: &mut proto::ratchet::OwnAccount,
+    published: usize,
+) -> proto::ratchet::PreKeys {
+    let keys = account.prekeys_to_publish(identity, published);
+    account.mark_published();
+    keys
+}
+
+pub async fn prekeys_are_claimed_once_each_then_the_fallback(store: &Store) -> anyhow::Result<()> {
+    use proto::ratchet::{MAX_ONE_TIME_KEYS, ONE_TIME_KEYS_TARGET, OwnAccount};
+    let bob = user("bob");
+    ensure!(store.claim_prekey(&bob).await?.is_none(), "nothing published yet");
+    let identity = proto::Identity::generate();
+    let mut account = OwnAccount::generate(&identity, &bob);
+    let first = prekeys(&identity, &mut account, 0);
+    ensure!(first.one_time.len() == ONE_TIME_KEYS_TARGET);
+    ensure!(store.publish_prekeys(&bob, &first).await? as usize == ONE_TIME_KEYS_TARGET);
+    // Publishing the same keys again (a retry) adds none.
+    ensure!(store.publish_prekeys(&bob, &first).await? as usize == ONE_TIME_KEYS_TARGET);
+    let mut claimed = std::collections::HashSet::new();
+    for _ in 0..ONE_TIME_KEYS_TARGET {
+        let bundle = store.claim_prekey(&bob).await?.context("a key is left")?;
+        bundle.verify(&bob, identity.public())?;
+        ensure!(!bundle.fallback);
+        ensure!(claimed.insert(bundle.prekey.key), "a one-time key was handed out twice");
+    }
+    // None left: the fallback key, as often as asked.
+    for _ in 0..2 {
+        let bundle = store.claim_prekey(&bob).await?.context("the fallback")?;
+        ensure!(bundle.fallback && Some(&bundle.prekey) == first.fallback.as_ref());
+    }
+    // Topped up past the cap: the oldest go.
+    let second = prekeys(&identity, &mut account, 0);
+    let third = prekeys(&identity, &mut account, 0);
+    let fourth = prekeys(&identity, &mut account, 0);
+    store.publish_prekeys(&bob, &second).await?;
+    store.publish_prekeys(&bob, &third).await?;
+    ensure!(store.publish_prekeys(&bob, &fourth).await? as usize == MAX_ONE_TIME_KEYS);
+    let oldest = store.claim_prekey(&bob).await?.context("a key")?;
+    ensure!(oldest.prekey == third.one_time[0], "the oldest kept key comes first");
+    // A new Olm key (a new account) drops the old account's one-time keys.
+    let mut renewed = OwnAccount::generate(&identity, &bob);
+    let fresh = prekeys(&identity, &mut renewed, 0);
+    ensure!(store.publish_prekeys(&bob, &fresh).await? as usize == ONE_TIME_KEYS_TARGET);
+    let bundle = store.claim_prekey(&bob).await?.context("a key")?;
+    ensure!(bundle.olm_key == fresh.olm_key && fresh.one_time.contains(&bundle.prekey));
+    // Another user's keys are their own.
+    ensure!(store.claim_prekey(&user("alice")).await?.is_none());
     Ok(())
 }

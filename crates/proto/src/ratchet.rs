@@ -1,0 +1,735 @@
+//! Messages sealed by a double ratchet: vodozemac's Olm (audited; nothing here is
+//! hand-written cryptography).
+//!
+//! Each user has an Olm [`Account`] ([`OwnAccount`]): a Curve25519 key of its own (the
+//! *Olm key*), one-time keys and a fallback key. The Olm key and every published key are
+//! signed by the user's Ed25519 identity ([`SignedKey`]), so a sender who pinned the
+//! identity knows the keys are the recipient's, whoever passed them on. The user publishes
+//! them at the discovery server ([`PreKeys`]); a sender claims one ([`PreKeyBundle`], each
+//! one-time key handed out once) and starts a [`Sessions`] entry with it while the
+//! recipient may be offline.
+//!
+//! Until the recipient has answered, every message is an Olm pre-key message, which
+//! carries what the recipient needs to start its side of the session; the envelope then
+//! also carries the sender's signature over its Olm key, so the recipient checks the
+//! binding before its account is touched. A session forgets each message key once used
+//! and ratchets forward with every exchange: a key stolen later opens no message sealed
+//! before it (forward secrecy), and after one exchange the thief is locked out again
+//! (post-compromise security).
+//!
+//! The sealed bytes are the same checked [`Plaintext`] as the older static channel's
+//! ([`crate::seal`]), checked against the envelope and the pair. In the envelope's `token`
+//! an Olm message is `o<type>.<base64>` (`.<base64 signature>` after a pre-key message),
+//! so it never reads as a Fernet token (those start with `gAAAAA`), and mail sealed before
+//! the ratchet still opens with [`crate::Channel`].
+//!
+//! [`Sessions`] and [`OwnAccount`] are saved as pickles ([`Sessions::pickle`],
+//! [`OwnAccount::pickle`]); the caller commits them in the same write as the message they
+//! sealed or opened, and lets a sealed envelope leave only once that write is durable, so
+//! a crash never reuses a message key.
+
+use base64::Engine;
+use ed25519_dalek::Signature;
+use serde::{Deserialize, Serialize};
+use vodozemac::{
+    Curve25519PublicKey,
+    olm::{
+        Account, AccountPickle, OlmMessage, PreKeyMessage, Session, SessionConfig, SessionPickle,
+    },
+};
+use zeroize::Zeroizing;
+
+use crate::{
+    identity::{Identity, KeyError, PublicKeys, push_field},
+    msg::{Envelope, MessageId},
+    name::Username,
+    seal::{MAX_BODY_LEN, OpenError, Plaintext, SealError},
+    wire,
+};
+
+const OLM_KEY_CONTEXT: &[u8] = b"p2pchat olm key v1";
+const PREKEY_CONTEXT: &[u8] = b"p2pchat prekey v1";
+/// How many one-time keys a user keeps published; it tops them up when fewer are left
+/// than half of this.
+pub const ONE_TIME_KEYS_TARGET: usize = 50;
+/// The most keys one publish may carry, and the most one-time keys the server keeps for a
+/// user.
+pub const MAX_ONE_TIME_KEYS: usize = 100;
+/// The most sessions kept with one peer (two start at once when both sides send first; a
+/// lost session is replaced): the newest is used to send, all are tried to open.
+pub const MAX_SESSIONS_PER_PEER: usize = 4;
+/// The token prefix of an Olm message (then the message type digit).
+const OLM_TOKEN_PREFIX: &str = "o";
+
+/// The Olm session configuration: version 1, the one audited and spoken by libolm.
+fn session_config() -> SessionConfig {
+    SessionConfig::version_1()
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+}
+
+/// A Curve25519 key signed by its owner's Ed25519 identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedKey {
+    /// The public key.
+    pub key: [u8; 32],
+    /// The identity's signature (see [`SignedKey::verify_olm_key`] and
+    /// [`SignedKey::verify_prekey`] for what is signed).
+    pub signature: Signature,
+}
+
+fn olm_key_message(user: &Username, key: &[u8; 32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    push_field(&mut out, OLM_KEY_CONTEXT);
+    push_field(&mut out, user.as_str().as_bytes());
+    push_field(&mut out, key);
+    out
+}
+
+fn prekey_message(user: &Username, olm_key: &[u8; 32], key: &[u8; 32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    push_field(&mut out, PREKEY_CONTEXT);
+    push_field(&mut out, user.as_str().as_bytes());
+    push_field(&mut out, olm_key);
+    push_field(&mut out, key);
+    out
+}
+
+impl SignedKey {
+    /// Checks that `keys` signed this as `user`'s Olm key.
+    pub fn verify_olm_key(&self, user: &Username, keys: &PublicKeys) -> Result<(), KeyError> {
+        keys.verify_signature(&olm_key_message(user, &self.key), &self.signature)
+    }
+
+    /// Checks that `keys` signed this as a one-time or fallback key of `user`'s Olm key
+    /// `olm_key`.
+    pub fn verify_prekey(
+        &self,
+        user: &Username,
+        olm_key: &[u8; 32],
+        keys: &PublicKeys,
+    ) -> Result<(), KeyError> {
+        keys.verify_signature(&prekey_message(user, olm_key, &self.key), &self.signature)
+    }
+}
+
+/// What a user publishes at the server (`Request::PublishPreKeys`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreKeys {
+    /// The Olm key, signed.
+    pub olm_key: SignedKey,
+    /// New one-time keys (each handed out once), signed.
+    pub one_time: Vec<SignedKey>,
+    /// The fallback key, handed out when no one-time key is left (replaces the last one).
+    pub fallback: Option<SignedKey>,
+}
+
+impl PreKeys {
+    /// Checks every signature against `user`'s `keys`.
+    pub fn verify(&self, user: &Username, keys: &PublicKeys) -> Result<(), KeyError> {
+        self.olm_key.verify_olm_key(user, keys)?;
+        for key in self.one_time.iter().chain(self.fallback.iter()) {
+            key.verify_prekey(user, &self.olm_key.key, keys)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a sender claims to start a session with a user (`Reply::PreKey`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreKeyBundle {
+    /// The user's Olm key, signed.
+    pub olm_key: SignedKey,
+    /// A one-time key (now removed at the server), or the fallback key.
+    pub prekey: SignedKey,
+    /// Whether `prekey` is the fallback key (no one-time key was left).
+    pub fallback: bool,
+}
+
+impl PreKeyBundle {
+    /// Checks both signatures against `user`'s `keys`.
+    pub fn verify(&self, user: &Username, keys: &PublicKeys) -> Result<(), KeyError> {
+        self.olm_key.verify_olm_key(user, keys)?;
+        self.prekey.verify_prekey(user, &self.olm_key.key, keys)
+    }
+}
+
+/// Why a pickle could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("a saved ratchet state does not decode: {0}")]
+pub struct PickleError(#[from] serde_json::Error);
+
+/// A user's own Olm account, with the signature binding its Olm key to the user.
+pub struct OwnAccount {
+    account: Account,
+    me: Username,
+    binding: Signature,
+}
+
+impl std::fmt::Debug for OwnAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OwnAccount({})", self.me)
+    }
+}
+
+impl OwnAccount {
+    /// A new account for `me`, with a fallback key.
+    pub fn generate(identity: &Identity, me: &Username) -> Self {
+        let mut account = Account::new();
+        account.generate_fallback_key();
+        Self::bind(account, identity, me)
+    }
+
+    /// The account saved by [`OwnAccount::pickle`], bound to `me` by `identity`.
+    pub fn from_pickle(
+        bytes: &[u8],
+        identity: &Identity,
+        me: &Username,
+    ) -> Result<Self, PickleError> {
+        let pickle: AccountPickle = serde_json::from_slice(bytes)?;
+        Ok(Self::bind(Account::from_pickle(pickle), identity, me))
+    }
+
+    fn bind(account: Account, identity: &Identity, me: &Username) -> Self {
+        let key = account.curve25519_key().to_bytes();
+        let binding = identity.sign(&olm_key_message(me, &key));
+        Self {
+            account,
+            me: me.clone(),
+            binding,
+        }
+    }
+
+    /// The account's secrets as bytes to save (zeroized when dropped).
+    pub fn pickle(&self) -> Zeroizing<Vec<u8>> {
+        // A pickle is plain data: it always serialises.
+        Zeroizing::new(serde_json::to_vec(&self.account.pickle()).unwrap_or_default())
+    }
+
+    /// The Olm key, signed.
+    pub fn olm_key(&self) -> SignedKey {
+        SignedKey {
+            key: self.account.curve25519_key().to_bytes(),
+            signature: self.binding,
+        }
+    }
+
+    /// How many one-time keys the account holds (published or not).
+    pub fn one_time_key_count(&self) -> usize {
+        self.account.stored_one_time_key_count()
+    }
+
+    /// The keys to publish when the server holds `published` one-time keys: new one-time
+    /// keys up to [`ONE_TIME_KEYS_TARGET`] (plus any made earlier and not yet published),
+    /// and the fallback key, all signed. The account changes (save it before
+    /// publishing, so no published key is ever unknown to it); once the server has them,
+    /// call [`OwnAccount::mark_published`].
+    pub fn prekeys_to_publish(&mut self, identity: &Identity, published: usize) -> PreKeys {
+        let unpublished = self.account.one_time_keys().len();
+        let wanted = ONE_TIME_KEYS_TARGET.saturating_sub(published + unpublished);
+        if wanted > 0 {
+            self.account.generate_one_time_keys(wanted);
+        }
+        let olm_key = self.olm_key();
+        let sign = |key: Curve25519PublicKey| {
+            let key = key.to_bytes();
+            SignedKey {
+                key,
+                signature: identity.sign(&prekey_message(&self.me, &olm_key.key, &key)),
+            }
+        };
+        let mut one_time: Vec<SignedKey> = self
+            .account
+            .one_time_keys()
+            .into_values()
+            .map(sign)
+            .collect();
+        one_time.truncate(MAX_ONE_TIME_KEYS);
+        let fallback = self.account.fallback_key().into_values().next().map(sign);
+        PreKeys {
+            olm_key,
+            one_time,
+            fallback,
+        }
+    }
+
+    /// The server stored what [`OwnAccount::prekeys_to_publish`] returned.
+    pub fn mark_published(&mut self) {
+        self.account.mark_keys_as_published();
+    }
+}
+
+/// An Olm message as the envelope's token says it.
+struct Token {
+    message: OlmMessage,
+    /// After a pre-key message: the sender's signature over its Olm key.
+    binding: Option<Signature>,
+}
+
+/// Whether `token` is an Olm message (else it is a Fernet token of the static channel).
+pub fn is_olm_token(token: &str) -> bool {
+    token.starts_with(OLM_TOKEN_PREFIX)
+}
+
+fn encode_token(message: &OlmMessage, binding: Option<&Signature>) -> String {
+    let (kind, bytes) = message.to_parts();
+    let mut token = format!("{OLM_TOKEN_PREFIX}{kind}.{}", b64().encode(bytes));
+    if let Some(binding) = binding {
+        token.push('.');
+        token.push_str(&b64().encode(binding.to_bytes()));
+    }
+    token
+}
+
+fn decode_token(token: &str) -> Result<Token, OpenError> {
+    let rest = token
+        .strip_prefix(OLM_TOKEN_PREFIX)
+        .ok_or(OpenError::Malformed)?;
+    let mut parts = rest.split('.');
+    let kind: usize = parts
+        .next()
+        .and_then(|kind| kind.parse().ok())
+        .ok_or(OpenError::Malformed)?;
+    let bytes = parts
+        .next()
+        .and_then(|part| b64().decode(part).ok())
+        .ok_or(OpenError::Malformed)?;
+    let binding = match parts.next() {
+        Some(part) => {
+            let bytes = b64().decode(part).map_err(|_| OpenError::Malformed)?;
+            let bytes: [u8; 64] = bytes.try_into().map_err(|_| OpenError::Malformed)?;
+            Some(Signature::from_bytes(&bytes))
+        }
+        None => None,
+    };
+    if parts.next().is_some() {
+        return Err(OpenError::Malformed);
+    }
+    let message = OlmMessage::from_parts(kind, &bytes).map_err(|_| OpenError::Malformed)?;
+    match (&message, &binding) {
+        (OlmMessage::PreKey(_), Some(_)) | (OlmMessage::Normal(_), None) => {
+            Ok(Token { message, binding })
+        }
+        _ => Err(OpenError::Malformed),
+    }
+}
+
+/// What [`Sessions::open`] found.
+#[derive(Debug)]
+pub struct Opened {
+    /// The checked plaintext.
+    pub plaintext: Plaintext,
+    /// Whether the account changed (a one-time key was used up): save it with the
+    /// sessions.
+    pub account_changed: bool,
+}
+
+/// The Olm sessions one user has with one peer, newest first.
+#[derive(Default)]
+pub struct Sessions {
+    list: Vec<Session>,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sessions({})", self.list.len())
+    }
+}
+
+impl Sessions {
+    /// The sessions saved by [`Sessions::pickle`].
+    pub fn from_pickle(bytes: &[u8]) -> Result<Self, PickleError> {
+        let pickles: Vec<SessionPickle> = serde_json::from_slice(bytes)?;
+        Ok(Self {
+            list: pickles.into_iter().map(Session::from_pickle).collect(),
+        })
+    }
+
+    /// The sessions' secrets as bytes to save (zeroized when dropped).
+    pub fn pickle(&self) -> Zeroizing<Vec<u8>> {
+        let pickles: Vec<SessionPickle> = self.list.iter().map(Session::pickle).collect();
+        // A pickle is plain data: it always serialises.
+        Zeroizing::new(serde_json::to_vec(&pickles).unwrap_or_default())
+    }
+
+    /// Whether there is a session to seal with.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// How many sessions there are.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Forgets every session (the peer lost theirs: the next message starts a new one).
+    pub fn clear(&mut self) {
+        self.list.clear();
+    }
+
+    fn keep_first(&mut self, session: Session) {
+        self.list.insert(0, session);
+        self.list.truncate(MAX_SESSIONS_PER_PEER);
+    }
+
+    /// Starts a session with `peer` from the `bundle` claimed at the server, checked against
+    /// `peer_keys` (pinned or verified); it becomes the one messages are sealed with.
+    pub fn start(
+        &mut self,
+        account: &OwnAccount,
+        peer: &Username,
+        peer_keys: &PublicKeys,
+        bundle: &PreKeyBundle,
+    ) -> Result<(), SealError> {
+        bundle.verify(peer, peer_keys)?;
+        let session = account
+            .account
+            .create_outbound_session(
+                session_config(),
+                Curve25519PublicKey::from_bytes(bundle.olm_key.key),
+                Curve25519PublicKey::from_bytes(bundle.prekey.key),
+            )
+            .map_err(|_| SealError::DegenerateKey)?;
+        self.keep_first(session);
+        Ok(())
+    }
+
+    /// Seals `body` as message `id` from `account`'s user to `peer`, written at
+    /// `sent_at_ms`, with the newest session. Save the sessions before the envelope leaves.
+    pub fn seal(
+        &mut self,
+        account: &OwnAccount,
+        peer: &Username,
+        id: MessageId,
+        body: &str,
+        sent_at_ms: u64,
+    ) -> Result<Envelope, SealError> {
+        if body.len() > MAX_BODY_LEN {
+            return Err(SealError::TooLong(body.len()));
+        }
+        let session = self.list.first_mut().ok_or(SealError::NoSession)?;
+        let plaintext = Plaintext {
+            id,
+            from: account.me.clone(),
+            to: peer.clone(),
+            sent_at_ms,
+            body: body.to_owned(),
+        };
+        // Encoding plain data into a Vec cannot fail.
+        let bytes = Zeroizing::new(
+            wire::encode(&plaintext)
+                .map(|b| b.to_vec())
+                .unwrap_or_default(),
+        );
+        let message = session
+            .encrypt(bytes.as_slice())
+            .map_err(|_| SealError::DegenerateKey)?;
+        let binding = matches!(message, OlmMessage::PreKey(_)).then_some(&account.binding);
+        Ok(Envelope {
+            id,
+            from: account.me.clone(),
+            to: peer.clone(),
+            token: encode_token(&message, binding),
+        })
+    }
+
+    /// Opens an Olm envelope from `peer` (whose identity is `peer_keys`, pinned or the
+    /// server's) to `account`'s user: with the session it belongs to, or, for a pre-key
+    /// message no session knows, a new session started from it once the sender's
+    /// signature over its Olm key verifies. Save the sessions (and the account when
+    /// [`Opened::account_changed`]) with the message.
+    ///
+    /// A message that does not open changes nothing.
+    pub fn open(
+        &mut self,
+        account: &mut OwnAccount,
+        peer: &Username,
+        peer_keys: &PublicKeys,
+        envelope: &Envelope,
+    ) -> Result<Opened, OpenError> {
+        let forged = || OpenError::BadToken { peer: peer.clone() };
+        let token = decode_token(&envelope.token)?;
+        let (bytes, account_changed) = match &token.message {
+            OlmMessage::Normal(_) => (self.open_with_sessions(&token.message, peer)?, false),
+            OlmMessage::PreKey(prekey) => {
+                if let Some(index) = self.position_of(prekey) {
+                    let bytes = self.list[index]
+                        .decrypt(&token.message)
+                        .map_err(|_| forged())?;
+                    self.promote(index);
+                    (bytes, false)
+                } else {
+                    let binding = token.binding.ok_or(OpenError::Malformed)?;
+                    let olm_key = SignedKey {
+                        key: prekey.identity_key().to_bytes(),
+                        signature: binding,
+                    };
+                    olm_key
+                        .verify_olm_key(peer, peer_keys)
+                        .map_err(|_| forged())?;
+                    let created = account
+                        .account
+                        .create_inbound_session(session_config(), prekey.identity_key(), prekey)
+                        .map_err(|_| forged())?;
+                    self.keep_first(created.session);
+                    (created.plaintext, true)
+                }
+            }
+        };
+        let bytes = Zeroizing::new(bytes);
+        let plaintext: Plaintext = wire::decode(&bytes).map_err(|_| OpenError::Malformed)?;
+        let checks = [
+            ("id", plaintext.id == envelope.id),
+            (
+                "sender",
+                plaintext.from == envelope.from && &plaintext.from == peer,
+            ),
+            (
+                "recipient",
+                plaintext.to == envelope.to && plaintext.to == account.me,
+            ),
+        ];
+        match checks.iter().find(|(_, ok)| !ok) {
+            Some((field, _)) => Err(OpenError::Mismatch { field }),
+            None => Ok(Opened {
+                plaintext,
+                account_changed,
+            }),
+        }
+    }
+
+    /// Decrypts a normal message with whichever session it belongs to (that one becomes
+    /// the newest: the peer uses it).
+    fn open_with_sessions(
+        &mut self,
+        message: &OlmMessage,
+        peer: &Username,
+    ) -> Result<Vec<u8>, OpenError> {
+        if self.list.is_empty() {
+            return Err(OpenError::NoSession { peer: peer.clone() });
+        }
+        for index in 0..self.list.len() {
+            if let Ok(bytes) = self.list[index].decrypt(message) {
+                self.promote(index);
+                return Ok(bytes);
+            }
+        }
+        Err(OpenError::NoSession { peer: peer.clone() })
+    }
+
+    fn position_of(&self, prekey: &PreKeyMessage) -> Option<usize> {
+        let keys = prekey.session_keys();
+        self.list
+            .iter()
+            .position(|session| session.session_keys() == keys)
+    }
+
+    fn promote(&mut self, index: usize) {
+        if index > 0 {
+            let session = self.list.remove(index);
+            self.list.insert(0, session);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct User {
+        name: Username,
+        identity: Identity,
+        account: OwnAccount,
+        sessions: Sessions,
+    }
+
+    fn user(name: &str) -> User {
+        let name = Username::new(name).unwrap();
+        let identity = Identity::generate();
+        let account = OwnAccount::generate(&identity, &name);
+        User {
+            name,
+            identity,
+            account,
+            sessions: Sessions::default(),
+        }
+    }
+
+    /// `from` claims one of `to`'s published keys and starts a session.
+    fn start(from: &mut User, to: &mut User) {
+        let published = to.account.prekeys_to_publish(&to.identity, 0);
+        to.account.mark_published();
+        published.verify(&to.name, to.identity.public()).unwrap();
+        let bundle = PreKeyBundle {
+            olm_key: published.olm_key.clone(),
+            prekey: published.one_time[0].clone(),
+            fallback: false,
+        };
+        from.sessions
+            .start(&from.account, &to.name, to.identity.public(), &bundle)
+            .unwrap();
+    }
+
+    fn seal(from: &mut User, to: &User, body: &str) -> Envelope {
+        from.sessions
+            .seal(&from.account, &to.name, MessageId::random(), body, 1_000)
+            .unwrap()
+    }
+
+    fn open(to: &mut User, from: &User, envelope: &Envelope) -> Result<Opened, OpenError> {
+        to.sessions
+            .open(&mut to.account, &from.name, from.identity.public(), envelope)
+    }
+
+    #[test]
+    fn a_session_started_from_a_claimed_key_opens_both_ways_and_never_twice() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        let first = seal(&mut alice, &bob, "hello bob");
+        assert!(first.token.starts_with("o0."), "a pre-key message first");
+        let opened = open(&mut bob, &alice, &first).unwrap();
+        assert_eq!(opened.plaintext.body, "hello bob");
+        assert!(opened.account_changed, "the one-time key is used up");
+        // The same envelope again: its key is gone.
+        assert!(open(&mut bob, &alice, &first).is_err());
+        let reply = seal(&mut bob, &alice, "hi alice");
+        assert!(reply.token.starts_with("o1."), "bob's session is started");
+        assert_eq!(open(&mut alice, &bob, &reply).unwrap().plaintext.body, "hi alice");
+        let next = seal(&mut alice, &bob, "how are you");
+        assert!(next.token.starts_with("o1."), "alice heard back: normal messages");
+        assert!(!open(&mut bob, &alice, &next).unwrap().account_changed);
+    }
+
+    #[test]
+    fn a_thousand_messages_then_more_open_in_order_and_a_few_out_of_order() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        let queued: Vec<Envelope> = (0..1000)
+            .map(|n| seal(&mut alice, &bob, &format!("mail {n}")))
+            .collect();
+        let direct: Vec<Envelope> = (0..10)
+            .map(|n| seal(&mut alice, &bob, &format!("direct {n}")))
+            .collect();
+        for (n, envelope) in queued.iter().enumerate() {
+            assert_eq!(
+                open(&mut bob, &alice, envelope).unwrap().plaintext.body,
+                format!("mail {n}")
+            );
+        }
+        // Out of order within the library's bounded window of skipped keys.
+        for envelope in direct.iter().rev() {
+            assert!(open(&mut bob, &alice, envelope).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_pre_key_message_under_a_key_not_signed_by_the_sender_is_refused_and_costs_nothing() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        let envelope = seal(&mut alice, &bob, "hello");
+        let keys_before = bob.account.one_time_key_count();
+        // Mallory claims to be alice, with alice's message but her own binding.
+        let mallory = Identity::generate();
+        let mut forged = envelope.clone();
+        let (head, _) = forged.token.rsplit_once('.').unwrap();
+        let fake = mallory.sign(b"anything");
+        forged.token = format!("{head}.{}", b64().encode(fake.to_bytes()));
+        assert!(matches!(
+            open(&mut bob, &alice, &forged),
+            Err(OpenError::BadToken { .. })
+        ));
+        assert_eq!(bob.account.one_time_key_count(), keys_before);
+        assert!(open(&mut bob, &alice, &envelope).is_ok());
+    }
+
+    #[test]
+    fn pickles_restore_sessions_and_accounts() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        let envelope = seal(&mut alice, &bob, "saved");
+        let account = bob.account.pickle();
+        bob.account = OwnAccount::from_pickle(&account, &bob.identity, &bob.name).unwrap();
+        assert!(open(&mut bob, &alice, &envelope).is_ok());
+        let sessions = bob.sessions.pickle();
+        bob.sessions = Sessions::from_pickle(&sessions).unwrap();
+        let reply = seal(&mut bob, &alice, "after restore");
+        assert!(open(&mut alice, &bob, &reply).is_ok());
+    }
+
+    #[test]
+    fn old_state_opens_nothing_sent_before_it_was_taken_and_nothing_after_an_exchange() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        let early = seal(&mut alice, &bob, "before");
+        open(&mut bob, &alice, &early).unwrap();
+        // Forward secrecy: bob's state now cannot open what it already opened.
+        let stolen_account = bob.account.pickle();
+        let stolen_sessions = bob.sessions.pickle();
+        let mut thief = User {
+            name: bob.name.clone(),
+            account: OwnAccount::from_pickle(&stolen_account, &bob.identity, &bob.name).unwrap(),
+            identity: Identity::generate(),
+            sessions: Sessions::from_pickle(&stolen_sessions).unwrap(),
+        };
+        assert!(open(&mut thief, &alice, &early).is_err());
+        // Post-compromise: after both sides ratchet, the stolen state opens nothing new.
+        for round in 0..2 {
+            let to_alice = seal(&mut bob, &alice, &format!("reply {round}"));
+            open(&mut alice, &bob, &to_alice).unwrap();
+            let to_bob = seal(&mut alice, &bob, &format!("again {round}"));
+            open(&mut bob, &alice, &to_bob).unwrap();
+        }
+        let later = seal(&mut alice, &bob, "after");
+        assert!(open(&mut thief, &alice, &later).is_err());
+        assert_eq!(open(&mut bob, &alice, &later).unwrap().plaintext.body, "after");
+    }
+
+    #[test]
+    fn both_sides_starting_at_once_settle_on_one_session() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        start(&mut bob, &mut alice);
+        let from_alice = seal(&mut alice, &bob, "a1");
+        let from_bob = seal(&mut bob, &alice, "b1");
+        open(&mut bob, &alice, &from_alice).unwrap();
+        open(&mut alice, &bob, &from_bob).unwrap();
+        for round in 0..3 {
+            let a = seal(&mut alice, &bob, &format!("a{round}"));
+            open(&mut bob, &alice, &a).unwrap();
+            let b = seal(&mut bob, &alice, &format!("b{round}"));
+            open(&mut alice, &bob, &b).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_lost_session_is_told_apart_from_a_forgery() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        let first = seal(&mut alice, &bob, "one");
+        open(&mut bob, &alice, &first).unwrap();
+        let answer = seal(&mut bob, &alice, "two");
+        open(&mut alice, &bob, &answer).unwrap();
+        let normal = seal(&mut alice, &bob, "three");
+        bob.sessions.clear();
+        assert!(matches!(
+            open(&mut bob, &alice, &normal),
+            Err(OpenError::NoSession { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused() {
+        let (alice, mut bob) = (user("alice"), user("bob"));
+        for token in ["o", "o0", "o0.", "o9.AAAA", "o1.!!", "o1.AAAA.BBBB.CCCC", "gAAAAAB"] {
+            let envelope = Envelope {
+                id: MessageId::random(),
+                from: alice.name.clone(),
+                to: bob.name.clone(),
+                token: token.to_owned(),
+            };
+            assert!(open(&mut bob, &alice, &envelope).is_err(), "{token}");
+        }
+    }
+}
