@@ -221,6 +221,19 @@ impl Session {
                 self.last_fetched = Vec::new();
                 ack(&me, &mail, store, metrics).await
             }
+            Request::PublishPreKeys(prekeys) => publish_prekeys(&me, &prekeys, store).await,
+            Request::ClaimPreKey { user } => {
+                // A claim uses up one of the user's one-time keys: claims share the sender's
+                // deposit budget, so nobody can drain someone's keys faster than they could
+                // fill their mailbox (past the last key, sessions start on the fallback key).
+                if let Some(deposits) = &self.deposits
+                    && let Err(over) = deposits.take(&me, CLAIM_COST, std::time::Instant::now())
+                {
+                    metrics.deposits_over_budget.inc();
+                    return (Err(over_budget(over, config)), None);
+                }
+                claim_prekey(&user, store).await
+            }
             Request::Block { user } => set_blocked(&me, &user, true, store).await,
             Request::Unblock { user } => set_blocked(&me, &user, false, store).await,
             Request::Unregister => {
@@ -465,6 +478,65 @@ async fn lookup(user: &Username, store: &Store, now_ms: u64) -> Result<Reply, Er
         online,
         last_seen_ms: presence.map(|p| p.last_seen_ms),
     }))
+}
+
+/// What one prekey claim costs of the sender's deposit budget, in bytes.
+const CLAIM_COST: u64 = 1024;
+
+/// Stores the keys `me` publishes, once every signature verifies against the keys bound to
+/// the name (a client cannot publish keys its identity did not sign).
+async fn publish_prekeys(
+    me: &Username,
+    prekeys: &proto::ratchet::PreKeys,
+    store: &Store,
+) -> Result<Reply, ErrorReply> {
+    if prekeys.one_time.len() > proto::ratchet::MAX_ONE_TIME_KEYS {
+        return Err(ErrorReply::new(
+            ErrorCode::TooLarge,
+            format!(
+                "publish at most {} one-time keys at once",
+                proto::ratchet::MAX_ONE_TIME_KEYS
+            ),
+        ));
+    }
+    let binding = store
+        .binding(me)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| unknown_user(me))?;
+    if prekeys.verify(me, &binding.keys).is_err() {
+        return Err(ErrorReply::new(
+            ErrorCode::BadSignature,
+            "the published keys are not all signed by your identity key",
+        ));
+    }
+    let one_time = store
+        .publish_prekeys(me, prekeys)
+        .await
+        .map_err(store_error)?;
+    Ok(Reply::PreKeyCount { one_time })
+}
+
+/// Hands out one of `user`'s keys to start a session with them.
+async fn claim_prekey(user: &Username, store: &Store) -> Result<Reply, ErrorReply> {
+    match store.claim_prekey(user).await.map_err(store_error)? {
+        Some(bundle) => Ok(Reply::PreKey(bundle)),
+        None => {
+            // Say "unknown user" for names nobody holds, as a lookup would.
+            store
+                .binding(user)
+                .await
+                .map_err(store_error)?
+                .ok_or_else(|| unknown_user(user))?;
+            Err(ErrorReply::new(
+                ErrorCode::NoPreKeys,
+                format!(
+                    "{user} has published no keys to start an encrypted session with; \
+                     they need to run a current client (the message waits until then)"
+                ),
+            ))
+        }
+    }
 }
 
 /// A byte limit in words: whole MiB from 1 MiB up, else KiB.

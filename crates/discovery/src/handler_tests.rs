@@ -1075,3 +1075,77 @@ async fn a_mailbox_past_its_byte_cap_is_full_until_mail_is_acked() {
         Ok(Reply::Deposited { .. })
     ));
 }
+
+#[tokio::test]
+async fn published_prekeys_are_claimed_once_each_and_only_their_owner_publishes() {
+    use proto::ratchet::{ONE_TIME_KEYS_TARGET, OwnAccount};
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let mut bob = registered(&fixture, "bob", T0).await;
+    let claim = Request::ClaimPreKey { user: name("bob") };
+    assert_eq!(
+        code(fixture.handle(&mut alice.session, claim.clone(), T0).await),
+        ErrorCode::NoPreKeys
+    );
+    assert_eq!(
+        code(
+            fixture
+                .handle(
+                    &mut alice.session,
+                    Request::ClaimPreKey {
+                        user: name("nobody")
+                    },
+                    T0
+                )
+                .await
+        ),
+        ErrorCode::UnknownUser
+    );
+    let mut account = OwnAccount::generate(&bob.identity, &bob.name);
+    let prekeys = account.prekeys_to_publish(&bob.identity, 0);
+    // Alice cannot publish keys as herself that bob's identity signed.
+    assert_eq!(
+        code(
+            fixture
+                .handle(
+                    &mut alice.session,
+                    Request::PublishPreKeys(prekeys.clone()),
+                    T0
+                )
+                .await
+        ),
+        ErrorCode::BadSignature
+    );
+    assert_eq!(
+        fixture
+            .handle(&mut bob.session, Request::PublishPreKeys(prekeys.clone()), T0)
+            .await
+            .unwrap(),
+        Reply::PreKeyCount {
+            one_time: ONE_TIME_KEYS_TARGET as u32
+        }
+    );
+    match fixture.handle(&mut alice.session, claim, T0).await.unwrap() {
+        Reply::PreKey(bundle) => {
+            bundle.verify(&bob.name, bob.identity.public()).unwrap();
+            assert!(prekeys.one_time.contains(&bundle.prekey));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        fixture
+            .handle(
+                &mut bob.session,
+                Request::PublishPreKeys(proto::ratchet::PreKeys {
+                    one_time: Vec::new(),
+                    ..prekeys
+                }),
+                T0
+            )
+            .await
+            .unwrap(),
+        Reply::PreKeyCount {
+            one_time: ONE_TIME_KEYS_TARGET as u32 - 1
+        }
+    );
+}
