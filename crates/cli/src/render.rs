@@ -171,6 +171,9 @@ pub fn failure_text(to: &Username, reason: &FailureReason) -> String {
         FailureReason::UnexpectedReply => "unexpected reply from the server".into(),
         FailureReason::Seal { detail } => format!("cannot seal the message: {detail}"),
         FailureReason::LocalState { detail } => format!("local state error: {detail}"),
+        FailureReason::NoPreKeys => format!(
+            "{to} has not published keys for encrypted sessions yet (an older client?); kept in the outbox until they have"
+        ),
     }
 }
 

@@ -18,6 +18,7 @@ use crate::{
     api::{ClientError, Config, Event},
     control::{ControlError, ControlHandle},
     core::Report,
+    sessions::Ratchet,
     state::{State, StateError},
 };
 
@@ -33,6 +34,8 @@ pub(crate) struct Context {
     pub(crate) me: Username,
     pub(crate) identity: Arc<Identity>,
     pub(crate) state: State,
+    /// The Olm account and sessions: every message is sealed and opened through it.
+    pub(crate) ratchet: Ratchet,
     pub(crate) control: ControlHandle,
     pub(crate) to_loop: mpsc::Sender<Report>,
     pub(crate) config: Config,
@@ -43,6 +46,13 @@ pub(crate) struct Context {
     /// briefly so junk claiming one sender costs one lookup, not one per envelope (see
     /// [`crate::inbox`]).
     pub(crate) server_keys: ServerKeys,
+    /// Where the fetch of the mail that waited at the last registration is: until it is
+    /// all in, direct envelopes are refused as `unavailable` (their senders put them in the
+    /// mailbox, behind the mail already there), since a ratchet opens a sender's messages
+    /// in the order they were sealed and keeps only a few keys for messages that come late.
+    pub(crate) mail: tokio::sync::watch::Sender<MailState>,
+    /// Held while prekeys are published ([`crate::prekeys`]): one publish at a time.
+    pub(crate) publishing: tokio::sync::Mutex<()>,
     /// Envelopes refused before anything in them authenticated: counted, and logged at the
     /// 1st, 2nd, 4th, 8th... (never shown as an event naming the claimed sender).
     pub(crate) unauthenticated: AtomicU64,
@@ -101,6 +111,51 @@ impl Context {
             error: error.to_string(),
         })
         .await;
+    }
+}
+
+/// Where the fetch of the mail waiting at registration is (see [`Context::mail`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MailState {
+    /// Registered; the first fetch has not answered yet.
+    Unknown,
+    /// Mail was waiting and is being fetched.
+    Draining,
+    /// All of it is in (or there was none).
+    Drained,
+}
+
+/// How long a direct envelope waits for the first fetch after a registration to say
+/// whether mail was waiting; past it, the envelope is taken.
+const FIRST_FETCH_WAIT: Duration = Duration::from_secs(2);
+
+impl Context {
+    /// Where the fetch of the mail waiting at registration is, waiting (briefly) for the
+    /// first fetch's answer.
+    pub(crate) async fn mail_state(&self) -> MailState {
+        let mut state = self.mail.subscribe();
+        match tokio::time::timeout(
+            FIRST_FETCH_WAIT,
+            state.wait_for(|state| *state != MailState::Unknown),
+        )
+        .await
+        {
+            Ok(Ok(state)) => *state,
+            _ => MailState::Drained,
+        }
+    }
+
+    /// The fetch moved on: `state`, except that only the first answer after a
+    /// registration may say `Draining`.
+    pub(crate) fn mail_fetched(&self, state: MailState) {
+        self.mail.send_if_modified(|current| {
+            let next = match (*current, state) {
+                (MailState::Unknown, next) => next,
+                (_, MailState::Drained) => MailState::Drained,
+                (current, _) => current,
+            };
+            std::mem::replace(current, next) != next
+        });
     }
 }
 

@@ -18,6 +18,7 @@ use crate::{
     control::ControlError,
     link::{LinkError, PeerLink},
     reason::FailureReason,
+    sessions::RatchetError,
     state::{OutboxEntry, PinOutcome, StateError},
 };
 
@@ -54,10 +55,13 @@ pub(crate) async fn deliver(
     if let Err(status) = after_keys(verified, pinned) {
         return (status, None, false);
     }
-    let envelope = match seal(context, entry, &info.keys) {
+    let mut envelope = match seal(context, entry, &info.keys).await {
         Ok(envelope) => envelope,
         Err(status) => return (status, None, false),
     };
+    // Set once the message was sealed again in a new session, after the recipient said it
+    // had none that opens it.
+    let mut resealed = false;
     let addresses = if try_direct {
         direct_addresses(&info)
     } else {
@@ -67,7 +71,9 @@ pub(crate) async fn deliver(
     // once, as by a peer at its connection cap, is a quick answer, and costs little to
     // try again).
     let mut direct_failed = false;
-    for addr in addresses {
+    let mut addresses = addresses.iter();
+    let mut next = addresses.next();
+    while let Some(addr) = next {
         let attempt = async {
             let mut link = PeerLink::dial(
                 *addr,
@@ -90,6 +96,29 @@ pub(crate) async fn deliver(
                 return (DeliveryStatus::Delivered, result.ok(), false);
             }
             Dialled::Failed(status) => return (status, None, false),
+            Dialled::NewSession if !resealed => {
+                // The recipient lost its session (a restored backup, a new data dir):
+                // start a new one and send it again, at the same address.
+                tracing::info!(to = %entry.to, "the recipient has no session for our message; starting a new one");
+                resealed = true;
+                if let Err(error) = context.ratchet.reset(&context.state, &entry.to) {
+                    return (state_failure(error), None, false);
+                }
+                envelope = match seal(context, entry, &info.keys).await {
+                    Ok(envelope) => envelope,
+                    Err(status) => return (status, None, false),
+                };
+                continue;
+            }
+            Dialled::NewSession => {
+                let status = DeliveryStatus::failed(
+                    FailureReason::Seal {
+                        detail: "the recipient cannot open messages of a new session either".into(),
+                    },
+                    true,
+                );
+                return (status, None, false);
+            }
             Dialled::NextAddress => {
                 if let Err(error) = &result {
                     tracing::info!(to = %entry.to, %addr, %error, "not delivered at this address; trying the next, then the mailbox");
@@ -97,6 +126,7 @@ pub(crate) async fn deliver(
             }
             Dialled::Mailbox => break,
         }
+        next = addresses.next();
     }
     let deposited = context.control.request(Request::Deposit { envelope }).await;
     (after_deposit(deposited), None, direct_failed)
@@ -216,6 +246,9 @@ pub(crate) enum Dialled {
     NextAddress,
     /// Go to the mailbox now.
     Mailbox,
+    /// The recipient has no session that opens the message: seal it in a new one and try
+    /// again.
+    NewSession,
     /// Stop with this status.
     Failed(DeliveryStatus),
 }
@@ -230,6 +263,9 @@ pub(crate) fn after_dial<T>(outcome: &Result<T, LinkError>) -> Dialled {
         Err(LinkError::Rejected(error)) if error.code == ErrorCode::Unavailable => Dialled::Mailbox,
         Err(LinkError::Rejected(error)) if error.code == ErrorCode::UnknownUser => {
             Dialled::NextAddress
+        }
+        Err(LinkError::Rejected(error)) if error.code == ErrorCode::NoSession => {
+            Dialled::NewSession
         }
         Err(LinkError::Rejected(error)) => Dialled::Failed(rejected(error.clone())),
         Err(_) => Dialled::NextAddress,
@@ -274,24 +310,82 @@ pub(crate) fn after_deposit(deposited: Result<Reply, ControlError>) -> DeliveryS
     }
 }
 
-fn seal(
+/// The status of a message that could not go because the local state failed (kept for a
+/// retry).
+pub(crate) fn state_failure(error: StateError) -> DeliveryStatus {
+    DeliveryStatus::failed(
+        FailureReason::LocalState {
+            detail: error.to_string(),
+        },
+        true,
+    )
+}
+
+/// Seals `entry` with the recipient's newest session, starting one first from a key
+/// claimed at the server if there is none, and waits until the session's new state is
+/// durable: only then may the envelope leave (see [`crate::sessions`]).
+pub(crate) async fn seal(
     context: &Context,
     entry: &OutboxEntry,
     keys: &PublicKeys,
 ) -> Result<proto::Envelope, DeliveryStatus> {
-    let sealing = |error: proto::SealError| {
-        DeliveryStatus::failed(
-            FailureReason::Seal {
+    let state = &context.state;
+    let sealing = |detail: String| DeliveryStatus::failed(FailureReason::Seal { detail }, false);
+    let failure = |error: RatchetError| match error {
+        RatchetError::State(error) => state_failure(error),
+        error => sealing(error.to_string()),
+    };
+    if !context
+        .ratchet
+        .has_session(state, &entry.to)
+        .map_err(state_failure)?
+    {
+        let bundle = claim_prekey(context, &entry.to).await?;
+        context
+            .ratchet
+            .start(state, &entry.to, keys, &bundle)
+            .map_err(failure)?;
+    }
+    let (mut envelopes, mut saving) = context
+        .ratchet
+        .seal(state, &entry.to, &[entry])
+        .map_err(failure)?;
+    context
+        .ratchet
+        .settle(state, &mut saving)
+        .await
+        .map_err(state_failure)?;
+    envelopes
+        .pop()
+        .ok_or_else(|| sealing("nothing was sealed".into()))
+}
+
+/// Claims one of `user`'s published keys to start a session. A user with none (an older
+/// client) or a server that cannot answer keeps the message in the outbox.
+async fn claim_prekey(
+    context: &Context,
+    user: &proto::Username,
+) -> Result<proto::ratchet::PreKeyBundle, DeliveryStatus> {
+    match context
+        .control
+        .request(Request::ClaimPreKey { user: user.clone() })
+        .await
+    {
+        Ok(Reply::PreKey(bundle)) => Ok(bundle),
+        Ok(_) => Err(DeliveryStatus::failed(FailureReason::UnexpectedReply, true)),
+        Err(ControlError::Refused(reply)) if reply.code == ErrorCode::NoPreKeys => Err(
+            DeliveryStatus::failed(FailureReason::NoPreKeys, true),
+        ),
+        Err(ControlError::Refused(reply)) if reply.code == ErrorCode::UnknownUser => {
+            Err(DeliveryStatus::failed(FailureReason::UnknownUser, false))
+        }
+        Err(error) => Err(DeliveryStatus::failed(
+            FailureReason::ServerUnreachable {
                 detail: error.to_string(),
             },
-            false,
-        )
-    };
-    let channel = context.channel(&entry.to, keys).map_err(sealing)?;
-    // Sealed with the time it was written, so retries keep the original time.
-    channel
-        .seal(entry.id, &entry.body, entry.created_ms)
-        .map_err(sealing)
+            true,
+        )),
+    }
 }
 
 #[cfg(test)]

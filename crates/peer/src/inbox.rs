@@ -48,10 +48,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     api::{ClientError, Event, SEEN_RETENTION_MS},
-    context::Context,
+    context::{Context, MailState},
     core::{Fetched, Report},
     reason::RefusalReason,
-    state::{InboundMessage, PinOutcome, StateError, StoreOutcome, Ticket},
+    sessions::{RatchetError, Saving},
+    state::{InboundMessage, PinOutcome, StateError, StoreOutcome},
 };
 
 /// How long an inbound connection that has delivered envelopes may stay silent before it
@@ -158,6 +159,7 @@ impl Refusal {
     fn to_reply(&self) -> ErrorReply {
         let code = match self {
             Self::Blocked => ErrorCode::Blocked,
+            Self::Bad(OpenError::NoSession { .. }) => ErrorCode::NoSession,
             Self::NotForMe(_) | Self::KeyChanged | Self::Bad(_) => ErrorCode::Refused,
             Self::Transient(_) => ErrorCode::Unavailable,
         };
@@ -234,7 +236,10 @@ pub(crate) async fn receive(
     envelope: &Envelope,
     via_mailbox: bool,
 ) -> Result<Accepted, Refusal> {
-    let checked = check(context, envelope).await?;
+    let checked = match check(context, envelope).await? {
+        Checked::Open(plaintext) => plaintext,
+        Checked::Seen => return Ok(Accepted::Duplicate),
+    };
     store(context, vec![checked], via_mailbox)
         .await?
         .pop()
@@ -250,9 +255,10 @@ pub(crate) async fn store(
     if checked.is_empty() {
         return Ok(Vec::new());
     }
+    let mut saving = submit_store(context, checked, via_mailbox);
     let outcomes = context
-        .state
-        .submit_incoming(checked, proto::now_ms(), via_mailbox)
+        .ratchet
+        .settle(&context.state, &mut saving)
         .await
         .map_err(|error| Refusal::Transient(error.into()))?;
     Ok(outcomes
@@ -264,8 +270,31 @@ pub(crate) async fn store(
         .collect())
 }
 
+/// Submits the write storing `checked`, with the ratchet state their opening changed.
+fn submit_store(
+    context: &Context,
+    checked: Vec<Plaintext>,
+    via_mailbox: bool,
+) -> Saving<Vec<StoreOutcome>> {
+    context.ratchet.save_with(|save| {
+        context
+            .state
+            .submit_incoming(checked, proto::now_ms(), via_mailbox, save)
+    })
+}
+
+/// What [`check`] found an envelope to be.
+#[derive(Debug)]
+pub(crate) enum Checked {
+    /// Opened and checked: store it.
+    Open(Plaintext),
+    /// A ratchet message stored before (its copy cannot be opened again: its key is used
+    /// up): ack it again, show nothing.
+    Seen,
+}
+
 /// Every check of one envelope short of storing it (see the module docs).
-pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plaintext, Refusal> {
+pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Checked, Refusal> {
     if envelope.to != context.me {
         return Err(Refusal::NotForMe(envelope.to.clone()));
     }
@@ -275,16 +304,30 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
         return Err(Refusal::Blocked);
     }
     let (keys, source) = sender_keys(context, from).await?;
-    let channel = context
-        .channel(from, &keys)
-        .map_err(|_| Refusal::KeyChanged)?;
     let now = proto::now_ms();
-    let plaintext = match channel.open(envelope, now) {
-        Ok(plaintext) => plaintext,
-        Err(OpenError::BadToken { .. }) if source == KeySource::Pinned => {
-            return Err(key_change_or_forgery(context, from, &keys, |_| true).await);
+    let plaintext = if proto::ratchet::is_olm_token(&envelope.token) {
+        if context
+            .state
+            .seen_id(from, &envelope.id)
+            .map_err(transient)?
+        {
+            return Ok(Checked::Seen);
         }
-        Err(error) => return Err(error.into()),
+        match context
+            .ratchet
+            .open(&context.state, from, &keys, envelope)
+        {
+            Ok(plaintext) => plaintext,
+            Err(RatchetError::State(error)) => return Err(transient(error)),
+            Err(RatchetError::Open(OpenError::BadToken { .. })) if source == KeySource::Pinned => {
+                let explains = |offered: &PublicKeys| proto::ratchet::signed_by(envelope, from, offered);
+                return Err(key_change_or_forgery(context, from, &keys, explains).await);
+            }
+            Err(RatchetError::Open(error)) => return Err(error.into()),
+            Err(RatchetError::Seal(_)) => return Err(OpenError::Malformed.into()),
+        }
+    } else {
+        open_legacy(context, envelope, &keys, source, now).await?
     };
     // Opened: the message is authentic under these keys, so they may be pinned now.
     if source == KeySource::Server {
@@ -307,6 +350,34 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
     }
     // Whether its sender is muted is decided by the write that stores it
     // (`State::submit_incoming`), in order with mute and unmute.
+    Ok(Checked::Open(plaintext))
+}
+
+/// Opens a message sealed by the static channel from before the ratchet: accepted only if
+/// written before this client started the ratchet (mail already on its way then), so a
+/// stolen static key cannot be used to seal new messages that would be believed.
+async fn open_legacy(
+    context: &Context,
+    envelope: &Envelope,
+    keys: &PublicKeys,
+    source: KeySource,
+    now: u64,
+) -> Result<Plaintext, Refusal> {
+    let from = &envelope.from;
+    let transient = |error: StateError| Refusal::Transient(error.into());
+    let channel = context
+        .channel(from, keys)
+        .map_err(|_| Refusal::KeyChanged)?;
+    let plaintext = match channel.open(envelope, now) {
+        Ok(plaintext) => plaintext,
+        Err(OpenError::BadToken { .. }) if source == KeySource::Pinned => {
+            return Err(key_change_or_forgery(context, from, keys, |_| true).await);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    if plaintext.sent_at_ms >= context.state.legacy_until_ms().map_err(transient)? {
+        return Err(OpenError::Legacy.into());
+    }
     Ok(plaintext)
 }
 
@@ -391,6 +462,8 @@ const MAIL_CLOCK_WAIT_SECS: u64 = 300;
 pub(crate) enum MailVerdict {
     /// Store it (then ack it).
     Store(Plaintext),
+    /// Stored before: ack it.
+    Seen,
     /// It cannot be taken now (the server or the disk is failing): leave it and the mail
     /// behind it in the mailbox, and fetch again soon.
     LeaveForLater(Refusal),
@@ -408,9 +481,10 @@ pub(crate) enum MailVerdict {
 }
 
 /// The mailbox's rule for one mail (see [`MailVerdict`]).
-pub(crate) fn mail_verdict(checked: Result<Plaintext, Refusal>) -> MailVerdict {
+pub(crate) fn mail_verdict(checked: Result<Checked, Refusal>) -> MailVerdict {
     match checked {
-        Ok(message) => MailVerdict::Store(message),
+        Ok(Checked::Open(message)) => MailVerdict::Store(message),
+        Ok(Checked::Seen) => MailVerdict::Seen,
         Err(refusal @ Refusal::Transient(_)) => MailVerdict::LeaveForLater(refusal),
         Err(Refusal::Bad(OpenError::ClockSkew { ahead_secs }))
             if ahead_secs <= MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS =>
@@ -501,12 +575,16 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
             }
             Err(error) => {
                 tracing::info!(%error, "mail fetch failed; will retry");
+                // Whether mail waits is unknown: direct envelopes are not held up for it.
+                context.mail_fetched(MailState::Drained);
                 return Fetched::Done;
             }
         };
         if envelopes.is_empty() {
+            context.mail_fetched(MailState::Drained);
             return Fetched::Done;
         }
+        context.mail_fetched(MailState::Draining);
         let mut ack: Vec<MailRef> = Vec::new();
         let mut checked: Vec<(MailRef, Plaintext)> = Vec::new();
         let mut stop = false;
@@ -515,6 +593,7 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
         for envelope in &envelopes {
             match mail_verdict(check(context, envelope).await) {
                 MailVerdict::Store(message) => checked.push((MailRef::of(envelope), message)),
+                MailVerdict::Seen => ack.push(MailRef::of(envelope)),
                 MailVerdict::LeaveForLater(reason) => {
                     tracing::info!(%reason, "mail left in the mailbox for later");
                     (stop, left_for_later) = (true, true);
@@ -598,6 +677,9 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
         for message in new {
             context.report(Report::Received(message)).await;
         }
+        if !stop && remaining == 0 {
+            context.mail_fetched(MailState::Drained);
+        }
         if stop || remaining == 0 {
             return if left_for_later {
                 Fetched::LeftForLater
@@ -623,11 +705,17 @@ pub(crate) async fn reopen_held(context: &Context, from: &Username) {
         _ => None,
     };
     let now = proto::now_ms();
-    held.sort_by_cached_key(|envelope| {
-        channel
-            .as_ref()
-            .and_then(|channel| channel.open(envelope, now).ok())
-            .map_or(u64::MAX, |plaintext| plaintext.sent_at_ms)
+    // Ratchet messages cannot be peeked at (opening uses their key up): they go in the
+    // order of their sending chain, after the older kind.
+    held.sort_by_cached_key(|envelope| match proto::ratchet::chain_position(envelope) {
+        Some(position) => (1, position),
+        None => (
+            0,
+            channel
+                .as_ref()
+                .and_then(|channel| channel.open(envelope, now).ok())
+                .map_or(u64::MAX, |plaintext| plaintext.sent_at_ms),
+        ),
     });
     for envelope in held {
         let done = match receive(context, &envelope, true).await {
@@ -734,7 +822,7 @@ async fn serve_connection(
         let reading = ended.is_none() && pending_envelopes < MAX_UNSTORED;
         tokio::select! {
             biased;
-            stored = next_stored(&mut pending), if !pending.is_empty() => {
+            stored = next_stored(context, &mut pending), if !pending.is_empty() => {
                 let (answers, new) = stored;
                 pending_envelopes -= answers.len();
                 // Stored is stored: handed over to be shown before the ack is written, so
@@ -815,18 +903,25 @@ struct Batch {
     /// For each checked envelope, its place in `answers` and its id.
     places: Vec<(usize, MessageId)>,
     /// The commit storing the checked envelopes (`None`: nothing to store).
-    stored: Option<Ticket<Vec<StoreOutcome>>>,
+    stored: Option<Saving<Vec<StoreOutcome>>>,
     /// The sender, for the log if the commit fails.
     from: Username,
 }
 
 /// Waits for the oldest batch's commit; returns its answers, in order, and the new messages.
-async fn next_stored(pending: &mut VecDeque<Batch>) -> (Vec<PeerMsg>, Vec<InboundMessage>) {
+async fn next_stored(
+    context: &Context,
+    pending: &mut VecDeque<Batch>,
+) -> (Vec<PeerMsg>, Vec<InboundMessage>) {
     let Some(batch) = pending.front_mut() else {
         return std::future::pending().await;
     };
     let result = match batch.stored.as_mut() {
-        Some(ticket) => ticket.await.map(Some),
+        Some(saving) => context
+            .ratchet
+            .settle(&context.state, saving)
+            .await
+            .map(Some),
         None => Ok(None),
     };
     let Some(Batch {
@@ -869,8 +964,19 @@ async fn check_batch(context: &Context, from: &Username, batch: Vec<Envelope>) -
     let mut answers: Vec<Option<PeerMsg>> = Vec::with_capacity(batch.len());
     let mut places = Vec::new();
     let mut checked = Vec::new();
+    let drained = context.mail_state().await == MailState::Drained;
     for envelope in &batch {
         let id = envelope.id;
+        if !drained {
+            answers.push(Some(PeerMsg::Reject {
+                id: Some(id),
+                error: ErrorReply::new(
+                    ErrorCode::Unavailable,
+                    "still fetching the mail that waited for me; leave it in my mailbox",
+                ),
+            }));
+            continue;
+        }
         if &envelope.from != from {
             answers.push(Some(PeerMsg::Reject {
                 id: Some(id),
@@ -882,11 +988,12 @@ async fn check_batch(context: &Context, from: &Username, batch: Vec<Envelope>) -
             continue;
         }
         match check(context, envelope).await {
-            Ok(message) => {
+            Ok(Checked::Open(message)) => {
                 places.push((answers.len(), id));
                 checked.push(message);
                 answers.push(None);
             }
+            Ok(Checked::Seen) => answers.push(Some(PeerMsg::Ack { id })),
             Err(refusal) => {
                 report_refusal(context, from, &refusal).await;
                 answers.push(Some(PeerMsg::Reject {
@@ -896,11 +1003,7 @@ async fn check_batch(context: &Context, from: &Username, batch: Vec<Envelope>) -
             }
         }
     }
-    let stored = (!checked.is_empty()).then(|| {
-        context
-            .state
-            .submit_incoming(checked, proto::now_ms(), false)
-    });
+    let stored = (!checked.is_empty()).then(|| submit_store(context, checked, false));
     Batch {
         answers,
         places,
@@ -926,7 +1029,11 @@ mod tests {
             sent_at_ms: 1,
             body: "hi".into(),
         };
-        assert!(matches!(mail_verdict(Ok(plaintext)), MailVerdict::Store(_)));
+        assert!(matches!(
+            mail_verdict(Ok(Checked::Open(plaintext))),
+            MailVerdict::Store(_)
+        ));
+        assert!(matches!(mail_verdict(Ok(Checked::Seen)), MailVerdict::Seen));
         assert!(matches!(
             mail_verdict(Err(Refusal::Transient(Unavailable::NoOutcome))),
             MailVerdict::LeaveForLater(_)

@@ -19,6 +19,9 @@
 //! - [`outgoing`]: one task per recipient pipelines its messages over a kept link, in order.
 //! - [`link`]: [`link::PeerLink`], the sending side of the peer protocol (a Noise handshake
 //!   that only the recipient's key can finish).
+//! - `sessions`: the Olm account and the sessions with each peer (vodozemac's double
+//!   ratchet), each change saved in the same write as the message it sealed or opened.
+//! - `prekeys`: publishing the account's signed one-time and fallback keys at the server.
 //! - [`state`]: [`state::State`], the crash-safe local state (pins, blocks, mutes, history,
 //!   outbox, seen ids, not-yet-shown marks, mail held under a changed key) in one redb file.
 //! - `testing` (the `testing` feature, for tests only): a runtime whose state is on a
@@ -37,10 +40,12 @@ pub(crate) mod core;
 pub mod delivery;
 pub(crate) mod inbox;
 pub mod link;
+pub(crate) mod prekeys;
 pub(crate) mod outgoing;
 pub mod reason;
 pub mod runtime;
 pub mod server_trust;
+pub(crate) mod sessions;
 pub(crate) mod shell;
 pub mod state;
 #[cfg(feature = "testing")]

@@ -56,7 +56,7 @@ use crate::{
     core::{RECIPIENT_QUEUE, Report},
     delivery,
     link::{LinkError, PeerLink, WINDOW},
-    reason::FailureReason,
+    sessions::RatchetError,
     state::{AttemptResult, OutboxEntry, StateError, Ticket},
 };
 
@@ -93,15 +93,15 @@ enum LinkEnded {
     /// The recipient refused the whole link.
     #[error("refused by the peer: {0}")]
     Refused(ErrorReply),
-    /// No keys are pinned for the peer (the full route pins them).
-    #[error("no keys pinned for the peer")]
-    NoKeys,
-    /// The pinned keys could not be read.
+    /// The peer has no session that opens our messages (it lost it).
+    #[error("the peer has no session for our messages: {0}")]
+    NoSession(ErrorReply),
+    /// The sessions' state could not be read or saved.
     #[error(transparent)]
     State(StateError),
-    /// No channel could be derived from the pinned keys.
+    /// The messages could not be sealed.
     #[error(transparent)]
-    Seal(proto::SealError),
+    Seal(RatchetError),
 }
 
 /// How many finished messages may wait for the reporter: beyond it, the sending task waits.
@@ -199,46 +199,51 @@ async fn pipeline(
     jobs: &mut mpsc::Receiver<Job>,
     done: &mpsc::Sender<Done>,
 ) -> Result<(), LinkEnded> {
-    let channel = match context.state.pinned(link.peer()) {
-        Ok(Some(keys)) => context
-            .channel(link.peer(), &keys)
-            .map_err(LinkEnded::Seal)?,
-        Ok(None) => return Err(LinkEnded::NoKeys),
-        Err(error) => return Err(LinkEnded::State(error)),
-    };
+    let state = &context.state;
     let ack_timeout = context.config.ack_timeout;
     let mut in_flight = Window::default();
     let mut jobs_open = true;
     let result = 'link: loop {
-        // Write as much as the window allows, then flush once.
-        let mut fed = false;
-        while !in_flight.is_full() {
-            let job = match queue.pop_front() {
-                Some(job) => job,
+        // Take what the window allows, seal it in one go, wait until the sessions' new
+        // state is durable (see `crate::sessions`), then write it all and flush once.
+        let mut batch: Vec<Job> = Vec::new();
+        while in_flight.len() + batch.len() < WINDOW {
+            match queue.pop_front() {
+                Some(job) => batch.push(job),
                 None => match jobs.try_recv() {
-                    Ok(job) => job,
+                    Ok(job) => batch.push(job),
                     Err(_) => break,
                 },
+            }
+        }
+        let fed = !batch.is_empty();
+        if fed {
+            let entries: Vec<&OutboxEntry> = batch.iter().map(|job| &job.entry).collect();
+            let sealed = match context.ratchet.seal(state, link.peer(), &entries) {
+                Ok((envelopes, mut saving)) => context
+                    .ratchet
+                    .settle(state, &mut saving)
+                    .await
+                    .map(|()| envelopes)
+                    .map_err(LinkEnded::State),
+                Err(error) => Err(LinkEnded::Seal(error)),
             };
-            // Sealed with the time it was written, so retries keep the original time.
-            let entry = &job.entry;
-            let envelope = match channel.seal(entry.id, &entry.body, entry.created_ms) {
-                Ok(envelope) => envelope,
-                Err(error) => {
-                    let reason = FailureReason::Seal {
-                        detail: error.to_string(),
-                    };
-                    let status = DeliveryStatus::failed(reason, false);
-                    finish(job, status, done).await;
-                    continue;
+            let envelopes = match sealed {
+                Ok(envelopes) => envelopes,
+                Err(reason) => {
+                    put_back(queue, batch);
+                    break Err(reason);
                 }
             };
-            if let Err(error) = link.feed(envelope).await {
-                queue.push_front(job);
-                break 'link Err(LinkEnded::Link(error));
+            let mut batch = batch.into_iter();
+            for envelope in envelopes {
+                let Some(job) = batch.next() else { break };
+                if let Err(error) = link.feed(envelope).await {
+                    put_back(queue, std::iter::once(job).chain(batch).collect());
+                    break 'link Err(LinkEnded::Link(error));
+                }
+                in_flight.push(job, Instant::now());
             }
-            in_flight.push(job, Instant::now());
-            fed = true;
         }
         if fed && let Err(error) = link.flush().await {
             break Err(LinkEnded::Link(error));
@@ -261,6 +266,15 @@ async fn pipeline(
                         Err(error) if error.code == ErrorCode::Unavailable => {
                             in_flight.put_back(index, job, Instant::now());
                             break Err(LinkEnded::PeerUnavailable(error));
+                        }
+                        // The recipient lost its session: everything unanswered goes
+                        // again, by the full route, in a new session.
+                        Err(error) if error.code == ErrorCode::NoSession => {
+                            in_flight.put_back(index, job, Instant::now());
+                            if let Err(error) = context.ratchet.reset(state, link.peer()) {
+                                break Err(LinkEnded::State(error));
+                            }
+                            break Err(LinkEnded::NoSession(error));
                         }
                         Err(error) => finish(job, delivery::rejected(error), done).await,
                     }
@@ -289,6 +303,13 @@ async fn pipeline(
     result
 }
 
+/// Puts `jobs` back at the front of the queue, in their order.
+fn put_back(queue: &mut VecDeque<Job>, jobs: Vec<Job>) {
+    for job in jobs.into_iter().rev() {
+        queue.push_front(job);
+    }
+}
+
 /// The envelopes sent on a kept link and not yet answered, oldest first, each with when it
 /// was sent. Answers may come in any order; whatever is still unanswered when the link
 /// fails goes back to the front of the queue in the order it was sent, so the recipient
@@ -299,6 +320,11 @@ struct Window {
 }
 
 impl Window {
+    /// How many envelopes wait for answers.
+    fn len(&self) -> usize {
+        self.sent.len()
+    }
+
     /// Whether [`WINDOW`] envelopes wait for answers.
     fn is_full(&self) -> bool {
         self.sent.len() >= WINDOW

@@ -57,6 +57,9 @@ pub enum FailureReason {
         /// What failed.
         detail: String,
     },
+    /// The recipient has published no keys to start an encrypted session with (their
+    /// client predates the ratchet, or never connected since): kept in the outbox.
+    NoPreKeys,
 }
 
 impl FailureReason {
@@ -73,6 +76,7 @@ impl FailureReason {
             Self::UnexpectedReply => "unexpected_reply",
             Self::Seal { .. } => "seal",
             Self::LocalState { .. } => "local_state",
+            Self::NoPreKeys => "no_prekeys",
         }
     }
 
@@ -124,6 +128,7 @@ mod tests {
             FailureReason::UnexpectedReply,
             FailureReason::Seal { detail: "x".into() },
             FailureReason::LocalState { detail: "x".into() },
+            FailureReason::NoPreKeys,
         ];
         let codes: std::collections::HashSet<_> = reasons.iter().map(FailureReason::code).collect();
         assert_eq!(codes.len(), reasons.len());

@@ -39,6 +39,8 @@ use crate::{
         COMMANDS_QUEUED, CONTROL_QUEUED, Channels, Command, EVENTS_QUEUED, Reply_, SHOWN_QUEUED,
         Shell, Shown,
     },
+    context::MailState,
+    sessions::Ratchet,
     state::{HistoryEntry, InboundMessage, State, StateError},
 };
 
@@ -103,6 +105,7 @@ pub(crate) async fn start_with(
     // Opening the state commits (creating tables, migrating) and creating an identity
     // syncs a file: off the runtime's threads.
     let data_dir = config.data_dir.clone();
+    let user = config.user.clone();
     let opened = tokio::task::spawn_blocking(move || {
         proto::identity::create_private_dir(&data_dir)?;
         proto::identity::check_private(&data_dir, 0o700)?;
@@ -110,12 +113,13 @@ pub(crate) async fn start_with(
         // before it could race the first one to create the identity.
         let state = open_state(&data_dir)?;
         let (identity, new_identity) = Identity::load_or_create(&data_dir)?;
-        Ok::<_, StartError>((state, identity, new_identity))
+        let identity = Arc::new(identity);
+        let ratchet = Ratchet::load(&state, &identity, &user)?;
+        Ok::<_, StartError>((state, identity, new_identity, ratchet))
     })
     .await
     .map_err(|_| StartError::Interrupted)?;
-    let (state, identity, new_identity) = opened?;
-    let identity = Arc::new(identity);
+    let (state, identity, new_identity, ratchet) = opened?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -154,6 +158,7 @@ pub(crate) async fn start_with(
         me: config.user.clone(),
         identity,
         state,
+        ratchet,
         control,
         to_loop,
         config: config.clone(),
@@ -161,6 +166,8 @@ pub(crate) async fn start_with(
         channels: Mutex::new(HashMap::new()),
         server_keys: Default::default(),
         unauthenticated: AtomicU64::new(0),
+        publishing: tokio::sync::Mutex::new(()),
+        mail: tokio::sync::watch::Sender::new(MailState::Unknown),
     });
     let shell = Shell::new(
         context,

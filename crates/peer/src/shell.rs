@@ -38,10 +38,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     api::{ClientError, Event, OnlineUsers, SEEN_RETENTION_MS, SendReport, Status, WhoisReport},
-    context::Context,
+    context::{Context, MailState},
     control::{ControlError, ControlEvent},
     core::{self, Action, Committed, Core, Now, ReplyId, Report, Write},
-    inbox,
+    inbox, prekeys,
     outgoing::{self, Job},
     state::{HistoryEntry, InboundMessage, OutboxEntry, State, StateError, Ticket},
 };
@@ -244,7 +244,14 @@ impl Shell {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
-                Some(event) = self.channels.control.recv(), if !paused => self.core.control(event),
+                Some(event) = self.channels.control.recv(), if !paused => {
+                    if matches!(event, ControlEvent::Online { .. }) {
+                        // Mail may be waiting again: direct envelopes wait until it is in.
+                        self.context.mail.send_replace(MailState::Unknown);
+                        self.publish_prekeys();
+                    }
+                    self.core.control(event)
+                }
                 Some(report) = self.channels.reports.recv(), if !paused => {
                     self.core.report(report, now());
                 }
@@ -356,6 +363,10 @@ impl Shell {
                     let context = self.context.clone();
                     self.tracker.spawn(async move {
                         let fetched = inbox::fetch_mail(&context).await;
+                        // Sessions others started from the mail used one-time keys up.
+                        if context.ratchet.used_one_time_keys() > 0 {
+                            prekeys::publish(&context).await;
+                        }
                         context.report(Report::FetchDone(fetched)).await;
                     });
                 }
@@ -375,6 +386,13 @@ impl Shell {
                 }
             }
         }
+    }
+
+    /// Publishes (and tops up) the keys others start sessions with, in a task of its own.
+    fn publish_prekeys(&self) {
+        let context = self.context.clone();
+        self.tracker
+            .spawn(async move { prekeys::publish(&context).await });
     }
 
     fn emit(&mut self, event: Event) {

@@ -16,7 +16,15 @@
 //! - `early`: (when it opens, sender, message id) → [`Envelope`], mail dated ahead (its
 //!   sender's clock is fast): acked at the server, so it never holds up the mail behind it,
 //!   and kept here, sealed, until its time comes and it is opened and shown.
-//! - `meta`: counters (the next history sequence number).
+//! - `seen_ids`: (sender, message id) → the time the sender wrote it, for ratchet messages,
+//!   whose time is sealed inside: a copy (mail fetched again, a retransmission) is known
+//!   before it is opened, which it could not be twice (its message key is used up).
+//! - `olm`: `account` → the user's Olm account ([`proto::ratchet::OwnAccount`] pickle).
+//! - `olm_sessions`: peer → the Olm sessions with them ([`proto::ratchet::Sessions`]
+//!   pickle). Saved in the same write as the message they sealed or opened
+//!   ([`RatchetSave`]); see [`crate::sessions`].
+//! - `meta`: counters (the next history sequence number; until when mail sealed by the
+//!   static channel from before the ratchet is accepted).
 //!
 //! The hot tables are keyed so that a batch of messages appends to the same few B-tree
 //! pages instead of dirtying one 4 KiB page per message (redb copies every page a commit
@@ -58,6 +66,7 @@ use std::{
 };
 
 use proto::{Envelope, MessageId, PublicKeys, Username, seal::Plaintext, wire};
+use zeroize::Zeroizing;
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
     WriteTransaction,
@@ -86,6 +95,49 @@ pub struct AttemptResult {
     pub keep: bool,
 }
 
+/// Ratchet state to save with a write ([`crate::sessions`] builds it under its lock): the
+/// account when it changed, and the sessions of every peer that changed.
+#[derive(Default)]
+pub struct RatchetSave {
+    /// The account pickle, when it changed.
+    pub account: Option<Zeroizing<Vec<u8>>>,
+    /// Each changed peer's sessions pickle.
+    pub sessions: Vec<(Username, Zeroizing<Vec<u8>>)>,
+}
+
+impl std::fmt::Debug for RatchetSave {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "RatchetSave(account: {}, peers: {})",
+            self.account.is_some(),
+            self.sessions.len()
+        )
+    }
+}
+
+impl RatchetSave {
+    /// Whether there is nothing to save.
+    pub fn is_empty(&self) -> bool {
+        self.account.is_none() && self.sessions.is_empty()
+    }
+
+    /// Writes it in `txn`.
+    fn write(&self, txn: &WriteTransaction) -> Result<(), StateError> {
+        if let Some(account) = &self.account {
+            txn.open_table(OLM)?
+                .insert(OLM_ACCOUNT, account.as_slice())?;
+        }
+        if !self.sessions.is_empty() {
+            let mut table = txn.open_table(OLM_SESSIONS)?;
+            for (peer, pickle) in &self.sessions {
+                table.insert(peer.as_str(), pickle.as_slice())?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The state file's name inside a user's data dir.
 pub const STATE_FILE: &str = "state.redb";
 /// The file locked while a process has the data dir's state open.
@@ -110,6 +162,14 @@ const HELD_V3: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("held");
 const EARLY: TableDefinition<(u64, &str, [u8; 16]), &[u8]> = TableDefinition::new("early");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_SEQ: &str = "next_seq";
+/// Messages sealed by the static channel are accepted only if written before this time
+/// (the moment this state first made an Olm account; 0 for a state that never had
+/// messages before it).
+const LEGACY_UNTIL: &str = "legacy_until_ms";
+const SEEN_IDS: TableDefinition<(&str, [u8; 16]), u64> = TableDefinition::new("seen_ids");
+const OLM: TableDefinition<&str, &[u8]> = TableDefinition::new("olm");
+const OLM_ACCOUNT: &str = "account";
+const OLM_SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("olm_sessions");
 
 /// Why the state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +199,9 @@ pub enum StateError {
     /// A write answered without an outcome for one of its entries.
     #[error("the state write answered without an outcome")]
     NoOutcome,
+    /// The saved Olm account or sessions do not decode.
+    #[error("corrupt ratchet state: {0}")]
+    Ratchet(proto::ratchet::PickleError),
 }
 
 // A job's own database error is not handed to the slot: if it left redb refusing
@@ -419,6 +482,9 @@ impl State {
         txn.open_table(UNSHOWN)?;
         txn.open_table(HELD)?;
         txn.open_table(EARLY)?;
+        txn.open_table(SEEN_IDS)?;
+        txn.open_table(OLM)?;
+        txn.open_table(OLM_SESSIONS)?;
         let next_seq = txn
             .open_table(META)?
             .get(NEXT_SEQ)?
@@ -831,9 +897,12 @@ impl State {
         messages: Vec<Plaintext>,
         now_ms: u64,
         via_mailbox: bool,
+        ratchet: RatchetSave,
     ) -> Ticket<Vec<StoreOutcome>> {
         let next_seq = self.next_seq.clone();
         self.writer.submit(move |txn| {
+            ratchet.write(txn)?;
+            let mut seen_ids = txn.open_table(SEEN_IDS)?;
             let mut seen = txn.open_table(SEEN)?;
             let mut meta = txn.open_table(META)?;
             let mut history = txn.open_table(HISTORY)?;
@@ -850,6 +919,7 @@ impl State {
                     continue;
                 }
                 seen.insert(seen_key, now_ms)?;
+                seen_ids.insert((message.from.as_str(), message.id.0), message.sent_at_ms)?;
                 let seq = next_seq.fetch_add(1, Ordering::Relaxed);
                 highest_seq = highest_seq.max(seq);
                 let line = HistoryEntry {
@@ -891,7 +961,7 @@ impl State {
         message: &Plaintext,
         now_ms: u64,
     ) -> Result<StoreOutcome, StateError> {
-        self.submit_incoming(vec![message.clone()], now_ms, false)
+        self.submit_incoming(vec![message.clone()], now_ms, false, RatchetSave::default())
             .wait_blocking()?
             .pop()
             .ok_or(StateError::NoOutcome)
@@ -913,19 +983,91 @@ impl State {
             .is_some())
     }
 
+    /// Whether a ratchet message of `from` with this id was stored before (see the
+    /// `seen_ids` table).
+    pub fn seen_id(&self, from: &Username, id: &MessageId) -> Result<bool, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        Ok(txn
+            .open_table(SEEN_IDS)?
+            .get((from.as_str(), id.0))?
+            .is_some())
+    }
+
+    // ---- ratchet ----
+
+    /// The saved Olm account, if there is one.
+    pub fn olm_account(&self) -> Result<Option<Zeroizing<Vec<u8>>>, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        let table = txn.open_table(OLM)?;
+        Ok(table
+            .get(OLM_ACCOUNT)?
+            .map(|value| Zeroizing::new(value.value().to_vec())))
+    }
+
+    /// The saved Olm sessions with `peer`, if any.
+    pub fn olm_sessions(&self, peer: &Username) -> Result<Option<Zeroizing<Vec<u8>>>, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        let table = txn.open_table(OLM_SESSIONS)?;
+        Ok(table
+            .get(peer.as_str())?
+            .map(|value| Zeroizing::new(value.value().to_vec())))
+    }
+
+    /// Saves a new Olm account, and with it the time until which mail sealed by the static
+    /// channel from before the ratchet is accepted: now if this state has a history (that
+    /// mail may still be on its way), else never (a new user has none).
+    pub fn submit_new_account(&self, account: Zeroizing<Vec<u8>>, now_ms: u64) -> Ticket<()> {
+        self.write(move |txn| {
+            let mut meta = txn.open_table(META)?;
+            if meta.get(LEGACY_UNTIL)?.is_none() {
+                let had_history = !txn.open_table(HISTORY)?.is_empty()?;
+                meta.insert(LEGACY_UNTIL, if had_history { now_ms } else { 0 })?;
+            }
+            txn.open_table(OLM)?
+                .insert(OLM_ACCOUNT, account.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Until when (milliseconds since the epoch) mail sealed by the static channel is
+    /// accepted (see [`State::submit_new_account`]).
+    pub fn legacy_until_ms(&self) -> Result<u64, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        Ok(txn
+            .open_table(META)?
+            .get(LEGACY_UNTIL)?
+            .map_or(0, |value| value.value()))
+    }
+
+    /// Saves ratchet state on its own (after sealing: the envelopes leave once this is
+    /// durable).
+    pub fn submit_ratchet(&self, ratchet: RatchetSave) -> Ticket<()> {
+        self.write(move |txn| ratchet.write(txn))
+    }
+
+    /// Saves ratchet state with the next write's commit (nothing waits on it: the account
+    /// after its keys were published).
+    pub fn submit_ratchet_lazy(&self, ratchet: RatchetSave) -> Ticket<()> {
+        self.writer.submit_lazy(move |txn| ratchet.write(txn))
+    }
+
     /// Forgets the ids of messages written more than `retention_ms` before `now_ms` (one
     /// range delete). Messages that old are refused on arrival, so forgetting their ids
     /// cannot let a copy in.
     pub fn prune_seen(&self, now_ms: u64, retention_ms: u64) -> Ticket<u64> {
         let oldest_kept = now_ms.saturating_sub(retention_ms);
         self.write(move |txn| {
-            let mut removed = 0;
+            let mut removed = Vec::new();
             txn.open_table(SEEN)?
-                .retain_in(..(oldest_kept, [0; 16], ""), |_, _| {
-                    removed += 1;
+                .retain_in(..(oldest_kept, [0; 16], ""), |(_, id, from), _| {
+                    removed.push((from.to_owned(), id));
                     false
                 })?;
-            Ok(removed)
+            let mut seen_ids = txn.open_table(SEEN_IDS)?;
+            for (from, id) in &removed {
+                seen_ids.remove((from.as_str(), *id))?;
+            }
+            Ok(removed.len() as u64)
         })
     }
 
@@ -1374,7 +1516,7 @@ mod tests {
                 .collect::<Vec<_>>();
             let batch = incoming.clone();
             let outcomes = state
-                .submit_incoming(batch, 9_000, false)
+                .submit_incoming(batch, 9_000, false, RatchetSave::default())
                 .wait_blocking()
                 .unwrap();
             assert!(outcomes.iter().all(|o| matches!(o, StoreOutcome::New(_))));
@@ -1403,7 +1545,7 @@ mod tests {
         // Every copy is still a duplicate after the reopen, shown or not.
         let copies = incoming.clone();
         let outcomes = state
-            .submit_incoming(copies, 9_500, false)
+            .submit_incoming(copies, 9_500, false, RatchetSave::default())
             .wait_blocking()
             .unwrap();
         assert!(outcomes.iter().all(|o| *o == StoreOutcome::Duplicate));
@@ -1888,6 +2030,7 @@ mod tests {
                 vec![from_mallory.clone(), from_alice.clone(), from_alice.clone()],
                 6_000,
                 false,
+                RatchetSave::default(),
             )
             .wait_blocking()
             .unwrap();
@@ -1910,7 +2053,7 @@ mod tests {
         {
             let state = State::open(dir.path()).unwrap();
             state
-                .submit_incoming(vec![stored.clone()], 3_500, false)
+                .submit_incoming(vec![stored.clone()], 3_500, false, RatchetSave::default())
                 .wait_blocking()
                 .unwrap();
         }
@@ -1932,7 +2075,7 @@ mod tests {
                 .unwrap()
         );
         let again = state
-            .submit_incoming(vec![stored.clone()], 4_000, false)
+            .submit_incoming(vec![stored.clone()], 4_000, false, RatchetSave::default())
             .wait_blocking()
             .unwrap();
         assert_eq!(again, vec![StoreOutcome::Duplicate]);

@@ -126,6 +126,7 @@ async fn online(config: Config, shutdown: &CancellationToken) -> (peer::Client, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_sends_to_one_recipient_arrive_in_order_each_shown_once() {
     const COUNT: usize = 600;
+    let _ = tracing_subscriber::fmt().with_env_filter("peer=debug").with_test_writer().try_init();
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let ((alice, _alice_events), (bob, mut bob_events)) = pair(dir.path(), &shutdown).await;
@@ -150,13 +151,16 @@ async fn pipelined_sends_to_one_recipient_arrive_in_order_each_shown_once() {
 
     let mut shown = Vec::new();
     while shown.len() < COUNT {
-        let event = tokio::time::timeout(Duration::from_secs(10), bob_events.recv())
-            .await
-            .expect("every message is shown")
-            .expect("the runtime is running");
+        let Ok(event) = tokio::time::timeout(Duration::from_secs(10), bob_events.recv()).await else {
+            let stored = bob.history(&name("alice"), COUNT + 1).await.unwrap().len();
+            panic!("every message is shown; {} were, {stored} stored", shown.len());
+        };
+        let event = event.expect("the runtime is running");
         if let Event::Message(message) = event {
             bob.mark_shown([&message]).await.unwrap();
             shown.push(message.body);
+        } else {
+            eprintln!("event {event:?}");
         }
     }
     assert_eq!(shown, sent, "shown once each, in the order sent");

@@ -316,6 +316,33 @@ fn decode_token(token: &str) -> Result<Token, OpenError> {
     }
 }
 
+/// Whether `envelope` is a pre-key message whose Olm key `keys` signed as `user`'s: a
+/// message that does not open under the pinned keys but passes this under the server's
+/// was sealed after a real key change, not forged.
+pub fn signed_by(envelope: &Envelope, user: &Username, keys: &PublicKeys) -> bool {
+    match decode_token(&envelope.token) {
+        Ok(Token {
+            message: OlmMessage::PreKey(prekey),
+            binding: Some(binding),
+        }) => SignedKey {
+            key: prekey.identity_key().to_bytes(),
+            signature: binding,
+        }
+        .verify_olm_key(user, keys)
+        .is_ok(),
+        _ => false,
+    }
+}
+
+/// Where a ratchet envelope stands in its sending chain (messages of one chain open best
+/// in this order); `None` for anything else.
+pub fn chain_position(envelope: &Envelope) -> Option<u64> {
+    match decode_token(&envelope.token).ok()?.message {
+        OlmMessage::Normal(message) => Some(message.chain_index()),
+        OlmMessage::PreKey(prekey) => Some(prekey.message().chain_index()),
+    }
+}
+
 /// What [`Sessions::open`] found.
 #[derive(Debug)]
 pub struct Opened {

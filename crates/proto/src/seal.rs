@@ -101,6 +101,10 @@ pub enum OpenError {
         /// The sender.
         peer: Username,
     },
+    /// A message sealed by the static channel from before the ratchet, written after the
+    /// recipient started using the ratchet: only older mail is accepted that way.
+    #[error("the message is sealed the old way (no forward secrecy) and newer than the switch to the ratchet; refused")]
+    Legacy,
     /// The message is older than the replay window.
     #[error("the message is older than the {window_secs} s replay window")]
     Expired {
