@@ -1118,7 +1118,11 @@ async fn published_prekeys_are_claimed_once_each_and_only_their_owner_publishes(
     );
     assert_eq!(
         fixture
-            .handle(&mut bob.session, Request::PublishPreKeys(prekeys.clone()), T0)
+            .handle(
+                &mut bob.session,
+                Request::PublishPreKeys(prekeys.clone()),
+                T0
+            )
             .await
             .unwrap(),
         Reply::PreKeyCount {

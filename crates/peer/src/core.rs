@@ -203,6 +203,9 @@ pub(crate) enum Fetched {
 pub(crate) enum Report {
     /// A message was stored (and acked); show it unless held by a mute.
     Received(InboundMessage),
+    /// The registration (a [`ControlEvent::Online`]), once the keys others start sessions
+    /// with are published: the shell hands it to [`Core::control`].
+    Registered(ControlEvent),
     /// Something to tell the user as is.
     Notify(Event),
     /// A message's result is recorded and reported: it may be sent from the outbox again.
@@ -502,6 +505,8 @@ impl Core {
     /// A report of a task or a write.
     pub(crate) fn report(&mut self, report: Report, now: Now) {
         match report {
+            // The shell hands registrations to `Core::control`.
+            Report::Registered(event) => self.control(event),
             Report::Received(message) => {
                 // The mute decision was made when the message was stored.
                 if !message.while_muted {

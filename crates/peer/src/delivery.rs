@@ -373,9 +373,9 @@ async fn claim_prekey(
     {
         Ok(Reply::PreKey(bundle)) => Ok(bundle),
         Ok(_) => Err(DeliveryStatus::failed(FailureReason::UnexpectedReply, true)),
-        Err(ControlError::Refused(reply)) if reply.code == ErrorCode::NoPreKeys => Err(
-            DeliveryStatus::failed(FailureReason::NoPreKeys, true),
-        ),
+        Err(ControlError::Refused(reply)) if reply.code == ErrorCode::NoPreKeys => {
+            Err(DeliveryStatus::failed(FailureReason::NoPreKeys, true))
+        }
         Err(ControlError::Refused(reply)) if reply.code == ErrorCode::UnknownUser => {
             Err(DeliveryStatus::failed(FailureReason::UnknownUser, false))
         }

@@ -313,14 +313,12 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Chec
         {
             return Ok(Checked::Seen);
         }
-        match context
-            .ratchet
-            .open(&context.state, from, &keys, envelope)
-        {
+        match context.ratchet.open(&context.state, from, &keys, envelope) {
             Ok(plaintext) => plaintext,
             Err(RatchetError::State(error)) => return Err(transient(error)),
             Err(RatchetError::Open(OpenError::BadToken { .. })) if source == KeySource::Pinned => {
-                let explains = |offered: &PublicKeys| proto::ratchet::signed_by(envelope, from, offered);
+                let explains =
+                    |offered: &PublicKeys| proto::ratchet::signed_by(envelope, from, offered);
                 return Err(key_change_or_forgery(context, from, &keys, explains).await);
             }
             Err(RatchetError::Open(error)) => return Err(error.into()),

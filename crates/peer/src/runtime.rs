@@ -33,14 +33,14 @@ pub use crate::{
     shell::MAX_INBOUND_CONNECTIONS,
 };
 use crate::{
+    context::MailState,
     context::{Context, REPORTS_QUEUED},
     control::{self, ControlConfig},
+    sessions::Ratchet,
     shell::{
         COMMANDS_QUEUED, CONTROL_QUEUED, Channels, Command, EVENTS_QUEUED, Reply_, SHOWN_QUEUED,
         Shell, Shown,
     },
-    context::MailState,
-    sessions::Ratchet,
     state::{HistoryEntry, InboundMessage, State, StateError},
 };
 
@@ -56,6 +56,9 @@ pub struct Client {
     fingerprint: String,
     local_addr: SocketAddr,
     new_identity: bool,
+    /// What the tasks share, for the test helpers of [`crate::testing`].
+    #[cfg(feature = "testing")]
+    pub(crate) context: Arc<Context>,
 }
 
 impl std::fmt::Debug for Client {
@@ -169,6 +172,8 @@ pub(crate) async fn start_with(
         publishing: tokio::sync::Mutex::new(()),
         mail: tokio::sync::watch::Sender::new(MailState::Unknown),
     });
+    #[cfg(feature = "testing")]
+    let test_context = context.clone();
     let shell = Shell::new(
         context,
         listener,
@@ -195,6 +200,8 @@ pub(crate) async fn start_with(
             fingerprint,
             local_addr,
             new_identity,
+            #[cfg(feature = "testing")]
+            context: test_context,
         },
         Events {
             receiver: events_rx,

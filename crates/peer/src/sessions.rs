@@ -26,7 +26,6 @@ use proto::{
 
 use crate::state::{OutboxEntry, RatchetSave, State, StateError, Ticket};
 
-
 /// The account and sessions (see the module docs).
 pub(crate) struct Ratchet {
     inner: Mutex<Inner>,
@@ -85,7 +84,9 @@ impl Ratchet {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock would leave half-changed sessions: nothing here
         // panics, and if it did, going on with what is there is all that can be done.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Whether a session with `peer` is started.
@@ -274,7 +275,8 @@ impl Inner {
     ) -> Result<Envelope, RatchetError> {
         self.sessions(state, peer)?;
         let sessions = self.peers.entry(peer.clone()).or_default();
-        let envelope = sessions.seal(&self.account, peer, entry.id, &entry.body, entry.created_ms)?;
+        let envelope =
+            sessions.seal(&self.account, peer, entry.id, &entry.body, entry.created_ms)?;
         self.dirty.insert(peer.clone());
         Ok(envelope)
     }

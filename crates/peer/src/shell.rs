@@ -41,8 +41,9 @@ use crate::{
     context::{Context, MailState},
     control::{ControlError, ControlEvent},
     core::{self, Action, Committed, Core, Now, ReplyId, Report, Write},
-    inbox, prekeys,
+    inbox,
     outgoing::{self, Job},
+    prekeys,
     state::{HistoryEntry, InboundMessage, OutboxEntry, State, StateError, Ticket},
 };
 
@@ -158,6 +159,9 @@ pub(crate) struct Shell {
     inbound_slots: Arc<tokio::sync::Semaphore>,
     /// Inbound connections refused at the cap so far.
     refused_connections: u64,
+    /// A registration waits for its prekeys to be published (see
+    /// [`Shell::publish_prekeys`]): control events wait meanwhile.
+    registering: bool,
 }
 
 /// Now, for the core.
@@ -191,6 +195,7 @@ impl Shell {
             next_reply: 0,
             inbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_CONNECTIONS)),
             refused_connections: 0,
+            registering: false,
         }
     }
 
@@ -244,17 +249,22 @@ impl Shell {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
-                Some(event) = self.channels.control.recv(), if !paused => {
+                Some(event) = self.channels.control.recv(), if !paused && !self.registering => {
                     if matches!(event, ControlEvent::Online { .. }) {
                         // Mail may be waiting again: direct envelopes wait until it is in.
                         self.context.mail.send_replace(MailState::Unknown);
-                        self.publish_prekeys();
+                        self.publish_prekeys(event);
+                    } else {
+                        self.core.control(event);
                     }
-                    self.core.control(event)
                 }
-                Some(report) = self.channels.reports.recv(), if !paused => {
-                    self.core.report(report, now());
-                }
+                Some(report) = self.channels.reports.recv(), if !paused => match report {
+                    Report::Registered(event) => {
+                        self.registering = false;
+                        self.core.control(event);
+                    }
+                    report => self.core.report(report, now()),
+                },
                 Some(command) = self.channels.commands.recv(), if take_commands => {
                     // Commands already waiting are handled in the same turn, so the sends
                     // among them are recorded by one write.
@@ -388,11 +398,17 @@ impl Shell {
         }
     }
 
-    /// Publishes (and tops up) the keys others start sessions with, in a task of its own.
-    fn publish_prekeys(&self) {
+    /// After a registration (`online`), publishes (and tops up) the keys others start
+    /// sessions with, in a task of its own, and only then lets the core hear of the
+    /// registration (so "online" means others can start sessions now). Meanwhile the next
+    /// control events wait, in order.
+    fn publish_prekeys(&mut self, online: ControlEvent) {
+        self.registering = true;
         let context = self.context.clone();
-        self.tracker
-            .spawn(async move { prekeys::publish(&context).await });
+        self.tracker.spawn(async move {
+            prekeys::publish(&context).await;
+            context.report(Report::Registered(online)).await;
+        });
     }
 
     fn emit(&mut self, event: Event) {

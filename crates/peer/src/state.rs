@@ -66,12 +66,12 @@ use std::{
 };
 
 use proto::{Envelope, MessageId, PublicKeys, Username, seal::Plaintext, wire};
-use zeroize::Zeroizing;
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
     WriteTransaction,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use zeroize::Zeroizing;
 
 use durable::{DatabaseSlot, GroupWriter, Opener};
 

@@ -1,6 +1,7 @@
 //! Test support (the `testing` feature, off by default): a runtime whose state lives on a
 //! storage backend the test holds, such as [`SyncedDisk`], so a test can stop its `fsync`s
-//! and take the file as a crash at that moment would leave it.
+//! and take the file as a crash at that moment would leave it; and [`seal_as`], for tests
+//! that play a sender's side of the peer protocol by hand.
 
 pub use durable::testing::SyncedDisk;
 
@@ -22,4 +23,19 @@ where
         State::open_with_backend(dir, backend)
     })
     .await
+}
+
+/// Seals `body` from `client`'s user to `to`, written at `sent_at_ms`, as its runtime would
+/// (through its ratchet: a session is started from a claimed key if there is none, and the
+/// session's new state is durable before this returns), without sending or recording it.
+pub async fn seal_as(
+    client: &Client,
+    to: &proto::Username,
+    body: &str,
+    sent_at_ms: u64,
+) -> Result<proto::Envelope, crate::DeliveryStatus> {
+    let context = &client.context;
+    let info = crate::delivery::after_lookup(context.lookup(to).await)?;
+    let entry = context.state.prepare_outgoing(to, body, sent_at_ms);
+    crate::delivery::seal(context, &entry, &info.keys).await
 }

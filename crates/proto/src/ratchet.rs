@@ -606,8 +606,12 @@ mod tests {
     }
 
     fn open(to: &mut User, from: &User, envelope: &Envelope) -> Result<Opened, OpenError> {
-        to.sessions
-            .open(&mut to.account, &from.name, from.identity.public(), envelope)
+        to.sessions.open(
+            &mut to.account,
+            &from.name,
+            from.identity.public(),
+            envelope,
+        )
     }
 
     #[test]
@@ -623,9 +627,15 @@ mod tests {
         assert!(open(&mut bob, &alice, &first).is_err());
         let reply = seal(&mut bob, &alice, "hi alice");
         assert!(reply.token.starts_with("o1."), "bob's session is started");
-        assert_eq!(open(&mut alice, &bob, &reply).unwrap().plaintext.body, "hi alice");
+        assert_eq!(
+            open(&mut alice, &bob, &reply).unwrap().plaintext.body,
+            "hi alice"
+        );
         let next = seal(&mut alice, &bob, "how are you");
-        assert!(next.token.starts_with("o1."), "alice heard back: normal messages");
+        assert!(
+            next.token.starts_with("o1."),
+            "alice heard back: normal messages"
+        );
         assert!(!open(&mut bob, &alice, &next).unwrap().account_changed);
     }
 
@@ -710,7 +720,10 @@ mod tests {
         }
         let later = seal(&mut alice, &bob, "after");
         assert!(open(&mut thief, &alice, &later).is_err());
-        assert_eq!(open(&mut bob, &alice, &later).unwrap().plaintext.body, "after");
+        assert_eq!(
+            open(&mut bob, &alice, &later).unwrap().plaintext.body,
+            "after"
+        );
     }
 
     #[test]
@@ -749,7 +762,15 @@ mod tests {
     #[test]
     fn malformed_tokens_are_refused() {
         let (alice, mut bob) = (user("alice"), user("bob"));
-        for token in ["o", "o0", "o0.", "o9.AAAA", "o1.!!", "o1.AAAA.BBBB.CCCC", "gAAAAAB"] {
+        for token in [
+            "o",
+            "o0",
+            "o0.",
+            "o9.AAAA",
+            "o1.!!",
+            "o1.AAAA.BBBB.CCCC",
+            "gAAAAAB",
+        ] {
             let envelope = Envelope {
                 id: MessageId::random(),
                 from: alice.name.clone(),

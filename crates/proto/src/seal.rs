@@ -96,14 +96,18 @@ pub enum OpenError {
     /// A ratchet message that no session with its sender opens: the recipient lost the
     /// session (a restored backup, a new device), or it was never started. The sender
     /// starts a new one.
-    #[error("no encrypted session with {peer} opens this message (the session was lost or replaced)")]
+    #[error(
+        "no encrypted session with {peer} opens this message (the session was lost or replaced)"
+    )]
     NoSession {
         /// The sender.
         peer: Username,
     },
     /// A message sealed by the static channel from before the ratchet, written after the
     /// recipient started using the ratchet: only older mail is accepted that way.
-    #[error("the message is sealed the old way (no forward secrecy) and newer than the switch to the ratchet; refused")]
+    #[error(
+        "the message is sealed the old way (no forward secrecy) and newer than the switch to the ratchet; refused"
+    )]
     Legacy,
     /// The message is older than the replay window.
     #[error("the message is older than the {window_secs} s replay window")]

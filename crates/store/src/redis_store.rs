@@ -700,7 +700,10 @@ fn mail_key(from: &Username, id: &MessageId) -> Vec<u8> {
 
 /// The keys of `user`'s prekey owner hash and one-time key list (one slot).
 fn prekey_keys(user: &Username) -> (String, String) {
-    (user_key(user, "prekeys"), user_key(user, "prekeys:one_time"))
+    (
+        user_key(user, "prekeys"),
+        user_key(user, "prekeys:one_time"),
+    )
 }
 
 /// `p2pchat:{user}:part`: the hash tag keeps all of one user's keys in one cluster slot.

@@ -584,7 +584,10 @@ fn prekeys(
 pub async fn prekeys_are_claimed_once_each_then_the_fallback(store: &Store) -> anyhow::Result<()> {
     use proto::ratchet::{MAX_ONE_TIME_KEYS, ONE_TIME_KEYS_TARGET, OwnAccount};
     let bob = user("bob");
-    ensure!(store.claim_prekey(&bob).await?.is_none(), "nothing published yet");
+    ensure!(
+        store.claim_prekey(&bob).await?.is_none(),
+        "nothing published yet"
+    );
     let identity = proto::Identity::generate();
     let mut account = OwnAccount::generate(&identity, &bob);
     let first = prekeys(&identity, &mut account, 0);
@@ -597,7 +600,10 @@ pub async fn prekeys_are_claimed_once_each_then_the_fallback(store: &Store) -> a
         let bundle = store.claim_prekey(&bob).await?.context("a key is left")?;
         bundle.verify(&bob, identity.public())?;
         ensure!(!bundle.fallback);
-        ensure!(claimed.insert(bundle.prekey.key), "a one-time key was handed out twice");
+        ensure!(
+            claimed.insert(bundle.prekey.key),
+            "a one-time key was handed out twice"
+        );
     }
     // None left: the fallback key, as often as asked.
     for _ in 0..2 {
@@ -612,7 +618,10 @@ pub async fn prekeys_are_claimed_once_each_then_the_fallback(store: &Store) -> a
     store.publish_prekeys(&bob, &third).await?;
     ensure!(store.publish_prekeys(&bob, &fourth).await? as usize == MAX_ONE_TIME_KEYS);
     let oldest = store.claim_prekey(&bob).await?.context("a key")?;
-    ensure!(oldest.prekey == third.one_time[0], "the oldest kept key comes first");
+    ensure!(
+        oldest.prekey == third.one_time[0],
+        "the oldest kept key comes first"
+    );
     // A new Olm key (a new account) drops the old account's one-time keys.
     let mut renewed = OwnAccount::generate(&identity, &bob);
     let fresh = prekeys(&identity, &mut renewed, 0);
