@@ -12,7 +12,7 @@ use proto::Username;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::util::{answer, raw_peer};
+use crate::util::{RawSender, answer, raw_peer};
 
 pub(crate) const WAIT: Duration = Duration::from_secs(15);
 
@@ -711,8 +711,9 @@ async fn hostile_peers_are_refused_and_retransmissions_shown_once() -> anyhow::R
     ));
 
     // A message sealed by alice, sent twice (a retransmission): acked twice, shown once.
-    let channel = proto::Channel::new(&alice_identity, &name("alice"), &name("bob"), &bob_keys)?;
-    let envelope = channel.seal(proto::MessageId::random(), "once only", proto::now_ms())?;
+    let mut sender =
+        RawSender::start(server.addr, &alice_identity, "alice", "bob", &bob_keys).await?;
+    let envelope = sender.seal("once only");
     let mut link = raw_peer(bob_addr, &alice_identity, "alice", "bob", &bob_keys).await?;
     for _ in 0..2 {
         link.send(&proto::PeerMsg::Envelope(envelope.clone()))
@@ -743,7 +744,7 @@ async fn hostile_peers_are_refused_and_retransmissions_shown_once() -> anyhow::R
     ));
     carol.stop().await;
     // A tampered token is refused.
-    let mut tampered = channel.seal(proto::MessageId::random(), "tampered", proto::now_ms())?;
+    let mut tampered = sender.seal("tampered");
     tampered.token.replace_range(20..24, "AAAA");
     link.send(&proto::PeerMsg::Envelope(tampered)).await?;
     assert!(matches!(

@@ -28,7 +28,7 @@ use proto::{Channel, Envelope, ErrorCode, Identity, MessageId, PeerMsg};
 
 use crate::{
     chat::name,
-    util::{Discovery, Launcher, Listener, User, WAIT, answer, raw_peer, scaled},
+    util::{Discovery, Launcher, Listener, RawSender, User, WAIT, answer, raw_peer, scaled},
 };
 
 /// The most a peer under attack may hold resident (see the module docs).
@@ -287,20 +287,6 @@ fn a_peer_outlasts_a_slowloris_and_a_silent_crowd_beyond_its_cap() {
     drop(scene.server);
 }
 
-/// Seals `body` from `from` (with `identity`) to `to` under `to_keys`.
-fn seal(
-    identity: &Identity,
-    from: &str,
-    to: &str,
-    to_keys: &proto::PublicKeys,
-    body: &str,
-) -> Envelope {
-    Channel::new(identity, &name(from), &name(to), to_keys)
-        .expect("channel")
-        .seal(MessageId::random(), body, proto::now_ms())
-        .expect("seal")
-}
-
 #[test]
 fn a_flood_of_envelopes_on_one_connection_does_not_starve_other_peers() {
     let flood = scaled(300, 5000);
@@ -313,8 +299,10 @@ fn a_flood_of_envelopes_on_one_connection_does_not_starve_other_peers() {
     let envelopes: Vec<Envelope> = {
         let alice = scene.identity(0);
         let bob_keys = scene.bob_keys();
+        let mut sender =
+            RawSender::start_blocking(scene.server.address, &alice, "alice", "bob", &bob_keys);
         (0..flood)
-            .map(|index| seal(&alice, "alice", "bob", &bob_keys, &format!("flood {index}")))
+            .map(|index| sender.seal(&format!("flood {index}")))
             .collect()
     };
 
@@ -409,14 +397,17 @@ fn forged_misaddressed_and_replayed_envelopes_are_refused_or_shown_once() {
     };
 
     // Forged: sealed as alice by someone holding another key.
+    let server = scene.server.address;
     let mallory = Identity::generate();
-    let forged = seal(&mallory, "alice", "bob", &bob_keys, "forged");
+    let forged =
+        RawSender::start_blocking(server, &mallory, "alice", "bob", &bob_keys).seal("forged");
     assert_eq!(
         refused_code(exchange(&forged).expect("answer"), forged.id),
         ErrorCode::Refused
     );
     // For someone else: alice's real message to carol, handed to bob.
-    let for_carol = seal(&alice, "alice", "carol", &carol_keys, "for carol");
+    let for_carol =
+        RawSender::start_blocking(server, &alice, "alice", "carol", &carol_keys).seal("for carol");
     assert_eq!(
         refused_code(exchange(&for_carol).expect("answer"), for_carol.id),
         ErrorCode::Refused
@@ -429,7 +420,8 @@ fn forged_misaddressed_and_replayed_envelopes_are_refused_or_shown_once() {
         ErrorCode::Refused
     );
     // A real one: acked, shown.
-    let real = seal(&alice, "alice", "bob", &bob_keys, "replay me");
+    let real =
+        RawSender::start_blocking(server, &alice, "alice", "bob", &bob_keys).seal("replay me");
     assert_eq!(
         exchange(&real).expect("answer"),
         PeerMsg::Ack { id: real.id }

@@ -735,3 +735,125 @@ pub async fn answer(
         .await??
         .context("the peer closed the connection")
 }
+
+/// Claims one of `user`'s published keys at the server `server`, as any registered user
+/// may (a throwaway user registers for it).
+pub async fn claim_prekey(
+    server: SocketAddr,
+    user: &str,
+) -> anyhow::Result<proto::ratchet::PreKeyBundle> {
+    use anyhow::{Context as _, bail};
+    use proto::{Reply, Request, RequestFrame, ServerMsg};
+    let mut connection = proto::Connection::new(tokio::net::TcpStream::connect(server).await?);
+    let secured = connection.client_handshake(WAIT).await?;
+    let nonce = match connection.recv::<ServerMsg>().await? {
+        Some(ServerMsg::Challenge { nonce }) => nonce,
+        other => bail!("expected a challenge, got {other:?}"),
+    };
+    let identity = proto::Identity::generate();
+    let claimer = proto::Username::new(&format!(
+        "claimer{}",
+        u32::from_be_bytes(proto::random_bytes())
+    ))?;
+    let transcript = proto::identity::registration_transcript(
+        &nonce,
+        &secured.handshake_hash,
+        &claimer,
+        identity.public(),
+    );
+    let requests = [
+        Request::Register(proto::Registration {
+            user: claimer,
+            keys: identity.public().clone(),
+            listen_ports: Vec::new(),
+            signature: identity.sign(&transcript),
+        }),
+        Request::ClaimPreKey {
+            user: proto::Username::new(user)?,
+        },
+    ];
+    let mut last = None;
+    for (id, request) in (1..).zip(requests) {
+        connection.send(&RequestFrame { id, request }).await?;
+        loop {
+            match tokio::time::timeout(WAIT, connection.recv::<ServerMsg>())
+                .await??
+                .context("the server closed the connection")?
+            {
+                ServerMsg::Response {
+                    id: answered,
+                    result,
+                } if answered == id => {
+                    last = Some(result.map_err(|error| anyhow::anyhow!("{error}"))?);
+                    break;
+                }
+                _ => continue,
+            }
+        }
+    }
+    match last {
+        Some(Reply::PreKey(bundle)) => Ok(bundle),
+        other => bail!("expected a prekey, got {other:?}"),
+    }
+}
+
+/// A sender played by hand: an Olm account of its own for `from` (bound by `identity`,
+/// which need not be `from`'s: a forger's) and a session with `to`, started from a key
+/// claimed at the server. What it seals opens at `to` as a real client's messages do.
+pub struct RawSender {
+    from: proto::Username,
+    to: proto::Username,
+    account: proto::ratchet::OwnAccount,
+    sessions: proto::ratchet::Sessions,
+}
+
+impl RawSender {
+    /// Starts a session from `from` (holding `identity`) to `to` (whose keys are `to_keys`).
+    pub async fn start(
+        server: SocketAddr,
+        identity: &proto::Identity,
+        from: &str,
+        to: &str,
+        to_keys: &proto::PublicKeys,
+    ) -> anyhow::Result<Self> {
+        let (from, to) = (proto::Username::new(from)?, proto::Username::new(to)?);
+        let account = proto::ratchet::OwnAccount::generate(identity, &from);
+        let bundle = claim_prekey(server, to.as_str()).await?;
+        let mut sessions = proto::ratchet::Sessions::default();
+        sessions.start(&account, &to, to_keys, &bundle)?;
+        Ok(Self {
+            from,
+            to,
+            account,
+            sessions,
+        })
+    }
+
+    /// [`RawSender::start`] on a runtime of its own, for synchronous tests.
+    pub fn start_blocking(
+        server: SocketAddr,
+        identity: &proto::Identity,
+        from: &str,
+        to: &str,
+        to_keys: &proto::PublicKeys,
+    ) -> Self {
+        tokio::runtime::Runtime::new()
+            .expect("tokio runtime")
+            .block_on(Self::start(server, identity, from, to, to_keys))
+            .expect("a session with the recipient")
+    }
+
+    /// Seals the next message, written now.
+    pub fn seal(&mut self, body: &str) -> proto::Envelope {
+        let _ = &self.from;
+        self.sessions
+            .seal(
+                &self.account,
+                &self.to,
+                proto::MessageId::random(),
+                body,
+                proto::now_ms(),
+            )
+            .expect("seal")
+    }
+}
