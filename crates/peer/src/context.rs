@@ -84,6 +84,57 @@ impl Context {
         }
     }
 
+    /// Follows `user`'s name from the `pinned` keys to the `offered` ones if the server
+    /// keeps rotation statements that lead there, each signed by the key before it
+    /// ([`proto::identity::follow_rotations`]: checked here, so a server cannot invent a
+    /// rotation). Then the offered keys are pinned (durably), the user is told
+    /// ([`Event::KeyRotated`]), and the loop treats it as a `trust` (the outbox for `user`
+    /// goes, held mail opens). Returns whether the keys are pinned now.
+    pub(crate) async fn follow_rotation(
+        &self,
+        user: &Username,
+        pinned: &PublicKeys,
+        offered: &PublicKeys,
+    ) -> bool {
+        let rotations = match self
+            .control
+            .request(Request::Rotations { user: user.clone() })
+            .await
+        {
+            Ok(Reply::Rotations(rotations)) => rotations,
+            Ok(_) => return false,
+            Err(error) => {
+                tracing::info!(%user, %error, "cannot ask for rotation statements");
+                return false;
+            }
+        };
+        if !proto::identity::follow_rotations(user, pinned, offered, &rotations) {
+            return false;
+        }
+        // Another task may have followed it a moment ago: tell the user once.
+        match self.state.pinned(user) {
+            Ok(Some(now)) if &now == offered => return true,
+            Ok(_) => {}
+            Err(error) => {
+                self.report_state_error(error).await;
+                return false;
+            }
+        }
+        if let Err(error) = self.state.repin(user, offered).await {
+            self.report_state_error(error).await;
+            return false;
+        }
+        tracing::info!(%user, old = %pinned.fingerprint(), new = %offered.fingerprint(), "followed a signed key rotation");
+        self.notify(Event::KeyRotated {
+            user: user.clone(),
+            old: pinned.fingerprint(),
+            new: offered.fingerprint(),
+        })
+        .await;
+        self.report(Report::Trusted(user.clone())).await;
+        true
+    }
+
     /// Reports to the event loop (waits while its queue is full; a stopped loop drops it).
     pub(crate) async fn report(&self, report: Report) {
         let _ = self.to_loop.send(report).await;

@@ -218,7 +218,13 @@ async fn check_dialer(context: &Context, from: &Username, key: &[u8; 32]) -> Res
     }
     let refusal = match source {
         KeySource::Pinned => {
-            key_change_or_forgery(context, from, &keys, |offered| &offered.exchange == key).await
+            match key_change_or_forgery(context, from, &keys, |offered| &offered.exchange == key)
+                .await
+            {
+                // A signed rotation to the key the dialer proved: pinned now.
+                Ok(_) => return Ok(()),
+                Err(refusal) => refusal,
+            }
         }
         KeySource::Server => Refusal::Bad(OpenError::BadToken { peer: from.clone() }),
     };
@@ -282,7 +288,12 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
     let plaintext = match channel.open(envelope, now) {
         Ok(plaintext) => plaintext,
         Err(OpenError::BadToken { .. }) if source == KeySource::Pinned => {
-            return Err(key_change_or_forgery(context, from, &keys, |_| true).await);
+            // A signed rotation pins the new keys: the message must open under them.
+            let rotated = key_change_or_forgery(context, from, &keys, |_| true).await?;
+            context
+                .channel(from, &rotated)
+                .map_err(|_| Refusal::KeyChanged)?
+                .open(envelope, now)?
         }
         Err(error) => return Err(error.into()),
     };
@@ -313,16 +324,21 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
 /// A token that does not open under the pinned keys (or a dialer proving another key) is
 /// either forged or made with new keys. Asking the server tells the two apart, so a real
 /// key change is reported loudly: the server's keys differ from the pinned ones and
-/// `explains` what was seen. The server is asked at most once per
-/// [`crate::context::SERVER_KEYS_TTL`] per sender, so forgeries cost no lookup each.
+/// `explains` what was seen. A change by rotation statements signed with the pinned key is
+/// followed instead ([`Context::follow_rotation`]): the new keys are pinned and returned.
+/// The server is asked at most once per [`crate::context::SERVER_KEYS_TTL`] per sender,
+/// so forgeries cost no lookup each.
 async fn key_change_or_forgery(
     context: &Context,
     from: &Username,
     pinned: &PublicKeys,
     explains: impl Fn(&PublicKeys) -> bool,
-) -> Refusal {
+) -> Result<PublicKeys, Refusal> {
     match server_keys(context, from).await {
         Ok(Some(keys)) if &keys != pinned && explains(&keys) => {
+            if context.follow_rotation(from, pinned, &keys).await {
+                return Ok(keys);
+            }
             context
                 .notify(Event::KeyChanged {
                     user: from.clone(),
@@ -330,9 +346,9 @@ async fn key_change_or_forgery(
                     offered: keys.fingerprint(),
                 })
                 .await;
-            Refusal::KeyChanged
+            Err(Refusal::KeyChanged)
         }
-        _ => Refusal::Bad(OpenError::BadToken { peer: from.clone() }),
+        _ => Err(Refusal::Bad(OpenError::BadToken { peer: from.clone() })),
     }
 }
 

@@ -456,6 +456,21 @@ impl State {
         }
     }
 
+    /// Every pin, by user (what an identity backup carries).
+    pub fn pins(&self) -> Result<Vec<(Username, PublicKeys)>, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        let table = txn.open_table(PINS)?;
+        let mut pins = Vec::new();
+        for entry in table.iter()? {
+            let (user, keys) = entry?;
+            // A key that is no longer a valid name cannot be one of ours: skip it.
+            if let Ok(user) = Username::new(user.value()) {
+                pins.push((user, decode("pins", keys.value())?));
+            }
+        }
+        Ok(pins)
+    }
+
     /// Pins `keys` for `user` unless other keys are pinned already.
     pub async fn pin_if_absent(
         &self,
