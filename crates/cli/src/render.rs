@@ -721,7 +721,7 @@ mod tests {
             old: "old".into(),
             new: "new".into(),
         };
-        let line = event_text(&rotated, &plain(), 0).unwrap();
+        let line = event_text(&rotated).unwrap();
         assert!(line.contains("bob rotated their key"), "{line}");
         assert!(line.contains("signed over by the old one old"), "{line}");
         assert_eq!(event_json(&rotated)["event"], "key_rotated");

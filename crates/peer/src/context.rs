@@ -178,6 +178,14 @@ impl ServerKeys {
         (now.saturating_duration_since(*fetched) < SERVER_KEYS_TTL).then(|| keys.clone())
     }
 
+    /// Forgets the answer about `user`: its keys are pinned now, and the next mismatch
+    /// with the pin (a rotation or key change made since) deserves a fresh answer.
+    pub(crate) fn forget(&self, user: &Username) {
+        if let Ok(mut answers) = self.answers.lock() {
+            answers.remove(user);
+        }
+    }
+
     /// Remembers the server's answer about `user`, fetched at `now`.
     pub(crate) fn insert(&self, user: &Username, keys: Option<PublicKeys>, now: Instant) {
         let Ok(mut answers) = self.answers.lock() else {

@@ -305,7 +305,9 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Plai
             .await
             .map_err(transient)?
         {
-            PinOutcome::New | PinOutcome::Same => {}
+            // The answer that was cached to pin them has served: a later mismatch with
+            // the pin (a key rotated since) asks the server again.
+            PinOutcome::New | PinOutcome::Same => context.server_keys.forget(from),
             // Pinned meanwhile, by another task, to other keys: those rule.
             PinOutcome::Changed { .. } => return Err(Refusal::KeyChanged),
         }
