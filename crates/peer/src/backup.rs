@@ -269,3 +269,95 @@ fn pending_identity(data_dir: &Path) -> Result<Option<Identity>, BackupFileError
         })?;
     Ok(Some(Identity::from_secret_bytes(seeds)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cheap parameters: these tests check the files, not the cost.
+    const FAST: KdfParams = KdfParams {
+        log_n: 4,
+        r: 8,
+        p: 1,
+    };
+
+    fn name(text: &str) -> Username {
+        Username::new(text).unwrap()
+    }
+
+    #[tokio::test]
+    async fn export_then_import_restores_the_identity_and_the_pins() {
+        let root = tempfile::tempdir().unwrap();
+        let home = root.path().join("alice");
+        let (identity, _) = Identity::load_or_create(&home).unwrap();
+        let bob = Identity::generate().public().clone();
+        {
+            let state = State::open(&home).unwrap();
+            state.pin_if_absent(&name("bob"), &bob).await.unwrap();
+        }
+        let file = root.path().join("alice.backup");
+        let exported = export(&home, &name("alice"), "secret", FAST, &file).unwrap();
+        assert_eq!(exported.pins, 1);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(matches!(
+            read(&file, "not it"),
+            Err(BackupFileError::Backup(BackupError::WrongPassphrase))
+        ));
+        let contents = read(&file, "secret").unwrap();
+        assert_eq!(contents.user, name("alice"));
+
+        let fresh = root.path().join("elsewhere").join("alice");
+        let imported = import(&fresh, &contents, false).await.unwrap();
+        assert!(!imported.replaced);
+        assert_eq!(imported.pins, 1);
+        assert_eq!(Identity::load(&fresh).unwrap().public(), identity.public());
+        assert_eq!(
+            State::open(&fresh).unwrap().pinned(&name("bob")).unwrap(),
+            Some(bob)
+        );
+        // Importing the same identity again changes nothing.
+        let again = import(&fresh, &contents, false).await.unwrap();
+        assert_eq!((again.replaced, again.pins), (false, 0));
+    }
+
+    #[tokio::test]
+    async fn a_different_identity_is_replaced_only_with_force() {
+        let root = tempfile::tempdir().unwrap();
+        let home = root.path().join("alice");
+        let (original, _) = Identity::load_or_create(&home).unwrap();
+        let contents = BackupContents {
+            user: name("alice"),
+            secret: Identity::generate().secret_bytes().to_vec(),
+            pins: Vec::new(),
+        };
+        assert!(matches!(
+            import(&home, &contents, false).await,
+            Err(BackupFileError::DifferentIdentity { .. })
+        ));
+        assert_eq!(Identity::load(&home).unwrap().public(), original.public());
+        let imported = import(&home, &contents, true).await.unwrap();
+        assert!(imported.replaced);
+        assert_ne!(Identity::load(&home).unwrap().public(), original.public());
+    }
+
+    #[test]
+    fn a_missing_or_garbled_backup_is_a_clear_error() {
+        let root = tempfile::tempdir().unwrap();
+        let missing = root.path().join("none");
+        assert!(matches!(
+            read(&missing, "x"),
+            Err(BackupFileError::Io { .. })
+        ));
+        let binary = root.path().join("binary");
+        fs::write(&binary, [0xff, 0xfe, 0x00]).unwrap();
+        assert!(matches!(
+            read(&binary, "x"),
+            Err(BackupFileError::Backup(BackupError::Corrupt(_)))
+        ));
+    }
+}

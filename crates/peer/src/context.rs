@@ -226,6 +226,16 @@ mod tests {
     }
 
     #[test]
+    fn a_forgotten_answer_is_asked_again_at_once() {
+        let cache = ServerKeys::default();
+        let keys = proto::Identity::generate().public().clone();
+        let now = Instant::now();
+        cache.insert(&name("bob"), Some(keys), now);
+        cache.forget(&name("bob"));
+        assert_eq!(cache.get(&name("bob"), now), None);
+    }
+
+    #[test]
     fn server_keys_stay_bounded() {
         let cache = ServerKeys::default();
         let now = Instant::now();
