@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::util::{Discovery, User, assert_failed, assert_sent};
+use crate::util::{Discovery, Listener, User, assert_failed, assert_sent};
 
 const PASSPHRASE: (&str, &str) = ("P2PCHAT_PASSPHRASE", "correct horse battery staple");
 
@@ -26,13 +26,7 @@ fn key_events(seen: &[serde_json::Value], kind: &str) -> usize {
 
 #[test]
 fn a_backup_imported_on_a_fresh_data_dir_keeps_the_name_and_contacts_see_no_key_change() {
-    let server = Discovery::start();
-    let alice = User::new("alice");
-    let bob = User::new("bob");
-    let mut bob_listener = bob.listen(&server);
-    bob_listener.online();
-    assert_sent(&alice.send(&server, "bob", "before the move"), "delivered");
-    bob_listener.message("before the move");
+    let (server, alice, _bob, mut bob_listener) = alice_writes_to_bob("before the move");
 
     let backup = alice.home.with_file_name("alice.backup");
     let exported = identity(&alice, &server, &["export", path(&backup)]);
@@ -96,23 +90,17 @@ fn a_backup_imported_on_a_fresh_data_dir_keeps_the_name_and_contacts_see_no_key_
     let whois = moved_listener.ok("whois bob");
     assert!(whois["pinned_fingerprint"].is_string(), "{whois}");
     assert_eq!(whois["key_changed"], false, "{whois}");
-    let sent = bob_listener.ok("send alice welcome back");
-    assert_eq!(sent["status"], "delivered", "{sent}");
-    moved_listener.message("welcome back");
+    delivered(
+        &mut bob_listener,
+        &mut moved_listener,
+        "alice",
+        "welcome back",
+    );
 }
 
 #[test]
 fn a_rotation_signed_by_the_old_key_is_followed_by_contacts_and_messages_flow() {
-    let server = Discovery::start();
-    let alice = User::new("alice");
-    let bob = User::new("bob");
-    let mut bob_listener = bob.listen(&server);
-    bob_listener.online();
-    assert_sent(
-        &alice.send(&server, "bob", "with the first key"),
-        "delivered",
-    );
-    bob_listener.message("with the first key");
+    let (server, alice, _bob, mut bob_listener) = alice_writes_to_bob("with the first key");
     let before = bob_listener.ok("whois alice");
 
     let rotated = identity(&alice, &server, &["rotate"]);
@@ -143,20 +131,17 @@ fn a_rotation_signed_by_the_old_key_is_followed_by_contacts_and_messages_flow() 
         alice_listener.ok("whois bob")["safety_number"],
         after["safety_number"]
     );
-    let sent = bob_listener.ok("send alice to the second key");
-    assert_eq!(sent["status"], "delivered", "{sent}");
-    alice_listener.message("to the second key");
+    delivered(
+        &mut bob_listener,
+        &mut alice_listener,
+        "alice",
+        "to the second key",
+    );
 }
 
 #[test]
 fn a_released_name_is_bound_anew_and_contacts_see_a_loud_key_change() {
-    let server = Discovery::start();
-    let alice = User::new("alice");
-    let bob = User::new("bob");
-    let mut bob_listener = bob.listen(&server);
-    bob_listener.online();
-    assert_sent(&alice.send(&server, "bob", "before the loss"), "delivered");
-    bob_listener.message("before the loss");
+    let (server, _alice, bob, bob_listener) = alice_writes_to_bob("before the loss");
 
     // Alice lost her data dir and has no backup; the operator releases the name.
     let released = server.release_name("alice");
@@ -192,6 +177,26 @@ fn a_released_name_is_bound_anew_and_contacts_see_a_loud_key_change() {
     );
     bob_listener.ok("trust alice");
     bob_listener.message("from a new key");
+}
+
+/// A server, alice and bob, bob listening, and one message from alice that bob received
+/// (so bob pinned alice's key).
+fn alice_writes_to_bob(body: &str) -> (Discovery, User, User, Listener) {
+    let server = Discovery::start();
+    let alice = User::new("alice");
+    let bob = User::new("bob");
+    let mut bob_listener = bob.listen(&server);
+    bob_listener.online();
+    assert_sent(&alice.send(&server, "bob", body), "delivered");
+    bob_listener.message(body);
+    (server, alice, bob, bob_listener)
+}
+
+/// `from` sends `body` to `to_name`, who listens on `to`: delivered directly and received.
+fn delivered(from: &mut Listener, to: &mut Listener, to_name: &str, body: &str) {
+    let sent = from.ok(&format!("send {to_name} {body}"));
+    assert_eq!(sent["status"], "delivered", "{sent}");
+    to.message(body);
 }
 
 fn path(path: &Path) -> &str {

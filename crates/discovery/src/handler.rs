@@ -10,7 +10,9 @@ use std::{net::SocketAddr, sync::Arc};
 
 use proto::{
     ErrorCode, ErrorReply, MailRef, Registration, Reply, Request, UserInfo, Username,
-    identity::{Rotation, registration_transcript, verify_announce_proof, verify_release_proof},
+    identity::{
+        Rotation, constant_time_eq, registration_transcript, release_proof, verify_announce_proof,
+    },
 };
 use store::{
     BindOutcome, Binding, Broadcast, DepositOutcome, Presence, RotateOutcome, Store, StoreError,
@@ -405,17 +407,12 @@ impl Session {
         store: &Store,
         config: &Config,
     ) -> Result<Reply, ErrorReply> {
-        let authorised = config
-            .operator_secret
-            .as_deref()
-            .is_some_and(|secret| verify_release_proof(secret, &self.nonce, &user, &proof));
-        if !authorised {
+        operator_only(config, "release a name", |secret| {
+            constant_time_eq(&release_proof(secret, &self.nonce, &user), &proof)
+        })
+        .inspect_err(|_| {
             tracing::warn!(%user, observed = %self.observed, "refused a name release without the operator secret");
-            return Err(ErrorReply::new(
-                ErrorCode::Unauthorized,
-                "only the operator may release a name (the proof of the operator secret is wrong)",
-            ));
-        }
+        })?;
         match store.release(&user).await.map_err(store_error)? {
             Some(binding) => {
                 let fingerprint = binding.keys.fingerprint();
@@ -433,16 +430,9 @@ impl Session {
         store: &Store,
         config: &Config,
     ) -> Result<Reply, ErrorReply> {
-        let authorised = config
-            .operator_secret
-            .as_deref()
-            .is_some_and(|secret| verify_announce_proof(secret, &self.nonce, &text, &proof));
-        if !authorised {
-            return Err(ErrorReply::new(
-                ErrorCode::Unauthorized,
-                "only the operator may announce (the proof of the operator secret is wrong)",
-            ));
-        }
+        operator_only(config, "announce", |secret| {
+            verify_announce_proof(secret, &self.nonce, &text, &proof)
+        })?;
         if text.trim().is_empty() {
             return Err(ErrorReply::new(
                 ErrorCode::BadRequest,
@@ -466,6 +456,23 @@ impl Session {
             .map(|()| Reply::Done)
             .map_err(store_error)
     }
+}
+
+/// Passes an operator request whose proof `verify` accepts under the operator secret;
+/// refuses it (`unauthorized`, saying the operator alone may do `what`) otherwise, or when
+/// this server has no secret.
+fn operator_only(
+    config: &Config,
+    what: &str,
+    verify: impl FnOnce(&[u8]) -> bool,
+) -> Result<(), ErrorReply> {
+    if config.operator_secret.as_deref().is_some_and(verify) {
+        return Ok(());
+    }
+    Err(ErrorReply::new(
+        ErrorCode::Unauthorized,
+        format!("only the operator may {what} (the proof of the operator secret is wrong)"),
+    ))
 }
 
 /// The reply to `List`: every online user sorted by name, or, past `max`, the first `max`

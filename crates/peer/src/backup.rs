@@ -253,21 +253,13 @@ pub async fn rotate(data_dir: &Path, control: &ControlConfig) -> Result<Rotated,
 
 /// The new identity of a rotation that was cut short, if any.
 fn pending_identity(data_dir: &Path) -> Result<Option<Identity>, BackupFileError> {
-    let path = data_dir.join(PENDING_IDENTITY_FILE);
-    let bytes = match fs::read(&path) {
-        Ok(bytes) => zeroize::Zeroizing::new(bytes),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(IdentityError::Io { path, source }.into()),
-    };
-    proto::identity::check_private(&path, 0o600)?;
-    let seeds = bytes
-        .as_slice()
-        .try_into()
-        .map_err(|_| IdentityError::Corrupt {
-            path: path.clone(),
-            reason: "wrong length",
-        })?;
-    Ok(Some(Identity::from_secret_bytes(seeds)))
+    match Identity::load_file(&data_dir.join(PENDING_IDENTITY_FILE)) {
+        Ok(pending) => Ok(Some(pending)),
+        Err(IdentityError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(None)
+        }
+        Err(error) => Err(error.into()),
+    }
 }
 
 #[cfg(test)]
@@ -275,11 +267,7 @@ mod tests {
     use super::*;
 
     /// Cheap parameters: these tests check the files, not the cost.
-    const FAST: KdfParams = KdfParams {
-        log_n: 4,
-        r: 8,
-        p: 1,
-    };
+    const FAST: KdfParams = KdfParams::cheap_for_tests();
 
     fn name(text: &str) -> Username {
         Username::new(text).unwrap()

@@ -143,16 +143,6 @@ pub fn release_proof(secret: &[u8], nonce: &[u8; 32], user: &Username) -> [u8; 3
     operator_proof(secret, RELEASE_CONTEXT, nonce, user.as_str())
 }
 
-/// Checks a [`release_proof`] in constant time.
-pub fn verify_release_proof(
-    secret: &[u8],
-    nonce: &[u8; 32],
-    user: &Username,
-    proof: &[u8; 32],
-) -> bool {
-    constant_time_eq(&release_proof(secret, nonce, user), proof)
-}
-
 /// HMAC-SHA256 under the operator secret over an operation's `context`, the server's
 /// `nonce` and the operation's `text`.
 pub fn operator_proof(secret: &[u8], context: &[u8], nonce: &[u8; 32], text: &str) -> [u8; 32] {
@@ -178,7 +168,7 @@ pub fn verify_announce_proof(
 }
 
 /// Compares two proofs in constant time: folds the differences.
-fn constant_time_eq(expected: &[u8; 32], proof: &[u8; 32]) -> bool {
+pub fn constant_time_eq(expected: &[u8; 32], proof: &[u8; 32]) -> bool {
     expected
         .iter()
         .zip(proof.iter())
@@ -447,19 +437,23 @@ impl Identity {
     pub fn load(dir: &Path) -> Result<Self, IdentityError> {
         // The folder first: a loose folder is refused even before its first key exists.
         check_private(dir, 0o700)?;
-        let path = dir.join(IDENTITY_FILE);
-        let io_error = |source| IdentityError::Io {
-            path: path.clone(),
+        Self::load_file(&dir.join(IDENTITY_FILE))
+    }
+
+    /// Loads an identity from the file `path` (the identity file's format), refusing a file
+    /// others can read. A missing file is [`IdentityError::Io`] with `NotFound`.
+    pub fn load_file(path: &Path) -> Result<Self, IdentityError> {
+        let bytes = Zeroizing::new(fs::read(path).map_err(|source| IdentityError::Io {
+            path: path.to_path_buf(),
             source,
-        };
-        let bytes = Zeroizing::new(fs::read(&path).map_err(io_error)?);
-        check_private(&path, 0o600)?;
+        })?);
+        check_private(path, 0o600)?;
         let seeds: &[u8; SECRET_FILE_LEN] =
             bytes
                 .as_slice()
                 .try_into()
                 .map_err(|_| IdentityError::Corrupt {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     reason: "wrong length",
                 })?;
         Ok(Self::from_secret_bytes(seeds))

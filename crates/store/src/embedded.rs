@@ -310,11 +310,7 @@ impl EmbeddedStore {
         now_ms: u64,
     ) -> Result<RotateOutcome, StoreError> {
         let current = current.clone();
-        let next = Binding {
-            user: current.user.clone(),
-            keys: rotation.new.clone(),
-            bound_at_ms: now_ms,
-        };
+        let next = current.rotated(rotation, now_ms);
         let encoded = encode(&next)?;
         let rotation = rotation.clone();
         self.blocking(move |inner, db| {

@@ -76,6 +76,17 @@ pub struct Binding {
     pub bound_at_ms: u64,
 }
 
+impl Binding {
+    /// The binding `rotation` makes of this name at `now_ms`: its new keys.
+    pub fn rotated(&self, rotation: &proto::identity::Rotation, now_ms: u64) -> Self {
+        Self {
+            user: self.user.clone(),
+            keys: rotation.new.clone(),
+            bound_at_ms: now_ms,
+        }
+    }
+}
+
 /// The result of [`Store::bind`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BindOutcome {

@@ -1072,11 +1072,7 @@ impl RedisStore {
     ) -> Result<RotateOutcome, StoreError> {
         let user = &current.user;
         let keys = [user_key(user, "binding"), user_key(user, "rotations")];
-        let next = Binding {
-            user: user.clone(),
-            keys: rotation.new.clone(),
-            bound_at_ms: now_ms,
-        };
+        let next = current.rotated(rotation, now_ms);
         let (expected, next, statement) = (encode(current)?, encode(&next)?, encode(rotation)?);
         let keep = crate::MAX_ROTATIONS.to_string();
         let (status, standing): (u8, Vec<u8>) = self

@@ -411,11 +411,8 @@ pub async fn rotation_moves_the_binding_and_release_frees_the_name(
     // Compare and set: the binding moves to the new keys and the statement is kept, both.
     let one = Rotation::sign(&alice, &first, &second, 2_000);
     ensure!(store.rotate(&bound, &one, 2_000).await? == RotateOutcome::Rotated);
-    let rotated = Binding {
-        user: alice.clone(),
-        keys: second.public().clone(),
-        bound_at_ms: 2_000,
-    };
+    let rotated = bound.rotated(&one, 2_000);
+    ensure!(rotated.keys == *second.public());
     ensure!(store.binding(&alice).await? == Some(rotated.clone()));
     ensure!(store.rotations(&alice).await? == vec![one.clone()]);
 
