@@ -212,6 +212,8 @@ pub struct Rotated {
 /// server confirmed and the answer, or this process, was lost: the name is then already
 /// bound to the pending key).
 pub async fn rotate(data_dir: &Path, control: &ControlConfig) -> Result<Rotated, BackupFileError> {
+    // Held to the end: a client running on this data dir would go on with the old key.
+    let _no_client = State::open(data_dir)?;
     let old = Identity::load(data_dir)?;
     let pending = match pending_identity(data_dir)? {
         Some(pending) => pending,
