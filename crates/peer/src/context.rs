@@ -46,6 +46,10 @@ pub(crate) struct Context {
     /// Envelopes refused before anything in them authenticated: counted, and logged at the
     /// 1st, 2nd, 4th, 8th... (never shown as an event naming the claimed sender).
     pub(crate) unauthenticated: AtomicU64,
+    /// Server keys no rotation statement led to from the pinned ones, checked lately: a
+    /// changed key is asked about at most once per [`SERVER_KEYS_TTL`] per sender, however
+    /// many envelopes or sends meet it.
+    pub(crate) unfollowed: ServerKeys,
 }
 
 impl Context {
@@ -96,6 +100,9 @@ impl Context {
         pinned: &PublicKeys,
         offered: &PublicKeys,
     ) -> bool {
+        if self.unfollowed.get(user, Instant::now()) == Some(Some(offered.clone())) {
+            return false;
+        }
         let rotations = match self
             .control
             .request(Request::Rotations { user: user.clone() })
@@ -109,6 +116,8 @@ impl Context {
             }
         };
         if !proto::identity::follow_rotations(user, pinned, offered, &rotations) {
+            self.unfollowed
+                .insert(user, Some(offered.clone()), Instant::now());
             return false;
         }
         // Another task may have followed it a moment ago: tell the user once.

@@ -161,6 +161,7 @@ pub(crate) async fn start_with(
         channels: Mutex::new(HashMap::new()),
         server_keys: Default::default(),
         unauthenticated: AtomicU64::new(0),
+        unfollowed: Default::default(),
     });
     let shell = Shell::new(
         context,
