@@ -1,5 +1,5 @@
-//! All state of the discovery tier: name bindings, presence, offline mailboxes, server-side
-//! block lists and the broadcast channel.
+//! All state of the discovery tier: name bindings (and the rotation statements that moved
+//! them), presence, offline mailboxes, server-side block lists and the broadcast channel.
 //!
 //! [`Store`] is the one interface, with two backends:
 //! - [`Store::Redis`] ([`redis_store::RedisStore`]): shared by every discovery instance that

@@ -19,7 +19,9 @@
 //! TCP keep-alive and, on Linux, `TCP_USER_TIMEOUT` also let the kernel close such a
 //! connection by itself while it is idle. Every operation is safe to repeat:
 //! deposits are idempotent by (sender, id), acks and block-list changes are set operations,
-//! a repeated bind finds its own binding, and a repeated publish only repeats a hint.
+//! a repeated bind finds its own binding, a repeated rotation finds the binding already
+//! moved (which the handler takes as done), a repeated release finds nothing to release, and
+//! a repeated publish only repeats a hint.
 //!
 //! Pub/sub needs a connection of its own (a subscribed connection cannot run commands). On
 //! one server a subscriber task owns it, forwards every message into a
