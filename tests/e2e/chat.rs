@@ -789,3 +789,55 @@ async fn a_second_key_for_a_taken_name_is_refused_clearly() -> anyhow::Result<()
     alice.stop().await;
     server.stop().await
 }
+
+/// A server that rebinds a name and invents a rotation statement for it (not signed by the
+/// key the contact pinned) gets a loud key change, never a followed rotation: the client
+/// checks the statements itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_the_server_invents_is_a_loud_key_change() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let store = store::Store::Embedded(store::EmbeddedStore::open(
+        root.path().join("discovery.redb"),
+        store::MailLimits::default(),
+    )?);
+    let server = Server::start_on(store.clone(), any_port()).await?;
+    let alice = Chatter::join(root.path(), "alice", server.addr).await?;
+    let mut bob = Chatter::join(root.path(), "bob", server.addr).await?;
+    assert_eq!(alice.send("bob", "first").await?, DeliveryStatus::Delivered);
+    bob.expect("alice", "first").await?;
+    alice.stop().await;
+
+    // The server's operator (or whoever holds its store) moves alice's name to a key of
+    // their own, with a statement that claims alice's old key as its start.
+    let binding = store
+        .binding(&name("alice"))
+        .await?
+        .context("alice is bound")?;
+    let (mallory, replacement) = (proto::Identity::generate(), proto::Identity::generate());
+    let mut invented = proto::identity::Rotation::sign(&name("alice"), &mallory, &replacement, 1);
+    invented.old = binding.keys.clone();
+    let outcome = store.rotate(&binding, &invented, 1).await?;
+    assert_eq!(outcome, store::RotateOutcome::Rotated);
+    let fake_home = root.path().join("elsewhere");
+    replacement.save(&fake_home.join("alice"))?;
+    let fake = Chatter::join(&fake_home, "alice", server.addr).await?;
+
+    let refused = fake.send("bob", "it is me, really").await?;
+    assert!(
+        matches!(&refused, DeliveryStatus::Failed { .. }),
+        "{refused:?}"
+    );
+    let seen = bob
+        .wait_for("a key change warning", |event| match event {
+            Event::KeyChanged { user, .. } if user.as_str() == "alice" => Some(true),
+            Event::KeyRotated { user, .. } if user.as_str() == "alice" => Some(false),
+            _ => None,
+        })
+        .await?;
+    assert!(seen, "an invented rotation was followed");
+    assert!(bob.client.whois(&name("alice")).await?.key_changed);
+
+    fake.stop().await;
+    bob.stop().await;
+    server.stop().await
+}

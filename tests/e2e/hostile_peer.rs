@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proto::{Channel, Envelope, ErrorCode, Identity, MessageId, PeerMsg};
+use proto::{Envelope, ErrorCode, Identity, MessageId, PeerMsg};
 
 use crate::{
     chat::name,

@@ -10,6 +10,8 @@
 //! - `hostile_peer`: hostile clients against a peer's P2P listener (the real binary).
 //! - `hostile_server`: hostile clients against the real discovery server while two real
 //!   users chat.
+//! - `identity`: identity backup (export → import on a fresh data dir), key rotation
+//!   followed by a contact, and the operator releasing a lost name.
 //! - `disk`: full disks and unwritable data dirs (root: a tmpfs in a private mount namespace).
 //! - `onpath`: an attacker on the path (recording, changing replies, redirecting a peer's
 //!   address, replaying acks), and a server whose key changed.
@@ -24,6 +26,7 @@ mod cluster;
 mod disk;
 mod hostile_peer;
 mod hostile_server;
+mod identity;
 mod interactive;
 mod netfaults;
 mod onpath;

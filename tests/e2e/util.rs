@@ -306,12 +306,22 @@ impl Discovery {
 
     /// `p2pchat-discovery announce <text>` against this server.
     pub fn announce(&self, text: &str) -> Output {
+        self.operator(&["announce", text])
+    }
+
+    /// `p2pchat-discovery release-name <name>` against this server.
+    pub fn release_name(&self, name: &str) -> Output {
+        self.operator(&["release-name", name])
+    }
+
+    /// An operator command (`p2pchat-discovery <args> --server <this one>`) with this
+    /// server's data dir.
+    fn operator(&self, args: &[&str]) -> Output {
         let mut command = Command::new(binary("p2pchat-discovery"));
         command
             .args(["--data-dir"])
             .arg(&self.data_dir)
-            .arg("announce")
-            .arg(text)
+            .args(args)
             .arg("--server")
             .arg(self.address.to_string());
         run_bounded(command)

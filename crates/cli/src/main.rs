@@ -110,7 +110,43 @@ enum Mode {
     /// (after its key changed and you checked the new fingerprint with the operator). With
     /// --server-key, only that key is accepted.
     TrustServer,
+    /// Back up, restore or replace your identity (run while p2pchat is not running for
+    /// this user). The passphrase is asked on the terminal, or taken from
+    /// P2PCHAT_PASSPHRASE.
+    Identity {
+        #[command(subcommand)]
+        action: IdentityAction,
+    },
 }
+
+#[derive(Debug, Subcommand)]
+enum IdentityAction {
+    /// Write a passphrase-protected backup of your identity key, your name and your
+    /// contacts' pinned keys to FILE (mode 0600): restore it with `identity import` to keep
+    /// your name on a new machine or after losing your data dir.
+    Export {
+        /// The backup file to write.
+        file: PathBuf,
+    },
+    /// Restore a backup made by `identity export` into the data dir (the user is the
+    /// backup's). An identity already here that is another one is replaced only with
+    /// --force.
+    Import {
+        /// The backup file to read.
+        file: PathBuf,
+        /// Replace a different identity already in the data dir (it is lost unless backed
+        /// up).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replace your keys with new ones: the server moves your name to them on a statement
+    /// signed with your current key, which your contacts' clients check, so they follow
+    /// without a `trust`. The old key is kept until the server confirmed.
+    Rotate,
+}
+
+/// The environment variable a script gives the backup passphrase in.
+const PASSPHRASE_ENV: &str = "P2PCHAT_PASSPHRASE";
 
 /// `p2pchat send`'s exit code for a message kept in the outbox: it goes out at this user's
 /// next start (of any mode), so a script must not send it again. Distinct from 1 (not
@@ -162,11 +198,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(text) => Some(text.parse::<proto::Fingerprint>()?),
     };
     let interactive = cli.mode.is_none();
-    let user = match &cli.user {
-        Some(name) => Username::new(name).with_context(|| format!("invalid username {name:?}"))?,
-        None if interactive => ask_username()?,
-        None => bail!("--user (or P2PCHAT_USER) is required for scripted commands"),
-    };
     let home = match &cli.home {
         Some(home) => home.clone(),
         None => directories::ProjectDirs::from("", "", "p2pchat")
@@ -174,13 +205,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .data_dir()
             .to_path_buf(),
     };
+    // An import learns its user from the backup.
+    if let Some(Mode::Identity {
+        action: IdentityAction::Import { file, force },
+    }) = &cli.mode
+    {
+        return identity_import(&home, cli.user.as_deref(), file, *force).await;
+    }
+    let user = match &cli.user {
+        Some(name) => Username::new(name).with_context(|| format!("invalid username {name:?}"))?,
+        None if interactive => ask_username()?,
+        None => bail!("--user (or P2PCHAT_USER) is required for scripted commands"),
+    };
     proto::identity::create_private_dir(&home)?;
     let data_dir = home.join(user.as_str());
     proto::identity::create_private_dir(&data_dir)?;
     init_tracing(interactive, &data_dir)?;
 
-    if let Some(Mode::TrustServer) = cli.mode {
-        return trust_server(&cli.server, &data_dir, server_key).await;
+    match &cli.mode {
+        Some(Mode::TrustServer) => return trust_server(&cli.server, &data_dir, server_key).await,
+        Some(Mode::Identity {
+            action: IdentityAction::Export { file },
+        }) => return identity_export(&data_dir, &user, file),
+        Some(Mode::Identity {
+            action: IdentityAction::Rotate,
+        }) => {
+            let config = Config::new(cli.server.clone(), user.clone(), data_dir.clone());
+            return identity_rotate(&config, server_key).await;
+        }
+        _ => {}
     }
     let mut config = Config::new(cli.server.clone(), user, data_dir.clone());
     config.server_key = server_key;
@@ -207,7 +260,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             send_mode(&client, &to, &message.join(" ")).await
         }
         Some(Mode::Listen { json }) => listen_mode(&client, events, &data_dir, json, look).await,
-        Some(Mode::TrustServer) => unreachable!("handled before the runtime starts"),
+        Some(Mode::TrustServer | Mode::Identity { .. }) => {
+            unreachable!("handled before the runtime starts")
+        }
     };
     client.shutdown(DRAIN_TIMEOUT).await;
     code
@@ -239,6 +294,106 @@ async fn trust_server(
             "pinned key {presented} for the server at {server}; compare it with the fingerprint the operator gives (`p2pchat-discovery key`)"
         ),
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The backup passphrase: from [`PASSPHRASE_ENV`] if set, else asked on the terminal
+/// without echo (twice when `confirm`, for a new backup).
+fn passphrase(confirm: bool) -> anyhow::Result<String> {
+    if let Ok(passphrase) = std::env::var(PASSPHRASE_ENV)
+        && !passphrase.is_empty()
+    {
+        return Ok(passphrase);
+    }
+    let first = rpassword::prompt_password("backup passphrase: ")
+        .with_context(|| format!("cannot read the passphrase (or set {PASSPHRASE_ENV})"))?;
+    if first.is_empty() {
+        bail!("the passphrase is empty; nothing was done");
+    }
+    if confirm {
+        let again = rpassword::prompt_password("the same passphrase again: ")
+            .context("cannot read the passphrase")?;
+        if again != first {
+            bail!("the two passphrases differ; nothing was done");
+        }
+    }
+    Ok(first)
+}
+
+/// `p2pchat identity export <file>`.
+fn identity_export(data_dir: &Path, user: &Username, file: &Path) -> anyhow::Result<ExitCode> {
+    let passphrase = passphrase(true)?;
+    let exported = peer::backup::export(
+        data_dir,
+        user,
+        &passphrase,
+        proto::backup::KdfParams::default(),
+        file,
+    )?;
+    println!(
+        "wrote a backup of {user}'s identity ({}) and {} pinned contact keys to {}; keep it and its passphrase apart",
+        exported.fingerprint,
+        exported.pins,
+        file.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `p2pchat identity import <file> [--force]`: the user is the backup's (`--user`, if given,
+/// must name the same).
+async fn identity_import(
+    home: &Path,
+    asked: Option<&str>,
+    file: &Path,
+    force: bool,
+) -> anyhow::Result<ExitCode> {
+    let contents = peer::backup::read(file, &passphrase(false)?)?;
+    if let Some(asked) = asked
+        && asked != contents.user.as_str()
+    {
+        bail!(
+            "this backup is {}'s, not {asked}'s; nothing was imported",
+            contents.user
+        );
+    }
+    proto::identity::create_private_dir(home)?;
+    let data_dir = home.join(contents.user.as_str());
+    let imported = peer::backup::import(&data_dir, &contents, force).await?;
+    println!(
+        "restored {}'s identity ({}){} and {} pinned contact keys into {}",
+        contents.user,
+        imported.fingerprint,
+        if imported.replaced {
+            ", replacing the one there"
+        } else {
+            ""
+        },
+        imported.pins,
+        data_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `p2pchat identity rotate`.
+async fn identity_rotate(
+    config: &Config,
+    server_key: Option<proto::Fingerprint>,
+) -> anyhow::Result<ExitCode> {
+    let control = peer::control::ControlConfig {
+        server: config.server.clone(),
+        user: config.user.clone(),
+        listen_port: 0,
+        pong_timeout: config.pong_timeout,
+        heartbeat_interval: config.heartbeat_interval,
+        backoff_min: config.backoff_min,
+        backoff_max: config.backoff_max,
+        trust: peer::server_trust::ServerTrust::new(&config.data_dir, server_key),
+    };
+    let rotated = peer::backup::rotate(&config.data_dir, &control).await?;
+    println!(
+        "{}'s keys are rotated: {} replaces {}. Contacts who pinned the old key follow by the signed statement; make a new backup (`p2pchat identity export`), the old one holds the old key",
+        config.user, rotated.new, rotated.old
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -526,6 +681,7 @@ fn event_user(event: &Event) -> Option<&Username> {
         Event::Message(message) => Some(&message.from),
         Event::MuteEnded { user, .. }
         | Event::KeyChanged { user, .. }
+        | Event::KeyRotated { user, .. }
         | Event::Presence { user, .. } => Some(user),
         Event::Delivery { to, .. } => Some(to),
         Event::Refused { from, .. } => Some(from),

@@ -240,7 +240,9 @@ pub fn event_text(event: &Event, look: &Look, now_ms: u64) -> Option<String> {
             return Some(format!("{}{muted}", lines.join("\n")));
         }
         Event::Online { .. } | Event::Offline { .. } | Event::Presence { .. } => Paint::Quiet,
-        Event::MuteEnded { .. } | Event::Announcement { .. } => Paint::Notice,
+        Event::MuteEnded { .. } | Event::Announcement { .. } | Event::KeyRotated { .. } => {
+            Paint::Notice
+        }
         Event::Delivery { status, .. } if status.is_success() => Paint::Quiet,
         Event::Delivery { .. }
         | Event::Fatal(_)
@@ -316,6 +318,11 @@ fn event_text_raw(event: &Event, look: &Look, now_ms: u64) -> String {
         Event::Presence { user, online } => {
             format!("{user} is {}", if *online { "online" } else { "offline" })
         }
+        Event::KeyRotated { user, old, new } => format!(
+            "{user} rotated their key: the new key {new} is signed over by the old one {old} \
+             that you had pinned, so it is pinned now and messages go on. Your safety number \
+             with {user} changed: compare it again (`whois {user}`) if you had compared it"
+        ),
     }
 }
 
@@ -379,6 +386,9 @@ pub fn event_json(event: &Event) -> Value {
         Event::Presence { user, online } => {
             json!({"event": "presence", "user": user.as_str(), "online": online})
         }
+        Event::KeyRotated { user, old, new } => {
+            json!({"event": "key_rotated", "user": user.as_str(), "old": old, "new": new})
+        }
     }
 }
 
@@ -424,11 +434,21 @@ pub fn whois_text(report: &WhoisReport, look: &Look, now_ms: u64) -> String {
     if let Some(server) = &report.server_fingerprint {
         lines.push(format!("  server's key:  {server}"));
     }
-    if report.key_changed {
-        lines.push("  !!! the server's key differs from the pinned one: see `trust`".into());
-    }
     if let Some(number) = &report.safety_number {
         lines.push(format!("  safety number: {number}"));
+    }
+    if report.key_changed {
+        lines.push(format!(
+            "  !!! the server's key differs from the pinned one: the safety number above is \
+             for the server's (new) key, and differs from the pinned key's{}. Compare it with \
+             {user} in person; if it matches, `trust {user}` pins the new key",
+            report
+                .pinned_safety_number
+                .as_ref()
+                .map(|number| format!(" ({number})"))
+                .unwrap_or_default(),
+            user = report.user,
+        ));
     }
     lines.push(format!("  your key:      {}", report.my_fingerprint));
     lines.join("\n")
@@ -479,6 +499,7 @@ pub fn whois_json(report: &WhoisReport) -> Value {
         "server_fingerprint": report.server_fingerprint,
         "key_changed": report.key_changed,
         "safety_number": report.safety_number,
+        "pinned_safety_number": report.pinned_safety_number,
         "my_fingerprint": report.my_fingerprint,
     })
 }
@@ -674,6 +695,41 @@ mod tests {
         assert_eq!(chats_text(&[], &plain(), 0), "no conversations yet");
     }
 
+    /// Regression (issue 14): after bob's key changed, alice's `whois bob` showed the
+    /// safety number of the old key while the new bob's showed the new one, so "compare,
+    /// then `trust`" never matched. The number shown is the server's key's, and the text
+    /// says it differs from the pinned one.
+    #[test]
+    fn whois_after_a_key_change_shows_the_new_keys_number_and_says_so() {
+        let report = WhoisReport {
+            user: name("bob"),
+            my_fingerprint: "mine".into(),
+            pinned_fingerprint: Some("old".into()),
+            server_fingerprint: Some("new".into()),
+            safety_number: Some("11111 22222".into()),
+            pinned_safety_number: Some("33333 44444".into()),
+            key_changed: true,
+            online: Some(true),
+            last_seen_ms: None,
+        };
+        let text = whois_text(&report, &plain(), 0);
+        assert!(text.contains("safety number: 11111 22222"), "{text}");
+        assert!(
+            text.contains("differs from the pinned key's (33333 44444)"),
+            "{text}"
+        );
+        assert!(text.contains("`trust bob`"), "{text}");
+        let rotated = Event::KeyRotated {
+            user: name("bob"),
+            old: "old".into(),
+            new: "new".into(),
+        };
+        let line = event_text(&rotated).unwrap();
+        assert!(line.contains("bob rotated their key"), "{line}");
+        assert!(line.contains("signed over by the old one old"), "{line}");
+        assert_eq!(event_json(&rotated)["event"], "key_rotated");
+    }
+
     #[test]
     fn results_have_structured_fields() {
         let online = OnlineUsers {
@@ -690,6 +746,7 @@ mod tests {
             pinned_fingerprint: None,
             server_fingerprint: Some("theirs".into()),
             safety_number: Some("12345".into()),
+            pinned_safety_number: None,
             key_changed: false,
             online: Some(false),
             last_seen_ms: Some(7),

@@ -10,9 +10,13 @@ use std::{net::SocketAddr, sync::Arc};
 
 use proto::{
     ErrorCode, ErrorReply, MailRef, Registration, Reply, Request, UserInfo, Username,
-    identity::{registration_transcript, verify_announce_proof},
+    identity::{
+        Rotation, constant_time_eq, registration_transcript, release_proof, verify_announce_proof,
+    },
 };
-use store::{BindOutcome, Binding, Broadcast, DepositOutcome, Presence, Store, StoreError};
+use store::{
+    BindOutcome, Binding, Broadcast, DepositOutcome, Presence, RotateOutcome, Store, StoreError,
+};
 
 use crate::{
     config::Config,
@@ -31,7 +35,8 @@ const FETCH_REPLY_BUDGET: usize = proto::wire::MAX_FRAME_LEN - 256;
 /// Where a connection is in the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
-    /// Challenged, not registered: only `Register` and `Announce` are allowed.
+    /// Challenged, not registered: only `Register`, `Announce` and `ReleaseName` are
+    /// allowed.
     Unregistered,
     /// Registered as `user`.
     Registered {
@@ -145,6 +150,9 @@ impl Session {
             Request::Announce { text, proof } => {
                 (self.announce(text, proof, store, config).await, None)
             }
+            Request::ReleaseName { user, proof } => {
+                (self.release_name(user, proof, store, config).await, None)
+            }
             request => match self.user().cloned() {
                 None => (
                     Err(ErrorReply::new(
@@ -245,7 +253,13 @@ impl Session {
                     Err(error) => (Err(store_error(error)), None),
                 };
             }
-            Request::Register(_) | Request::Announce { .. } => {
+            Request::Rotate(rotation) => rotate(&me, rotation, store, now_ms).await,
+            Request::Rotations { user } => store
+                .rotations(&user)
+                .await
+                .map(Reply::Rotations)
+                .map_err(store_error),
+            Request::Register(_) | Request::Announce { .. } | Request::ReleaseName { .. } => {
                 unreachable!("handled before the registration check")
             }
         };
@@ -356,15 +370,7 @@ impl Session {
                 true
             }
             Ok(BindOutcome::Existing(existing)) if existing.keys == keys => false,
-            Ok(BindOutcome::Existing(_)) => {
-                return (
-                    Err(ErrorReply::new(
-                        ErrorCode::NameTaken,
-                        format!("the name {user} is already taken by someone else's key"),
-                    )),
-                    None,
-                );
-            }
+            Ok(BindOutcome::Existing(_)) => return (Err(name_taken(&user)), None),
             Err(error) => return (Err(store_error(error)), None),
         };
         self.listen_ports = listen_ports;
@@ -405,6 +411,31 @@ impl Session {
         store.set_presence(&presence).await.map_err(store_error)
     }
 
+    /// The operator releases `user`'s name (its owner lost the key): the binding and its
+    /// rotation statements go, and the next registration binds the name anew.
+    async fn release_name(
+        &self,
+        user: Username,
+        proof: [u8; 32],
+        store: &Store,
+        config: &Config,
+    ) -> Result<Reply, ErrorReply> {
+        operator_only(config, "release a name", |secret| {
+            constant_time_eq(&release_proof(secret, &self.nonce, &user), &proof)
+        })
+        .inspect_err(|_| {
+            tracing::warn!(%user, observed = %self.observed, "refused a name release without the operator secret");
+        })?;
+        match store.release(&user).await.map_err(store_error)? {
+            Some(binding) => {
+                let fingerprint = binding.keys.fingerprint();
+                tracing::warn!(%user, %fingerprint, "the operator released the name; the next registration binds it anew");
+                Ok(Reply::Released { fingerprint })
+            }
+            None => Err(unknown_user(&user)),
+        }
+    }
+
     async fn announce(
         &self,
         text: String,
@@ -412,16 +443,9 @@ impl Session {
         store: &Store,
         config: &Config,
     ) -> Result<Reply, ErrorReply> {
-        let authorised = config
-            .operator_secret
-            .as_deref()
-            .is_some_and(|secret| verify_announce_proof(secret, &self.nonce, &text, &proof));
-        if !authorised {
-            return Err(ErrorReply::new(
-                ErrorCode::Unauthorized,
-                "only the operator may announce (the proof of the operator secret is wrong)",
-            ));
-        }
+        operator_only(config, "announce", |secret| {
+            verify_announce_proof(secret, &self.nonce, &text, &proof)
+        })?;
         if text.trim().is_empty() {
             return Err(ErrorReply::new(
                 ErrorCode::BadRequest,
@@ -445,6 +469,23 @@ impl Session {
             .map(|()| Reply::Done)
             .map_err(store_error)
     }
+}
+
+/// Passes an operator request whose proof `verify` accepts under the operator secret;
+/// refuses it (`unauthorized`, saying the operator alone may do `what`) otherwise, or when
+/// this server has no secret.
+fn operator_only(
+    config: &Config,
+    what: &str,
+    verify: impl FnOnce(&[u8]) -> bool,
+) -> Result<(), ErrorReply> {
+    if config.operator_secret.as_deref().is_some_and(verify) {
+        return Ok(());
+    }
+    Err(ErrorReply::new(
+        ErrorCode::Unauthorized,
+        format!("only the operator may {what} (the proof of the operator secret is wrong)"),
+    ))
 }
 
 /// The reply to `List`: every online user sorted by name, or, past `max`, the first `max`
@@ -676,6 +717,82 @@ async fn set_blocked(
         store.unblock(me, user).await
     };
     result.map(|()| Reply::Done).map_err(store_error)
+}
+
+/// Moves `me`'s name to the keys of `rotation`, which must be signed by the keys bound now
+/// and by the new ones (see [`proto::identity::Rotation`]); the statement is kept for
+/// contacts to check. Repeating a rotation that already happened succeeds (a client that
+/// lost the answer asks again before it drops its old key).
+async fn rotate(
+    me: &Username,
+    rotation: Rotation,
+    store: &Store,
+    now_ms: u64,
+) -> Result<Reply, ErrorReply> {
+    if &rotation.user != me {
+        return Err(ErrorReply::new(
+            ErrorCode::BadRequest,
+            format!(
+                "you are registered as {me} and cannot rotate {}'s keys",
+                rotation.user
+            ),
+        ));
+    }
+    if rotation.verify().is_err() {
+        return Err(ErrorReply::new(
+            ErrorCode::BadSignature,
+            "the rotation must be signed by both the old and the new identity key",
+        ));
+    }
+    let current = store
+        .binding(me)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| unknown_user(me))?;
+    if current.keys == rotation.new {
+        return Ok(Reply::Done);
+    }
+    if current.keys != rotation.old {
+        return Err(ErrorReply::new(
+            ErrorCode::BadSignature,
+            format!("the rotation starts from keys {me} is not bound to"),
+        ));
+    }
+    match store
+        .rotate(&current, &rotation, now_ms)
+        .await
+        .map_err(store_error)?
+    {
+        RotateOutcome::Rotated => {
+            tracing::info!(
+                user = %me,
+                old = %rotation.old.fingerprint(),
+                new = %rotation.new.fingerprint(),
+                "keys rotated by a statement signed with the old key"
+            );
+            Ok(Reply::Done)
+        }
+        RotateOutcome::Changed(Some(standing)) if standing.keys == rotation.new => Ok(Reply::Done),
+        RotateOutcome::Changed(_) => Err(ErrorReply::new(
+            ErrorCode::Unavailable,
+            format!("{me}'s binding changed meanwhile; try again"),
+        )),
+    }
+}
+
+/// The refusal of a registration under a name bound to other keys, with what its user can
+/// do about it.
+fn name_taken(user: &Username) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::NameTaken,
+        format!(
+            "the name {user} is already taken by someone else's key. If it is yours and you \
+             have a backup, restore it (`p2pchat identity import <file>`); if you lost your \
+             key and have no backup, ask the server's operator to release the name \
+             (`p2pchat-discovery release-name {user}`), after which your contacts will see \
+             that your key changed; or choose another name"
+        ),
+    )
 }
 
 fn unknown_user(user: &Username) -> ErrorReply {

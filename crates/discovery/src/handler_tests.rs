@@ -1153,3 +1153,175 @@ async fn published_prekeys_are_claimed_once_each_and_only_their_owner_publishes(
         }
     );
 }
+
+#[tokio::test]
+async fn name_taken_says_what_the_user_can_do() {
+    let fixture = Fixture::new();
+    let _alice = registered(&fixture, "alice", T0).await;
+    let mut session = session();
+    let request = registration(&session, &name("alice"), &Identity::generate(), vec![4000]);
+    let error = fixture.handle(&mut session, request, T0).await.unwrap_err();
+    for hint in [
+        "p2pchat identity import",
+        "p2pchat-discovery release-name alice",
+        "another name",
+    ] {
+        assert!(error.message.contains(hint), "{hint}: {}", error.message);
+    }
+}
+
+#[tokio::test]
+async fn a_rotation_signed_by_the_bound_key_moves_the_name_and_is_kept() {
+    let mut fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let next = Identity::generate();
+    let rotation = Rotation::sign(&alice.name, &alice.identity, &next, T0 + 1);
+    let rotate = Request::Rotate(rotation.clone());
+    assert_eq!(
+        fixture
+            .handle(&mut alice.session, rotate.clone(), T0 + 1)
+            .await,
+        Ok(Reply::Done)
+    );
+    // Asked again (the answer was lost): done, nothing changes.
+    assert_eq!(
+        fixture.handle(&mut alice.session, rotate, T0 + 2).await,
+        Ok(Reply::Done)
+    );
+    let mut bob = registered(&fixture, "bob", T0).await;
+    let lookup = Request::Lookup {
+        user: alice.name.clone(),
+    };
+    match fixture.handle(&mut bob.session, lookup, T0 + 3).await {
+        Ok(Reply::User(info)) => assert_eq!(&info.keys, next.public()),
+        other => panic!("{other:?}"),
+    }
+    let statements = Request::Rotations {
+        user: alice.name.clone(),
+    };
+    assert_eq!(
+        fixture
+            .handle(&mut bob.session, statements.clone(), T0 + 3)
+            .await,
+        Ok(Reply::Rotations(vec![rotation]))
+    );
+    // Only the new key registers now, also after a restart; the old one is taken.
+    fixture.restart();
+    let mut fresh = session();
+    let request = registration(&fresh, &alice.name, &next, vec![4000]);
+    assert!(matches!(
+        fixture.handle(&mut fresh, request, T0 + 4).await,
+        Ok(Reply::Registered {
+            new_binding: false,
+            ..
+        })
+    ));
+    let mut old = session();
+    let request = registration(&old, &alice.name, &alice.identity, vec![4000]);
+    assert_eq!(
+        code(fixture.handle(&mut old, request, T0 + 4).await),
+        ErrorCode::NameTaken
+    );
+    assert!(matches!(
+        fixture.handle(&mut bob.session, statements, T0 + 4).await,
+        Ok(Reply::Rotations(kept)) if kept.len() == 1
+    ));
+}
+
+#[tokio::test]
+async fn a_rotation_not_from_the_bound_key_or_for_another_name_is_refused() {
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let bob = registered(&fixture, "bob", T0).await;
+    let next = Identity::generate();
+    // Signed by keys that are not bound to the name.
+    let stranger = Identity::generate();
+    let request = Request::Rotate(Rotation::sign(&alice.name, &stranger, &next, T0));
+    assert_eq!(
+        code(fixture.handle(&mut alice.session, request, T0).await),
+        ErrorCode::BadSignature
+    );
+    // The old key's signature over other keys than those offered.
+    let mut forged = Rotation::sign(&alice.name, &alice.identity, &next, T0);
+    forged.new = stranger.public().clone();
+    // Someone else's name, even with that name's own signed statement.
+    let theirs = Rotation::sign(&bob.name, &bob.identity, &next, T0);
+    for (rotation, refused) in [
+        (forged, ErrorCode::BadSignature),
+        (theirs, ErrorCode::BadRequest),
+    ] {
+        let request = Request::Rotate(rotation);
+        assert_eq!(
+            code(fixture.handle(&mut alice.session, request, T0).await),
+            refused
+        );
+    }
+    // Not registered: nothing.
+    let mut anonymous = session();
+    let request = Request::Rotate(Rotation::sign(&alice.name, &alice.identity, &next, T0));
+    assert_eq!(
+        code(fixture.handle(&mut anonymous, request, T0).await),
+        ErrorCode::NotRegistered
+    );
+    assert_eq!(
+        fixture
+            .store
+            .binding(&alice.name)
+            .await
+            .unwrap()
+            .unwrap()
+            .keys,
+        *alice.identity.public()
+    );
+}
+
+#[tokio::test]
+async fn the_operator_releases_a_name_and_the_next_registration_binds_it() {
+    let fixture = Fixture::new();
+    let alice = registered(&fixture, "alice", T0).await;
+    // Without the operator secret: refused, the name stays bound.
+    let mut stranger = session();
+    let request = Request::ReleaseName {
+        user: alice.name.clone(),
+        proof: proto::identity::release_proof(b"guess", &stranger.nonce, &alice.name),
+    };
+    assert_eq!(
+        code(fixture.handle(&mut stranger, request, T0).await),
+        ErrorCode::Unauthorized
+    );
+    // A proof for another name does not release this one.
+    let mut operator = session();
+    let request = Request::ReleaseName {
+        user: alice.name.clone(),
+        proof: proto::identity::release_proof(SECRET, &operator.nonce, &name("bob")),
+    };
+    assert_eq!(
+        code(fixture.handle(&mut operator, request, T0).await),
+        ErrorCode::Unauthorized
+    );
+    let request = Request::ReleaseName {
+        user: alice.name.clone(),
+        proof: proto::identity::release_proof(SECRET, &operator.nonce, &alice.name),
+    };
+    assert_eq!(
+        fixture.handle(&mut operator, request.clone(), T0).await,
+        Ok(Reply::Released {
+            fingerprint: alice.identity.public().fingerprint()
+        })
+    );
+    assert_eq!(
+        code(fixture.handle(&mut operator, request, T0).await),
+        ErrorCode::UnknownUser
+    );
+    // A new key takes the name as a first registration.
+    let fresh = Identity::generate();
+    let mut session = session();
+    let request = registration(&session, &alice.name, &fresh, vec![4000]);
+    assert!(matches!(
+        fixture.handle(&mut session, request, T0 + 1).await,
+        Ok(Reply::Registered {
+            new_binding: true,
+            ..
+        })
+    ));
+}

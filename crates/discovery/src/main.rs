@@ -119,12 +119,29 @@ enum Command {
     /// Print the server key's fingerprint (creating the key if there is none yet): what
     /// clients are given with `--server-key` to pin it up front.
     Key,
+    /// Release a name whose owner lost their key and has no backup, proving the operator
+    /// secret from the data dir: the running server (and every instance on its store)
+    /// unbinds it, and the next registration binds it anew. The user's contacts then see a
+    /// key change they must check and `trust`.
+    ReleaseName {
+        /// The name to release.
+        name: String,
+        /// The running server to ask (defaults to the listen address).
+        #[arg(long, env = "P2PCHAT_SERVER")]
+        server: Option<String>,
+    },
 }
 
 /// The server key from `path`, created if missing.
 fn load_server_key(path: &std::path::Path) -> anyhow::Result<(proto::ServerKey, bool)> {
     proto::ServerKey::load_or_create(path)
         .with_context(|| format!("cannot use the server key file {}", path.display()))
+}
+
+/// The key in this data dir's key file, if there is one: it names the server an operator
+/// command may talk to, so the command goes nowhere else.
+fn own_server_key(path: &std::path::Path) -> Option<proto::ServerPublicKey> {
+    proto::ServerKey::load(path).ok().map(|key| key.public())
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -156,12 +173,29 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Announce { text, server }) => {
             let secret = operator::load_secret(&data_dir)?;
             let server = server.clone().unwrap_or_else(|| cli.listen.to_string());
-            // The operator's own key file, when there is one here, names the server.
-            let expected = proto::ServerKey::load(&key_file)
-                .ok()
-                .map(|key| key.public());
+            let expected = own_server_key(&key_file);
             operator::announce(&server, &secret, text, expected).await?;
             println!("announced");
+            return Ok(());
+        }
+        Some(Command::ReleaseName { name, server }) => {
+            let user = proto::Username::new(name)
+                .with_context(|| format!("{name:?} is not a valid username"))?;
+            let secret = operator::load_secret(&data_dir)?;
+            let server = server.clone().unwrap_or_else(|| cli.listen.to_string());
+            let expected = own_server_key(&key_file);
+            match operator::release_name(&server, &secret, &user, expected).await {
+                Ok(fingerprint) => {
+                    tracing::warn!(%user, %fingerprint, %server, "released the name");
+                    println!(
+                        "released {user} (it was bound to {fingerprint}); the next registration of {user} binds it anew"
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(%user, %server, %error, "the name was not released");
+                    return Err(error.into());
+                }
+            }
             return Ok(());
         }
         Some(Command::Key) => {

@@ -1,6 +1,8 @@
 //! The operator: the secret kept in the server's data dir (mode 0600) that proves an
-//! announcement comes from whoever runs the server, and [`announce`], the client side of
-//! `p2pchat-discovery announce <text>`.
+//! announcement or a name release comes from whoever runs the server, and the client side
+//! of those commands: [`announce`] (`p2pchat-discovery announce <text>`) and
+//! [`release_name`] (`p2pchat-discovery release-name <name>`), both through [`ask`], which
+//! proves the secret over the running server's challenge.
 
 use std::{
     fs,
@@ -9,8 +11,10 @@ use std::{
 };
 
 use proto::{
-    Connection, ErrorReply, Reply, Request, RequestFrame, ServerMsg,
-    identity::{announce_proof, check_private, create_private_dir, write_private_new},
+    Connection, ErrorReply, Reply, Request, RequestFrame, ServerMsg, Username,
+    identity::{
+        announce_proof, check_private, create_private_dir, release_proof, write_private_new,
+    },
 };
 use tokio::net::TcpStream;
 
@@ -43,8 +47,8 @@ pub enum OperatorError {
         /// What went wrong.
         reason: String,
     },
-    /// The server refused the announcement.
-    #[error("the server refused the announcement: {0}")]
+    /// The server refused the request.
+    #[error("the server refused: {0}")]
     Refused(ErrorReply),
     /// The announcement is larger than a server takes before registration, and the server
     /// closed the connection on it.
@@ -108,6 +112,49 @@ pub async fn announce(
     text: &str,
     expected: Option<proto::ServerPublicKey>,
 ) -> Result<(), OperatorError> {
+    let build = |nonce: &[u8; 32]| Request::Announce {
+        text: text.to_owned(),
+        proof: announce_proof(secret, nonce, text),
+    };
+    match ask(server, expected, build).await? {
+        Reply::Done => Ok(()),
+        other => Err(unexpected(server, &other)),
+    }
+}
+
+/// Asks the server at `server` to release `user`'s name, proving the operator `secret`;
+/// returns the fingerprint of the keys the name was bound to. The server logs it.
+pub async fn release_name(
+    server: &str,
+    secret: &[u8],
+    user: &Username,
+    expected: Option<proto::ServerPublicKey>,
+) -> Result<String, OperatorError> {
+    let build = |nonce: &[u8; 32]| Request::ReleaseName {
+        user: user.clone(),
+        proof: release_proof(secret, nonce, user),
+    };
+    match ask(server, expected, build).await? {
+        Reply::Released { fingerprint } => Ok(fingerprint),
+        other => Err(unexpected(server, &other)),
+    }
+}
+
+fn unexpected(server: &str, reply: &Reply) -> OperatorError {
+    OperatorError::Connect {
+        server: server.to_owned(),
+        reason: format!("unexpected answer {reply:?}"),
+    }
+}
+
+/// Connects to the server at `server` (which must present `expected`, when given), and
+/// sends the one operator request `build` makes from the server's challenge; returns the
+/// reply.
+async fn ask(
+    server: &str,
+    expected: Option<proto::ServerPublicKey>,
+    build: impl FnOnce(&[u8; 32]) -> Request,
+) -> Result<Reply, OperatorError> {
     let failed = |reason: String| OperatorError::Connect {
         server: server.to_owned(),
         reason,
@@ -138,10 +185,7 @@ pub async fn announce(
         };
         let request = RequestFrame {
             id: 1,
-            request: Request::Announce {
-                text: text.to_owned(),
-                proof: announce_proof(secret, &nonce, text),
-            },
+            request: build(&nonce),
         };
         // A server closes the connection on a frame over its limit before reading it, so
         // the write or the read after it fails without the server's reason: a request over
@@ -161,9 +205,8 @@ pub async fn announce(
             .map_err(|error| failed(error.to_string()))?;
         match connection.recv::<ServerMsg>().await {
             Ok(Some(ServerMsg::Response {
-                result: Ok(Reply::Done),
-                ..
-            })) => Ok(()),
+                result: Ok(reply), ..
+            })) => Ok(reply),
             Ok(Some(ServerMsg::Response {
                 result: Err(error), ..
             })) => Err(OperatorError::Refused(error)),

@@ -251,6 +251,18 @@ pub enum Event {
         /// Online now.
         online: bool,
     },
+    /// A peer moved their name to new keys with a statement signed by the key pinned here
+    /// (checked by this client, not taken from the server): the new keys are pinned and
+    /// messages flow again. The safety number changed; compare it again if you compared
+    /// the old one.
+    KeyRotated {
+        /// Whose key.
+        user: Username,
+        /// The fingerprint pinned until now.
+        old: String,
+        /// The fingerprint pinned from now on.
+        new: String,
+    },
 }
 
 /// What `whois` shows.
@@ -264,8 +276,12 @@ pub struct WhoisReport {
     pub pinned_fingerprint: Option<String>,
     /// The fingerprint the server has now, if it could be asked.
     pub server_fingerprint: Option<String>,
-    /// The safety number of me and the user (with the pinned keys, else the server's).
+    /// The safety number of me and the user with the keys the server presents now (with
+    /// the pinned keys when the server cannot be asked): after a key change, the number to
+    /// compare before `trust`, which pins those keys.
     pub safety_number: Option<String>,
+    /// The safety number with the pinned keys, when they differ from the server's.
+    pub pinned_safety_number: Option<String>,
     /// Whether the server's keys differ from the pinned ones.
     pub key_changed: bool,
     /// Online now (per the server).

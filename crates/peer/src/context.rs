@@ -56,6 +56,10 @@ pub(crate) struct Context {
     /// Envelopes refused before anything in them authenticated: counted, and logged at the
     /// 1st, 2nd, 4th, 8th... (never shown as an event naming the claimed sender).
     pub(crate) unauthenticated: AtomicU64,
+    /// Server keys no rotation statement led to from the pinned ones, checked lately: a
+    /// changed key is asked about at most once per [`SERVER_KEYS_TTL`] per sender, however
+    /// many envelopes or sends meet it.
+    pub(crate) unfollowed: ServerKeys,
 }
 
 impl Context {
@@ -92,6 +96,62 @@ impl Context {
             }
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// Follows `user`'s name from the `pinned` keys to the `offered` ones if the server
+    /// keeps rotation statements that lead there, each signed by the key before it
+    /// ([`proto::identity::follow_rotations`]: checked here, so a server cannot invent a
+    /// rotation). Then the offered keys are pinned (durably), the user is told
+    /// ([`Event::KeyRotated`]), and the loop treats it as a `trust` (the outbox for `user`
+    /// goes, held mail opens). Returns whether the keys are pinned now.
+    pub(crate) async fn follow_rotation(
+        &self,
+        user: &Username,
+        pinned: &PublicKeys,
+        offered: &PublicKeys,
+    ) -> bool {
+        if self.unfollowed.get(user, Instant::now()) == Some(Some(offered.clone())) {
+            return false;
+        }
+        let rotations = match self
+            .control
+            .request(Request::Rotations { user: user.clone() })
+            .await
+        {
+            Ok(Reply::Rotations(rotations)) => rotations,
+            Ok(_) => return false,
+            Err(error) => {
+                tracing::info!(%user, %error, "cannot ask for rotation statements");
+                return false;
+            }
+        };
+        if !proto::identity::follow_rotations(user, pinned, offered, &rotations) {
+            self.unfollowed
+                .insert(user, Some(offered.clone()), Instant::now());
+            return false;
+        }
+        // Another task may have followed it a moment ago: tell the user once.
+        match self.state.pinned(user) {
+            Ok(Some(now)) if &now == offered => return true,
+            Ok(_) => {}
+            Err(error) => {
+                self.report_state_error(error).await;
+                return false;
+            }
+        }
+        if let Err(error) = self.state.repin(user, offered).await {
+            self.report_state_error(error).await;
+            return false;
+        }
+        tracing::info!(%user, old = %pinned.fingerprint(), new = %offered.fingerprint(), "followed a signed key rotation");
+        self.notify(Event::KeyRotated {
+            user: user.clone(),
+            old: pinned.fingerprint(),
+            new: offered.fingerprint(),
+        })
+        .await;
+        self.report(Report::Trusted(user.clone())).await;
+        true
     }
 
     /// Reports to the event loop (waits while its queue is full; a stopped loop drops it).
@@ -182,6 +242,14 @@ impl ServerKeys {
         (now.saturating_duration_since(*fetched) < SERVER_KEYS_TTL).then(|| keys.clone())
     }
 
+    /// Forgets the answer about `user`: its keys are pinned now, and the next mismatch
+    /// with the pin (a rotation or key change made since) deserves a fresh answer.
+    pub(crate) fn forget(&self, user: &Username) {
+        if let Ok(mut answers) = self.answers.lock() {
+            answers.remove(user);
+        }
+    }
+
     /// Remembers the server's answer about `user`, fetched at `now`.
     pub(crate) fn insert(&self, user: &Username, keys: Option<PublicKeys>, now: Instant) {
         let Ok(mut answers) = self.answers.lock() else {
@@ -219,6 +287,16 @@ mod tests {
         assert_eq!(cache.get(&name("bob"), within), Some(Some(keys)));
         assert_eq!(cache.get(&name("nobody"), within), Some(None));
         assert_eq!(cache.get(&name("bob"), start + SERVER_KEYS_TTL), None);
+    }
+
+    #[test]
+    fn a_forgotten_answer_is_asked_again_at_once() {
+        let cache = ServerKeys::default();
+        let keys = proto::Identity::generate().public().clone();
+        let now = Instant::now();
+        cache.insert(&name("bob"), Some(keys), now);
+        cache.forget(&name("bob"));
+        assert_eq!(cache.get(&name("bob"), now), None);
     }
 
     #[test]

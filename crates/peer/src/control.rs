@@ -331,6 +331,61 @@ pub async fn presented_key(
     Ok(proto::ServerPublicKey(secured.remote_static))
 }
 
+/// Registers as `config.user` with `identity` on a connection of its own (not the actor's:
+/// the runtime need not run) and, with a `rotation`, asks the server to move the name to
+/// the rotation's new keys; returns once the server confirmed. Without one it only checks
+/// that `identity` is the one bound to the name. What `p2pchat identity rotate` does.
+pub async fn rotate_keys(
+    config: &ControlConfig,
+    identity: &Identity,
+    rotation: Option<proto::identity::Rotation>,
+) -> Result<(), ControlError> {
+    let (mut connection, ..) = match connect(config, identity, &CancellationToken::new()).await {
+        Ok(Some(registered)) => registered,
+        Ok(None) => return Err(ControlError::ShuttingDown),
+        Err(ConnectError::Retry(reason)) => return Err(ControlError::Offline(reason)),
+        Err(ConnectError::Fatal(reply)) => return Err(ControlError::Refused(reply)),
+    };
+    let result = match rotation {
+        None => Ok(()),
+        Some(rotation) => rotate_on(&mut connection, rotation).await,
+    };
+    connection.close().await;
+    result
+}
+
+/// Sends one `Rotate` on a registered connection and waits for its answer.
+async fn rotate_on(
+    connection: &mut Connection<TcpStream>,
+    rotation: proto::identity::Rotation,
+) -> Result<(), ControlError> {
+    let frame = RequestFrame {
+        id: 1,
+        request: Request::Rotate(rotation),
+    };
+    connection
+        .send(&frame)
+        .await
+        .map_err(|error| ControlError::Offline(error.to_string()))?;
+    loop {
+        match recv_timed(connection).await {
+            Ok(ServerMsg::Response {
+                id: 1,
+                result: Ok(Reply::Done),
+            }) => return Ok(()),
+            Ok(ServerMsg::Response {
+                id: 1,
+                result: Err(reply),
+            })
+            | Ok(ServerMsg::Closing(reply)) => return Err(ControlError::Refused(reply)),
+            Ok(ServerMsg::Response { id: 1, .. }) => return Err(ControlError::Unexpected),
+            Ok(_) => {}
+            Err(ConnectError::Retry(reason)) => return Err(ControlError::Offline(reason)),
+            Err(ConnectError::Fatal(reply)) => return Err(ControlError::Refused(reply)),
+        }
+    }
+}
+
 /// Connects, exchanges hellos and registers. `Ok(None)` when shut down meanwhile.
 async fn connect(
     config: &ControlConfig,
@@ -384,7 +439,11 @@ async fn connect(
             request: Request::Register(Registration {
                 user: config.user.clone(),
                 keys,
-                listen_ports: vec![config.listen_port],
+                // Port 0: a one-off connection that takes no peers (`rotate_keys`).
+                listen_ports: (config.listen_port != 0)
+                    .then_some(config.listen_port)
+                    .into_iter()
+                    .collect(),
                 signature,
             }),
         };

@@ -39,18 +39,22 @@ pub(crate) async fn deliver(
         Err(status) => return (status, None, false),
     };
     let verified = info.keys.verify().map_err(|error| error.to_string());
-    let pinned = match verified {
+    let mut pinned = match verified {
         Ok(()) => Some(context.state.pin_if_absent(&entry.to, &info.keys).await),
         Err(_) => None,
     };
-    if let Some(Ok(PinOutcome::Changed { pinned })) = &pinned {
-        context
-            .notify(Event::KeyChanged {
-                user: entry.to.clone(),
-                pinned: pinned.fingerprint(),
-                offered: info.keys.fingerprint(),
-            })
-            .await;
+    if let Some(Ok(PinOutcome::Changed { pinned: old })) = &pinned {
+        if context.follow_rotation(&entry.to, old, &info.keys).await {
+            pinned = Some(Ok(PinOutcome::Same));
+        } else {
+            context
+                .notify(Event::KeyChanged {
+                    user: entry.to.clone(),
+                    pinned: old.fingerprint(),
+                    offered: info.keys.fingerprint(),
+                })
+                .await;
+        }
     }
     if let Err(status) = after_keys(verified, pinned) {
         return (status, None, false);

@@ -220,7 +220,13 @@ async fn check_dialer(context: &Context, from: &Username, key: &[u8; 32]) -> Res
     }
     let refusal = match source {
         KeySource::Pinned => {
-            key_change_or_forgery(context, from, &keys, |offered| &offered.exchange == key).await
+            match key_change_or_forgery(context, from, &keys, |offered| &offered.exchange == key)
+                .await
+            {
+                // A signed rotation to the key the dialer proved: pinned now.
+                Ok(_) => return Ok(()),
+                Err(refusal) => refusal,
+            }
         }
         KeySource::Server => Refusal::Bad(OpenError::BadToken { peer: from.clone() }),
     };
@@ -313,16 +319,25 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Chec
         {
             return Ok(Checked::Seen);
         }
-        match context.ratchet.open(&context.state, from, &keys, envelope) {
-            Ok(plaintext) => plaintext,
-            Err(RatchetError::State(error)) => return Err(transient(error)),
-            Err(RatchetError::Open(OpenError::BadToken { .. })) if source == KeySource::Pinned => {
+        let open = |keys: &PublicKeys| {
+            context
+                .ratchet
+                .open(&context.state, from, keys, envelope)
+                .map_err(|error| match error {
+                    RatchetError::State(error) => transient(error),
+                    RatchetError::Open(error) => Refusal::Bad(error),
+                    RatchetError::Seal(_) => Refusal::Bad(OpenError::Malformed),
+                })
+        };
+        match open(&keys) {
+            Err(Refusal::Bad(OpenError::BadToken { .. })) if source == KeySource::Pinned => {
+                // A signed rotation pins the new keys: the message must open under them.
                 let explains =
                     |offered: &PublicKeys| proto::ratchet::signed_by(envelope, from, offered);
-                return Err(key_change_or_forgery(context, from, &keys, explains).await);
+                let rotated = key_change_or_forgery(context, from, &keys, explains).await?;
+                open(&rotated)?
             }
-            Err(RatchetError::Open(error)) => return Err(error.into()),
-            Err(RatchetError::Seal(_)) => return Err(OpenError::Malformed.into()),
+            opened => opened?,
         }
     } else {
         open_legacy(context, envelope, &keys, source, now).await?
@@ -335,7 +350,9 @@ pub(crate) async fn check(context: &Context, envelope: &Envelope) -> Result<Chec
             .await
             .map_err(transient)?
         {
-            PinOutcome::New | PinOutcome::Same => {}
+            // The answer that was cached to pin them has served: a later mismatch with
+            // the pin (a key rotated since) asks the server again.
+            PinOutcome::New | PinOutcome::Same => context.server_keys.forget(from),
             // Pinned meanwhile, by another task, to other keys: those rule.
             PinOutcome::Changed { .. } => return Err(Refusal::KeyChanged),
         }
@@ -369,11 +386,19 @@ async fn open_legacy(
     let plaintext = match channel.open(envelope, now) {
         Ok(plaintext) => plaintext,
         Err(OpenError::BadToken { .. }) if source == KeySource::Pinned => {
-            return Err(key_change_or_forgery(context, from, keys, |_| true).await);
+            // A signed rotation pins the new keys: the message must open under them.
+            let rotated = key_change_or_forgery(context, from, keys, |_| true).await?;
+            context
+                .channel(from, &rotated)
+                .map_err(|_| Refusal::KeyChanged)?
+                .open(envelope, now)?
         }
         Err(error) => return Err(error.into()),
     };
-    if plaintext.sent_at_ms >= context.state.legacy_until_ms().map_err(transient)? {
+    // Mail kept until its time (dated a little ahead) at the switch counts as before it.
+    let allowance = (MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS) * 1000;
+    let until = context.state.legacy_until_ms().map_err(transient)?;
+    if until == 0 || plaintext.sent_at_ms >= until.saturating_add(allowance) {
         return Err(OpenError::Legacy.into());
     }
     Ok(plaintext)
@@ -382,16 +407,21 @@ async fn open_legacy(
 /// A token that does not open under the pinned keys (or a dialer proving another key) is
 /// either forged or made with new keys. Asking the server tells the two apart, so a real
 /// key change is reported loudly: the server's keys differ from the pinned ones and
-/// `explains` what was seen. The server is asked at most once per
-/// [`crate::context::SERVER_KEYS_TTL`] per sender, so forgeries cost no lookup each.
+/// `explains` what was seen. A change by rotation statements signed with the pinned key is
+/// followed instead ([`Context::follow_rotation`]): the new keys are pinned and returned.
+/// The server is asked at most once per [`crate::context::SERVER_KEYS_TTL`] per sender,
+/// so forgeries cost no lookup each.
 async fn key_change_or_forgery(
     context: &Context,
     from: &Username,
     pinned: &PublicKeys,
     explains: impl Fn(&PublicKeys) -> bool,
-) -> Refusal {
+) -> Result<PublicKeys, Refusal> {
     match server_keys(context, from).await {
         Ok(Some(keys)) if &keys != pinned && explains(&keys) => {
+            if context.follow_rotation(from, pinned, &keys).await {
+                return Ok(keys);
+            }
             context
                 .notify(Event::KeyChanged {
                     user: from.clone(),
@@ -399,9 +429,9 @@ async fn key_change_or_forgery(
                     offered: keys.fingerprint(),
                 })
                 .await;
-            Refusal::KeyChanged
+            Err(Refusal::KeyChanged)
         }
-        _ => Refusal::Bad(OpenError::BadToken { peer: from.clone() }),
+        _ => Err(Refusal::Bad(OpenError::BadToken { peer: from.clone() })),
     }
 }
 

@@ -3,6 +3,8 @@
 //! - [`runtime`]: [`start`] a runtime from a [`Config`]; it returns a [`Client`] (commands:
 //!   send, list, block, mute, whois, trust, history, ...) and [`Events`] (messages,
 //!   delivery results, announcements, warnings) in order.
+//! - [`backup`]: identity backup files ([`backup::export`], [`backup::import`]) and key
+//!   rotation ([`backup::rotate`]) on a data dir, while no runtime runs on it.
 //! - [`api`]: the public types ([`Config`], [`Event`], [`DeliveryStatus`], [`ClientError`]...).
 //! - `core`: the event loop's rules as an I/O-free state machine (inputs and the time in,
 //!   actions out), unit-tested without a runtime, socket or disk.
@@ -34,6 +36,7 @@
 //! workspace crates, and never prints: everything the user should see is an [`Event`].
 
 pub mod api;
+pub mod backup;
 pub(crate) mod context;
 pub mod control;
 pub(crate) mod core;

@@ -171,6 +171,7 @@ pub(crate) async fn start_with(
         unauthenticated: AtomicU64::new(0),
         publishing: tokio::sync::Mutex::new(()),
         mail: tokio::sync::watch::Sender::new(MailState::Unknown),
+        unfollowed: Default::default(),
     });
     #[cfg(feature = "testing")]
     let test_context = context.clone();

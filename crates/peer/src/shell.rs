@@ -668,14 +668,19 @@ async fn whois(context: &Context, user: &Username) -> Result<WhoisReport, Client
         Err(error) => return Err(error),
     };
     let mine = (&context.me, context.identity.public());
-    let shown_keys = pinned.as_ref().or(server.as_ref().map(|info| &info.keys));
+    let number = |keys: &PublicKeys| proto::identity::safety_number(mine, (user, keys));
+    // The keys `trust` would pin are the server's: that is the number to compare.
+    let shown_keys = server.as_ref().map(|info| &info.keys).or(pinned.as_ref());
+    let key_changed =
+        matches!((&pinned, &server), (Some(pinned), Some(info)) if pinned != &info.keys);
     Ok(WhoisReport {
         user: user.clone(),
         my_fingerprint: context.identity.public().fingerprint(),
         pinned_fingerprint: pinned.as_ref().map(PublicKeys::fingerprint),
         server_fingerprint: server.as_ref().map(|info| info.keys.fingerprint()),
-        safety_number: shown_keys.map(|keys| proto::identity::safety_number(mine, (user, keys))),
-        key_changed: matches!((&pinned, &server), (Some(pinned), Some(info)) if pinned != &info.keys),
+        safety_number: shown_keys.map(number),
+        pinned_safety_number: pinned.as_ref().filter(|_| key_changed).map(number),
+        key_changed,
         online: server.as_ref().map(|info| info.online),
         last_seen_ms: server.as_ref().and_then(|info| info.last_seen_ms),
     })

@@ -522,6 +522,30 @@ impl State {
         }
     }
 
+    /// Every pin, sorted by user (what an identity backup carries).
+    pub fn pins(&self) -> Result<Vec<(Username, PublicKeys)>, StateError> {
+        self.by_user(PINS, "pins")
+    }
+
+    /// Every row of a table keyed by user, decoded, sorted by user. A name that no longer
+    /// validates is skipped rather than fatal.
+    fn by_user<T: DeserializeOwned>(
+        &self,
+        definition: TableDefinition<&str, &[u8]>,
+        table: &'static str,
+    ) -> Result<Vec<(Username, T)>, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        let rows = txn.open_table(definition)?;
+        let mut records = Vec::new();
+        for row in rows.iter()? {
+            let (user, bytes) = row?;
+            if let Ok(user) = Username::new(user.value()) {
+                records.push((user, decode(table, bytes.value())?));
+            }
+        }
+        Ok(records)
+    }
+
     /// Pins `keys` for `user` unless other keys are pinned already.
     pub async fn pin_if_absent(
         &self,
@@ -605,17 +629,7 @@ impl State {
 
     /// Every block record, sorted by user.
     fn block_records(&self) -> Result<Vec<(Username, BlockRecord)>, StateError> {
-        let txn = self.db.get()?.begin_read()?;
-        let table = txn.open_table(BLOCKS)?;
-        let mut records = Vec::new();
-        for row in table.iter()? {
-            let (user, bytes) = row?;
-            // A name that no longer validates is skipped rather than fatal.
-            if let Ok(user) = Username::new(user.value()) {
-                records.push((user, decode("blocks", bytes.value())?));
-            }
-        }
-        Ok(records)
+        self.by_user(BLOCKS, "blocks")
     }
 
     /// The blocked users, sorted.

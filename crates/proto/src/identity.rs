@@ -14,18 +14,20 @@ use std::{
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha256, Sha512};
 use zeroize::Zeroizing;
 
 use crate::name::Username;
 
 /// The file, inside a user's data dir, that holds the identity secrets.
 pub const IDENTITY_FILE: &str = "identity.key";
-
 const EXCHANGE_KEY_CONTEXT: &[u8] = b"p2pchat x25519 key v1";
 const REGISTRATION_CONTEXT: &[u8] = b"p2pchat registration v2";
 const ANNOUNCE_CONTEXT: &[u8] = b"p2pchat announce v1";
-const SECRET_FILE_LEN: usize = 64;
+const ROTATION_CONTEXT: &[u8] = b"p2pchat rotation v1";
+const RELEASE_CONTEXT: &[u8] = b"p2pchat release name v1";
+/// The length of the identity file: the Ed25519 seed, then the X25519 secret.
+pub const SECRET_FILE_LEN: usize = 64;
 
 /// A user's public keys, as bound to their name at the discovery server.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,8 +134,20 @@ pub fn registration_transcript(
 /// HMAC-SHA256 under the operator secret over the server's `nonce` and the announcement
 /// `text`: proves the operator without sending the secret.
 pub fn announce_proof(secret: &[u8], nonce: &[u8; 32], text: &str) -> [u8; 32] {
+    operator_proof(secret, ANNOUNCE_CONTEXT, nonce, text)
+}
+
+/// HMAC-SHA256 under the operator secret over the server's `nonce` and the name to
+/// release: proves the operator for [`crate::Request::ReleaseName`].
+pub fn release_proof(secret: &[u8], nonce: &[u8; 32], user: &Username) -> [u8; 32] {
+    operator_proof(secret, RELEASE_CONTEXT, nonce, user.as_str())
+}
+
+/// HMAC-SHA256 under the operator secret over an operation's `context`, the server's
+/// `nonce` and the operation's `text`.
+pub fn operator_proof(secret: &[u8], context: &[u8], nonce: &[u8; 32], text: &str) -> [u8; 32] {
     let mut message = Vec::with_capacity(text.len() + 64);
-    push_field(&mut message, ANNOUNCE_CONTEXT);
+    push_field(&mut message, context);
     push_field(&mut message, nonce);
     push_field(&mut message, text.as_bytes());
     // HMAC takes keys of any length, so this cannot fail.
@@ -150,8 +164,11 @@ pub fn verify_announce_proof(
     text: &str,
     proof: &[u8; 32],
 ) -> bool {
-    let expected = announce_proof(secret, nonce, text);
-    // Constant-time comparison: fold the differences.
+    constant_time_eq(&announce_proof(secret, nonce, text), proof)
+}
+
+/// Compares two proofs in constant time: folds the differences.
+pub fn constant_time_eq(expected: &[u8; 32], proof: &[u8; 32]) -> bool {
     expected
         .iter()
         .zip(proof.iter())
@@ -159,32 +176,138 @@ pub fn verify_announce_proof(
         == 0
 }
 
-/// A safety number for the pair: both sides compute the same 30 digits from the two names
-/// and identity keys, in either order. Compare it out of band before trusting a key.
-pub fn safety_number(a: (&Username, &PublicKeys), b: (&Username, &PublicKeys)) -> String {
-    let (first, second) = if (a.0, &a.1.identity) <= (b.0, &b.1.identity) {
-        (a, b)
-    } else {
-        (b, a)
-    };
-    let mut input = Vec::new();
-    for (user, keys) in [first, second] {
-        push_field(&mut input, user.as_str().as_bytes());
-        push_field(&mut input, &keys.identity);
-        push_field(&mut input, &keys.exchange);
+/// The version prefixed to every safety-number half (Signal's `FINGERPRINT_VERSION`).
+const SAFETY_NUMBER_VERSION: u16 = 0;
+/// SHA-512 rounds per half, as Signal's `NumericFingerprintGenerator` uses.
+pub const SAFETY_NUMBER_ITERATIONS: usize = 5_200;
+
+/// One party's half of a safety number: 30 digits, computed as Signal's
+/// `NumericFingerprintGenerator` does: `hash = SHA-512(version (2 bytes, big-endian) ||
+/// key || name)`, then [`SAFETY_NUMBER_ITERATIONS`] times `hash = SHA-512(hash || key)`;
+/// the first 30 bytes are six 5-byte chunks, each read big-endian, modulo 100,000, as 5
+/// digits. The key is the Ed25519 identity key (it signs the X25519 key).
+pub fn safety_number_half(user: &Username, keys: &PublicKeys) -> String {
+    let mut hash = Sha512::new()
+        .chain_update(SAFETY_NUMBER_VERSION.to_be_bytes())
+        .chain_update(keys.identity)
+        .chain_update(user.as_str().as_bytes())
+        .finalize();
+    for _ in 0..SAFETY_NUMBER_ITERATIONS {
+        hash = Sha512::new()
+            .chain_update(hash)
+            .chain_update(keys.identity)
+            .finalize();
     }
-    let digest = Sha256::digest(&input);
-    digest
+    hash[..30]
         .chunks(5)
-        .take(6)
         .map(|chunk| {
             let value = chunk
                 .iter()
                 .fold(0u64, |acc, byte| (acc << 8) | u64::from(*byte));
             format!("{:05}", value % 100_000)
         })
+        .collect()
+}
+
+/// The safety number of a pair: both parties' [`safety_number_half`]s, the smaller first
+/// (as Signal orders them), so both sides compute the same 60 digits; shown in twelve
+/// groups of five. Compare it out of band before trusting a key: a server that gave each
+/// side another key for the other would have to find keys whose 30-digit halves both match
+/// (a second-preimage search of about 2^100 per half, each try 5,200 SHA-512s), where one
+/// hash over both parties let it search for a collision between the two views.
+pub fn safety_number(a: (&Username, &PublicKeys), b: (&Username, &PublicKeys)) -> String {
+    let mut halves = [safety_number_half(a.0, a.1), safety_number_half(b.0, b.1)];
+    halves.sort();
+    let digits = halves.concat();
+    digits
+        .as_bytes()
+        .chunks(5)
+        .map(|group| String::from_utf8_lossy(group).into_owned())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// A statement that `user`'s name moves from the keys `old` to the keys `new`, signed by
+/// both identity keys: the old one says "my successor is `new`", the new one proves its
+/// holder made the statement too (nobody binds someone else's key to their name). The
+/// discovery server checks it against the binding and keeps it; a contact who pinned `old`
+/// checks it again ([`follow_rotations`]), so a server cannot invent a rotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rotation {
+    /// Whose keys change.
+    pub user: Username,
+    /// The keys bound until now.
+    pub old: PublicKeys,
+    /// The keys bound from now on.
+    pub new: PublicKeys,
+    /// When the statement was made (milliseconds since the Unix epoch), for people.
+    pub at_ms: u64,
+    /// The old identity key's signature over [`Rotation::transcript`].
+    pub old_signature: Signature,
+    /// The new identity key's signature over [`Rotation::transcript`].
+    pub new_signature: Signature,
+}
+
+impl Rotation {
+    /// `old` hands `user`'s name to `new`, at `at_ms`.
+    pub fn sign(user: &Username, old: &Identity, new: &Identity, at_ms: u64) -> Self {
+        let transcript = rotation_transcript(user, old.public(), new.public(), at_ms);
+        Self {
+            user: user.clone(),
+            old: old.public().clone(),
+            new: new.public().clone(),
+            at_ms,
+            old_signature: old.sign(&transcript),
+            new_signature: new.sign(&transcript),
+        }
+    }
+
+    /// The bytes both keys sign.
+    pub fn transcript(&self) -> Vec<u8> {
+        rotation_transcript(&self.user, &self.old, &self.new, self.at_ms)
+    }
+
+    /// Checks both signatures and that each key set is sound (its X25519 key signed by
+    /// its identity key).
+    pub fn verify(&self) -> Result<(), KeyError> {
+        self.old.verify()?;
+        self.new.verify()?;
+        let transcript = self.transcript();
+        self.old
+            .verify_signature(&transcript, &self.old_signature)?;
+        self.new.verify_signature(&transcript, &self.new_signature)
+    }
+}
+
+fn rotation_transcript(user: &Username, old: &PublicKeys, new: &PublicKeys, at_ms: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(200);
+    push_field(&mut out, ROTATION_CONTEXT);
+    push_field(&mut out, user.as_str().as_bytes());
+    push_field(&mut out, &old.identity);
+    push_field(&mut out, &old.exchange);
+    push_field(&mut out, &new.identity);
+    push_field(&mut out, &new.exchange);
+    push_field(&mut out, &at_ms.to_be_bytes());
+    out
+}
+
+/// Whether `rotations` (oldest first, as the server keeps them) lead `user`'s name from the
+/// `pinned` keys to `offered`: a chain of statements for `user`, each verified and each
+/// starting at the keys the one before ended at. Statements that do not continue the chain
+/// are skipped (a contact may have pinned a key after the first rotations were made).
+pub fn follow_rotations(
+    user: &Username,
+    pinned: &PublicKeys,
+    offered: &PublicKeys,
+    rotations: &[Rotation],
+) -> bool {
+    let mut current = pinned;
+    for rotation in rotations {
+        if &rotation.user == user && &rotation.old == current && rotation.verify().is_ok() {
+            current = &rotation.new;
+        }
+    }
+    current == offered
 }
 
 /// Why an identity could not be loaded or saved.
@@ -241,7 +364,9 @@ impl Identity {
         Self::from_secret_bytes(&seeds)
     }
 
-    fn from_secret_bytes(seeds: &[u8; SECRET_FILE_LEN]) -> Self {
+    /// The identity whose secrets are `seeds`, as [`Identity::secret_bytes`] gives them
+    /// (what the identity file and a backup hold).
+    pub fn from_secret_bytes(seeds: &[u8; SECRET_FILE_LEN]) -> Self {
         let mut signing_seed = Zeroizing::new([0u8; 32]);
         let mut exchange_seed = Zeroizing::new([0u8; 32]);
         signing_seed.copy_from_slice(&seeds[..32]);
@@ -312,19 +437,23 @@ impl Identity {
     pub fn load(dir: &Path) -> Result<Self, IdentityError> {
         // The folder first: a loose folder is refused even before its first key exists.
         check_private(dir, 0o700)?;
-        let path = dir.join(IDENTITY_FILE);
-        let io_error = |source| IdentityError::Io {
-            path: path.clone(),
+        Self::load_file(&dir.join(IDENTITY_FILE))
+    }
+
+    /// Loads an identity from the file `path` (the identity file's format), refusing a file
+    /// others can read. A missing file is [`IdentityError::Io`] with `NotFound`.
+    pub fn load_file(path: &Path) -> Result<Self, IdentityError> {
+        let bytes = Zeroizing::new(fs::read(path).map_err(|source| IdentityError::Io {
+            path: path.to_path_buf(),
             source,
-        };
-        let bytes = Zeroizing::new(fs::read(&path).map_err(io_error)?);
-        check_private(&path, 0o600)?;
+        })?);
+        check_private(path, 0o600)?;
         let seeds: &[u8; SECRET_FILE_LEN] =
             bytes
                 .as_slice()
                 .try_into()
                 .map_err(|_| IdentityError::Corrupt {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     reason: "wrong length",
                 })?;
         Ok(Self::from_secret_bytes(seeds))
@@ -346,8 +475,9 @@ impl Identity {
         sync_dir(dir).map_err(io_error)
     }
 
-    /// The two secret seeds as the identity file holds them.
-    fn secret_bytes(&self) -> Zeroizing<[u8; SECRET_FILE_LEN]> {
+    /// The two secret seeds as the identity file holds them (for a backup; zeroized on
+    /// drop).
+    pub fn secret_bytes(&self) -> Zeroizing<[u8; SECRET_FILE_LEN]> {
         let mut seeds = Zeroizing::new([0u8; SECRET_FILE_LEN]);
         seeds[..32].copy_from_slice(self.signing.as_bytes());
         seeds[32..].copy_from_slice(self.exchange.as_bytes());
@@ -656,14 +786,151 @@ mod tests {
     }
 
     #[test]
-    fn safety_number_is_symmetric_and_fingerprint_is_short() {
+    fn safety_number_is_symmetric_deterministic_and_sixty_digits() {
         let a = Identity::generate();
         let b = Identity::generate();
         let forward = safety_number((&name("a"), a.public()), (&name("b"), b.public()));
         let backward = safety_number((&name("b"), b.public()), (&name("a"), a.public()));
         assert_eq!(forward, backward);
-        assert_eq!(forward.len(), 6 * 5 + 5);
+        assert_eq!(
+            forward,
+            safety_number((&name("a"), a.public()), (&name("b"), b.public()))
+        );
+        let groups: Vec<&str> = forward.split(' ').collect();
+        assert_eq!(groups.len(), 12);
+        assert!(
+            groups
+                .iter()
+                .all(|group| group.len() == 5 && group.bytes().all(|byte| byte.is_ascii_digit()))
+        );
         assert_eq!(a.public().fingerprint().len(), 8 * 4 + 7);
+    }
+
+    /// A known answer, so the number cannot drift between versions (both sides of a pair
+    /// must compute it alike): the keys of the seeds 1..=64 and 65..=128.
+    #[test]
+    fn safety_number_half_has_a_fixed_known_answer() {
+        let seeds = |start: u8| -> [u8; SECRET_FILE_LEN] {
+            std::array::from_fn(|index| start.wrapping_add(index as u8))
+        };
+        let alice = Identity::from_secret_bytes(&seeds(1));
+        let half = safety_number_half(&name("alice"), alice.public());
+        assert_eq!(half.len(), 30);
+        assert_eq!(half, KNOWN_HALF);
+        // The half is Signal's iteration: recompute it from the description.
+        let mut hash =
+            Sha512::digest([&0u16.to_be_bytes()[..], &alice.public().identity, b"alice"].concat());
+        for _ in 0..5_200 {
+            hash = Sha512::digest([&hash[..], &alice.public().identity].concat());
+        }
+        let expected: String = (0..6)
+            .map(|chunk| {
+                let bytes = &hash[chunk * 5..chunk * 5 + 5];
+                let value = bytes.iter().fold(0u64, |acc, b| acc * 256 + u64::from(*b));
+                format!("{:05}", value % 100_000)
+            })
+            .collect();
+        assert_eq!(half, expected);
+    }
+
+    /// Computed independently (Python's `hashlib` and `cryptography`) from the description.
+    const KNOWN_HALF: &str = "843452218787035682940216549679";
+
+    #[test]
+    fn a_changed_key_changes_only_its_partys_half() {
+        let alice = Identity::generate();
+        let bob = Identity::generate();
+        let new_bob = Identity::generate();
+        let halves = |number: String| -> Vec<String> {
+            let digits: String = number.split(' ').collect();
+            vec![digits[..30].to_owned(), digits[30..].to_owned()]
+        };
+        let alice_half = safety_number_half(&name("alice"), alice.public());
+        let before = halves(safety_number(
+            (&name("alice"), alice.public()),
+            (&name("bob"), bob.public()),
+        ));
+        let after = halves(safety_number(
+            (&name("alice"), alice.public()),
+            (&name("bob"), new_bob.public()),
+        ));
+        assert!(before.contains(&alice_half) && after.contains(&alice_half));
+        let bob_before = before.iter().find(|half| **half != alice_half).unwrap();
+        let bob_after = after.iter().find(|half| **half != alice_half).unwrap();
+        assert_ne!(bob_before, bob_after);
+        assert_eq!(
+            *bob_after,
+            safety_number_half(&name("bob"), new_bob.public())
+        );
+        // The name is part of a half too.
+        assert_ne!(
+            safety_number_half(&name("bob"), bob.public()),
+            safety_number_half(&name("bob2"), bob.public())
+        );
+    }
+
+    #[test]
+    fn a_rotation_is_checked_and_followed_from_the_pinned_key() {
+        let bob = name("bob");
+        let first = Identity::generate();
+        let second = Identity::generate();
+        let third = Identity::generate();
+        let one = Rotation::sign(&bob, &first, &second, 1);
+        let two = Rotation::sign(&bob, &second, &third, 2);
+        one.verify().unwrap();
+        let chain = [one.clone(), two.clone()];
+        assert!(follow_rotations(
+            &bob,
+            first.public(),
+            third.public(),
+            &chain
+        ));
+        assert!(follow_rotations(
+            &bob,
+            second.public(),
+            third.public(),
+            &chain
+        ));
+        assert!(follow_rotations(
+            &bob,
+            first.public(),
+            second.public(),
+            &chain[..1]
+        ));
+        // Missing a link, or another user's statement, leads nowhere.
+        assert!(!follow_rotations(
+            &bob,
+            first.public(),
+            third.public(),
+            &chain[1..]
+        ));
+        assert!(!follow_rotations(
+            &name("carol"),
+            first.public(),
+            third.public(),
+            &chain
+        ));
+        // A statement not signed by the old key (a server inventing one) is not followed.
+        let mallory = Identity::generate();
+        let mut forged = Rotation::sign(&bob, &mallory, &third, 3);
+        forged.old = first.public().clone();
+        assert!(forged.verify().is_err());
+        assert!(!follow_rotations(
+            &bob,
+            first.public(),
+            third.public(),
+            &[forged]
+        ));
+        // Nor one the new key did not sign.
+        let mut grabbed = one.clone();
+        grabbed.new = mallory.public().clone();
+        assert!(grabbed.verify().is_err());
+        assert!(!follow_rotations(
+            &bob,
+            first.public(),
+            mallory.public(),
+            &[grabbed]
+        ));
     }
 
     #[test]

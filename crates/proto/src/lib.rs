@@ -8,16 +8,19 @@
 //! - [`connection`]: [`Connection`], a typed framed stream over any `AsyncRead + AsyncWrite`.
 //! - [`noise`]: the Noise handshakes and transport encryption every connection runs (through
 //!   `snow`), and the discovery server's key ([`ServerKey`]).
-//! - [`identity`]: [`Identity`] (secret keys, saved 0600) and [`PublicKeys`].
 //! - [`ratchet`]: messages sealed by vodozemac's Olm double ratchet ([`ratchet::Sessions`],
 //!   [`ratchet::OwnAccount`]) and the signed keys published to start sessions.
 //! - [`seal`]: the checked [`Plaintext`] every message seals, and [`Channel`], the static
 //!   pairwise Fernet channel from before the ratchet (kept to open older mail).
+//! - [`identity`]: [`Identity`] (secret keys, saved 0600), [`PublicKeys`], safety numbers
+//!   and [`identity::Rotation`], the signed statement that moves a name to new keys.
+//! - [`backup`]: the passphrase-protected identity backup (scrypt → Fernet).
 //!
 //! **Architecture Invariant:** this crate is a leaf. It opens no socket and starts no
 //! runtime; the only I/O it does is on a stream handed to [`Connection`] and the identity
 //! and server key files it is asked to read or write.
 
+pub mod backup;
 pub mod connection;
 pub mod identity;
 pub mod msg;

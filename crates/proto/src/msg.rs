@@ -12,7 +12,10 @@ use std::{fmt, net::SocketAddr, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{identity::PublicKeys, name::Username};
+use crate::{
+    identity::{PublicKeys, Rotation},
+    name::Username,
+};
 
 /// The protocol name carried in every [`Hello`].
 pub const PROTOCOL_NAME: &str = "p2pchat";
@@ -221,6 +224,27 @@ pub enum Request {
         /// Whose key.
         user: Username,
     },
+    /// Move my name to new keys: a [`Rotation`] signed by the keys bound now (the ones this
+    /// connection registered with) and by the new ones. The server binds the new keys and
+    /// keeps the statement for contacts to check. Answered with [`Reply::Done`].
+    Rotate(Rotation),
+    /// The rotation statements kept for `user`, oldest first: what a contact who pinned an
+    /// older key checks before following the name to its new keys. Answered with
+    /// [`Reply::Rotations`].
+    Rotations {
+        /// Whose statements.
+        user: Username,
+    },
+    /// Operator only: unbind `user`'s name (its owner lost the key and has no backup), so
+    /// that the next registration binds it anew. `proof` is
+    /// [`crate::identity::operator_proof`] of the operator secret, the challenge and the
+    /// name. Answered with [`Reply::Released`].
+    ReleaseName {
+        /// The name to release.
+        user: Username,
+        /// Proof of the operator secret.
+        proof: [u8; 32],
+    },
 }
 
 /// What the server knows of one user.
@@ -293,6 +317,13 @@ pub enum Reply {
     },
     /// A claimed key to start a session with.
     PreKey(crate::ratchet::PreKeyBundle),
+    /// The rotation statements kept for a user, oldest first (empty if none).
+    Rotations(Vec<Rotation>),
+    /// A name was released; here is the binding it had.
+    Released {
+        /// The fingerprint of the keys the name was bound to.
+        fingerprint: String,
+    },
 }
 
 /// A machine-readable error code; [`ErrorCode::as_str`] is its stable spelling.

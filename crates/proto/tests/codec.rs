@@ -55,7 +55,22 @@ fn every_request() -> Vec<Request> {
                 id: MessageId::random(),
             }],
         },
+        Request::Rotate(rotation()),
+        Request::Rotations { user: name("bob") },
+        Request::ReleaseName {
+            user: name("bob"),
+            proof: [7; 32],
+        },
     ]
+}
+
+fn rotation() -> proto::identity::Rotation {
+    proto::identity::Rotation::sign(
+        &name("alice"),
+        &Identity::generate(),
+        &Identity::generate(),
+        5,
+    )
 }
 
 fn every_server_msg() -> Vec<ServerMsg> {
@@ -106,6 +121,10 @@ fn every_server_msg() -> Vec<ServerMsg> {
         },
         Reply::Acked { removed: 2 },
         Reply::Done,
+        Reply::Rotations(vec![rotation(), rotation()]),
+        Reply::Released {
+            fingerprint: identity.public().fingerprint(),
+        },
     ];
     for (index, reply) in replies.into_iter().enumerate() {
         messages.push(ServerMsg::Response {

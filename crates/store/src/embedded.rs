@@ -10,6 +10,7 @@
 //! | Table | Key | Value |
 //! | --- | --- | --- |
 //! | `bindings` | user | [`Binding`] (wire-encoded) |
+//! | `rotations` | user | the latest rotation statements, oldest first (wire-encoded) |
 //! | `mail` | (user, sequence) | (message id, [`StoredMail`] wire-encoded) |
 //! | `mail_keys` | (user, message id, sender) | sequence |
 //! | `mailbox_totals` | user | (message count, next sequence, stale `mail_keys` entries, bytes) |
@@ -48,8 +49,9 @@
 //! bindings and block-list changes commit durably. Acks commit without waiting for the disk:
 //! an ack lost in a crash only brings its mail back, which at-least-once delivery allows
 //! (receivers drop ids they have seen), and the next durable commit persists it; an `fsync`
-//! per acked batch would bound a mailbox drain at the disk's flush rate. Bindings never
-//! change once made, so they are cached in memory after their first read or write.
+//! per acked batch would bound a mailbox drain at the disk's flush rate. Bindings are cached
+//! in memory after their first read or write; a rotation or a release (the only changes to
+//! a binding) updates the cache in the same call, after its commit.
 //!
 //! # I/O failures
 //!
@@ -70,7 +72,7 @@ use std::{
 };
 
 use durable::{Commit, DatabaseSlot, GroupWriter, JobError, Opener};
-use proto::{Envelope, MailRef, Username, wire};
+use proto::{Envelope, MailRef, Username, identity::Rotation, wire};
 use redb::{
     Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
     TableDefinition, TableHandle, WriteTransaction,
@@ -78,15 +80,18 @@ use redb::{
 use tokio::sync::broadcast;
 
 use crate::{
-    BindOutcome, Binding, Broadcast, DepositOutcome, Fetched, MailLimits, Presence, StoreError,
-    StoredMail,
+    BindOutcome, Binding, Broadcast, DepositOutcome, Fetched, MailLimits, Presence, RotateOutcome,
+    StoreError, StoredMail,
     record::{
-        Batch, PreKeyOwner, decode_binding, decode_prekey, encode, is_expired, prekey_bundle,
+        Batch, PreKeyOwner, appended, decode_binding, decode_prekey, decode_rotations, encode,
+        is_expired, prekey_bundle,
     },
 };
 
 /// Name → wire-encoded [`Binding`].
 const BINDINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("bindings");
+/// Name → wire-encoded rotation statements, oldest first.
+const ROTATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("rotations");
 /// A mail table: (user, sequence) → (message id, stored bytes).
 type MailTable = TableDefinition<'static, (&'static str, u64), (&'static [u8; 16], &'static [u8])>;
 
@@ -143,9 +148,9 @@ struct Inner {
     /// Presence by user; a std mutex, never held across an `.await`. A `BTreeMap` so the
     /// online list comes out sorted by name.
     presence: Mutex<BTreeMap<Username, Presence>>,
-    /// Bindings already read or written. A binding never changes once made, so this cache
-    /// is never stale, and lookups (the hottest request) never touch the database for a
-    /// known user.
+    /// Bindings already read or written, so lookups (the hottest request) never touch the
+    /// database for a known user. One process is the whole tier, and a rotation or release
+    /// updates it after its commit, so it is never stale.
     bindings: Mutex<std::collections::HashMap<Username, Binding>>,
     events: broadcast::Sender<Broadcast>,
 }
@@ -157,6 +162,13 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
             .get(user)
             .cloned()
+    }
+
+    fn forget_binding(&self, user: &Username) {
+        self.bindings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(user);
     }
 
     fn cache_binding(&self, binding: &Binding) {
@@ -293,6 +305,87 @@ impl EmbeddedStore {
                     Ok(BindOutcome::Created)
                 }
             }
+        })
+        .await
+    }
+
+    /// See [`crate::Store::rotate`].
+    pub async fn rotate(
+        &self,
+        current: &Binding,
+        rotation: &Rotation,
+        now_ms: u64,
+    ) -> Result<RotateOutcome, StoreError> {
+        let current = current.clone();
+        let next = current.rotated(rotation, now_ms);
+        let encoded = encode(&next)?;
+        let rotation = rotation.clone();
+        self.blocking(move |inner, db| {
+            let txn = db.begin_write()?;
+            let user = current.user.as_str();
+            {
+                let mut bindings = txn.open_table(BINDINGS)?;
+                let standing = bindings
+                    .get(user)?
+                    .map(|value| decode_binding(&current.user, value.value()))
+                    .transpose()?;
+                if standing.as_ref() != Some(&current) {
+                    return Ok(RotateOutcome::Changed(standing));
+                }
+                bindings.insert(user, encoded.as_ref())?;
+                let mut rotations = txn.open_table(ROTATIONS)?;
+                let kept = rotations
+                    .get(user)?
+                    .map(|value| decode_rotations(&current.user, value.value()))
+                    .transpose()?
+                    .unwrap_or_default();
+                let kept = encode(&appended(kept, &rotation))?;
+                rotations.insert(user, kept.as_ref())?;
+                // The published keys were signed by the old identity: nobody could use them.
+                forget_prekeys(&txn, user)?;
+            }
+            txn.commit()?;
+            inner.db.committed();
+            inner.cache_binding(&next);
+            Ok(RotateOutcome::Rotated)
+        })
+        .await
+    }
+
+    /// See [`crate::Store::rotations`].
+    pub async fn rotations(&self, user: &Username) -> Result<Vec<Rotation>, StoreError> {
+        let user = user.clone();
+        self.blocking(move |_, db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(ROTATIONS)?;
+            let value = table.get(user.as_str())?;
+            Ok(value
+                .map(|value| decode_rotations(&user, value.value()))
+                .transpose()?
+                .unwrap_or_default())
+        })
+        .await
+    }
+
+    /// See [`crate::Store::release`].
+    pub async fn release(&self, user: &Username) -> Result<Option<Binding>, StoreError> {
+        let user = user.clone();
+        self.blocking(move |inner, db| {
+            let txn = db.begin_write()?;
+            let released = {
+                let released = txn
+                    .open_table(BINDINGS)?
+                    .remove(user.as_str())?
+                    .map(|value| decode_binding(&user, value.value()))
+                    .transpose()?;
+                txn.open_table(ROTATIONS)?.remove(user.as_str())?;
+                forget_prekeys(&txn, user.as_str())?;
+                released
+            };
+            txn.commit()?;
+            inner.db.committed();
+            inner.forget_binding(&user);
+            Ok(released)
         })
         .await
     }
@@ -677,9 +770,18 @@ impl EmbeddedStore {
     }
 }
 
+/// Drops `user`'s published keys (their name moved to other keys, which did not sign them).
+fn forget_prekeys(txn: &WriteTransaction, user: &str) -> Result<(), redb::Error> {
+    txn.open_table(PREKEY_OWNERS)?.remove(user)?;
+    txn.open_table(ONE_TIME_KEYS)?
+        .retain_in((user, 0)..=(user, u64::MAX), |_, _| false)?;
+    Ok(())
+}
+
 /// Opens every table in `txn`, creating the missing ones.
 fn create_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(BINDINGS)?;
+    txn.open_table(ROTATIONS)?;
     txn.open_table(MAIL)?;
     txn.open_table(MAIL_KEYS)?;
     txn.open_table(MAILBOX_TOTALS)?;

@@ -1,5 +1,5 @@
-//! All state of the discovery tier: name bindings, presence, offline mailboxes, server-side
-//! block lists and the broadcast channel.
+//! All state of the discovery tier: name bindings (and the rotation statements that moved
+//! them), presence, offline mailboxes, server-side block lists and the broadcast channel.
 //!
 //! [`Store`] is the one interface, with two backends:
 //! - [`Store::Redis`] ([`redis_store::RedisStore`]): shared by every discovery instance that
@@ -76,6 +76,17 @@ pub struct Binding {
     pub bound_at_ms: u64,
 }
 
+impl Binding {
+    /// The binding `rotation` makes of this name at `now_ms`: its new keys.
+    pub fn rotated(&self, rotation: &proto::identity::Rotation, now_ms: u64) -> Self {
+        Self {
+            user: self.user.clone(),
+            keys: rotation.new.clone(),
+            bound_at_ms: now_ms,
+        }
+    }
+}
+
 /// The result of [`Store::bind`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BindOutcome {
@@ -84,6 +95,21 @@ pub enum BindOutcome {
     /// The name was already bound; here is the binding (which may or may not match).
     Existing(Binding),
 }
+
+/// The result of [`Store::rotate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotateOutcome {
+    /// The name was bound to the expected binding and now is bound to the new keys; the
+    /// statement is kept.
+    Rotated,
+    /// The binding was no longer the expected one (another rotation or a release came
+    /// first, or this one already happened): here is what stands, if anything.
+    Changed(Option<Binding>),
+}
+
+/// The most rotation statements kept per name (the latest): enough for a contact away
+/// through several rotations to follow them all.
+pub const MAX_ROTATIONS: usize = 16;
 
 /// Where and until when a user is online.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +279,34 @@ impl Store {
     /// Binds `binding.user` to `binding.keys` if the name is free (atomically).
     pub async fn bind(&self, binding: &Binding) -> Result<BindOutcome, StoreError> {
         dispatch!(self, store => store.bind(binding).await)
+    }
+
+    /// Moves `current.user`'s name to `rotation.new` if it is still bound exactly as
+    /// `current` (compare and set), and appends `rotation` to the statements kept for the
+    /// name (the latest [`MAX_ROTATIONS`]), both in one transaction or script. The caller
+    /// has verified the statement against `current`.
+    pub async fn rotate(
+        &self,
+        current: &Binding,
+        rotation: &proto::identity::Rotation,
+        now_ms: u64,
+    ) -> Result<RotateOutcome, StoreError> {
+        dispatch!(self, store => store.rotate(current, rotation, now_ms).await)
+    }
+
+    /// The rotation statements kept for `user`, oldest first.
+    pub async fn rotations(
+        &self,
+        user: &Username,
+    ) -> Result<Vec<proto::identity::Rotation>, StoreError> {
+        dispatch!(self, store => store.rotations(user).await)
+    }
+
+    /// Unbinds `user`'s name and forgets its rotation statements, in one step (the operator
+    /// releases a name whose key was lost); returns the binding it had. The next
+    /// registration binds the name anew.
+    pub async fn release(&self, user: &Username) -> Result<Option<Binding>, StoreError> {
+        dispatch!(self, store => store.release(user).await)
     }
 
     /// The binding of `user`, if any.

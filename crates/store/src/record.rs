@@ -85,6 +85,28 @@ pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<Bytes, StoreError
 
 /// Decodes the stored binding of `user`. A binding that does not decode is an error, not
 /// skipped: skipping it would free the name for anyone to take.
+/// Decodes the stored rotation statements of `user`.
+pub(crate) fn decode_rotations(
+    user: &Username,
+    bytes: &[u8],
+) -> Result<Vec<proto::identity::Rotation>, StoreError> {
+    wire::decode(bytes).map_err(|error| StoreError::Corrupt {
+        key: format!("rotations of {user}"),
+        reason: error.to_string(),
+    })
+}
+
+/// `kept` with `rotation` appended, keeping the latest [`crate::MAX_ROTATIONS`].
+pub(crate) fn appended(
+    mut kept: Vec<proto::identity::Rotation>,
+    rotation: &proto::identity::Rotation,
+) -> Vec<proto::identity::Rotation> {
+    kept.push(rotation.clone());
+    let excess = kept.len().saturating_sub(crate::MAX_ROTATIONS);
+    kept.drain(..excess);
+    kept
+}
+
 pub(crate) fn decode_binding(user: &Username, bytes: &[u8]) -> Result<Binding, StoreError> {
     wire::decode(bytes).map_err(|error| StoreError::Corrupt {
         key: format!("binding of {user}"),

@@ -19,7 +19,9 @@
 //! TCP keep-alive and, on Linux, `TCP_USER_TIMEOUT` also let the kernel close such a
 //! connection by itself while it is idle. Every operation is safe to repeat:
 //! deposits are idempotent by (sender, id), acks and block-list changes are set operations,
-//! a repeated bind finds its own binding, and a repeated publish only repeats a hint.
+//! a repeated bind finds its own binding, a repeated rotation finds the binding already
+//! moved (which the handler takes as done), a repeated release finds nothing to release, and
+//! a repeated publish only repeats a hint.
 //!
 //! Pub/sub needs a connection of its own (a subscribed connection cannot run commands). On
 //! one server a subscriber task owns it, forwards every message into a
@@ -53,6 +55,7 @@
 //! | Key | Type | Holds |
 //! | --- | --- | --- |
 //! | `p2pchat:{u}:binding` | string | wire-encoded [`Binding`] |
+//! | `p2pchat:{u}:rotations` | list | wire-encoded rotation statements, oldest first (the latest [`crate::MAX_ROTATIONS`]) |
 //! | `p2pchat:{u}:presence` | hash | `session` (decimal), `value` (wire-encoded [`Presence`]) |
 //! | `p2pchat:{u}:routes` | hash | (cluster) instance id → expiry (ms) of `u`'s presence written by that instance |
 //! | `p2pchat:{u}:mail` | sorted set | mail key, scored by deposit sequence |
@@ -147,7 +150,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use proto::{Envelope, MailRef, MessageId, Username, wire};
+use proto::{Envelope, MailRef, MessageId, Username, identity::Rotation, wire};
 use redis::{
     Client, Cmd, ProtocolVersion, PushInfo, PushKind, RedisFuture, RedisResult, RetryMethod,
     Script, Value,
@@ -163,7 +166,7 @@ use tokio::{
 
 use crate::{
     ANNOUNCE_CHANNEL, BindOutcome, Binding, Broadcast, DepositOutcome, Fetched, MailLimits,
-    Presence, StoreError, StoredMail,
+    Presence, RotateOutcome, StoreError, StoredMail,
     record::{
         Batch, PreKeyOwner, STORED_MAIL_OVERHEAD, decode_binding, decode_prekey, encode,
         is_expired, prekey_bundle,
@@ -391,6 +394,34 @@ const CLAIM_PREKEY_SOURCE: &str = r"
         local key = redis.call('LPOP', KEYS[2])
         if key then return {record, key} end
         return {record}
+        ";
+
+/// Rotate: KEYS = binding, rotations, prekey owner, one-time keys (the published keys go:
+/// the old identity signed them); ARGV = expected binding, new binding, statement, how
+/// many statements to keep. Compare and set: returns `{0, ''}` after rotating, or
+/// `{1, standing binding or ''}` when the binding is not the expected one.
+static ROTATE: LazyLock<Script> = LazyLock::new(|| Script::new(ROTATE_SOURCE));
+
+/// The source of [`ROTATE`].
+const ROTATE_SOURCE: &str = r"
+        local standing = redis.call('GET', KEYS[1])
+        if standing ~= ARGV[1] then return {1, standing or ''} end
+        redis.call('SET', KEYS[1], ARGV[2])
+        redis.call('RPUSH', KEYS[2], ARGV[3])
+        redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
+        redis.call('DEL', KEYS[3], KEYS[4])
+        return {0, ''}
+        ";
+
+/// Release: KEYS = binding, rotations, prekey owner, one-time keys. Deletes them all;
+/// returns the binding there was.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_SOURCE));
+
+/// The source of [`RELEASE`].
+const RELEASE_SOURCE: &str = r"
+        local standing = redis.call('GET', KEYS[1])
+        redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+        return standing
         ";
 
 /// Presence on a cluster: KEYS = presence, routes; ARGV = session, value, keep ms,
@@ -1085,6 +1116,92 @@ impl RedisStore {
                 &bytes,
             )?)),
         }
+    }
+
+    /// See [`crate::Store::rotate`].
+    pub async fn rotate(
+        &self,
+        current: &Binding,
+        rotation: &Rotation,
+        now_ms: u64,
+    ) -> Result<RotateOutcome, StoreError> {
+        let user = &current.user;
+        let (owner, one_time) = prekey_keys(user);
+        let keys = [
+            user_key(user, "binding"),
+            user_key(user, "rotations"),
+            owner,
+            one_time,
+        ];
+        let next = current.rotated(rotation, now_ms);
+        let (expected, next, statement) = (encode(current)?, encode(&next)?, encode(rotation)?);
+        let keep = crate::MAX_ROTATIONS.to_string();
+        let (status, standing): (u8, Vec<u8>) = self
+            .invoke_replicated(
+                "rotate",
+                &ROTATE,
+                ROTATE_SOURCE,
+                &[&keys[0], &keys[1], &keys[2], &keys[3]],
+                &[
+                    expected.as_ref(),
+                    next.as_ref(),
+                    statement.as_ref(),
+                    keep.as_bytes(),
+                ],
+            )
+            .await?;
+        match (status, standing.is_empty()) {
+            (0, _) => Ok(RotateOutcome::Rotated),
+            (_, true) => Ok(RotateOutcome::Changed(None)),
+            (_, false) => Ok(RotateOutcome::Changed(Some(decode_binding(
+                user, &standing,
+            )?))),
+        }
+    }
+
+    /// See [`crate::Store::rotations`].
+    pub async fn rotations(&self, user: &Username) -> Result<Vec<Rotation>, StoreError> {
+        let values: Vec<Vec<u8>> = self
+            .query(
+                "rotations",
+                redis::cmd("LRANGE")
+                    .arg(user_key(user, "rotations"))
+                    .arg(0)
+                    .arg(-1),
+            )
+            .await?;
+        values
+            .iter()
+            .map(|bytes| {
+                wire::decode(bytes).map_err(|error| StoreError::Corrupt {
+                    key: user_key(user, "rotations"),
+                    reason: error.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// See [`crate::Store::release`].
+    pub async fn release(&self, user: &Username) -> Result<Option<Binding>, StoreError> {
+        let (owner, one_time) = prekey_keys(user);
+        let keys = [
+            user_key(user, "binding"),
+            user_key(user, "rotations"),
+            owner,
+            one_time,
+        ];
+        let standing: Option<Vec<u8>> = self
+            .invoke_replicated(
+                "release",
+                &RELEASE,
+                RELEASE_SOURCE,
+                &[&keys[0], &keys[1], &keys[2], &keys[3]],
+                &[],
+            )
+            .await?;
+        standing
+            .map(|bytes| decode_binding(user, &bytes))
+            .transpose()
     }
 
     /// See [`crate::Store::binding`].

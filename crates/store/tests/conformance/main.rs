@@ -56,6 +56,7 @@ conformance!(
     mail_identity_is_sender_and_id,
     mailbox_byte_cap_refuses_and_acks_give_bytes_back,
     binding_conflict_returns_existing_binding,
+    rotation_moves_the_binding_and_release_frees_the_name,
     presence_expires_and_only_its_session_clears_it,
     online_users_are_sorted_by_name,
     block_list_refuses_mail_until_unblocked,

@@ -4,7 +4,10 @@
 use std::net::SocketAddr;
 
 use anyhow::{Context as _, ensure};
-use store::{BindOutcome, Binding, Broadcast, DepositOutcome, Presence, Store, StoreError};
+use proto::identity::Rotation;
+use store::{
+    BindOutcome, Binding, Broadcast, DepositOutcome, Presence, RotateOutcome, Store, StoreError,
+};
 
 use crate::util::{LIMITS, envelope, expect_events, ids, keys, refs, refs_of, user};
 
@@ -385,6 +388,82 @@ pub async fn binding_conflict_returns_existing_binding(store: &Store) -> anyhow:
 
     // Other names are independent.
     ensure!(store.binding(&user("bob")).await?.is_none());
+    Ok(())
+}
+
+pub async fn rotation_moves_the_binding_and_release_frees_the_name(
+    store: &Store,
+) -> anyhow::Result<()> {
+    let alice = user("alice");
+    let (first, second, third) = (
+        proto::Identity::generate(),
+        proto::Identity::generate(),
+        proto::Identity::generate(),
+    );
+    let bound = Binding {
+        user: alice.clone(),
+        keys: first.public().clone(),
+        bound_at_ms: 1_000,
+    };
+    ensure!(store.bind(&bound).await? == BindOutcome::Created);
+    ensure!(store.rotations(&alice).await?.is_empty());
+    let mut account = proto::ratchet::OwnAccount::generate(&first, &alice);
+    store
+        .publish_prekeys(&alice, &prekeys(&first, &mut account, 0))
+        .await?;
+
+    // Compare and set: the binding moves to the new keys and the statement is kept, both.
+    let one = Rotation::sign(&alice, &first, &second, 2_000);
+    ensure!(store.rotate(&bound, &one, 2_000).await? == RotateOutcome::Rotated);
+    // The keys the old identity signed are gone with it.
+    ensure!(store.claim_prekey(&alice).await?.is_none());
+    let rotated = bound.rotated(&one, 2_000);
+    ensure!(rotated.keys == *second.public());
+    ensure!(store.binding(&alice).await? == Some(rotated.clone()));
+    ensure!(store.rotations(&alice).await? == vec![one.clone()]);
+
+    // The same rotation again (a retry) finds the binding moved, and changes nothing.
+    ensure!(
+        store.rotate(&bound, &one, 2_500).await? == RotateOutcome::Changed(Some(rotated.clone()))
+    );
+    ensure!(store.rotations(&alice).await? == vec![one.clone()]);
+
+    // A second rotation appends; only the latest MAX_ROTATIONS are kept.
+    let two = Rotation::sign(&alice, &second, &third, 3_000);
+    ensure!(store.rotate(&rotated, &two, 3_000).await? == RotateOutcome::Rotated);
+    ensure!(store.rotations(&alice).await? == vec![one, two.clone()]);
+    let mut current = store.binding(&alice).await?.unwrap();
+    let mut holder = third;
+    for n in 0..store::MAX_ROTATIONS as u64 {
+        let next = proto::Identity::generate();
+        let rotation = Rotation::sign(&alice, &holder, &next, 4_000 + n);
+        ensure!(store.rotate(&current, &rotation, 4_000 + n).await? == RotateOutcome::Rotated);
+        current = store.binding(&alice).await?.unwrap();
+        holder = next;
+    }
+    let kept = store.rotations(&alice).await?;
+    ensure!(kept.len() == store::MAX_ROTATIONS);
+    ensure!(!kept.contains(&two), "the oldest statements are dropped");
+    ensure!(&current.keys == holder.public());
+
+    // Release: the binding and the statements go together; the name binds anew.
+    ensure!(store.release(&alice).await? == Some(current));
+    ensure!(store.binding(&alice).await?.is_none());
+    ensure!(store.rotations(&alice).await?.is_empty());
+    ensure!(store.release(&alice).await?.is_none());
+    ensure!(
+        store
+            .rotate(&bound, &Rotation::sign(&alice, &first, &second, 9), 9)
+            .await?
+            == RotateOutcome::Changed(None)
+    );
+    let fresh = Binding {
+        user: alice.clone(),
+        keys: keys(),
+        bound_at_ms: 5_000,
+    };
+    ensure!(store.bind(&fresh).await? == BindOutcome::Created);
+    ensure!(store.binding(&alice).await? == Some(fresh));
     Ok(())
 }
 
