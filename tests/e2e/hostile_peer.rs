@@ -412,12 +412,15 @@ fn forged_misaddressed_and_replayed_envelopes_are_refused_or_shown_once() {
         refused_code(exchange(&for_carol).expect("answer"), for_carol.id),
         ErrorCode::Refused
     );
-    // Re-addressed: the same token with bob's name in the clear header.
+    // Re-addressed: the same token with bob's name in the clear header. It carries alice's
+    // signed Olm key but a one-time key of carol's, which bob never had: to bob that is a
+    // session of alice's he does not have (`no_session`: a real alice would seal it again in
+    // a new session), and it opens nothing.
     let mut readdressed = for_carol.clone();
     readdressed.to = name("bob");
     assert_eq!(
         refused_code(exchange(&readdressed).expect("answer"), readdressed.id),
-        ErrorCode::Refused
+        ErrorCode::NoSession
     );
     // A real one: acked, shown.
     let real =
@@ -427,13 +430,21 @@ fn forged_misaddressed_and_replayed_envelopes_are_refused_or_shown_once() {
         PeerMsg::Ack { id: real.id }
     );
     scene.bob_bot.message("replay me");
-    // None of the three opened, so none proves it came from alice: they are refused to
-    // the sender and counted in bob's log, never shown as refusals "from alice". Bob
-    // shows events in the order he handled the envelopes, so any would be seen by now.
+    // The forged and the misaddressed one prove nothing about alice: they are refused to
+    // the sender and counted in bob's log, never shown as refusals "from alice". The
+    // re-addressed one came over alice's own link with her signed key: bob says once that
+    // a message of hers could not be opened. Bob shows events in the order he handled the
+    // envelopes, so any would be seen by now.
     let refusals: Vec<&serde_json::Value> = (scene.bob_bot.seen.iter())
         .filter(|event| event["event"] == "refused")
         .collect();
-    assert!(refusals.is_empty(), "{refusals:?}");
+    assert!(
+        refusals.len() == 1
+            && refusals[0]["reason"]
+                .as_str()
+                .is_some_and(|reason| reason.contains("could not be opened")),
+        "{refusals:?}"
+    );
     drop(link);
 
     // Bob is SIGKILLed and comes back; the replay, on a new connection, is acked (so the

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use proto::{Channel, Envelope, Identity, MessageId, Reply, Request, Username};
+use proto::{Identity, Reply, Request, Username};
 use tokio::{io::AsyncReadExt, net::TcpSocket, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -181,17 +181,15 @@ async fn flood_deposits(
     let flooder_identity = Identity::generate();
     let mut client = ControlClient::connect(server, None).await?;
     client.register(&flooder_identity, &flooder).await?;
-    let channel = Channel::new(&flooder_identity, &flooder, &sink, sink_identity.public())?;
-    let seal = |channel: &Channel| -> Result<Envelope, BenchError> {
-        Ok(channel.seal(MessageId::random(), "buy now", proto::now_ms())?)
-    };
+    let (mut sender, _) =
+        crate::direct::start_conversation((&flooder_identity, &flooder), (&sink_identity, &sink))?;
     let (mut taken, mut refused) = (0, 0);
     // Bounded in count too, whatever the speed.
     for _ in 0..1_000_000 {
         if stop.is_cancelled() {
             break;
         }
-        let envelope = seal(&channel)?;
+        let envelope = sender.seal("buy now")?;
         match client.request(Request::Deposit { envelope }).await {
             Ok(Reply::Deposited { .. }) => taken += 1,
             Ok(other) => {

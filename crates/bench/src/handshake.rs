@@ -5,12 +5,20 @@
 //! NX costs each side three X25519 scalar multiplications (an ephemeral key and two
 //! Diffie-Hellmans), six in all; IK five each, ten in all: the rows show how close the
 //! whole handshake, both sides on one machine, comes to that floor.
+//!
+//! Beside them, what starting a ratchet session costs: claiming one of the recipient's
+//! one-time keys at a real (in-process) discovery server over a registered control
+//! connection, starting the Olm session (triple Diffie-Hellman), sealing the first message
+//! and opening it at the recipient (which starts its side of the session).
 
 use std::time::{Duration, Instant};
 
-use proto::{Connection, Identity, ServerKey};
+use proto::{
+    Connection, Identity, MessageId, Reply, Request, ServerKey, Username,
+    ratchet::{OwnAccount, Sessions},
+};
 
-use crate::{Bench, BenchError, Row, Target, stats::Latencies};
+use crate::{Bench, BenchError, Row, Target, control::ControlClient, stats::Latencies};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -33,6 +41,11 @@ pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
         "Noise_NX_25519_AESGCM_SHA256 (client ↔ discovery)",
     );
     let peer_note = note(&peer, "Noise_IK_25519_AESGCM_SHA256 (peer link)");
+    let mut setup = session_setups(bench.mode.pick(1_000, 20)).await?;
+    let setup_note = format!(
+        "{} sessions, one after another: Request::ClaimPreKey to an in-process discovery server (embedded store, its commit with fsync) over a registered Noise control connection, Sessions::start (Olm's triple Diffie-Hellman), the first 100-byte message sealed and opened by the recipient (its side of the session started from the pre-key message); the recipient's keys published beforehand, untimed. X25519 reference as above.",
+        setup.len()
+    );
     Ok(vec![
         Row::new(
             "handshake: control connection p50 (Noise NX)",
@@ -50,7 +63,80 @@ pub async fn rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
         )
         .with_reference("one X25519 p50", x25519_p50)
         .with_note(peer_note),
+        Row::new(
+            "ratchet session setup p50 (claim a one-time key, first message)",
+            setup.percentile_us(50.0),
+            "µs",
+            Target::Reported,
+        )
+        .with_reference("one X25519 p50", x25519_p50)
+        .with_note(setup_note),
     ])
+}
+
+/// `count` ratchet sessions started as a first message starts one (see the module docs),
+/// each timed from the claim to the first message opened.
+async fn session_setups(count: usize) -> Result<Latencies, BenchError> {
+    let folder = tempfile::Builder::new()
+        .prefix("p2pchat-bench-setup-")
+        .tempdir()?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server =
+        crate::direct::in_process_server(&folder.path().join("discovery"), &shutdown).await?;
+    let name = |text: &str| Username::new(text).unwrap_or_else(|_| unreachable!("valid"));
+    let (alice, bob) = (name("alice"), name("bob"));
+    let (alice_identity, bob_identity) = (Identity::generate(), Identity::generate());
+    let mut bob_control = ControlClient::connect(server, None).await?;
+    bob_control.register(&bob_identity, &bob).await?;
+    let mut alice_control = ControlClient::connect(server, None).await?;
+    alice_control.register(&alice_identity, &alice).await?;
+    let alice_account = OwnAccount::generate(&alice_identity, &alice);
+    let mut bob_account = OwnAccount::generate(&bob_identity, &bob);
+    let mut latencies = Latencies::with_capacity(count);
+    let mut left = 0;
+    for _ in 0..count {
+        if left == 0 {
+            // Untimed: bob publishes a fresh batch of one-time keys.
+            let prekeys = bob_account.prekeys_to_publish(&bob_identity, 0);
+            left = prekeys.one_time.len();
+            bob_control
+                .request(Request::PublishPreKeys(prekeys))
+                .await?;
+            bob_account.mark_published();
+        }
+        let started = Instant::now();
+        let bundle = match alice_control
+            .request(Request::ClaimPreKey { user: bob.clone() })
+            .await?
+        {
+            Reply::PreKey(bundle) => bundle,
+            other => {
+                return Err(BenchError::Protocol(format!(
+                    "expected a prekey, got {other:?}"
+                )));
+            }
+        };
+        let mut sessions = Sessions::default();
+        sessions.start(&alice_account, &bob, bob_identity.public(), &bundle)?;
+        let envelope = sessions.seal(
+            &alice_account,
+            &bob,
+            MessageId::random(),
+            crate::direct::BODY,
+            proto::now_ms(),
+        )?;
+        let opened = Sessions::default().open(
+            &mut bob_account,
+            &alice,
+            alice_identity.public(),
+            &envelope,
+        )?;
+        std::hint::black_box(opened);
+        latencies.record(started.elapsed());
+        left -= 1;
+    }
+    shutdown.cancel();
+    Ok(latencies)
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -7,7 +7,7 @@
 //!
 //! - [`Group`]: the figures that share one setup (one `p2pchat-bench <group>` subcommand
 //!   each); [`run_group`] measures one, [`run_all`] every one.
-//! - [`direct`]: direct messages (latency, throughput) vs raw TCP and the Fernet ceiling.
+//! - [`direct`]: direct messages (latency, throughput) vs raw TCP and the Olm (ratchet) seal+open ceiling.
 //! - [`attack`]: lookup p99 under attack (silent sockets, a deposit flood) vs without it.
 //! - [`discovery_load`]: N heartbeating clients, server memory per client, lookups under
 //!   that load vs `redis-benchmark` GET; the tier of several instances on one Redis
@@ -129,7 +129,7 @@ pub enum Group {
     /// TCP ping-pong.
     DirectLatency,
     /// Direct throughput (peer runtime, and the bare protocol path pipelined) vs the
-    /// Fernet seal+open ceiling on one core.
+    /// Olm seal+open ceiling on one core.
     DirectThroughput,
     /// The Noise handshakes (control connection, peer link) vs one X25519 operation.
     Handshake,

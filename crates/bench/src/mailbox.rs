@@ -16,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use proto::{Channel, Envelope, Identity, MessageId, Reply, Request, Username};
+use proto::{Envelope, Identity, Reply, Request, Username};
 use store::{Binding, EmbeddedStore, MailLimits, RedisStore, Store};
 
 use crate::{
@@ -148,18 +148,18 @@ pub async fn rows(bench: &Bench, backend: Backend) -> Result<Vec<Row>, BenchErro
     ])
 }
 
-/// `count` envelopes from alice to `bob`, sealed with the real channel.
+/// `count` envelopes from alice to `bob`, sealed by the ratchet as a real client seals them.
 async fn seal_for(
     bob: &Username,
     bob_identity: &Identity,
     count: usize,
 ) -> Result<Vec<Envelope>, BenchError> {
     let alice = Username::new("alice").unwrap_or_else(|_| unreachable!("valid"));
-    let channel = Channel::new(&Identity::generate(), &alice, bob, bob_identity.public())?;
+    let (mut sender, _) =
+        crate::direct::start_conversation((&Identity::generate(), &alice), (bob_identity, bob))?;
     tokio::task::spawn_blocking(move || {
-        let now = proto::now_ms();
         (0..count)
-            .map(|_| Ok(channel.seal(MessageId::random(), BODY, now)?))
+            .map(|_| sender.seal(BODY))
             .collect::<Result<Vec<_>, BenchError>>()
     })
     .await

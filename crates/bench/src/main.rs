@@ -35,7 +35,7 @@ enum Command {
     Smoke,
     /// Direct message latency p50/p99 vs raw TCP ping-pong.
     DirectLatency,
-    /// Direct throughput vs the Fernet seal+open ceiling.
+    /// Direct throughput vs the Olm seal+open ceiling.
     DirectThroughput,
     /// Noise handshakes (control connection, peer link) vs one X25519 operation.
     Handshake,

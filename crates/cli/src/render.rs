@@ -185,6 +185,11 @@ pub fn refusal_text(from: &Username, reason: &RefusalReason) -> String {
         RefusalReason::KeyChanged { held: true } => {
             format!("{KEY_CHANGED}; the message is kept and shown once you `trust {from}`")
         }
+        RefusalReason::Unopenable(proto::OpenError::NoSession { .. }) => format!(
+            "a message from {from} could not be opened: the encrypted session it belongs to is \
+             gone here (a restored backup or a new data dir). {from}'s next message starts a new \
+             one; ask {from} to send it again"
+        ),
         RefusalReason::Unopenable(error) => error.to_string(),
         RefusalReason::NotForMe(to) => format!("the message is addressed to {to}, not to me"),
     }

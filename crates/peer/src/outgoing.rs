@@ -3,15 +3,16 @@
 //!
 //! [`spawn`] starts the task for a recipient and returns the queue the event loop feeds
 //! with [`Job`]s. The task:
-//! - sends a new message while its outbox record is still being committed: the record's
-//!   `fsync` runs beside the envelope's trip and the receiver's commit, not before them,
-//!   so a lone message waits for one `fsync` (the receiver's) on its way, not two;
+//! - seals each message through the ratchet ([`crate::sessions`]) and sends it once the
+//!   sessions' new state is durable (the same group commit as its outbox record, usually),
+//!   so a crash can never make a message key serve twice;
 //! - with no kept link, takes the full route for the oldest message ([`delivery::deliver`]:
 //!   lookup, keys, dial, else the mailbox) and keeps the link it opened; after a direct
 //!   attempt timed out, the next messages go straight to the mailbox for a while
 //!   ([`delivery::DirectBackoff`]), so an unreachable or stalled peer costs one connect
 //!   timeout per while, not one per message;
-//! - with a kept link, seals and writes up to [`WINDOW`] envelopes before waiting, then
+//! - with a kept link, seals up to [`WINDOW`] envelopes (saved in one write), writes them
+//!   once that is durable, then
 //!   matches acks and refusals by id as they come (the receiver stores a batch in one
 //!   commit, then acks all of it). If the link fails or an ack is late, every unacked
 //!   message goes back to the front of the queue, in order, and takes the full route (the
@@ -23,9 +24,8 @@
 //!   records every result waiting in one write ([`State::submit_results`]: the outbox and
 //!   history); the event loop hears a message is finished once that write is durable.
 //!
-//! A crash after an envelope left and before its record was durable leaves the message
-//! with its recipient and nowhere at the sender: the send was never answered, so nothing
-//! is retried and nothing is shown twice.
+//! An envelope leaves only once its outbox record and ratchet state are durable: a crash
+//! before that leaves nothing anywhere, and the send was never answered.
 //!
 //! Order: envelopes leave in queue order on one connection, and the receiver stores them in
 //! arrival order, so the recipient shows them in the order sent. A retransmission after a

@@ -34,7 +34,8 @@ use serde::{Deserialize, Serialize};
 use vodozemac::{
     Curve25519PublicKey,
     olm::{
-        Account, AccountPickle, OlmMessage, PreKeyMessage, Session, SessionConfig, SessionPickle,
+        Account, AccountPickle, OlmMessage, PreKeyMessage, Session, SessionConfig,
+        SessionCreationError, SessionPickle,
     },
 };
 use zeroize::Zeroizing;
@@ -499,7 +500,15 @@ impl Sessions {
                     let created = account
                         .account
                         .create_inbound_session(session_config(), prekey.identity_key(), prekey)
-                        .map_err(|_| forged())?;
+                        .map_err(|error| match error {
+                            // Signed by the sender, for a one-time key this account does not
+                            // have (used up, or the account is new: a restored backup): the
+                            // session it started is lost here.
+                            SessionCreationError::MissingOneTimeKey(_) => {
+                                OpenError::NoSession { peer: peer.clone() }
+                            }
+                            _ => forged(),
+                        })?;
                     self.keep_first(created.session);
                     (created.plaintext, true)
                 }
@@ -755,6 +764,16 @@ mod tests {
         bob.sessions.clear();
         assert!(matches!(
             open(&mut bob, &alice, &normal),
+            Err(OpenError::NoSession { .. })
+        ));
+        // A new account (a restored backup) has none of the one-time keys a sender's
+        // session may have started from: lost too, not forged.
+        let mut carol = user("carol");
+        start(&mut carol, &mut bob);
+        let to_bob = seal(&mut carol, &bob, "hi");
+        bob.account = OwnAccount::generate(&bob.identity, &bob.name);
+        assert!(matches!(
+            open(&mut bob, &carol, &to_bob),
             Err(OpenError::NoSession { .. })
         ));
     }
