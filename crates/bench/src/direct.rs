@@ -660,6 +660,15 @@ pub async fn in_process_server(
     folder: &std::path::Path,
     shutdown: &CancellationToken,
 ) -> Result<SocketAddr, BenchError> {
+    in_process_server_with(folder, discovery::Config::default(), shutdown).await
+}
+
+/// [`in_process_server`] with `config`.
+pub async fn in_process_server_with(
+    folder: &std::path::Path,
+    config: discovery::Config,
+    shutdown: &CancellationToken,
+) -> Result<SocketAddr, BenchError> {
     std::fs::create_dir_all(folder)?;
     let store = Store::Embedded(EmbeddedStore::open(
         folder.join("store.redb"),
@@ -667,12 +676,7 @@ pub async fn in_process_server(
     )?);
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     let address = listener.local_addr()?;
-    tokio::spawn(discovery::run(
-        listener,
-        store,
-        discovery::Config::default(),
-        shutdown.clone(),
-    ));
+    tokio::spawn(discovery::run(listener, store, config, shutdown.clone()));
     Ok(address)
 }
 

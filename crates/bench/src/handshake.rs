@@ -81,8 +81,14 @@ async fn session_setups(count: usize) -> Result<Latencies, BenchError> {
         .prefix("p2pchat-bench-setup-")
         .tempdir()?;
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let server =
-        crate::direct::in_process_server(&folder.path().join("discovery"), &shutdown).await?;
+    // Claims share the sender's deposit budget (600 a minute): lifted for the run.
+    let unlimited = discovery::Config {
+        deposits_per_minute: u32::MAX,
+        deposit_bytes_per_hour: u64::MAX,
+        ..discovery::Config::default()
+    };
+    let folder_path = folder.path().join("discovery");
+    let server = crate::direct::in_process_server_with(&folder_path, unlimited, &shutdown).await?;
     let name = |text: &str| Username::new(text).unwrap_or_else(|_| unreachable!("valid"));
     let (alice, bob) = (name("alice"), name("bob"));
     let (alice_identity, bob_identity) = (Identity::generate(), Identity::generate());
