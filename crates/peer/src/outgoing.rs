@@ -56,7 +56,7 @@ use crate::{
     core::{RECIPIENT_QUEUE, Report},
     delivery,
     link::{LinkError, PeerLink, WINDOW},
-    sessions::RatchetError,
+    sessions::{RatchetError, Saving},
     state::{AttemptResult, OutboxEntry, StateError, Ticket},
 };
 
@@ -202,12 +202,15 @@ async fn pipeline(
     let state = &context.state;
     let ack_timeout = context.config.ack_timeout;
     let mut in_flight = Window::default();
+    // Batches sealed and submitted, oldest first, each written once its ratchet state is
+    // durable; more are sealed meanwhile, so their commits overlap with the link's traffic.
+    let mut sealed: VecDeque<Sealed> = VecDeque::new();
+    let mut sealed_count = 0;
     let mut jobs_open = true;
     let result = 'link: loop {
-        // Take what the window allows, seal it in one go, wait until the sessions' new
-        // state is durable (see `crate::sessions`), then write it all and flush once.
+        // Seal what the window allows in one go (its state saved by one write).
         let mut batch: Vec<Job> = Vec::new();
-        while in_flight.len() + batch.len() < WINDOW {
+        while in_flight.len() + sealed_count + batch.len() < WINDOW {
             match queue.pop_front() {
                 Some(job) => batch.push(job),
                 None => match jobs.try_recv() {
@@ -216,43 +219,53 @@ async fn pipeline(
                 },
             }
         }
-        let fed = !batch.is_empty();
-        if fed {
+        if !batch.is_empty() {
             let entries: Vec<&OutboxEntry> = batch.iter().map(|job| &job.entry).collect();
-            let sealed = match context.ratchet.seal(state, link.peer(), &entries) {
-                Ok((envelopes, mut saving)) => context
-                    .ratchet
-                    .settle(state, &mut saving)
-                    .await
-                    .map(|()| envelopes)
-                    .map_err(LinkEnded::State),
-                Err(error) => Err(LinkEnded::Seal(error)),
-            };
-            let envelopes = match sealed {
-                Ok(envelopes) => envelopes,
-                Err(reason) => {
+            match context.ratchet.seal(state, link.peer(), &entries) {
+                Ok((envelopes, saving)) => {
+                    sealed_count += batch.len();
+                    sealed.push_back(Sealed {
+                        jobs: batch,
+                        envelopes,
+                        saving,
+                    });
+                }
+                Err(error) => {
                     put_back(queue, batch);
-                    break Err(reason);
+                    break Err(LinkEnded::Seal(error));
                 }
-            };
-            let mut batch = batch.into_iter();
-            for envelope in envelopes {
-                let Some(job) = batch.next() else { break };
-                if let Err(error) = link.feed(envelope).await {
-                    put_back(queue, std::iter::once(job).chain(batch).collect());
-                    break 'link Err(LinkEnded::Link(error));
-                }
-                in_flight.push(job, Instant::now());
             }
         }
-        if fed && let Err(error) = link.flush().await {
-            break Err(LinkEnded::Link(error));
-        }
-        let Some(deadline) = in_flight.deadline(ack_timeout) else {
+        let deadline = in_flight.deadline(ack_timeout);
+        if deadline.is_none() && sealed.is_empty() {
             break Ok(());
-        };
+        }
+        let window_open = in_flight.len() + sealed_count < WINDOW;
         tokio::select! {
             biased;
+            saved = settle_first(context, &mut sealed) => {
+                let Some(Sealed { jobs: batch, envelopes, .. }) = sealed.pop_front() else {
+                    continue;
+                };
+                sealed_count -= batch.len();
+                if let Err(error) = saved {
+                    put_back(queue, batch);
+                    break Err(LinkEnded::State(error));
+                }
+                // Durable: the envelopes may leave, all in one flush.
+                let mut batch = batch.into_iter();
+                for envelope in envelopes {
+                    let Some(job) = batch.next() else { break };
+                    if let Err(error) = link.feed(envelope).await {
+                        put_back(queue, std::iter::once(job).chain(batch).collect());
+                        break 'link Err(LinkEnded::Link(error));
+                    }
+                    in_flight.push(job, Instant::now());
+                }
+                if let Err(error) = link.flush().await {
+                    break Err(LinkEnded::Link(error));
+                }
+            }
             answer = link.next_answer() => match answer {
                 Ok((id, outcome)) => {
                     // An answer to nothing in flight is a late one from before: skip it.
@@ -288,19 +301,52 @@ async fn pipeline(
                 }
                 Err(error) => break Err(LinkEnded::Link(error)),
             },
-            job = jobs.recv(), if jobs_open && !in_flight.is_full() => match job {
+            job = jobs.recv(), if jobs_open && window_open => match job {
                 Some(job) => queue.push_back(job),
                 None => jobs_open = false,
             },
-            () = tokio::time::sleep_until(deadline) => {
+            () = sleep_until(deadline) => {
                 break Err(LinkEnded::Link(LinkError::Timeout(ack_timeout)));
             }
         }
     };
     if result.is_err() {
+        // Sealed but not sent go back first, then what was sent goes before them.
+        while let Some(Sealed { jobs: batch, .. }) = sealed.pop_back() {
+            put_back(queue, batch);
+        }
         in_flight.requeue(queue);
     }
     result
+}
+
+/// A batch sealed and submitted, waiting for its ratchet state to be durable.
+struct Sealed {
+    jobs: Vec<Job>,
+    envelopes: Vec<proto::Envelope>,
+    saving: Saving<()>,
+}
+
+/// Waits until the oldest sealed batch's write is durable (forever when there is none).
+/// Cancel-safe: the batch stays queued until this returns.
+async fn settle_first(context: &Context, sealed: &mut VecDeque<Sealed>) -> Result<(), StateError> {
+    match sealed.front_mut() {
+        Some(first) => {
+            context
+                .ratchet
+                .settle(&context.state, &mut first.saving)
+                .await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline` (forever when there is none).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Puts `jobs` back at the front of the queue, in their order.
@@ -323,11 +369,6 @@ impl Window {
     /// How many envelopes wait for answers.
     fn len(&self) -> usize {
         self.sent.len()
-    }
-
-    /// Whether [`WINDOW`] envelopes wait for answers.
-    fn is_full(&self) -> bool {
-        self.sent.len() >= WINDOW
     }
 
     fn push(&mut self, job: Job, at: Instant) {
