@@ -3,11 +3,12 @@
 //! - [`name`]: [`Username`], a name that is valid by construction.
 //! - [`msg`]: every message of the control protocol (client ↔ discovery) and the peer
 //!   protocol (client ↔ client).
-//! - [`wire`]: the one place values become bytes: the length-delimited frame codec and the
+//! - [`wire`]: the one place values become bytes: the length-delimited frames and the
 //!   postcard body format.
 //! - [`connection`]: [`Connection`], a typed framed stream over any `AsyncRead + AsyncWrite`.
 //! - [`noise`]: the Noise handshakes and transport encryption every connection runs (through
 //!   `snow`), and the discovery server's key ([`ServerKey`]).
+//! - [`record`]: how frames travel once secured: several whole frames sealed as one record.
 //! - [`identity`]: [`Identity`] (secret keys, saved 0600) and [`PublicKeys`].
 //! - [`seal`]: [`Channel`], the pairwise Fernet keys and checked open/seal.
 //!
@@ -20,6 +21,7 @@ pub mod identity;
 pub mod msg;
 pub mod name;
 pub mod noise;
+pub mod record;
 pub mod seal;
 pub mod wire;
 
