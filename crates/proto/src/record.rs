@@ -230,71 +230,55 @@ mod tests {
         Ok(messages)
     }
 
+    /// Sends `messages` through a fresh pair of records as a connection does (limit
+    /// `max_frame_len`), checks that all come out in order, and returns how many bytes
+    /// crossed and the plaintext length of each record.
+    fn through_records(messages: &[PeerMsg], max_frame_len: usize) -> (usize, Vec<usize>) {
+        let (mut sender, mut receiver) = pair();
+        let bytes = sent(&mut sender, messages, max_frame_len);
+        let arrived = received(&mut receiver, &bytes, max_frame_len).unwrap();
+        assert_eq!(arrived, messages);
+        (bytes.len(), record_sizes(&bytes))
+    }
+
     #[test]
     fn frames_fed_before_a_flush_travel_as_one_record_and_arrive_in_order() {
-        let (mut sender, mut receiver) = pair();
         let messages = acks(64);
-        let bytes = sent(&mut sender, &messages, MAX_FRAME_LEN);
         let frames: usize = messages
             .iter()
             .map(|message| HEADER_LEN + wire::encoded_len(message).unwrap())
             .sum();
-        assert_eq!(record_sizes(&bytes), [frames]);
+        let (crossed, sizes) = through_records(&messages, MAX_FRAME_LEN);
+        assert_eq!(sizes, [frames]);
         assert_eq!(
-            bytes.len(),
+            crossed,
             HEADER_LEN + sealed_len(frames),
             "one tag, one prefix"
-        );
-        assert_eq!(
-            received(&mut receiver, &bytes, MAX_FRAME_LEN).unwrap(),
-            messages
         );
     }
 
     #[test]
     fn a_long_burst_is_cut_at_the_batch_size_and_no_record_exceeds_one_largest_frame() {
         // 1,000 acks of 21 bytes framed: sealed at 16 KiB, the rest at the flush.
-        let (mut sender, mut receiver) = pair();
-        let messages = acks(1000);
-        let bytes = sent(&mut sender, &messages, MAX_FRAME_LEN);
-        let sizes = record_sizes(&bytes);
+        let (_, sizes) = through_records(&acks(1000), MAX_FRAME_LEN);
         assert_eq!(sizes.len(), 2, "{sizes:?}");
         assert!(sizes[0] >= RECORD_BATCH && sizes[0] < RECORD_BATCH + 21);
-        assert_eq!(
-            received(&mut receiver, &bytes, MAX_FRAME_LEN).unwrap(),
-            messages
-        );
 
         // With a 100-byte frame limit a record holds at most 104 bytes: four acks.
-        let (mut sender, mut receiver) = pair();
-        let messages = acks(10);
-        let bytes = sent(&mut sender, &messages, 100);
-        assert_eq!(record_sizes(&bytes), [84, 84, 42]);
-        assert_eq!(received(&mut receiver, &bytes, 100).unwrap(), messages);
+        assert_eq!(through_records(&acks(10), 100).1, [84, 84, 42]);
 
         // The largest frame after small ones starts a record of its own, and fills it.
-        let (mut sender, mut receiver) = pair();
-        let largest = PeerMsg::Reject {
+        let refusal = |text: String| PeerMsg::Reject {
             id: None,
-            error: crate::ErrorReply::new(crate::ErrorCode::Refused, ""),
+            error: crate::ErrorReply::new(crate::ErrorCode::Refused, text),
         };
-        let overhead = wire::encoded_len(&largest).unwrap();
-        let largest = PeerMsg::Reject {
-            id: None,
-            error: crate::ErrorReply::new(
-                crate::ErrorCode::Refused,
-                "x".repeat(MAX_FRAME_LEN - overhead - 2),
-            ),
-        };
+        let overhead = wire::encoded_len(&refusal(String::new())).unwrap();
+        let largest = refusal("x".repeat(MAX_FRAME_LEN - overhead - 2));
         assert_eq!(wire::encoded_len(&largest).unwrap(), MAX_FRAME_LEN);
         let mut messages = acks(3);
         messages.push(largest);
-        let bytes = sent(&mut sender, &messages, MAX_FRAME_LEN);
-        assert_eq!(record_sizes(&bytes), [63, plaintext_limit(MAX_FRAME_LEN)]);
-        assert_eq!(
-            received(&mut receiver, &bytes, MAX_FRAME_LEN).unwrap(),
-            messages
-        );
+        let (_, sizes) = through_records(&messages, MAX_FRAME_LEN);
+        assert_eq!(sizes, [63, plaintext_limit(MAX_FRAME_LEN)]);
     }
 
     #[test]
