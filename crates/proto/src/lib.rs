@@ -3,11 +3,12 @@
 //! - [`name`]: [`Username`], a name that is valid by construction.
 //! - [`msg`]: every message of the control protocol (client ↔ discovery) and the peer
 //!   protocol (client ↔ client).
-//! - [`wire`]: the one place values become bytes: the length-delimited frame codec and the
+//! - [`wire`]: the one place values become bytes: the length-delimited frames and the
 //!   postcard body format.
 //! - [`connection`]: [`Connection`], a typed framed stream over any `AsyncRead + AsyncWrite`.
 //! - [`noise`]: the Noise handshakes and transport encryption every connection runs (through
 //!   `snow`), and the discovery server's key ([`ServerKey`]).
+//! - [`record`]: how frames travel once secured: several whole frames sealed as one record.
 //! - [`ratchet`]: messages sealed by vodozemac's Olm double ratchet ([`ratchet::Sessions`],
 //!   [`ratchet::OwnAccount`]) and the signed keys published to start sessions.
 //! - [`seal`]: the checked [`Plaintext`] every message seals, and [`Channel`], the static
@@ -27,6 +28,7 @@ pub mod msg;
 pub mod name;
 pub mod noise;
 pub mod ratchet;
+pub mod record;
 pub mod seal;
 pub mod wire;
 

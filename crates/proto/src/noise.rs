@@ -2,9 +2,9 @@
 //!
 //! Every connection starts with the plain [`crate::Hello`] exchange (so a peer of another
 //! version is told to upgrade instead of failing a handshake it cannot read), then runs one
-//! Noise handshake, after which every frame body is a Noise transport message
-//! ([`Cipher`]): nobody on the path reads a name, an id or a frame, and any change to the
-//! bytes fails the connection.
+//! Noise handshake, after which every frame travels inside records sealed as Noise transport
+//! messages ([`Cipher`]): nobody on the path reads a name, an id or a frame, and any change
+//! to the bytes fails the connection.
 //!
 //! - **Control** (client ↔ discovery): [`CONTROL_PARAMS`], pattern NX. The client sends an
 //!   ephemeral key; the server answers with its ephemeral and its static key
@@ -23,13 +23,13 @@
 //! (measured on 36- and 250-byte frames, both ends: 0.45 and 0.73 µs against 2.0 and
 //! 3.2 µs), and the crate falls back to a constant-time software AES elsewhere.
 //!
-//! A Noise transport message holds at most 65,535 bytes, so a frame body larger than
-//! [`MAX_CHUNK`] is sealed as several messages back to back in one frame; the frame limit
-//! on the wire grows by one tag per chunk ([`sealed_len`]).
+//! What is sealed is a record of [`crate::record`]: one or more whole frames. A Noise
+//! transport message holds at most 65,535 bytes, so a record larger than [`MAX_CHUNK`] is
+//! sealed as several messages back to back; it grows by one tag per chunk
+//! ([`sealed_len`]).
 
 use std::{fmt, io, path::Path};
 
-use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -68,37 +68,56 @@ impl fmt::Debug for Cipher {
 }
 
 impl Cipher {
-    /// Seals one frame body (as one or more transport messages).
-    pub fn seal(&mut self, plain: &[u8]) -> Result<Bytes, NoiseError> {
-        let mut out = vec![0u8; sealed_len(plain.len())];
-        if plain.is_empty() {
-            let written = self.0.write_message(&[], &mut out)?;
-            out.truncate(written);
-            return Ok(Bytes::from(out));
+    /// Appends `plain` to `out` sealed: one transport message per [`MAX_CHUNK`] bytes,
+    /// back to back, [`sealed_len`] bytes in all. On an error `out` is left as it was.
+    pub fn seal_into(&mut self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
+        let start = out.len();
+        out.resize(start + sealed_len(plain.len()), 0);
+        // An empty body is still one message (its tag alone), where `chunks` yields none.
+        let empty = std::iter::once(plain).filter(|plain| plain.is_empty());
+        let sealed = empty
+            .chain(plain.chunks(MAX_CHUNK))
+            .try_fold(start, |written, chunk| {
+                Ok::<_, snow::Error>(written + self.0.write_message(chunk, &mut out[written..])?)
+            });
+        match sealed {
+            Ok(written) => {
+                out.truncate(written);
+                Ok(())
+            }
+            Err(error) => {
+                out.truncate(start);
+                Err(NoiseError(error))
+            }
         }
-        let mut written = 0;
-        for chunk in plain.chunks(MAX_CHUNK) {
-            written += self.0.write_message(chunk, &mut out[written..])?;
-        }
-        out.truncate(written);
-        Ok(Bytes::from(out))
     }
 
-    /// Opens one sealed frame body; fails if any byte was changed, dropped or replayed.
-    pub fn open(&mut self, sealed: &[u8]) -> Result<Vec<u8>, NoiseError> {
-        if sealed.len() < TAG_LEN {
+    /// Opens what [`Cipher::seal_into`] sealed into `plain`, replacing its contents; fails
+    /// if any byte was changed, dropped or replayed.
+    pub fn open_into(&mut self, sealed: &[u8], plain: &mut Vec<u8>) -> Result<(), NoiseError> {
+        plain.clear();
+        if sealed.is_empty() {
             return Err(NoiseError(snow::Error::Decrypt));
         }
-        let mut out = vec![0u8; sealed.len()];
-        let mut read = 0;
-        for chunk in sealed.chunks(MAX_CHUNK + TAG_LEN) {
-            if chunk.len() < TAG_LEN {
-                return Err(NoiseError(snow::Error::Decrypt));
+        plain.resize(sealed.len(), 0);
+        let opened = sealed
+            .chunks(MAX_CHUNK + TAG_LEN)
+            .try_fold(0, |read, chunk| {
+                if chunk.len() < TAG_LEN {
+                    return Err(snow::Error::Decrypt);
+                }
+                Ok(read + self.0.read_message(chunk, &mut plain[read..])?)
+            });
+        match opened {
+            Ok(read) => {
+                plain.truncate(read);
+                Ok(())
             }
-            read += self.0.read_message(chunk, &mut out[read..])?;
+            Err(error) => {
+                plain.clear();
+                Err(NoiseError(error))
+            }
         }
-        out.truncate(read);
-        Ok(out)
     }
 }
 
@@ -163,11 +182,11 @@ impl Handshake {
     }
 
     /// The next handshake message to send (with an empty payload).
-    pub(crate) fn write(&mut self) -> Result<Bytes, NoiseError> {
+    pub(crate) fn write(&mut self) -> Result<Vec<u8>, NoiseError> {
         let mut out = vec![0u8; 256];
         let len = self.0.write_message(&[], &mut out)?;
         out.truncate(len);
-        Ok(Bytes::from(out))
+        Ok(out)
     }
 
     /// Reads the other side's next handshake message (its payload must be empty).
@@ -385,24 +404,40 @@ impl ServerKey {
     }
 }
 
+/// Both ends of a control connection's keys, from a handshake run in memory: the client's
+/// and the server's (for unit tests of what is sealed with them).
+#[cfg(test)]
+pub(crate) fn pair() -> (Cipher, Cipher) {
+    let key = ServerKey::generate();
+    let mut client = Handshake::control_client().unwrap();
+    let mut server = Handshake::control_server(&key).unwrap();
+    server.read(&client.write().unwrap()).unwrap();
+    client.read(&server.write().unwrap()).unwrap();
+    let (client, secured) = client.finish().unwrap();
+    assert_eq!(secured.remote_static, key.public().0);
+    let (server, _) = server.finish().unwrap();
+    (client, server)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pair() -> (Cipher, Cipher) {
-        let key = ServerKey::generate();
-        let mut client = Handshake::control_client().unwrap();
-        let mut server = Handshake::control_server(&key).unwrap();
-        server.read(&client.write().unwrap()).unwrap();
-        client.read(&server.write().unwrap()).unwrap();
-        let (client, secured) = client.finish().unwrap();
-        assert_eq!(secured.remote_static, key.public().0);
-        let server = Cipher(Box::new(server.0.into_transport_mode().unwrap()));
-        (client, server)
+    /// Seals `plain` on its own, as one record's body.
+    fn sealed(cipher: &mut Cipher, plain: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        cipher.seal_into(plain, &mut out).unwrap();
+        out
+    }
+
+    /// Opens `sealed` on its own.
+    fn opened(cipher: &mut Cipher, sealed: &[u8]) -> Result<Vec<u8>, NoiseError> {
+        let mut plain = vec![9; 3];
+        cipher.open_into(sealed, &mut plain).map(|()| plain)
     }
 
     #[test]
-    fn frames_of_every_size_round_trip_and_grow_by_one_tag_per_chunk() {
+    fn bodies_of_every_size_round_trip_and_grow_by_one_tag_per_chunk() {
         let (mut client, mut server) = pair();
         for len in [
             0,
@@ -414,24 +449,26 @@ mod tests {
             64 * 1024 + 3,
         ] {
             let plain = vec![7u8; len];
-            let sealed = client.seal(&plain).unwrap();
-            assert_eq!(sealed.len(), sealed_len(len), "{len}");
-            assert_eq!(server.open(&sealed).unwrap(), plain);
+            let mut out = vec![1, 2, 3];
+            client.seal_into(&plain, &mut out).unwrap();
+            assert_eq!(out.len(), 3 + sealed_len(len), "{len}");
+            assert_eq!(out[..3], [1, 2, 3], "appended, not overwritten");
+            assert_eq!(opened(&mut server, &out[3..]).unwrap(), plain);
         }
     }
 
     #[test]
-    fn a_changed_replayed_or_cut_frame_fails() {
+    fn a_changed_replayed_cut_or_empty_body_fails() {
         let (mut client, mut server) = pair();
-        let sealed = client.seal(b"hello").unwrap();
-        let mut changed = sealed.to_vec();
+        let mut changed = sealed(&mut client, b"hello");
         changed[0] ^= 1;
-        assert!(server.open(&changed).is_err());
+        assert!(opened(&mut server, &changed).is_err());
         let (mut client, mut server) = pair();
-        let sealed = client.seal(b"hello").unwrap();
-        assert!(server.open(&sealed[..10]).is_err());
-        assert!(server.open(&sealed).is_ok());
-        assert!(server.open(&sealed).is_err(), "a replay must fail");
+        let hello = sealed(&mut client, b"hello");
+        assert!(opened(&mut server, &hello[..10]).is_err());
+        assert!(opened(&mut server, &[]).is_err());
+        assert_eq!(opened(&mut server, &hello).unwrap(), b"hello");
+        assert!(opened(&mut server, &hello).is_err(), "a replay must fail");
     }
 
     #[test]

@@ -1,18 +1,15 @@
-//! Everything that turns values into bytes and back: the frame codec and the body format.
+//! Everything that turns values into bytes and back: the frames and the body format.
 //!
-//! Frames are a 4-byte big-endian length followed by the body ([`FrameCodec`], with an
-//! explicit maximum, so a declared length over the limit is refused before a byte of it is
-//! buffered, and a declared length under it reserves nothing: the read buffer grows only
-//! with the bytes that actually arrive). Bodies are serde values in postcard, the
+//! Frames are a 4-byte big-endian length followed by the body. [`split_frame`] finds them
+//! under an explicit maximum, so a declared length over the limit is refused on the header
+//! alone, and one under it reserves nothing: a reader's buffer grows only with the bytes that
+//! actually arrive. [`encode_frame`] appends one to a buffer the caller reuses. Bodies are serde values in postcard, the
 //! maintained compact binary format (the design card named bincode, which its maintainers
 //! abandoned). No other module of the workspace calls postcard directly: stores and peers
 //! persist their records through [`encode`] and [`decode`] too.
 
-use std::io;
-
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Serialize, de::DeserializeOwned};
-use tokio_util::codec::{Decoder, Encoder};
 
 /// The default and recommended maximum body size of one frame: 64 KiB.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
@@ -47,16 +44,80 @@ pub fn encoded_len<M: Serialize + ?Sized>(value: &M) -> Result<usize, WireError>
     )?)
 }
 
-/// The frame codec with a maximum body length of `max_frame_len` bytes.
-pub fn codec(max_frame_len: usize) -> FrameCodec {
-    FrameCodec::new(max_frame_len)
+/// The length prefix of every frame: a 4-byte big-endian body length.
+pub const HEADER_LEN: usize = 4;
+
+/// The frame at the start of `bytes`: its body and its whole length on the wire, once all
+/// of it is there (`Ok(None)` before). A declared length over `max` is refused on the
+/// header alone, before a byte of the body is needed.
+pub fn split_frame(bytes: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, FrameTooLarge> {
+    let Some(header) = bytes.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(*header) as usize;
+    if len > max {
+        return Err(FrameTooLarge { len, max });
+    }
+    Ok(bytes
+        .get(HEADER_LEN..HEADER_LEN + len)
+        .map(|body| (body, HEADER_LEN + len)))
 }
 
-/// The length prefix of every frame: a 4-byte big-endian body length.
-const HEADER_LEN: usize = 4;
+/// Appends `value` to `out` as one frame (header, then body) and returns the body's
+/// length; on an error `out` is left as it was. Encoding in place, into a buffer a
+/// connection reuses, is what keeps a frame from costing allocations of its own.
+pub fn encode_frame<M: Serialize + ?Sized>(
+    value: &M,
+    out: &mut Vec<u8>,
+) -> Result<usize, WireError> {
+    append_frame_with(out, |out| {
+        postcard::serialize_with_flavor(value, Append(out)).map_err(WireError)
+    })
+}
 
-/// A frame whose length is over the codec's limit (declared by the peer, or asked to be
-/// sent); the error inside the codec's `io::Error`.
+/// Appends one frame to `out` whose body `write` appends, and returns the body's length;
+/// on an error `out` is left as it was. A body over 4 GiB is declared as `u32::MAX`: no
+/// connection sends one, as every frame limit is below that.
+pub fn append_frame_with<E>(
+    out: &mut Vec<u8>,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<usize, E> {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    if let Err(error) = write(out) {
+        out.truncate(start);
+        return Err(error);
+    }
+    let len = out.len() - start - HEADER_LEN;
+    let header = u32::try_from(len).unwrap_or(u32::MAX);
+    out[start..start + HEADER_LEN].copy_from_slice(&header.to_be_bytes());
+    Ok(len)
+}
+
+/// A postcard flavor that appends to a vector it borrows.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// A frame whose declared length is over the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("frame of {len} bytes exceeds the {max} byte limit")]
 pub struct FrameTooLarge {
@@ -64,89 +125,6 @@ pub struct FrameTooLarge {
     pub len: usize,
     /// The limit.
     pub max: usize,
-}
-
-/// The length-delimited frame codec: a 4-byte big-endian body length, then the body.
-///
-/// Unlike tokio-util's `LengthDelimitedCodec`, which reserves a frame's declared length as
-/// soon as it has read the header, this codec never reserves for a frame: a peer that
-/// declares 64 KiB and sends nothing more costs the few bytes it sent, not 64 KiB (5,000
-/// such connections took a server from 35 to 346 MiB before registration). The limit can change on a live
-/// connection ([`FrameCodec::set_max_frame_len`]): the server keeps it small until a client
-/// registers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FrameCodec {
-    max_frame_len: usize,
-}
-
-impl FrameCodec {
-    /// A codec for bodies of at most `max_frame_len` bytes (and at most `u32::MAX`).
-    pub fn new(max_frame_len: usize) -> Self {
-        Self {
-            max_frame_len: max_frame_len.min(u32::MAX as usize),
-        }
-    }
-
-    /// The largest body accepted or sent.
-    pub fn max_frame_len(&self) -> usize {
-        self.max_frame_len
-    }
-
-    /// Changes the limit for the frames decoded or encoded from now on.
-    pub fn set_max_frame_len(&mut self, max_frame_len: usize) {
-        *self = Self::new(max_frame_len);
-    }
-
-    fn too_large(&self, len: usize, kind: io::ErrorKind) -> io::Error {
-        io::Error::new(
-            kind,
-            FrameTooLarge {
-                len,
-                max: self.max_frame_len,
-            },
-        )
-    }
-}
-
-impl Decoder for FrameCodec {
-    type Item = BytesMut;
-    type Error = io::Error;
-
-    fn decode(&mut self, src: &mut BytesMut) -> io::Result<Option<BytesMut>> {
-        let Some(header) = src.get(..HEADER_LEN) else {
-            return Ok(None);
-        };
-        let mut length = [0u8; HEADER_LEN];
-        length.copy_from_slice(header);
-        let len = u32::from_be_bytes(length) as usize;
-        if len > self.max_frame_len {
-            return Err(self.too_large(len, io::ErrorKind::InvalidData));
-        }
-        // Deliberately no `reserve` here: the buffer grows as bytes arrive.
-        if src.len() < HEADER_LEN + len {
-            return Ok(None);
-        }
-        src.advance(HEADER_LEN);
-        Ok(Some(src.split_to(len)))
-    }
-}
-
-impl Encoder<Bytes> for FrameCodec {
-    type Error = io::Error;
-
-    fn encode(&mut self, body: Bytes, dst: &mut BytesMut) -> io::Result<()> {
-        let len = body.len();
-        let Ok(header) = u32::try_from(len) else {
-            return Err(self.too_large(len, io::ErrorKind::InvalidInput));
-        };
-        if len > self.max_frame_len {
-            return Err(self.too_large(len, io::ErrorKind::InvalidInput));
-        }
-        dst.reserve(HEADER_LEN + len);
-        dst.put_u32(header);
-        dst.extend_from_slice(&body);
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -159,41 +137,45 @@ mod tests {
         assert_eq!(encoded_len(&value).unwrap(), encode(&value).unwrap().len());
     }
 
-    /// Regression: tokio-util's codec reserved a frame's declared length as soon as the
-    /// header arrived, so a connection that declared 64 KiB and sent four bytes held 64 KiB.
     #[test]
-    fn a_declared_length_reserves_nothing_before_the_bytes_arrive() {
-        let mut codec = codec(MAX_FRAME_LEN);
-        let mut buffer = BytesMut::with_capacity(64);
-        buffer.put_u32(60_000);
-        buffer.put_slice(&[7; 10]);
-        assert_eq!(codec.decode(&mut buffer).unwrap(), None);
-        assert!(buffer.capacity() < 1024, "reserved {}", buffer.capacity());
+    fn frames_round_trip_and_a_declared_length_over_the_limit_is_refused_on_the_header() {
+        let mut bytes = Vec::new();
+        encode_frame("hello", &mut bytes).unwrap();
+        let frame_len = bytes.len();
+        append_frame_with(&mut bytes, |out| {
+            out.extend_from_slice(b"world!");
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+        let (body, len) = split_frame(&bytes, 16).unwrap().unwrap();
+        assert_eq!(
+            (decode::<String>(body).unwrap().as_str(), len),
+            ("hello", frame_len)
+        );
+        let (body, _) = split_frame(&bytes[len..], 16).unwrap().unwrap();
+        assert_eq!(body, b"world!");
+        assert_eq!(
+            split_frame(&bytes[len..len + 9], 16).unwrap(),
+            None,
+            "not all there"
+        );
+        assert_eq!(split_frame(&bytes[..3], 16).unwrap(), None, "no header yet");
+        // 17 declared: refused on the four header bytes alone.
+        let error = split_frame(&17u32.to_be_bytes(), 16).unwrap_err();
+        assert_eq!(error, FrameTooLarge { len: 17, max: 16 });
+        // A failed encoding leaves the buffer as it was.
+        let before = bytes.clone();
+        assert!(encode_frame(&Unencodable, &mut bytes).is_err());
+        assert_eq!(bytes, before);
     }
 
-    #[test]
-    fn frames_round_trip_and_a_declared_length_over_the_limit_is_refused() {
-        let mut codec = codec(16);
-        let mut buffer = BytesMut::new();
-        codec
-            .encode(Bytes::from_static(b"hello"), &mut buffer)
-            .unwrap();
-        codec
-            .encode(Bytes::from_static(b"world!"), &mut buffer)
-            .unwrap();
-        assert!(codec.encode(Bytes::from(vec![0; 17]), &mut buffer).is_err());
-        assert_eq!(codec.decode(&mut buffer).unwrap().unwrap(), &b"hello"[..]);
-        assert_eq!(codec.decode(&mut buffer).unwrap().unwrap(), &b"world!"[..]);
-        assert_eq!(codec.decode(&mut buffer).unwrap(), None);
-        buffer.put_u32(17);
-        let error = codec.decode(&mut buffer).unwrap_err();
-        assert!(
-            error
-                .get_ref()
-                .is_some_and(|inner| inner.is::<FrameTooLarge>())
-        );
-        codec.set_max_frame_len(17);
-        buffer.put_slice(&[1; 17]);
-        assert_eq!(codec.decode(&mut buffer).unwrap().unwrap().len(), 17);
+    /// A value postcard cannot encode (a map of unknown length).
+    struct Unencodable;
+
+    impl Serialize for Unencodable {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            serializer.serialize_map(None)?.end()
+        }
     }
 }

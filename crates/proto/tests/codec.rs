@@ -1,4 +1,4 @@
-//! The frame codec and `Connection` over in-memory streams: every message round-trips, frames
+//! The frames and `Connection` over in-memory streams: every message round-trips, frames
 //! split across reads reassemble, and bad input is a typed error, never a panic.
 
 use std::time::Duration;

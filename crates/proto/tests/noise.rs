@@ -89,14 +89,12 @@ async fn a_control_connection_authenticates_the_server_and_hides_every_frame() {
     }
 }
 
-#[tokio::test]
-async fn a_peer_link_finishes_only_with_the_holder_of_the_expected_key() {
+/// A peer link between two fresh users over an in-memory stream, its handshake done: the
+/// dialer's side and the acceptor's.
+async fn peer_link() -> (Connection<DuplexStream>, Connection<DuplexStream>) {
     let alice = Identity::generate();
     let bob = Identity::generate();
-    let mallory = Identity::generate();
-
-    // Alice dials bob with bob's key: both finish, and bob learns alice's key.
-    let (left, right) = tokio::io::duplex(1 << 16);
+    let (left, right) = tokio::io::duplex(1 << 20);
     let (mut dialer, mut acceptor) = (Connection::new(left), Connection::new(right));
     let (dialled, accepted) = tokio::join!(
         dialer.dial_handshake(&alice, &bob.public().exchange, WAIT),
@@ -104,6 +102,17 @@ async fn a_peer_link_finishes_only_with_the_holder_of_the_expected_key() {
     );
     assert_eq!(dialled.unwrap().remote_static, bob.public().exchange);
     assert_eq!(accepted.unwrap().remote_static, alice.public().exchange);
+    (dialer, acceptor)
+}
+
+#[tokio::test]
+async fn a_peer_link_finishes_only_with_the_holder_of_the_expected_key() {
+    let alice = Identity::generate();
+    let bob = Identity::generate();
+    let mallory = Identity::generate();
+
+    // Alice dials bob with bob's key: both finish, and bob learns alice's key.
+    peer_link().await;
 
     // Mallory answers at bob's address: alice's handshake fails, nothing is sent.
     let (left, right) = tokio::io::duplex(1 << 16);
@@ -132,16 +141,7 @@ async fn a_peer_link_finishes_only_with_the_holder_of_the_expected_key() {
 
 #[tokio::test]
 async fn frames_up_to_the_limit_cross_sealed_and_a_changed_byte_ends_the_connection() {
-    let alice = Identity::generate();
-    let bob = Identity::generate();
-    let (left, right) = tokio::io::duplex(1 << 20);
-    let (mut dialer, mut acceptor) = (Connection::new(left), Connection::new(right));
-    let (dialled, accepted) = tokio::join!(
-        dialer.dial_handshake(&alice, &bob.public().exchange, WAIT),
-        acceptor.accept_handshake(&bob, WAIT)
-    );
-    dialled.unwrap();
-    accepted.unwrap();
+    let (mut dialer, mut acceptor) = peer_link().await;
     // The largest envelope that fits the 64 KiB frame limit, and small ones around it.
     let overhead = proto::wire::encode(&PeerMsg::Envelope(envelope(String::new())))
         .unwrap()
@@ -190,13 +190,72 @@ async fn frames_up_to_the_limit_cross_sealed_and_a_changed_byte_ends_the_connect
     );
     secured.unwrap();
     served.unwrap();
-    client
-        .send(&PeerMsg::Envelope(envelope("y".repeat(500))))
-        .await
-        .unwrap();
+    // Three envelopes in one record, the flipped byte in one of them: not even the first
+    // comes out.
+    for _ in 0..3 {
+        let sent = PeerMsg::Envelope(envelope("y".repeat(100)));
+        client.feed(&sent).await.unwrap();
+    }
+    client.flush().await.unwrap();
     assert!(matches!(
         server.recv::<PeerMsg>().await,
         Err(RecvError::Unauthentic)
     ));
     flip.abort();
+}
+
+#[tokio::test]
+async fn frames_fed_before_a_flush_cross_as_one_record_and_arrive_in_order() {
+    let (mut dialer, mut acceptor) = peer_link().await;
+    let acks: Vec<PeerMsg> = (0..64)
+        .map(|_| PeerMsg::Ack {
+            id: MessageId::random(),
+        })
+        .collect();
+    let frames: usize = acks
+        .iter()
+        .map(|ack| 4 + proto::wire::encoded_len(ack).unwrap())
+        .sum();
+    for ack in &acks {
+        dialer.feed(ack).await.unwrap();
+    }
+    dialer.flush().await.unwrap();
+    // What arrived is one record: one length prefix, one tag.
+    let mut header = [0u8; 4];
+    acceptor.get_mut().read_exact(&mut header).await.unwrap();
+    assert_eq!(
+        u32::from_be_bytes(header) as usize,
+        proto::noise::sealed_len(frames)
+    );
+
+    let (mut dialer, mut acceptor) = peer_link().await;
+    for ack in &acks {
+        dialer.feed(ack).await.unwrap();
+    }
+    dialer.flush().await.unwrap();
+    for ack in &acks {
+        assert_eq!(&acceptor.recv::<PeerMsg>().await.unwrap().unwrap(), ack);
+    }
+}
+
+#[tokio::test]
+async fn a_record_declared_over_the_limit_is_refused_before_its_bytes_arrive() {
+    let (mut dialer, mut acceptor) = peer_link().await;
+    let limit = proto::record::record_limit(proto::wire::MAX_FRAME_LEN) as u32;
+    // The length alone, and nothing of the record: the refusal cannot wait for it.
+    dialer
+        .get_mut()
+        .write_all(&(limit + 1).to_be_bytes())
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(WAIT, acceptor.recv::<PeerMsg>()).await;
+    assert!(
+        matches!(
+            refused,
+            Ok(Err(RecvError::FrameTooLarge {
+                max: proto::wire::MAX_FRAME_LEN
+            }))
+        ),
+        "{refused:?}"
+    );
 }
