@@ -196,7 +196,10 @@ async fn forward(
             }
         }
     };
+    // The cut first: once the mode changed, nothing more crosses this connection, even
+    // if bytes are waiting when the task next runs.
     tokio::select! {
+        biased;
         () = cut.cancelled() => {}
         () = upstream => {}
         () = downstream => {}

@@ -395,13 +395,21 @@ async fn open_legacy(
         }
         Err(error) => return Err(error.into()),
     };
-    // Mail kept until its time (dated a little ahead) at the switch counts as before it.
-    let allowance = (MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS) * 1000;
-    let until = context.state.legacy_until_ms().map_err(transient)?;
-    if until == 0 || plaintext.sent_at_ms >= until.saturating_add(allowance) {
+    if !legacy_accepted(
+        plaintext.sent_at_ms,
+        context.state.legacy_until_ms().map_err(transient)?,
+    ) {
         return Err(OpenError::Legacy.into());
     }
     Ok(plaintext)
+}
+
+/// Whether a message sealed the old way, written at `sent_at_ms`, is still accepted by a
+/// client that switched to the ratchet at `legacy_until_ms` (0: it never had the old kind).
+/// Mail dated a little ahead that was kept until its time at the switch counts as before it.
+fn legacy_accepted(sent_at_ms: u64, legacy_until_ms: u64) -> bool {
+    let allowance = (MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS) * 1000;
+    legacy_until_ms != 0 && sent_at_ms < legacy_until_ms.saturating_add(allowance)
 }
 
 /// A token that does not open under the pinned keys (or a dialer proving another key) is
@@ -1089,6 +1097,18 @@ mod tests {
             mail_verdict(Err(Refusal::Blocked)),
             MailVerdict::Refuse(_)
         ));
+    }
+
+    #[test]
+    fn mail_sealed_the_old_way_is_taken_only_from_before_the_switch() {
+        let switch = 1_000_000;
+        assert!(legacy_accepted(switch - 1, switch));
+        // Kept until its time when the switch came: at most the wait allowed then.
+        let allowance = (MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS) * 1000;
+        assert!(legacy_accepted(switch + allowance - 1, switch));
+        assert!(!legacy_accepted(switch + allowance, switch));
+        // A user who never had the old kind takes none.
+        assert!(!legacy_accepted(1, 0));
     }
 
     #[test]
