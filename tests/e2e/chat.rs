@@ -58,18 +58,23 @@ impl Server {
         addr: SocketAddr,
         key: proto::ServerKey,
     ) -> anyhow::Result<Self> {
+        let config = discovery::Config {
+            server_key: std::sync::Arc::new(key),
+            ..discovery::Config::default()
+        };
+        Self::start_configured(store, addr, config).await
+    }
+
+    /// Starts a server on `addr` (port 0: any) with `store` and `config`.
+    pub(crate) async fn start_configured(
+        store: store::Store,
+        addr: SocketAddr,
+        config: discovery::Config,
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let token = CancellationToken::new();
-        let task = tokio::spawn(discovery::run(
-            listener,
-            store,
-            discovery::Config {
-                server_key: std::sync::Arc::new(key),
-                ..discovery::Config::default()
-            },
-            token.clone(),
-        ));
+        let task = tokio::spawn(discovery::run(listener, store, config, token.clone()));
         Ok(Self { addr, token, task })
     }
 

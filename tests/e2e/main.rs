@@ -15,6 +15,9 @@
 //! - `disk`: full disks and unwritable data dirs (root: a tmpfs in a private mount namespace).
 //! - `onpath`: an attacker on the path (recording, changing replies, redirecting a peer's
 //!   address, replaying acks), and a server whose key changed.
+//! - `ratchet`: the double ratchet against a thief of the data dirs and the server's store
+//!   (forward secrecy, post-compromise security), SIGKILLs during a burst both ways, and a
+//!   pair's order across the mailbox and direct routes (1,000 mails, then direct).
 //! - `netfaults`: an unreachable listener and a healing partition, between network
 //!   namespaces (root).
 //!
@@ -31,5 +34,6 @@ mod interactive;
 mod netfaults;
 mod onpath;
 mod outages;
+mod ratchet;
 mod scripted;
 mod util;

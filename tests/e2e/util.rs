@@ -506,9 +506,20 @@ impl Listener {
     /// Runs one command (interactive syntax) through standard input and returns its
     /// `result` object.
     pub fn run(&mut self, line: &str) -> Value {
+        self.submit(line);
+        self.result(line)
+    }
+
+    /// Writes one command (interactive syntax) to standard input without waiting for its
+    /// result, so a test can queue a burst; [`Listener::result`] waits for it later.
+    pub fn submit(&mut self, line: &str) {
         use std::io::Write;
         writeln!(self.stdin, "{line}").expect("write a command");
         self.stdin.flush().expect("flush");
+    }
+
+    /// Waits for the `result` object of a command written earlier by [`Listener::submit`].
+    pub fn result(&mut self, line: &str) -> Value {
         self.expect(&format!("the result of {line:?}"), |event| {
             event["event"] == "result" && event["command"] == line
         })
