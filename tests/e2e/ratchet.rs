@@ -339,10 +339,6 @@ const MAX_DRAINING_CLAIMS: usize = 2 * proto::ratchet::ONE_TIME_KEYS_TARGET;
 /// all): the server hands out his fallback key, alice's first mail starts the session from
 /// it, bob reads it, and a thief with a copy of bob's data dir afterwards must not open it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: the server keeps no fallback key after a user's second publish \
-            (proto ratchet.rs prekeys_to_publish sends it only while unpublished, and each \
-            publish replaces the stored record), so once the one-time keys are claimed the \
-            claim answers no_prekeys and nobody can start a session"]
 async fn forward_secrecy_of_a_session_started_from_the_fallback_key() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
     let redis = RedisServer::start()?;

@@ -884,6 +884,11 @@ async fn serve_connection(
                         ended = Some(Err(error.into()));
                     }
                 }
+                // Sessions this peer started used one of my published keys up: top them
+                // up (and publish the fallback key that replaced a used one).
+                if context.ratchet.used_one_time_keys() > 0 {
+                    crate::prekeys::publish(context).await;
+                }
             }
             first = tokio::time::timeout(idle_timeout, connection.recv::<PeerMsg>()), if reading => {
                 let first = match first {

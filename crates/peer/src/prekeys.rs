@@ -7,7 +7,9 @@
 //! [`proto::ratchet::ONE_TIME_KEYS_TARGET`] when fewer than half are left. New keys are
 //! saved in the account before they are published, so the account knows every key a
 //! sender may claim; a publish that fails leaves them unpublished, and the next one sends
-//! them again (the server does not list a key twice). One publish runs at a time.
+//! them again (the server does not list a key twice). Each registration also makes a new
+//! fallback key (handed out once the one-time keys run out), so a session started from one
+//! keeps forward secrecy once two registrations have passed. One publish runs at a time.
 
 use proto::{
     Reply, Request,
@@ -36,14 +38,16 @@ pub(crate) async fn publish(context: &Context) {
     let Ok(_running) = context.publishing.try_lock() else {
         return;
     };
-    let published = match publish_once(context, ONE_TIME_KEYS_TARGET).await {
+    // Each registration also brings a new fallback key (see
+    // `proto::ratchet::OwnAccount::rotate_fallback_key`).
+    let published = match publish_once(context, ONE_TIME_KEYS_TARGET, true).await {
         Ok(count) => count,
         Err(error) => return tracing::info!(%error, "cannot publish prekeys now"),
     };
     if published >= ONE_TIME_KEYS_TARGET / 2 {
         return;
     }
-    match publish_once(context, published).await {
+    match publish_once(context, published, false).await {
         Ok(count) => tracing::debug!(count, "one-time keys topped up"),
         Err(error) => tracing::info!(%error, "cannot top up one-time keys now"),
     }
@@ -51,10 +55,15 @@ pub(crate) async fn publish(context: &Context) {
 
 /// Publishes the account's unpublished keys plus new ones up to the target, given that the
 /// server holds `published`; returns how many it holds afterwards.
-async fn publish_once(context: &Context, published: usize) -> Result<usize, PublishError> {
-    let (prekeys, mut saving) = context
-        .ratchet
-        .prekeys_to_publish(&context.state, published);
+async fn publish_once(
+    context: &Context,
+    published: usize,
+    rotate_fallback: bool,
+) -> Result<usize, PublishError> {
+    let (prekeys, mut saving) =
+        context
+            .ratchet
+            .prekeys_to_publish(&context.state, published, rotate_fallback);
     context.ratchet.settle(&context.state, &mut saving).await?;
     let count = send(context, prekeys).await?;
     context.ratchet.published(&context.state);

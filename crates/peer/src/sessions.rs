@@ -193,8 +193,12 @@ impl Ratchet {
         &self,
         state: &State,
         published: usize,
+        rotate_fallback: bool,
     ) -> (PreKeys, Saving<()>) {
         let mut inner = self.lock();
+        if rotate_fallback {
+            inner.account.rotate_fallback_key();
+        }
         let identity = inner.identity.clone();
         let prekeys = inner.account.prekeys_to_publish(&identity, published);
         inner.account_dirty = true;

@@ -256,6 +256,14 @@ impl OwnAccount {
         }
     }
 
+    /// Makes a new fallback key (published by the next [`OwnAccount::prekeys_to_publish`]).
+    /// The previous one keeps opening sessions started from it until the next rotation;
+    /// the one before is forgotten, so a session started from a fallback key keeps forward
+    /// secrecy once two rotations have passed.
+    pub fn rotate_fallback_key(&mut self) {
+        self.account.generate_fallback_key();
+    }
+
     /// The server stored what [`OwnAccount::prekeys_to_publish`] returned.
     pub fn mark_published(&mut self) {
         self.account.mark_keys_as_published();
@@ -497,6 +505,7 @@ impl Sessions {
                     olm_key
                         .verify_olm_key(peer, peer_keys)
                         .map_err(|_| forged())?;
+                    let one_time_keys = account.account.stored_one_time_key_count();
                     let created = account
                         .account
                         .create_inbound_session(session_config(), prekey.identity_key(), prekey)
@@ -509,6 +518,14 @@ impl Sessions {
                             }
                             _ => forged(),
                         })?;
+                    if account.account.stored_one_time_key_count() == one_time_keys {
+                        // Started from a fallback key (no one-time key was used up): the
+                        // library keeps those, so they are replaced now, or a thief of the
+                        // account could open this session's first messages later. A new
+                        // fallback key is published at the next publish.
+                        account.account.generate_fallback_key();
+                        account.account.forget_fallback_key();
+                    }
                     self.keep_first(created.session);
                     (created.plaintext, true)
                 }
@@ -732,6 +749,48 @@ mod tests {
         assert_eq!(
             open(&mut bob, &alice, &later).unwrap().plaintext.body,
             "after"
+        );
+    }
+
+    #[test]
+    fn a_session_started_from_the_fallback_key_is_not_opened_by_the_account_afterwards() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        let published = bob.account.prekeys_to_publish(&bob.identity, 0);
+        bob.account.mark_published();
+        let bundle = PreKeyBundle {
+            olm_key: published.olm_key.clone(),
+            prekey: published.fallback.clone().unwrap(),
+            fallback: true,
+        };
+        alice
+            .sessions
+            .start(&alice.account, &bob.name, bob.identity.public(), &bundle)
+            .unwrap();
+        let first = seal(&mut alice, &bob, "from the fallback key");
+        let stolen = bob.account.pickle();
+        assert!(open(&mut bob, &alice, &first).is_ok());
+        // A copy of bob's account taken after he read it opens nothing; one taken before
+        // would (the key was still there), which is what forward secrecy cannot help.
+        let mut thief = User {
+            name: bob.name.clone(),
+            account: OwnAccount::from_pickle(&bob.account.pickle(), &bob.identity, &bob.name)
+                .unwrap(),
+            identity: Identity::generate(),
+            sessions: Sessions::default(),
+        };
+        assert!(open(&mut thief, &alice, &first).is_err());
+        let mut before = User {
+            account: OwnAccount::from_pickle(&stolen, &bob.identity, &bob.name).unwrap(),
+            sessions: Sessions::default(),
+            ..thief
+        };
+        assert!(open(&mut before, &alice, &first).is_ok());
+        // A new fallback key is there to publish.
+        assert!(
+            bob.account
+                .prekeys_to_publish(&bob.identity, 50)
+                .fallback
+                .is_some()
         );
     }
 

@@ -84,7 +84,7 @@ use crate::{
     StoreError, StoredMail,
     record::{
         Batch, PreKeyOwner, appended, decode_binding, decode_prekey, decode_rotations, encode,
-        is_expired, prekey_bundle,
+        is_expired, kept_fallback, prekey_bundle,
     },
 };
 
@@ -641,10 +641,6 @@ impl EmbeddedStore {
     ) -> Result<u32, StoreError> {
         let user = user.clone();
         let prekeys = prekeys.clone();
-        let owner = encode(&PreKeyOwner {
-            olm_key: prekeys.olm_key.clone(),
-            fallback: prekeys.fallback.clone(),
-        })?;
         self.blocking(move |inner, db| {
             let txn = db.begin_write()?;
             let count = {
@@ -663,11 +659,18 @@ impl EmbeddedStore {
                         decode_prekey(&user, "one-time key", value.value())?,
                     ));
                 }
-                if previous.is_some_and(|previous| previous.olm_key.key != prekeys.olm_key.key) {
+                let same_account = previous
+                    .as_ref()
+                    .is_some_and(|previous| previous.olm_key.key == prekeys.olm_key.key);
+                if previous.is_some() && !same_account {
                     for (position, _) in stored.drain(..) {
                         keys.remove((user.as_str(), position))?;
                     }
                 }
+                let owner = encode(&PreKeyOwner {
+                    olm_key: prekeys.olm_key.clone(),
+                    fallback: kept_fallback(&prekeys, previous.filter(|_| same_account)),
+                })?;
                 owners.insert(user.as_str(), owner.as_ref())?;
                 let mut next = stored.last().map_or(0, |(position, _)| position + 1);
                 for key in &prekeys.one_time {

@@ -149,3 +149,15 @@ pub(crate) fn prekey_bundle(
         fallback,
     })
 }
+
+/// The fallback key to store after a publish: the published one, or else (a publish of
+/// new one-time keys only) the one already stored for the same Olm key `previous`.
+pub(crate) fn kept_fallback(
+    prekeys: &proto::ratchet::PreKeys,
+    previous: Option<PreKeyOwner>,
+) -> Option<proto::ratchet::SignedKey> {
+    prekeys
+        .fallback
+        .clone()
+        .or_else(|| previous.and_then(|previous| previous.fallback))
+}

@@ -358,17 +358,21 @@ const BIND_SOURCE: &str = r"
         ";
 
 /// Publish prekeys: KEYS = the user's prekey owner hash, their one-time key list; ARGV =
-/// owner record, Olm key, the most one-time keys kept, then each new one-time key. A new
-/// Olm key drops the old key's one-time keys; a key already listed is not added again;
-/// beyond the most kept, the oldest go. Returns how many are listed.
+/// owner record, Olm key, the most one-time keys kept, `1` when the publish carries no
+/// fallback key (the stored record, with its fallback key, is then kept for the same Olm
+/// key), then each new one-time key. A new Olm key drops the old key's one-time keys; a key
+/// already listed is not added again; beyond the most kept, the oldest go. Returns how many
+/// are listed.
 static PUBLISH_PREKEYS: LazyLock<Script> = LazyLock::new(|| Script::new(PUBLISH_PREKEYS_SOURCE));
 
 /// The source of [`PUBLISH_PREKEYS`].
 const PUBLISH_PREKEYS_SOURCE: &str = r"
         local old = redis.call('HGET', KEYS[1], 'olm')
         if old and old ~= ARGV[2] then redis.call('DEL', KEYS[2]) end
-        redis.call('HSET', KEYS[1], 'record', ARGV[1], 'olm', ARGV[2])
-        for index = 4, #ARGV do
+        if not (ARGV[4] == '1' and old == ARGV[2]) then
+            redis.call('HSET', KEYS[1], 'record', ARGV[1], 'olm', ARGV[2])
+        end
+        for index = 5, #ARGV do
             if not redis.call('LPOS', KEYS[2], ARGV[index]) then
                 redis.call('RPUSH', KEYS[2], ARGV[index])
             end
@@ -1691,7 +1695,13 @@ impl RedisStore {
             .iter()
             .map(encode)
             .collect::<Result<Vec<_>, _>>()?;
-        let mut args: Vec<&[u8]> = vec![owner.as_ref(), &prekeys.olm_key.key, most.as_bytes()];
+        let keep: &[u8] = if prekeys.fallback.is_none() {
+            b"1"
+        } else {
+            b"0"
+        };
+        let mut args: Vec<&[u8]> =
+            vec![owner.as_ref(), &prekeys.olm_key.key, most.as_bytes(), keep];
         args.extend(keys.iter().map(|key| key.as_ref()));
         let (owner_key, list_key) = prekey_keys(user);
         self.invoke_replicated(

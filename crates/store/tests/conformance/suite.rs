@@ -684,6 +684,14 @@ pub async fn prekeys_are_claimed_once_each_then_the_fallback(store: &Store) -> a
             "a one-time key was handed out twice"
         );
     }
+    // A top-up of one-time keys alone (the fallback key already published) keeps the
+    // stored fallback key.
+    let top_up = proto::ratchet::PreKeys {
+        one_time: Vec::new(),
+        fallback: None,
+        ..first.clone()
+    };
+    store.publish_prekeys(&bob, &top_up).await?;
     // None left: the fallback key, as often as asked.
     for _ in 0..2 {
         let bundle = store.claim_prekey(&bob).await?.context("the fallback")?;
