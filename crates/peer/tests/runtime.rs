@@ -46,6 +46,19 @@ async fn discovery_with(
     address
 }
 
+/// A discovery server in process over an embedded store in `dir` the test keeps a handle
+/// to (to deposit or count mail behind the clients' backs).
+async fn store_and_server(
+    dir: &std::path::Path,
+    shutdown: &CancellationToken,
+) -> (Store, SocketAddr) {
+    let store = Store::Embedded(
+        EmbeddedStore::open(dir.join("store.redb"), MailLimits::default()).unwrap(),
+    );
+    let server = discovery_on(store.clone(), shutdown).await;
+    (store, server)
+}
+
 /// A runtime's configuration: data under `root/user`, listening on a free loopback port.
 fn config(server: SocketAddr, user: &str, root: &std::path::Path) -> Config {
     let mut config = Config::new(server.to_string(), name(user), root.join(user));
@@ -414,10 +427,7 @@ async fn an_empty_message_is_refused() {
 async fn mail_dated_a_little_ahead_is_shown_at_once_in_its_place() {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let store = Store::Embedded(
-        EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default()).unwrap(),
-    );
-    let server = discovery_on(store.clone(), &shutdown).await;
+    let (store, server) = store_and_server(dir.path(), &shutdown).await;
     let (alice, _alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
     let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
     let bob_name = name("bob");
@@ -459,10 +469,7 @@ async fn mail_dated_a_little_ahead_is_shown_at_once_in_its_place() {
 async fn a_strangers_mail_dated_ahead_never_holds_up_other_senders_mail() {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let store = Store::Embedded(
-        EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default()).unwrap(),
-    );
-    let server = discovery_on(store.clone(), &shutdown).await;
+    let (store, server) = store_and_server(dir.path(), &shutdown).await;
     let (mallory, _mallory_events) = online(config(server, "mallory", dir.path()), &shutdown).await;
     let (alice, _alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
     let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
@@ -890,10 +897,7 @@ async fn sessions_over_the_per_user_limit_settle_instead_of_evicting_one_another
 async fn an_upgraded_user_opens_mail_sealed_before_the_switch_and_starts_sessions() {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let store = Store::Embedded(
-        EmbeddedStore::open(dir.path().join("store.redb"), MailLimits::default()).unwrap(),
-    );
-    let server = discovery_on(store.clone(), &shutdown).await;
+    let (store, server) = store_and_server(dir.path(), &shutdown).await;
     let (alice, _alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
     let (alice_identity, _) = Identity::load_or_create(&dir.path().join("alice")).unwrap();
     let (bob_name, alice_name) = (name("bob"), name("alice"));

@@ -741,6 +741,18 @@ fn prekey_keys(user: &Username) -> (String, String) {
     )
 }
 
+/// Every key that goes with `user`'s name binding (one slot): the binding, its rotation
+/// statements, and the prekeys its identity signed (owner hash, one-time key list).
+fn name_keys(user: &Username) -> [String; 4] {
+    let (owner, one_time) = prekey_keys(user);
+    [
+        user_key(user, "binding"),
+        user_key(user, "rotations"),
+        owner,
+        one_time,
+    ]
+}
+
 /// `p2pchat:{user}:part`: the hash tag keeps all of one user's keys in one cluster slot.
 fn user_key(user: &Username, part: &str) -> String {
     format!("p2pchat:{{{user}}}:{part}")
@@ -1130,13 +1142,7 @@ impl RedisStore {
         now_ms: u64,
     ) -> Result<RotateOutcome, StoreError> {
         let user = &current.user;
-        let (owner, one_time) = prekey_keys(user);
-        let keys = [
-            user_key(user, "binding"),
-            user_key(user, "rotations"),
-            owner,
-            one_time,
-        ];
+        let keys = name_keys(user);
         let next = current.rotated(rotation, now_ms);
         let (expected, next, statement) = (encode(current)?, encode(&next)?, encode(rotation)?);
         let keep = crate::MAX_ROTATIONS.to_string();
@@ -1187,13 +1193,7 @@ impl RedisStore {
 
     /// See [`crate::Store::release`].
     pub async fn release(&self, user: &Username) -> Result<Option<Binding>, StoreError> {
-        let (owner, one_time) = prekey_keys(user);
-        let keys = [
-            user_key(user, "binding"),
-            user_key(user, "rotations"),
-            owner,
-            one_time,
-        ];
+        let keys = name_keys(user);
         let standing: Option<Vec<u8>> = self
             .invoke_replicated(
                 "release",
