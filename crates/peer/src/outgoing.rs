@@ -208,9 +208,12 @@ async fn pipeline(
     let mut sealed_count = 0;
     let mut jobs_open = true;
     let result = 'link: loop {
-        // Seal what the window allows in one go (its state saved by one write).
+        // Seal what the window allows in one go (its state saved by one write). While two
+        // batches already wait for their commits, the next waits too and grows meanwhile:
+        // each seal costs a save of the sessions, so fewer, larger batches cost less.
         let mut batch: Vec<Job> = Vec::new();
-        while in_flight.len() + sealed_count + batch.len() < WINDOW {
+        while sealed.len() < SEALED_BATCHES && in_flight.len() + sealed_count + batch.len() < WINDOW
+        {
             match queue.pop_front() {
                 Some(job) => batch.push(job),
                 None => match jobs.try_recv() {
@@ -319,6 +322,9 @@ async fn pipeline(
     }
     result
 }
+
+/// How many sealed batches may wait for their commits at once.
+const SEALED_BATCHES: usize = 2;
 
 /// A batch sealed and submitted, waiting for its ratchet state to be durable.
 struct Sealed {
