@@ -822,7 +822,6 @@ pub async fn claim_prekey(
 /// which need not be `from`'s: a forger's) and a session with `to`, started from a key
 /// claimed at the server. What it seals opens at `to` as a real client's messages do.
 pub struct RawSender {
-    from: proto::Username,
     to: proto::Username,
     account: proto::ratchet::OwnAccount,
     sessions: proto::ratchet::Sessions,
@@ -843,7 +842,6 @@ impl RawSender {
         let mut sessions = proto::ratchet::Sessions::default();
         sessions.start(&account, &to, to_keys, &bundle)?;
         Ok(Self {
-            from,
             to,
             account,
             sessions,
@@ -866,7 +864,6 @@ impl RawSender {
 
     /// Seals the next message, written now.
     pub fn seal(&mut self, body: &str) -> proto::Envelope {
-        let _ = &self.from;
         self.sessions
             .seal(
                 &self.account,

@@ -14,7 +14,7 @@
 //! ([`crate::delivery`], [`crate::prekeys`]) and hand this module what they got.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, hash_map::Entry},
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -247,14 +247,7 @@ pub(crate) enum RatchetError {
 impl Inner {
     /// `peer`'s sessions, read from the state the first time.
     fn sessions(&mut self, state: &State, peer: &Username) -> Result<&mut Sessions, StateError> {
-        if !self.peers.contains_key(peer) {
-            let sessions = match state.olm_sessions(peer)? {
-                Some(pickle) => Sessions::from_pickle(&pickle)?,
-                None => Sessions::default(),
-            };
-            self.peers.insert(peer.clone(), sessions);
-        }
-        Ok(self.peers.entry(peer.clone()).or_default())
+        peer_sessions(&mut self.peers, state, peer)
     }
 
     fn start(
@@ -264,9 +257,12 @@ impl Inner {
         peer_keys: &PublicKeys,
         bundle: &PreKeyBundle,
     ) -> Result<(), RatchetError> {
-        self.sessions(state, peer)?;
-        let sessions = self.peers.entry(peer.clone()).or_default();
-        sessions.start(&self.account, peer, peer_keys, bundle)?;
+        peer_sessions(&mut self.peers, state, peer)?.start(
+            &self.account,
+            peer,
+            peer_keys,
+            bundle,
+        )?;
         self.dirty.insert(peer.clone());
         Ok(())
     }
@@ -277,10 +273,13 @@ impl Inner {
         peer: &Username,
         entry: &OutboxEntry,
     ) -> Result<Envelope, RatchetError> {
-        self.sessions(state, peer)?;
-        let sessions = self.peers.entry(peer.clone()).or_default();
-        let envelope =
-            sessions.seal(&self.account, peer, entry.id, &entry.body, entry.created_ms)?;
+        let envelope = peer_sessions(&mut self.peers, state, peer)?.seal(
+            &self.account,
+            peer,
+            entry.id,
+            &entry.body,
+            entry.created_ms,
+        )?;
         self.dirty.insert(peer.clone());
         Ok(envelope)
     }
@@ -292,9 +291,12 @@ impl Inner {
         peer_keys: &PublicKeys,
         envelope: &Envelope,
     ) -> Result<Plaintext, RatchetError> {
-        self.sessions(state, peer)?;
-        let sessions = self.peers.entry(peer.clone()).or_default();
-        let opened = sessions.open(&mut self.account, peer, peer_keys, envelope)?;
+        let opened = peer_sessions(&mut self.peers, state, peer)?.open(
+            &mut self.account,
+            peer,
+            peer_keys,
+            envelope,
+        )?;
         self.dirty.insert(peer.clone());
         if opened.account_changed {
             self.account_dirty = true;
@@ -327,6 +329,25 @@ impl Inner {
             })
             .collect();
         RatchetSave { account, sessions }
+    }
+}
+
+/// `peer`'s sessions in `peers`, read from the state the first time (a free function, so
+/// the account beside them can be borrowed at the same time).
+fn peer_sessions<'a>(
+    peers: &'a mut HashMap<Username, Sessions>,
+    state: &State,
+    peer: &Username,
+) -> Result<&'a mut Sessions, StateError> {
+    match peers.entry(peer.clone()) {
+        Entry::Occupied(entry) => Ok(entry.into_mut()),
+        Entry::Vacant(entry) => {
+            let sessions = match state.olm_sessions(peer)? {
+                Some(pickle) => Sessions::from_pickle(&pickle)?,
+                None => Sessions::default(),
+            };
+            Ok(entry.insert(sessions))
+        }
     }
 }
 
