@@ -206,6 +206,9 @@ pub(crate) enum Report {
     /// The registration (a [`ControlEvent::Online`]), once the keys others start sessions
     /// with are published: the shell hands it to [`Core::control`].
     Registered(ControlEvent),
+    /// Sessions others started used some of the keys published at the server up: publish
+    /// more ([`Action::PublishPrekeys`]).
+    KeysUsed,
     /// Something to tell the user as is.
     Notify(Event),
     /// A message's result is recorded and reported: it may be sent from the outbox again.
@@ -257,6 +260,8 @@ pub(crate) enum Action {
     ReadHeld(Username),
     /// Start a mail fetch; it ends with [`Report::FetchDone`].
     FetchMail,
+    /// Top up the keys published at the server, in a task of its own.
+    PublishPrekeys,
     /// Tell the server about every block change it has not confirmed.
     SyncBlocks,
     /// Tell the server `user` is unblocked.
@@ -507,6 +512,7 @@ impl Core {
         match report {
             // The shell hands registrations to `Core::control`.
             Report::Registered(event) => self.control(event),
+            Report::KeysUsed => self.actions.push_back(Action::PublishPrekeys),
             Report::Received(message) => {
                 // The mute decision was made when the message was stored.
                 if !message.while_muted {
@@ -838,6 +844,18 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn keys_used_up_by_others_are_topped_up_by_a_task() {
+        let now = clock();
+        let mut core = core(now);
+        drain(&mut core);
+        core.report(Report::KeysUsed, now);
+        assert!(matches!(
+            drain(&mut core).as_slice(),
+            [Action::PublishPrekeys]
+        ));
     }
 
     #[test]

@@ -541,6 +541,15 @@ fn opens_at_ms(now_ms: u64, ahead_secs: u64) -> u64 {
     )
 }
 
+/// Sessions started from my published keys (by mail or on a direct connection) used some
+/// of them up: the runtime tops them up, and publishes the fallback key that replaced a
+/// used one.
+async fn keys_used(context: &Context) {
+    if context.ratchet.used_one_time_keys() > 0 {
+        context.report(Report::KeysUsed).await;
+    }
+}
+
 /// Opens, stores and shows the kept early mail whose time has come (see the module docs).
 pub(crate) async fn open_early(context: &Context) {
     let due = match context.state.early_due(proto::now_ms(), EARLY_BATCH) {
@@ -586,6 +595,7 @@ pub(crate) async fn open_early(context: &Context) {
 pub(crate) async fn fetch_mail(context: &Context) -> Fetched {
     open_early(context).await;
     let fetched = fetch_mailbox(context).await;
+    keys_used(context).await;
     if context.state.has_early().unwrap_or(true) {
         Fetched::LeftForLater
     } else {
@@ -884,11 +894,7 @@ async fn serve_connection(
                         ended = Some(Err(error.into()));
                     }
                 }
-                // Sessions this peer started used one of my published keys up: top them
-                // up (and publish the fallback key that replaced a used one).
-                if context.ratchet.used_one_time_keys() > 0 {
-                    crate::prekeys::publish(context).await;
-                }
+                keys_used(context).await;
             }
             first = tokio::time::timeout(idle_timeout, connection.recv::<PeerMsg>()), if reading => {
                 let first = match first {

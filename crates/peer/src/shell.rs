@@ -373,12 +373,13 @@ impl Shell {
                     let context = self.context.clone();
                     self.tracker.spawn(async move {
                         let fetched = inbox::fetch_mail(&context).await;
-                        // Sessions others started from the mail used one-time keys up.
-                        if context.ratchet.used_one_time_keys() > 0 {
-                            prekeys::publish(&context).await;
-                        }
                         context.report(Report::FetchDone(fetched)).await;
                     });
+                }
+                Action::PublishPrekeys => {
+                    let context = self.context.clone();
+                    self.tracker
+                        .spawn(async move { prekeys::publish(&context).await });
                 }
                 Action::SyncBlocks => self.sync_blocks(),
                 Action::SyncUnblock(user) => {
