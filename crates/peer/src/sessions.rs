@@ -42,13 +42,19 @@ struct Inner {
     me: Username,
     identity: Arc<Identity>,
     account: OwnAccount,
-    /// Sessions read from the state so far (a peer with none has an empty entry).
-    peers: HashMap<Username, Sessions>,
+    /// Sessions read from the state so far.
+    peers: PeerSessions,
     /// Changed since their last save.
     dirty: HashSet<Username>,
     account_dirty: bool,
     /// One-time keys used up by sessions started since the last publish.
     used_one_time_keys: usize,
+}
+
+/// The sessions with each peer read from the state so far (a peer with none has an empty
+/// entry), and what decides, when they are read, whether they may seal.
+struct PeerSessions {
+    read: HashMap<Username, Sessions>,
     /// This run, and which saved sessions may seal in it.
     run: Run,
     /// Peers whose sessions a failed save carried: retired when read again.
@@ -85,12 +91,14 @@ impl Ratchet {
                 me: me.clone(),
                 identity: identity.clone(),
                 account,
-                peers: HashMap::new(),
+                peers: PeerSessions {
+                    read: HashMap::new(),
+                    run,
+                    retire_on_read: HashSet::new(),
+                },
                 dirty: HashSet::new(),
                 account_dirty: false,
                 used_one_time_keys: 0,
-                run,
-                retire_on_read: HashSet::new(),
             }),
         })
     }
@@ -106,7 +114,7 @@ impl Ratchet {
     /// Whether a session with `peer` may seal (one is started and not retired).
     pub(crate) fn has_session(&self, state: &State, peer: &Username) -> Result<bool, StateError> {
         let mut inner = self.lock();
-        Ok(inner.sessions(state, peer)?.can_seal())
+        Ok(inner.peers.get(state, peer)?.can_seal())
     }
 
     /// Starts a session with `peer` from a claimed `bundle` (checked against `peer_keys`);
@@ -124,7 +132,7 @@ impl Ratchet {
     /// Forgets every session with `peer` (they lost theirs): the next message starts anew.
     pub(crate) fn reset(&self, state: &State, peer: &Username) -> Result<(), StateError> {
         let mut inner = self.lock();
-        inner.sessions(state, peer)?.clear();
+        inner.peers.get(state, peer)?.clear();
         inner.dirty.insert(peer.clone());
         Ok(())
     }
@@ -187,9 +195,8 @@ impl Ratchet {
     pub(crate) fn forget(&self, state: &State, peers: &[Username], account: bool) {
         let mut inner = self.lock();
         for peer in peers {
-            inner.peers.remove(peer);
+            inner.peers.forget(peer);
             inner.dirty.remove(peer);
-            inner.retire_on_read.insert(peer.clone());
         }
         if account {
             let saved = state.olm_account().ok().flatten().and_then(|pickle| {
@@ -269,23 +276,6 @@ pub(crate) enum RatchetError {
 }
 
 impl Inner {
-    /// `peer`'s sessions, read from the state the first time.
-    fn sessions(&mut self, state: &State, peer: &Username) -> Result<&mut Sessions, StateError> {
-        self.read(state, peer)
-    }
-
-    /// `peer`'s sessions, read from the state the first time, retired from sealing if
-    /// their save may be behind what they sealed (see the module docs).
-    fn read(&mut self, state: &State, peer: &Username) -> Result<&mut Sessions, StateError> {
-        peer_sessions(
-            &mut self.peers,
-            &mut self.retire_on_read,
-            self.run,
-            state,
-            peer,
-        )
-    }
-
     fn start(
         &mut self,
         state: &State,
@@ -293,14 +283,9 @@ impl Inner {
         peer_keys: &PublicKeys,
         bundle: &PreKeyBundle,
     ) -> Result<(), RatchetError> {
-        peer_sessions(
-            &mut self.peers,
-            &mut self.retire_on_read,
-            self.run,
-            state,
-            peer,
-        )?
-        .start(&self.account, peer, peer_keys, bundle)?;
+        self.peers
+            .get(state, peer)?
+            .start(&self.account, peer, peer_keys, bundle)?;
         self.dirty.insert(peer.clone());
         Ok(())
     }
@@ -311,14 +296,13 @@ impl Inner {
         peer: &Username,
         entry: &OutboxEntry,
     ) -> Result<Envelope, RatchetError> {
-        let envelope = peer_sessions(
-            &mut self.peers,
-            &mut self.retire_on_read,
-            self.run,
-            state,
+        let envelope = self.peers.get(state, peer)?.seal(
+            &self.account,
             peer,
-        )?
-        .seal(&self.account, peer, entry.id, &entry.body, entry.created_ms)?;
+            entry.id,
+            &entry.body,
+            entry.created_ms,
+        )?;
         self.dirty.insert(peer.clone());
         Ok(envelope)
     }
@@ -330,14 +314,10 @@ impl Inner {
         peer_keys: &PublicKeys,
         envelope: &Envelope,
     ) -> Result<Plaintext, RatchetError> {
-        let opened = peer_sessions(
-            &mut self.peers,
-            &mut self.retire_on_read,
-            self.run,
-            state,
-            peer,
-        )?
-        .open(&mut self.account, peer, peer_keys, envelope)?;
+        let opened =
+            self.peers
+                .get(state, peer)?
+                .open(&mut self.account, peer, peer_keys, envelope)?;
         self.dirty.insert(peer.clone());
         if opened.account_changed {
             self.account_dirty = true;
@@ -365,43 +345,46 @@ impl Inner {
             .dirty
             .drain()
             .filter_map(|peer| {
-                let pickle = self.peers.get(&peer)?.pickle();
+                let pickle = self.peers.read.get(&peer)?.pickle();
                 Some((peer, pickle))
             })
             .collect();
         RatchetSave {
             account,
             sessions,
-            generation: self.run.generation,
+            generation: self.peers.run.generation,
         }
     }
 }
 
-/// `peer`'s sessions in `peers`, read from the state the first time (a free function, so
-/// the account beside them can be borrowed at the same time).
-fn peer_sessions<'a>(
-    peers: &'a mut HashMap<Username, Sessions>,
-    retire_on_read: &mut HashSet<Username>,
-    run: Run,
-    state: &State,
-    peer: &Username,
-) -> Result<&'a mut Sessions, StateError> {
-    match peers.entry(peer.clone()) {
-        Entry::Occupied(entry) => Ok(entry.into_mut()),
-        Entry::Vacant(entry) => {
-            let failed_save = retire_on_read.remove(peer);
-            let sessions = match state.olm_sessions(peer)? {
-                Some((saved_by, pickle)) => {
-                    let mut sessions = Sessions::from_pickle(&pickle)?;
-                    if failed_save || !run.sealable(saved_by) {
-                        sessions.retire();
+impl PeerSessions {
+    /// `peer`'s sessions, read from the state the first time, retired from sealing if
+    /// their save may be behind what they sealed (see the module docs).
+    fn get(&mut self, state: &State, peer: &Username) -> Result<&mut Sessions, StateError> {
+        match self.read.entry(peer.clone()) {
+            Entry::Occupied(entry) => Ok(entry.into_mut()),
+            Entry::Vacant(entry) => {
+                let failed_save = self.retire_on_read.remove(peer);
+                let sessions = match state.olm_sessions(peer)? {
+                    Some((saved_by, pickle)) => {
+                        let mut sessions = Sessions::from_pickle(&pickle)?;
+                        if failed_save || !self.run.sealable(saved_by) {
+                            sessions.retire();
+                        }
+                        sessions
                     }
-                    sessions
-                }
-                None => Sessions::default(),
-            };
-            Ok(entry.insert(sessions))
+                    None => Sessions::default(),
+                };
+                Ok(entry.insert(sessions))
+            }
         }
+    }
+
+    /// Drops `peer`'s sessions from memory (a save carrying them failed): read again, and
+    /// retired, when next needed.
+    fn forget(&mut self, peer: &Username) {
+        self.read.remove(peer);
+        self.retire_on_read.insert(peer.clone());
     }
 }
 
