@@ -366,9 +366,9 @@ impl PeerSessions {
             Entry::Vacant(entry) => {
                 let failed_save = self.retire_on_read.remove(peer);
                 let sessions = match state.olm_sessions(peer)? {
-                    Some((saved_by, pickle)) => {
-                        let mut sessions = Sessions::from_pickle(&pickle)?;
-                        if failed_save || !self.run.sealable(saved_by) {
+                    Some(saved) => {
+                        let mut sessions = Sessions::from_pickle(&saved.pickle)?;
+                        if failed_save || !self.run.sealable(saved.saved_by) {
                             sessions.retire();
                         }
                         sessions

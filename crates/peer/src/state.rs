@@ -144,6 +144,14 @@ impl RatchetSave {
     }
 }
 
+/// The Olm sessions saved with one peer ([`State::olm_sessions`]).
+pub struct SavedSessions {
+    /// The run that saved them ([`State::begin_run`]).
+    pub saved_by: u64,
+    /// Their pickle ([`proto::ratchet::Sessions::pickle`]).
+    pub pickle: Zeroizing<Vec<u8>>,
+}
+
 /// A run of the client on a state ([`State::begin_run`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
@@ -1055,10 +1063,7 @@ impl State {
     }
 
     /// The saved Olm sessions with `peer`, if any, with the run that saved them.
-    pub fn olm_sessions(
-        &self,
-        peer: &Username,
-    ) -> Result<Option<(u64, Zeroizing<Vec<u8>>)>, StateError> {
+    pub fn olm_sessions(&self, peer: &Username) -> Result<Option<SavedSessions>, StateError> {
         let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(OLM_SESSIONS)?;
         let Some(value) = table.get(peer.as_str())? else {
@@ -1069,9 +1074,15 @@ impl State {
             Some((&SESSIONS_WITH_GENERATION, rest)) if rest.len() >= 8 => {
                 let (generation, pickle) = rest.split_at(8);
                 let generation = u64::from_le_bytes(generation.try_into().unwrap_or_default());
-                (generation, Zeroizing::new(pickle.to_vec()))
+                SavedSessions {
+                    saved_by: generation,
+                    pickle: Zeroizing::new(pickle.to_vec()),
+                }
             }
-            _ => (0, Zeroizing::new(value.to_vec())),
+            _ => SavedSessions {
+                saved_by: 0,
+                pickle: Zeroizing::new(value.to_vec()),
+            },
         }))
     }
 
