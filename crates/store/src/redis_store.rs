@@ -68,11 +68,15 @@
 //!
 //! Channels: [`ANNOUNCE_CHANNEL`] (classic pub/sub, which a cluster carries to every node;
 //! every instance subscribes), [`MAIL_CHANNEL`] (one server only: every instance
-//! subscribes, the payload is the recipient's name) and, on a cluster,
+//! subscribes, the payload is the recipient's name), [`PRESENCE_CHANNEL`] (one server only:
+//! contacts' presence and second-session notices, a wire-encoded [`Broadcast`]) and, on a
+//! cluster,
 //! `p2pchat:instance:{id}:push`, one sharded channel per instance (`SSUBSCRIBE`d by that
 //! instance alone, on the master of its slot). A mail-waiting hint on a cluster is an
 //! `SPUBLISH` of the recipient's name to each instance named in the recipient's routes, so
-//! no instance subscribes to every user's hints; a presence write adds its instance to the
+//! no instance subscribes to every user's hints (a presence change goes the same way, one
+//! `SPUBLISH` per instance holding any of its recipients, naming only those; its payload
+//! starts with a variant tag byte, never a name's character); a presence write adds its instance to the
 //! routes (dropping routes lapsed an hour ago, left by instances that died), and clearing
 //! the presence removes it. An operation over two slots is separate steps in a stated
 //! order, each idempotent: a presence write does the user's slot (presence and route) and
