@@ -230,6 +230,9 @@ pub(crate) enum Report {
     Trusted(Username),
     /// `user` is blocked now (durable): stop watching their presence.
     Blocked(Username),
+    /// The server closed the connection at a watch request as malformed: it predates
+    /// contacts' presence, and is not asked again.
+    WatchRefused,
     /// A write the core asked for is done.
     Committed(Committed),
 }
@@ -332,6 +335,8 @@ pub(crate) struct Core {
     mail_poll_at: Instant,
     /// Whose presence is watched at the server.
     contacts: Contacts,
+    /// Whether the server knows watch requests (until one is refused as malformed).
+    server_watches: bool,
 }
 
 impl Core {
@@ -354,6 +359,7 @@ impl Core {
             mail_poll,
             mail_poll_at: now.at + mail_poll,
             contacts: Contacts::default(),
+            server_watches: true,
         }
     }
 
@@ -374,9 +380,14 @@ impl Core {
     /// This client talked with `user` (a send, a message received): watch their presence
     /// if they are new.
     fn talked_with(&mut self, user: &Username) {
-        if self.contacts.talked_with(user.clone()) && self.online() {
+        if self.contacts.talked_with(user.clone()) && self.asks_presence() {
             self.actions.push_back(Action::Watch(vec![user.clone()]));
         }
+    }
+
+    /// Whether watch requests go to the server now.
+    fn asks_presence(&self) -> bool {
+        self.online() && self.server_watches
     }
 
     /// The next thing to do, if any.
@@ -508,7 +519,9 @@ impl Core {
                 self.fetch_mail();
                 self.actions.push_back(Action::SyncBlocks);
                 self.actions.push_back(Action::ReadOutbox(None));
-                self.actions.push_back(Action::Watch(self.contacts.all()));
+                if self.server_watches {
+                    self.actions.push_back(Action::Watch(self.contacts.all()));
+                }
             }
             ControlEvent::Offline { reason, retry_in } => {
                 // The user hears once that the server is gone, not at every retry.
@@ -587,8 +600,14 @@ impl Core {
                 self.actions.push_back(Action::ReopenHeld(user));
             }
             Report::Committed(committed) => self.committed(committed),
+            Report::WatchRefused => {
+                tracing::warn!(
+                    "the discovery server does not know watch requests (an older version): no contact presence"
+                );
+                self.server_watches = false;
+            }
             Report::Blocked(user) => {
-                if self.contacts.blocked(&user) && self.online() {
+                if self.contacts.blocked(&user) && self.asks_presence() {
                     self.actions.push_back(Action::Unwatch(vec![user]));
                 }
             }
@@ -657,7 +676,7 @@ impl Core {
                 result,
             } => match result {
                 Ok(true) => {
-                    if self.contacts.unblocked(user.clone()) && self.online() {
+                    if self.contacts.unblocked(user.clone()) && self.asks_presence() {
                         self.actions.push_back(Action::Watch(vec![user.clone()]));
                     }
                     if self.online() {
@@ -1425,5 +1444,20 @@ mod tests {
                 Action::Emit(Event::SessionElsewhere { observed: seen, at_ms: 5 }),
             ] if user == &name("bob") && *seen == observed
         ));
+    }
+
+    #[test]
+    fn a_server_that_refuses_watch_requests_is_not_asked_again() {
+        let now = clock();
+        let mut core = core(now);
+        core.contacts_read(Ok((vec![name("bob")], Vec::new())));
+        online(&mut core);
+        core.report(Report::WatchRefused, now);
+        core.control(ControlEvent::Online {
+            observed: SocketAddr::from(([127, 0, 0, 1], 9)),
+            new_binding: false,
+        });
+        core.report(Report::Received(inbound("carol", 1, false)), now);
+        assert_eq!(watched(&drain(&mut core)), Vec::<Username>::new());
     }
 }

@@ -531,12 +531,20 @@ impl Shell {
     }
 
     /// Sends a watch or unwatch request in a task. A failure is left be: the server forgets
-    /// a session's watch set with its connection, and the next registration sends it all.
+    /// a session's watch set with its connection, and the next registration sends it all;
+    /// but a server that closed the connection at it as malformed (an older version) is
+    /// reported, and not asked again.
     fn watch(&self, request: Request) {
         let context = self.context.clone();
         self.tracker.spawn(async move {
-            if let Err(error) = context.control.request(request).await {
-                tracing::info!(%error, "watch request not answered; sent again at the next registration");
+            match context.control.request(request).await {
+                Ok(_) => {}
+                Err(error) if error.code() == Some(proto::ErrorCode::BadRequest) => {
+                    context.report(Report::WatchRefused).await;
+                }
+                Err(error) => {
+                    tracing::info!(%error, "watch request not answered; sent again at the next registration");
+                }
             }
         });
     }
