@@ -622,8 +622,14 @@ async fn serve_connection(
             None => registration_deadline,
             Some(_) => last_activity + config.presence_ttl,
         };
-        let presence_due = session.next_presence_due_ms().map(|due_ms| {
-            Instant::now() + Duration::from_millis(due_ms.saturating_sub(proto::now_ms()))
+        // Presence pushes held back by their per-contact interval share the deadline's
+        // timer (one timer in every connection's task, which is what the server holds per
+        // client): it wakes at whichever comes first (a millisecond late rather than early,
+        // so the wall clock has reached the due time when it does).
+        let wake = session.next_presence_due_ms().map_or(deadline, |due_ms| {
+            let due =
+                Instant::now() + Duration::from_millis(due_ms.saturating_sub(proto::now_ms()) + 1);
+            due.min(deadline)
         });
         tokio::select! {
             biased;
@@ -792,20 +798,21 @@ async fn serve_connection(
                     shared.hub.push(user, Push::MailWaiting);
                 }
             }
-            _ = sleep_until_opt(presence_due) => {
-                let mut failed = false;
-                for push in session.presence_due(proto::now_ms()) {
-                    metrics.presence_pushes.inc();
-                    if connection.send(&ServerMsg::Push(push)).await.is_err() {
-                        failed = true;
+            _ = tokio::time::sleep_until(wake) => {
+                if Instant::now() < deadline {
+                    let mut failed = false;
+                    for push in session.presence_due(proto::now_ms()) {
+                        metrics.presence_pushes.inc();
+                        if connection.send(&ServerMsg::Push(push)).await.is_err() {
+                            failed = true;
+                            break;
+                        }
+                    }
+                    if failed {
                         break;
                     }
+                    continue;
                 }
-                if failed {
-                    break;
-                }
-            }
-            _ = tokio::time::sleep_until(deadline) => {
                 // A silent registered client is no longer registered (it registers again on
                 // its next connection); one that never registered broke the handshake rules.
                 let (code, message) = match session.user() {
@@ -853,13 +860,5 @@ async fn serve_connection(
 async fn publish_offline(store: &Store, notice: &Broadcast) {
     if let Err(error) = store.publish(notice).await {
         tracing::warn!(%error, "could not tell contacts a user went offline");
-    }
-}
-
-/// Sleeps until `at`, or forever without one (a `select!` arm that never fires).
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

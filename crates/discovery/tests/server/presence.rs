@@ -219,3 +219,23 @@ async fn presence_and_second_sessions_work_across_two_instances_sharing_one_redi
     first.stop().await;
     second.stop().await;
 }
+
+#[tokio::test]
+async fn a_flapping_contact_is_merged_into_one_push_per_interval_ending_in_the_last_state() {
+    let server = Server::embedded(config()).await;
+    let mut alice = watching(server.address, "alice", &["bob"]).await;
+    let bob = watching(server.address, "bob", &["alice"]).await;
+    alice.push(is_presence("bob", true)).await;
+    // Bob drops and comes back three times within the interval, then drops for good.
+    let mut gone = bob.disconnect(&mut alice).await;
+    for _ in 0..3 {
+        let mut again = gone.reconnect(server.address).await;
+        again.register().await.unwrap();
+        watch(&mut again, &["alice"]).await;
+        gone = again.disconnect(&mut alice).await;
+    }
+    // One push, when the interval ends: offline, the last state.
+    alice.push(is_presence("bob", false)).await;
+    assert_eq!(presence_pushes(&mut alice).await, vec![]);
+    server.stop().await;
+}
