@@ -23,7 +23,7 @@ use crate::{
     metrics::Metrics,
     per_ip::PerIp,
     per_sender::{OverBudget, PerSender},
-    presence::Watching,
+    presence::{WatchRefused, Watching},
 };
 
 /// The largest Fernet token accepted in a deposit: a full-size body sealed, with room to
@@ -470,12 +470,17 @@ impl Session {
         metrics: &Metrics,
     ) -> Result<Reply, ErrorReply> {
         let watching = self.watching.get_or_insert_default();
-        let added = watching.add(me, users).map_err(|full| {
+        let added = watching.add(me, users).map_err(|refused| {
             metrics.watch_refused.inc();
-            ErrorReply::new(
-                ErrorCode::TooLarge,
-                format!("{full}; watch the users you talk with most"),
-            )
+            match refused {
+                WatchRefused::Full { .. } => ErrorReply::new(
+                    ErrorCode::TooLarge,
+                    format!("{refused}; watch the users you talk with most"),
+                ),
+                WatchRefused::Churn { .. } => {
+                    ErrorReply::new(ErrorCode::RateLimited, refused.to_string())
+                }
+            }
         })?;
         let reply = watching_reply(watching);
         if !added.is_empty() {

@@ -19,6 +19,13 @@ use proto::{Push, Username, msg::MAX_WATCHED};
 /// The shortest time between two presence pushes about one contact to one session.
 pub const MIN_PUSH_INTERVAL_MS: u64 = 2_000;
 
+/// The most names one session may add to its watch set over its life, unwatched ones
+/// included. Each added name is a presence notice published to the store, so a client
+/// that unwatches and watches again in a loop would otherwise turn every request into a
+/// thousand notices; a client sends its set once per session and then one name per new
+/// contact.
+pub const MAX_ADDED_PER_SESSION: usize = 4 * MAX_WATCHED;
+
 /// One watched user, as this session last heard of them.
 #[derive(Debug, Clone, Default)]
 struct Contact {
@@ -30,22 +37,33 @@ struct Contact {
     quiet_until_ms: u64,
 }
 
-/// A watch request that would take the set past [`MAX_WATCHED`].
+/// Why a watch request adds nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a session watches at most {max} users ({watched} now, {asked} more asked)")]
-pub struct WatchFull {
-    /// The bound.
-    pub max: usize,
-    /// How many are watched now.
-    pub watched: usize,
-    /// How many new names the request added.
-    pub asked: usize,
+pub enum WatchRefused {
+    /// It would take the set past [`MAX_WATCHED`].
+    #[error("a session watches at most {max} users ({watched} now, {asked} more asked)")]
+    Full {
+        /// The bound.
+        max: usize,
+        /// How many are watched now.
+        watched: usize,
+        /// How many new names the request added.
+        asked: usize,
+    },
+    /// The session has added [`MAX_ADDED_PER_SESSION`] names already.
+    #[error("a session adds at most {max} users to its watch set over its life; connect again")]
+    Churn {
+        /// The bound.
+        max: usize,
+    },
 }
 
 /// One session's watch set and the pushes it lets through.
 #[derive(Debug, Clone, Default)]
 pub struct Watching {
     contacts: HashMap<Username, Contact>,
+    /// How many names were added over the session's life.
+    added: usize,
     /// The earliest end of a quiet window with a held change, if any.
     next_due_ms: Option<u64>,
 }
@@ -53,7 +71,11 @@ pub struct Watching {
 impl Watching {
     /// Adds `users` (but never `me`) to the set; returns the names that were not in it
     /// yet. All or nothing: a request that would pass [`MAX_WATCHED`] adds none.
-    pub fn add(&mut self, me: &Username, users: Vec<Username>) -> Result<Vec<Username>, WatchFull> {
+    pub fn add(
+        &mut self,
+        me: &Username,
+        users: Vec<Username>,
+    ) -> Result<Vec<Username>, WatchRefused> {
         let mut added: Vec<Username> = users
             .into_iter()
             .filter(|user| user != me && !self.contacts.contains_key(user))
@@ -61,12 +83,18 @@ impl Watching {
         added.sort();
         added.dedup();
         if self.contacts.len() + added.len() > MAX_WATCHED {
-            return Err(WatchFull {
+            return Err(WatchRefused::Full {
                 max: MAX_WATCHED,
                 watched: self.contacts.len(),
                 asked: added.len(),
             });
         }
+        if self.added + added.len() > MAX_ADDED_PER_SESSION {
+            return Err(WatchRefused::Churn {
+                max: MAX_ADDED_PER_SESSION,
+            });
+        }
+        self.added += added.len();
         for user in &added {
             self.contacts.insert(user.clone(), Contact::default());
         }
@@ -249,7 +277,7 @@ mod tests {
         assert_eq!(watching.add(&me, many[..10].to_vec()).unwrap(), vec![]);
         assert_eq!(
             watching.add(&me, vec![name("one-more")]),
-            Err(WatchFull {
+            Err(WatchRefused::Full {
                 max: MAX_WATCHED,
                 watched: MAX_WATCHED,
                 asked: 1
@@ -262,5 +290,22 @@ mod tests {
         assert_eq!(watching.add(&me, vec![name("one-more")]).unwrap().len(), 1);
         assert!(!watching.watches(&name("u0")));
         assert_eq!(watching.offer(&name("u0"), true, T0), None);
+    }
+
+    #[test]
+    fn unwatching_and_watching_again_in_a_loop_runs_out() {
+        let mut watching = Watching::default();
+        let me = name("alice");
+        let many: Vec<Username> = (0..MAX_WATCHED).map(|i| name(&format!("u{i}"))).collect();
+        for _ in 0..MAX_ADDED_PER_SESSION / MAX_WATCHED {
+            assert_eq!(watching.add(&me, many.clone()).unwrap().len(), MAX_WATCHED);
+            watching.remove(many.clone());
+        }
+        assert_eq!(
+            watching.add(&me, vec![name("u0")]),
+            Err(WatchRefused::Churn {
+                max: MAX_ADDED_PER_SESSION
+            })
+        );
     }
 }
