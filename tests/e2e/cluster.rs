@@ -50,16 +50,28 @@ async fn two_instances_on_a_cluster_chat_relay_mail_and_announce() -> anyhow::Re
         DeliveryStatus::Delivered
     );
     bob.expect("alice", "across instances").await?;
-    // Having talked, each watches the other: their presence goes between the instances
-    // over each one's sharded channel.
-    for (chatter, contact) in [(&mut alice, "bob"), (&mut bob, "alice")] {
-        chatter
-            .wait_for("a contact online", |event| match event {
-                Event::Presence { user, online: true } if user == &name(contact) => Some(()),
-                _ => None,
-            })
-            .await?;
-    }
+    assert_eq!(
+        bob.send("alice", "and back").await?,
+        DeliveryStatus::Delivered
+    );
+    // Having written to each other, each watches the other: their presence goes between
+    // the instances over each one's sharded channel (alice's may come before bob's answer).
+    let (mut answered, mut present) = (false, false);
+    alice
+        .wait_for("bob's answer and presence", |event| {
+            match event {
+                Event::Message(message) if message.body == "and back" => answered = true,
+                Event::Presence { user, online: true } if user == &name("bob") => present = true,
+                _ => {}
+            }
+            (answered && present).then_some(())
+        })
+        .await?;
+    bob.wait_for("a contact online", |event| match event {
+        Event::Presence { user, online: true } if user == &name("alice") => Some(()),
+        _ => None,
+    })
+    .await?;
 
     // Carol is reachable only through the relay, and only the push can bring her mail in
     // time: it goes from alice's instance to carol's over carol's sharded channel.

@@ -462,6 +462,9 @@ fn a_contact_coming_and_going_and_a_second_session_show_in_the_terminal() {
     bob_bot.online();
     bob_bot.ok("send alice hi alice");
     alice_term.wait_for("bob: hi alice");
+    // Only people one has written to are contacts.
+    alice_term.type_line("send bob hi bob");
+    bob_bot.message("hi bob");
     alice_term.wait_for("bob is online");
 
     bob_bot.stop();

@@ -15,8 +15,8 @@ fn presence(user: &'static str, online: bool) -> impl Fn(&Value) -> bool {
     move |event| event["event"] == "presence" && event["user"] == user && event["online"] == online
 }
 
-/// Alice writes to bob, each on `alice_server` and `bob_server`: from then on they are
-/// each other's contacts, and each hears that the other is online.
+/// Alice and bob write to each other, each on `alice_server` and `bob_server`: from then
+/// on they are each other's contacts, and each hears that the other is online.
 fn contacts(alice_server: &Discovery, bob_server: &Discovery) -> (User, Listener, User, Listener) {
     let (alice, bob) = (User::new("alice"), User::new("bob"));
     let mut alice_listener = alice.listen(alice_server);
@@ -25,6 +25,8 @@ fn contacts(alice_server: &Discovery, bob_server: &Discovery) -> (User, Listener
     bob_listener.online();
     alice_listener.ok("send bob hello bob");
     bob_listener.message("hello bob");
+    bob_listener.ok("send alice hello alice");
+    alice_listener.message("hello alice");
     alice_listener.expect("bob online", presence("bob", true));
     bob_listener.expect("alice online", presence("alice", true));
     (alice, alice_listener, bob, bob_listener)

@@ -245,7 +245,7 @@ pub enum Event {
         error: String,
     },
     /// A contact came online or went offline. The server tells only about users this
-    /// client talked with (and did not block) who watch it back: [`crate::contacts`].
+    /// client wrote to (and did not block) who watch it back: [`crate::contacts`].
     /// Not about this client's own server link, which is [`Event::Online`] and
     /// [`Event::Offline`].
     Presence {

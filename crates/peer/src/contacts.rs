@@ -1,5 +1,6 @@
-//! Whose presence the client watches at the server: the people it has talked with (pinned
-//! keys, then everyone it sends to or hears from), less the ones it blocks, at most
+//! Whose presence the client watches at the server: the people it has written to (at start,
+//! the pinned users its history holds an outgoing message to, [`crate::state::State::written_to`];
+//! then everyone it sends to), less the ones it blocks, at most
 //! [`MAX_WATCHED`]. Pure rules for the core ([`crate::core`]); the server pushes a contact's
 //! presence only while the two watch each other, so leaving a blocked user out of the set
 //! is enough for them never to see this user's presence.
@@ -38,7 +39,7 @@ impl Contacts {
         all
     }
 
-    /// This client sent to or heard from `user`: true if `user` is new to the set (then
+    /// This client wrote to `user`: true if `user` is new to the set (then
     /// the server is told). A blocked user, or one past the bound, is not added.
     pub(crate) fn talked_with(&mut self, user: Username) -> bool {
         if self.blocked.contains(&user)

@@ -33,8 +33,9 @@
 //! - **Connection**: the user hears once that the server is gone, not at every retry; a
 //!   reconnect starts a new link generation (kept links may point where peers no longer are).
 //! - **Contacts' presence**: at each registration the server is told whom to watch (the
-//!   people talked with, less the blocked: [`crate::contacts`]); someone new sent to or
-//!   heard from is added while online; a block drops them, an unblock adds them back.
+//!   people written to, less the blocked: [`crate::contacts`]); someone new sent to is
+//!   added while online (someone who only wrote to this user is not); a block drops them,
+//!   an unblock adds them back.
 //!
 //! The rules of one message's route (direct first, then the mailbox; keys pinned on first
 //! authenticated use; de-duplication; mail dated ahead) live in [`crate::delivery`] and
@@ -363,8 +364,8 @@ impl Core {
         }
     }
 
-    /// The contacts stored before this start: the users talked with (pinned) and the
-    /// blocked ones.
+    /// The contacts stored before this start: the users written to
+    /// ([`crate::state::State::written_to`]) and the blocked ones.
     pub(crate) fn contacts_read(
         &mut self,
         read: Result<(Vec<Username>, Vec<Username>), StateError>,
@@ -377,8 +378,7 @@ impl Core {
         }
     }
 
-    /// This client talked with `user` (a send, a message received): watch their presence
-    /// if they are new.
+    /// This client wrote to `user`: watch their presence if they are new.
     fn talked_with(&mut self, user: &Username) {
         if self.contacts.talked_with(user.clone()) && self.asks_presence() {
             self.actions.push_back(Action::Watch(vec![user.clone()]));
@@ -570,7 +570,6 @@ impl Core {
             Report::Registered(event) => self.control(event),
             Report::KeysUsed => self.actions.push_back(Action::PublishPrekeys),
             Report::Received(message) => {
-                self.talked_with(&message.from);
                 // The mute decision was made when the message was stored.
                 if !message.while_muted {
                     self.emit(Event::Message(message));
@@ -1373,12 +1372,16 @@ mod tests {
     }
 
     #[test]
-    fn someone_new_sent_to_or_heard_from_is_watched_once_and_only_while_online() {
+    fn someone_new_written_to_is_watched_once_and_only_while_online() {
         let now = clock();
         let mut core = core(now);
         core.contacts_read(Ok((Vec::new(), Vec::new())));
         // Offline: nothing is asked now; the next registration sends the whole set.
-        core.report(Report::Received(inbound("dave", 1, false)), now);
+        core.command(Command::Send {
+            entry: entry("dave", "hello", 10),
+            reply: 10,
+        });
+        core.end_turn();
         assert_eq!(watched(&drain(&mut core)), Vec::<Username>::new());
         online(&mut core);
         core.command(Command::Send {
@@ -1391,9 +1394,9 @@ mod tests {
         });
         core.end_turn();
         assert_eq!(watched(&drain(&mut core)), vec![name("bob")]);
+        // Someone who only wrote to this user is not watched: a stranger's message does
+        // not buy them this user's presence.
         core.report(Report::Received(inbound("carol", 2, false)), now);
-        assert_eq!(watched(&drain(&mut core)), vec![name("carol")]);
-        core.report(Report::Received(inbound("carol", 3, false)), now);
         assert_eq!(watched(&drain(&mut core)), Vec::<Username>::new());
     }
 

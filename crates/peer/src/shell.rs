@@ -292,10 +292,9 @@ impl Shell {
             Ok((mutes, unshown)) => self.core.start(now(), mutes, unshown),
             Err(error) => self.core.state_error(&error),
         }
-        let contacts = state.pins().and_then(|pins| {
-            let talked_with = pins.into_iter().map(|(user, _)| user).collect();
-            Ok((talked_with, state.blocked()?))
-        });
+        let contacts = state
+            .written_to()
+            .and_then(|written_to| Ok((written_to, state.blocked()?)));
         self.core.contacts_read(contacts);
         self.act();
     }

@@ -168,6 +168,9 @@ impl Run {
     }
 }
 
+/// How many of a peer's latest history lines [`State::written_to`] looks through.
+pub const WRITTEN_TO_SCAN: usize = 1_000;
+
 /// The state file's name inside a user's data dir.
 pub const STATE_FILE: &str = "state.redb";
 /// The file locked while a process has the data dir's state open.
@@ -560,6 +563,31 @@ impl State {
             Some(bytes) => Ok(Some(decode("pins", bytes.value())?)),
             None => Ok(None),
         }
+    }
+
+    /// The users this state has written to: those pinned whose history holds an outgoing
+    /// message among their last [`WRITTEN_TO_SCAN`] lines (the people a user talks with,
+    /// not everyone who ever wrote to them).
+    pub fn written_to(&self) -> Result<Vec<Username>, StateError> {
+        let pinned = self.pins()?;
+        let txn = self.db.get()?.begin_read()?;
+        let table = txn.open_table(HISTORY)?;
+        let mut written = Vec::new();
+        for (peer, _) in pinned {
+            for row in table
+                .range((peer.as_str(), 0)..=(peer.as_str(), u64::MAX))?
+                .rev()
+                .take(WRITTEN_TO_SCAN)
+            {
+                let (_, bytes) = row?;
+                let line = decode::<HistoryEntry>("history", bytes.value())?;
+                if line.direction == Direction::Outgoing {
+                    written.push(peer);
+                    break;
+                }
+            }
+        }
+        Ok(written)
     }
 
     /// Every pin, sorted by user (what an identity backup carries).
