@@ -1075,6 +1075,7 @@ mod tests {
             to: name("alice"),
             sent_at_ms: 1,
             body: "hi".into(),
+            receipt: None,
         };
         assert!(matches!(
             mail_verdict(Ok(Checked::Open(plaintext))),

@@ -1409,6 +1409,7 @@ mod tests {
             to: name("me"),
             sent_at_ms,
             body: body.to_owned(),
+            receipt: None,
         }
     }
 
@@ -2037,6 +2038,7 @@ mod tests {
         let from_alice = Plaintext {
             from: name("alice"),
             body: "the real one".into(),
+            receipt: None,
             ..from_mallory.clone()
         };
         let outcomes = state

@@ -220,6 +220,7 @@ async fn a_message_held_by_a_mute_that_ended_offline_is_shown_once_at_start() {
             to: name("bob"),
             sent_at_ms: now - 1000,
             body: "held while muted".into(),
+            receipt: None,
         };
         state.store_incoming(&message, now - 1000).unwrap();
     }
@@ -913,6 +914,7 @@ async fn an_upgraded_user_opens_mail_sealed_before_the_switch_and_starts_session
             to: bob_name.clone(),
             sent_at_ms: proto::now_ms() - 60_000,
             body: "from before the upgrade".into(),
+            receipt: None,
         };
         state.store_incoming(&earlier, proto::now_ms()).unwrap();
         assert!(state.olm_account().unwrap().is_none());
