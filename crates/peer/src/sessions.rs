@@ -19,7 +19,7 @@ use std::{
 };
 
 use proto::{
-    Envelope, Identity, PublicKeys, SealError, Username,
+    Envelope, Identity, MessageId, PublicKeys, Receipt, SealError, Username,
     ratchet::{OwnAccount, PickleError, PreKeyBundle, PreKeys, Sessions},
     seal::{OpenError, Plaintext},
 };
@@ -130,6 +130,29 @@ impl Ratchet {
             envelopes.push(inner.seal(state, peer, entry)?);
         }
         Ok((envelopes, inner.submit(|save| state.submit_ratchet(save))))
+    }
+
+    /// Seals `receipt` to `peer` as message `id` with the newest session and submits the
+    /// save, as [`Ratchet::seal`] does for messages.
+    pub(crate) fn seal_receipt(
+        &self,
+        state: &State,
+        peer: &Username,
+        id: MessageId,
+        receipt: Receipt,
+        now_ms: u64,
+    ) -> Result<(Envelope, Saving<()>), RatchetError> {
+        let mut inner = self.lock();
+        let Inner {
+            peers,
+            account,
+            dirty,
+            ..
+        } = &mut *inner;
+        let envelope =
+            peer_sessions(peers, state, peer)?.seal_receipt(account, peer, id, receipt, now_ms)?;
+        dirty.insert(peer.clone());
+        Ok((envelope, inner.submit(|save| state.submit_ratchet(save))))
     }
 
     /// Opens a ratchet envelope from `peer`, whose identity is `peer_keys`. What changed is
