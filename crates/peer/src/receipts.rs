@@ -30,45 +30,11 @@ use crate::{
     context::Context,
     delivery::{Dialled, after_deposit, after_dial, direct_addresses},
     link::PeerLink,
-    state::MessageStatus,
 };
 
 /// The most receipts due read by one run of [`send_due`]; more are sent by the next run,
 /// which the run asks for.
 pub(crate) const MAX_DUE_PER_RUN: usize = 16 * MAX_RECEIPT_IDS;
-
-/// How far a status has come, for the sender: only ever moves up.
-fn rank(status: &MessageStatus) -> u8 {
-    match status {
-        MessageStatus::Read => 3,
-        MessageStatus::Delivered => 2,
-        MessageStatus::Received
-        | MessageStatus::Pending
-        | MessageStatus::Queued
-        | MessageStatus::FailedAsText(_)
-        | MessageStatus::Failed(_) => 1,
-    }
-}
-
-/// The status a sent message takes on a receipt of `kind`, if it moves forward from
-/// `status` (a delivered receipt after a read one changes nothing).
-pub(crate) fn upgrade(status: &MessageStatus, kind: ReceiptKind) -> Option<MessageStatus> {
-    let target = match kind {
-        ReceiptKind::Delivered => MessageStatus::Delivered,
-        ReceiptKind::Read => MessageStatus::Read,
-    };
-    (rank(status) < rank(&target)).then_some(target)
-}
-
-/// The status a send `result` leaves on a line that has `current`: the result, unless a
-/// receipt took the line further first (results are written lazily, after the ack).
-pub(crate) fn settled(current: &MessageStatus, result: MessageStatus) -> MessageStatus {
-    if rank(current) > rank(&result) {
-        current.clone()
-    } else {
-        result
-    }
-}
 
 /// Receipts due, as read from the state (grouped by sender, then kind), as receipts of at
 /// most [`MAX_RECEIPT_IDS`] ids each, one sender and kind each.
@@ -220,27 +186,6 @@ mod tests {
 
     fn name(text: &str) -> Username {
         Username::new(text).unwrap()
-    }
-
-    #[test]
-    fn a_status_only_moves_forward() {
-        use MessageStatus::*;
-        let failed = Failed(FailureReason::UnknownUser);
-        for status in [Pending, Queued, failed.clone()] {
-            assert_eq!(upgrade(&status, ReceiptKind::Delivered), Some(Delivered));
-            assert_eq!(upgrade(&status, ReceiptKind::Read), Some(Read));
-        }
-        assert_eq!(upgrade(&Delivered, ReceiptKind::Read), Some(Read));
-        // A late delivered receipt does not undo a read one; repeats change nothing.
-        assert_eq!(upgrade(&Read, ReceiptKind::Delivered), None);
-        assert_eq!(upgrade(&Read, ReceiptKind::Read), None);
-        assert_eq!(upgrade(&Delivered, ReceiptKind::Delivered), None);
-        // A send result written after a receipt keeps the receipt's status.
-        assert_eq!(settled(&Delivered, Queued), Delivered);
-        assert_eq!(settled(&Read, Delivered), Read);
-        assert_eq!(settled(&Pending, Queued), Queued);
-        assert_eq!(settled(&Queued, failed.clone()), failed);
-        assert_eq!(settled(&Delivered, Read), Read);
     }
 
     #[test]

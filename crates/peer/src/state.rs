@@ -267,6 +267,41 @@ pub enum MessageStatus {
     Read,
 }
 
+impl MessageStatus {
+    /// How far a status has come, for the sender: it only ever moves up.
+    fn rank(&self) -> u8 {
+        match self {
+            Self::Read => 3,
+            Self::Delivered => 2,
+            Self::Received
+            | Self::Pending
+            | Self::Queued
+            | Self::FailedAsText(_)
+            | Self::Failed(_) => 1,
+        }
+    }
+
+    /// The status a sent message takes on a receipt of `kind`, if that moves it forward
+    /// (a delivered receipt after a read one changes nothing).
+    pub fn after_receipt(&self, kind: ReceiptKind) -> Option<MessageStatus> {
+        let target = match kind {
+            ReceiptKind::Delivered => Self::Delivered,
+            ReceiptKind::Read => Self::Read,
+        };
+        (self.rank() < target.rank()).then_some(target)
+    }
+
+    /// The status a send `result` leaves on a line that has this one: the result, unless
+    /// a receipt took the line further first (results are written lazily, after the ack).
+    pub fn settled(&self, result: MessageStatus) -> MessageStatus {
+        if self.rank() > result.rank() {
+            self.clone()
+        } else {
+            result
+        }
+    }
+}
+
 /// One line of the local history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
@@ -397,7 +432,7 @@ fn receipt_kind_key(kind: ReceiptKind) -> u8 {
 
 /// Applies `receipt` from `from` to the latest [`RECEIPT_SCAN_LINES`] history lines with
 /// `from`: only lines of messages sent to `from` with a named id change, and only forward
-/// ([`crate::receipts::upgrade`]). A line that does not decode is left alone.
+/// ([`MessageStatus::after_receipt`]). A line that does not decode is left alone.
 fn apply_receipt(
     history: &mut redb::Table<'_, (&str, u64), &[u8]>,
     from: &Username,
@@ -420,7 +455,7 @@ fn apply_receipt(
         if line.direction != Direction::Outgoing || !wanted.remove(&line.id) {
             continue;
         }
-        if let Some(status) = crate::receipts::upgrade(&line.status, receipt.kind) {
+        if let Some(status) = line.status.after_receipt(receipt.kind) {
             line.status = status;
             changed.push(line);
         }
@@ -944,7 +979,7 @@ impl State {
                 if let Some(mut line) = line {
                     // A receipt may have moved the line further already (a result is
                     // written lazily): it never goes back.
-                    line.status = crate::receipts::settled(&line.status, status.clone());
+                    line.status = line.status.settled(status.clone());
                     history.insert(key, encode(&line).as_ref())?;
                 }
                 if *keep {
@@ -1727,6 +1762,30 @@ mod tests {
             state.receipts_due(100).unwrap(),
             vec![(name("bob"), ReceiptKind::Read, direct.id)]
         );
+    }
+
+    #[test]
+    fn a_status_only_moves_forward() {
+        use MessageStatus::*;
+        let failed = Failed(crate::reason::FailureReason::UnknownUser);
+        for status in [Pending, Queued, failed.clone()] {
+            assert_eq!(
+                status.after_receipt(ReceiptKind::Delivered),
+                Some(Delivered)
+            );
+            assert_eq!(status.after_receipt(ReceiptKind::Read), Some(Read));
+        }
+        assert_eq!(Delivered.after_receipt(ReceiptKind::Read), Some(Read));
+        // A late delivered receipt does not undo a read one; repeats change nothing.
+        assert_eq!(Read.after_receipt(ReceiptKind::Delivered), None);
+        assert_eq!(Read.after_receipt(ReceiptKind::Read), None);
+        assert_eq!(Delivered.after_receipt(ReceiptKind::Delivered), None);
+        // A send result written after a receipt keeps the receipt's status.
+        assert_eq!(Delivered.settled(Queued), Delivered);
+        assert_eq!(Read.settled(Delivered), Read);
+        assert_eq!(Pending.settled(Queued), Queued);
+        assert_eq!(Queued.settled(failed.clone()), failed);
+        assert_eq!(Delivered.settled(Read), Read);
     }
 
     #[test]
