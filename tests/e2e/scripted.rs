@@ -282,7 +282,9 @@ fn listen_json_results_have_structured_fields() {
     let server = Discovery::start();
     let (alice, bob) = (User::new("alice"), User::new("bob"));
     let mut alice_bot = alice.listen(&server);
-    let mut bob_bot = bob.listen(&server);
+    // Without bob's read receipts the statuses below stay *delivered* (see
+    // `listen_json_tells_a_queued_message_delivered_then_read`).
+    let mut bob_bot = bob.listen_custom(&server, &Launcher::direct(), &["--no-read-receipts"], &[]);
     alice_bot.online();
     bob_bot.online();
 

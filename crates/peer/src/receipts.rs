@@ -116,11 +116,15 @@ pub(crate) async fn send_due(context: &Context) -> bool {
 /// Seals `receipt` to `to` in the session their messages came by and sends it by the
 /// route of a message: direct to an advertised address, else `to`'s mailbox. Only to keys
 /// pinned here (the receipt answers messages that opened under them) and still the
-/// server's: after a key change it waits for `trust`.
+/// server's: after a key change it waits for `trust`. Never to a user blocked since.
 async fn send(context: &Context, to: &Username, receipt: &Receipt) -> Sent {
     let state = &context.state;
-    let Ok(Some(pinned)) = state.pinned(to) else {
-        return Sent::Dropped;
+    let pinned = match (state.pinned(to), state.is_blocked(to)) {
+        (Ok(Some(pinned)), Ok(false)) => pinned,
+        // Nobody to answer: keys never pinned (no message of theirs opened here), or a
+        // sender blocked since.
+        (Ok(None), _) | (_, Ok(true)) => return Sent::Dropped,
+        (Err(_), _) | (_, Err(_)) => return Sent::Later,
     };
     let info = match context.lookup(to).await {
         Ok(info) => info,
