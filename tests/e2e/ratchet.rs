@@ -105,7 +105,7 @@ impl Thief {
             .olm_sessions(&peer)?
             .context("the stolen state holds no sessions with the peer")?;
         let account = OwnAccount::from_pickle(&account_pickle, &identity, &me)?;
-        let sessions = Sessions::from_pickle(&sessions_pickle)?;
+        let sessions = Sessions::from_pickle(&sessions_pickle.pickle)?;
         Ok(Self {
             me,
             peer,

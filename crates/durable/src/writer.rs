@@ -319,6 +319,26 @@ impl GroupWriter {
         E: JobError + std::error::Error + Sync,
         F: Fn(&WriteTransaction) -> Result<(), E> + Send + 'static,
     {
+        self.send_shared(work, waiters, false)
+    }
+
+    /// [`GroupWriter::submit_shared`] for a write its waiters do not need at once: like
+    /// [`GroupWriter::submit_lazy`], it waits up to [`LAZY_LINGER`] for company (the new
+    /// messages' records, say, which the seal of the first of them follows within
+    /// microseconds: one `fsync` for both).
+    pub fn submit_shared_lazy<E, F>(&self, work: F, waiters: usize) -> Vec<Ticket<(), E>>
+    where
+        E: JobError + std::error::Error + Sync,
+        F: Fn(&WriteTransaction) -> Result<(), E> + Send + 'static,
+    {
+        self.send_shared(work, waiters, true)
+    }
+
+    fn send_shared<E, F>(&self, work: F, waiters: usize, lazy: bool) -> Vec<Ticket<(), E>>
+    where
+        E: JobError + std::error::Error + Sync,
+        F: Fn(&WriteTransaction) -> Result<(), E> + Send + 'static,
+    {
         let (replies, tickets) = (0..waiters)
             .map(|_| {
                 let (reply, answer) = oneshot::channel();
@@ -330,7 +350,7 @@ impl GroupWriter {
             result: None,
             replies,
         });
-        self.send(Queued { job, lazy: false });
+        self.send(Queued { job, lazy });
         tickets
     }
 

@@ -3,18 +3,19 @@
 //!
 //! [`spawn`] starts the task for a recipient and returns the queue the event loop feeds
 //! with [`Job`]s. The task:
-//! - seals each message through the ratchet ([`crate::sessions`]) and sends it once the
-//!   sessions' new state is durable (the same group commit as its outbox record, usually),
-//!   so a crash can never make a message key serve twice;
+//! - seals each message through the ratchet ([`crate::sessions`]); its save of the
+//!   sessions shares the group commit of the message's outbox record (that record is a lazy
+//!   write, [`crate::state::State::submit_outgoing`]);
 //! - with no kept link, takes the full route for the oldest message ([`delivery::deliver`]:
 //!   lookup, keys, dial, else the mailbox) and keeps the link it opened; after a direct
 //!   attempt timed out, the next messages go straight to the mailbox for a while
 //!   ([`delivery::DirectBackoff`]), so an unreachable or stalled peer costs one connect
 //!   timeout per while, not one per message;
-//! - with a kept link, seals up to [`WINDOW`] envelopes (saved in one write), writes them
-//!   once that is durable, then
-//!   matches acks and refusals by id as they come (the receiver stores a batch in one
-//!   commit, then acks all of it). If the link fails or an ack is late, every unacked
+//! - with a kept link, seals up to [`WINDOW`] envelopes (saved in one write) and writes
+//!   them at once, while that write is committed, then matches acks and refusals by id as
+//!   they come (the receiver stores a batch in one commit, then acks all of it); an answer
+//!   finishes its message once the save of its batch is durable. If the link fails or an
+//!   ack is late, every unacked
 //!   message goes back to the front of the queue, in order, and takes the full route (the
 //!   receiver de-duplicates by id what it had stored already);
 //! - hands each result to a second task (the reporter), so the sending task never waits on
@@ -24,8 +25,13 @@
 //!   records every result waiting in one write ([`State::submit_results`]: the outbox and
 //!   history); the event loop hears a message is finished once that write is durable.
 //!
-//! An envelope leaves only once its outbox record and ratchet state are durable: a crash
-//! before that leaves nothing anywhere, and the send was never answered.
+//! On a kept link an envelope leaves while its outbox record and ratchet state are being
+//! committed, so a lone message waits for one `fsync` on each side, at the same time. A
+//! crash before they are durable leaves the message with its recipient (if it arrived) and
+//! nothing here; the send was never answered, and the next start retires the sessions
+//! whose saves may be behind what left ([`crate::sessions`]), so no message key serves
+//! twice. The full route (a new link, the mailbox) still sends only once the save is
+//! durable: it is not the path a conversation's messages take.
 //!
 //! Order: envelopes leave in queue order on one connection, and the receiver stores them in
 //! arrival order, so the recipient shows them in the order sent. A retransmission after a
@@ -192,6 +198,11 @@ async fn run(
 /// Drives `link` pipelined until the queue is empty and every sent envelope is answered
 /// (`Ok`), or the link fails (`Err`, with every unacked message back at the front of the
 /// queue, in order).
+///
+/// Each batch leaves as soon as it is sealed, while its save of the sessions is committed
+/// (see [`crate::sessions`] for why no message key can serve twice after a crash); an
+/// answer finishes its message only once that save is durable, so *delivered* always
+/// means the recipient stored it and this client's ratchet state is on disk.
 async fn pipeline(
     context: &Context,
     link: &mut PeerLink,
@@ -202,18 +213,16 @@ async fn pipeline(
     let state = &context.state;
     let ack_timeout = context.config.ack_timeout;
     let mut in_flight = Window::default();
-    // Batches sealed and submitted, oldest first, each written once its ratchet state is
-    // durable; more are sealed meanwhile, so their commits overlap with the link's traffic.
-    let mut sealed: VecDeque<Sealed> = VecDeque::new();
-    let mut sealed_count = 0;
+    // The saves of batches sent, oldest first, each with its batch number.
+    let mut saving: VecDeque<(u64, Saving<()>)> = VecDeque::new();
+    let mut batches = Batches::default();
     let mut jobs_open = true;
     let result = 'link: loop {
         // Seal what the window allows in one go (its state saved by one write). While two
-        // batches already wait for their commits, the next waits too and grows meanwhile:
-        // each seal costs a save of the sessions, so fewer, larger batches cost less.
+        // saves are still being committed, the next batch waits and grows meanwhile: each
+        // seal costs a save of the sessions, so fewer, larger batches cost less.
         let mut batch: Vec<Job> = Vec::new();
-        while sealed.len() < SEALED_BATCHES && in_flight.len() + sealed_count + batch.len() < WINDOW
-        {
+        while saving.len() < SEALED_BATCHES && in_flight.len() + batch.len() < WINDOW {
             match queue.pop_front() {
                 Some(job) => batch.push(job),
                 None => match jobs.try_recv() {
@@ -224,81 +233,71 @@ async fn pipeline(
         }
         if !batch.is_empty() {
             let entries: Vec<&OutboxEntry> = batch.iter().map(|job| &job.entry).collect();
-            match context.ratchet.seal(state, link.peer(), &entries) {
-                Ok((envelopes, saving)) => {
-                    sealed_count += batch.len();
-                    sealed.push_back(Sealed {
-                        jobs: batch,
-                        envelopes,
-                        saving,
-                    });
-                }
+            let (envelopes, save) = match context.ratchet.seal(state, link.peer(), &entries) {
+                Ok(sealed) => sealed,
                 Err(error) => {
                     put_back(queue, batch);
                     break Err(LinkEnded::Seal(error));
                 }
+            };
+            let number = batches.sealed();
+            saving.push_back((number, save));
+            // All in one flush.
+            let mut batch = batch.into_iter();
+            for envelope in envelopes {
+                let Some(job) = batch.next() else { break };
+                if let Err(error) = link.feed(envelope).await {
+                    put_back(queue, std::iter::once(job).chain(batch).collect());
+                    break 'link Err(LinkEnded::Link(error));
+                }
+                in_flight.push(job, Instant::now(), number);
+            }
+            if let Err(error) = link.flush().await {
+                break Err(LinkEnded::Link(error));
             }
         }
         let deadline = in_flight.deadline(ack_timeout);
-        if deadline.is_none() && sealed.is_empty() {
+        if deadline.is_none() && saving.is_empty() {
             break Ok(());
         }
-        let window_open = in_flight.len() + sealed_count < WINDOW;
+        let window_open = in_flight.len() < WINDOW;
         tokio::select! {
             biased;
-            saved = settle_first(context, &mut sealed) => {
-                let Some(Sealed { jobs: batch, envelopes, .. }) = sealed.pop_front() else {
-                    continue;
-                };
-                sealed_count -= batch.len();
-                if let Err(error) = saved {
-                    put_back(queue, batch);
-                    break Err(LinkEnded::State(error));
-                }
-                // Durable: the envelopes may leave, all in one flush.
-                let mut batch = batch.into_iter();
-                for envelope in envelopes {
-                    let Some(job) = batch.next() else { break };
-                    if let Err(error) = link.feed(envelope).await {
-                        put_back(queue, std::iter::once(job).chain(batch).collect());
-                        break 'link Err(LinkEnded::Link(error));
-                    }
-                    in_flight.push(job, Instant::now());
-                }
-                if let Err(error) = link.flush().await {
-                    break Err(LinkEnded::Link(error));
+            () = settle_first(context, &mut saving) => {
+                if let Some((number, _)) = saving.pop_front() {
+                    batches.finish_through(number, done).await;
                 }
             }
             answer = link.next_answer() => match answer {
                 Ok((id, outcome)) => {
                     // An answer to nothing in flight is a late one from before: skip it.
-                    let Some((index, job)) = in_flight.take(&id) else {
+                    let Some((index, job, number)) = in_flight.take(&id) else {
                         continue;
                     };
                     match outcome {
-                        Ok(()) => finish(job, DeliveryStatus::Delivered, done).await,
+                        Ok(()) => batches.finish(number, job, DeliveryStatus::Delivered, done).await,
                         // The recipient cannot take it now (its server link or disk is
                         // down): the full route falls back to the mailbox.
                         Err(error) if error.code == ErrorCode::Unavailable => {
-                            in_flight.put_back(index, job, Instant::now());
+                            in_flight.put_back(index, job, Instant::now(), number);
                             break Err(LinkEnded::PeerUnavailable(error));
                         }
                         // The recipient lost its session: everything unanswered goes
                         // again, by the full route, in a new session.
                         Err(error) if error.code == ErrorCode::NoSession => {
-                            in_flight.put_back(index, job, Instant::now());
+                            in_flight.put_back(index, job, Instant::now(), number);
                             if let Err(error) = context.ratchet.reset(state, link.peer()) {
                                 break Err(LinkEnded::State(error));
                             }
                             break Err(LinkEnded::NoSession(error));
                         }
-                        Err(error) => finish(job, delivery::rejected(error), done).await,
+                        Err(error) => batches.finish(number, job, delivery::rejected(error), done).await,
                     }
                 }
                 // The whole link is refused (blocked): every message on it is.
                 Err(LinkError::Rejected(error)) => {
-                    for job in in_flight.drain() {
-                        finish(job, delivery::rejected(error.clone()), done).await;
+                    for (job, number) in in_flight.drain() {
+                        batches.finish(number, job, delivery::rejected(error.clone()), done).await;
                     }
                     break Err(LinkEnded::Refused(error));
                 }
@@ -314,34 +313,75 @@ async fn pipeline(
         }
     };
     if result.is_err() {
-        // Sealed but not sent go back first, then what was sent goes before them.
-        while let Some(Sealed { jobs: batch, .. }) = sealed.pop_back() {
-            put_back(queue, batch);
-        }
+        // What was sent and not answered goes again, first, in the order sent.
         in_flight.requeue(queue);
+    }
+    // The answered messages of batches whose saves are still being committed finish once
+    // they are durable.
+    while let Some((number, mut save)) = saving.pop_front() {
+        let _ = context.ratchet.settle(state, &mut save).await;
+        batches.finish_through(number, done).await;
     }
     result
 }
 
-/// How many sealed batches may wait for their commits at once.
+/// How many batches may be sent while their saves are still being committed.
 const SEALED_BATCHES: usize = 2;
 
-/// A batch sealed and submitted, waiting for its ratchet state to be durable.
-struct Sealed {
-    jobs: Vec<Job>,
-    envelopes: Vec<proto::Envelope>,
-    saving: Saving<()>,
+/// The batches of a kept link: numbered as sealed, and the answered messages of those whose
+/// save is not durable yet, held until it is.
+#[derive(Default)]
+struct Batches {
+    last_sealed: u64,
+    durable_through: u64,
+    held: VecDeque<(u64, Job, DeliveryStatus)>,
 }
 
-/// Waits until the oldest sealed batch's write is durable (forever when there is none).
-/// Cancel-safe: the batch stays queued until this returns.
-async fn settle_first(context: &Context, sealed: &mut VecDeque<Sealed>) -> Result<(), StateError> {
-    match sealed.front_mut() {
-        Some(first) => {
-            context
-                .ratchet
-                .settle(&context.state, &mut first.saving)
-                .await
+impl Batches {
+    /// Numbers a new batch.
+    fn sealed(&mut self) -> u64 {
+        self.last_sealed += 1;
+        self.last_sealed
+    }
+
+    /// Finishes `job` of batch `number` now if its save is durable, else once it is.
+    async fn finish(
+        &mut self,
+        number: u64,
+        job: Job,
+        status: DeliveryStatus,
+        done: &mpsc::Sender<Done>,
+    ) {
+        if number <= self.durable_through {
+            finish(job, status, done).await;
+        } else {
+            self.held.push_back((number, job, status));
+        }
+    }
+
+    /// The save of batch `number` is settled (those before it were): finishes what waited
+    /// for it. A save that failed changes nothing here: its envelopes left and were
+    /// answered, and the sessions it carried are retired ([`crate::sessions`]).
+    async fn finish_through(&mut self, number: u64, done: &mpsc::Sender<Done>) {
+        self.durable_through = self.durable_through.max(number);
+        while let Some((held, ..)) = self.held.front() {
+            if *held > self.durable_through {
+                break;
+            }
+            if let Some((_, job, status)) = self.held.pop_front() {
+                finish(job, status, done).await;
+            }
+        }
+    }
+}
+
+/// Waits until the oldest save is settled (forever when there is none). Cancel-safe: the
+/// save stays queued until this returns.
+async fn settle_first(context: &Context, saving: &mut VecDeque<(u64, Saving<()>)>) {
+    match saving.front_mut() {
+        Some((_, first)) => {
+            // A failure is handled by the ratchet (it retires what the save carried).
+            let _ = context.ratchet.settle(&context.state, first).await;
         }
         None => std::future::pending().await,
     }
@@ -368,7 +408,8 @@ fn put_back(queue: &mut VecDeque<Job>, jobs: Vec<Job>) {
 /// still gets a recipient's messages in the order they were written.
 #[derive(Default)]
 struct Window {
-    sent: VecDeque<(Job, Instant)>,
+    /// Each message, when it was sent, and the batch it was sealed in.
+    sent: VecDeque<(Job, Instant, u64)>,
 }
 
 impl Window {
@@ -377,34 +418,38 @@ impl Window {
         self.sent.len()
     }
 
-    fn push(&mut self, job: Job, at: Instant) {
-        self.sent.push_back((job, at));
+    fn push(&mut self, job: Job, at: Instant, batch: u64) {
+        self.sent.push_back((job, at, batch));
     }
 
-    /// The message `id` answered, and its place (`None`: a late answer to nothing here).
-    fn take(&mut self, id: &proto::MessageId) -> Option<(usize, Job)> {
-        let index = self.sent.iter().position(|(job, _)| &job.entry.id == id)?;
-        self.sent.remove(index).map(|(job, _)| (index, job))
+    /// The message `id` answered, its place and its batch (`None`: a late answer to
+    /// nothing here).
+    fn take(&mut self, id: &proto::MessageId) -> Option<(usize, Job, u64)> {
+        let index = self.sent.iter().position(|(job, ..)| &job.entry.id == id)?;
+        self.sent
+            .remove(index)
+            .map(|(job, _, batch)| (index, job, batch))
     }
 
     /// Puts back a message taken at `index` (its answer means it must go again).
-    fn put_back(&mut self, index: usize, job: Job, at: Instant) {
-        self.sent.insert(index.min(self.sent.len()), (job, at));
+    fn put_back(&mut self, index: usize, job: Job, at: Instant, batch: u64) {
+        self.sent
+            .insert(index.min(self.sent.len()), (job, at, batch));
     }
 
     /// When the oldest unanswered message's ack is late.
     fn deadline(&self, ack_timeout: Duration) -> Option<Instant> {
-        self.sent.front().map(|(_, at)| *at + ack_timeout)
+        self.sent.front().map(|(_, at, _)| *at + ack_timeout)
     }
 
-    /// Every unanswered message, oldest first (the whole link was refused).
-    fn drain(&mut self) -> impl Iterator<Item = Job> + '_ {
-        self.sent.drain(..).map(|(job, _)| job)
+    /// Every unanswered message with its batch, oldest first (the whole link was refused).
+    fn drain(&mut self) -> impl Iterator<Item = (Job, u64)> + '_ {
+        self.sent.drain(..).map(|(job, _, batch)| (job, batch))
     }
 
     /// Puts every unanswered message back at the front of `queue`, in the order sent.
     fn requeue(&mut self, queue: &mut VecDeque<Job>) {
-        while let Some((job, _)) = self.sent.pop_back() {
+        while let Some((job, ..)) = self.sent.pop_back() {
             queue.push_front(job);
         }
     }
@@ -579,12 +624,18 @@ mod tests {
         let jobs: Vec<Job> = (1..=5).map(job).collect();
         let ids: Vec<_> = jobs.iter().map(|job| job.entry.id).collect();
         for job in jobs {
-            window.push(job, now);
+            window.push(job, now, 1);
         }
         // Answers come out of order; a late answer to nothing here is skipped.
-        assert_eq!(window.take(&ids[2]).map(|(_, job)| job.entry.seq), Some(3));
+        assert_eq!(
+            window.take(&ids[2]).map(|(_, job, _)| job.entry.seq),
+            Some(3)
+        );
         assert!(window.take(&MessageId::random()).is_none());
-        assert_eq!(window.take(&ids[0]).map(|(_, job)| job.entry.seq), Some(1));
+        assert_eq!(
+            window.take(&ids[0]).map(|(_, job, _)| job.entry.seq),
+            Some(1)
+        );
         let mut queue: VecDeque<Job> = [job(6), job(7)].into();
         window.requeue(&mut queue);
         assert_eq!(seqs(&queue), vec![2, 4, 5, 6, 7]);
@@ -597,10 +648,10 @@ mod tests {
         let jobs: Vec<Job> = (1..=3).map(job).collect();
         let second = jobs[1].entry.id;
         for job in jobs {
-            window.push(job, now);
+            window.push(job, now, 1);
         }
-        let (index, taken) = window.take(&second).unwrap();
-        window.put_back(index, taken, now);
+        let (index, taken, batch) = window.take(&second).unwrap();
+        window.put_back(index, taken, now, batch);
         let mut queue = VecDeque::new();
         window.requeue(&mut queue);
         assert_eq!(seqs(&queue), vec![1, 2, 3]);
@@ -612,8 +663,8 @@ mod tests {
         let timeout = Duration::from_secs(5);
         let mut window = Window::default();
         assert_eq!(window.deadline(timeout), None);
-        window.push(job(1), start);
-        window.push(job(2), start + Duration::from_secs(1));
+        window.push(job(1), start, 1);
+        window.push(job(2), start + Duration::from_secs(1), 1);
         assert_eq!(window.deadline(timeout), Some(start + timeout));
         assert_eq!(window.len(), 2);
     }

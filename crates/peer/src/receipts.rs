@@ -28,7 +28,7 @@ use proto::{MessageId, Receipt, ReceiptKind, Request, Username, seal::MAX_RECEIP
 use crate::{
     api::{ClientError, DeliveryStatus},
     context::Context,
-    delivery::{Dialled, after_deposit, after_dial, direct_addresses},
+    delivery::{Dialled, after_deposit, after_dial, claim_prekey, direct_addresses},
     link::PeerLink,
 };
 
@@ -136,8 +136,18 @@ async fn send(context: &Context, to: &Username, receipt: &Receipt) -> Sent {
     }
     match context.ratchet.has_session(state, to) {
         Ok(true) => {}
-        // The session was lost (a reset): a receipt does not start one.
-        Ok(false) => return Sent::Dropped,
+        // No session may seal (reset, or retired after an unclean stop): start one from a
+        // claimed key, as a message would, so a receipt owed across a crash still goes.
+        Ok(false) => {
+            let bundle = match claim_prekey(context, to).await {
+                Ok(bundle) => bundle,
+                Err(status) => return after_route(&status),
+            };
+            if let Err(error) = context.ratchet.start(state, to, &pinned, &bundle) {
+                tracing::warn!(%to, %error, "cannot start a session for a receipt");
+                return Sent::Dropped;
+            }
+        }
         Err(_) => return Sent::Later,
     }
     let sealed = context.ratchet.seal_receipt(

@@ -56,8 +56,8 @@ pub struct Client {
     fingerprint: String,
     local_addr: SocketAddr,
     new_identity: bool,
-    /// What the tasks share, for the test helpers of [`crate::testing`].
-    #[cfg(feature = "testing")]
+    /// What the tasks share: [`Client::shutdown`] ends the run on its state, and the test
+    /// helpers of [`crate::testing`] use it.
     pub(crate) context: Arc<Context>,
 }
 
@@ -173,8 +173,7 @@ pub(crate) async fn start_with(
         mail: tokio::sync::watch::Sender::new(MailState::Unknown),
         unfollowed: Default::default(),
     });
-    #[cfg(feature = "testing")]
-    let test_context = context.clone();
+    let client_context = context.clone();
     let shell = Shell::new(
         context,
         listener,
@@ -201,8 +200,7 @@ pub(crate) async fn start_with(
             fingerprint,
             local_addr,
             new_identity,
-            #[cfg(feature = "testing")]
-            context: test_context,
+            context: client_context,
         },
         Events {
             receiver: events_rx,
@@ -380,10 +378,20 @@ impl Client {
         answer.await.map_err(|_| ClientError::ShuttingDown)?
     }
 
-    /// Stops the runtime and waits (at most `timeout`) for its tasks to finish.
+    /// Stops the runtime and waits (at most `timeout`) for its tasks to finish. If they
+    /// all did, the run is recorded as stopped cleanly, so the next start keeps the
+    /// sessions for sealing ([`crate::sessions`]); otherwise the next start retires them.
     pub async fn shutdown(&self, timeout: Duration) {
         self.shutdown.cancel();
         self.tracker.close();
-        let _ = tokio::time::timeout(timeout, self.tracker.wait()).await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        if tokio::time::timeout_at(deadline, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            let context = &self.context;
+            let ended = context.ratchet.end_run(&context.state);
+            let _ = tokio::time::timeout_at(deadline, ended).await;
+        }
     }
 }

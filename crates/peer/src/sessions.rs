@@ -4,11 +4,18 @@
 //! One lock guards them all (sealing or opening one message takes microseconds, and no
 //! lock is held across an `.await`). Whatever a seal or an open changed is saved by a
 //! state write submitted while that lock is held ([`Ratchet::seal`], [`Ratchet::save_with`]):
-//! writes commit in the order submitted, so the saved state only ever moves forward, and
-//! the caller lets an envelope leave (or acks an opened one) only once its write is
-//! durable. After a crash the saved state is at least as far as anything that left, so a
-//! message key is never used twice. When a write fails, what it carried is read again
-//! from the disk ([`Ratchet::forget`]): the memory never runs ahead of a failed save.
+//! writes commit in the order submitted, so the saved state only ever moves forward. An
+//! opened message is acked only once its write is durable.
+//!
+//! A sealed envelope may leave before its save is durable (a kept link does so: the save
+//! commits while the envelope is on the wire). A message key still never serves twice:
+//! - each run of the client is counted ([`State::begin_run`]) and every save carries its
+//!   run; after a run that did not stop cleanly ([`Ratchet::end_run`] never came), the
+//!   sessions saved before the new run are *retired* from sealing when read (they still
+//!   open what the peer sends in them), so the next message to that peer starts a new
+//!   session instead of sealing with keys that may have been used already;
+//! - when a save fails, what it carried is read again from the disk and retired the same
+//!   way ([`Ratchet::forget`]).
 //!
 //! **Architecture Invariant:** no network I/O; the tasks claim keys and publish them
 //! ([`crate::delivery`], [`crate::prekeys`]) and hand this module what they got.
@@ -24,7 +31,7 @@ use proto::{
     seal::{OpenError, Plaintext},
 };
 
-use crate::state::{OutboxEntry, RatchetSave, State, StateError, Ticket};
+use crate::state::{OutboxEntry, RatchetSave, Run, State, StateError, Ticket};
 
 /// The account and sessions (see the module docs).
 pub(crate) struct Ratchet {
@@ -35,13 +42,23 @@ struct Inner {
     me: Username,
     identity: Arc<Identity>,
     account: OwnAccount,
-    /// Sessions read from the state so far (a peer with none has an empty entry).
-    peers: HashMap<Username, Sessions>,
+    /// Sessions read from the state so far.
+    peers: PeerSessions,
     /// Changed since their last save.
     dirty: HashSet<Username>,
     account_dirty: bool,
     /// One-time keys used up by sessions started since the last publish.
     used_one_time_keys: usize,
+}
+
+/// The sessions with each peer read from the state so far (a peer with none has an empty
+/// entry), and what decides, when they are read, whether they may seal.
+struct PeerSessions {
+    read: HashMap<Username, Sessions>,
+    /// This run, and which saved sessions may seal in it.
+    run: Run,
+    /// Peers whose sessions a failed save carried: retired when read again.
+    retire_on_read: HashSet<Username>,
 }
 
 impl std::fmt::Debug for Ratchet {
@@ -51,8 +68,8 @@ impl std::fmt::Debug for Ratchet {
 }
 
 impl Ratchet {
-    /// The account saved in `state`, or a new one saved now (blocking: at start-up, off the
-    /// runtime's threads).
+    /// The account saved in `state`, or a new one saved now, and a new run begun
+    /// ([`State::begin_run`]; blocking: at start-up, off the runtime's threads).
     pub(crate) fn load(
         state: &State,
         identity: &Arc<Identity>,
@@ -68,12 +85,17 @@ impl Ratchet {
                 account
             }
         };
+        let run = state.begin_run()?;
         Ok(Self {
             inner: Mutex::new(Inner {
                 me: me.clone(),
                 identity: identity.clone(),
                 account,
-                peers: HashMap::new(),
+                peers: PeerSessions {
+                    read: HashMap::new(),
+                    run,
+                    retire_on_read: HashSet::new(),
+                },
                 dirty: HashSet::new(),
                 account_dirty: false,
                 used_one_time_keys: 0,
@@ -89,10 +111,10 @@ impl Ratchet {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Whether a session with `peer` is started.
+    /// Whether a session with `peer` may seal (one is started and not retired).
     pub(crate) fn has_session(&self, state: &State, peer: &Username) -> Result<bool, StateError> {
         let mut inner = self.lock();
-        Ok(!inner.sessions(state, peer)?.is_empty())
+        Ok(inner.peers.get(state, peer)?.can_seal())
     }
 
     /// Starts a session with `peer` from a claimed `bundle` (checked against `peer_keys`);
@@ -110,13 +132,14 @@ impl Ratchet {
     /// Forgets every session with `peer` (they lost theirs): the next message starts anew.
     pub(crate) fn reset(&self, state: &State, peer: &Username) -> Result<(), StateError> {
         let mut inner = self.lock();
-        inner.sessions(state, peer)?.clear();
+        inner.peers.get(state, peer)?.clear();
         inner.dirty.insert(peer.clone());
         Ok(())
     }
 
-    /// Seals `entries` (all to `peer`, in order) with the newest session and submits the
-    /// save: the envelopes may leave once the returned ticket is durable.
+    /// Seals `entries` (all to `peer`, in order) with the newest session that may seal and
+    /// submits the save. The envelopes may leave at once (see the module docs); a message
+    /// is finished only once the returned save is durable.
     pub(crate) fn seal(
         &self,
         state: &State,
@@ -142,17 +165,17 @@ impl Ratchet {
         receipt: Receipt,
         now_ms: u64,
     ) -> Result<(Envelope, Saving<()>), RatchetError> {
-        let mut inner = self.lock();
-        let Inner {
-            peers,
-            account,
-            dirty,
-            ..
-        } = &mut *inner;
-        let envelope =
-            peer_sessions(peers, state, peer)?.seal_receipt(account, peer, id, receipt, now_ms)?;
-        dirty.insert(peer.clone());
-        Ok((envelope, inner.submit(|save| state.submit_ratchet(save))))
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let envelope = inner.peers.get(state, peer)?.seal_receipt(
+            &inner.account,
+            peer,
+            id,
+            receipt,
+            now_ms,
+        )?;
+        inner.dirty.insert(peer.clone());
+        Ok((envelope, guard.submit(|save| state.submit_ratchet(save))))
     }
 
     /// Opens a ratchet envelope from `peer`, whose identity is `peer_keys`. What changed is
@@ -191,11 +214,11 @@ impl Ratchet {
     }
 
     /// A write carrying `peers` (and the account, if `account`) failed: read them from the
-    /// disk again when next needed.
+    /// disk again when next needed, retired from sealing (what they sealed may have left).
     pub(crate) fn forget(&self, state: &State, peers: &[Username], account: bool) {
         let mut inner = self.lock();
         for peer in peers {
-            inner.peers.remove(peer);
+            inner.peers.forget(peer);
             inner.dirty.remove(peer);
         }
         if account {
@@ -242,6 +265,14 @@ impl Ratchet {
     pub(crate) fn used_one_time_keys(&self) -> usize {
         self.lock().used_one_time_keys
     }
+
+    /// Ends the run cleanly: submit it once nothing seals any more (every task stopped).
+    /// Submitted under the lock after every save, it commits after them, so the next run
+    /// finds every session's save as far as what it sealed.
+    pub(crate) fn end_run(&self, state: &State) -> Ticket<()> {
+        let _inner = self.lock();
+        state.submit_end_run()
+    }
 }
 
 /// A write submitted with ratchet state: settle it with [`Ratchet::settle`].
@@ -268,11 +299,6 @@ pub(crate) enum RatchetError {
 }
 
 impl Inner {
-    /// `peer`'s sessions, read from the state the first time.
-    fn sessions(&mut self, state: &State, peer: &Username) -> Result<&mut Sessions, StateError> {
-        peer_sessions(&mut self.peers, state, peer)
-    }
-
     fn start(
         &mut self,
         state: &State,
@@ -280,12 +306,9 @@ impl Inner {
         peer_keys: &PublicKeys,
         bundle: &PreKeyBundle,
     ) -> Result<(), RatchetError> {
-        peer_sessions(&mut self.peers, state, peer)?.start(
-            &self.account,
-            peer,
-            peer_keys,
-            bundle,
-        )?;
+        self.peers
+            .get(state, peer)?
+            .start(&self.account, peer, peer_keys, bundle)?;
         self.dirty.insert(peer.clone());
         Ok(())
     }
@@ -296,7 +319,7 @@ impl Inner {
         peer: &Username,
         entry: &OutboxEntry,
     ) -> Result<Envelope, RatchetError> {
-        let envelope = peer_sessions(&mut self.peers, state, peer)?.seal(
+        let envelope = self.peers.get(state, peer)?.seal(
             &self.account,
             peer,
             entry.id,
@@ -314,12 +337,10 @@ impl Inner {
         peer_keys: &PublicKeys,
         envelope: &Envelope,
     ) -> Result<Plaintext, RatchetError> {
-        let opened = peer_sessions(&mut self.peers, state, peer)?.open(
-            &mut self.account,
-            peer,
-            peer_keys,
-            envelope,
-        )?;
+        let opened =
+            self.peers
+                .get(state, peer)?
+                .open(&mut self.account, peer, peer_keys, envelope)?;
         self.dirty.insert(peer.clone());
         if opened.account_changed {
             self.account_dirty = true;
@@ -347,35 +368,161 @@ impl Inner {
             .dirty
             .drain()
             .filter_map(|peer| {
-                let pickle = self.peers.get(&peer)?.pickle();
+                let pickle = self.peers.read.get(&peer)?.pickle();
                 Some((peer, pickle))
             })
             .collect();
-        RatchetSave { account, sessions }
+        RatchetSave {
+            account,
+            sessions,
+            generation: self.peers.run.generation,
+        }
     }
 }
 
-/// `peer`'s sessions in `peers`, read from the state the first time (a free function, so
-/// the account beside them can be borrowed at the same time).
-fn peer_sessions<'a>(
-    peers: &'a mut HashMap<Username, Sessions>,
-    state: &State,
-    peer: &Username,
-) -> Result<&'a mut Sessions, StateError> {
-    match peers.entry(peer.clone()) {
-        Entry::Occupied(entry) => Ok(entry.into_mut()),
-        Entry::Vacant(entry) => {
-            let sessions = match state.olm_sessions(peer)? {
-                Some(pickle) => Sessions::from_pickle(&pickle)?,
-                None => Sessions::default(),
-            };
-            Ok(entry.insert(sessions))
+impl PeerSessions {
+    /// `peer`'s sessions, read from the state the first time, retired from sealing if
+    /// their save may be behind what they sealed (see the module docs).
+    fn get(&mut self, state: &State, peer: &Username) -> Result<&mut Sessions, StateError> {
+        match self.read.entry(peer.clone()) {
+            Entry::Occupied(entry) => Ok(entry.into_mut()),
+            Entry::Vacant(entry) => {
+                let failed_save = self.retire_on_read.remove(peer);
+                let sessions = match state.olm_sessions(peer)? {
+                    Some(saved) => {
+                        let mut sessions = Sessions::from_pickle(&saved.pickle)?;
+                        if failed_save || !self.run.sealable(saved.saved_by) {
+                            sessions.retire();
+                        }
+                        sessions
+                    }
+                    None => Sessions::default(),
+                };
+                Ok(entry.insert(sessions))
+            }
         }
+    }
+
+    /// Drops `peer`'s sessions from memory (a save carrying them failed): read again, and
+    /// retired, when next needed.
+    fn forget(&mut self, peer: &Username) {
+        self.read.remove(peer);
+        self.retire_on_read.insert(peer.clone());
     }
 }
 
 impl From<PickleError> for StateError {
     fn from(error: PickleError) -> Self {
         StateError::Ratchet(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::{MessageId, ratchet::PreKeyBundle};
+
+    use super::*;
+
+    fn name(user: &str) -> Username {
+        Username::new(user).unwrap()
+    }
+
+    /// Bob's account, and a bundle of his for alice to start a session with.
+    fn bob_bundle() -> (Identity, PreKeyBundle) {
+        let identity = Identity::generate();
+        let mut account = OwnAccount::generate(&identity, &name("bob"));
+        let published = account.prekeys_to_publish(&identity, 0);
+        account.mark_published();
+        let bundle = PreKeyBundle {
+            olm_key: published.olm_key.clone(),
+            prekey: published.one_time[0].clone(),
+            fallback: false,
+        };
+        (identity, bundle)
+    }
+
+    fn entry(seq: u64) -> OutboxEntry {
+        OutboxEntry {
+            id: MessageId::random(),
+            to: name("bob"),
+            body: format!("message {seq}"),
+            created_ms: 1,
+            seq,
+            attempts: 0,
+            last_error: None,
+        }
+    }
+
+    /// Seals one message to bob (starting a session if none may seal) and waits until its
+    /// save is durable.
+    async fn seal_one(ratchet: &Ratchet, state: &State, bob: &(Identity, PreKeyBundle), seq: u64) {
+        let bob_name = name("bob");
+        if !ratchet.has_session(state, &bob_name).unwrap() {
+            ratchet
+                .start(state, &bob_name, bob.0.public(), &bob.1)
+                .unwrap();
+        }
+        let entry = entry(seq);
+        let (_, mut saving) = ratchet.seal(state, &bob_name, &[&entry]).unwrap();
+        ratchet.settle(state, &mut saving).await.unwrap();
+    }
+
+    /// Issues 11 and 14: a kept link sends before the save of the sessions is durable, so a
+    /// run that did not stop cleanly leaves sessions that may be behind what they sealed.
+    /// The next run retires them (a new session is started); after a clean stop they seal
+    /// on.
+    #[tokio::test]
+    async fn sessions_of_a_run_that_crashed_never_seal_again_and_those_of_a_clean_one_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice = Arc::new(Identity::generate());
+        let bob = bob_bundle();
+        let bob_name = name("bob");
+        let reopen = || {
+            let state = State::open(dir.path()).unwrap();
+            let ratchet = Ratchet::load(&state, &alice, &name("alice")).unwrap();
+            (state, ratchet)
+        };
+
+        // A run that ends without its clean stop (a crash).
+        let (state, ratchet) = reopen();
+        seal_one(&ratchet, &state, &bob, 1).await;
+        assert!(ratchet.has_session(&state, &bob_name).unwrap());
+        drop((ratchet, state));
+
+        let (state, ratchet) = reopen();
+        assert!(
+            !ratchet.has_session(&state, &bob_name).unwrap(),
+            "a session saved by a run that crashed may still seal"
+        );
+        // A new session; this run stops cleanly.
+        seal_one(&ratchet, &state, &bob, 2).await;
+        ratchet.end_run(&state).await.unwrap();
+        drop((ratchet, state));
+
+        let (state, ratchet) = reopen();
+        assert!(
+            ratchet.has_session(&state, &bob_name).unwrap(),
+            "a clean stop keeps the sessions for sealing"
+        );
+        // The retired session was saved retired: the next crash retires the new one too,
+        // and nothing seals with either.
+        seal_one(&ratchet, &state, &bob, 3).await;
+        drop((ratchet, state));
+        let (state, ratchet) = reopen();
+        assert!(!ratchet.has_session(&state, &bob_name).unwrap());
+    }
+
+    /// A save that fails retires what it carried: the envelopes it covered may have left.
+    #[tokio::test]
+    async fn sessions_a_failed_save_carried_are_read_again_retired() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice = Arc::new(Identity::generate());
+        let bob = bob_bundle();
+        let bob_name = name("bob");
+        let state = State::open(dir.path()).unwrap();
+        let ratchet = Ratchet::load(&state, &alice, &name("alice")).unwrap();
+        seal_one(&ratchet, &state, &bob, 1).await;
+        ratchet.forget(&state, std::slice::from_ref(&bob_name), false);
+        assert!(!ratchet.has_session(&state, &bob_name).unwrap());
     }
 }

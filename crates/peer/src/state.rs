@@ -109,6 +109,8 @@ pub struct RatchetSave {
     pub account: Option<Zeroizing<Vec<u8>>>,
     /// Each changed peer's sessions pickle.
     pub sessions: Vec<(Username, Zeroizing<Vec<u8>>)>,
+    /// The run that saves them ([`State::begin_run`]), saved with each peer's sessions.
+    pub generation: u64,
 }
 
 impl std::fmt::Debug for RatchetSave {
@@ -137,10 +139,38 @@ impl RatchetSave {
         if !self.sessions.is_empty() {
             let mut table = txn.open_table(OLM_SESSIONS)?;
             for (peer, pickle) in &self.sessions {
-                table.insert(peer.as_str(), pickle.as_slice())?;
+                let mut value = Zeroizing::new(Vec::with_capacity(9 + pickle.len()));
+                value.push(SESSIONS_WITH_GENERATION);
+                value.extend_from_slice(&self.generation.to_le_bytes());
+                value.extend_from_slice(pickle);
+                table.insert(peer.as_str(), value.as_slice())?;
             }
         }
         Ok(())
+    }
+}
+
+/// The Olm sessions saved with one peer ([`State::olm_sessions`]).
+pub struct SavedSessions {
+    /// The run that saved them ([`State::begin_run`]).
+    pub saved_by: u64,
+    /// Their pickle ([`proto::ratchet::Sessions::pickle`]).
+    pub pickle: Zeroizing<Vec<u8>>,
+}
+
+/// A run of the client on a state ([`State::begin_run`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// This run's number, saved with the sessions it saves.
+    pub generation: u64,
+    /// Sessions saved by an earlier run than this may not seal.
+    pub sealable_from: u64,
+}
+
+impl Run {
+    /// Whether sessions saved by run `saved_by` may seal in this run.
+    pub fn sealable(&self, saved_by: u64) -> bool {
+        saved_by >= self.sealable_from
     }
 }
 
@@ -183,6 +213,16 @@ const RECEIPTS_DUE: TableDefinition<(&str, u8, [u8; 16]), u64> =
 const RECEIPT_SCAN_LINES: usize = 8192;
 const OLM_ACCOUNT: &str = "account";
 const OLM_SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("olm_sessions");
+/// The first byte of an `olm_sessions` value that starts with the run that saved it (a
+/// little-endian u64) before the pickle; a value without it (a JSON pickle, from before
+/// runs were counted) was saved by run 0.
+const SESSIONS_WITH_GENERATION: u8 = b'g';
+/// The current run of the client on this state ([`State::begin_run`]).
+const RUN_GENERATION: &str = "run_generation";
+/// Sessions saved by a run before this one may not seal ([`State::begin_run`]).
+const SEALABLE_FROM: &str = "sealable_from_generation";
+/// 1 once the current run stopped cleanly ([`State::submit_end_run`]), 0 while it runs.
+const CLEAN_STOP: &str = "clean_stop";
 
 /// Why the state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -880,6 +920,10 @@ impl State {
     /// Records prepared outgoing messages, in order, in one write job: for each, a pending
     /// history line and the outbox entry, together. Returns one ticket per entry; all
     /// resolve once the write is durable.
+    ///
+    /// The write is lazy: it waits up to [`durable::LAZY_LINGER`] for company, and the seal
+    /// of the first of these messages (whose ratchet save starts a commit) comes within
+    /// microseconds, so a lone message's record and its ratchet state share one `fsync`.
     pub fn submit_outgoing(&self, entries: Vec<OutboxEntry>) -> Vec<Ticket<()>> {
         let count = entries.len();
         let records: Vec<(OutboxEntry, _)> = entries
@@ -910,7 +954,7 @@ impl State {
             }
             Ok(())
         };
-        self.writer.submit_shared(work, count)
+        self.writer.submit_shared_lazy(work, count)
     }
 
     /// Prepares and records a new outgoing message, waiting until it is durable.
@@ -1155,13 +1199,68 @@ impl State {
             .map(|value| Zeroizing::new(value.value().to_vec())))
     }
 
-    /// The saved Olm sessions with `peer`, if any.
-    pub fn olm_sessions(&self, peer: &Username) -> Result<Option<Zeroizing<Vec<u8>>>, StateError> {
+    /// The saved Olm sessions with `peer`, if any, with the run that saved them.
+    pub fn olm_sessions(&self, peer: &Username) -> Result<Option<SavedSessions>, StateError> {
         let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(OLM_SESSIONS)?;
-        Ok(table
-            .get(peer.as_str())?
-            .map(|value| Zeroizing::new(value.value().to_vec())))
+        let Some(value) = table.get(peer.as_str())? else {
+            return Ok(None);
+        };
+        let value = value.value();
+        Ok(Some(match value.split_first() {
+            Some((&SESSIONS_WITH_GENERATION, rest)) if rest.len() >= 8 => {
+                let (generation, pickle) = rest.split_at(8);
+                let generation = u64::from_le_bytes(generation.try_into().unwrap_or_default());
+                SavedSessions {
+                    saved_by: generation,
+                    pickle: Zeroizing::new(pickle.to_vec()),
+                }
+            }
+            _ => SavedSessions {
+                saved_by: 0,
+                pickle: Zeroizing::new(value.to_vec()),
+            },
+        }))
+    }
+
+    /// Starts a run of the client on this state (blocking: at start-up, before anything is
+    /// sealed), and returns it.
+    ///
+    /// A kept link sends what it sealed while the save of the sessions is still being
+    /// committed, so after a crash the saved sessions may be behind what left. A run that
+    /// did not stop cleanly ([`State::submit_end_run`]) therefore makes the sessions saved
+    /// before this run retire from sealing when next read ([`Run::sealable`]): they still
+    /// open what peers send in them, and the next message to such a peer starts a new
+    /// session, so no message key serves twice.
+    pub fn begin_run(&self) -> Result<Run, StateError> {
+        self.write(|txn| {
+            let mut meta = txn.open_table(META)?;
+            let previous = meta.get(RUN_GENERATION)?.map_or(0, |value| value.value());
+            // A state that never ran has nothing sealed: as if it stopped cleanly.
+            let clean = meta.get(CLEAN_STOP)?.is_none_or(|value| value.value() == 1);
+            let mut sealable_from = meta.get(SEALABLE_FROM)?.map_or(0, |value| value.value());
+            let generation = previous + 1;
+            if !clean {
+                sealable_from = generation;
+            }
+            meta.insert(RUN_GENERATION, generation)?;
+            meta.insert(SEALABLE_FROM, sealable_from)?;
+            meta.insert(CLEAN_STOP, 0)?;
+            Ok(Run {
+                generation,
+                sealable_from,
+            })
+        })
+        .wait_blocking()
+    }
+
+    /// Records that the current run stopped cleanly: submit it after the last seal (its
+    /// saves are committed before it, in order).
+    pub fn submit_end_run(&self) -> Ticket<()> {
+        self.write(|txn| {
+            txn.open_table(META)?.insert(CLEAN_STOP, 1)?;
+            Ok(())
+        })
     }
 
     /// Saves a new Olm account, and with it the time until which mail sealed by the static

@@ -516,15 +516,18 @@ async fn a_strangers_mail_dated_ahead_never_holds_up_other_senders_mail() {
     }
 }
 
-/// Issues 11 and 14: a sealed envelope leaves only once the ratchet state that sealed it is
-/// durable, so a crash can never make the next start seal another message with the same
-/// message key. The crash is simulated in process, which is stricter than a SIGKILL (that
-/// keeps the page cache): alice's state is on a [`SyncedDisk`] whose `fsync`s the test
-/// holds, and the alice started after the crash finds only what the last completed `fsync`
-/// left. Nothing is lost that was answered, nothing is shown twice, and the message after
-/// the crash opens.
+/// Issues 11 and 14: on a kept link a sealed envelope leaves while its outbox record and the
+/// ratchet state that sealed it are being committed (one `fsync` on a lone message's path,
+/// shared with the receiver's). A crash then can still never make the next start seal
+/// another message with the same message key: the run did not stop cleanly, so its sessions
+/// are retired and the next message starts a new one. The crash is simulated in process,
+/// which is stricter than a SIGKILL (that keeps the page cache): alice's state is on a
+/// [`SyncedDisk`] whose `fsync`s the test holds, and the alice started after the crash
+/// finds only what the last completed `fsync` left. The message that left is bob's (shown
+/// once; alice never answered its send, and has no record of it), nothing is shown twice,
+/// and the messages after the crash open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sender_crash_before_its_ratchet_state_is_durable_sends_nothing_and_reuses_no_key() {
+async fn a_sender_crash_after_its_envelope_left_and_before_its_state_was_durable_reuses_no_key() {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let server = discovery(dir.path(), &shutdown).await;
@@ -564,13 +567,21 @@ async fn a_sender_crash_before_its_ratchet_state_is_durable_sends_nothing_and_re
         );
         tokio::task::yield_now().await;
     }
-    // Alice's writer is stuck at the `fsync` of the outbox record and the session state:
-    // the envelope does not leave (given half a second).
-    at_bob.extend(drain(&mut bob_events, Duration::from_millis(500)).await);
-    assert_eq!(
-        shown(&at_bob),
-        vec!["warm-up"],
-        "sent before its state was durable"
+    // Alice's writer is stuck at the `fsync` of the outbox record and the session state;
+    // the envelope left meanwhile, and bob stored and shows it. Alice does not answer the
+    // send: her state is not durable.
+    at_bob.extend(
+        until(
+            &mut bob_events,
+            |event| matches!(event, Event::Message(message) if message.body == "sealed at the crash"),
+        )
+        .await,
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sending)
+            .await
+            .is_err(),
+        "answered before its state was durable"
     );
 
     // The crash: alice's disk as the last `fsync` left it is all the next start finds, and
@@ -578,7 +589,6 @@ async fn a_sender_crash_before_its_ratchet_state_is_durable_sends_nothing_and_re
     let image = disk.durable_image();
     alice_stop.cancel();
     drop(held);
-    drop(sending);
     drop(alice);
 
     // Alice again: the same identity, the state file the crash left.
@@ -616,7 +626,12 @@ async fn a_sender_crash_before_its_ratchet_state_is_durable_sends_nothing_and_re
     at_bob.extend(drain(&mut bob_events, Duration::from_millis(300)).await);
     assert_eq!(
         shown(&at_bob),
-        vec!["warm-up", "after the crash", "and once more"],
+        vec![
+            "warm-up",
+            "sealed at the crash",
+            "after the crash",
+            "and once more"
+        ],
         "each shown once, none refused: {at_bob:#?}"
     );
     assert!(

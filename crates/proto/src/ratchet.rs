@@ -25,8 +25,9 @@
 //!
 //! [`Sessions`] and [`OwnAccount`] are saved as pickles ([`Sessions::pickle`],
 //! [`OwnAccount::pickle`]); the caller commits them in the same write as the message they
-//! sealed or opened, and lets a sealed envelope leave only once that write is durable, so
-//! a crash never reuses a message key.
+//! sealed or opened. A caller that lets a sealed envelope leave before that write is
+//! durable must, after a crash, retire the sessions whose saves may be behind
+//! ([`Sessions::retire`]), so a message key never serves twice.
 
 use base64::Engine;
 use ed25519_dalek::Signature;
@@ -362,9 +363,37 @@ pub struct Opened {
 }
 
 /// The Olm sessions one user has with one peer, newest first.
+///
+/// A session may be *retired* from sealing ([`Sessions::retire`]): it still opens what the
+/// peer sends in it, but nothing is sealed with it again. A client retires the sessions
+/// whose saved state may be behind what it sent (it sent before the save was durable, then
+/// crashed), so no message key of theirs can serve twice; the next message starts a new
+/// session instead.
 #[derive(Default)]
 pub struct Sessions {
-    list: Vec<Session>,
+    list: Vec<Kept>,
+}
+
+/// One session and whether it may seal.
+struct Kept {
+    session: Session,
+    sealable: bool,
+}
+
+/// How [`Sessions`] are saved: each session's pickle and whether it may seal. The first
+/// layout (a bare list of pickles, from before sessions could be retired) still reads, as
+/// sessions that may seal.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum SavedSessions {
+    Flagged { sessions: Vec<SavedSession> },
+    Bare(Vec<SessionPickle>),
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedSession {
+    pickle: SessionPickle,
+    sealable: bool,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -376,22 +405,57 @@ impl std::fmt::Debug for Sessions {
 impl Sessions {
     /// The sessions saved by [`Sessions::pickle`].
     pub fn from_pickle(bytes: &[u8]) -> Result<Self, PickleError> {
-        let pickles: Vec<SessionPickle> = serde_json::from_slice(bytes)?;
-        Ok(Self {
-            list: pickles.into_iter().map(Session::from_pickle).collect(),
-        })
+        let list = match serde_json::from_slice(bytes)? {
+            SavedSessions::Flagged { sessions } => sessions
+                .into_iter()
+                .map(|saved| Kept {
+                    session: Session::from_pickle(saved.pickle),
+                    sealable: saved.sealable,
+                })
+                .collect(),
+            SavedSessions::Bare(pickles) => pickles
+                .into_iter()
+                .map(|pickle| Kept {
+                    session: Session::from_pickle(pickle),
+                    sealable: true,
+                })
+                .collect(),
+        };
+        Ok(Self { list })
     }
 
     /// The sessions' secrets as bytes to save (zeroized when dropped).
     pub fn pickle(&self) -> Zeroizing<Vec<u8>> {
-        let pickles: Vec<SessionPickle> = self.list.iter().map(Session::pickle).collect();
+        let saved = SavedSessions::Flagged {
+            sessions: self
+                .list
+                .iter()
+                .map(|kept| SavedSession {
+                    pickle: kept.session.pickle(),
+                    sealable: kept.sealable,
+                })
+                .collect(),
+        };
         // A pickle is plain data: it always serialises.
-        Zeroizing::new(serde_json::to_vec(&pickles).unwrap_or_default())
+        Zeroizing::new(serde_json::to_vec(&saved).unwrap_or_default())
     }
 
-    /// Whether there is a session to seal with.
+    /// Whether there is no session at all.
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
+    }
+
+    /// Whether a session may seal (one is started and not retired).
+    pub fn can_seal(&self) -> bool {
+        self.list.iter().any(|kept| kept.sealable)
+    }
+
+    /// Retires every session from sealing (they still open what the peer sends in them):
+    /// the next message starts a new session.
+    pub fn retire(&mut self) {
+        for kept in &mut self.list {
+            kept.sealable = false;
+        }
     }
 
     /// How many sessions there are.
@@ -405,7 +469,13 @@ impl Sessions {
     }
 
     fn keep_first(&mut self, session: Session) {
-        self.list.insert(0, session);
+        self.list.insert(
+            0,
+            Kept {
+                session,
+                sealable: true,
+            },
+        );
         self.list.truncate(MAX_SESSIONS_PER_PEER);
     }
 
@@ -432,7 +502,8 @@ impl Sessions {
     }
 
     /// Seals `body` as message `id` from `account`'s user to `peer`, written at
-    /// `sent_at_ms`, with the newest session. Save the sessions before the envelope leaves.
+    /// `sent_at_ms`, with the newest session that is not retired. Save the sessions with the
+    /// message (see the module docs).
     pub fn seal(
         &mut self,
         account: &OwnAccount,
@@ -488,7 +559,12 @@ impl Sessions {
         account: &OwnAccount,
         plaintext: Plaintext,
     ) -> Result<Envelope, SealError> {
-        let session = self.list.first_mut().ok_or(SealError::NoSession)?;
+        let session = &mut self
+            .list
+            .iter_mut()
+            .find(|kept| kept.sealable)
+            .ok_or(SealError::NoSession)?
+            .session;
         let bytes = plaintext.to_bytes();
         let message = session
             .encrypt(bytes.as_slice())
@@ -523,6 +599,7 @@ impl Sessions {
             OlmMessage::PreKey(prekey) => {
                 if let Some(index) = self.position_of(prekey) {
                     let bytes = self.list[index]
+                        .session
                         .decrypt(&token.message)
                         .map_err(|_| forged())?;
                     self.promote(index);
@@ -595,7 +672,7 @@ impl Sessions {
             return Err(OpenError::NoSession { peer: peer.clone() });
         }
         for index in 0..self.list.len() {
-            if let Ok(bytes) = self.list[index].decrypt(message) {
+            if let Ok(bytes) = self.list[index].session.decrypt(message) {
                 self.promote(index);
                 return Ok(bytes);
             }
@@ -607,7 +684,7 @@ impl Sessions {
         let keys = prekey.session_keys();
         self.list
             .iter()
-            .position(|session| session.session_keys() == keys)
+            .position(|kept| kept.session.session_keys() == keys)
     }
 
     fn promote(&mut self, index: usize) {
@@ -793,6 +870,57 @@ mod tests {
         bob.sessions = Sessions::from_pickle(&sessions).unwrap();
         let reply = seal(&mut bob, &alice, "after restore");
         assert!(open(&mut alice, &bob, &reply).is_ok());
+    }
+
+    #[test]
+    fn a_retired_session_opens_but_never_seals_again_and_its_mark_is_saved() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        let first = seal(&mut alice, &bob, "before the crash");
+        open(&mut bob, &alice, &first).unwrap();
+        // Alice's saved state may be behind what she sent: she retires the session.
+        alice.sessions.retire();
+        assert!(!alice.sessions.can_seal() && !alice.sessions.is_empty());
+        let refused =
+            alice
+                .sessions
+                .seal(&alice.account, &bob.name, MessageId::random(), "no", 1_000);
+        assert!(matches!(refused, Err(SealError::NoSession)));
+        // The mark survives a save; bob's messages in the old session still open (and
+        // promote it, without making it seal again).
+        alice.sessions = Sessions::from_pickle(&alice.sessions.pickle()).unwrap();
+        let reply = seal(&mut bob, &alice, "in the old session");
+        assert_eq!(
+            open(&mut alice, &bob, &reply).unwrap().plaintext.body,
+            "in the old session"
+        );
+        assert!(!alice.sessions.can_seal());
+        // A new session seals; bob opens it as a new one.
+        start(&mut alice, &mut bob);
+        let fresh = seal(&mut alice, &bob, "in a new session");
+        assert!(fresh.token.starts_with("o0."));
+        assert_eq!(
+            open(&mut bob, &alice, &fresh).unwrap().plaintext.body,
+            "in a new session"
+        );
+        assert_eq!(alice.sessions.len(), 2);
+    }
+
+    #[test]
+    fn sessions_saved_before_retiring_existed_read_as_sealable() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        let bare: Vec<SessionPickle> = alice
+            .sessions
+            .list
+            .iter()
+            .map(|kept| kept.session.pickle())
+            .collect();
+        let bytes = serde_json::to_vec(&bare).unwrap();
+        alice.sessions = Sessions::from_pickle(&bytes).unwrap();
+        assert!(alice.sessions.can_seal());
+        let envelope = seal(&mut alice, &bob, "still works");
+        assert!(open(&mut bob, &alice, &envelope).is_ok());
     }
 
     #[test]

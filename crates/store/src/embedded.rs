@@ -1060,20 +1060,32 @@ fn classify(
 /// sweep instead.
 fn ack_in(txn: &WriteTransaction, user: &Username, acked: &[MailRef]) -> Result<u64, redb::Error> {
     let keys = txn.open_table(MAIL_KEYS)?;
-    let mut mail = txn.open_table(MAIL)?;
-    let (mut removed, mut bytes) = (0, 0);
+    let mut sequences = Vec::with_capacity(acked.len());
     for acked in acked {
-        let sequence = keys
-            .get((user.as_str(), &acked.id.0, acked.from.as_str()))?
-            .map(|value| value.value());
-        if let Some(sequence) = sequence
-            && let Some(row) = mail.remove((user.as_str(), sequence))?
-        {
-            removed += 1;
-            bytes += row.value().1.len() as u64;
+        if let Some(sequence) = keys.get((user.as_str(), &acked.id.0, acked.from.as_str()))? {
+            sequences.push(sequence.value());
         }
     }
-    drop((keys, mail));
+    drop(keys);
+    let (mut removed, mut bytes) = (0, 0);
+    // The acked rows are usually a run at the mailbox's front: one pass over the range they
+    // span removes them, instead of one descent of the tree each.
+    sequences.sort_unstable();
+    sequences.dedup();
+    if let (Some(&first), Some(&last)) = (sequences.first(), sequences.last()) {
+        let mut mail = txn.open_table(MAIL)?;
+        mail.retain_in(
+            (user.as_str(), first)..=(user.as_str(), last),
+            |key, value| {
+                let acked = sequences.binary_search(&key.1).is_ok();
+                if acked {
+                    removed += 1;
+                    bytes += value.1.len() as u64;
+                }
+                !acked
+            },
+        )?;
+    }
     if removed > 0 {
         after_removal(txn, user, removed, bytes)?;
     }
