@@ -1185,3 +1185,39 @@ async fn a_receipt_from_someone_else_or_for_an_unknown_id_is_ignored() {
         client.shutdown(Duration::from_secs(2)).await;
     }
 }
+
+/// A receipt owed when the client stopped (here: a read receipt written with the mark of
+/// a shown message, just before the client would have sent it) goes at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_owed_at_exit_goes_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = discovery(dir.path(), &shutdown).await;
+    let (alice, mut alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
+    let message = {
+        let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+        let sent = alice.send(&name("bob"), "read me later").await.unwrap();
+        assert_eq!(sent.status, DeliveryStatus::Delivered);
+        let seen = until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
+        bob.shutdown(Duration::from_secs(2)).await;
+        let Some(Event::Message(message)) = seen.last().cloned() else {
+            unreachable!("until returns the awaited event last")
+        };
+        message
+    };
+    // Marked shown by the state alone: the read receipt is owed, and nothing runs to send it.
+    peer::state::State::open(&dir.path().join("bob"))
+        .unwrap()
+        .mark_shown(&message)
+        .unwrap();
+    let (bob, _bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+    let seen = until(&mut alice_events, |event| {
+        receipt_ids(event, "bob", proto::ReceiptKind::Read).is_some()
+    })
+    .await;
+    let read = receipt_ids(seen.last().unwrap(), "bob", proto::ReceiptKind::Read);
+    assert_eq!(read, Some(vec![message.id]));
+    for client in [alice, bob] {
+        client.shutdown(Duration::from_secs(2)).await;
+    }
+}
