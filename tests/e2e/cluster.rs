@@ -1,6 +1,6 @@
 //! Discovery instances on a Redis Cluster of 3 masters and 3 replicas (test-started local
-//! `redis-server`s): chat, relayed mail and announcements across two instances, and a
-//! master's death in the middle of a stream of deposits. The servers are the real binary
+//! `redis-server`s): chat, relayed mail, announcements and contacts' presence across two
+//! instances, and a master's death in the middle of a stream of deposits. The servers are the real binary
 //! and in-process ones over `store::Store::Redis`; the clients are peer runtimes, as in
 //! `chat`.
 
@@ -50,6 +50,16 @@ async fn two_instances_on_a_cluster_chat_relay_mail_and_announce() -> anyhow::Re
         DeliveryStatus::Delivered
     );
     bob.expect("alice", "across instances").await?;
+    // Having talked, each watches the other: their presence goes between the instances
+    // over each one's sharded channel.
+    for (chatter, contact) in [(&mut alice, "bob"), (&mut bob, "alice")] {
+        chatter
+            .wait_for("a contact online", |event| match event {
+                Event::Presence { user, online: true } if user == &name(contact) => Some(()),
+                _ => None,
+            })
+            .await?;
+    }
 
     // Carol is reachable only through the relay, and only the push can bring her mail in
     // time: it goes from alice's instance to carol's over carol's sharded channel.
@@ -96,7 +106,17 @@ async fn two_instances_on_a_cluster_chat_relay_mail_and_announce() -> anyhow::Re
         assert_eq!(text, "maintenance at noon");
     }
 
-    for chatter in [alice, bob, carol, dave] {
+    bob.stop().await;
+    alice
+        .wait_for("bob offline", |event| match event {
+            Event::Presence {
+                user,
+                online: false,
+            } if user == &name("bob") => Some(()),
+            _ => None,
+        })
+        .await?;
+    for chatter in [alice, carol, dave] {
         chatter.stop().await;
     }
     drop(first);

@@ -444,6 +444,39 @@ fn tab_completes_names_and_a_paste_is_one_message() {
     alice_term.type_line("/quit");
 }
 
+/// A contact's presence as a person sees it: once alice and bob have talked, alice's
+/// screen says when bob goes and when he comes back; and a second session of alice (the
+/// same identity on another machine) makes her first screen say so.
+#[test]
+fn a_contact_coming_and_going_and_a_second_session_show_in_the_terminal() {
+    if !tmux_available() {
+        eprintln!("skipped: tmux is not installed (.ci/run installs it)");
+        return;
+    }
+    let server = Discovery::start();
+    let (alice, elsewhere) = crate::presence::one_identity_twice(&server);
+    let bob = User::new("bob");
+    let alice_term = Terminal::start(&alice, &server, false).expect("tmux");
+    alice_term.wait_for("alice>");
+    let mut bob_bot = bob.listen(&server);
+    bob_bot.online();
+    bob_bot.ok("send alice hi alice");
+    alice_term.wait_for("bob: hi alice");
+    alice_term.wait_for("bob is online");
+
+    bob_bot.stop();
+    alice_term.wait_for("bob went offline");
+    let mut bob_bot = bob.listen(&server);
+    bob_bot.online();
+    alice_term.wait_for_n("bob is online", 2);
+
+    // The same identity in a second data dir, as on a second machine.
+    let mut alice_elsewhere = elsewhere.listen(&server);
+    alice_elsewhere.online();
+    alice_term.wait_for("you signed in elsewhere (127.0.0.1");
+    alice_term.type_line("/quit");
+}
+
 /// Issue 16: a message that went to the mailbox shows *queued*, and once its recipient
 /// comes online and stores it, the sender's terminal says so, then that it was read; the
 /// history line follows.

@@ -18,6 +18,8 @@
 //! - `ratchet`: the double ratchet against a thief of the data dirs and the server's store
 //!   (forward secrecy, post-compromise security), SIGKILLs during a burst both ways, and a
 //!   pair's order across the mailbox and direct routes (1,000 mails, then direct).
+//! - `presence`: contacts' presence (mutual contacts only, also across two instances on
+//!   one Redis; a stranger watching learns nothing) and the second-session notice.
 //! - `netfaults`: an unreachable listener and a healing partition, between network
 //!   namespaces (root).
 //!
@@ -34,6 +36,7 @@ mod interactive;
 mod netfaults;
 mod onpath;
 mod outages;
+mod presence;
 mod ratchet;
 mod scripted;
 mod util;

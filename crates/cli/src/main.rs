@@ -711,6 +711,7 @@ fn event_user(event: &Event) -> Option<&Username> {
         Event::Announcement { .. }
         | Event::Online { .. }
         | Event::Offline { .. }
+        | Event::SessionElsewhere { .. }
         | Event::Fatal(_)
         | Event::StateError { .. } => None,
     }

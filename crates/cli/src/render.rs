@@ -248,9 +248,10 @@ pub fn event_text(event: &Event, look: &Look, now_ms: u64) -> Option<String> {
         | Event::Offline { .. }
         | Event::Presence { .. }
         | Event::Receipt { .. } => Paint::Quiet,
-        Event::MuteEnded { .. } | Event::Announcement { .. } | Event::KeyRotated { .. } => {
-            Paint::Notice
-        }
+        Event::MuteEnded { .. }
+        | Event::Announcement { .. }
+        | Event::KeyRotated { .. }
+        | Event::SessionElsewhere { .. } => Paint::Notice,
         Event::Delivery { status, .. } if status.is_success() => Paint::Quiet,
         Event::Delivery { .. }
         | Event::Fatal(_)
@@ -328,9 +329,18 @@ fn event_text_raw(event: &Event, look: &Look, now_ms: u64) -> String {
             )
         }
         Event::StateError { error } => format!("local state error: {error}"),
-        Event::Presence { user, online } => {
-            format!("{user} is {}", if *online { "online" } else { "offline" })
-        }
+        Event::Presence { user, online: true } => format!("{user} is online"),
+        Event::Presence {
+            user,
+            online: false,
+        } => format!("{user} went offline"),
+        // The server sees the control connection's address: its IP is where the other
+        // session runs (its port is of no use to anyone).
+        Event::SessionElsewhere { observed, at_ms } => format!(
+            "you signed in elsewhere ({}, at {}); direct messages now go there",
+            observed.ip(),
+            look.time(*at_ms, now_ms)
+        ),
         Event::KeyRotated { user, old, new } => format!(
             "{user} rotated their key: the new key {new} is signed over by the old one {old} \
              that you had pinned, so it is pinned now and messages go on. Your safety number \
@@ -435,6 +445,9 @@ pub fn event_json(event: &Event) -> Value {
         Event::Presence { user, online } => {
             json!({"event": "presence", "user": user.as_str(), "online": online})
         }
+        Event::SessionElsewhere { observed, at_ms } => json!({
+            "event": "session_elsewhere", "observed": observed.ip().to_string(), "at_ms": at_ms,
+        }),
         Event::KeyRotated { user, old, new } => {
             json!({"event": "key_rotated", "user": user.as_str(), "old": old, "new": new})
         }
@@ -969,5 +982,35 @@ mod tests {
             );
             assert!(text.contains("hi\\n[01:02:04] alice"), "{text:?}");
         }
+    }
+
+    #[test]
+    fn contact_presence_and_another_session_render_as_text_and_json() {
+        let online = Event::Presence {
+            user: name("bob"),
+            online: true,
+        };
+        let offline = Event::Presence {
+            user: name("bob"),
+            online: false,
+        };
+        assert_eq!(event_text(&online).unwrap(), "bob is online");
+        assert_eq!(event_text(&offline).unwrap(), "bob went offline");
+        assert_eq!(
+            event_json(&offline),
+            json!({"event": "presence", "user": "bob", "online": false})
+        );
+        let elsewhere = Event::SessionElsewhere {
+            observed: "192.0.2.7:40000".parse().unwrap(),
+            at_ms: 3_723_000,
+        };
+        assert_eq!(
+            event_text(&elsewhere).unwrap(),
+            "you signed in elsewhere (192.0.2.7, at 01:02); direct messages now go there"
+        );
+        assert_eq!(
+            event_json(&elsewhere),
+            json!({"event": "session_elsewhere", "observed": "192.0.2.7", "at_ms": 3_723_000})
+        );
     }
 }

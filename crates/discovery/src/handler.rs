@@ -9,7 +9,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use proto::{
-    ErrorCode, ErrorReply, MailRef, Registration, Reply, Request, UserInfo, Username,
+    ErrorCode, ErrorReply, MailRef, Push, Registration, Reply, Request, UserInfo, Username,
     identity::{
         Rotation, constant_time_eq, registration_transcript, release_proof, verify_announce_proof,
     },
@@ -23,6 +23,7 @@ use crate::{
     metrics::Metrics,
     per_ip::PerIp,
     per_sender::{OverBudget, PerSender},
+    presence::{WatchRefused, Watching},
 };
 
 /// The largest Fernet token accepted in a deposit: a full-size body sealed, with room to
@@ -72,6 +73,9 @@ pub struct Session {
     /// The mail sent in this connection's last `Mail` reply, until the next ack: what a
     /// [`Request::Ack`] of ids alone (the older form of [`Request::AckMail`]) refers to.
     last_fetched: Vec<MailRef>,
+    /// The contacts whose presence this session watches; `None` until it sends
+    /// [`Request::Watch`], and so asks for the pushes added with it.
+    watching: Option<Watching>,
 }
 
 /// A request's outcome: the reply to send and what changed.
@@ -91,6 +95,7 @@ impl Session {
             per_ip: None,
             deposits: None,
             last_fetched: Vec::new(),
+            watching: None,
         }
     }
 
@@ -131,6 +136,69 @@ impl Session {
     /// This connection's presence id.
     pub fn session_id(&self) -> u64 {
         self.session_id
+    }
+
+    /// Whether the client asked for the pushes added with [`Request::Watch`]
+    /// ([`Push::Presence`], [`Push::SessionElsewhere`]); an older client never does, and
+    /// is never sent one (it could not decode it).
+    pub fn wants_new_pushes(&self) -> bool {
+        self.watching.is_some()
+    }
+
+    /// Another session said at `now_ms` that `user` is `online` (or not), asking for an
+    /// answer or not: the push for this client, if it watches `user` (mutuality: the
+    /// sender watches this session's user), and the answer to publish, if one was asked
+    /// for and this session watches back (its own presence, for `user` alone).
+    pub fn presence_of(
+        &mut self,
+        user: &Username,
+        online: bool,
+        answer: bool,
+        now_ms: u64,
+    ) -> (Option<Push>, Option<Broadcast>) {
+        let Some(me) = self.user().cloned() else {
+            return (None, None);
+        };
+        let Some(watching) = &mut self.watching else {
+            return (None, None);
+        };
+        if !watching.watches(user) {
+            return (None, None);
+        }
+        let push = watching.offer(user, online, now_ms);
+        let reply = answer.then(|| Broadcast::Presence {
+            user: me,
+            online: true,
+            to: vec![user.clone()],
+            answer: false,
+        });
+        (push, reply)
+    }
+
+    /// The presence pushes held back by the per-contact interval and due at `now_ms`.
+    pub fn presence_due(&mut self, now_ms: u64) -> Vec<Push> {
+        self.watching
+            .as_mut()
+            .map(|watching| watching.due(now_ms))
+            .unwrap_or_default()
+    }
+
+    /// When [`Session::presence_due`] next has something, if ever.
+    pub fn next_presence_due_ms(&self) -> Option<u64> {
+        self.watching.as_ref().and_then(Watching::next_due_ms)
+    }
+
+    /// The offline notice `user` (this session's user, or the one it just unregistered)
+    /// owes its contacts as the session leaves (the connection closed, timed out or
+    /// unregistered), if it watches anyone; the watch set is forgotten.
+    pub fn take_offline_notice(&mut self, user: &Username) -> Option<Broadcast> {
+        let watching = self.watching.take()?;
+        (!watching.is_empty()).then(|| Broadcast::Presence {
+            user: user.clone(),
+            online: false,
+            to: watching.names(),
+            answer: false,
+        })
     }
 
     /// Handles one request at `now_ms` and returns its one reply.
@@ -253,6 +321,8 @@ impl Session {
                     Err(error) => (Err(store_error(error)), None),
                 };
             }
+            Request::Watch { users } => self.watch(&me, users, store, metrics).await,
+            Request::Unwatch { users } => self.unwatch(&me, users, store).await,
             Request::Rotate(rotation) => rotate(&me, rotation, store, now_ms).await,
             Request::Rotations { user } => store
                 .rotations(&user)
@@ -390,6 +460,70 @@ impl Session {
         )
     }
 
+    /// Adds `users` to the watch set and tells the ones added that `me` is online, asking
+    /// each that watches back to answer with their own presence.
+    async fn watch(
+        &mut self,
+        me: &Username,
+        users: Vec<Username>,
+        store: &Store,
+        metrics: &Metrics,
+    ) -> Result<Reply, ErrorReply> {
+        let watching = self.watching.get_or_insert_default();
+        let added = watching.add(me, users).map_err(|refused| {
+            metrics.watch_refused.inc();
+            match refused {
+                WatchRefused::Full { .. } => ErrorReply::new(
+                    ErrorCode::TooLarge,
+                    format!("{refused}; watch the users you talk with most"),
+                ),
+                WatchRefused::Churn { .. } => {
+                    ErrorReply::new(ErrorCode::RateLimited, refused.to_string())
+                }
+            }
+        })?;
+        let reply = watching_reply(watching);
+        if !added.is_empty() {
+            let event = Broadcast::Presence {
+                user: me.clone(),
+                online: true,
+                to: added,
+                answer: true,
+            };
+            // A lost notice only delays a contact's picture until the next change: the
+            // watch set itself is in place.
+            if let Err(error) = store.publish(&event).await {
+                tracing::warn!(%error, user = %me, "could not publish presence to new contacts");
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Drops `users` from the watch set; the ones dropped are told `me` went offline (to
+    /// them, as far as they could tell: mutuality ended).
+    async fn unwatch(
+        &mut self,
+        me: &Username,
+        users: Vec<Username>,
+        store: &Store,
+    ) -> Result<Reply, ErrorReply> {
+        let watching = self.watching.get_or_insert_default();
+        let removed = watching.remove(users);
+        let reply = watching_reply(watching);
+        if !removed.is_empty() {
+            let event = Broadcast::Presence {
+                user: me.clone(),
+                online: false,
+                to: removed,
+                answer: false,
+            };
+            if let Err(error) = store.publish(&event).await {
+                tracing::warn!(%error, user = %me, "could not publish presence to dropped contacts");
+            }
+        }
+        Ok(reply)
+    }
+
     async fn refresh_presence(
         &self,
         user: &Username,
@@ -523,6 +657,15 @@ async fn lookup(user: &Username, store: &Store, now_ms: u64) -> Result<Reply, Er
 
 /// What one prekey claim costs of the sender's deposit budget, in bytes.
 const CLAIM_COST: u64 = 1024;
+
+/// The reply to a watch request: the set's size and the room left.
+fn watching_reply(watching: &Watching) -> Reply {
+    let watched = watching.len();
+    Reply::Watching {
+        watched: u32::try_from(watched).unwrap_or(u32::MAX),
+        room: u32::try_from(proto::msg::MAX_WATCHED.saturating_sub(watched)).unwrap_or(0),
+    }
+}
 
 /// Stores the keys `me` publishes, once every signature verifies against the keys bound to
 /// the name (a client cannot publish keys its identity did not sign).

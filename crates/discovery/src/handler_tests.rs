@@ -1325,3 +1325,143 @@ async fn the_operator_releases_a_name_and_the_next_registration_binds_it() {
         })
     ));
 }
+
+/// The published presence events a watch request causes (the embedded store delivers
+/// them to every subscriber at once).
+fn published(events: &mut tokio::sync::broadcast::Receiver<Broadcast>) -> Vec<Broadcast> {
+    std::iter::from_fn(|| events.try_recv().ok()).collect()
+}
+
+#[tokio::test]
+async fn a_watch_tells_the_new_contacts_and_asks_them_to_answer() {
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let mut events = fixture.store.subscribe();
+    assert!(!alice.session.wants_new_pushes(), "not before it asks");
+    let watch = Request::Watch {
+        users: vec![name("bob"), name("alice"), name("bob")],
+    };
+    assert_eq!(
+        fixture.handle(&mut alice.session, watch.clone(), T0).await,
+        Ok(Reply::Watching {
+            watched: 1,
+            room: proto::msg::MAX_WATCHED as u32 - 1
+        })
+    );
+    assert!(alice.session.wants_new_pushes());
+    assert_eq!(
+        published(&mut events),
+        vec![Broadcast::Presence {
+            user: name("alice"),
+            online: true,
+            to: vec![name("bob")],
+            answer: true,
+        }]
+    );
+    // Watching bob again tells no one anything.
+    fixture.handle(&mut alice.session, watch, T0).await.unwrap();
+    assert_eq!(published(&mut events), vec![]);
+}
+
+#[tokio::test]
+async fn a_contacts_presence_reaches_only_a_session_that_watches_them_and_answers_once_asked() {
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let mut old = registered(&fixture, "olivia", T0).await;
+    let watch = Request::Watch {
+        users: vec![name("bob")],
+    };
+    fixture.handle(&mut alice.session, watch, T0).await.unwrap();
+    let online = Push::Presence {
+        user: name("bob"),
+        online: true,
+    };
+    // Bob watches alice and asks for an answer: alice's client hears, and she answers.
+    assert_eq!(
+        alice.session.presence_of(&name("bob"), true, true, T0),
+        (
+            Some(online),
+            Some(Broadcast::Presence {
+                user: name("alice"),
+                online: true,
+                to: vec![name("bob")],
+                answer: false,
+            })
+        )
+    );
+    // Mallory, whom alice does not watch, gets neither a push nor an answer.
+    assert_eq!(
+        alice.session.presence_of(&name("mallory"), true, true, T0),
+        (None, None)
+    );
+    // A client that never asked gets nothing, even about a user it might know.
+    assert_eq!(
+        old.session.presence_of(&name("bob"), true, true, T0),
+        (None, None)
+    );
+}
+
+#[tokio::test]
+async fn leaving_owes_the_watch_set_an_offline_notice_once_and_unwatch_tells_the_dropped() {
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let mut events = fixture.store.subscribe();
+    let watch = Request::Watch {
+        users: vec![name("bob"), name("carol")],
+    };
+    fixture.handle(&mut alice.session, watch, T0).await.unwrap();
+    published(&mut events);
+    let unwatch = Request::Unwatch {
+        users: vec![name("carol"), name("dave")],
+    };
+    fixture
+        .handle(&mut alice.session, unwatch, T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        published(&mut events),
+        vec![Broadcast::Presence {
+            user: name("alice"),
+            online: false,
+            to: vec![name("carol")],
+            answer: false,
+        }]
+    );
+    assert_eq!(
+        alice.session.take_offline_notice(&name("alice")),
+        Some(Broadcast::Presence {
+            user: name("alice"),
+            online: false,
+            to: vec![name("bob")],
+            answer: false,
+        })
+    );
+    assert_eq!(alice.session.take_offline_notice(&name("alice")), None);
+}
+
+#[tokio::test]
+async fn a_watch_past_the_bound_is_refused_whole() {
+    let fixture = Fixture::new();
+    let mut alice = registered(&fixture, "alice", T0).await;
+    let users: Vec<Username> = (0..=proto::msg::MAX_WATCHED)
+        .map(|index| name(&format!("u{index}")))
+        .collect();
+    assert_eq!(
+        code(
+            fixture
+                .handle(&mut alice.session, Request::Watch { users }, T0)
+                .await
+        ),
+        ErrorCode::TooLarge
+    );
+    assert_eq!(fixture.metrics.watch_refused.get(), 1);
+    // Unregistered, a watch is refused like any other request.
+    let mut stranger = session();
+    let watch = Request::Watch {
+        users: vec![name("bob")],
+    };
+    assert_eq!(
+        code(fixture.handle(&mut stranger, watch, T0).await),
+        ErrorCode::NotRegistered
+    );
+}

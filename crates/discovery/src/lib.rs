@@ -6,6 +6,8 @@
 //! - [`server`]: [`run`]/[`serve`], the accept loop and one actor per connection; the
 //!   [`server::Hub`] that routes pushes; the fan-out of store broadcasts (announcements,
 //!   mail-waiting) to this instance's clients.
+//! - [`presence`]: [`presence::Watching`], one session's watch set of contacts and the
+//!   presence pushes it lets through (mutual contacts only, coalesced per contact).
 //! - [`config`]: [`Config`], timeouts and limits.
 //! - [`metrics`]: [`Metrics`], Prometheus text on `--metrics`.
 //! - [`limits`]: the token bucket and the connection cap under the open-file limit;
@@ -23,6 +25,7 @@ pub mod metrics;
 pub mod operator;
 pub mod per_ip;
 pub mod per_sender;
+pub mod presence;
 pub mod server;
 
 pub use config::Config;

@@ -70,6 +70,10 @@ pub struct Metrics {
     pub accept_errors: Counter,
     /// Sessions closed to make room for a newer session of the same user.
     pub sessions_evicted: Counter,
+    /// Presence pushes sent to clients about their mutual contacts.
+    pub presence_pushes: Counter,
+    /// Watch requests refused for passing the watch set's bound.
+    pub watch_refused: Counter,
     /// `List` replies capped at the most names in a list.
     pub lists_capped: Counter,
     /// Connections closed at the registration deadline (no registration within the
@@ -163,6 +167,18 @@ impl Metrics {
                 "counter",
                 "Sessions closed to make room for a newer session of the same user over the per-user limit.",
                 &self.sessions_evicted,
+            ),
+            (
+                "p2pchat_presence_pushes_total",
+                "counter",
+                "Presence pushes sent to clients about their mutual contacts.",
+                &self.presence_pushes,
+            ),
+            (
+                "p2pchat_watch_refused_total",
+                "counter",
+                "Watch requests refused for passing the watch set's bound.",
+                &self.watch_refused,
             ),
             (
                 "p2pchat_lists_capped_total",

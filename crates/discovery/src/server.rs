@@ -52,6 +52,22 @@ enum Outbound {
     /// user's presence with it: write this session's presence again now, not at its next
     /// heartbeat.
     RefreshPresence,
+    /// A contact's presence changed (see [`Session::presence_of`]).
+    Presence {
+        /// Whose.
+        user: Username,
+        /// Online now or not.
+        online: bool,
+        /// Whether the sender asks this session to answer with its own presence.
+        answer: bool,
+    },
+    /// A newer session of this connection's user registered.
+    SessionElsewhere {
+        /// Where the server sees it.
+        observed: SocketAddr,
+        /// When it registered.
+        at_ms: u64,
+    },
 }
 
 /// One registered session's entry in the hub.
@@ -156,19 +172,51 @@ impl Hub {
 
     /// Removes `session` of `user`. If another session of the user is still connected
     /// here, the most recent one is told to write its presence again (the closing session
-    /// may have owned the presence record and cleared it).
-    fn remove(&self, user: &Username, session: u64) {
+    /// may have owned the presence record and cleared it), and this returns true.
+    fn remove(&self, user: &Username, session: u64) -> bool {
         let mut clients = self.lock();
         let Some(remaining) = clients
             .remove(user)
             .and_then(|sessions| sessions.without(session))
         else {
-            return;
+            return false;
         };
         if let Some(latest) = remaining.routes().last() {
             let _ = latest.sender.try_send(Outbound::RefreshPresence);
         }
         clients.insert(user.clone(), remaining);
+        true
+    }
+
+    /// Offers `user`'s presence to every session here of the users in `to`; each decides
+    /// by its own watch set whether its client hears of it. A full queue drops the offer.
+    fn offer_presence(&self, user: &Username, online: bool, to: &[Username], answer: bool) {
+        let clients = self.lock();
+        for recipient in to {
+            let Some(sessions) = clients.get(recipient) else {
+                continue;
+            };
+            for route in sessions.routes() {
+                let _ = route.sender.try_send(Outbound::Presence {
+                    user: user.clone(),
+                    online,
+                    answer,
+                });
+            }
+        }
+    }
+
+    /// Tells every session of `user` here but `session` that `session` registered.
+    fn tell_others(&self, user: &Username, session: u64, observed: SocketAddr, at_ms: u64) {
+        if let Some(sessions) = self.lock().get(user) {
+            for route in sessions.routes() {
+                if route.session != session {
+                    let _ = route
+                        .sender
+                        .try_send(Outbound::SessionElsewhere { observed, at_ms });
+                }
+            }
+        }
     }
 
     /// Pushes to `user` if they are connected here; a full queue drops the push.
@@ -418,6 +466,18 @@ async fn fan_out(
                 }
             }
             Ok(Broadcast::MailWaiting { user }) => shared.hub.push(&user, Push::MailWaiting),
+            Ok(Broadcast::Presence {
+                user,
+                online,
+                to,
+                answer,
+            }) => shared.hub.offer_presence(&user, online, &to, answer),
+            Ok(Broadcast::SessionElsewhere {
+                user,
+                session,
+                observed,
+                at_ms,
+            }) => shared.hub.tell_others(&user, session, observed, at_ms),
             Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(
                     missed,
@@ -562,6 +622,15 @@ async fn serve_connection(
             None => registration_deadline,
             Some(_) => last_activity + config.presence_ttl,
         };
+        // Presence pushes held back by their per-contact interval share the deadline's
+        // timer (one timer in every connection's task, which is what the server holds per
+        // client): it wakes at whichever comes first (a millisecond late rather than early,
+        // so the wall clock has reached the due time when it does).
+        let wake = session.next_presence_due_ms().map_or(deadline, |due_ms| {
+            let due =
+                Instant::now() + Duration::from_millis(due_ms.saturating_sub(proto::now_ms()) + 1);
+            due.min(deadline)
+        });
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
@@ -586,6 +655,30 @@ async fn serve_connection(
                     }
                     Err(_) => break,
                 },
+                Outbound::Presence { user, online, answer } => {
+                    let (push, reply) = session.presence_of(&user, online, answer, proto::now_ms());
+                    if let Some(push) = push {
+                        metrics.presence_pushes.inc();
+                        if connection.send(&ServerMsg::Push(push)).await.is_err() {
+                            break;
+                        }
+                    }
+                    if let Some(reply) = reply
+                        && let Err(error) = shared.store.publish(&reply).await
+                    {
+                        tracing::debug!(%error, "could not answer a contact's presence");
+                    }
+                }
+                Outbound::SessionElsewhere { observed, at_ms } => {
+                    if session.wants_new_pushes()
+                        && connection
+                            .send(&ServerMsg::Push(Push::SessionElsewhere { observed, at_ms }))
+                            .await
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
                 Outbound::RefreshPresence => {
                     if session.user().is_some() {
                         let now_ms = proto::now_ms();
@@ -652,8 +745,19 @@ async fn serve_connection(
                                 sender: push_sender.clone(),
                                 evict: evict.clone(),
                             };
-                            let evicted = shared.hub.insert(user, route, config.max_sessions_per_user);
+                            let evicted = shared.hub.insert(user.clone(), route, config.max_sessions_per_user);
                             metrics.sessions_evicted.add(evicted as u64);
+                            // The user's other sessions, here or on other instances, hear
+                            // that direct messages now come here.
+                            let elsewhere = Broadcast::SessionElsewhere {
+                                user,
+                                session: session.session_id(),
+                                observed: peer,
+                                at_ms: proto::now_ms(),
+                            };
+                            if let Err(error) = shared.store.publish(&elsewhere).await {
+                                tracing::debug!(%error, "could not tell other sessions of a new one");
+                            }
                         }
                         Some(Event::Unregistered(user)) => {
                             tracing::info!(%user, %peer, "unregistered");
@@ -661,7 +765,11 @@ async fn serve_connection(
                             // with a fresh deadline to register again.
                             connection.set_max_frame_len(config.preauth_max_frame_len);
                             registration_deadline = Instant::now() + config.handshake_timeout;
-                            shared.hub.remove(&user, session.session_id());
+                            let others_here = shared.hub.remove(&user, session.session_id());
+                            let notice = session.take_offline_notice(&user);
+                            if !others_here && let Some(notice) = notice {
+                                publish_offline(&shared.store, &notice).await;
+                            }
                         }
                         None => {}
                     }
@@ -690,7 +798,21 @@ async fn serve_connection(
                     shared.hub.push(user, Push::MailWaiting);
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = tokio::time::sleep_until(wake) => {
+                if Instant::now() < deadline {
+                    let mut failed = false;
+                    for push in session.presence_due(proto::now_ms()) {
+                        metrics.presence_pushes.inc();
+                        if connection.send(&ServerMsg::Push(push)).await.is_err() {
+                            failed = true;
+                            break;
+                        }
+                    }
+                    if failed {
+                        break;
+                    }
+                    continue;
+                }
                 // A silent registered client is no longer registered (it registers again on
                 // its next connection); one that never registered broke the handshake rules.
                 let (code, message) = match session.user() {
@@ -709,14 +831,34 @@ async fn serve_connection(
         }
     }
 
-    if let Some(user) = session.user() {
-        shared.hub.remove(user, session.session_id());
-        if let Err(error) = shared
+    if let Some(user) = session.user().cloned() {
+        let others_here = shared.hub.remove(&user, session.session_id());
+        let cleared = match shared
             .store
-            .clear_presence(user, session.session_id(), proto::now_ms())
+            .clear_presence(&user, session.session_id(), proto::now_ms())
             .await
         {
-            tracing::warn!(%error, %user, "could not clear presence; it lapses by its TTL");
+            Ok(cleared) => cleared,
+            Err(error) => {
+                tracing::warn!(%error, %user, "could not clear presence; it lapses by its TTL");
+                // The connection is gone all the same: its contacts hear it.
+                true
+            }
+        };
+        // Offline for contacts only when no other session of the user is here, and this
+        // one still owned the presence record (no newer session elsewhere took it over).
+        if let Some(notice) = session.take_offline_notice(&user)
+            && cleared
+            && !others_here
+        {
+            publish_offline(&shared.store, &notice).await;
         }
+    }
+}
+
+/// Tells a leaving user's contacts they went offline (best effort: the push is a notice).
+async fn publish_offline(store: &Store, notice: &Broadcast) {
+    if let Err(error) = store.publish(notice).await {
+        tracing::warn!(%error, "could not tell contacts a user went offline");
     }
 }

@@ -260,12 +260,23 @@ pub enum Event {
         /// What failed.
         error: String,
     },
-    /// A user came online or went offline (if the server tells).
+    /// A contact came online or went offline. The server tells only about users this
+    /// client talked with (and did not block) who watch it back: [`crate::contacts`].
+    /// Not about this client's own server link, which is [`Event::Online`] and
+    /// [`Event::Offline`].
     Presence {
         /// Who.
         user: Username,
         /// Online now.
         online: bool,
+    },
+    /// Another session of this user registered at the server (this identity in another
+    /// process or on another machine): direct messages now go to the newest session.
+    SessionElsewhere {
+        /// Where the server sees the new session.
+        observed: SocketAddr,
+        /// When it registered, ms since the epoch.
+        at_ms: u64,
     },
     /// A peer moved their name to new keys with a statement signed by the key pinned here
     /// (checked by this client, not taken from the server): the new keys are pinned and

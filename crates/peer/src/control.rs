@@ -540,6 +540,10 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     let mut pending: HashMap<RequestId, Pending> = HashMap::new();
+    // Watch requests not answered yet: a server older than them closes the connection
+    // with `bad_request` when it reads one, and they are then refused with that reason
+    // (not failed as `Offline`), so the runtime stops asking that server.
+    let mut watches: Vec<RequestId> = Vec::new();
     let mut next_id: RequestId = 1;
     let mut ping = PingTracker::new(config.pong_timeout);
     let mut heartbeat_id: Option<RequestId> = None;
@@ -565,14 +569,24 @@ async fn session(
                         heartbeat_id = None;
                         ping.on_pong();
                     } else if let Some(reply) = pending.remove(&id) {
+                        watches.retain(|watch| *watch != id);
                         let _ = reply.send(result.map_err(ControlError::Refused));
                     }
                 }
                 Ok(Some(ServerMsg::Push(push))) => {
                     let _ = events.send(ControlEvent::Push(push)).await;
                 }
-                Ok(Some(ServerMsg::Closing(reply))) => match after_closing(reply) {
-                    SessionEnd::Lost(reason) => break reason,
+                Ok(Some(ServerMsg::Closing(reply))) => match after_closing(reply.clone()) {
+                    SessionEnd::Lost(reason) => {
+                        if reply.code == ErrorCode::BadRequest {
+                            for id in watches.drain(..) {
+                                if let Some(pending) = pending.remove(&id) {
+                                    let _ = pending.send(Err(ControlError::Refused(reply.clone())));
+                                }
+                            }
+                        }
+                        break reason;
+                    }
                     replaced @ SessionEnd::Replaced(_) => {
                         for (_, pending) in pending.drain() {
                             let _ = pending.send(Err(ControlError::Offline("closed for a newer login".into())));
@@ -588,8 +602,14 @@ async fn session(
                 let Some((request, reply)) = request else { break "shutting down".to_owned() };
                 let id = next_id;
                 next_id += 1;
+                let watch = matches!(request, Request::Watch { .. } | Request::Unwatch { .. });
                 match connection.send(&RequestFrame { id, request }).await {
-                    Ok(()) => { pending.insert(id, reply); }
+                    Ok(()) => {
+                        pending.insert(id, reply);
+                        if watch {
+                            watches.push(id);
+                        }
+                    }
                     Err(error) => {
                         let _ = reply.send(Err(ControlError::Offline(error.to_string())));
                         break format!("send failed: {error}");

@@ -39,6 +39,9 @@
 //!   told as [`Event::Receipt`] when it changed any; it is never shown as a message.
 //! - **Connection**: the user hears once that the server is gone, not at every retry; a
 //!   reconnect starts a new link generation (kept links may point where peers no longer are).
+//! - **Contacts' presence**: at each registration the server is told whom to watch (the
+//!   people talked with, less the blocked: [`crate::contacts`]); someone new sent to or
+//!   heard from is added while online; a block drops them, an unblock adds them back.
 //!
 //! The rules of one message's route (direct first, then the mailbox; keys pinned on first
 //! authenticated use; de-duplication; mail dated ahead) live in [`crate::delivery`] and
@@ -57,6 +60,7 @@ use proto::{ErrorReply, MessageId, Push, Username};
 
 use crate::{
     api::{ClientError, Event, Status},
+    contacts::Contacts,
     control::ControlEvent,
     state::{InboundMessage, OutboxEntry, ReceiptApplied, StateError},
 };
@@ -243,6 +247,11 @@ pub(crate) enum Report {
     },
     /// Keys were pinned again (`trust`): send the user's outbox, open the mail held from them.
     Trusted(Username),
+    /// `user` is blocked now (durable): stop watching their presence.
+    Blocked(Username),
+    /// The server closed the connection at a watch request as malformed: it predates
+    /// contacts' presence, and is not asked again.
+    WatchRefused,
     /// A write the core asked for is done.
     Committed(Committed),
 }
@@ -291,6 +300,11 @@ pub(crate) enum Action {
     ReopenHeld(Username),
     /// Drop kept links: a new link generation.
     NewLinkGeneration,
+    /// Ask the server to watch these contacts' presence (sent even when empty at a
+    /// registration: it also asks for the newer pushes).
+    Watch(Vec<Username>),
+    /// Ask the server to stop watching these users' presence.
+    Unwatch(Vec<Username>),
 }
 
 /// One recipient's messages: handed to its task, or waiting for room there.
@@ -340,6 +354,10 @@ pub(crate) struct Core {
     fetch_retry: Backoff,
     mail_poll: Duration,
     mail_poll_at: Instant,
+    /// Whose presence is watched at the server.
+    contacts: Contacts,
+    /// Whether the server knows watch requests (until one is refused as malformed).
+    server_watches: bool,
     /// Whether marking messages shown makes read receipts due.
     read_receipts: bool,
     /// A receipts task runs.
@@ -368,10 +386,39 @@ impl Core {
             fetch_retry: Backoff::new(FETCH_RETRY_MIN, mail_poll.max(FETCH_RETRY_MIN)),
             mail_poll,
             mail_poll_at: now.at + mail_poll,
+            contacts: Contacts::default(),
+            server_watches: true,
             read_receipts,
             sending_receipts: false,
             receipts_again: false,
         }
+    }
+
+    /// The contacts stored before this start: the users talked with (pinned) and the
+    /// blocked ones.
+    pub(crate) fn contacts_read(
+        &mut self,
+        read: Result<(Vec<Username>, Vec<Username>), StateError>,
+    ) {
+        match read {
+            Ok((talked_with, blocked)) => {
+                self.contacts = Contacts::new(&self.me, talked_with, blocked);
+            }
+            Err(error) => self.state_error(&error),
+        }
+    }
+
+    /// This client talked with `user` (a send, a message received): watch their presence
+    /// if they are new.
+    fn talked_with(&mut self, user: &Username) {
+        if self.contacts.talked_with(user.clone()) && self.asks_presence() {
+            self.actions.push_back(Action::Watch(vec![user.clone()]));
+        }
+    }
+
+    /// Whether watch requests go to the server now.
+    fn asks_presence(&self) -> bool {
+        self.online() && self.server_watches
     }
 
     /// The next thing to do, if any.
@@ -437,7 +484,10 @@ impl Core {
                 };
                 match refusal {
                     Some(error) => self.actions.push_back(Action::Answer(reply, Err(error))),
-                    None => self.unrecorded.push((entry, reply)),
+                    None => {
+                        self.talked_with(&entry.to);
+                        self.unrecorded.push((entry, reply));
+                    }
                 }
             }
             Command::Unmute { user, reply } => {
@@ -502,6 +552,9 @@ impl Core {
                 self.send_receipts();
                 self.actions.push_back(Action::SyncBlocks);
                 self.actions.push_back(Action::ReadOutbox(None));
+                if self.server_watches {
+                    self.actions.push_back(Action::Watch(self.contacts.all()));
+                }
             }
             ControlEvent::Offline { reason, retry_in } => {
                 // The user hears once that the server is gone, not at every retry.
@@ -526,6 +579,9 @@ impl Core {
             ControlEvent::Push(Push::Presence { user, online }) => {
                 self.emit(Event::Presence { user, online });
             }
+            ControlEvent::Push(Push::SessionElsewhere { observed, at_ms }) => {
+                self.emit(Event::SessionElsewhere { observed, at_ms });
+            }
         }
     }
 
@@ -547,6 +603,7 @@ impl Core {
             Report::Registered(event) => self.control(event),
             Report::KeysUsed => self.actions.push_back(Action::PublishPrekeys),
             Report::Received(message) => {
+                self.talked_with(&message.from);
                 // The mute decision was made when the message was stored.
                 if !message.while_muted {
                     self.emit(Event::Message(message));
@@ -594,6 +651,17 @@ impl Core {
                 self.actions.push_back(Action::ReopenHeld(user));
             }
             Report::Committed(committed) => self.committed(committed),
+            Report::WatchRefused => {
+                tracing::warn!(
+                    "the discovery server does not know watch requests (an older version): no contact presence"
+                );
+                self.server_watches = false;
+            }
+            Report::Blocked(user) => {
+                if self.contacts.blocked(&user) && self.asks_presence() {
+                    self.actions.push_back(Action::Unwatch(vec![user]));
+                }
+            }
         }
     }
 
@@ -659,6 +727,9 @@ impl Core {
                 result,
             } => match result {
                 Ok(true) => {
+                    if self.contacts.unblocked(user.clone()) && self.asks_presence() {
+                        self.actions.push_back(Action::Watch(vec![user.clone()]));
+                    }
                     if self.online() {
                         self.actions.push_back(Action::SyncUnblock(user));
                     }
@@ -1442,5 +1513,122 @@ mod tests {
             drain(&mut core).as_slice(),
             [Action::ReadOutbox(Some(a)), Action::ReopenHeld(b)] if a == &name("bob") && b == &name("bob")
         ));
+    }
+
+    fn watched(actions: &[Action]) -> Vec<Username> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::Watch(users) => Some(users.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    #[test]
+    fn each_registration_watches_the_contacts_less_the_blocked() {
+        let now = clock();
+        let mut core = core(now);
+        core.contacts_read(Ok((
+            vec![name("bob"), name("carol"), name("mallory")],
+            vec![name("mallory")],
+        )));
+        for _ in 0..2 {
+            core.control(ControlEvent::Online {
+                observed: SocketAddr::from(([127, 0, 0, 1], 9)),
+                new_binding: false,
+            });
+            assert_eq!(watched(&drain(&mut core)), vec![name("bob"), name("carol")]);
+        }
+    }
+
+    #[test]
+    fn someone_new_sent_to_or_heard_from_is_watched_once_and_only_while_online() {
+        let now = clock();
+        let mut core = core(now);
+        core.contacts_read(Ok((Vec::new(), Vec::new())));
+        // Offline: nothing is asked now; the next registration sends the whole set.
+        core.report(Report::Received(inbound("dave", 1, false)), now);
+        assert_eq!(watched(&drain(&mut core)), Vec::<Username>::new());
+        online(&mut core);
+        core.command(Command::Send {
+            entry: entry("bob", "hi", 1),
+            reply: 1,
+        });
+        core.command(Command::Send {
+            entry: entry("bob", "again", 2),
+            reply: 2,
+        });
+        core.end_turn();
+        assert_eq!(watched(&drain(&mut core)), vec![name("bob")]);
+        core.report(Report::Received(inbound("carol", 2, false)), now);
+        assert_eq!(watched(&drain(&mut core)), vec![name("carol")]);
+        core.report(Report::Received(inbound("carol", 3, false)), now);
+        assert_eq!(watched(&drain(&mut core)), Vec::<Username>::new());
+    }
+
+    #[test]
+    fn a_block_unwatches_and_an_unblock_watches_again() {
+        let now = clock();
+        let mut core = core(now);
+        core.contacts_read(Ok((vec![name("bob")], Vec::new())));
+        online(&mut core);
+        core.report(Report::Blocked(name("bob")), now);
+        assert!(matches!(
+            drain(&mut core).as_slice(),
+            [Action::Unwatch(users)] if users == &vec![name("bob")]
+        ));
+        // A blocked user's messages do not make them a contact again.
+        core.command(Command::Send {
+            entry: entry("bob", "still sending", 1),
+            reply: 1,
+        });
+        core.end_turn();
+        assert_eq!(watched(&drain(&mut core)), Vec::<Username>::new());
+        core.committed(Committed::Unblock {
+            user: name("bob"),
+            reply: 2,
+            result: Ok(true),
+        });
+        assert_eq!(watched(&drain(&mut core)), vec![name("bob")]);
+    }
+
+    #[test]
+    fn contact_presence_and_another_session_become_events() {
+        let now = clock();
+        let mut core = core(now);
+        let observed = SocketAddr::from(([192, 0, 2, 7], 4000));
+        core.control(ControlEvent::Push(Push::Presence {
+            user: name("bob"),
+            online: true,
+        }));
+        core.control(ControlEvent::Push(Push::SessionElsewhere {
+            observed,
+            at_ms: 5,
+        }));
+        let actions = drain(&mut core);
+        assert!(matches!(
+            actions.as_slice(),
+            [
+                Action::Emit(Event::Presence { user, online: true }),
+                Action::Emit(Event::SessionElsewhere { observed: seen, at_ms: 5 }),
+            ] if user == &name("bob") && *seen == observed
+        ));
+    }
+
+    #[test]
+    fn a_server_that_refuses_watch_requests_is_not_asked_again() {
+        let now = clock();
+        let mut core = core(now);
+        core.contacts_read(Ok((vec![name("bob")], Vec::new())));
+        online(&mut core);
+        core.report(Report::WatchRefused, now);
+        core.control(ControlEvent::Online {
+            observed: SocketAddr::from(([127, 0, 0, 1], 9)),
+            new_binding: false,
+        });
+        core.report(Report::Received(inbound("carol", 1, false)), now);
+        assert_eq!(watched(&drain(&mut core)), Vec::<Username>::new());
     }
 }

@@ -24,7 +24,8 @@ use crate::{
 
 /// Delivers `entry` by the full route: lookup, keys, a new link, else the mailbox. Returns
 /// the result and the link it opened, worth keeping for the next messages (a kept link is
-/// driven pipelined by [`crate::outgoing`]).
+/// driven pipelined by [`crate::outgoing`]), with the ratchet key the message was sealed
+/// under: its save was durable before the message left, so its private half is kept here.
 ///
 /// `try_direct`: whether to try the recipient's addresses at all (see [`DirectBackoff`]).
 /// The third value says whether a direct attempt timed out (see [`LinkError::timed_out`]):
@@ -33,7 +34,7 @@ pub(crate) async fn deliver(
     context: &Context,
     entry: &OutboxEntry,
     try_direct: bool,
-) -> (DeliveryStatus, Option<PeerLink>, bool) {
+) -> (DeliveryStatus, Option<(PeerLink, Option<[u8; 32]>)>, bool) {
     let info = match after_lookup(context.lookup(&entry.to).await) {
         Ok(info) => info,
         Err(status) => return (status, None, false),
@@ -97,7 +98,12 @@ pub(crate) async fn deliver(
         }
         match after_dial(&result) {
             Dialled::Delivered => {
-                return (DeliveryStatus::Delivered, result.ok(), false);
+                let key = proto::ratchet::ratchet_key(&envelope);
+                return (
+                    DeliveryStatus::Delivered,
+                    result.ok().map(|link| (link, key)),
+                    false,
+                );
             }
             Dialled::Failed(status) => return (status, None, false),
             Dialled::NewSession if !resealed => {

@@ -39,6 +39,7 @@
 
 pub mod api;
 pub mod backup;
+pub(crate) mod contacts;
 pub(crate) mod context;
 pub mod control;
 pub(crate) mod core;

@@ -12,10 +12,11 @@
 //!   ([`delivery::DirectBackoff`]), so an unreachable or stalled peer costs one connect
 //!   timeout per while, not one per message;
 //! - with a kept link, seals up to [`WINDOW`] envelopes (saved in one write) and writes
-//!   them at once, while that write is committed, then matches acks and refusals by id as
-//!   they come (the receiver stores a batch in one commit, then acks all of it); an answer
-//!   finishes its message once the save of its batch is durable. If the link fails or an
-//!   ack is late, every unacked
+//!   them at once, while that write is committed, when they are sealed under a ratchet key
+//!   already durable here (else once the write is durable), then matches acks and refusals
+//!   by id as they come (the receiver stores a batch in one commit, then acks all of it);
+//!   an answer finishes its message once the save of its batch is durable. If the link
+//!   fails or an ack is late, every unacked
 //!   message goes back to the front of the queue, in order, and takes the full route (the
 //!   receiver de-duplicates by id what it had stored already);
 //! - hands each result to a second task (the reporter), so the sending task never waits on
@@ -25,13 +26,15 @@
 //!   records every result waiting in one write ([`State::submit_results`]: the outbox and
 //!   history); the event loop hears a message is finished once that write is durable.
 //!
-//! On a kept link an envelope leaves while its outbox record and ratchet state are being
-//! committed, so a lone message waits for one `fsync` on each side, at the same time. A
-//! crash before they are durable leaves the message with its recipient (if it arrived) and
-//! nothing here; the send was never answered, and the next start retires the sessions
-//! whose saves may be behind what left ([`crate::sessions`]), so no message key serves
-//! twice. The full route (a new link, the mailbox) still sends only once the save is
-//! durable: it is not the path a conversation's messages take.
+//! On a kept link an envelope sealed under a ratchet key whose private half is already
+//! durable here leaves while its outbox record and ratchet state are being committed, so a
+//! lone message waits for one `fsync` on each side, at the same time. A crash before they
+//! are durable leaves the message with its recipient (if it arrived) and nothing here; the
+//! send was never answered, and the next start retires the sessions whose saves may be
+//! behind what left ([`crate::sessions`]), so no message key serves twice. An envelope
+//! under a new key (a new session, the first message after the peer's turn) waits for its
+//! save: the peer seals its answers to that key, and they must open here after a crash.
+//! The full route (a new link, the mailbox) always sends only once the save is durable.
 //!
 //! Order: envelopes leave in queue order on one connection, and the receiver stores them in
 //! arrival order, so the recipient shows them in the order sent. A retransmission after a
@@ -150,6 +153,9 @@ async fn run(
     // When to try the recipient directly again, and the link generation it was set in.
     let mut direct = delivery::DirectBackoff::default();
     let mut direct_generation = context.link_generation.load(Ordering::Relaxed);
+    // Ratchet keys whose private halves are durable here: batches sealed under them may
+    // leave before their own saves are (see [`pipeline`]).
+    let mut durable_keys = DurableKeys::default();
     loop {
         if queue.is_empty() {
             match jobs.recv().await {
@@ -164,7 +170,16 @@ async fn run(
             .filter(|(_, opened_in)| *opened_in == generation)
         {
             Some((mut kept, opened_in)) => {
-                match pipeline(context, &mut kept, &mut queue, &mut jobs, done).await {
+                match pipeline(
+                    context,
+                    &mut kept,
+                    &mut queue,
+                    &mut jobs,
+                    done,
+                    &mut durable_keys,
+                )
+                .await
+                {
                     Ok(()) => link = Some((kept, opened_in)),
                     Err(reason) => {
                         tracing::debug!(%to, %reason, "kept link failed; unacked messages take the full route");
@@ -189,7 +204,10 @@ async fn run(
                     direct.reset();
                 }
                 finish(job, status, done).await;
-                link = opened.map(|opened| (opened, generation));
+                link = opened.map(|(opened, key)| {
+                    durable_keys.insert(key);
+                    (opened, generation)
+                });
             }
         }
     }
@@ -199,22 +217,30 @@ async fn run(
 /// (`Ok`), or the link fails (`Err`, with every unacked message back at the front of the
 /// queue, in order).
 ///
-/// Each batch leaves as soon as it is sealed, while its save of the sessions is committed
-/// (see [`crate::sessions`] for why no message key can serve twice after a crash); an
-/// answer finishes its message only once that save is durable, so *delivered* always
-/// means the recipient stored it and this client's ratchet state is on disk.
+/// A batch is sealed, its save of the sessions submitted, and it leaves at once if it was
+/// sealed under a ratchet key whose private half is already durable here (the key of an
+/// earlier batch whose save is durable): then a crash can lose only how far the chain went,
+/// and the next start retires the session ([`crate::sessions`]). A batch under a new key (a
+/// new session, or the first message after the peer's turn) waits until its save is
+/// durable, since the peer's answers will be sealed to that key and must open here. An
+/// answer finishes its message only once its batch's save is durable, so *delivered*
+/// always means the recipient stored it and this client's ratchet state is on disk.
 async fn pipeline(
     context: &Context,
     link: &mut PeerLink,
     queue: &mut VecDeque<Job>,
     jobs: &mut mpsc::Receiver<Job>,
     done: &mpsc::Sender<Done>,
+    durable_keys: &mut DurableKeys,
 ) -> Result<(), LinkEnded> {
     let state = &context.state;
     let ack_timeout = context.config.ack_timeout;
     let mut in_flight = Window::default();
-    // The saves of batches sent, oldest first, each with its batch number.
-    let mut saving: VecDeque<(u64, Saving<()>)> = VecDeque::new();
+    // Batches sealed and not sent yet (they wait for a save), oldest first.
+    let mut unsent: VecDeque<Sealed> = VecDeque::new();
+    let mut unsent_count = 0;
+    // The saves not yet settled, oldest first, with their batch and its ratchet key.
+    let mut saving: VecDeque<Pending> = VecDeque::new();
     let mut batches = Batches::default();
     let mut jobs_open = true;
     let result = 'link: loop {
@@ -222,7 +248,8 @@ async fn pipeline(
         // saves are still being committed, the next batch waits and grows meanwhile: each
         // seal costs a save of the sessions, so fewer, larger batches cost less.
         let mut batch: Vec<Job> = Vec::new();
-        while saving.len() < SEALED_BATCHES && in_flight.len() + batch.len() < WINDOW {
+        while saving.len() < SEALED_BATCHES && in_flight.len() + unsent_count + batch.len() < WINDOW
+        {
             match queue.pop_front() {
                 Some(job) => batch.push(job),
                 None => match jobs.try_recv() {
@@ -240,9 +267,34 @@ async fn pipeline(
                     break Err(LinkEnded::Seal(error));
                 }
             };
+            // One seal, under the lock: one session, one chain, one key for the batch.
+            let key = envelopes.first().and_then(proto::ratchet::ratchet_key);
             let number = batches.sealed();
-            saving.push_back((number, save));
-            // All in one flush.
+            saving.push_back(Pending { number, key, save });
+            unsent_count += batch.len();
+            unsent.push_back(Sealed {
+                number,
+                key,
+                jobs: batch,
+                envelopes,
+            });
+        }
+        // What may leave leaves, in order, in one flush.
+        let mut fed = false;
+        while unsent
+            .front()
+            .is_some_and(|sealed| batches.may_send(sealed.number, sealed.key, durable_keys))
+        {
+            let Some(Sealed {
+                number,
+                jobs: batch,
+                envelopes,
+                ..
+            }) = unsent.pop_front()
+            else {
+                break;
+            };
+            unsent_count -= batch.len();
             let mut batch = batch.into_iter();
             for envelope in envelopes {
                 let Some(job) = batch.next() else { break };
@@ -252,20 +304,34 @@ async fn pipeline(
                 }
                 in_flight.push(job, Instant::now(), number);
             }
-            if let Err(error) = link.flush().await {
-                break Err(LinkEnded::Link(error));
-            }
+            fed = true;
+        }
+        if fed && let Err(error) = link.flush().await {
+            break Err(LinkEnded::Link(error));
         }
         let deadline = in_flight.deadline(ack_timeout);
-        if deadline.is_none() && saving.is_empty() {
+        if deadline.is_none() && saving.is_empty() && unsent.is_empty() {
             break Ok(());
         }
-        let window_open = in_flight.len() < WINDOW;
+        let window_open = in_flight.len() + unsent_count < WINDOW;
         tokio::select! {
             biased;
-            () = settle_first(context, &mut saving) => {
-                if let Some((number, _)) = saving.pop_front() {
-                    batches.finish_through(number, done).await;
+            saved = settle_first(context, &mut saving) => {
+                let Some(Pending { number, key, .. }) = saving.pop_front() else {
+                    continue;
+                };
+                batches.finish_through(number, done).await;
+                match saved {
+                    Ok(()) => {
+                        batches.saved(number);
+                        durable_keys.insert(key);
+                    }
+                    // Its envelopes never left, and may not now: the sessions that sealed
+                    // them are read again (retired). They go again by the full route.
+                    Err(error) if unsent.front().is_some_and(|sealed| sealed.number <= number) => {
+                        break Err(LinkEnded::State(error));
+                    }
+                    Err(_) => {}
                 }
             }
             answer = link.next_answer() => match answer {
@@ -313,28 +379,80 @@ async fn pipeline(
         }
     };
     if result.is_err() {
-        // What was sent and not answered goes again, first, in the order sent.
+        // Sealed but not sent go back first, then what was sent and not answered goes
+        // before them, in the order sent.
+        while let Some(Sealed { jobs: batch, .. }) = unsent.pop_back() {
+            put_back(queue, batch);
+        }
         in_flight.requeue(queue);
     }
     // The answered messages of batches whose saves are still being committed finish once
     // they are durable.
-    while let Some((number, mut save)) = saving.pop_front() {
+    while let Some(Pending {
+        number, mut save, ..
+    }) = saving.pop_front()
+    {
         let _ = context.ratchet.settle(state, &mut save).await;
         batches.finish_through(number, done).await;
     }
     result
 }
 
-/// How many batches may be sent while their saves are still being committed.
+/// How many batches may be sealed while their saves are still being committed.
 const SEALED_BATCHES: usize = 2;
 
-/// The batches of a kept link: numbered as sealed, and the answered messages of those whose
-/// save is not durable yet, held until it is.
+/// A batch sealed and not sent yet.
+struct Sealed {
+    number: u64,
+    /// The ratchet key it was sealed under.
+    key: Option<[u8; 32]>,
+    jobs: Vec<Job>,
+    envelopes: Vec<proto::Envelope>,
+}
+
+/// A batch's save of the sessions, not yet settled.
+struct Pending {
+    number: u64,
+    key: Option<[u8; 32]>,
+    save: Saving<()>,
+}
+
+/// The batches of a kept link: numbered as sealed; which saves are durable, and so which
+/// ratchet keys are kept here for good; and the answered messages of batches whose save is
+/// not durable yet, held until it is.
 #[derive(Default)]
 struct Batches {
     last_sealed: u64,
-    durable_through: u64,
+    /// Every batch up to this one had its save settled.
+    settled_through: u64,
+    /// Every batch up to this one had its save durable (none failed).
+    saved_through: u64,
     held: VecDeque<(u64, Job, DeliveryStatus)>,
+}
+
+/// Ratchet keys sealed under by batches whose saves are durable, so their private halves
+/// are kept here for good (the newest few: one is in use at a time).
+#[derive(Default)]
+struct DurableKeys(VecDeque<[u8; 32]>);
+
+/// How many durable ratchet keys a recipient's task remembers.
+const DURABLE_KEYS: usize = 4;
+
+impl DurableKeys {
+    fn contains(&self, key: Option<[u8; 32]>) -> bool {
+        key.is_some_and(|key| self.0.contains(&key))
+    }
+
+    fn insert(&mut self, key: Option<[u8; 32]>) {
+        if let Some(key) = key
+            && !self.0.contains(&key)
+        {
+            if self.0.len() == DURABLE_KEYS {
+                self.0.pop_front();
+            }
+            self.0.push_back(key);
+        }
+    }
 }
 
 impl Batches {
@@ -344,7 +462,19 @@ impl Batches {
         self.last_sealed
     }
 
-    /// Finishes `job` of batch `number` now if its save is durable, else once it is.
+    /// Whether batch `number`, sealed under `key`, may leave now (see [`pipeline`]).
+    fn may_send(&self, number: u64, key: Option<[u8; 32]>, durable: &DurableKeys) -> bool {
+        number <= self.saved_through || durable.contains(key)
+    }
+
+    /// Batch `number`'s save is durable.
+    fn saved(&mut self, number: u64) {
+        if self.saved_through + 1 == number {
+            self.saved_through = number;
+        }
+    }
+
+    /// Finishes `job` of batch `number` now if its save is settled, else once it is.
     async fn finish(
         &mut self,
         number: u64,
@@ -352,7 +482,7 @@ impl Batches {
         status: DeliveryStatus,
         done: &mpsc::Sender<Done>,
     ) {
-        if number <= self.durable_through {
+        if number <= self.settled_through {
             finish(job, status, done).await;
         } else {
             self.held.push_back((number, job, status));
@@ -363,9 +493,9 @@ impl Batches {
     /// for it. A save that failed changes nothing here: its envelopes left and were
     /// answered, and the sessions it carried are retired ([`crate::sessions`]).
     async fn finish_through(&mut self, number: u64, done: &mpsc::Sender<Done>) {
-        self.durable_through = self.durable_through.max(number);
+        self.settled_through = self.settled_through.max(number);
         while let Some((held, ..)) = self.held.front() {
-            if *held > self.durable_through {
+            if *held > self.settled_through {
                 break;
             }
             if let Some((_, job, status)) = self.held.pop_front() {
@@ -377,11 +507,13 @@ impl Batches {
 
 /// Waits until the oldest save is settled (forever when there is none). Cancel-safe: the
 /// save stays queued until this returns.
-async fn settle_first(context: &Context, saving: &mut VecDeque<(u64, Saving<()>)>) {
+async fn settle_first(context: &Context, saving: &mut VecDeque<Pending>) -> Result<(), StateError> {
     match saving.front_mut() {
-        Some((_, first)) => {
-            // A failure is handled by the ratchet (it retires what the save carried).
-            let _ = context.ratchet.settle(&context.state, first).await;
+        Some(first) => {
+            context
+                .ratchet
+                .settle(&context.state, &mut first.save)
+                .await
         }
         None => std::future::pending().await,
     }

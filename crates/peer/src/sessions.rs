@@ -7,8 +7,10 @@
 //! writes commit in the order submitted, so the saved state only ever moves forward. An
 //! opened message is acked only once its write is durable.
 //!
-//! A sealed envelope may leave before its save is durable (a kept link does so: the save
-//! commits while the envelope is on the wire). A message key still never serves twice:
+//! A sealed envelope may leave before its save is durable when it was sealed under a ratchet
+//! key whose private half is durable already (a kept link does so: the save commits while
+//! the envelope is on the wire; see [`crate::outgoing`]), so whatever the peer seals in
+//! answer opens here even after a crash. A message key still never serves twice:
 //! - each run of the client is counted ([`State::begin_run`]) and every save carries its
 //!   run; after a run that did not stop cleanly ([`Ratchet::end_run`] never came), the
 //!   sessions saved before the new run are *retired* from sealing when read (they still

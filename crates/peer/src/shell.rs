@@ -297,6 +297,11 @@ impl Shell {
             Ok((mutes, unshown)) => self.core.start(now(), mutes, unshown),
             Err(error) => self.core.state_error(&error),
         }
+        let contacts = state.pins().and_then(|pins| {
+            let talked_with = pins.into_iter().map(|(user, _)| user).collect();
+            Ok((talked_with, state.blocked()?))
+        });
+        self.core.contacts_read(contacts);
         self.act();
     }
 
@@ -404,6 +409,8 @@ impl Shell {
                     self.tracker
                         .spawn(async move { inbox::reopen_held(&context, &user).await });
                 }
+                Action::Watch(users) => self.watch(Request::Watch { users }),
+                Action::Unwatch(users) => self.watch(Request::Unwatch { users }),
                 Action::NewLinkGeneration => {
                     self.context.link_generation.fetch_add(1, Ordering::Relaxed);
                 }
@@ -546,6 +553,25 @@ impl Shell {
         });
     }
 
+    /// Sends a watch or unwatch request in a task. A failure is left be: the server forgets
+    /// a session's watch set with its connection, and the next registration sends it all;
+    /// but a server that closed the connection at it as malformed (an older version) is
+    /// reported, and not asked again.
+    fn watch(&self, request: Request) {
+        let context = self.context.clone();
+        self.tracker.spawn(async move {
+            match context.control.request(request).await {
+                Ok(_) => {}
+                Err(error) if error.code() == Some(proto::ErrorCode::BadRequest) => {
+                    context.report(Report::WatchRefused).await;
+                }
+                Err(error) => {
+                    tracing::info!(%error, "watch request not answered; sent again at the next registration");
+                }
+            }
+        });
+    }
+
     fn sync_blocks(&mut self) {
         let pending = match self.context.state.unsynced_blocks() {
             Ok(pending) if !pending.is_empty() => pending,
@@ -574,7 +600,11 @@ impl Shell {
                     let _ = reply.send(result);
                 }
                 Command::Block { user, reply } => {
-                    let _ = reply.send(block(&context, &user).await);
+                    let result = block(&context, &user).await;
+                    if result.is_ok() {
+                        context.report(Report::Blocked(user)).await;
+                    }
+                    let _ = reply.send(result);
                 }
                 Command::Blocked { reply } => {
                     let _ = reply.send(context.state.blocked().map_err(Into::into));

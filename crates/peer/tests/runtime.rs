@@ -645,6 +645,81 @@ async fn a_sender_crash_after_its_envelope_left_and_before_its_state_was_durable
     shutdown.cancel();
 }
 
+/// Issues 11 and 14: a batch sealed under a new ratchet key (here the first message after
+/// the peer's turn, which makes a new key pair) waits until the state holding that key's
+/// private half is durable: bob will seal his answers to that key, and they must open here
+/// after a crash. The crash test above covers the other case (a key already durable: the
+/// envelope leaves at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_under_a_new_ratchet_key_waits_until_that_key_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = discovery(dir.path(), &shutdown).await;
+    let disk = SyncedDisk::default();
+    let (alice, mut alice_events) = start_with_backend(
+        config(server, "alice", dir.path()),
+        disk.clone(),
+        shutdown.child_token(),
+    )
+    .await
+    .unwrap();
+    alice.wait_online(Duration::from_secs(10)).await.unwrap();
+    let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+    let (alice_name, bob_name) = (name("alice"), name("bob"));
+
+    let first = alice.send(&bob_name, "first").await.unwrap();
+    assert_eq!(first.status, DeliveryStatus::Delivered);
+    let mut at_bob = until(
+        &mut bob_events,
+        |event| matches!(event, Event::Message(message) if message.body == "first"),
+    )
+    .await;
+    // Bob's turn: alice's next message starts a new chain, under a new key.
+    let answer = bob.send(&alice_name, "answer").await.unwrap();
+    assert_eq!(answer.status, DeliveryStatus::Delivered);
+    until(
+        &mut alice_events,
+        |event| matches!(event, Event::Message(message) if message.body == "answer"),
+    )
+    .await;
+    let before = alice.history(&bob_name, 10).await.unwrap();
+    assert_eq!(before.len(), 2);
+
+    let held = disk.hold_syncs();
+    let sending = alice
+        .submit_send(&bob_name, "under a new key")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !disk.is_waiting() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice's writer never reached an fsync"
+        );
+        tokio::task::yield_now().await;
+    }
+    at_bob.extend(drain(&mut bob_events, Duration::from_millis(500)).await);
+    assert_eq!(
+        shown(&at_bob),
+        vec!["first"],
+        "sent under a key that was not durable yet"
+    );
+    drop(held);
+    let report = sending.await.unwrap();
+    assert_eq!(report.status, DeliveryStatus::Delivered);
+    at_bob.extend(
+        until(
+            &mut bob_events,
+            |event| matches!(event, Event::Message(message) if message.body == "under a new key"),
+        )
+        .await,
+    );
+    assert_eq!(shown(&at_bob), vec!["first", "under a new key"]);
+    alice.shutdown(Duration::from_secs(2)).await;
+    bob.shutdown(Duration::from_secs(2)).await;
+    shutdown.cancel();
+}
+
 /// Regression (issue 12): envelopes that do not open, claiming to be from alice, pinned the
 /// server's keys for her before any of her messages authenticated, showed one refusal
 /// "from alice" each, and cost one server lookup each. Now they pin nothing, show nothing,

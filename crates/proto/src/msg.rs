@@ -245,7 +245,30 @@ pub enum Request {
         /// Proof of the operator secret.
         proof: [u8; 32],
     },
+    /// Watch these users' presence: add them to this session's watch set (at most
+    /// [`MAX_WATCHED`] names in all). A change of a watched user is pushed as
+    /// [`Push::Presence`] only while the two watch each other (each is in the other's watch
+    /// set): a stranger who watches someone learns nothing. Sending it also asks for the
+    /// pushes added after it ([`Push::Presence`], [`Push::SessionElsewhere`]), which the
+    /// server sends only to sessions that asked, so an older client never meets a push
+    /// it cannot decode. Added after every older request, so each keeps its encoding.
+    /// Answered with [`Reply::Watching`]; the watched users online now who watch back
+    /// follow as [`Push::Presence`] pushes.
+    Watch {
+        /// Whom to add (at most [`MAX_WATCHED`] in one request).
+        users: Vec<Username>,
+    },
+    /// Stop watching these users (a user blocked, say): mutuality with them ends, both
+    /// ways, and they are told this user went offline. Answered with [`Reply::Watching`].
+    Unwatch {
+        /// Whom to drop.
+        users: Vec<Username>,
+    },
 }
+
+/// The most users one session watches ([`Request::Watch`]): a frame of that many names is
+/// about 33 KB, inside a 64 KiB frame.
+pub const MAX_WATCHED: usize = 1_000;
 
 /// What the server knows of one user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,6 +346,13 @@ pub enum Reply {
     Released {
         /// The fingerprint of the keys the name was bound to.
         fingerprint: String,
+    },
+    /// The watch set changed ([`Request::Watch`], [`Request::Unwatch`]).
+    Watching {
+        /// How many users this session watches now.
+        watched: u32,
+        /// How many more it may add ([`MAX_WATCHED`] in all).
+        room: u32,
     },
 }
 
@@ -467,12 +497,22 @@ pub enum Push {
         /// When it was published (milliseconds since the Unix epoch).
         at_ms: u64,
     },
-    /// A user came online or went offline.
+    /// A user came online or went offline. Sent only to a session that asked with
+    /// [`Request::Watch`], about a user it watches who watches it back.
     Presence {
         /// Who.
         user: Username,
         /// Online now or not.
         online: bool,
+    },
+    /// Another session of this user registered (elsewhere, or on this machine): direct
+    /// messages now go to the newest session. Sent only to sessions that asked with
+    /// [`Request::Watch`]. Added last, so every older push keeps its encoding.
+    SessionElsewhere {
+        /// The address the server sees the new session at.
+        observed: SocketAddr,
+        /// When it registered (milliseconds since the Unix epoch).
+        at_ms: u64,
     },
 }
 

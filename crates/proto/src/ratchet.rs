@@ -352,6 +352,17 @@ pub fn chain_position(envelope: &Envelope) -> Option<u64> {
     }
 }
 
+/// The ratchet key a ratchet envelope's chain was sealed under (the sender's public half);
+/// `None` for anything else. A sender that keeps the private half only once its state is
+/// durable can tell from it whether the peer may answer to a key it could still lose.
+pub fn ratchet_key(envelope: &Envelope) -> Option<[u8; 32]> {
+    let key = match decode_token(&envelope.token).ok()?.message {
+        OlmMessage::Normal(message) => message.ratchet_key(),
+        OlmMessage::PreKey(prekey) => prekey.message().ratchet_key(),
+    };
+    Some(key.to_bytes())
+}
+
 /// What [`Sessions::open`] found.
 #[derive(Debug)]
 pub struct Opened {
@@ -904,6 +915,22 @@ mod tests {
             "in a new session"
         );
         assert_eq!(alice.sessions.len(), 2);
+    }
+
+    #[test]
+    fn a_chain_keeps_its_ratchet_key_until_the_peer_answers() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        let first = seal(&mut alice, &bob, "one");
+        let second = seal(&mut alice, &bob, "two");
+        assert!(ratchet_key(&first).is_some());
+        assert_eq!(ratchet_key(&first), ratchet_key(&second));
+        open(&mut bob, &alice, &first).unwrap();
+        open(&mut bob, &alice, &second).unwrap();
+        let answer = seal(&mut bob, &alice, "answer");
+        open(&mut alice, &bob, &answer).unwrap();
+        let after = seal(&mut alice, &bob, "after the turn");
+        assert_ne!(ratchet_key(&after), ratchet_key(&first), "a new chain");
     }
 
     #[test]

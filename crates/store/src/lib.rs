@@ -164,7 +164,7 @@ pub struct Fetched {
 
 /// Events carried between discovery instances (and, for announcements, from any Redis
 /// client).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Broadcast {
     /// An operator announcement.
     Announcement {
@@ -175,6 +175,33 @@ pub enum Broadcast {
     MailWaiting {
         /// The recipient.
         user: Username,
+    },
+    /// `user` came online or went offline, for the users in `to` (at most
+    /// [`proto::msg::MAX_WATCHED`], all of them watched by `user`): whichever instance holds
+    /// a session of one of them offers it to that session, which pushes it only if it
+    /// watches `user` back. Mutuality is checked at both ends, each against the watch set
+    /// its own session holds, so no instance needs another's watch sets.
+    Presence {
+        /// Whose presence.
+        user: Username,
+        /// Online now or not.
+        online: bool,
+        /// For whom.
+        to: Vec<Username>,
+        /// Whether a receiving session that watches `user` back answers with its own
+        /// presence (a session that starts watching learns who of its contacts is online).
+        answer: bool,
+    },
+    /// A new session of `user` registered: the user's other sessions are told.
+    SessionElsewhere {
+        /// Whose sessions.
+        user: Username,
+        /// The new session's presence id (it is not told about itself).
+        session: u64,
+        /// Where the server sees the new session.
+        observed: SocketAddr,
+        /// When it registered, ms since the epoch.
+        at_ms: u64,
     },
 }
 
@@ -416,8 +443,9 @@ impl Store {
     }
 
     /// Sends `event` to every subscriber of every instance sharing this store; on a Redis
-    /// Cluster, a [`Broadcast::MailWaiting`] only to the instances whose presence writes
-    /// for the recipient are still in force (those that hold the recipient's sessions).
+    /// Cluster, a [`Broadcast::MailWaiting`], [`Broadcast::Presence`] or
+    /// [`Broadcast::SessionElsewhere`] only to the instances whose presence writes for the
+    /// recipients are still in force (those that hold the recipients' sessions).
     pub async fn publish(&self, event: &Broadcast) -> Result<(), StoreError> {
         dispatch!(self, store => store.publish(event).await)
     }

@@ -68,11 +68,15 @@
 //!
 //! Channels: [`ANNOUNCE_CHANNEL`] (classic pub/sub, which a cluster carries to every node;
 //! every instance subscribes), [`MAIL_CHANNEL`] (one server only: every instance
-//! subscribes, the payload is the recipient's name) and, on a cluster,
+//! subscribes, the payload is the recipient's name), [`PRESENCE_CHANNEL`] (one server only:
+//! contacts' presence and second-session notices, a wire-encoded [`Broadcast`]) and, on a
+//! cluster,
 //! `p2pchat:instance:{id}:push`, one sharded channel per instance (`SSUBSCRIBE`d by that
 //! instance alone, on the master of its slot). A mail-waiting hint on a cluster is an
 //! `SPUBLISH` of the recipient's name to each instance named in the recipient's routes, so
-//! no instance subscribes to every user's hints; a presence write adds its instance to the
+//! no instance subscribes to every user's hints (a presence change goes the same way, one
+//! `SPUBLISH` per instance holding any of its recipients, naming only those; its payload
+//! starts with a variant tag byte, never a name's character); a presence write adds its instance to the
 //! routes (dropping routes lapsed an hour ago, left by instances that died), and clearing
 //! the presence removes it. An operation over two slots is separate steps in a stated
 //! order, each idempotent: a presence write does the user's slot (presence and route) and
@@ -175,6 +179,10 @@ use crate::{
 
 /// The pub/sub channel carrying "mail waiting" hints; the payload is the recipient's name.
 pub const MAIL_CHANNEL: &str = "p2pchat:mail";
+/// The pub/sub channel carrying presence changes and second-session notices between the
+/// instances on one server (a cluster routes them like mail-waiting hints); the payload is
+/// a wire-encoded [`Broadcast`].
+pub const PRESENCE_CHANNEL: &str = "p2pchat:presence";
 /// How many sorted sets the online index is split into (see the module docs).
 pub const ONLINE_BUCKETS: u32 = 16;
 /// What every online index bucket's key starts with (`p2pchat:online:{3}`).
@@ -1769,28 +1777,89 @@ impl RedisStore {
                 return self.publish_routed(user).await;
             }
             Broadcast::MailWaiting { user } => (MAIL_CHANNEL, user.as_str()),
+            Broadcast::Presence { user, to, .. } if self.is_cluster() => {
+                return self.publish_presence_routed(event, user, to).await;
+            }
+            Broadcast::SessionElsewhere { user, .. } if self.is_cluster() => {
+                let routes = self.routes_of(user).await?;
+                return self.spublish_to(&routes, &encode_event(event)?).await;
+            }
+            Broadcast::Presence { .. } | Broadcast::SessionElsewhere { .. } => {
+                return self
+                    .query(
+                        "publish",
+                        redis::cmd("PUBLISH")
+                            .arg(PRESENCE_CHANNEL)
+                            .arg(encode_event(event)?.as_ref()),
+                    )
+                    .await
+                    .map(|_receivers: u64| ());
+            }
         };
         self.query("publish", redis::cmd("PUBLISH").arg(channel).arg(payload))
             .await
             .map(|_receivers: u64| ())
     }
 
-    /// A mail-waiting hint for `user` on a cluster, to each instance their routes name.
-    async fn publish_routed(&self, user: &Username) -> Result<(), StoreError> {
-        let routes: Vec<String> = self
-            .query("publish", redis::cmd("HKEYS").arg(user_key(user, "routes")))
-            .await?;
-        for instance in routes {
+    /// The instances holding sessions of `user` on a cluster (their route record).
+    async fn routes_of(&self, user: &Username) -> Result<Vec<String>, StoreError> {
+        self.query("publish", redis::cmd("HKEYS").arg(user_key(user, "routes")))
+            .await
+    }
+
+    /// One `SPUBLISH` of `payload` on the sharded channel of each of `instances`.
+    async fn spublish_to(&self, instances: &[String], payload: &[u8]) -> Result<(), StoreError> {
+        for instance in instances {
             let _receivers: u64 = self
                 .query(
                     "publish",
                     redis::cmd("SPUBLISH")
-                        .arg(instance_channel(&instance))
-                        .arg(user.as_str()),
+                        .arg(instance_channel(instance))
+                        .arg(payload),
                 )
                 .await?;
         }
         Ok(())
+    }
+
+    /// A presence change on a cluster: each recipient's route record is read, and each
+    /// instance named gets one `SPUBLISH` listing only its own recipients (none when no
+    /// recipient is online anywhere).
+    async fn publish_presence_routed(
+        &self,
+        event: &Broadcast,
+        user: &Username,
+        to: &[Username],
+    ) -> Result<(), StoreError> {
+        let mut by_instance: std::collections::BTreeMap<String, Vec<Username>> =
+            std::collections::BTreeMap::new();
+        for recipient in to {
+            for instance in self.routes_of(recipient).await? {
+                by_instance
+                    .entry(instance)
+                    .or_default()
+                    .push(recipient.clone());
+            }
+        }
+        let Broadcast::Presence { online, answer, .. } = event else {
+            return Ok(());
+        };
+        for (instance, recipients) in by_instance {
+            let part = Broadcast::Presence {
+                user: user.clone(),
+                online: *online,
+                to: recipients,
+                answer: *answer,
+            };
+            self.spublish_to(&[instance], &encode_event(&part)?).await?;
+        }
+        Ok(())
+    }
+
+    /// A mail-waiting hint for `user` on a cluster, to each instance their routes name.
+    async fn publish_routed(&self, user: &Username) -> Result<(), StoreError> {
+        let routes = self.routes_of(user).await?;
+        self.spublish_to(&routes, user.as_str().as_bytes()).await
     }
 
     /// See [`crate::Store::subscribe`].
@@ -1869,10 +1938,37 @@ fn parse_names(names: Vec<String>, key: &str) -> Vec<Username> {
         .collect()
 }
 
-/// Opens a pub/sub connection subscribed to both broadcast channels.
+/// A presence or second-session event as a pub/sub payload.
+fn encode_event(event: &Broadcast) -> Result<bytes::Bytes, StoreError> {
+    wire::encode(event).map_err(|error| StoreError::Corrupt {
+        key: PRESENCE_CHANNEL.to_owned(),
+        reason: error.to_string(),
+    })
+}
+
+/// A presence or second-session event read from a pub/sub payload; anything else (an
+/// older or newer instance's message, garbage) is logged and dropped.
+fn decode_event(payload: &[u8]) -> Option<Broadcast> {
+    match wire::decode::<Broadcast>(payload) {
+        Ok(event @ (Broadcast::Presence { .. } | Broadcast::SessionElsewhere { .. })) => {
+            Some(event)
+        }
+        Ok(_) | Err(_) => {
+            tracing::warn!(
+                len = payload.len(),
+                "a presence event that does not decode; dropped"
+            );
+            None
+        }
+    }
+}
+
+/// Opens a pub/sub connection subscribed to every broadcast channel.
 async fn subscribe_channels(client: &Client) -> RedisResult<PubSub> {
     let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(&[ANNOUNCE_CHANNEL, MAIL_CHANNEL]).await?;
+    pubsub
+        .subscribe(&[ANNOUNCE_CHANNEL, MAIL_CHANNEL, PRESENCE_CHANNEL])
+        .await?;
     Ok(pubsub)
 }
 
@@ -1958,11 +2054,15 @@ fn to_broadcast(message: &redis::Msg, mail_channel: &str) -> Option<Broadcast> {
                 text: text.into_owned(),
             })
         }
+        PRESENCE_CHANNEL => decode_event(payload),
         channel if channel == mail_channel => match std::str::from_utf8(payload)
             .ok()
             .and_then(|name| Username::new(name).ok())
         {
             Some(user) => Some(Broadcast::MailWaiting { user }),
+            // A cluster instance's channel also carries presence events: their encoding
+            // starts with a variant tag byte, never a name's character.
+            None if payload.first().is_some_and(|byte| *byte < b' ') => decode_event(payload),
             None => {
                 tracing::warn!(payload = ?String::from_utf8_lossy(payload), "mail-waiting hint with an invalid name; dropped");
                 None

@@ -500,29 +500,6 @@ async fn metrics_are_served_as_prometheus_text() {
     server.stop().await;
 }
 
-/// A second connection registered as `first`'s user, with `first`'s key (a client that
-/// reconnected before the server saw its old connection close).
-async fn second_session(server: &Server, first: &Client) -> Client {
-    let mut second = Client::connect(server.address, first.user.as_str()).await;
-    let transcript = proto::identity::registration_transcript(
-        &second.nonce,
-        &second.channel,
-        &first.user,
-        first.identity.public(),
-    );
-    let reply = second
-        .request(Request::Register(proto::Registration {
-            user: first.user.clone(),
-            keys: first.identity.public().clone(),
-            listen_ports: vec![40_001],
-            signature: first.identity.sign(&transcript),
-        }))
-        .await
-        .unwrap();
-    assert!(matches!(reply, Reply::Registered { .. }));
-    second
-}
-
 /// Regression: the hub held one session per user, so when a user's newer session ended
 /// (an unregister, or a close seen late), the older one still connected was shown offline
 /// and never got another push (no mail waiting, no announcement) until it reconnected.
@@ -533,7 +510,7 @@ async fn a_second_session_ending_leaves_the_first_online_and_reachable() {
     alice.register().await.unwrap();
     let mut bob = Client::connect(server.address, "bob").await;
     bob.register().await.unwrap();
-    let mut second = second_session(&server, &alice).await;
+    let mut second = second_session(server.address, &alice).await;
     assert_eq!(second.request(Request::Unregister).await, Ok(Reply::Done));
 
     // The remaining session writes its presence again at once (the test client never
@@ -569,7 +546,7 @@ async fn every_session_of_a_user_gets_its_pushes() {
     let server = Server::embedded(config()).await;
     let mut alice = Client::connect(server.address, "alice").await;
     alice.register().await.unwrap();
-    let mut second = second_session(&server, &alice).await;
+    let mut second = second_session(server.address, &alice).await;
     let mut bob = Client::connect(server.address, "bob").await;
     bob.register().await.unwrap();
     let envelope = bob.seal_for(&alice, "hi");

@@ -3,4 +3,5 @@
 mod abuse;
 mod basics;
 mod hostile;
+mod presence;
 mod util;

@@ -282,6 +282,29 @@ impl Client {
     }
 }
 
+/// A second connection registered as `first`'s user, with `first`'s key (a client that
+/// reconnected before the server saw its old connection close).
+pub async fn second_session(address: SocketAddr, first: &Client) -> Client {
+    let mut second = Client::connect(address, first.user.as_str()).await;
+    let transcript = proto::identity::registration_transcript(
+        &second.nonce,
+        &second.channel,
+        &first.user,
+        first.identity.public(),
+    );
+    let reply = second
+        .request(Request::Register(proto::Registration {
+            user: first.user.clone(),
+            keys: first.identity.public().clone(),
+            listen_ports: vec![40_001],
+            signature: first.identity.sign(&transcript),
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(reply, Reply::Registered { .. }));
+    second
+}
+
 /// A client whose connection is closed, keeping its identity.
 pub struct Offline {
     pub user: Username,

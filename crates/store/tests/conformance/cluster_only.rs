@@ -190,6 +190,47 @@ async fn the_online_index_is_spread_over_the_masters() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A presence change for several users reaches each instance with only the users whose
+/// sessions it holds, and none for a user online nowhere; a second-session notice goes
+/// only where the user is.
+#[tokio::test]
+async fn presence_goes_only_where_each_recipient_is() -> anyhow::Result<()> {
+    let backend = ClusterBackend::start().await?;
+    let holder = &backend.store;
+    let other = backend.another_store().await?;
+    let mut at_holder = holder.subscribe();
+    let mut at_other = other.subscribe();
+    holder.set_presence(&presence("bob", 1)).await?;
+    other.set_presence(&presence("carol", 2)).await?;
+    let online = |to: Vec<&str>| Broadcast::Presence {
+        user: user("alice"),
+        online: true,
+        to: to.into_iter().map(user).collect(),
+        answer: false,
+    };
+    other.publish(&online(vec!["bob", "carol", "dave"])).await?;
+    ensure!(next_event(&mut at_holder).await? == online(vec!["bob"]));
+    ensure!(next_event(&mut at_other).await? == online(vec!["carol"]));
+    let elsewhere = Broadcast::SessionElsewhere {
+        user: user("bob"),
+        session: 3,
+        observed: "192.0.2.7:40000".parse()?,
+        at_ms: 1_500,
+    };
+    let announcement = Broadcast::Announcement {
+        text: "after the notice".to_owned(),
+    };
+    other.publish(&elsewhere).await?;
+    ensure!(next_event(&mut at_holder).await? == elsewhere);
+    other.publish(&announcement).await?;
+    ensure!(next_event(&mut at_holder).await? == announcement);
+    ensure!(
+        next_event(&mut at_other).await? == announcement,
+        "the other instance got the notice"
+    );
+    Ok(())
+}
+
 /// A mail-waiting hint reaches the instance holding the recipient's session (named in his
 /// route record) and no other; an announcement reaches every instance.
 #[tokio::test]

@@ -61,6 +61,7 @@ conformance!(
     online_users_are_sorted_by_name,
     block_list_refuses_mail_until_unblocked,
     broadcast_reaches_two_subscribers,
+    presence_events_reach_their_recipients_instance,
     mailboxes_drain_in_batches,
     prekeys_are_claimed_once_each_then_the_fallback,
 );

@@ -616,6 +616,30 @@ pub async fn broadcast_reaches_two_subscribers(store: &Store) -> anyhow::Result<
     Ok(())
 }
 
+/// A contact's presence change and a second-session notice reach the instance holding
+/// their recipient's session, whole (the same events, in order).
+pub async fn presence_events_reach_their_recipients_instance(store: &Store) -> anyhow::Result<()> {
+    let mut receiver = store.subscribe();
+    store
+        .set_presence(&presence("bob", 1, 1_000, 31_000))
+        .await?;
+    let online = Broadcast::Presence {
+        user: user("alice"),
+        online: true,
+        to: vec![user("bob")],
+        answer: true,
+    };
+    let elsewhere = Broadcast::SessionElsewhere {
+        user: user("bob"),
+        session: 2,
+        observed: "192.0.2.7:40000".parse()?,
+        at_ms: 1_500,
+    };
+    store.publish(&online).await?;
+    store.publish(&elsewhere).await?;
+    expect_events(&mut receiver, &[online, elsewhere]).await
+}
+
 pub async fn mailboxes_drain_in_batches(store: &Store) -> anyhow::Result<()> {
     // Several full mailboxes, drained in odd-sized batches: no mail crosses mailboxes,
     // nothing is lost or repeated, `remaining` counts down exactly.
