@@ -151,6 +151,19 @@ impl Chatter {
         found.with_context(|| format!("timed out waiting for {what}"))?
     }
 
+    /// Waits for a delivered receipt from `from` (mail this user sent was stored there).
+    pub(crate) async fn delivered_receipt_from(&mut self, from: &str) -> anyhow::Result<()> {
+        self.wait_for("a delivered receipt", |event| match event {
+            Event::Receipt {
+                from: sender,
+                kind: proto::ReceiptKind::Delivered,
+                ..
+            } if sender.as_str() == from => Some(()),
+            _ => None,
+        })
+        .await
+    }
+
     /// The next message shown.
     pub(crate) async fn message(&mut self) -> anyhow::Result<InboundMessage> {
         if let Some(message) = self.messages.pop_front() {

@@ -479,3 +479,34 @@ fn a_contact_coming_and_going_and_a_second_session_show_in_the_terminal() {
     alice_term.wait_for("you signed in elsewhere (127.0.0.1");
     alice_term.type_line("/quit");
 }
+
+/// Issue 16: a message that went to the mailbox shows *queued*, and once its recipient
+/// comes online and stores it, the sender's terminal says so, then that it was read; the
+/// history line follows.
+#[test]
+fn a_queued_message_turns_delivered_then_read_in_the_senders_terminal() {
+    if !tmux_available() {
+        eprintln!("skipped: tmux is not installed (.ci/run installs it)");
+        return;
+    }
+    let server = Discovery::start();
+    let (alice, bob) = (User::new("alice"), User::new("bob"));
+    bob.register_and_leave(&server);
+    let alice_term = Terminal::start(&alice, &server, false).expect("tmux");
+    alice_term.wait_for("alice>");
+    alice_term.type_line("send bob are you there");
+    alice_term.wait_for("→ bob: queued");
+    alice_term.type_line("history bob");
+    alice_term.wait_for("you → bob: are you there (queued)");
+
+    let bob_term = Terminal::start(&bob, &server, false).expect("tmux");
+    bob_term.wait_for("alice: are you there");
+    alice_term.wait_for("bob received your message (sent ");
+    alice_term.wait_for("bob read your message (sent ");
+    alice_term.type_line("history bob");
+    alice_term.wait_for("you → bob: are you there (read)");
+    // Bob's screen shows the message once and nothing of the receipts.
+    let screen = bob_term.screen();
+    assert_eq!(screen.matches("are you there").count(), 1, "{screen}");
+    assert!(!screen.contains("received your message"), "{screen}");
+}

@@ -282,7 +282,9 @@ fn listen_json_results_have_structured_fields() {
     let server = Discovery::start();
     let (alice, bob) = (User::new("alice"), User::new("bob"));
     let mut alice_bot = alice.listen(&server);
-    let mut bob_bot = bob.listen(&server);
+    // Without bob's read receipts the statuses below stay *delivered* (see
+    // `listen_json_tells_a_queued_message_delivered_then_read`).
+    let mut bob_bot = bob.listen_custom(&server, &Launcher::direct(), &["--no-read-receipts"], &[]);
     alice_bot.online();
     bob_bot.online();
 
@@ -464,4 +466,58 @@ fn listen_without_json_prints_lines_for_people() {
         printed.iter().all(|line| !line.starts_with('{')),
         "JSON without --json: {printed:?}"
     );
+}
+
+/// Issue 16: a queued message becomes delivered for a sender running `listen --json` when
+/// its recipient fetches it (a `receipt` event naming the message, with its time), then
+/// read when the recipient's `listen` printed it; `history` says so. A recipient with
+/// `--no-read-receipts` sends the delivered receipt only.
+#[test]
+fn listen_json_tells_a_queued_message_delivered_then_read() {
+    let server = Discovery::start();
+    let (alice, bob, carol) = (User::new("alice"), User::new("bob"), User::new("carol"));
+    bob.register_and_leave(&server);
+    carol.register_and_leave(&server);
+    let mut alice_bot = alice.listen(&server);
+    alice_bot.online();
+    let sent = alice_bot.ok("send bob are you there");
+    assert_eq!(sent["status"], "queued", "{sent}");
+    let id = sent["id"].as_str().expect("an id").to_owned();
+    let to_carol = alice_bot.ok("send carol and you");
+    assert_eq!(to_carol["status"], "queued", "{to_carol}");
+
+    let mut bob_bot = bob.listen(&server);
+    bob_bot.message("are you there");
+    let receipt_of = |kind: &'static str, from: &'static str| {
+        move |event: &serde_json::Value| {
+            event["event"] == "receipt" && event["kind"] == kind && event["from"] == from
+        }
+    };
+    let delivered = alice_bot.expect("a delivered receipt", receipt_of("delivered", "bob"));
+    assert_eq!(delivered["messages"][0]["id"], id.as_str(), "{delivered}");
+    assert_eq!(delivered["messages"].as_array().map(Vec::len), Some(1));
+    assert!(delivered["messages"][0]["sent_at_ms"].as_u64().is_some());
+    // `listen` printed it: that is bob's screen showing it.
+    let read = alice_bot.expect("a read receipt", receipt_of("read", "bob"));
+    assert_eq!(read["messages"][0]["id"], id.as_str(), "{read}");
+    let history = alice_bot.ok("history bob");
+    assert_eq!(history["messages"][0]["status"], "read", "{history}");
+
+    let mut carol_bot =
+        carol.listen_custom(&server, &Launcher::direct(), &["--no-read-receipts"], &[]);
+    carol_bot.message("and you");
+    alice_bot.expect(
+        "carol's delivered receipt",
+        receipt_of("delivered", "carol"),
+    );
+    // Carol's answer comes after anything her screen made due.
+    carol_bot.ok("send alice no read receipt from me");
+    alice_bot.message("no read receipt from me");
+    let later = alice_bot.drain_for(Duration::from_secs(1));
+    assert!(!later.iter().any(receipt_of("read", "carol")), "{later:#?}");
+    let history = alice_bot.ok("history carol");
+    assert_eq!(history["messages"][0]["status"], "delivered", "{history}");
+    for bot in [alice_bot, bob_bot, carol_bot] {
+        bot.stop();
+    }
 }

@@ -82,6 +82,11 @@ struct Cli {
     /// presents at first contact is pinned, and a later change is refused. Empty: none.
     #[arg(long, env = "P2PCHAT_SERVER_KEY", global = true)]
     server_key: Option<String>,
+    /// Do not send read receipts: senders are not told when your screen (or `listen`)
+    /// showed their messages. Delivered receipts for mail still go, and others' read
+    /// receipts are still shown. Also `P2PCHAT_READ_RECEIPTS=0`.
+    #[arg(long, global = true)]
+    no_read_receipts: bool,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -147,6 +152,20 @@ enum IdentityAction {
 
 /// The environment variable a script gives the backup passphrase in.
 const PASSPHRASE_ENV: &str = "P2PCHAT_PASSPHRASE";
+/// Set to `0` (or `false`, `off`, `no`) to send no read receipts, as `--no-read-receipts`.
+const READ_RECEIPTS_ENV: &str = "P2PCHAT_READ_RECEIPTS";
+
+/// Whether to send read receipts: on unless `--no-read-receipts` or
+/// `P2PCHAT_READ_RECEIPTS` says off.
+fn read_receipts_on(no_read_receipts: bool, env: Option<&str>) -> bool {
+    let off_by_env = env.is_some_and(|value| {
+        matches!(
+            value.trim().to_ascii_lowercase().as_str(),
+            "0" | "false" | "off" | "no"
+        )
+    });
+    !no_read_receipts && !off_by_env
+}
 
 /// `p2pchat send`'s exit code for a message kept in the outbox: it goes out at this user's
 /// next start (of any mode), so a script must not send it again. Distinct from 1 (not
@@ -246,6 +265,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(ms) = cli.connect_timeout_ms {
         config.connect_timeout = Duration::from_millis(ms.max(1));
     }
+    config.read_receipts = read_receipts_on(
+        cli.no_read_receipts,
+        std::env::var(READ_RECEIPTS_ENV).ok().as_deref(),
+    );
     let shutdown = CancellationToken::new();
     let (client, events) = peer::start(config, shutdown.clone())
         .await
@@ -684,7 +707,7 @@ fn event_user(event: &Event) -> Option<&Username> {
         | Event::KeyRotated { user, .. }
         | Event::Presence { user, .. } => Some(user),
         Event::Delivery { to, .. } => Some(to),
-        Event::Refused { from, .. } => Some(from),
+        Event::Refused { from, .. } | Event::Receipt { from, .. } => Some(from),
         Event::Announcement { .. }
         | Event::Online { .. }
         | Event::Offline { .. }
@@ -1099,6 +1122,17 @@ async fn execute(client: &Client, command: Command, look: &render::Look) -> Outc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_receipts_are_on_unless_the_flag_or_the_environment_turns_them_off() {
+        assert!(read_receipts_on(false, None));
+        assert!(read_receipts_on(false, Some("1")));
+        assert!(!read_receipts_on(true, None));
+        assert!(!read_receipts_on(true, Some("1")));
+        for off in ["0", "false", "OFF", "no"] {
+            assert!(!read_receipts_on(false, Some(off)), "{off}");
+        }
+    }
 
     #[test]
     fn a_capped_list_says_how_many_more_are_online() {

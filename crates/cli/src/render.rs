@@ -8,7 +8,7 @@ use peer::{
     DeliveryStatus, Event, FailureReason, OnlineUsers, RefusalReason, WhoisReport,
     state::{Direction, HistoryEntry, MessageStatus},
 };
-use proto::Username;
+use proto::{MessageId, ReceiptKind, Username};
 use serde_json::{Value, json};
 
 use crate::chats::Chat;
@@ -244,7 +244,10 @@ pub fn event_text(event: &Event, look: &Look, now_ms: u64) -> Option<String> {
                 .collect();
             return Some(format!("{}{muted}", lines.join("\n")));
         }
-        Event::Online { .. } | Event::Offline { .. } | Event::Presence { .. } => Paint::Quiet,
+        Event::Online { .. }
+        | Event::Offline { .. }
+        | Event::Presence { .. }
+        | Event::Receipt { .. } => Paint::Quiet,
         Event::MuteEnded { .. }
         | Event::Announcement { .. }
         | Event::KeyRotated { .. }
@@ -288,6 +291,11 @@ fn event_text_raw(event: &Event, look: &Look, now_ms: u64) -> String {
         Event::Delivery { to, status, .. } => {
             format!("(earlier message to {to}: {})", status_text(to, status))
         }
+        Event::Receipt {
+            from,
+            kind,
+            messages,
+        } => receipt_text(from, *kind, messages, look, now_ms),
         Event::Announcement { text, at_ms } => {
             format!("*** announcement [{}]: {text}", look.time(*at_ms, now_ms))
         }
@@ -338,6 +346,42 @@ fn event_text_raw(event: &Event, look: &Look, now_ms: u64) -> String {
              that you had pinned, so it is pinned now and messages go on. Your safety number \
              with {user} changed: compare it again (`whois {user}`) if you had compared it"
         ),
+    }
+}
+
+/// A receipt's line: `bob received your message (sent 12:03)`, `bob read 3 of your
+/// messages (sent 12:03 to 12:05)`.
+fn receipt_text(
+    from: &Username,
+    kind: ReceiptKind,
+    messages: &[(MessageId, u64)],
+    look: &Look,
+    now_ms: u64,
+) -> String {
+    let verb = match kind {
+        ReceiptKind::Delivered => "received",
+        ReceiptKind::Read => "read",
+    };
+    let first = messages.iter().map(|(_, at)| *at).min().unwrap_or(0);
+    let last = messages.iter().map(|(_, at)| *at).max().unwrap_or(0);
+    match messages.len() {
+        1 => format!(
+            "{from} {verb} your message (sent {})",
+            look.time(first, now_ms)
+        ),
+        count => format!(
+            "{from} {verb} {count} of your messages (sent {} to {})",
+            look.time(first, now_ms),
+            look.time(last, now_ms)
+        ),
+    }
+}
+
+/// A receipt kind's name in JSON and history (`delivered`, `read`).
+fn receipt_kind_name(kind: ReceiptKind) -> &'static str {
+    match kind {
+        ReceiptKind::Delivered => "delivered",
+        ReceiptKind::Read => "read",
     }
 }
 
@@ -407,6 +451,17 @@ pub fn event_json(event: &Event) -> Value {
         Event::KeyRotated { user, old, new } => {
             json!({"event": "key_rotated", "user": user.as_str(), "old": old, "new": new})
         }
+        Event::Receipt {
+            from,
+            kind,
+            messages,
+        } => {
+            let messages: Vec<Value> = messages
+                .iter()
+                .map(|(id, sent_at_ms)| json!({"id": id.to_string(), "sent_at_ms": sent_at_ms}))
+                .collect();
+            json!({"event": "receipt", "kind": receipt_kind_name(*kind), "from": from.as_str(), "messages": messages})
+        }
     }
 }
 
@@ -417,6 +472,7 @@ pub fn history_line(entry: &HistoryEntry, look: &Look, now_ms: u64) -> String {
         MessageStatus::Pending => " (pending)".into(),
         MessageStatus::Delivered => " (delivered)".into(),
         MessageStatus::Queued => " (queued)".into(),
+        MessageStatus::Read => " (read)".into(),
         MessageStatus::Failed(reason) => {
             format!(" (failed: {})", failure_text(&entry.peer, reason))
         }
@@ -524,7 +580,7 @@ pub fn whois_json(report: &WhoisReport) -> Value {
 
 /// `history`'s fields: `user` and `messages`, oldest first, each with `id`, `direction`
 /// (`incoming`, `outgoing`), `body`, `sent_at_ms`, `status` (`received`, `pending`,
-/// `delivered`, `queued`, `failed`) and `reason` (a failure's, else `null`).
+/// `delivered`, `read`, `queued`, `failed`) and `reason` (a failure's, else `null`).
 pub fn history_json(user: &Username, entries: &[HistoryEntry]) -> Value {
     let messages: Vec<Value> = entries
         .iter()
@@ -534,6 +590,7 @@ pub fn history_json(user: &Username, entries: &[HistoryEntry]) -> Value {
                 MessageStatus::Pending => ("pending", None),
                 MessageStatus::Delivered => ("delivered", None),
                 MessageStatus::Queued => ("queued", None),
+                MessageStatus::Read => ("read", None),
                 MessageStatus::Failed(reason) => ("failed", Some(failure_text(user, reason))),
                 MessageStatus::FailedAsText(reason) => ("failed", Some(reason.clone())),
             };
@@ -808,6 +865,45 @@ mod tests {
         );
         assert_eq!(history["messages"][1]["body"], "hey");
         assert_eq!(history["messages"][1]["id"], "02".repeat(16));
+    }
+
+    #[test]
+    fn receipts_say_who_received_or_read_which_messages_as_text_and_json() {
+        let look = plain();
+        let (one, two) = (MessageId::random(), MessageId::random());
+        // 12:03 and 12:05 UTC on the day of `now`.
+        let day = 1_790_000_000_000 - 1_790_000_000_000 % 86_400_000;
+        let (at_1203, at_1205) = (day + (12 * 60 + 3) * 60_000, day + (12 * 60 + 5) * 60_000);
+        let delivered = Event::Receipt {
+            from: name("bob"),
+            kind: ReceiptKind::Delivered,
+            messages: vec![(one, at_1203)],
+        };
+        assert_eq!(
+            super::event_text(&delivered, &look, at_1205).unwrap(),
+            "bob received your message (sent 12:03)"
+        );
+        let read = Event::Receipt {
+            from: name("bob"),
+            kind: ReceiptKind::Read,
+            messages: vec![(one, at_1203), (two, at_1205)],
+        };
+        assert_eq!(
+            super::event_text(&read, &look, at_1205).unwrap(),
+            "bob read 2 of your messages (sent 12:03 to 12:05)"
+        );
+        assert_eq!(
+            event_json(&read),
+            json!({
+                "event": "receipt",
+                "kind": "read",
+                "from": "bob",
+                "messages": [
+                    {"id": one.to_string(), "sent_at_ms": at_1203},
+                    {"id": two.to_string(), "sent_at_ms": at_1205},
+                ],
+            })
+        );
     }
 
     #[test]

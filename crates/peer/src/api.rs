@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use proto::{ErrorReply, MessageId, Username};
+use proto::{ErrorReply, MessageId, ReceiptKind, Username};
 
 pub use crate::reason::{FailureReason, RefusalReason};
 use crate::{
@@ -48,6 +48,10 @@ pub struct Config {
     /// The server key's fingerprint, given up front (`--server-key`): the server must
     /// present it, and it is pinned. Without it, the key is pinned on first contact.
     pub server_key: Option<proto::Fingerprint>,
+    /// Whether to send read receipts: marking a message shown tells its sender it was read
+    /// (on by default). Delivered receipts for mail are always sent; others' read
+    /// receipts are shown either way.
+    pub read_receipts: bool,
 }
 
 impl Config {
@@ -68,6 +72,7 @@ impl Config {
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(10),
             server_key: None,
+            read_receipts: true,
         }
     }
 }
@@ -199,6 +204,17 @@ pub enum Event {
         to: Username,
         /// The result.
         status: DeliveryStatus,
+    },
+    /// A receipt from the recipient of messages this client sent moved their status
+    /// forward: delivered (it stored them from its mailbox) or read (its screen showed
+    /// them). Only for messages sent to `from` whose status changed.
+    Receipt {
+        /// Who sent the receipt: the recipient of the messages.
+        from: Username,
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// (id, when sent) of each message, oldest first.
+        messages: Vec<(MessageId, u64)>,
     },
     /// An operator announcement.
     Announcement {

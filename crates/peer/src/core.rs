@@ -30,6 +30,13 @@
 //!   what was stored and not shown is shown, and mutes that ended meanwhile are released.
 //! - **Blocks**: an unblock is sent to the server at once when online; every change not
 //!   yet confirmed is sent at each registration.
+//! - **Receipts**: the receipts owed ([`crate::receipts`]) are sent by one task at a time
+//!   ([`Action::SendReceipts`]), while online: after each mail fetch (so a drained mailbox
+//!   is answered by a few batched receipts), after messages are marked shown (read
+//!   receipts, when on; never for messages of a blocked sender marked handled unshown), on
+//!   registration (what was owed before an exit or a crash) and on the slow timer (what
+//!   could not go). A receipt received moves the status of the messages it names and is
+//!   told as [`Event::Receipt`] when it changed any; it is never shown as a message.
 //! - **Connection**: the user hears once that the server is gone, not at every retry; a
 //!   reconnect starts a new link generation (kept links may point where peers no longer are).
 //! - **Contacts' presence**: at each registration the server is told whom to watch (the
@@ -56,7 +63,7 @@ use crate::{
     api::{ClientError, Event, Status},
     contacts::Contacts,
     control::ControlEvent,
-    state::{InboundMessage, OutboxEntry, StateError},
+    state::{InboundMessage, OutboxEntry, ReceiptApplied, StateError},
 };
 
 /// The most messages handed to one recipient's task and not yet finished (the capacity of
@@ -162,6 +169,9 @@ pub(crate) enum Write {
         shown: Vec<(MessageId, u64)>,
         /// Who waits, if anyone.
         reply: Option<ReplyId>,
+        /// Whether read receipts become due for them (then, once durable, the shell
+        /// reports [`Report::ReceiptsDue`]).
+        receipts: bool,
     },
 }
 
@@ -208,6 +218,15 @@ pub(crate) enum Fetched {
 pub(crate) enum Report {
     /// A message was stored (and acked); show it unless held by a mute.
     Received(InboundMessage),
+    /// A receipt was stored (and acked): tell the user what it changed.
+    Receipt(ReceiptApplied),
+    /// Receipts became due (messages were marked shown): send them.
+    ReceiptsDue,
+    /// A run of [`Action::SendReceipts`] ended; `more`: it left receipts due unread.
+    ReceiptsSent {
+        /// Whether more may be due than the run read.
+        more: bool,
+    },
     /// The registration (a [`ControlEvent::Online`]), once the keys others start sessions
     /// with are published: the shell hands it to [`Core::control`].
     Registered(ControlEvent),
@@ -272,6 +291,8 @@ pub(crate) enum Action {
     FetchMail,
     /// Top up the keys published at the server, in a task of its own.
     PublishPrekeys,
+    /// Send the receipts due, in a task; it ends with [`Report::ReceiptsSent`].
+    SendReceipts,
     /// Tell the server about every block change it has not confirmed.
     SyncBlocks,
     /// Tell the server `user` is unblocked.
@@ -338,11 +359,18 @@ pub(crate) struct Core {
     contacts: Contacts,
     /// Whether the server knows watch requests (until one is refused as malformed).
     server_watches: bool,
+    /// Whether marking messages shown makes read receipts due.
+    read_receipts: bool,
+    /// A receipts task runs.
+    sending_receipts: bool,
+    /// Receipts became due while it ran: run again after it.
+    receipts_again: bool,
 }
 
 impl Core {
-    /// A core for `me`, fetching mail every `mail_poll` without a push.
-    pub(crate) fn new(me: Username, mail_poll: Duration, now: Now) -> Self {
+    /// A core for `me`, fetching mail every `mail_poll` without a push, sending read
+    /// receipts if `read_receipts`.
+    pub(crate) fn new(me: Username, mail_poll: Duration, read_receipts: bool, now: Now) -> Self {
         Self {
             me,
             link: Link::Connecting,
@@ -361,6 +389,9 @@ impl Core {
             mail_poll_at: now.at + mail_poll,
             contacts: Contacts::default(),
             server_watches: true,
+            read_receipts,
+            sending_receipts: false,
+            receipts_again: false,
         }
     }
 
@@ -471,6 +502,7 @@ impl Core {
                 self.actions.push_back(Action::Write(Write::Shown {
                     shown,
                     reply: Some(reply),
+                    receipts: self.read_receipts,
                 }));
             }
             Command::Task { reply } => self.actions.push_back(Action::Run(reply)),
@@ -517,6 +549,7 @@ impl Core {
                     .push_back(Action::Status(Status::Online { observed }));
                 self.emit(Event::Online { observed });
                 self.fetch_mail();
+                self.send_receipts();
                 self.actions.push_back(Action::SyncBlocks);
                 self.actions.push_back(Action::ReadOutbox(None));
                 if self.server_watches {
@@ -575,6 +608,22 @@ impl Core {
                     self.emit(Event::Message(message));
                 }
             }
+            Report::Receipt(applied) => {
+                if !applied.messages.is_empty() {
+                    self.emit(Event::Receipt {
+                        from: applied.from,
+                        kind: applied.kind,
+                        messages: applied.messages,
+                    });
+                }
+            }
+            Report::ReceiptsDue => self.send_receipts(),
+            Report::ReceiptsSent { more } => {
+                self.sending_receipts = false;
+                if std::mem::take(&mut self.receipts_again) || more {
+                    self.send_receipts();
+                }
+            }
             Report::Notify(event) => self.emit(event),
             Report::Finished(id) => self.finished(id, now),
             Report::FetchDone(fetched) => {
@@ -589,6 +638,8 @@ impl Core {
                 if std::mem::take(&mut self.fetch_again) {
                     self.fetch_mail();
                 }
+                // What the fetch stored is owed its delivered receipts, batched.
+                self.send_receipts();
             }
             Report::Muted { user, until_ms } => {
                 self.mutes.insert(user, until_ms);
@@ -737,8 +788,11 @@ impl Core {
                 .iter()
                 .map(|message| (message.id, message.seq))
                 .collect();
-            self.actions
-                .push_back(Action::Write(Write::Shown { shown, reply: None }));
+            self.actions.push_back(Action::Write(Write::Shown {
+                shown,
+                reply: None,
+                receipts: false,
+            }));
             return;
         }
         self.emit(Event::MuteEnded {
@@ -774,6 +828,7 @@ impl Core {
             if self.online() {
                 self.fetch_mail();
                 self.actions.push_back(Action::ReadOutbox(None));
+                self.send_receipts();
             }
         }
         if self.fetch_retry_at.is_some_and(|at| now.at >= at) {
@@ -827,6 +882,20 @@ impl Core {
         self.actions.push_back(Action::FetchMail);
     }
 
+    /// Sends the receipts due, unless offline (they stay due for the registration) or a
+    /// run is under way (then once more after it).
+    fn send_receipts(&mut self) {
+        if !self.online() {
+            return;
+        }
+        if self.sending_receipts {
+            self.receipts_again = true;
+            return;
+        }
+        self.sending_receipts = true;
+        self.actions.push_back(Action::SendReceipts);
+    }
+
     fn emit(&mut self, event: Event) {
         self.actions.push_back(Action::Emit(event));
     }
@@ -865,7 +934,7 @@ mod tests {
     }
 
     fn core(now: Now) -> Core {
-        Core::new(name("alice"), Duration::from_secs(60), now)
+        Core::new(name("alice"), Duration::from_secs(60), true, now)
     }
 
     fn entry(to: &str, body: &str, seq: u64) -> OutboxEntry {
@@ -914,6 +983,104 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn receipt_runs(actions: &[Action]) -> usize {
+        actions
+            .iter()
+            .filter(|action| matches!(action, Action::SendReceipts))
+            .count()
+    }
+
+    #[test]
+    fn receipts_owed_are_sent_by_one_run_at_a_time_while_online() {
+        let now = clock();
+        let mut core = core(now);
+        drain(&mut core);
+        // Offline: they stay owed (the registration sends them).
+        core.report(Report::ReceiptsDue, now);
+        assert_eq!(receipt_runs(&drain(&mut core)), 0);
+        core.control(ControlEvent::Online {
+            observed: SocketAddr::from(([127, 0, 0, 1], 9)),
+            new_binding: false,
+        });
+        let actions = drain(&mut core);
+        assert_eq!(receipt_runs(&actions), 1, "{actions:?}");
+        // While a run is under way, a fetch that ends and messages marked shown ask for
+        // one more run, after it.
+        core.report(Report::FetchDone(Fetched::Done), now);
+        core.report(Report::ReceiptsDue, now);
+        assert_eq!(receipt_runs(&drain(&mut core)), 0);
+        core.report(Report::ReceiptsSent { more: false }, now);
+        assert_eq!(receipt_runs(&drain(&mut core)), 1);
+        core.report(Report::ReceiptsSent { more: false }, now);
+        assert_eq!(receipt_runs(&drain(&mut core)), 0);
+        // A run that left receipts unread goes on; the slow timer retries what could not go.
+        core.report(Report::ReceiptsDue, now);
+        drain(&mut core);
+        core.report(Report::ReceiptsSent { more: true }, now);
+        assert_eq!(receipt_runs(&drain(&mut core)), 1);
+        core.report(Report::ReceiptsSent { more: false }, now);
+        core.timeout(later(now, Duration::from_secs(61)));
+        assert_eq!(receipt_runs(&drain(&mut core)), 1);
+    }
+
+    #[test]
+    fn read_receipts_follow_the_switch_and_never_go_for_a_blocked_senders_messages() {
+        let now = clock();
+        for read_receipts in [true, false] {
+            let mut core = Core::new(name("alice"), Duration::from_secs(60), read_receipts, now);
+            drain(&mut core);
+            let message = inbound("bob", 1, false);
+            core.command(Command::Shown {
+                shown: vec![(message.id, message.seq)],
+                reply: 1,
+            });
+            assert!(matches!(
+                drain(&mut core).as_slice(),
+                [Action::Write(Write::Shown { receipts, .. })] if *receipts == read_receipts
+            ));
+        }
+        let mut core = core(now);
+        drain(&mut core);
+        core.held_read(name("bob"), Ok((vec![inbound("bob", 1, true)], true)));
+        assert!(matches!(
+            drain(&mut core).as_slice(),
+            [Action::Write(Write::Shown {
+                receipts: false,
+                ..
+            })]
+        ));
+    }
+
+    #[test]
+    fn a_receipt_is_told_only_when_it_moved_a_status_and_never_shown_as_a_message() {
+        let now = clock();
+        let mut core = core(now);
+        drain(&mut core);
+        let id = MessageId::random();
+        core.report(
+            Report::Receipt(ReceiptApplied {
+                from: name("bob"),
+                kind: proto::ReceiptKind::Delivered,
+                messages: vec![(id, 5)],
+            }),
+            now,
+        );
+        assert!(matches!(
+            drain(&mut core).as_slice(),
+            [Action::Emit(Event::Receipt { from, messages, .. })]
+                if from.as_str() == "bob" && messages == &vec![(id, 5)]
+        ));
+        core.report(
+            Report::Receipt(ReceiptApplied {
+                from: name("bob"),
+                kind: proto::ReceiptKind::Delivered,
+                messages: Vec::new(),
+            }),
+            now,
+        );
+        assert!(drain(&mut core).is_empty());
     }
 
     #[test]
@@ -1220,7 +1387,11 @@ mod tests {
         let actions = drain(&mut core);
         assert!(matches!(
             actions.as_slice(),
-            [Action::Write(Write::Shown { shown, reply: None })]
+            [Action::Write(Write::Shown {
+                shown,
+                reply: None,
+                receipts: false
+            })]
                 if shown == &vec![(held[0].id, 1), (held[1].id, 2)]
         ));
     }
@@ -1317,7 +1488,7 @@ mod tests {
     #[test]
     fn a_recipient_idle_for_a_while_has_its_task_retired() {
         let now = clock();
-        let mut core = Core::new(name("alice"), Duration::from_secs(3600), now);
+        let mut core = Core::new(name("alice"), Duration::from_secs(3600), true, now);
         let message = entry("bob", "hi", 1);
         core.outbox_read(None, Ok(vec![message.clone()]));
         drain(&mut core);

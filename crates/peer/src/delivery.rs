@@ -372,7 +372,7 @@ pub(crate) async fn seal(
 
 /// Claims one of `user`'s published keys to start a session. A user with none (an older
 /// client) or a server that cannot answer keeps the message in the outbox.
-async fn claim_prekey(
+pub(crate) async fn claim_prekey(
     context: &Context,
     user: &proto::Username,
 ) -> Result<proto::ratchet::PreKeyBundle, DeliveryStatus> {

@@ -52,7 +52,7 @@ use crate::{
     core::{Fetched, Report},
     reason::RefusalReason,
     sessions::{RatchetError, Saving},
-    state::{InboundMessage, PinOutcome, StateError, StoreOutcome},
+    state::{InboundMessage, PinOutcome, ReceiptApplied, StateError, StoreOutcome},
 };
 
 /// How long an inbound connection that has delivered envelopes may stay silent before it
@@ -85,8 +85,31 @@ const EARLY_BATCH: usize = 256;
 pub(crate) enum Accepted {
     /// Stored for the first time.
     New(InboundMessage),
+    /// A receipt, applied: ack it, tell what it changed.
+    Receipt(ReceiptApplied),
     /// Stored before: ack again, show nothing.
     Duplicate,
+}
+
+impl Accepted {
+    /// What the loop hears of it: a message to show, a receipt to tell, or nothing.
+    fn into_report(self) -> Option<Report> {
+        match self {
+            Self::New(message) => Some(Report::Received(message)),
+            Self::Receipt(applied) => Some(Report::Receipt(applied)),
+            Self::Duplicate => None,
+        }
+    }
+}
+
+impl From<StoreOutcome> for Accepted {
+    fn from(outcome: StoreOutcome) -> Self {
+        match outcome {
+            StoreOutcome::New(message) => Self::New(message),
+            StoreOutcome::Receipt(applied) => Self::Receipt(applied),
+            StoreOutcome::Duplicate => Self::Duplicate,
+        }
+    }
 }
 
 /// Why [`receive`] refused an envelope.
@@ -267,13 +290,7 @@ pub(crate) async fn store(
         .settle(&context.state, &mut saving)
         .await
         .map_err(|error| Refusal::Transient(error.into()))?;
-    Ok(outcomes
-        .into_iter()
-        .map(|outcome| match outcome {
-            StoreOutcome::New(message) => Accepted::New(message),
-            StoreOutcome::Duplicate => Accepted::Duplicate,
-        })
-        .collect())
+    Ok(outcomes.into_iter().map(Accepted::from).collect())
 }
 
 /// Submits the write storing `checked`, with the ratchet state their opening changed.
@@ -558,11 +575,12 @@ pub(crate) async fn open_early(context: &Context) {
     };
     for (opens_at_ms, envelope) in due {
         let done = match receive(context, &envelope, true).await {
-            Ok(Accepted::New(message)) => {
-                context.report(Report::Received(message)).await;
+            Ok(accepted) => {
+                if let Some(report) = accepted.into_report() {
+                    context.report(report).await;
+                }
                 true
             }
-            Ok(Accepted::Duplicate) => true,
             // Still a moment early (the time is kept to the second), or not possible now.
             Err(Refusal::Bad(OpenError::ClockSkew { .. }) | Refusal::Transient(_)) => false,
             Err(Refusal::KeyChanged) => match context.state.hold(&envelope, MAX_HELD).await {
@@ -696,14 +714,11 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
         }
         // The whole fetch is stored in one commit before any of it is acked.
         let (refs, checked): (Vec<MailRef>, Vec<Plaintext>) = checked.into_iter().unzip();
-        let mut new: Vec<InboundMessage> = Vec::new();
+        let mut new: Vec<Report> = Vec::new();
         match store(context, checked, true).await {
             Ok(accepted) => {
                 ack.extend(refs);
-                new.extend(accepted.into_iter().filter_map(|accepted| match accepted {
-                    Accepted::New(message) => Some(message),
-                    Accepted::Duplicate => None,
-                }));
+                new.extend(accepted.into_iter().filter_map(Accepted::into_report));
             }
             Err(refusal) => {
                 tracing::info!(%refusal, "mail left in the mailbox for later");
@@ -720,8 +735,8 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
             tracing::info!(%error, "mail ack failed");
             stop = true;
         }
-        for message in new {
-            context.report(Report::Received(message)).await;
+        for report in new {
+            context.report(report).await;
         }
         if !stop && remaining == 0 {
             context.mail_fetched(MailState::Drained);
@@ -765,11 +780,12 @@ pub(crate) async fn reopen_held(context: &Context, from: &Username) {
     });
     for envelope in held {
         let done = match receive(context, &envelope, true).await {
-            Ok(Accepted::New(message)) => {
-                context.report(Report::Received(message)).await;
+            Ok(accepted) => {
+                if let Some(report) = accepted.into_report() {
+                    context.report(report).await;
+                }
                 true
             }
-            Ok(Accepted::Duplicate) => true,
             Err(Refusal::KeyChanged | Refusal::Transient(_)) => false,
             Err(refusal) => {
                 report_refusal(context, from, &refusal).await;
@@ -875,8 +891,8 @@ async fn serve_connection(
                 // the sender hears *delivered* only once the message is on its way to the
                 // screen, and shown even if the ack cannot be written (the sender's retry
                 // is then a duplicate, which is not shown).
-                for message in new {
-                    context.report(Report::Received(message)).await;
+                for report in new {
+                    context.report(report).await;
                 }
                 // Once a write failed the connection is done, but the batches still
                 // committing are stored all the same: each is still handed over to be shown
@@ -959,7 +975,7 @@ struct Batch {
 async fn next_stored(
     context: &Context,
     pending: &mut VecDeque<Batch>,
-) -> (Vec<PeerMsg>, Vec<InboundMessage>) {
+) -> (Vec<PeerMsg>, Vec<Report>) {
     let Some(batch) = pending.front_mut() else {
         return std::future::pending().await;
     };
@@ -984,9 +1000,7 @@ async fn next_stored(
     match result {
         Ok(outcomes) => {
             for ((index, id), outcome) in places.into_iter().zip(outcomes.unwrap_or_default()) {
-                if let StoreOutcome::New(message) = outcome {
-                    new.push(message);
-                }
+                new.extend(Accepted::from(outcome).into_report());
                 answers[index] = Some(PeerMsg::Ack { id });
             }
         }
@@ -1075,6 +1089,7 @@ mod tests {
             to: name("alice"),
             sent_at_ms: 1,
             body: "hi".into(),
+            receipt: None,
         };
         assert!(matches!(
             mail_verdict(Ok(Checked::Open(plaintext))),

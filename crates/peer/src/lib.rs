@@ -23,6 +23,8 @@
 //!   that only the recipient's key can finish).
 //! - `sessions`: the Olm account and the sessions with each peer (vodozemac's double
 //!   ratchet), each change saved in the same write as the message it sealed or opened.
+//! - `receipts`: delivered and read receipts, sealed like messages: what is owed, how it
+//!   goes, and the rule that a message's status only moves forward.
 //! - `prekeys`: publishing the account's signed one-time and fallback keys at the server.
 //! - [`state`]: [`state::State`], the crash-safe local state (pins, blocks, mutes, history,
 //!   outbox, seen ids, not-yet-shown marks, mail held under a changed key) in one redb file.
@@ -47,6 +49,7 @@ pub mod link;
 pub(crate) mod outgoing;
 pub(crate) mod prekeys;
 pub mod reason;
+pub(crate) mod receipts;
 pub mod runtime;
 pub mod server_trust;
 pub(crate) mod sessions;

@@ -28,7 +28,7 @@ use std::{
 };
 
 use proto::{
-    Envelope, Identity, PublicKeys, SealError, Username,
+    Envelope, Identity, MessageId, PublicKeys, Receipt, SealError, Username,
     ratchet::{OwnAccount, PickleError, PreKeyBundle, PreKeys, Sessions},
     seal::{OpenError, Plaintext},
 };
@@ -155,6 +155,29 @@ impl Ratchet {
             envelopes.push(inner.seal(state, peer, entry)?);
         }
         Ok((envelopes, inner.submit(|save| state.submit_ratchet(save))))
+    }
+
+    /// Seals `receipt` to `peer` as message `id` with the newest session and submits the
+    /// save, as [`Ratchet::seal`] does for messages.
+    pub(crate) fn seal_receipt(
+        &self,
+        state: &State,
+        peer: &Username,
+        id: MessageId,
+        receipt: Receipt,
+        now_ms: u64,
+    ) -> Result<(Envelope, Saving<()>), RatchetError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let envelope = inner.peers.get(state, peer)?.seal_receipt(
+            &inner.account,
+            peer,
+            id,
+            receipt,
+            now_ms,
+        )?;
+        inner.dirty.insert(peer.clone());
+        Ok((envelope, guard.submit(|save| state.submit_ratchet(save))))
     }
 
     /// Opens a ratchet envelope from `peer`, whose identity is `peer_keys`. What changed is

@@ -43,7 +43,7 @@ use crate::{
     core::{self, Action, Committed, Core, Now, ReplyId, Report, Write},
     inbox,
     outgoing::{self, Job},
-    prekeys,
+    prekeys, receipts,
     state::{HistoryEntry, InboundMessage, OutboxEntry, State, StateError, Ticket},
 };
 
@@ -180,7 +180,12 @@ impl Shell {
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
-        let core = Core::new(context.me.clone(), context.config.mail_poll_interval, now());
+        let core = Core::new(
+            context.me.clone(),
+            context.config.mail_poll_interval,
+            context.config.read_receipts,
+            now(),
+        );
         Self {
             core,
             context,
@@ -385,6 +390,13 @@ impl Shell {
                     self.tracker
                         .spawn(async move { prekeys::publish(&context).await });
                 }
+                Action::SendReceipts => {
+                    let context = self.context.clone();
+                    self.tracker.spawn(async move {
+                        let more = receipts::send_due(&context).await;
+                        context.report(Report::ReceiptsSent { more }).await;
+                    });
+                }
                 Action::SyncBlocks => self.sync_blocks(),
                 Action::SyncUnblock(user) => {
                     let context = self.context.clone();
@@ -498,14 +510,20 @@ impl Shell {
                 });
             }
             // Answered by the task itself, not through the reports: see `Write::Shown`.
-            Write::Shown { shown, reply } => {
-                let marked = state.submit_shown(shown);
+            Write::Shown {
+                shown,
+                reply,
+                receipts,
+            } => {
+                let marked = state.submit_shown(shown, receipts);
+                let context = self.context.clone();
                 let reply = match reply.and_then(|reply| self.waiting.remove(&reply)) {
                     Some(Waiting::Done(reply)) => Some(reply),
                     _ => None,
                 };
                 self.tracker.spawn(async move {
                     let result = marked.await;
+                    let due = receipts && result.is_ok();
                     match reply {
                         Some(reply) => {
                             let _ = reply.send(result.map_err(Into::into));
@@ -515,6 +533,11 @@ impl Shell {
                                 tracing::warn!(%error, "could not mark a blocked user's held messages");
                             }
                         }
+                    }
+                    // After the answer: the loop may be waiting for the application,
+                    // which waits for this answer, before it reads reports again.
+                    if due {
+                        context.report(Report::ReceiptsDue).await;
                     }
                 });
             }

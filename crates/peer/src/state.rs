@@ -23,6 +23,10 @@
 //! - `olm_sessions`: peer → the Olm sessions with them ([`proto::ratchet::Sessions`]
 //!   pickle). Saved in the same write as the message they sealed or opened
 //!   ([`RatchetSave`]); see [`crate::sessions`].
+//! - `receipts_due`: (sender, kind, message id) → when it became due: receipts this
+//!   client owes (delivered: written in the commit that stores mail; read: in the commit
+//!   that marks a message shown), removed once the receipt is delivered or queued, so a
+//!   crash right after storing mail never loses its receipt ([`crate::receipts`]).
 //! - `meta`: counters (the next history sequence number; until when mail sealed by the
 //!   static channel from before the ratchet is accepted).
 //!
@@ -65,7 +69,9 @@ use std::{
     },
 };
 
-use proto::{Envelope, MessageId, PublicKeys, Username, seal::Plaintext, wire};
+use proto::{
+    Envelope, MessageId, PublicKeys, Receipt, ReceiptKind, Username, seal::Plaintext, wire,
+};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
     WriteTransaction,
@@ -201,6 +207,13 @@ const NEXT_SEQ: &str = "next_seq";
 const LEGACY_UNTIL: &str = "legacy_until_ms";
 const SEEN_IDS: TableDefinition<(&str, [u8; 16]), u64> = TableDefinition::new("seen_ids");
 const OLM: TableDefinition<&str, &[u8]> = TableDefinition::new("olm");
+const RECEIPTS_DUE: TableDefinition<(&str, u8, [u8; 16]), u64> =
+    TableDefinition::new("receipts_due");
+/// How many of the latest history lines with a peer a receipt from them is matched
+/// against: a receipt names recent messages (one per stored batch or shown screen), and
+/// one for older ones leaves their status as it was rather than cost a scan of the whole
+/// history.
+const RECEIPT_SCAN_LINES: usize = 8192;
 const OLM_ACCOUNT: &str = "account";
 const OLM_SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("olm_sessions");
 /// The first byte of an `olm_sessions` value that starts with the run that saved it (a
@@ -283,7 +296,8 @@ pub enum MessageStatus {
     Received,
     /// Sent, not yet delivered or queued.
     Pending,
-    /// Acked by the recipient directly.
+    /// Acked by the recipient directly, or stored by it from its mailbox (a delivered
+    /// receipt).
     Delivered,
     /// In the recipient's mailbox.
     Queued,
@@ -291,6 +305,44 @@ pub enum MessageStatus {
     FailedAsText(String),
     /// Not delivered, for this reason.
     Failed(FailureReason),
+    /// The recipient's screen showed it (a read receipt). Added last, so every status
+    /// stored before keeps its encoding.
+    Read,
+}
+
+impl MessageStatus {
+    /// How far a status has come, for the sender: it only ever moves up.
+    fn rank(&self) -> u8 {
+        match self {
+            Self::Read => 3,
+            Self::Delivered => 2,
+            Self::Received
+            | Self::Pending
+            | Self::Queued
+            | Self::FailedAsText(_)
+            | Self::Failed(_) => 1,
+        }
+    }
+
+    /// The status a sent message takes on a receipt of `kind`, if that moves it forward
+    /// (a delivered receipt after a read one changes nothing).
+    pub fn after_receipt(&self, kind: ReceiptKind) -> Option<MessageStatus> {
+        let target = match kind {
+            ReceiptKind::Delivered => Self::Delivered,
+            ReceiptKind::Read => Self::Read,
+        };
+        (self.rank() < target.rank()).then_some(target)
+    }
+
+    /// The status a send `result` leaves on a line that has this one: the result, unless
+    /// a receipt took the line further first (results are written lazily, after the ack).
+    pub fn settled(&self, result: MessageStatus) -> MessageStatus {
+        if self.rank() > result.rank() {
+            self.clone()
+        } else {
+            result
+        }
+    }
 }
 
 /// One line of the local history.
@@ -396,6 +448,73 @@ pub enum StoreOutcome {
     New(InboundMessage),
     /// Already stored before (a retransmission): nothing changed.
     Duplicate,
+    /// A receipt, applied to the history of messages sent to its sender (never stored
+    /// as a message, never shown, never answered by a receipt).
+    Receipt(ReceiptApplied),
+}
+
+/// What a receipt changed: the messages sent to `from` whose status it moved forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptApplied {
+    /// Who sent the receipt: the recipient of the messages.
+    pub from: Username,
+    /// Delivered or read.
+    pub kind: ReceiptKind,
+    /// (id, when sent) of each message whose status changed, oldest first; empty when
+    /// the receipt changed nothing (ids not sent to `from`, or a status already further).
+    pub messages: Vec<(MessageId, u64)>,
+}
+
+/// A receipt kind's key in `receipts_due`.
+fn receipt_kind_key(kind: ReceiptKind) -> u8 {
+    match kind {
+        ReceiptKind::Delivered => 0,
+        ReceiptKind::Read => 1,
+    }
+}
+
+/// Applies `receipt` from `from` to the latest [`RECEIPT_SCAN_LINES`] history lines with
+/// `from`: only lines of messages sent to `from` with a named id change, and only forward
+/// ([`MessageStatus::after_receipt`]). A line that does not decode is left alone.
+fn apply_receipt(
+    history: &mut redb::Table<'_, (&str, u64), &[u8]>,
+    from: &Username,
+    receipt: &Receipt,
+) -> Result<ReceiptApplied, StateError> {
+    let mut wanted: std::collections::HashSet<MessageId> = receipt.ids.iter().copied().collect();
+    let mut changed: Vec<HistoryEntry> = Vec::new();
+    for row in history
+        .range((from.as_str(), 0)..=(from.as_str(), u64::MAX))?
+        .rev()
+        .take(RECEIPT_SCAN_LINES)
+    {
+        if wanted.is_empty() {
+            break;
+        }
+        let (_, bytes) = row?;
+        let Ok(mut line) = decode::<HistoryEntry>("history", bytes.value()) else {
+            continue;
+        };
+        if line.direction != Direction::Outgoing || !wanted.remove(&line.id) {
+            continue;
+        }
+        if let Some(status) = line.status.after_receipt(receipt.kind) {
+            line.status = status;
+            changed.push(line);
+        }
+    }
+    changed.reverse();
+    for line in &changed {
+        history.insert((from.as_str(), line.seq), encode(line).as_ref())?;
+    }
+    Ok(ReceiptApplied {
+        from: from.clone(),
+        kind: receipt.kind,
+        messages: changed
+            .into_iter()
+            .map(|line| (line.id, line.sent_at_ms))
+            .collect(),
+    })
 }
 
 /// What pinning a peer's keys found.
@@ -528,6 +647,7 @@ impl State {
         txn.open_table(SEEN_IDS)?;
         txn.open_table(OLM)?;
         txn.open_table(OLM_SESSIONS)?;
+        txn.open_table(RECEIPTS_DUE)?;
         let next_seq = txn
             .open_table(META)?
             .get(NEXT_SEQ)?
@@ -929,7 +1049,9 @@ impl State {
                     None => None,
                 };
                 if let Some(mut line) = line {
-                    line.status = status.clone();
+                    // A receipt may have moved the line further already (a result is
+                    // written lazily): it never goes back.
+                    line.status = line.status.settled(status.clone());
                     history.insert(key, encode(&line).as_ref())?;
                 }
                 if *keep {
@@ -978,6 +1100,11 @@ impl State {
     /// in the same serialised write order as mute, unmute and the end of a mute, so a
     /// release never misses a message held by the mute it ends. Resolves once durable, with
     /// one outcome per message.
+    ///
+    /// A receipt ([`Plaintext::receipt`]) is de-duplicated like a message and applied to
+    /// the history of messages sent to its sender ([`StoreOutcome::Receipt`]). A new
+    /// message from the mailbox (`via_mailbox`) makes a delivered receipt due, in the same
+    /// commit.
     pub fn submit_incoming(
         &self,
         messages: Vec<Plaintext>,
@@ -994,6 +1121,7 @@ impl State {
             let mut history = txn.open_table(HISTORY)?;
             let mut unshown = txn.open_table(UNSHOWN)?;
             let mutes = txn.open_table(MUTES)?;
+            let mut receipts_due = txn.open_table(RECEIPTS_DUE)?;
             let mut outcomes = Vec::with_capacity(messages.len());
             // The stored counter is raised once for the whole batch, past its highest
             // position (positions are handed out in order, so that covers them all).
@@ -1006,6 +1134,15 @@ impl State {
                 }
                 seen.insert(seen_key, now_ms)?;
                 seen_ids.insert((message.from.as_str(), message.id.0), message.sent_at_ms)?;
+                if let Some(receipt) = &message.receipt {
+                    let applied = apply_receipt(&mut history, &message.from, receipt)?;
+                    outcomes.push(StoreOutcome::Receipt(applied));
+                    continue;
+                }
+                if via_mailbox {
+                    let kind = receipt_kind_key(ReceiptKind::Delivered);
+                    receipts_due.insert((message.from.as_str(), kind, message.id.0), now_ms)?;
+                }
                 let seq = next_seq.fetch_add(1, Ordering::Relaxed);
                 highest_seq = highest_seq.max(seq);
                 let line = HistoryEntry {
@@ -1236,18 +1373,65 @@ impl State {
     ///
     /// `shown` holds (id, history position) of each message shown, as in the
     /// [`InboundMessage`]s given out; all are marked in one write. A position whose stored
-    /// message has another id is left alone.
-    pub fn submit_shown(&self, shown: Vec<(MessageId, u64)>) -> Ticket<()> {
+    /// message has another id is left alone. With `read_receipts`, each message marked
+    /// makes a read receipt due to its sender, in the same commit.
+    pub fn submit_shown(&self, shown: Vec<(MessageId, u64)>, read_receipts: bool) -> Ticket<()> {
         self.writer.submit(move |txn| {
             let mut unshown = txn.open_table(UNSHOWN)?;
+            let mut receipts_due = txn.open_table(RECEIPTS_DUE)?;
             for (id, seq) in &shown {
                 let stored = match unshown.get(seq)? {
-                    Some(bytes) => decode_inbound("unshown", bytes.value())?.id,
+                    Some(bytes) => decode_inbound("unshown", bytes.value())?,
                     None => continue,
                 };
-                if stored == *id {
+                if stored.id == *id {
                     unshown.remove(seq)?;
+                    if read_receipts {
+                        let kind = receipt_kind_key(ReceiptKind::Read);
+                        receipts_due.insert((stored.from.as_str(), kind, id.0), 0)?;
+                    }
                 }
+            }
+            Ok(())
+        })
+    }
+
+    /// Up to `max` receipts due, grouped by sender and kind (in that order).
+    pub fn receipts_due(
+        &self,
+        max: usize,
+    ) -> Result<Vec<(Username, ReceiptKind, MessageId)>, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        let table = txn.open_table(RECEIPTS_DUE)?;
+        let mut due = Vec::new();
+        for row in table.iter()?.take(max) {
+            let (key, _) = row?;
+            let (user, kind, id) = key.value();
+            let kind = if kind == receipt_kind_key(ReceiptKind::Read) {
+                ReceiptKind::Read
+            } else {
+                ReceiptKind::Delivered
+            };
+            // Only valid names are ever written; a row that is not one is skipped.
+            if let Ok(user) = Username::new(user) {
+                due.push((user, kind, MessageId(id)));
+            }
+        }
+        Ok(due)
+    }
+
+    /// Forgets receipts due to `to` (sent, or never to be sent). Resolves once durable.
+    pub fn forget_receipts(
+        &self,
+        to: &Username,
+        kind: ReceiptKind,
+        ids: Vec<MessageId>,
+    ) -> Ticket<()> {
+        let to = to.clone();
+        self.writer.submit(move |txn| {
+            let mut table = txn.open_table(RECEIPTS_DUE)?;
+            for id in &ids {
+                table.remove((to.as_str(), receipt_kind_key(kind), id.0))?;
             }
             Ok(())
         })
@@ -1256,7 +1440,7 @@ impl State {
     /// Marks one message as shown (see [`State::submit_shown`]), waiting until durable.
     #[cfg(any(test, feature = "testing"))]
     pub fn mark_shown(&self, message: &InboundMessage) -> Result<(), StateError> {
-        self.submit_shown(vec![(message.id, message.seq)])
+        self.submit_shown(vec![(message.id, message.seq)], true)
             .wait_blocking()
     }
 
@@ -1536,6 +1720,7 @@ mod tests {
             to: name("me"),
             sent_at_ms,
             body: body.to_owned(),
+            receipt: None,
         }
     }
 
@@ -1572,6 +1757,162 @@ mod tests {
         let durable = SyncedDisk::from_image(disk.durable_image()).unwrap();
         let restarted = State::open_with_backend(after_crash.path(), durable).unwrap();
         assert_eq!(restarted.outbox().unwrap(), vec![entry]);
+    }
+
+    fn receipt(from: &str, kind: ReceiptKind, ids: Vec<MessageId>, sent_at_ms: u64) -> Plaintext {
+        Plaintext {
+            receipt: Some(Receipt { kind, ids }),
+            ..plaintext(from, "", sent_at_ms)
+        }
+    }
+
+    fn store_batch(
+        state: &State,
+        messages: Vec<Plaintext>,
+        via_mailbox: bool,
+    ) -> Vec<StoreOutcome> {
+        state
+            .submit_incoming(messages, 10_000, via_mailbox, RatchetSave::default())
+            .wait_blocking()
+            .unwrap()
+    }
+
+    fn statuses(state: &State, peer: &str) -> Vec<MessageStatus> {
+        let lines = state.history(&name(peer), 100).unwrap();
+        lines.into_iter().map(|line| line.status).collect()
+    }
+
+    #[test]
+    fn a_receipt_moves_its_senders_messages_forward_only_and_is_never_a_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let to_bob = state.queue_outgoing(&name("bob"), "one", 1_000).unwrap();
+        let to_carol = state.queue_outgoing(&name("carol"), "two", 1_001).unwrap();
+        for entry in [&to_bob, &to_carol] {
+            state
+                .finish_attempt(entry, &MessageStatus::Queued, false)
+                .unwrap();
+        }
+        let unshown_before = state.unshown().unwrap().len();
+        // Carol cannot move a message sent to Bob, and an id nobody sent changes nothing.
+        let forged = receipt("carol", ReceiptKind::Read, vec![to_bob.id], 2_000);
+        let unknown = receipt("bob", ReceiptKind::Read, vec![MessageId::random()], 2_001);
+        let outcomes = store_batch(&state, vec![forged, unknown], true);
+        for outcome in &outcomes {
+            assert!(
+                matches!(outcome, StoreOutcome::Receipt(applied) if applied.messages.is_empty()),
+                "{outcome:?}"
+            );
+        }
+        assert_eq!(statuses(&state, "bob"), vec![MessageStatus::Queued]);
+        // Bob's receipts: delivered, then read; a late delivered one changes nothing.
+        let delivered = receipt("bob", ReceiptKind::Delivered, vec![to_bob.id], 2_002);
+        let outcomes = store_batch(&state, vec![delivered.clone()], true);
+        assert_eq!(
+            outcomes,
+            vec![StoreOutcome::Receipt(ReceiptApplied {
+                from: name("bob"),
+                kind: ReceiptKind::Delivered,
+                messages: vec![(to_bob.id, to_bob.created_ms)],
+            })]
+        );
+        assert_eq!(statuses(&state, "bob"), vec![MessageStatus::Delivered]);
+        // The same receipt again is a duplicate, like any message.
+        assert_eq!(
+            store_batch(&state, vec![delivered], true),
+            vec![StoreOutcome::Duplicate]
+        );
+        let read = receipt("bob", ReceiptKind::Read, vec![to_bob.id], 2_003);
+        store_batch(&state, vec![read], false);
+        let late = receipt("bob", ReceiptKind::Delivered, vec![to_bob.id], 2_004);
+        assert!(matches!(
+            &store_batch(&state, vec![late], true)[0],
+            StoreOutcome::Receipt(applied) if applied.messages.is_empty()
+        ));
+        assert_eq!(statuses(&state, "bob"), vec![MessageStatus::Read]);
+        // A send result written after the receipt does not take it back.
+        state
+            .finish_attempt(&to_bob, &MessageStatus::Queued, false)
+            .unwrap();
+        assert_eq!(statuses(&state, "bob"), vec![MessageStatus::Read]);
+        assert_eq!(statuses(&state, "carol"), vec![MessageStatus::Queued]);
+        // Receipts are no history lines, no unshown messages, and owe no receipt.
+        assert_eq!(state.history(&name("bob"), 100).unwrap().len(), 1);
+        assert_eq!(state.unshown().unwrap().len(), unshown_before);
+        assert_eq!(state.receipts_due(100).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn mail_owes_a_delivered_receipt_from_its_commit_and_a_shown_message_a_read_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mail = plaintext("bob", "from the mailbox", 1_000);
+        let direct = plaintext("bob", "direct", 1_001);
+        let quiet = plaintext("carol", "shown with receipts off", 1_002);
+        {
+            let state = State::open(dir.path()).unwrap();
+            store_batch(&state, vec![mail.clone()], true);
+            store_batch(&state, vec![direct.clone(), quiet.clone()], false);
+        }
+        // Owed across a restart (a crash right after storing loses nothing).
+        let state = State::open(dir.path()).unwrap();
+        assert_eq!(
+            state.receipts_due(100).unwrap(),
+            vec![(name("bob"), ReceiptKind::Delivered, mail.id)]
+        );
+        let unshown = state.unshown().unwrap();
+        let mark = |message: &Plaintext| {
+            let stored = unshown.iter().find(|m| m.id == message.id).unwrap();
+            (stored.id, stored.seq)
+        };
+        state
+            .submit_shown(vec![mark(&direct)], true)
+            .wait_blocking()
+            .unwrap();
+        state
+            .submit_shown(vec![mark(&quiet)], false)
+            .wait_blocking()
+            .unwrap();
+        let mut due = state.receipts_due(100).unwrap();
+        due.sort_by_key(|(_, kind, _)| *kind);
+        assert_eq!(
+            due,
+            vec![
+                (name("bob"), ReceiptKind::Delivered, mail.id),
+                (name("bob"), ReceiptKind::Read, direct.id),
+            ]
+        );
+        state
+            .forget_receipts(&name("bob"), ReceiptKind::Delivered, vec![mail.id])
+            .wait_blocking()
+            .unwrap();
+        assert_eq!(
+            state.receipts_due(100).unwrap(),
+            vec![(name("bob"), ReceiptKind::Read, direct.id)]
+        );
+    }
+
+    #[test]
+    fn a_status_only_moves_forward() {
+        use MessageStatus::*;
+        let failed = Failed(crate::reason::FailureReason::UnknownUser);
+        for status in [Pending, Queued, failed.clone()] {
+            assert_eq!(
+                status.after_receipt(ReceiptKind::Delivered),
+                Some(Delivered)
+            );
+            assert_eq!(status.after_receipt(ReceiptKind::Read), Some(Read));
+        }
+        assert_eq!(Delivered.after_receipt(ReceiptKind::Read), Some(Read));
+        // A late delivered receipt does not undo a read one; repeats change nothing.
+        assert_eq!(Read.after_receipt(ReceiptKind::Delivered), None);
+        assert_eq!(Read.after_receipt(ReceiptKind::Read), None);
+        assert_eq!(Delivered.after_receipt(ReceiptKind::Delivered), None);
+        // A send result written after a receipt keeps the receipt's status.
+        assert_eq!(Delivered.settled(Queued), Delivered);
+        assert_eq!(Read.settled(Delivered), Read);
+        assert_eq!(Pending.settled(Queued), Queued);
+        assert_eq!(Queued.settled(failed.clone()), failed);
+        assert_eq!(Delivered.settled(Read), Read);
     }
 
     #[test]
@@ -1663,7 +2004,7 @@ mod tests {
             assert!(outcomes.iter().all(|o| matches!(o, StoreOutcome::New(_))));
             let unshown = state.unshown().unwrap();
             state
-                .submit_shown(unshown[..100].iter().map(|m| (m.id, m.seq)).collect())
+                .submit_shown(unshown[..100].iter().map(|m| (m.id, m.seq)).collect(), true)
                 .wait_blocking()
                 .unwrap();
             shown_ids = unshown[..100].iter().map(|m| m.id).collect::<Vec<_>>();
@@ -2164,6 +2505,7 @@ mod tests {
         let from_alice = Plaintext {
             from: name("alice"),
             body: "the real one".into(),
+            receipt: None,
             ..from_mallory.clone()
         };
         let outcomes = state

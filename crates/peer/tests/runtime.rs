@@ -9,7 +9,7 @@ use std::{net::SocketAddr, time::Duration};
 use futures::future::join_all;
 use peer::{
     Config, DeliveryStatus, Event,
-    state::Direction,
+    state::{Direction, MessageStatus},
     testing::{SyncedDisk, seal_as, start_with_backend},
 };
 use proto::{
@@ -220,6 +220,7 @@ async fn a_message_held_by_a_mute_that_ended_offline_is_shown_once_at_start() {
             to: name("bob"),
             sent_at_ms: now - 1000,
             body: "held while muted".into(),
+            receipt: None,
         };
         state.store_incoming(&message, now - 1000).unwrap();
     }
@@ -1003,6 +1004,7 @@ async fn an_upgraded_user_opens_mail_sealed_before_the_switch_and_starts_session
             to: bob_name.clone(),
             sent_at_ms: proto::now_ms() - 60_000,
             body: "from before the upgrade".into(),
+            receipt: None,
         };
         state.store_incoming(&earlier, proto::now_ms()).unwrap();
         assert!(state.olm_account().unwrap().is_none());
@@ -1069,4 +1071,228 @@ async fn an_upgraded_user_opens_mail_sealed_before_the_switch_and_starts_session
     assert_eq!(store.mail_count(&bob_name).await.unwrap(), 0);
     alice.shutdown(Duration::from_secs(2)).await;
     bob.shutdown(Duration::from_secs(2)).await;
+}
+
+/// The ids a receipt event names, if it is a receipt of `kind` from `from`.
+fn receipt_ids(event: &Event, from: &str, wanted: proto::ReceiptKind) -> Option<Vec<MessageId>> {
+    match event {
+        Event::Receipt {
+            from: sender,
+            kind,
+            messages,
+        } if sender.as_str() == from && *kind == wanted => {
+            Some(messages.iter().map(|(id, _)| *id).collect())
+        }
+        _ => None,
+    }
+}
+
+/// The status of the message `id` in `client`'s history with `peer`.
+async fn status_of(client: &peer::Client, peer: &str, id: MessageId) -> MessageStatus {
+    let history = client.history(&name(peer), 100).await.unwrap();
+    let line = history.into_iter().find(|line| line.id == id).unwrap();
+    line.status
+}
+
+/// Issue 16: a message that went to the mailbox becomes *delivered* for its sender once
+/// the recipient has stored it (a sealed receipt), then *read* once the recipient's screen
+/// showed it; the receipts are never shown to the recipient as messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_message_becomes_delivered_when_fetched_then_read_when_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = discovery(dir.path(), &shutdown).await;
+    // Bob registers once (his keys are published), then goes offline.
+    {
+        let (bob, _bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+        bob.shutdown(Duration::from_secs(2)).await;
+    }
+    let (alice, mut alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
+    let sent = alice.send(&name("bob"), "are you there?").await.unwrap();
+    assert!(
+        matches!(sent.status, DeliveryStatus::Queued { .. }),
+        "{sent:?}"
+    );
+    assert_eq!(
+        status_of(&alice, "bob", sent.id).await,
+        MessageStatus::Queued
+    );
+
+    let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+    let seen = until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
+    let Some(Event::Message(message)) = seen.last().cloned() else {
+        unreachable!("until returns the awaited event last")
+    };
+    assert!(message.via_mailbox, "{message:?}");
+    let seen = until(&mut alice_events, |event| {
+        receipt_ids(event, "bob", proto::ReceiptKind::Delivered).is_some()
+    })
+    .await;
+    let delivered = receipt_ids(seen.last().unwrap(), "bob", proto::ReceiptKind::Delivered);
+    assert_eq!(delivered, Some(vec![sent.id]));
+    assert_eq!(
+        status_of(&alice, "bob", sent.id).await,
+        MessageStatus::Delivered
+    );
+
+    bob.mark_shown([&message]).await.unwrap();
+    let seen = until(&mut alice_events, |event| {
+        receipt_ids(event, "bob", proto::ReceiptKind::Read).is_some()
+    })
+    .await;
+    let read = receipt_ids(seen.last().unwrap(), "bob", proto::ReceiptKind::Read);
+    assert_eq!(read, Some(vec![sent.id]));
+    assert_eq!(status_of(&alice, "bob", sent.id).await, MessageStatus::Read);
+
+    // Bob saw one message and no receipt of his own; his history holds that message only.
+    let later = drain(&mut bob_events, Duration::from_millis(500)).await;
+    assert!(shown(&later).is_empty(), "{later:#?}");
+    assert_eq!(bob.history(&name("alice"), 100).await.unwrap().len(), 1);
+    for client in [alice, bob] {
+        client.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+/// With read receipts off, a message shown sends no read receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_read_receipts_off_showing_a_message_tells_its_sender_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = discovery(dir.path(), &shutdown).await;
+    let (alice, mut alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
+    let mut quiet_bob = config(server, "bob", dir.path());
+    quiet_bob.read_receipts = false;
+    let (bob, mut bob_events) = online(quiet_bob, &shutdown).await;
+    let sent = alice.send(&name("bob"), "seen?").await.unwrap();
+    assert_eq!(sent.status, DeliveryStatus::Delivered);
+    let seen = until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
+    let Some(Event::Message(message)) = seen.last().cloned() else {
+        unreachable!("until returns the awaited event last")
+    };
+    bob.mark_shown([&message]).await.unwrap();
+    // Bob's answer comes after anything his marking made due.
+    bob.send(&name("alice"), "no receipt from me")
+        .await
+        .unwrap();
+    let mut seen = until(&mut alice_events, |event| {
+        matches!(event, Event::Message(_))
+    })
+    .await;
+    seen.extend(drain(&mut alice_events, Duration::from_millis(1000)).await);
+    assert!(
+        !seen
+            .iter()
+            .any(|event| matches!(event, Event::Receipt { .. })),
+        "{seen:#?}"
+    );
+    assert_eq!(
+        status_of(&alice, "bob", sent.id).await,
+        MessageStatus::Delivered
+    );
+    for client in [alice, bob] {
+        client.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+/// A receipt from someone other than a message's recipient, or for an id never sent to
+/// them, changes nothing and is told nothing: a peer cannot move another conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_from_someone_else_or_for_an_unknown_id_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let (store, server) = store_and_server(dir.path(), &shutdown).await;
+    let (alice, mut alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
+    let (bob, _bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+    let (carol, _carol_events) = online(config(server, "carol", dir.path()), &shutdown).await;
+    let to_bob = alice.send(&name("bob"), "for bob only").await.unwrap();
+    assert_eq!(to_bob.status, DeliveryStatus::Delivered);
+    // Carol has a session with alice (she wrote to her), and seals receipts in it.
+    carol.send(&name("alice"), "hi").await.unwrap();
+    until(&mut alice_events, |event| {
+        matches!(event, Event::Message(_))
+    })
+    .await;
+    let receipts = [
+        proto::Receipt {
+            kind: proto::ReceiptKind::Read,
+            ids: vec![to_bob.id],
+        },
+        proto::Receipt {
+            kind: proto::ReceiptKind::Read,
+            ids: vec![MessageId::random()],
+        },
+    ];
+    for receipt in receipts {
+        let envelope = peer::testing::seal_receipt_as(&carol, &name("alice"), receipt)
+            .await
+            .unwrap();
+        store.deposit(&envelope, proto::now_ms()).await.unwrap();
+    }
+    // A message behind them in the mailbox: once it is shown, they were handled.
+    let after = seal_as(&carol, &name("alice"), "after", proto::now_ms())
+        .await
+        .unwrap();
+    store.deposit(&after, proto::now_ms()).await.unwrap();
+    store
+        .publish(&store::Broadcast::MailWaiting {
+            user: name("alice"),
+        })
+        .await
+        .unwrap();
+    let seen = until(
+        &mut alice_events,
+        |event| matches!(event, Event::Message(message) if message.body == "after"),
+    )
+    .await;
+    assert!(
+        !seen
+            .iter()
+            .any(|event| matches!(event, Event::Receipt { .. })),
+        "{seen:#?}"
+    );
+    assert_eq!(shown(&seen), vec!["after"]);
+    assert_eq!(
+        status_of(&alice, "bob", to_bob.id).await,
+        MessageStatus::Delivered
+    );
+    assert_eq!(store.mail_count(&name("alice")).await.unwrap(), 0);
+    for client in [alice, bob, carol] {
+        client.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+/// A receipt owed when the client stopped (here: a read receipt written with the mark of
+/// a shown message, just before the client would have sent it) goes at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_owed_at_exit_goes_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = discovery(dir.path(), &shutdown).await;
+    let (alice, mut alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
+    let message = {
+        let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+        let sent = alice.send(&name("bob"), "read me later").await.unwrap();
+        assert_eq!(sent.status, DeliveryStatus::Delivered);
+        let seen = until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
+        bob.shutdown(Duration::from_secs(2)).await;
+        let Some(Event::Message(message)) = seen.last().cloned() else {
+            unreachable!("until returns the awaited event last")
+        };
+        message
+    };
+    // Marked shown by the state alone: the read receipt is owed, and nothing runs to send it.
+    peer::state::State::open(&dir.path().join("bob"))
+        .unwrap()
+        .mark_shown(&message)
+        .unwrap();
+    let (bob, _bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+    let seen = until(&mut alice_events, |event| {
+        receipt_ids(event, "bob", proto::ReceiptKind::Read).is_some()
+    })
+    .await;
+    let read = receipt_ids(seen.last().unwrap(), "bob", proto::ReceiptKind::Read);
+    assert_eq!(read, Some(vec![message.id]));
+    for client in [alice, bob] {
+        client.shutdown(Duration::from_secs(2)).await;
+    }
 }

@@ -40,7 +40,7 @@ pub use msg::{
 };
 pub use name::{Username, UsernameError};
 pub use noise::{Fingerprint, Secured, ServerKey, ServerPublicKey};
-pub use seal::{Channel, OpenError, Plaintext, ReplayGuard, SealError};
+pub use seal::{Channel, OpenError, Plaintext, Receipt, ReceiptKind, ReplayGuard, SealError};
 
 /// Fills `buffer` from the operating system's random source.
 ///

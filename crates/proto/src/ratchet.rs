@@ -45,8 +45,7 @@ use crate::{
     identity::{Identity, KeyError, PublicKeys, push_field},
     msg::{Envelope, MessageId},
     name::Username,
-    seal::{MAX_BODY_LEN, OpenError, Plaintext, SealError},
-    wire,
+    seal::{MAX_BODY_LEN, MAX_RECEIPT_IDS, OpenError, Plaintext, Receipt, SealError},
 };
 
 const OLM_KEY_CONTEXT: &[u8] = b"p2pchat olm key v1";
@@ -527,33 +526,65 @@ impl Sessions {
         if body.len() > MAX_BODY_LEN {
             return Err(SealError::TooLong(body.len()));
         }
+        self.seal_plaintext(
+            account,
+            Plaintext {
+                id,
+                from: account.me.clone(),
+                to: peer.clone(),
+                sent_at_ms,
+                body: body.to_owned(),
+                receipt: None,
+            },
+        )
+    }
+
+    /// Seals `receipt` as message `id` (an id of its own, for de-duplication) from
+    /// `account`'s user to `peer`, like a message: the envelope does not tell them apart.
+    pub fn seal_receipt(
+        &mut self,
+        account: &OwnAccount,
+        peer: &Username,
+        id: MessageId,
+        receipt: Receipt,
+        sent_at_ms: u64,
+    ) -> Result<Envelope, SealError> {
+        if receipt.ids.len() > MAX_RECEIPT_IDS {
+            return Err(SealError::TooLong(receipt.ids.len() * 16));
+        }
+        self.seal_plaintext(
+            account,
+            Plaintext {
+                id,
+                from: account.me.clone(),
+                to: peer.clone(),
+                sent_at_ms,
+                body: String::new(),
+                receipt: Some(receipt),
+            },
+        )
+    }
+
+    fn seal_plaintext(
+        &mut self,
+        account: &OwnAccount,
+        plaintext: Plaintext,
+    ) -> Result<Envelope, SealError> {
         let session = &mut self
             .list
             .iter_mut()
             .find(|kept| kept.sealable)
             .ok_or(SealError::NoSession)?
             .session;
-        let plaintext = Plaintext {
-            id,
-            from: account.me.clone(),
-            to: peer.clone(),
-            sent_at_ms,
-            body: body.to_owned(),
-        };
-        // Encoding plain data into a Vec cannot fail.
-        let bytes = Zeroizing::new(
-            wire::encode(&plaintext)
-                .map(|b| b.to_vec())
-                .unwrap_or_default(),
-        );
+        let bytes = plaintext.to_bytes();
         let message = session
             .encrypt(bytes.as_slice())
             .map_err(|_| SealError::DegenerateKey)?;
         let binding = matches!(message, OlmMessage::PreKey(_)).then_some(&account.binding);
         Ok(Envelope {
-            id,
-            from: account.me.clone(),
-            to: peer.clone(),
+            id: plaintext.id,
+            from: plaintext.from,
+            to: plaintext.to,
             token: encode_token(&message, binding),
         })
     }
@@ -620,7 +651,7 @@ impl Sessions {
             }
         };
         let bytes = Zeroizing::new(bytes);
-        let plaintext: Plaintext = wire::decode(&bytes).map_err(|_| OpenError::Malformed)?;
+        let plaintext = Plaintext::from_bytes(&bytes)?;
         let checks = [
             ("id", plaintext.id == envelope.id),
             (
@@ -678,6 +709,7 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seal::ReceiptKind;
 
     struct User {
         name: Username,
@@ -726,6 +758,48 @@ mod tests {
             from.identity.public(),
             envelope,
         )
+    }
+
+    #[test]
+    fn a_receipt_is_sealed_like_a_message_and_opens_as_a_receipt() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        let first = seal(&mut alice, &bob, "hello");
+        let opened = open(&mut bob, &alice, &first).unwrap();
+        // Bob answers in the session Alice started.
+        let receipt = Receipt {
+            kind: ReceiptKind::Delivered,
+            ids: vec![opened.plaintext.id],
+        };
+        let envelope = bob
+            .sessions
+            .seal_receipt(
+                &bob.account,
+                &alice.name,
+                MessageId::random(),
+                receipt.clone(),
+                2_000,
+            )
+            .unwrap();
+        assert!(envelope.token.starts_with(OLM_TOKEN_PREFIX));
+        let back = open(&mut alice, &bob, &envelope).unwrap().plaintext;
+        assert_eq!(back.receipt, Some(receipt));
+        assert_eq!(back.body, "");
+        let too_many = Receipt {
+            kind: ReceiptKind::Read,
+            ids: vec![MessageId::random(); MAX_RECEIPT_IDS + 1],
+        };
+        assert!(
+            bob.sessions
+                .seal_receipt(
+                    &bob.account,
+                    &alice.name,
+                    MessageId::random(),
+                    too_many,
+                    3_000
+                )
+                .is_err()
+        );
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! associated data, so the sealed [`Plaintext`] repeats sender, recipient, id and time, and
 //! [`Channel::open`] checks them against the envelope and the channel. [`ReplayGuard`]
 //! remembers ids it has opened within a time window.
+//!
+//! A sealed plaintext is either a message or a [`Receipt`] (see [`Plaintext::to_bytes`]
+//! for the encoding, which keeps every message's bytes as older builds wrote them).
 
 use std::collections::HashMap;
 
@@ -40,8 +43,75 @@ pub struct Plaintext {
     pub to: Username,
     /// When the sender wrote it, in milliseconds since the Unix epoch.
     pub sent_at_ms: u64,
-    /// The text.
+    /// The text (empty in a receipt).
     pub body: String,
+    /// `Some` when this is a receipt, not a message: never shown, never answered by a
+    /// receipt. Sealed after the fields above (see [`Plaintext::to_bytes`]).
+    #[serde(skip)]
+    pub receipt: Option<Receipt>,
+}
+
+/// The most message ids one receipt names: its sealed bytes stay far below
+/// [`MAX_BODY_LEN`] (16 bytes an id), so a batch of mail is answered by a few receipts.
+pub const MAX_RECEIPT_IDS: usize = 256;
+
+/// What a receipt says of the messages it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ReceiptKind {
+    /// The recipient stored them (they came from its mailbox).
+    Delivered,
+    /// The recipient's screen showed them.
+    Read,
+}
+
+/// A receipt, sealed like a message by the recipient of `ids` to their sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// Delivered or read.
+    pub kind: ReceiptKind,
+    /// The messages (at most [`MAX_RECEIPT_IDS`]).
+    pub ids: Vec<MessageId>,
+}
+
+/// What follows a plaintext's fields in its sealed bytes: nothing for a message, a
+/// variant of this for anything else (a new kind is a new variant at the end).
+#[derive(Serialize, Deserialize)]
+enum Extension {
+    Receipt(Receipt),
+}
+
+impl Plaintext {
+    /// The sealed bytes: the postcard fields (id, from, to, sent_at_ms, body), then, only
+    /// for a receipt, an [`Extension`]. A message is encoded exactly as by builds that had
+    /// no receipts, so mail sealed by either opens with the other; a receipt has bytes
+    /// after the fields, which an older build's strict decoder refuses as malformed (it
+    /// never shows a receipt as a message). The server sees none of it: the bytes are
+    /// sealed, and tell a receipt from a message only by their length.
+    pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        // Encoding plain data into a Vec cannot fail.
+        let mut bytes = Zeroizing::new(wire::encode(self).map(|b| b.to_vec()).unwrap_or_default());
+        if let Some(receipt) = &self.receipt {
+            let extension = wire::encode(&Extension::Receipt(receipt.clone())).unwrap_or_default();
+            bytes.extend_from_slice(&extension);
+        }
+        bytes
+    }
+
+    /// Reads what [`Plaintext::to_bytes`] wrote (or an older build's message). A receipt
+    /// must have no text and at most [`MAX_RECEIPT_IDS`] ids.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, OpenError> {
+        let (mut plaintext, rest): (Plaintext, &[u8]) =
+            wire::decode_prefix(bytes).map_err(|_| OpenError::Malformed)?;
+        if !rest.is_empty() {
+            let Extension::Receipt(receipt) =
+                wire::decode(rest).map_err(|_| OpenError::Malformed)?;
+            if !plaintext.body.is_empty() || receipt.ids.len() > MAX_RECEIPT_IDS {
+                return Err(OpenError::Malformed);
+            }
+            plaintext.receipt = Some(receipt);
+        }
+        Ok(plaintext)
+    }
 }
 
 /// Why the pairwise keys could not be derived, or a message sealed.
@@ -170,13 +240,9 @@ impl Channel {
             to: self.peer.clone(),
             sent_at_ms: now_ms,
             body: body.to_owned(),
+            receipt: None,
         };
-        // Encoding plain data into a Vec cannot fail.
-        let bytes = Zeroizing::new(
-            wire::encode(&plaintext)
-                .map(|b| b.to_vec())
-                .unwrap_or_default(),
-        );
+        let bytes = plaintext.to_bytes();
         Ok(Envelope {
             id,
             from: self.me.clone(),
@@ -194,7 +260,7 @@ impl Channel {
                 .decrypt_at_time(&envelope.token, None, now_secs)
                 .map_err(|_| self.open_failure(&envelope.token, now_secs))?,
         );
-        let plaintext: Plaintext = wire::decode(&bytes).map_err(|_| OpenError::Malformed)?;
+        let plaintext = Plaintext::from_bytes(&bytes)?;
         // The token's timestamp is authenticated now; the sealed time must be the one it
         // was sealed at (`seal` stamps both alike), so a sender cannot date a message
         // beyond Fernet's future bound inside the plaintext.
@@ -346,6 +412,82 @@ mod tests {
         let alice = Channel::new(&alice_id, &name(a), &name(b), bob_id.public()).unwrap();
         let bob = Channel::new(&bob_id, &name(b), &name(a), alice_id.public()).unwrap();
         (Pair { alice, bob }, alice_id, bob_id)
+    }
+
+    /// A message as builds without receipts encoded it (the same fields, nothing after).
+    #[derive(Serialize, Deserialize)]
+    struct OlderPlaintext {
+        id: MessageId,
+        from: Username,
+        to: Username,
+        sent_at_ms: u64,
+        body: String,
+    }
+
+    fn message(body: &str) -> Plaintext {
+        Plaintext {
+            id: MessageId::random(),
+            from: name("alice"),
+            to: name("bob"),
+            sent_at_ms: NOW,
+            body: body.into(),
+            receipt: None,
+        }
+    }
+
+    #[test]
+    fn a_message_is_encoded_as_older_builds_did_so_mail_opens_both_ways() {
+        let message = message("hi");
+        let older = OlderPlaintext {
+            id: message.id,
+            from: message.from.clone(),
+            to: message.to.clone(),
+            sent_at_ms: message.sent_at_ms,
+            body: message.body.clone(),
+        };
+        let older_bytes = wire::encode(&older).unwrap();
+        assert_eq!(message.to_bytes().as_slice(), older_bytes.as_ref());
+        assert_eq!(Plaintext::from_bytes(&older_bytes).unwrap(), message);
+    }
+
+    #[test]
+    fn a_receipt_round_trips_and_an_older_build_refuses_it_rather_than_show_it() {
+        let ids: Vec<MessageId> = (0..MAX_RECEIPT_IDS).map(|_| MessageId::random()).collect();
+        let mut receipt = message("");
+        receipt.receipt = Some(Receipt {
+            kind: ReceiptKind::Read,
+            ids,
+        });
+        let bytes = receipt.to_bytes();
+        assert!(bytes.len() < MAX_BODY_LEN, "{}", bytes.len());
+        assert_eq!(Plaintext::from_bytes(&bytes).unwrap(), receipt);
+        // An older build decodes strictly: bytes after the fields are refused.
+        assert!(wire::decode::<OlderPlaintext>(&bytes).is_err());
+    }
+
+    #[test]
+    fn a_receipt_with_text_or_too_many_ids_or_garbage_after_a_message_is_malformed() {
+        let mut with_text = message("look at me");
+        with_text.receipt = Some(Receipt {
+            kind: ReceiptKind::Delivered,
+            ids: vec![MessageId::random()],
+        });
+        assert_eq!(
+            Plaintext::from_bytes(&with_text.to_bytes()),
+            Err(OpenError::Malformed)
+        );
+        let mut too_many = message("");
+        too_many.receipt = Some(Receipt {
+            kind: ReceiptKind::Delivered,
+            ids: (0..=MAX_RECEIPT_IDS).map(|_| MessageId::random()).collect(),
+        });
+        assert_eq!(
+            Plaintext::from_bytes(&too_many.to_bytes()),
+            Err(OpenError::Malformed)
+        );
+        let mut garbage = message("hi").to_bytes().to_vec();
+        garbage.extend_from_slice(&[7, 7, 7]);
+        assert_eq!(Plaintext::from_bytes(&garbage), Err(OpenError::Malformed));
     }
 
     #[test]
@@ -510,6 +652,7 @@ mod tests {
             to: name("bob"),
             sent_at_ms: NOW + 365 * 24 * 3600 * 1000,
             body: "from next year".into(),
+            receipt: None,
         };
         let bytes = wire::encode(&plaintext).unwrap();
         let envelope = Envelope {

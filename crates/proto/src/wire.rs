@@ -24,6 +24,12 @@ pub fn encode<M: Serialize + ?Sized>(value: &M) -> Result<Bytes, WireError> {
     Ok(Bytes::from(postcard::to_stdvec(value)?))
 }
 
+/// Parses a value at the start of `body` and returns it with the bytes after it (for a
+/// format that may carry something after a value older builds wrote alone).
+pub fn decode_prefix<M: DeserializeOwned>(body: &[u8]) -> Result<(M, &[u8]), WireError> {
+    Ok(postcard::take_from_bytes(body)?)
+}
+
 /// Parses a frame body. Trailing bytes after a complete value are refused, so one frame is
 /// exactly one message.
 pub fn decode<M: DeserializeOwned>(body: &[u8]) -> Result<M, WireError> {
