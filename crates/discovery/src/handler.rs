@@ -75,7 +75,9 @@ pub struct Session {
     last_fetched: Vec<MailRef>,
     /// The contacts whose presence this session watches; `None` until it sends
     /// [`Request::Watch`], and so asks for the pushes added with it.
-    watching: Option<Watching>,
+    /// Boxed, so a session that never watches (an older client, an announcer) pays one
+    /// word for it.
+    watching: Option<Box<Watching>>,
 }
 
 /// A request's outcome: the reply to send and what changed.
@@ -185,7 +187,7 @@ impl Session {
 
     /// When [`Session::presence_due`] next has something, if ever.
     pub fn next_presence_due_ms(&self) -> Option<u64> {
-        self.watching.as_ref().and_then(Watching::next_due_ms)
+        self.watching.as_deref().and_then(Watching::next_due_ms)
     }
 
     /// The offline notice `user` (this session's user, or the one it just unregistered)

@@ -43,11 +43,12 @@ const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration
 /// and announcements; mail itself waits in the store).
 const PUSH_QUEUE: usize = 64;
 
-/// What the hub hands a connection's actor.
+/// What the hub hands a connection's actor. Every connection's queue holds a block of
+/// these, so the rare large ones are boxed: the enum stays 32 bytes.
 #[derive(Debug, Clone)]
 enum Outbound {
     /// A push to send to the client.
-    Push(Push),
+    Push(Box<Push>),
     /// Another session of this connection's user closed here, and may have taken the
     /// user's presence with it: write this session's presence again now, not at its next
     /// heartbeat.
@@ -61,13 +62,9 @@ enum Outbound {
         /// Whether the sender asks this session to answer with its own presence.
         answer: bool,
     },
-    /// A newer session of this connection's user registered.
-    SessionElsewhere {
-        /// Where the server sees it.
-        observed: SocketAddr,
-        /// When it registered.
-        at_ms: u64,
-    },
+    /// A newer session of this connection's user registered: where the server sees it,
+    /// and when (ms since the epoch).
+    SessionElsewhere(Box<(SocketAddr, u64)>),
 }
 
 /// One registered session's entry in the hub.
@@ -213,7 +210,7 @@ impl Hub {
                 if route.session != session {
                     let _ = route
                         .sender
-                        .try_send(Outbound::SessionElsewhere { observed, at_ms });
+                        .try_send(Outbound::SessionElsewhere(Box::new((observed, at_ms))));
                 }
             }
         }
@@ -223,7 +220,9 @@ impl Hub {
     pub fn push(&self, user: &Username, push: Push) {
         if let Some(sessions) = self.lock().get(user) {
             for route in sessions.routes() {
-                let _ = route.sender.try_send(Outbound::Push(push.clone()));
+                let _ = route
+                    .sender
+                    .try_send(Outbound::Push(Box::new(push.clone())));
             }
         }
     }
@@ -232,7 +231,9 @@ impl Hub {
     pub fn push_all(&self, push: &Push) {
         for sessions in self.lock().values() {
             for route in sessions.routes() {
-                let _ = route.sender.try_send(Outbound::Push(push.clone()));
+                let _ = route
+                    .sender
+                    .try_send(Outbound::Push(Box::new(push.clone())));
             }
         }
     }
@@ -646,7 +647,7 @@ async fn serve_connection(
                 break;
             }
             Some(outbound) = pushes.recv() => match outbound {
-                Outbound::Push(push) => match connection.send(&ServerMsg::Push(push)).await {
+                Outbound::Push(push) => match connection.send(&ServerMsg::Push(*push)).await {
                     Ok(()) => {}
                     // Refused before a byte was written: the connection is intact, and a
                     // push is a notice the client can do without.
@@ -669,7 +670,8 @@ async fn serve_connection(
                         tracing::debug!(%error, "could not answer a contact's presence");
                     }
                 }
-                Outbound::SessionElsewhere { observed, at_ms } => {
+                Outbound::SessionElsewhere(elsewhere) => {
+                    let (observed, at_ms) = *elsewhere;
                     if session.wants_new_pushes()
                         && connection
                             .send(&ServerMsg::Push(Push::SessionElsewhere { observed, at_ms }))
