@@ -516,6 +516,30 @@ async fn a_strangers_mail_dated_ahead_never_holds_up_other_senders_mail() {
     }
 }
 
+/// Submits a send from `alice` with her disk's `fsync`s held, and waits until her writer
+/// is stuck at one: returns the hold (drop it to let the disk go on) and the send's result.
+async fn send_with_syncs_held(
+    alice: &peer::Client,
+    disk: &SyncedDisk,
+    to: &Username,
+    body: &str,
+) -> (
+    impl Drop + use<>,
+    impl Future<Output = Result<peer::SendReport, peer::ClientError>> + use<>,
+) {
+    let held = disk.hold_syncs();
+    let sending = alice.submit_send(to, body).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !disk.is_waiting() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice's writer never reached an fsync"
+        );
+        tokio::task::yield_now().await;
+    }
+    (held, sending)
+}
+
 /// Issues 11 and 14: on a kept link a sealed envelope leaves while its outbox record and the
 /// ratchet state that sealed it are being committed (one `fsync` on a lone message's path,
 /// shared with the receiver's). A crash then can still never make the next start seal
@@ -554,19 +578,8 @@ async fn a_sender_crash_after_its_envelope_left_and_before_its_state_was_durable
     let before = alice.history(&bob_name, 10).await.unwrap();
     assert_eq!(before.len(), 1);
 
-    let held = disk.hold_syncs();
-    let sending = alice
-        .submit_send(&bob_name, "sealed at the crash")
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !disk.is_waiting() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "alice's writer never reached an fsync"
-        );
-        tokio::task::yield_now().await;
-    }
+    let (held, sending) =
+        send_with_syncs_held(&alice, &disk, &bob_name, "sealed at the crash").await;
     // Alice's writer is stuck at the `fsync` of the outbox record and the session state;
     // the envelope left meanwhile, and bob stored and shows it. Alice does not answer the
     // send: her state is not durable.
@@ -685,19 +698,7 @@ async fn a_message_under_a_new_ratchet_key_waits_until_that_key_is_durable() {
     let before = alice.history(&bob_name, 10).await.unwrap();
     assert_eq!(before.len(), 2);
 
-    let held = disk.hold_syncs();
-    let sending = alice
-        .submit_send(&bob_name, "under a new key")
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !disk.is_waiting() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "alice's writer never reached an fsync"
-        );
-        tokio::task::yield_now().await;
-    }
+    let (held, sending) = send_with_syncs_held(&alice, &disk, &bob_name, "under a new key").await;
     at_bob.extend(drain(&mut bob_events, Duration::from_millis(500)).await);
     assert_eq!(
         shown(&at_bob),
