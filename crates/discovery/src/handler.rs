@@ -485,19 +485,7 @@ impl Session {
             }
         })?;
         let reply = watching_reply(watching);
-        if !added.is_empty() {
-            let event = Broadcast::Presence {
-                user: me.clone(),
-                online: true,
-                to: added,
-                answer: true,
-            };
-            // A lost notice only delays a contact's picture until the next change: the
-            // watch set itself is in place.
-            if let Err(error) = store.publish(&event).await {
-                tracing::warn!(%error, user = %me, "could not publish presence to new contacts");
-            }
-        }
+        tell_contacts(store, me, true, added, true).await;
         Ok(reply)
     }
 
@@ -512,17 +500,7 @@ impl Session {
         let watching = self.watching.get_or_insert_default();
         let removed = watching.remove(users);
         let reply = watching_reply(watching);
-        if !removed.is_empty() {
-            let event = Broadcast::Presence {
-                user: me.clone(),
-                online: false,
-                to: removed,
-                answer: false,
-            };
-            if let Err(error) = store.publish(&event).await {
-                tracing::warn!(%error, user = %me, "could not publish presence to dropped contacts");
-            }
-        }
+        tell_contacts(store, me, false, removed, false).await;
         Ok(reply)
     }
 
@@ -825,6 +803,30 @@ async fn ack(
     Ok(Reply::Acked {
         removed: u32::try_from(removed).unwrap_or(u32::MAX),
     })
+}
+
+/// Publishes `me`'s presence (`online` or not) to the contacts `to`, asking each that
+/// watches back to answer with its own if `answer`. A lost notice only delays a contact's
+/// picture until the next change: the watch set itself is in place.
+async fn tell_contacts(
+    store: &Store,
+    me: &Username,
+    online: bool,
+    to: Vec<Username>,
+    answer: bool,
+) {
+    if to.is_empty() {
+        return;
+    }
+    let event = Broadcast::Presence {
+        user: me.clone(),
+        online,
+        to,
+        answer,
+    };
+    if let Err(error) = store.publish(&event).await {
+        tracing::warn!(%error, user = %me, online, "could not publish presence to contacts");
+    }
 }
 
 async fn fetch(me: &Username, max: u32, store: &Store, now_ms: u64) -> Result<Reply, ErrorReply> {
