@@ -152,7 +152,9 @@ impl Ratchet {
         let mut envelopes = Vec::with_capacity(entries.len());
         for entry in entries {
             // Sealed with the time it was written, so retries keep the original time.
-            envelopes.push(inner.seal(state, peer, entry)?);
+            envelopes.push(inner.seal_with(state, peer, |sessions, account| {
+                sessions.seal(account, peer, entry.id, &entry.body, entry.created_ms)
+            })?);
         }
         Ok((envelopes, inner.submit(|save| state.submit_ratchet(save))))
     }
@@ -167,17 +169,11 @@ impl Ratchet {
         receipt: Receipt,
         now_ms: u64,
     ) -> Result<(Envelope, Saving<()>), RatchetError> {
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        let envelope = inner.peers.get(state, peer)?.seal_receipt(
-            &inner.account,
-            peer,
-            id,
-            receipt,
-            now_ms,
-        )?;
-        inner.dirty.insert(peer.clone());
-        Ok((envelope, guard.submit(|save| state.submit_ratchet(save))))
+        let mut inner = self.lock();
+        let envelope = inner.seal_with(state, peer, |sessions, account| {
+            sessions.seal_receipt(account, peer, id, receipt, now_ms)
+        })?;
+        Ok((envelope, inner.submit(|save| state.submit_ratchet(save))))
     }
 
     /// Opens a ratchet envelope from `peer`, whose identity is `peer_keys`. What changed is
@@ -315,19 +311,15 @@ impl Inner {
         Ok(())
     }
 
-    fn seal(
+    /// Seals one envelope to `peer` with `seal` (a message or a receipt) and marks the
+    /// peer's sessions changed.
+    fn seal_with(
         &mut self,
         state: &State,
         peer: &Username,
-        entry: &OutboxEntry,
+        seal: impl FnOnce(&mut Sessions, &OwnAccount) -> Result<Envelope, SealError>,
     ) -> Result<Envelope, RatchetError> {
-        let envelope = self.peers.get(state, peer)?.seal(
-            &self.account,
-            peer,
-            entry.id,
-            &entry.body,
-            entry.created_ms,
-        )?;
+        let envelope = seal(self.peers.get(state, peer)?, &self.account)?;
         self.dirty.insert(peer.clone());
         Ok(envelope)
     }
