@@ -1236,29 +1236,25 @@ impl RedisStore {
         let online_since = format!("({}", now_ms.saturating_sub(ONLINE_PRUNE_AFTER_MS));
         let online = online_key(&presence.user);
         if let Some(instance) = self.instance() {
-            // A cluster: two steps, the user's slot first (presence and route: the truth),
-            // then the slot of the user's online index bucket; each is idempotent, and the
-            // index only needs to be right by the next heartbeat.
+            // A cluster: two steps in two slots, the user's (presence and route: the truth)
+            // and the user's online index bucket's, sent at once so a heartbeat waits for
+            // one round trip; each is idempotent, and the index only needs to be right by
+            // the next heartbeat (a lookup reads the presence, never the index).
             let keep_text = keep_ms.to_string();
             let session_text = presence.session.to_string();
             let expiry_text = presence.expires_at_ms.to_string();
             let prune_text = now_ms.saturating_sub(ONLINE_PRUNE_AFTER_MS).to_string();
             let routes = user_key(&presence.user, "routes");
-            let _: i64 = self
-                .invoke(
-                    "set_presence",
-                    &SET_PRESENCE_ROUTED,
-                    &[&key, &routes],
-                    &[
-                        session_text.as_bytes(),
-                        value.as_ref(),
-                        keep_text.as_bytes(),
-                        instance.id.as_bytes(),
-                        expiry_text.as_bytes(),
-                        prune_text.as_bytes(),
-                    ],
-                )
-                .await?;
+            let keys = [key.as_str(), routes.as_str()];
+            let args = [
+                session_text.as_bytes(),
+                value.as_ref(),
+                keep_text.as_bytes(),
+                instance.id.as_bytes(),
+                expiry_text.as_bytes(),
+                prune_text.as_bytes(),
+            ];
+            let truth = self.invoke::<i64>("set_presence", &SET_PRESENCE_ROUTED, &keys, &args);
             let mut pipeline = redis::pipe();
             pipeline
                 .cmd("ZADD")
@@ -1271,12 +1267,13 @@ impl RedisStore {
                 .arg("-inf")
                 .arg(&online_since)
                 .ignore();
-            return self
-                .with_retry("set_presence", |mut connection| {
-                    let pipeline = &pipeline;
-                    async move { pipeline.query_async::<()>(&mut connection).await }
-                })
-                .await;
+            let index = self.with_retry("set_presence", |mut connection| {
+                let pipeline = &pipeline;
+                async move { pipeline.query_async::<()>(&mut connection).await }
+            });
+            let (truth, index) = tokio::join!(truth, index);
+            truth?;
+            return index;
         }
         let mut pipeline = redis::pipe();
         // Not `MULTI`: the online index bucket is another cluster slot. The presence hash is
