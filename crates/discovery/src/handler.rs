@@ -255,13 +255,18 @@ impl Session {
         now_ms: u64,
     ) -> Outcome {
         let result = match request {
-            Request::Heartbeat => self
-                .refresh_presence(&me, store, config, now_ms)
-                .await
-                .map(|()| Reply::Pong),
+            Request::Heartbeat => {
+                let started = std::time::Instant::now();
+                let refreshed = self.refresh_presence(&me, store, config, now_ms).await;
+                metrics.store_heartbeat.observe(started.elapsed());
+                refreshed.map(|()| Reply::Pong)
+            }
             Request::Lookup { user } => {
                 metrics.lookups.inc();
-                lookup(&user, store, now_ms).await
+                let started = std::time::Instant::now();
+                let reply = lookup(&user, store, now_ms).await;
+                metrics.store_lookup.observe(started.elapsed());
+                reply
             }
             Request::List => store
                 .online_users(now_ms)

@@ -48,6 +48,55 @@ impl Counter {
     }
 }
 
+/// Upper bounds (seconds) of a [`Histogram`]'s buckets; one more bucket takes the rest.
+const BUCKETS_SECONDS: [f64; 12] = [
+    0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// How long something took, counted into fixed buckets (rendered as a Prometheus
+/// histogram): lock-free, a few atomic adds per observation.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last is everything above the bounds.
+    buckets: [Counter; BUCKETS_SECONDS.len() + 1],
+    /// The sum of every observation, in microseconds.
+    sum_micros: Counter,
+}
+
+impl Histogram {
+    /// Counts one observation of `elapsed`.
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let index = BUCKETS_SECONDS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(BUCKETS_SECONDS.len());
+        self.buckets[index].inc();
+        self.sum_micros
+            .add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// How many observations were counted.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(Counter::get).sum()
+    }
+
+    /// Appends the `_bucket`, `_sum` and `_count` lines of `name` with `labels` (such as
+    /// `op="lookup"`).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (bound, bucket) in BUCKETS_SECONDS.iter().zip(&self.buckets) {
+            cumulative += bucket.get();
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[BUCKETS_SECONDS.len()].get();
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_micros.get() as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
 /// Everything the server counts.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -91,6 +140,10 @@ pub struct Metrics {
     pub deposits_over_budget: Counter,
     /// Deposits refused at the recipient's mailbox byte cap.
     pub mailbox_bytes_full: Counter,
+    /// How long a heartbeat's presence write waited for the store.
+    pub store_heartbeat: Histogram,
+    /// How long a lookup's reads waited for the store.
+    pub store_lookup: Histogram,
     errors: [Counter; ErrorCode::ALL.len()],
 }
 
@@ -238,6 +291,16 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
+            "# HELP p2pchat_store_seconds Time spent waiting for the store, by request.\n# TYPE p2pchat_store_seconds histogram"
+        );
+        for (op, histogram) in [
+            ("heartbeat", &self.store_heartbeat),
+            ("lookup", &self.store_lookup),
+        ] {
+            histogram.render(&mut out, "p2pchat_store_seconds", &format!("op=\"{op}\""));
+        }
+        let _ = writeln!(
+            out,
             "# HELP p2pchat_errors_total Error replies by code.\n# TYPE p2pchat_errors_total counter"
         );
         for (code, counter) in ErrorCode::ALL.iter().zip(&self.errors) {
@@ -305,5 +368,51 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
             )
             .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_renders_cumulative_buckets_its_sum_and_count() {
+        let histogram = Histogram::default();
+        for micros in [100, 250, 700, 3_000, 2_000_000] {
+            histogram.observe(Duration::from_micros(micros));
+        }
+        assert_eq!(histogram.count(), 5);
+        let mut out = String::new();
+        histogram.render(&mut out, "t_seconds", "op=\"x\"");
+        let line = |le: &str| {
+            out.lines()
+                .find(|line| line.starts_with(&format!("t_seconds_bucket{{op=\"x\",le=\"{le}\"}} ")))
+                .unwrap_or_else(|| panic!("no bucket {le} in\n{out}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        };
+        // 100 and 250 µs fall in the first bucket (bounds are inclusive), 700 µs by 1 ms,
+        // 3 ms by 5 ms, and two seconds only in +Inf.
+        assert_eq!(line("0.00025"), 2);
+        assert_eq!(line("0.0005"), 2);
+        assert_eq!(line("0.001"), 3);
+        assert_eq!(line("0.005"), 4);
+        assert_eq!(line("1"), 4);
+        assert_eq!(line("+Inf"), 5);
+        assert!(out.contains("t_seconds_count{op=\"x\"} 5\n"), "{out}");
+        assert!(out.contains("t_seconds_sum{op=\"x\"} 2.00405\n"), "{out}");
+    }
+
+    #[test]
+    fn the_exposition_has_the_store_histograms() {
+        let metrics = Metrics::default();
+        metrics.store_lookup.observe(Duration::from_millis(3));
+        let out = metrics.render();
+        assert!(out.contains("# TYPE p2pchat_store_seconds histogram\n"), "{out}");
+        assert!(out.contains("p2pchat_store_seconds_count{op=\"lookup\"} 1\n"), "{out}");
+        assert!(out.contains("p2pchat_store_seconds_count{op=\"heartbeat\"} 0\n"), "{out}");
     }
 }
