@@ -208,7 +208,7 @@ pub async fn tier_rows(bench: &Bench, redis: &Redis) -> Result<Vec<Row>, BenchEr
             }
         }
     }
-    let measured = measure_tier(bench, redis, &servers, &sizes).await;
+    let measured = measure_tier(bench, redis, &mut servers, &sizes).await;
     stop_servers(servers).await;
     let mut tier = measured?;
 
@@ -259,10 +259,11 @@ pub async fn tier_rows(bench: &Bench, redis: &Redis) -> Result<Vec<Row>, BenchEr
             Target::AtLeast(120_000.0),
         )
         .with_note(format!(
-            "{LOOKUP_CONNECTIONS} registered connections in this process spread over the {instances} instances, one lookup in flight each, random load users, for {:.1} s ({} failed), the heartbeats going on. During the lookups: {}.",
+            "{LOOKUP_CONNECTIONS} registered connections in this process spread over the {instances} instances, one lookup in flight each, random load users, for {:.1} s ({} failed), the heartbeats going on. During the lookups: {}. Inside the instances, over the same window: {}.",
             tier.lookup_elapsed.as_secs_f64(),
             tier.lookup_failures,
             tier.busy.describe(),
+            tier.store_times.describe(),
         )),
         Row::new(
             format!("discovery tier ({label}): lookup p99 under that load"),
@@ -285,18 +286,20 @@ struct Tier {
     lookups: Latencies,
     lookup_failures: usize,
     lookup_elapsed: Duration,
+    /// How long the instances' store calls took during the lookups.
+    store_times: StoreTimes,
 }
 
 /// Loads the started `servers`, then measures a heartbeat-only window and the lookups.
 async fn measure_tier(
     bench: &Bench,
     redis: &Redis,
-    servers: &[ServerChild],
+    servers: &mut [ServerChild],
     sizes: &Sizes,
 ) -> Result<Tier, BenchError> {
     let mut rss_before = 0u64;
     let mut server_pids = Vec::with_capacity(servers.len());
-    for server in servers {
+    for server in servers.iter() {
         let pid = server.child.pid()?;
         rss_before += system::rss_kib(pid)?;
         server_pids.push(pid);
@@ -323,8 +326,10 @@ async fn measure_tier(
             after: Usage::now(redis, &pids).await,
         };
         let busy_start = Usage::now(redis, &pids).await;
+        let times_before = StoreTimes::of(servers).await?;
         let (lookups, lookup_failures, lookup_elapsed) =
             lookup_load(&addresses, sizes.clients, sizes.lookup_time).await?;
+        let store_times = StoreTimes::of(servers).await?.since(&times_before);
         let busy = Window {
             before: busy_start,
             after: Usage::now(redis, &pids).await,
@@ -338,6 +343,7 @@ async fn measure_tier(
             lookups,
             lookup_failures,
             lookup_elapsed,
+            store_times,
         })
     }
     .await;
@@ -345,6 +351,108 @@ async fn measure_tier(
         worker.stop(Duration::from_secs(10)).await;
     }
     measured
+}
+
+/// The store-time histograms of every instance, summed (see `serve-discovery`'s
+/// `store-times` answer): how long heartbeats' and lookups' store calls took.
+#[derive(Debug, Clone, PartialEq)]
+struct StoreTimes {
+    heartbeat: Vec<u64>,
+    lookup: Vec<u64>,
+}
+
+impl StoreTimes {
+    /// Asks each of `servers` and sums their answers.
+    async fn of(servers: &mut [ServerChild]) -> Result<Self, BenchError> {
+        let buckets = discovery::metrics::BUCKETS_SECONDS.len() + 1;
+        let mut total = Self {
+            heartbeat: vec![0; buckets],
+            lookup: vec![0; buckets],
+        };
+        for server in servers {
+            server.child.say("store-times").await?;
+            let line = server
+                .child
+                .expect("store-times ", Duration::from_secs(30))
+                .await?;
+            let parsed = Self::parse(&line)
+                .ok_or_else(|| BenchError::Child(format!("bad store-times line {line:?}")))?;
+            for (sum, add) in total.heartbeat.iter_mut().zip(parsed.heartbeat) {
+                *sum += add;
+            }
+            for (sum, add) in total.lookup.iter_mut().zip(parsed.lookup) {
+                *sum += add;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Reads `<heartbeat buckets> <lookup buckets>`, each comma-separated.
+    fn parse(line: &str) -> Option<Self> {
+        let buckets = |text: &str| -> Option<Vec<u64>> {
+            let parsed: Vec<u64> = text
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            (parsed.len() == discovery::metrics::BUCKETS_SECONDS.len() + 1).then_some(parsed)
+        };
+        let mut fields = line.split_whitespace();
+        let heartbeat = buckets(fields.next()?)?;
+        let lookup = buckets(fields.next()?)?;
+        Some(Self { heartbeat, lookup })
+    }
+
+    /// What was counted after `before`.
+    fn since(&self, before: &Self) -> Self {
+        let minus = |after: &[u64], before: &[u64]| {
+            after
+                .iter()
+                .zip(before)
+                .map(|(after, before)| after.saturating_sub(*before))
+                .collect()
+        };
+        Self {
+            heartbeat: minus(&self.heartbeat, &before.heartbeat),
+            lookup: minus(&self.lookup, &before.lookup),
+        }
+    }
+
+    /// The bucket bound at or under which `percent` of `buckets`' observations fall, as
+    /// text ("≤ 2 ms"; "> 1000 ms" past the last bound); "none" with no observation.
+    fn percentile(buckets: &[u64], percent: f64) -> String {
+        let count: u64 = buckets.iter().sum();
+        if count == 0 {
+            return "none".to_owned();
+        }
+        let wanted = ((count as f64) * percent / 100.0).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (bound, in_bucket) in discovery::metrics::BUCKETS_SECONDS.iter().zip(buckets) {
+            seen += in_bucket;
+            if seen >= wanted {
+                return format!("≤ {} ms", bound * 1000.0);
+            }
+        }
+        let last =
+            discovery::metrics::BUCKETS_SECONDS[discovery::metrics::BUCKETS_SECONDS.len() - 1];
+        format!("> {} ms", last * 1000.0)
+    }
+
+    fn describe(&self) -> String {
+        let of = |buckets: &[u64]| {
+            format!(
+                "{} calls, p50 {}, p99 {}",
+                buckets.iter().sum::<u64>(),
+                Self::percentile(buckets, 50.0),
+                Self::percentile(buckets, 99.0)
+            )
+        };
+        format!(
+            "the lookups' store reads {}; the heartbeats' store writes {}",
+            of(&self.lookup),
+            of(&self.heartbeat)
+        )
+    }
 }
 
 /// Stops every server, each within a bounded wait.
@@ -673,4 +781,40 @@ pub async fn lookup_load_of(
         failures += failed;
     }
     Ok((all, failures, started.elapsed()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_times_parse_subtract_and_give_bucket_bounds() {
+        let zeros = vec![0u64; discovery::metrics::BUCKETS_SECONDS.len() + 1];
+        let mut heartbeat = zeros.clone();
+        heartbeat[2] = 90; // ≤ 1 ms
+        heartbeat[5] = 10; // ≤ 10 ms
+        let mut lookup = zeros.clone();
+        lookup[12] = 4; // past the last bound
+        let text = |buckets: &[u64]| {
+            buckets
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let line = format!("{} {}", text(&heartbeat), text(&lookup));
+        let after = StoreTimes::parse(&line).unwrap();
+        assert_eq!(after.heartbeat, heartbeat);
+        let before = StoreTimes {
+            heartbeat: zeros.clone(),
+            lookup: zeros.clone(),
+        };
+        let window = after.since(&before);
+        assert_eq!(StoreTimes::percentile(&window.heartbeat, 50.0), "≤ 1 ms");
+        assert_eq!(StoreTimes::percentile(&window.heartbeat, 99.0), "≤ 10 ms");
+        assert_eq!(StoreTimes::percentile(&window.lookup, 50.0), "> 1000 ms");
+        assert_eq!(StoreTimes::percentile(&zeros, 99.0), "none");
+        assert_eq!(StoreTimes::parse("1,2 3"), None);
+        assert_eq!(StoreTimes::parse(&text(&heartbeat)), None);
+    }
 }

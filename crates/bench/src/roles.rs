@@ -61,7 +61,8 @@ pub async fn serve_discovery(options: ServeOptions) -> Result<(), BenchError> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     println!("listening {}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_eof(shutdown.clone()));
+    let metrics = Arc::new(Metrics::default());
+    tokio::spawn(answer_until_eof(shutdown.clone(), metrics.clone()));
     // The load's clients come from a handful of loopback addresses (10,000 clients on each),
     // standing for as many machines: the per-IP limits would refuse them, so they are
     // lifted here; the rest of the configuration is the default.
@@ -72,21 +73,32 @@ pub async fn serve_discovery(options: ServeOptions) -> Result<(), BenchError> {
         per_ip_new_names_per_hour: u32::MAX,
         ..Config::default()
     };
-    discovery::serve(
-        listener,
-        store,
-        config,
-        Arc::new(Metrics::default()),
-        shutdown,
-    )
-    .await?;
+    discovery::serve(listener, store, config, metrics, shutdown).await?;
     Ok(())
 }
 
-/// Cancels `shutdown` when standard input closes.
-async fn cancel_on_eof(shutdown: CancellationToken) {
+/// Answers each `store-times` line on standard input with a `store-times <heartbeat>
+/// <lookup>` line, each a comma-separated list of the server's store-time histogram
+/// buckets ([`discovery::metrics::Histogram::buckets`]); cancels `shutdown` when standard
+/// input closes.
+async fn answer_until_eof(shutdown: CancellationToken, metrics: Arc<Metrics>) {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    while let Ok(Some(_)) = lines.next_line().await {}
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.trim() == "store-times" {
+            let list = |buckets: Vec<u64>| {
+                buckets
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            println!(
+                "store-times {} {}",
+                list(metrics.store_heartbeat.buckets()),
+                list(metrics.store_lookup.buckets())
+            );
+        }
+    }
     shutdown.cancel();
 }
 

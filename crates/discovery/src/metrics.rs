@@ -49,7 +49,7 @@ impl Counter {
 }
 
 /// Upper bounds (seconds) of a [`Histogram`]'s buckets; one more bucket takes the rest.
-const BUCKETS_SECONDS: [f64; 12] = [
+pub const BUCKETS_SECONDS: [f64; 12] = [
     0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
@@ -74,6 +74,12 @@ impl Histogram {
         self.buckets[index].inc();
         self.sum_micros
             .add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// The observations in each bucket (not cumulative), in the order of
+    /// [`BUCKETS_SECONDS`], then the ones above the last bound.
+    pub fn buckets(&self) -> Vec<u64> {
+        self.buckets.iter().map(Counter::get).collect()
     }
 
     /// How many observations were counted.
@@ -386,7 +392,9 @@ mod tests {
         histogram.render(&mut out, "t_seconds", "op=\"x\"");
         let line = |le: &str| {
             out.lines()
-                .find(|line| line.starts_with(&format!("t_seconds_bucket{{op=\"x\",le=\"{le}\"}} ")))
+                .find(|line| {
+                    line.starts_with(&format!("t_seconds_bucket{{op=\"x\",le=\"{le}\"}} "))
+                })
                 .unwrap_or_else(|| panic!("no bucket {le} in\n{out}"))
                 .rsplit(' ')
                 .next()
@@ -411,8 +419,17 @@ mod tests {
         let metrics = Metrics::default();
         metrics.store_lookup.observe(Duration::from_millis(3));
         let out = metrics.render();
-        assert!(out.contains("# TYPE p2pchat_store_seconds histogram\n"), "{out}");
-        assert!(out.contains("p2pchat_store_seconds_count{op=\"lookup\"} 1\n"), "{out}");
-        assert!(out.contains("p2pchat_store_seconds_count{op=\"heartbeat\"} 0\n"), "{out}");
+        assert!(
+            out.contains("# TYPE p2pchat_store_seconds histogram\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("p2pchat_store_seconds_count{op=\"lookup\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("p2pchat_store_seconds_count{op=\"heartbeat\"} 0\n"),
+            "{out}"
+        );
     }
 }

@@ -1921,7 +1921,10 @@ mod tests {
                 }
             }
         }
-        assert!(written.windows(2).all(|pair| pair[0] < pair[1]), "{written:?}");
+        assert!(
+            written.windows(2).all(|pair| pair[0] < pair[1]),
+            "{written:?}"
+        );
         let state = State::open(dir.path()).unwrap();
         let lines = state.history(&name("bob"), 10_000).unwrap();
         let stored: Vec<u64> = lines.iter().map(|line| line.seq).collect();
