@@ -142,6 +142,14 @@ pub async fn load_worker(options: WorkerOptions) -> Result<(), BenchError> {
     // One identity for all of this worker's names: the server binds each name to it, and
     // every registration still signs its own challenge.
     let identity = Arc::new(Identity::generate());
+    let liveness = Arc::new(Liveness::default());
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut registered = 0usize;
+    let mut failed = 0usize;
+    // Each client heartbeats from its own registration on, as a real client does: a
+    // client that waited for the whole worker to register would find its presence
+    // expired whenever registering them all takes longer than the presence timeout.
     let connect_all = futures::stream::iter(0..options.count)
         .map(|offset| {
             let identity = Arc::clone(&identity);
@@ -150,44 +158,42 @@ pub async fn load_worker(options: WorkerOptions) -> Result<(), BenchError> {
                 let mut client =
                     ControlClient::connect(options.server, Some(options.source)).await?;
                 client.register(&identity, &user).await?;
-                Ok::<_, BenchError>((offset, client))
+                Ok::<_, BenchError>(client)
             }
         })
         .buffer_unordered(CONNECT_CONCURRENCY)
-        .collect::<Vec<_>>();
-    let results = tokio::time::timeout(CONNECT_BUDGET, connect_all)
-        .await
-        .map_err(|_| BenchError::Timeout(format!("connecting within {CONNECT_BUDGET:?}")))?;
-    let mut clients = Vec::with_capacity(results.len());
-    let mut failed = 0usize;
-    for result in results {
-        match result {
-            Ok(client) => clients.push(client),
-            Err(error) => {
-                if failed == 0 {
-                    eprintln!("load-worker: a client failed: {error}");
+        .for_each(|result| {
+            match result {
+                Ok(client) => {
+                    registered += 1;
+                    liveness.alive.fetch_add(1, Ordering::Relaxed);
+                    tracker.spawn(heartbeat(
+                        client,
+                        options.heartbeat,
+                        options.heartbeat,
+                        Arc::clone(&liveness),
+                        shutdown.clone(),
+                    ));
                 }
-                failed += 1;
+                Err(error) => {
+                    if failed == 0 {
+                        eprintln!("load-worker: a client failed: {error}");
+                    }
+                    failed += 1;
+                }
             }
-        }
+            std::future::ready(())
+        });
+    if tokio::time::timeout(CONNECT_BUDGET, connect_all)
+        .await
+        .is_err()
+    {
+        shutdown.cancel();
+        return Err(BenchError::Timeout(format!(
+            "connecting within {CONNECT_BUDGET:?}"
+        )));
     }
-    println!("ready {} {failed}", clients.len());
-
-    let liveness = Arc::new(Liveness::default());
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    for (offset, client) in clients {
-        liveness.alive.fetch_add(1, Ordering::Relaxed);
-        // Spread the first heartbeats over one interval, as real clients would be.
-        let phase = options.heartbeat.mul_f64((offset % 1000) as f64 / 1000.0);
-        tracker.spawn(heartbeat(
-            client,
-            options.heartbeat,
-            phase,
-            Arc::clone(&liveness),
-            shutdown.clone(),
-        ));
-    }
+    println!("ready {registered} {failed}");
     tracker.close();
 
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
