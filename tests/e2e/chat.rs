@@ -763,7 +763,7 @@ async fn hostile_peers_are_refused_and_retransmissions_shown_once() -> anyhow::R
     carol.stop().await;
     // A tampered token is refused.
     let mut tampered = sender.seal("tampered");
-    tampered.token.replace_range(20..24, "AAAA");
+    tampered.token[20..24].copy_from_slice(b"AAAA");
     link.send(&proto::PeerMsg::Envelope(tampered)).await?;
     assert!(matches!(
         answer(&mut link).await?,

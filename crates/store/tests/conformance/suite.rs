@@ -103,7 +103,7 @@ pub async fn expired_mail_is_dropped_at_fetch(store: &Store) -> anyhow::Result<(
         .deposit(&envelope("alice", "bob", "newest"), ttl + 400)
         .await?;
     let late = store.fetch(&bob, 1, usize::MAX, ttl + 500).await?;
-    ensure!(late.mail.len() == 1 && late.mail[0].envelope.token == "token-newest");
+    ensure!(late.mail.len() == 1 && late.mail[0].envelope.token == b"token-newest");
     ensure!(late.remaining == 0);
     ensure!(store.mail_count(&bob).await? == 1);
     Ok(())
@@ -277,7 +277,7 @@ pub async fn mail_identity_is_sender_and_id(store: &Store) -> anyhow::Result<()>
     let from_alice = envelope("alice", "bob", "alice's");
     let from_mallory = proto::Envelope {
         from: user("mallory"),
-        token: "token-mallory's".to_owned(),
+        token: b"token-mallory's".to_vec(),
         ..from_alice.clone()
     };
     ensure!(store.deposit(&from_alice, 1_000).await? == DepositOutcome::Stored);
@@ -312,7 +312,7 @@ pub async fn mailbox_byte_cap_refuses_and_acks_give_bytes_back(
     let (bob, carol) = (user("bob"), user("carol"));
     // About 40 KiB each: the 1 MiB cap is reached after some 26, far below 50 messages.
     let big = |label: &str, to: &str| proto::Envelope {
-        token: format!("{label}-{}", "x".repeat(40 * 1024)),
+        token: format!("{label}-{}", "x".repeat(40 * 1024)).into_bytes(),
         ..envelope("alice", to, label)
     };
     let mut stored = Vec::new();
