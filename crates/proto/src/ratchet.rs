@@ -1137,10 +1137,7 @@ mod tests {
                 token: token.clone(),
             };
             assert!(
-                matches!(
-                    open(&mut bob, &alice, &envelope),
-                    Err(OpenError::Malformed)
-                ),
+                matches!(open(&mut bob, &alice, &envelope), Err(OpenError::Malformed)),
                 "{token:?}"
             );
             assert!(chain_position(&envelope).is_none() && ratchet_key(&envelope).is_none());
@@ -1174,7 +1171,10 @@ mod tests {
             .collect();
         let new = seal(&mut alice, &bob, "new");
         assert_eq!(new.token[0], TOKEN_PRE_KEY);
-        assert!(old.iter().all(|envelope| envelope.token.starts_with(b"o0.")));
+        assert!(
+            old.iter()
+                .all(|envelope| envelope.token.starts_with(b"o0."))
+        );
         for (envelope, position) in old.iter().zip(0..) {
             assert!(is_olm_token(&envelope.token));
             assert_eq!(chain_position(envelope), Some(position));
@@ -1211,7 +1211,12 @@ mod tests {
         let (_, bytes) = token.message.to_parts();
         assert_eq!(envelope.token.len(), 1 + SIGNATURE_LEN + bytes.len());
         // Base64 costs 4 bytes per 3, plus the text's prefix and separators.
-        assert!(text.token.len() * 3 >= envelope.token.len() * 4, "{} vs {}", text.token.len(), envelope.token.len());
+        assert!(
+            text.token.len() * 3 >= envelope.token.len() * 4,
+            "{} vs {}",
+            text.token.len(),
+            envelope.token.len()
+        );
     }
 
     #[test]
@@ -1229,10 +1234,16 @@ mod tests {
         for at in 0..envelope.token.len() {
             let mut damaged = envelope.clone();
             damaged.token[at] ^= 0x01;
-            assert!(open(&mut bob, &alice, &damaged).is_err(), "bit flipped at {at}");
+            assert!(
+                open(&mut bob, &alice, &damaged).is_err(),
+                "bit flipped at {at}"
+            );
         }
         assert!(bob.sessions.is_empty());
         assert_eq!(bob.account.one_time_key_count(), keys_before);
-        assert_eq!(open(&mut bob, &alice, &envelope).unwrap().plaintext.body, "hello");
+        assert_eq!(
+            open(&mut bob, &alice, &envelope).unwrap().plaintext.body,
+            "hello"
+        );
     }
 }

@@ -247,7 +247,10 @@ impl Channel {
             id,
             from: self.me.clone(),
             to: self.peer.clone(),
-            token: self.send.encrypt_at_time(&bytes, now_ms / 1000).into_bytes(),
+            token: self
+                .send
+                .encrypt_at_time(&bytes, now_ms / 1000)
+                .into_bytes(),
         })
     }
 
@@ -517,14 +520,22 @@ mod tests {
         assert!(
             pair.bob
                 .recv
-                .decrypt_at_time(std::str::from_utf8(&envelope.token).unwrap(), None, NOW / 1000)
+                .decrypt_at_time(
+                    std::str::from_utf8(&envelope.token).unwrap(),
+                    None,
+                    NOW / 1000
+                )
                 .is_ok()
         );
         // Directions differ: alice's own receive key does not open what she sent.
         assert!(
             pair.alice
                 .recv
-                .decrypt_at_time(std::str::from_utf8(&envelope.token).unwrap(), None, NOW / 1000)
+                .decrypt_at_time(
+                    std::str::from_utf8(&envelope.token).unwrap(),
+                    None,
+                    NOW / 1000
+                )
                 .is_err()
         );
     }
@@ -687,7 +698,11 @@ mod tests {
         let envelope = ab_c.seal(MessageId::random(), "x", NOW).unwrap();
         assert!(
             a_bc.send
-                .decrypt_at_time(std::str::from_utf8(&envelope.token).unwrap(), None, NOW / 1000)
+                .decrypt_at_time(
+                    std::str::from_utf8(&envelope.token).unwrap(),
+                    None,
+                    NOW / 1000
+                )
                 .is_err()
         );
     }
