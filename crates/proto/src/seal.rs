@@ -258,8 +258,11 @@ impl Channel {
     /// matches the envelope and this channel.
     pub fn open(&self, envelope: &Envelope, now_ms: u64) -> Result<Plaintext, OpenError> {
         let now_secs = now_ms / 1000;
-        // A Fernet token is text (URL-safe base64); anything else is not one.
-        let token = std::str::from_utf8(&envelope.token).map_err(|_| OpenError::Malformed)?;
+        // A Fernet token is text (URL-safe base64): anything else is no token of this
+        // channel, like text that does not authenticate.
+        let token = std::str::from_utf8(&envelope.token).map_err(|_| OpenError::BadToken {
+            peer: self.peer.clone(),
+        })?;
         let bytes = Zeroizing::new(
             self.recv
                 .decrypt_at_time(token, None, now_secs)
@@ -538,6 +541,17 @@ mod tests {
                 )
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_token_that_is_not_text_is_no_token_of_the_channel() {
+        let (pair, _, _) = pair("alice", "bob");
+        let mut envelope = pair.alice.seal(MessageId::random(), "hello", NOW).unwrap();
+        envelope.token = vec![0x02, 0xff, 0xfe, 0x00];
+        assert!(matches!(
+            pair.bob.open(&envelope, NOW),
+            Err(OpenError::BadToken { .. })
+        ));
     }
 
     #[test]
