@@ -38,14 +38,14 @@ fuzz_target!(|data: &[u8]| {
         try_open(&envelope);
     }
     let mut as_token = keys.valid.clone();
-    as_token.token = String::from_utf8_lossy(data).into_owned();
+    as_token.token = data.to_vec();
     try_open(&as_token);
     // The valid token with the input spliced over its middle.
-    let mut spliced = keys.valid.token.clone().into_bytes();
+    let mut spliced = keys.valid.token.clone();
     let at = spliced.len() / 3;
     for (offset, byte) in data.iter().take(spliced.len() - at).enumerate() {
         spliced[at + offset] = *byte;
     }
-    as_token.token = String::from_utf8_lossy(&spliced).into_owned();
+    as_token.token = spliced;
     try_open(&as_token);
 });

@@ -335,7 +335,7 @@ fn tokens_in_files(dir: &Path, captured: &[(Envelope, String)]) -> anyhow::Resul
     Ok(captured
         .iter()
         .filter(|(envelope, _)| {
-            let token = envelope.token.as_bytes();
+            let token = envelope.token.as_slice();
             contents.windows(token.len()).any(|window| window == token)
         })
         .count())

@@ -26,8 +26,9 @@ use crate::{
     presence::{WatchRefused, Watching},
 };
 
-/// The largest Fernet token accepted in a deposit: a full-size body sealed, with room to
-/// spare, and well inside a frame.
+/// The largest sealed token accepted in a deposit, in bytes (an Olm message, or the text of
+/// an older build's token): a full-size body sealed, with room to spare, and well inside a
+/// frame.
 pub const MAX_TOKEN_LEN: usize = 48 * 1024;
 /// The budget of one `Fetch` reply in encoded envelope bytes: a 64 KiB frame less room for
 /// the response's own fields (tags, request id, lengths, `remaining`: a few dozen bytes).

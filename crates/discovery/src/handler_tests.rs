@@ -275,7 +275,7 @@ async fn every_request_but_register_and_announce_needs_a_registration() {
                 id: MessageId::random(),
                 from: name("x"),
                 to: name("y"),
-                token: String::new(),
+                token: Vec::new(),
             },
         },
     ];
@@ -513,7 +513,7 @@ async fn deposit_errors_each_have_their_code() {
     );
     // Too large.
     let mut huge = sealed(&alice, &bob, "x");
-    huge.token = "A".repeat(MAX_TOKEN_LEN + 1);
+    huge.token = vec![0xA5; MAX_TOKEN_LEN + 1];
     assert_eq!(
         code(
             fixture

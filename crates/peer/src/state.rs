@@ -2339,7 +2339,7 @@ mod tests {
             id: MessageId::random(),
             from: name(from),
             to: name("me"),
-            token: "sealed".to_owned(),
+            token: b"sealed".to_vec(),
         };
         let (first, second, third) = (envelope("alice"), envelope("carol"), envelope("alice"));
         {
@@ -2374,7 +2374,7 @@ mod tests {
             id,
             from: name(from),
             to: name("me"),
-            token: "sealed".to_owned(),
+            token: b"sealed".to_vec(),
         };
         let id = MessageId::random();
         let (alice, carol) = (envelope("alice", id), envelope("carol", id));
@@ -2621,7 +2621,7 @@ mod tests {
             id,
             from: name(from),
             to: name("me"),
-            token: format!("sealed by {from}"),
+            token: format!("sealed by {from}").into_bytes(),
         };
         let id = MessageId::random();
         let (alice, carol) = (envelope("alice", id), envelope("carol", id));

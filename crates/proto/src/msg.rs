@@ -20,8 +20,11 @@ use crate::{
 /// The protocol name carried in every [`Hello`].
 pub const PROTOCOL_NAME: &str = "p2pchat";
 /// The protocol version carried in every [`Hello`]; peers must match exactly. Version 2:
-/// every connection runs a Noise handshake after the hellos ([`crate::noise`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// every connection runs a Noise handshake after the hellos ([`crate::noise`]). Version 3:
+/// an [`Envelope`]'s token may be binary (an Olm message in bytes, [`crate::ratchet`]),
+/// which a version-2 endpoint would fail to decode as text, so the two are told apart at the
+/// hello instead.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The first frame each way on every connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,7 +113,7 @@ impl MailRef {
 }
 
 /// A sealed message as it travels and as mailboxes hold it. The header is clear text for
-/// routing; the Fernet `token` repeats it inside, and the receiver checks that the two agree.
+/// routing; the sealed `token` repeats it inside, and the receiver checks that the two agree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
     /// The message id.
@@ -119,8 +122,56 @@ pub struct Envelope {
     pub from: Username,
     /// The recipient.
     pub to: Username,
-    /// The Fernet token (URL-safe base64) over the sealed plaintext.
-    pub token: String,
+    /// The sealed message: an Olm message in binary ([`crate::ratchet`]), or, for mail
+    /// sealed by older builds, the text of an Olm or Fernet token ([`crate::seal`]). On the
+    /// wire it is length-prefixed bytes, encoded exactly as the text `String` older builds
+    /// used, so mail they stored decodes here unchanged.
+    #[serde(with = "token_bytes")]
+    pub token: Vec<u8>,
+}
+
+/// (De)serialises a token as bytes (postcard: a length, then the bytes, the same encoding as a
+/// `String`). Reading also takes a string or a sequence of bytes, for self-describing formats.
+mod token_bytes {
+    use serde::{Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(token: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(token)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        deserializer.deserialize_byte_buf(TokenVisitor)
+    }
+
+    struct TokenVisitor;
+
+    impl<'de> de::Visitor<'de> for TokenVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a sealed token as bytes")
+        }
+
+        fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(bytes.to_vec())
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, bytes: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(bytes)
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Vec<u8>, E> {
+            Ok(text.as_bytes().to_vec())
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(byte) = seq.next_element()? {
+                bytes.push(byte);
+            }
+            Ok(bytes)
+        }
+    }
 }
 
 /// One request from a client, with the id its response will carry.

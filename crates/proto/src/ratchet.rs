@@ -18,10 +18,16 @@
 //! (post-compromise security).
 //!
 //! The sealed bytes are the same checked [`Plaintext`] as the older static channel's
-//! ([`crate::seal`]), checked against the envelope and the pair. In the envelope's `token`
-//! an Olm message is `o<type>.<base64>` (`.<base64 signature>` after a pre-key message),
-//! so it never reads as a Fernet token (those start with `gAAAAA`), and mail sealed before
-//! the ratchet still opens with [`crate::Channel`].
+//! ([`crate::seal`]), checked against the envelope and the pair. The envelope's `token`
+//! holds the Olm message in binary: the byte `0x01` then a normal message, or `0x02`, the
+//! sender's 64-byte signature over its Olm key, then a pre-key message. Every pre-key
+//! message carries the signature, not just the first: any of them may be the first the
+//! recipient opens (mail arrives by more than one route, and a mailbox may drop mail that
+//! expired), and the recipient starts its session only from a signed Olm key. Older builds
+//! wrote the same message as text, `o<type>.<base64>` (`.<base64 signature>` after a
+//! pre-key message), and mailboxes may still hold such mail: it opens here unchanged. Both
+//! forms differ from a Fernet token (text starting with `gAAAAA`) in their first byte, so
+//! mail sealed before the ratchet still opens with [`crate::Channel`].
 //!
 //! [`Sessions`] and [`OwnAccount`] are saved as pickles ([`Sessions::pickle`],
 //! [`OwnAccount::pickle`]); the caller commits them in the same write as the message they
@@ -59,8 +65,15 @@ pub const MAX_ONE_TIME_KEYS: usize = 100;
 /// The most sessions kept with one peer (two start at once when both sides send first; a
 /// lost session is replaced): the newest is used to send, all are tried to open.
 pub const MAX_SESSIONS_PER_PEER: usize = 4;
-/// The token prefix of an Olm message (then the message type digit).
-const OLM_TOKEN_PREFIX: &str = "o";
+/// The first byte of a binary token holding an Olm normal message (then its bytes).
+const TOKEN_NORMAL: u8 = 0x01;
+/// The first byte of a binary token holding an Olm pre-key message (then the sender's
+/// 64-byte signature over its Olm key, then the message's bytes).
+const TOKEN_PRE_KEY: u8 = 0x02;
+/// The first byte of the text form older builds sealed (`o`, then the message type digit).
+const OLM_TEXT_PREFIX: u8 = b'o';
+/// The length of an Ed25519 signature.
+const SIGNATURE_LEN: usize = 64;
 
 /// The Olm session configuration: version 1, the one audited and spoken by libolm.
 fn session_config() -> SessionConfig {
@@ -277,24 +290,53 @@ struct Token {
     binding: Option<Signature>,
 }
 
-/// Whether `token` is an Olm message (else it is a Fernet token of the static channel).
-pub fn is_olm_token(token: &str) -> bool {
-    token.starts_with(OLM_TOKEN_PREFIX)
+/// Whether `token` is an Olm message, binary or text (else it is a Fernet token of the
+/// static channel, which starts with `gAAAAA`).
+pub fn is_olm_token(token: &[u8]) -> bool {
+    matches!(
+        token.first(),
+        Some(&(TOKEN_NORMAL | TOKEN_PRE_KEY | OLM_TEXT_PREFIX))
+    )
 }
 
-fn encode_token(message: &OlmMessage, binding: Option<&Signature>) -> String {
-    let (kind, bytes) = message.to_parts();
-    let mut token = format!("{OLM_TOKEN_PREFIX}{kind}.{}", b64().encode(bytes));
-    if let Some(binding) = binding {
-        token.push('.');
-        token.push_str(&b64().encode(binding.to_bytes()));
+/// The binary token of `message` (with the sender's `binding` after a pre-key message).
+fn encode_token(message: &OlmMessage, binding: &Signature) -> Vec<u8> {
+    let (_, bytes) = message.to_parts();
+    let mut token = Vec::with_capacity(1 + SIGNATURE_LEN + bytes.len());
+    match message {
+        OlmMessage::PreKey(_) => {
+            token.push(TOKEN_PRE_KEY);
+            token.extend_from_slice(&binding.to_bytes());
+        }
+        OlmMessage::Normal(_) => token.push(TOKEN_NORMAL),
     }
+    token.extend_from_slice(&bytes);
     token
 }
 
-fn decode_token(token: &str) -> Result<Token, OpenError> {
-    let rest = token
-        .strip_prefix(OLM_TOKEN_PREFIX)
+/// Reads a token in either form: binary ([`encode_token`]) or the text of older builds.
+fn decode_token(token: &[u8]) -> Result<Token, OpenError> {
+    let (kind, binding, bytes) = match token.split_first() {
+        Some((&TOKEN_NORMAL, bytes)) => (1, None, bytes),
+        Some((&TOKEN_PRE_KEY, rest)) => {
+            let (binding, bytes) = rest
+                .split_first_chunk::<SIGNATURE_LEN>()
+                .ok_or(OpenError::Malformed)?;
+            (0, Some(Signature::from_bytes(binding)), bytes)
+        }
+        Some((&OLM_TEXT_PREFIX, _)) => return decode_text_token(token),
+        _ => return Err(OpenError::Malformed),
+    };
+    let message = OlmMessage::from_parts(kind, bytes).map_err(|_| OpenError::Malformed)?;
+    Ok(Token { message, binding })
+}
+
+/// Reads the text form older builds sealed: `o<type>.<base64>`, then `.<base64 signature>`
+/// after a pre-key message.
+fn decode_text_token(token: &[u8]) -> Result<Token, OpenError> {
+    let text = std::str::from_utf8(token).map_err(|_| OpenError::Malformed)?;
+    let rest = text
+        .strip_prefix(char::from(OLM_TEXT_PREFIX))
         .ok_or(OpenError::Malformed)?;
     let mut parts = rest.split('.');
     let kind: usize = parts
@@ -308,7 +350,7 @@ fn decode_token(token: &str) -> Result<Token, OpenError> {
     let binding = match parts.next() {
         Some(part) => {
             let bytes = b64().decode(part).map_err(|_| OpenError::Malformed)?;
-            let bytes: [u8; 64] = bytes.try_into().map_err(|_| OpenError::Malformed)?;
+            let bytes: [u8; SIGNATURE_LEN] = bytes.try_into().map_err(|_| OpenError::Malformed)?;
             Some(Signature::from_bytes(&bytes))
         }
         None => None,
@@ -580,12 +622,11 @@ impl Sessions {
         let message = session
             .encrypt(bytes.as_slice())
             .map_err(|_| SealError::DegenerateKey)?;
-        let binding = matches!(message, OlmMessage::PreKey(_)).then_some(&account.binding);
         Ok(Envelope {
             id: plaintext.id,
             from: plaintext.from,
             to: plaintext.to,
-            token: encode_token(&message, binding),
+            token: encode_token(&message, &account.binding),
         })
     }
 
@@ -781,7 +822,7 @@ mod tests {
                 2_000,
             )
             .unwrap();
-        assert!(envelope.token.starts_with(OLM_TOKEN_PREFIX));
+        assert_eq!(envelope.token[0], TOKEN_NORMAL);
         let back = open(&mut alice, &bob, &envelope).unwrap().plaintext;
         assert_eq!(back.receipt, Some(receipt));
         assert_eq!(back.body, "");
@@ -807,21 +848,21 @@ mod tests {
         let (mut alice, mut bob) = (user("alice"), user("bob"));
         start(&mut alice, &mut bob);
         let first = seal(&mut alice, &bob, "hello bob");
-        assert!(first.token.starts_with("o0."), "a pre-key message first");
+        assert_eq!(first.token[0], TOKEN_PRE_KEY, "a pre-key message first");
         let opened = open(&mut bob, &alice, &first).unwrap();
         assert_eq!(opened.plaintext.body, "hello bob");
         assert!(opened.account_changed, "the one-time key is used up");
         // The same envelope again: its key is gone.
         assert!(open(&mut bob, &alice, &first).is_err());
         let reply = seal(&mut bob, &alice, "hi alice");
-        assert!(reply.token.starts_with("o1."), "bob's session is started");
+        assert_eq!(reply.token[0], TOKEN_NORMAL, "bob's session is started");
         assert_eq!(
             open(&mut alice, &bob, &reply).unwrap().plaintext.body,
             "hi alice"
         );
         let next = seal(&mut alice, &bob, "how are you");
-        assert!(
-            next.token.starts_with("o1."),
+        assert_eq!(
+            next.token[0], TOKEN_NORMAL,
             "alice heard back: normal messages"
         );
         assert!(!open(&mut bob, &alice, &next).unwrap().account_changed);
@@ -858,9 +899,8 @@ mod tests {
         // Mallory claims to be alice, with alice's message but her own binding.
         let mallory = Identity::generate();
         let mut forged = envelope.clone();
-        let (head, _) = forged.token.rsplit_once('.').unwrap();
         let fake = mallory.sign(b"anything");
-        forged.token = format!("{head}.{}", b64().encode(fake.to_bytes()));
+        forged.token[1..1 + SIGNATURE_LEN].copy_from_slice(&fake.to_bytes());
         assert!(matches!(
             open(&mut bob, &alice, &forged),
             Err(OpenError::BadToken { .. })
@@ -909,7 +949,7 @@ mod tests {
         // A new session seals; bob opens it as a new one.
         start(&mut alice, &mut bob);
         let fresh = seal(&mut alice, &bob, "in a new session");
-        assert!(fresh.token.starts_with("o0."));
+        assert_eq!(fresh.token[0], TOKEN_PRE_KEY);
         assert_eq!(
             open(&mut bob, &alice, &fresh).unwrap().plaintext.body,
             "in a new session"
@@ -1069,7 +1109,7 @@ mod tests {
     #[test]
     fn malformed_tokens_are_refused() {
         let (alice, mut bob) = (user("alice"), user("bob"));
-        for token in [
+        let text = [
             "o",
             "o0",
             "o0.",
@@ -1077,14 +1117,133 @@ mod tests {
             "o1.!!",
             "o1.AAAA.BBBB.CCCC",
             "gAAAAAB",
-        ] {
+        ]
+        .map(|token| token.as_bytes().to_vec());
+        let binary = [
+            vec![],
+            vec![TOKEN_NORMAL],
+            vec![TOKEN_PRE_KEY],
+            vec![TOKEN_PRE_KEY; 1 + SIGNATURE_LEN],
+            vec![TOKEN_NORMAL, 0xff, 0xff, 0xff],
+            vec![0x03, 1, 2, 3],
+            vec![0x00; 64],
+            vec![b'o', 0xff, 0xfe],
+        ];
+        for token in text.into_iter().chain(binary) {
             let envelope = Envelope {
                 id: MessageId::random(),
                 from: alice.name.clone(),
                 to: bob.name.clone(),
-                token: token.to_owned(),
+                token: token.clone(),
             };
-            assert!(open(&mut bob, &alice, &envelope).is_err(), "{token}");
+            assert!(
+                matches!(open(&mut bob, &alice, &envelope), Err(OpenError::Malformed)),
+                "{token:?}"
+            );
+            assert!(chain_position(&envelope).is_none() && ratchet_key(&envelope).is_none());
+            assert!(!signed_by(&envelope, &alice.name, alice.identity.public()));
         }
+    }
+
+    /// The text form older builds sealed, of the same Olm message as `envelope`'s token.
+    fn as_text_token(envelope: &Envelope) -> Envelope {
+        let token = decode_token(&envelope.token).unwrap();
+        let (kind, bytes) = token.message.to_parts();
+        let mut text = format!("o{kind}.{}", b64().encode(bytes));
+        if let Some(binding) = token.binding {
+            text.push('.');
+            text.push_str(&b64().encode(binding.to_bytes()));
+        }
+        Envelope {
+            token: text.into_bytes(),
+            ..envelope.clone()
+        }
+    }
+
+    #[test]
+    fn mail_in_the_text_form_of_older_builds_opens_like_binary_mail() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        // Queued by an older build: pre-key messages in text, the first of them starting
+        // bob's session.
+        let old: Vec<Envelope> = (0..3)
+            .map(|n| as_text_token(&seal(&mut alice, &bob, &format!("old {n}"))))
+            .collect();
+        let new = seal(&mut alice, &bob, "new");
+        assert_eq!(new.token[0], TOKEN_PRE_KEY);
+        assert!(
+            old.iter()
+                .all(|envelope| envelope.token.starts_with(b"o0."))
+        );
+        for (envelope, position) in old.iter().zip(0..) {
+            assert!(is_olm_token(&envelope.token));
+            assert_eq!(chain_position(envelope), Some(position));
+            assert!(signed_by(envelope, &alice.name, alice.identity.public()));
+        }
+        assert_eq!(chain_position(&new), Some(3));
+        assert!(signed_by(&new, &alice.name, alice.identity.public()));
+        assert_eq!(ratchet_key(&new), ratchet_key(&old[0]));
+        for envelope in &old {
+            let opened = open(&mut bob, &alice, envelope).unwrap();
+            assert!(opened.plaintext.body.starts_with("old "));
+        }
+        assert_eq!(open(&mut bob, &alice, &new).unwrap().plaintext.body, "new");
+        // A replayed text copy of an opened message finds its key gone.
+        assert!(open(&mut bob, &alice, &old[1]).is_err());
+        // Normal messages in text open too.
+        let reply = seal(&mut bob, &alice, "reply");
+        assert_eq!(
+            open(&mut alice, &bob, &as_text_token(&reply))
+                .unwrap()
+                .plaintext
+                .body,
+            "reply"
+        );
+    }
+
+    #[test]
+    fn a_binary_token_is_the_olm_message_and_signature_without_base64() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        let envelope = seal(&mut alice, &bob, &"x".repeat(100));
+        let text = as_text_token(&envelope);
+        let token = decode_token(&envelope.token).unwrap();
+        let (_, bytes) = token.message.to_parts();
+        assert_eq!(envelope.token.len(), 1 + SIGNATURE_LEN + bytes.len());
+        // Base64 costs 4 bytes per 3, plus the text's prefix and separators.
+        assert!(
+            text.token.len() * 3 >= envelope.token.len() * 4,
+            "{} vs {}",
+            text.token.len(),
+            envelope.token.len()
+        );
+    }
+
+    #[test]
+    fn every_damage_to_a_binary_token_is_refused_without_touching_the_session() {
+        let (mut alice, mut bob) = (user("alice"), user("bob"));
+        start(&mut alice, &mut bob);
+        let envelope = seal(&mut alice, &bob, "hello");
+        let keys_before = bob.account.one_time_key_count();
+        // Every cut short of the whole token, and a flipped bit in every byte.
+        for cut in 0..envelope.token.len() {
+            let mut damaged = envelope.clone();
+            damaged.token.truncate(cut);
+            assert!(open(&mut bob, &alice, &damaged).is_err(), "cut at {cut}");
+        }
+        for at in 0..envelope.token.len() {
+            let mut damaged = envelope.clone();
+            damaged.token[at] ^= 0x01;
+            assert!(
+                open(&mut bob, &alice, &damaged).is_err(),
+                "bit flipped at {at}"
+            );
+        }
+        assert!(bob.sessions.is_empty());
+        assert_eq!(bob.account.one_time_key_count(), keys_before);
+        assert_eq!(
+            open(&mut bob, &alice, &envelope).unwrap().plaintext.body,
+            "hello"
+        );
     }
 }

@@ -247,7 +247,10 @@ impl Channel {
             id,
             from: self.me.clone(),
             to: self.peer.clone(),
-            token: self.send.encrypt_at_time(&bytes, now_ms / 1000),
+            token: self
+                .send
+                .encrypt_at_time(&bytes, now_ms / 1000)
+                .into_bytes(),
         })
     }
 
@@ -255,16 +258,21 @@ impl Channel {
     /// matches the envelope and this channel.
     pub fn open(&self, envelope: &Envelope, now_ms: u64) -> Result<Plaintext, OpenError> {
         let now_secs = now_ms / 1000;
+        // A Fernet token is text (URL-safe base64): anything else is no token of this
+        // channel, like text that does not authenticate.
+        let token = std::str::from_utf8(&envelope.token).map_err(|_| OpenError::BadToken {
+            peer: self.peer.clone(),
+        })?;
         let bytes = Zeroizing::new(
             self.recv
-                .decrypt_at_time(&envelope.token, None, now_secs)
-                .map_err(|_| self.open_failure(&envelope.token, now_secs))?,
+                .decrypt_at_time(token, None, now_secs)
+                .map_err(|_| self.open_failure(token, now_secs))?,
         );
         let plaintext = Plaintext::from_bytes(&bytes)?;
         // The token's timestamp is authenticated now; the sealed time must be the one it
         // was sealed at (`seal` stamps both alike), so a sender cannot date a message
         // beyond Fernet's future bound inside the plaintext.
-        let stamped = token_time(&envelope.token) == Some(plaintext.sent_at_ms / 1000);
+        let stamped = token_time(token) == Some(plaintext.sent_at_ms / 1000);
         let checks = [
             ("id", plaintext.id == envelope.id),
             ("time", stamped),
@@ -515,26 +523,47 @@ mod tests {
         assert!(
             pair.bob
                 .recv
-                .decrypt_at_time(&envelope.token, None, NOW / 1000)
+                .decrypt_at_time(
+                    std::str::from_utf8(&envelope.token).unwrap(),
+                    None,
+                    NOW / 1000
+                )
                 .is_ok()
         );
         // Directions differ: alice's own receive key does not open what she sent.
         assert!(
             pair.alice
                 .recv
-                .decrypt_at_time(&envelope.token, None, NOW / 1000)
+                .decrypt_at_time(
+                    std::str::from_utf8(&envelope.token).unwrap(),
+                    None,
+                    NOW / 1000
+                )
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_token_that_is_not_text_is_no_token_of_the_channel() {
+        let (pair, _, _) = pair("alice", "bob");
+        let mut envelope = pair.alice.seal(MessageId::random(), "hello", NOW).unwrap();
+        envelope.token = vec![0x02, 0xff, 0xfe, 0x00];
+        assert!(matches!(
+            pair.bob.open(&envelope, NOW),
+            Err(OpenError::BadToken { .. })
+        ));
     }
 
     #[test]
     fn tampered_token_is_refused() {
         let (pair, _, _) = pair("alice", "bob");
         let mut envelope = pair.alice.seal(MessageId::random(), "hello", NOW).unwrap();
-        let mut bytes = envelope.token.into_bytes();
-        let middle = bytes.len() / 2;
-        bytes[middle] = if bytes[middle] == b'A' { b'B' } else { b'A' };
-        envelope.token = String::from_utf8(bytes).unwrap();
+        let middle = envelope.token.len() / 2;
+        envelope.token[middle] = if envelope.token[middle] == b'A' {
+            b'B'
+        } else {
+            b'A'
+        };
         assert!(matches!(
             pair.bob.open(&envelope, NOW),
             Err(OpenError::BadToken { .. })
@@ -632,7 +661,9 @@ mod tests {
         let mut bytes = vec![0x80];
         bytes.extend_from_slice(&(NOW / 1000 + 600).to_be_bytes());
         bytes.extend_from_slice(&[0u8; 64]);
-        envelope.token = base64::engine::general_purpose::URL_SAFE.encode(bytes);
+        envelope.token = base64::engine::general_purpose::URL_SAFE
+            .encode(bytes)
+            .into_bytes();
         assert!(matches!(
             pair.bob.open(&envelope, NOW),
             Err(OpenError::BadToken { .. })
@@ -659,7 +690,11 @@ mod tests {
             id,
             from: name("alice"),
             to: name("bob"),
-            token: pair.alice.send.encrypt_at_time(&bytes, NOW / 1000),
+            token: pair
+                .alice
+                .send
+                .encrypt_at_time(&bytes, NOW / 1000)
+                .into_bytes(),
         };
         assert_eq!(
             pair.bob.open(&envelope, NOW),
@@ -677,7 +712,11 @@ mod tests {
         let envelope = ab_c.seal(MessageId::random(), "x", NOW).unwrap();
         assert!(
             a_bc.send
-                .decrypt_at_time(&envelope.token, None, NOW / 1000)
+                .decrypt_at_time(
+                    std::str::from_utf8(&envelope.token).unwrap(),
+                    None,
+                    NOW / 1000
+                )
                 .is_err()
         );
     }

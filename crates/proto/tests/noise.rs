@@ -17,7 +17,7 @@ fn envelope(token: String) -> Envelope {
         id: MessageId::random(),
         from: Username::new("alice").unwrap(),
         to: Username::new("bob").unwrap(),
-        token,
+        token: token.into_bytes(),
     }
 }
 

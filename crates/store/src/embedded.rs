@@ -1254,7 +1254,7 @@ mod tests {
             id: MessageId::random(),
             from: user("alice"),
             to: user("bob"),
-            token: format!("token-{label}"),
+            token: format!("token-{label}").into_bytes(),
         }
     }
 

@@ -64,4 +64,5 @@ conformance!(
     presence_events_reach_their_recipients_instance,
     mailboxes_drain_in_batches,
     prekeys_are_claimed_once_each_then_the_fallback,
+    mail_queued_by_older_builds_in_text_is_fetched_and_opens,
 );

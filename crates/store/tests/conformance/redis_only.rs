@@ -382,7 +382,7 @@ pub async fn store_holds_no_plaintext(
         everything.extend(dump_everything(&mut node).await?);
     }
     // The dump is not vacuous: the ciphertext itself is in there.
-    let token = sealed.token.as_bytes();
+    let token = sealed.token.as_slice();
     ensure!(
         everything.iter().any(|value| contains(value, token)),
         "the sealed token was not found: the dump misses the mailbox"

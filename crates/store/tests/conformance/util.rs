@@ -124,7 +124,7 @@ pub fn envelope(from: &str, to: &str, label: &str) -> Envelope {
         id: MessageId::random(),
         from: user(from),
         to: user(to),
-        token: format!("token-{label}"),
+        token: format!("token-{label}").into_bytes(),
     }
 }
 
