@@ -216,6 +216,17 @@ pub enum Event {
         /// (id, when sent) of each message, oldest first.
         messages: Vec<(MessageId, u64)>,
     },
+    /// Messages from `from` did not open because the encrypted session they were sealed
+    /// in is lost here (a restored backup, a lost state): `from` was asked, in a new
+    /// session, to send them again; they are shown as [`Event::Message`]s when they come.
+    /// Told instead of a refusal for mail; a message sent direct is sealed again by its
+    /// sender at once.
+    ResendAsked {
+        /// The sender of the messages.
+        from: Username,
+        /// How many messages were asked for again.
+        messages: usize,
+    },
     /// An operator announcement.
     Announcement {
         /// The text.

@@ -1,5 +1,15 @@
 //! Receipts: a recipient tells a sender that it stored (delivered) or showed (read) the
-//! sender's messages, sealed through the same Olm session as any message.
+//! sender's messages, sealed through the same Olm session as any message; or asks the
+//! sender to send again messages that did not open because the session they were sealed
+//! in is lost here (a request to send again, [`ReceiptKind::Resend`]).
+//!
+//! A request to send again is owed like a receipt (durable in the same table, batched,
+//! de-duplicated; at most [`crate::state::MAX_RESENDS_OWED_PER_PEER`] ids per peer) but is
+//! always sealed in a new session, started from a one-time or fallback key claimed at the
+//! server like any first message. Its sender, on storing it, queues again the messages it
+//! names that were sent to the requester, with their ids, in their order, each a bounded
+//! number of times ([`crate::state::MAX_RESENDS_PER_MESSAGE`]); they are then sealed in
+//! the newest session (the one the request started) and sent by the normal route.
 //!
 //! A receipt is a [`proto::Receipt`] inside a sealed [`proto::Plaintext`] (see
 //! [`proto::seal`] for the encoding): the envelope carries it like a message, direct first
@@ -134,11 +144,14 @@ async fn send(context: &Context, to: &Username, receipt: &Receipt) -> Sent {
     if info.keys != pinned {
         return Sent::Later;
     }
+    // A request to send again answers messages of a session lost here: it starts a new
+    // one, which the sender then seals the messages again in.
+    let new_session = receipt.kind == ReceiptKind::Resend;
     match context.ratchet.has_session(state, to) {
-        Ok(true) => {}
+        Ok(true) if !new_session => {}
         // No session may seal (reset, or retired after an unclean stop): start one from a
         // claimed key, as a message would, so a receipt owed across a crash still goes.
-        Ok(false) => {
+        Ok(_) => {
             let bundle = match claim_prekey(context, to).await {
                 Ok(bundle) => bundle,
                 Err(status) => return after_route(&status),
