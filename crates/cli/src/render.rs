@@ -1006,6 +1006,35 @@ mod tests {
     }
 
     #[test]
+    fn mail_asked_for_again_is_one_notice_in_text_and_json() {
+        let one = Event::ResendAsked {
+            from: name("bob"),
+            messages: 1,
+        };
+        let text = event_text(&one).unwrap();
+        assert!(
+            text.starts_with("a message from bob could not be opened")
+                && text.ends_with("asked bob to send it again"),
+            "{text}"
+        );
+        let three = Event::ResendAsked {
+            from: name("bob"),
+            messages: 3,
+        };
+        let text = event_text(&three).unwrap();
+        assert!(
+            text.starts_with("3 messages from bob could not be opened")
+                && text.ends_with("asked bob to send them again"),
+            "{text}"
+        );
+        let json = event_json(&three);
+        assert_eq!(json["event"], "resend_asked");
+        assert_eq!(json["from"], "bob");
+        assert_eq!(json["messages"], 3);
+        assert_eq!(json["text"], text.as_str());
+    }
+
+    #[test]
     fn contact_presence_and_another_session_render_as_text_and_json() {
         let online = Event::Presence {
             user: name("bob"),
