@@ -1,5 +1,6 @@
 //! The identity lifecycle with the real binaries: a backup restored on a fresh data dir
-//! keeps the name (contacts see no key change), a rotation is followed by a contact who
+//! keeps the name (contacts see no key change) and gets the mail sealed in the sessions it
+//! lost sent again (shown once, in order), a rotation is followed by a contact who
 //! pinned the old key (a notice, no `trust`), and a name the operator released is bound
 //! anew, which contacts see as a loud key change.
 
