@@ -218,7 +218,13 @@ fn mail_sealed_in_a_session_lost_by_a_restored_backup_is_asked_for_again_and_sho
         event["event"] == "resend_asked"
     });
     assert_eq!(notice["from"], "alice", "{notice}");
-    assert_eq!(notice["messages"], bodies.len(), "{notice}");
+    // Alice's read receipt for "hello alice", if it went after bob stopped, waited in the
+    // mailbox too, sealed in the lost session: it cannot be told from a message without
+    // opening it, so it is counted (and asked for: alice, who has no message of that id,
+    // sends nothing for it).
+    let asked = notice["messages"].as_u64().unwrap_or_default();
+    let sent = bodies.len() as u64;
+    assert!((sent..=sent + 1).contains(&asked), "{notice}");
     assert!(
         notice["text"]
             .as_str()
