@@ -185,8 +185,7 @@ fn a_released_name_is_bound_anew_and_contacts_see_a_loud_key_change() {
 /// so once, asks alice (in a new session) to send it again, and every message is then
 /// shown exactly once and in the order alice wrote them.
 #[test]
-fn mail_sealed_in_a_session_lost_by_a_restored_backup_is_asked_for_again_and_shown_once_in_order()
-{
+fn mail_sealed_in_a_session_lost_by_a_restored_backup_is_asked_for_again_and_shown_once_in_order() {
     let server = Discovery::start();
     let alice = User::new("alice");
     let bob = User::new("bob");
@@ -196,7 +195,12 @@ fn mail_sealed_in_a_session_lost_by_a_restored_backup_is_asked_for_again_and_sho
     bob_listener.online();
     // A session both ways: alice's mail below is sealed in it.
     delivered(&mut alice_listener, &mut bob_listener, "bob", "hello bob");
-    delivered(&mut bob_listener, &mut alice_listener, "alice", "hello alice");
+    delivered(
+        &mut bob_listener,
+        &mut alice_listener,
+        "alice",
+        "hello alice",
+    );
     bob_listener.stop();
     let backup = bob.home.with_file_name("bob.backup");
     let exported = identity(&bob, &server, &["export", path(&backup)]);
@@ -249,7 +253,12 @@ fn mail_sealed_in_a_session_lost_by_a_restored_backup_is_asked_for_again_and_sho
     assert_eq!(refused, 0, "{:#?}", restored_listener.seen);
     // The conversation goes on in the new session, both ways.
     delivered(&mut restored_listener, &mut alice_listener, "alice", "back");
-    delivered(&mut alice_listener, &mut restored_listener, "bob", "welcome back");
+    delivered(
+        &mut alice_listener,
+        &mut restored_listener,
+        "bob",
+        "welcome back",
+    );
 }
 
 /// A server, alice and bob, bob listening, and one message from alice that bob received

@@ -769,9 +769,7 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
             context.report(report).await;
         }
         for (from, messages) in asked {
-            context
-                .notify(Event::ResendAsked { from, messages })
-                .await;
+            context.notify(Event::ResendAsked { from, messages }).await;
         }
         if !stop && remaining == 0 {
             context.mail_fetched(MailState::Drained);

@@ -488,9 +488,13 @@ fn receipt_kind_key(kind: ReceiptKind) -> u8 {
 /// The receipt kind of a `receipts_due` key (an unknown one, written by a newer build
 /// after a downgrade, is read as none).
 fn receipt_kind_of_key(key: u8) -> Option<ReceiptKind> {
-    [ReceiptKind::Delivered, ReceiptKind::Read, ReceiptKind::Resend]
-        .into_iter()
-        .find(|kind| receipt_kind_key(*kind) == key)
+    [
+        ReceiptKind::Delivered,
+        ReceiptKind::Read,
+        ReceiptKind::Resend,
+    ]
+    .into_iter()
+    .find(|kind| receipt_kind_key(*kind) == key)
 }
 
 /// The tables a request to send again ([`ReceiptKind::Resend`]) changes.
@@ -1998,7 +2002,9 @@ mod tests {
         let state = State::open(dir.path()).unwrap();
         let first = state.queue_outgoing(&name("bob"), "one", 1_000).unwrap();
         let second = state.queue_outgoing(&name("bob"), "two", 1_001).unwrap();
-        let to_carol = state.queue_outgoing(&name("carol"), "three", 1_002).unwrap();
+        let to_carol = state
+            .queue_outgoing(&name("carol"), "three", 1_002)
+            .unwrap();
         for entry in [&first, &second, &to_carol] {
             state
                 .finish_attempt(entry, &MessageStatus::Queued, false)
@@ -2085,7 +2091,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(dir.path()).unwrap();
         let delivered = state.queue_outgoing(&name("bob"), "got it", 1_000).unwrap();
-        let read = state.queue_outgoing(&name("bob"), "read it", 1_001).unwrap();
+        let read = state
+            .queue_outgoing(&name("bob"), "read it", 1_001)
+            .unwrap();
         state
             .finish_attempt(&delivered, &MessageStatus::Delivered, false)
             .unwrap();

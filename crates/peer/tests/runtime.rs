@@ -1314,12 +1314,22 @@ async fn mail_sealed_in_a_session_lost_by_a_restored_backup_is_asked_for_again_a
         assert_eq!(hello.status, DeliveryStatus::Delivered);
         until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
         bob.send(&name("alice"), "hi").await.unwrap();
-        until(&mut alice_events, |event| matches!(event, Event::Message(_))).await;
+        until(&mut alice_events, |event| {
+            matches!(event, Event::Message(_))
+        })
+        .await;
         bob.shutdown(Duration::from_secs(2)).await;
     }
     let backup = dir.path().join("bob.backup");
     let params = proto::backup::KdfParams::cheap_for_tests();
-    peer::backup::export(&dir.path().join("bob"), &name("bob"), "pass", params, &backup).unwrap();
+    peer::backup::export(
+        &dir.path().join("bob"),
+        &name("bob"),
+        "pass",
+        params,
+        &backup,
+    )
+    .unwrap();
     let bodies = ["one", "two", "three"];
     let mut sent = Vec::new();
     for body in bodies {
@@ -1502,14 +1512,20 @@ async fn a_tampered_mail_or_a_strangers_request_makes_nobody_send_anything_again
         "{seen:#?}"
     );
     assert!(
-        matches!(status_of(&alice, "dave", to_dave.id).await, MessageStatus::Queued),
+        matches!(
+            status_of(&alice, "dave", to_dave.id).await,
+            MessageStatus::Queued
+        ),
         "the message to dave was queued again"
     );
     assert_eq!(store.mail_count(&name("dave")).await.unwrap(), 1);
     let bob_later = drain(&mut bob_events, Duration::from_millis(300)).await;
     assert!(shown(&bob_later).is_empty(), "{bob_later:#?}");
     for id in &to_bob {
-        assert_eq!(status_of(&alice, "bob", *id).await, MessageStatus::Delivered);
+        assert_eq!(
+            status_of(&alice, "bob", *id).await,
+            MessageStatus::Delivered
+        );
     }
     for client in [alice, bob, carol] {
         client.shutdown(Duration::from_secs(2)).await;
