@@ -518,28 +518,8 @@ fn requeue_for_resend(
     request: &Receipt,
     now_ms: u64,
 ) -> Result<ReceiptApplied, StateError> {
-    let mut wanted: std::collections::HashSet<MessageId> = request.ids.iter().copied().collect();
-    let mut lines: Vec<HistoryEntry> = Vec::new();
-    for row in tables
-        .history
-        .range((from.as_str(), 0)..=(from.as_str(), u64::MAX))?
-        .rev()
-        .take(RECEIPT_SCAN_LINES)
-    {
-        if wanted.is_empty() {
-            break;
-        }
-        let (_, bytes) = row?;
-        let Ok(line) = decode::<HistoryEntry>("history", bytes.value()) else {
-            continue;
-        };
-        if line.direction == Direction::Outgoing && wanted.remove(&line.id) {
-            lines.push(line);
-        }
-    }
-    lines.reverse();
     let mut requeued = Vec::new();
-    for mut line in lines {
+    for mut line in sent_lines_named(tables.history, from, &request.ids)? {
         let resent = tables
             .resends
             .get((from.as_str(), line.id.0))?
@@ -584,16 +564,16 @@ fn requeue_for_resend(
     })
 }
 
-/// Applies `receipt` from `from` to the latest [`RECEIPT_SCAN_LINES`] history lines with
-/// `from`: only lines of messages sent to `from` with a named id change, and only forward
-/// ([`MessageStatus::after_receipt`]). A line that does not decode is left alone.
-fn apply_receipt(
-    history: &mut redb::Table<'_, (&str, u64), &[u8]>,
+/// The lines of messages sent to `from` whose ids are in `ids`, among the latest
+/// [`RECEIPT_SCAN_LINES`] history lines with `from`, oldest first. A line that does not
+/// decode is passed over.
+fn sent_lines_named(
+    history: &redb::Table<'_, (&str, u64), &[u8]>,
     from: &Username,
-    receipt: &Receipt,
-) -> Result<ReceiptApplied, StateError> {
-    let mut wanted: std::collections::HashSet<MessageId> = receipt.ids.iter().copied().collect();
-    let mut changed: Vec<HistoryEntry> = Vec::new();
+    ids: &[MessageId],
+) -> Result<Vec<HistoryEntry>, StateError> {
+    let mut wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
+    let mut lines: Vec<HistoryEntry> = Vec::new();
     for row in history
         .range((from.as_str(), 0)..=(from.as_str(), u64::MAX))?
         .rev()
@@ -603,18 +583,32 @@ fn apply_receipt(
             break;
         }
         let (_, bytes) = row?;
-        let Ok(mut line) = decode::<HistoryEntry>("history", bytes.value()) else {
+        let Ok(line) = decode::<HistoryEntry>("history", bytes.value()) else {
             continue;
         };
-        if line.direction != Direction::Outgoing || !wanted.remove(&line.id) {
-            continue;
+        if line.direction == Direction::Outgoing && wanted.remove(&line.id) {
+            lines.push(line);
         }
+    }
+    lines.reverse();
+    Ok(lines)
+}
+
+/// Applies `receipt` from `from` to the latest [`RECEIPT_SCAN_LINES`] history lines with
+/// `from`: only lines of messages sent to `from` with a named id change, and only forward
+/// ([`MessageStatus::after_receipt`]). A line that does not decode is left alone.
+fn apply_receipt(
+    history: &mut redb::Table<'_, (&str, u64), &[u8]>,
+    from: &Username,
+    receipt: &Receipt,
+) -> Result<ReceiptApplied, StateError> {
+    let mut changed: Vec<HistoryEntry> = Vec::new();
+    for mut line in sent_lines_named(history, from, &receipt.ids)? {
         if let Some(status) = line.status.after_receipt(receipt.kind) {
             line.status = status;
             changed.push(line);
         }
     }
-    changed.reverse();
     for line in &changed {
         history.insert((from.as_str(), line.seq), encode(line).as_ref())?;
     }
@@ -1996,6 +1990,21 @@ mod tests {
         assert_eq!(state.receipts_due(100).unwrap(), vec![]);
     }
 
+    /// Asserts that a batch of one request to send again queued nothing.
+    fn assert_queued_nothing(outcomes: &[StoreOutcome]) {
+        assert!(
+            matches!(outcomes, [StoreOutcome::Receipt(applied)] if applied.messages.is_empty()),
+            "{outcomes:?}"
+        );
+    }
+
+    /// Stores a request from `from` to send `ids` again, and asserts it queued nothing.
+    fn assert_asks_in_vain(state: &State, from: &str, ids: Vec<MessageId>) {
+        let request = receipt(from, ReceiptKind::Resend, ids, 2_000);
+        assert_queued_nothing(&store_batch(state, vec![request], true));
+        assert!(state.outbox().unwrap().is_empty());
+    }
+
     #[test]
     fn a_resend_request_queues_again_only_its_senders_messages_in_order_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
@@ -2011,19 +2020,8 @@ mod tests {
                 .unwrap();
         }
         assert!(state.outbox().unwrap().is_empty());
-        // Carol asks for a message sent to bob, and for one of her own: only hers goes.
-        let stranger = receipt(
-            "carol",
-            ReceiptKind::Resend,
-            vec![first.id, second.id],
-            2_000,
-        );
-        let outcomes = store_batch(&state, vec![stranger], true);
-        assert!(matches!(
-            &outcomes[..],
-            [StoreOutcome::Receipt(applied)] if applied.messages.is_empty()
-        ));
-        assert!(state.outbox().unwrap().is_empty());
+        // Carol asks for the messages sent to bob: nothing goes.
+        assert_asks_in_vain(&state, "carol", vec![first.id, second.id]);
         // Bob names his two (in reverse) and an id nobody sent: both go again, in their
         // original order, with their ids, bodies and times; their lines are pending.
         let unknown = MessageId::random();
@@ -2052,10 +2050,7 @@ mod tests {
         assert_eq!(statuses(&state, "carol"), vec![MessageStatus::Queued]);
         // While they are in the outbox, asking again queues nothing twice.
         let outcomes = store_batch(&state, vec![request(2_002)], true);
-        assert!(matches!(
-            &outcomes[..],
-            [StoreOutcome::Receipt(applied)] if applied.messages.is_empty()
-        ));
+        assert_queued_nothing(&outcomes);
         assert_eq!(state.outbox().unwrap().len(), 2);
         // Each message goes again at most `MAX_RESENDS_PER_MESSAGE` times (here each time
         // to the mailbox, and never opened there).
@@ -2100,18 +2095,7 @@ mod tests {
         state
             .finish_attempt(&read, &MessageStatus::Read, false)
             .unwrap();
-        let request = receipt(
-            "bob",
-            ReceiptKind::Resend,
-            vec![delivered.id, read.id],
-            2_000,
-        );
-        let outcomes = store_batch(&state, vec![request], true);
-        assert!(matches!(
-            &outcomes[..],
-            [StoreOutcome::Receipt(applied)] if applied.messages.is_empty()
-        ));
-        assert!(state.outbox().unwrap().is_empty());
+        assert_asks_in_vain(&state, "bob", vec![delivered.id, read.id]);
     }
 
     #[test]
@@ -2128,10 +2112,7 @@ mod tests {
             .submit_incoming(vec![request], late, true, RatchetSave::default())
             .wait_blocking()
             .unwrap();
-        assert!(matches!(
-            &outcomes[..],
-            [StoreOutcome::Receipt(applied)] if applied.messages.is_empty()
-        ));
+        assert_queued_nothing(&outcomes);
         assert!(state.outbox().unwrap().is_empty());
     }
 

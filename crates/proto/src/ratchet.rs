@@ -1074,14 +1074,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_lost_session_is_told_apart_from_a_forgery() {
+    /// Alice and bob with a session in which each has opened a message of the other.
+    fn talking_both_ways() -> (User, User) {
         let (mut alice, mut bob) = (user("alice"), user("bob"));
         start(&mut alice, &mut bob);
         let first = seal(&mut alice, &bob, "one");
         open(&mut bob, &alice, &first).unwrap();
         let answer = seal(&mut bob, &alice, "two");
         open(&mut alice, &bob, &answer).unwrap();
+        (alice, bob)
+    }
+
+    #[test]
+    fn a_lost_session_is_told_apart_from_a_forgery() {
+        let (mut alice, mut bob) = talking_both_ways();
         let normal = seal(&mut alice, &bob, "three");
         bob.sessions.clear();
         assert!(matches!(
@@ -1104,12 +1110,7 @@ mod tests {
     /// the recipient knows must not read as lost: it is refused as a forgery.
     #[test]
     fn a_tampered_message_of_a_known_chain_is_a_forgery_not_a_lost_session() {
-        let (mut alice, mut bob) = (user("alice"), user("bob"));
-        start(&mut alice, &mut bob);
-        let first = seal(&mut alice, &bob, "one");
-        open(&mut bob, &alice, &first).unwrap();
-        let answer = seal(&mut bob, &alice, "two");
-        open(&mut alice, &bob, &answer).unwrap();
+        let (mut alice, mut bob) = talking_both_ways();
         let next = seal(&mut alice, &bob, "three");
         open(&mut bob, &alice, &next).unwrap();
         // The same chain, one message on: its ciphertext altered.
