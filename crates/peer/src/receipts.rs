@@ -105,8 +105,15 @@ pub(crate) async fn send_due(context: &Context) -> bool {
         }
     };
     let more = due.len() == MAX_DUE_PER_RUN;
+    // Peers a request to send again started a new session with in this run: the next
+    // batch of requests goes in that one (one claimed key a run, not one a batch).
+    let mut started: std::collections::HashSet<Username> = std::collections::HashSet::new();
     for (to, receipt) in batches(due) {
-        let sent = send(context, &to, &receipt).await;
+        let new_session = receipt.kind == ReceiptKind::Resend && !started.contains(&to);
+        let sent = send(context, &to, &receipt, new_session).await;
+        if new_session && sent == Sent::Done {
+            started.insert(to.clone());
+        }
         tracing::debug!(%to, kind = ?receipt.kind, ids = receipt.ids.len(), ?sent, "receipt");
         if sent == Sent::Later {
             continue;
@@ -123,11 +130,12 @@ pub(crate) async fn send_due(context: &Context) -> bool {
     more
 }
 
-/// Seals `receipt` to `to` in the session their messages came by and sends it by the
+/// Seals `receipt` to `to` in the session their messages came by (in a new one started
+/// from a claimed key with `new_session`) and sends it by the
 /// route of a message: direct to an advertised address, else `to`'s mailbox. Only to keys
 /// pinned here (the receipt answers messages that opened under them) and still the
 /// server's: after a key change it waits for `trust`. Never to a user blocked since.
-async fn send(context: &Context, to: &Username, receipt: &Receipt) -> Sent {
+async fn send(context: &Context, to: &Username, receipt: &Receipt, new_session: bool) -> Sent {
     let state = &context.state;
     let pinned = match (state.pinned(to), state.is_blocked(to)) {
         (Ok(Some(pinned)), Ok(false)) => pinned,
@@ -144,9 +152,8 @@ async fn send(context: &Context, to: &Username, receipt: &Receipt) -> Sent {
     if info.keys != pinned {
         return Sent::Later;
     }
-    // A request to send again answers messages of a session lost here: it starts a new
-    // one, which the sender then seals the messages again in.
-    let new_session = receipt.kind == ReceiptKind::Resend;
+    // A request to send again answers messages of a session lost here: with
+    // `new_session` it starts a new one, which the sender then seals them again in.
     match context.ratchet.has_session(state, to) {
         Ok(true) if !new_session => {}
         // No session may seal (reset, or retired after an unclean stop): start one from a
