@@ -14,8 +14,8 @@ use crate::{
 };
 
 /// How long seen ids are remembered, and so the oldest message accepted (mail lives up to
-/// 30 days in a mailbox; this leaves a margin).
-pub const SEEN_RETENTION_MS: u64 = 40 * 24 * 3600 * 1000;
+/// 30 days in a mailbox; this leaves a margin). Defined beside the state that keeps them.
+pub const SEEN_RETENTION_MS: u64 = crate::state::SEEN_RETENTION_MS;
 
 /// Everything the runtime needs to start.
 #[derive(Debug, Clone)]

@@ -214,6 +214,9 @@ const RECEIPTS_DUE: TableDefinition<(&str, u8, [u8; 16]), u64> =
 /// one for older ones leaves their status as it was rather than cost a scan of the whole
 /// history.
 const RECEIPT_SCAN_LINES: usize = 8192;
+/// How long seen ids are remembered, and so the oldest message accepted (mail lives up to
+/// 30 days in a mailbox; this leaves a margin): `crate::api::SEEN_RETENTION_MS`.
+pub const SEEN_RETENTION_MS: u64 = 40 * 24 * 3600 * 1000;
 /// How many times each sent message is sent again at its recipient's request
 /// ([`ReceiptKind::Resend`]) at most: a peer cannot make this client send unboundedly.
 pub const MAX_RESENDS_PER_MESSAGE: u8 = 3;
@@ -508,7 +511,7 @@ struct ResendTables<'a, 'txn> {
 /// order), the messages `request` from `from` names that were sent to `from`, among the
 /// latest [`RECEIPT_SCAN_LINES`] lines with them: each at most
 /// [`MAX_RESENDS_PER_MESSAGE`] times, only while the recipient would still take it (its
-/// time within [`crate::api::SEEN_RETENTION_MS`]), never once the recipient confirmed it
+/// time within [`SEEN_RETENTION_MS`]), never once the recipient confirmed it
 /// (delivered or read: its client stored it), and not while it is in the outbox already. Their lines are pending again. An id never sent to `from` changes nothing.
 /// The messages are sealed again when sent, in the newest session with `from`: the
 /// request itself started one.
@@ -524,10 +527,7 @@ fn requeue_for_resend(
             .resends
             .get((from.as_str(), line.id.0))?
             .map_or(0, |count| count.value());
-        let too_old = line
-            .sent_at_ms
-            .saturating_add(crate::api::SEEN_RETENTION_MS)
-            < now_ms;
+        let too_old = line.sent_at_ms.saturating_add(SEEN_RETENTION_MS) < now_ms;
         // The recipient's client stored a delivered or read message: it never needs it again
         // (and a thief of its identity key cannot have it sealed again for them).
         let stored_there = matches!(line.status, MessageStatus::Delivered | MessageStatus::Read);
@@ -2106,7 +2106,7 @@ mod tests {
         state
             .finish_attempt(&old, &MessageStatus::Queued, false)
             .unwrap();
-        let late = 1_000 + crate::api::SEEN_RETENTION_MS + 1;
+        let late = 1_000 + SEEN_RETENTION_MS + 1;
         let request = receipt("bob", ReceiptKind::Resend, vec![old.id], late - 1);
         let outcomes = state
             .submit_incoming(vec![request], late, true, RatchetSave::default())
