@@ -714,6 +714,17 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
                         break;
                     }
                 },
+                // A request goes only to keys pinned here (a restored backup carries the
+                // pins): without them, the user is told whose message did not open.
+                MailVerdict::AskAgain
+                    if !matches!(context.state.pinned(&envelope.from), Ok(Some(_))) =>
+                {
+                    let refusal = Refusal::Bad(OpenError::NoSession {
+                        peer: envelope.from.clone(),
+                    });
+                    report_refusal(context, &envelope.from, &refusal).await;
+                    ack.push(MailRef::of(envelope));
+                }
                 MailVerdict::AskAgain => {
                     tracing::info!(from = %envelope.from, id = %envelope.id, "mail sealed in a session lost here; asking for it again");
                     ask_again.push((MailRef::of(envelope), (envelope.from.clone(), envelope.id)));
