@@ -1531,3 +1531,54 @@ async fn a_tampered_mail_or_a_strangers_request_makes_nobody_send_anything_again
         client.shutdown(Duration::from_secs(2)).await;
     }
 }
+
+/// A state lost without a backup has no pins: mail that no session opens is told (whose it
+/// was), and nobody is asked to send anything again (a request goes only to pinned keys).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_lost_with_a_state_that_kept_no_pins_is_told_and_asks_for_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let (store, server) = store_and_server(dir.path(), &shutdown).await;
+    let (alice, mut alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
+    {
+        let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+        alice.send(&name("bob"), "hello").await.unwrap();
+        until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
+        bob.send(&name("alice"), "hi").await.unwrap();
+        until(&mut alice_events, |event| {
+            matches!(event, Event::Message(_))
+        })
+        .await;
+        bob.shutdown(Duration::from_secs(2)).await;
+    }
+    let lost = alice.send(&name("bob"), "lost").await.unwrap();
+    assert!(
+        matches!(lost.status, DeliveryStatus::Queued { .. }),
+        "{lost:?}"
+    );
+    // Bob keeps his identity file but loses his state (pins, sessions, history).
+    std::fs::remove_file(dir.path().join("bob").join(peer::state::STATE_FILE)).unwrap();
+    let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+    let mut seen = until(&mut bob_events, |event| {
+        matches!(
+            event,
+            Event::Refused {
+                reason: peer::RefusalReason::Unopenable(proto::OpenError::NoSession { .. }),
+                ..
+            }
+        )
+    })
+    .await;
+    seen.extend(drain(&mut bob_events, Duration::from_millis(700)).await);
+    assert!(
+        !seen
+            .iter()
+            .any(|event| matches!(event, Event::ResendAsked { .. })),
+        "{seen:#?}"
+    );
+    assert!(shown(&seen).is_empty(), "{seen:#?}");
+    assert_eq!(store.mail_count(&name("bob")).await.unwrap(), 0);
+    for client in [alice, bob] {
+        client.shutdown(Duration::from_secs(2)).await;
+    }
+}
