@@ -1298,6 +1298,27 @@ async fn a_receipt_owed_at_exit_goes_at_the_next_start() {
     }
 }
 
+/// Alice online, after she and bob each opened a message of the other (a session both
+/// ways), with bob's runtime (data under `root/bob`) stopped since.
+async fn alice_after_talking_with_bob(
+    root: &std::path::Path,
+    server: SocketAddr,
+    shutdown: &CancellationToken,
+) -> (peer::Client, peer::Events) {
+    let (alice, mut alice_events) = online(config(server, "alice", root), shutdown).await;
+    let (bob, mut bob_events) = online(config(server, "bob", root), shutdown).await;
+    let hello = alice.send(&name("bob"), "hello").await.unwrap();
+    assert_eq!(hello.status, DeliveryStatus::Delivered);
+    until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
+    bob.send(&name("alice"), "hi").await.unwrap();
+    until(&mut alice_events, |event| {
+        matches!(event, Event::Message(_))
+    })
+    .await;
+    bob.shutdown(Duration::from_secs(2)).await;
+    (alice, alice_events)
+}
+
 /// Issue 14: mail sealed in a session the recipient no longer has (bob restored his
 /// identity backup on a fresh data dir while alice's mail waited) is not lost: bob is told
 /// once, asks alice in a new session to send it again, and every message is shown exactly
@@ -1307,19 +1328,8 @@ async fn mail_sealed_in_a_session_lost_by_a_restored_backup_is_asked_for_again_a
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let (store, server) = store_and_server(dir.path(), &shutdown).await;
-    let (alice, mut alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
-    {
-        let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
-        let hello = alice.send(&name("bob"), "hello").await.unwrap();
-        assert_eq!(hello.status, DeliveryStatus::Delivered);
-        until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
-        bob.send(&name("alice"), "hi").await.unwrap();
-        until(&mut alice_events, |event| {
-            matches!(event, Event::Message(_))
-        })
-        .await;
-        bob.shutdown(Duration::from_secs(2)).await;
-    }
+    let (alice, mut alice_events) =
+        alice_after_talking_with_bob(dir.path(), server, &shutdown).await;
     let backup = dir.path().join("bob.backup");
     let params = proto::backup::KdfParams::cheap_for_tests();
     peer::backup::export(
@@ -1539,18 +1549,7 @@ async fn mail_lost_with_a_state_that_kept_no_pins_is_told_and_asks_for_nothing()
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let (store, server) = store_and_server(dir.path(), &shutdown).await;
-    let (alice, mut alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
-    {
-        let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
-        alice.send(&name("bob"), "hello").await.unwrap();
-        until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
-        bob.send(&name("alice"), "hi").await.unwrap();
-        until(&mut alice_events, |event| {
-            matches!(event, Event::Message(_))
-        })
-        .await;
-        bob.shutdown(Duration::from_secs(2)).await;
-    }
+    let (alice, _alice_events) = alice_after_talking_with_bob(dir.path(), server, &shutdown).await;
     let lost = alice.send(&name("bob"), "lost").await.unwrap();
     assert!(
         matches!(lost.status, DeliveryStatus::Queued { .. }),
