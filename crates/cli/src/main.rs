@@ -707,7 +707,9 @@ fn event_user(event: &Event) -> Option<&Username> {
         | Event::KeyRotated { user, .. }
         | Event::Presence { user, .. } => Some(user),
         Event::Delivery { to, .. } => Some(to),
-        Event::Refused { from, .. } | Event::Receipt { from, .. } => Some(from),
+        Event::Refused { from, .. }
+        | Event::Receipt { from, .. }
+        | Event::ResendAsked { from, .. } => Some(from),
         Event::Announcement { .. }
         | Event::Online { .. }
         | Event::Offline { .. }

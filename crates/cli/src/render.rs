@@ -188,7 +188,7 @@ pub fn refusal_text(from: &Username, reason: &RefusalReason) -> String {
         RefusalReason::Unopenable(proto::OpenError::NoSession { .. }) => format!(
             "a message from {from} could not be opened: the encrypted session it belongs to is \
              gone here (a restored backup or a new data dir). {from}'s next message starts a new \
-             one; ask {from} to send it again"
+             one"
         ),
         RefusalReason::Unopenable(error) => error.to_string(),
         RefusalReason::NotForMe(to) => format!("the message is addressed to {to}, not to me"),
@@ -249,6 +249,7 @@ pub fn event_text(event: &Event, look: &Look, now_ms: u64) -> Option<String> {
         | Event::Presence { .. }
         | Event::Receipt { .. } => Paint::Quiet,
         Event::MuteEnded { .. }
+        | Event::ResendAsked { .. }
         | Event::Announcement { .. }
         | Event::KeyRotated { .. }
         | Event::SessionElsewhere { .. } => Paint::Notice,
@@ -328,6 +329,7 @@ fn event_text_raw(event: &Event, look: &Look, now_ms: u64) -> String {
                 refusal_text(from, reason)
             )
         }
+        Event::ResendAsked { from, messages } => resend_asked_text(from, *messages),
         Event::StateError { error } => format!("local state error: {error}"),
         Event::Presence { user, online: true } => format!("{user} is online"),
         Event::Presence {
@@ -361,6 +363,7 @@ fn receipt_text(
     let verb = match kind {
         ReceiptKind::Delivered => "received",
         ReceiptKind::Read => "read",
+        ReceiptKind::Resend => "asked again for",
     };
     let first = messages.iter().map(|(_, at)| *at).min().unwrap_or(0);
     let last = messages.iter().map(|(_, at)| *at).max().unwrap_or(0);
@@ -382,7 +385,21 @@ fn receipt_kind_name(kind: ReceiptKind) -> &'static str {
     match kind {
         ReceiptKind::Delivered => "delivered",
         ReceiptKind::Read => "read",
+        ReceiptKind::Resend => "resend",
     }
+}
+
+/// The notice of messages asked for again: `a message from bob could not be opened (its
+/// encrypted session is gone here); asked bob to send it again`.
+pub fn resend_asked_text(from: &Username, messages: usize) -> String {
+    let (what, it) = match messages {
+        1 => ("a message".to_owned(), "it"),
+        count => (format!("{count} messages"), "them"),
+    };
+    format!(
+        "{what} from {from} could not be opened (the encrypted session is gone here: a \
+         restored backup or a new data dir); asked {from} to send {it} again"
+    )
 }
 
 fn status_fields(
@@ -441,6 +458,10 @@ pub fn event_json(event: &Event) -> Value {
         Event::Refused { from, reason } => {
             json!({"event": "refused", "from": from.as_str(), "reason": refusal_text(from, reason)})
         }
+        Event::ResendAsked { from, messages } => json!({
+            "event": "resend_asked", "from": from.as_str(), "messages": messages,
+            "text": resend_asked_text(from, *messages),
+        }),
         Event::StateError { error } => json!({"event": "state_error", "error": error}),
         Event::Presence { user, online } => {
             json!({"event": "presence", "user": user.as_str(), "online": online})
@@ -982,6 +1003,35 @@ mod tests {
             );
             assert!(text.contains("hi\\n[01:02:04] alice"), "{text:?}");
         }
+    }
+
+    #[test]
+    fn mail_asked_for_again_is_one_notice_in_text_and_json() {
+        let one = Event::ResendAsked {
+            from: name("bob"),
+            messages: 1,
+        };
+        let text = event_text(&one).unwrap();
+        assert!(
+            text.starts_with("a message from bob could not be opened")
+                && text.ends_with("asked bob to send it again"),
+            "{text}"
+        );
+        let three = Event::ResendAsked {
+            from: name("bob"),
+            messages: 3,
+        };
+        let text = event_text(&three).unwrap();
+        assert!(
+            text.starts_with("3 messages from bob could not be opened")
+                && text.ends_with("asked bob to send them again"),
+            "{text}"
+        );
+        let json = event_json(&three);
+        assert_eq!(json["event"], "resend_asked");
+        assert_eq!(json["from"], "bob");
+        assert_eq!(json["messages"], 3);
+        assert_eq!(json["text"], text.as_str());
     }
 
     #[test]

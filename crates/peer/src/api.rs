@@ -14,8 +14,8 @@ use crate::{
 };
 
 /// How long seen ids are remembered, and so the oldest message accepted (mail lives up to
-/// 30 days in a mailbox; this leaves a margin).
-pub const SEEN_RETENTION_MS: u64 = 40 * 24 * 3600 * 1000;
+/// 30 days in a mailbox; this leaves a margin). Defined beside the state that keeps them.
+pub const SEEN_RETENTION_MS: u64 = crate::state::SEEN_RETENTION_MS;
 
 /// Everything the runtime needs to start.
 #[derive(Debug, Clone)]
@@ -215,6 +215,17 @@ pub enum Event {
         kind: ReceiptKind,
         /// (id, when sent) of each message, oldest first.
         messages: Vec<(MessageId, u64)>,
+    },
+    /// Messages from `from` did not open because the encrypted session they were sealed
+    /// in is lost here (a restored backup, a lost state): `from` was asked, in a new
+    /// session, to send them again; they are shown as [`Event::Message`]s when they come.
+    /// Told instead of a refusal for mail; a message sent direct is sealed again by its
+    /// sender at once.
+    ResendAsked {
+        /// The sender of the messages.
+        from: Username,
+        /// How many messages were asked for again.
+        messages: usize,
     },
     /// An operator announcement.
     Announcement {

@@ -36,7 +36,8 @@
 //!   receipts, when on; never for messages of a blocked sender marked handled unshown), on
 //!   registration (what was owed before an exit or a crash) and on the slow timer (what
 //!   could not go). A receipt received moves the status of the messages it names and is
-//!   told as [`Event::Receipt`] when it changed any; it is never shown as a message.
+//!   told as [`Event::Receipt`] when it changed any; it is never shown as a message. A
+//!   request to send again that queued messages again flushes its sender's outbox.
 //! - **Connection**: the user hears once that the server is gone, not at every retry; a
 //!   reconnect starts a new link generation (kept links may point where peers no longer are).
 //! - **Contacts' presence**: at each registration the server is told whom to watch (the
@@ -608,6 +609,14 @@ impl Core {
                     self.emit(Event::Message(message));
                 }
             }
+            Report::Receipt(applied) if applied.kind == proto::ReceiptKind::Resend => {
+                // The messages it named are in the outbox again: send them.
+                if !applied.messages.is_empty() {
+                    tracing::info!(to = %applied.from, messages = applied.messages.len(), "sending messages again that the recipient could not open");
+                    self.actions
+                        .push_back(Action::ReadOutbox(Some(applied.from)));
+                }
+            }
             Report::Receipt(applied) => {
                 if !applied.messages.is_empty() {
                     self.emit(Event::Receipt {
@@ -1080,6 +1089,28 @@ mod tests {
             }),
             now,
         );
+        assert!(drain(&mut core).is_empty());
+    }
+
+    #[test]
+    fn a_resend_request_that_queued_messages_flushes_its_senders_outbox_and_shows_nothing() {
+        let now = clock();
+        let mut core = core(now);
+        drain(&mut core);
+        let request = |messages| {
+            Report::Receipt(ReceiptApplied {
+                from: name("bob"),
+                kind: proto::ReceiptKind::Resend,
+                messages,
+            })
+        };
+        core.report(request(vec![(MessageId::random(), 5)]), now);
+        assert!(matches!(
+            drain(&mut core).as_slice(),
+            [Action::ReadOutbox(Some(user))] if user.as_str() == "bob"
+        ));
+        // One that queued nothing (ids not sent to bob, or sent again enough) does nothing.
+        core.report(request(Vec::new()), now);
         assert!(drain(&mut core).is_empty());
     }
 

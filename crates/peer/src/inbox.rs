@@ -529,6 +529,10 @@ pub(crate) enum MailVerdict {
     },
     /// Sealed under the sender's new key: keep it sealed for `trust`, then ack it.
     Hold,
+    /// Sealed in a session lost here (a restored backup, a lost state): owe its sender a
+    /// request to send it again ([`proto::ReceiptKind::Resend`]), then ack it. Its id is
+    /// not recorded as seen, so the message sent again is stored (once).
+    AskAgain,
     /// Refused for good: ack it (delete it from the mailbox, or it comes back forever).
     Refuse(Refusal),
 }
@@ -545,6 +549,7 @@ pub(crate) fn mail_verdict(checked: Result<Checked, Refusal>) -> MailVerdict {
             MailVerdict::DatedAhead { ahead_secs }
         }
         Err(Refusal::KeyChanged) => MailVerdict::Hold,
+        Err(Refusal::Bad(OpenError::NoSession { .. })) => MailVerdict::AskAgain,
         Err(refusal) => MailVerdict::Refuse(refusal),
     }
 }
@@ -651,6 +656,9 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
         context.mail_fetched(MailState::Draining);
         let mut ack: Vec<MailRef> = Vec::new();
         let mut checked: Vec<(MailRef, Plaintext)> = Vec::new();
+        // Mail sealed in sessions lost here: acked once the requests to send it again are
+        // owed durably.
+        let mut ask_again: Vec<(MailRef, (Username, MessageId))> = Vec::new();
         let mut stop = false;
         // Set when a message could not be taken now.
         let mut left_for_later = false;
@@ -706,9 +714,42 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
                         break;
                     }
                 },
+                // A request goes only to keys pinned here (a restored backup carries the
+                // pins): without them, the user is told whose message did not open.
+                MailVerdict::AskAgain
+                    if !matches!(context.state.pinned(&envelope.from), Ok(Some(_))) =>
+                {
+                    let refusal = Refusal::Bad(OpenError::NoSession {
+                        peer: envelope.from.clone(),
+                    });
+                    report_refusal(context, &envelope.from, &refusal).await;
+                    ack.push(MailRef::of(envelope));
+                }
+                MailVerdict::AskAgain => {
+                    tracing::info!(from = %envelope.from, id = %envelope.id, "mail sealed in a session lost here; asking for it again");
+                    ask_again.push((MailRef::of(envelope), (envelope.from.clone(), envelope.id)));
+                }
                 MailVerdict::Refuse(refusal) => {
                     report_refusal(context, &envelope.from, &refusal).await;
                     ack.push(MailRef::of(envelope));
+                }
+            }
+        }
+        let mut asked: Vec<(Username, usize)> = Vec::new();
+        if !ask_again.is_empty() {
+            let (refs, owed): (Vec<MailRef>, Vec<_>) = ask_again.into_iter().unzip();
+            match context
+                .state
+                .submit_resends_owed(owed, proto::now_ms())
+                .await
+            {
+                Ok(added) => {
+                    ack.extend(refs);
+                    asked = added;
+                }
+                Err(error) => {
+                    tracing::info!(%error, "mail left in the mailbox for later");
+                    (stop, left_for_later) = (true, true);
                 }
             }
         }
@@ -737,6 +778,9 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
         }
         for report in new {
             context.report(report).await;
+        }
+        for (from, messages) in asked {
+            context.notify(Event::ResendAsked { from, messages }).await;
         }
         if !stop && remaining == 0 {
             context.mail_fetched(MailState::Drained);

@@ -1,5 +1,15 @@
 //! Receipts: a recipient tells a sender that it stored (delivered) or showed (read) the
-//! sender's messages, sealed through the same Olm session as any message.
+//! sender's messages, sealed through the same Olm session as any message; or asks the
+//! sender to send again messages that did not open because the session they were sealed
+//! in is lost here (a request to send again, [`ReceiptKind::Resend`]).
+//!
+//! A request to send again is owed like a receipt (durable in the same table, batched,
+//! de-duplicated; at most [`crate::state::MAX_RESENDS_OWED_PER_PEER`] ids per peer) but is
+//! always sealed in a new session, started from a one-time or fallback key claimed at the
+//! server like any first message. Its sender, on storing it, queues again the messages it
+//! names that were sent to the requester, with their ids, in their order, each a bounded
+//! number of times ([`crate::state::MAX_RESENDS_PER_MESSAGE`]); they are then sealed in
+//! the newest session (the one the request started) and sent by the normal route.
 //!
 //! A receipt is a [`proto::Receipt`] inside a sealed [`proto::Plaintext`] (see
 //! [`proto::seal`] for the encoding): the envelope carries it like a message, direct first
@@ -95,8 +105,15 @@ pub(crate) async fn send_due(context: &Context) -> bool {
         }
     };
     let more = due.len() == MAX_DUE_PER_RUN;
+    // Peers a request to send again started a new session with in this run: the next
+    // batch of requests goes in that one (one claimed key a run, not one a batch).
+    let mut started: std::collections::HashSet<Username> = std::collections::HashSet::new();
     for (to, receipt) in batches(due) {
-        let sent = send(context, &to, &receipt).await;
+        let new_session = receipt.kind == ReceiptKind::Resend && !started.contains(&to);
+        let sent = send(context, &to, &receipt, new_session).await;
+        if new_session && sent == Sent::Done {
+            started.insert(to.clone());
+        }
         tracing::debug!(%to, kind = ?receipt.kind, ids = receipt.ids.len(), ?sent, "receipt");
         if sent == Sent::Later {
             continue;
@@ -113,11 +130,12 @@ pub(crate) async fn send_due(context: &Context) -> bool {
     more
 }
 
-/// Seals `receipt` to `to` in the session their messages came by and sends it by the
+/// Seals `receipt` to `to` in the session their messages came by (in a new one started
+/// from a claimed key with `new_session`) and sends it by the
 /// route of a message: direct to an advertised address, else `to`'s mailbox. Only to keys
 /// pinned here (the receipt answers messages that opened under them) and still the
 /// server's: after a key change it waits for `trust`. Never to a user blocked since.
-async fn send(context: &Context, to: &Username, receipt: &Receipt) -> Sent {
+async fn send(context: &Context, to: &Username, receipt: &Receipt, new_session: bool) -> Sent {
     let state = &context.state;
     let pinned = match (state.pinned(to), state.is_blocked(to)) {
         (Ok(Some(pinned)), Ok(false)) => pinned,
@@ -134,11 +152,13 @@ async fn send(context: &Context, to: &Username, receipt: &Receipt) -> Sent {
     if info.keys != pinned {
         return Sent::Later;
     }
+    // A request to send again answers messages of a session lost here: with
+    // `new_session` it starts a new one, which the sender then seals them again in.
     match context.ratchet.has_session(state, to) {
-        Ok(true) => {}
+        Ok(true) if !new_session => {}
         // No session may seal (reset, or retired after an unclean stop): start one from a
         // claimed key, as a message would, so a receipt owed across a crash still goes.
-        Ok(false) => {
+        Ok(_) => {
             let bundle = match claim_prekey(context, to).await {
                 Ok(bundle) => bundle,
                 Err(status) => return after_route(&status),

@@ -220,6 +220,17 @@ const RECEIPTS_DUE: TableDefinition<(&str, u8, [u8; 16]), u64> =
 /// one for older ones leaves their status as it was rather than cost a scan of the whole
 /// history.
 const RECEIPT_SCAN_LINES: usize = 8192;
+/// How long seen ids are remembered, and so the oldest message accepted (mail lives up to
+/// 30 days in a mailbox; this leaves a margin): `crate::api::SEEN_RETENTION_MS`.
+pub const SEEN_RETENTION_MS: u64 = 40 * 24 * 3600 * 1000;
+/// How many times each sent message is sent again at its recipient's request
+/// ([`ReceiptKind::Resend`]) at most: a peer cannot make this client send unboundedly.
+pub const MAX_RESENDS_PER_MESSAGE: u8 = 3;
+/// The most ids owed in requests to send again to one peer (beyond it, more unopenable
+/// messages of theirs are only told): a peer sending garbage cannot fill the disk.
+pub const MAX_RESENDS_OWED_PER_PEER: usize = 4 * proto::seal::MAX_RECEIPT_IDS;
+/// How often each sent message was sent again at its recipient's request.
+const RESENDS: TableDefinition<(&str, [u8; 16]), u8> = TableDefinition::new("resends");
 const OLM_ACCOUNT: &str = "account";
 const OLM_SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("olm_sessions");
 /// The first byte of an `olm_sessions` value that starts with the run that saved it (a
@@ -336,6 +347,9 @@ impl MessageStatus {
         let target = match kind {
             ReceiptKind::Delivered => Self::Delivered,
             ReceiptKind::Read => Self::Read,
+            // A request to send again moves nothing forward (it queues the message again:
+            // [`State::submit_incoming`]).
+            ReceiptKind::Resend => return None,
         };
         (self.rank() < target.rank()).then_some(target)
     }
@@ -476,7 +490,114 @@ fn receipt_kind_key(kind: ReceiptKind) -> u8 {
     match kind {
         ReceiptKind::Delivered => 0,
         ReceiptKind::Read => 1,
+        ReceiptKind::Resend => 2,
     }
+}
+
+/// The receipt kind of a `receipts_due` key (an unknown one, written by a newer build
+/// after a downgrade, is read as none).
+fn receipt_kind_of_key(key: u8) -> Option<ReceiptKind> {
+    [
+        ReceiptKind::Delivered,
+        ReceiptKind::Read,
+        ReceiptKind::Resend,
+    ]
+    .into_iter()
+    .find(|kind| receipt_kind_key(*kind) == key)
+}
+
+/// The tables a request to send again ([`ReceiptKind::Resend`]) changes.
+struct ResendTables<'a, 'txn> {
+    history: &'a mut redb::Table<'txn, (&'static str, u64), &'static [u8]>,
+    outbox: &'a mut redb::Table<'txn, u64, &'static [u8]>,
+    resends: &'a mut redb::Table<'txn, (&'static str, [u8; 16]), u8>,
+}
+
+/// Queues again, in the outbox at their first history positions (so in their original
+/// order), the messages `request` from `from` names that were sent to `from`, among the
+/// latest [`RECEIPT_SCAN_LINES`] lines with them: each at most
+/// [`MAX_RESENDS_PER_MESSAGE`] times, only while the recipient would still take it (its
+/// time within [`SEEN_RETENTION_MS`]), never once the recipient confirmed it
+/// (delivered or read: its client stored it), and not while it is in the outbox already. Their lines are pending again. An id never sent to `from` changes nothing.
+/// The messages are sealed again when sent, in the newest session with `from`: the
+/// request itself started one.
+fn requeue_for_resend(
+    tables: ResendTables<'_, '_>,
+    from: &Username,
+    request: &Receipt,
+    now_ms: u64,
+) -> Result<ReceiptApplied, StateError> {
+    let mut requeued = Vec::new();
+    for mut line in sent_lines_named(tables.history, from, &request.ids)? {
+        let resent = tables
+            .resends
+            .get((from.as_str(), line.id.0))?
+            .map_or(0, |count| count.value());
+        let too_old = line.sent_at_ms.saturating_add(SEEN_RETENTION_MS) < now_ms;
+        // The recipient's client stored a delivered or read message: it never needs it again
+        // (and a thief of its identity key cannot have it sealed again for them).
+        let stored_there = matches!(line.status, MessageStatus::Delivered | MessageStatus::Read);
+        if resent >= MAX_RESENDS_PER_MESSAGE
+            || stored_there
+            || too_old
+            || tables.outbox.get(line.seq)?.is_some()
+        {
+            continue;
+        }
+        let entry = OutboxEntry {
+            id: line.id,
+            to: from.clone(),
+            body: line.body.clone(),
+            created_ms: line.sent_at_ms,
+            seq: line.seq,
+            attempts: 0,
+            last_error: None,
+        };
+        tables.outbox.insert(line.seq, encode(&entry).as_ref())?;
+        tables
+            .resends
+            .insert((from.as_str(), line.id.0), resent + 1)?;
+        line.status = MessageStatus::Pending;
+        tables
+            .history
+            .insert((from.as_str(), line.seq), encode(&line).as_ref())?;
+        requeued.push((line.id, line.sent_at_ms));
+    }
+    Ok(ReceiptApplied {
+        from: from.clone(),
+        kind: ReceiptKind::Resend,
+        messages: requeued,
+    })
+}
+
+/// The lines of messages sent to `from` whose ids are in `ids`, among the latest
+/// [`RECEIPT_SCAN_LINES`] history lines with `from`, oldest first. A line that does not
+/// decode is passed over.
+fn sent_lines_named(
+    history: &redb::Table<'_, (&str, u64), &[u8]>,
+    from: &Username,
+    ids: &[MessageId],
+) -> Result<Vec<HistoryEntry>, StateError> {
+    let mut wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
+    let mut lines: Vec<HistoryEntry> = Vec::new();
+    for row in history
+        .range((from.as_str(), 0)..=(from.as_str(), u64::MAX))?
+        .rev()
+        .take(RECEIPT_SCAN_LINES)
+    {
+        if wanted.is_empty() {
+            break;
+        }
+        let (_, bytes) = row?;
+        let Ok(line) = decode::<HistoryEntry>("history", bytes.value()) else {
+            continue;
+        };
+        if line.direction == Direction::Outgoing && wanted.remove(&line.id) {
+            lines.push(line);
+        }
+    }
+    lines.reverse();
+    Ok(lines)
 }
 
 /// Applies `receipt` from `from` to the latest [`RECEIPT_SCAN_LINES`] history lines with
@@ -487,29 +608,13 @@ fn apply_receipt(
     from: &Username,
     receipt: &Receipt,
 ) -> Result<ReceiptApplied, StateError> {
-    let mut wanted: std::collections::HashSet<MessageId> = receipt.ids.iter().copied().collect();
     let mut changed: Vec<HistoryEntry> = Vec::new();
-    for row in history
-        .range((from.as_str(), 0)..=(from.as_str(), u64::MAX))?
-        .rev()
-        .take(RECEIPT_SCAN_LINES)
-    {
-        if wanted.is_empty() {
-            break;
-        }
-        let (_, bytes) = row?;
-        let Ok(mut line) = decode::<HistoryEntry>("history", bytes.value()) else {
-            continue;
-        };
-        if line.direction != Direction::Outgoing || !wanted.remove(&line.id) {
-            continue;
-        }
+    for mut line in sent_lines_named(history, from, &receipt.ids)? {
         if let Some(status) = line.status.after_receipt(receipt.kind) {
             line.status = status;
             changed.push(line);
         }
     }
-    changed.reverse();
     for line in &changed {
         history.insert((from.as_str(), line.seq), encode(line).as_ref())?;
     }
@@ -654,6 +759,7 @@ impl State {
         txn.open_table(OLM)?;
         txn.open_table(OLM_SESSIONS)?;
         txn.open_table(RECEIPTS_DUE)?;
+        txn.open_table(RESENDS)?;
         let next_seq = txn
             .open_table(META)?
             .get(NEXT_SEQ)?
@@ -1108,7 +1214,8 @@ impl State {
     /// one outcome per message.
     ///
     /// A receipt ([`Plaintext::receipt`]) is de-duplicated like a message and applied to
-    /// the history of messages sent to its sender ([`StoreOutcome::Receipt`]). A new
+    /// the history of messages sent to its sender ([`StoreOutcome::Receipt`]); a request
+    /// to send again queues those messages again (see `requeue_for_resend`). A new
     /// message from the mailbox (`via_mailbox`) makes a delivered receipt due, in the same
     /// commit.
     pub fn submit_incoming(
@@ -1128,6 +1235,8 @@ impl State {
             let mut unshown = txn.open_table(UNSHOWN)?;
             let mutes = txn.open_table(MUTES)?;
             let mut receipts_due = txn.open_table(RECEIPTS_DUE)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let mut resends = txn.open_table(RESENDS)?;
             let mut outcomes = Vec::with_capacity(messages.len());
             // The stored counter is raised once for the whole batch, past its highest
             // position (positions are handed out in order, so that covers them all).
@@ -1141,7 +1250,16 @@ impl State {
                 seen.insert(seen_key, now_ms)?;
                 seen_ids.insert((message.from.as_str(), message.id.0), message.sent_at_ms)?;
                 if let Some(receipt) = &message.receipt {
-                    let applied = apply_receipt(&mut history, &message.from, receipt)?;
+                    let applied = if receipt.kind == ReceiptKind::Resend {
+                        let tables = ResendTables {
+                            history: &mut history,
+                            outbox: &mut outbox,
+                            resends: &mut resends,
+                        };
+                        requeue_for_resend(tables, &message.from, receipt, now_ms)?
+                    } else {
+                        apply_receipt(&mut history, &message.from, receipt)?
+                    };
                     outcomes.push(StoreOutcome::Receipt(applied));
                     continue;
                 }
@@ -1413,17 +1531,47 @@ impl State {
         for row in table.iter()?.take(max) {
             let (key, _) = row?;
             let (user, kind, id) = key.value();
-            let kind = if kind == receipt_kind_key(ReceiptKind::Read) {
-                ReceiptKind::Read
-            } else {
-                ReceiptKind::Delivered
-            };
-            // Only valid names are ever written; a row that is not one is skipped.
-            if let Ok(user) = Username::new(user) {
+            // Only valid names and kinds are ever written; a row that is not one is skipped.
+            if let (Ok(user), Some(kind)) = (Username::new(user), receipt_kind_of_key(kind)) {
                 due.push((user, kind, MessageId(id)));
             }
         }
         Ok(due)
+    }
+
+    /// Owes a request to send again ([`ReceiptKind::Resend`]) for each (sender, id) of a
+    /// message that did not open because its session is lost here, in `receipts_due` like
+    /// any receipt: durable, de-duplicated, sent in batches. At most
+    /// [`MAX_RESENDS_OWED_PER_PEER`] ids are owed to one peer at a time. Resolves once
+    /// durable, with how many ids became owed to each peer (in the order first named).
+    pub fn submit_resends_owed(
+        &self,
+        owed: Vec<(Username, MessageId)>,
+        now_ms: u64,
+    ) -> Ticket<Vec<(Username, usize)>> {
+        self.writer.submit(move |txn| {
+            let mut table = txn.open_table(RECEIPTS_DUE)?;
+            let kind = receipt_kind_key(ReceiptKind::Resend);
+            let mut added: Vec<(Username, usize)> = Vec::new();
+            for (from, id) in &owed {
+                let peer = from.as_str();
+                if table.get((peer, kind, id.0))?.is_some() {
+                    continue;
+                }
+                let already = table
+                    .range((peer, kind, [0u8; 16])..=(peer, kind, [0xffu8; 16]))?
+                    .count();
+                if already >= MAX_RESENDS_OWED_PER_PEER {
+                    continue;
+                }
+                table.insert((peer, kind, id.0), now_ms)?;
+                match added.iter_mut().find(|(user, _)| user == from) {
+                    Some((_, count)) => *count += 1,
+                    None => added.push((from.clone(), 1)),
+                }
+            }
+            Ok(added)
+        })
     }
 
     /// Forgets receipts due to `to` (sent, or never to be sent). Resolves once durable.
@@ -1846,6 +1994,169 @@ mod tests {
         assert_eq!(state.history(&name("bob"), 100).unwrap().len(), 1);
         assert_eq!(state.unshown().unwrap().len(), unshown_before);
         assert_eq!(state.receipts_due(100).unwrap(), vec![]);
+    }
+
+    /// Asserts that a batch of one request to send again queued nothing.
+    fn assert_queued_nothing(outcomes: &[StoreOutcome]) {
+        assert!(
+            matches!(outcomes, [StoreOutcome::Receipt(applied)] if applied.messages.is_empty()),
+            "{outcomes:?}"
+        );
+    }
+
+    /// Stores a request from `from` to send `ids` again, and asserts it queued nothing.
+    fn assert_asks_in_vain(state: &State, from: &str, ids: Vec<MessageId>) {
+        let request = receipt(from, ReceiptKind::Resend, ids, 2_000);
+        assert_queued_nothing(&store_batch(state, vec![request], true));
+        assert!(state.outbox().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_resend_request_queues_again_only_its_senders_messages_in_order_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let first = state.queue_outgoing(&name("bob"), "one", 1_000).unwrap();
+        let second = state.queue_outgoing(&name("bob"), "two", 1_001).unwrap();
+        let to_carol = state
+            .queue_outgoing(&name("carol"), "three", 1_002)
+            .unwrap();
+        for entry in [&first, &second, &to_carol] {
+            state
+                .finish_attempt(entry, &MessageStatus::Queued, false)
+                .unwrap();
+        }
+        assert!(state.outbox().unwrap().is_empty());
+        // Carol asks for the messages sent to bob: nothing goes.
+        assert_asks_in_vain(&state, "carol", vec![first.id, second.id]);
+        // Bob names his two (in reverse) and an id nobody sent: both go again, in their
+        // original order, with their ids, bodies and times; their lines are pending.
+        let unknown = MessageId::random();
+        let request = |at| {
+            receipt(
+                "bob",
+                ReceiptKind::Resend,
+                vec![second.id, unknown, first.id],
+                at,
+            )
+        };
+        let outcomes = store_batch(&state, vec![request(2_001)], true);
+        assert_eq!(
+            outcomes,
+            vec![StoreOutcome::Receipt(ReceiptApplied {
+                from: name("bob"),
+                kind: ReceiptKind::Resend,
+                messages: vec![(first.id, 1_000), (second.id, 1_001)],
+            })]
+        );
+        assert_eq!(state.outbox().unwrap(), vec![first.clone(), second.clone()]);
+        assert_eq!(
+            statuses(&state, "bob"),
+            vec![MessageStatus::Pending, MessageStatus::Pending]
+        );
+        assert_eq!(statuses(&state, "carol"), vec![MessageStatus::Queued]);
+        // While they are in the outbox, asking again queues nothing twice.
+        let outcomes = store_batch(&state, vec![request(2_002)], true);
+        assert_queued_nothing(&outcomes);
+        assert_eq!(state.outbox().unwrap().len(), 2);
+        // Each message goes again at most `MAX_RESENDS_PER_MESSAGE` times (here each time
+        // to the mailbox, and never opened there).
+        let mut sent_again = 1;
+        for at in 3_000..3_010 {
+            for entry in [&first, &second] {
+                state
+                    .finish_attempt(entry, &MessageStatus::Queued, false)
+                    .unwrap();
+            }
+            let outcomes = store_batch(&state, vec![request(at)], true);
+            if let [StoreOutcome::Receipt(applied)] = &outcomes[..]
+                && !applied.messages.is_empty()
+            {
+                sent_again += 1;
+            }
+        }
+        assert_eq!(sent_again, usize::from(MAX_RESENDS_PER_MESSAGE));
+        assert!(state.outbox().unwrap().is_empty());
+        // A request is no message: nothing to show, no receipt owed for it.
+        assert!(state.unshown().unwrap().is_empty());
+        assert!(
+            state
+                .receipts_due(100)
+                .unwrap()
+                .iter()
+                .all(|(_, kind, _)| *kind != ReceiptKind::Resend)
+        );
+    }
+
+    #[test]
+    fn a_message_its_recipient_confirmed_is_never_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let delivered = state.queue_outgoing(&name("bob"), "got it", 1_000).unwrap();
+        let read = state
+            .queue_outgoing(&name("bob"), "read it", 1_001)
+            .unwrap();
+        state
+            .finish_attempt(&delivered, &MessageStatus::Delivered, false)
+            .unwrap();
+        state
+            .finish_attempt(&read, &MessageStatus::Read, false)
+            .unwrap();
+        assert_asks_in_vain(&state, "bob", vec![delivered.id, read.id]);
+    }
+
+    #[test]
+    fn a_message_too_old_for_its_recipient_is_not_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let old = state.queue_outgoing(&name("bob"), "old", 1_000).unwrap();
+        state
+            .finish_attempt(&old, &MessageStatus::Queued, false)
+            .unwrap();
+        let late = 1_000 + SEEN_RETENTION_MS + 1;
+        let request = receipt("bob", ReceiptKind::Resend, vec![old.id], late - 1);
+        let outcomes = state
+            .submit_incoming(vec![request], late, true, RatchetSave::default())
+            .wait_blocking()
+            .unwrap();
+        assert_queued_nothing(&outcomes);
+        assert!(state.outbox().unwrap().is_empty());
+    }
+
+    #[test]
+    fn resends_owed_are_durable_deduplicated_and_bounded_per_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let lost = MessageId::random();
+        let owed = vec![
+            (name("alice"), lost),
+            (name("alice"), lost),
+            (name("carol"), MessageId::random()),
+        ];
+        let added = state.submit_resends_owed(owed, 5).wait_blocking().unwrap();
+        assert_eq!(added, vec![(name("alice"), 1), (name("carol"), 1)]);
+        let again = state
+            .submit_resends_owed(vec![(name("alice"), lost)], 6)
+            .wait_blocking()
+            .unwrap();
+        assert!(again.is_empty());
+        // Owed across a restart, as the receipt kind it is.
+        drop(state);
+        let state = State::open(dir.path()).unwrap();
+        let due = state.receipts_due(100).unwrap();
+        assert!(due.contains(&(name("alice"), ReceiptKind::Resend, lost)));
+        assert_eq!(due.len(), 2);
+        // A flood of unopenable ids from one peer owes at most the bound.
+        let flood: Vec<_> = (0..MAX_RESENDS_OWED_PER_PEER + 50)
+            .map(|_| (name("mallory"), MessageId::random()))
+            .collect();
+        let added = state.submit_resends_owed(flood, 7).wait_blocking().unwrap();
+        assert_eq!(added, vec![(name("mallory"), MAX_RESENDS_OWED_PER_PEER)]);
+        state
+            .forget_receipts(&name("alice"), ReceiptKind::Resend, vec![lost])
+            .wait_blocking()
+            .unwrap();
+        let due = state.receipts_due(10_000).unwrap();
+        assert!(!due.contains(&(name("alice"), ReceiptKind::Resend, lost)));
     }
 
     #[test]

@@ -1297,3 +1297,287 @@ async fn a_receipt_owed_at_exit_goes_at_the_next_start() {
         client.shutdown(Duration::from_secs(2)).await;
     }
 }
+
+/// Alice online, after she and bob each opened a message of the other (a session both
+/// ways), with bob's runtime (data under `root/bob`) stopped since.
+async fn alice_after_talking_with_bob(
+    root: &std::path::Path,
+    server: SocketAddr,
+    shutdown: &CancellationToken,
+) -> (peer::Client, peer::Events) {
+    let (alice, mut alice_events) = online(config(server, "alice", root), shutdown).await;
+    let (bob, mut bob_events) = online(config(server, "bob", root), shutdown).await;
+    let hello = alice.send(&name("bob"), "hello").await.unwrap();
+    assert_eq!(hello.status, DeliveryStatus::Delivered);
+    until(&mut bob_events, |event| matches!(event, Event::Message(_))).await;
+    bob.send(&name("alice"), "hi").await.unwrap();
+    until(&mut alice_events, |event| {
+        matches!(event, Event::Message(_))
+    })
+    .await;
+    bob.shutdown(Duration::from_secs(2)).await;
+    (alice, alice_events)
+}
+
+/// Issue 14: mail sealed in a session the recipient no longer has (bob restored his
+/// identity backup on a fresh data dir while alice's mail waited) is not lost: bob is told
+/// once, asks alice in a new session to send it again, and every message is shown exactly
+/// once, in the order alice wrote them; alice's lines end delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_sealed_in_a_session_lost_by_a_restored_backup_is_asked_for_again_and_shown_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let (store, server) = store_and_server(dir.path(), &shutdown).await;
+    let (alice, mut alice_events) =
+        alice_after_talking_with_bob(dir.path(), server, &shutdown).await;
+    let backup = dir.path().join("bob.backup");
+    let params = proto::backup::KdfParams::cheap_for_tests();
+    peer::backup::export(
+        &dir.path().join("bob"),
+        &name("bob"),
+        "pass",
+        params,
+        &backup,
+    )
+    .unwrap();
+    let bodies = ["one", "two", "three"];
+    let mut sent = Vec::new();
+    for body in bodies {
+        let report = alice.send(&name("bob"), body).await.unwrap();
+        assert!(
+            matches!(report.status, DeliveryStatus::Queued { .. }),
+            "{report:?}"
+        );
+        sent.push(report.id);
+    }
+
+    let restored = dir.path().join("restored");
+    let contents = peer::backup::read(&backup, "pass").unwrap();
+    peer::backup::import(&restored.join("bob"), &contents, false)
+        .await
+        .unwrap();
+    let (bob, mut bob_events) = online(config(server, "bob", &restored), &shutdown).await;
+    let seen = until(
+        &mut bob_events,
+        |event| matches!(event, Event::Message(message) if message.body == "three"),
+    )
+    .await;
+    let notices: Vec<&Event> = seen
+        .iter()
+        .filter(|event| matches!(event, Event::ResendAsked { .. }))
+        .collect();
+    assert!(
+        matches!(
+            notices.as_slice(),
+            [Event::ResendAsked { from, messages: 3 }] if from.as_str() == "alice"
+        ),
+        "{seen:#?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|event| matches!(event, Event::Refused { .. })),
+        "{seen:#?}"
+    );
+    let later = drain(&mut bob_events, Duration::from_millis(700)).await;
+    let mut all = seen.clone();
+    all.extend(later);
+    assert_eq!(shown(&all), bodies);
+    // The ids are the ones alice wrote, and her lines end delivered.
+    let ids: Vec<MessageId> = all
+        .iter()
+        .filter_map(|event| match event {
+            Event::Message(message) => Some(message.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, sent);
+    for id in &sent {
+        until(&mut alice_events, |event| {
+            matches!(event, Event::Delivery { id: sent, status: DeliveryStatus::Delivered, .. } if sent == id)
+        })
+        .await;
+    }
+    assert_eq!(store.mail_count(&name("bob")).await.unwrap(), 0);
+    // Bob's history holds each message once.
+    assert_eq!(bob.history(&name("alice"), 100).await.unwrap().len(), 3);
+    for client in [alice, bob] {
+        client.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+/// A message tampered with in a chain the recipient knows is a forgery, not a lost
+/// session: it asks nobody to send anything again. And a request to send again from a
+/// user for messages sent to someone else makes the sender send nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_mail_or_a_strangers_request_makes_nobody_send_anything_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let (store, server) = store_and_server(dir.path(), &shutdown).await;
+    let (alice, mut alice_events) = online(config(server, "alice", dir.path()), &shutdown).await;
+    let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+    let (carol, _carol_events) = online(config(server, "carol", dir.path()), &shutdown).await;
+    // Alice's chain after bob's answer is one bob has received in.
+    for (alice_writes, body) in [(true, "hello"), (false, "hi"), (true, "again")] {
+        let (from, to, events) = if alice_writes {
+            (&alice, "bob", &mut bob_events)
+        } else {
+            (&bob, "alice", &mut alice_events)
+        };
+        let report = from.send(&name(to), body).await.unwrap();
+        assert_eq!(report.status, DeliveryStatus::Delivered);
+        until(
+            events,
+            |event| matches!(event, Event::Message(message) if message.body == body),
+        )
+        .await;
+    }
+    let mut tampered = seal_as(&alice, &name("bob"), "tampered", proto::now_ms())
+        .await
+        .unwrap();
+    assert!(tampered.token.starts_with("o1."), "{}", tampered.token);
+    let mut token = tampered.token.into_bytes();
+    let spot = token.len() - 6;
+    token[spot] = if token[spot] == b'A' { b'B' } else { b'A' };
+    tampered.token = String::from_utf8(token).unwrap();
+    store.deposit(&tampered, proto::now_ms()).await.unwrap();
+    let after = seal_as(&alice, &name("bob"), "after", proto::now_ms())
+        .await
+        .unwrap();
+    store.deposit(&after, proto::now_ms()).await.unwrap();
+    store
+        .publish(&store::Broadcast::MailWaiting { user: name("bob") })
+        .await
+        .unwrap();
+    let mut seen = until(
+        &mut bob_events,
+        |event| matches!(event, Event::Message(message) if message.body == "after"),
+    )
+    .await;
+    // A notice would follow the fetch's messages.
+    seen.extend(drain(&mut bob_events, Duration::from_millis(700)).await);
+    assert_eq!(shown(&seen), vec!["after"]);
+    assert!(
+        !seen
+            .iter()
+            .any(|event| matches!(event, Event::ResendAsked { .. })),
+        "{seen:#?}"
+    );
+
+    // Carol asks alice to send again what alice sent bob, and a message alice wrote to
+    // dave that is still waiting in dave's mailbox: nothing goes.
+    {
+        let (dave, _dave_events) = online(config(server, "dave", dir.path()), &shutdown).await;
+        dave.shutdown(Duration::from_secs(2)).await;
+    }
+    let to_dave = alice.send(&name("dave"), "for dave").await.unwrap();
+    assert!(
+        matches!(to_dave.status, DeliveryStatus::Queued { .. }),
+        "{to_dave:?}"
+    );
+    carol.send(&name("alice"), "hi alice").await.unwrap();
+    until(
+        &mut alice_events,
+        |event| matches!(event, Event::Message(message) if message.body == "hi alice"),
+    )
+    .await;
+    let to_bob: Vec<MessageId> = alice
+        .history(&name("bob"), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|line| line.direction == Direction::Outgoing)
+        .map(|line| line.id)
+        .collect();
+    let mut ids = to_bob.clone();
+    ids.push(to_dave.id);
+    let request = proto::Receipt {
+        kind: proto::ReceiptKind::Resend,
+        ids: ids.clone(),
+    };
+    let envelope = peer::testing::seal_receipt_as(&carol, &name("alice"), request)
+        .await
+        .unwrap();
+    store.deposit(&envelope, proto::now_ms()).await.unwrap();
+    let behind = seal_as(&carol, &name("alice"), "behind", proto::now_ms())
+        .await
+        .unwrap();
+    store.deposit(&behind, proto::now_ms()).await.unwrap();
+    store
+        .publish(&store::Broadcast::MailWaiting {
+            user: name("alice"),
+        })
+        .await
+        .unwrap();
+    let mut seen = until(
+        &mut alice_events,
+        |event| matches!(event, Event::Message(message) if message.body == "behind"),
+    )
+    .await;
+    seen.extend(drain(&mut alice_events, Duration::from_millis(700)).await);
+    assert!(
+        !seen
+            .iter()
+            .any(|event| matches!(event, Event::Delivery { id, .. } if ids.contains(id))),
+        "{seen:#?}"
+    );
+    assert!(
+        matches!(
+            status_of(&alice, "dave", to_dave.id).await,
+            MessageStatus::Queued
+        ),
+        "the message to dave was queued again"
+    );
+    assert_eq!(store.mail_count(&name("dave")).await.unwrap(), 1);
+    let bob_later = drain(&mut bob_events, Duration::from_millis(300)).await;
+    assert!(shown(&bob_later).is_empty(), "{bob_later:#?}");
+    for id in &to_bob {
+        assert_eq!(
+            status_of(&alice, "bob", *id).await,
+            MessageStatus::Delivered
+        );
+    }
+    for client in [alice, bob, carol] {
+        client.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+/// A state lost without a backup has no pins: mail that no session opens is told (whose it
+/// was), and nobody is asked to send anything again (a request goes only to pinned keys).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_lost_with_a_state_that_kept_no_pins_is_told_and_asks_for_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let (store, server) = store_and_server(dir.path(), &shutdown).await;
+    let (alice, _alice_events) = alice_after_talking_with_bob(dir.path(), server, &shutdown).await;
+    let lost = alice.send(&name("bob"), "lost").await.unwrap();
+    assert!(
+        matches!(lost.status, DeliveryStatus::Queued { .. }),
+        "{lost:?}"
+    );
+    // Bob keeps his identity file but loses his state (pins, sessions, history).
+    std::fs::remove_file(dir.path().join("bob").join(peer::state::STATE_FILE)).unwrap();
+    let (bob, mut bob_events) = online(config(server, "bob", dir.path()), &shutdown).await;
+    let mut seen = until(&mut bob_events, |event| {
+        matches!(
+            event,
+            Event::Refused {
+                reason: peer::RefusalReason::Unopenable(proto::OpenError::NoSession { .. }),
+                ..
+            }
+        )
+    })
+    .await;
+    seen.extend(drain(&mut bob_events, Duration::from_millis(700)).await);
+    assert!(
+        !seen
+            .iter()
+            .any(|event| matches!(event, Event::ResendAsked { .. })),
+        "{seen:#?}"
+    );
+    assert!(shown(&seen).is_empty(), "{seen:#?}");
+    assert_eq!(store.mail_count(&name("bob")).await.unwrap(), 0);
+    for client in [alice, bob] {
+        client.shutdown(Duration::from_secs(2)).await;
+    }
+}

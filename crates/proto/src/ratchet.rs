@@ -729,6 +729,18 @@ impl Sessions {
                 return Ok(bytes);
             }
         }
+        // A chain a session here received in before is not lost: its message was tampered
+        // with, forged, or replayed (its key is used up). Only a chain no session knows
+        // may be one of a session lost here (the recipient then asks for the message
+        // again; see `ReceiptKind::Resend`).
+        if let OlmMessage::Normal(normal) = message
+            && self
+                .list
+                .iter()
+                .any(|kept| receives_in(&kept.session, &normal.ratchet_key()))
+        {
+            return Err(OpenError::BadToken { peer: peer.clone() });
+        }
         Err(OpenError::NoSession { peer: peer.clone() })
     }
 
@@ -745,6 +757,28 @@ impl Sessions {
             self.list.insert(0, session);
         }
     }
+}
+
+/// Whether `session` has a receiving chain under the sender's ratchet key `ratchet_key`
+/// (it opened a message of that chain). The library does not say so directly; its pickle
+/// lists the chains by their public ratchet keys, which are compared here (the pickle's
+/// secrets are dropped at once, and read only when a message did not open).
+fn receives_in(session: &Session, ratchet_key: &Curve25519PublicKey) -> bool {
+    let (Ok(pickle), Ok(wanted)) = (
+        serde_json::to_value(session.pickle()),
+        serde_json::to_value(ratchet_key),
+    ) else {
+        return false;
+    };
+    pickle
+        .get("receiving_chains")
+        .and_then(|chains| chains.get("inner"))
+        .and_then(|chains| chains.as_array())
+        .is_some_and(|chains| {
+            chains
+                .iter()
+                .any(|chain| chain.get("ratchet_key") == Some(&wanted))
+        })
 }
 
 #[cfg(test)]
@@ -1080,14 +1114,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_lost_session_is_told_apart_from_a_forgery() {
+    /// Alice and bob with a session in which each has opened a message of the other.
+    fn talking_both_ways() -> (User, User) {
         let (mut alice, mut bob) = (user("alice"), user("bob"));
         start(&mut alice, &mut bob);
         let first = seal(&mut alice, &bob, "one");
         open(&mut bob, &alice, &first).unwrap();
         let answer = seal(&mut bob, &alice, "two");
         open(&mut alice, &bob, &answer).unwrap();
+        (alice, bob)
+    }
+
+    #[test]
+    fn a_lost_session_is_told_apart_from_a_forgery() {
+        let (mut alice, mut bob) = talking_both_ways();
         let normal = seal(&mut alice, &bob, "three");
         bob.sessions.clear();
         assert!(matches!(
@@ -1103,6 +1143,32 @@ mod tests {
         assert!(matches!(
             open(&mut bob, &carol, &to_bob),
             Err(OpenError::NoSession { .. })
+        ));
+    }
+
+    /// A lost session asks for its messages again, so a message tampered with in a chain
+    /// the recipient knows must not read as lost: it is refused as a forgery.
+    #[test]
+    fn a_tampered_message_of_a_known_chain_is_a_forgery_not_a_lost_session() {
+        let (mut alice, mut bob) = talking_both_ways();
+        let next = seal(&mut alice, &bob, "three");
+        open(&mut bob, &alice, &next).unwrap();
+        // The same chain, one message on: its ciphertext altered.
+        let mut tampered = seal(&mut alice, &bob, "four");
+        let token = decode_token(&tampered.token).unwrap();
+        let (kind, mut bytes) = token.message.to_parts();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x01;
+        let altered = OlmMessage::from_parts(kind, &bytes).unwrap();
+        tampered.token = encode_token(&altered, None);
+        assert!(matches!(
+            open(&mut bob, &alice, &tampered),
+            Err(OpenError::BadToken { .. })
+        ));
+        // A replay of one already opened (its key is used up) is no lost session either.
+        assert!(matches!(
+            open(&mut bob, &alice, &next),
+            Err(OpenError::BadToken { .. })
         ));
     }
 

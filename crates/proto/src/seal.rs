@@ -62,9 +62,16 @@ pub enum ReceiptKind {
     Delivered,
     /// The recipient's screen showed them.
     Read,
+    /// The recipient could not open them (the session they were sealed in is lost there:
+    /// a restored backup, a lost state) and asks their sender to send them again, sealed
+    /// in a new session. Sealed itself in a session the recipient starts anew. Added last:
+    /// an older build decodes no such kind, so it refuses the whole plaintext as
+    /// malformed (it never shows it, and answers a direct one with a refusal).
+    Resend,
 }
 
-/// A receipt, sealed like a message by the recipient of `ids` to their sender.
+/// A receipt, sealed like a message by the recipient of `ids` to their sender (a request
+/// to send them again is one too, of kind [`ReceiptKind::Resend`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
     /// Delivered or read.
@@ -471,6 +478,55 @@ mod tests {
         assert_eq!(Plaintext::from_bytes(&bytes).unwrap(), receipt);
         // An older build decodes strictly: bytes after the fields are refused.
         assert!(wire::decode::<OlderPlaintext>(&bytes).is_err());
+    }
+
+    /// The receipt kinds of builds that had no request to send again.
+    #[derive(Debug, Serialize, Deserialize)]
+    enum OlderReceiptKind {
+        Delivered,
+        Read,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    struct OlderReceipt {
+        kind: OlderReceiptKind,
+        ids: Vec<MessageId>,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    enum OlderExtension {
+        Receipt(OlderReceipt),
+    }
+
+    #[test]
+    fn a_resend_request_round_trips_and_a_build_without_it_refuses_it_as_malformed() {
+        let mut request = message("");
+        request.receipt = Some(Receipt {
+            kind: ReceiptKind::Resend,
+            ids: (0..MAX_RECEIPT_IDS).map(|_| MessageId::random()).collect(),
+        });
+        let bytes = request.to_bytes();
+        assert!(bytes.len() < MAX_BODY_LEN, "{}", bytes.len());
+        assert_eq!(Plaintext::from_bytes(&bytes).unwrap(), request);
+        // A build with receipts but without this kind reads the fields, then fails to
+        // decode the extension: `Plaintext::from_bytes` there answers `Malformed`.
+        let (_, rest): (OlderPlaintext, &[u8]) = wire::decode_prefix(&bytes).unwrap();
+        assert!(wire::decode::<OlderExtension>(rest).is_err());
+        // Its own receipts still decode there (the new kind changed no older encoding).
+        let mut read = message("");
+        read.receipt = Some(Receipt {
+            kind: ReceiptKind::Read,
+            ids: vec![MessageId::random()],
+        });
+        let bytes = read.to_bytes();
+        let (_, rest): (OlderPlaintext, &[u8]) = wire::decode_prefix(&bytes).unwrap();
+        assert!(matches!(
+            wire::decode::<OlderExtension>(rest),
+            Ok(OlderExtension::Receipt(OlderReceipt {
+                kind: OlderReceiptKind::Read,
+                ..
+            }))
+        ));
     }
 
     #[test]
