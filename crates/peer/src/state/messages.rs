@@ -1,0 +1,483 @@
+//! Messages: the outbox and the history of what was sent, what arrived (de-duplicated,
+//! stored before it is acked), receipts and requests to send again.
+
+use super::*;
+
+/// The result of one attempt to send an outbox entry, for [`State::submit_results`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptResult {
+    /// The entry sent.
+    pub entry: OutboxEntry,
+    /// Its status now.
+    pub status: MessageStatus,
+    /// Whether it stays in the outbox for a retry (a failure that will be retried).
+    pub keep: bool,
+}
+
+/// What storing a received message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// First time this id was seen: stored and marked not yet shown.
+    New(InboundMessage),
+    /// Already stored before (a retransmission): nothing changed.
+    Duplicate,
+    /// A receipt, applied to the history of messages sent to its sender (never stored
+    /// as a message, never shown, never answered by a receipt).
+    Receipt(ReceiptApplied),
+}
+
+/// What a receipt changed: the messages sent to `from` whose status it moved forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptApplied {
+    /// Who sent the receipt: the recipient of the messages.
+    pub from: Username,
+    /// Delivered or read.
+    pub kind: ReceiptKind,
+    /// (id, when sent) of each message whose status changed, oldest first; empty when
+    /// the receipt changed nothing (ids not sent to `from`, or a status already further).
+    pub messages: Vec<(MessageId, u64)>,
+}
+
+/// A receipt kind's key in `receipts_due`.
+pub(super) fn receipt_kind_key(kind: ReceiptKind) -> u8 {
+    match kind {
+        ReceiptKind::Delivered => 0,
+        ReceiptKind::Read => 1,
+        ReceiptKind::Resend => 2,
+    }
+}
+
+/// The receipt kind of a `receipts_due` key (an unknown one, written by a newer build
+/// after a downgrade, is read as none).
+pub(super) fn receipt_kind_of_key(key: u8) -> Option<ReceiptKind> {
+    [
+        ReceiptKind::Delivered,
+        ReceiptKind::Read,
+        ReceiptKind::Resend,
+    ]
+    .into_iter()
+    .find(|kind| receipt_kind_key(*kind) == key)
+}
+
+/// The tables a request to send again ([`ReceiptKind::Resend`]) changes.
+pub(super) struct ResendTables<'a, 'txn> {
+    history: &'a mut redb::Table<'txn, (&'static str, u64), &'static [u8]>,
+    outbox: &'a mut redb::Table<'txn, u64, &'static [u8]>,
+    resends: &'a mut redb::Table<'txn, (&'static str, [u8; 16]), u8>,
+}
+
+/// Queues again, in the outbox at their first history positions (so in their original
+/// order), the messages `request` from `from` names that were sent to `from`, among the
+/// latest [`RECEIPT_SCAN_LINES`] lines with them: each at most
+/// [`MAX_RESENDS_PER_MESSAGE`] times, only while the recipient would still take it (its
+/// time within [`SEEN_RETENTION_MS`]), never once the recipient confirmed it
+/// (delivered or read: its client stored it), and not while it is in the outbox already. Their lines are pending again. An id never sent to `from` changes nothing.
+/// The messages are sealed again when sent, in the newest session with `from`: the
+/// request itself started one.
+pub(super) fn requeue_for_resend(
+    tables: ResendTables<'_, '_>,
+    from: &Username,
+    request: &Receipt,
+    now_ms: u64,
+) -> Result<ReceiptApplied, StateError> {
+    let mut requeued = Vec::new();
+    for mut line in sent_lines_named(tables.history, from, &request.ids)? {
+        let resent = tables
+            .resends
+            .get((from.as_str(), line.id.0))?
+            .map_or(0, |count| count.value());
+        let too_old = line.sent_at_ms.saturating_add(SEEN_RETENTION_MS) < now_ms;
+        // The recipient's client stored a delivered or read message: it never needs it again
+        // (and a thief of its identity key cannot have it sealed again for them).
+        let stored_there = matches!(line.status, MessageStatus::Delivered | MessageStatus::Read);
+        if resent >= MAX_RESENDS_PER_MESSAGE
+            || stored_there
+            || too_old
+            || tables.outbox.get(line.seq)?.is_some()
+        {
+            continue;
+        }
+        let entry = OutboxEntry {
+            id: line.id,
+            to: from.clone(),
+            body: line.body.clone(),
+            created_ms: line.sent_at_ms,
+            seq: line.seq,
+            attempts: 0,
+            last_error: None,
+        };
+        tables.outbox.insert(line.seq, encode(&entry).as_ref())?;
+        tables
+            .resends
+            .insert((from.as_str(), line.id.0), resent + 1)?;
+        line.status = MessageStatus::Pending;
+        tables
+            .history
+            .insert((from.as_str(), line.seq), encode(&line).as_ref())?;
+        requeued.push((line.id, line.sent_at_ms));
+    }
+    Ok(ReceiptApplied {
+        from: from.clone(),
+        kind: ReceiptKind::Resend,
+        messages: requeued,
+    })
+}
+
+/// The lines of messages sent to `from` whose ids are in `ids`, among the latest
+/// [`RECEIPT_SCAN_LINES`] history lines with `from`, oldest first. A line that does not
+/// decode is passed over.
+pub(super) fn sent_lines_named(
+    history: &redb::Table<'_, (&str, u64), &[u8]>,
+    from: &Username,
+    ids: &[MessageId],
+) -> Result<Vec<HistoryEntry>, StateError> {
+    let mut wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
+    let mut lines: Vec<HistoryEntry> = Vec::new();
+    for row in history
+        .range((from.as_str(), 0)..=(from.as_str(), u64::MAX))?
+        .rev()
+        .take(RECEIPT_SCAN_LINES)
+    {
+        if wanted.is_empty() {
+            break;
+        }
+        let (_, bytes) = row?;
+        let Ok(line) = decode::<HistoryEntry>("history", bytes.value()) else {
+            continue;
+        };
+        if line.direction == Direction::Outgoing && wanted.remove(&line.id) {
+            lines.push(line);
+        }
+    }
+    lines.reverse();
+    Ok(lines)
+}
+
+/// Applies `receipt` from `from` to the latest [`RECEIPT_SCAN_LINES`] history lines with
+/// `from`: only lines of messages sent to `from` with a named id change, and only forward
+/// ([`MessageStatus::after_receipt`]). A line that does not decode is left alone.
+pub(super) fn apply_receipt(
+    history: &mut redb::Table<'_, (&str, u64), &[u8]>,
+    from: &Username,
+    receipt: &Receipt,
+) -> Result<ReceiptApplied, StateError> {
+    let mut changed: Vec<HistoryEntry> = Vec::new();
+    for mut line in sent_lines_named(history, from, &receipt.ids)? {
+        if let Some(status) = line.status.after_receipt(receipt.kind) {
+            line.status = status;
+            changed.push(line);
+        }
+    }
+    for line in &changed {
+        history.insert((from.as_str(), line.seq), encode(line).as_ref())?;
+    }
+    Ok(ReceiptApplied {
+        from: from.clone(),
+        kind: receipt.kind,
+        messages: changed
+            .into_iter()
+            .map(|line| (line.id, line.sent_at_ms))
+            .collect(),
+    })
+}
+
+impl State {
+    // ---- outgoing ----
+
+    /// A new outgoing message's outbox entry (id, history position, time), not yet
+    /// recorded: [`State::submit_outgoing`] records it.
+    pub fn prepare_outgoing(&self, to: &Username, body: &str, now_ms: u64) -> OutboxEntry {
+        OutboxEntry {
+            id: MessageId::random(),
+            to: to.clone(),
+            body: body.to_owned(),
+            created_ms: now_ms,
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            attempts: 0,
+            last_error: None,
+        }
+    }
+
+    /// Records prepared outgoing messages, in order, in one write job: for each, a pending
+    /// history line and the outbox entry, together. Returns one ticket per entry; all
+    /// resolve once the write is durable.
+    ///
+    /// The write is lazy: it waits up to [`durable::LAZY_LINGER`] for company, and the seal
+    /// of the first of these messages (whose ratchet save starts a commit) comes within
+    /// microseconds, so a lone message's record and its ratchet state share one `fsync`.
+    pub fn submit_outgoing(&self, entries: Vec<OutboxEntry>) -> Vec<Ticket<()>> {
+        let count = entries.len();
+        let records: Vec<(OutboxEntry, _)> = entries
+            .into_iter()
+            .map(|entry| {
+                let encoded = encode(&entry);
+                (entry, encoded)
+            })
+            .collect();
+        let work = move |txn: &WriteTransaction| {
+            let mut history = txn.open_table(HISTORY)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
+            for (entry, encoded) in &records {
+                let line = HistoryEntry {
+                    seq: entry.seq,
+                    id: entry.id,
+                    direction: Direction::Outgoing,
+                    peer: entry.to.clone(),
+                    body: entry.body.clone(),
+                    sent_at_ms: entry.created_ms,
+                    status: MessageStatus::Pending,
+                };
+                history.insert((entry.to.as_str(), entry.seq), encode(&line).as_ref())?;
+                outbox.insert(entry.seq, encoded.as_ref())?;
+            }
+            if let Some(highest) = records.iter().map(|(entry, _)| entry.seq).max() {
+                raise_next_seq(&mut txn.open_table(META)?, highest)?;
+            }
+            Ok(())
+        };
+        self.writer.submit_shared_lazy(work, count)
+    }
+
+    /// Prepares and records a new outgoing message, waiting until it is durable.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn queue_outgoing(
+        &self,
+        to: &Username,
+        body: &str,
+        now_ms: u64,
+    ) -> Result<OutboxEntry, StateError> {
+        let entry = self.prepare_outgoing(to, body, now_ms);
+        for ticket in self.submit_outgoing(vec![entry.clone()]) {
+            ticket.wait_blocking()?;
+        }
+        Ok(entry)
+    }
+
+    /// The outbox, oldest first.
+    pub fn outbox(&self) -> Result<Vec<OutboxEntry>, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        let table = txn.open_table(OUTBOX)?;
+        let mut entries = Vec::new();
+        for row in table.iter()? {
+            let (_, bytes) = row?;
+            entries.push(decode::<OutboxEntry>("outbox", bytes.value())?);
+        }
+        Ok(entries)
+    }
+
+    /// Records the results of attempts to send messages, in one write: for each, a final
+    /// status removes it from the outbox; `Failed` with `keep` leaves it there for a retry;
+    /// its history line takes the status. Resolves once durable, with one result per
+    /// attempt: a message whose history line does not decode is left as it was and gets
+    /// the error, the others are recorded.
+    ///
+    /// A lazy write ([`durable::GroupWriter::submit_lazy`]): nobody waits on it to go on
+    /// (the sender was answered already, see [`crate::outgoing`]), so it shares the next
+    /// write's commit, usually the next message's record. A message's outbox record is
+    /// never inserted and removed in the same commit: a result is submitted only once its
+    /// message's record is durable.
+    pub fn submit_results(
+        &self,
+        attempts: Vec<AttemptResult>,
+    ) -> Ticket<Vec<Result<(), StateError>>> {
+        self.writer.submit_lazy(move |txn| {
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let mut history = txn.open_table(HISTORY)?;
+            let mut results = Vec::with_capacity(attempts.len());
+            for AttemptResult {
+                entry,
+                status,
+                keep,
+            } in &attempts
+            {
+                let key = (entry.to.as_str(), entry.seq);
+                let line = match history.get(key)? {
+                    Some(bytes) => match decode::<HistoryEntry>("history", bytes.value()) {
+                        Ok(line) => Some(line),
+                        Err(error) => {
+                            results.push(Err(error));
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                if let Some(mut line) = line {
+                    // A receipt may have moved the line further already (a result is
+                    // written lazily): it never goes back.
+                    line.status = line.status.settled(status.clone());
+                    history.insert(key, encode(&line).as_ref())?;
+                }
+                if *keep {
+                    let mut kept = entry.clone();
+                    kept.attempts = kept.attempts.saturating_add(1);
+                    kept.last_error = match status {
+                        MessageStatus::Failed(reason) => Some(reason.code().to_owned()),
+                        MessageStatus::FailedAsText(reason) => Some(reason.clone()),
+                        _ => None,
+                    };
+                    outbox.insert(entry.seq, encode(&kept).as_ref())?;
+                } else {
+                    outbox.remove(entry.seq)?;
+                }
+                results.push(Ok(()));
+            }
+            Ok(results)
+        })
+    }
+
+    /// Records the result of one attempt (see [`State::submit_results`]), waiting until it
+    /// is durable.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn finish_attempt(
+        &self,
+        entry: &OutboxEntry,
+        status: &MessageStatus,
+        keep: bool,
+    ) -> Result<(), StateError> {
+        let attempt = AttemptResult {
+            entry: entry.clone(),
+            status: status.clone(),
+            keep,
+        };
+        self.submit_results(vec![attempt])
+            .wait_blocking()?
+            .pop()
+            .unwrap_or_else(|| Err(StateError::NoOutcome))
+    }
+
+    // ---- incoming ----
+
+    /// Stores opened messages, in order, each unless its id was seen before (also earlier
+    /// in the same batch): for each, history, seen id and the not-yet-shown mark, all in one
+    /// commit. Whether a message is held by its sender's mute is decided here, at `now_ms`,
+    /// in the same serialised write order as mute, unmute and the end of a mute, so a
+    /// release never misses a message held by the mute it ends. Resolves once durable, with
+    /// one outcome per message.
+    ///
+    /// A receipt ([`Plaintext::receipt`]) is de-duplicated like a message and applied to
+    /// the history of messages sent to its sender ([`StoreOutcome::Receipt`]); a request
+    /// to send again queues those messages again (see `requeue_for_resend`). A new
+    /// message from the mailbox (`via_mailbox`) makes a delivered receipt due, in the same
+    /// commit.
+    pub fn submit_incoming(
+        &self,
+        messages: Vec<Plaintext>,
+        now_ms: u64,
+        via_mailbox: bool,
+        ratchet: RatchetSave,
+    ) -> Ticket<Vec<StoreOutcome>> {
+        let next_seq = self.next_seq.clone();
+        self.writer.submit(move |txn| {
+            ratchet.write(txn)?;
+            let mut seen_ids = txn.open_table(SEEN_IDS)?;
+            let mut seen = txn.open_table(SEEN)?;
+            let mut meta = txn.open_table(META)?;
+            let mut history = txn.open_table(HISTORY)?;
+            let mut unshown = txn.open_table(UNSHOWN)?;
+            let mutes = txn.open_table(MUTES)?;
+            let mut receipts_due = txn.open_table(RECEIPTS_DUE)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let mut resends = txn.open_table(RESENDS)?;
+            let mut outcomes = Vec::with_capacity(messages.len());
+            // The stored counter is raised once for the whole batch, past its highest
+            // position (positions are handed out in order, so that covers them all).
+            let mut highest_seq = 0;
+            for message in &messages {
+                let seen_key = (message.sent_at_ms, message.id.0, message.from.as_str());
+                if seen.get(seen_key)?.is_some() {
+                    outcomes.push(StoreOutcome::Duplicate);
+                    continue;
+                }
+                seen.insert(seen_key, now_ms)?;
+                seen_ids.insert((message.from.as_str(), message.id.0), message.sent_at_ms)?;
+                if let Some(receipt) = &message.receipt {
+                    let applied = if receipt.kind == ReceiptKind::Resend {
+                        let tables = ResendTables {
+                            history: &mut history,
+                            outbox: &mut outbox,
+                            resends: &mut resends,
+                        };
+                        requeue_for_resend(tables, &message.from, receipt, now_ms)?
+                    } else {
+                        apply_receipt(&mut history, &message.from, receipt)?
+                    };
+                    outcomes.push(StoreOutcome::Receipt(applied));
+                    continue;
+                }
+                if via_mailbox {
+                    let kind = receipt_kind_key(ReceiptKind::Delivered);
+                    receipts_due.insert((message.from.as_str(), kind, message.id.0), now_ms)?;
+                }
+                let seq = next_seq.fetch_add(1, Ordering::Relaxed);
+                highest_seq = highest_seq.max(seq);
+                let line = HistoryEntry {
+                    seq,
+                    id: message.id,
+                    direction: Direction::Incoming,
+                    peer: message.from.clone(),
+                    body: message.body.clone(),
+                    sent_at_ms: message.sent_at_ms,
+                    status: MessageStatus::Received,
+                };
+                history.insert((message.from.as_str(), seq), encode(&line).as_ref())?;
+                let inbound = InboundMessage {
+                    id: message.id,
+                    from: message.from.clone(),
+                    body: message.body.clone(),
+                    sent_at_ms: message.sent_at_ms,
+                    received_at_ms: now_ms,
+                    seq,
+                    while_muted: mutes
+                        .get(message.from.as_str())?
+                        .is_some_and(|until| mute_active(until.value(), now_ms)),
+                    via_mailbox,
+                };
+                unshown.insert(seq, encode(&inbound).as_ref())?;
+                outcomes.push(StoreOutcome::New(inbound));
+            }
+            if highest_seq > 0 {
+                raise_next_seq(&mut meta, highest_seq)?;
+            }
+            Ok(outcomes)
+        })
+    }
+
+    /// Stores one opened message (see [`State::submit_incoming`]), waiting until durable.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn store_incoming(
+        &self,
+        message: &Plaintext,
+        now_ms: u64,
+    ) -> Result<StoreOutcome, StateError> {
+        self.submit_incoming(vec![message.clone()], now_ms, false, RatchetSave::default())
+            .wait_blocking()?
+            .pop()
+            .ok_or(StateError::NoOutcome)
+    }
+
+    /// Whether the message of `from` with this id, written at `sent_at_ms`, was stored
+    /// before.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn is_seen(
+        &self,
+        from: &Username,
+        id: &MessageId,
+        sent_at_ms: u64,
+    ) -> Result<bool, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        Ok(txn
+            .open_table(SEEN)?
+            .get((sent_at_ms, id.0, from.as_str()))?
+            .is_some())
+    }
+
+    /// Whether a ratchet message of `from` with this id was stored before (see the
+    /// `seen_ids` table).
+    pub fn seen_id(&self, from: &Username, id: &MessageId) -> Result<bool, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        Ok(txn
+            .open_table(SEEN_IDS)?
+            .get((from.as_str(), id.0))?
+            .is_some())
+    }
+}

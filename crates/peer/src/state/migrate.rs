@@ -1,0 +1,128 @@
+//! Layout migrations, run once at open in the transaction that opens the tables.
+
+use super::*;
+
+/// Copies layout 1's id-keyed `outbox`, `seen` and `unshown` tables (if the file has them)
+/// into the sequence- and time-keyed tables, then deletes them, all in `txn`: a crash
+/// leaves the file wholly in one layout. Outbox and unshown records carry their sequence.
+/// A layout 1 seen row has only the time it was stored; the time its sender wrote it is on
+/// the message's incoming history line (stored in the same commit, never removed), so the
+/// history is read once to key each seen id as a copy of the message will be looked up.
+pub(super) fn migrate_layout_1(txn: &WriteTransaction) -> Result<(), StateError> {
+    let old: Vec<String> = txn
+        .list_tables()?
+        .map(|table| table.name().to_owned())
+        .filter(|name| matches!(name.as_str(), "outbox" | "seen" | "unshown"))
+        .collect();
+    if old.is_empty() {
+        return Ok(());
+    }
+    {
+        let mut outbox = txn.open_table(OUTBOX)?;
+        for row in txn.open_table(OUTBOX_V1)?.iter()? {
+            let (_, bytes) = row?;
+            let entry: OutboxEntry = decode("outbox", bytes.value())?;
+            outbox.insert(entry.seq, bytes.value())?;
+        }
+        let mut unshown = txn.open_table(UNSHOWN)?;
+        for row in txn.open_table(UNSHOWN_V1)?.iter()? {
+            let (_, bytes) = row?;
+            let message = decode_inbound("unshown", bytes.value())?;
+            unshown.insert(message.seq, bytes.value())?;
+        }
+        let mut stored_at: HashMap<[u8; 16], u64> = HashMap::new();
+        for row in txn.open_table(SEEN_V1)?.iter()? {
+            let (id, at) = row?;
+            stored_at.insert(id.value(), at.value());
+        }
+        let mut seen = txn.open_table(SEEN_V2)?;
+        for row in txn.open_table(HISTORY)?.iter()? {
+            let (_, bytes) = row?;
+            let line: HistoryEntry = decode("history", bytes.value())?;
+            if line.direction == Direction::Incoming
+                && let Some(at) = stored_at.remove(&line.id.0)
+            {
+                seen.insert((line.sent_at_ms, line.id.0), at)?;
+            }
+        }
+        // A seen id without a history line cannot exist (both are written in one commit);
+        // should one, it is kept under the time it was stored, still pruned in time.
+        for (id, at) in stored_at {
+            seen.insert((at, id), at)?;
+        }
+    }
+    txn.delete_table(OUTBOX_V1)?;
+    txn.delete_table(SEEN_V1)?;
+    txn.delete_table(UNSHOWN_V1)?;
+    tracing::info!(tables = ?old, "state file migrated to layout 2 (keyed by sequence and time)");
+    Ok(())
+}
+
+/// Copies layout 2's seen ids (keyed by the time the sender wrote the message and its id)
+/// into the table keyed by its sender too, then deletes the old table, all in `txn`. Two
+/// senders may use one id: keyed without the sender, a message from one could make the
+/// other's, with the same id and millisecond, pass for a copy and vanish. A seen row has no
+/// sender; the message's incoming history line (stored in the same commit, never removed)
+/// names it, so the history is read once.
+/// Moves held mail keyed by id alone (`held`) to `held_by_sender`, keyed by its sender and
+/// id (each held value is the whole envelope, sender included), and deletes the old table.
+pub(super) fn migrate_held(txn: &WriteTransaction) -> Result<(), StateError> {
+    let present = txn
+        .list_tables()?
+        .any(|table| table.name() == HELD_V3.name());
+    if !present {
+        return Ok(());
+    }
+    let mut moved = 0u64;
+    {
+        let mut held = txn.open_table(HELD)?;
+        for row in txn.open_table(HELD_V3)?.iter()? {
+            let (_, bytes) = row?;
+            let envelope: Envelope = decode("held", bytes.value())?;
+            held.insert((envelope.from.as_str(), envelope.id.0), bytes.value())?;
+            moved += 1;
+        }
+    }
+    txn.delete_table(HELD_V3)?;
+    tracing::info!(
+        moved,
+        "state file migrated to layout 4 (held mail keyed by its sender)"
+    );
+    Ok(())
+}
+
+pub(super) fn migrate_layout_2(txn: &WriteTransaction) -> Result<(), StateError> {
+    let present = txn
+        .list_tables()?
+        .any(|table| table.name() == SEEN_V2.name());
+    if !present {
+        return Ok(());
+    }
+    let mut senders: HashMap<[u8; 16], Username> = HashMap::new();
+    for row in txn.open_table(HISTORY)?.iter()? {
+        let (_, bytes) = row?;
+        let line: HistoryEntry = decode("history", bytes.value())?;
+        if line.direction == Direction::Incoming {
+            senders.insert(line.id.0, line.peer);
+        }
+    }
+    let mut moved = 0u64;
+    {
+        let mut seen = txn.open_table(SEEN)?;
+        for row in txn.open_table(SEEN_V2)?.iter()? {
+            let (key, at) = row?;
+            let ((sent_at_ms, id), at) = (key.value(), at.value());
+            // A seen id without a history line cannot exist (both are written in one
+            // commit); should one, it is kept without a sender, still pruned in time.
+            let sender = senders.get(&id).map_or("", Username::as_str);
+            seen.insert((sent_at_ms, id, sender), at)?;
+            moved += 1;
+        }
+    }
+    txn.delete_table(SEEN_V2)?;
+    tracing::info!(
+        moved,
+        "state file migrated to layout 3 (seen ids keyed by their sender)"
+    );
+    Ok(())
+}
