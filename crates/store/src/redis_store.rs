@@ -558,59 +558,6 @@ struct Inner {
     subscriber: Option<JoinHandle<()>>,
     /// The cluster's pub/sub connection, kept open for as long as the store lives.
     _cluster_pubsub: Option<ClusterConnection>,
-    /// Drives the command connections' own tasks; declared last, so it stops after the
-    /// connections above are dropped.
-    io: IoRuntime,
-}
-
-/// The store's own I/O runtime: one worker thread that drives the command connection's
-/// tasks (on a cluster the client's routing task and one multiplexed connection per node;
-/// on one server the multiplexed connection). A store call hands its command to those
-/// tasks through channels and waits for the answer; with the tasks on a runtime of their
-/// own, each of those hand-offs is served at once rather than queued behind the thousands
-/// of connection tasks of the server that uses the store. Shut down (without waiting)
-/// when the store is dropped.
-struct IoRuntime(Option<tokio::runtime::Runtime>);
-
-impl IoRuntime {
-    fn start() -> Result<Self, StoreError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("p2pchat-store-io")
-            .enable_all()
-            .build()
-            .map_err(|error| StoreError::Redis(error.into()))?;
-        Ok(Self(Some(runtime)))
-    }
-
-    fn handle(&self) -> &tokio::runtime::Handle {
-        match &self.0 {
-            Some(runtime) => runtime.handle(),
-            None => unreachable!("taken only by drop"),
-        }
-    }
-
-    /// Runs `make` (which builds a connection, spawning its tasks) on this runtime.
-    async fn build<T, F>(&self, make: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: Future<Output = RedisResult<T>> + Send + 'static,
-    {
-        match self.handle().spawn(make).await {
-            Ok(built) => Ok(built?),
-            Err(error) => Err(StoreError::Redis(
-                std::io::Error::other(format!("building a redis connection: {error}")).into(),
-            )),
-        }
-    }
-}
-
-impl Drop for IoRuntime {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
 }
 
 impl Drop for Inner {
@@ -738,8 +685,6 @@ impl Inner {
         if commands.generation != generation {
             return;
         }
-        // Built inside the store's runtime, so the tasks it spawns run there.
-        let _inside = self.io.handle().enter();
         let connection = match &self.backend {
             Backend::Single {
                 client,
@@ -940,13 +885,8 @@ impl RedisStore {
             .set_number_of_retries(3)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
-        let io = IoRuntime::start()?;
-        let connection = io
-            .build(ConnectionManager::new_with_config(
-                client.clone(),
-                manager_config.clone(),
-            ))
-            .await?;
+        let connection =
+            ConnectionManager::new_with_config(client.clone(), manager_config.clone()).await?;
         // Subscribe once here, so a subscriber created right after `connect` returns sees
         // everything published from then on, and a bad URL fails now rather than in a task.
         let pubsub = subscribe_channels(&client).await?;
@@ -976,7 +916,6 @@ impl RedisStore {
                 subscriptions,
                 subscriber: Some(subscriber),
                 _cluster_pubsub: None,
-                io,
             }),
         })
     }
@@ -1003,12 +942,7 @@ impl RedisStore {
                 .max_retry_wait(500)
         };
         let client = builder().build()?;
-        let io = IoRuntime::start()?;
-        let connection = {
-            let client = client.clone();
-            io.build(async move { client.get_async_connection().await })
-                .await?
-        };
+        let connection = client.get_async_connection().await?;
 
         let instance = Instance::random();
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
@@ -1050,7 +984,6 @@ impl RedisStore {
                 subscriptions,
                 subscriber: None,
                 _cluster_pubsub: Some(pubsub),
-                io,
             }),
         })
     }
