@@ -99,27 +99,4 @@ impl State {
             Ok(())
         })
     }
-
-    /// A ticket that resolves once every write submitted before it is durable (a write
-    /// of nothing, in line behind them).
-    pub fn barrier(&self) -> Ticket<()> {
-        self.writer.submit(|_txn| Ok(()))
-    }
-
-    /// The last `limit` history lines with `peer`, oldest first.
-    pub fn history(&self, peer: &Username, limit: usize) -> Result<Vec<HistoryEntry>, StateError> {
-        let txn = self.db.get()?.begin_read()?;
-        let table = txn.open_table(HISTORY)?;
-        let mut lines = Vec::new();
-        for row in table
-            .range((peer.as_str(), 0)..=(peer.as_str(), u64::MAX))?
-            .rev()
-            .take(limit)
-        {
-            let (_, bytes) = row?;
-            lines.push(decode::<HistoryEntry>("history", bytes.value())?);
-        }
-        lines.reverse();
-        Ok(lines)
-    }
 }

@@ -480,4 +480,166 @@ impl State {
             .get((from.as_str(), id.0))?
             .is_some())
     }
+
+    /// Forgets the ids of messages written more than `retention_ms` before `now_ms` (one
+    /// range delete). Messages that old are refused on arrival, so forgetting their ids
+    /// cannot let a copy in.
+    pub fn prune_seen(&self, now_ms: u64, retention_ms: u64) -> Ticket<u64> {
+        let oldest_kept = now_ms.saturating_sub(retention_ms);
+        self.write(move |txn| {
+            let mut removed = Vec::new();
+            txn.open_table(SEEN)?
+                .retain_in(..(oldest_kept, [0; 16], ""), |(_, id, from), _| {
+                    removed.push((from.to_owned(), id));
+                    false
+                })?;
+            let mut seen_ids = txn.open_table(SEEN_IDS)?;
+            for (from, id) in &removed {
+                seen_ids.remove((from.as_str(), *id))?;
+            }
+            Ok(removed.len() as u64)
+        })
+    }
+
+    /// Messages stored but not yet shown, in arrival order.
+    pub fn unshown(&self) -> Result<Vec<InboundMessage>, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        let table = txn.open_table(UNSHOWN)?;
+        let mut messages = Vec::new();
+        for row in table.iter()? {
+            let (_, bytes) = row?;
+            messages.push(decode_inbound("unshown", bytes.value())?);
+        }
+        Ok(messages)
+    }
+
+    /// Marks a message as shown. Resolves once durable.
+    ///
+    /// This is a write like the others, batched with them, and the runtime answers
+    /// [`crate::Client::mark_shown`] only once it is durable — it is not deferred to "some
+    /// later commit" — so the only window in which a crash re-shows a message is the one
+    /// inherent to showing first and recording second (between the user seeing it and
+    /// this commit, one group commit long), exactly as with a commit of its own. Recording
+    /// before showing would close that window but open a worse one (a crash in between
+    /// hides a message for good), so at-least-once display stays.
+    ///
+    /// `shown` holds (id, history position) of each message shown, as in the
+    /// [`InboundMessage`]s given out; all are marked in one write. A position whose stored
+    /// message has another id is left alone. With `read_receipts`, each message marked
+    /// makes a read receipt due to its sender, in the same commit.
+    pub fn submit_shown(&self, shown: Vec<(MessageId, u64)>, read_receipts: bool) -> Ticket<()> {
+        self.writer.submit(move |txn| {
+            let mut unshown = txn.open_table(UNSHOWN)?;
+            let mut receipts_due = txn.open_table(RECEIPTS_DUE)?;
+            for (id, seq) in &shown {
+                let stored = match unshown.get(seq)? {
+                    Some(bytes) => decode_inbound("unshown", bytes.value())?,
+                    None => continue,
+                };
+                if stored.id == *id {
+                    unshown.remove(seq)?;
+                    if read_receipts {
+                        let kind = receipt_kind_key(ReceiptKind::Read);
+                        receipts_due.insert((stored.from.as_str(), kind, id.0), 0)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Up to `max` receipts due, grouped by sender and kind (in that order).
+    pub fn receipts_due(
+        &self,
+        max: usize,
+    ) -> Result<Vec<(Username, ReceiptKind, MessageId)>, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        let table = txn.open_table(RECEIPTS_DUE)?;
+        let mut due = Vec::new();
+        for row in table.iter()?.take(max) {
+            let (key, _) = row?;
+            let (user, kind, id) = key.value();
+            // Only valid names and kinds are ever written; a row that is not one is skipped.
+            if let (Ok(user), Some(kind)) = (Username::new(user), receipt_kind_of_key(kind)) {
+                due.push((user, kind, MessageId(id)));
+            }
+        }
+        Ok(due)
+    }
+
+    /// Owes a request to send again ([`ReceiptKind::Resend`]) for each (sender, id) of a
+    /// message that did not open because its session is lost here, in `receipts_due` like
+    /// any receipt: durable, de-duplicated, sent in batches. At most
+    /// [`MAX_RESENDS_OWED_PER_PEER`] ids are owed to one peer at a time. Resolves once
+    /// durable, with how many ids became owed to each peer (in the order first named).
+    pub fn submit_resends_owed(
+        &self,
+        owed: Vec<(Username, MessageId)>,
+        now_ms: u64,
+    ) -> Ticket<Vec<(Username, usize)>> {
+        self.writer.submit(move |txn| {
+            let mut table = txn.open_table(RECEIPTS_DUE)?;
+            let kind = receipt_kind_key(ReceiptKind::Resend);
+            let mut added: Vec<(Username, usize)> = Vec::new();
+            for (from, id) in &owed {
+                let peer = from.as_str();
+                if table.get((peer, kind, id.0))?.is_some() {
+                    continue;
+                }
+                let already = table
+                    .range((peer, kind, [0u8; 16])..=(peer, kind, [0xffu8; 16]))?
+                    .count();
+                if already >= MAX_RESENDS_OWED_PER_PEER {
+                    continue;
+                }
+                table.insert((peer, kind, id.0), now_ms)?;
+                match added.iter_mut().find(|(user, _)| user == from) {
+                    Some((_, count)) => *count += 1,
+                    None => added.push((from.clone(), 1)),
+                }
+            }
+            Ok(added)
+        })
+    }
+
+    /// Forgets receipts due to `to` (sent, or never to be sent). Resolves once durable.
+    pub fn forget_receipts(
+        &self,
+        to: &Username,
+        kind: ReceiptKind,
+        ids: Vec<MessageId>,
+    ) -> Ticket<()> {
+        let to = to.clone();
+        self.writer.submit(move |txn| {
+            let mut table = txn.open_table(RECEIPTS_DUE)?;
+            for id in &ids {
+                table.remove((to.as_str(), receipt_kind_key(kind), id.0))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Marks one message as shown (see [`State::submit_shown`]), waiting until durable.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn mark_shown(&self, message: &InboundMessage) -> Result<(), StateError> {
+        self.submit_shown(vec![(message.id, message.seq)], true)
+            .wait_blocking()
+    }
+
+    /// The last `limit` history lines with `peer`, oldest first.
+    pub fn history(&self, peer: &Username, limit: usize) -> Result<Vec<HistoryEntry>, StateError> {
+        let txn = self.db.get()?.begin_read()?;
+        let table = txn.open_table(HISTORY)?;
+        let mut lines = Vec::new();
+        for row in table
+            .range((peer.as_str(), 0)..=(peer.as_str(), u64::MAX))?
+            .rev()
+            .take(limit)
+        {
+            let (_, bytes) = row?;
+            lines.push(decode::<HistoryEntry>("history", bytes.value())?);
+        }
+        lines.reverse();
+        Ok(lines)
+    }
 }

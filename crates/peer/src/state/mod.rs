@@ -527,6 +527,12 @@ impl State {
     {
         self.writer.submit(work)
     }
+
+    /// A ticket that resolves once every write submitted before it is durable (a write
+    /// of nothing, in line behind them).
+    pub fn barrier(&self) -> Ticket<()> {
+        self.writer.submit(|_txn| Ok(()))
+    }
 }
 
 /// Whether a mute ending at `until_ms` is still on at `now_ms`.
