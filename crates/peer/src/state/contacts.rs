@@ -70,7 +70,7 @@ impl State {
 
     /// Every row of a table keyed by user, decoded, sorted by user. A name that no longer
     /// validates is skipped rather than fatal.
-    pub(super) fn by_user<T: DeserializeOwned>(
+    fn by_user<T: DeserializeOwned>(
         &self,
         definition: TableDefinition<&str, &[u8]>,
         table: &'static str,
@@ -139,7 +139,7 @@ impl State {
         self.set_block(user, false)
     }
 
-    pub(super) fn set_block(&self, user: &Username, active: bool) -> Ticket<bool> {
+    fn set_block(&self, user: &Username, active: bool) -> Ticket<bool> {
         let user = user.clone();
         self.write(move |txn| {
             let mut table = txn.open_table(BLOCKS)?;
@@ -169,7 +169,7 @@ impl State {
     }
 
     /// Every block record, sorted by user.
-    pub(super) fn block_records(&self) -> Result<Vec<(Username, BlockRecord)>, StateError> {
+    fn block_records(&self) -> Result<Vec<(Username, BlockRecord)>, StateError> {
         self.by_user(BLOCKS, "blocks")
     }
 

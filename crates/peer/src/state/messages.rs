@@ -39,7 +39,7 @@ pub struct ReceiptApplied {
 }
 
 /// A receipt kind's key in `receipts_due`.
-pub(super) fn receipt_kind_key(kind: ReceiptKind) -> u8 {
+fn receipt_kind_key(kind: ReceiptKind) -> u8 {
     match kind {
         ReceiptKind::Delivered => 0,
         ReceiptKind::Read => 1,
@@ -49,7 +49,7 @@ pub(super) fn receipt_kind_key(kind: ReceiptKind) -> u8 {
 
 /// The receipt kind of a `receipts_due` key (an unknown one, written by a newer build
 /// after a downgrade, is read as none).
-pub(super) fn receipt_kind_of_key(key: u8) -> Option<ReceiptKind> {
+fn receipt_kind_of_key(key: u8) -> Option<ReceiptKind> {
     [
         ReceiptKind::Delivered,
         ReceiptKind::Read,
@@ -60,7 +60,7 @@ pub(super) fn receipt_kind_of_key(key: u8) -> Option<ReceiptKind> {
 }
 
 /// The tables a request to send again ([`ReceiptKind::Resend`]) changes.
-pub(super) struct ResendTables<'a, 'txn> {
+struct ResendTables<'a, 'txn> {
     history: &'a mut redb::Table<'txn, (&'static str, u64), &'static [u8]>,
     outbox: &'a mut redb::Table<'txn, u64, &'static [u8]>,
     resends: &'a mut redb::Table<'txn, (&'static str, [u8; 16]), u8>,
@@ -74,7 +74,7 @@ pub(super) struct ResendTables<'a, 'txn> {
 /// (delivered or read: its client stored it), and not while it is in the outbox already. Their lines are pending again. An id never sent to `from` changes nothing.
 /// The messages are sealed again when sent, in the newest session with `from`: the
 /// request itself started one.
-pub(super) fn requeue_for_resend(
+fn requeue_for_resend(
     tables: ResendTables<'_, '_>,
     from: &Username,
     request: &Receipt,
@@ -126,7 +126,7 @@ pub(super) fn requeue_for_resend(
 /// The lines of messages sent to `from` whose ids are in `ids`, among the latest
 /// [`RECEIPT_SCAN_LINES`] history lines with `from`, oldest first. A line that does not
 /// decode is passed over.
-pub(super) fn sent_lines_named(
+fn sent_lines_named(
     history: &redb::Table<'_, (&str, u64), &[u8]>,
     from: &Username,
     ids: &[MessageId],
@@ -156,7 +156,7 @@ pub(super) fn sent_lines_named(
 /// Applies `receipt` from `from` to the latest [`RECEIPT_SCAN_LINES`] history lines with
 /// `from`: only lines of messages sent to `from` with a named id change, and only forward
 /// ([`MessageStatus::after_receipt`]). A line that does not decode is left alone.
-pub(super) fn apply_receipt(
+fn apply_receipt(
     history: &mut redb::Table<'_, (&str, u64), &[u8]>,
     from: &Username,
     receipt: &Receipt,
