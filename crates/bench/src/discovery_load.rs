@@ -353,15 +353,34 @@ async fn measure_tier(
     measured
 }
 
-/// The store-time histograms of every instance, summed (see `serve-discovery`'s
-/// `store-times` answer): how long heartbeats' and lookups' store calls took.
+/// Store-time histogram buckets ([`discovery::metrics::Histogram::buckets`]): how long
+/// heartbeats' and lookups' store calls took, in one instance (its `store-times` answer,
+/// [`StoreTimes::line`]) or summed over every instance.
 #[derive(Debug, Clone, PartialEq)]
-struct StoreTimes {
-    heartbeat: Vec<u64>,
-    lookup: Vec<u64>,
+pub(crate) struct StoreTimes {
+    pub(crate) heartbeat: Vec<u64>,
+    pub(crate) lookup: Vec<u64>,
 }
 
 impl StoreTimes {
+    /// The `store-times` answer `serve-discovery` prints: `store-times <heartbeat>
+    /// <lookup>`, each a comma-separated list of bucket counts ([`StoreTimes::parse`]
+    /// reads what follows the first word).
+    pub(crate) fn line(&self) -> String {
+        let list = |buckets: &[u64]| {
+            buckets
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        format!(
+            "store-times {} {}",
+            list(&self.heartbeat),
+            list(&self.lookup)
+        )
+    }
+
     /// Asks each of `servers` and sums their answers.
     async fn of(servers: &mut [ServerChild]) -> Result<Self, BenchError> {
         let buckets = discovery::metrics::BUCKETS_SECONDS.len() + 1;
@@ -377,11 +396,13 @@ impl StoreTimes {
                 .await?;
             let parsed = Self::parse(&line)
                 .ok_or_else(|| BenchError::Child(format!("bad store-times line {line:?}")))?;
-            for (sum, add) in total.heartbeat.iter_mut().zip(parsed.heartbeat) {
-                *sum += add;
-            }
-            for (sum, add) in total.lookup.iter_mut().zip(parsed.lookup) {
-                *sum += add;
+            for (sums, adds) in [
+                (&mut total.heartbeat, parsed.heartbeat),
+                (&mut total.lookup, parsed.lookup),
+            ] {
+                for (sum, add) in sums.iter_mut().zip(adds) {
+                    *sum += add;
+                }
             }
         }
         Ok(total)
@@ -795,16 +816,15 @@ mod tests {
         heartbeat[5] = 10; // ≤ 10 ms
         let mut lookup = zeros.clone();
         lookup[12] = 4; // past the last bound
-        let text = |buckets: &[u64]| {
-            buckets
-                .iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let line = format!("{} {}", text(&heartbeat), text(&lookup));
-        let after = StoreTimes::parse(&line).unwrap();
+        let answer = StoreTimes {
+            heartbeat: heartbeat.clone(),
+            lookup: lookup.clone(),
+        }
+        .line();
+        let fields = answer.strip_prefix("store-times ").unwrap();
+        let after = StoreTimes::parse(fields).unwrap();
         assert_eq!(after.heartbeat, heartbeat);
+        assert_eq!(after.lookup, lookup);
         let before = StoreTimes {
             heartbeat: zeros.clone(),
             lookup: zeros.clone(),
@@ -815,6 +835,7 @@ mod tests {
         assert_eq!(StoreTimes::percentile(&window.lookup, 50.0), "> 1000 ms");
         assert_eq!(StoreTimes::percentile(&zeros, 99.0), "none");
         assert_eq!(StoreTimes::parse("1,2 3"), None);
-        assert_eq!(StoreTimes::parse(&text(&heartbeat)), None);
+        let (heartbeat_only, _) = fields.split_once(' ').unwrap();
+        assert_eq!(StoreTimes::parse(heartbeat_only), None);
     }
 }

@@ -30,7 +30,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{BenchError, control::ControlClient, system};
+use crate::{BenchError, control::ControlClient, discovery_load::StoreTimes, system};
 
 /// What [`serve_discovery`] serves from.
 #[derive(Debug, Clone)]
@@ -77,26 +77,17 @@ pub async fn serve_discovery(options: ServeOptions) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Answers each `store-times` line on standard input with a `store-times <heartbeat>
-/// <lookup>` line, each a comma-separated list of the server's store-time histogram
-/// buckets ([`discovery::metrics::Histogram::buckets`]); cancels `shutdown` when standard
-/// input closes.
+/// Answers each `store-times` line on standard input with the server's store-time
+/// histograms ([`StoreTimes::line`]); cancels `shutdown` when standard input closes.
 async fn answer_until_eof(shutdown: CancellationToken, metrics: Arc<Metrics>) {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         if line.trim() == "store-times" {
-            let list = |buckets: Vec<u64>| {
-                buckets
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
+            let times = StoreTimes {
+                heartbeat: metrics.store_heartbeat.buckets(),
+                lookup: metrics.store_lookup.buckets(),
             };
-            println!(
-                "store-times {} {}",
-                list(metrics.store_heartbeat.buckets()),
-                list(metrics.store_lookup.buckets())
-            );
+            println!("{}", times.line());
         }
     }
     shutdown.cancel();
@@ -170,7 +161,6 @@ pub async fn load_worker(options: WorkerOptions) -> Result<(), BenchError> {
                     tracker.spawn(heartbeat(
                         client,
                         options.heartbeat,
-                        options.heartbeat,
                         Arc::clone(&liveness),
                         shutdown.clone(),
                     ));
@@ -212,16 +202,15 @@ pub async fn load_worker(options: WorkerOptions) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Sends a heartbeat every `interval` (the first after `phase`) until cancelled or the
-/// connection fails.
+/// Sends a heartbeat every `interval` (the first one interval after registering, as a
+/// real client does) until cancelled or the connection fails.
 async fn heartbeat(
     mut client: ControlClient,
     interval: Duration,
-    phase: Duration,
     liveness: Arc<Liveness>,
     shutdown: CancellationToken,
 ) {
-    let mut next = tokio::time::Instant::now() + phase;
+    let mut next = tokio::time::Instant::now() + interval;
     let mut answered = false;
     loop {
         tokio::select! {
