@@ -608,6 +608,28 @@ impl Instance {
     }
 }
 
+/// Adds to `pipeline` the online index write of a heartbeat: `presence`'s user in its
+/// bucket `online` until it expires, and the bucket pruned of entries from before
+/// `online_since` (an exclusive `ZREMRANGEBYSCORE` bound).
+fn index_online(
+    pipeline: &mut redis::Pipeline,
+    online: &str,
+    presence: &Presence,
+    online_since: &str,
+) {
+    pipeline
+        .cmd("ZADD")
+        .arg(online)
+        .arg(presence.expires_at_ms)
+        .arg(presence.user.as_str())
+        .ignore()
+        .cmd("ZREMRANGEBYSCORE")
+        .arg(online)
+        .arg("-inf")
+        .arg(online_since)
+        .ignore();
+}
+
 /// The sharded pub/sub channel of the instance `id`: `p2pchat:instance:{id}:push` (the
 /// hash tag puts it on one slot, so it lives on one master and its replicas).
 fn instance_channel(id: &str) -> String {
@@ -1255,23 +1277,9 @@ impl RedisStore {
                 prune_text.as_bytes(),
             ];
             let truth = self.invoke::<i64>("set_presence", &SET_PRESENCE_ROUTED, &keys, &args);
-            let mut pipeline = redis::pipe();
-            pipeline
-                .cmd("ZADD")
-                .arg(&online)
-                .arg(presence.expires_at_ms)
-                .arg(presence.user.as_str())
-                .ignore()
-                .cmd("ZREMRANGEBYSCORE")
-                .arg(&online)
-                .arg("-inf")
-                .arg(&online_since)
-                .ignore();
-            let index = self.with_retry("set_presence", |mut connection| {
-                let pipeline = &pipeline;
-                async move { pipeline.query_async::<()>(&mut connection).await }
-            });
-            let (truth, index) = tokio::join!(truth, index);
+            let mut index = redis::pipe();
+            index_online(&mut index, &online, presence, &online_since);
+            let (truth, index) = tokio::join!(truth, self.run_pipeline("set_presence", &index));
             truth?;
             return index;
         }
@@ -1289,20 +1297,19 @@ impl RedisStore {
             .cmd("PEXPIRE")
             .arg(&key)
             .arg(keep_ms)
-            .ignore()
-            .cmd("ZADD")
-            .arg(&online)
-            .arg(presence.expires_at_ms)
-            .arg(presence.user.as_str())
-            .ignore()
-            .cmd("ZREMRANGEBYSCORE")
-            .arg(&online)
-            .arg("-inf")
-            .arg(&online_since)
             .ignore();
-        self.with_retry("set_presence", |mut connection| {
-            let pipeline = &pipeline;
-            async move { pipeline.query_async::<()>(&mut connection).await }
+        index_online(&mut pipeline, &online, presence, &online_since);
+        self.run_pipeline("set_presence", &pipeline).await
+    }
+
+    /// Runs `pipeline` (its replies ignored) with retries.
+    async fn run_pipeline(
+        &self,
+        operation: &'static str,
+        pipeline: &redis::Pipeline,
+    ) -> Result<(), StoreError> {
+        self.with_retry(operation, |mut connection| async move {
+            pipeline.query_async::<()>(&mut connection).await
         })
         .await
     }
