@@ -561,6 +561,10 @@ async fn listen_mode(
         Arc::clone(&chats),
     ));
     let mut stdout = std::io::stdout();
+    // Printed messages whose mark as shown could not be written yet (a full disk): marked
+    // with the next ones, or at the end. Nothing new is stored while writes fail, so this
+    // does not grow while they do.
+    let mut unmarked: Vec<peer::state::InboundMessage> = Vec::new();
     let code = loop {
         tokio::select! {
             biased;
@@ -599,9 +603,8 @@ async fn listen_mode(
                         .flatten();
                 }
                 stdout.flush()?;
-                if !printed.is_empty() {
-                    client.mark_shown(&printed).await?;
-                }
+                unmarked.append(&mut printed);
+                mark_printed(client, &mut unmarked).await;
                 if let Some(reply) = fatal {
                     eprintln!("p2pchat: {}", render::fatal_text(&reply));
                     break ExitCode::FAILURE;
@@ -618,10 +621,29 @@ async fn listen_mode(
         }
     };
     executor.abort();
+    mark_printed(client, &mut unmarked).await;
     if let Err(error) = lock(&chats).save(&chats_path) {
         tracing::warn!(%error, "cannot save the conversations' unread counts");
     }
     Ok(code)
+}
+
+/// Marks the printed messages in `unmarked` shown, in one write. If that write fails (a
+/// full disk), the listener goes on and keeps them for the next try: a message already
+/// printed is never printed again by this run, and one never marked is shown again at the
+/// next start rather than lost.
+async fn mark_printed(client: &Client, unmarked: &mut Vec<peer::state::InboundMessage>) {
+    if unmarked.is_empty() {
+        return;
+    }
+    match client.mark_shown(unmarked.iter()).await {
+        Ok(()) => unmarked.clear(),
+        Err(error) => tracing::warn!(
+            %error,
+            messages = unmarked.len(),
+            "cannot record printed messages as shown yet; trying again with the next ones"
+        ),
+    }
 }
 
 /// The shared conversations, whatever a panic elsewhere left in them (counts only).
