@@ -496,16 +496,26 @@ struct Usage {
     servers: f64,
     workers: f64,
     this: f64,
+    /// Run-queue waits of the Redis nodes, the instances, the workers and this process.
+    waits: [system::RunQueue; 4],
 }
 
 impl Usage {
     async fn now(redis: &Redis, pids: &Pids<'_>) -> Self {
+        let nodes = redis.node_stats().await;
+        let node_pids: Vec<u32> = nodes.iter().map(|node| node.pid).collect();
         Self {
-            redis: redis.node_stats().await,
+            redis: nodes,
             at: Instant::now(),
             servers: system::cpu_seconds_of(pids.servers),
             workers: system::cpu_seconds_of(pids.workers),
             this: system::cpu_seconds(std::process::id()).unwrap_or(f64::NAN),
+            waits: [
+                system::RunQueue::of(&node_pids),
+                system::RunQueue::of(pids.servers),
+                system::RunQueue::of(pids.workers),
+                system::RunQueue::of(&[std::process::id()]),
+            ],
         }
     }
 }
@@ -567,12 +577,19 @@ impl Window {
         } else {
             String::new()
         };
+        let waited = |part: usize| {
+            self.after.waits[part].describe_since(&self.before.waits[part], seconds)
+        };
         format!(
-            "Redis {redis_cores:.2} cores and {} commands/s{split}; discovery instances {:.2} cores; load workers {:.2} cores; this process (the lookup clients) {:.2} cores",
+            "Redis {redis_cores:.2} cores and {} commands/s{split}; discovery instances {:.2} cores; load workers {:.2} cores; this process (the lookup clients) {:.2} cores. Waiting for a core (run queue): Redis nodes {}; instances {}; load workers {}; this process {}",
             crate::report::number(commands as f64 / seconds),
             cores(self.before.servers, self.after.servers),
             cores(self.before.workers, self.after.workers),
             cores(self.before.this, self.after.this),
+            waited(0),
+            waited(1),
+            waited(2),
+            waited(3),
         )
     }
 }

@@ -136,6 +136,8 @@ pub struct NodeStats {
     pub commands: u64,
     /// Memory it holds for data and overhead, in KiB (`used_memory`).
     pub used_memory_kib: u64,
+    /// Its process id (`process_id`), for what `/proc` says of it.
+    pub pid: u32,
 }
 
 impl NodeStats {
@@ -162,6 +164,7 @@ impl NodeStats {
             cpu_seconds: number("used_cpu_user")? + number("used_cpu_sys")?,
             commands: number("total_commands_processed")? as u64,
             used_memory_kib: number("used_memory")? as u64 / 1024,
+            pid: number("process_id")? as u32,
         })
     }
 }

@@ -70,6 +70,56 @@ pub fn cpu_seconds_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|pid| cpu_seconds(*pid).ok()).sum()
 }
 
+/// How long the threads of process `pid` have waited on a run queue for a core so far,
+/// and how many times they were scheduled in, summed over its threads (fields 2 and 3 of
+/// `/proc/<pid>/task/<tid>/schedstat`). Threads that ended are not counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RunQueue {
+    /// Time spent runnable but not running, in seconds.
+    pub waited: f64,
+    /// Times a thread of the process was put on a core.
+    pub slices: u64,
+}
+
+impl RunQueue {
+    /// The run-queue figures of every process in `pids` still running, summed.
+    pub fn of(pids: &[u32]) -> Self {
+        let mut total = Self::default();
+        for pid in pids {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for task in tasks.flatten() {
+                let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+                    continue;
+                };
+                let mut fields = stat.split_whitespace().skip(1);
+                let (Some(Ok(waited)), Some(Ok(slices))) = (
+                    fields.next().map(str::parse::<u64>),
+                    fields.next().map(str::parse::<u64>),
+                ) else {
+                    continue;
+                };
+                total.waited += waited as f64 / 1e9;
+                total.slices += slices;
+            }
+        }
+        total
+    }
+
+    /// What was used between `before` and `self`, as "waited W ms per second, M µs per
+    /// slice" over `seconds`.
+    pub fn describe_since(&self, before: &Self, seconds: f64) -> String {
+        let waited = (self.waited - before.waited).max(0.0);
+        let slices = self.slices.saturating_sub(before.slices).max(1);
+        format!(
+            "waited {:.0} ms/s, {:.0} µs per slice",
+            waited * 1e3 / seconds,
+            waited * 1e6 / slices as f64
+        )
+    }
+}
+
 /// The processes below `pid` (children, grandchildren, ...), from `/proc/<pid>/task/*/children`.
 pub fn descendants(pid: u32) -> Vec<u32> {
     let mut found = Vec::new();
@@ -233,6 +283,13 @@ mod tests {
     fn own_cpu_time_is_readable() {
         let spent = cpu_seconds(std::process::id()).unwrap();
         assert!(spent.is_finite() && spent >= 0.0);
+    }
+
+    #[test]
+    fn own_run_queue_is_readable() {
+        let this = RunQueue::of(&[std::process::id()]);
+        assert!(this.slices > 0, "{this:?}");
+        assert!(this.waited >= 0.0);
     }
 
     #[test]
