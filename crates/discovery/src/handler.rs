@@ -191,6 +191,20 @@ impl Session {
         self.watching.as_deref().and_then(Watching::next_due_ms)
     }
 
+    /// The online notice this session's user owes its contacts when it takes over the
+    /// user's presence from a session that ended elsewhere (whose contacts heard
+    /// "offline"), if it is registered and watches anyone.
+    pub fn online_notice(&self) -> Option<Broadcast> {
+        let user = self.user()?;
+        let watching = self.watching.as_deref()?;
+        (!watching.is_empty()).then(|| Broadcast::Presence {
+            user: user.clone(),
+            online: true,
+            to: watching.names(),
+            answer: false,
+        })
+    }
+
     /// The offline notice `user` (this session's user, or the one it just unregistered)
     /// owes its contacts as the session leaves (the connection closed, timed out or
     /// unregistered), if it watches anyone; the watch set is forgotten.

@@ -49,10 +49,14 @@ const PUSH_QUEUE: usize = 64;
 enum Outbound {
     /// A push to send to the client.
     Push(Box<Push>),
-    /// Another session of this connection's user closed here, and may have taken the
-    /// user's presence with it: write this session's presence again now, not at its next
-    /// heartbeat.
-    RefreshPresence,
+    /// Another session of this connection's user closed, and may have taken the user's
+    /// presence with it: write this session's presence again now, not at its next
+    /// heartbeat; `announce`: the other session was on another instance and its contacts
+    /// heard "offline", so tell them this one is online.
+    RefreshPresence {
+        /// Tell the contacts.
+        announce: bool,
+    },
     /// A contact's presence changed (see [`Session::presence_of`]).
     Presence {
         /// Whose.
@@ -179,10 +183,29 @@ impl Hub {
             return false;
         };
         if let Some(latest) = remaining.routes().last() {
-            let _ = latest.sender.try_send(Outbound::RefreshPresence);
+            let _ = latest
+                .sender
+                .try_send(Outbound::RefreshPresence { announce: false });
         }
         clients.insert(user.clone(), remaining);
         true
+    }
+
+    /// Session `ended` of `user` ended on another instance and cleared the user's
+    /// presence: the most recent session of `user` here (if any) writes it again and tells
+    /// its contacts it is online.
+    fn take_over(&self, user: &Username, ended: u64) {
+        if let Some(sessions) = self.lock().get(user)
+            && let Some(latest) = sessions
+                .routes()
+                .iter()
+                .rev()
+                .find(|route| route.session != ended)
+        {
+            let _ = latest
+                .sender
+                .try_send(Outbound::RefreshPresence { announce: true });
+        }
     }
 
     /// Offers `user`'s presence to every session here of the users in `to`; each decides
@@ -479,6 +502,7 @@ async fn fan_out(
                 observed,
                 at_ms,
             }) => shared.hub.tell_others(&user, session, observed, at_ms),
+            Ok(Broadcast::SessionEnded { user, session }) => shared.hub.take_over(&user, session),
             Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(
                     missed,
@@ -681,15 +705,23 @@ async fn serve_connection(
                         break;
                     }
                 }
-                Outbound::RefreshPresence => {
+                Outbound::RefreshPresence { announce } => {
                     if session.user().is_some() {
                         let now_ms = proto::now_ms();
                         let (result, _) = Box::pin(
                             session.handle(Request::Heartbeat, &shared.store, config, metrics, now_ms),
                         )
                         .await;
-                        if let Err(error) = result {
-                            tracing::warn!(%peer, %error, "could not write presence again; the next heartbeat will");
+                        match result {
+                            Err(error) => tracing::warn!(%peer, %error, "could not write presence again; the next heartbeat will"),
+                            Ok(_) if announce => {
+                                if let Some(notice) = session.online_notice()
+                                    && let Err(error) = shared.store.publish(&notice).await
+                                {
+                                    tracing::warn!(%error, "could not tell contacts a user is still online");
+                                }
+                            }
+                            Ok(_) => {}
                         }
                     }
                 }
@@ -769,8 +801,8 @@ async fn serve_connection(
                             registration_deadline = Instant::now() + config.handshake_timeout;
                             let others_here = shared.hub.remove(&user, session.session_id());
                             let notice = session.take_offline_notice(&user);
-                            if !others_here && let Some(notice) = notice {
-                                publish_offline(&shared.store, &notice).await;
+                            if !others_here {
+                                left(&shared.store, &user, session.session_id(), notice).await;
                             }
                         }
                         None => {}
@@ -849,18 +881,30 @@ async fn serve_connection(
         };
         // Offline for contacts only when no other session of the user is here, and this
         // one still owned the presence record (no newer session elsewhere took it over).
-        if let Some(notice) = session.take_offline_notice(&user)
-            && cleared
-            && !others_here
-        {
-            publish_offline(&shared.store, &notice).await;
+        let notice = session.take_offline_notice(&user);
+        if cleared && !others_here {
+            left(&shared.store, &user, session.session_id(), notice).await;
         }
     }
 }
 
-/// Tells a leaving user's contacts they went offline (best effort: the push is a notice).
-async fn publish_offline(store: &Store, notice: &Broadcast) {
-    if let Err(error) = store.publish(notice).await {
+/// The last session of `user` here, `session`, left and cleared the user's presence: its
+/// contacts hear it went offline (`notice`, if it watched anyone), and a session of the
+/// user still open on another instance, if any, is told to take the presence over and
+/// say it is online ([`Broadcast::SessionEnded`]). So contacts may see "offline" and then
+/// "online"; each session's per-contact push interval merges the two into nothing when
+/// they come close together. Best effort: these are notices.
+async fn left(store: &Store, user: &Username, session: u64, notice: Option<Broadcast>) {
+    if let Some(notice) = notice
+        && let Err(error) = store.publish(&notice).await
+    {
         tracing::warn!(%error, "could not tell contacts a user went offline");
+    }
+    let ended = Broadcast::SessionEnded {
+        user: user.clone(),
+        session,
+    };
+    if let Err(error) = store.publish(&ended).await {
+        tracing::debug!(%error, "could not tell other sessions that one ended");
     }
 }

@@ -203,6 +203,15 @@ pub enum Broadcast {
         /// When it registered, ms since the epoch.
         at_ms: u64,
     },
+    /// The session of `user` that held the user's presence ended, and cleared it: a
+    /// session of `user` still open on another instance writes the presence again and
+    /// tells its contacts it is online (they heard "offline" from the one that ended).
+    SessionEnded {
+        /// Whose session.
+        user: Username,
+        /// The ended session's presence id.
+        session: u64,
+    },
 }
 
 /// Store failures. Expected outcomes (a duplicate deposit, an existing binding) are values
@@ -443,8 +452,8 @@ impl Store {
     }
 
     /// Sends `event` to every subscriber of every instance sharing this store; on a Redis
-    /// Cluster, a [`Broadcast::MailWaiting`], [`Broadcast::Presence`] or
-    /// [`Broadcast::SessionElsewhere`] only to the instances whose presence writes for the
+    /// Cluster, a [`Broadcast::MailWaiting`], [`Broadcast::Presence`],
+    /// [`Broadcast::SessionElsewhere`] or [`Broadcast::SessionEnded`] only to the instances whose presence writes for the
     /// recipients are still in force (those that hold the recipients' sessions).
     pub async fn publish(&self, event: &Broadcast) -> Result<(), StoreError> {
         dispatch!(self, store => store.publish(event).await)

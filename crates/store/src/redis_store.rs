@@ -1784,11 +1784,15 @@ impl RedisStore {
             Broadcast::Presence { user, to, .. } if self.is_cluster() => {
                 return self.publish_presence_routed(event, user, to).await;
             }
-            Broadcast::SessionElsewhere { user, .. } if self.is_cluster() => {
+            Broadcast::SessionElsewhere { user, .. } | Broadcast::SessionEnded { user, .. }
+                if self.is_cluster() =>
+            {
                 let routes = self.routes_of(user).await?;
                 return self.spublish_to(&routes, &encode_event(event)?).await;
             }
-            Broadcast::Presence { .. } | Broadcast::SessionElsewhere { .. } => {
+            Broadcast::Presence { .. }
+            | Broadcast::SessionElsewhere { .. }
+            | Broadcast::SessionEnded { .. } => {
                 return self
                     .query(
                         "publish",
@@ -1954,7 +1958,11 @@ fn encode_event(event: &Broadcast) -> Result<bytes::Bytes, StoreError> {
 /// older or newer instance's message, garbage) is logged and dropped.
 fn decode_event(payload: &[u8]) -> Option<Broadcast> {
     match wire::decode::<Broadcast>(payload) {
-        Ok(event @ (Broadcast::Presence { .. } | Broadcast::SessionElsewhere { .. })) => {
+        Ok(
+            event @ (Broadcast::Presence { .. }
+            | Broadcast::SessionElsewhere { .. }
+            | Broadcast::SessionEnded { .. }),
+        ) => {
             Some(event)
         }
         Ok(_) | Err(_) => {

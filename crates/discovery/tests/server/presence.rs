@@ -1,6 +1,7 @@
 //! Contact presence and the second-session notice, over real sockets: pushes only between
 //! users who watch each other, offline on a closed or timed-out connection, the watch set's
-//! bound, and both across two instances sharing one Redis.
+//! bound, and both across two instances sharing one Redis (where a session still open on
+//! one instance takes the presence over when the one holding it ends on the other).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -216,6 +217,58 @@ async fn presence_and_second_sessions_work_across_two_instances_sharing_one_redi
     alice
         .push(|push| matches!(push, Push::SessionElsewhere { .. }))
         .await;
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_on_another_instance_takes_over_when_the_one_holding_the_presence_ends() {
+    let redis = RedisServer::start().unwrap();
+    let first = Server::redis(&redis).await;
+    let second = Server::redis(&redis).await;
+    let mut alice = watching(first.address, "alice", &["bob"]).await;
+    // Bob is connected twice: an older session on the second instance, and a newer one on
+    // the first, whose registration took the presence record over.
+    let bob_older = watching(second.address, "bob", &["alice"]).await;
+    alice.push(is_presence("bob", true)).await;
+    let mut bob_newer = second_session(first.address, &bob_older).await;
+    watch(&mut bob_newer, &["alice"]).await;
+
+    // The newer one ends and clears the presence: its instance tells alice "offline", and
+    // the session still open on the other instance writes the presence again and tells
+    // her "online". Lookups see bob online again without any heartbeat of his.
+    let Ok(Reply::User(before)) = alice.lookup("bob").await else {
+        panic!("bob's lookup failed");
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    drop(bob_newer.connection);
+    let mut online = false;
+    for _ in 0..100 {
+        let Ok(Reply::User(bob)) = alice.lookup("bob").await else {
+            panic!("bob's lookup failed");
+        };
+        // A presence written after the newer session's (its clearing keeps its time).
+        if bob.online && bob.last_seen_ms > before.last_seen_ms {
+            online = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(online, "bob's older session did not take the presence over");
+    // Alice's client ends up showing bob online: the two notices came inside one push
+    // interval and cancelled out, or the "online" came after the "offline".
+    tokio::time::sleep(Duration::from_millis(discovery::presence::MIN_PUSH_INTERVAL_MS + 500)).await;
+    let pushes = presence_pushes(&mut alice).await;
+    assert!(
+        pushes.is_empty()
+            || pushes
+                == vec![
+                    Push::Presence { user: name("bob"), online: false },
+                    Push::Presence { user: name("bob"), online: true },
+                ],
+        "{pushes:?}"
+    );
+    drop(bob_older);
     first.stop().await;
     second.stop().await;
 }
