@@ -577,9 +577,8 @@ impl Window {
         } else {
             String::new()
         };
-        let waited = |part: usize| {
-            self.after.waits[part].describe_since(&self.before.waits[part], seconds)
-        };
+        let waited =
+            |part: usize| self.after.waits[part].describe_since(&self.before.waits[part], seconds);
         format!(
             "Redis {redis_cores:.2} cores and {} commands/s{split}; discovery instances {:.2} cores; load workers {:.2} cores; this process (the lookup clients) {:.2} cores. Waiting for a core (run queue): Redis nodes {}; instances {}; load workers {}; this process {}",
             crate::report::number(commands as f64 / seconds),

@@ -69,7 +69,8 @@
 //! Channels: [`ANNOUNCE_CHANNEL`] (classic pub/sub, which a cluster carries to every node;
 //! every instance subscribes), [`MAIL_CHANNEL`] (one server only: every instance
 //! subscribes, the payload is the recipient's name), [`PRESENCE_CHANNEL`] (one server only:
-//! contacts' presence and second-session notices, a wire-encoded [`Broadcast`]) and, on a
+//! contacts' presence and notices of a user's other sessions, a wire-encoded [`Broadcast`])
+//! and, on a
 //! cluster,
 //! `p2pchat:instance:{id}:push`, one sharded channel per instance (`SSUBSCRIBE`d by that
 //! instance alone, on the master of its slot). A mail-waiting hint on a cluster is an
@@ -179,7 +180,8 @@ use crate::{
 
 /// The pub/sub channel carrying "mail waiting" hints; the payload is the recipient's name.
 pub const MAIL_CHANNEL: &str = "p2pchat:mail";
-/// The pub/sub channel carrying presence changes and second-session notices between the
+/// The pub/sub channel carrying presence changes and notices of a user's other sessions
+/// (one registered, one ended) between the
 /// instances on one server (a cluster routes them like mail-waiting hints); the payload is
 /// a wire-encoded [`Broadcast`].
 pub const PRESENCE_CHANNEL: &str = "p2pchat:presence";
@@ -1962,9 +1964,7 @@ fn decode_event(payload: &[u8]) -> Option<Broadcast> {
             event @ (Broadcast::Presence { .. }
             | Broadcast::SessionElsewhere { .. }
             | Broadcast::SessionEnded { .. }),
-        ) => {
-            Some(event)
-        }
+        ) => Some(event),
         Ok(_) | Err(_) => {
             tracing::warn!(
                 len = payload.len(),

@@ -257,14 +257,23 @@ async fn a_session_on_another_instance_takes_over_when_the_one_holding_the_prese
     assert!(online, "bob's older session did not take the presence over");
     // Alice's client ends up showing bob online: the two notices came inside one push
     // interval and cancelled out, or the "online" came after the "offline".
-    tokio::time::sleep(Duration::from_millis(discovery::presence::MIN_PUSH_INTERVAL_MS + 500)).await;
+    tokio::time::sleep(Duration::from_millis(
+        discovery::presence::MIN_PUSH_INTERVAL_MS + 500,
+    ))
+    .await;
     let pushes = presence_pushes(&mut alice).await;
     assert!(
         pushes.is_empty()
             || pushes
                 == vec![
-                    Push::Presence { user: name("bob"), online: false },
-                    Push::Presence { user: name("bob"), online: true },
+                    Push::Presence {
+                        user: name("bob"),
+                        online: false
+                    },
+                    Push::Presence {
+                        user: name("bob"),
+                        online: true
+                    },
                 ],
         "{pushes:?}"
     );

@@ -222,6 +222,12 @@ async fn presence_goes_only_where_each_recipient_is() -> anyhow::Result<()> {
     };
     other.publish(&elsewhere).await?;
     ensure!(next_event(&mut at_holder).await? == elsewhere);
+    let ended = Broadcast::SessionEnded {
+        user: user("bob"),
+        session: 4,
+    };
+    other.publish(&ended).await?;
+    ensure!(next_event(&mut at_holder).await? == ended);
     other.publish(&announcement).await?;
     ensure!(next_event(&mut at_holder).await? == announcement);
     ensure!(

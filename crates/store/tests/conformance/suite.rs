@@ -635,9 +635,14 @@ pub async fn presence_events_reach_their_recipients_instance(store: &Store) -> a
         observed: "192.0.2.7:40000".parse()?,
         at_ms: 1_500,
     };
+    let ended = Broadcast::SessionEnded {
+        user: user("bob"),
+        session: 3,
+    };
     store.publish(&online).await?;
     store.publish(&elsewhere).await?;
-    expect_events(&mut receiver, &[online, elsewhere]).await
+    store.publish(&ended).await?;
+    expect_events(&mut receiver, &[online, elsewhere, ended]).await
 }
 
 pub async fn mailboxes_drain_in_batches(store: &Store) -> anyhow::Result<()> {
