@@ -6,7 +6,7 @@
 //! the protocol (who may do what, in which state, with which error) is tested here with plain
 //! `#[tokio::test]`s over an embedded store.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{collections::HashSet, net::SocketAddr, sync::Arc};
 
 use proto::{
     ErrorCode, ErrorReply, MailRef, Push, Registration, Reply, Request, UserInfo, Username,
@@ -176,6 +176,15 @@ impl Session {
             answer: false,
         });
         (push, reply)
+    }
+
+    /// The offline pushes owed for `users`, whose presence lapsed without their sessions
+    /// leaving ([`Watching::lapsed`]).
+    pub fn lapsed(&mut self, users: &HashSet<Username>, now_ms: u64) -> Vec<Push> {
+        self.watching
+            .as_mut()
+            .map(|watching| watching.lapsed(users, now_ms))
+            .unwrap_or_default()
     }
 
     /// The presence pushes held back by the per-contact interval and due at `now_ms`.

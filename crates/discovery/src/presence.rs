@@ -12,7 +12,7 @@
 //! goes out when it ends (nothing at all if it flapped back to what was shown), so a user
 //! reconnecting in a loop costs each contact one push every two seconds at most.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use proto::{Push, Username, msg::MAX_WATCHED};
 
@@ -157,6 +157,26 @@ impl Watching {
         })
     }
 
+    /// `users` lapsed at `now_ms`: their presence expired without their session leaving
+    /// (its instance died), so no session told its contacts. Each of them this session
+    /// has shown online (or holds online) is offered as offline, as if their session had
+    /// said so; one never shown online is left alone, because only their own session
+    /// knows whether it watches this one back. The pushes to send now.
+    pub fn lapsed(&mut self, users: &HashSet<Username>, now_ms: u64) -> Vec<Push> {
+        let shown_online: Vec<Username> = self
+            .contacts
+            .iter()
+            .filter(|(user, contact)| {
+                (contact.shown == Some(true) || contact.held == Some(true)) && users.contains(*user)
+            })
+            .map(|(user, _)| user.clone())
+            .collect();
+        shown_online
+            .iter()
+            .filter_map(|user| self.offer(user, false, now_ms))
+            .collect()
+    }
+
     /// When [`Watching::due`] has something to send, if ever.
     pub fn next_due_ms(&self) -> Option<u64> {
         self.next_due_ms
@@ -230,6 +250,41 @@ mod tests {
         assert_eq!(
             watching.offer(&name("bob"), false, later + 1),
             presence("bob", false)
+        );
+    }
+
+    #[test]
+    fn a_lapsed_contact_shown_online_goes_offline_and_one_never_shown_online_stays_untold() {
+        let mut watching = Watching::default();
+        watching
+            .add(
+                &name("alice"),
+                vec![name("bob"), name("carol"), name("dave")],
+            )
+            .unwrap();
+        assert_eq!(
+            watching.offer(&name("bob"), true, T0),
+            presence("bob", true)
+        );
+        assert_eq!(
+            watching.offer(&name("dave"), true, T0),
+            presence("dave", true)
+        );
+        // Carol never showed as online here (she may not watch alice back); eve is not
+        // watched; dave did not lapse.
+        let lapsed: HashSet<Username> = ["bob", "carol", "eve"].into_iter().map(name).collect();
+        let later = T0 + MIN_PUSH_INTERVAL_MS;
+        assert_eq!(
+            watching.lapsed(&lapsed, later),
+            vec![presence("bob", false).unwrap()]
+        );
+        assert!(watching.lapsed(&lapsed, later + 1).is_empty(), "told once");
+        // Inside a quiet window the offline is held like any change.
+        assert_eq!(watching.offer(&name("bob"), true, later + 2), None);
+        assert!(watching.lapsed(&lapsed, later + 3).is_empty());
+        assert!(
+            watching.due(later + MIN_PUSH_INTERVAL_MS).is_empty(),
+            "back to what was shown"
         );
     }
 

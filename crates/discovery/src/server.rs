@@ -7,7 +7,7 @@
 //! only, after a `Closing` frame that says why.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -69,6 +69,9 @@ enum Outbound {
     /// A newer session of this connection's user registered: where the server sees it,
     /// and when (ms since the epoch).
     SessionElsewhere(Box<(SocketAddr, u64)>),
+    /// These users' presence lapsed without their sessions leaving (see
+    /// [`Session::lapsed`]).
+    Lapsed(Arc<HashSet<Username>>),
 }
 
 /// One registered session's entry in the hub.
@@ -250,6 +253,17 @@ impl Hub {
         }
     }
 
+    /// Tells every session here that `users`' presence lapsed without their sessions
+    /// leaving; each pushes "offline" for those of them it showed online. A full queue
+    /// drops the notice.
+    fn tell_lapsed(&self, users: &Arc<HashSet<Username>>) {
+        for sessions in self.lock().values() {
+            for route in sessions.routes() {
+                let _ = route.sender.try_send(Outbound::Lapsed(Arc::clone(users)));
+            }
+        }
+    }
+
     /// Pushes to every registered user connected here.
     pub fn push_all(&self, push: &Push) {
         for sessions in self.lock().values() {
@@ -339,6 +353,7 @@ pub async fn serve(
     // Subscribe before accepting anyone, so no event published for a client is missed.
     let events = shared.store.subscribe();
     tracker.spawn(fan_out(events, Arc::clone(&shared), shutdown.clone()));
+    tracker.spawn(sweep_lapsed(Arc::clone(&shared), shutdown.clone()));
     let config = &shared.config;
     let open_files = limits::open_file_limit();
     let cap = limits::connection_cap(config.max_connections, open_files, config.open_file_reserve);
@@ -510,6 +525,41 @@ async fn fan_out(
                 );
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Every heartbeat interval, finds the users whose presence lapsed since the last look
+/// without their session leaving ([`Store::lapsed`]: the instance that held them died, so
+/// nobody told their contacts), and tells every session here ([`Hub::tell_lapsed`]). Every
+/// instance sweeps for its own sessions; the store read is one range per online index
+/// bucket. Contacts so hear of a dead instance's users one presence timeout after their
+/// last heartbeat, plus at most one interval.
+async fn sweep_lapsed(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let interval = shared.config.heartbeat_interval;
+    let mut after_ms = proto::now_ms();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let now_ms = proto::now_ms();
+        match shared.store.lapsed(after_ms, now_ms).await {
+            Ok(lapsed) => {
+                after_ms = now_ms;
+                if !lapsed.is_empty() {
+                    tracing::info!(
+                        users = lapsed.len(),
+                        "presence lapsed without its session leaving (an instance stopped); telling contacts here"
+                    );
+                    shared
+                        .hub
+                        .tell_lapsed(&Arc::new(lapsed.into_iter().collect()));
+                }
+            }
+            // The same range is read again, longer, next time.
+            Err(error) => tracing::warn!(%error, "could not read lapsed presence"),
         }
     }
 }
@@ -692,6 +742,19 @@ async fn serve_connection(
                         && let Err(error) = shared.store.publish(&reply).await
                     {
                         tracing::debug!(%error, "could not answer a contact's presence");
+                    }
+                }
+                Outbound::Lapsed(users) => {
+                    let mut sent = true;
+                    for push in session.lapsed(&users, proto::now_ms()) {
+                        metrics.presence_pushes.inc();
+                        sent = connection.send(&ServerMsg::Push(push)).await.is_ok();
+                        if !sent {
+                            break;
+                        }
+                    }
+                    if !sent {
+                        break;
                     }
                 }
                 Outbound::SessionElsewhere(elsewhere) => {

@@ -450,6 +450,16 @@ impl EmbeddedStore {
             .collect())
     }
 
+    /// See [`crate::Store::lapsed`].
+    pub async fn lapsed(&self, after_ms: u64, until_ms: u64) -> Result<Vec<Username>, StoreError> {
+        Ok(self
+            .presence_map()
+            .values()
+            .filter(|presence| (after_ms + 1..=until_ms).contains(&presence.expires_at_ms))
+            .map(|presence| presence.user.clone())
+            .collect())
+    }
+
     /// The presence map. A poisoned lock still holds consistent data (every update is a
     /// single insert or field write), so it is used as is.
     fn presence_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<Username, Presence>> {

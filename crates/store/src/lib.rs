@@ -376,6 +376,14 @@ impl Store {
         dispatch!(self, store => store.online_users(now_ms).await)
     }
 
+    /// Users whose presence expired in (`after_ms`, `until_ms`] while still recorded as
+    /// online: no session cleared it on leaving (its instance died, or the clearing
+    /// failed), so nobody told their contacts. Sorted by name. A user whose session ended
+    /// normally is not among them, nor one who wrote their presence again meanwhile.
+    pub async fn lapsed(&self, after_ms: u64, until_ms: u64) -> Result<Vec<Username>, StoreError> {
+        dispatch!(self, store => store.lapsed(after_ms, until_ms).await)
+    }
+
     /// Deposits `envelope` in `envelope.to`'s mailbox: refused if the recipient blocks the
     /// sender or the mailbox is full (by count or by bytes); idempotent by (sender, id):
     /// mail identity is the pair, so another sender's message with the same id is stored.

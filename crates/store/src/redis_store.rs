@@ -1390,18 +1390,38 @@ impl RedisStore {
         }
     }
 
-    /// See [`crate::Store::online_users`]. Reads every online index bucket (one command
-    /// each, all in flight at once: on a cluster they are different slots) and merges.
+    /// See [`crate::Store::online_users`]: the online index's entries expiring after
+    /// `now_ms`.
     pub async fn online_users(&self, now_ms: u64) -> Result<Vec<Username>, StoreError> {
-        let after = format!("({now_ms}");
+        self.online_index("online_users", &format!("({now_ms}"), "+inf")
+            .await
+    }
+
+    /// See [`crate::Store::lapsed`]: the online index's entries that expired in the range.
+    /// A session that leaves takes its entry out (`LEAVE_ONLINE`) and a heartbeat moves it
+    /// to the new expiry, so what expired there was left by a session that never cleared
+    /// its presence.
+    pub async fn lapsed(&self, after_ms: u64, until_ms: u64) -> Result<Vec<Username>, StoreError> {
+        self.online_index("lapsed", &format!("({after_ms}"), &until_ms.to_string())
+            .await
+    }
+
+    /// The names in the online index scored (expiring) between `min` and `max`
+    /// (`ZRANGEBYSCORE` bounds), sorted: every bucket read (one command each, all in flight
+    /// at once: on a cluster they are different slots) and merged.
+    async fn online_index(
+        &self,
+        operation: &'static str,
+        min: &str,
+        max: &str,
+    ) -> Result<Vec<Username>, StoreError> {
         let reads = (0..ONLINE_BUCKETS).map(|bucket| {
             let key = online_bucket_key(bucket);
-            let after = &after;
             async move {
                 let names: Vec<String> = self
                     .query(
-                        "online_users",
-                        redis::cmd("ZRANGEBYSCORE").arg(&key).arg(after).arg("+inf"),
+                        operation,
+                        redis::cmd("ZRANGEBYSCORE").arg(&key).arg(min).arg(max),
                     )
                     .await?;
                 Ok::<_, StoreError>(parse_names(names, &key))

@@ -283,6 +283,57 @@ async fn a_session_on_another_instance_takes_over_when_the_one_holding_the_prese
 }
 
 #[tokio::test]
+async fn contacts_hear_that_the_users_of_an_instance_that_died_went_offline() {
+    let redis = RedisServer::start().unwrap();
+    // Short timers, so the dead instance's presence lapses within the test.
+    let config = Config {
+        heartbeat_interval: Duration::from_millis(500),
+        presence_ttl: Duration::from_millis(1_500),
+        ..config()
+    };
+    let live = Server::start(
+        store::Store::Redis(
+            store::RedisStore::connect(&redis.url(), store::MailLimits::default())
+                .await
+                .unwrap(),
+        ),
+        config.clone(),
+    )
+    .await;
+    let doomed = Crashable::start(&redis, config);
+    let mut alice = watching(live.address, "alice", &["bob"]).await;
+    // Mallory watches bob, who does not watch her back: she must learn nothing.
+    let mut mallory = watching(live.address, "mallory", &["bob"]).await;
+    let _bob = watching(doomed.address, "bob", &["alice"]).await;
+    alice.push(is_presence("bob", true)).await;
+
+    // Bob's instance dies: nobody clears his presence or tells alice. Her instance finds
+    // the lapsed presence and tells her, while she and mallory keep heartbeating.
+    doomed.crash();
+    let mut offline = false;
+    for _ in 0..100 {
+        let pushes = presence_pushes(&mut alice).await;
+        alice.pushes.clear();
+        if pushes.contains(&Push::Presence {
+            user: name("bob"),
+            online: false,
+        }) {
+            offline = true;
+            break;
+        }
+        assert_eq!(presence_pushes(&mut mallory).await, vec![]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(offline, "alice never heard that bob went offline");
+    let Ok(Reply::User(bob)) = alice.lookup("bob").await else {
+        panic!("bob's lookup failed");
+    };
+    assert!(!bob.online, "{bob:?}");
+    assert_eq!(presence_pushes(&mut mallory).await, vec![]);
+    live.stop().await;
+}
+
+#[tokio::test]
 async fn a_flapping_contact_is_merged_into_one_push_per_interval_ending_in_the_last_state() {
     let server = Server::embedded(config()).await;
     let mut alice = watching(server.address, "alice", &["bob"]).await;

@@ -81,6 +81,51 @@ impl Server {
     }
 }
 
+/// An instance on one Redis, run on a runtime of its own so that a test can stop it the
+/// way a crash does: every task dropped at once, its sockets closed, no session clearing
+/// its presence or telling anyone.
+pub struct Crashable {
+    pub address: SocketAddr,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Crashable {
+    pub fn start(redis: &RedisServer, config: Config) -> Self {
+        let url = redis.url();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let address = runtime.block_on(async move {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let address = listener.local_addr().unwrap();
+                let store = Store::Redis(
+                    RedisStore::connect(&url, MailLimits::default())
+                        .await
+                        .unwrap(),
+                );
+                tokio::spawn(discovery::serve(
+                    listener,
+                    store,
+                    config,
+                    Arc::new(Metrics::default()),
+                    CancellationToken::new(),
+                ));
+                address
+            });
+            Self { address, runtime }
+        })
+        .join()
+        .unwrap()
+    }
+
+    pub fn crash(self) {
+        self.runtime.shutdown_background();
+    }
+}
+
 pub fn config() -> Config {
     Config {
         operator_secret: Some(SECRET.to_vec()),

@@ -59,6 +59,7 @@ conformance!(
     rotation_moves_the_binding_and_release_frees_the_name,
     presence_expires_and_only_its_session_clears_it,
     online_users_are_sorted_by_name,
+    presence_that_lapsed_without_leaving_is_found_once,
     block_list_refuses_mail_until_unblocked,
     broadcast_reaches_two_subscribers,
     presence_events_reach_their_recipients_instance,

@@ -477,6 +477,39 @@ fn presence(name: &str, session: u64, now_ms: u64, expires_at_ms: u64) -> Presen
     }
 }
 
+/// A presence that expired without its session clearing it (its instance died) is found by
+/// the range its expiry falls in, and only by it; one cleared on leaving, or written again
+/// with a later expiry, is not found.
+pub async fn presence_that_lapsed_without_leaving_is_found_once(
+    store: &Store,
+) -> anyhow::Result<()> {
+    store
+        .set_presence(&presence("bob", 1, 1_000, 5_000))
+        .await?;
+    store
+        .set_presence(&presence("carol", 2, 1_000, 9_000))
+        .await?;
+    store
+        .set_presence(&presence("alice", 3, 1_000, 5_000))
+        .await?;
+    store
+        .set_presence(&presence("dave", 4, 1_000, 5_000))
+        .await?;
+    // Dave leaves normally; carol heartbeats again before she lapses.
+    ensure!(store.clear_presence(&user("dave"), 4, 2_000).await?);
+    store
+        .set_presence(&presence("carol", 2, 8_000, 38_000))
+        .await?;
+    ensure!(store.lapsed(0, 4_999).await?.is_empty());
+    ensure!(store.lapsed(4_000, 6_000).await? == vec![user("alice"), user("bob")]);
+    ensure!(
+        store.lapsed(5_000, 10_000).await?.is_empty(),
+        "an end bound counted twice"
+    );
+    ensure!(store.lapsed(10_000, 40_000).await? == vec![user("carol")]);
+    Ok(())
+}
+
 pub async fn presence_expires_and_only_its_session_clears_it(store: &Store) -> anyhow::Result<()> {
     let alice = user("alice");
     ensure!(store.presence(&alice).await?.is_none());
