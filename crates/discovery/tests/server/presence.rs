@@ -306,6 +306,19 @@ async fn contacts_hear_that_the_users_of_an_instance_that_died_went_offline() {
     let mut mallory = watching(live.address, "mallory", &["bob"]).await;
     let _bob = watching(doomed.address, "bob", &["alice"]).await;
     alice.push(is_presence("bob", true)).await;
+    // Bob's entry in the online index is written (the index writer sends its batches a
+    // moment later): the list alice asks for names him.
+    let mut listed = false;
+    for _ in 0..100 {
+        if let Ok(Reply::Users(users)) = alice.request(Request::List).await
+            && users.contains(&name("bob"))
+        {
+            listed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(listed, "bob never appeared in the list");
 
     // Bob's instance dies: nobody clears his presence or tells alice. Her instance finds
     // the lapsed presence and tells her, while she and mallory keep heartbeating.

@@ -60,6 +60,7 @@ conformance!(
     presence_expires_and_only_its_session_clears_it,
     online_users_are_sorted_by_name,
     presence_that_lapsed_without_leaving_is_found_once,
+    a_leave_takes_out_its_own_entry_and_never_a_newer_sessions,
     block_list_refuses_mail_until_unblocked,
     broadcast_reaches_two_subscribers,
     presence_events_reach_their_recipients_instance,

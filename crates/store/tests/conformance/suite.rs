@@ -510,6 +510,40 @@ pub async fn presence_that_lapsed_without_leaving_is_found_once(
     Ok(())
 }
 
+/// A session's leave takes its own entry out of the online index, sent yet or not, and
+/// never the entry of a newer session of the same user.
+pub async fn a_leave_takes_out_its_own_entry_and_never_a_newer_sessions(
+    store: &Store,
+) -> anyhow::Result<()> {
+    let alice = user("alice");
+    // A heartbeat and the leave right after it, sent together or not at all yet.
+    store
+        .set_presence(&presence("alice", 1, 1_000, 31_000))
+        .await?;
+    store
+        .set_presence(&presence("alice", 1, 2_000, 32_000))
+        .await?;
+    ensure!(store.clear_presence(&alice, 1, 2_500).await?);
+    ensure!(store.online_users(2_500).await?.is_empty());
+    // Session 2 comes; session 3 takes the presence over; session 3 leaves; session 2
+    // writes again.
+    store
+        .set_presence(&presence("alice", 2, 3_000, 33_000))
+        .await?;
+    ensure!(store.online_users(3_000).await? == vec![alice.clone()]);
+    store
+        .set_presence(&presence("alice", 3, 4_000, 34_000))
+        .await?;
+    ensure!(store.clear_presence(&alice, 3, 4_500).await?);
+    store
+        .set_presence(&presence("alice", 2, 5_000, 35_000))
+        .await?;
+    ensure!(store.online_users(5_000).await? == vec![alice.clone()]);
+    ensure!(store.lapsed(0, 34_999).await?.is_empty());
+    ensure!(store.lapsed(34_999, 35_000).await? == vec![alice]);
+    Ok(())
+}
+
 pub async fn presence_expires_and_only_its_session_clears_it(store: &Store) -> anyhow::Result<()> {
     let alice = user("alice");
     ensure!(store.presence(&alice).await?.is_none());

@@ -148,6 +148,8 @@
 //! announcements and mail-waiting names travel as plain UTF-8, so `redis-cli PUBLISH
 //! p2pchat:announce "text"` announces.
 
+mod online_index;
+
 use std::{
     future::Future,
     sync::{Arc, LazyLock, PoisonError, RwLock},
@@ -169,6 +171,7 @@ use tokio::{
     task::JoinHandle,
 };
 
+use self::online_index::IndexWriter;
 use crate::{
     ANNOUNCE_CHANNEL, BindOutcome, Binding, Broadcast, DepositOutcome, Fetched, MailLimits,
     Presence, RotateOutcome, StoreError, StoredMail,
@@ -449,11 +452,13 @@ static SET_PRESENCE_ROUTED: LazyLock<Script> = LazyLock::new(|| {
         redis.call('HSET', KEYS[1], 'session', ARGV[1], 'value', ARGV[2])
         redis.call('PEXPIRE', KEYS[1], ARGV[3])
         redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
-        local routes = redis.call('HGETALL', KEYS[2])
-        local prune_before = tonumber(ARGV[6])
-        for index = 1, #routes, 2 do
-            if tonumber(routes[index + 1]) < prune_before then
-                redis.call('HDEL', KEYS[2], routes[index])
+        if redis.call('HLEN', KEYS[2]) > 1 then
+            local routes = redis.call('HGETALL', KEYS[2])
+            local prune_before = tonumber(ARGV[6])
+            for index = 1, #routes, 2 do
+                if tonumber(routes[index + 1]) < prune_before then
+                    redis.call('HDEL', KEYS[2], routes[index])
+                end
             end
         end
         redis.call('PEXPIRE', KEYS[2], ARGV[3])
@@ -476,13 +481,14 @@ static CLEAR_PRESENCE: LazyLock<Script> = LazyLock::new(|| {
 
 /// Leave the online index: KEYS = the user's online index bucket; ARGV = user, the expiry
 /// the cleared presence had.
-/// Removes the entry only if it still has that expiry, so a newer session's entry (written
-/// meanwhile, with a later expiry) stays.
+/// Removes the entry only if its expiry is not later (the index writer may not have sent
+/// the leaving session's last move yet), so a newer session's entry (written meanwhile,
+/// with a later expiry) stays.
 static LEAVE_ONLINE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
         local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-        if score and tonumber(score) == tonumber(ARGV[2]) then
+        if score and tonumber(score) <= tonumber(ARGV[2]) then
             return redis.call('ZREM', KEYS[1], ARGV[1])
         end
         return 0
@@ -560,6 +566,8 @@ struct Inner {
     subscriber: Option<JoinHandle<()>>,
     /// The cluster's pub/sub connection, kept open for as long as the store lives.
     _cluster_pubsub: Option<ClusterConnection>,
+    /// Sends heartbeats' and leaves' online index changes together.
+    index: IndexWriter,
 }
 
 impl Drop for Inner {
@@ -608,28 +616,6 @@ impl Instance {
     fn channel(&self) -> String {
         instance_channel(&self.id)
     }
-}
-
-/// Adds to `pipeline` the online index write of a heartbeat: `presence`'s user in its
-/// bucket `online` until it expires, and the bucket pruned of entries from before
-/// `online_since` (an exclusive `ZREMRANGEBYSCORE` bound).
-fn index_online(
-    pipeline: &mut redis::Pipeline,
-    online: &str,
-    presence: &Presence,
-    online_since: &str,
-) {
-    pipeline
-        .cmd("ZADD")
-        .arg(online)
-        .arg(presence.expires_at_ms)
-        .arg(presence.user.as_str())
-        .ignore()
-        .cmd("ZREMRANGEBYSCORE")
-        .arg(online)
-        .arg("-inf")
-        .arg(online_since)
-        .ignore();
 }
 
 /// The sharded pub/sub channel of the instance `id`: `p2pchat:instance:{id}:push` (the
@@ -925,7 +911,8 @@ impl RedisStore {
         let replicas = options.replicas.unwrap_or(0);
         tracing::info!(replicas, "redis backend: a single server");
         Ok(Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|store| Inner {
+                index: IndexWriter::spawn(store.clone()),
                 backend: Backend::Single {
                     client,
                     manager_config,
@@ -996,7 +983,8 @@ impl RedisStore {
             "redis backend: cluster mode"
         );
         Ok(Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|store| Inner {
+                index: IndexWriter::spawn(store.clone()),
                 backend: Backend::Cluster { client, instance },
                 commands: RwLock::new(Commands {
                     connection: Connection::Cluster(connection),
@@ -1248,7 +1236,10 @@ impl RedisStore {
         value.map(|bytes| decode_binding(user, &bytes)).transpose()
     }
 
-    /// See [`crate::Store::set_presence`].
+    /// See [`crate::Store::set_presence`]. Writes the presence (on a cluster with the
+    /// route, one script on the user's slot) and queues the online index's move for the
+    /// index writer ([`online_index`]): the presence is the truth, and the index only needs
+    /// to be right by the next heartbeat (a lookup reads the presence, never the index).
     pub async fn set_presence(&self, presence: &Presence) -> Result<(), StoreError> {
         let key = user_key(&presence.user, "presence");
         let value = encode(presence)?;
@@ -1257,13 +1248,7 @@ impl RedisStore {
             .expires_at_ms
             .saturating_sub(now_ms)
             .saturating_add(PRESENCE_KEEP_MS);
-        let online_since = format!("({}", now_ms.saturating_sub(ONLINE_PRUNE_AFTER_MS));
-        let online = online_key(&presence.user);
         if let Some(instance) = self.instance() {
-            // A cluster: two steps in two slots, the user's (presence and route: the truth)
-            // and the user's online index bucket's, sent at once so a heartbeat waits for
-            // one round trip; each is idempotent, and the index only needs to be right by
-            // the next heartbeat (a lookup reads the presence, never the index).
             let keep_text = keep_ms.to_string();
             let session_text = presence.session.to_string();
             let expiry_text = presence.expires_at_ms.to_string();
@@ -1278,30 +1263,29 @@ impl RedisStore {
                 expiry_text.as_bytes(),
                 prune_text.as_bytes(),
             ];
-            let truth = self.invoke::<i64>("set_presence", &SET_PRESENCE_ROUTED, &keys, &args);
-            let mut index = redis::pipe();
-            index_online(&mut index, &online, presence, &online_since);
-            let (truth, index) = tokio::join!(truth, self.run_pipeline("set_presence", &index));
-            truth?;
-            return index;
+            self.invoke::<i64>("set_presence", &SET_PRESENCE_ROUTED, &keys, &args)
+                .await?;
+        } else {
+            let mut pipeline = redis::pipe();
+            pipeline
+                .cmd("HSET")
+                .arg(&key)
+                .arg("session")
+                .arg(presence.session)
+                .arg("value")
+                .arg(value.as_ref())
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(keep_ms)
+                .ignore();
+            self.run_pipeline("set_presence", &pipeline).await?;
         }
-        let mut pipeline = redis::pipe();
-        // Not `MULTI`: the online index bucket is another cluster slot. The presence hash is
-        // the truth; the index only needs to be right by the next heartbeat.
-        pipeline
-            .cmd("HSET")
-            .arg(&key)
-            .arg("session")
-            .arg(presence.session)
-            .arg("value")
-            .arg(value.as_ref())
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(keep_ms)
-            .ignore();
-        index_online(&mut pipeline, &online, presence, &online_since);
-        self.run_pipeline("set_presence", &pipeline).await
+        self.inner
+            .index
+            .online(&presence.user, presence.expires_at_ms, now_ms)
+            .await;
+        Ok(())
     }
 
     /// Runs `pipeline` (its replies ignored) with retries.
@@ -1359,15 +1343,7 @@ impl RedisStore {
                 )
                 .await?;
         }
-        let expiry_text = current.expires_at_ms.to_string();
-        let _: i64 = self
-            .invoke(
-                "clear_presence",
-                &LEAVE_ONLINE,
-                &[&online_key(user)],
-                &[user.as_str().as_bytes(), expiry_text.as_bytes()],
-            )
-            .await?;
+        self.inner.index.left(user, current.expires_at_ms).await;
         Ok(true)
     }
 
@@ -1393,6 +1369,7 @@ impl RedisStore {
     /// See [`crate::Store::online_users`]: the online index's entries expiring after
     /// `now_ms`.
     pub async fn online_users(&self, now_ms: u64) -> Result<Vec<Username>, StoreError> {
+        self.inner.index.flush().await;
         self.online_index("online_users", &format!("({now_ms}"), "+inf")
             .await
     }
@@ -1402,6 +1379,7 @@ impl RedisStore {
     /// to the new expiry, so what expired there was left by a session that never cleared
     /// its presence.
     pub async fn lapsed(&self, after_ms: u64, until_ms: u64) -> Result<Vec<Username>, StoreError> {
+        self.inner.index.flush().await;
         self.online_index("lapsed", &format!("({after_ms}"), &until_ms.to_string())
             .await
     }
