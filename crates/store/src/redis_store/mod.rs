@@ -81,8 +81,9 @@
 //! routes (dropping routes lapsed an hour ago, left by instances that died), and clearing
 //! the presence removes it. An operation over two slots is separate steps in a stated
 //! order, each idempotent: a presence write does the user's slot (presence and route) and
-//! then the user's online index bucket; clearing it, the presence, then the route, then the
-//! bucket; a deposit stores the mail and then publishes the hint.
+//! then queues the user's online index move; clearing it, the presence, then the route,
+//! then queues the leave (the [`online_index`] writer sends both kinds to the bucket's slot
+//! within 50 ms, in order); a deposit stores the mail and then publishes the hint.
 //!
 //! A **mail key** is the message id (16 raw bytes) followed by the sender's name: mail
 //! identity is (sender, id), so another sender reusing an id is another message, while the
@@ -136,7 +137,9 @@
 //! presence). The online index (who is online, for `list`) is not per user, so `list` reads
 //! a few keys rather than every user's; it is split into [`ONLINE_BUCKETS`] sorted sets,
 //! a user's bucket fixed by a hash of the name ([`online_key`]), because every heartbeat
-//! writes the index: one key would put every heartbeat's index write on one cluster node.
+//! moves its user's entry: one key would put every index write on one cluster node. The
+//! moves are gathered by the [`online_index`] writer and sent as one `ZADD` per bucket
+//! every 50 ms, so a heartbeat itself is one request.
 //! The buckets' hash tags spread them over the slots, so over the masters. Each bucket is
 //! only ever touched by single-key commands, so it is cluster-safe; `list` reads every
 //! bucket and merges. An index written as one `p2pchat:online` key (the layout before the
