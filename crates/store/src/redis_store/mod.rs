@@ -82,7 +82,7 @@
 //! the presence removes it. An operation over two slots is separate steps in a stated
 //! order, each idempotent: a presence write does the user's slot (presence and route) and
 //! then queues the user's online index move; clearing it, the presence, then the route,
-//! then queues the leave (the [`online_index`] writer sends both kinds to the bucket's slot
+//! then queues the leave (the `online_index` writer sends both kinds to the bucket's slot
 //! within 50 ms, in order); a deposit stores the mail and then publishes the hint.
 //!
 //! A **mail key** is the message id (16 raw bytes) followed by the sender's name: mail
@@ -138,7 +138,7 @@
 //! a few keys rather than every user's; it is split into [`ONLINE_BUCKETS`] sorted sets,
 //! a user's bucket fixed by a hash of the name ([`online_key`]), because every heartbeat
 //! moves its user's entry: one key would put every index write on one cluster node. The
-//! moves are gathered by the [`online_index`] writer and sent as one `ZADD` per bucket
+//! moves are gathered by the `online_index` writer and sent as one `ZADD` per bucket
 //! every 50 ms, so a heartbeat itself is one request.
 //! The buckets' hash tags spread them over the slots, so over the masters. Each bucket is
 //! only ever touched by single-key commands, so it is cluster-safe; `list` reads every
@@ -1241,7 +1241,7 @@ impl RedisStore {
 
     /// See [`crate::Store::set_presence`]. Writes the presence (on a cluster with the
     /// route, one script on the user's slot) and queues the online index's move for the
-    /// index writer ([`online_index`]): the presence is the truth, and the index only needs
+    /// index writer (`online_index`): the presence is the truth, and the index only needs
     /// to be right by the next heartbeat (a lookup reads the presence, never the index).
     pub async fn set_presence(&self, presence: &Presence) -> Result<(), StoreError> {
         let key = user_key(&presence.user, "presence");
