@@ -17,7 +17,8 @@
 //! - [`server_trust`]: the server keys pinned per address (`known_servers`), checked at
 //!   every connect.
 //! - [`delivery`]: sending one message: direct, else the mailbox; [`DeliveryStatus`].
-//! - [`inbox`]: receiving: direct connections and mail share one check-and-store path.
+//! - [`inbox`]: receiving: direct connections (`direct`) and mail (`mailbox`) share one
+//!   check-and-store path (`check`, then the store in the module itself).
 //! - [`outgoing`]: one task per recipient pipelines its messages over a kept link, in order.
 //! - [`link`]: [`link::PeerLink`], the sending side of the peer protocol (a Noise handshake
 //!   that only the recipient's key can finish).
