@@ -50,16 +50,23 @@ pub(super) enum MailVerdict {
     },
     /// Sealed under the sender's new key: keep it sealed for `trust`, then ack it.
     Hold,
-    /// Sealed in a session lost here (a restored backup, a lost state): owe its sender a
-    /// request to send it again ([`proto::ReceiptKind::Resend`]), then ack it. Its id is
-    /// not recorded as seen, so the message sent again is stored (once).
+    /// Sealed in a session lost here (a restored backup, a lost state) by a sender whose
+    /// keys are pinned here (a restored backup carries the pins): owe them a request to
+    /// send it again ([`proto::ReceiptKind::Resend`]), then ack it. Its id is not recorded
+    /// as seen, so the message sent again is stored (once). From a sender not pinned, it
+    /// is refused: a request goes only to keys this client has trusted, and the user is
+    /// told whose message did not open.
     AskAgain,
     /// Refused for good: ack it (delete it from the mailbox, or it comes back forever).
     Refuse(Refusal),
 }
 
-/// The mailbox's rule for one mail (see [`MailVerdict`]).
-pub(super) fn mail_verdict(checked: Result<Checked, Refusal>) -> MailVerdict {
+/// The mailbox's rule for one mail (see [`MailVerdict`]); `sender_pinned` says whether its
+/// sender's keys are pinned here, and is asked only of mail sealed in a lost session.
+pub(super) fn mail_verdict(
+    checked: Result<Checked, Refusal>,
+    sender_pinned: impl Fn() -> bool,
+) -> MailVerdict {
     match checked {
         Ok(Checked::Open(message)) => MailVerdict::Store(message),
         Ok(Checked::Seen) => MailVerdict::Seen,
@@ -70,7 +77,7 @@ pub(super) fn mail_verdict(checked: Result<Checked, Refusal>) -> MailVerdict {
             MailVerdict::DatedAhead { ahead_secs }
         }
         Err(Refusal::KeyChanged) => MailVerdict::Hold,
-        Err(Refusal::Bad(OpenError::NoSession { .. })) => MailVerdict::AskAgain,
+        Err(Refusal::Bad(OpenError::NoSession { .. })) if sender_pinned() => MailVerdict::AskAgain,
         Err(refusal) => MailVerdict::Refuse(refusal),
     }
 }
@@ -175,7 +182,8 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
         // Set when a message could not be taken now.
         let mut left_for_later = false;
         for envelope in &envelopes {
-            match mail_verdict(check(context, envelope).await) {
+            let sender_pinned = || matches!(context.state.pinned(&envelope.from), Ok(Some(_)));
+            match mail_verdict(check(context, envelope).await, sender_pinned) {
                 MailVerdict::Store(message) => checked.push((MailRef::of(envelope), message)),
                 MailVerdict::Seen => ack.push(MailRef::of(envelope)),
                 MailVerdict::LeaveForLater(reason) => {
@@ -226,17 +234,6 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
                         break;
                     }
                 },
-                // A request goes only to keys pinned here (a restored backup carries the
-                // pins): without them, the user is told whose message did not open.
-                MailVerdict::AskAgain
-                    if !matches!(context.state.pinned(&envelope.from), Ok(Some(_))) =>
-                {
-                    let refusal = Refusal::Bad(OpenError::NoSession {
-                        peer: envelope.from.clone(),
-                    });
-                    report_refusal(context, &envelope.from, &refusal).await;
-                    ack.push(MailRef::of(envelope));
-                }
                 MailVerdict::AskAgain => {
                     tracing::info!(from = %envelope.from, id = %envelope.id, "mail sealed in a session lost here; asking for it again");
                     ask_again.push((MailRef::of(envelope), (envelope.from.clone(), envelope.id)));

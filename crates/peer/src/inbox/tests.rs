@@ -11,7 +11,7 @@ fn name(text: &str) -> Username {
 }
 
 #[test]
-fn mail_is_stored_held_left_or_refused_by_its_check() {
+fn mail_is_stored_held_left_asked_for_again_or_refused_by_its_check() {
     let plaintext = Plaintext {
         id: MessageId::random(),
         from: name("bob"),
@@ -20,21 +20,23 @@ fn mail_is_stored_held_left_or_refused_by_its_check() {
         body: "hi".into(),
         receipt: None,
     };
+    // From a sender whose keys are pinned here.
+    let verdict = |checked| mail_verdict(checked, || true);
     assert!(matches!(
-        mail_verdict(Ok(Checked::Open(plaintext))),
+        verdict(Ok(Checked::Open(plaintext))),
         MailVerdict::Store(_)
     ));
-    assert!(matches!(mail_verdict(Ok(Checked::Seen)), MailVerdict::Seen));
+    assert!(matches!(verdict(Ok(Checked::Seen)), MailVerdict::Seen));
     assert!(matches!(
-        mail_verdict(Err(Refusal::Transient(Unavailable::NoOutcome))),
+        verdict(Err(Refusal::Transient(Unavailable::NoOutcome))),
         MailVerdict::LeaveForLater(_)
     ));
     assert!(matches!(
-        mail_verdict(Err(Refusal::KeyChanged)),
+        verdict(Err(Refusal::KeyChanged)),
         MailVerdict::Hold
     ));
     // A few minutes fast is kept until it opens; far ahead is refused for good.
-    let ahead = |ahead_secs| mail_verdict(Err(Refusal::Bad(OpenError::ClockSkew { ahead_secs })));
+    let ahead = |ahead_secs| verdict(Err(Refusal::Bad(OpenError::ClockSkew { ahead_secs })));
     assert!(matches!(
         ahead(MAX_CLOCK_SKEW_SECS + MAIL_CLOCK_WAIT_SECS),
         MailVerdict::DatedAhead { .. }
@@ -44,12 +46,20 @@ fn mail_is_stored_held_left_or_refused_by_its_check() {
         MailVerdict::Refuse(_)
     ));
     assert!(matches!(
-        mail_verdict(Err(Refusal::Bad(OpenError::Replayed(MessageId::random())))),
+        verdict(Err(Refusal::Bad(OpenError::Replayed(MessageId::random())))),
         MailVerdict::Refuse(_)
     ));
     assert!(matches!(
-        mail_verdict(Err(Refusal::Blocked)),
+        verdict(Err(Refusal::Blocked)),
         MailVerdict::Refuse(_)
+    ));
+    // Sealed in a session lost here: asked for again from a pinned sender, refused (and
+    // told) from anyone else.
+    let lost = || Refusal::Bad(OpenError::NoSession { peer: name("bob") });
+    assert!(matches!(verdict(Err(lost())), MailVerdict::AskAgain));
+    assert!(matches!(
+        mail_verdict(Err(lost()), || false),
+        MailVerdict::Refuse(Refusal::Bad(OpenError::NoSession { .. }))
     ));
 }
 
