@@ -102,12 +102,17 @@ fn dependency_direction_matches_the_design() {
     }
 }
 
-/// The `crate::` modules a source file's code (not its comments or tests) refers to.
-fn module_references(source: &str, modules: &BTreeSet<String>) -> BTreeSet<String> {
-    let code: String = source
+/// A source file's code before its unit tests (`#[cfg(test)] mod tests`).
+fn without_unit_tests(source: &str) -> &str {
+    source
         .split("#[cfg(test)]\nmod tests")
         .next()
         .unwrap_or_default()
+}
+
+/// The `crate::` modules a source file's code (not its comments or tests) refers to.
+fn module_references(source: &str, modules: &BTreeSet<String>) -> BTreeSet<String> {
+    let code: String = without_unit_tests(source)
         .lines()
         .map(|line| line.split("//").next().unwrap_or_default())
         .collect::<Vec<_>>()
@@ -158,7 +163,9 @@ fn module_references(source: &str, modules: &BTreeSet<String>) -> BTreeSet<Strin
 fn peer_modules_import_one_another_without_a_cycle() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/peer/src");
     // A module is a file `name.rs`, or a folder `name/` (its `mod.rs` and the
-    // submodules beside it, read as one source: they are one module to the others).
+    // submodules beside it, read as one source: they are one module to the others). Each
+    // file's code is taken up to its unit tests, and a folder's `tests.rs` is left out, so
+    // that a test module in one file does not hide the files after it.
     let sources: BTreeMap<String, String> = std::fs::read_dir(&src)
         .expect("peer sources")
         .filter_map(Result::ok)
@@ -171,11 +178,15 @@ fn peer_modules_import_one_another_without_a_cycle() {
                     .filter_map(Result::ok)
                     .map(|file| file.path())
                     .filter(|file| file.extension().is_some_and(|ext| ext == "rs"))
+                    .filter(|file| file.file_name().is_some_and(|name| name != "tests.rs"))
                     .collect();
                 files.sort();
                 let source = files
                     .iter()
-                    .map(|file| std::fs::read_to_string(file).expect("readable source"))
+                    .map(|file| {
+                        let source = std::fs::read_to_string(file).expect("readable source");
+                        without_unit_tests(&source).to_owned()
+                    })
                     .collect::<Vec<_>>()
                     .join("\n");
                 return Some((name, source));

@@ -582,16 +582,18 @@ async fn listen_mode(
                 let mut fatal = None;
                 let mut next = Some(event);
                 while let Some(event) = next {
+                    // Counted before it is printed: a bot that has read the message and
+                    // asks `chats` at once finds it counted.
+                    if let Event::Message(message) = &event {
+                        lock(&chats).received(&message.from, message.sent_at_ms);
+                    }
                     if json {
                         writeln!(stdout, "{}", render::event_json(&event))?;
                     } else if let Some(text) = render::event_text(&event, &look, proto::now_ms()) {
                         writeln!(stdout, "{text}")?;
                     }
                     match event {
-                        Event::Message(message) => {
-                            lock(&chats).received(&message.from, message.sent_at_ms);
-                            printed.push(message);
-                        }
+                        Event::Message(message) => printed.push(message),
                         Event::Fatal(reply) => {
                             fatal = Some(reply);
                             break;

@@ -7,7 +7,8 @@
 //!   rotation ([`backup::rotate`]) on a data dir, while no runtime runs on it.
 //! - [`api`]: the public types ([`Config`], [`Event`], [`DeliveryStatus`], [`ClientError`]...).
 //! - `core`: the event loop's rules as an I/O-free state machine (inputs and the time in,
-//!   actions out), unit-tested without a runtime, socket or disk.
+//!   actions out, each in a part of its own, like the per-recipient queues), unit-tested
+//!   without a runtime, socket or disk.
 //! - `shell`: the one task that owns the loop's I/O (listener, channels, tasks, state
 //!   writes), feeds the core and does what it says; every channel bounded.
 //! - `context`: what the tasks share.
@@ -17,7 +18,8 @@
 //! - [`server_trust`]: the server keys pinned per address (`known_servers`), checked at
 //!   every connect.
 //! - [`delivery`]: sending one message: direct, else the mailbox; [`DeliveryStatus`].
-//! - [`inbox`]: receiving: direct connections and mail share one check-and-store path.
+//! - [`inbox`]: receiving: direct connections (`direct`) and mail (`mailbox`) share one
+//!   check-and-store path (`check`, then the store in the module itself).
 //! - [`outgoing`]: one task per recipient pipelines its messages over a kept link, in order.
 //! - [`link`]: [`link::PeerLink`], the sending side of the peer protocol (a Noise handshake
 //!   that only the recipient's key can finish).

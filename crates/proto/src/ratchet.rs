@@ -219,7 +219,7 @@ impl OwnAccount {
     /// The account's secrets as bytes to save (zeroized when dropped).
     pub fn pickle(&self) -> Zeroizing<Vec<u8>> {
         // A pickle is plain data: it always serialises.
-        Zeroizing::new(serde_json::to_vec(&self.account.pickle()).unwrap_or_default())
+        to_json_zeroizing(&self.account.pickle()).unwrap_or_default()
     }
 
     /// The Olm key, signed.
@@ -490,7 +490,7 @@ impl Sessions {
                 .collect(),
         };
         // A pickle is plain data: it always serialises.
-        Zeroizing::new(serde_json::to_vec(&saved).unwrap_or_default())
+        to_json_zeroizing(&saved).unwrap_or_default()
     }
 
     /// Whether there is no session at all.
@@ -761,24 +761,68 @@ impl Sessions {
 
 /// Whether `session` has a receiving chain under the sender's ratchet key `ratchet_key`
 /// (it opened a message of that chain). The library does not say so directly; its pickle
-/// lists the chains by their public ratchet keys, which are compared here (the pickle's
-/// secrets are dropped at once, and read only when a message did not open).
+/// lists the chains by their public ratchet keys, which are compared here. The pickle is
+/// written to a buffer that is zeroed when dropped ([`to_json_zeroizing`]) and read back
+/// into [`ReceivingChains`], which keeps the public keys only: no secret of the session is
+/// copied into memory that is freed un-zeroed. Read only when a message did not open.
 fn receives_in(session: &Session, ratchet_key: &Curve25519PublicKey) -> bool {
-    let (Ok(pickle), Ok(wanted)) = (
-        serde_json::to_value(session.pickle()),
-        serde_json::to_value(ratchet_key),
-    ) else {
+    let Some(pickle) = to_json_zeroizing(&session.pickle()) else {
         return false;
     };
-    pickle
-        .get("receiving_chains")
-        .and_then(|chains| chains.get("inner"))
-        .and_then(|chains| chains.as_array())
-        .is_some_and(|chains| {
-            chains
-                .iter()
-                .any(|chain| chain.get("ratchet_key") == Some(&wanted))
-        })
+    serde_json::from_slice::<ReceivingChains>(&pickle).is_ok_and(|pickle| {
+        pickle
+            .receiving_chains
+            .inner
+            .iter()
+            .any(|chain| &chain.ratchet_key == ratchet_key)
+    })
+}
+
+/// The part of vodozemac's [`SessionPickle`] that [`receives_in`] reads: the public ratchet
+/// keys of the receiving chains. Every other field (the root, chain and message keys) is
+/// skipped unread.
+#[derive(Deserialize)]
+struct ReceivingChains {
+    receiving_chains: ChainList,
+}
+
+/// vodozemac's `ChainStore`, as serialised.
+#[derive(Deserialize)]
+struct ChainList {
+    inner: Vec<ReceivingChain>,
+}
+
+/// vodozemac's `ReceiverChain`, its public ratchet key only.
+#[derive(Deserialize)]
+struct ReceivingChain {
+    ratchet_key: Curve25519PublicKey,
+}
+
+/// `value` as JSON in a buffer zeroed when dropped. The buffer never reallocates in place:
+/// when it must grow, the bytes move to a new buffer and the old one is zeroed, so no
+/// copy of a secret is left behind in freed memory. `None` if it does not serialise.
+fn to_json_zeroizing(value: &impl Serialize) -> Option<Zeroizing<Vec<u8>>> {
+    /// A writer over a zeroizing buffer that zeroes what it outgrows.
+    struct Writer(Zeroizing<Vec<u8>>);
+    impl std::io::Write for Writer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let needed = self.0.len() + bytes.len();
+            if needed > self.0.capacity() {
+                let mut bigger = Vec::with_capacity(needed.max(2 * self.0.capacity()));
+                bigger.extend_from_slice(&self.0);
+                // The old buffer is zeroed as it drops.
+                self.0 = Zeroizing::new(bigger);
+            }
+            self.0.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut writer = Writer(Zeroizing::new(Vec::with_capacity(4096)));
+    serde_json::to_writer(&mut writer, value).ok()?;
+    Some(writer.0)
 }
 
 #[cfg(test)]
@@ -1153,6 +1197,17 @@ mod tests {
         let (mut alice, mut bob) = talking_both_ways();
         let next = seal(&mut alice, &bob, "three");
         open(&mut bob, &alice, &next).unwrap();
+        // The chain is found by the typed read of vodozemac's pickle (this fails first if
+        // its layout changes), and a key never received under is not.
+        let chain = Curve25519PublicKey::from_bytes(ratchet_key(&next).unwrap());
+        let receives = |key| {
+            bob.sessions
+                .list
+                .iter()
+                .any(|kept| receives_in(&kept.session, &key))
+        };
+        assert!(receives(chain));
+        assert!(!receives(Curve25519PublicKey::from_bytes([9; 32])));
         // The same chain, one message on: its ciphertext altered.
         let mut tampered = seal(&mut alice, &bob, "four");
         let token = decode_token(&tampered.token).unwrap();

@@ -1,0 +1,135 @@
+//! What goes into the core besides the time: user commands ([`Command`]) and the reports of
+//! tasks and writes ([`Report`], [`Committed`], [`Fetched`]).
+
+use proto::{MessageId, Username};
+
+use crate::{
+    api::Event,
+    control::ControlEvent,
+    state::{InboundMessage, OutboxEntry, ReceiptApplied, StateError},
+};
+
+/// Names a command waiting for its answer: the shell keeps the reply channel under it.
+pub(crate) type ReplyId = u64;
+
+/// A user command, as the core sees it.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Send a message (its outbox entry prepared by the shell: id, position, time).
+    Send {
+        /// The message.
+        entry: OutboxEntry,
+        /// Who waits for the result.
+        reply: ReplyId,
+    },
+    /// End a mute now.
+    Unmute {
+        /// Whose.
+        user: Username,
+        /// Who waits.
+        reply: ReplyId,
+    },
+    /// Unblock.
+    Unblock {
+        /// Whom.
+        user: Username,
+        /// Who waits.
+        reply: ReplyId,
+    },
+    /// Messages were shown: (id, history position) of each.
+    Shown {
+        /// The marks.
+        shown: Vec<(MessageId, u64)>,
+        /// Who waits.
+        reply: ReplyId,
+    },
+    /// Any other command: run by a task (it needs the server), after the sends before it
+    /// are recorded.
+    Task {
+        /// The command, kept by the shell.
+        reply: ReplyId,
+    },
+}
+
+/// A write's result.
+#[derive(Debug)]
+pub(crate) enum Committed {
+    /// [`Write::PruneSeen`](super::Write::PruneSeen).
+    PruneSeen(Result<u64, StateError>),
+    /// [`Write::EndMutes`](super::Write::EndMutes): whose mutes ended.
+    EndMutes(Result<Vec<Username>, StateError>),
+    /// [`Write::Unmute`](super::Write::Unmute): whether there was a mute.
+    Unmute {
+        /// Whose.
+        user: Username,
+        /// Who waits.
+        reply: ReplyId,
+        /// The result.
+        result: Result<bool, StateError>,
+    },
+    /// [`Write::Unblock`](super::Write::Unblock): whether the user was blocked.
+    Unblock {
+        /// Whom.
+        user: Username,
+        /// Who waits.
+        reply: ReplyId,
+        /// The result.
+        result: Result<bool, StateError>,
+    },
+}
+
+/// How a mail fetch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fetched {
+    /// The mailbox was emptied (or the server could not be asked; the next connection
+    /// fetches again).
+    Done,
+    /// Mail was left in the mailbox because it could not be taken now (local storage
+    /// failing, the sender's keys not to be had): fetch again soon.
+    LeftForLater,
+}
+
+/// What tasks and writes report back to the loop.
+#[derive(Debug)]
+pub(crate) enum Report {
+    /// A message was stored (and acked); show it unless held by a mute.
+    Received(InboundMessage),
+    /// A receipt was stored (and acked): tell the user what it changed.
+    Receipt(ReceiptApplied),
+    /// Receipts became due (messages were marked shown): send them.
+    ReceiptsDue,
+    /// A run of [`Action::SendReceipts`](super::Action::SendReceipts) ended; `more`: it left
+    /// receipts due unread.
+    ReceiptsSent {
+        /// Whether more may be due than the run read.
+        more: bool,
+    },
+    /// The registration (a [`ControlEvent::Online`]), once the keys others start sessions
+    /// with are published: the shell hands it to [`Core::control`](super::Core::control).
+    Registered(ControlEvent),
+    /// Sessions others started used some of the keys published at the server up: publish
+    /// more ([`Action::PublishPrekeys`](super::Action::PublishPrekeys)).
+    KeysUsed,
+    /// Something to tell the user as is.
+    Notify(Event),
+    /// A message's result is recorded and reported: it may be sent from the outbox again.
+    Finished(MessageId),
+    /// A mail fetch finished.
+    FetchDone(Fetched),
+    /// `user` is muted until `until_ms` (the mute is durable).
+    Muted {
+        /// Whom.
+        user: Username,
+        /// When it ends, wall clock.
+        until_ms: u64,
+    },
+    /// Keys were pinned again (`trust`): send the user's outbox, open the mail held from them.
+    Trusted(Username),
+    /// `user` is blocked now (durable): stop watching their presence.
+    Blocked(Username),
+    /// The server closed the connection at a watch request as malformed: it predates
+    /// contacts' presence, and is not asked again.
+    WatchRefused,
+    /// A write the core asked for is done.
+    Committed(Committed),
+}
