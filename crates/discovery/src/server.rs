@@ -779,7 +779,7 @@ async fn serve_connection(
                             Err(error) => tracing::warn!(%peer, %error, "could not write presence again; the next heartbeat will"),
                             Ok(_) if announce => {
                                 if let Some(notice) = session.online_notice()
-                                    && let Err(error) = shared.store.publish(&notice).await
+                                    && let Err(error) = Box::pin(shared.store.publish(&notice)).await
                                 {
                                     tracing::warn!(%error, "could not tell contacts a user is still online");
                                 }
@@ -865,7 +865,10 @@ async fn serve_connection(
                             let others_here = shared.hub.remove(&user, session.session_id());
                             let notice = session.take_offline_notice(&user);
                             if !others_here {
-                                left(&shared.store, &user, session.session_id(), notice).await;
+                                // Boxed, as below: kept out of every connection's task.
+                                // Boxed: its two publishes would otherwise add to the state every connection's
+            // task holds for its whole life (memory per client).
+            Box::pin(left(&shared.store, &user, session.session_id(), notice)).await;
                             }
                         }
                         None => {}
@@ -946,7 +949,7 @@ async fn serve_connection(
         // one still owned the presence record (no newer session elsewhere took it over).
         let notice = session.take_offline_notice(&user);
         if cleared && !others_here {
-            left(&shared.store, &user, session.session_id(), notice).await;
+            Box::pin(left(&shared.store, &user, session.session_id(), notice)).await;
         }
     }
 }
