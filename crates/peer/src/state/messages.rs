@@ -370,7 +370,6 @@ impl State {
         self.writer.submit(move |txn| {
             ratchet.write(txn)?;
             let mut seen_ids = txn.open_table(SEEN_IDS)?;
-            let mut seen = txn.open_table(SEEN)?;
             let mut meta = txn.open_table(META)?;
             let mut history = txn.open_table(HISTORY)?;
             let mut unshown = txn.open_table(UNSHOWN)?;
@@ -383,13 +382,12 @@ impl State {
             // position (positions are handed out in order, so that covers them all).
             let mut highest_seq = 0;
             for message in &messages {
-                let seen_key = (message.sent_at_ms, message.id.0, message.from.as_str());
-                if seen.get(seen_key)?.is_some() {
+                let seen_key = (message.from.as_str(), message.id.0);
+                if seen_ids.get(seen_key)?.is_some() {
                     outcomes.push(StoreOutcome::Duplicate);
                     continue;
                 }
-                seen.insert(seen_key, now_ms)?;
-                seen_ids.insert((message.from.as_str(), message.id.0), message.sent_at_ms)?;
+                seen_ids.insert(seen_key, message.sent_at_ms)?;
                 if let Some(receipt) = &message.receipt {
                     let applied = if receipt.kind == ReceiptKind::Resend {
                         let tables = ResendTables {
@@ -455,20 +453,10 @@ impl State {
             .ok_or(StateError::NoOutcome)
     }
 
-    /// Whether the message of `from` with this id, written at `sent_at_ms`, was stored
-    /// before.
+    /// Whether the message of `from` with this id was stored before (and not yet pruned).
     #[cfg(any(test, feature = "testing"))]
-    pub fn is_seen(
-        &self,
-        from: &Username,
-        id: &MessageId,
-        sent_at_ms: u64,
-    ) -> Result<bool, StateError> {
-        let txn = self.db.get()?.begin_read()?;
-        Ok(txn
-            .open_table(SEEN)?
-            .get((sent_at_ms, id.0, from.as_str()))?
-            .is_some())
+    pub fn is_seen(&self, from: &Username, id: &MessageId) -> Result<bool, StateError> {
+        self.seen_id(from, id)
     }
 
     /// Whether a ratchet message of `from` with this id was stored before (see the
@@ -481,23 +469,21 @@ impl State {
             .is_some())
     }
 
-    /// Forgets the ids of messages written more than `retention_ms` before `now_ms` (one
-    /// range delete). Messages that old are refused on arrival, so forgetting their ids
-    /// cannot let a copy in.
+    /// Forgets the ids of messages written more than `retention_ms` before `now_ms`.
+    /// Messages that old are refused on arrival, so forgetting their ids cannot let a copy
+    /// in. The table is keyed for lookups by sender and id, so this reads it whole: it runs
+    /// once at each start, where a pass over some hundred thousand ids is a few tens of
+    /// milliseconds, and keeps every message's commit to one seen table.
     pub fn prune_seen(&self, now_ms: u64, retention_ms: u64) -> Ticket<u64> {
         let oldest_kept = now_ms.saturating_sub(retention_ms);
         self.write(move |txn| {
-            let mut removed = Vec::new();
-            txn.open_table(SEEN)?
-                .retain_in(..(oldest_kept, [0; 16], ""), |(_, id, from), _| {
-                    removed.push((from.to_owned(), id));
-                    false
-                })?;
-            let mut seen_ids = txn.open_table(SEEN_IDS)?;
-            for (from, id) in &removed {
-                seen_ids.remove((from.as_str(), *id))?;
-            }
-            Ok(removed.len() as u64)
+            let mut removed = 0u64;
+            txn.open_table(SEEN_IDS)?.retain(|_, sent_at_ms| {
+                let keep = sent_at_ms >= oldest_kept;
+                removed += u64::from(!keep);
+                keep
+            })?;
+            Ok(removed)
         })
     }
 

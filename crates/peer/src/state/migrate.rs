@@ -58,6 +58,36 @@ pub(super) fn migrate_layout_1(txn: &WriteTransaction) -> Result<(), StateError>
     Ok(())
 }
 
+/// Copies layout 3's time-keyed seen ids (`seen_by_sender`, if the file has it) into
+/// `seen_ids` where that has no row for the sender and id (older files wrote the second
+/// table only for ratchet messages), then deletes it, all in `txn`.
+pub(super) fn migrate_layout_3(txn: &WriteTransaction) -> Result<(), StateError> {
+    let present = txn
+        .list_tables()?
+        .any(|table| table.name() == SEEN_V3.name());
+    if !present {
+        return Ok(());
+    }
+    let mut copied = 0u64;
+    {
+        let mut seen_ids = txn.open_table(SEEN_IDS)?;
+        for row in txn.open_table(SEEN_V3)?.iter()? {
+            let (key, _) = row?;
+            let (sent_at_ms, id, sender) = key.value();
+            if seen_ids.get((sender, id))?.is_none() {
+                seen_ids.insert((sender, id), sent_at_ms)?;
+                copied += 1;
+            }
+        }
+    }
+    txn.delete_table(SEEN_V3)?;
+    tracing::info!(
+        copied,
+        "state file migrated to layout 4 (one seen table, keyed by sender and id)"
+    );
+    Ok(())
+}
+
 /// Copies layout 2's seen ids (keyed by the time the sender wrote the message and its id)
 /// into the table keyed by its sender too, then deletes the old table, all in `txn`. Two
 /// senders may use one id: keyed without the sender, a message from one could make the
@@ -108,7 +138,7 @@ pub(super) fn migrate_layout_2(txn: &WriteTransaction) -> Result<(), StateError>
     }
     let mut moved = 0u64;
     {
-        let mut seen = txn.open_table(SEEN)?;
+        let mut seen = txn.open_table(SEEN_V3)?;
         for row in txn.open_table(SEEN_V2)?.iter()? {
             let (key, at) = row?;
             let ((sent_at_ms, id), at) = (key.value(), at.value());

@@ -7,8 +7,6 @@
 //! - `history`: (peer, sequence) → [`HistoryEntry`], both directions, in order.
 //! - `outbox_by_seq`: history sequence → [`OutboxEntry`], messages not yet delivered or
 //!   queued.
-//! - `seen_by_sender`: (time the sender wrote it, message id, sender) → when it was first
-//!   stored (receivers de-duplicate by sender and id: two senders may use one id).
 //! - `unshown_by_seq`: history sequence → [`InboundMessage`], stored but not yet shown.
 //! - `held_by_sender`: (sender, message id) → [`Envelope`], mail that arrived sealed under a
 //!   sender key other than the pinned one: acked at the server (so it is not fetched forever) and kept here,
@@ -16,9 +14,11 @@
 //! - `early`: (when it opens, sender, message id) → [`Envelope`], mail dated ahead (its
 //!   sender's clock is fast): acked at the server, so it never holds up the mail behind it,
 //!   and kept here, sealed, until its time comes and it is opened and shown.
-//! - `seen_ids`: (sender, message id) → the time the sender wrote it, for ratchet messages,
-//!   whose time is sealed inside: a copy (mail fetched again, a retransmission) is known
-//!   before it is opened, which it could not be twice (its message key is used up).
+//! - `seen_ids`: (sender, message id) → the time the sender wrote it, for every message
+//!   stored (receivers de-duplicate by sender and id: two senders may use one id). A copy
+//!   (mail fetched again, a retransmission, a replay) is known before it is opened, which
+//!   it could not be twice (its message key is used up), and again in the commit that
+//!   would store it. Pruned at start by the time the sender wrote it.
 //! - `olm`: `account` → the user's Olm account ([`proto::ratchet::OwnAccount`] pickle).
 //! - `olm_sessions`: peer → the Olm sessions with them ([`proto::ratchet::Sessions`]
 //!   pickle). Saved in the same write as the message they sealed or opened
@@ -32,23 +32,25 @@
 //!
 //! The hot tables are keyed so that a batch of messages appends to the same few B-tree
 //! pages instead of dirtying one 4 KiB page per message (redb copies every page a commit
-//! touches): `outbox_by_seq` and `unshown_by_seq` by the history sequence, which only grows;
-//! `seen_by_sender` by the time the sender wrote the message, which grows in each sender's
-//! stream, then the id and the sender. A lookup by id stays one point read, because a copy of a message
-//! (a retransmission, a replay, mail fetched again) carries the same sealed `sent_at_ms` as
-//! the original; and pruning is one range delete of the keys older than the retention, the
-//! same bound beyond which [`crate::inbox`] refuses a message anyway. Layout 1 (files written
+//! touches): `outbox_by_seq` and `unshown_by_seq` by the history sequence, which only grows.
+//! A received message writes one seen table, not two: each table a commit changes costs its
+//! B-tree path and its root in redb's table tree, pages that the `fsync` on a message's
+//! path has to write. Pruning `seen_ids` reads it whole, once per start, and forgets the
+//! ids older than the retention, the same bound beyond which [`crate::inbox`] refuses a
+//! message anyway. Layout 1 (files written
 //! before this layout) keyed these three tables by message id under the names `outbox`,
 //! `seen` and `unshown`; [`State::open`] copies such tables into the new ones once, in the
 //! same transaction that deletes them ([`migrate_layout_1`]). Layout 2 keyed seen ids
 //! without their sender (`seen_by_sent_at`); [`migrate_layout_2`] moves them to
-//! `seen_by_sender` the same way. Layouts up to 3 keyed held mail by id alone (`held`), so
+//! `seen_by_sender` the same way. Layout 3 kept a second seen table keyed by the time the
+//! sender wrote the message (`seen_by_sender`) beside `seen_ids`; [`migrate_layout_3`]
+//! copies any id missing from `seen_ids` and deletes it. Layouts up to 3 keyed held mail by id alone (`held`), so
 //! a second sender's held message with the same id was taken for the first and lost;
 //! [`migrate_held`] moves it to `held_by_sender`.
 //!
 //! Every change is one unit of a write transaction, so a crash at any point leaves either the
-//! state before the change or the state after it: a received message is in `history`, `seen`
-//! and `unshown` together, or in none of them. Changes are committed by the group-commit
+//! state before the change or the state after it: a received message is in `history`,
+//! `seen_ids` and `unshown` together, or in none of them. Changes are committed by the group-commit
 //! writer ([`durable::GroupWriter`]): many changes share one durable commit, and a change is
 //! reported done only once its commit is. Readers and the writer take the database from a
 //! [`durable::DatabaseSlot`], which opens the file again after an I/O failure. Every write
@@ -120,7 +122,9 @@ const BLOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocks");
 const MUTES: TableDefinition<&str, u64> = TableDefinition::new("mutes");
 const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox_by_seq");
-const SEEN: TableDefinition<(u64, [u8; 16], &str), u64> = TableDefinition::new("seen_by_sender");
+/// Layout 3's seen ids, keyed by the time the sender wrote them beside `seen_ids`: migrated
+/// at open, then deleted.
+const SEEN_V3: TableDefinition<(u64, [u8; 16], &str), u64> = TableDefinition::new("seen_by_sender");
 /// Layout 2's seen ids, keyed without their sender: migrated at open, then deleted.
 const SEEN_V2: TableDefinition<(u64, [u8; 16]), u64> = TableDefinition::new("seen_by_sent_at");
 const UNSHOWN: TableDefinition<u64, &[u8]> = TableDefinition::new("unshown_by_seq");
@@ -488,13 +492,13 @@ impl State {
         let txn = db.begin_write()?;
         migrate_layout_1(&txn)?;
         migrate_layout_2(&txn)?;
+        migrate_layout_3(&txn)?;
         migrate_held(&txn)?;
         txn.open_table(PINS)?;
         txn.open_table(BLOCKS)?;
         txn.open_table(MUTES)?;
         txn.open_table(HISTORY)?;
         txn.open_table(OUTBOX)?;
-        txn.open_table(SEEN)?;
         txn.open_table(UNSHOWN)?;
         txn.open_table(HELD)?;
         txn.open_table(EARLY)?;
