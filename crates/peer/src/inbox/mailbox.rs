@@ -82,6 +82,43 @@ pub(super) fn mail_verdict(
     }
 }
 
+/// What becomes of held mail opened again after `trust`, given what opening it gave.
+#[derive(Debug)]
+pub(super) enum HeldVerdict {
+    /// Opened and stored (or stored before): show it, forget the held copy.
+    Opened(Accepted),
+    /// Still not possible (the key changed again, or the server or the disk is failing):
+    /// keep it held.
+    Keep,
+    /// Sealed in a session lost here since it was held, by a sender whose keys are pinned:
+    /// owe them a request to send it again, then forget the held copy (as
+    /// [`MailVerdict::AskAgain`]).
+    AskAgain,
+    /// Refused for good: tell the user, forget the held copy.
+    Refuse(Refusal),
+}
+
+/// The rule for held mail opened again (see [`HeldVerdict`]); `sender_pinned` as in
+/// [`mail_verdict`].
+pub(super) fn held_verdict(
+    opened: Result<Accepted, Refusal>,
+    sender_pinned: impl Fn() -> bool,
+) -> HeldVerdict {
+    match opened {
+        Ok(accepted) => HeldVerdict::Opened(accepted),
+        Err(Refusal::KeyChanged | Refusal::Transient(_)) => HeldVerdict::Keep,
+        Err(Refusal::Bad(OpenError::NoSession { .. })) if sender_pinned() => HeldVerdict::AskAgain,
+        Err(refusal) => HeldVerdict::Refuse(refusal),
+    }
+}
+
+/// Tells the user of the requests to send again that were added, per sender.
+async fn tell_asked(context: &Context, asked: Vec<(Username, usize)>) {
+    for (from, messages) in asked {
+        context.notify(Event::ResendAsked { from, messages }).await;
+    }
+}
+
 /// When mail `ahead_secs` ahead of now opens: once it is within Fernet's allowance.
 fn opens_at_ms(now_ms: u64, ahead_secs: u64) -> u64 {
     now_ms.saturating_add(
@@ -288,9 +325,7 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
         for report in new {
             context.report(report).await;
         }
-        for (from, messages) in asked {
-            context.notify(Event::ResendAsked { from, messages }).await;
-        }
+        tell_asked(context, asked).await;
         if !stop && remaining == 0 {
             context.mail_fetched(MailState::Drained);
         }
@@ -304,9 +339,11 @@ async fn fetch_mailbox(context: &Context) -> Fetched {
     }
 }
 
-/// Opens again the mail held from `from` (after `trust`): what opens now is stored and
-/// shown, what is refused for good is dropped, and what still cannot be opened (the key
-/// changed again, or the server or disk is unavailable) stays held.
+/// Opens again the mail held from `from` (after `trust`), each by the rule
+/// [`held_verdict`]: what opens now is stored and shown; what was sealed in a session lost
+/// here since (a restored backup) is asked for again, like such mail in the mailbox; what
+/// is refused for good is dropped; and what still cannot be opened (the key changed again,
+/// or the server or disk is unavailable) stays held.
 pub(crate) async fn reopen_held(context: &Context, from: &Username) {
     let mut held = match context.state.held_from(from) {
         Ok(held) => held,
@@ -331,16 +368,35 @@ pub(crate) async fn reopen_held(context: &Context, from: &Username) {
                 .map_or(u64::MAX, |plaintext| plaintext.sent_at_ms),
         ),
     });
+    let sender_pinned = || matches!(context.state.pinned(from), Ok(Some(_)));
     for envelope in held {
-        let done = match receive(context, &envelope, true).await {
-            Ok(accepted) => {
+        let done = match held_verdict(receive(context, &envelope, true).await, sender_pinned) {
+            HeldVerdict::Opened(accepted) => {
                 if let Some(report) = accepted.into_report() {
                     context.report(report).await;
                 }
                 true
             }
-            Err(Refusal::KeyChanged | Refusal::Transient(_)) => false,
-            Err(refusal) => {
+            HeldVerdict::Keep => false,
+            HeldVerdict::AskAgain => {
+                tracing::info!(%from, id = %envelope.id, "held mail sealed in a session lost here; asking for it again");
+                let owed = vec![(from.clone(), envelope.id)];
+                match context
+                    .state
+                    .submit_resends_owed(owed, proto::now_ms())
+                    .await
+                {
+                    Ok(asked) => {
+                        tell_asked(context, asked).await;
+                        true
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "cannot owe a request to send held mail again; it stays held");
+                        false
+                    }
+                }
+            }
+            HeldVerdict::Refuse(refusal) => {
                 report_refusal(context, from, &refusal).await;
                 true
             }

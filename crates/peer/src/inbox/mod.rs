@@ -21,7 +21,8 @@
 //! - `mailbox`: fetching and acking mail, by the pure rule `mailbox::mail_verdict`; mail
 //!   sealed under a sender's changed key is kept sealed in the `held_by_sender` table of
 //!   [`crate::state`] (then acked, so the server stops offering it) and opened again by
-//!   [`reopen_held`] once the user runs `trust` for the sender; mail dated a little ahead
+//!   [`reopen_held`] once the user runs `trust` for the sender (by `mailbox::held_verdict`:
+//!   held mail sealed in a session lost here since is asked for again); mail dated a little ahead
 //!   (its sender's clock is fast) is authentic but cannot open yet, so it is kept sealed in
 //!   the `early` table (then acked), and every fetch first opens the kept mail whose time
 //!   has come. The server's fetch has no cursor, so mail left in the mailbox would come

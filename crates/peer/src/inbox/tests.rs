@@ -2,7 +2,7 @@ use proto::{MessageId, seal::MAX_CLOCK_SKEW_SECS};
 
 use super::{
     check::legacy_accepted,
-    mailbox::{MailVerdict, mail_verdict},
+    mailbox::{HeldVerdict, MailVerdict, held_verdict, mail_verdict},
     *,
 };
 
@@ -60,6 +60,41 @@ fn mail_is_stored_held_left_asked_for_again_or_refused_by_its_check() {
     assert!(matches!(
         mail_verdict(Err(lost()), || false),
         MailVerdict::Refuse(Refusal::Bad(OpenError::NoSession { .. }))
+    ));
+}
+
+/// Held mail opened again after `trust` that was sealed in a session lost since (a
+/// restored backup) is asked for again from a pinned sender, not dropped; what still cannot
+/// open stays held.
+#[test]
+fn held_mail_is_shown_kept_asked_for_again_or_refused_when_opened_again() {
+    let lost = || Err(Refusal::Bad(OpenError::NoSession { peer: name("bob") }));
+    assert!(matches!(
+        held_verdict(lost(), || true),
+        HeldVerdict::AskAgain
+    ));
+    assert!(matches!(
+        held_verdict(lost(), || false),
+        HeldVerdict::Refuse(Refusal::Bad(OpenError::NoSession { .. }))
+    ));
+    assert!(matches!(
+        held_verdict(Err(Refusal::KeyChanged), || true),
+        HeldVerdict::Keep
+    ));
+    assert!(matches!(
+        held_verdict(Err(Refusal::Transient(Unavailable::NoOutcome)), || true),
+        HeldVerdict::Keep
+    ));
+    assert!(matches!(
+        held_verdict(Ok(Accepted::Duplicate), || true),
+        HeldVerdict::Opened(Accepted::Duplicate)
+    ));
+    assert!(matches!(
+        held_verdict(
+            Err(Refusal::Bad(OpenError::Replayed(MessageId::random()))),
+            || true
+        ),
+        HeldVerdict::Refuse(_)
     ));
 }
 
