@@ -12,7 +12,11 @@
 //!   and the sender's outbox record is durable, so it includes both runtimes' durable
 //!   local state (outbox, history, seen ids). Beside it: send → shown (the receiving
 //!   runtime's message event), and the disk's own 4 KiB write + `fdatasync`, the floor of
-//!   one durable commit, measured in the same folder.
+//!   one durable commit, measured in the same folder. Then, as diagnostics without a
+//!   target, the same runtime latency with the sender's, the receiver's or both runtimes'
+//!   state on a RAM file system (`/dev/shm`, where there is one): both runtimes share one
+//!   disk here, and these rows show what each side's commits add and what is left without
+//!   any `fsync` (the CPU and the hand-offs).
 //!
 //! The throughput reference is the Olm ceiling: how many seal+open pairs (vodozemac's Olm
 //! encrypt and decrypt of a 100-byte body) one core does.
@@ -109,12 +113,13 @@ pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
     // The message's own cryptography (Olm seal at the sender, open at the receiver), timed
     // inside the protocol path's round trips: the transport's allowance is on top of it.
     let crypto_p50 = seal.percentile_us(50.0) + open.percentile_us(50.0);
-    let pair = RuntimePair::start().await?;
+    let pair = RuntimePair::start(Placement::Disk).await?;
     let runtime = pair
         .latency(sizes.runtime_sends, sizes.runtime_budget)
         .await;
     pair.stop().await;
     let (mut runtime, mut shown, mut fsync) = runtime?;
+    let placed = placed_latencies(&sizes).await?;
 
     let (raw_p50, raw_p99) = (raw.percentile_us(50.0), raw.percentile_us(99.0));
     let fsync_p50 = fsync.percentile_us(50.0);
@@ -123,7 +128,7 @@ pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
         raw.len()
     );
     let runtime_note = "peer::Client::send → Delivered, alice → bob, two runtimes on one discovery server, link kept; durable on both sides (the receiver's redb commit, with fsync, before its ack; the sender's outbox record committed while the envelope travels)";
-    Ok(vec![
+    let mut rows = vec![
         Row::new(
             "disk: 4 KiB write + fdatasync p50",
             fsync_p50,
@@ -189,7 +194,95 @@ pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
             Target::AtMost(P99_TARGET_US),
         )
         .with_reference("raw TCP p99", raw_p99),
-    ])
+    ];
+    for (placement, mut latencies) in placed {
+        rows.push(
+            Row::new(
+                format!("direct latency p50 (peer runtime), {}", placement.label()),
+                latencies.percentile_us(50.0),
+                "µs",
+                Target::Reported,
+            )
+            .with_reference("on the disk, above", runtime.percentile_us(50.0))
+            .with_note(format!(
+                "{} samples, as the peer runtime row, with {} on a RAM file system ({RAM_FS}, where fdatasync costs about a microsecond): what that side's commits add to a message on this one disk, which both runtimes share here; on two machines each peer has a disk of its own.",
+                latencies.len(),
+                placement.in_ram()
+            )),
+        );
+    }
+    Ok(rows)
+}
+
+/// A RAM file system, where the diagnostic runtime pairs keep some of their state.
+const RAM_FS: &str = "/dev/shm";
+
+/// Where each runtime of a [`RuntimePair`] keeps its state.
+#[derive(Clone, Copy, Debug)]
+enum Placement {
+    /// Both on the disk, in the pair's temporary folder (the rows with targets).
+    Disk,
+    /// The sender's (alice's) state on [`RAM_FS`]: the receiver's commit is the only one
+    /// that reaches the disk.
+    SenderInRam,
+    /// The receiver's (bob's) state on [`RAM_FS`]: the sender's commit is the only one
+    /// that reaches the disk.
+    ReceiverInRam,
+    /// Both on [`RAM_FS`]: no `fsync` costs anything; what is left is the CPU and the
+    /// hand-offs.
+    BothInRam,
+}
+
+impl Placement {
+    /// Whether `name`'s state goes on [`RAM_FS`].
+    fn in_ram_for(self, name: &str) -> bool {
+        match self {
+            Self::Disk => false,
+            Self::SenderInRam => name == "alice",
+            Self::ReceiverInRam => name == "bob",
+            Self::BothInRam => true,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Disk => "both states on the disk",
+            Self::SenderInRam => "sender's state in RAM",
+            Self::ReceiverInRam => "receiver's state in RAM",
+            Self::BothInRam => "both states in RAM",
+        }
+    }
+
+    fn in_ram(self) -> &'static str {
+        match self {
+            Self::Disk => "neither state",
+            Self::SenderInRam => "the sender's (alice's) state",
+            Self::ReceiverInRam => "the receiver's (bob's) state",
+            Self::BothInRam => "both runtimes' state",
+        }
+    }
+}
+
+/// send → delivered with some state on [`RAM_FS`], each placement a pair of its own run
+/// for half the runtime budget; none where there is no such file system.
+async fn placed_latencies(sizes: &Sizes) -> Result<Vec<(Placement, Latencies)>, BenchError> {
+    if !std::path::Path::new(RAM_FS).is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut placed = Vec::new();
+    for placement in [
+        Placement::SenderInRam,
+        Placement::ReceiverInRam,
+        Placement::BothInRam,
+    ] {
+        let pair = RuntimePair::start(placement).await?;
+        let latencies = pair
+            .latency(sizes.runtime_sends, sizes.runtime_budget / 2)
+            .await;
+        pair.stop().await;
+        placed.push((placement, latencies?.0));
+    }
+    Ok(placed)
 }
 
 /// One file in the runtime's folder, written 4 KiB at a time and `fdatasync`ed: what one
@@ -230,7 +323,7 @@ pub async fn throughput_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
     let sizes = sizes(bench);
     let ceiling = olm_ceiling(sizes.ceiling_budget).await?;
     let protocol = protocol_throughput(sizes.pipelined).await?;
-    let pair = RuntimePair::start().await?;
+    let pair = RuntimePair::start(Placement::Disk).await?;
     let runtime = pair
         .throughput(sizes.runtime_sends, sizes.runtime_budget)
         .await;
@@ -723,20 +816,33 @@ struct RuntimePair {
     shown: tokio::sync::Mutex<mpsc::Receiver<Instant>>,
     shutdown: CancellationToken,
     folder: tempfile::TempDir,
+    /// The folder on [`RAM_FS`] holding the state [`Placement`] puts there, if any.
+    _ram: Option<tempfile::TempDir>,
 }
 
 impl RuntimePair {
-    async fn start() -> Result<Self, BenchError> {
+    async fn start(placement: Placement) -> Result<Self, BenchError> {
         let folder = tempfile::Builder::new()
             .prefix("p2pchat-bench-direct-")
             .tempdir()?;
+        let ram = match placement {
+            Placement::Disk => None,
+            _ => Some(
+                tempfile::Builder::new()
+                    .prefix("p2pchat-bench-direct-")
+                    .tempdir_in(RAM_FS)?,
+            ),
+        };
         let shutdown = CancellationToken::new();
         let server = in_process_server(&folder.path().join("discovery"), &shutdown).await?;
         let mut clients = Vec::new();
         let (shown_tx, shown) = mpsc::channel(SHOWN_KEPT);
         for name in ["alice", "bob"] {
-            let mut config =
-                peer::Config::new(server.to_string(), user(name), folder.path().join(name));
+            let base = match &ram {
+                Some(ram) if placement.in_ram_for(name) => ram.path(),
+                _ => folder.path(),
+            };
+            let mut config = peer::Config::new(server.to_string(), user(name), base.join(name));
             config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
             let (client, mut events) = peer::start(config, shutdown.child_token()).await?;
             // Events are taken and dropped, as a bot would; the time of each message is
@@ -762,6 +868,7 @@ impl RuntimePair {
             shown: tokio::sync::Mutex::new(shown),
             shutdown,
             folder,
+            _ram: ram,
         };
         // The first message looks bob up, pins his keys and dials him; later ones reuse the link.
         for _ in 0..3 {
