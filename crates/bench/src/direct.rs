@@ -205,9 +205,10 @@ pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
             )
             .with_reference("on the disk, above", runtime.percentile_us(50.0))
             .with_note(format!(
-                "{} samples, as the peer runtime row, with {} on a RAM file system ({RAM_FS}, where fdatasync costs about a microsecond): what that side's commits add to a message on this one disk, which both runtimes share here; on two machines each peer has a disk of its own.",
+                "{} samples, as the peer runtime row, with {} on a RAM file system ({RAM_FS}, where fdatasync costs about a microsecond): {}. Both runtimes share one disk here; on two machines each peer has a disk of its own.",
                 latencies.len(),
-                placement.in_ram()
+                placement.in_ram(),
+                placement.shows()
             )),
         );
     }
@@ -250,6 +251,22 @@ impl Placement {
             Self::SenderInRam => "sender's state in RAM",
             Self::ReceiverInRam => "receiver's state in RAM",
             Self::BothInRam => "both states in RAM",
+        }
+    }
+
+    /// What a run with this placement shows.
+    fn shows(self) -> &'static str {
+        match self {
+            Self::Disk => "both commits reach the disk",
+            Self::SenderInRam => {
+                "only the receiver's commit, the one before its ack, reaches the disk"
+            }
+            Self::ReceiverInRam => {
+                "only the sender's commit, made while the envelope travels, reaches the disk"
+            }
+            Self::BothInRam => {
+                "no commit waits for the disk, so what is left is the CPU and the thread hand-offs"
+            }
         }
     }
 
