@@ -63,7 +63,31 @@ fn receipt_kind_of_key(key: u8) -> Option<ReceiptKind> {
 struct ResendTables<'a, 'txn> {
     history: &'a mut redb::Table<'txn, (&'static str, u64), &'static [u8]>,
     outbox: &'a mut redb::Table<'txn, u64, &'static [u8]>,
-    resends: &'a mut redb::Table<'txn, (&'static str, [u8; 16]), u8>,
+    resends: &'a mut redb::Table<'txn, (u64, &'static str, [u8; 16]), u8>,
+}
+
+/// The oldest time a sent message may have been written at for a request at `now_ms` to
+/// send it again to be honoured: the recipient refuses anything older on arrival
+/// (`crate::inbox::check`, [`SEEN_RETENTION_MS`]), so sending it again would be in vain.
+fn resend_window_start(now_ms: u64) -> u64 {
+    now_ms.saturating_sub(SEEN_RETENTION_MS)
+}
+
+/// Forgets how often messages written before the window of [`resend_window_start`] at
+/// `now_ms` were sent again (one range delete). No request can be honoured for them any
+/// more, whatever their count (`requeue_for_resend` refuses them as too old first), so
+/// forgetting a count never lets a message go again past [`MAX_RESENDS_PER_MESSAGE`].
+/// The bound is [`SEEN_RETENTION_MS`] itself, not a retention passed in: a shorter one
+/// would drop counts still in use.
+fn prune_resends(txn: &WriteTransaction, now_ms: u64) -> Result<(), StateError> {
+    let mut removed = 0u64;
+    txn.open_table(RESENDS)?
+        .retain_in(..(resend_window_start(now_ms), "", [0; 16]), |_, _| {
+            removed += 1;
+            false
+        })?;
+    tracing::debug!(removed, "resend counts past the retention forgotten");
+    Ok(())
 }
 
 /// Queues again, in the outbox at their first history positions (so in their original
@@ -82,11 +106,12 @@ fn requeue_for_resend(
 ) -> Result<ReceiptApplied, StateError> {
     let mut requeued = Vec::new();
     for mut line in sent_lines_named(tables.history, from, &request.ids)? {
+        let resent_key = (line.sent_at_ms, from.as_str(), line.id.0);
         let resent = tables
             .resends
-            .get((from.as_str(), line.id.0))?
+            .get(resent_key)?
             .map_or(0, |count| count.value());
-        let too_old = line.sent_at_ms.saturating_add(SEEN_RETENTION_MS) < now_ms;
+        let too_old = line.sent_at_ms < resend_window_start(now_ms);
         // The recipient's client stored a delivered or read message: it never needs it again
         // (and a thief of its identity key cannot have it sealed again for them).
         let stored_there = matches!(line.status, MessageStatus::Delivered | MessageStatus::Read);
@@ -107,9 +132,7 @@ fn requeue_for_resend(
             last_error: None,
         };
         tables.outbox.insert(line.seq, encode(&entry).as_ref())?;
-        tables
-            .resends
-            .insert((from.as_str(), line.id.0), resent + 1)?;
+        tables.resends.insert(resent_key, resent + 1)?;
         line.status = MessageStatus::Pending;
         tables
             .history
@@ -483,10 +506,12 @@ impl State {
 
     /// Forgets the ids of messages written more than `retention_ms` before `now_ms` (one
     /// range delete). Messages that old are refused on arrival, so forgetting their ids
-    /// cannot let a copy in.
+    /// cannot let a copy in. In the same write, forgets the counts of requests to send
+    /// again that can no longer be honoured (`prune_resends`).
     pub fn prune_seen(&self, now_ms: u64, retention_ms: u64) -> Ticket<u64> {
         let oldest_kept = now_ms.saturating_sub(retention_ms);
         self.write(move |txn| {
+            prune_resends(txn, now_ms)?;
             let mut removed = Vec::new();
             txn.open_table(SEEN)?
                 .retain_in(..(oldest_kept, [0; 16], ""), |(_, id, from), _| {

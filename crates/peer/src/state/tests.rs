@@ -1107,3 +1107,135 @@ fn held_mail_is_keyed_by_sender_and_an_older_file_is_migrated() {
         "the old table is gone"
     );
 }
+
+/// How often `entry` was sent again at its recipient's request, as stored.
+fn resend_count(state: &State, entry: &OutboxEntry) -> Option<u8> {
+    let txn = state.db.get().unwrap().begin_read().unwrap();
+    let table = txn.open_table(RESENDS).unwrap();
+    let key = (entry.created_ms, entry.to.as_str(), entry.id.0);
+    table.get(key).unwrap().map(|count| count.value())
+}
+
+/// Stores at `now_ms` a request from `entry`'s recipient to send it again (once it has
+/// left the outbox, as after each send) and returns whether it was queued again.
+fn ask_again(state: &State, entry: &OutboxEntry, now_ms: u64) -> bool {
+    state
+        .finish_attempt(entry, &MessageStatus::Queued, false)
+        .unwrap();
+    let request = receipt(
+        entry.to.as_str(),
+        ReceiptKind::Resend,
+        vec![entry.id],
+        now_ms,
+    );
+    let outcomes = state
+        .submit_incoming(vec![request], now_ms, true, RatchetSave::default())
+        .wait_blocking()
+        .unwrap();
+    matches!(&outcomes[..], [StoreOutcome::Receipt(applied)] if !applied.messages.is_empty())
+}
+
+#[test]
+fn resend_counts_are_pruned_past_the_retention_and_kept_within_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = State::open(dir.path()).unwrap();
+    let old = state.queue_outgoing(&name("bob"), "old", 1_000).unwrap();
+    let newer = state.queue_outgoing(&name("bob"), "newer", 9_000).unwrap();
+    assert!(ask_again(&state, &old, 10_000));
+    assert!(ask_again(&state, &newer, 10_000));
+    // At the last moment a request for `old` is still honoured, its count stays.
+    state
+        .prune_seen(1_000 + SEEN_RETENTION_MS, SEEN_RETENTION_MS)
+        .wait_blocking()
+        .unwrap();
+    assert_eq!(resend_count(&state, &old), Some(1));
+    assert_eq!(resend_count(&state, &newer), Some(1));
+    // A millisecond later no request for it can be, and its count goes.
+    state
+        .prune_seen(1_001 + SEEN_RETENTION_MS, SEEN_RETENTION_MS)
+        .wait_blocking()
+        .unwrap();
+    assert_eq!(resend_count(&state, &old), None);
+    assert_eq!(resend_count(&state, &newer), Some(1));
+    assert!(!ask_again(&state, &old, 1_001 + SEEN_RETENTION_MS));
+    // The messages themselves stay in the history.
+    assert_eq!(state.history(&name("bob"), 10).unwrap().len(), 2);
+}
+
+#[test]
+fn the_resend_limit_holds_within_the_retention_whatever_the_prunes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = State::open(dir.path()).unwrap();
+    let entry = state.queue_outgoing(&name("bob"), "lost", 1_000).unwrap();
+    let last = 1_000 + SEEN_RETENTION_MS;
+    let mut honoured = 0;
+    for now in [2_000, 3_000, SEEN_RETENTION_MS / 2, last - 1, last] {
+        if ask_again(&state, &entry, now) {
+            honoured += 1;
+        }
+        // Neither the periodic prune nor one with a shorter retention forgets a count
+        // still in use.
+        state
+            .prune_seen(now, SEEN_RETENTION_MS)
+            .wait_blocking()
+            .unwrap();
+        state.prune_seen(now, 0).wait_blocking().unwrap();
+        assert!(resend_count(&state, &entry).is_some());
+    }
+    assert_eq!(honoured, usize::from(MAX_RESENDS_PER_MESSAGE));
+    assert_eq!(resend_count(&state, &entry), Some(MAX_RESENDS_PER_MESSAGE));
+}
+
+/// A file of layout 4 (resend counts keyed by recipient and id, with no time) opens with
+/// each count keyed by its message's time: a message that reached its limit is not sent
+/// again, one that did not goes only as often as it has left.
+#[test]
+fn a_layout_4_resend_count_is_migrated_by_its_messages_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spent, once) = {
+        let state = State::open(dir.path()).unwrap();
+        let spent = state.queue_outgoing(&name("bob"), "spent", 1_000).unwrap();
+        let once = state.queue_outgoing(&name("bob"), "once", 1_001).unwrap();
+        (spent, once)
+    };
+    // Turn the file back into layout 4, with counts of messages in no history too.
+    {
+        let db = Database::create(dir.path().join(STATE_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.delete_table(RESENDS).unwrap();
+        {
+            let mut old = txn.open_table(RESENDS_V4).unwrap();
+            old.insert(("bob", spent.id.0), MAX_RESENDS_PER_MESSAGE)
+                .unwrap();
+            old.insert(("bob", once.id.0), 1).unwrap();
+            old.insert(("bob", MessageId::random().0), 1).unwrap();
+            old.insert(("carol", MessageId::random().0), 2).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let state = State::open(dir.path()).unwrap();
+    assert_eq!(resend_count(&state, &spent), Some(MAX_RESENDS_PER_MESSAGE));
+    assert_eq!(resend_count(&state, &once), Some(1));
+    {
+        let txn = state.db.get().unwrap().begin_read().unwrap();
+        assert_eq!(txn.open_table(RESENDS).unwrap().len().unwrap(), 2);
+        assert!(
+            txn.list_tables()
+                .unwrap()
+                .all(|table| table.name() != RESENDS_V4.name()),
+            "the old table is gone"
+        );
+    }
+    assert!(!ask_again(&state, &spent, 10_000));
+    let honoured = (0..5)
+        .filter(|step| ask_again(&state, &once, 10_000 + step))
+        .count();
+    assert_eq!(honoured, usize::from(MAX_RESENDS_PER_MESSAGE) - 1);
+    // Counts migrated are pruned like any other.
+    state
+        .prune_seen(1_001 + SEEN_RETENTION_MS + 1, SEEN_RETENTION_MS)
+        .wait_blocking()
+        .unwrap();
+    assert_eq!(resend_count(&state, &spent), None);
+    assert_eq!(resend_count(&state, &once), None);
+}
