@@ -573,23 +573,48 @@ impl State {
         })
     }
 
-    /// Up to `max` receipts due, grouped by sender and kind (in that order).
+    /// Up to `max` receipts due, grouped by sender and kind (in that order), leaving out
+    /// those due to the users in `pass_over` (their rows are stepped over, not read).
     pub fn receipts_due(
         &self,
         max: usize,
+        pass_over: &[Username],
     ) -> Result<Vec<(Username, ReceiptKind, MessageId)>, StateError> {
         let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(RECEIPTS_DUE)?;
         let mut due = Vec::new();
-        for row in table.iter()?.take(max) {
-            let (key, _) = row?;
-            let (user, kind, id) = key.value();
-            // Only valid names and kinds are ever written; a row that is not one is skipped.
-            if let (Ok(user), Some(kind)) = (Username::new(user), receipt_kind_of_key(kind)) {
-                due.push((user, kind, MessageId(id)));
+        // The scan goes on after every row of the last user passed over.
+        let mut after: Option<String> = None;
+        loop {
+            let rows = match &after {
+                None => table.iter()?,
+                Some(user) => table.range::<(&str, u8, [u8; 16])>((
+                    std::ops::Bound::Excluded((user.as_str(), u8::MAX, [0xff; 16])),
+                    std::ops::Bound::Unbounded,
+                ))?,
+            };
+            let mut passed_over = None;
+            for row in rows {
+                if due.len() >= max {
+                    break;
+                }
+                let (key, _) = row?;
+                let (user, kind, id) = key.value();
+                if pass_over.iter().any(|passed| passed.as_str() == user) {
+                    passed_over = Some(user.to_owned());
+                    break;
+                }
+                // Only valid names and kinds are ever written; a row that is not one is
+                // skipped.
+                if let (Ok(user), Some(kind)) = (Username::new(user), receipt_kind_of_key(kind)) {
+                    due.push((user, kind, MessageId(id)));
+                }
+            }
+            match passed_over {
+                Some(user) => after = Some(user),
+                None => return Ok(due),
             }
         }
-        Ok(due)
     }
 
     /// Owes a request to send again ([`ReceiptKind::Resend`]) for each (sender, id) of a

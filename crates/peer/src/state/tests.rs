@@ -127,7 +127,7 @@ fn a_receipt_moves_its_senders_messages_forward_only_and_is_never_a_message() {
     // Receipts are no history lines, no unshown messages, and owe no receipt.
     assert_eq!(state.history(&name("bob"), 100).unwrap().len(), 1);
     assert_eq!(state.unshown().unwrap().len(), unshown_before);
-    assert_eq!(state.receipts_due(100).unwrap(), vec![]);
+    assert_eq!(state.receipts_due(100, &[]).unwrap(), vec![]);
 }
 
 /// Asserts that a batch of one request to send again queued nothing.
@@ -214,7 +214,7 @@ fn a_resend_request_queues_again_only_its_senders_messages_in_order_and_bounded(
     assert!(state.unshown().unwrap().is_empty());
     assert!(
         state
-            .receipts_due(100)
+            .receipts_due(100, &[])
             .unwrap()
             .iter()
             .all(|(_, kind, _)| *kind != ReceiptKind::Resend)
@@ -276,7 +276,7 @@ fn resends_owed_are_durable_deduplicated_and_bounded_per_peer() {
     // Owed across a restart, as the receipt kind it is.
     drop(state);
     let state = State::open(dir.path()).unwrap();
-    let due = state.receipts_due(100).unwrap();
+    let due = state.receipts_due(100, &[]).unwrap();
     assert!(due.contains(&(name("alice"), ReceiptKind::Resend, lost)));
     assert_eq!(due.len(), 2);
     // A flood of unopenable ids from one peer owes at most the bound.
@@ -289,7 +289,7 @@ fn resends_owed_are_durable_deduplicated_and_bounded_per_peer() {
         .forget_receipts(&name("alice"), ReceiptKind::Resend, vec![lost])
         .wait_blocking()
         .unwrap();
-    let due = state.receipts_due(10_000).unwrap();
+    let due = state.receipts_due(10_000, &[]).unwrap();
     assert!(!due.contains(&(name("alice"), ReceiptKind::Resend, lost)));
 }
 
@@ -307,7 +307,7 @@ fn mail_owes_a_delivered_receipt_from_its_commit_and_a_shown_message_a_read_one(
     // Owed across a restart (a crash right after storing loses nothing).
     let state = State::open(dir.path()).unwrap();
     assert_eq!(
-        state.receipts_due(100).unwrap(),
+        state.receipts_due(100, &[]).unwrap(),
         vec![(name("bob"), ReceiptKind::Delivered, mail.id)]
     );
     let unshown = state.unshown().unwrap();
@@ -323,7 +323,7 @@ fn mail_owes_a_delivered_receipt_from_its_commit_and_a_shown_message_a_read_one(
         .submit_shown(vec![mark(&quiet)], false)
         .wait_blocking()
         .unwrap();
-    let mut due = state.receipts_due(100).unwrap();
+    let mut due = state.receipts_due(100, &[]).unwrap();
     due.sort_by_key(|(_, kind, _)| *kind);
     assert_eq!(
         due,
@@ -337,7 +337,7 @@ fn mail_owes_a_delivered_receipt_from_its_commit_and_a_shown_message_a_read_one(
         .wait_blocking()
         .unwrap();
     assert_eq!(
-        state.receipts_due(100).unwrap(),
+        state.receipts_due(100, &[]).unwrap(),
         vec![(name("bob"), ReceiptKind::Read, direct.id)]
     );
 }
@@ -1238,4 +1238,46 @@ fn a_layout_4_resend_count_is_migrated_by_its_messages_time() {
         .unwrap();
     assert_eq!(resend_count(&state, &spent), None);
     assert_eq!(resend_count(&state, &once), None);
+}
+
+/// Receipts due to users waiting for their retry are left out of a read, which goes on
+/// past them (up to its bound), so one user's failing route never holds up the others'.
+#[test]
+fn receipts_due_to_users_passed_over_stay_due_and_others_are_read_past_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = State::open(dir.path()).unwrap();
+    let owed = |user: &str, count: usize| -> Vec<(Username, MessageId)> {
+        (0..count)
+            .map(|_| (name(user), MessageId::random()))
+            .collect()
+    };
+    let mut all = owed("alice", 3);
+    all.extend(owed("bob", 5));
+    all.extend(owed("carol", 2));
+    all.extend(owed("dave", 2));
+    state.submit_resends_owed(all, 1).wait_blocking().unwrap();
+    let users = |due: Vec<(Username, ReceiptKind, MessageId)>| -> Vec<String> {
+        due.into_iter().map(|(user, ..)| user.to_string()).collect()
+    };
+    assert_eq!(
+        users(state.receipts_due(100, &[name("bob")]).unwrap()),
+        ["alice", "alice", "alice", "carol", "carol", "dave", "dave"]
+    );
+    assert_eq!(
+        users(
+            state
+                .receipts_due(4, &[name("alice"), name("carol")])
+                .unwrap()
+        ),
+        ["bob", "bob", "bob", "bob"]
+    );
+    assert_eq!(
+        users(
+            state
+                .receipts_due(100, &[name("alice"), name("bob"), name("dave")])
+                .unwrap()
+        ),
+        ["carol", "carol"]
+    );
+    assert_eq!(state.receipts_due(100, &[]).unwrap().len(), 12);
 }
