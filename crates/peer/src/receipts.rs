@@ -25,6 +25,15 @@
 //! runs it after each mail fetch, each mark of shown messages, on registration and on the
 //! slow timer).
 //!
+//! Retries back off per user: a run reports to whom it left receipts due
+//! ([`crate::core::ReceiptRun`]), and the core's retry schedule (`ReceiptRetry` in
+//! `core/receipt_retry.rs`, in memory) has the next runs pass those users over (their rows
+//! stay due, unread) for 5 s after the first failed run, then 10 s, 20 s and so on, doubling
+//! up to 10 minutes, when a run of its own tries them again; a run that leaves nothing due
+//! to a user starts them over at 5 s. A registration (the server back) or a `trust` of the
+//! user tries them at once. Nothing is forgotten on a failure: a receipt leaves
+//! `receipts_due` only once it went (delivered or queued) or can never go.
+//!
 //! Rules for the sender of the messages, applied when a receipt is stored
 //! ([`crate::state::State::submit_incoming`]): only lines of messages sent to the
 //! receipt's sender change (a peer cannot move another conversation's status), an id the
@@ -38,6 +47,7 @@ use proto::{MessageId, Receipt, ReceiptKind, Request, Username, seal::MAX_RECEIP
 use crate::{
     api::{ClientError, DeliveryStatus},
     context::Context,
+    core::ReceiptRun,
     delivery::{Dialled, after_deposit, after_dial, claim_prekey, direct_addresses},
     link::PeerLink,
 };
@@ -94,17 +104,19 @@ pub(crate) fn after_route(status: &DeliveryStatus) -> Sent {
     }
 }
 
-/// Sends the receipts due (up to [`MAX_DUE_PER_RUN`]), forgetting each batch that went or
-/// can never go. Returns whether more may be due than were read.
-pub(crate) async fn send_due(context: &Context) -> bool {
-    let due = match context.state.receipts_due(MAX_DUE_PER_RUN) {
+/// Sends the receipts due (up to [`MAX_DUE_PER_RUN`]) except those to the users in
+/// `pass_over` (waiting for their retry), forgetting each batch that went or can never go.
+/// Returns whether more may be due than were read, and to whom it left receipts due.
+pub(crate) async fn send_due(context: &Context, pass_over: &[Username]) -> ReceiptRun {
+    let mut run = ReceiptRun::default();
+    let due = match context.state.receipts_due(MAX_DUE_PER_RUN, pass_over) {
         Ok(due) => due,
         Err(error) => {
             tracing::warn!(%error, "cannot read the receipts due");
-            return false;
+            return run;
         }
     };
-    let more = due.len() == MAX_DUE_PER_RUN;
+    run.more = due.len() == MAX_DUE_PER_RUN;
     // Peers a request to send again started a new session with in this run: the next
     // batch of requests goes in that one (one claimed key a run, not one a batch).
     let mut started: std::collections::HashSet<Username> = std::collections::HashSet::new();
@@ -115,6 +127,7 @@ pub(crate) async fn send_due(context: &Context) -> bool {
             started.insert(to.clone());
         }
         tracing::debug!(%to, kind = ?receipt.kind, ids = receipt.ids.len(), ?sent, "receipt");
+        run.tried(&to, sent == Sent::Later);
         if sent == Sent::Later {
             continue;
         }
@@ -124,10 +137,11 @@ pub(crate) async fn send_due(context: &Context) -> bool {
             .await
         {
             tracing::warn!(%error, "cannot forget a receipt sent");
-            return false;
+            run.more = false;
+            return run;
         }
     }
-    more
+    run
 }
 
 /// Seals `receipt` to `to` in the session their messages came by (in a new one started

@@ -390,11 +390,11 @@ impl Shell {
                     self.tracker
                         .spawn(async move { prekeys::publish(&context).await });
                 }
-                Action::SendReceipts => {
+                Action::SendReceipts { pass_over } => {
                     let context = self.context.clone();
                     self.tracker.spawn(async move {
-                        let more = receipts::send_due(&context).await;
-                        context.report(Report::ReceiptsSent { more }).await;
+                        let run = receipts::send_due(&context, &pass_over).await;
+                        context.report(Report::ReceiptsSent(run)).await;
                     });
                 }
                 Action::SyncBlocks => self.sync_blocks(),

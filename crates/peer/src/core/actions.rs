@@ -46,7 +46,10 @@ pub(crate) enum Action {
     PublishPrekeys,
     /// Send the receipts due, in a task; it ends with
     /// [`Report::ReceiptsSent`](super::Report::ReceiptsSent).
-    SendReceipts,
+    SendReceipts {
+        /// Users whose receipts wait for their retry: left due, not tried.
+        pass_over: Vec<Username>,
+    },
     /// Tell the server about every block change it has not confirmed.
     SyncBlocks,
     /// Tell the server `user` is unblocked.

@@ -89,6 +89,32 @@ pub(crate) enum Fetched {
     LeftForLater,
 }
 
+/// How a run of [`Action::SendReceipts`](super::Action::SendReceipts) ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ReceiptRun {
+    /// Whether more may be due than the run read.
+    pub(crate) more: bool,
+    /// Users the run left nothing due to, of those it tried (sent, or never to go).
+    pub(crate) went: Vec<Username>,
+    /// Users the run left receipts due to (their route failed): tried again later.
+    pub(crate) failed: Vec<Username>,
+}
+
+impl ReceiptRun {
+    /// The run tried a batch of receipts to `to`, and `left_due` says whether it stays due.
+    /// A user with any batch left due failed, whatever their other batches did.
+    pub(crate) fn tried(&mut self, to: &Username, left_due: bool) {
+        if left_due {
+            self.went.retain(|user| user != to);
+            if !self.failed.contains(to) {
+                self.failed.push(to.clone());
+            }
+        } else if !self.failed.contains(to) && !self.went.contains(to) {
+            self.went.push(to.clone());
+        }
+    }
+}
+
 /// What tasks and writes report back to the loop.
 #[derive(Debug)]
 pub(crate) enum Report {
@@ -98,12 +124,8 @@ pub(crate) enum Report {
     Receipt(ReceiptApplied),
     /// Receipts became due (messages were marked shown): send them.
     ReceiptsDue,
-    /// A run of [`Action::SendReceipts`](super::Action::SendReceipts) ended; `more`: it left
-    /// receipts due unread.
-    ReceiptsSent {
-        /// Whether more may be due than the run read.
-        more: bool,
-    },
+    /// A run of [`Action::SendReceipts`](super::Action::SendReceipts) ended.
+    ReceiptsSent(ReceiptRun),
     /// The registration (a [`ControlEvent::Online`]), once the keys others start sessions
     /// with are published: the shell hands it to [`Core::control`](super::Core::control).
     Registered(ControlEvent),

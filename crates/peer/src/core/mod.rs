@@ -35,7 +35,11 @@
 //!   is answered by a few batched receipts), after messages are marked shown (read
 //!   receipts, when on; never for messages of a blocked sender marked handled unshown), on
 //!   registration (what was owed before an exit or a crash) and on the slow timer (what
-//!   could not go). A receipt received moves the status of the messages it names and is
+//!   could not go). A user a run left receipts due to (their route failed) is passed over
+//!   until their retry ([`ReceiptRetry`]: 5 s, doubling after each failed run up to 10
+//!   minutes, back to the start once nothing is left due to them), which runs them again
+//!   when it comes; a registration (the server back) and a `trust` of them try them at
+//!   once. Their receipts stay due all along. A receipt received moves the status of the messages it names and is
 //!   told as [`Event::Receipt`] when it changed any; it is never shown as a message. A
 //!   request to send again that queued messages again flushes its sender's outbox.
 //! - **Connection**: the user hears once that the server is gone, not at every retry; a
@@ -51,9 +55,10 @@
 //!
 //! The module's parts: the inputs (`inputs`: [`Command`], [`Report`], [`Committed`],
 //! [`Fetched`]) and the outputs (`actions`: [`Action`], [`Write`]) the shell and the core
-//! exchange; the per-recipient queues (`recipients`: what is handed to each recipient's
-//! task, what waits for room there, what an outbox flush passed over, which task is idle),
-//! a state machine of their own that answers in actions; and [`Core`] here. The other
+//! exchange; when receipts to a user whose route failed are tried again (`receipt_retry`:
+//! [`ReceiptRetry`]); the per-recipient queues (`recipients`: what is handed to each
+//! recipient's task, what waits for room there, what an outbox flush passed over, which
+//! task is idle), a state machine of their own that answers in actions; and [`Core`] here. The other
 //! rules stay in one `impl Core`: they share its state (whether online, the mutes, the
 //! fetch and receipt runs, the contacts) and each input touches several of them, so
 //! splitting them would scatter one input's handling over files.
@@ -63,6 +68,7 @@
 
 mod actions;
 mod inputs;
+mod receipt_retry;
 mod recipients;
 #[cfg(test)]
 mod tests;
@@ -75,11 +81,11 @@ use std::{
 use durable::Backoff;
 use proto::{ErrorReply, Push, Username};
 
-use self::recipients::Recipients;
 pub(crate) use self::{
     actions::{Action, Write},
-    inputs::{Command, Committed, Fetched, ReplyId, Report},
+    inputs::{Command, Committed, Fetched, ReceiptRun, ReplyId, Report},
 };
+use self::{receipt_retry::ReceiptRetry, recipients::Recipients};
 use crate::{
     api::{ClientError, Event, Status},
     contacts::Contacts,
@@ -151,6 +157,8 @@ pub(crate) struct Core {
     sending_receipts: bool,
     /// Receipts became due while it ran: run again after it.
     receipts_again: bool,
+    /// When receipts to users whose route failed are tried again.
+    receipt_retry: ReceiptRetry,
 }
 
 impl Core {
@@ -175,6 +183,7 @@ impl Core {
             read_receipts,
             sending_receipts: false,
             receipts_again: false,
+            receipt_retry: ReceiptRetry::default(),
         }
     }
 
@@ -319,6 +328,8 @@ impl Core {
                     .push_back(Action::Status(Status::Online { observed }));
                 self.emit(Event::Online { observed });
                 self.fetch_mail();
+                // What failed while the server was away may go now: every user is tried.
+                self.receipt_retry.clear();
                 self.send_receipts();
                 self.actions.push_back(Action::SyncBlocks);
                 self.actions.push_back(Action::ReadOutbox(None));
@@ -396,9 +407,17 @@ impl Core {
                 }
             }
             Report::ReceiptsDue => self.send_receipts(),
-            Report::ReceiptsSent { more } => {
+            Report::ReceiptsSent(run) => {
                 self.sending_receipts = false;
-                if std::mem::take(&mut self.receipts_again) || more {
+                for user in &run.went {
+                    self.receipt_retry.succeeded(user);
+                }
+                for user in run.failed {
+                    self.receipt_retry.failed(user, now.at);
+                }
+                // The users who failed are passed over by the next run, so `more` makes
+                // progress: it reads receipts due to others.
+                if std::mem::take(&mut self.receipts_again) || run.more {
                     self.send_receipts();
                 }
             }
@@ -423,6 +442,9 @@ impl Core {
                 self.mutes.insert(user, until_ms);
             }
             Report::Trusted(user) => {
+                // Receipts owed to them waited for this `trust`: they go now.
+                self.receipt_retry.succeeded(&user);
+                self.send_receipts();
                 self.actions
                     .push_back(Action::ReadOutbox(Some(user.clone())));
                 self.actions.push_back(Action::ReopenHeld(user));
@@ -558,6 +580,9 @@ impl Core {
         if let Some(at) = self.recipients.next_retirement() {
             next = next.min(at);
         }
+        if let Some(at) = self.receipt_retry.next_retry() {
+            next = next.min(at);
+        }
         next
     }
 
@@ -576,6 +601,9 @@ impl Core {
             if self.online() {
                 self.fetch_mail();
             }
+        }
+        if self.receipt_retry.take_due(now.at) {
+            self.send_receipts();
         }
         self.take_ended_mutes(now);
         self.recipients.retire_idle(now.at, &mut self.actions);
@@ -610,7 +638,8 @@ impl Core {
     }
 
     /// Sends the receipts due, unless offline (they stay due for the registration) or a
-    /// run is under way (then once more after it).
+    /// run is under way (then once more after it); receipts to users waiting for their
+    /// retry ([`ReceiptRetry`]) stay due, passed over.
     fn send_receipts(&mut self) {
         if !self.online() {
             return;
@@ -620,7 +649,9 @@ impl Core {
             return;
         }
         self.sending_receipts = true;
-        self.actions.push_back(Action::SendReceipts);
+        self.actions.push_back(Action::SendReceipts {
+            pass_over: self.receipt_retry.waiting(),
+        });
     }
 
     fn emit(&mut self, event: Event) {

@@ -78,7 +78,7 @@ fn enqueued(actions: &[Action]) -> Vec<MessageId> {
 fn receipt_runs(actions: &[Action]) -> usize {
     actions
         .iter()
-        .filter(|action| matches!(action, Action::SendReceipts))
+        .filter(|action| matches!(action, Action::SendReceipts { .. }))
         .count()
 }
 
@@ -101,18 +101,99 @@ fn receipts_owed_are_sent_by_one_run_at_a_time_while_online() {
     core.report(Report::FetchDone(Fetched::Done), now);
     core.report(Report::ReceiptsDue, now);
     assert_eq!(receipt_runs(&drain(&mut core)), 0);
-    core.report(Report::ReceiptsSent { more: false }, now);
+    core.report(Report::ReceiptsSent(ReceiptRun::default()), now);
     assert_eq!(receipt_runs(&drain(&mut core)), 1);
-    core.report(Report::ReceiptsSent { more: false }, now);
+    core.report(Report::ReceiptsSent(ReceiptRun::default()), now);
     assert_eq!(receipt_runs(&drain(&mut core)), 0);
     // A run that left receipts unread goes on; the slow timer retries what could not go.
     core.report(Report::ReceiptsDue, now);
     drain(&mut core);
-    core.report(Report::ReceiptsSent { more: true }, now);
+    core.report(
+        Report::ReceiptsSent(ReceiptRun {
+            more: true,
+            ..ReceiptRun::default()
+        }),
+        now,
+    );
     assert_eq!(receipt_runs(&drain(&mut core)), 1);
-    core.report(Report::ReceiptsSent { more: false }, now);
+    core.report(Report::ReceiptsSent(ReceiptRun::default()), now);
     core.timeout(later(now, Duration::from_secs(61)));
     assert_eq!(receipt_runs(&drain(&mut core)), 1);
+}
+
+/// The users each run of receipts in `actions` passes over.
+fn passed_over(actions: &[Action]) -> Vec<Vec<Username>> {
+    actions
+        .iter()
+        .filter_map(|action| match action {
+            Action::SendReceipts { pass_over } => Some(pass_over.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A run of receipts that left some due to `failed` and none to `went`.
+fn receipt_run(went: &[&str], failed: &[&str]) -> Report {
+    Report::ReceiptsSent(ReceiptRun {
+        more: false,
+        went: went.iter().map(|user| name(user)).collect(),
+        failed: failed.iter().map(|user| name(user)).collect(),
+    })
+}
+
+#[test]
+fn receipts_whose_route_fails_wait_longer_each_time_until_they_go() {
+    let start = clock();
+    let mut core = core(start);
+    online(&mut core);
+    let bob = name("bob");
+    let secs = Duration::from_secs;
+    // The registration's run could not reach bob: his receipts stay due, and the runs
+    // before his retry pass him over.
+    core.report(receipt_run(&["carol"], &["bob"]), start);
+    core.report(Report::ReceiptsDue, start);
+    assert_eq!(passed_over(&drain(&mut core)), [vec![bob.clone()]]);
+    core.report(receipt_run(&[], &[]), start);
+    // His retry comes after 5 s, then 10 s after the next failure.
+    assert_eq!(core.next_deadline(start), start.at + secs(5));
+    let first = later(start, secs(5));
+    core.timeout(first);
+    assert_eq!(passed_over(&drain(&mut core)), [vec![]]);
+    core.report(receipt_run(&[], &["bob"]), first);
+    assert_eq!(core.next_deadline(first), first.at + secs(10));
+    core.timeout(later(first, secs(9)));
+    assert_eq!(receipt_runs(&drain(&mut core)), 0);
+    let second = later(first, secs(10));
+    core.timeout(second);
+    assert_eq!(passed_over(&drain(&mut core)), [vec![]]);
+    // Once they went, the next failure waits the shortest time again.
+    core.report(receipt_run(&["bob"], &[]), second);
+    core.report(Report::ReceiptsDue, second);
+    drain(&mut core);
+    core.report(receipt_run(&[], &["bob"]), second);
+    assert_eq!(core.next_deadline(second), second.at + secs(5));
+    // A registration (the server back) and a `trust` of him each try him at once.
+    core.control(ControlEvent::Online {
+        observed: SocketAddr::from(([127, 0, 0, 1], 9)),
+        new_binding: false,
+    });
+    assert_eq!(passed_over(&drain(&mut core)), [vec![]]);
+    core.report(receipt_run(&[], &["bob"]), second);
+    core.report(Report::Trusted(bob.clone()), second);
+    assert_eq!(passed_over(&drain(&mut core)), [vec![]]);
+}
+
+#[test]
+fn a_user_with_any_receipt_left_due_failed_the_run() {
+    let (bob, carol) = (name("bob"), name("carol"));
+    let mut run = ReceiptRun::default();
+    run.tried(&bob, false);
+    run.tried(&carol, false);
+    run.tried(&bob, true);
+    run.tried(&bob, false);
+    run.tried(&carol, false);
+    assert_eq!(run.went, vec![carol]);
+    assert_eq!(run.failed, vec![bob]);
 }
 
 #[test]

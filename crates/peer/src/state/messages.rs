@@ -63,7 +63,31 @@ fn receipt_kind_of_key(key: u8) -> Option<ReceiptKind> {
 struct ResendTables<'a, 'txn> {
     history: &'a mut redb::Table<'txn, (&'static str, u64), &'static [u8]>,
     outbox: &'a mut redb::Table<'txn, u64, &'static [u8]>,
-    resends: &'a mut redb::Table<'txn, (&'static str, [u8; 16]), u8>,
+    resends: &'a mut redb::Table<'txn, (u64, &'static str, [u8; 16]), u8>,
+}
+
+/// The oldest time a sent message may have been written at for a request at `now_ms` to
+/// send it again to be honoured: the recipient refuses anything older on arrival
+/// (`crate::inbox::check`, [`SEEN_RETENTION_MS`]), so sending it again would be in vain.
+fn resend_window_start(now_ms: u64) -> u64 {
+    now_ms.saturating_sub(SEEN_RETENTION_MS)
+}
+
+/// Forgets how often messages written before the window of [`resend_window_start`] at
+/// `now_ms` were sent again (one range delete). No request can be honoured for them any
+/// more, whatever their count (`requeue_for_resend` refuses them as too old first), so
+/// forgetting a count never lets a message go again past [`MAX_RESENDS_PER_MESSAGE`].
+/// The bound is [`SEEN_RETENTION_MS`] itself, not a retention passed in: a shorter one
+/// would drop counts still in use.
+fn prune_resends(txn: &WriteTransaction, now_ms: u64) -> Result<(), StateError> {
+    let mut removed = 0u64;
+    txn.open_table(RESENDS)?
+        .retain_in(..(resend_window_start(now_ms), "", [0; 16]), |_, _| {
+            removed += 1;
+            false
+        })?;
+    tracing::debug!(removed, "resend counts past the retention forgotten");
+    Ok(())
 }
 
 /// Queues again, in the outbox at their first history positions (so in their original
@@ -82,11 +106,12 @@ fn requeue_for_resend(
 ) -> Result<ReceiptApplied, StateError> {
     let mut requeued = Vec::new();
     for mut line in sent_lines_named(tables.history, from, &request.ids)? {
+        let resent_key = (line.sent_at_ms, from.as_str(), line.id.0);
         let resent = tables
             .resends
-            .get((from.as_str(), line.id.0))?
+            .get(resent_key)?
             .map_or(0, |count| count.value());
-        let too_old = line.sent_at_ms.saturating_add(SEEN_RETENTION_MS) < now_ms;
+        let too_old = line.sent_at_ms < resend_window_start(now_ms);
         // The recipient's client stored a delivered or read message: it never needs it again
         // (and a thief of its identity key cannot have it sealed again for them).
         let stored_there = matches!(line.status, MessageStatus::Delivered | MessageStatus::Read);
@@ -107,9 +132,7 @@ fn requeue_for_resend(
             last_error: None,
         };
         tables.outbox.insert(line.seq, encode(&entry).as_ref())?;
-        tables
-            .resends
-            .insert((from.as_str(), line.id.0), resent + 1)?;
+        tables.resends.insert(resent_key, resent + 1)?;
         line.status = MessageStatus::Pending;
         tables
             .history
@@ -473,10 +496,13 @@ impl State {
     /// Messages that old are refused on arrival, so forgetting their ids cannot let a copy
     /// in. The table is keyed for lookups by sender and id, so this reads it whole: it runs
     /// once at each start, where a pass over some hundred thousand ids is a few tens of
-    /// milliseconds, and keeps every message's commit to one seen table.
+    /// milliseconds, and keeps every message's commit to one seen table. In the same
+    /// write, forgets the counts of requests to send again that can no longer be honoured
+    /// (`prune_resends`).
     pub fn prune_seen(&self, now_ms: u64, retention_ms: u64) -> Ticket<u64> {
         let oldest_kept = now_ms.saturating_sub(retention_ms);
         self.write(move |txn| {
+            prune_resends(txn, now_ms)?;
             let mut removed = 0u64;
             txn.open_table(SEEN_IDS)?.retain(|_, sent_at_ms| {
                 let keep = sent_at_ms >= oldest_kept;
@@ -534,23 +560,48 @@ impl State {
         })
     }
 
-    /// Up to `max` receipts due, grouped by sender and kind (in that order).
+    /// Up to `max` receipts due, grouped by sender and kind (in that order), leaving out
+    /// those due to the users in `pass_over` (their rows are stepped over, not read).
     pub fn receipts_due(
         &self,
         max: usize,
+        pass_over: &[Username],
     ) -> Result<Vec<(Username, ReceiptKind, MessageId)>, StateError> {
         let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(RECEIPTS_DUE)?;
         let mut due = Vec::new();
-        for row in table.iter()?.take(max) {
-            let (key, _) = row?;
-            let (user, kind, id) = key.value();
-            // Only valid names and kinds are ever written; a row that is not one is skipped.
-            if let (Ok(user), Some(kind)) = (Username::new(user), receipt_kind_of_key(kind)) {
-                due.push((user, kind, MessageId(id)));
+        // The scan goes on after every row of the last user passed over.
+        let mut after: Option<String> = None;
+        loop {
+            let rows = match &after {
+                None => table.iter()?,
+                Some(user) => table.range::<(&str, u8, [u8; 16])>((
+                    std::ops::Bound::Excluded((user.as_str(), u8::MAX, [0xff; 16])),
+                    std::ops::Bound::Unbounded,
+                ))?,
+            };
+            let mut passed_over = None;
+            for row in rows {
+                if due.len() >= max {
+                    break;
+                }
+                let (key, _) = row?;
+                let (user, kind, id) = key.value();
+                if pass_over.iter().any(|passed| passed.as_str() == user) {
+                    passed_over = Some(user.to_owned());
+                    break;
+                }
+                // Only valid names and kinds are ever written; a row that is not one is
+                // skipped.
+                if let (Ok(user), Some(kind)) = (Username::new(user), receipt_kind_of_key(kind)) {
+                    due.push((user, kind, MessageId(id)));
+                }
+            }
+            match passed_over {
+                Some(user) => after = Some(user),
+                None => return Ok(due),
             }
         }
-        Ok(due)
     }
 
     /// Owes a request to send again ([`ReceiptKind::Resend`]) for each (sender, id) of a

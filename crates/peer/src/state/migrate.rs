@@ -58,20 +58,20 @@ pub(super) fn migrate_layout_1(txn: &WriteTransaction) -> Result<(), StateError>
     Ok(())
 }
 
-/// Copies layout 3's time-keyed seen ids (`seen_by_sender`, if the file has it) into
+/// Copies layouts 3 and 4's time-keyed seen ids (`seen_by_sender`, if the file has it) into
 /// `seen_ids` where that has no row for the sender and id (older files wrote the second
 /// table only for ratchet messages), then deletes it, all in `txn`.
-pub(super) fn migrate_layout_3(txn: &WriteTransaction) -> Result<(), StateError> {
+pub(super) fn migrate_seen_v4(txn: &WriteTransaction) -> Result<(), StateError> {
     let present = txn
         .list_tables()?
-        .any(|table| table.name() == SEEN_V3.name());
+        .any(|table| table.name() == SEEN_V4.name());
     if !present {
         return Ok(());
     }
     let mut copied = 0u64;
     {
         let mut seen_ids = txn.open_table(SEEN_IDS)?;
-        for row in txn.open_table(SEEN_V3)?.iter()? {
+        for row in txn.open_table(SEEN_V4)?.iter()? {
             let (key, _) = row?;
             let (sent_at_ms, id, sender) = key.value();
             if seen_ids.get((sender, id))?.is_none() {
@@ -80,10 +80,10 @@ pub(super) fn migrate_layout_3(txn: &WriteTransaction) -> Result<(), StateError>
             }
         }
     }
-    txn.delete_table(SEEN_V3)?;
+    txn.delete_table(SEEN_V4)?;
     tracing::info!(
         copied,
-        "state file migrated to layout 4 (one seen table, keyed by sender and id)"
+        "state file migrated to layout 5 (one seen table, keyed by sender and id)"
     );
     Ok(())
 }
@@ -138,7 +138,7 @@ pub(super) fn migrate_layout_2(txn: &WriteTransaction) -> Result<(), StateError>
     }
     let mut moved = 0u64;
     {
-        let mut seen = txn.open_table(SEEN_V3)?;
+        let mut seen = txn.open_table(SEEN_V4)?;
         for row in txn.open_table(SEEN_V2)?.iter()? {
             let (key, at) = row?;
             let ((sent_at_ms, id), at) = (key.value(), at.value());
@@ -153,6 +153,58 @@ pub(super) fn migrate_layout_2(txn: &WriteTransaction) -> Result<(), StateError>
     tracing::info!(
         moved,
         "state file migrated to layout 3 (seen ids keyed by their sender)"
+    );
+    Ok(())
+}
+
+/// Moves layout 4's resend counts (`resends`: (recipient, id) → count, with no time, so
+/// never pruned) to `resends_by_sent_at`, keyed by the time the message was written, read
+/// from its outgoing history line, then deletes the old table. A count already in the new
+/// table (a newer build's, from before a downgrade) is merged by keeping the higher. A
+/// count whose message has no outgoing line that decodes is dropped: a request to send
+/// again only ever finds messages by those lines, so it would never be read.
+pub(super) fn migrate_resends(txn: &WriteTransaction) -> Result<(), StateError> {
+    let present = txn
+        .list_tables()?
+        .any(|table| table.name() == RESENDS_V4.name());
+    if !present {
+        return Ok(());
+    }
+    let mut counts: HashMap<(String, [u8; 16]), u8> = HashMap::new();
+    for row in txn.open_table(RESENDS_V4)?.iter()? {
+        let (key, count) = row?;
+        let (peer, id) = key.value();
+        counts.insert((peer.to_owned(), id), count.value());
+    }
+    let peers: std::collections::BTreeSet<String> =
+        counts.keys().map(|(peer, _)| peer.clone()).collect();
+    let mut moved = 0u64;
+    {
+        let history = txn.open_table(HISTORY)?;
+        let mut resends = txn.open_table(RESENDS)?;
+        for peer in &peers {
+            for row in history.range((peer.as_str(), 0)..=(peer.as_str(), u64::MAX))? {
+                let (_, bytes) = row?;
+                let Ok(line) = decode::<HistoryEntry>("history", bytes.value()) else {
+                    continue;
+                };
+                if line.direction != Direction::Outgoing {
+                    continue;
+                }
+                if let Some(count) = counts.remove(&(peer.clone(), line.id.0)) {
+                    let key = (line.sent_at_ms, peer.as_str(), line.id.0);
+                    let kept = resends.get(key)?.map_or(0, |count| count.value());
+                    resends.insert(key, count.max(kept))?;
+                    moved += 1;
+                }
+            }
+        }
+    }
+    txn.delete_table(RESENDS_V4)?;
+    tracing::info!(
+        moved,
+        dropped = counts.len(),
+        "state file migrated to layout 5 (resend counts keyed by their message's time)"
     );
     Ok(())
 }

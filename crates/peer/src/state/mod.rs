@@ -27,6 +27,8 @@
 //!   client owes (delivered: written in the commit that stores mail; read: in the commit
 //!   that marks a message shown), removed once the receipt is delivered or queued, so a
 //!   crash right after storing mail never loses its receipt ([`crate::receipts`]).
+//! - `resends_by_sent_at`: (time a sent message was written, its recipient, its id) → how
+//!   many times it was sent again at the recipient's request; pruned with the seen ids.
 //! - `meta`: counters (the next history sequence number; until when mail sealed by the
 //!   static channel from before the ratchet is accepted).
 //!
@@ -42,11 +44,13 @@
 //! `seen` and `unshown`; [`State::open`] copies such tables into the new ones once, in the
 //! same transaction that deletes them ([`migrate_layout_1`]). Layout 2 keyed seen ids
 //! without their sender (`seen_by_sent_at`); [`migrate_layout_2`] moves them to
-//! `seen_by_sender` the same way. Layout 3 kept a second seen table keyed by the time the
-//! sender wrote the message (`seen_by_sender`) beside `seen_ids`; [`migrate_layout_3`]
-//! copies any id missing from `seen_ids` and deletes it. Layouts up to 3 keyed held mail by id alone (`held`), so
+//! `seen_by_sender` the same way. Layouts 3 and 4 kept that second seen table, keyed by
+//! the time the sender wrote the message, beside `seen_ids`; [`migrate_seen_v4`] copies
+//! any id missing from `seen_ids` and deletes it. Layouts up to 3 keyed held mail by id alone (`held`), so
 //! a second sender's held message with the same id was taken for the first and lost;
-//! [`migrate_held`] moves it to `held_by_sender`.
+//! [`migrate_held`] moves it to `held_by_sender`. Layouts up to 4 counted requests to
+//! send again by (recipient, id) alone (`resends`), which no prune could bound;
+//! [`migrate_resends`] keys each count by its message's time in `resends_by_sent_at`.
 //!
 //! Every change is one unit of a write transaction, so a crash at any point leaves either the
 //! state before the change or the state after it: a received message is in `history`,
@@ -122,9 +126,9 @@ const BLOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocks");
 const MUTES: TableDefinition<&str, u64> = TableDefinition::new("mutes");
 const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox_by_seq");
-/// Layout 3's seen ids, keyed by the time the sender wrote them beside `seen_ids`: migrated
+/// Layouts 3 and 4's seen ids, keyed by the time the sender wrote them beside `seen_ids`: migrated
 /// at open, then deleted.
-const SEEN_V3: TableDefinition<(u64, [u8; 16], &str), u64> = TableDefinition::new("seen_by_sender");
+const SEEN_V4: TableDefinition<(u64, [u8; 16], &str), u64> = TableDefinition::new("seen_by_sender");
 /// Layout 2's seen ids, keyed without their sender: migrated at open, then deleted.
 const SEEN_V2: TableDefinition<(u64, [u8; 16]), u64> = TableDefinition::new("seen_by_sent_at");
 const UNSHOWN: TableDefinition<u64, &[u8]> = TableDefinition::new("unshown_by_seq");
@@ -166,8 +170,14 @@ pub const MAX_RESENDS_PER_MESSAGE: u8 = 3;
 /// The most ids owed in requests to send again to one peer (beyond it, more unopenable
 /// messages of theirs are only told): a peer sending garbage cannot fill the disk.
 pub const MAX_RESENDS_OWED_PER_PEER: usize = 4 * proto::seal::MAX_RECEIPT_IDS;
-/// How often each sent message was sent again at its recipient's request.
-const RESENDS: TableDefinition<(&str, [u8; 16]), u8> = TableDefinition::new("resends");
+/// How often each sent message was sent again at its recipient's request, keyed by
+/// (when it was written, recipient, id), so counts past the retention go in one range
+/// delete ([`State::prune_seen`]).
+const RESENDS: TableDefinition<(u64, &str, [u8; 16]), u8> =
+    TableDefinition::new("resends_by_sent_at");
+/// Layouts up to 4's resend counts, keyed by (recipient, id) with no time, so never
+/// pruned: migrated at open, then deleted.
+const RESENDS_V4: TableDefinition<(&str, [u8; 16]), u8> = TableDefinition::new("resends");
 const OLM_ACCOUNT: &str = "account";
 const OLM_SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("olm_sessions");
 /// The first byte of an `olm_sessions` value that starts with the run that saved it (a
@@ -492,8 +502,9 @@ impl State {
         let txn = db.begin_write()?;
         migrate_layout_1(&txn)?;
         migrate_layout_2(&txn)?;
-        migrate_layout_3(&txn)?;
+        migrate_seen_v4(&txn)?;
         migrate_held(&txn)?;
+        migrate_resends(&txn)?;
         txn.open_table(PINS)?;
         txn.open_table(BLOCKS)?;
         txn.open_table(MUTES)?;

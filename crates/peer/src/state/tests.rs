@@ -127,7 +127,7 @@ fn a_receipt_moves_its_senders_messages_forward_only_and_is_never_a_message() {
     // Receipts are no history lines, no unshown messages, and owe no receipt.
     assert_eq!(state.history(&name("bob"), 100).unwrap().len(), 1);
     assert_eq!(state.unshown().unwrap().len(), unshown_before);
-    assert_eq!(state.receipts_due(100).unwrap(), vec![]);
+    assert_eq!(state.receipts_due(100, &[]).unwrap(), vec![]);
 }
 
 /// Asserts that a batch of one request to send again queued nothing.
@@ -214,7 +214,7 @@ fn a_resend_request_queues_again_only_its_senders_messages_in_order_and_bounded(
     assert!(state.unshown().unwrap().is_empty());
     assert!(
         state
-            .receipts_due(100)
+            .receipts_due(100, &[])
             .unwrap()
             .iter()
             .all(|(_, kind, _)| *kind != ReceiptKind::Resend)
@@ -276,7 +276,7 @@ fn resends_owed_are_durable_deduplicated_and_bounded_per_peer() {
     // Owed across a restart, as the receipt kind it is.
     drop(state);
     let state = State::open(dir.path()).unwrap();
-    let due = state.receipts_due(100).unwrap();
+    let due = state.receipts_due(100, &[]).unwrap();
     assert!(due.contains(&(name("alice"), ReceiptKind::Resend, lost)));
     assert_eq!(due.len(), 2);
     // A flood of unopenable ids from one peer owes at most the bound.
@@ -289,7 +289,7 @@ fn resends_owed_are_durable_deduplicated_and_bounded_per_peer() {
         .forget_receipts(&name("alice"), ReceiptKind::Resend, vec![lost])
         .wait_blocking()
         .unwrap();
-    let due = state.receipts_due(10_000).unwrap();
+    let due = state.receipts_due(10_000, &[]).unwrap();
     assert!(!due.contains(&(name("alice"), ReceiptKind::Resend, lost)));
 }
 
@@ -307,7 +307,7 @@ fn mail_owes_a_delivered_receipt_from_its_commit_and_a_shown_message_a_read_one(
     // Owed across a restart (a crash right after storing loses nothing).
     let state = State::open(dir.path()).unwrap();
     assert_eq!(
-        state.receipts_due(100).unwrap(),
+        state.receipts_due(100, &[]).unwrap(),
         vec![(name("bob"), ReceiptKind::Delivered, mail.id)]
     );
     let unshown = state.unshown().unwrap();
@@ -323,7 +323,7 @@ fn mail_owes_a_delivered_receipt_from_its_commit_and_a_shown_message_a_read_one(
         .submit_shown(vec![mark(&quiet)], false)
         .wait_blocking()
         .unwrap();
-    let mut due = state.receipts_due(100).unwrap();
+    let mut due = state.receipts_due(100, &[]).unwrap();
     due.sort_by_key(|(_, kind, _)| *kind);
     assert_eq!(
         due,
@@ -337,7 +337,7 @@ fn mail_owes_a_delivered_receipt_from_its_commit_and_a_shown_message_a_read_one(
         .wait_blocking()
         .unwrap();
     assert_eq!(
-        state.receipts_due(100).unwrap(),
+        state.receipts_due(100, &[]).unwrap(),
         vec![(name("bob"), ReceiptKind::Read, direct.id)]
     );
 }
@@ -1035,11 +1035,11 @@ fn layout_2_seen_ids_are_migrated_with_their_senders() {
     );
 }
 
-/// A layout 3 file (a second seen table keyed by time, and ids missing from `seen_ids`
+/// A layout 4 file (a second seen table keyed by time, and ids missing from `seen_ids`
 /// for messages stored before it was written for every message) opens with every seen id
 /// in `seen_ids` and without the old table: a copy of a stored message is still a copy.
 #[test]
-fn layout_3_seen_ids_are_moved_into_the_one_seen_table() {
+fn layout_4_seen_ids_are_moved_into_the_one_seen_table() {
     let dir = tempfile::tempdir().unwrap();
     let kept = plaintext("bob", "in both tables", 3_000);
     let only_old = plaintext("carol", "only in the old table", 3_100);
@@ -1062,7 +1062,7 @@ fn layout_3_seen_ids_are_moved_into_the_one_seen_table() {
             .unwrap()
             .remove((only_old.from.as_str(), only_old.id.0))
             .unwrap();
-        let mut old = txn.open_table(SEEN_V3).unwrap();
+        let mut old = txn.open_table(SEEN_V4).unwrap();
         for message in [&kept, &only_old] {
             old.insert(
                 (message.sent_at_ms, message.id.0, message.from.as_str()),
@@ -1090,7 +1090,7 @@ fn layout_3_seen_ids_are_moved_into_the_one_seen_table() {
     assert!(
         txn.list_tables()
             .unwrap()
-            .all(|table| table.name() != SEEN_V3.name()),
+            .all(|table| table.name() != SEEN_V4.name()),
         "the old table is gone"
     );
 }
@@ -1145,4 +1145,178 @@ fn held_mail_is_keyed_by_sender_and_an_older_file_is_migrated() {
             .all(|table| table.name() != HELD_V3.name()),
         "the old table is gone"
     );
+}
+
+/// How often `entry` was sent again at its recipient's request, as stored.
+fn resend_count(state: &State, entry: &OutboxEntry) -> Option<u8> {
+    let txn = state.db.get().unwrap().begin_read().unwrap();
+    let table = txn.open_table(RESENDS).unwrap();
+    let key = (entry.created_ms, entry.to.as_str(), entry.id.0);
+    table.get(key).unwrap().map(|count| count.value())
+}
+
+/// Stores at `now_ms` a request from `entry`'s recipient to send it again (once it has
+/// left the outbox, as after each send) and returns whether it was queued again.
+fn ask_again(state: &State, entry: &OutboxEntry, now_ms: u64) -> bool {
+    state
+        .finish_attempt(entry, &MessageStatus::Queued, false)
+        .unwrap();
+    let request = receipt(
+        entry.to.as_str(),
+        ReceiptKind::Resend,
+        vec![entry.id],
+        now_ms,
+    );
+    let outcomes = state
+        .submit_incoming(vec![request], now_ms, true, RatchetSave::default())
+        .wait_blocking()
+        .unwrap();
+    matches!(&outcomes[..], [StoreOutcome::Receipt(applied)] if !applied.messages.is_empty())
+}
+
+#[test]
+fn resend_counts_are_pruned_past_the_retention_and_kept_within_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = State::open(dir.path()).unwrap();
+    let old = state.queue_outgoing(&name("bob"), "old", 1_000).unwrap();
+    let newer = state.queue_outgoing(&name("bob"), "newer", 9_000).unwrap();
+    assert!(ask_again(&state, &old, 10_000));
+    assert!(ask_again(&state, &newer, 10_000));
+    // At the last moment a request for `old` is still honoured, its count stays.
+    state
+        .prune_seen(1_000 + SEEN_RETENTION_MS, SEEN_RETENTION_MS)
+        .wait_blocking()
+        .unwrap();
+    assert_eq!(resend_count(&state, &old), Some(1));
+    assert_eq!(resend_count(&state, &newer), Some(1));
+    // A millisecond later no request for it can be, and its count goes.
+    state
+        .prune_seen(1_001 + SEEN_RETENTION_MS, SEEN_RETENTION_MS)
+        .wait_blocking()
+        .unwrap();
+    assert_eq!(resend_count(&state, &old), None);
+    assert_eq!(resend_count(&state, &newer), Some(1));
+    assert!(!ask_again(&state, &old, 1_001 + SEEN_RETENTION_MS));
+    // The messages themselves stay in the history.
+    assert_eq!(state.history(&name("bob"), 10).unwrap().len(), 2);
+}
+
+#[test]
+fn the_resend_limit_holds_within_the_retention_whatever_the_prunes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = State::open(dir.path()).unwrap();
+    let entry = state.queue_outgoing(&name("bob"), "lost", 1_000).unwrap();
+    let last = 1_000 + SEEN_RETENTION_MS;
+    let mut honoured = 0;
+    for now in [2_000, 3_000, SEEN_RETENTION_MS / 2, last - 1, last] {
+        if ask_again(&state, &entry, now) {
+            honoured += 1;
+        }
+        // Neither the periodic prune nor one with a shorter retention forgets a count
+        // still in use.
+        state
+            .prune_seen(now, SEEN_RETENTION_MS)
+            .wait_blocking()
+            .unwrap();
+        state.prune_seen(now, 0).wait_blocking().unwrap();
+        assert!(resend_count(&state, &entry).is_some());
+    }
+    assert_eq!(honoured, usize::from(MAX_RESENDS_PER_MESSAGE));
+    assert_eq!(resend_count(&state, &entry), Some(MAX_RESENDS_PER_MESSAGE));
+}
+
+/// A file of layout 4 (resend counts keyed by recipient and id, with no time) opens with
+/// each count keyed by its message's time: a message that reached its limit is not sent
+/// again, one that did not goes only as often as it has left.
+#[test]
+fn a_layout_4_resend_count_is_migrated_by_its_messages_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spent, once) = {
+        let state = State::open(dir.path()).unwrap();
+        let spent = state.queue_outgoing(&name("bob"), "spent", 1_000).unwrap();
+        let once = state.queue_outgoing(&name("bob"), "once", 1_001).unwrap();
+        (spent, once)
+    };
+    // Turn the file back into layout 4, with counts of messages in no history too.
+    {
+        let db = Database::create(dir.path().join(STATE_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.delete_table(RESENDS).unwrap();
+        {
+            let mut old = txn.open_table(RESENDS_V4).unwrap();
+            old.insert(("bob", spent.id.0), MAX_RESENDS_PER_MESSAGE)
+                .unwrap();
+            old.insert(("bob", once.id.0), 1).unwrap();
+            old.insert(("bob", MessageId::random().0), 1).unwrap();
+            old.insert(("carol", MessageId::random().0), 2).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let state = State::open(dir.path()).unwrap();
+    assert_eq!(resend_count(&state, &spent), Some(MAX_RESENDS_PER_MESSAGE));
+    assert_eq!(resend_count(&state, &once), Some(1));
+    {
+        let txn = state.db.get().unwrap().begin_read().unwrap();
+        assert_eq!(txn.open_table(RESENDS).unwrap().len().unwrap(), 2);
+        assert!(
+            txn.list_tables()
+                .unwrap()
+                .all(|table| table.name() != RESENDS_V4.name()),
+            "the old table is gone"
+        );
+    }
+    assert!(!ask_again(&state, &spent, 10_000));
+    let honoured = (0..5)
+        .filter(|step| ask_again(&state, &once, 10_000 + step))
+        .count();
+    assert_eq!(honoured, usize::from(MAX_RESENDS_PER_MESSAGE) - 1);
+    // Counts migrated are pruned like any other.
+    state
+        .prune_seen(1_001 + SEEN_RETENTION_MS + 1, SEEN_RETENTION_MS)
+        .wait_blocking()
+        .unwrap();
+    assert_eq!(resend_count(&state, &spent), None);
+    assert_eq!(resend_count(&state, &once), None);
+}
+
+/// Receipts due to users waiting for their retry are left out of a read, which goes on
+/// past them (up to its bound), so one user's failing route never holds up the others'.
+#[test]
+fn receipts_due_to_users_passed_over_stay_due_and_others_are_read_past_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = State::open(dir.path()).unwrap();
+    let owed = |user: &str, count: usize| -> Vec<(Username, MessageId)> {
+        (0..count)
+            .map(|_| (name(user), MessageId::random()))
+            .collect()
+    };
+    let mut all = owed("alice", 3);
+    all.extend(owed("bob", 5));
+    all.extend(owed("carol", 2));
+    all.extend(owed("dave", 2));
+    state.submit_resends_owed(all, 1).wait_blocking().unwrap();
+    let users = |due: Vec<(Username, ReceiptKind, MessageId)>| -> Vec<String> {
+        due.into_iter().map(|(user, ..)| user.to_string()).collect()
+    };
+    assert_eq!(
+        users(state.receipts_due(100, &[name("bob")]).unwrap()),
+        ["alice", "alice", "alice", "carol", "carol", "dave", "dave"]
+    );
+    assert_eq!(
+        users(
+            state
+                .receipts_due(4, &[name("alice"), name("carol")])
+                .unwrap()
+        ),
+        ["bob", "bob", "bob", "bob"]
+    );
+    assert_eq!(
+        users(
+            state
+                .receipts_due(100, &[name("alice"), name("bob"), name("dave")])
+                .unwrap()
+        ),
+        ["carol", "carol"]
+    );
+    assert_eq!(state.receipts_due(100, &[]).unwrap().len(), 12);
 }
