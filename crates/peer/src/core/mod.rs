@@ -128,6 +128,11 @@ enum Link {
     Fatal,
 }
 
+/// How often a running client forgets the seen ids and the counts of requests to send
+/// again that are past the retention (it also does at every start): a client left running
+/// for weeks keeps both tables bounded.
+pub(crate) const PRUNE_EVERY: Duration = Duration::from_secs(24 * 3600);
+
 /// The event loop's state machine: see the module docs.
 #[derive(Debug)]
 pub(crate) struct Core {
@@ -159,6 +164,8 @@ pub(crate) struct Core {
     receipts_again: bool,
     /// When receipts to users whose route failed are tried again.
     receipt_retry: ReceiptRetry,
+    /// When the seen ids and resend counts past the retention are next forgotten.
+    prune_at: Instant,
 }
 
 impl Core {
@@ -184,6 +191,7 @@ impl Core {
             sending_receipts: false,
             receipts_again: false,
             receipt_retry: ReceiptRetry::default(),
+            prune_at: now.at + PRUNE_EVERY,
         }
     }
 
@@ -583,7 +591,7 @@ impl Core {
         if let Some(at) = self.receipt_retry.next_retry() {
             next = next.min(at);
         }
-        next
+        next.min(self.prune_at)
     }
 
     /// The time has come for whatever is due at `now`.
@@ -604,6 +612,12 @@ impl Core {
         }
         if self.receipt_retry.take_due(now.at) {
             self.send_receipts();
+        }
+        if now.at >= self.prune_at {
+            self.prune_at = now.at + PRUNE_EVERY;
+            self.actions.push_back(Action::Write(Write::PruneSeen {
+                now_ms: now.wall_ms,
+            }));
         }
         self.take_ended_mutes(now);
         self.recipients.retire_idle(now.at, &mut self.actions);

@@ -827,3 +827,36 @@ fn a_server_that_refuses_watch_requests_is_not_asked_again() {
     core.report(Report::Received(inbound("carol", 1, false)), now);
     assert_eq!(watched(&drain(&mut core)), Vec::<Username>::new());
 }
+
+#[test]
+fn a_running_client_forgets_old_seen_ids_once_a_day() {
+    let now = clock();
+    let mut core = core(now);
+    drain(&mut core);
+    assert!(core.next_deadline(now) <= now.at + PRUNE_EVERY);
+    let before = later(now, PRUNE_EVERY - Duration::from_secs(1));
+    core.timeout(before);
+    assert!(
+        !drain(&mut core)
+            .iter()
+            .any(|action| matches!(action, Action::Write(Write::PruneSeen { .. })))
+    );
+    let due = later(now, PRUNE_EVERY);
+    core.timeout(due);
+    let pruned: Vec<u64> = drain(&mut core)
+        .into_iter()
+        .filter_map(|action| match action {
+            Action::Write(Write::PruneSeen { now_ms }) => Some(now_ms),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pruned, [due.wall_ms]);
+    // The next one is a day later, not at once again.
+    core.timeout(later(due, Duration::from_secs(1)));
+    assert!(
+        !drain(&mut core)
+            .iter()
+            .any(|action| matches!(action, Action::Write(Write::PruneSeen { .. })))
+    );
+    assert!(core.next_deadline(due) <= due.at + PRUNE_EVERY);
+}

@@ -495,7 +495,7 @@ impl State {
     /// Forgets the ids of messages written more than `retention_ms` before `now_ms`.
     /// Messages that old are refused on arrival, so forgetting their ids cannot let a copy
     /// in. The table is keyed for lookups by sender and id, so this reads it whole: it runs
-    /// once at each start, where a pass over some hundred thousand ids is a few tens of
+    /// at each start and once a day (`core::PRUNE_EVERY`), where a pass over some hundred thousand ids is a few tens of
     /// milliseconds, and keeps every message's commit to one seen table. In the same
     /// write, forgets the counts of requests to send again that can no longer be honoured
     /// (`prune_resends`).

@@ -37,7 +37,8 @@
 //! touches): `outbox_by_seq` and `unshown_by_seq` by the history sequence, which only grows.
 //! A received message writes one seen table, not two: each table a commit changes costs its
 //! B-tree path and its root in redb's table tree, pages that the `fsync` on a message's
-//! path has to write. Pruning `seen_ids` reads it whole, once per start, and forgets the
+//! path has to write. Pruning `seen_ids` reads it whole, at each start and once a day while
+//! the client runs, and forgets the
 //! ids older than the retention, the same bound beyond which [`crate::inbox`] refuses a
 //! message anyway. Layout 1 (files written
 //! before this layout) keyed these three tables by message id under the names `outbox`,
