@@ -10,7 +10,7 @@ use super::{Shell, Waiting, commands::sync_block, now};
 use crate::{
     api::{ClientError, Event, SEEN_RETENTION_MS},
     control::ControlEvent,
-    core::{Action, Committed, ReplyId, Report, Write},
+    core::{Action, Committed, ReplyId, Report, Restriction, Write},
     inbox,
     outgoing::{self, Job},
     prekeys, receipts,
@@ -172,23 +172,15 @@ impl Shell {
                 let ended = state.take_ended_mutes(now_ms);
                 self.report_when(async move { Committed::EndMutes(ended.await) });
             }
-            Write::Unmute { user, reply } => {
-                let unmuted = state.unmute(&user);
+            Write::Lift(lift) => {
+                let lifted = match lift.restriction {
+                    Restriction::Mute => state.unmute(&lift.user),
+                    Restriction::Block => state.unblock(&lift.user),
+                };
                 self.report_when(async move {
-                    Committed::Unmute {
-                        user,
-                        reply,
-                        result: unmuted.await,
-                    }
-                });
-            }
-            Write::Unblock { user, reply } => {
-                let unblocked = state.unblock(&user);
-                self.report_when(async move {
-                    Committed::Unblock {
-                        user,
-                        reply,
-                        result: unblocked.await,
+                    Committed::Lifted {
+                        lift,
+                        result: lifted.await,
                     }
                 });
             }

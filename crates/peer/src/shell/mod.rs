@@ -46,7 +46,7 @@ use crate::{
     api::{ClientError, Event, OnlineUsers, SendReport, Status, WhoisReport},
     context::{Context, MailState},
     control::ControlEvent,
-    core::{self, Core, Now, ReplyId, Report},
+    core::{self, Core, Lift, Now, ReplyId, Report, Restriction},
     inbox,
     outgoing::Job,
     state::{HistoryEntry, Ticket},
@@ -325,14 +325,16 @@ impl Shell {
                 let reply = self.wait(Waiting::Send(reply));
                 core::Command::Send { entry, reply }
             }
-            Command::Unmute { user, reply } => core::Command::Unmute {
+            Command::Unmute { user, reply } => core::Command::Lift(Lift {
+                restriction: Restriction::Mute,
                 user,
                 reply: self.wait(Waiting::Done(reply)),
-            },
-            Command::Unblock { user, reply } => core::Command::Unblock {
+            }),
+            Command::Unblock { user, reply } => core::Command::Lift(Lift {
+                restriction: Restriction::Block,
                 user,
                 reply: self.wait(Waiting::Done(reply)),
-            },
+            }),
             command => core::Command::Task {
                 reply: self.wait(Waiting::Task(command)),
             },
