@@ -102,10 +102,12 @@ fn dependency_direction_matches_the_design() {
     }
 }
 
-/// A source file's code before its unit tests (`#[cfg(test)] mod tests`).
+/// A source file's code before its unit tests (an inline `#[cfg(test)] mod tests { .. }`).
+/// A `mod tests;` declaration cuts nothing: the code after it is read, and the folder's
+/// `tests.rs` is left out where folders are read.
 fn without_unit_tests(source: &str) -> &str {
     source
-        .split("#[cfg(test)]\nmod tests")
+        .split("#[cfg(test)]\nmod tests {")
         .next()
         .unwrap_or_default()
 }
@@ -264,4 +266,21 @@ fn module_references_reads_use_groups_and_paths() {
         "use crate::{a::X, b::{Y, Z}};\n// crate::d in a comment\nfn f() { crate::c::g(); }";
     let found = module_references(source, &modules);
     assert_eq!(found, ["a", "b", "c"].map(str::to_owned).into());
+}
+
+/// Regression: a folder's `mod.rs` that declares its tests (`#[cfg(test)] mod tests;`)
+/// before its code had all that code left out of the import check.
+#[test]
+fn a_declared_test_module_hides_no_code() {
+    let modules: BTreeSet<String> = ["a", "b"].map(str::to_owned).into();
+    let declared = "mod part;\n#[cfg(test)]\nmod tests;\n\nuse crate::a::X;\n";
+    assert_eq!(
+        module_references(declared, &modules),
+        ["a"].map(str::to_owned).into()
+    );
+    let inline = "use crate::a::X;\n\n#[cfg(test)]\nmod tests {\n    use crate::b::Y;\n}\n";
+    assert_eq!(
+        module_references(inline, &modules),
+        ["a"].map(str::to_owned).into()
+    );
 }

@@ -8,7 +8,7 @@ use peer::{
     DeliveryStatus, Event, FailureReason, OnlineUsers, RefusalReason, WhoisReport,
     state::{Direction, HistoryEntry, MessageStatus},
 };
-use proto::{MessageId, ReceiptKind, Username};
+use proto::{MessageId, OpenError, ReceiptKind, Username, seal::MAX_CLOCK_SKEW_SECS};
 use serde_json::{Value, json};
 
 use crate::chats::Chat;
@@ -185,13 +185,41 @@ pub fn refusal_text(from: &Username, reason: &RefusalReason) -> String {
         RefusalReason::KeyChanged { held: true } => {
             format!("{KEY_CHANGED}; the message is kept and shown once you `trust {from}`")
         }
-        RefusalReason::Unopenable(proto::OpenError::NoSession { .. }) => format!(
+        RefusalReason::Unopenable(error) => unopenable_text(from, error),
+        RefusalReason::NotForMe(to) => format!("the message is addressed to {to}, not to me"),
+    }
+}
+
+/// Why a message from `from` could not be opened, in words.
+fn unopenable_text(from: &Username, error: &OpenError) -> String {
+    match error {
+        OpenError::BadToken { peer } => format!(
+            "it does not decrypt with the key shared with {peer}: forged, tampered with, or \
+             sealed for someone else"
+        ),
+        OpenError::ClockSkew { ahead_secs } => format!(
+            "it is dated {ahead_secs} s in the future: {from}'s clock or this machine's is wrong \
+             (they must agree within {MAX_CLOCK_SKEW_SECS} s)"
+        ),
+        OpenError::Malformed => "it decrypts, but what it holds is not a message".into(),
+        OpenError::Mismatch { field } => format!(
+            "its sealed {field} does not match its envelope (tampered with, or sealed for \
+             someone else)"
+        ),
+        OpenError::Replayed(id) => {
+            format!("message {id} was received already (a replay or a retransmission)")
+        }
+        OpenError::NoSession { .. } => format!(
             "a message from {from} could not be opened: the encrypted session it belongs to is \
              gone here (a restored backup or a new data dir). {from}'s next message starts a new \
              one"
         ),
-        RefusalReason::Unopenable(error) => error.to_string(),
-        RefusalReason::NotForMe(to) => format!("the message is addressed to {to}, not to me"),
+        OpenError::Legacy => "it is sealed the old way (no forward secrecy) and dated after this \
+             client moved to forward-secret sessions"
+            .into(),
+        OpenError::Expired { window_secs } => {
+            format!("it is older than the {window_secs} s window in which repeats are caught")
+        }
     }
 }
 
@@ -705,6 +733,62 @@ mod tests {
         assert_eq!(
             event_text(&Event::Fatal(refused)).unwrap(),
             "cannot register: taken (name_taken)"
+        );
+    }
+
+    /// A message that could not be opened is refused in this client's words, for every
+    /// reason: the sender and the bound to check for a clock, the id for a repeat, what to
+    /// expect for a lost session; the text and the JSON say the same.
+    #[test]
+    fn a_message_that_could_not_be_opened_says_why() {
+        let bob = name("bob");
+        let refused = |error: OpenError| Event::Refused {
+            from: bob.clone(),
+            reason: RefusalReason::Unopenable(error),
+        };
+        let clock = refused(OpenError::ClockSkew { ahead_secs: 300 });
+        assert_eq!(
+            event_text(&clock).unwrap(),
+            "refused a message from bob: it is dated 300 s in the future: bob's clock or this \
+             machine's is wrong (they must agree within 60 s)"
+        );
+        assert_eq!(
+            event_json(&clock)["reason"],
+            "it is dated 300 s in the future: bob's clock or this machine's is wrong (they \
+             must agree within 60 s)"
+        );
+        assert_eq!(
+            event_text(&refused(OpenError::Replayed(MessageId([1; 16])))).unwrap(),
+            format!(
+                "refused a message from bob: message {} was received already (a replay or a \
+                 retransmission)",
+                "01".repeat(16)
+            )
+        );
+        assert!(
+            event_text(&refused(OpenError::NoSession { peer: bob.clone() }))
+                .unwrap()
+                .ends_with("bob's next message starts a new one")
+        );
+        let others = [
+            OpenError::BadToken { peer: bob.clone() },
+            OpenError::Malformed,
+            OpenError::Mismatch { field: "recipient" },
+            OpenError::Legacy,
+            OpenError::Expired { window_secs: 600 },
+        ];
+        let texts: Vec<String> = others
+            .into_iter()
+            .map(|error| event_text(&refused(error)).unwrap())
+            .collect();
+        assert!(texts[0].contains("forged, tampered with, or sealed for someone else"));
+        assert!(texts[2].contains("its sealed recipient does not match"));
+        assert!(texts[4].contains("600 s"));
+        let distinct: std::collections::BTreeSet<&String> = texts.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            5,
+            "each reason has words of its own: {texts:?}"
         );
     }
 

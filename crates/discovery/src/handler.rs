@@ -204,27 +204,14 @@ impl Session {
     /// user's presence from a session that ended elsewhere (whose contacts heard
     /// "offline"), if it is registered and watches anyone.
     pub fn online_notice(&self) -> Option<Broadcast> {
-        let user = self.user()?;
-        let watching = self.watching.as_deref()?;
-        (!watching.is_empty()).then(|| Broadcast::Presence {
-            user: user.clone(),
-            online: true,
-            to: watching.names(),
-            answer: false,
-        })
+        presence_notice(self.user()?, true, self.watching.as_deref()?)
     }
 
     /// The offline notice `user` (this session's user, or the one it just unregistered)
     /// owes its contacts as the session leaves (the connection closed, timed out or
     /// unregistered), if it watches anyone; the watch set is forgotten.
     pub fn take_offline_notice(&mut self, user: &Username) -> Option<Broadcast> {
-        let watching = self.watching.take()?;
-        (!watching.is_empty()).then(|| Broadcast::Presence {
-            user: user.clone(),
-            online: false,
-            to: watching.names(),
-            answer: false,
-        })
+        presence_notice(user, false, &*self.watching.take()?)
     }
 
     /// Handles one request at `now_ms` and returns its one reply.
@@ -667,6 +654,16 @@ async fn lookup(user: &Username, store: &Store, now_ms: u64) -> Result<Reply, Er
 
 /// What one prekey claim costs of the sender's deposit budget, in bytes.
 const CLAIM_COST: u64 = 1024;
+
+/// `user`'s presence change (`online` or not) for the users `watching` holds, if any.
+fn presence_notice(user: &Username, online: bool, watching: &Watching) -> Option<Broadcast> {
+    (!watching.is_empty()).then(|| Broadcast::Presence {
+        user: user.clone(),
+        online,
+        to: watching.names(),
+        answer: false,
+    })
+}
 
 /// The reply to a watch request: the set's size and the room left.
 fn watching_reply(watching: &Watching) -> Reply {

@@ -3,7 +3,7 @@
 
 use proto::{MessageId, Username};
 
-use super::ReplyId;
+use super::{Lift, ReplyId};
 use crate::{
     api::{ClientError, Event, Status},
     state::OutboxEntry,
@@ -79,20 +79,8 @@ pub(crate) enum Write {
         /// Now, wall clock.
         now_ms: u64,
     },
-    /// End `user`'s mute.
-    Unmute {
-        /// Whose.
-        user: Username,
-        /// Who waits.
-        reply: ReplyId,
-    },
-    /// Unblock `user` here.
-    Unblock {
-        /// Whom.
-        user: Username,
-        /// Who waits.
-        reply: ReplyId,
-    },
+    /// End a mute or a block here.
+    Lift(Lift),
     /// Mark messages shown. Its result goes straight to who waits (not through
     /// [`Report::Committed`](super::Report::Committed)): an application that marks what it
     /// showed before it takes more events must be answered even while the loop waits for it

@@ -1,5 +1,6 @@
-//! What goes into the core besides the time: user commands ([`Command`]) and the reports of
-//! tasks and writes ([`Report`], [`Committed`], [`Fetched`]).
+//! What goes into the core besides the time: user commands ([`Command`], among them a
+//! [`Lift`], which the core passes on as a write) and the reports of tasks and writes
+//! ([`Report`], [`Committed`], [`Fetched`]).
 
 use proto::{MessageId, Username};
 
@@ -22,20 +23,8 @@ pub(crate) enum Command {
         /// Who waits for the result.
         reply: ReplyId,
     },
-    /// End a mute now.
-    Unmute {
-        /// Whose.
-        user: Username,
-        /// Who waits.
-        reply: ReplyId,
-    },
-    /// Unblock.
-    Unblock {
-        /// Whom.
-        user: Username,
-        /// Who waits.
-        reply: ReplyId,
-    },
+    /// End a mute or a block now.
+    Lift(Lift),
     /// Messages were shown: (id, history position) of each.
     Shown {
         /// The marks.
@@ -58,24 +47,35 @@ pub(crate) enum Committed {
     PruneSeen(Result<u64, StateError>),
     /// [`Write::EndMutes`](super::Write::EndMutes): whose mutes ended.
     EndMutes(Result<Vec<Username>, StateError>),
-    /// [`Write::Unmute`](super::Write::Unmute): whether there was a mute.
-    Unmute {
-        /// Whose.
-        user: Username,
-        /// Who waits.
-        reply: ReplyId,
-        /// The result.
+    /// [`Write::Lift`](super::Write::Lift).
+    Lifted {
+        /// What was asked.
+        lift: Lift,
+        /// Whether there was a mute or a block to end.
         result: Result<bool, StateError>,
     },
-    /// [`Write::Unblock`](super::Write::Unblock): whether the user was blocked.
-    Unblock {
-        /// Whom.
-        user: Username,
-        /// Who waits.
-        reply: ReplyId,
-        /// The result.
-        result: Result<bool, StateError>,
-    },
+}
+
+/// Ending a mute or a block now: the core passes it on as a write
+/// ([`Write::Lift`](super::Write::Lift)), in command order, and hears whether there was one
+/// to end ([`Committed::Lifted`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Lift {
+    /// What ends.
+    pub(crate) restriction: Restriction,
+    /// Whose.
+    pub(crate) user: Username,
+    /// Who waits.
+    pub(crate) reply: ReplyId,
+}
+
+/// What a [`Lift`] ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Restriction {
+    /// A mute (`unmute`).
+    Mute,
+    /// A block (`unblock`).
+    Block,
 }
 
 /// How a mail fetch ended.

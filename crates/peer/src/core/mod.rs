@@ -54,11 +54,12 @@
 //! [`crate::inbox`], which the shell runs as tasks.
 //!
 //! The module's parts: the inputs (`inputs`: [`Command`], [`Report`], [`Committed`],
-//! [`Fetched`]) and the outputs (`actions`: [`Action`], [`Write`]) the shell and the core
-//! exchange; when receipts to a user whose route failed are tried again (`receipt_retry`:
-//! [`ReceiptRetry`]); the per-recipient queues (`recipients`: what is handed to each
-//! recipient's task, what waits for room there, what an outbox flush passed over, which
-//! task is idle), a state machine of their own that answers in actions; and [`Core`] here. The other
+//! [`Fetched`], [`Lift`]) and the outputs (`actions`: [`Action`], [`Write`]) the shell and
+//! the core exchange; when receipts to a user whose route failed are tried again
+//! (`receipt_retry`: [`ReceiptRetry`]); the per-recipient queues (`recipients`: what is
+//! handed to each recipient's task, what waits for room there, what an outbox flush passed
+//! over, which task is idle), a state machine of their own that answers in actions; and
+//! [`Core`] here. The other
 //! rules stay in one `impl Core`: they share its state (whether online, the mutes, the
 //! fetch and receipt runs, the contacts) and each input touches several of them, so
 //! splitting them would scatter one input's handling over files.
@@ -83,7 +84,7 @@ use proto::{ErrorReply, Push, Username};
 
 pub(crate) use self::{
     actions::{Action, Write},
-    inputs::{Command, Committed, Fetched, ReceiptRun, ReplyId, Report},
+    inputs::{Command, Committed, Fetched, Lift, ReceiptRun, ReplyId, Report, Restriction},
 };
 use self::{receipt_retry::ReceiptRetry, recipients::Recipients};
 use crate::{
@@ -290,14 +291,7 @@ impl Core {
                     }
                 }
             }
-            Command::Unmute { user, reply } => {
-                self.actions
-                    .push_back(Action::Write(Write::Unmute { user, reply }));
-            }
-            Command::Unblock { user, reply } => {
-                self.actions
-                    .push_back(Action::Write(Write::Unblock { user, reply }));
-            }
+            Command::Lift(lift) => self.actions.push_back(Action::Write(Write::Lift(lift))),
             Command::Shown { shown, reply } => {
                 self.actions.push_back(Action::Write(Write::Shown {
                     shown,
@@ -487,30 +481,21 @@ impl Core {
                 }
                 Err(error) => self.state_error(&error),
             },
-            Committed::Unmute {
-                user,
-                reply,
+            Committed::Lifted {
+                lift:
+                    Lift {
+                        restriction,
+                        user,
+                        reply,
+                    },
                 result,
-            } => match result {
-                Ok(true) => {
+            } => match (restriction, result) {
+                (Restriction::Mute, Ok(true)) => {
                     self.mutes.remove(&user);
                     self.actions.push_back(Action::Answer(reply, Ok(())));
                     self.actions.push_back(Action::ReadHeld(user));
                 }
-                Ok(false) => {
-                    self.actions
-                        .push_back(Action::Answer(reply, Err(ClientError::NotMuted(user))));
-                }
-                Err(error) => self
-                    .actions
-                    .push_back(Action::Answer(reply, Err(error.into()))),
-            },
-            Committed::Unblock {
-                user,
-                reply,
-                result,
-            } => match result {
-                Ok(true) => {
+                (Restriction::Block, Ok(true)) => {
                     if self.contacts.unblocked(user.clone()) && self.asks_presence() {
                         self.actions.push_back(Action::Watch(vec![user.clone()]));
                     }
@@ -519,11 +504,15 @@ impl Core {
                     }
                     self.actions.push_back(Action::Answer(reply, Ok(())));
                 }
-                Ok(false) => {
+                (Restriction::Mute, Ok(false)) => {
+                    self.actions
+                        .push_back(Action::Answer(reply, Err(ClientError::NotMuted(user))));
+                }
+                (Restriction::Block, Ok(false)) => {
                     self.actions
                         .push_back(Action::Answer(reply, Err(ClientError::NotBlocked(user))));
                 }
-                Err(error) => self
+                (_, Err(error)) => self
                     .actions
                     .push_back(Action::Answer(reply, Err(error.into()))),
             },

@@ -9,6 +9,14 @@ fn name(text: &str) -> Username {
     Username::new(text).unwrap()
 }
 
+fn lift(restriction: Restriction, user: &str, reply: ReplyId) -> Lift {
+    Lift {
+        restriction,
+        user: name(user),
+        reply,
+    }
+}
+
 fn clock() -> Now {
     Now {
         at: Instant::now(),
@@ -338,10 +346,7 @@ fn a_later_command_writes_after_the_sends_before_it() {
         entry: entry("bob", "first", 1),
         reply: 1,
     });
-    core.command(Command::Unmute {
-        user: name("bob"),
-        reply: 2,
-    });
+    core.command(Command::Lift(lift(Restriction::Mute, "bob", 2)));
     let actions = drain(&mut core);
     let record = actions
         .iter()
@@ -349,7 +354,7 @@ fn a_later_command_writes_after_the_sends_before_it() {
         .unwrap();
     let unmute = actions
         .iter()
-        .position(|a| matches!(a, Action::Write(Write::Unmute { .. })))
+        .position(|a| matches!(a, Action::Write(Write::Lift(_))))
         .unwrap();
     assert!(record < unmute);
 }
@@ -538,18 +543,14 @@ fn a_message_stored_while_muted_waits_for_the_end_of_the_mute() {
 fn unmute_answers_then_shows_the_held_messages_and_an_unknown_mute_is_an_error() {
     let now = clock();
     let mut core = core(now);
-    core.command(Command::Unmute {
-        user: name("bob"),
-        reply: 7,
-    });
+    core.command(Command::Lift(lift(Restriction::Mute, "bob", 7)));
     assert!(matches!(
         drain(&mut core).as_slice(),
-        [Action::Write(Write::Unmute { reply: 7, .. })]
+        [Action::Write(Write::Lift(asked))] if *asked == lift(Restriction::Mute, "bob", 7)
     ));
     core.report(
-        Report::Committed(Committed::Unmute {
-            user: name("bob"),
-            reply: 7,
+        Report::Committed(Committed::Lifted {
+            lift: lift(Restriction::Mute, "bob", 7),
             result: Ok(true),
         }),
         now,
@@ -558,9 +559,8 @@ fn unmute_answers_then_shows_the_held_messages_and_an_unknown_mute_is_an_error()
     assert!(matches!(&actions[0], Action::Answer(7, Ok(()))));
     assert!(matches!(&actions[1], Action::ReadHeld(user) if user == &name("bob")));
     core.report(
-        Report::Committed(Committed::Unmute {
-            user: name("carol"),
-            reply: 8,
+        Report::Committed(Committed::Lifted {
+            lift: lift(Restriction::Mute, "carol", 8),
             result: Ok(false),
         }),
         now,
@@ -639,9 +639,8 @@ fn unblock_is_told_to_the_server_only_when_online() {
     let now = clock();
     let mut core = core(now);
     let unblocked = |reply| {
-        Report::Committed(Committed::Unblock {
-            user: name("bob"),
-            reply,
+        Report::Committed(Committed::Lifted {
+            lift: lift(Restriction::Block, "bob", reply),
             result: Ok(true),
         })
     };
@@ -782,9 +781,8 @@ fn a_block_unwatches_and_an_unblock_watches_again() {
     });
     core.end_turn();
     assert_eq!(watched(&drain(&mut core)), Vec::<Username>::new());
-    core.committed(Committed::Unblock {
-        user: name("bob"),
-        reply: 2,
+    core.committed(Committed::Lifted {
+        lift: lift(Restriction::Block, "bob", 2),
         result: Ok(true),
     });
     assert_eq!(watched(&drain(&mut core)), vec![name("bob")]);
