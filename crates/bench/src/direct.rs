@@ -12,7 +12,9 @@
 //!   and the sender's outbox record is durable, so it includes both runtimes' durable
 //!   local state (outbox, history, seen ids). Beside it: send → shown (the receiving
 //!   runtime's message event), and the disk's own 4 KiB write + `fdatasync`, the floor of
-//!   one durable commit, measured in the same folder. Then, as diagnostics without a
+//!   one durable commit, measured in the same folder, and a thread hand-off (a round trip
+//!   to another thread that works 50 µs, beyond that work), what each hand-off of a
+//!   message's work between threads costs on this machine. Then, as diagnostics without a
 //!   target, the same runtime latency with the sender's, the receiver's or both runtimes'
 //!   state on a RAM file system (`/dev/shm`, where there is one): both runtimes share one
 //!   disk here, and these rows show what each side's commits add and what is left without
@@ -76,6 +78,7 @@ struct Sizes {
     runtime_budget: Duration,
     pipelined: usize,
     ceiling_budget: Duration,
+    handoffs: usize,
 }
 
 fn sizes(bench: &Bench) -> Sizes {
@@ -87,6 +90,7 @@ fn sizes(bench: &Bench) -> Sizes {
             runtime_budget: Duration::from_secs(10),
             pipelined: 300_000,
             ceiling_budget: Duration::from_secs(2),
+            handoffs: 5_000,
         },
         Sizes {
             round_trips: 200,
@@ -95,6 +99,7 @@ fn sizes(bench: &Bench) -> Sizes {
             runtime_budget: Duration::from_millis(500),
             pipelined: 500,
             ceiling_budget: Duration::from_millis(50),
+            handoffs: 50,
         },
     )
 }
@@ -120,6 +125,7 @@ pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
     pair.stop().await;
     let (mut runtime, mut shown, mut fsync) = runtime?;
     let placed = placed_latencies(&sizes).await?;
+    let mut handoff = handoff_round_trips(sizes.handoffs).await?;
 
     let (raw_p50, raw_p99) = (raw.percentile_us(50.0), raw.percentile_us(99.0));
     let fsync_p50 = fsync.percentile_us(50.0);
@@ -140,6 +146,19 @@ pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
             "{} samples, one after each peer-runtime send below: a 4 KiB write at the start of one file, then fdatasync, in the temporary folder the runtimes keep their state in; p99 {} µs.",
             fsync.len(),
             crate::report::number(fsync.percentile_us(99.0))
+        )),
+        Row::new(
+            "thread hand-off: a round trip to a thread that works 50 µs, beyond the work, p50",
+            handoff.percentile_us(50.0),
+            "µs",
+            Target::Reported,
+        )
+        .with_target_text("reference")
+        .with_note(format!(
+            "{} samples: one thread sends a request over a std channel to another, which spins {} µs and answers; the time beyond that work. Both threads wait long enough to sleep, so this is what handing a message's work to another thread and back costs on this machine (raw TCP's round trip pays two such wake-ups too); p99 {} µs.",
+            handoff.len(),
+            HANDOFF_WORK.as_micros(),
+            crate::report::number(handoff.percentile_us(99.0))
         )),
         Row::new(
             "direct latency p50 (peer runtime)",
@@ -300,6 +319,42 @@ async fn placed_latencies(sizes: &Sizes) -> Result<Vec<(Placement, Latencies)>, 
         placed.push((placement, latencies?.0));
     }
     Ok(placed)
+}
+
+/// The work the other thread of [`handoff_round_trips`] does before it answers.
+const HANDOFF_WORK: Duration = Duration::from_micros(50);
+
+/// Round trips to another thread that does [`HANDOFF_WORK`] of work for each request,
+/// less that work: what waking a thread that went to sleep, and being woken by it, costs.
+async fn handoff_round_trips(count: usize) -> Result<Latencies, BenchError> {
+    tokio::task::spawn_blocking(move || {
+        let (requests, worker_requests) = std::sync::mpsc::channel::<()>();
+        let (worker_answers, answers) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            while worker_requests.recv().is_ok() {
+                let started = Instant::now();
+                while started.elapsed() < HANDOFF_WORK {
+                    std::hint::spin_loop();
+                }
+                if worker_answers.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut latencies = Latencies::with_capacity(count);
+        for _ in 0..count {
+            let started = Instant::now();
+            if requests.send(()).is_err() || answers.recv().is_err() {
+                break;
+            }
+            latencies.record(started.elapsed().saturating_sub(HANDOFF_WORK));
+        }
+        drop(requests);
+        let _ = worker.join();
+        latencies
+    })
+    .await
+    .map_err(|error| BenchError::Protocol(format!("hand-off probe: {error}")))
 }
 
 /// One file in the runtime's folder, written 4 KiB at a time and `fdatasync`ed: what one
