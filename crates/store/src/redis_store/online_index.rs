@@ -29,8 +29,10 @@ use tokio::{
 };
 
 use super::{
-    Inner, LEAVE_ONLINE, ONLINE_BUCKETS, ONLINE_PRUNE_AFTER_MS, RedisStore, online_bucket_key,
-    online_key,
+    Inner, ONLINE_BUCKETS, RedisStore,
+    keys::{online_bucket_key, online_key},
+    presence::ONLINE_PRUNE_AFTER_MS,
+    scripts::LEAVE_ONLINE,
 };
 
 /// How long a change waits for others to go with it.
