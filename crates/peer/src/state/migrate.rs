@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// Whether the file has a table named `name` (an old layout's, to migrate).
+fn has_table(txn: &WriteTransaction, name: &str) -> Result<bool, StateError> {
+    Ok(txn.list_tables()?.any(|table| table.name() == name))
+}
+
 /// Copies layout 1's id-keyed `outbox`, `seen` and `unshown` tables (if the file has them)
 /// into the sequence- and time-keyed tables, then deletes them, all in `txn`: a crash
 /// leaves the file wholly in one layout. Outbox and unshown records carry their sequence.
@@ -62,10 +67,7 @@ pub(super) fn migrate_layout_1(txn: &WriteTransaction) -> Result<(), StateError>
 /// `seen_ids` where that has no row for the sender and id (older files wrote the second
 /// table only for ratchet messages), then deletes it, all in `txn`.
 pub(super) fn migrate_seen_v4(txn: &WriteTransaction) -> Result<(), StateError> {
-    let present = txn
-        .list_tables()?
-        .any(|table| table.name() == SEEN_V4.name());
-    if !present {
+    if !has_table(txn, SEEN_V4.name())? {
         return Ok(());
     }
     let mut copied = 0u64;
@@ -97,10 +99,7 @@ pub(super) fn migrate_seen_v4(txn: &WriteTransaction) -> Result<(), StateError> 
 /// Moves held mail keyed by id alone (`held`) to `held_by_sender`, keyed by its sender and
 /// id (each held value is the whole envelope, sender included), and deletes the old table.
 pub(super) fn migrate_held(txn: &WriteTransaction) -> Result<(), StateError> {
-    let present = txn
-        .list_tables()?
-        .any(|table| table.name() == HELD_V3.name());
-    if !present {
+    if !has_table(txn, HELD_V3.name())? {
         return Ok(());
     }
     let mut moved = 0u64;
@@ -122,10 +121,7 @@ pub(super) fn migrate_held(txn: &WriteTransaction) -> Result<(), StateError> {
 }
 
 pub(super) fn migrate_layout_2(txn: &WriteTransaction) -> Result<(), StateError> {
-    let present = txn
-        .list_tables()?
-        .any(|table| table.name() == SEEN_V2.name());
-    if !present {
+    if !has_table(txn, SEEN_V2.name())? {
         return Ok(());
     }
     let mut senders: HashMap<[u8; 16], Username> = HashMap::new();
@@ -164,10 +160,7 @@ pub(super) fn migrate_layout_2(txn: &WriteTransaction) -> Result<(), StateError>
 /// count whose message has no outgoing line that decodes is dropped: a request to send
 /// again only ever finds messages by those lines, so it would never be read.
 pub(super) fn migrate_resends(txn: &WriteTransaction) -> Result<(), StateError> {
-    let present = txn
-        .list_tables()?
-        .any(|table| table.name() == RESENDS_V4.name());
-    if !present {
+    if !has_table(txn, RESENDS_V4.name())? {
         return Ok(());
     }
     let mut counts: HashMap<(String, [u8; 16]), u8> = HashMap::new();
