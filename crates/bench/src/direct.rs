@@ -118,7 +118,7 @@ pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
     // The message's own cryptography (Olm seal at the sender, open at the receiver), timed
     // inside the protocol path's round trips: the transport's allowance is on top of it.
     let crypto_p50 = seal.percentile_us(50.0) + open.percentile_us(50.0);
-    let pair = RuntimePair::start(Placement::Disk).await?;
+    let pair = RuntimePair::start(None).await?;
     let runtime = pair
         .latency(sizes.runtime_sends, sizes.runtime_budget)
         .await;
@@ -214,10 +214,10 @@ pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
         )
         .with_reference("raw TCP p99", raw_p99),
     ];
-    for (placement, mut latencies) in placed {
+    for (in_ram, mut latencies) in placed {
         rows.push(
             Row::new(
-                format!("direct latency p50 (peer runtime), {}", placement.label()),
+                format!("direct latency p50 (peer runtime), {}", in_ram.label()),
                 latencies.percentile_us(50.0),
                 "µs",
                 Target::Reported,
@@ -226,8 +226,8 @@ pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
             .with_note(format!(
                 "{} samples, as the peer runtime row, with {} on a RAM file system ({RAM_FS}, where fdatasync costs about a microsecond): {}. Both runtimes share one disk here; on two machines each peer has a disk of its own.",
                 latencies.len(),
-                placement.in_ram(),
-                placement.shows()
+                in_ram.whose(),
+                in_ram.shows()
             )),
         );
     }
@@ -237,86 +237,72 @@ pub async fn latency_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
 /// A RAM file system, where the diagnostic runtime pairs keep some of their state.
 const RAM_FS: &str = "/dev/shm";
 
-/// Where each runtime of a [`RuntimePair`] keeps its state.
+/// Which runtimes of a diagnostic [`RuntimePair`] keep their state on [`RAM_FS`] (the
+/// others, and both in the rows with targets, keep it on the disk).
 #[derive(Clone, Copy, Debug)]
-enum Placement {
-    /// Both on the disk, in the pair's temporary folder (the rows with targets).
-    Disk,
-    /// The sender's (alice's) state on [`RAM_FS`]: the receiver's commit is the only one
-    /// that reaches the disk.
-    SenderInRam,
-    /// The receiver's (bob's) state on [`RAM_FS`]: the sender's commit is the only one
-    /// that reaches the disk.
-    ReceiverInRam,
-    /// Both on [`RAM_FS`]: no `fsync` costs anything; what is left is the CPU and the
-    /// hand-offs.
-    BothInRam,
+enum InRam {
+    /// The sender's (alice's): the receiver's commit is the only one that reaches the disk.
+    Sender,
+    /// The receiver's (bob's): the sender's commit is the only one that reaches the disk.
+    Receiver,
+    /// Both: no `fsync` costs anything; what is left is the CPU and the hand-offs.
+    Both,
 }
 
-impl Placement {
+impl InRam {
     /// Whether `name`'s state goes on [`RAM_FS`].
-    fn in_ram_for(self, name: &str) -> bool {
+    fn holds(self, name: &str) -> bool {
         match self {
-            Self::Disk => false,
-            Self::SenderInRam => name == "alice",
-            Self::ReceiverInRam => name == "bob",
-            Self::BothInRam => true,
+            Self::Sender => name == "alice",
+            Self::Receiver => name == "bob",
+            Self::Both => true,
         }
     }
 
     fn label(self) -> &'static str {
         match self {
-            Self::Disk => "both states on the disk",
-            Self::SenderInRam => "sender's state in RAM",
-            Self::ReceiverInRam => "receiver's state in RAM",
-            Self::BothInRam => "both states in RAM",
+            Self::Sender => "sender's state in RAM",
+            Self::Receiver => "receiver's state in RAM",
+            Self::Both => "both states in RAM",
         }
     }
 
     /// What a run with this placement shows.
     fn shows(self) -> &'static str {
         match self {
-            Self::Disk => "both commits reach the disk",
-            Self::SenderInRam => {
-                "only the receiver's commit, the one before its ack, reaches the disk"
-            }
-            Self::ReceiverInRam => {
+            Self::Sender => "only the receiver's commit, the one before its ack, reaches the disk",
+            Self::Receiver => {
                 "only the sender's commit, made while the envelope travels, reaches the disk"
             }
-            Self::BothInRam => {
+            Self::Both => {
                 "no commit waits for the disk, so what is left is the CPU and the thread hand-offs"
             }
         }
     }
 
-    fn in_ram(self) -> &'static str {
+    fn whose(self) -> &'static str {
         match self {
-            Self::Disk => "neither state",
-            Self::SenderInRam => "the sender's (alice's) state",
-            Self::ReceiverInRam => "the receiver's (bob's) state",
-            Self::BothInRam => "both runtimes' state",
+            Self::Sender => "the sender's (alice's) state",
+            Self::Receiver => "the receiver's (bob's) state",
+            Self::Both => "both runtimes' state",
         }
     }
 }
 
 /// send → delivered with some state on [`RAM_FS`], each placement a pair of its own run
 /// for half the runtime budget; none where there is no such file system.
-async fn placed_latencies(sizes: &Sizes) -> Result<Vec<(Placement, Latencies)>, BenchError> {
+async fn placed_latencies(sizes: &Sizes) -> Result<Vec<(InRam, Latencies)>, BenchError> {
     if !std::path::Path::new(RAM_FS).is_dir() {
         return Ok(Vec::new());
     }
     let mut placed = Vec::new();
-    for placement in [
-        Placement::SenderInRam,
-        Placement::ReceiverInRam,
-        Placement::BothInRam,
-    ] {
-        let pair = RuntimePair::start(placement).await?;
+    for in_ram in [InRam::Sender, InRam::Receiver, InRam::Both] {
+        let pair = RuntimePair::start(Some(in_ram)).await?;
         let latencies = pair
             .latency(sizes.runtime_sends, sizes.runtime_budget / 2)
             .await;
         pair.stop().await;
-        placed.push((placement, latencies?.0));
+        placed.push((in_ram, latencies?.0));
     }
     Ok(placed)
 }
@@ -395,7 +381,7 @@ pub async fn throughput_rows(bench: &Bench) -> Result<Vec<Row>, BenchError> {
     let sizes = sizes(bench);
     let ceiling = olm_ceiling(sizes.ceiling_budget).await?;
     let protocol = protocol_throughput(sizes.pipelined).await?;
-    let pair = RuntimePair::start(Placement::Disk).await?;
+    let pair = RuntimePair::start(None).await?;
     let runtime = pair
         .throughput(sizes.runtime_sends, sizes.runtime_budget)
         .await;
@@ -888,22 +874,25 @@ struct RuntimePair {
     shown: tokio::sync::Mutex<mpsc::Receiver<Instant>>,
     shutdown: CancellationToken,
     folder: tempfile::TempDir,
-    /// The folder on [`RAM_FS`] holding the state [`Placement`] puts there, if any.
+    /// The folder on [`RAM_FS`] holding the state [`InRam`] puts there, if any.
     _ram: Option<tempfile::TempDir>,
 }
 
 impl RuntimePair {
-    async fn start(placement: Placement) -> Result<Self, BenchError> {
+    /// Alice and bob with their state in a temporary folder on the disk, or some of it on
+    /// [`RAM_FS`] (`in_ram`).
+    async fn start(in_ram: Option<InRam>) -> Result<Self, BenchError> {
         let folder = tempfile::Builder::new()
             .prefix("p2pchat-bench-direct-")
             .tempdir()?;
-        let ram = match placement {
-            Placement::Disk => None,
-            _ => Some(
+        let ram = match in_ram {
+            Some(in_ram) => Some((
+                in_ram,
                 tempfile::Builder::new()
                     .prefix("p2pchat-bench-direct-")
                     .tempdir_in(RAM_FS)?,
-            ),
+            )),
+            None => None,
         };
         let shutdown = CancellationToken::new();
         let server = in_process_server(&folder.path().join("discovery"), &shutdown).await?;
@@ -911,7 +900,7 @@ impl RuntimePair {
         let (shown_tx, shown) = mpsc::channel(SHOWN_KEPT);
         for name in ["alice", "bob"] {
             let base = match &ram {
-                Some(ram) if placement.in_ram_for(name) => ram.path(),
+                Some((in_ram, ram)) if in_ram.holds(name) => ram.path(),
                 _ => folder.path(),
             };
             let mut config = peer::Config::new(server.to_string(), user(name), base.join(name));
@@ -940,7 +929,7 @@ impl RuntimePair {
             shown: tokio::sync::Mutex::new(shown),
             shutdown,
             folder,
-            _ram: ram,
+            _ram: ram.map(|(_, folder)| folder),
         };
         // The first message looks bob up, pins his keys and dials him; later ones reuse the link.
         for _ in 0..3 {
