@@ -476,14 +476,8 @@ impl State {
             .ok_or(StateError::NoOutcome)
     }
 
-    /// Whether the message of `from` with this id was stored before (and not yet pruned).
-    #[cfg(any(test, feature = "testing"))]
-    pub fn is_seen(&self, from: &Username, id: &MessageId) -> Result<bool, StateError> {
-        self.seen_id(from, id)
-    }
-
-    /// Whether a ratchet message of `from` with this id was stored before (see the
-    /// `seen_ids` table).
+    /// Whether a message of `from` with this id was stored before and not yet pruned (see
+    /// the `seen_ids` table).
     pub fn seen_id(&self, from: &Username, id: &MessageId) -> Result<bool, StateError> {
         let txn = self.db.get()?.begin_read()?;
         Ok(txn
@@ -495,10 +489,10 @@ impl State {
     /// Forgets the ids of messages written more than `retention_ms` before `now_ms`.
     /// Messages that old are refused on arrival, so forgetting their ids cannot let a copy
     /// in. The table is keyed for lookups by sender and id, so this reads it whole: it runs
-    /// at each start and once a day (`core::PRUNE_EVERY`), where a pass over some hundred thousand ids is a few tens of
-    /// milliseconds, and keeps every message's commit to one seen table. In the same
-    /// write, forgets the counts of requests to send again that can no longer be honoured
-    /// (`prune_resends`).
+    /// at each start and once a day (`core::PRUNE_EVERY`), where a pass over some hundred
+    /// thousand ids is a few tens of milliseconds, and keeps every message's commit to one
+    /// seen table. In the same write, forgets the counts of requests to send again that can
+    /// no longer be honoured (`prune_resends`).
     pub fn prune_seen(&self, now_ms: u64, retention_ms: u64) -> Ticket<u64> {
         let oldest_kept = now_ms.saturating_sub(retention_ms);
         self.write(move |txn| {

@@ -90,12 +90,6 @@ pub(super) fn migrate_seen_v4(txn: &WriteTransaction) -> Result<(), StateError> 
     Ok(())
 }
 
-/// Copies layout 2's seen ids (keyed by the time the sender wrote the message and its id)
-/// into the table keyed by its sender too, then deletes the old table, all in `txn`. Two
-/// senders may use one id: keyed without the sender, a message from one could make the
-/// other's, with the same id and millisecond, pass for a copy and vanish. A seen row has no
-/// sender; the message's incoming history line (stored in the same commit, never removed)
-/// names it, so the history is read once.
 /// Moves held mail keyed by id alone (`held`) to `held_by_sender`, keyed by its sender and
 /// id (each held value is the whole envelope, sender included), and deletes the old table.
 pub(super) fn migrate_held(txn: &WriteTransaction) -> Result<(), StateError> {
@@ -120,6 +114,12 @@ pub(super) fn migrate_held(txn: &WriteTransaction) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Copies layout 2's seen ids (keyed by the time the sender wrote the message and its id)
+/// into the table keyed by its sender too, then deletes the old table, all in `txn`. Two
+/// senders may use one id: keyed without the sender, a message from one could make the
+/// other's, with the same id and millisecond, pass for a copy and vanish. A seen row has no
+/// sender; the message's incoming history line (stored in the same commit, never removed)
+/// names it, so the history is read once.
 pub(super) fn migrate_layout_2(txn: &WriteTransaction) -> Result<(), StateError> {
     if !has_table(txn, SEEN_V2.name())? {
         return Ok(());

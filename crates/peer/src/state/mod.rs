@@ -38,18 +38,17 @@
 //! A received message writes one seen table, not two: each table a commit changes costs its
 //! B-tree path and its root in redb's table tree, pages that the `fsync` on a message's
 //! path has to write. Pruning `seen_ids` reads it whole, at each start and once a day while
-//! the client runs, and forgets the
-//! ids older than the retention, the same bound beyond which [`crate::inbox`] refuses a
-//! message anyway. Layout 1 (files written
-//! before this layout) keyed these three tables by message id under the names `outbox`,
+//! the client runs, and forgets the ids older than the retention, the same bound beyond
+//! which [`crate::inbox`] refuses a message anyway. Layout 1 (files written before this
+//! layout) keyed these three tables by message id under the names `outbox`,
 //! `seen` and `unshown`; [`State::open`] copies such tables into the new ones once, in the
 //! same transaction that deletes them ([`migrate_layout_1`]). Layout 2 keyed seen ids
 //! without their sender (`seen_by_sent_at`); [`migrate_layout_2`] moves them to
 //! `seen_by_sender` the same way. Layouts 3 and 4 kept that second seen table, keyed by
 //! the time the sender wrote the message, beside `seen_ids`; [`migrate_seen_v4`] copies
-//! any id missing from `seen_ids` and deletes it. Layouts up to 3 keyed held mail by id alone (`held`), so
-//! a second sender's held message with the same id was taken for the first and lost;
-//! [`migrate_held`] moves it to `held_by_sender`. Layouts up to 4 counted requests to
+//! any id missing from `seen_ids` and deletes it. Layouts up to 3 keyed held mail by id
+//! alone (`held`), so a second sender's held message with the same id was taken for the
+//! first and lost; [`migrate_held`] moves it to `held_by_sender`. Layouts up to 4 counted requests to
 //! send again by (recipient, id) alone (`resends`), which no prune could bound;
 //! [`migrate_resends`] keys each count by its message's time in `resends_by_sent_at`.
 //!

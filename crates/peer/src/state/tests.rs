@@ -426,7 +426,7 @@ fn everything_survives_a_reopen() {
     assert_eq!(state.blocked().unwrap(), vec![name("mallory")]);
     assert_eq!(state.muted_until(&bob, 10_000).unwrap(), Some(50_000));
     assert_eq!(state.outbox().unwrap(), vec![queued.clone()]);
-    assert!(state.is_seen(&message.from, &message.id).unwrap());
+    assert!(state.seen_id(&message.from, &message.id).unwrap());
     assert_eq!(state.unshown().unwrap().len(), 1);
     let history = state.history(&bob, 10).unwrap();
     assert_eq!(history.len(), 2);
@@ -499,7 +499,7 @@ fn results_marks_and_stores_of_many_messages_survive_a_reopen() {
     assert!(unshown.iter().all(|m| !shown_ids.contains(&m.id)));
     assert_eq!(unshown[0].body, "in 100", "still in arrival order");
     for message in &incoming {
-        assert!(state.is_seen(&message.from, &message.id).unwrap());
+        assert!(state.seen_id(&message.from, &message.id).unwrap());
     }
     // Every copy is still a duplicate after the reopen, shown or not.
     let copies = incoming.clone();
@@ -611,10 +611,10 @@ fn a_layout_1_state_file_is_migrated_at_open() {
         let state = State::open(dir.path()).unwrap();
         assert_eq!(state.outbox().unwrap(), vec![pending.clone()]);
         assert_eq!(state.unshown().unwrap(), vec![unshown_record.clone()]);
-        assert!(state.is_seen(&shown.from, &shown.id).unwrap());
+        assert!(state.seen_id(&shown.from, &shown.id).unwrap());
         assert!(
             state
-                .is_seen(&unshown_message.from, &unshown_message.id)
+                .seen_id(&unshown_message.from, &unshown_message.id)
                 .unwrap()
         );
         assert_eq!(
@@ -660,7 +660,7 @@ fn pruning_forgets_exactly_the_seen_ids_older_than_the_retention() {
     assert_eq!(state.prune_seen(1_000, 800).wait_blocking().unwrap(), 2);
     let seen: Vec<bool> = messages
         .iter()
-        .map(|m| state.is_seen(&m.from, &m.id).unwrap())
+        .map(|m| state.seen_id(&m.from, &m.id).unwrap())
         .collect();
     assert_eq!(seen, [false, false, true, true, true]);
     assert_eq!(state.prune_seen(1_000, 800).wait_blocking().unwrap(), 0);
@@ -719,8 +719,8 @@ fn seen_ids_deduplicate_and_unshown_marks_clear() {
     assert_eq!(state.history(&name("bob"), 10).unwrap().len(), 2);
     // Pruning forgets only ids of messages written before the retention.
     assert_eq!(state.prune_seen(3, 1).wait_blocking().unwrap(), 1);
-    assert!(!state.is_seen(&first.from, &first.id).unwrap());
-    assert!(state.is_seen(&second.from, &second.id).unwrap());
+    assert!(!state.seen_id(&first.from, &first.id).unwrap());
+    assert!(state.seen_id(&second.from, &second.id).unwrap());
 }
 
 #[test]
@@ -989,7 +989,7 @@ fn two_senders_may_use_one_id_and_each_is_stored() {
     assert!(matches!(outcomes[0], StoreOutcome::New(_)));
     assert!(matches!(outcomes[1], StoreOutcome::New(_)), "{outcomes:?}");
     assert_eq!(outcomes[2], StoreOutcome::Duplicate);
-    assert!(state.is_seen(&from_alice.from, &from_alice.id).unwrap());
+    assert!(state.seen_id(&from_alice.from, &from_alice.id).unwrap());
 }
 
 /// A layout 2 file (seen ids without their sender) opens with every seen id keyed by
@@ -1020,7 +1020,7 @@ fn layout_2_seen_ids_are_migrated_with_their_senders() {
         txn.commit().unwrap();
     }
     let state = State::open(dir.path()).unwrap();
-    assert!(state.is_seen(&stored.from, &stored.id).unwrap());
+    assert!(state.seen_id(&stored.from, &stored.id).unwrap());
     let again = state
         .submit_incoming(vec![stored.clone()], 4_000, false, RatchetSave::default())
         .wait_blocking()
@@ -1075,7 +1075,7 @@ fn layout_4_seen_ids_are_moved_into_the_one_seen_table() {
     }
     let state = State::open(dir.path()).unwrap();
     for message in [&kept, &only_old] {
-        assert!(state.is_seen(&message.from, &message.id).unwrap());
+        assert!(state.seen_id(&message.from, &message.id).unwrap());
         let again = state
             .submit_incoming(vec![message.clone()], 4_000, false, RatchetSave::default())
             .wait_blocking()
@@ -1084,8 +1084,8 @@ fn layout_4_seen_ids_are_moved_into_the_one_seen_table() {
     }
     // The copied id keeps the time its sender wrote it, so pruning still forgets it in time.
     assert_eq!(state.prune_seen(3_050, 0).wait_blocking().unwrap(), 1);
-    assert!(!state.is_seen(&kept.from, &kept.id).unwrap());
-    assert!(state.is_seen(&only_old.from, &only_old.id).unwrap());
+    assert!(!state.seen_id(&kept.from, &kept.id).unwrap());
+    assert!(state.seen_id(&only_old.from, &only_old.id).unwrap());
     let txn = state.db.get().unwrap().begin_read().unwrap();
     assert!(
         txn.list_tables()
