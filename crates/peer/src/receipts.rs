@@ -22,8 +22,8 @@
 //! read receipts are on, [`crate::Config::read_receipts`]). [`send_due`] sends what is due,
 //! grouped by sender and kind ([`batches`]), and forgets each batch once it is delivered
 //! or queued, or can never go; what could not go now stays due for the next run (the core
-//! runs it after each mail fetch, each mark of shown messages, on registration and on the
-//! slow timer).
+//! runs it after each mail fetch, after held mail is opened again, each mark of shown
+//! messages, on registration and on the slow timer).
 //!
 //! Retries back off per user: a run reports to whom it left receipts due
 //! ([`crate::core::ReceiptRun`]), and the core's retry schedule (`ReceiptRetry` in

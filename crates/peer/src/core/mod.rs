@@ -32,9 +32,9 @@
 //!   yet confirmed is sent at each registration.
 //! - **Receipts**: the receipts owed ([`crate::receipts`]) are sent by one task at a time
 //!   ([`Action::SendReceipts`]), while online: after each mail fetch (so a drained mailbox
-//!   is answered by a few batched receipts), after messages are marked shown (read
-//!   receipts, when on; never for messages of a blocked sender marked handled unshown), on
-//!   registration (what was owed before an exit or a crash) and on the slow timer (what
+//!   is answered by a few batched receipts), after held mail is opened again after
+//!   `trust`, after messages are marked shown (read receipts, when on; never for messages
+//!   of a blocked sender marked handled unshown), on registration (what was owed before an exit or a crash) and on the slow timer (what
 //!   could not go). A user a run left receipts due to (their route failed) is passed over
 //!   until their retry ([`ReceiptRetry`]: 5 s, doubling after each failed run up to 10
 //!   minutes, back to the start once nothing is left due to them), which runs them again

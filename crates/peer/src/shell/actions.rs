@@ -88,8 +88,12 @@ impl Shell {
                 }
                 Action::ReopenHeld(user) => {
                     let context = self.context.clone();
-                    self.tracker
-                        .spawn(async move { inbox::reopen_held(&context, &user).await });
+                    self.tracker.spawn(async move {
+                        inbox::reopen_held(&context, &user).await;
+                        // What it stored owes delivered receipts, and what it asked for
+                        // again owes requests: they go now, not at the slow timer.
+                        context.report(Report::ReceiptsDue).await;
+                    });
                 }
                 Action::Watch(users) => self.watch(Request::Watch { users }),
                 Action::Unwatch(users) => self.watch(Request::Unwatch { users }),
