@@ -5,7 +5,9 @@
 //!   everything, so a process recovers without a restart.
 //! - [`GroupWriter`] is one thread that runs write jobs (closures over a
 //!   [`redb::WriteTransaction`]) in groups, one commit (one `fsync`) per group, and answers
-//!   each job's [`Ticket`] only once its group is durable.
+//!   each job's [`Ticket`] only once its group is durable; a job its caller awaits at once
+//!   may commit on the caller's thread when the writer is idle
+//!   ([`GroupWriter::submit_here`]).
 //! - `testing` (the `testing` feature, for tests only): `SyncedDisk`, an in-memory file
 //!   whose `fsync`s a test can hold, and the file as a crash would leave it.
 //! - [`Error`] is what the slot and the writer fail with; it keeps the database error that

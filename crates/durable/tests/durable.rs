@@ -303,6 +303,130 @@ fn a_shared_job_answers_every_waiter_with_its_outcome() {
     assert_eq!(value(&db, 7), None, "the refused job left nothing");
 }
 
+/// Writes `key` → `value` with [`GroupWriter::submit_here`], noting the name of the thread
+/// that ran the job in `ran_on`.
+fn insert_here(
+    writer: &GroupWriter,
+    key: u64,
+    value: u64,
+    ran_on: &Arc<std::sync::Mutex<Vec<String>>>,
+) -> Ticket<(), TestError> {
+    let ran_on = ran_on.clone();
+    writer.submit_here(move |txn| {
+        let thread = std::thread::current().name().unwrap_or("").to_owned();
+        ran_on.lock().unwrap().push(thread);
+        txn.open_table(NUMBERS)?.insert(key, value)?;
+        Ok(())
+    })
+}
+
+const WRITER_THREAD: &str = "durable-test-writer";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_submitted_here_to_an_idle_writer_commits_on_the_awaiting_thread() {
+    let disk = SyncedDisk::default();
+    let db = Database::builder()
+        .create_with_backend(disk.clone())
+        .unwrap();
+    let writer = start(slot(db));
+    let ran_on = Arc::default();
+    let before = disk.syncs();
+    insert_here(&writer, 1, 10, &ran_on).await.unwrap();
+    assert!(disk.syncs() > before, "committed with an fsync");
+    let ran_on = ran_on.lock().unwrap().clone();
+    assert_eq!(ran_on.len(), 1);
+    assert_ne!(ran_on[0], WRITER_THREAD, "committed on the awaiting thread");
+    assert_eq!(value(&disk.after_crash().unwrap(), 1), Some(10), "durable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_submitted_here_while_a_job_is_queued_goes_behind_it() {
+    let disk = SyncedDisk::default();
+    let db = Database::builder()
+        .create_with_backend(disk.clone())
+        .unwrap();
+    let writer = start(slot(db));
+    let ran_on = Arc::default();
+    // The writer holds a commit at its fsync.
+    let held = disk.hold_syncs();
+    let busy = insert(&writer, 1);
+    wait_for("the writer's fsync", || disk.is_waiting());
+    let mut here = insert_here(&writer, 1, 99, &ran_on);
+    here = here.try_take().expect_err("queued behind the held commit");
+    drop(held);
+    busy.await.unwrap();
+    here.await.unwrap();
+    assert_eq!(*ran_on.lock().unwrap(), [WRITER_THREAD]);
+    assert_eq!(
+        value(&disk.after_crash().unwrap(), 1),
+        Some(99),
+        "in submission order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_submitted_after_a_write_reserved_here_commit_after_it() {
+    let disk = SyncedDisk::default();
+    let db = Database::builder()
+        .create_with_backend(disk.clone())
+        .unwrap();
+    let writer = start(slot(db));
+    let ran_on = Arc::default();
+    let here = insert_here(&writer, 5, 1, &ran_on);
+    // Submitted later, it must not commit first, even though the writer thread is free.
+    let later = insert(&writer, 5);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        value(&disk.after_crash().unwrap(), 5),
+        None,
+        "the later job waits for the reserved one"
+    );
+    here.await.unwrap();
+    later.await.unwrap();
+    assert_eq!(
+        value(&disk.after_crash().unwrap(), 5),
+        Some(10),
+        "the later job's write is the last"
+    );
+    assert_ne!(ran_on.lock().unwrap()[0], WRITER_THREAD);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_ticket_reserved_here_still_commits_its_write() {
+    let disk = SyncedDisk::default();
+    let db = Database::builder()
+        .create_with_backend(disk.clone())
+        .unwrap();
+    let writer = start(slot(db));
+    let ran_on = Arc::default();
+    drop(insert_here(&writer, 3, 30, &ran_on));
+    insert(&writer, 4).await.unwrap();
+    let db = disk.after_crash().unwrap();
+    assert_eq!((value(&db, 3), value(&db, 4)), (Some(30), Some(8)));
+}
+
+#[tokio::test]
+async fn on_a_current_thread_runtime_a_write_submitted_here_goes_to_the_writer() {
+    let writer = start(slot(in_memory()));
+    let ran_on = Arc::default();
+    insert_here(&writer, 1, 2, &ran_on).await.unwrap();
+    assert_eq!(*ran_on.lock().unwrap(), [WRITER_THREAD]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_write_submitted_here_reports_its_error_and_leaves_nothing() {
+    let slot = slot(in_memory());
+    let writer = start(slot.clone());
+    let failed: Ticket<(), TestError> = writer.submit_here(|txn| {
+        txn.open_table(NUMBERS)?.insert(8, 8)?;
+        Err(TestError::Refused)
+    });
+    assert!(matches!(failed.await, Err(TestError::Refused)));
+    insert(&writer, 9).await.unwrap();
+    let db = slot.get().unwrap();
+    assert_eq!((value(&db, 8), value(&db, 9)), (None, Some(18)));
+}
+
 #[test]
 fn tickets_of_a_stopped_writer_say_so() {
     let ticket: Ticket<(), Error> = Ticket::resolved(Err(Error::WriterStopped));

@@ -382,6 +382,11 @@ impl State {
     /// to send again queues those messages again (see `requeue_for_resend`). A new
     /// message from the mailbox (`via_mailbox`) makes a delivered receipt due, in the same
     /// commit.
+    ///
+    /// The receiver's ack waits for this commit, so when nothing else is waiting to be
+    /// written it is made on the thread that awaits the ticket
+    /// ([`durable::GroupWriter::submit_here`]), without the writer thread's round trip:
+    /// await the ticket before anything submitted after it.
     pub fn submit_incoming(
         &self,
         messages: Vec<Plaintext>,
@@ -390,7 +395,7 @@ impl State {
         ratchet: RatchetSave,
     ) -> Ticket<Vec<StoreOutcome>> {
         let next_seq = self.next_seq.clone();
-        self.writer.submit(move |txn| {
+        self.writer.submit_here(move |txn| {
             ratchet.write(txn)?;
             let mut seen_ids = txn.open_table(SEEN_IDS)?;
             let mut meta = txn.open_table(META)?;

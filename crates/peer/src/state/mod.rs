@@ -59,8 +59,11 @@
 //! reported done only once its commit is. Readers and the writer take the database from a
 //! [`durable::DatabaseSlot`], which opens the file again after an I/O failure. Every write
 //! is submitted when it is called and returns a [`Ticket`] that resolves once durable
-//! (`pin_if_absent`, which reads first, is an `async fn`): nothing here blocks a thread on an
-//! `fsync`, and writes are committed in the order they were called. Reads run directly
+//! (`pin_if_absent`, which reads first, is an `async fn`): nothing here blocks a runtime
+//! worker on an `fsync`, and writes are committed in the order they were called. The one
+//! write made on its caller's thread, the store of received messages that an ack waits for
+//! (`submit_incoming`), commits inside `tokio::task::block_in_place` when the writer is
+//! idle, so the worker's other tasks move to another thread meanwhile. Reads run directly
 //! (redb readers see the last commit). Time-dependent calls take `now_ms`.
 //!
 //! The code is split by concern, each part an `impl State` of its own with the records
