@@ -383,10 +383,12 @@ impl State {
     /// message from the mailbox (`via_mailbox`) makes a delivered receipt due, in the same
     /// commit.
     ///
-    /// The receiver's ack waits for this commit, so when nothing else is waiting to be
-    /// written it is made on the thread that awaits the ticket
+    /// A lone message's ack waits for this commit alone, so when nothing else is waiting to
+    /// be written it is made on the thread that awaits the ticket
     /// ([`durable::GroupWriter::submit_here`]), without the writer thread's round trip:
-    /// await the ticket before anything submitted after it.
+    /// await the ticket before anything submitted after it. A batch of several (a sender
+    /// pipelining) goes to the writer thread, so its connection reads the next batch while
+    /// this one commits.
     pub fn submit_incoming(
         &self,
         messages: Vec<Plaintext>,
@@ -395,7 +397,8 @@ impl State {
         ratchet: RatchetSave,
     ) -> Ticket<Vec<StoreOutcome>> {
         let next_seq = self.next_seq.clone();
-        self.writer.submit_here(move |txn| {
+        let lone = messages.len() == 1;
+        let store = move |txn: &WriteTransaction| {
             ratchet.write(txn)?;
             let mut seen_ids = txn.open_table(SEEN_IDS)?;
             let mut meta = txn.open_table(META)?;
@@ -465,7 +468,12 @@ impl State {
                 raise_next_seq(&mut meta, highest_seq)?;
             }
             Ok(outcomes)
-        })
+        };
+        if lone {
+            self.writer.submit_here(store)
+        } else {
+            self.writer.submit(store)
+        }
     }
 
     /// Stores one opened message (see [`State::submit_incoming`]), waiting until durable.
