@@ -244,7 +244,9 @@ impl<T, E: From<Error>> Ticket<T, E> {
         Self { answer, here: None }
     }
 
-    /// The result if the write is durable already (or failed), else the ticket back.
+    /// The result if the write is durable already (or failed), else the ticket back (a
+    /// write reserved to commit here, [`GroupWriter::submit_here`], is not yet: it commits
+    /// when the ticket is polled or dropped).
     pub fn try_take(mut self) -> Result<Result<T, E>, Self> {
         if self.here.is_some() {
             return Err(self);
