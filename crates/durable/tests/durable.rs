@@ -68,6 +68,15 @@ fn start(slot: Arc<DatabaseSlot>) -> GroupWriter {
     GroupWriter::start("durable-test-writer", slot, 4096).unwrap()
 }
 
+/// A writer over a [`SyncedDisk`], and the disk.
+fn on_synced_disk() -> (SyncedDisk, GroupWriter) {
+    let disk = SyncedDisk::default();
+    let db = Database::builder()
+        .create_with_backend(disk.clone())
+        .unwrap();
+    (disk, start(slot(db)))
+}
+
 fn insert(writer: &GroupWriter, key: u64) -> Ticket<(), TestError> {
     writer.submit(move |txn| {
         txn.open_table(NUMBERS)?.insert(key, key * 2)?;
@@ -95,11 +104,7 @@ fn wait_for(what: &str, condition: impl Fn() -> bool) {
 
 #[test]
 fn jobs_submitted_while_the_writer_is_busy_share_one_commit() {
-    let disk = SyncedDisk::default();
-    let db = Database::builder()
-        .create_with_backend(disk.clone())
-        .unwrap();
-    let writer = start(slot(db));
+    let (disk, writer) = on_synced_disk();
     // What one lone commit costs in `fsync`s.
     let before = disk.syncs();
     insert(&writer, 0).wait_blocking().unwrap();
@@ -130,11 +135,7 @@ fn jobs_submitted_while_the_writer_is_busy_share_one_commit() {
 
 #[test]
 fn a_ticket_resolves_only_once_its_write_is_durable() {
-    let disk = SyncedDisk::default();
-    let db = Database::builder()
-        .create_with_backend(disk.clone())
-        .unwrap();
-    let writer = start(slot(db));
+    let (disk, writer) = on_synced_disk();
     let held = disk.hold_syncs();
     let mut ticket = insert(&writer, 7);
     wait_for("the commit's fsync", || disk.is_waiting());
@@ -180,11 +181,7 @@ fn a_lazy_job_shares_the_next_jobs_commit() {
 
 #[test]
 fn a_lazy_job_alone_is_committed_after_the_linger() {
-    let disk = SyncedDisk::default();
-    let db = Database::builder()
-        .create_with_backend(disk.clone())
-        .unwrap();
-    let writer = start(slot(db));
+    let (disk, writer) = on_synced_disk();
     let lazy: Ticket<(), TestError> = writer.submit_lazy(|txn| {
         txn.open_table(NUMBERS)?.insert(3, 6)?;
         Ok(())
@@ -195,11 +192,7 @@ fn a_lazy_job_alone_is_committed_after_the_linger() {
 
 #[test]
 fn a_group_where_no_job_wrote_is_not_committed() {
-    let disk = SyncedDisk::default();
-    let db = Database::builder()
-        .create_with_backend(disk.clone())
-        .unwrap();
-    let writer = start(slot(db));
+    let (disk, writer) = on_synced_disk();
     insert(&writer, 1).wait_blocking().unwrap();
     let before = disk.syncs();
     let skipped: Ticket<u64, TestError> = writer.submit_or_skip(|_| Ok((5, Commit::Skip)));
@@ -324,11 +317,7 @@ const WRITER_THREAD: &str = "durable-test-writer";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_submitted_here_to_an_idle_writer_commits_on_the_awaiting_thread() {
-    let disk = SyncedDisk::default();
-    let db = Database::builder()
-        .create_with_backend(disk.clone())
-        .unwrap();
-    let writer = start(slot(db));
+    let (disk, writer) = on_synced_disk();
     let ran_on = Arc::default();
     let before = disk.syncs();
     insert_here(&writer, 1, 10, &ran_on).await.unwrap();
@@ -341,11 +330,7 @@ async fn a_write_submitted_here_to_an_idle_writer_commits_on_the_awaiting_thread
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_submitted_here_while_a_job_is_queued_goes_behind_it() {
-    let disk = SyncedDisk::default();
-    let db = Database::builder()
-        .create_with_backend(disk.clone())
-        .unwrap();
-    let writer = start(slot(db));
+    let (disk, writer) = on_synced_disk();
     let ran_on = Arc::default();
     // The writer holds a commit at its fsync.
     let held = disk.hold_syncs();
@@ -366,11 +351,7 @@ async fn a_write_submitted_here_while_a_job_is_queued_goes_behind_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_submitted_after_a_write_reserved_here_commit_after_it() {
-    let disk = SyncedDisk::default();
-    let db = Database::builder()
-        .create_with_backend(disk.clone())
-        .unwrap();
-    let writer = start(slot(db));
+    let (disk, writer) = on_synced_disk();
     let ran_on = Arc::default();
     let here = insert_here(&writer, 5, 1, &ran_on);
     // Submitted later, it must not commit first, even though the writer thread is free.
@@ -393,11 +374,7 @@ async fn jobs_submitted_after_a_write_reserved_here_commit_after_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_ticket_reserved_here_still_commits_its_write() {
-    let disk = SyncedDisk::default();
-    let db = Database::builder()
-        .create_with_backend(disk.clone())
-        .unwrap();
-    let writer = start(slot(db));
+    let (disk, writer) = on_synced_disk();
     let ran_on = Arc::default();
     drop(insert_here(&writer, 3, 30, &ran_on));
     insert(&writer, 4).await.unwrap();
