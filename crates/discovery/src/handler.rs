@@ -268,7 +268,9 @@ impl Session {
         let result = match request {
             Request::Heartbeat => {
                 let started = std::time::Instant::now();
-                let refreshed = self.refresh_presence(&me, store, config, now_ms).await;
+                let refreshed = self
+                    .refresh_presence(&me, store, config, now_ms, false)
+                    .await;
                 metrics.store_heartbeat.observe(started.elapsed());
                 refreshed.map(|()| Reply::Pong)
             }
@@ -462,7 +464,10 @@ impl Session {
             Err(error) => return (Err(store_error(error)), None),
         };
         self.listen_ports = listen_ports;
-        if let Err(error) = self.refresh_presence(&user, store, config, now_ms).await {
+        if let Err(error) = self
+            .refresh_presence(&user, store, config, now_ms, true)
+            .await
+        {
             return (Err(error), None);
         }
         let event = (self.user() != Some(&user)).then(|| Event::Registered(user.clone()));
@@ -520,12 +525,16 @@ impl Session {
         Ok(reply)
     }
 
+    /// Writes this session's presence: at a registration (`first`) so that the lapse sweep
+    /// of any instance finds it before the registration is answered
+    /// ([`Store::register_presence`]), at a heartbeat as a refresh.
     async fn refresh_presence(
         &self,
         user: &Username,
         store: &Store,
         config: &Config,
         now_ms: u64,
+        first: bool,
     ) -> Result<(), ErrorReply> {
         let presence = Presence {
             user: user.clone(),
@@ -538,7 +547,12 @@ impl Session {
             last_seen_ms: now_ms,
             expires_at_ms: now_ms.saturating_add(millis(config.presence_ttl)),
         };
-        store.set_presence(&presence).await.map_err(store_error)
+        let written = if first {
+            store.register_presence(&presence).await
+        } else {
+            store.set_presence(&presence).await
+        };
+        written.map_err(store_error)
     }
 
     /// The operator releases `user`'s name (its owner lost the key): the binding and its

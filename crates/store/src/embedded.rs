@@ -418,6 +418,12 @@ impl EmbeddedStore {
         Ok(())
     }
 
+    /// See [`crate::Store::register_presence`]: presence lives in this process, so it is
+    /// [`EmbeddedStore::set_presence`].
+    pub async fn register_presence(&self, presence: &Presence) -> Result<(), StoreError> {
+        self.set_presence(presence).await
+    }
+
     /// See [`crate::Store::clear_presence`].
     pub async fn clear_presence(
         &self,

@@ -355,6 +355,17 @@ impl Store {
         dispatch!(self, store => store.set_presence(presence).await)
     }
 
+    /// Records the first presence of a session (a registration): as
+    /// [`Store::set_presence`], and it returns only once the user's entry in the online
+    /// index was sent, so [`Store::lapsed`] finds the user from any instance and contacts
+    /// hear the user went offline even if this instance dies at once. (A send that fails
+    /// after the store's retries is logged, and the next heartbeat writes the entry again;
+    /// a heartbeat's own index move may trail it by a moment, the registration's entry
+    /// standing for the user meanwhile.)
+    pub async fn register_presence(&self, presence: &Presence) -> Result<(), StoreError> {
+        dispatch!(self, store => store.register_presence(presence).await)
+    }
+
     /// Takes `user` offline at `now_ms` if their presence still belongs to `session`;
     /// returns whether it did. The last-seen time is kept.
     pub async fn clear_presence(

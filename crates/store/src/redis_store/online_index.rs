@@ -14,7 +14,10 @@
 //! Readers of the index ([`RedisStore::online_users`], [`RedisStore::lapsed`]) flush first,
 //! so an instance reads its own writes; another instance's are at most one flush behind,
 //! which the index allows (it only has to be right by the next heartbeat; a lookup reads
-//! the presence itself). The queue is bounded ([`QUEUE`]): when Redis is slower than the
+//! the presence itself). A registration flushes too ([`RedisStore::register_presence`]):
+//! the lapse sweep finds a dead instance's users only by their entries, so a user must
+//! have one before the registration is answered. A send takes every change queued by
+//! then, so flushes in a burst still share sends. The queue is bounded ([`QUEUE`]): when Redis is slower than the
 //! heartbeats, heartbeats wait for room rather than the queue growing. A batch that fails
 //! after the store's retries is dropped with a warning; the next heartbeat of each of its
 //! users writes their entry again, and a lost leave only lets its entry lapse, which the
@@ -112,6 +115,14 @@ async fn run(store: Weak<Inner>, mut ops: mpsc::Receiver<Op>) {
             match tokio::time::timeout_at(deadline, ops.recv()).await {
                 Ok(Some(op)) => batch.take(op, &mut waiters),
                 Ok(None) | Err(_) => break,
+            }
+        }
+        // What is queued already goes too: when every registration asks for a flush
+        // (`register_presence`), a burst of them still shares one send.
+        while batch.changes.len() < BATCH {
+            match ops.try_recv() {
+                Ok(op) => batch.take(op, &mut waiters),
+                Err(_) => break,
             }
         }
         let Some(inner) = store.upgrade() else {

@@ -68,6 +68,16 @@ impl RedisStore {
         Ok(())
     }
 
+    /// See [`crate::Store::register_presence`]: [`RedisStore::set_presence`], then the
+    /// index writer sends what waits, this user's entry among it, before this returns. The
+    /// lapse sweep reads only the index, so an entry still queued when this instance dies
+    /// would leave the user online for their contacts for good.
+    pub async fn register_presence(&self, presence: &Presence) -> Result<(), StoreError> {
+        self.set_presence(presence).await?;
+        self.inner.index.flush().await;
+        Ok(())
+    }
+
     /// Runs `pipeline` (its replies ignored) with retries.
     pub(super) async fn run_pipeline(
         &self,

@@ -402,3 +402,31 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         .windows(needle.len())
         .any(|window| window == needle)
 }
+
+/// Regression: the online index entries of heartbeats are sent in batches, at most 50 ms
+/// after they were queued, and an instance that died before its batch was sent took a
+/// user's first entry with it: the lapse sweep, which reads only the index, never found
+/// the user, so their contacts were never told they went offline. A registration now
+/// returns only once its entry was sent, so another instance finds the user lapsed even
+/// when the registering instance is gone right after.
+#[tokio::test]
+async fn a_registration_is_found_lapsed_after_its_instance_dies_at_once() -> anyhow::Result<()> {
+    let server = RedisServer::start()?;
+    let dying: Store = RedisStore::connect(&server.url(), LIMITS).await?.into();
+    let presence = Presence {
+        user: user("alice"),
+        session: 7,
+        addresses: vec!["127.0.0.1:4000".parse()?],
+        last_seen_ms: 1_000,
+        expires_at_ms: 31_000,
+    };
+    dying.register_presence(&presence).await?;
+    // The instance dies: its queued index changes go with it.
+    drop(dying);
+    let other: Store = RedisStore::connect(&server.url(), LIMITS).await?.into();
+    ensure!(
+        other.lapsed(30_000, 40_000).await? == vec![user("alice")],
+        "the registration's index entry was not written before it returned"
+    );
+    Ok(())
+}
