@@ -132,6 +132,22 @@ where
     }
 }
 
+/// A job with one waiter for `work`, and where its answer arrives.
+fn single_job<T, E, F>(work: F) -> (Box<dyn Job>, oneshot::Receiver<Result<T, E>>)
+where
+    T: Send + 'static,
+    E: JobError,
+    F: Fn(&WriteTransaction) -> Result<(T, Commit), E> + Send + 'static,
+{
+    let (reply, answer) = oneshot::channel();
+    let job = Box::new(SingleJob {
+        work,
+        result: None,
+        reply,
+    });
+    (job, answer)
+}
+
 /// A job whose outcome many waiters share.
 struct SharedJob<E, F> {
     work: F,
@@ -381,12 +397,7 @@ impl GroupWriter {
         let Some(gate) = self.reserve() else {
             return self.send_single(work, false);
         };
-        let (reply, answer) = oneshot::channel();
-        let job = Box::new(SingleJob {
-            work,
-            result: None,
-            reply,
-        });
+        let (job, answer) = single_job(work);
         Ticket {
             answer,
             here: Some(Here {
@@ -442,12 +453,7 @@ impl GroupWriter {
         E: JobError,
         F: Fn(&WriteTransaction) -> Result<(T, Commit), E> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel();
-        let job = Box::new(SingleJob {
-            work,
-            result: None,
-            reply,
-        });
+        let (job, answer) = single_job(work);
         self.send(Queued { job, lazy });
         Ticket { answer, here: None }
     }
