@@ -59,8 +59,18 @@ fn receipt(from: &str, kind: ReceiptKind, ids: Vec<MessageId>, sent_at_ms: u64) 
 }
 
 fn store_batch(state: &State, messages: Vec<Plaintext>, via_mailbox: bool) -> Vec<StoreOutcome> {
+    store_at(state, messages, 10_000, via_mailbox)
+}
+
+/// Stores `messages` in one write at `now_ms`, with no ratchet state, and waits for it.
+fn store_at(
+    state: &State,
+    messages: Vec<Plaintext>,
+    now_ms: u64,
+    via_mailbox: bool,
+) -> Vec<StoreOutcome> {
     state
-        .submit_incoming(messages, 10_000, via_mailbox, RatchetSave::default())
+        .submit_incoming(messages, now_ms, via_mailbox, RatchetSave::default())
         .wait_blocking()
         .unwrap()
 }
@@ -248,10 +258,7 @@ fn a_message_too_old_for_its_recipient_is_not_sent_again() {
         .unwrap();
     let late = 1_000 + SEEN_RETENTION_MS + 1;
     let request = receipt("bob", ReceiptKind::Resend, vec![old.id], late - 1);
-    let outcomes = state
-        .submit_incoming(vec![request], late, true, RatchetSave::default())
-        .wait_blocking()
-        .unwrap();
+    let outcomes = store_at(&state, vec![request], late, true);
     assert_queued_nothing(&outcomes);
     assert!(state.outbox().unwrap().is_empty());
 }
@@ -478,10 +485,7 @@ fn results_marks_and_stores_of_many_messages_survive_a_reopen() {
             .map(|e| e.id)
             .collect::<Vec<_>>();
         let batch = incoming.clone();
-        let outcomes = state
-            .submit_incoming(batch, 9_000, false, RatchetSave::default())
-            .wait_blocking()
-            .unwrap();
+        let outcomes = store_at(&state, batch, 9_000, false);
         assert!(outcomes.iter().all(|o| matches!(o, StoreOutcome::New(_))));
         let unshown = state.unshown().unwrap();
         state
@@ -503,10 +507,7 @@ fn results_marks_and_stores_of_many_messages_survive_a_reopen() {
     }
     // Every copy is still a duplicate after the reopen, shown or not.
     let copies = incoming.clone();
-    let outcomes = state
-        .submit_incoming(copies, 9_500, false, RatchetSave::default())
-        .wait_blocking()
-        .unwrap();
+    let outcomes = store_at(&state, copies, 9_500, false);
     assert!(outcomes.iter().all(|o| *o == StoreOutcome::Duplicate));
     assert_eq!(state.history(&bob, 1_000).unwrap().len(), 600);
 }
@@ -977,15 +978,12 @@ fn two_senders_may_use_one_id_and_each_is_stored() {
         receipt: None,
         ..from_mallory.clone()
     };
-    let outcomes = state
-        .submit_incoming(
-            vec![from_mallory.clone(), from_alice.clone(), from_alice.clone()],
-            6_000,
-            false,
-            RatchetSave::default(),
-        )
-        .wait_blocking()
-        .unwrap();
+    let outcomes = store_at(
+        &state,
+        vec![from_mallory.clone(), from_alice.clone(), from_alice.clone()],
+        6_000,
+        false,
+    );
     assert!(matches!(outcomes[0], StoreOutcome::New(_)));
     assert!(matches!(outcomes[1], StoreOutcome::New(_)), "{outcomes:?}");
     assert_eq!(outcomes[2], StoreOutcome::Duplicate);
@@ -1000,10 +998,7 @@ fn layout_2_seen_ids_are_migrated_with_their_senders() {
     let stored = plaintext("bob", "before the upgrade", 3_000);
     {
         let state = State::open(dir.path()).unwrap();
-        state
-            .submit_incoming(vec![stored.clone()], 3_500, false, RatchetSave::default())
-            .wait_blocking()
-            .unwrap();
+        store_at(&state, vec![stored.clone()], 3_500, false);
     }
     // Turn the file back into layout 2: the seen row without its sender.
     {
@@ -1021,10 +1016,7 @@ fn layout_2_seen_ids_are_migrated_with_their_senders() {
     }
     let state = State::open(dir.path()).unwrap();
     assert!(state.seen_id(&stored.from, &stored.id).unwrap());
-    let again = state
-        .submit_incoming(vec![stored.clone()], 4_000, false, RatchetSave::default())
-        .wait_blocking()
-        .unwrap();
+    let again = store_at(&state, vec![stored.clone()], 4_000, false);
     assert_eq!(again, vec![StoreOutcome::Duplicate]);
     let txn = state.db.get().unwrap().begin_read().unwrap();
     assert!(
@@ -1045,15 +1037,7 @@ fn layout_4_seen_ids_are_moved_into_the_one_seen_table() {
     let only_old = plaintext("carol", "only in the old table", 3_100);
     {
         let state = State::open(dir.path()).unwrap();
-        state
-            .submit_incoming(
-                vec![kept.clone(), only_old.clone()],
-                3_500,
-                false,
-                RatchetSave::default(),
-            )
-            .wait_blocking()
-            .unwrap();
+        store_at(&state, vec![kept.clone(), only_old.clone()], 3_500, false);
     }
     {
         let db = Database::create(dir.path().join(STATE_FILE)).unwrap();
@@ -1076,10 +1060,7 @@ fn layout_4_seen_ids_are_moved_into_the_one_seen_table() {
     let state = State::open(dir.path()).unwrap();
     for message in [&kept, &only_old] {
         assert!(state.seen_id(&message.from, &message.id).unwrap());
-        let again = state
-            .submit_incoming(vec![message.clone()], 4_000, false, RatchetSave::default())
-            .wait_blocking()
-            .unwrap();
+        let again = store_at(&state, vec![message.clone()], 4_000, false);
         assert_eq!(again, vec![StoreOutcome::Duplicate]);
     }
     // The copied id keeps the time its sender wrote it, so pruning still forgets it in time.
@@ -1167,10 +1148,7 @@ fn ask_again(state: &State, entry: &OutboxEntry, now_ms: u64) -> bool {
         vec![entry.id],
         now_ms,
     );
-    let outcomes = state
-        .submit_incoming(vec![request], now_ms, true, RatchetSave::default())
-        .wait_blocking()
-        .unwrap();
+    let outcomes = store_at(state, vec![request], now_ms, true);
     matches!(&outcomes[..], [StoreOutcome::Receipt(applied)] if !applied.messages.is_empty())
 }
 
